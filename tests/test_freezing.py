@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlkit.backbones import get_backbone
+from tlkit.errors import ConfigError
+from tlkit.freezing import (FreezeRequest, apply_freeze, freeze_all, is_batch_norm,
+                            parse_freeze_count, resolve_freeze)
+from tlkit.model import build_classifier
+
+
+def trainable_layers(base) -> set[str]:
+    return {layer.name for layer in base.layers if layer.trainable_weights}
+
+
+def plan_for(name: str, size: int, **request):
+    spec = get_backbone(name)
+    base = spec.build(size)
+    return spec, base, resolve_freeze(FreezeRequest(**request), spec, [x.name for x in base.layers])
+
+
+def test_freeze_10_vgg16_exact_trainable_set():
+    _, base, plan = plan_for("vgg16", 32, count="10")
+    assert plan.n_frozen == 10 and plan.last_frozen == "block3_conv3"
+    apply_freeze(base, plan)
+    assert trainable_layers(base) == {
+        "block4_conv1", "block4_conv2", "block4_conv3", "block5_conv1", "block5_conv2",
+        "block5_conv3"}
+
+
+def test_freeze_10_resnet50_exact_trainable_set():
+    _, base, plan = plan_for("resnet50", 32, count="10")
+    names = [x.name for x in base.layers]
+    assert names[1:10] == ["conv1_pad", "conv1_conv", "conv1_bn", "conv1_relu",
+                          "pool1_pad", "pool1_pool", "conv2_block1_1_conv", "conv2_block1_1_bn",
+                          "conv2_block1_1_relu"]
+    frozen_bn = apply_freeze(base, plan)
+    trainable = trainable_layers(base)
+    assert plan.last_frozen == "conv2_block1_1_relu"
+    assert "conv1_conv" not in trainable and "conv2_block1_1_conv" not in trainable
+    assert "conv2_block1_2_conv" in trainable and "conv5_block3_3_conv" in trainable
+    # every conv after index 10 trains; no BatchNorm trains without --train-bn
+    convs_after = {x.name for x in base.layers[10:] if x.name.endswith("_conv")}
+    assert trainable == convs_after
+    assert frozen_bn == sum(is_batch_norm(x) for x in base.layers) == 53
+    apply_freeze(base, plan, train_bn=True)
+    bns_after = {x.name for x in base.layers[10:] if is_batch_norm(x)}
+    assert trainable_layers(base) == convs_after | bns_after
+
+
+def test_freeze_variants_resolve_to_a_count():
+    spec, base, _ = plan_for("vgg16", 32)
+    names = [x.name for x in base.layers]
+    n = len(names)
+
+    def count(**kw):
+        return resolve_freeze(FreezeRequest(**kw), spec, names).n_frozen
+
+    assert count(count="all") == n and count() == n
+    assert count(count="0") == 0
+    assert count(count="-3") == n - 3  # the last 3 layers stay trainable
+    assert count(to_layer="block2_pool") == names.index("block2_pool") + 1
+    assert count(blocks=2) == names.index("block2_pool") + 1
+    assert count(blocks=0) == 0
+
+
+@pytest.mark.parametrize("request_kw,message", [
+    ({"count": "999"}, r"--freeze 999 is out of range"),
+    ({"to_layer": "block9_conv1"}, r"has no layer named 'block9_conv1'"),
+    ({"blocks": 6}, r"--freeze-blocks must be between 0 and 5"),
+    ({"count": "3", "blocks": 1}, r"choose one of"),
+])
+def test_bad_freeze_requests_are_clear_errors(request_kw, message):
+    spec = get_backbone("vgg16")
+    names = [f"l{i}" for i in range(19)]
+    with pytest.raises(ConfigError, match=message):
+        resolve_freeze(FreezeRequest(**request_kw), spec, names)
+
+
+def test_parse_freeze_count():
+    assert parse_freeze_count("ALL") == "all" and parse_freeze_count("-2") == "-2"
+    with pytest.raises(ConfigError, match="Received: 'ten'"):
+        parse_freeze_count("ten")
+
+
+def _fit_on_shifted_data(model, seed=0):
+    import keras
+
+    rng = np.random.default_rng(seed)
+    x = np.clip(rng.normal(200, 30, (32, 32, 32, 3)), 0, 255).astype("uint8")  # far from init
+    y = rng.integers(0, 3, 32)
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+def _bn_stats(base):
+    return {x.name: [w.copy() for w in x.get_weights()[2:]] for x in base.layers
+            if is_batch_norm(x)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_fit_keeps_bn_statistics_and_frozen_kernels(train_bn):
+    """Keras 3 fit() runs nested models with training=True; trainable=False must still hold."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    spec, base, plan = plan_for("resnet50", 32, count="10")
+    model = build_classifier(spec, base, 3, 32)
+    apply_freeze(base, plan, train_bn=train_bn)
+    stats_before = _bn_stats(base)
+    kernels_before = {x.name: x.get_weights()[0].copy() for x in base.layers if x.weights}
+    _fit_on_shifted_data(model)
+    stats_after = _bn_stats(base)
+    names = [x.name for x in base.layers]
+    for name, before in stats_before.items():
+        after = stats_after[name]
+        in_trainable_part = names.index(name) >= plan.n_frozen
+        same = all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+        assert same == (not (train_bn and in_trainable_part)), name
+    for x in base.layers:
+        if x.name.endswith("_conv"):
+            changed = not np.array_equal(kernels_before[x.name], x.get_weights()[0])
+            assert changed == (names.index(x.name) >= plan.n_frozen), x.name
+
+
+@pytest.mark.slow
+def test_head_phase_freezes_every_backbone_weight():
+    spec, base, _ = plan_for("resnet50", 32)
+    model = build_classifier(spec, base, 3, 32)
+    n_bn = freeze_all(base)
+    assert n_bn == 53 and not base.trainable_weights
+    before = [w.copy() for w in base.get_weights()]
+    _fit_on_shifted_data(model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, base.get_weights(), strict=True))

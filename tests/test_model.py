@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlkit.backbones import get_backbone
+from tlkit.model import build_classifier, preprocessing_layers
+
+
+@pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])
+def test_preprocessing_layers_equal_keras_preprocess_input(mode):
+    from keras.applications import imagenet_utils
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3)).astype("uint8")
+    out = x
+    for layer in preprocessing_layers(mode):
+        out = layer(out)
+    expected = imagenet_utils.preprocess_input(x.astype("float32"), mode=mode)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_classifier_takes_uint8_and_outputs_probabilities():
+    spec = get_backbone("resnet50")
+    model = build_classifier(spec, spec.build(32), 4, 32)
+    assert model.input.dtype == "uint8"
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype("uint8")
+    p = np.asarray(model.predict(x, verbose=0))
+    assert p.shape == (3, 4)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)

@@ -1,0 +1,35 @@
+"""tlkit: transfer learning for image classification on Keras 3 (TensorFlow backend).
+
+The public API, importable without TensorFlow; heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tlkit._version import __version__
+
+__all__ = ["FinetuneConfig", "FreezeRequest", "__version__", "finetune", "load_run", "predict"]
+
+_LAZY = {
+    "finetune": "tlkit.train",
+    "predict": "tlkit.predict",
+    "load_run": "tlkit.runs",
+    "FinetuneConfig": "tlkit.config",
+    "FreezeRequest": "tlkit.freezing",
+}
+
+if TYPE_CHECKING:
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.predict import predict
+    from tlkit.runs import load_run
+    from tlkit.train import finetune
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tlkit' has no attribute {name!r}")

@@ -1,0 +1,173 @@
+"""The one registry of backbones: everything that needs to know how to use one asks here.
+
+Keras publishes md5 pins for its ImageNet files; the registry keeps them verbatim and checks every
+download and import against them. The sha256 recorded in a run is computed from the file that was
+actually loaded, so a run names its weights exactly whatever the pin's algorithm.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlkit.errors import ConfigError
+
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build, feed and cut one `keras.applications` backbone."""
+
+    name: str
+    constructor: str  # attribute of keras.applications
+    preprocessing: str  # "caffe" | "tf" | "torch", as in keras imagenet_utils
+    default_size: int
+    min_size: int
+    # (stage name, name of its last layer); a stage holds every layer up to that one.
+    stages: tuple[tuple[str, str], ...]
+    weights_file: str  # ImageNet weights without the top, as Keras names them
+    weights_subdir: str  # folder under KERAS_WEIGHTS_URL
+    weights_hash: str  # the pin Keras publishes (md5 hex, or sha256 hex)
+    crop_fraction: float = 0.875  # eval: resize shorter side to size / crop_fraction, centre crop
+
+    @property
+    def weights_url(self) -> str:
+        return f"{KERAS_WEIGHTS_URL}{self.weights_subdir}/{self.weights_file}"
+
+    @property
+    def weights_hash_algorithm(self) -> str:
+        return "sha256" if len(self.weights_hash) == 64 else "md5"
+
+    def build(self, input_size: int | None = None, weights: str | None = None,
+              include_top: bool = False) -> Any:
+        """The Keras backbone; `weights` is None or a path to a weights file."""
+        import keras
+
+        ctor: Callable[..., Any] = getattr(keras.applications, self.constructor)
+        if include_top:
+            return ctor(weights=weights, include_top=True)
+        size = input_size or self.default_size
+        return ctor(weights=weights, include_top=False, input_shape=(size, size, 3))
+
+    def check_input_size(self, size: int) -> None:
+        if size < self.min_size:
+            raise ConfigError(
+                f"--input-size {size} is below the minimum of {self.min_size} for {self.name}; "
+                f"use at least {self.min_size} (default {self.default_size}). Received: {size}"
+            )
+
+
+def _resnet_stages(conv3: int, conv4: int, last: str = "conv5_block3_out") -> tuple:
+    return (
+        ("stem", "pool1_pool"),
+        ("conv2", "conv2_block3_out"),
+        ("conv3", f"conv3_block{conv3}_out"),
+        ("conv4", f"conv4_block{conv4}_out"),
+        ("conv5", last),
+    )
+
+
+def _resnet(name: str, ctor: str, conv3: int, conv4: int, v2: bool) -> BackboneSpec:
+    keras_name = name.replace("_", "")
+    return BackboneSpec(
+        name=name,
+        constructor=ctor,
+        preprocessing="tf" if v2 else "caffe",
+        default_size=224,
+        min_size=32,
+        stages=_resnet_stages(conv3, conv4, "post_relu" if v2 else "conv5_block3_out"),
+        weights_file=f"{keras_name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_subdir="resnet",
+        weights_hash=_RESNET_NOTOP_MD5[keras_name],
+    )
+
+
+_RESNET_NOTOP_MD5 = {
+    "resnet50": "4d473c1dd8becc155b73f8504c6f6626",
+    "resnet101": "88cf7a10940856eca736dc7b7e228a21",
+    "resnet152": "ee4c566cf9a93f14d82f913c2dc6dd0c",
+    "resnet50v2": "fac2f116257151a9d068a22e544a4917",
+    "resnet101v2": "c0ed64b8031c3730f411d2eb4eea35b5",
+    "resnet152v2": "ed17cf2e0169df9d443503ef94b23b33",
+}
+
+_VGG_STAGES = tuple((f"block{i}", f"block{i}_pool") for i in range(1, 6))
+
+REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            name="vgg16", constructor="VGG16", preprocessing="caffe", default_size=224,
+            min_size=32, stages=_VGG_STAGES,
+            weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_subdir="vgg16", weights_hash="6d6bbae143d832006294945121d1f1fc",
+        ),
+        BackboneSpec(
+            name="vgg19", constructor="VGG19", preprocessing="caffe", default_size=224,
+            min_size=32, stages=_VGG_STAGES,
+            weights_file="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_subdir="vgg19", weights_hash="253f8cb515780f3b799900260a226db6",
+        ),
+        BackboneSpec(
+            # The stem's last layer has an auto-generated name, so it shares the first stage.
+            name="inception_v3", constructor="InceptionV3", preprocessing="tf",
+            default_size=299, min_size=75,
+            stages=(("stem+35x35", "mixed2"), ("17x17", "mixed7"), ("8x8", "mixed10")),
+            weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_subdir="inception_v3", weights_hash="bcbd6486424b2319ff4ef7d526e38f63",
+        ),
+        BackboneSpec(
+            name="inception_resnet_v2", constructor="InceptionResNetV2", preprocessing="tf",
+            default_size=299, min_size=75,
+            stages=(
+                ("stem", "mixed_5b"), ("35x35", "block35_10_ac"), ("reduction_a", "mixed_6a"),
+                ("17x17", "block17_20_ac"), ("reduction_b", "mixed_7a"),
+                ("8x8", "conv_7b_ac"),
+            ),
+            weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            weights_subdir="inception_resnet_v2",
+            weights_hash="d19885ff4a710c122648d3b5c3b684e4",
+        ),
+        _resnet("resnet50", "ResNet50", 4, 6, v2=False),
+        _resnet("resnet101", "ResNet101", 4, 23, v2=False),
+        _resnet("resnet152", "ResNet152", 8, 36, v2=False),
+        _resnet("resnet50_v2", "ResNet50V2", 4, 6, v2=True),
+        _resnet("resnet101_v2", "ResNet101V2", 4, 23, v2=True),
+        _resnet("resnet152_v2", "ResNet152V2", 8, 36, v2=True),
+    )
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown backbone {name!r}.{hint} Choose one of: {', '.join(REGISTRY)}. "
+            "(`tlkit backbones` lists them.)"
+        ) from None
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras keeps downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def stage_of_layers(spec: BackboneSpec, layer_names: list[str]) -> list[str]:
+    """The stage name of each layer, by position; the input layer belongs to the first stage."""
+    ends = {end: stage for stage, end in spec.stages}
+    out, i = [], 0
+    for name in layer_names:
+        out.append(spec.stages[min(i, len(spec.stages) - 1)][0])
+        if name in ends:
+            i += 1
+    return out

@@ -1,0 +1,65 @@
+"""Every setting as a frozen dataclass, validated when it is made, before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlkit.errors import ConfigError
+from tlkit.freezing import FreezeRequest
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of `tlkit finetune`; defaults are the CLI's defaults."""
+
+    data: str = "data"
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    input_size: int | None = None  # None: the backbone's default
+    # Keras guide default: after the head phase, fine-tune the whole backbone.
+    freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))
+    train_bn: bool = False
+    batch_size: int = 32
+    head_epochs: int = 5
+    epochs: int = 10
+    lr: float = 1e-3
+    fine_tune_lr: float = 1e-5
+    dropout: float = 0.2
+    patience: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+    output: str | None = None  # None: runs/<backbone>-<time>
+    overwrite: bool = False
+    mixed_precision: bool = False
+    workers: int | None = None  # None: all cores
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "--batch-size must be at least 1", self.batch_size),
+            (self.head_epochs >= 0, "--head-epochs must be 0 or more", self.head_epochs),
+            (self.epochs >= 0, "--epochs must be 0 or more", self.epochs),
+            (self.head_epochs + self.epochs > 0,
+             "nothing to train: --head-epochs and --epochs are both 0", self.epochs),
+            (self.lr > 0, "--lr must be positive", self.lr),
+            (self.fine_tune_lr > 0, "--fine-tune-lr must be positive", self.fine_tune_lr),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)", self.dropout),
+            (self.patience >= 1, "--patience must be at least 1", self.patience),
+            (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1",
+             self.val_fraction),
+            (self.workers is None or self.workers >= 1, "--workers must be at least 1",
+             self.workers),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise ConfigError(f"{message}. Received: {value}")
+        if self.fine_tune_lr > self.lr:
+            raise ConfigError(
+                f"--fine-tune-lr should be lower than --lr (fine-tuning a pretrained backbone at "
+                f"a high rate destroys what it learned). Received: --lr {self.lr}, "
+                f"--fine-tune-lr {self.fine_tune_lr}"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,36 @@
+"""Errors a user can fix. Each carries its exit code; the CLI prints one line, no traceback.
+
+Anything that is not a TlkitError is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class TlkitError(Exception):
+    """A mistake in the user's input or environment, explained in one line."""
+
+    exit_code = 1
+
+
+class ConfigError(TlkitError):
+    """An option or recipe value that cannot be used."""
+
+    exit_code = 2
+
+
+class DataError(TlkitError):
+    """A dataset that cannot be read as labelled images."""
+
+    exit_code = 3
+
+
+class WeightsError(TlkitError):
+    """Pretrained weights that are missing, unreadable or do not match their pinned hash."""
+
+    exit_code = 4
+
+
+class RunError(TlkitError):
+    """A run directory that is missing, incomplete, or would be overwritten."""
+
+    exit_code = 5

@@ -1,0 +1,136 @@
+"""Freeze plans: which backbone layers stay fixed, and the BatchNorm policy.
+
+`--freeze N` means exactly `for layer in base.layers[:N]: layer.trainable = False`, with Python
+slice semantics (so a negative N keeps the last |N| layers trainable) and indices as
+`tlkit inspect` prints them. Every other way of choosing (`all`, a layer name, a number of stages)
+resolves to that same N, which is what the run records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tlkit.backbones import BackboneSpec
+from tlkit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FreezeRequest:
+    """What the user asked for; exactly one way is set (none means `--freeze all`)."""
+
+    count: str | None = None  # "all" or an int, as typed
+    to_layer: str | None = None  # freeze up to and including this layer
+    blocks: int | None = None  # freeze the first K stages
+
+    def describe(self) -> str:
+        if self.to_layer is not None:
+            return f"--freeze-to {self.to_layer}"
+        if self.blocks is not None:
+            return f"--freeze-blocks {self.blocks}"
+        return f"--freeze {self.count if self.count is not None else 'all'}"
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    """A request resolved against a concrete backbone: the first `n_frozen` layers are frozen."""
+
+    n_frozen: int
+    n_layers: int
+    last_frozen: str | None  # name of the last frozen layer, None if nothing is frozen
+    request: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"request": self.request, "n_frozen": self.n_frozen, "n_layers": self.n_layers,
+                "last_frozen": self.last_frozen}
+
+
+def parse_freeze_count(value: str) -> str:
+    """Validate `--freeze` early (at option parsing), before any model is built."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return "all"
+    try:
+        int(text)
+    except ValueError:
+        raise ConfigError(
+            f"--freeze must be an integer (negative keeps the last |N| layers trainable) or "
+            f"'all'. Received: {value!r}"
+        ) from None
+    return text
+
+
+def resolve_freeze(request: FreezeRequest, spec: BackboneSpec, layer_names: list[str]) -> FreezePlan:
+    n_layers = len(layer_names)
+    chosen = [x is not None for x in (request.count, request.to_layer, request.blocks)]
+    if sum(chosen) > 1:
+        raise ConfigError(
+            "choose one of --freeze, --freeze-to and --freeze-blocks. "
+            f"Received: {request.describe()} and others"
+        )
+    if request.to_layer is not None:
+        if request.to_layer not in layer_names:
+            import difflib
+
+            close = difflib.get_close_matches(request.to_layer, layer_names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"--freeze-to: {spec.name} has no layer named {request.to_layer!r}.{hint} "
+                f"`tlkit inspect {spec.name}` lists the layers."
+            )
+        n = layer_names.index(request.to_layer) + 1
+    elif request.blocks is not None:
+        k = request.blocks
+        if not 0 <= k <= len(spec.stages):
+            raise ConfigError(
+                f"--freeze-blocks must be between 0 and {len(spec.stages)} for {spec.name} "
+                f"(stages: {', '.join(s for s, _ in spec.stages)}). Received: {k}"
+            )
+        n = 0 if k == 0 else layer_names.index(spec.stages[k - 1][1]) + 1
+    else:
+        count = request.count if request.count is not None else "all"
+        if count == "all":
+            n = n_layers
+        else:
+            c = int(count)
+            if not -n_layers <= c <= n_layers:
+                raise ConfigError(
+                    f"--freeze {c} is out of range: {spec.name} has {n_layers} layers, so use "
+                    f"{-n_layers}..{n_layers} or 'all'. Received: {c}"
+                )
+            n = c if c >= 0 else n_layers + c
+    return FreezePlan(
+        n_frozen=n,
+        n_layers=n_layers,
+        last_frozen=layer_names[n - 1] if n > 0 else None,
+        request=request.describe(),
+    )
+
+
+def is_batch_norm(layer: Any) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def apply_freeze(base: Any, plan: FreezePlan, train_bn: bool = False) -> int:
+    """Set `trainable` on every backbone layer; return how many BatchNorm layers are frozen.
+
+    Keras 3's `fit()` passes training=True into nested models regardless of how they were called,
+    so BatchNorm is kept in inference mode the only way that survives it: `trainable = False` on
+    the BatchNorm layer itself (BatchNormalization uses `training and self.trainable`).
+    """
+    base.trainable = True
+    frozen_bn = 0
+    for i, layer in enumerate(base.layers):
+        frozen = i < plan.n_frozen
+        bn = is_batch_norm(layer)
+        layer.trainable = not frozen and not (bn and not train_bn)
+        frozen_bn += int(bn and not layer.trainable)
+    return frozen_bn
+
+
+def freeze_all(base: Any) -> int:
+    """Freeze the whole backbone (the head-only phase); return the number of BatchNorm layers."""
+    base.trainable = False
+    return sum(is_batch_norm(layer) for layer in base.layers)

@@ -1,0 +1,105 @@
+"""Filesystem helpers that make every write all-or-nothing.
+
+A crash at any point leaves either the old file or the new one, never half of either, which is
+what lets a user kill a run at any moment without losing what was already on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds.
+
+    `suffix` keeps the extension for writers that check it (Keras insists on `.keras`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write text or bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        mode = "wb" if isinstance(data, bytes) else "w"
+        with open(tmp, mode, encoding=None if isinstance(data, bytes) else "utf-8") as f:
+            f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def incomplete_dir(final: str | os.PathLike) -> Path:
+    """A fresh `<final>.incomplete-<id>/` beside `final`, where a multi-file artifact is built."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{final.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: bool = False) -> None:
+    """Rename a finished directory into place; an old one is removed only after the swap."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        if not overwrite:
+            raise FileExistsError(final)
+        old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hash(path: str | os.PathLike, algorithm: str) -> str:
+    """Hash with the algorithm a pin uses (Keras pins md5 or sha256 digests)."""
+    if algorithm == "sha256":
+        return sha256_file(path)
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

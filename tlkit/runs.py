@@ -1,0 +1,75 @@
+"""The run directory: `model.keras`, `run.json`, `history.csv`, `checkpoints/`.
+
+Runs are built in `<name>.incomplete-<id>/` and renamed whole when training ends, so a folder
+under runs/ with a plain name is always a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlkit.errors import RunError
+
+RUNS_DIR = "runs"
+RUN_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    info: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.info["input_size"])
+
+    def load_model(self) -> Any:
+        """The saved classifier, loaded with Keras safe_mode (no arbitrary code)."""
+        import keras
+
+        return keras.saving.load_model(self.path / "model.keras", compile=False, safe_mode=True)
+
+
+def is_finished_run(path: Path) -> bool:
+    return (path / "run.json").is_file() and (path / "model.keras").is_file()
+
+
+def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
+    runs_dir = Path(runs_dir)
+    runs = [p for p in runs_dir.iterdir() if p.is_dir() and is_finished_run(p)] \
+        if runs_dir.is_dir() else []
+    if not runs:
+        raise RunError(
+            f"{runs_dir}: no finished runs; train one with `tlkit finetune` or name a run folder"
+        )
+    return max(runs, key=lambda p: (p / "run.json").stat().st_mtime)
+
+
+def load_run(path: str | os.PathLike | None = None) -> Run:
+    """A finished run; `None` means the newest under runs/."""
+    run_path = newest_run() if path is None else Path(path)
+    if not run_path.is_dir():
+        raise RunError(f"{run_path}: no such run folder")
+    if ".incomplete-" in run_path.name or not is_finished_run(run_path):
+        raise RunError(
+            f"{run_path}: not a finished tlkit run (needs run.json and model.keras); it may "
+            "have been interrupted"
+        )
+    try:
+        info = json.loads((run_path / "run.json").read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{run_path / 'run.json'}: not valid JSON ({e})") from None
+    if info.get("schema") != RUN_SCHEMA:
+        raise RunError(
+            f"{run_path / 'run.json'}: run schema {info.get('schema')!r} is not supported by "
+            f"this tlkit (expects {RUN_SCHEMA})"
+        )
+    return Run(run_path, info)

@@ -1,0 +1,168 @@
+"""Where a backbone's starting weights come from, checked before any data is touched.
+
+`imagenet` is the Keras file (downloaded once into the Keras cache, hash-checked); a PATH is a
+weights file or a previous tlkit run (transfer from your own model); `none` is random init.
+Set TLKIT_OFFLINE=1 to forbid downloads, so a missing file fails at once instead of timing out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlkit.backbones import REGISTRY, BackboneSpec, keras_cache_dir
+from tlkit.errors import WeightsError
+from tlkit.fsutil import atomic_path, file_hash, sha256_file
+
+WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    source: str  # "imagenet" | "file" | "run" | "none"
+    path: str | None  # the file that will be loaded
+    sha256: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "path": self.path, "sha256": self.sha256}
+
+
+def offline() -> bool:
+    return os.environ.get("TLKIT_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _missing_message(spec: BackboneSpec, reason: str) -> str:
+    target = keras_cache_dir() / spec.weights_file
+    return (
+        f"ImageNet weights for {spec.name} are not available ({reason}): missing {target}. "
+        f"Download {spec.weights_url} on a machine with internet and run "
+        f"`tlkit weights import FILE`, or pass --weights PATH (a weights file or a tlkit run) "
+        f"or --weights none (random init)"
+    )
+
+
+def verify_pinned(spec: BackboneSpec, path: Path) -> None:
+    actual = file_hash(path, spec.weights_hash_algorithm)
+    if actual != spec.weights_hash:
+        raise WeightsError(
+            f"{path}: {spec.weights_hash_algorithm} {actual} does not match the pinned "
+            f"{spec.weights_hash} for {spec.name}; the file is corrupt or for another model. "
+            "Delete it and download it again"
+        )
+
+
+def ensure_imagenet(spec: BackboneSpec) -> Path:
+    """The cached ImageNet file, downloading it once if allowed."""
+    target = keras_cache_dir() / spec.weights_file
+    if target.is_file():
+        verify_pinned(spec, target)
+        return target
+    if offline():
+        raise WeightsError(_missing_message(spec, "TLKIT_OFFLINE is set"))
+    try:
+        import keras
+
+        fetched = keras.utils.get_file(
+            spec.weights_file, spec.weights_url, cache_subdir="models",
+            cache_dir=str(target.parent.parent), file_hash=spec.weights_hash,
+        )
+    except Exception as e:  # network errors come in many types; all mean the same here
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise WeightsError(_missing_message(spec, f"download failed: {reason}")) from None
+    return Path(fetched)
+
+
+def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
+    if weights == "none":
+        return ResolvedWeights("none", None, None)
+    if weights == "imagenet":
+        path = ensure_imagenet(spec)
+        return ResolvedWeights("imagenet", str(path), sha256_file(path))
+    path = Path(weights)
+    if path.is_dir():
+        run_json = path / "run.json"
+        model_file = path / "model.keras"
+        if not run_json.is_file() or not model_file.is_file():
+            raise WeightsError(
+                f"--weights {path}: a folder must be a finished tlkit run (run.json and "
+                "model.keras); use a weights file, 'imagenet' or 'none'"
+            )
+        info = json.loads(run_json.read_text())
+        if info.get("backbone") != spec.name:
+            raise WeightsError(
+                f"--weights {path}: that run trained {info.get('backbone')}, not {spec.name}; "
+                f"pass --backbone {info.get('backbone')} or another weights source"
+            )
+        return ResolvedWeights("run", str(model_file), sha256_file(model_file))
+    if path.is_file():
+        if not path.name.endswith(WEIGHT_SUFFIXES):
+            raise WeightsError(
+                f"--weights {path}: expected a Keras weights file ({', '.join(WEIGHT_SUFFIXES)})"
+            )
+        return ResolvedWeights("file", str(path), sha256_file(path))
+    raise WeightsError(
+        f"--weights must be 'imagenet', 'none', a weights file or a tlkit run folder. "
+        f"Received: {weights!r} (no such file or folder)"
+    )
+
+
+def build_backbone(spec: BackboneSpec, resolved: ResolvedWeights, input_size: int) -> Any:
+    """The backbone with its starting weights loaded."""
+    if resolved.source in ("none", "run"):
+        base = spec.build(input_size, weights=None)
+        if resolved.source == "run":
+            import keras
+
+            from tlkit.model import backbone_of
+
+            old = keras.saving.load_model(resolved.path, compile=False, safe_mode=True)
+            try:
+                base.set_weights(backbone_of(old).get_weights())
+            except ValueError as e:
+                raise WeightsError(f"--weights {resolved.path}: {e}") from None
+        return base
+    try:
+        return spec.build(input_size, weights=resolved.path)
+    except (ValueError, OSError, KeyError) as e:
+        raise WeightsError(
+            f"{resolved.path}: cannot load as {spec.name} weights ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def cached_weights() -> list[dict[str, Any]]:
+    """One row per registered backbone: its ImageNet file and whether it is in the cache."""
+    rows = []
+    for spec in REGISTRY.values():
+        path = keras_cache_dir() / spec.weights_file
+        rows.append({
+            "backbone": spec.name, "file": spec.weights_file, "cached": path.is_file(),
+            "size_mb": round(path.stat().st_size / 1e6, 1) if path.is_file() else None,
+            "path": str(path),
+        })
+    return rows
+
+
+def import_weights(file: str | os.PathLike, overwrite: bool = False) -> tuple[BackboneSpec, Path]:
+    """Verify a downloaded ImageNet file against the pins and place it in the Keras cache."""
+    file = Path(file)
+    if not file.is_file():
+        raise WeightsError(f"{file}: no such file")
+    digests: dict[str, str] = {}
+    for spec in REGISTRY.values():
+        algo = spec.weights_hash_algorithm
+        digests.setdefault(algo, file_hash(file, algo))
+        if digests[algo] == spec.weights_hash:
+            target = keras_cache_dir() / spec.weights_file
+            if target.exists() and not overwrite:
+                raise WeightsError(f"{target}: already cached; pass --overwrite to replace it")
+            with atomic_path(target) as tmp:
+                shutil.copyfile(file, tmp)
+            return spec, target
+    raise WeightsError(
+        f"{file}: its hash matches none of the pinned ImageNet files (md5 {digests.get('md5')}); "
+        "`tlkit weights list` shows the expected file names. Download it again"
+    )
