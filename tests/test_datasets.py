@@ -3,8 +3,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import write_folder
+
 from tlkit.datasets import check_decodable, fingerprint, load_folder
 from tlkit.errors import DataError
 

@@ -5,8 +5,14 @@ import pytest
 
 from tlkit.backbones import get_backbone
 from tlkit.errors import ConfigError
-from tlkit.freezing import (FreezeRequest, apply_freeze, freeze_all, is_batch_norm,
-                            parse_freeze_count, resolve_freeze)
+from tlkit.freezing import (
+    FreezeRequest,
+    apply_freeze,
+    freeze_all,
+    is_batch_norm,
+    parse_freeze_count,
+    resolve_freeze,
+)
 from tlkit.model import build_classifier
 
 

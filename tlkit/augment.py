@@ -1,4 +1,4 @@
-"""Image transforms. Eval transforms are deterministic: the same file always gives the same pixels."""
+"""Image transforms. Eval transforms are deterministic: a file always gives the same pixels."""
 
 from __future__ import annotations
 

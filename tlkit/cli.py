@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import click
@@ -29,13 +28,18 @@ class TlkitGroup(click.Group):
             ctx.exit(e.exit_code)
 
 
+class _EchoHandler(logging.Handler):
+    """Progress messages through click.echo, which finds the current stdout at each call."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=record.levelno >= logging.WARNING)
+
+
 def _setup_logging() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logger = logging.getLogger("tlkit")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
@@ -73,7 +77,8 @@ def backbones(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--input-size", type=int, help="Input size for the output shapes (default: the backbone's).")
+@click.option("--input-size", type=int,
+              help="Input size for the output shapes (default: the backbone's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect(name: str, input_size: int | None, as_json: bool) -> None:
     """Print every layer of backbone NAME with the index that --freeze counts."""

@@ -68,7 +68,7 @@ def _list_class_files(class_dir: Path, root: Path, ignored: list[str]) -> list[P
 
 
 def _scan_classes(split_dir: Path, root: Path, ignored: list[str]) -> dict[str, list[Path]]:
-    """Class folder name -> its files (recursively). Loose files beside class folders are ignored."""
+    """Class folder -> its files, recursively. Loose files beside class folders are ignored."""
     out: dict[str, list[Path]] = {}
     for entry in sorted(split_dir.iterdir()):
         if not entry.is_dir():
@@ -96,7 +96,9 @@ def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFold
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder; pass a folder of class sub-folders")
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive). Received: {val_fraction}")
+        raise DataError(
+            f"--val-fraction must be between 0 and 1 (exclusive). Received: {val_fraction}"
+        )
     ignored: list[str] = []
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and _visible(p.name)]
     split_dirs = {p.name: p for p in subdirs if p.name.lower() in SPLIT_NAMES}

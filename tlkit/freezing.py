@@ -60,7 +60,9 @@ def parse_freeze_count(value: str) -> str:
     return text
 
 
-def resolve_freeze(request: FreezeRequest, spec: BackboneSpec, layer_names: list[str]) -> FreezePlan:
+def resolve_freeze(
+    request: FreezeRequest, spec: BackboneSpec, layer_names: list[str]
+) -> FreezePlan:
     n_layers = len(layer_names)
     chosen = [x is not None for x in (request.count, request.to_layer, request.blocks)]
     if sum(chosen) > 1:

@@ -166,7 +166,8 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience)
         start = time.perf_counter()
         history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                            callbacks=[recorder, stop], verbose=verbose)
+                            callbacks=[recorder, stop], verbose=verbose,
+                            shuffle=False)  # the dataset shuffles, seeded
         ran = len(history.history.get("loss", []))
         phase_rows = [r for r in rows if r["phase"] == phase]
         top = min(phase_rows, key=lambda r: r.get("val_loss", math.inf))

@@ -1,0 +1,207 @@
+"""The real CLI (click's CliRunner) on real files, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REPO
+
+from tlkit.cli import cli
+
+FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "8", "--head-epochs", "1",
+        "--epochs", "1"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", [[], ["finetune"], ["predict"], ["inspect"], ["backbones"],
+                                     ["weights", "list"], ["weights", "import"]])
+def test_help_does_not_import_tensorflow(command):
+    code = ("import sys; from tlkit.cli import cli\n"
+            f"try:\n    cli({[*command, '--help']!r}, prog_name='tlkit')\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage:" in out.stdout
+    assert "HEAVY []" in out.stdout
+
+
+@pytest.mark.slow
+def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
+    import keras
+
+    data = make_folder(per_class=12)
+    result = invoke("finetune", str(data), "--freeze", "150", "-o", "runs/a", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "phase head (head only, backbone frozen)" in result.output
+    assert "trainable /" in result.output and "frozen BatchNorm layers" in result.output
+    run = tmp_path / "runs" / "a"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "history.csv",
+                                                     "model.keras", "run.json"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best.weights.h5", "last.weights.h5"]
+    assert not list((tmp_path / "runs").glob("*.incomplete-*"))
+    info = json.loads((run / "run.json").read_text())
+    assert info["classes"] == ["cat", "dog"] and info["backbone"] == "resnet50"
+    assert info["freeze"]["n_frozen"] == 150 and info["weights"]["source"] == "none"
+    assert info["input_size"] == 32 and info["preprocessing"] == "caffe"
+    assert len(info["data"]["fingerprint"]) == 64
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("phase,epoch,loss,accuracy,val_loss")
+    assert [line.split(",")[0] for line in history[1:]] == ["head", "fine-tune"]
+
+    # plain Keras loads it (no tlkit layers) and it takes raw uint8 images
+    model = keras.saving.load_model(run / "model.keras", safe_mode=True)
+    from tlkit.pipeline import load_eval_image
+
+    image = data / "dog" / "img3.png"
+    x = load_eval_image(str(image), 32, 0.875)[None]
+    probs = np.asarray(model.predict(x, verbose=0))[0]
+    pred = invoke("predict", str(run), str(image), "--json")
+    assert pred.exit_code == 0, pred.output
+    top = json.loads(pred.output)[0]["top"]
+    assert top[0]["label"] == ["cat", "dog"][int(probs.argmax())]
+    assert top[0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+    table = invoke("predict", str(run), str(image), "-k", "1")
+    assert table.output.splitlines()[1].split()[1] == top[0]["label"]
+
+
+@pytest.mark.slow
+def test_existing_run_is_refused_without_overwrite(make_folder, tmp_path):
+    data = make_folder(per_class=8)
+    first = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", *FAST)
+    assert first.exit_code == 0, first.output
+    before = (tmp_path / "runs/a/run.json").read_text()
+    again = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", *FAST)
+    assert again.exit_code == 5
+    assert again.output.strip() == ("Error: runs/a: already exists; choose another -o/--output "
+                                    "or pass --overwrite")
+    assert (tmp_path / "runs/a/run.json").read_text() == before
+    forced = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", "--overwrite",
+                    *FAST)
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / "runs/a/run.json").read_text() != before
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]
+
+
+def test_imagenet_weights_offline_fail_before_the_data_is_read(tmp_path):
+    result = invoke("finetune", "no-such-data", "--backbone", "vgg16")
+    assert result.exit_code == 4
+    line = result.output.strip()
+    assert "\n" not in line
+    assert "ImageNet weights for vgg16 are not available" in line
+    assert str(tmp_path / "keras_home" / "models" /
+               "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5") in line
+    assert "tlkit weights import FILE" in line and "--weights none" in line
+
+
+def test_bad_image_stops_before_training_and_names_the_file(make_folder, tmp_path):
+    data = make_folder(per_class=6)
+    (data / "cat" / "broken.jpg").write_text("not really a jpeg")
+    result = invoke("finetune", str(data), "-o", "runs/x", *FAST)
+    assert result.exit_code == 3
+    assert "broken.jpg: not an image (text file)" in result.output
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--freeze", "ten"], "--freeze must be an integer"),
+    (["--input-size", "16"], "--input-size 16 is below the minimum of 32"),
+    (["--backbone", "resnet5"], "unknown backbone 'resnet5'"),
+    (["--fine-tune-lr", "0.1"], "--fine-tune-lr should be lower than --lr"),
+    (["--weights", "missing.h5"], "Received: 'missing.h5' (no such file or folder)"),
+])
+def test_bad_options_are_one_line_errors(make_folder, args, message):
+    data = make_folder(per_class=4)
+    result = invoke("finetune", str(data), "--weights", "none", *args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_weights_import_rejects_an_unknown_file(tmp_path):
+    f = tmp_path / "w.h5"
+    f.write_bytes(b"not weights")
+    result = invoke("weights", "import", str(f))
+    assert result.exit_code == 4 and "matches none of the pinned ImageNet files" in result.output
+
+
+def test_weights_import_places_a_verified_file(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    import tlkit.backbones as backbones
+
+    f = tmp_path / "download.h5"
+    f.write_bytes(b"pretend weights")
+    spec = dataclasses.replace(backbones.REGISTRY["vgg16"],
+                               weights_hash=hashlib.md5(f.read_bytes()).hexdigest())
+    monkeypatch.setitem(backbones.REGISTRY, "vgg16", spec)
+    result = invoke("weights", "import", str(f))
+    assert result.exit_code == 0, result.output
+    target = tmp_path / "keras_home/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert target.read_bytes() == b"pretend weights"
+    listing = invoke("weights", "list").output
+    assert any(line.startswith("vgg16") and "cached" in line for line in listing.splitlines())
+    assert invoke("weights", "import", str(f)).exit_code == 4  # no silent overwrite
+
+
+@pytest.mark.slow
+def test_seed_makes_a_cpu_run_reproducible(make_folder, tmp_path):
+    """Two processes, same seed: identical weights and metrics."""
+    data = make_folder(per_class=8)
+    for name in ("s1", "s2"):
+        subprocess.run([sys.executable, "-m", "tlkit", "finetune", str(data), "--freeze", "170",
+                        "-o", f"runs/{name}", "--seed", "7", *FAST], check=True,
+                       capture_output=True, cwd=tmp_path)
+    h1 = (tmp_path / "runs/s1/history.csv").read_text().splitlines()
+    h2 = (tmp_path / "runs/s2/history.csv").read_text().splitlines()
+    strip = [",".join(line.split(",")[:-1]) for line in h1]  # last column: seconds
+    assert strip == [",".join(line.split(",")[:-1]) for line in h2]
+    import keras
+
+    m1 = keras.saving.load_model(tmp_path / "runs/s1/model.keras")
+    m2 = keras.saving.load_model(tmp_path / "runs/s2/model.keras")
+    for a, b in zip(m1.get_weights(), m2.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_transfer_from_a_previous_run(make_folder, tmp_path):
+    from tlkit.backbones import get_backbone
+    from tlkit.model import backbone_of
+    from tlkit.runs import load_run
+    from tlkit.weights import build_backbone, resolve_weights
+
+    data = make_folder(per_class=8)
+    assert invoke("finetune", str(data), "--freeze", "170", "-o", "runs/src", *FAST).exit_code == 0
+    resolved = resolve_weights(get_backbone("resnet50"), "runs/src")
+    assert resolved.source == "run" and len(resolved.sha256) == 64
+    base = build_backbone(get_backbone("resnet50"), resolved, 48)  # another input size is fine
+    src = backbone_of(load_run("runs/src").load_model())
+    for a, b in zip(base.get_weights(), src.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    wrong = invoke("finetune", str(data), "--backbone", "vgg16", "--weights", "runs/src")
+    assert wrong.exit_code == 4 and "that run trained resnet50, not vgg16" in wrong.output
+
+
+@pytest.mark.slow
+def test_quickstart_on_the_shipped_digits():
+    """The README quickstart, offline variant, on data/ (1,797 real PNG digits)."""
+    result = invoke("finetune", str(REPO / "data"), "--weights", "none", "--input-size", "32",
+                    "--freeze", "all", "--head-epochs", "1", "--epochs", "1", "--batch-size",
+                    "64", "-o", "runs/digits")
+    assert result.exit_code == 0, result.output
+    assert "10 classes; train 1264, val 254, test 279" in result.output
+    info = json.loads(Path("runs/digits/run.json").read_text())
+    assert info["classes"] == [str(d) for d in range(10)]
+    assert info["data"]["counts"]["test"] and info["data"]["val_source"] == "folder"
