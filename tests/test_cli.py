@@ -205,3 +205,20 @@ def test_quickstart_on_the_shipped_digits():
     info = json.loads(Path("runs/digits/run.json").read_text())
     assert info["classes"] == [str(d) for d in range(10)]
     assert info["data"]["counts"]["test"] and info["data"]["val_source"] == "folder"
+
+
+@pytest.mark.slow
+def test_mixed_precision_run_saves_float32_probabilities(make_folder, tmp_path):
+    import keras
+
+    data = make_folder(per_class=6)
+    result = invoke("finetune", str(data), "--weights", "none", "--input-size", "32",
+                    "--freeze", "all", "--head-epochs", "1", "--epochs", "0",
+                    "--mixed-precision", "-o", "runs/mp")
+    assert result.exit_code == 0, result.output
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    model = keras.saving.load_model(tmp_path / "runs/mp/model.keras")
+    assert model.get_layer("backbone").layers[2].dtype_policy.name == "mixed_float16"
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    probs = model.predict(x, verbose=0)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)

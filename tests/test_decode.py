@@ -96,6 +96,11 @@ def test_text_file_is_a_clear_error(tmp_path):
         decode_image(path)
 
 
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"gone\.png: no such file"):
+        decode_image(tmp_path / "gone.png")
+
+
 def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(

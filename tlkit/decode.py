@@ -36,6 +36,8 @@ def _sniff(head: bytes) -> str:
 def decode_image(path: str | os.PathLike) -> np.ndarray:
     """Decode one file to uint8 RGB (H, W, 3); a DataError names the file if it is not an image."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # truncated-but-readable JPEG tails etc.
