@@ -64,6 +64,18 @@ def cli_help_seconds(repeats: int = 5) -> None:
     emit("cli_help_seconds", statistics.median(times), "s", repeats=repeats, goal="< 1")
 
 
+def timed_steps(model: object, x: object, y: object, batch: int, n: int) -> float:
+    """Seconds for n optimizer steps, cycling through the batches held in memory."""
+    import keras
+
+    start = time.perf_counter()
+    for i in range(n):
+        j = (i % 4) * batch
+        model.train_on_batch(x[j : j + batch], y[j : j + batch])
+    keras.ops.convert_to_numpy(model.optimizer.iterations)  # wait for queued device work
+    return time.perf_counter() - start
+
+
 def train_throughput(size: int, batch: int, warmup: int, steps: int) -> None:
     import keras
     import numpy as np
@@ -89,16 +101,8 @@ def train_throughput(size: int, batch: int, warmup: int, steps: int) -> None:
             apply_freeze(base, resolve_freeze(FreezeRequest(count="0"), spec, names))
         model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
 
-        def run(n: int) -> float:
-            start = time.perf_counter()
-            for i in range(n):
-                j = (i % 4) * batch
-                model.train_on_batch(x[j : j + batch], y[j : j + batch])
-            keras.ops.convert_to_numpy(model.optimizer.iterations)  # wait for queued work
-            return time.perf_counter() - start
-
-        run(warmup)
-        seconds = run(steps)
+        timed_steps(model, x, y, batch, warmup)
+        seconds = timed_steps(model, x, y, batch, steps)
         results[mode] = batch * steps / seconds
         emit(f"train_images_per_s_resnet50_{size}_{mode}", results[mode], "images/s",
              batch=batch, steps=steps, device=device())

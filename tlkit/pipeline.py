@@ -30,6 +30,7 @@ def make_dataset(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
+    workers: int | None = None,
 ) -> Any:
     """A tf.data.Dataset of (uint8 images, int labels); order is fixed unless `shuffle`."""
     import tensorflow as tf
@@ -48,5 +49,5 @@ def make_dataset(
         image.set_shape((size, size, 3))
         return image, label
 
-    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(tf_load, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

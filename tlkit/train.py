@@ -131,8 +131,9 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
     from tlkit.pipeline import make_dataset
 
     train_ds = make_dataset(folder.splits["train"], size, spec.crop_fraction, config.batch_size,
-                            shuffle=True, seed=config.seed)
-    val_ds = make_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size)
+                            shuffle=True, seed=config.seed, workers=config.workers)
+    val_ds = make_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size,
+                          workers=config.workers)
 
     tmp_dir = incomplete_dir(run_dir)
     rows: list[dict[str, Any]] = []
