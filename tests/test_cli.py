@@ -222,3 +222,59 @@ def test_mixed_precision_run_saves_float32_probabilities(make_folder, tmp_path):
     x = np.zeros((2, 32, 32, 3), np.uint8)
     probs = model.predict(x, verbose=0)
     assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_finetune_with_alexnet_augmentation_records_it(make_folder, tmp_path):
+    data = make_folder(per_class=8)
+    result = invoke("finetune", str(data), "--freeze", "all", "--augment", "alexnet",
+                    "--extra-transform", 'Rotate:{"limit": 10}', "--workers", "2",
+                    "--prefetch", "2", "-o", "runs/aug", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "PCA colour: eigenvalues" in result.output
+    info = json.loads((tmp_path / "runs/aug/run.json").read_text())
+    aug = info["augment"]
+    assert aug["preset"] == "alexnet" and aug["crop"] == "crop" and aug["pca_sigma"] == 0.1
+    assert aug["extra"] == [{"name": "Rotate", "args": {"limit": 10}}]
+    assert len(aug["pca"]["eigvals"]) == 3 and aug["pca"]["n_images"] == sum(info["data"]["counts"]["train"].values())
+
+
+def test_bad_extra_transform_is_a_one_line_error_before_any_work(make_folder, tmp_path):
+    data = make_folder(per_class=4)
+    result = invoke("finetune", str(data), "--weights", "none",
+                    "--extra-transform", 'Rotate:{"limitt": 5}')
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0
+    assert "Rotate has no argument 'limitt'. Did you mean 'limit'?" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_augment_preview_writes_a_grid(make_folder, tmp_path):
+    from PIL import Image
+
+    data = make_folder(per_class=5)
+    result = invoke("augment-preview", str(data), "-n", "3", "--draws", "4", "--input-size",
+                    "32", "--augment", "vgg", "-o", "grid.png")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (5 * 36 + 4, 3 * 36 + 4)  # (1 + draws) columns, n rows, 4 px gaps
+        grid = np.asarray(im)
+    first, second = grid[4:36, 40:72], grid[4:36, 76:108]  # two draws of the first image
+    assert not np.array_equal(first, second)
+    again = invoke("augment-preview", str(data), "-o", "grid.png")
+    assert again.exit_code == 5 and "already exists" in again.output
+
+
+@pytest.mark.slow
+def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
+    data = make_folder(per_class=10)
+    result = invoke("bench-input", str(data), "--input-size", "32", "--batch-size", "4",
+                    "--batches", "2", "--max-workers", "2", "--freeze", "all", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert [r["workers"] for r in plan["pipeline"]] == [1, 2]
+    assert all(r["images_per_s"] > 0 for r in plan["pipeline"])
+    assert plan["model_images_per_s"] > 0
+    best = max(r["images_per_s"] for r in plan["pipeline"])
+    assert plan["headroom"] == pytest.approx(best / plan["model_images_per_s"])
+    assert plan["verdict"].startswith(("the input keeps up", "input-bound"))

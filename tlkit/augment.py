@@ -1,9 +1,272 @@
-"""Image transforms. Eval transforms are deterministic: a file always gives the same pixels."""
+"""Image transforms: train-time augmentation (albumentations underneath) and the eval transform.
+
+Randomness comes only from the generator handed to a transform, and tlkit derives that
+generator from (seed, epoch, index): the augmented image of a sample is the same whichever
+worker makes it, and different every epoch. Eval transforms take no generator at all.
+
+PCA colour is AlexNet's (Krizhevsky et al. 2012, section 4.1): the eigenvectors P and eigenvalues
+lambda of the 3x3 covariance of RGB values (scaled to [0, 1]) over the training set are computed
+once; each image gets P @ (alpha * lambda), alpha_i ~ N(0, sigma), added to every pixel (x 255
+for uint8). A per-channel lookup table applies it, so the cost per image is one table lookup.
+"""
 
 from __future__ import annotations
 
+import json
+import random
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 from PIL import Image
+
+from tlkit.errors import ConfigError
+
+CROP_STYLES = ("center", "crop", "resized-crop")
+
+
+@dataclass(frozen=True)
+class ColorPCA:
+    """Eigen-decomposition of the training set's RGB covariance, pixel values in [0, 1]."""
+
+    eigvals: tuple[float, float, float]  # descending
+    eigvecs: tuple[tuple[float, ...], ...]  # 3x3, column i is the i-th component
+    n_images: int
+    n_pixels: int
+
+    def shift(self, alpha: np.ndarray) -> np.ndarray:
+        """The RGB offset in uint8 units for one draw of alpha (shape (3,))."""
+        p = np.asarray(self.eigvecs, dtype=np.float64)
+        return 255.0 * p @ (alpha * np.asarray(self.eigvals, dtype=np.float64))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"eigvals": list(self.eigvals), "eigvecs": [list(r) for r in self.eigvecs],
+                "n_images": self.n_images, "n_pixels": self.n_pixels}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ColorPCA:
+        return cls(tuple(d["eigvals"]), tuple(tuple(r) for r in d["eigvecs"]),
+                   int(d["n_images"]), int(d["n_pixels"]))
+
+
+def fit_color_pca(images: Sequence[np.ndarray], pixels_per_image: int = 2048,
+                  seed: int = 0) -> ColorPCA:
+    """PCA of RGB values from a deterministic sample of pixels of the given images."""
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for img in images:
+        flat = img.reshape(-1, 3)
+        take = min(pixels_per_image, len(flat))
+        chunks.append(flat[rng.choice(len(flat), take, replace=False)])
+    pixels = np.concatenate(chunks).astype(np.float64) / 255.0
+    cov = np.cov(pixels, rowvar=False)
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1]
+    vals, vecs = np.clip(vals[order], 0.0, None), vecs[:, order]
+    return ColorPCA(tuple(float(v) for v in vals), tuple(tuple(float(x) for x in row)
+                                                         for row in vecs),
+                    len(images), len(pixels))
+
+
+def _albumentations() -> Any:
+    import albumentations as A
+
+    return A
+
+
+def _pca_transform_class() -> Any:
+    A = _albumentations()
+
+    class PCAColor(A.ImageOnlyTransform):
+        """AlexNet PCA colour shift with a fixed, dataset-wide PCA (FancyPCA refits per image)."""
+
+        def __init__(self, pca: ColorPCA, sigma: float = 0.1, p: float = 1.0):
+            super().__init__(p=p)
+            self.pca, self.sigma = pca, sigma
+            self._ramp = np.arange(256, dtype=np.float64)
+
+        def get_params(self) -> dict[str, Any]:
+            return {"alpha": self.random_generator.normal(0.0, self.sigma, 3)}
+
+        def apply(self, img: np.ndarray, alpha: np.ndarray, **params: Any) -> np.ndarray:
+            import cv2
+
+            shift = self.pca.shift(alpha)
+            lut = np.clip(np.rint(self._ramp[:, None] + shift[None, :]), 0, 255).astype(np.uint8)
+            return cv2.LUT(img, lut.reshape(256, 1, 3))
+
+    return PCAColor
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """A resolved train-time augmentation; `as_dict` is what the run records."""
+
+    preset: str = "none"
+    crop: str = "center"  # "center" | "crop" | "resized-crop"
+    # crop: shorter side S / input size, drawn uniformly from this range (VGG: 256/224..512/224)
+    scale_range: tuple[float, float] = (256 / 224, 256 / 224)
+    # resized-crop: fraction of the area and aspect ratio range (Inception)
+    area: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.0
+    pca_sigma: float = 0.0  # 0: no PCA colour
+    extra: tuple[tuple[str, str], ...] = field(default=())  # (albumentations name, JSON args)
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_STYLES:
+            raise ConfigError(f"crop style must be one of {', '.join(CROP_STYLES)}. "
+                              f"Received: {self.crop!r}")
+        lo, hi = self.scale_range
+        if not 1.0 <= lo <= hi:
+            raise ConfigError(f"crop scale range must satisfy 1 <= low <= high (shorter side / "
+                              f"input size). Received: {self.scale_range}")
+        if not 0 < self.area[0] <= self.area[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ConfigError(f"resized-crop area must be in (0, 1] and ratio positive. "
+                              f"Received: area={self.area}, ratio={self.ratio}")
+        if not 0 <= self.flip_p <= 1:
+            raise ConfigError(f"flip probability must be in [0, 1]. Received: {self.flip_p}")
+        if self.pca_sigma < 0:
+            raise ConfigError(f"--pca-sigma must be >= 0. Received: {self.pca_sigma}")
+        for name, args in self.extra:
+            build_extra(name, args)  # fail now, not mid-training
+
+    @property
+    def random(self) -> bool:
+        return self.crop != "center" or self.flip_p > 0 or self.pca_sigma > 0 or bool(self.extra)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "crop": self.crop, "scale_range": list(self.scale_range),
+                "area": list(self.area), "ratio": list(self.ratio), "flip_p": self.flip_p,
+                "pca_sigma": self.pca_sigma,
+                "extra": [{"name": n, "args": json.loads(a)} for n, a in self.extra]}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    # timm / Inception default: random area and aspect ratio, then resize; mirror.
+    "standard": {"crop": "resized-crop", "flip_p": 0.5},
+    # AlexNet: shorter side 256 (for 224), random 224 crop, mirror, PCA colour.
+    "alexnet": {"crop": "crop", "flip_p": 0.5, "pca_sigma": 0.1},
+    # VGG scale jittering: shorter side drawn from [256, 512] (for 224), crop, mirror, PCA colour.
+    "vgg": {"crop": "crop", "scale_range": (256 / 224, 512 / 224), "flip_p": 0.5,
+            "pca_sigma": 0.1},
+}
+
+
+def resolve_augment(preset: str, extra: Sequence[str] = (), **overrides: Any) -> AugmentConfig:
+    """A preset by name, then explicit overrides (None means keep the preset's value)."""
+    if preset not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(preset, PRESETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown --augment preset {preset!r}.{hint} Choose one of: "
+                          f"{', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return AugmentConfig(preset=preset, extra=tuple(parse_extra(e) for e in extra), **values)
+
+
+def parse_extra(text: str) -> tuple[str, str]:
+    """`Name` or `Name:{"json": "args"}` -> (name, canonical JSON args)."""
+    name, _, args = text.partition(":")
+    try:
+        parsed = json.loads(args) if args.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--extra-transform {text!r}: arguments are not valid JSON ({e}); "
+                          'write e.g. Rotate:{"limit": 15}') from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"--extra-transform {text!r}: arguments must be a JSON object")
+    return name.strip(), json.dumps(parsed, sort_keys=True)
+
+
+def build_extra(name: str, args_json: str) -> Any:
+    """An albumentations transform by name; a bad name or argument is a ConfigError."""
+    A = _albumentations()
+    cls = getattr(A, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        import difflib
+
+        names = [n for n in dir(A) if isinstance(getattr(A, n), type)
+                 and issubclass(getattr(A, n), A.BasicTransform)]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown albumentations transform {name!r}.{hint}")
+    args = json.loads(args_json)
+    import inspect
+
+    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"]
+    for arg in args:
+        if arg not in accepted:
+            import difflib
+
+            close = difflib.get_close_matches(arg, accepted, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"albumentations {name} has no argument {arg!r}.{hint} "
+                              f"It takes: {', '.join(accepted)}")
+    try:
+        return cls(**args)
+    except Exception as e:  # albumentations validates with pydantic; many error types
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+        raise ConfigError(f"albumentations {name}({args_json}): {detail}") from None
+
+
+class TrainTransform:
+    """Decoded image + generator -> augmented uint8 image of the input size.
+
+    Holds one albumentations pipeline per thread, since a pipeline carries its random state.
+    """
+
+    def __init__(self, config: AugmentConfig, size: int, crop_fraction: float,
+                 pca: ColorPCA | None = None):
+        if config.pca_sigma > 0 and pca is None:
+            raise ValueError("PCA colour needs the dataset's ColorPCA")  # a bug in the caller
+        self.config, self.size, self.crop_fraction, self.pca = config, size, crop_fraction, pca
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:  # for worker processes: rebuild per process
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _build(self) -> Any:
+        import cv2
+
+        A, c, s = _albumentations(), self.config, self.size
+        steps: list[Any] = []
+        if c.crop == "crop":
+            lo, hi = (max(s, round(s * x)) for x in c.scale_range)
+            steps += [A.SmallestMaxSize(max_size=list(range(lo, hi + 1)),
+                                        interpolation=cv2.INTER_LINEAR),
+                      A.RandomCrop(s, s)]
+        elif c.crop == "resized-crop":
+            steps += [A.RandomResizedCrop(size=(s, s), scale=c.area, ratio=c.ratio,
+                                          interpolation=cv2.INTER_LINEAR)]
+        if c.flip_p > 0:
+            steps.append(A.HorizontalFlip(p=c.flip_p))
+        steps += [build_extra(name, args) for name, args in c.extra]
+        if c.pca_sigma > 0:
+            steps.append(_pca_transform_class()(self.pca, c.pca_sigma))
+        return A.Compose(steps)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        compose = getattr(self._local, "compose", None)
+        if compose is None:
+            compose = self._local.compose = self._build()
+        if self.config.crop == "center":  # the very eval transform: train and eval agree
+            image = eval_transform(image, self.size, self.crop_fraction)
+        compose.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+        return compose(image=image)["image"]
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The one source of randomness for a training sample."""
+    return np.random.default_rng((seed, epoch, index))
 
 
 def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:

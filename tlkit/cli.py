@@ -122,6 +122,34 @@ def weights_import(file: str, overwrite: bool) -> None:
     click.echo(f"{file}: verified as {spec.name} ImageNet weights; placed at {target}")
 
 
+def augment_options(command: Any) -> Any:
+    """The augmentation flags shared by finetune, augment-preview and bench-input."""
+    options = [
+        click.option("--augment", "augment_preset", default="standard", show_default=True,
+                     help="Preset: none, standard (random resized crop + mirror), alexnet "
+                          "(crop + mirror + PCA colour), vgg (alexnet with scale jitter)."),
+        click.option("--crop", type=click.Choice(["center", "crop", "resized-crop"]),
+                     help="Override the preset's crop style."),
+        click.option("--flip-p", type=float, help="Override the mirroring probability."),
+        click.option("--pca-sigma", type=float,
+                     help="Override the PCA colour strength (0 turns it off)."),
+        click.option("--extra-transform", multiple=True, metavar='NAME[:JSON]',
+                     help='An albumentations transform after crop and flip, e.g. '
+                          '\'Rotate:{"limit": 15}\'. Repeatable.'),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _augment_config(options: dict[str, Any]) -> Any:
+    from tlkit.augment import resolve_augment
+
+    return resolve_augment(options.pop("augment_preset"), options.pop("extra_transform"),
+                           crop=options.pop("crop"), flip_p=options.pop("flip_p"),
+                           pca_sigma=options.pop("pca_sigma"))
+
+
 def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     from tlkit.freezing import parse_freeze_count
 
@@ -162,7 +190,9 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("-o", "--output", type=click.Path(), help="Run folder (default runs/BACKBONE-TIME).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--mixed-precision", is_flag=True, help="float16 compute (GPUs).")
-@click.option("--workers", type=int, help="CPU workers for decoding (default: all cores).")
+@augment_options
+@click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
+@click.option("--prefetch", type=int, help="Batches kept ready ahead of training (default: auto).")
 def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
              freeze_blocks: int | None, **options: Any) -> None:
     """Fine-tune a pretrained backbone on DATA (default data/): class folders, or train/val/test."""
@@ -173,9 +203,69 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
     if freeze is None and freeze_to is None and freeze_blocks is None:
         freeze = "0"
     request = FreezeRequest(count=freeze, to_layer=freeze_to, blocks=freeze_blocks)
-    config = FinetuneConfig(data=data, weights=weights_, freeze=request, **options)
+    augment = _augment_config(options)
+    config = FinetuneConfig(data=data, weights=weights_, freeze=request, augment=augment,
+                            **options)
     run = run_finetune(config)
     click.echo(f"run: {run.path}")
+
+
+@cli.command("augment-preview")
+@click.argument("data", default="data", type=click.Path())
+@click.option("-n", "count", default=16, show_default=True, help="Training images to show.")
+@click.option("--draws", default=6, show_default=True, help="Augmented versions per image.")
+@click.option("-o", "--output", default="preview.png", show_default=True, type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
+@click.option("--seed", default=0, show_default=True)
+@augment_options
+def augment_preview(data: str, count: int, draws: int, output: str, overwrite: bool,
+                    backbone: str, input_size: int | None, seed: int, **options: Any) -> None:
+    """Save a grid: each training image's eval crop, then augmented draws (epochs 0, 1, ...)."""
+    from tlkit.preview import augment_preview as run_preview
+
+    path = run_preview(data, _augment_config(options), output, n=count, draws=draws,
+                       backbone=backbone, input_size=input_size, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@cli.command("bench-input")
+@click.argument("data", default="data", type=click.Path())
+@click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
+@click.option("--freeze", callback=_freeze_option, default="0", show_default=True,
+              help="Freeze plan of the model being fed (as in finetune).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--max-workers", type=int, help="Measure 1..N workers (default: all cores).")
+@click.option("--batches", default=8, show_default=True, help="Timed batches per measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@augment_options
+def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, batch_size: int,
+                max_workers: int | None, batches: int, as_json: bool, **options: Any) -> None:
+    """Does the augmentation pipeline keep up with training on this machine? Measures both."""
+    from tlkit.backbones import get_backbone
+    from tlkit.datasets import load_folder
+    from tlkit.freezing import FreezeRequest
+    from tlkit.pipeline import build_train_transform
+    from tlkit.throughput import plan_input
+
+    spec = get_backbone(backbone)
+    size = input_size or spec.default_size
+    spec.check_input_size(size)
+    train = load_folder(data).splits["train"]
+    transform = build_train_transform(_augment_config(options), train, size, spec.crop_fraction)
+    plan = plan_input(train, transform, backbone, FreezeRequest(count=freeze), batch_size,
+                      max_workers, batches)
+    if as_json:
+        click.echo(json.dumps(plan, indent=2))
+        return
+    click.echo(f"input pipeline ({size} px, --augment {transform.config.preset}):")
+    for row in plan["pipeline"]:
+        click.echo(f"  {row['workers']:>3} worker(s) {row['images_per_s']:>9.1f} images/s")
+    click.echo(f"model training ({backbone}, --freeze {freeze}, batch {batch_size}): "
+               f"{plan['model_images_per_s']:.1f} images/s")
+    click.echo(f"headroom {plan['headroom']:.2f}x: {plan['verdict']}")
 
 
 @cli.command()

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from tlkit.augment import AugmentConfig, resolve_augment
 from tlkit.errors import ConfigError
 from tlkit.freezing import FreezeRequest
 
@@ -21,6 +22,7 @@ class FinetuneConfig:
     # Keras guide default: after the head phase, fine-tune the whole backbone.
     freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))
     train_bn: bool = False
+    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("standard"))
     batch_size: int = 32
     head_epochs: int = 5
     epochs: int = 10
@@ -34,6 +36,7 @@ class FinetuneConfig:
     overwrite: bool = False
     mixed_precision: bool = False
     workers: int | None = None  # None: all cores
+    prefetch: int | None = None  # batches kept ready; None: tf.data autotunes
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +53,8 @@ class FinetuneConfig:
              self.val_fraction),
             (self.workers is None or self.workers >= 1, "--workers must be at least 1",
              self.workers),
+            (self.prefetch is None or self.prefetch >= 1, "--prefetch must be at least 1",
+             self.prefetch),
         ]
         for ok, message, value in checks:
             if not ok:
@@ -62,4 +67,6 @@ class FinetuneConfig:
             )
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["augment"] = self.augment.as_dict()
+        return out

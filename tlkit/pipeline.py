@@ -1,45 +1,136 @@
-"""Examples -> batches of uint8 images for Keras, decoded in parallel on the CPU.
+"""Examples -> batches of uint8 images for Keras: decode and augment in parallel CPU workers.
 
-tf.data runs the Pillow decode in its thread pool (Pillow releases the GIL while decoding and
-resizing) and prefetches, so the model never waits on a single-threaded loader.
+Mechanism, chosen by measurement (`python benchmarks/run.py`, figures `pipeline_*`): tf.data
+runs the Python decode+augment function in a pool of `workers` threads and keeps `prefetch`
+finished batches ahead of training. Pillow decoding and OpenCV resizing release the GIL, and
+they are nearly all of the work (about 3 ms of a 3.5 ms sample at 224 px), so threads scale
+about as well as worker processes; on 2 cores the process-based grain loader measured within
+noise of tf.data (see README "Benchmarks") while adding inter-process copies, a spawn start that
+re-imports the user's script, and a second framework in the training loop. tf.data also plugs
+straight into `Model.fit` on the TensorFlow backend.
+
+Determinism: a training sample's randomness depends only on (seed, epoch, index-in-dataset), and
+the shuffled order only on (seed, epoch), so results do not depend on the number of workers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from tlkit.augment import eval_transform
+from tlkit.augment import (
+    AugmentConfig,
+    ColorPCA,
+    TrainTransform,
+    eval_transform,
+    fit_color_pca,
+    sample_rng,
+)
 from tlkit.datasets import Example
 from tlkit.decode import decode_image
+from tlkit.errors import ConfigError, DataError
+
+PCA_MAX_IMAGES = 256
+PCA_PIXELS_PER_IMAGE = 1024
 
 
-def load_eval_image(path: str, size: int, crop_fraction: float) -> np.ndarray:
-    image = eval_transform(decode_image(path), size, crop_fraction)
+def _checked(image: np.ndarray, path: str, size: int) -> np.ndarray:
     if image.shape != (size, size, 3) or image.dtype != np.uint8:
-        raise ValueError(f"{path}: transform produced {image.shape} {image.dtype}")  # a bug
+        raise DataError(
+            f"{path}: the transforms produced an image of shape {image.shape} and dtype "
+            f"{image.dtype}; every sample must be uint8 ({size}, {size}, 3). Check the extra "
+            "transforms, which must not change the size"
+        )
     return image
 
 
-def make_dataset(
+def load_eval_image(path: str, size: int, crop_fraction: float) -> np.ndarray:
+    return _checked(eval_transform(decode_image(path), size, crop_fraction), path, size)
+
+
+def load_train_image(path: str, transform: TrainTransform, seed: int, epoch: int,
+                     index: int) -> np.ndarray:
+    image = transform(decode_image(path), sample_rng(seed, epoch, index))
+    return _checked(image, path, transform.size)
+
+
+def dataset_color_pca(examples: Sequence[Example]) -> ColorPCA:
+    """AlexNet's RGB PCA from a deterministic sample: up to 256 images evenly spaced in path
+    order, 1024 pixels each (seed 0). Same files, same numbers."""
+    ordered = sorted(examples, key=lambda e: e.relpath)
+    step = max(1, len(ordered) // PCA_MAX_IMAGES)
+    chosen = ordered[::step][:PCA_MAX_IMAGES]
+    return fit_color_pca([decode_image(e.path) for e in chosen], PCA_PIXELS_PER_IMAGE, seed=0)
+
+
+def build_train_transform(augment: AugmentConfig, examples: Sequence[Example], size: int,
+                          crop_fraction: float, pca: ColorPCA | None = None) -> TrainTransform:
+    """The train transform, with the dataset PCA if needed, tried once on a real image now so a
+    bad recipe fails before training rather than mid-epoch."""
+    if augment.pca_sigma > 0 and pca is None:
+        pca = dataset_color_pca(examples)
+    transform = TrainTransform(augment, size, crop_fraction, pca)
+    try:
+        load_train_image(examples[0].path, transform, seed=0, epoch=0, index=0)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    return transform
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def train_dataset(
     examples: Sequence[Example],
-    size: int,
-    crop_fraction: float,
+    transform: TrainTransform,
     batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
+    seed: int,
+    first_epoch: int,
+    epochs: int,
     workers: int | None = None,
+    prefetch: int | None = None,
 ) -> Any:
-    """A tf.data.Dataset of (uint8 images, int labels); order is fixed unless `shuffle`."""
+    """`epochs` epochs of shuffled, augmented batches; pass steps_per_epoch(n, b) to fit.
+
+    Each epoch ends with its own (possibly smaller) last batch, so no image is dropped.
+    """
+    import tensorflow as tf
+
+    paths = tf.constant([e.path for e in examples])
+    labels = tf.constant([e.label for e in examples], dtype=tf.int32)
+    n, size = len(examples), transform.size
+
+    def load(path: Any, epoch: Any, index: Any) -> np.ndarray:
+        return load_train_image(path.decode("utf-8"), transform, seed, int(epoch), int(index))
+
+    def tf_load(epoch: Any, index: Any) -> tuple[Any, Any]:
+        image = tf.numpy_function(load, [paths[index], epoch, index], tf.uint8, stateful=False)
+        image.set_shape((size, size, 3))
+        return image, labels[index]
+
+    def one_epoch(epoch: Any) -> Any:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return (tf.data.Dataset.from_tensor_slices(order)
+                .map(lambda i: tf_load(epoch, i), num_parallel_calls=workers or tf.data.AUTOTUNE,
+                     deterministic=True)
+                .batch(batch_size))
+
+    ds = tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(one_epoch)
+    return ds.prefetch(prefetch or tf.data.AUTOTUNE)
+
+
+def eval_dataset(examples: Sequence[Example], size: int, crop_fraction: float, batch_size: int,
+                 workers: int | None = None, prefetch: int | None = None) -> Any:
+    """Batches in file order with the deterministic eval transform."""
     import tensorflow as tf
 
     paths = np.array([e.path for e in examples])
     labels = np.array([e.label for e in examples], dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    if shuffle:
-        ds = ds.shuffle(len(examples), seed=seed, reshuffle_each_iteration=True)
 
     def load(path: Any) -> np.ndarray:
         return load_eval_image(path.decode("utf-8"), size, crop_fraction)
@@ -49,5 +140,6 @@ def make_dataset(
         image.set_shape((size, size, 3))
         return image, label
 
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     ds = ds.map(tf_load, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(prefetch or tf.data.AUTOTUNE)

@@ -128,12 +128,15 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
-    from tlkit.pipeline import make_dataset
+    from tlkit.pipeline import build_train_transform, eval_dataset, steps_per_epoch, train_dataset
 
-    train_ds = make_dataset(folder.splits["train"], size, spec.crop_fraction, config.batch_size,
-                            shuffle=True, seed=config.seed, workers=config.workers)
-    val_ds = make_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size,
-                          workers=config.workers)
+    train_examples = folder.splits["train"]
+    transform = build_train_transform(config.augment, train_examples, size, spec.crop_fraction)
+    if transform.pca is not None:
+        log.info("PCA colour: eigenvalues %s from %d images", ", ".join(
+            f"{v:.4f}" for v in transform.pca.eigvals), transform.pca.n_images)
+    val_ds = eval_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size,
+                          config.workers, config.prefetch)
 
     tmp_dir = incomplete_dir(run_dir)
     rows: list[dict[str, Any]] = []
@@ -142,6 +145,7 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
     if verbose == "auto":
         verbose = 1 if os.isatty(1) else 2
     phases = []
+    epochs_done = 0  # global epoch counter: every epoch of both phases draws new augmentations
     schedule = [("head", config.head_epochs, config.lr), ("fine-tune", config.epochs,
                                                           config.fine_tune_lr)]
     for phase, epochs, lr in schedule:
@@ -166,10 +170,16 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
         recorder.phase = phase
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience)
         start = time.perf_counter()
+        train_ds = train_dataset(train_examples, transform, config.batch_size, config.seed,
+                                 first_epoch=epochs_done, epochs=epochs,
+                                 workers=config.workers, prefetch=config.prefetch)
         history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+                            steps_per_epoch=steps_per_epoch(len(train_examples),
+                                                            config.batch_size),
                             callbacks=[recorder, stop], verbose=verbose,
                             shuffle=False)  # the dataset shuffles, seeded
         ran = len(history.history.get("loss", []))
+        epochs_done += epochs
         phase_rows = [r for r in rows if r["phase"] == phase]
         top = min(phase_rows, key=lambda r: r.get("val_loss", math.inf))
         summary = {"phase": phase, "epochs_run": ran, "best_epoch": top["epoch"],
@@ -201,6 +211,8 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
         "input_size": size,
         "preprocessing": spec.preprocessing,
         "crop_fraction": spec.crop_fraction,
+        "augment": {**config.augment.as_dict(),
+                    "pca": transform.pca.as_dict() if transform.pca is not None else None},
         "classes": list(folder.classes),
         "config": config.as_dict(),
         "data": {
