@@ -3,8 +3,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlkit.augment import (PRESETS, ColorPCA, TrainTransform, eval_transform, fit_color_pca,
-                           resolve_augment, sample_rng)
+from tlkit.augment import (
+    PRESETS,
+    ColorPCA,
+    TrainTransform,
+    eval_transform,
+    fit_color_pca,
+    resolve_augment,
+    sample_rng,
+)
 from tlkit.errors import ConfigError
 
 

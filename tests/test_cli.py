@@ -236,7 +236,8 @@ def test_finetune_with_alexnet_augmentation_records_it(make_folder, tmp_path):
     aug = info["augment"]
     assert aug["preset"] == "alexnet" and aug["crop"] == "crop" and aug["pca_sigma"] == 0.1
     assert aug["extra"] == [{"name": "Rotate", "args": {"limit": 10}}]
-    assert len(aug["pca"]["eigvals"]) == 3 and aug["pca"]["n_images"] == sum(info["data"]["counts"]["train"].values())
+    n_train = sum(info["data"]["counts"]["train"].values())
+    assert len(aug["pca"]["eigvals"]) == 3 and aug["pca"]["n_images"] == n_train
 
 
 def test_bad_extra_transform_is_a_one_line_error_before_any_work(make_folder, tmp_path):

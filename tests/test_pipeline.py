@@ -6,8 +6,13 @@ import pytest
 from tlkit.augment import resolve_augment
 from tlkit.datasets import load_folder
 from tlkit.errors import ConfigError
-from tlkit.pipeline import (build_train_transform, dataset_color_pca, eval_dataset,
-                            steps_per_epoch, train_dataset)
+from tlkit.pipeline import (
+    build_train_transform,
+    dataset_color_pca,
+    eval_dataset,
+    steps_per_epoch,
+    train_dataset,
+)
 
 
 def epochs_of(ds, n_batches_per_epoch: int):
