@@ -12,6 +12,21 @@ after the other, since these machines are noisy; quote ratios rather than absolu
   held in memory, so the figure is the model's training speed, not the input pipeline's.
   frozen = whole backbone frozen (the head phase); unfrozen = `--freeze 0` (BatchNorm kept in
   inference mode, the default). Steady state: the first steps (graph build) are not timed.
+
+Input pipeline, on 256 generated 500x375 JPEG photos (smooth random scenes), alexnet preset
+(shorter side 256, random 224 crop, mirror, PCA colour), decode included unless said otherwise:
+- pca_speedup_vs_fancypca: tlkit PCA colour images/s / albumentations FancyPCA images/s, each
+  transform called directly (`t(image=...)`, the same albumentations call path) on the same
+  224x224 images. Goal >= 50.
+- aug_overhead_ratio: tlkit pipeline (tf.data, 1 worker) images/s / a plain Python loop of
+  decode + albumentations Compose of the same transforms. Goal >= 0.5.
+- aug_scaling_efficiency: pipeline images/s with N workers / (N x with 1), N = all cores.
+  Goal >= 0.6.
+- pipeline_{tfdata_threads,grain_processes}_{1,N}_images_per_s: the same sample function under
+  tf.data (thread pool) and grain (worker processes, `pip install grain`), which is how the
+  mechanism was chosen (see tlkit/pipeline.py).
+- input_headroom: pipeline images/s (N workers) / train_images_per_s_resnet50_224_unfrozen.
+  Goal on an accelerator >= 1.2; on a CPU-only machine it only says the CPU trains slowly.
 """
 
 from __future__ import annotations
@@ -64,50 +79,121 @@ def cli_help_seconds(repeats: int = 5) -> None:
     emit("cli_help_seconds", statistics.median(times), "s", repeats=repeats, goal="< 1")
 
 
-def timed_steps(model: object, x: object, y: object, batch: int, n: int) -> float:
-    """Seconds for n optimizer steps, cycling through the batches held in memory."""
-    import keras
+def train_throughput(size: int, batch: int, warmup: int, steps: int) -> dict[str, float]:
+    from tlkit.freezing import FreezeRequest
+    from tlkit.throughput import model_images_per_s
 
-    start = time.perf_counter()
-    for i in range(n):
-        j = (i % 4) * batch
-        model.train_on_batch(x[j : j + batch], y[j : j + batch])
-    keras.ops.convert_to_numpy(model.optimizer.iterations)  # wait for queued device work
-    return time.perf_counter() - start
-
-
-def train_throughput(size: int, batch: int, warmup: int, steps: int) -> None:
-    import keras
-    import numpy as np
-
-    from tlkit.backbones import get_backbone
-    from tlkit.freezing import FreezeRequest, apply_freeze, freeze_all, resolve_freeze
-    from tlkit.model import build_classifier
-
-    spec = get_backbone("resnet50")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (batch * 4, size, size, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, batch * 4)
     results = {}
-    for mode in ("frozen", "unfrozen"):
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(0)
-        base = spec.build(size)
-        model = build_classifier(spec, base, 10, size)
-        if mode == "frozen":
-            freeze_all(base)
-        else:
-            names = [layer.name for layer in base.layers]
-            apply_freeze(base, resolve_freeze(FreezeRequest(count="0"), spec, names))
-        model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
-
-        timed_steps(model, x, y, batch, warmup)
-        seconds = timed_steps(model, x, y, batch, steps)
-        results[mode] = batch * steps / seconds
+    for mode, freeze in (("frozen", "all"), ("unfrozen", "0")):
+        results[mode] = model_images_per_s("resnet50", size, FreezeRequest(count=freeze), batch,
+                                           warmup=warmup, steps=steps)
         emit(f"train_images_per_s_resnet50_{size}_{mode}", results[mode], "images/s",
              batch=batch, steps=steps, device=device())
     emit(f"train_speedup_resnet50_{size}_frozen_over_unfrozen",
          results["frozen"] / results["unfrozen"], "x", note="same process, back to back")
+    return results
+
+
+def photo_folder(root: Path, n: int = 256) -> Path:
+    """Smooth random scenes saved as 500x375 JPEGs (what a photo decoder really has to do)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((500, 375), Image.Resampling.BICUBIC)
+        noisy = np.clip(np.asarray(img, np.int16) + rng.integers(-12, 13, (375, 500, 3)), 0,
+                        255).astype(np.uint8)
+        (root / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy).save(root / f"c{i % 4}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def images_per_s(fn: object, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - start)
+
+
+def pca_speedup(examples: list, quick: bool) -> None:
+    import albumentations as A
+    import numpy as np
+
+    from tlkit.augment import _pca_transform_class
+    from tlkit.decode import decode_image
+    from tlkit.pipeline import dataset_color_pca
+
+    pca = dataset_color_pca(examples)
+    images = [np.ascontiguousarray(decode_image(e.path)[:224, :224]) for e in examples[:64]]
+    ours = _pca_transform_class()(pca, 0.1)
+    fancy = A.FancyPCA(alpha=0.1, p=1.0)
+    ours.set_random_seed(0)
+    fancy.set_random_seed(0)
+    reps = 1 if quick else 4
+    n = len(images) * reps
+    images_per_s(lambda i: ours(image=images[i % len(images)]), 16)  # warm-up
+    fancy_ips = images_per_s(lambda i: fancy(image=images[i % len(images)]), n)
+    ours_ips = images_per_s(lambda i: ours(image=images[i % len(images)]), n * 10)
+    emit("pca_images_per_s_tlkit", ours_ips, "images/s", size=224)
+    emit("pca_images_per_s_fancypca", fancy_ips, "images/s", size=224)
+    emit("pca_speedup_vs_fancypca", ours_ips / fancy_ips, "x", goal=">= 50")
+
+
+def pipeline_figures(examples: list, model_ips: float, quick: bool) -> None:
+    import albumentations as A
+    import cv2
+
+    from tlkit.augment import _pca_transform_class, resolve_augment
+    from tlkit.decode import decode_image
+    from tlkit.pipeline import TrainSampleLoader, build_train_transform
+    from tlkit.throughput import pipeline_images_per_s
+
+    cores = os.cpu_count() or 1
+    transform = build_train_transform(resolve_augment("alexnet"), examples, 224, 0.875)
+    plain = A.Compose([A.SmallestMaxSize(max_size=256, interpolation=cv2.INTER_LINEAR),
+                       A.RandomCrop(224, 224), A.HorizontalFlip(p=0.5),
+                       _pca_transform_class()(transform.pca, 0.1)], seed=0)
+    n = len(examples)
+    images_per_s(lambda i: plain(image=decode_image(examples[i].path)), 16)  # warm-up
+    loop_ips = images_per_s(lambda i: plain(image=decode_image(examples[i % n].path)), n)
+    batches = 4 if quick else 16
+    tf1 = pipeline_images_per_s(examples, transform, 32, 1, batches)
+    tfn = pipeline_images_per_s(examples, transform, 32, cores, batches)
+    emit("pipeline_loop_images_per_s", loop_ips, "images/s", note="decode + Compose, 1 thread")
+    emit("pipeline_tfdata_threads_1_images_per_s", tf1, "images/s")
+    emit(f"pipeline_tfdata_threads_{cores}_images_per_s", tfn, "images/s")
+    emit("aug_overhead_ratio", tf1 / loop_ips, "x", goal=">= 0.5")
+    emit("aug_scaling_efficiency", tfn / (cores * tf1), "x", workers=cores, goal=">= 0.6")
+    emit("input_headroom", tfn / model_ips, "x", workers=cores,
+         note="vs train_images_per_s_resnet50_224_unfrozen", goal=">= 1.2 on an accelerator")
+    try:
+        import grain
+    except ImportError:
+        emit("pipeline_grain_processes_skipped", 0, "", note="pip install grain to compare")
+        return
+    loader = TrainSampleLoader(examples, transform, seed=0)
+    for workers in (1, cores):
+        ds = (grain.MapDataset.range(n).map(_GrainSample(loader)).batch(32).to_iter_dataset(
+            grain.ReadOptions(num_threads=1))
+            .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+        it = iter(ds)
+        next(it)  # worker start-up is not timed
+        start = time.perf_counter()
+        count = sum(len(b) for b in it)
+        emit(f"pipeline_grain_processes_{workers}_images_per_s",
+             count / (time.perf_counter() - start), "images/s", threads_per_worker=1)
+
+
+class _GrainSample:
+    """Picklable per-index function for grain's worker processes (epoch 0)."""
+
+    def __init__(self, loader: object):
+        self.loader = loader
+
+    def __call__(self, index: int) -> object:
+        return self.loader(0, index)
 
 
 def main() -> None:
@@ -120,7 +206,16 @@ def main() -> None:
     batch = args.batch or (8 if args.quick else 32)
     warmup, steps = (2, 3) if args.quick else (3, 10)
     steps = args.steps or steps
-    train_throughput(224, batch, warmup, steps)
+    model = train_throughput(224, batch, warmup, steps)
+    import tempfile
+
+    from tlkit.datasets import load_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        examples = list(load_folder(photo_folder(Path(tmp) / "photos")).splits["train"])
+        examples += list(load_folder(Path(tmp) / "photos").splits["val"])
+        pca_speedup(examples, args.quick)
+        pipeline_figures(examples, model["unfrozen"], args.quick)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ worker makes it, and different every epoch. Eval transforms take no generator at
 PCA colour is AlexNet's (Krizhevsky et al. 2012, section 4.1): the eigenvectors P and eigenvalues
 lambda of the 3x3 covariance of RGB values (scaled to [0, 1]) over the training set are computed
 once; each image gets P @ (alpha * lambda), alpha_i ~ N(0, sigma), added to every pixel (x 255
-for uint8). A per-channel lookup table applies it, so the cost per image is one table lookup.
+for uint8). The shift is rounded and applied as two saturating uint8 passes (add the positive
+part, subtract the negative part), which equals rounding and clipping the float sum exactly.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _pca_transform_class() -> Any:
         def __init__(self, pca: ColorPCA, sigma: float = 0.1, p: float = 1.0):
             super().__init__(p=p)
             self.pca, self.sigma = pca, sigma
-            self._ramp = np.arange(256, dtype=np.float64)
+            # 255 * P @ diag(lambda): the shift is this matrix times alpha
+            self._basis = 255.0 * np.asarray(pca.eigvecs) * np.asarray(pca.eigvals)[None, :]
 
         def get_params(self) -> dict[str, Any]:
             return {"alpha": self.random_generator.normal(0.0, self.sigma, 3)}
@@ -93,9 +95,10 @@ def _pca_transform_class() -> Any:
         def apply(self, img: np.ndarray, alpha: np.ndarray, **params: Any) -> np.ndarray:
             import cv2
 
-            shift = self.pca.shift(alpha)
-            lut = np.clip(np.rint(self._ramp[:, None] + shift[None, :]), 0, 255).astype(np.uint8)
-            return cv2.LUT(img, lut.reshape(256, 1, 3))
+            shift = np.clip(np.rint(self._basis @ alpha), -255, 255).astype(int).tolist()
+            up = tuple(max(s, 0) for s in shift) + (0,)
+            down = tuple(max(-s, 0) for s in shift) + (0,)
+            return cv2.subtract(cv2.add(img, up), down)
 
     return PCAColor
 

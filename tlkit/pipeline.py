@@ -1,13 +1,12 @@
 """Examples -> batches of uint8 images for Keras: decode and augment in parallel CPU workers.
 
 Mechanism, chosen by measurement (`python benchmarks/run.py`, figures `pipeline_*`): tf.data
-runs the Python decode+augment function in a pool of `workers` threads and keeps `prefetch`
-finished batches ahead of training. Pillow decoding and OpenCV resizing release the GIL, and
-they are nearly all of the work (about 3 ms of a 3.5 ms sample at 224 px), so threads scale
-about as well as worker processes; on 2 cores the process-based grain loader measured within
-noise of tf.data (see README "Benchmarks") while adding inter-process copies, a spawn start that
-re-imports the user's script, and a second framework in the training loop. tf.data also plugs
-straight into `Model.fit` on the TensorFlow backend.
+hands whole batches to a pool of `workers` threads, each decoding and augmenting its batch in
+Python, and keeps `prefetch` finished batches ahead of training. Pillow decoding and OpenCV
+resizing release the GIL and are nearly all of the work, so threads scale; the process-based
+grain loader (one process per worker) measured slower on the same sample function (README,
+"Benchmarks") and adds inter-process copies and a spawn start that re-imports the user's script.
+tf.data also plugs straight into `Model.fit` on the TensorFlow backend.
 
 Determinism: a training sample's randomness depends only on (seed, epoch, index-in-dataset), and
 the shuffled order only on (seed, epoch), so results do not depend on the number of workers.
@@ -57,6 +56,17 @@ def load_train_image(path: str, transform: TrainTransform, seed: int, epoch: int
     return _checked(image, path, transform.size)
 
 
+class TrainSampleLoader:
+    """(epoch, index) -> augmented uint8 image: plain data, so any thread or process can run it."""
+
+    def __init__(self, examples: Sequence[Example], transform: TrainTransform, seed: int):
+        self.paths = [e.path for e in examples]
+        self.transform, self.seed = transform, seed
+
+    def __call__(self, epoch: int, index: int) -> np.ndarray:
+        return load_train_image(self.paths[index], self.transform, self.seed, epoch, index)
+
+
 def dataset_color_pca(examples: Sequence[Example]) -> ColorPCA:
     """AlexNet's RGB PCA from a deterministic sample: up to 256 images evenly spaced in path
     order, 1024 pixels each (seed 0). Same files, same numbers."""
@@ -100,28 +110,20 @@ def train_dataset(
     """
     import tensorflow as tf
 
-    paths = tf.constant([e.path for e in examples])
-    labels = tf.constant([e.label for e in examples], dtype=tf.int32)
-    n, size = len(examples), transform.size
+    loader = TrainSampleLoader(examples, transform, seed)
+    n = len(examples)
 
-    def load(path: Any, epoch: Any, index: Any) -> np.ndarray:
-        return load_train_image(path.decode("utf-8"), transform, seed, int(epoch), int(index))
+    def make_batch(epoch: Any, indices: np.ndarray) -> np.ndarray:
+        return np.stack([loader(int(epoch), int(i)) for i in indices])
 
-    def tf_load(epoch: Any, index: Any) -> tuple[Any, Any]:
-        image = tf.numpy_function(load, [paths[index], epoch, index], tf.uint8, stateful=False)
-        image.set_shape((size, size, 3))
-        return image, labels[index]
-
-    def one_epoch(epoch: Any) -> Any:
+    def batches_of(epoch: Any) -> Any:
         order = tf.random.experimental.stateless_shuffle(
             tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return (tf.data.Dataset.from_tensor_slices(order)
-                .map(lambda i: tf_load(epoch, i), num_parallel_calls=workers or tf.data.AUTOTUNE,
-                     deterministic=True)
-                .batch(batch_size))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(
+            lambda indices: (epoch, indices))
 
-    ds = tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(one_epoch)
-    return ds.prefetch(prefetch or tf.data.AUTOTUNE)
+    jobs = tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(batches_of)
+    return _run_jobs(jobs, make_batch, examples, transform.size, workers, prefetch)
 
 
 def eval_dataset(examples: Sequence[Example], size: int, crop_fraction: float, batch_size: int,
@@ -129,17 +131,30 @@ def eval_dataset(examples: Sequence[Example], size: int, crop_fraction: float, b
     """Batches in file order with the deterministic eval transform."""
     import tensorflow as tf
 
-    paths = np.array([e.path for e in examples])
-    labels = np.array([e.label for e in examples], dtype=np.int32)
+    paths = [e.path for e in examples]
 
-    def load(path: Any) -> np.ndarray:
-        return load_eval_image(path.decode("utf-8"), size, crop_fraction)
+    def make_batch(_: Any, indices: np.ndarray) -> np.ndarray:
+        return np.stack([load_eval_image(paths[int(i)], size, crop_fraction) for i in indices])
 
-    def tf_load(path: Any, label: Any) -> tuple[Any, Any]:
-        image = tf.numpy_function(load, [path], tf.uint8, stateful=False)
-        image.set_shape((size, size, 3))
-        return image, label
+    jobs = tf.data.Dataset.range(len(examples)).batch(batch_size).map(lambda i: (0, i))
+    return _run_jobs(jobs, make_batch, examples, size, workers, prefetch)
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    ds = ds.map(tf_load, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(prefetch or tf.data.AUTOTUNE)
+
+def _run_jobs(jobs: Any, make_batch: Any, examples: Sequence[Example], size: int,
+              workers: int | None, prefetch: int | None) -> Any:
+    """(epoch, indices) jobs -> (uint8 images, labels) batches built by `workers` threads.
+
+    One Python call per batch, not per image: tf.data's per-element overhead would otherwise
+    cost more than the augmentation (measured: 290 vs 460 images/s on one worker).
+    """
+    import tensorflow as tf
+
+    labels = tf.constant([e.label for e in examples], dtype=tf.int32)
+
+    def tf_make(epoch: Any, indices: Any) -> tuple[Any, Any]:
+        images = tf.numpy_function(make_batch, [epoch, indices], tf.uint8, stateful=False)
+        images.set_shape((None, size, size, 3))
+        return images, tf.gather(labels, indices)
+
+    ds = jobs.map(tf_make, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(prefetch or tf.data.AUTOTUNE)
