@@ -96,8 +96,8 @@ def _pca_transform_class() -> Any:
             import cv2
 
             shift = np.clip(np.rint(self._basis @ alpha), -255, 255).astype(int).tolist()
-            up = tuple(max(s, 0) for s in shift) + (0,)
-            down = tuple(max(-s, 0) for s in shift) + (0,)
+            up = (*(max(s, 0) for s in shift), 0)
+            down = (*(max(-s, 0) for s in shift), 0)
             return cv2.subtract(cv2.add(img, up), down)
 
     return PCAColor
