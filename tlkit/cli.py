@@ -193,6 +193,14 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @augment_options
 @click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
 @click.option("--prefetch", type=int, help="Batches kept ready ahead of training (default: auto).")
+@click.option("--cache/--no-cache", "cache", default=None,
+              help="--cache: train from the feature cache, building it first if needed. "
+                   "--no-cache: never. Default: use a matching cache if there is one.")
+@click.option("--views", default=1, show_default=True,
+              help="Augmented views per training image in the feature cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+@click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True)
 def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
              freeze_blocks: int | None, **options: Any) -> None:
     """Fine-tune a pretrained backbone on DATA (default data/): class folders, or train/val/test."""
@@ -204,10 +212,89 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
         freeze = "0"
     request = FreezeRequest(count=freeze, to_layer=freeze_to, blocks=freeze_blocks)
     augment = _augment_config(options)
+    cache = options.pop("cache")
     config = FinetuneConfig(data=data, weights=weights_, freeze=request, augment=augment,
-                            **options)
+                            cache={None: "auto", True: "build", False: "off"}[cache], **options)
     run = run_finetune(config)
     click.echo(f"run: {run.path}")
+
+
+@cli.command("precompute-features")
+@click.argument("data", default="data", type=click.Path())
+@click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("--weights", "weights_", default="imagenet", show_default=True,
+              help="'imagenet', 'none', a weights file, or a tlkit run folder.")
+@click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
+@click.option("--freeze", callback=_freeze_option, help="As in finetune. Default: all.")
+@click.option("--freeze-to", help="Freeze up to and including this layer name.")
+@click.option("--freeze-blocks", type=int, help="Freeze the first K stages.")
+@click.option("--views", default=1, show_default=True,
+              help="Augmented views per training image (1: the eval transform, no augmentation).")
+@augment_options
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
+@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print size and time estimates; write nothing.")
+def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
+                        freeze_blocks: int | None, **options: Any) -> None:
+    """Run the frozen trunk once over DATA and cache its activations for finetune."""
+    from tlkit.features import PrecomputeConfig
+    from tlkit.features import precompute_features as run_precompute
+    from tlkit.freezing import FreezeRequest
+
+    if freeze is None and freeze_to is None and freeze_blocks is None:
+        freeze = "all"
+    augment = _augment_config(options)
+    config = PrecomputeConfig(data=data, weights=weights_, augment=augment,
+                              freeze=FreezeRequest(freeze, freeze_to, freeze_blocks), **options)
+    result = run_precompute(config)
+    if isinstance(result, dict):
+        fits = result["bytes"] <= result["free_bytes"]
+        click.echo(f"dry run: cache {result['key']} ({'exists' if result['exists'] else 'new'})"
+                   f" at {result['path']}")
+        click.echo(f"  {result['images']} images -> {result['bytes'] / 1e6:.1f} MB "
+                   f"({result['shape']} {result['dtype']} each), about "
+                   f"{result['estimated_seconds']:.0f} s; {result['free_bytes'] / 1e9:.1f} GB "
+                   f"free{'' if fits else ' - NOT ENOUGH ROOM'}")
+        return
+    click.echo(f"cache: {result.path}")
+
+
+@cli.group(cls=TlkitGroup)
+def cache() -> None:
+    """Feature caches made by precompute-features."""
+
+
+@cache.command("ls")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+def cache_ls(cache_dir: str | None) -> None:
+    """List caches: key, backbone, freeze, views, size, last use."""
+    from tlkit.cache import cache_root, list_caches
+
+    rows = list_caches(cache_root(cache_dir))
+    click.echo(f"{'key':<22}{'backbone':<22}{'freeze':>7}{'views':>6}{'MB':>10}  last used")
+    for r in rows:
+        click.echo(f"{r['key']:<22}{r['backbone']:<22}{r['freeze']:>7}{r['views']:>6}"
+                   f"{r['size_mb']:>10.1f}  {r['last_used']}")
+
+
+@cache.command("rm")
+@click.argument("key", required=False)
+@click.option("--all", "all_", is_flag=True, help="Remove every cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
+    """Remove cache KEY, or all with --all."""
+    from tlkit.cache import cache_root, remove_caches
+    from tlkit.errors import ConfigError
+
+    if bool(key) == all_:
+        raise ConfigError("give one cache KEY or --all")
+    for name in remove_caches(cache_root(cache_dir), None if all_ else key):
+        click.echo(f"removed {name}")
 
 
 @cli.command("augment-preview")

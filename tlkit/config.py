@@ -37,6 +37,10 @@ class FinetuneConfig:
     mixed_precision: bool = False
     workers: int | None = None  # None: all cores
     prefetch: int | None = None  # batches kept ready; None: tf.data autotunes
+    cache: str = "auto"  # "auto": use a matching feature cache; "build": make it; "off"
+    views: int = 1  # augmented views per training image in the feature cache
+    cache_dir: str | None = None  # None: cache/
+    cache_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +59,11 @@ class FinetuneConfig:
              self.workers),
             (self.prefetch is None or self.prefetch >= 1, "--prefetch must be at least 1",
              self.prefetch),
+            (self.cache in ("auto", "build", "off"), "cache must be auto, build or off",
+             self.cache),
+            (self.views >= 1, "--views must be at least 1", self.views),
+            (self.cache_dtype in ("float16", "float32"), "--cache-dtype must be float16 or "
+             "float32", self.cache_dtype),
         ]
         for ok, message, value in checks:
             if not ok:

@@ -22,6 +22,7 @@ from tlkit.backbones import get_backbone
 from tlkit.config import FinetuneConfig
 from tlkit.datasets import check_decodable, fingerprint, load_folder
 from tlkit.errors import RunError
+from tlkit.features import cache_dataset
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json, incomplete_dir, publish_dir
 from tlkit.runs import RUN_SCHEMA, RUNS_DIR, Run, load_run
@@ -46,7 +47,9 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def _make_progress_callback(run_dir: Path, rows: list[dict[str, Any]], best: dict[str, Any]) -> Any:
+def _make_progress_callback(run_dir: Path, rows: list[dict[str, Any]], best: dict[str, Any],
+                            model: Any) -> Any:
+    """`model` is the whole classifier, also when training runs on its tail from the cache."""
     import keras
 
     class EpochRecorder(keras.callbacks.Callback):
@@ -67,13 +70,13 @@ def _make_progress_callback(run_dir: Path, rows: list[dict[str, Any]], best: dic
             write_history(run_dir / "history.csv", rows)
             ckpt = run_dir / "checkpoints"
             with atomic_path(ckpt / "last.weights.h5", suffix=".weights.h5") as tmp:
-                self.model.save_weights(tmp)
+                model.save_weights(tmp)
             val_loss = row.get("val_loss", math.inf)
             if val_loss < best.get("val_loss", math.inf):
                 best.update(val_loss=val_loss, val_accuracy=row.get("val_accuracy"),
-                            phase=self.phase, epoch=epoch + 1, weights=self.model.get_weights())
+                            phase=self.phase, epoch=epoch + 1, weights=model.get_weights())
                 with atomic_path(ckpt / "best.weights.h5", suffix=".weights.h5") as tmp:
-                    self.model.save_weights(tmp)
+                    model.save_weights(tmp)
 
     return EpochRecorder()
 
@@ -90,6 +93,49 @@ def _param_counts(model: Any) -> tuple[int, int]:
     from tlkit.model import count_params
 
     return count_params(model.trainable_weights), count_params(model.non_trainable_weights)
+
+
+def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, base: Any,
+                  plan: Any, size: int, folder: Any) -> tuple[Any, Any, str]:
+    """(cache or None, the model to fit, why): train the tail from cached activations when a
+    cache matches these exact settings (or --cache builds one)."""
+    from tlkit.cache import cache_root, open_cache
+    from tlkit.features import build_with_progress, prepare_cache
+    from tlkit.split import build_tail, resolve_cut
+
+    if config.cache == "off":
+        return None, model, "not used (--no-cache)"
+    cut = resolve_cut(base, plan.n_frozen)
+    if cut is None:
+        return None, model, "not used (nothing is frozen)"
+    if config.views == 1 and config.augment.random:
+        return None, model, (f"not used: --augment {config.augment.preset} is random and a "
+                             "one-view cache holds no augmentation; use --views K (K > 1) or "
+                             "--augment none to train from a cache")
+    trunk, key, inputs, transform = prepare_cache(
+        spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
+        config.cache_dtype, config.cache_dir)
+    root = cache_root(config.cache_dir)
+    cache = open_cache(root, key)
+    moved = "" if cut.k == plan.n_frozen else (
+        f"; freeze point {plan.n_frozen} is inside a block, cached at the single-tensor cut "
+        f"after layer {cut.k - 1} ({cut.layer}), the frozen layers after it run live")
+    if cache is None and config.cache == "build":
+        cache = build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
+                                    spec.crop_fraction, config.seed, config.cache_dtype,
+                                    config.batch_size, config.workers)
+        note = f"built and used {root / key}{moved}"
+    elif cache is None:
+        return None, model, (f"not used: no cache for these settings ({root / key}); "
+                             "`tlkit precompute-features` with the same options, or --cache, "
+                             "builds it")
+    else:
+        note = f"using {root / key}{moved}"
+    cache.verify()
+    from tlkit.cache import touch
+
+    touch(cache)
+    return cache, build_tail(model, cut), note
 
 
 def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
@@ -135,13 +181,20 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
     if transform.pca is not None:
         log.info("PCA colour: eigenvalues %s from %d images", ", ".join(
             f"{v:.4f}" for v in transform.pca.eigvals), transform.pca.n_images)
-    val_ds = eval_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size,
-                          config.workers, config.prefetch)
+    cache, fit_model, cache_note = _select_cache(config, spec, weights, model, base, plan, size,
+                                                 folder)
+    log.info("feature cache: %s", cache_note)
+    if cache is not None:
+        val_ds = cache_dataset(cache, "val", config.batch_size, config.seed, shuffle=False,
+                               workers=config.workers, prefetch=config.prefetch)
+    else:
+        val_ds = eval_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size,
+                              config.workers, config.prefetch)
 
     tmp_dir = incomplete_dir(run_dir)
     rows: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
-    recorder = _make_progress_callback(tmp_dir, rows, best)
+    recorder = _make_progress_callback(tmp_dir, rows, best, model)
     if verbose == "auto":
         verbose = 1 if os.isatty(1) else 2
     phases = []
@@ -158,11 +211,11 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
             frozen_bn = apply_freeze(base, plan, config.train_bn)
             what = (f"{plan.request}: layers 0..{plan.n_frozen - 1} of {plan.n_layers} frozen"
                     if plan.n_frozen else f"{plan.request}: whole backbone trainable")
-        trainable, frozen = _param_counts(model)
+        trainable, frozen = _param_counts(model)  # the shared layers: same for the tail
         log.info("phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers"
                  "%s", phase, what, f"{trainable:,}", f"{frozen:,}", frozen_bn,
                  "" if phase == "head" or not config.train_bn else " (--train-bn)")
-        model.compile(
+        fit_model.compile(
             optimizer=keras.optimizers.Adam(lr),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
@@ -170,10 +223,15 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
         recorder.phase = phase
         stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience)
         start = time.perf_counter()
-        train_ds = train_dataset(train_examples, transform, config.batch_size, config.seed,
-                                 first_epoch=epochs_done, epochs=epochs,
-                                 workers=config.workers, prefetch=config.prefetch)
-        history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+        if cache is not None:
+            train_ds = cache_dataset(cache, "train", config.batch_size, config.seed,
+                                     first_epoch=epochs_done, epochs=epochs,
+                                     workers=config.workers, prefetch=config.prefetch)
+        else:
+            train_ds = train_dataset(train_examples, transform, config.batch_size, config.seed,
+                                     first_epoch=epochs_done, epochs=epochs,
+                                     workers=config.workers, prefetch=config.prefetch)
+        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs,
                             steps_per_epoch=steps_per_epoch(len(train_examples),
                                                             config.batch_size),
                             callbacks=[recorder, stop], verbose=verbose,
@@ -220,6 +278,8 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
             "val_source": folder.val_source, "counts": folder.counts(),
             "fingerprint": data_fingerprint, "ignored": list(folder.ignored),
         },
+        "feature_cache": {"used": cache is not None, "key": cache.key if cache else None,
+                          "note": cache_note},
         "seed": config.seed,
         "phase": rows[-1]["phase"] if rows else None,
         "epoch": rows[-1]["epoch"] if rows else None,

@@ -1,0 +1,233 @@
+"""`precompute_features` and training inputs read from the feature cache.
+
+With K views (`--views K`), the training split stores K augmented versions of every image (view v
+is epoch v of the augmentation pipeline: seed, view and index fix it) and training reads one view
+per image per epoch, drawn from (seed, epoch, index). With one view, the cache stores the eval
+transform and training from it has no augmentation, so `finetune` uses a one-view cache only
+when its own `--augment` is `none`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tlkit.augment import AugmentConfig, TrainTransform, resolve_augment, sample_rng
+from tlkit.backbones import BackboneSpec, get_backbone
+from tlkit.cache import (
+    SCHEMA,
+    CacheError,
+    FeatureCache,
+    build_cache,
+    cache_root,
+    estimate_bytes,
+    files_digest,
+    key_of,
+    open_cache,
+    weights_digest,
+)
+from tlkit.datasets import Example, ImageFolder, check_decodable, load_folder
+from tlkit.errors import ConfigError
+from tlkit.freezing import FreezeRequest, resolve_freeze
+from tlkit.split import Cut, build_trunk, resolve_cut
+from tlkit.weights import ResolvedWeights, build_backbone, resolve_weights
+
+log = logging.getLogger("tlkit")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Settings of `tlkit precompute-features`; the defaults freeze the whole backbone."""
+
+    data: str = "data"
+    backbone: str = "resnet50"
+    weights: str = "imagenet"
+    input_size: int | None = None
+    freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="all"))
+    views: int = 1
+    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("standard"))
+    seed: int = 0
+    dtype: str = "float16"
+    cache_dir: str | None = None
+    batch_size: int = 32
+    workers: int | None = None
+    val_fraction: float = 0.2
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ConfigError(f"--views must be at least 1. Received: {self.views}")
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"--dtype must be float16 or float32. Received: {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1. Received: {self.batch_size}")
+
+
+def view_augment(views: int, augment: AugmentConfig) -> AugmentConfig:
+    """What the training views hold: the eval transform for one view, else the augmentation."""
+    return augment if views > 1 else resolve_augment("none")
+
+
+def cache_inputs(spec: BackboneSpec, weights: ResolvedWeights, trunk: Any, cut: Cut, size: int,
+                 views: int, augment: AugmentConfig, pca: dict[str, Any] | None, seed: int,
+                 folder: ImageFolder, dtype: str) -> dict[str, Any]:
+    """Everything that changes the cached numbers; its hash is the cache key."""
+    return {
+        "schema": SCHEMA, "backbone": spec.name, "weights_sha256": weights.sha256,
+        "trunk_weights_sha256": weights_digest(trunk.get_weights()),
+        "cut": {"k": cut.k, "requested": cut.requested}, "input_size": size,
+        "preprocessing": spec.preprocessing, "eval_crop_fraction": spec.crop_fraction,
+        "views": {"train": views, "val": 1, "test": 1},
+        "augment": augment.as_dict(), "pca": pca, "seed": seed if views > 1 else None,
+        "classes": list(folder.classes), "files_sha256": files_digest(folder.splits),
+        "dtype": dtype,
+    }
+
+
+def make_rows_fn(transform: TrainTransform, crop_fraction: float, seed: int,
+                 workers: int | None) -> Any:
+    from tlkit.pipeline import load_eval_image, load_train_image
+
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+
+    def make_rows(split: str, view: int, first: int, examples: Sequence[Example]) -> np.ndarray:
+        if split == "train" and transform.config.random:
+            jobs = [lambda e=e, i=first + j: load_train_image(e.path, transform, seed, view, i)
+                    for j, e in enumerate(examples)]
+        else:
+            jobs = [lambda e=e: load_eval_image(e.path, transform.size, crop_fraction)
+                    for e in examples]
+        return np.stack(list(pool.map(lambda f: f(), jobs)))
+
+    return make_rows
+
+
+def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut: Cut,
+                  size: int, views: int, augment: AugmentConfig, seed: int, folder: ImageFolder,
+                  dtype: str, cache_dir: str | None) -> tuple[Any, str, dict[str, Any], Any]:
+    """(trunk, key, key inputs, train transform) for a model cut at `cut`."""
+    from tlkit.pipeline import build_train_transform
+
+    trunk = build_trunk(model, cut)
+    aug = view_augment(views, augment)
+    transform = build_train_transform(aug, folder.splits["train"], size, spec.crop_fraction)
+    pca = transform.pca.as_dict() if transform.pca is not None else None
+    inputs = cache_inputs(spec, weights, trunk, cut, size, views, aug, pca, seed, folder, dtype)
+    return trunk, key_of(inputs), inputs, transform
+
+
+def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
+                        folder: ImageFolder, views: int, transform: TrainTransform,
+                        crop_fraction: float, seed: int, dtype: str, batch_size: int,
+                        workers: int | None) -> FeatureCache:
+    import keras
+
+    view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
+    total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
+    bar = keras.utils.Progbar(total, stateful_metrics=["images/s"], unit_name="image")
+    start, done = time.perf_counter(), [0]
+
+    def progress(n_images: int) -> None:
+        done[0] += n_images
+        rate = done[0] / max(time.perf_counter() - start, 1e-9)
+        bar.update(min(done[0], total), values=[("images/s", rate)])
+
+    make_rows = make_rows_fn(transform, crop_fraction, seed, workers)
+    return build_cache(root, key, inputs, trunk, folder.splits, view_counts, make_rows, dtype,
+                       batch_size, progress=progress)
+
+
+def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, Any]:
+    """Build (or find) the cache; with dry_run, return the plan without writing anything."""
+    import keras
+
+    spec = get_backbone(config.backbone)
+    size = config.input_size or spec.default_size
+    spec.check_input_size(size)
+    weights = resolve_weights(spec, config.weights)
+    folder = load_folder(config.data, config.val_fraction)
+    check_decodable([e for s in folder.splits.values() for e in s], config.workers)
+    keras.utils.set_random_seed(config.seed)
+    base = build_backbone(spec, weights, size)
+    plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
+    cut = resolve_cut(base, plan.n_frozen)
+    if cut is None:
+        raise ConfigError(f"{plan.request} freezes nothing, so there is nothing to cache; "
+                          "freeze some layers (the default is --freeze all)")
+    from tlkit.model import build_classifier
+
+    model = build_classifier(spec, base, len(folder.classes), size)
+    if cut.k != plan.n_frozen:
+        log.info("cut: %s ends inside a block (several tensors cross it); caching at the "
+                 "nearest single-tensor cut, after layer %d (%s)", plan.request, cut.k - 1,
+                 cut.layer)
+    trunk, key, inputs, transform = prepare_cache(
+        spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
+        config.dtype, config.cache_dir)
+    root = cache_root(config.cache_dir)
+    existing = open_cache(root, key)
+    counts = {s: len(x) for s, x in folder.splits.items()}
+    views = {s: (config.views if s == "train" else 1) for s in folder.splits}
+    shape = tuple(int(d) for d in trunk.output.shape[1:])
+    needed = estimate_bytes(counts, views, shape, config.dtype)
+    if config.dry_run:
+        probe = np.zeros((config.batch_size, size, size, 3), np.uint8)
+        trunk.predict_on_batch(probe)
+        t0 = time.perf_counter()
+        trunk.predict_on_batch(probe)
+        per_image = (time.perf_counter() - t0) / config.batch_size
+        images = sum(counts[s] * views[s] for s in counts)
+        return {"key": key, "exists": existing is not None, "bytes": needed,
+                "images": images, "shape": list(shape), "dtype": config.dtype,
+                "estimated_seconds": round(per_image * images, 1), "cut": cut.as_dict(),
+                "path": str(root / key), "free_bytes": shutil.disk_usage(
+                    root if root.exists() else root.parent.resolve()).free}
+    if existing is not None:
+        log.info("feature cache %s already complete (%s)", key, root / key)
+        return existing
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise CacheError(f"{root}: the cache needs {needed / 1e9:.2f} GB but only "
+                         f"{free / 1e9:.2f} GB is free; free space or pass --cache-dir elsewhere")
+    log.info("building feature cache %s: %s images x views, %s %s per image, %.1f MB",
+             key, counts, shape, config.dtype, needed / 1e6)
+    return build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
+                               spec.crop_fraction, config.seed, config.dtype,
+                               config.batch_size, config.workers)
+
+
+def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,
+                  first_epoch: int = 0, epochs: int = 1, shuffle: bool = True,
+                  workers: int | None = None, prefetch: int | None = None) -> Any:
+    """(features, labels) batches from the cache; shuffled exactly like the image pipeline."""
+    from tlkit.pipeline import epoch_jobs, ordered_jobs, run_jobs
+
+    reader = cache.reader(split)
+
+    def make_batch(epoch: Any, indices: np.ndarray) -> np.ndarray:
+        rows = []
+        for i in indices:
+            view = 0 if reader.views == 1 else int(
+                sample_rng(seed, int(epoch), int(i)).integers(reader.views))
+            rows.append(reader.read(int(i), view))
+        return np.stack(rows).astype(np.float32)
+
+    jobs = (epoch_jobs(reader.count, batch_size, seed, first_epoch, epochs) if shuffle
+            else ordered_jobs(reader.count, batch_size))
+    return run_jobs(jobs, make_batch, reader.labels.tolist(), reader.shape, "float32",
+                    workers, prefetch)
+
+
+def steps_for(cache: FeatureCache, split: str, batch_size: int) -> int:
+    return math.ceil(cache.manifest["splits"][split]["count"] / batch_size)
+
