@@ -88,12 +88,15 @@ def inspect(name: str, input_size: int | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'index':>5}  {'name':<28}{'type':<24}{'output shape':<22}{'params':>10}  stage")
+    click.echo(f"{'index':>5}  {'name':<28}{'type':<24}{'output shape':<22}{'params':>10}"
+               "  cut  stage")
     for r in rows:
         shape = "x".join("?" if d is None else str(d) for d in (r["output_shape"] or [])[1:])
         click.echo(f"{r['index']:>5}  {r['name']:<28}{r['type']:<24}{shape:<22}"
-                   f"{r['params']:>10,}  {r['stage']}")
-    click.echo(f"--freeze N freezes layers 0..N-1 (N={len(rows)} or 'all' freezes every layer).")
+                   f"{r['params']:>10,}  {'*' if r['cut'] else ' ':^3}  {r['stage']}")
+    click.echo(f"--freeze N freezes layers 0..N-1 (N={len(rows)} or 'all' freezes every layer). "
+               "cut *: one tensor leaves layers 0..index, so --freeze index+1 can be cached "
+               "exactly; other points are cached at the nearest * before them.")
 
 
 @cli.group(cls=TlkitGroup)

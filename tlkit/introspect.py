@@ -64,13 +64,16 @@ def layer_table(name: str, input_size: int | None = None) -> list[dict[str, Any]
     size = input_size or spec.default_size
     spec.check_input_size(size)
     base = spec.build(size)
+    from tlkit.split import single_tensor_cuts
+
     names = [layer.name for layer in base.layers]
     stages = stage_of_layers(spec, names)
+    cuts = set(single_tensor_cuts(base))
     rows = []
     for i, layer in enumerate(base.layers):
         shape = layer.output.shape if hasattr(layer, "output") else None
         rows.append({"index": i, "name": layer.name, "type": type(layer).__name__,
                      "output_shape": list(shape) if shape is not None else None,
                      "params": int(layer.count_params()) if layer.built else 0,
-                     "stage": stages[i]})
+                     "stage": stages[i], "cut": (i + 1) in cuts})
     return rows

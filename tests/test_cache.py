@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tlkit.augment import resolve_augment
+from tlkit.cache import CacheError, build_lock, open_cache
+from tlkit.cli import cli
+from tlkit.features import PrecomputeConfig, cache_dataset, precompute_features
+
+
+def config(data, **kw):
+    base = dict(data=str(data), weights="none", input_size=32, batch_size=8, cache_dir="cache")
+    return PrecomputeConfig(**{**base, **kw})
+
+
+def test_precompute_writes_a_verified_cache_with_manifest(make_folder):
+    data = make_folder(layout="splits", per_class=6)
+    cache = precompute_features(config(data))
+    m = cache.manifest
+    assert m["dtype"] == "float16" and m["inputs"]["cut"]["k"] == 175
+    assert {s: m["splits"][s]["count"] for s in m["splits"]} == {"train": 12, "val": 4, "test": 4}
+    assert m["splits"]["train"]["shape"] == [1, 1, 2048]
+    cache.verify()
+    reader = cache.reader("val")
+    assert reader.read(0, 0).shape == (1, 1, 2048) and reader.labels.tolist() == [0, 0, 1, 1]
+    assert not list((data.parent / "cache").glob("*.incomplete-*"))
+    again = precompute_features(config(data))  # found, not rebuilt
+    assert again.path == cache.path
+
+
+def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder):
+    data = make_folder(per_class=6)
+    key = precompute_features(config(data, dry_run=True))["key"]
+    assert precompute_features(config(data, dry_run=True))["key"] == key
+    assert precompute_features(config(data, dry_run=True, seed=1))["key"] != key  # weights
+    assert precompute_features(config(data, dry_run=True, input_size=40))["key"] != key
+    assert precompute_features(config(data, dry_run=True, dtype="float32"))["key"] != key
+    assert precompute_features(config(data, dry_run=True, views=2))["key"] != key
+    os.utime(data / "cat" / "img0.png", ns=(5, 5))
+    assert precompute_features(config(data, dry_run=True))["key"] != key
+
+
+def test_dry_run_writes_nothing(make_folder, tmp_path):
+    data = make_folder(per_class=4)
+    plan = precompute_features(config(data, dry_run=True))
+    assert plan["bytes"] == 8 * 2048 * 2 and plan["images"] == 8 and not plan["exists"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monkeypatch):
+    import tlkit.cache as cache_mod
+    import tlkit.features as features
+
+    data = make_folder(per_class=10)
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 4 * 2048 * 2)  # 4 rows per shard
+    real = features.make_rows_fn
+    calls = {"n": 0}
+
+    def failing(*args):
+        make = real(*args)
+
+        def rows(split, view, first, examples):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt  # the process dies mid-build
+            return make(split, view, first, examples)
+
+        return rows
+
+    monkeypatch.setattr(features, "make_rows_fn", failing)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_features(config(data, batch_size=4))
+    root = data.parent / "cache"
+    partial = list(root.glob("*.incomplete-*"))
+    assert len(partial) == 1 and not [p for p in root.iterdir()
+                                      if p.is_dir() and ".incomplete-" not in p.name]
+    done = sorted(p.name for p in partial[0].glob("train-0*.npy"))
+    assert done == ["train-00000.npy", "train-00001.npy"]
+    stamp = (partial[0] / "train-00000.npy").stat().st_mtime_ns
+    monkeypatch.setattr(features, "make_rows_fn", real)
+    cache = precompute_features(config(data, batch_size=4))
+    assert (cache.path / "train-00000.npy").stat().st_mtime_ns == stamp  # kept, not redone
+    cache.verify()
+
+
+def test_corrupt_shard_is_detected(make_folder):
+    cache = precompute_features(config(make_folder(per_class=4)))
+    shard = cache.path / cache.manifest["splits"]["train"]["shards"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="corrupt"):
+        open_cache(cache.path.parent, cache.key).verify()
+
+
+def test_a_second_builder_is_refused_while_the_lock_is_held(tmp_path):
+    code = ("import sys; from pathlib import Path; from tlkit.cache import build_lock\n"
+            "try:\n    with build_lock(Path(sys.argv[1]), 'k', wait=False): print('GOT')\n"
+            "except Exception as e: print('REFUSED', e)")
+    with build_lock(tmp_path, "k"):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                             text=True, check=True).stdout
+    assert out.startswith("REFUSED") and "another process is building" in out
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith("GOT")  # released with its holder: no stale lock
+
+
+def test_views_hold_distinct_augmentations_and_training_reads_one(make_folder):
+    data = make_folder(per_class=4)
+    cache = precompute_features(config(data, views=3, augment=resolve_augment("alexnet"),
+                                       dtype="float32"))
+    reader = cache.reader("train")
+    assert reader.views == 3
+    v = [reader.read(0, i) for i in range(3)]
+    assert not np.array_equal(v[0], v[1]) and not np.array_equal(v[1], v[2])
+    ds = cache_dataset(cache, "train", 4, seed=0, epochs=2)
+    batches = [np.asarray(x) for x, _ in ds]
+    assert sum(len(b) for b in batches) == 2 * reader.count
+    assert batches[0].dtype == np.float32 and batches[0].shape[1:] == (1, 1, 2048)
+
+
+def test_cache_ls_and_rm(make_folder):
+    data = make_folder(per_class=4)
+    cache = precompute_features(config(data))
+    runner = CliRunner()
+    listing = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(cache.path.parent)])
+    assert cache.key in listing.output and "resnet50" in listing.output
+    bad = runner.invoke(cli, ["cache", "rm", "nope", "--cache-dir", str(cache.path.parent)])
+    assert bad.exit_code == 6 and "no such cache" in bad.output
+    assert runner.invoke(cli, ["cache", "rm"]).exit_code == 2
+    gone = runner.invoke(cli, ["cache", "rm", cache.key, "--cache-dir", str(cache.path.parent)])
+    assert gone.exit_code == 0 and not cache.path.exists()
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_matches_the_live_path(make_folder, tmp_path):
+    """Augmentation off, same seed: the cached path gives the live path's predictions."""
+    import keras
+
+    data = make_folder(per_class=8)
+    common = ["finetune", str(data), "--weights", "none", "--input-size", "32", "--freeze",
+              "all", "--augment", "none", "--head-epochs", "2", "--epochs", "1",
+              "--batch-size", "4", "--cache-dtype", "float32"]
+    runner = CliRunner()
+    live = runner.invoke(cli, [*common, "--no-cache", "-o", "runs/live"])
+    assert live.exit_code == 0, live.output
+    assert "feature cache: not used (--no-cache)" in live.output
+    cached = runner.invoke(cli, [*common, "--cache", "-o", "runs/cached"])
+    assert cached.exit_code == 0, cached.output
+    assert "feature cache: built and used cache/" in cached.output
+    info = json.loads((tmp_path / "runs/cached/run.json").read_text())
+    assert info["feature_cache"]["used"] is True
+    reuse = runner.invoke(cli, [*common, "-o", "runs/reuse"])
+    assert "feature cache: using cache/" in reuse.output
+    x = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3)).astype("uint8")
+    a = keras.saving.load_model(tmp_path / "runs/live/model.keras").predict(x, verbose=0)
+    b = keras.saving.load_model(tmp_path / "runs/cached/model.keras").predict(x, verbose=0)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    live_hist = (tmp_path / "runs/live/history.csv").read_text().splitlines()
+    cached_hist = (tmp_path / "runs/cached/history.csv").read_text().splitlines()
+    for l1, l2 in zip(live_hist[1:], cached_hist[1:], strict=True):
+        np.testing.assert_allclose([float(v) for v in l1.split(",")[2:6]],
+                                   [float(v) for v in l2.split(",")[2:6]], rtol=1e-3)
+
+
+def test_random_augmentation_with_one_view_does_not_use_a_cache(make_folder):
+    data = make_folder(per_class=4)
+    result = CliRunner().invoke(cli, ["finetune", str(data), "--weights", "none",
+                                      "--input-size", "32", "--freeze", "all", "--head-epochs",
+                                      "1", "--epochs", "0", "-o", "runs/x"])
+    assert result.exit_code == 0, result.output
+    assert "feature cache: not used: --augment standard is random" in result.output
