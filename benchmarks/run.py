@@ -27,6 +27,16 @@ Input pipeline, on 256 generated 500x375 JPEG photos (smooth random scenes), ale
   mechanism was chosen (see tlkit/pipeline.py).
 - input_headroom: pipeline images/s (N workers) / train_images_per_s_resnet50_224_unfrozen.
   Goal on an accelerator >= 1.2; on a CPU-only machine it only says the CPU trains slowly.
+
+Feature cache (ResNet50, 224 px, --freeze all, weights none, 512 generated JPEGs, no
+augmentation, batch 32; epoch times are the second epoch, after graph tracing):
+- cache_epoch_speedup: live epoch (frozen trunk computed every step) / epoch from the cache.
+  Goal >= 50 on CPU.
+- cache_build_ratio: time to build the cache (train split) / one live epoch. Goal <= 1.3.
+- cache_rss_growth: peak RSS of a process training one epoch from a cache of 2,000 images / of
+  500 (each row 7x7x2048 float16, 200 KB, as ResNet50 at 224 gives; these caches are written by
+  the same build_cache with a cheap stand-in trunk, since only the reader is measured).
+  Goal <= 1.2.
 """
 
 from __future__ import annotations
@@ -196,26 +206,139 @@ class _GrainSample:
         return self.loader(0, index)
 
 
+def cache_figures(quick: bool) -> None:
+    import tempfile
+
+    import keras
+
+    from tlkit.augment import resolve_augment
+    from tlkit.backbones import get_backbone
+    from tlkit.cache import build_cache
+    from tlkit.datasets import load_folder
+    from tlkit.features import cache_dataset, make_rows_fn
+    from tlkit.freezing import freeze_all
+    from tlkit.model import build_classifier
+    from tlkit.pipeline import build_train_transform, steps_per_epoch, train_dataset
+    from tlkit.split import Cut, build_tail, build_trunk
+
+    n_images = 128 if quick else 512
+    with tempfile.TemporaryDirectory() as tmp:
+        examples = list(load_folder(photo_folder(Path(tmp) / "p", n_images),
+                                    val_fraction=0.01).splits["train"])
+        spec = get_backbone("resnet50")
+        keras.utils.set_random_seed(0)
+        base = spec.build(224)
+        model = build_classifier(spec, base, 4, 224)
+        freeze_all(base)
+        transform = build_train_transform(resolve_augment("none"), examples, 224, 0.875)
+        steps = steps_per_epoch(len(examples), 32)
+
+        def epoch_seconds(fit_model: object, make_ds: object) -> float:
+            fit_model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+            fit_model.fit(make_ds(0), steps_per_epoch=steps, epochs=1, verbose=0)
+            start = time.perf_counter()
+            fit_model.fit(make_ds(1), steps_per_epoch=steps, epochs=1, verbose=0)
+            return time.perf_counter() - start
+
+        live = epoch_seconds(model, lambda e: train_dataset(examples, transform, 32, 0, e, 1))
+        cut = Cut(len(base.layers), base.layers[-1].name, len(base.layers))
+        trunk = build_trunk(model, cut)
+        start = time.perf_counter()
+        cache = build_cache(Path(tmp) / "cache", "bench", {"backbone": "resnet50",
+                            "cut": {"k": cut.k}, "views": {"train": 1}}, trunk,
+                            {"train": examples}, {"train": 1},
+                            make_rows_fn(transform, 0.875, 0, None), "float16", 32)
+        build = time.perf_counter() - start
+        cached = epoch_seconds(build_tail(model, cut),
+                               lambda e: cache_dataset(cache, "train", 32, 0, e, 1))
+    emit("cache_live_epoch_seconds", live, "s", images=len(examples))
+    emit("cache_epoch_seconds", cached, "s", images=len(examples))
+    emit("cache_epoch_speedup", live / cached, "x", goal=">= 50 on CPU")
+    emit("cache_build_ratio", build / live, "x", build_seconds=round(build, 2), goal="<= 1.3")
+    rss = {n: rss_child_peak(n) for n in ((125, 500) if quick else (500, 2000))}
+    small, large = sorted(rss)
+    emit("cache_rss_peak_mb", rss[small] / 1e3, "MB", images=small)
+    emit("cache_rss_peak_mb", rss[large] / 1e3, "MB", images=large)
+    emit("cache_rss_growth", rss[large] / rss[small], "x", goal="<= 1.2")
+
+
+def rss_child_peak(n_images: int) -> int:
+    """Peak RSS (KB) of a fresh process that trains one epoch from a cache another built."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for step in ("build", "train"):
+            out = subprocess.run([sys.executable, __file__, "--rss-child", str(n_images), tmp,
+                                  step], capture_output=True, text=True, check=True, cwd=ROOT)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def rss_child(n_images: int, folder: str, step: str) -> None:
+    import resource
+
+    import keras
+    import numpy as np
+
+    from tlkit.cache import build_cache, open_cache
+    from tlkit.datasets import Example
+    from tlkit.features import cache_dataset
+
+    examples = [Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4))
+                for i in range(n_images)]
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.AveragePooling2D(4)(x)
+    trunk = keras.Model(inputs, keras.layers.Conv2D(2048, 2)(x))  # -> 7x7x2048
+    rng = np.random.default_rng(0)
+
+    def rows(split: str, view: int, first: int, batch: list) -> object:
+        return rng.integers(0, 256, (len(batch), 32, 32, 3), dtype=np.uint8)
+
+    if step == "build":
+        build_cache(Path(folder), "rss", {"n": n_images}, trunk, {"train": examples},
+                    {"train": 1}, rows, "float16", 64)
+        return
+    cache = open_cache(Path(folder), "rss")
+    cache.verify()
+    features = keras.Input((7, 7, 2048))
+    pooled = keras.layers.GlobalAveragePooling2D()(features)
+    tail = keras.Model(features, keras.layers.Dense(4, activation="softmax")(pooled))
+    tail.compile("adam", "sparse_categorical_crossentropy")
+    tail.fit(cache_dataset(cache, "train", 32, 0), epochs=1, verbose=0,
+             steps_per_epoch=-(-n_images // 32))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="tlkit benchmarks (JSON lines).")
     parser.add_argument("--quick", action="store_true", help="fewer steps; a smoke check")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
+    parser.add_argument("--only", choices=["train", "augment", "cache"],
+                        help="run one group of figures")
+    parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cli_help_seconds()
+    if args.rss_child:
+        rss_child(int(args.rss_child[0]), args.rss_child[1], args.rss_child[2])
+        return
     batch = args.batch or (8 if args.quick else 32)
     warmup, steps = (2, 3) if args.quick else (3, 10)
     steps = args.steps or steps
-    model = train_throughput(224, batch, warmup, steps)
-    import tempfile
+    if args.only in (None, "train", "augment"):
+        cli_help_seconds()
+        model = train_throughput(224, batch, warmup, steps)
+    if args.only in (None, "augment"):
+        import tempfile
 
-    from tlkit.datasets import load_folder
+        from tlkit.datasets import load_folder
 
-    with tempfile.TemporaryDirectory() as tmp:
-        examples = list(load_folder(photo_folder(Path(tmp) / "photos")).splits["train"])
-        examples += list(load_folder(Path(tmp) / "photos").splits["val"])
-        pca_speedup(examples, args.quick)
-        pipeline_figures(examples, model["unfrozen"], args.quick)
+        with tempfile.TemporaryDirectory() as tmp:
+            examples = list(load_folder(photo_folder(Path(tmp) / "photos")).splits["train"])
+            examples += list(load_folder(Path(tmp) / "photos").splits["val"])
+            pca_speedup(examples, args.quick)
+            pipeline_figures(examples, model["unfrozen"], args.quick)
+    if args.only in (None, "cache"):
+        cache_figures(args.quick)
 
 
 if __name__ == "__main__":
