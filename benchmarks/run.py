@@ -274,8 +274,6 @@ def rss_child_peak(n_images: int) -> int:
 
 
 def rss_child(n_images: int, folder: str, step: str) -> None:
-    import resource
-
     import keras
     import numpy as np
 
@@ -306,7 +304,9 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     tail.compile("adam", "sparse_categorical_crossentropy")
     tail.fit(cache_dataset(cache, "train", 32, 0), epochs=1, verbose=0,
              steps_per_epoch=-(-n_images // 32))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # VmHWM is this process's own peak; ru_maxrss would carry the parent's over fork + exec
+    status = Path("/proc/self/status").read_text().splitlines()
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 
 
 def main() -> None:

@@ -77,8 +77,8 @@ def build_lock(root: Path, key: str, wait: bool = True) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise CacheError(
-                f"{root / key}: another process is building this cache; wait for it, or run "
-                "again without --no-wait"
+                f"{root / key}: another process is building this cache; wait for it to "
+                "finish and try again"
             ) from None
         try:
             yield
