@@ -113,7 +113,7 @@ def make_rows_fn(transform: TrainTransform, crop_fraction: float, seed: int,
 
 def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut: Cut,
                   size: int, views: int, augment: AugmentConfig, seed: int, folder: ImageFolder,
-                  dtype: str, cache_dir: str | None) -> tuple[Any, str, dict[str, Any], Any]:
+                  dtype: str) -> tuple[Any, str, dict[str, Any], Any]:
     """(trunk, key, key inputs, train transform) for a model cut at `cut`."""
     from tlkit.pipeline import build_train_transform
 
@@ -172,7 +172,7 @@ def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, An
                  cut.layer)
     trunk, key, inputs, transform = prepare_cache(
         spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
-        config.dtype, config.cache_dir)
+        config.dtype)
     root = cache_root(config.cache_dir)
     existing = open_cache(root, key)
     counts = {s: len(x) for s, x in folder.splits.items()}

@@ -114,7 +114,7 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
                              "--augment none to train from a cache")
     trunk, key, inputs, transform = prepare_cache(
         spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
-        config.cache_dtype, config.cache_dir)
+        config.cache_dtype)
     root = cache_root(config.cache_dir)
     cache = open_cache(root, key)
     moved = "" if cut.k == plan.n_frozen else (
