@@ -230,6 +230,7 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
                     "splits": manifest_splits,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         atomic_write_json(work / "manifest.json", manifest)
+        FeatureCache(work, manifest).verify()  # publish only what the manifest describes
         progress_file.unlink()
         os.replace(work, root / key)
         return FeatureCache(root / key, manifest)
