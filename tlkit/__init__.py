@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from tlkit._version import __version__
 
-__all__ = ["FinetuneConfig", "FreezeRequest", "__version__", "finetune", "load_run", "predict"]
+__all__ = ["EvalConfig", "FinetuneConfig", "FreezeRequest", "PrecomputeConfig", "__version__",
+           "evaluate", "finetune", "load_run", "precompute_features", "predict"]
 
 _LAZY = {
     "finetune": "tlkit.train",
@@ -17,10 +18,16 @@ _LAZY = {
     "load_run": "tlkit.runs",
     "FinetuneConfig": "tlkit.config",
     "FreezeRequest": "tlkit.freezing",
+    "evaluate": "tlkit.evaluate",
+    "EvalConfig": "tlkit.evaluate",
+    "precompute_features": "tlkit.features",
+    "PrecomputeConfig": "tlkit.features",
 }
 
 if TYPE_CHECKING:
     from tlkit.config import FinetuneConfig
+    from tlkit.evaluate import EvalConfig, evaluate
+    from tlkit.features import PrecomputeConfig, precompute_features
     from tlkit.freezing import FreezeRequest
     from tlkit.predict import predict
     from tlkit.runs import load_run

@@ -287,3 +287,41 @@ def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.nda
     )
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+MULTICROP_CHOICES = ("1", "5", "10", "multiscale")
+MULTISCALE_FACTORS = (1.0, 1.0 / 0.875, 1.5 / 0.875)  # shorter side / input size: 224, 256, 384
+
+
+def _resize_shorter(image: np.ndarray, short: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = short / min(h, w)
+    size = (max(short, round(w * scale)), max(short, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), np.uint8)
+
+
+def multicrop_views(image: np.ndarray, size: int, crop_fraction: float, mode: str) -> np.ndarray:
+    """The test-time views of one decoded image, (K, size, size, 3) uint8.
+
+    1: the eval centre crop. 5: the four corners and the centre of the image resized so its
+    shorter side is round(size / crop_fraction). 10: those 5 and their mirrors.
+    multiscale: the 10 crops at shorter sides size x (1, 1/0.875, 1.5/0.875), 30 views.
+    """
+    if mode == "1":
+        return eval_transform(image, size, crop_fraction)[None]
+    if mode not in MULTICROP_CHOICES:
+        raise ConfigError(f"--multicrop must be one of {', '.join(MULTICROP_CHOICES)}. "
+                          f"Received: {mode!r}")
+    scales = ([max(size, round(size / crop_fraction))] if mode in ("5", "10")
+              else [max(size, round(size * f)) for f in MULTISCALE_FACTORS])
+    views = []
+    for short in scales:
+        img = _resize_shorter(image, short)
+        h, w = img.shape[:2]
+        corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
+                   ((h - size) // 2, (w - size) // 2)]
+        crops = [img[t : t + size, s : s + size] for t, s in corners]
+        if mode != "5":
+            crops += [c[:, ::-1] for c in crops]
+        views.extend(crops)
+    return np.ascontiguousarray(np.stack(views))

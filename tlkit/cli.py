@@ -358,16 +358,74 @@ def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, b
     click.echo(f"headroom {plan['headroom']:.2f}x: {plan['verdict']}")
 
 
+def _split_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Run folders (they hold run.json) and the other paths, in order."""
+    from pathlib import Path
+
+    runs = [p for p in paths if (Path(p) / "run.json").is_file()]
+    return runs, [p for p in paths if p not in runs]
+
+
+MULTICROP_OPTION = click.option(
+    "--multicrop", type=click.Choice(["1", "5", "10", "multiscale"]), default="1",
+    is_flag=False, flag_value="10", show_default=True,
+    help="Test-time views averaged per image; the bare flag means 10 (corners, centre, mirrors).")
+
+
+@cli.command("eval")
+@click.argument("paths", nargs=-1, type=click.Path())
+@MULTICROP_OPTION
+@click.option("--ensemble-weights", type=click.Choice(["equal", "val"]), default="equal",
+              show_default=True, help="Member weights; 'val' fits them on the validation split.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]),
+              help="Split to evaluate (default: test, else val).")
+@click.option("--name", help="Output folder under RUN/eval/ (default: from split and crops).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing evaluation folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Evaluate [RUN...] (default: the newest run) on [DATA] (default: the run's test split).
+
+    Several runs form an ensemble: their probabilities are averaged.
+    """
+    from tlkit.evaluate import EvalConfig, evaluate
+
+    runs, rest = _split_runs(paths)
+    if len(rest) > 1:
+        raise click.UsageError(f"expected run folders and at most one DATA folder; these are "
+                               f"not runs: {', '.join(rest)}")
+    metrics = evaluate(EvalConfig(runs=tuple(runs), data=rest[0] if rest else None, **options))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in metrics.items()
+                               if k not in ("confusion_matrix",)}, indent=2))
+        return
+    click.echo(f"{metrics['source']}: {metrics['images']} images, {metrics['views']} view(s) "
+               "each")
+    for row in metrics["comparison"]:
+        click.echo(f"  {row['model']:<40} single-crop top-1 {row['single_crop_top1']:.4f}   "
+                   f"multi-crop ({metrics['multicrop']}) top-1 {row['multicrop_top1']:.4f}")
+    line = f"top-1 {metrics['top1']:.4f}"
+    if "top5" in metrics:
+        line += f", top-5 {metrics['top5']:.4f}"
+    line += f", macro F1 {metrics['macro']['f1']:.4f}"
+    if "member_disagreement" in metrics:
+        line += f", members disagree on {metrics['member_disagreement']:.1%}"
+    click.echo(line)
+    click.echo(f"report: {metrics['output']}/report.html")
+
+
 @cli.command()
-@click.argument("run", type=click.Path())
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "--top-k", default=5, show_default=True)
+@MULTICROP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def predict(run: str, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
-    """Label IMAGES with the model of RUN (a run folder)."""
+def predict(paths: tuple[str, ...], top_k: int, multicrop: str, as_json: bool) -> None:
+    """Label images: RUN... IMAGE... (several runs average as an ensemble; no run: the newest)."""
     from tlkit.predict import predict as run_predict
 
-    results = run_predict(run, list(images), top_k=top_k)
+    runs, images = _split_runs(paths)
+    results = run_predict(runs, images, top_k=top_k, multicrop=multicrop)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -174,6 +174,27 @@ def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFold
     return ImageFolder(str(root), layout, classes, splits, val_source, tuple(ignored))
 
 
+def has_split_folders(root: str | os.PathLike) -> bool:
+    root = Path(root)
+    return root.is_dir() and any(p.is_dir() and p.name.lower() in SPLIT_NAMES
+                                 for p in root.iterdir())
+
+
+def load_class_folders(root: str | os.PathLike) -> list[Example]:
+    """Every image of a one-folder-per-class tree, labelled in natural class order (the caller
+    maps them through its own class map): the evaluation set when DATA has no splits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such data folder; pass a folder of class sub-folders")
+    by_class = _scan_classes(root, root, [])
+    if not by_class:
+        raise DataError(f"{root}: no class folders with images")
+    classes = natsorted(by_class)
+    return sorted((Example(str(f.resolve()), f.relative_to(root).as_posix(), i, c)
+                   for i, c in enumerate(classes) for f in by_class[c]),
+                  key=lambda e: e.relpath)
+
+
 def fingerprint(folder: ImageFolder) -> str:
     """Hash of every file's split, path, size and mtime: changes whenever the data does."""
     h = hashlib.sha256()

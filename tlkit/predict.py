@@ -1,4 +1,4 @@
-"""`predict`: top-k labels for image files from a finished run."""
+"""`predict`: top-k labels for image files from one run or an ensemble of runs."""
 
 from __future__ import annotations
 
@@ -9,28 +9,29 @@ from typing import Any
 import numpy as np
 
 from tlkit.errors import ConfigError
-from tlkit.runs import Run, load_run
+from tlkit.runs import Run
 
 
-def predict(run: Run | str | os.PathLike | None, images: Sequence[str | os.PathLike],
-            top_k: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | None,
+            images: Sequence[str | os.PathLike], top_k: int = 5, multicrop: str = "1",
+            batch_size: int = 32) -> list[dict[str, Any]]:
     """One dict per image: path and the top-k (label, probability), highest first."""
-    from tlkit.pipeline import load_eval_image
+    from tlkit.evaluate import predict_images
 
-    if not isinstance(run, Run):
-        run = load_run(run)
     if not images:
         raise ConfigError("no images given; pass one or more image files")
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1. Received: {top_k}")
-    k = min(top_k, len(run.classes))
-    size, crop = run.input_size, float(run.info["crop_fraction"])
-    batch = np.stack([load_eval_image(str(p), size, crop) for p in images])  # bad file: DataError
-    model = run.load_model()
-    probs = model.predict(batch, batch_size=batch_size, verbose=0)
+    if runs is None:
+        runs = []
+    elif isinstance(runs, (Run, str, os.PathLike)):
+        runs = [runs]
+    paths = [r.path if isinstance(r, Run) else r for r in runs]
+    classes, probs = predict_images(paths, [str(p) for p in images], multicrop, batch_size)
+    k = min(top_k, len(classes))
     out = []
     for path, p in zip(images, probs, strict=True):
         order = np.argsort(-p, kind="stable")[:k]
         out.append({"path": str(path),
-                    "top": [{"label": run.classes[i], "probability": float(p[i])} for i in order]})
+                    "top": [{"label": classes[i], "probability": float(p[i])} for i in order]})
     return out

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_folder
+from PIL import Image
+
+from tlkit.augment import eval_transform, multicrop_views
+from tlkit.cli import cli
+from tlkit.errors import ConfigError, DataError
+from tlkit.evaluate import (
+    EvalConfig,
+    _Member,
+    _shared_groups,
+    classification_metrics,
+    evaluate,
+    fit_member_weights,
+    member_view_probs,
+    predict_images,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two runs from the same seed (identical frozen trunks) on one small split dataset."""
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.train import finetune
+
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    classes = ["a", "b", "c"]
+    write_folder(data / "train", classes, 8)
+    write_folder(data / "val", classes, 3, seed=1)
+    write_folder(data / "test", classes, 3, seed=2)
+    runs = []
+    for name, lr in (("r1", 1e-3), ("r2", 5e-4)):
+        cfg = FinetuneConfig(data=str(data), weights="none", input_size=32,
+                             freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0, lr=lr,
+                             fine_tune_lr=1e-5, batch_size=8, output=str(root / name),
+                             cache="off")
+        runs.append(finetune(cfg, verbose=0).path)
+    return data, runs
+
+
+def test_view_geometry():
+    img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    for mode, k in (("1", 1), ("5", 5), ("10", 10), ("multiscale", 30)):
+        assert multicrop_views(img, 32, 0.875, mode).shape == (k, 32, 32, 3)
+    ten = multicrop_views(img, 32, 0.875, "10")
+    np.testing.assert_array_equal(ten[4], eval_transform(img, 32, 0.875))  # centre = eval crop
+    np.testing.assert_array_equal(ten[5:], ten[:5, :, ::-1])  # mirrors
+    np.testing.assert_array_equal(multicrop_views(img, 32, 0.875, "multiscale")[14], ten[4])
+    with pytest.raises(ConfigError, match="--multicrop must be one of"):
+        multicrop_views(img, 32, 0.875, "7")
+
+
+@pytest.mark.slow
+def test_ten_crop_prediction_is_the_mean_over_hand_built_crops(trained):
+    import keras
+
+    data, runs = trained
+    path = sorted((data / "test" / "b").iterdir())[0]
+    image = np.asarray(Image.open(path).convert("RGB"))
+    short = round(32 / 0.875)  # the eval scale: 37
+    h, w = image.shape[:2]
+    s = short / min(h, w)
+    big = np.asarray(Image.fromarray(image).resize((max(short, round(w * s)),
+                                                    max(short, round(h * s))),
+                                                   Image.Resampling.BILINEAR))
+    H, W = big.shape[:2]
+    crops = [big[t : t + 32, x : x + 32] for t, x in
+             ((0, 0), (0, W - 32), (H - 32, 0), (H - 32, W - 32), ((H - 32) // 2, (W - 32) // 2))]
+    crops += [c[:, ::-1] for c in crops]
+    model = keras.saving.load_model(runs[0] / "model.keras")
+    expected = np.asarray(model.predict(np.stack(crops), verbose=0)).mean(axis=0)
+    _, probs = predict_images([str(runs[0])], [str(path)], multicrop="10")
+    np.testing.assert_allclose(probs[0], expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ensembles_of_one_and_of_two_identical_models_equal_the_model(trained, tmp_path):
+    _data, runs = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(runs[0], copy)
+    single = evaluate(EvalConfig(runs=(str(runs[0]),), multicrop="5", name="one"))
+    twin = evaluate(EvalConfig(runs=(str(runs[0]), str(copy)), multicrop="5", name="two"))
+    assert single["top1"] == twin["top1"] and single["log_loss"] == pytest.approx(
+        twin["log_loss"], abs=1e-9)
+    assert twin["member_disagreement"] == 0.0
+    one = (runs[0] / "eval/one/predictions.csv").read_text()
+    two = (runs[0] / "eval/two/predictions.csv").read_text()
+    assert one == two
+
+
+@pytest.mark.slow
+def test_shared_trunk_runs_once_and_gives_the_same_probabilities(trained):
+    data, runs = trained
+    members = [_Member(__import__("tlkit").load_run(r)) for r in runs]
+    groups = _shared_groups(members)
+    assert len(groups) == 1 and groups[0][0] is not None and groups[0][2] == [0, 1]
+    paths = [str(p) for p in sorted((data / "test").rglob("*.png"))]
+    shared = member_view_probs(members, paths, "1", 4, None)
+    for m, p in zip(members, shared, strict=True):
+        alone = member_view_probs([m], paths, "1", 4, None)[0]
+        np.testing.assert_allclose(p, alone, atol=1e-5)
+    assert not np.allclose(shared[0], shared[1])  # the heads differ: two real members
+
+
+@pytest.mark.slow
+def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
+    _data, runs = trained
+    monkeypatch.chdir(runs[0].parent)
+    (runs[0].parent / "runs").mkdir(exist_ok=True)
+    newest = runs[0].parent / "runs" / "newest"
+    shutil.copytree(runs[1], newest)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["eval", "--multicrop"])  # newest run, its test split, 10 crops
+    assert result.exit_code == 0, result.output
+    out = newest / "eval" / "test-crops10"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion_matrix.png", "metrics.json", "predictions.csv", "report.html"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["views"] == 10 and metrics["images"] == 9 and metrics["split"] == "test"
+    assert "top5" not in metrics  # 3 classes
+    assert len(metrics["confusion_matrix"]) == 3
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    again = runner.invoke(cli, ["eval", "--multicrop"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    as_json = runner.invoke(cli, ["eval", str(newest), "--json", "--name", "j"])
+    assert json.loads(as_json.output)["top1"] == pytest.approx(json.loads(
+        (newest / "eval/j/metrics.json").read_text())["top1"])
+    ensemble = runner.invoke(cli, ["eval", *map(str, runs), "--ensemble-weights", "val"])
+    assert ensemble.exit_code == 0, ensemble.output
+    assert "ensemble" in ensemble.output and "members disagree on" in ensemble.output
+    weights = json.loads((runs[0] / "eval/test-crops1-ensemble2/metrics.json").read_text())[
+        "member_weights"]
+    assert sum(weights) == pytest.approx(1.0)
+
+
+def test_unknown_class_in_eval_data_is_an_error(trained, tmp_path):
+    _data, runs = trained
+    other = tmp_path / "other"
+    write_folder(other, ["a", "zebra"], 2)
+    with pytest.raises(DataError, match="class 'zebra' is unknown to the model"):
+        evaluate(EvalConfig(runs=(str(runs[0]),), data=str(other)))
+    write_folder(other, ["a"], 2)
+    shutil.rmtree(other / "zebra")
+    result = evaluate(EvalConfig(runs=(str(runs[0]),), data=str(other)))  # a plain folder
+    assert result["images"] == 2 and result["split"] == "all"  # missing classes are fine
+
+
+def test_members_with_different_class_maps_are_refused(trained, tmp_path):
+    _data, runs = trained
+    odd = tmp_path / "odd"
+    shutil.copytree(runs[0], odd)
+    info = json.loads((odd / "run.json").read_text())
+    info["classes"] = ["a", "b", "x"]
+    (odd / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=r"class map differs .*missing \['c'\], extra \['x'\]"):
+        evaluate(EvalConfig(runs=(str(runs[0]), str(odd))))
+
+
+def test_metrics_on_a_known_example():
+    classes = ["a", "b", "c"]
+    probs = np.array([[.8, .1, .1], [.2, .7, .1], [.6, .3, .1], [.1, .1, .8]])
+    labels = np.array([0, 1, 1, 2])
+    m = classification_metrics(probs, labels, classes)
+    assert m["top1"] == 0.75 and m["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
+                                   "support": 1}
+    assert m["per_class"]["b"]["recall"] == 0.5 and m["per_class"]["b"]["precision"] == 1.0
+    assert m["most_confused"] == [{"true": "b", "predicted": "a", "count": 1}]
+    assert m["macro"]["recall"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert m["weighted"]["recall"] == pytest.approx((1 + 2 * 0.5 + 1) / 4)
+
+
+def test_fitted_weights_prefer_the_better_member():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    good = np.full((200, 3), 0.05)
+    good[np.arange(200), labels] = 0.9
+    noise = rng.dirichlet(np.ones(3), 200)
+    w = fit_member_weights([good, noise], labels)
+    assert w[0] > 0.9 and w.sum() == pytest.approx(1.0)

@@ -1,0 +1,256 @@
+"""`evaluate`: metrics on held-out images, multi-crop test-time averaging, and ensembles.
+
+Every image is decoded once; its test-time views (augment.multicrop_views) go through each model
+in one batched pass, and softmax probabilities are averaged over views, then over members
+(weighted: equal, or fitted on the validation split). The single-crop figures come free from the
+same pass: the centre view at the eval scale is exactly the eval transform. Members fine-tuned
+from the same backbone and weights with a common frozen prefix run that prefix once per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tlkit.augment import MULTICROP_CHOICES, multicrop_views
+from tlkit.datasets import Example, has_split_folders, load_class_folders, load_folder
+from tlkit.decode import decode_image
+from tlkit.errors import ConfigError, DataError
+from tlkit.runs import Run, load_run
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    runs: tuple[str, ...] = ()  # empty: the newest run under runs/
+    data: str | None = None  # None: the first run's own data folder
+    split: str | None = None  # None: test, else val
+    multicrop: str = "1"
+    ensemble_weights: str = "equal"  # or "val"
+    name: str | None = None
+    batch_size: int = 32
+    workers: int | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.multicrop not in MULTICROP_CHOICES:
+            raise ConfigError(f"--multicrop must be one of {', '.join(MULTICROP_CHOICES)}. "
+                              f"Received: {self.multicrop!r}")
+        if self.ensemble_weights not in ("equal", "val"):
+            raise ConfigError("--ensemble-weights must be 'equal' or 'val'. "
+                              f"Received: {self.ensemble_weights!r}")
+        if self.split not in (None, "train", "val", "test"):
+            raise ConfigError(f"--split must be train, val or test. Received: {self.split!r}")
+
+
+def center_index(mode: str) -> int:
+    """Which view is the plain eval crop: the centre crop at the eval scale."""
+    return {"1": 0, "5": 4, "10": 4, "multiscale": 14}[mode]
+
+
+def load_members(paths: Sequence[str | os.PathLike]) -> list[Run]:
+    runs = [load_run(p) for p in paths] if paths else [load_run(None)]
+    first = runs[0].classes
+    for run in runs[1:]:
+        if run.classes != first:
+            missing = sorted(set(first) - set(run.classes))
+            extra = sorted(set(run.classes) - set(first))
+            raise ConfigError(
+                f"{run.path}: its class map differs from {runs[0].path} (missing {missing}, "
+                f"extra {extra}, order {'same' if not missing and not extra else 'n/a'}); "
+                "ensemble members must be trained on the same classes"
+            )
+    return runs
+
+
+def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
+    """The images to evaluate, labelled through the run's class map."""
+    root = data or run.info["data"]["root"]
+    if data is not None and not has_split_folders(root):
+        candidates, split = load_class_folders(root), "all"  # a plain folder: every image
+    else:
+        folder = load_folder(root, float(run.info["config"].get("val_fraction", 0.2)))
+        if split is None:
+            split = "test" if "test" in folder.splits else "val"
+        if split not in folder.splits:
+            raise DataError(f"{root}: has no {split} split (it has {', '.join(folder.splits)})")
+        candidates = list(folder.splits[split])
+    index = {c: i for i, c in enumerate(run.classes)}
+    out = []
+    for e in candidates:
+        if e.class_name not in index:
+            raise DataError(f"{e.path}: class {e.class_name!r} is unknown to the model "
+                            f"{run.path} (classes: {', '.join(run.classes)})")
+        out.append(Example(e.path, e.relpath, index[e.class_name], e.class_name))
+    if not out:
+        raise DataError(f"{root}: the {split} split has no images")
+    return out, f"{root} ({split})"
+
+
+class _Member:
+    def __init__(self, run: Run):
+        self.run, self.model = run, run.load_model()
+        self.size, self.crop = run.input_size, float(run.info["crop_fraction"])
+
+
+def _shared_groups(members: list[_Member]) -> list[tuple[Any, list[Any], list[int]]]:
+    """[(trunk or None, per-member models or tails, member indices)]: sharing where possible."""
+    from tlkit.cache import weights_digest
+    from tlkit.model import backbone_of
+    from tlkit.split import build_tail, build_trunk, resolve_cut
+
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(members):
+        info = m.run.info
+        sig = (info["backbone"], m.size, info["preprocessing"], info["weights"]["sha256"])
+        groups.setdefault(sig if info["freeze"]["n_frozen"] > 0 else (i,), []).append(i)
+    out = []
+    for idx in groups.values():
+        if len(idx) > 1:
+            first = members[idx[0]]
+            n = min(members[i].run.info["freeze"]["n_frozen"] for i in idx)
+            cut = resolve_cut(backbone_of(first.model), n)
+            trunks = [build_trunk(members[i].model, cut) for i in idx]
+            digests = {weights_digest(t.get_weights()) for t in trunks}
+            if cut is not None and len(digests) == 1:
+                out.append((trunks[0], [build_tail(members[i].model, cut) for i in idx], idx))
+                continue
+        out.extend((None, [members[i].model], [i]) for i in idx)
+    return out
+
+
+def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
+                      batch_size: int, workers: int | None) -> list[np.ndarray]:
+    """Per member, (N, K, C) probabilities of every view of every image."""
+    groups = _shared_groups(members)
+    out: list[list[np.ndarray]] = [[] for _ in members]
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    geometry = sorted({(m.size, m.crop) for m in members})
+    for start in range(0, len(paths), batch_size):
+        images = list(pool.map(decode_image, paths[start : start + batch_size]))
+        views = {g: np.stack(list(pool.map(lambda im, g=g: multicrop_views(im, g[0], g[1],
+                                                                           mode), images)))
+                 for g in geometry}
+        for trunk, models, idx in groups:
+            v = views[(members[idx[0]].size, members[idx[0]].crop)]
+            b, k = v.shape[:2]
+            flat = v.reshape(b * k, *v.shape[2:])
+            x = np.asarray(trunk.predict_on_batch(flat)) if trunk is not None else flat
+            for model, i in zip(models, idx, strict=True):
+                p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+                out[i].append(p.reshape(b, k, -1))
+    return [np.concatenate(parts) for parts in out]
+
+
+def fit_member_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int = 500) -> np.ndarray:
+    """Weights on the simplex minimising the ensemble's log loss (exponentiated gradient)."""
+    m = len(probs)
+    w = np.full(m, 1.0 / m)
+    p_true = np.stack([p[np.arange(len(labels)), labels] for p in probs], axis=1)  # (N, M)
+    for _ in range(steps):
+        mix = np.clip(p_true @ w, 1e-12, None)
+        grad = -(p_true / mix[:, None]).mean(axis=0)
+        w = w * np.exp(-0.5 * grad)
+        w /= w.sum()
+    return w
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray,
+                           classes: Sequence[str]) -> dict[str, Any]:
+    n, c = probs.shape
+    pred = probs.argmax(axis=1)
+    cm = np.zeros((c, c), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    out: dict[str, Any] = {"images": int(n), "top1": float((pred == labels).mean())}
+    if c > 5:
+        top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
+        out["top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    out["log_loss"] = float(-np.log(np.clip(probs[np.arange(n), labels], 1e-12, None)).mean())
+    per_class = {}
+    present = sorted(set(labels.tolist()) | set(pred.tolist()))
+    for k in present:
+        tp = cm[k, k]
+        precision = tp / cm[:, k].sum() if cm[:, k].sum() else 0.0
+        recall = tp / cm[k, :].sum() if cm[k, :].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[classes[k]] = {"precision": float(precision), "recall": float(recall),
+                                 "f1": float(f1), "support": int(cm[k, :].sum())}
+    support = np.array([v["support"] for v in per_class.values()], dtype=np.float64)
+    for avg, weights in (("macro", np.ones_like(support)), ("weighted", support)):
+        total = weights.sum() or 1.0
+        out[avg] = {key: float(sum(w * v[key] for w, v in zip(weights, per_class.values(),
+                                                                strict=True)) / total)
+                    for key in ("precision", "recall", "f1")}
+    out["per_class"] = per_class
+    out["confusion_matrix"] = cm.tolist()
+    off = [(int(cm[i, j]), classes[i], classes[j]) for i in range(c) for j in range(c)
+           if i != j and cm[i, j] > 0]
+    out["most_confused"] = [{"true": t, "predicted": p, "count": k}
+                            for k, t, p in sorted(off, key=lambda x: (-x[0], x[1], x[2]))[:10]]
+    return out
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate one run or an ensemble; write RUN/eval/<name>/ and return the metrics."""
+    from tlkit.fsutil import incomplete_dir, publish_dir
+    from tlkit.report import write_outputs
+
+    runs = load_members(config.runs)
+    examples, source = eval_examples(runs[0], config.data, config.split)
+    split = source.rsplit("(", 1)[1].rstrip(")")
+    name = config.name or f"{split}-crops{config.multicrop}" + (
+        f"-ensemble{len(runs)}" if len(runs) > 1 else "")
+    out_dir = runs[0].path / "eval" / name
+    if out_dir.exists() and not config.overwrite:
+        raise ConfigError(f"{out_dir}: already exists; pass --name or --overwrite")
+    members = [_Member(r) for r in runs]
+    paths = [e.path for e in examples]
+    labels = np.array([e.label for e in examples])
+    view_probs = member_view_probs(members, paths, config.multicrop, config.batch_size,
+                                   config.workers)
+    multi = [p.mean(axis=1) for p in view_probs]
+    single = [p[:, center_index(config.multicrop)] for p in view_probs]
+    weights = np.full(len(runs), 1.0 / len(runs))
+    if config.ensemble_weights == "val" and len(runs) > 1:
+        val_examples, _ = eval_examples(runs[0], config.data, "val")
+        val_probs = member_view_probs(members, [e.path for e in val_examples],
+                                      config.multicrop, config.batch_size, config.workers)
+        weights = fit_member_weights([p.mean(axis=1) for p in val_probs],
+                                     np.array([e.label for e in val_examples]))
+    ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
+    classes = runs[0].classes
+    metrics = classification_metrics(ensemble, labels, classes)
+    comparison = []
+    for run, s, m in zip(runs, single, multi, strict=True):
+        comparison.append({"model": str(run.path), "single_crop_top1": float(
+            (s.argmax(1) == labels).mean()), "multicrop_top1": float((m.argmax(1) == labels)
+                                                                     .mean())})
+    if len(runs) > 1:
+        ens_single = sum(w * p for w, p in zip(weights, single, strict=True))
+        comparison.append({"model": "ensemble", "single_crop_top1": float(
+            (ens_single.argmax(1) == labels).mean()), "multicrop_top1": metrics["top1"]})
+        tops = np.stack([p.argmax(1) for p in multi])
+        metrics["member_disagreement"] = float((tops != tops[0]).any(axis=0).mean())
+    metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
+                    "views": int(view_probs[0].shape[1]),
+                    "members": [str(r.path) for r in runs],
+                    "member_weights": [float(w) for w in weights], "comparison": comparison})
+    tmp = incomplete_dir(out_dir)
+    write_outputs(tmp, metrics, examples, ensemble, classes)
+    publish_dir(tmp, out_dir, overwrite=config.overwrite)
+    metrics["output"] = str(out_dir)
+    return metrics
+
+
+def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1",
+                   batch_size: int = 32) -> tuple[list[str], np.ndarray]:
+    """(classes, ensemble probabilities (N, C)) for image files."""
+    runs = load_members(run_paths)
+    members = [_Member(r) for r in runs]
+    probs = member_view_probs(members, list(images), multicrop, batch_size, None)
+    return runs[0].classes, sum(p.mean(axis=1) for p in probs) / len(probs)
+

@@ -1,0 +1,131 @@
+"""What `evaluate` writes: metrics.json, predictions.csv, confusion_matrix.png, report.html.
+
+The HTML report is one self-contained file (figures and thumbnails inlined), so it can be mailed
+or archived as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tlkit.datasets import Example
+from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json
+
+WORST = 12
+
+
+def confusion_png(cm: np.ndarray, classes: Sequence[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    side = min(14.0, 2.0 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(side, side), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=90 if n > 8 else 0)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        top = cm.max() or 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _thumb(path: str) -> str:
+    from tlkit.decode import decode_image
+
+    img = Image.fromarray(decode_image(path))
+    img.thumbnail((128, 128))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_outputs(out: Path, metrics: dict[str, Any], examples: Sequence[Example],
+                  probs: np.ndarray, classes: Sequence[str]) -> None:
+    atomic_write_json(out / "metrics.json", metrics)
+    k = min(5, len(classes))
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "true", "predicted", *[f"top{i + 1}{s}" for i in range(k)
+                                                    for s in ("", "_probability")]])
+    for e, row, p in zip(examples, top, probs, strict=True):
+        cells = [x for j in row for x in (classes[j], f"{p[j]:.6f}")]
+        writer.writerow([e.relpath, e.class_name, classes[row[0]], *cells])
+    atomic_write(out / "predictions.csv", buf.getvalue())
+    png = confusion_png(np.array(metrics["confusion_matrix"]), classes)
+    with atomic_path(out / "confusion_matrix.png") as tmp:
+        tmp.write_bytes(png)
+    atomic_write(out / "report.html", report_html(metrics, examples, probs, classes, png))
+
+
+def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.ndarray,
+                classes: Sequence[str], confusion: bytes) -> str:
+    e = html.escape
+    labels = np.array([x.label for x in examples])
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    worst = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:WORST]
+    rows = "".join(f"<tr><td>{e(c['model'])}</td><td>{c['single_crop_top1']:.4f}</td>"
+                   f"<td>{c['multicrop_top1']:.4f}</td></tr>" for c in metrics["comparison"])
+    per_class = "".join(
+        f"<tr><td>{e(name)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+        f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
+        for name, v in metrics["per_class"].items())
+    confused = "".join(f"<li>{e(c['true'])} &rarr; {e(c['predicted'])}: {c['count']}</li>"
+                       for c in metrics["most_confused"])
+    mistakes = "".join(
+        f"<figure><img src='data:image/jpeg;base64,{_thumb(examples[i].path)}'>"
+        f"<figcaption>{e(examples[i].relpath)}<br>true {e(classes[labels[i]])}, predicted "
+        f"{e(classes[pred[i]])} ({probs[i, pred[i]]:.1%})</figcaption></figure>"
+        for i in worst)
+    summary = [("images", metrics["images"]), ("top-1", f"{metrics['top1']:.4f}")]
+    if "top5" in metrics:
+        summary.append(("top-5", f"{metrics['top5']:.4f}"))
+    summary += [("macro F1", f"{metrics['macro']['f1']:.4f}"),
+                ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
+                ("log loss", f"{metrics['log_loss']:.4f}"),
+                ("views per image", metrics["views"])]
+    if "member_disagreement" in metrics:
+        summary.append(("members disagree on", f"{metrics['member_disagreement']:.1%}"))
+    summary_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>"
+                           for k, v in summary)
+    members = "".join(f"<li>{e(m)} (weight {w:.3f})</li>"
+                      for m, w in zip(metrics["members"], metrics["member_weights"], strict=True))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tlkit evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:inline-block;
+width:150px;margin:4px;font-size:11px;vertical-align:top}}</style></head><body>
+<h1>Evaluation: {e(metrics['source'])}</h1>
+<p>multi-crop: {e(metrics['multicrop'])}; members:</p><ul>{members}</ul>
+<h2>Summary</h2><table>{summary_rows}</table>
+<h2>Single-crop vs multi-crop vs ensemble (top-1)</h2>
+<table><tr><th>model</th><th>single crop</th><th>multi-crop ({e(metrics['multicrop'])})</th></tr>
+{rows}</table>
+<h2>Confusion matrix</h2><img src="data:image/png;base64,{base64.b64encode(confusion).decode()}">
+<h2>Most confused pairs</h2><ul>{confused or '<li>none</li>'}</ul>
+<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>
+<th>support</th></tr>{per_class}</table>
+<h2>Worst mistakes</h2>{mistakes or '<p>none</p>'}
+</body></html>
+"""
