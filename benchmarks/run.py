@@ -37,6 +37,13 @@ augmentation, batch 32; epoch times are the second epoch, after graph tracing):
   500 (each row 7x7x2048 float16, 200 KB, as ResNet50 at 224 gives; these caches are written by
   the same build_cache with a cheap stand-in trunk, since only the reader is measured).
   Goal <= 1.2.
+
+Evaluation (ResNet50 at 224, weights none, classifier for 4 classes, 64 generated JPEGs, batch
+16, after one warm-up pass):
+- multicrop10_cost_ratio: time of the 10-crop evaluation pass / the single-crop pass, same model
+  and images (decode included). Goal <= 10, aim <= 8.
+- ensemble_shared_trunk_ratio: a 3-member ensemble whose members share a frozen trunk
+  (--freeze all, same initial weights; each has its own head) / 3 x one member. Goal well under 1.
 """
 
 from __future__ import annotations
@@ -262,6 +269,55 @@ def cache_figures(quick: bool) -> None:
     emit("cache_rss_growth", rss[large] / rss[small], "x", goal="<= 1.2")
 
 
+def eval_figures(quick: bool) -> None:
+    import tempfile
+
+    import keras
+
+    from tlkit.backbones import get_backbone
+    from tlkit.datasets import load_folder
+    from tlkit.evaluate import member_view_probs
+    from tlkit.freezing import freeze_all
+    from tlkit.model import build_classifier
+
+    class Member:  # what evaluate builds from a run, built here from a fresh model
+        def __init__(self, model: object, n_frozen: int):
+            self.model, self.size, self.crop = model, 224, 0.875
+            self.run = type("R", (), {"info": {
+                "backbone": "resnet50", "preprocessing": "caffe", "weights": {"sha256": "x"},
+                "freeze": {"n_frozen": n_frozen}}})()
+
+    spec = get_backbone("resnet50")
+    members = []
+    for i in range(3):
+        keras.utils.set_random_seed(0)  # the same trunk weights, as from one ImageNet file
+        base = spec.build(224)
+        model = build_classifier(spec, base, 4, 224)
+        freeze_all(base)
+        head = model.get_layer("predictions")
+        head.set_weights([w + 0.01 * (i + 1) for w in head.get_weights()])
+        members.append(Member(model, len(base.layers)))
+
+    def seconds(group: list, paths: list, mode: str) -> float:
+        member_view_probs(group, paths[:16], mode, 16, None)  # warm-up
+        start = time.perf_counter()
+        member_view_probs(group, paths, mode, 16, None)
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n = 32 if quick else 64
+        paths = [e.path for s in load_folder(photo_folder(Path(tmp) / "p", n),
+                                             val_fraction=0.2).splits.values() for e in s]
+        one = seconds(members[:1], paths, "1")
+        ten = seconds(members[:1], paths, "10")
+        emit("multicrop1_seconds", one, "s", images=len(paths))
+        emit("multicrop10_seconds", ten, "s", images=len(paths))
+        emit("multicrop10_cost_ratio", ten / one, "x", goal="<= 10, aim <= 8")
+        three = seconds(members, paths, "1")
+    emit("ensemble3_shared_trunk_seconds", three, "s", images=len(paths))
+    emit("ensemble_shared_trunk_ratio", three / (3 * one), "x", goal="well under 1")
+
+
 def rss_child_peak(n_images: int) -> int:
     """Peak RSS (KB) of a fresh process that trains one epoch from a cache another built."""
     import tempfile
@@ -314,7 +370,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps; a smoke check")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
-    parser.add_argument("--only", choices=["train", "augment", "cache"],
+    parser.add_argument("--only", choices=["train", "augment", "cache", "eval"],
                         help="run one group of figures")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,6 +395,8 @@ def main() -> None:
             pipeline_figures(examples, model["unfrozen"], args.quick)
     if args.only in (None, "cache"):
         cache_figures(args.quick)
+    if args.only in (None, "eval"):
+        eval_figures(args.quick)
 
 
 if __name__ == "__main__":

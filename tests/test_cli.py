@@ -22,8 +22,10 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-@pytest.mark.parametrize("command", [[], ["finetune"], ["predict"], ["inspect"], ["backbones"],
-                                     ["weights", "list"], ["weights", "import"]])
+@pytest.mark.parametrize("command", [
+    [], ["finetune"], ["predict"], ["inspect"], ["backbones"], ["weights", "list"],
+    ["weights", "import"], ["eval"], ["precompute-features"], ["cache", "ls"], ["cache", "rm"],
+    ["augment-preview"], ["bench-input"]])
 def test_help_does_not_import_tensorflow(command):
     code = ("import sys; from tlkit.cli import cli\n"
             f"try:\n    cli({[*command, '--help']!r}, prog_name='tlkit')\n"
