@@ -37,19 +37,9 @@ class ColorPCA:
     n_images: int
     n_pixels: int
 
-    def shift(self, alpha: np.ndarray) -> np.ndarray:
-        """The RGB offset in uint8 units for one draw of alpha (shape (3,))."""
-        p = np.asarray(self.eigvecs, dtype=np.float64)
-        return 255.0 * p @ (alpha * np.asarray(self.eigvals, dtype=np.float64))
-
     def as_dict(self) -> dict[str, Any]:
         return {"eigvals": list(self.eigvals), "eigvecs": [list(r) for r in self.eigvecs],
                 "n_images": self.n_images, "n_pixels": self.n_pixels}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ColorPCA:
-        return cls(tuple(d["eigvals"]), tuple(tuple(r) for r in d["eigvecs"]),
-                   int(d["n_images"]), int(d["n_pixels"]))
 
 
 def fit_color_pca(images: Sequence[np.ndarray], pixels_per_image: int = 2048,

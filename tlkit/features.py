@@ -10,7 +10,6 @@ when its own `--augment` is `none`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.augment import AugmentConfig, TrainTransform, resolve_augment, sample_rng
+from tlkit.augment import AugmentConfig, ColorPCA, TrainTransform, resolve_augment, sample_rng
 from tlkit.backbones import BackboneSpec, get_backbone
 from tlkit.cache import (
     SCHEMA,
@@ -113,13 +112,15 @@ def make_rows_fn(transform: TrainTransform, crop_fraction: float, seed: int,
 
 def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut: Cut,
                   size: int, views: int, augment: AugmentConfig, seed: int, folder: ImageFolder,
-                  dtype: str) -> tuple[Any, str, dict[str, Any], Any]:
-    """(trunk, key, key inputs, train transform) for a model cut at `cut`."""
+                  dtype: str, pca: ColorPCA | None = None) -> tuple[Any, str, dict[str, Any], Any]:
+    """(trunk, key, key inputs, train transform) for a model cut at `cut`; `pca`, when the
+    caller has it already, saves computing the dataset PCA twice."""
     from tlkit.pipeline import build_train_transform
 
     trunk = build_trunk(model, cut)
     aug = view_augment(views, augment)
-    transform = build_train_transform(aug, folder.splits["train"], size, spec.crop_fraction)
+    transform = build_train_transform(aug, folder.splits["train"], size, spec.crop_fraction,
+                                      pca if aug.pca_sigma > 0 else None)
     pca = transform.pca.as_dict() if transform.pca is not None else None
     inputs = cache_inputs(spec, weights, trunk, cut, size, views, aug, pca, seed, folder, dtype)
     return trunk, key_of(inputs), inputs, transform
@@ -226,8 +227,4 @@ def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,
             else ordered_jobs(reader.count, batch_size))
     return run_jobs(jobs, make_batch, reader.labels.tolist(), reader.shape, "float32",
                     workers, prefetch)
-
-
-def steps_for(cache: FeatureCache, split: str, batch_size: int) -> int:
-    return math.ceil(cache.manifest["splits"][split]["count"] / batch_size)
 

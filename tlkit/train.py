@@ -96,7 +96,7 @@ def _param_counts(model: Any) -> tuple[int, int]:
 
 
 def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, base: Any,
-                  plan: Any, size: int, folder: Any) -> tuple[Any, Any, str]:
+                  plan: Any, size: int, folder: Any, pca: Any) -> tuple[Any, Any, str]:
     """(cache or None, the model to fit, why): train the tail from cached activations when a
     cache matches these exact settings (or --cache builds one)."""
     from tlkit.cache import cache_root, open_cache
@@ -114,7 +114,7 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
                              "--augment none to train from a cache")
     trunk, key, inputs, transform = prepare_cache(
         spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
-        config.cache_dtype)
+        config.cache_dtype, pca)
     root = cache_root(config.cache_dir)
     cache = open_cache(root, key)
     moved = "" if cut.k == plan.n_frozen else (
@@ -182,7 +182,7 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
         log.info("PCA colour: eigenvalues %s from %d images", ", ".join(
             f"{v:.4f}" for v in transform.pca.eigvals), transform.pca.n_images)
     cache, fit_model, cache_note = _select_cache(config, spec, weights, model, base, plan, size,
-                                                 folder)
+                                                 folder, transform.pca)
     log.info("feature cache: %s", cache_note)
     if cache is not None:
         val_ds = cache_dataset(cache, "val", config.batch_size, config.seed, shuffle=False,
