@@ -232,10 +232,10 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
                                      first_epoch=epochs_done, epochs=epochs,
                                      workers=config.workers, prefetch=config.prefetch)
         history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                            steps_per_epoch=steps_per_epoch(len(train_examples),
-                                                            config.batch_size),
-                            callbacks=[recorder, stop], verbose=verbose,
-                            shuffle=False)  # the dataset shuffles, seeded
+                                steps_per_epoch=steps_per_epoch(len(train_examples),
+                                                                config.batch_size),
+                                callbacks=[recorder, stop], verbose=verbose,
+                                shuffle=False)  # the dataset shuffles, seeded
         ran = len(history.history.get("loss", []))
         epochs_done += epochs
         phase_rows = [r for r in rows if r["phase"] == phase]
