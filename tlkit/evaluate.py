@@ -127,22 +127,22 @@ def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
                       batch_size: int, workers: int | None) -> list[np.ndarray]:
     """Per member, (N, K, C) probabilities of every view of every image."""
     groups = _shared_groups(members)
-    out: list[list[np.ndarray]] = [[] for _ in members]
-    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
     geometry = sorted({(m.size, m.crop) for m in members})
-    for start in range(0, len(paths), batch_size):
-        images = list(pool.map(decode_image, paths[start : start + batch_size]))
-        views = {g: np.stack(list(pool.map(lambda im, g=g: multicrop_views(im, g[0], g[1],
-                                                                           mode), images)))
-                 for g in geometry}
-        for trunk, models, idx in groups:
-            v = views[(members[idx[0]].size, members[idx[0]].crop)]
-            b, k = v.shape[:2]
-            flat = v.reshape(b * k, *v.shape[2:])
-            x = np.asarray(trunk.predict_on_batch(flat)) if trunk is not None else flat
-            for model, i in zip(models, idx, strict=True):
-                p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
-                out[i].append(p.reshape(b, k, -1))
+    out: list[list[np.ndarray]] = [[] for _ in members]
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), batch_size):
+            images = list(pool.map(decode_image, paths[start : start + batch_size]))
+            views = {(size, crop): np.stack(list(pool.map(
+                lambda im, s=size, c=crop: multicrop_views(im, s, c, mode), images)))
+                for size, crop in geometry}
+            for trunk, models, idx in groups:
+                v = views[(members[idx[0]].size, members[idx[0]].crop)]
+                b, k = v.shape[:2]
+                flat = v.reshape(b * k, *v.shape[2:])
+                x = np.asarray(trunk.predict_on_batch(flat)) if trunk is not None else flat
+                for model, i in zip(models, idx, strict=True):
+                    p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+                    out[i].append(p.reshape(b, k, -1))
     return [np.concatenate(parts) for parts in out]
 
 
