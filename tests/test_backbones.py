@@ -45,7 +45,7 @@ def test_builds_at_minimum_size_with_finite_output_and_known_stages(name):
 
 def test_input_size_below_minimum_is_refused():
     with pytest.raises(ConfigError, match="minimum of 75 for inception_v3"):
-        get_backbone("inception_v3").check_input_size(64)
+        get_backbone("inception_v3").resolve_input_size(64)
     assert get_backbone("inception_v3").default_size == 299
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tlkit.errors import ConfigError
+from tlkit.errors import ConfigError, did_you_mean
 
 CROP_STYLES = ("center", "crop", "resized-crop")
 
@@ -152,10 +152,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def resolve_augment(preset: str, extra: Sequence[str] = (), **overrides: Any) -> AugmentConfig:
     """A preset by name, then explicit overrides (None means keep the preset's value)."""
     if preset not in PRESETS:
-        import difflib
-
-        close = difflib.get_close_matches(preset, PRESETS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(preset, PRESETS)
         raise ConfigError(f"unknown --augment preset {preset!r}.{hint} Choose one of: "
                           f"{', '.join(PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
@@ -180,12 +177,9 @@ def build_extra(name: str, args_json: str) -> Any:
     A = _albumentations()
     cls = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        import difflib
-
         names = [n for n in dir(A) if isinstance(getattr(A, n), type)
                  and issubclass(getattr(A, n), A.BasicTransform)]
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, names)
         raise ConfigError(f"unknown albumentations transform {name!r}.{hint}")
     args = json.loads(args_json)
     import inspect
@@ -194,10 +188,7 @@ def build_extra(name: str, args_json: str) -> Any:
                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"]
     for arg in args:
         if arg not in accepted:
-            import difflib
-
-            close = difflib.get_close_matches(arg, accepted, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(arg, accepted)
             raise ConfigError(f"albumentations {name} has no argument {arg!r}.{hint} "
                               f"It takes: {', '.join(accepted)}")
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.errors import ConfigError
+from tlkit.errors import ConfigError, did_you_mean
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 
@@ -53,12 +53,15 @@ class BackboneSpec:
         size = input_size or self.default_size
         return ctor(weights=weights, include_top=False, input_shape=(size, size, 3))
 
-    def check_input_size(self, size: int) -> None:
+    def resolve_input_size(self, requested: int | None) -> int:
+        """The requested input size, or the default; refused below the backbone's minimum."""
+        size = requested or self.default_size
         if size < self.min_size:
             raise ConfigError(
                 f"--input-size {size} is below the minimum of {self.min_size} for {self.name}; "
                 f"use at least {self.min_size} (default {self.default_size}). Received: {size}"
             )
+        return size
 
 
 def _resnet_stages(conv3: int, conv4: int, last: str = "conv5_block3_out") -> tuple:
@@ -146,10 +149,7 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, REGISTRY)
         raise ConfigError(
             f"unknown backbone {name!r}.{hint} Choose one of: {', '.join(REGISTRY)}. "
             "(`tlkit backbones` lists them.)"

@@ -229,8 +229,9 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
         manifest = {"schema": SCHEMA, "key": key, "dtype": dtype, "inputs": inputs,
                     "splits": manifest_splits,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        # every file was hashed from disk (new shards after writing, resumed ones on reuse),
+        # so the manifest describes exactly what is published
         atomic_write_json(work / "manifest.json", manifest)
-        FeatureCache(work, manifest).verify()  # publish only what the manifest describes
         progress_file.unlink()
         os.replace(work, root / key)
         return FeatureCache(root / key, manifest)

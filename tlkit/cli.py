@@ -341,8 +341,7 @@ def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, b
     from tlkit.throughput import plan_input
 
     spec = get_backbone(backbone)
-    size = input_size or spec.default_size
-    spec.check_input_size(size)
+    size = spec.resolve_input_size(input_size)
     train = load_folder(data).splits["train"]
     transform = build_train_transform(_augment_config(options), train, size, spec.crop_fraction)
     plan = plan_input(train, transform, backbone, FreezeRequest(count=freeze), batch_size,

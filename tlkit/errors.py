@@ -5,6 +5,16 @@ Anything that is not a TlkitError is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """' Did you mean 'x'?' for the closest choice, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
 
 class TlkitError(Exception):
     """A mistake in the user's input or environment, explained in one line."""

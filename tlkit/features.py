@@ -152,8 +152,7 @@ def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, An
     import keras
 
     spec = get_backbone(config.backbone)
-    size = config.input_size or spec.default_size
-    spec.check_input_size(size)
+    size = spec.resolve_input_size(config.input_size)
     weights = resolve_weights(spec, config.weights)
     folder = load_folder(config.data, config.val_fraction)
     check_decodable([e for s in folder.splits.values() for e in s], config.workers)

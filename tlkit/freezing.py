@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlkit.backbones import BackboneSpec
-from tlkit.errors import ConfigError
+from tlkit.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,7 @@ def resolve_freeze(
         )
     if request.to_layer is not None:
         if request.to_layer not in layer_names:
-            import difflib
-
-            close = difflib.get_close_matches(request.to_layer, layer_names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(request.to_layer, layer_names)
             raise ConfigError(
                 f"--freeze-to: {spec.name} has no layer named {request.to_layer!r}.{hint} "
                 f"`tlkit inspect {spec.name}` lists the layers."

@@ -61,8 +61,7 @@ def backbone_table() -> list[dict[str, Any]]:
 def layer_table(name: str, input_size: int | None = None) -> list[dict[str, Any]]:
     """Every backbone layer with its index as `--freeze N` counts it."""
     spec = get_backbone(name)
-    size = input_size or spec.default_size
-    spec.check_input_size(size)
+    size = spec.resolve_input_size(input_size)
     base = spec.build(size)
     from tlkit.split import single_tensor_cuts
 

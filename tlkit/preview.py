@@ -33,8 +33,7 @@ def augment_preview(data: str | os.PathLike, augment: AugmentConfig, output: str
     if n < 1 or draws < 1:
         raise ConfigError(f"-n and --draws must be at least 1. Received: -n {n}, --draws {draws}")
     spec = get_backbone(backbone)
-    size = input_size or spec.default_size
-    spec.check_input_size(size)
+    size = spec.resolve_input_size(input_size)
     train = load_folder(data).splits["train"]
     transform = build_train_transform(augment, train, size, spec.crop_fraction)
     index_of = {e.path: i for i, e in enumerate(train)}

@@ -141,8 +141,7 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
 def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
     """Train a classifier on `config.data`; return the finished run."""
     spec = get_backbone(config.backbone)
-    size = config.input_size or spec.default_size
-    spec.check_input_size(size)
+    size = spec.resolve_input_size(config.input_size)
     run_dir = Path(config.output) if config.output else default_run_dir(spec.name)
     if run_dir.exists() and not config.overwrite:
         raise RunError(f"{run_dir}: already exists; choose another -o/--output or pass --overwrite")
