@@ -47,10 +47,10 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     assert "phase head (head only, backbone frozen)" in result.output
     assert "trainable /" in result.output and "frozen BatchNorm layers" in result.output
     run = tmp_path / "runs" / "a"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "history.csv",
-                                                     "model.keras", "run.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "data_report.json",
+                                                     "history.csv", "model.keras", "run.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "best.weights.h5", "last.weights.h5"]
+        "best.h5", "identity.json", "last.h5"]
     assert not list((tmp_path / "runs").glob("*.incomplete-*"))
     info = json.loads((run / "run.json").read_text())
     assert info["classes"] == ["cat", "dog"] and info["backbone"] == "resnet50"

@@ -5,7 +5,7 @@ import os
 import pytest
 from conftest import write_folder
 
-from tlkit.datasets import check_decodable, fingerprint, load_folder
+from tlkit.datasets import fingerprint, load_folder
 from tlkit.errors import DataError
 
 
@@ -93,16 +93,3 @@ def test_fingerprint_changes_when_a_file_changes(make_folder):
     path = root / "cat" / "img0.png"
     os.utime(path, ns=(1, 1))
     assert fingerprint(load_folder(root, val_fraction=0.5)) != a
-
-
-def test_check_decodable_lists_every_bad_file(make_folder):
-    root = make_folder(per_class=6)
-    (root / "cat" / "bad1.jpg").write_text("text")
-    (root / "dog" / "bad2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    folder = load_folder(root, val_fraction=0.5)
-    examples = [e for s in folder.splits.values() for e in s]
-    with pytest.raises(DataError) as err:
-        check_decodable(examples)
-    text = str(err.value)
-    assert "2 of 14 files cannot be used" in text
-    assert "bad1.jpg: not an image (text file)" in text and "bad2.png" in text

@@ -136,6 +136,14 @@ class AugmentConfig:
                 "pca_sigma": self.pca_sigma,
                 "extra": [{"name": n, "args": json.loads(a)} for n, a in self.extra]}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AugmentConfig:
+        """The inverse of `as_dict` (a run's record); the values are validated again."""
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
+                  if k not in ("extra", "pca")}
+        extra = tuple((e["name"], json.dumps(e["args"], sort_keys=True)) for e in d["extra"])
+        return cls(**values, extra=extra)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},

@@ -31,7 +31,7 @@ import numpy as np
 
 from tlkit.datasets import Example
 from tlkit.errors import ConfigError, TlkitError
-from tlkit.fsutil import atomic_path, atomic_write_json, sha256_file
+from tlkit.fsutil import atomic_path, atomic_write_json, is_inside, sha256_file
 
 SCHEMA = 1
 CACHE_DIR = "cache"
@@ -90,6 +90,14 @@ def build_lock(root: Path, key: str, wait: bool = True) -> Iterator[None]:
 class FeatureCache:
     path: Path
     manifest: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        for split in self.manifest["splits"].values():
+            for f in [*split["shards"], split["labels"]]:
+                if not isinstance(f.get("file"), str) or not is_inside(self.path, f["file"]):
+                    raise CacheError(f"{self.path / 'manifest.json'}: names a file outside the "
+                                     f"cache ({f.get('file')!r}); remove the cache with "
+                                     f"`tlkit cache rm {self.key}`")
 
     @property
     def key(self) -> str:

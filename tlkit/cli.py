@@ -153,6 +153,33 @@ def _augment_config(options: dict[str, Any]) -> Any:
                            pca_sigma=options.pop("pca_sigma"))
 
 
+def audit_options(command: Any) -> Any:
+    """How finetune, precompute-features and check-data treat files that cannot be used."""
+    options = [
+        click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error",
+                     show_default=True,
+                     help="error: list every unusable file and start nothing; skip: leave them "
+                          "out and record each in the run."),
+        click.option("--max-bad-fraction", type=float, default=0.1, show_default=True,
+                     help="With --on-bad-image skip, still stop when more than this share of "
+                          "the files is unusable."),
+        click.option("--max-pixels", type=int,
+                     help="Refuse images larger than this many pixels, a defence against "
+                          "decompression bombs. Default: 100 million."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _audit_config(options: dict[str, Any]) -> Any:
+    from tlkit.audit import AuditConfig
+
+    max_pixels = options.pop("max_pixels")
+    return AuditConfig(options.pop("on_bad_image"), options.pop("max_bad_fraction"),
+                       **({"max_pixels": max_pixels} if max_pixels is not None else {}))
+
+
 def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     from tlkit.freezing import parse_freeze_count
 
@@ -204,22 +231,120 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
 @click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True)
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
+              show_default=True, help="balanced: weight classes by n / (classes x count).")
+@audit_options
+@click.option("--resume", type=click.Path(), metavar="RUN",
+              help="Continue an interrupted run (runs/NAME) from its last checkpoint, with the "
+                   "settings it started with.")
+@click.option("--force-resume", is_flag=True,
+              help="Resume even though settings, classes or data changed since the run began.")
 def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
-             freeze_blocks: int | None, **options: Any) -> None:
+             freeze_blocks: int | None, resume: str | None, force_resume: bool,
+             **options: Any) -> None:
     """Fine-tune a pretrained backbone on DATA (default data/): class folders, or train/val/test."""
     from tlkit.config import FinetuneConfig
     from tlkit.freezing import FreezeRequest
     from tlkit.train import finetune as run_finetune
+    from tlkit.train import resume_config
 
     if freeze is None and freeze_to is None and freeze_blocks is None:
         freeze = "0"
     request = FreezeRequest(count=freeze, to_layer=freeze_to, blocks=freeze_blocks)
     augment = _augment_config(options)
+    audit = _audit_config(options)
     cache = options.pop("cache")
     config = FinetuneConfig(data=data, weights=weights_, freeze=request, augment=augment,
-                            cache={None: "auto", True: "build", False: "off"}[cache], **options)
-    run = run_finetune(config)
+                            audit=audit, cache={None: "auto", True: "build", False: "off"}[cache],
+                            **options)
+    if resume is not None:  # the saved settings, changed only where a flag was typed
+        ctx = click.get_current_context()
+        typed = {PARAM_FIELDS.get(name, name) for name in ctx.params
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+                 and name not in ("resume", "force_resume")}
+        config = resume_config(resume, **{f: getattr(config, f) for f in typed})
+    run = run_finetune(config, resume=resume, force_resume=force_resume)
     click.echo(f"run: {run.path}")
+
+
+# finetune flags -> the FinetuneConfig field each one sets
+PARAM_FIELDS = {"weights_": "weights", "freeze_to": "freeze", "freeze_blocks": "freeze",
+                "augment_preset": "augment", "crop": "augment", "flip_p": "augment",
+                "pca_sigma": "augment", "extra_transform": "augment", "on_bad_image": "audit",
+                "max_bad_fraction": "audit", "max_pixels": "audit"}
+
+
+@cli.command("check-data")
+@click.argument("data", default="data", type=click.Path())
+@click.option("--backbone", default="resnet50", show_default=True,
+              help="Backbone whose minimum input size flags small images.")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              help="Validation share when DATA has no val/ folder (as in finetune).")
+@click.option("--max-pixels", type=int, help="Refuse images larger than this (default 100 MP).")
+@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@click.option("-o", "--output", default="data_report.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Where the full JSON report goes.")
+@click.option("--overwrite", is_flag=True, help="Replace an output file that is not a report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_data(data: str, backbone: str, val_fraction: float, max_pixels: int | None,
+               workers: int | None, output: str, overwrite: bool, as_json: bool) -> None:
+    """Decode every image of DATA once and report what is wrong; exit 3 if any file is unusable.
+
+    finetune and precompute-features run the same check first. Results are remembered per file
+    (size and modification time), so checking unchanged data again is instant.
+    """
+    from tlkit.audit import check_data as run_check
+    from tlkit.audit import write_report
+    from tlkit.errors import DataError
+
+    limit = {"max_pixels": max_pixels} if max_pixels is not None else {}
+    summary = run_check(data, backbone, val_fraction, workers=workers, **limit).as_dict()
+    path = write_report(summary, output, overwrite)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_report(summary, path)
+    if summary["bad"]:
+        raise DataError(f"{len(summary['bad'])} of {summary['totals']['files']} files cannot be "
+                        f"used (listed in {path}); fix or remove them, or train with "
+                        "--on-bad-image skip")
+
+
+def _print_report(summary: dict[str, Any], path: Any) -> None:
+    from tlkit.audit import summary_lines
+
+    classes = summary["classes"]
+    width = max(len(c) for c in classes) + 2
+    splits = list(summary["splits"])
+    click.echo(f"{summary['root']} ({summary['layout']} layout, validation: "
+               f"{summary['val_source']}), {len(classes)} classes")
+    click.echo(f"{'class':<{width}}" + "".join(f"{s:>12}" for s in splits))
+    for c in classes:
+        cells = []
+        for s in splits:
+            n = summary["splits"][s]["classes"].get(c, {"ok": 0, "bad": 0})
+            cells.append(f"{n['ok']}" + (f" (+{n['bad']} bad)" if n["bad"] else ""))
+        click.echo(f"{c:<{width}}" + "".join(f"{cell:>12}" for cell in cells))
+    imbalance = ", ".join(f"{s} {i['imbalance']:g}:1" for s, i in summary["splits"].items()
+                          if i["imbalance"])
+    click.echo(f"imbalance (largest / smallest class): {imbalance}")
+    click.echo("formats: " + ", ".join(f"{k} {v}" for k, v in summary["formats"].items())
+               + "; colour modes: " + ", ".join(f"{k} {v}" for k, v in summary["modes"].items()))
+    for line in summary_lines(summary):
+        click.echo(line)
+    sections = [("unusable files", [f"{b['path']}: {b['problem']}" for b in summary["bad"]]),
+                ("warnings", [f"{w['path']}: {w['warning']}" for w in summary["warnings"]]),
+                ("duplicates", [f"{g['kind']}: " + ", ".join(f["path"] for f in g["files"])
+                                for g in summary["duplicates"]]),
+                ("ignored (hidden or system files)", summary["ignored"])]
+    for title, lines in sections:
+        if lines:
+            click.echo(f"{title} ({len(lines)}):")
+            for line in lines[:20]:
+                click.echo(f"  {line}")
+            if len(lines) > 20:
+                click.echo(f"  ... {len(lines) - 20} more in {path}")
+    click.echo(f"report: {path}")
 
 
 @cli.command("precompute-features")
@@ -242,6 +367,7 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
 @click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
 @click.option("--val-fraction", default=0.2, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print size and time estimates; write nothing.")
+@audit_options
 def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
                         freeze_blocks: int | None, **options: Any) -> None:
     """Run the frozen trunk once over DATA and cache its activations for finetune."""
@@ -253,6 +379,7 @@ def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to:
         freeze = "all"
     augment = _augment_config(options)
     config = PrecomputeConfig(data=data, weights=weights_, augment=augment,
+                              audit=_audit_config(options),
                               freeze=FreezeRequest(freeze, freeze_to, freeze_blocks), **options)
     result = run_precompute(config)
     if isinstance(result, dict):
@@ -401,6 +528,9 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
         return
     click.echo(f"{metrics['source']}: {metrics['images']} images, {metrics['views']} view(s) "
                "each")
+    if metrics["classes_without_images"]:
+        click.echo(f"  no images of class {', '.join(metrics['classes_without_images'])} in this "
+                   "set: those classes are left out of the averages")
     for row in metrics["comparison"]:
         click.echo(f"  {row['model']:<40} single-crop top-1 {row['single_crop_top1']:.4f}   "
                    f"multi-crop ({metrics['multicrop']}) top-1 {row['multicrop_top1']:.4f}")

@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from tlkit.audit import AuditConfig
 from tlkit.augment import AugmentConfig, resolve_augment
-from tlkit.errors import ConfigError
+from tlkit.errors import ConfigError, did_you_mean
 from tlkit.freezing import FreezeRequest
 
 
@@ -41,6 +42,8 @@ class FinetuneConfig:
     views: int = 1  # augmented views per training image in the feature cache
     cache_dir: str | None = None  # None: cache/
     cache_dtype: str = "float16"
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    class_weight: str = "none"  # "balanced": weight each class by n / (classes * count)
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +67,8 @@ class FinetuneConfig:
             (self.views >= 1, "--views must be at least 1", self.views),
             (self.cache_dtype in ("float16", "float32"), "--cache-dtype must be float16 or "
              "float32", self.cache_dtype),
+            (self.class_weight in ("none", "balanced"), "--class-weight must be none or "
+             "balanced", self.class_weight),
         ]
         for ok, message, value in checks:
             if not ok:
@@ -79,3 +84,16 @@ class FinetuneConfig:
         out = dataclasses.asdict(self)
         out["augment"] = self.augment.as_dict()
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """The inverse of `as_dict`: how `--resume` gets back the settings a run started with."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                raise ConfigError(f"unknown finetune setting {key!r}.{did_you_mean(key, names)}")
+        values = dict(d)
+        values["freeze"] = FreezeRequest(**d["freeze"])
+        values["augment"] = AugmentConfig.from_dict(d["augment"])
+        values["audit"] = AuditConfig(**d.get("audit", {}))
+        return cls(**values)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,25 +202,3 @@ def fingerprint(folder: ImageFolder) -> str:
             st = os.stat(e.path)
             h.update(f"{split}\0{e.relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
-
-
-def check_decodable(examples: list[Example], workers: int | None = None) -> None:
-    """Decode every file once, in parallel, so a bad file stops the run before training."""
-    from tlkit.decode import decode_image
-
-    def one(e: Example) -> str | None:
-        try:
-            decode_image(e.path)
-        except DataError as err:
-            return str(err)
-        return None
-
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        errors = [msg for msg in pool.map(one, examples) if msg]
-    if errors:
-        shown = "\n  ".join(errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise DataError(
-            f"{len(errors)} of {len(examples)} files cannot be used; fix or remove them:\n"
-            f"  {shown}{more}"
-        )

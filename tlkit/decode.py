@@ -2,14 +2,19 @@
 
 Extensions lie (a PNG saved as .jpg, a text file named .jpg), so the format is whatever the
 bytes say. Orientation follows the EXIF tag, as a photo viewer shows it, because that is the
-image the user labelled.
+image the user labelled. An image above a pixel limit is refused before it is decoded: a small
+file can declare a huge canvas (a decompression bomb).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,8 +23,35 @@ from tlkit.errors import DataError
 
 # Formats a folder of training photos can hold; anything else is refused by name.
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO")
+# What each extension promises; a file whose bytes say otherwise still decodes, with a warning.
+EXTENSION_FORMATS = {
+    ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO"), ".jpe": ("JPEG",), ".jfif": ("JPEG",),
+    ".png": ("PNG",), ".bmp": ("BMP",), ".gif": ("GIF",), ".webp": ("WEBP",),
+    ".tif": ("TIFF",), ".tiff": ("TIFF",), ".mpo": ("MPO", "JPEG"),
+}
 # Transparent pixels are composited onto this colour (what a browser shows on white).
 BACKGROUND = (255, 255, 255)
+# 100 megapixels: above any camera a classifier is trained from, far below a bomb's billions.
+# Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS, about 179 MP) still applies above it.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# tlkit applies its own pixel limit and converts palette transparency itself, so these two
+# Pillow warnings would only repeat what tlkit already handles. (A filter, not
+# warnings.catch_warnings: that one is not thread-safe and decoding runs in threads.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", message="Palette images with Transparency")
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What check-data learns from decoding one file."""
+
+    format: str
+    mode: str  # the colour mode stored in the file, before conversion to RGB
+    width: int
+    height: int
+    sha256: str  # of the file's bytes: exact duplicates
+    warnings: tuple[str, ...]  # decodes, but something is off
 
 
 def _sniff(head: bytes) -> str:
@@ -33,33 +65,81 @@ def _sniff(head: bytes) -> str:
         return "unknown binary format"
 
 
-def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode one file to uint8 RGB (H, W, 3); a DataError names the file if it is not an image."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+def _open_rgb(source: str | os.PathLike | BinaryIO, path: Path,
+              max_pixels: int | None) -> tuple[np.ndarray, str, str, tuple[int, int]]:
+    """(RGB array, format, original mode, original size); DataError names `path`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # truncated-but-readable JPEG tails etc.
-            with Image.open(path) as im:
-                if im.format not in FORMATS:
-                    raise DataError(
-                        f"{path}: unsupported image format {im.format}; convert it to JPEG or "
-                        "PNG, or move it out of the dataset"
-                    )
-                im.seek(0)  # first frame of a GIF / multi-page TIFF
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+        with Image.open(source) as im:
+            if im.format not in FORMATS:
+                raise DataError(
+                    f"{path}: unsupported image format {im.format}; convert it to JPEG or "
+                    "PNG, or move it out of the dataset"
+                )
+            check_pixels(path, im.size, max_pixels)
+            fmt, mode, size = im.format, im.mode, im.size
+            im.seek(0)  # first frame of a GIF / multi-page TIFF
+            return to_rgb(ImageOps.exif_transpose(im)), fmt, mode, size
     except DataError:
         raise
     except UnidentifiedImageError:
-        with open(path, "rb") as f:
-            kind = _sniff(f.read(512))
+        if isinstance(source, io.BytesIO):
+            head = source.getvalue()[:512]
+        else:
+            with open(path, "rb") as f:
+                head = f.read(512)
         raise DataError(
-            f"{path}: not an image ({kind}); remove it or move it out of the dataset"
+            f"{path}: not an image ({_sniff(head)}); remove it or move it out of the dataset"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image ({e}); re-export or remove it") from None
+
+
+def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise DataError(
+            f"{path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit "
+            f"of {max_pixels / 1e6:g} (a decompression bomb?); if the image is genuine, raise "
+            "--max-pixels or downscale it"
+        )
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                 ) -> np.ndarray:
+    """Decode one file to uint8 RGB (H, W, 3); a DataError names the file if it is not an image.
+
+    `max_pixels=None` skips tlkit's limit (for files check-data already passed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return _open_rgb(path, path, max_pixels)[0]
+
+
+def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                ) -> ImageProbe:
+    """Decode one file exactly as training will, and report what a data audit needs."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    _, fmt, mode, (width, height) = _open_rgb(io.BytesIO(data), path, max_pixels)
+    notes = []
+    expected = EXTENSION_FORMATS.get(path.suffix.lower())
+    if expected is None:
+        notes.append(f"extension {path.suffix or '(none)'!r} is not an image extension; "
+                     f"the content is {fmt}")
+    elif fmt not in expected:
+        notes.append(f"content is {fmt} but the extension is {path.suffix!r}")
+    if fmt == "JPEG":
+        end = data.rfind(b"\xff\xd9")
+        trailing = len(data) - (end + 2) if end >= 0 else 0
+        if trailing and data[end + 2:].strip(b"\x00"):
+            notes.append(f"{trailing} bytes of junk after the JPEG end marker (ignored)")
+    return ImageProbe(fmt, mode, width, height, hashlib.sha256(data).hexdigest(), tuple(notes))
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:

@@ -128,10 +128,12 @@ def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
     """Per member, (N, K, C) probabilities of every view of every image."""
     groups = _shared_groups(members)
     geometry = sorted({(m.size, m.crop) for m in members})
+    max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
     out: list[list[np.ndarray]] = [[] for _ in members]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         for start in range(0, len(paths), batch_size):
-            images = list(pool.map(decode_image, paths[start : start + batch_size]))
+            images = list(pool.map(lambda path: decode_image(path, max_pixels),
+                                   paths[start : start + batch_size]))
             views = {(size, crop): np.stack(list(pool.map(
                 lambda im, s=size, c=crop: multicrop_views(im, s, c, mode), images)))
                 for size, crop in geometry}
@@ -186,6 +188,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
                                                                 strict=True)) / total)
                     for key in ("precision", "recall", "f1")}
     out["per_class"] = per_class
+    # a folder may lack classes the model knows; they are not in the averages (as in sklearn)
+    out["classes_without_images"] = [classes[k] for k in range(c) if not cm[k, :].sum()]
     out["confusion_matrix"] = cm.tolist()
     off = [(int(cm[i, j]), classes[i], classes[j]) for i in range(c) for j in range(c)
            if i != j and cm[i, j] > 0]

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.audit import AuditConfig, audit_and_filter
 from tlkit.augment import AugmentConfig, ColorPCA, TrainTransform, resolve_augment, sample_rng
 from tlkit.backbones import BackboneSpec, get_backbone
 from tlkit.cache import (
@@ -34,7 +35,8 @@ from tlkit.cache import (
     open_cache,
     weights_digest,
 )
-from tlkit.datasets import Example, ImageFolder, check_decodable, load_folder
+from tlkit.datasets import Example, ImageFolder, load_folder
+from tlkit.decode import DEFAULT_MAX_PIXELS
 from tlkit.errors import ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
 from tlkit.split import Cut, build_trunk, resolve_cut
@@ -61,6 +63,7 @@ class PrecomputeConfig:
     workers: int | None = None
     val_fraction: float = 0.2
     dry_run: bool = False
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -93,17 +96,18 @@ def cache_inputs(spec: BackboneSpec, weights: ResolvedWeights, trunk: Any, cut: 
 
 
 def make_rows_fn(transform: TrainTransform, crop_fraction: float, seed: int,
-                 workers: int | None) -> Any:
+                 workers: int | None, max_pixels: int) -> Any:
     from tlkit.pipeline import load_eval_image, load_train_image
 
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
 
     def make_rows(split: str, view: int, first: int, examples: Sequence[Example]) -> np.ndarray:
         if split == "train" and transform.config.random:
-            jobs = [lambda e=e, i=first + j: load_train_image(e.path, transform, seed, view, i)
+            jobs = [lambda e=e, i=first + j: load_train_image(e.path, transform, seed, view, i,
+                                                              max_pixels)
                     for j, e in enumerate(examples)]
         else:
-            jobs = [lambda e=e: load_eval_image(e.path, transform.size, crop_fraction)
+            jobs = [lambda e=e: load_eval_image(e.path, transform.size, crop_fraction, max_pixels)
                     for e in examples]
         return np.stack(list(pool.map(lambda f: f(), jobs)))
 
@@ -112,7 +116,8 @@ def make_rows_fn(transform: TrainTransform, crop_fraction: float, seed: int,
 
 def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut: Cut,
                   size: int, views: int, augment: AugmentConfig, seed: int, folder: ImageFolder,
-                  dtype: str, pca: ColorPCA | None = None) -> tuple[Any, str, dict[str, Any], Any]:
+                  dtype: str, pca: ColorPCA | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Any, str, dict[str, Any], Any]:
     """(trunk, key, key inputs, train transform) for a model cut at `cut`; `pca`, when the
     caller has it already, saves computing the dataset PCA twice."""
     from tlkit.pipeline import build_train_transform
@@ -120,7 +125,7 @@ def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut:
     trunk = build_trunk(model, cut)
     aug = view_augment(views, augment)
     transform = build_train_transform(aug, folder.splits["train"], size, spec.crop_fraction,
-                                      pca if aug.pca_sigma > 0 else None)
+                                      pca if aug.pca_sigma > 0 else None, max_pixels)
     pca = transform.pca.as_dict() if transform.pca is not None else None
     inputs = cache_inputs(spec, weights, trunk, cut, size, views, aug, pca, seed, folder, dtype)
     return trunk, key_of(inputs), inputs, transform
@@ -129,7 +134,8 @@ def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut:
 def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
                         folder: ImageFolder, views: int, transform: TrainTransform,
                         crop_fraction: float, seed: int, dtype: str, batch_size: int,
-                        workers: int | None) -> FeatureCache:
+                        workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS
+                        ) -> FeatureCache:
     import keras
 
     view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
@@ -142,7 +148,7 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
         rate = done[0] / max(time.perf_counter() - start, 1e-9)
         bar.update(min(done[0], total), values=[("images/s", rate)])
 
-    make_rows = make_rows_fn(transform, crop_fraction, seed, workers)
+    make_rows = make_rows_fn(transform, crop_fraction, seed, workers, max_pixels)
     return build_cache(root, key, inputs, trunk, folder.splits, view_counts, make_rows, dtype,
                        batch_size, progress=progress)
 
@@ -154,8 +160,8 @@ def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, An
     spec = get_backbone(config.backbone)
     size = spec.resolve_input_size(config.input_size)
     weights = resolve_weights(spec, config.weights)
-    folder = load_folder(config.data, config.val_fraction)
-    check_decodable([e for s in folder.splits.values() for e in s], config.workers)
+    folder, _, _ = audit_and_filter(load_folder(config.data, config.val_fraction), config.audit,
+                                    spec.min_size, config.workers)
     keras.utils.set_random_seed(config.seed)
     base = build_backbone(spec, weights, size)
     plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
@@ -172,7 +178,7 @@ def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, An
                  cut.layer)
     trunk, key, inputs, transform = prepare_cache(
         spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
-        config.dtype)
+        config.dtype, max_pixels=config.audit.max_pixels)
     root = cache_root(config.cache_dir)
     existing = open_cache(root, key)
     counts = {s: len(x) for s, x in folder.splits.items()}
@@ -203,7 +209,7 @@ def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, An
              key, counts, shape, config.dtype, needed / 1e6)
     return build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
                                spec.crop_fraction, config.seed, config.dtype,
-                               config.batch_size, config.workers)
+                               config.batch_size, config.workers, config.audit.max_pixels)
 
 
 def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,

@@ -35,7 +35,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -72,9 +72,22 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: boo
         old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def is_inside(root: str | os.PathLike, relative: str) -> bool:
+    """Whether `root / relative` stays under `root`: a name read from a manifest must not
+    reach other files with `..`, an absolute path or a symlink."""
+    root = Path(root).resolve()
+    return Path(root, relative).resolve().is_relative_to(root)
+
+
+def user_cache_dir() -> Path:
+    """tlkit's per-user cache (XDG): memos that are cheap to lose, never results."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tlkit"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -96,7 +109,7 @@ def file_hash(path: str | os.PathLike, algorithm: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -7,19 +7,17 @@ ten on two cores), so they are cached per Keras version under ~/.cache/tlkit.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tlkit.backbones import REGISTRY, get_backbone, stage_of_layers
-from tlkit.fsutil import atomic_write_json
+from tlkit.fsutil import atomic_write_json, user_cache_dir
 
 
 def _cache_file() -> Path:
     import keras
 
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tlkit" / f"backbones-keras-{keras.__version__}.json"
+    return user_cache_dir() / f"backbones-keras-{keras.__version__}.json"
 
 
 def backbone_stats(name: str) -> dict[str, int]:

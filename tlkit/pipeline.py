@@ -29,7 +29,7 @@ from tlkit.augment import (
     sample_rng,
 )
 from tlkit.datasets import Example
-from tlkit.decode import decode_image
+from tlkit.decode import DEFAULT_MAX_PIXELS, decode_image
 from tlkit.errors import ConfigError, DataError
 
 PCA_MAX_IMAGES = 256
@@ -46,45 +46,52 @@ def _checked(image: np.ndarray, path: str, size: int) -> np.ndarray:
     return image
 
 
-def load_eval_image(path: str, size: int, crop_fraction: float) -> np.ndarray:
-    return _checked(eval_transform(decode_image(path), size, crop_fraction), path, size)
+def load_eval_image(path: str, size: int, crop_fraction: float,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    image = eval_transform(decode_image(path, max_pixels), size, crop_fraction)
+    return _checked(image, path, size)
 
 
 def load_train_image(path: str, transform: TrainTransform, seed: int, epoch: int,
-                     index: int) -> np.ndarray:
-    image = transform(decode_image(path), sample_rng(seed, epoch, index))
+                     index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    image = transform(decode_image(path, max_pixels), sample_rng(seed, epoch, index))
     return _checked(image, path, transform.size)
 
 
 class TrainSampleLoader:
     """(epoch, index) -> augmented uint8 image: plain data, so any thread or process can run it."""
 
-    def __init__(self, examples: Sequence[Example], transform: TrainTransform, seed: int):
+    def __init__(self, examples: Sequence[Example], transform: TrainTransform, seed: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.paths = [e.path for e in examples]
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.max_pixels = transform, seed, max_pixels
 
     def __call__(self, epoch: int, index: int) -> np.ndarray:
-        return load_train_image(self.paths[index], self.transform, self.seed, epoch, index)
+        return load_train_image(self.paths[index], self.transform, self.seed, epoch, index,
+                                self.max_pixels)
 
 
-def dataset_color_pca(examples: Sequence[Example]) -> ColorPCA:
+def dataset_color_pca(examples: Sequence[Example], max_pixels: int = DEFAULT_MAX_PIXELS
+                      ) -> ColorPCA:
     """AlexNet's RGB PCA from a deterministic sample: up to 256 images evenly spaced in path
     order, 1024 pixels each (seed 0). Same files, same numbers."""
     ordered = sorted(examples, key=lambda e: e.relpath)
     step = max(1, len(ordered) // PCA_MAX_IMAGES)
     chosen = ordered[::step][:PCA_MAX_IMAGES]
-    return fit_color_pca([decode_image(e.path) for e in chosen], PCA_PIXELS_PER_IMAGE, seed=0)
+    return fit_color_pca([decode_image(e.path, max_pixels) for e in chosen],
+                         PCA_PIXELS_PER_IMAGE, seed=0)
 
 
 def build_train_transform(augment: AugmentConfig, examples: Sequence[Example], size: int,
-                          crop_fraction: float, pca: ColorPCA | None = None) -> TrainTransform:
+                          crop_fraction: float, pca: ColorPCA | None = None,
+                          max_pixels: int = DEFAULT_MAX_PIXELS) -> TrainTransform:
     """The train transform, with the dataset PCA if needed, tried once on a real image now so a
     bad recipe fails before training rather than mid-epoch."""
     if augment.pca_sigma > 0 and pca is None:
-        pca = dataset_color_pca(examples)
+        pca = dataset_color_pca(examples, max_pixels)
     transform = TrainTransform(augment, size, crop_fraction, pca)
     try:
-        load_train_image(examples[0].path, transform, seed=0, epoch=0, index=0)
+        load_train_image(examples[0].path, transform, 0, 0, 0, max_pixels)
     except DataError as e:
         raise ConfigError(str(e)) from None
     return transform
@@ -103,13 +110,14 @@ def train_dataset(
     epochs: int,
     workers: int | None = None,
     prefetch: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Any:
     """`epochs` epochs of shuffled, augmented batches; pass steps_per_epoch(n, b) to fit.
 
     Each epoch ends with its own (possibly smaller) last batch, so no image is dropped.
     """
 
-    loader = TrainSampleLoader(examples, transform, seed)
+    loader = TrainSampleLoader(examples, transform, seed, max_pixels)
 
     def make_batch(epoch: Any, indices: np.ndarray) -> np.ndarray:
         return np.stack([loader(int(epoch), int(i)) for i in indices])
@@ -133,13 +141,15 @@ def epoch_jobs(n: int, batch_size: int, seed: int, first_epoch: int, epochs: int
 
 
 def eval_dataset(examples: Sequence[Example], size: int, crop_fraction: float, batch_size: int,
-                 workers: int | None = None, prefetch: int | None = None) -> Any:
+                 workers: int | None = None, prefetch: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     """Batches in file order with the deterministic eval transform."""
 
     paths = [e.path for e in examples]
 
     def make_batch(_: Any, indices: np.ndarray) -> np.ndarray:
-        return np.stack([load_eval_image(paths[int(i)], size, crop_fraction) for i in indices])
+        return np.stack([load_eval_image(paths[int(i)], size, crop_fraction, max_pixels)
+                         for i in indices])
 
     return run_jobs(ordered_jobs(len(examples), batch_size), make_batch,
                     [e.label for e in examples], (size, size, 3), "uint8", workers, prefetch)

@@ -31,6 +31,12 @@ class Run:
     def input_size(self) -> int:
         return int(self.info["input_size"])
 
+    @property
+    def max_pixels(self) -> int:
+        from tlkit.decode import DEFAULT_MAX_PIXELS
+
+        return int(self.info["config"].get("audit", {}).get("max_pixels", DEFAULT_MAX_PIXELS))
+
     def load_model(self) -> Any:
         """The saved classifier, loaded with Keras safe_mode (no arbitrary code)."""
         import keras

@@ -7,8 +7,11 @@ much lower rate. The model with the lowest validation loss over both phases is t
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -18,9 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from tlkit import _version
+from tlkit.audit import audit_and_filter
 from tlkit.backbones import get_backbone
+from tlkit.checkpoints import (
+    BEST,
+    PREVIOUS,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore,
+    save_epoch,
+)
 from tlkit.config import FinetuneConfig
-from tlkit.datasets import check_decodable, fingerprint, load_folder
+from tlkit.datasets import fingerprint, load_folder
 from tlkit.errors import RunError
 from tlkit.features import cache_dataset
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
@@ -47,36 +60,70 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def _make_progress_callback(run_dir: Path, rows: list[dict[str, Any]], best: dict[str, Any],
-                            model: Any) -> Any:
-    """`model` is the whole classifier, also when training runs on its tail from the cache."""
+class Diverged(RunError):
+    """The loss became NaN or infinite: more epochs would only spread it."""
+
+
+def _make_recorder(ckpt_dir: Path, history_path: Path, model: Any, patience: int,
+                   state: dict[str, Any]) -> Any:
+    """`model` is the whole classifier, also when training runs on its tail from the cache;
+    `state` is the training state that every checkpoint carries, updated in place."""
     import keras
 
     class EpochRecorder(keras.callbacks.Callback):
-        """History rows, atomic `last`/`best` checkpoints, and the best weights over all phases."""
+        """History rows, early stopping, a NaN guard and a checkpoint after every epoch.
 
-        phase = "head"
+        Early stopping lives here (not in keras.callbacks.EarlyStopping, which resets its
+        counters in on_train_begin) so that its counters are part of the checkpointed state.
+        """
+
+        phase, phase_index = "head", 0
+        diverged: str | None = None
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self._start = time.perf_counter()
 
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            loss = float((logs or {}).get("loss", 0.0))
+            if not math.isfinite(loss) and self.diverged is None:
+                self.diverged = f"the training loss became {loss} at step {batch + 1}"
+                self.model.stop_training = True
+
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             logs = logs or {}
+            if self.diverged is None:
+                bad = [k for k in ("loss", "val_loss") if not math.isfinite(logs.get(k, 0.0))]
+                if bad:
+                    self.diverged = f"{bad[0]} became {logs[bad[0]]}"
+            if self.diverged is not None:
+                self.diverged = f"phase {self.phase}, epoch {epoch + 1}: {self.diverged}"
+                self.model.stop_training = True
+                return  # nothing from this epoch is kept: the last checkpoint is the good one
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             row = {"phase": self.phase, "epoch": epoch + 1, "lr": lr,
                    "seconds": round(time.perf_counter() - self._start, 3)}
             row.update({k: float(logs[k]) for k in HISTORY_FIELDS if k in logs})
-            rows.append(row)
-            write_history(run_dir / "history.csv", rows)
-            ckpt = run_dir / "checkpoints"
-            with atomic_path(ckpt / "last.weights.h5", suffix=".weights.h5") as tmp:
-                model.save_weights(tmp)
             val_loss = row.get("val_loss", math.inf)
-            if val_loss < best.get("val_loss", math.inf):
-                best.update(val_loss=val_loss, val_accuracy=row.get("val_accuracy"),
-                            phase=self.phase, epoch=epoch + 1, weights=model.get_weights())
-                with atomic_path(ckpt / "best.weights.h5", suffix=".weights.h5") as tmp:
-                    model.save_weights(tmp)
+            s = state
+            if val_loss < s["phase_best"]:
+                s["phase_best"], s["wait"] = val_loss, 0
+            else:
+                s["wait"] += 1
+            stop = s["wait"] >= patience
+            self.model.stop_training = stop
+            best = s["best"]
+            improved = best is None or val_loss < best["val_loss"]
+            if improved:
+                s["best"] = {"val_loss": val_loss, "val_accuracy": row.get("val_accuracy"),
+                             "phase": self.phase, "epoch": epoch + 1}
+            s["rows"].append(row)
+            s.update(phase=self.phase, phase_index=self.phase_index, epoch=epoch + 1,
+                     phase_done=stop or epoch + 1 == self.params["epochs"],
+                     progress=len(s["rows"]))
+            s["phase_steps"][self.phase] = int(keras.ops.convert_to_numpy(
+                self.model.optimizer.iterations))
+            save_epoch(ckpt_dir, model, self.model.optimizer, s, improved)
+            write_history(history_path, s["rows"])
 
     return EpochRecorder()
 
@@ -114,7 +161,7 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
                              "--augment none to train from a cache")
     trunk, key, inputs, transform = prepare_cache(
         spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
-        config.cache_dtype, pca)
+        config.cache_dtype, pca, config.audit.max_pixels)
     root = cache_root(config.cache_dir)
     cache = open_cache(root, key)
     moved = "" if cut.k == plan.n_frozen else (
@@ -123,7 +170,7 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
     if cache is None and config.cache == "build":
         cache = build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
                                     spec.crop_fraction, config.seed, config.cache_dtype,
-                                    config.batch_size, config.workers)
+                                    config.batch_size, config.workers, config.audit.max_pixels)
         note = f"built and used {root / key}{moved}"
     elif cache is None:
         return None, model, (f"not used: no cache for these settings ({root / key}); "
@@ -138,25 +185,109 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
     return cache, build_tail(model, cut), note
 
 
-def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
-    """Train a classifier on `config.data`; return the finished run."""
+IDENTITY_FILE = "identity.json"  # in checkpoints/: what a resumed run must still match
+# Settings a resumed run may change freely: they decide where and how fast, not what is learned.
+RESUME_FREE = ("output", "overwrite", "workers", "prefetch", "cache_dir")
+
+
+def class_weights(examples: Any, n_classes: int) -> dict[int, float]:
+    """'balanced' (scikit-learn's rule): n / (classes * count), so every class weighs the same."""
+    counts = [0] * n_classes
+    for e in examples:
+        counts[e.label] += 1
+    total = sum(counts)
+    return {i: total / (n_classes * c) for i, c in enumerate(counts) if c}
+
+
+def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(folder being built, final run folder) for `--resume PATH`: PATH is the run's name
+    (runs/x) or its `runs/x.incomplete-<id>` folder."""
+    path = Path(path)
+    if ".incomplete-" in path.name:
+        candidates = [path] if (path / "checkpoints" / IDENTITY_FILE).is_file() else []
+        final = path.parent / path.name.split(".incomplete-")[0]
+    else:
+        if (path / "run.json").is_file():
+            raise RunError(f"{path}: this run finished; there is nothing to resume (train a new "
+                           "one with -o, or evaluate it with `tlkit eval`)")
+        final = path
+        candidates = [c for c in path.parent.glob(f"{path.name}.incomplete-*")
+                      if (c / "checkpoints" / IDENTITY_FILE).is_file()]
+    if not candidates:
+        raise RunError(f"{path}: no interrupted run to resume (expected a folder "
+                       f"{final.name}.incomplete-<id> holding checkpoints/{IDENTITY_FILE})")
+    chosen = max(candidates, key=lambda c: (c / "checkpoints").stat().st_mtime)
+    if len(candidates) > 1:
+        log.info("%d interrupted attempts of %s; resuming the newest, %s", len(candidates),
+                 final, chosen.name)
+    return chosen, final
+
+
+def resume_config(path: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
+    """The settings an interrupted run started with, with `overrides` on top."""
+    tmp_dir, _ = find_resumable(path)
+    saved = json.loads((tmp_dir / "checkpoints" / IDENTITY_FILE).read_text())
+    return dataclasses.replace(FinetuneConfig.from_dict(saved["config"]), **overrides)
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (prefix == "config." and key in RESUME_FREE):
+            out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
+             resume: str | os.PathLike | None = None, force_resume: bool = False) -> Run:
+    """Train a classifier on `config.data`; return the finished run.
+
+    `resume` continues an interrupted run from its last checkpoint; `config` then defaults to
+    the settings it started with, and any difference that changes what is learned (settings,
+    class map, preprocessing, data) is refused unless `force_resume`.
+    """
+    if resume is not None:
+        tmp_dir, run_dir = find_resumable(resume)
+        identity = json.loads((tmp_dir / "checkpoints" / IDENTITY_FILE).read_text())
+        if config is None:
+            config = FinetuneConfig.from_dict(identity["config"])
+    elif config is None:
+        raise TypeError("finetune() needs a config, or resume= to continue a run")
+    else:
+        tmp_dir, identity = None, None
+        run_dir = Path(config.output) if config.output else default_run_dir(config.backbone)
+        if run_dir.exists() and not config.overwrite:
+            raise RunError(f"{run_dir}: already exists; choose another -o/--output or pass "
+                           "--overwrite")
     spec = get_backbone(config.backbone)
     size = spec.resolve_input_size(config.input_size)
-    run_dir = Path(config.output) if config.output else default_run_dir(spec.name)
-    if run_dir.exists() and not config.overwrite:
-        raise RunError(f"{run_dir}: already exists; choose another -o/--output or pass --overwrite")
 
     weights = resolve_weights(spec, config.weights)  # before the data: fail fast when offline
-    folder = load_folder(config.data, config.val_fraction)
-    all_examples = [e for split in folder.splits.values() for e in split]
-    log.info("data: %s (%s layout), %d classes; %s", folder.root, folder.layout,
-             len(folder.classes),
-             ", ".join(f"{s} {len(x)}" for s, x in folder.splits.items()))
-    if folder.ignored:
-        log.info("ignored %d hidden or system entries (e.g. %s)", len(folder.ignored),
-                 folder.ignored[0])
-    check_decodable(all_examples, config.workers)
-    data_fingerprint = fingerprint(folder)
+    scanned = load_folder(config.data, config.val_fraction)
+    log.info("data: %s (%s layout), %d classes; %s", scanned.root, scanned.layout,
+             len(scanned.classes),
+             ", ".join(f"{s} {len(x)}" for s, x in scanned.splits.items()))
+    if scanned.ignored:
+        log.info("ignored %d hidden or system entries (e.g. %s)", len(scanned.ignored),
+                 scanned.ignored[0])
+    data_fingerprint = fingerprint(scanned)  # of every file, usable or not
+    folder, report, skipped = audit_and_filter(scanned, config.audit, spec.min_size,
+                                               config.workers)
+    now = {"config": config.as_dict(), "backbone": spec.name,
+           "weights_sha256": weights.as_dict().get("sha256"), "input_size": size,
+           "preprocessing": spec.preprocessing, "classes": list(folder.classes),
+           "data_fingerprint": data_fingerprint}
+    if identity is not None:
+        changed = _differences({k: identity.get(k) for k in now}, now)
+        if changed and not force_resume:
+            raise RunError(f"{tmp_dir}: cannot resume, the run started with different "
+                           f"settings or data ({'; '.join(changed)}); restore them, or pass "
+                           "--force-resume to continue anyway")
+        for line in changed:
+            log.warning("resuming despite a change (--force-resume): %s", line)
 
     import keras
 
@@ -173,10 +304,12 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
-    from tlkit.pipeline import build_train_transform, eval_dataset, steps_per_epoch, train_dataset
+    from tlkit.pipeline import build_train_transform, eval_dataset
 
     train_examples = folder.splits["train"]
-    transform = build_train_transform(config.augment, train_examples, size, spec.crop_fraction)
+    max_pixels = config.audit.max_pixels
+    transform = build_train_transform(config.augment, train_examples, size, spec.crop_fraction,
+                                      max_pixels=max_pixels)
     if transform.pca is not None:
         log.info("PCA colour: eigenvalues %s from %d images", ", ".join(
             f"{v:.4f}" for v in transform.pca.eigvals), transform.pca.n_images)
@@ -188,72 +321,69 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
                                workers=config.workers, prefetch=config.prefetch)
     else:
         val_ds = eval_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size,
-                              config.workers, config.prefetch)
+                              config.workers, config.prefetch, max_pixels)
+    weights_by_class = None
+    if config.class_weight == "balanced":
+        weights_by_class = class_weights(train_examples, len(folder.classes))
+        log.info("class weights (balanced): %s", ", ".join(
+            f"{folder.classes[i]} {w:.3f}" for i, w in weights_by_class.items()))
 
-    tmp_dir = incomplete_dir(run_dir)
-    rows: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
-    recorder = _make_progress_callback(tmp_dir, rows, best, model)
+    ckpt_dir = None
+    state: dict[str, Any] = {"schema": 1, "rows": [], "best": None, "phase_steps": {},
+                             "progress": 0,
+                             "phase_index": -1, "phase_done": True, "epoch": 0, "wait": 0,
+                             "phase_best": math.inf, "resumed": []}
+    if tmp_dir is None:
+        tmp_dir = incomplete_dir(run_dir)
+        ckpt_dir = tmp_dir / "checkpoints"
+        atomic_write_json(ckpt_dir / IDENTITY_FILE, now)
+    else:
+        ckpt_dir = tmp_dir / "checkpoints"
+        remove_stale_temporaries(ckpt_dir)
+        found = restore(ckpt_dir, model)  # the optimizer follows once it is built
+        if found is not None:
+            path, state = found
+            log.info("resuming %s from %s: phase %s, epoch %d done, %d optimizer steps",
+                     tmp_dir, path.name, state["phase"], state["epoch"],
+                     state["phase_steps"][state["phase"]])
+        else:
+            log.info("resuming %s: it had no checkpoint yet; starting from the first epoch",
+                     tmp_dir)
+        state["resumed"] = [*state.get("resumed", []),
+                            datetime.now(timezone.utc).isoformat(timespec="seconds")]
+        write_history(tmp_dir / "history.csv", state["rows"])
+    atomic_write_json(tmp_dir / "data_report.json", report.as_dict())
+    log.info("building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
+             "continues it", tmp_dir, run_dir)
+
+    recorder = _make_recorder(ckpt_dir, tmp_dir / "history.csv", model, config.patience, state)
     if verbose == "auto":
         verbose = 1 if os.isatty(1) else 2
-    phases = []
-    epochs_done = 0  # global epoch counter: every epoch of both phases draws new augmentations
     schedule = [("head", config.head_epochs, config.lr), ("fine-tune", config.epochs,
                                                           config.fine_tune_lr)]
-    for phase, epochs, lr in schedule:
-        if epochs == 0:
-            continue
-        if phase == "head":
-            frozen_bn = freeze_all(base)
-            what = "head only, backbone frozen"
-        else:
-            frozen_bn = apply_freeze(base, plan, config.train_bn)
-            what = (f"{plan.request}: layers 0..{plan.n_frozen - 1} of {plan.n_layers} frozen"
-                    if plan.n_frozen else f"{plan.request}: whole backbone trainable")
-        trainable, frozen = _param_counts(model)  # the shared layers: same for the tail
-        log.info("phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers"
-                 "%s", phase, what, f"{trainable:,}", f"{frozen:,}", frozen_bn,
-                 "" if phase == "head" or not config.train_bn else " (--train-bn)")
-        fit_model.compile(
-            optimizer=keras.optimizers.Adam(lr),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        recorder.phase = phase
-        stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience)
-        start = time.perf_counter()
-        if cache is not None:
-            train_ds = cache_dataset(cache, "train", config.batch_size, config.seed,
-                                     first_epoch=epochs_done, epochs=epochs,
-                                     workers=config.workers, prefetch=config.prefetch)
-        else:
-            train_ds = train_dataset(train_examples, transform, config.batch_size, config.seed,
-                                     first_epoch=epochs_done, epochs=epochs,
-                                     workers=config.workers, prefetch=config.prefetch)
-        history = fit_model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                                steps_per_epoch=steps_per_epoch(len(train_examples),
-                                                                config.batch_size),
-                                callbacks=[recorder, stop], verbose=verbose,
-                                shuffle=False)  # the dataset shuffles, seeded
-        ran = len(history.history.get("loss", []))
-        epochs_done += epochs
-        phase_rows = [r for r in rows if r["phase"] == phase]
-        top = min(phase_rows, key=lambda r: r.get("val_loss", math.inf))
-        summary = {"phase": phase, "epochs_run": ran, "best_epoch": top["epoch"],
-                   "best_val_loss": top.get("val_loss"),
-                   "best_val_accuracy": top.get("val_accuracy"),
-                   "seconds": round(time.perf_counter() - start, 1),
-                   "early_stopped": ran < epochs}
-        phases.append(summary)
-        log.info("phase %s: %d epochs%s in %.1fs, best val_loss %.4f, val_accuracy %.4f "
-                 "(epoch %d)", phase, ran, " (early stop)" if ran < epochs else "",
-                 summary["seconds"], top.get("val_loss", math.nan),
-                 top.get("val_accuracy", math.nan), top["epoch"])
-        if not all(math.isfinite(r.get("loss", math.nan)) for r in phase_rows):
-            log.warning("phase %s: the loss was not finite; lower --lr", phase)
+    phases = _PhaseRunner(config, model, fit_model, base, plan, recorder, state, ckpt_dir,
+                          cache, train_examples, transform, val_ds, weights_by_class, verbose)
+    first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
+    try:
+        for index, (phase, epochs, lr) in enumerate(schedule):
+            phase_first, first_epoch = first_epoch, first_epoch + epochs
+            done = state["phase_index"] > index or (state["phase_index"] == index
+                                                    and state["phase_done"])
+            if epochs == 0 or done:
+                continue
+            initial = state["epoch"] if state["phase_index"] == index else 0
+            if initial == 0:
+                state.update(wait=0, phase_best=math.inf)
+            phases.run(phase, index, epochs, lr, initial, phase_first)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the checkpoints in {ckpt_dir} are intact: "
+                          f"`tlkit finetune --resume {run_dir}` continues from the last finished "
+                          "epoch") from None
 
-    if "weights" in best:
-        model.set_weights(best.pop("weights"))
+    if state["best"] is None:
+        raise RunError(f"{tmp_dir}: no epoch finished with a finite validation loss; nothing "
+                       "to save")
+    load_checkpoint(ckpt_dir / BEST, model)
     with atomic_path(tmp_dir / "model.keras") as tmp:
         model.save(tmp)
     info = {
@@ -272,26 +402,132 @@ def finetune(config: FinetuneConfig, verbose: int | str = "auto") -> Run:
                     "pca": transform.pca.as_dict() if transform.pca is not None else None},
         "classes": list(folder.classes),
         "config": config.as_dict(),
+        "class_weight": ({folder.classes[i]: w for i, w in weights_by_class.items()}
+                         if weights_by_class else None),
         "data": {
             "root": str(Path(folder.root).resolve()), "layout": folder.layout,
             "val_source": folder.val_source, "counts": folder.counts(),
             "fingerprint": data_fingerprint, "ignored": list(folder.ignored),
+            "skipped": skipped,
         },
         "feature_cache": {"used": cache is not None, "key": cache.key if cache else None,
                           "note": cache_note},
         "seed": config.seed,
-        "phase": rows[-1]["phase"] if rows else None,
-        "epoch": rows[-1]["epoch"] if rows else None,
-        "results": {"best": {k: best.get(k) for k in ("phase", "epoch", "val_loss",
-                                                       "val_accuracy")},
-                    "phases": phases},
+        "phase": state["rows"][-1]["phase"] if state["rows"] else None,
+        "epoch": state["rows"][-1]["epoch"] if state["rows"] else None,
+        "optimizer_steps": sum(state["phase_steps"].values()),
+        "resumed": state["resumed"],
+        "results": {"best": state["best"], "phases": phase_summaries(state, schedule)},
     }
     atomic_write_json(tmp_dir / "run.json", info)
+    with contextlib.suppress(FileNotFoundError):
+        (ckpt_dir / PREVIOUS).unlink()  # only needed while a crash could damage `last`
     try:
         publish_dir(tmp_dir, run_dir, overwrite=config.overwrite)
     except FileExistsError:
         raise RunError(f"{run_dir}: appeared while training; the finished run is in {tmp_dir}") \
             from None
+    best = state["best"]
     log.info("saved %s (best val_accuracy %.4f, %s epoch %s)", run_dir,
-             best.get("val_accuracy") or math.nan, best.get("phase"), best.get("epoch"))
+             best.get("val_accuracy") or math.nan, best["phase"], best["epoch"])
     return load_run(run_dir)
+
+
+class Interrupted(RunError):
+    """Ctrl-C: the run stays resumable."""
+
+    exit_code = 130
+
+
+@dataclasses.dataclass
+class _PhaseRunner:
+    """What every phase shares; `run` trains one phase."""
+
+    config: FinetuneConfig
+    model: Any  # the whole classifier
+    fit_model: Any  # what fit() trains: the classifier, or its tail over the feature cache
+    base: Any
+    plan: Any
+    recorder: Any
+    state: dict[str, Any]
+    ckpt_dir: Path
+    cache: Any
+    train_examples: Any
+    transform: Any
+    val_ds: Any
+    class_weight: dict[int, float] | None
+    verbose: Any
+
+    def run(self, phase: str, index: int, epochs: int, lr: float, initial: int,
+            phase_first: int) -> None:
+        """Freeze, compile, restore the optimizer when resuming mid-phase, fit."""
+        import keras
+
+        from tlkit.pipeline import steps_per_epoch, train_dataset
+
+        config, plan, state = self.config, self.plan, self.state
+        if phase == "head":
+            frozen_bn = freeze_all(self.base)
+            what = "head only, backbone frozen"
+        else:
+            frozen_bn = apply_freeze(self.base, plan, config.train_bn)
+            what = (f"{plan.request}: layers 0..{plan.n_frozen - 1} of {plan.n_layers} frozen"
+                    if plan.n_frozen else f"{plan.request}: whole backbone trainable")
+        trainable, frozen = _param_counts(self.model)  # the shared layers: same for the tail
+        log.info("phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers"
+                 "%s", phase, what, f"{trainable:,}", f"{frozen:,}", frozen_bn,
+                 "" if phase == "head" or not config.train_bn else " (--train-bn)")
+        fit_model = self.fit_model
+        fit_model.compile(optimizer=keras.optimizers.Adam(lr),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        if initial > 0:  # mid-phase: moments, step count and learning rate as they were
+            fit_model.optimizer.build(fit_model.trainable_variables)
+            path, _ = latest_checkpoint(self.ckpt_dir)
+            load_checkpoint(path, self.model, fit_model.optimizer)
+            log.info("phase %s: continuing at epoch %d of %d", phase, initial + 1, epochs)
+        self.recorder.phase, self.recorder.phase_index = phase, index
+        window = {"first_epoch": phase_first + initial, "epochs": epochs - initial,
+                  "workers": config.workers, "prefetch": config.prefetch}
+        if self.cache is not None:
+            train_ds = cache_dataset(self.cache, "train", config.batch_size, config.seed,
+                                     **window)
+        else:
+            train_ds = train_dataset(self.train_examples, self.transform, config.batch_size,
+                                     config.seed, **window,
+                                     max_pixels=config.audit.max_pixels)
+        fit_model.fit(train_ds, validation_data=self.val_ds, epochs=epochs, initial_epoch=initial,
+                      steps_per_epoch=steps_per_epoch(len(self.train_examples),
+                                                      config.batch_size),
+                      callbacks=[self.recorder], verbose=self.verbose,
+                      class_weight=self.class_weight,
+                      shuffle=False)  # the dataset shuffles, seeded
+        if self.recorder.diverged:
+            last = state["rows"][-1] if state["rows"] else None
+            kept = (f"the last good checkpoint (phase {last['phase']}, epoch {last['epoch']}) is "
+                    f"kept in {self.ckpt_dir}" if last else "no epoch had finished")
+            raise Diverged(f"{self.recorder.diverged}; training stopped and {kept}. Lower --lr "
+                           "or --fine-tune-lr, then resume with --force-resume and the new "
+                           "rate, or start again")
+        phase_rows = [r for r in state["rows"] if r["phase"] == phase]
+        top = min(phase_rows, key=lambda r: r.get("val_loss", math.inf))
+        log.info("phase %s: %d epochs%s, best val_loss %.4f, val_accuracy %.4f (epoch %d)",
+                 phase, len(phase_rows), " (early stop)" if len(phase_rows) < epochs else "",
+                 top.get("val_loss", math.nan), top.get("val_accuracy", math.nan), top["epoch"])
+
+
+def phase_summaries(state: dict[str, Any], schedule: list[tuple[str, int, float]]
+                    ) -> list[dict[str, Any]]:
+    """Per phase, from the checkpointed history: the same whether or not the run was resumed."""
+    out = []
+    for phase, epochs, _ in schedule:
+        rows = [r for r in state["rows"] if r["phase"] == phase]
+        if not rows:
+            continue
+        top = min(rows, key=lambda r: r.get("val_loss", math.inf))
+        out.append({"phase": phase, "epochs_run": len(rows), "best_epoch": top["epoch"],
+                    "best_val_loss": top.get("val_loss"),
+                    "best_val_accuracy": top.get("val_accuracy"),
+                    "seconds": round(sum(r["seconds"] for r in rows), 1),
+                    "early_stopped": len(rows) < epochs,
+                    "optimizer_steps": state["phase_steps"][phase]})
+    return out
