@@ -154,6 +154,27 @@ def test_unknown_class_in_eval_data_is_an_error(trained, tmp_path):
     assert result["images"] == 2 and result["split"] == "all"  # missing classes are fine
 
 
+def test_eval_cli_on_a_folder_lacking_a_class_and_on_one_with_an_extra_class(trained, tmp_path):
+    _data, runs = trained
+    lacking = tmp_path / "lacking"
+    write_folder(lacking / "test", ["a", "b"], 3, seed=5)
+    result = CliRunner().invoke(cli, ["eval", str(runs[0]), str(lacking), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["images"] == 6 and metrics["classes_without_images"] == ["c"]
+    assert all(v["support"] == 3 for k, v in metrics["per_class"].items() if k != "c")
+    text = CliRunner().invoke(cli, ["eval", str(runs[0]), str(lacking), "--name", "t2"])
+    assert "no images of class c in this set" in text.output
+
+    extra = tmp_path / "extra"
+    write_folder(extra / "test", ["a", "b", "c", "d"], 2, seed=6)
+    refused = CliRunner().invoke(cli, ["eval", str(runs[0]), str(extra)])
+    assert refused.exit_code == 3
+    assert "class 'd' is unknown to the model" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and "Traceback" not in refused.output
+    assert not list((runs[0] / "eval").glob("*.incomplete-*"))
+
+
 def test_members_with_different_class_maps_are_refused(trained, tmp_path):
     _data, runs = trained
     odd = tmp_path / "odd"

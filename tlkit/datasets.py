@@ -173,10 +173,13 @@ def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFold
     return ImageFolder(str(root), layout, classes, splits, val_source, tuple(ignored))
 
 
-def has_split_folders(root: str | os.PathLike) -> bool:
+def split_folders(root: str | os.PathLike) -> dict[str, Path]:
+    """{'train'|'val'|'test': folder} for the split folders directly under `root`."""
     root = Path(root)
-    return root.is_dir() and any(p.is_dir() and p.name.lower() in SPLIT_NAMES
-                                 for p in root.iterdir())
+    if not root.is_dir():
+        return {}
+    return {SPLIT_NAMES[p.name.lower()]: p for p in sorted(root.iterdir())
+            if p.is_dir() and p.name.lower() in SPLIT_NAMES}
 
 
 def load_class_folders(root: str | os.PathLike) -> list[Example]:

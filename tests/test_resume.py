@@ -1,0 +1,145 @@
+"""Runs killed for real (SIGKILL) resume to the same step count; bad input never costs work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_folder
+
+from tlkit.checkpoints import read_state
+from tlkit.cli import cli
+
+ARGS = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--head-epochs", "2",
+        "--epochs", "3", "--freeze", "150", "--patience", "10"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def progress(tmp_path: Path, name: str) -> int:
+    for ckpt in tmp_path.glob(f"runs/{name}.incomplete-*/checkpoints/last.h5"):
+        state = read_state(ckpt)
+        if state is not None:
+            return state["progress"]
+    return 0
+
+
+def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int) -> None:
+    """Start a real `tlkit finetune` and SIGKILL it once `epochs_done` epochs are saved."""
+    proc = subprocess.Popen([sys.executable, "-m", "tlkit", "finetune", str(data), "-o",
+                             f"runs/{name}", *ARGS], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while progress(tmp_path, name) < epochs_done:
+        assert proc.poll() is None, "finetune ended before it could be killed"
+        assert time.monotonic() < deadline, "finetune made no progress"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs" / name).exists()  # killed before it finished
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    data = write_folder(tmp_path / "data", ["a", "b"], 16)
+    kill_after(tmp_path, "killed", data, epochs_done=3)  # inside fine-tune epoch 2
+
+    changed = invoke("finetune", "--resume", "runs/killed", "--lr", "0.01")
+    assert changed.exit_code == 5
+    assert "config.lr: 0.001 -> 0.01" in changed.output and "--force-resume" in changed.output
+    victim = data / "a" / "img0.png"
+    stat = victim.stat()
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touched = invoke("finetune", "--resume", "runs/killed")
+    assert touched.exit_code == 5 and "data_fingerprint" in touched.output
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    resumed = invoke("finetune", "--resume", "runs/killed")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output and "continuing at epoch" in resumed.output
+    reference = invoke("finetune", str(data), "-o", "runs/straight", *ARGS)
+    assert reference.exit_code == 0, reference.output
+
+    a = json.loads((tmp_path / "runs/killed/run.json").read_text())
+    b = json.loads((tmp_path / "runs/straight/run.json").read_text())
+    steps = -(-sum(a["data"]["counts"]["train"].values()) // 4)  # per epoch, batch 4
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 5 * steps
+    assert [(p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in a["results"]["phases"]] \
+        == [(p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in b["results"]["phases"]]
+    assert len(a["resumed"]) == 1 and not b["resumed"]
+    history = (tmp_path / "runs/killed/history.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in history[1:]] == [
+        ["head", "1"], ["head", "2"], ["fine-tune", "1"], ["fine-tune", "2"], ["fine-tune", "3"]]
+    for run in ("killed", "straight"):
+        folder = tmp_path / "runs" / run
+        assert (folder / "model.keras").is_file()
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [
+            "best.h5", "identity.json", "last.h5"]
+    assert not list((tmp_path / "runs").glob("*.incomplete-*"))
+    again = invoke("finetune", "--resume", "runs/killed")
+    assert again.exit_code == 5 and "this run finished" in again.output
+
+
+@pytest.mark.slow
+def test_force_resume_continues_despite_a_change(tmp_path):
+    data = write_folder(tmp_path / "data", ["a", "b"], 16)
+    kill_after(tmp_path, "r", data, epochs_done=1)
+    result = invoke("finetune", "--resume", "runs/r", "--force-resume", "--patience", "2")
+    assert result.exit_code == 0, result.output
+    assert "resuming despite a change (--force-resume): config.patience: 10 -> 2" in \
+        result.output
+    assert json.loads((tmp_path / "runs/r/run.json").read_text())["config"]["patience"] == 2
+
+
+def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
+    result = invoke("finetune", "--resume", "runs/nothing")
+    assert result.exit_code == 5
+    assert "runs/nothing: no interrupted run to resume" in result.output
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import keras
+
+    data = write_folder(tmp_path / "data", ["a", "b"], 8)
+    adam = keras.optimizers.Adam
+    # fault injection: the fine-tune phase (its rate is 1e-5) gets an optimizer that makes NaN
+    monkeypatch.setattr(keras.optimizers, "Adam", lambda lr: adam(lr) if lr > 1e-4
+                        else keras.optimizers.SGD(float("nan")))
+    result = invoke("finetune", str(data), "-o", "runs/n", *ARGS)
+    assert result.exit_code == 5
+    assert "phase fine-tune, epoch 1: the training loss became nan at step 2" in result.output
+    assert "the last good checkpoint (phase head, epoch 2) is kept in" in result.output
+    (folder,) = (tmp_path / "runs").glob("n.incomplete-*")
+    assert read_state(folder / "checkpoints" / "last.h5")["progress"] == 2
+    assert not (tmp_path / "runs" / "n").exists()
+
+
+@pytest.mark.slow
+def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
+    data = write_folder(tmp_path / "data", ["a", "b"], 10)
+    (data / "a" / "broken.jpg").write_text("not an image")
+    refused = invoke("finetune", str(data), "-o", "runs/x", *ARGS)
+    assert refused.exit_code == 3
+    assert "broken.jpg: not an image (text file)" in refused.output
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+    args = [*ARGS[:-6], "--epochs", "0", "--class-weight", "balanced"]
+    skipped = invoke("finetune", str(data), "-o", "runs/x", "--on-bad-image", "skip", *args)
+    assert skipped.exit_code == 0, skipped.output
+    info = json.loads((tmp_path / "runs/x/run.json").read_text())
+    assert info["data"]["skipped"] == [{"path": "a/broken.jpg",
+                                        "reason": "not an image (text file); remove it or move "
+                                                  "it out of the dataset"}]
+    assert set(info["class_weight"]) == {"a", "b"}
+    report = json.loads((tmp_path / "runs/x/data_report.json").read_text())
+    assert report["totals"]["bad"] == 1
