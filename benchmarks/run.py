@@ -44,6 +44,15 @@ Evaluation (ResNet50 at 224, weights none, classifier for 4 classes, 64 generate
   and images (decode included). Goal <= 10, aim <= 8.
 - ensemble_shared_trunk_ratio: a 3-member ensemble whose members share a frozen trunk
   (--freeze all, same initial weights; each has its own head) / 3 x one member. Goal well under 1.
+
+Reliability (512 generated 500x375 JPEGs; all cores):
+- audit_overhead_ratio: first `check-data` pass (decode + probe + sha256 + memo write) / the
+  same files decoded by decode_image on the same thread count. Goal <= 1.3.
+- audit_memo_speedup: first pass / second pass over unchanged files (answered from the memo).
+  Goal >= 50 ("instant").
+- checkpoint_save_seconds_resnet50 / checkpoint_restore_seconds_resnet50: one epoch checkpoint
+  of the whole classifier with its Adam state (every layer trainable, 224 px), written and
+  rotated as finetune does after every epoch, and loaded back as --resume does.
 """
 
 from __future__ import annotations
@@ -318,6 +327,71 @@ def eval_figures(quick: bool) -> None:
     emit("ensemble_shared_trunk_ratio", three / (3 * one), "x", goal="well under 1")
 
 
+def reliability_figures(quick: bool) -> None:
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tlkit.audit import audit_folder
+    from tlkit.datasets import load_folder
+    from tlkit.decode import decode_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "xdg")  # a fresh memo
+        folder = load_folder(photo_folder(Path(tmp) / "photos", 128 if quick else 512))
+        paths = [e.path for x in folder.splits.values() for e in x]
+        cores = os.cpu_count() or 1
+        start = time.perf_counter()
+        with ThreadPoolExecutor(cores) as pool:
+            list(pool.map(decode_image, paths))
+        decode = time.perf_counter() - start
+        start = time.perf_counter()
+        first = audit_folder(folder, workers=cores)
+        audit = time.perf_counter() - start
+        start = time.perf_counter()
+        second = audit_folder(folder, workers=cores)
+        memo = time.perf_counter() - start
+        assert first.reused == 0 and second.reused == len(paths)  # measured what it says
+        emit("audit_images_per_s", len(paths) / audit, "images/s", workers=cores)
+        emit("audit_overhead_ratio", audit / decode, "x", decode_seconds=round(decode, 3),
+             goal="<= 1.3")
+        emit("audit_memo_seconds", memo, "s", images=len(paths))
+        emit("audit_memo_speedup", audit / memo, "x", goal=">= 50")
+
+    import keras
+
+    from tlkit.backbones import get_backbone
+    from tlkit.checkpoints import LAST, restore, save_epoch
+    from tlkit.model import build_classifier
+    from tlkit.weights import build_backbone, resolve_weights
+
+    spec = get_backbone("resnet50")
+    weights = resolve_weights(spec, "none")
+
+    def classifier() -> object:
+        model = build_classifier(spec, build_backbone(spec, weights, 224), 10, 224)
+        model.compile(optimizer=keras.optimizers.Adam(1e-5),
+                      loss="sparse_categorical_crossentropy")
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    model = classifier()
+    state = {"progress": 1, "best": {"val_loss": 1.0}, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp)
+        save_epoch(ckpt, model, model.optimizer, state, improved=True)  # warm-up, and a `last`
+        start = time.perf_counter()
+        save_epoch(ckpt, model, model.optimizer, {**state, "progress": 2}, improved=True)
+        save = time.perf_counter() - start
+        size = (ckpt / LAST).stat().st_size
+        other = classifier()
+        start = time.perf_counter()
+        restore(ckpt, other)
+        restored = time.perf_counter() - start
+    emit("checkpoint_save_seconds_resnet50", save, "s", mb=round(size / 1e6, 1),
+         note="weights + Adam state, rotated, best linked")
+    emit("checkpoint_restore_seconds_resnet50", restored, "s")
+
+
 def rss_child_peak(n_images: int) -> int:
     """Peak RSS (KB) of a fresh process that trains one epoch from a cache another built."""
     import tempfile
@@ -370,7 +444,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps; a smoke check")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
-    parser.add_argument("--only", choices=["train", "augment", "cache", "eval"],
+    parser.add_argument("--only", choices=["train", "augment", "cache", "eval", "reliability"],
                         help="run one group of figures")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -397,6 +471,8 @@ def main() -> None:
         cache_figures(args.quick)
     if args.only in (None, "eval"):
         eval_figures(args.quick)
+    if args.only in (None, "reliability"):
+        reliability_figures(args.quick)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,16 @@ def fresh_state() -> dict:
             "phase_done": True, "epoch": 0, "wait": 0, "phase_best": math.inf}
 
 
+def recorder_for(folder, model, patience: int, epochs: int, state: dict | None = None):
+    """The finetune callback on a tiny compiled model, driven by hand."""
+    train_a_bit(model)
+    recorder = _make_recorder(folder, folder / "h.csv", model, patience,
+                              fresh_state() if state is None else state)
+    recorder.set_model(model)
+    recorder.set_params({"epochs": epochs})
+    return recorder
+
+
 def end_epoch(recorder, epoch: int, val_loss: float, loss: float = 1.0) -> None:
     recorder.on_epoch_begin(epoch)
     recorder.on_epoch_end(epoch, {"loss": loss, "val_loss": val_loss, "val_accuracy": 0.5})
@@ -117,11 +127,8 @@ def end_epoch(recorder, epoch: int, val_loss: float, loss: float = 1.0) -> None:
 
 def test_best_is_never_replaced_by_a_worse_model_across_a_resume(tmp_path):
     model = tiny_model()
-    train_a_bit(model)
-    ckpt, history = tmp_path / "checkpoints", tmp_path / "history.csv"
-    recorder = _make_recorder(ckpt, history, model, patience=5, state=fresh_state())
-    recorder.set_model(model)
-    recorder.set_params({"epochs": 6})
+    ckpt = tmp_path / "checkpoints"
+    recorder = recorder_for(ckpt, model, patience=5, epochs=6)
     end_epoch(recorder, 0, 0.5)
     end_epoch(recorder, 1, 0.3)  # the best
     best_weights = [w.copy() for w in model.get_weights()]
@@ -132,10 +139,7 @@ def test_best_is_never_replaced_by_a_worse_model_across_a_resume(tmp_path):
     resumed_model = tiny_model()  # a new process: restore, then more (worse) epochs
     _, restored = restore(ckpt, resumed_model)
     assert restored["best"]["val_loss"] == pytest.approx(0.3) and restored["wait"] == 1
-    recorder = _make_recorder(ckpt, history, resumed_model, patience=5, state=restored)
-    recorder.set_model(resumed_model)
-    recorder.set_params({"epochs": 6})
-    train_a_bit(resumed_model)
+    recorder = recorder_for(ckpt, resumed_model, patience=5, epochs=6, state=restored)
     end_epoch(recorder, 3, 0.35)
     assert read_state(ckpt / "best.h5")["best"]["epoch"] == 2
     assert read_state(ckpt / "last.h5")["progress"] == 4
@@ -147,11 +151,7 @@ def test_best_is_never_replaced_by_a_worse_model_across_a_resume(tmp_path):
 
 def test_early_stopping_counters_are_checkpointed(tmp_path):
     model = tiny_model()
-    train_a_bit(model)
-    recorder = _make_recorder(tmp_path, tmp_path / "h.csv", model, patience=2,
-                              state=fresh_state())
-    recorder.set_model(model)
-    recorder.set_params({"epochs": 10})
+    recorder = recorder_for(tmp_path, model, patience=2, epochs=10)
     end_epoch(recorder, 0, 0.5)
     end_epoch(recorder, 1, 0.6)
     assert not model.stop_training and read_state(tmp_path / "last.h5")["wait"] == 1
@@ -162,11 +162,7 @@ def test_early_stopping_counters_are_checkpointed(tmp_path):
 
 def test_a_nan_loss_stops_training_and_writes_nothing(tmp_path):
     model = tiny_model()
-    train_a_bit(model)
-    recorder = _make_recorder(tmp_path, tmp_path / "h.csv", model, patience=3,
-                              state=fresh_state())
-    recorder.set_model(model)
-    recorder.set_params({"epochs": 3})
+    recorder = recorder_for(tmp_path, model, patience=3, epochs=3)
     end_epoch(recorder, 0, 0.5)
     recorder.on_epoch_begin(1)
     recorder.on_train_batch_end(4, {"loss": float("nan")})

@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from tlkit._version import __version__
 
-__all__ = ["EvalConfig", "FinetuneConfig", "FreezeRequest", "PrecomputeConfig", "__version__",
-           "evaluate", "finetune", "load_run", "precompute_features", "predict"]
+__all__ = ["AuditConfig", "EvalConfig", "FinetuneConfig", "FreezeRequest", "PrecomputeConfig",
+           "__version__", "check_data", "evaluate", "finetune", "load_run",
+           "precompute_features", "predict"]
 
 _LAZY = {
     "finetune": "tlkit.train",
+    "check_data": "tlkit.audit",
+    "AuditConfig": "tlkit.audit",
     "predict": "tlkit.predict",
     "load_run": "tlkit.runs",
     "FinetuneConfig": "tlkit.config",
@@ -25,6 +28,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from tlkit.audit import AuditConfig, check_data
     from tlkit.config import FinetuneConfig
     from tlkit.evaluate import EvalConfig, evaluate
     from tlkit.features import PrecomputeConfig, precompute_features

@@ -125,24 +125,44 @@ def weights_import(file: str, overwrite: bool) -> None:
     click.echo(f"{file}: verified as {spec.name} ImageNet weights; placed at {target}")
 
 
-def augment_options(command: Any) -> Any:
-    """The augmentation flags shared by finetune, augment-preview and bench-input."""
-    options = [
-        click.option("--augment", "augment_preset", default="standard", show_default=True,
-                     help="Preset: none, standard (random resized crop + mirror), alexnet "
-                          "(crop + mirror + PCA colour), vgg (alexnet with scale jitter)."),
-        click.option("--crop", type=click.Choice(["center", "crop", "resized-crop"]),
-                     help="Override the preset's crop style."),
-        click.option("--flip-p", type=float, help="Override the mirroring probability."),
-        click.option("--pca-sigma", type=float,
-                     help="Override the PCA colour strength (0 turns it off)."),
-        click.option("--extra-transform", multiple=True, metavar='NAME[:JSON]',
-                     help='An albumentations transform after crop and flip, e.g. '
-                          '\'Rotate:{"limit": 15}\'. Repeatable.'),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def option_group(*options: Any) -> Any:
+    """One decorator for flags that several commands share."""
+    def apply(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+# The augmentation flags shared by finetune, precompute-features, augment-preview, bench-input.
+augment_options = option_group(
+    click.option("--augment", "augment_preset", default="standard", show_default=True,
+                 help="Preset: none, standard (random resized crop + mirror), alexnet "
+                      "(crop + mirror + PCA colour), vgg (alexnet with scale jitter)."),
+    click.option("--crop", type=click.Choice(["center", "crop", "resized-crop"]),
+                 help="Override the preset's crop style."),
+    click.option("--flip-p", type=float, help="Override the mirroring probability."),
+    click.option("--pca-sigma", type=float,
+                 help="Override the PCA colour strength (0 turns it off)."),
+    click.option("--extra-transform", multiple=True, metavar='NAME[:JSON]',
+                 help='An albumentations transform after crop and flip, e.g. '
+                      '\'Rotate:{"limit": 15}\'. Repeatable.'),
+)
+MAX_PIXELS_OPTION = click.option(
+    "--max-pixels", type=int, help="Refuse images larger than this many pixels, a defence "
+                                   "against decompression bombs. Default: 100 million.")
+# How finetune and precompute-features treat files that cannot be used.
+audit_options = option_group(
+    click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error",
+                 show_default=True,
+                 help="error: list every unusable file and start nothing; skip: leave them "
+                      "out and record each in the run."),
+    click.option("--max-bad-fraction", type=float, default=0.1, show_default=True,
+                 help="With --on-bad-image skip, still stop when more than this share of the "
+                      "files is unusable."),
+    MAX_PIXELS_OPTION,
+)
 
 
 def _augment_config(options: dict[str, Any]) -> Any:
@@ -151,25 +171,6 @@ def _augment_config(options: dict[str, Any]) -> Any:
     return resolve_augment(options.pop("augment_preset"), options.pop("extra_transform"),
                            crop=options.pop("crop"), flip_p=options.pop("flip_p"),
                            pca_sigma=options.pop("pca_sigma"))
-
-
-def audit_options(command: Any) -> Any:
-    """How finetune, precompute-features and check-data treat files that cannot be used."""
-    options = [
-        click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error",
-                     show_default=True,
-                     help="error: list every unusable file and start nothing; skip: leave them "
-                          "out and record each in the run."),
-        click.option("--max-bad-fraction", type=float, default=0.1, show_default=True,
-                     help="With --on-bad-image skip, still stop when more than this share of "
-                          "the files is unusable."),
-        click.option("--max-pixels", type=int,
-                     help="Refuse images larger than this many pixels, a defence against "
-                          "decompression bombs. Default: 100 million."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 def _audit_config(options: dict[str, Any]) -> Any:
@@ -280,7 +281,7 @@ PARAM_FIELDS = {"weights_": "weights", "freeze_to": "freeze", "freeze_blocks": "
               help="Backbone whose minimum input size flags small images.")
 @click.option("--val-fraction", default=0.2, show_default=True,
               help="Validation share when DATA has no val/ folder (as in finetune).")
-@click.option("--max-pixels", type=int, help="Refuse images larger than this (default 100 MP).")
+@MAX_PIXELS_OPTION
 @click.option("--workers", type=int, help="CPU threads decoding (default: all).")
 @click.option("-o", "--output", default="data_report.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where the full JSON report goes.")
