@@ -33,19 +33,21 @@ def progress(tmp_path: Path, name: str) -> int:
     return 0
 
 
-def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int) -> None:
-    """Start a real `tlkit finetune` and SIGKILL it once `epochs_done` epochs are saved."""
+def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int,
+               sig: int = signal.SIGKILL) -> subprocess.Popen:
+    """Start a real `tlkit finetune` and signal it once `epochs_done` epochs are saved."""
     proc = subprocess.Popen([sys.executable, "-m", "tlkit", "finetune", str(data), "-o",
                              f"runs/{name}", *ARGS], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while progress(tmp_path, name) < epochs_done:
         assert proc.poll() is None, "finetune ended before it could be killed"
         assert time.monotonic() < deadline, "finetune made no progress"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "runs" / name).exists()  # killed before it finished
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert not (tmp_path / "runs" / name).exists()  # stopped before it finished
+    return proc
 
 
 @pytest.mark.slow
@@ -90,9 +92,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_force_resume_continues_despite_a_change(tmp_path):
+def test_ctrl_c_says_how_to_resume_and_force_resume_continues_despite_a_change(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
-    kill_after(tmp_path, "r", data, epochs_done=1)
+    proc = kill_after(tmp_path, "r", data, epochs_done=1, sig=signal.SIGINT)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr
+    assert "Error: interrupted; the checkpoints in" in stderr
+    assert "`tlkit finetune --resume runs/r` continues from the last finished epoch" in stderr
+    assert "Traceback" not in stderr
     result = invoke("finetune", "--resume", "runs/r", "--force-resume", "--patience", "2")
     assert result.exit_code == 0, result.output
     assert "resuming despite a change (--force-resume): config.patience: 10 -> 2" in \
