@@ -55,7 +55,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_loadable(tmp_p
     monkeypatch.setattr(h5py.Group, "create_dataset", dies_on_the_third_array)
     with pytest.raises(OSError, match="injected"):
         save_epoch(ckpt, model, model.optimizer, state(2, 0.4), improved=True)
-    monkeypatch.undo()
+    monkeypatch.setattr(h5py.Group, "create_dataset", real)
 
     assert len(calls) == 3  # it really died in the middle of the file
     assert sorted(p.name for p in ckpt.iterdir()) == ["best.h5", "last.h5"]  # no debris
@@ -82,7 +82,7 @@ def test_a_crash_between_renames_loses_no_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints.os, "replace", killed_before_last)
     with pytest.raises(KeyboardInterrupt):
         save_epoch(ckpt, model, model.optimizer, state(2, 0.4), improved=True)
-    monkeypatch.undo()
+    monkeypatch.setattr(checkpoints.os, "replace", real)
 
     assert not (ckpt / "last.h5").exists()  # old last is now previous, new one incoming
     path, found = latest_checkpoint(ckpt)

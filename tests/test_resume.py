@@ -150,3 +150,33 @@ def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
     assert set(info["class_weight"]) == {"a", "b"}
     report = json.loads((tmp_path / "runs/x/data_report.json").read_text())
     assert report["totals"]["bad"] == 1
+
+
+@pytest.mark.slow
+def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path, monkeypatch):
+    import tlkit.train
+
+    data = write_folder(tmp_path / "data", ["a", "b"], 12)
+    common = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--head-epochs",
+              "2", "--epochs", "2", "--freeze", "160", "--augment", "none", "--cache",
+              "--patience", "10"]
+    real = tlkit.train.save_epoch
+
+    def dies_after_the_third_checkpoint(directory, model, optimizer, state, improved):
+        real(directory, model, optimizer, state, improved)
+        if state["progress"] == 3:
+            raise KeyboardInterrupt  # as Ctrl-C right after an epoch is saved
+
+    monkeypatch.setattr(tlkit.train, "save_epoch", dies_after_the_third_checkpoint)
+    first = invoke("finetune", str(data), "-o", "runs/c", *common)
+    assert first.exit_code == 130, first.output
+    monkeypatch.setattr(tlkit.train, "save_epoch", real)  # (undo() would also undo the chdir)
+    resumed = invoke("finetune", "--resume", "runs/c")
+    assert resumed.exit_code == 0, resumed.output
+    assert "feature cache: using" in resumed.output
+    assert invoke("finetune", str(data), "-o", "runs/s", *common).exit_code == 0
+    a, b = (json.loads((tmp_path / f"runs/{n}/run.json").read_text()) for n in ("c", "s"))
+    assert a["feature_cache"]["used"] and b["feature_cache"]["used"]
+    assert a["optimizer_steps"] == b["optimizer_steps"]
+    assert [p["optimizer_steps"] for p in a["results"]["phases"]] == \
+        [p["optimizer_steps"] for p in b["results"]["phases"]]

@@ -328,11 +328,10 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         log.info("class weights (balanced): %s", ", ".join(
             f"{folder.classes[i]} {w:.3f}" for i, w in weights_by_class.items()))
 
-    ckpt_dir = None
+    # the training state every checkpoint carries; progress counts finished epochs
     state: dict[str, Any] = {"schema": 1, "rows": [], "best": None, "phase_steps": {},
-                             "progress": 0,
-                             "phase_index": -1, "phase_done": True, "epoch": 0, "wait": 0,
-                             "phase_best": math.inf, "resumed": []}
+                             "progress": 0, "phase_index": -1, "phase_done": True, "epoch": 0,
+                             "wait": 0, "phase_best": math.inf, "resumed": []}
     if tmp_dir is None:
         tmp_dir = incomplete_dir(run_dir)
         ckpt_dir = tmp_dir / "checkpoints"
