@@ -29,24 +29,50 @@ class TlkitGroup(click.Group):
 
 
 class _EchoHandler(logging.Handler):
-    """Progress messages through click.echo, which finds the current stdout at each call."""
+    """Progress messages through click.echo, which finds the current stdout at each call; on
+    stderr under --json, so that stdout holds the JSON alone."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(self.format(record), err=record.levelno >= logging.WARNING)
+        ctx = click.get_current_context(silent=True)
+        to_stderr = record.levelno >= logging.WARNING or (ctx is not None
+                                                           and ctx.meta.get(JSON_OUTPUT))
+        click.echo(self.format(record), err=bool(to_stderr))
 
 
-def _setup_logging() -> None:
+JSON_OUTPUT = "tlkit.json"  # ctx.meta key: this command prints JSON on stdout
+QUIET = "tlkit.quiet"  # ctx.meta key: --quiet
+
+
+def _setup_logging(quiet: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logger = logging.getLogger("tlkit")
     if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
         logger.addHandler(_EchoHandler())
-        logger.setLevel(logging.INFO)
         logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _json_output(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[JSON_OUTPUT] = True
+    return value
+
+
+def _verbose(ctx: click.Context) -> int | str:
+    """Keras progress bars: none under --quiet or --json (stdout is for the JSON)."""
+    return 0 if ctx.meta.get(QUIET) or ctx.meta.get(JSON_OUTPUT) else "auto"
+
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, callback=_json_output,
+                           help="Print the result as JSON on stdout (progress goes to stderr).")
 
 
 @click.group(cls=TlkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tlkit")
-def cli() -> None:
+@click.option("-q", "--quiet", is_flag=True,
+              help="Only warnings, errors and results: no progress lines or bars.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
     """Transfer learning for image classification on Keras 3.
 
     \b
@@ -55,11 +81,12 @@ def cli() -> None:
       tlkit predict runs/NAME image.jpg    label new images
       tlkit inspect resnet50               choose a freeze point
     """
-    _setup_logging()
+    ctx.meta[QUIET] = quiet
+    _setup_logging(quiet)
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@JSON_OPTION
 def backbones(as_json: bool) -> None:
     """List the registered backbones (parameter counts include the ImageNet top)."""
     from tlkit.introspect import backbone_table
@@ -79,7 +106,7 @@ def backbones(as_json: bool) -> None:
 @click.argument("name")
 @click.option("--input-size", type=int,
               help="Input size for the output shapes (default: the backbone's).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@JSON_OPTION
 def inspect(name: str, input_size: int | None, as_json: bool) -> None:
     """Print every layer of backbone NAME with the index that --freeze counts."""
     from tlkit.introspect import layer_table
@@ -181,6 +208,66 @@ def _audit_config(options: dict[str, Any]) -> Any:
                        **({"max_pixels": max_pixels} if max_pixels is not None else {}))
 
 
+def _apply_recipe(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--recipe (eager): the recipe's section for this command becomes click's default_map, so
+    typed flags still win. Option names and values are checked here, before anything runs."""
+    if value is None:
+        return None
+    from tlkit.errors import ConfigError, did_you_mean
+    from tlkit.recipes import load_recipe
+
+    recipe = load_recipe(value, recipe_commands())
+    options = {}  # a setting as a recipe names it (`head-epochs`, `weights`) -> its parameter
+    for p in ctx.command.params:
+        for name in p.opts:  # --long flags and argument names; not -o, not --no-cache
+            if p.name != "recipe" and (name.startswith("--") or not name.startswith("-")):
+                options[name.lstrip("-")] = p
+    defaults = {}
+    for key, raw in recipe.sections.get(ctx.info_name, {}).items():
+        p = options.get(key.replace("_", "-"))
+        if p is None:
+            names = sorted(options)
+            raise ConfigError(f"{recipe.path}: `tlkit {ctx.info_name}` has no option {key!r}."
+                              f"{did_you_mean(key, names)} Its options: {', '.join(names)}")
+        try:
+            p.type_cast_value(ctx, raw)
+        except click.BadParameter as e:
+            raise ConfigError(f"{recipe.path}: {ctx.info_name}.{key}: {e.message.rstrip('.')}. "
+                              f"Received: {raw!r}") from None
+        defaults[p.name] = raw
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["tlkit.recipe"] = recipe
+    return value
+
+
+def recipe_commands() -> set[str]:
+    """The commands a recipe may have a section for: those taking --recipe."""
+    return {name for name, command in cli.commands.items()
+            if any(p.name == "recipe" for p in command.params)}
+
+
+recipe_option = click.option(
+    "--recipe", metavar="NAME|PATH", is_eager=True, expose_value=False, callback=_apply_recipe,
+    help="Options from a recipe (`tlkit recipes` lists them); flags typed here win.")
+
+
+def _freeze_request(ctx: click.Context, default: str) -> Any:
+    """--freeze, --freeze-to and --freeze-blocks are one setting: a typed one replaces all
+    three from a recipe; none at all means `default`."""
+    from tlkit.freezing import FreezeRequest
+
+    names = ("freeze", "freeze_to", "freeze_blocks")
+    values = {n: ctx.params[n] for n in names}
+    typed = {n for n in names
+             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE}
+    if typed:
+        values = {n: values[n] if n in typed else None for n in names}
+    if all(v is None for v in values.values()):
+        values["freeze"] = default
+    return FreezeRequest(count=values["freeze"], to_layer=values["freeze_to"],
+                         blocks=values["freeze_blocks"])
+
+
 def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     from tlkit.freezing import parse_freeze_count
 
@@ -193,6 +280,7 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 @cli.command()
+@recipe_option
 @click.argument("data", default="data", type=click.Path())
 @click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
 @click.option("--weights", "weights_", default="imagenet", show_default=True,
@@ -240,32 +328,37 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
                    "settings it started with.")
 @click.option("--force-resume", is_flag=True,
               help="Resume even though settings, classes or data changed since the run began.")
+@click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN/tensorboard/.")
+@JSON_OPTION
 def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
              freeze_blocks: int | None, resume: str | None, force_resume: bool,
-             **options: Any) -> None:
+             as_json: bool, **options: Any) -> None:
     """Fine-tune a pretrained backbone on DATA (default data/): class folders, or train/val/test."""
     from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
     from tlkit.train import finetune as run_finetune
     from tlkit.train import resume_config
 
-    if freeze is None and freeze_to is None and freeze_blocks is None:
-        freeze = "0"
-    request = FreezeRequest(count=freeze, to_layer=freeze_to, blocks=freeze_blocks)
+    ctx = click.get_current_context()
+    request = _freeze_request(ctx, default="0")
+    recipe = ctx.meta.get("tlkit.recipe")
     augment = _augment_config(options)
     audit = _audit_config(options)
     cache = options.pop("cache")
     config = FinetuneConfig(data=data, weights=weights_, freeze=request, augment=augment,
                             audit=audit, cache={None: "auto", True: "build", False: "off"}[cache],
-                            **options)
+                            recipe=recipe.name if recipe else None, **options)
     if resume is not None:  # the saved settings, changed only where a flag was typed
-        ctx = click.get_current_context()
         typed = {PARAM_FIELDS.get(name, name) for name in ctx.params
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
                  and name not in ("resume", "force_resume")}
         config = resume_config(resume, **{f: getattr(config, f) for f in typed})
-    run = run_finetune(config, resume=resume, force_resume=force_resume)
-    click.echo(f"run: {run.path}")
+    run = run_finetune(config, verbose=_verbose(ctx), resume=resume, force_resume=force_resume)
+    if as_json:
+        click.echo(json.dumps({"run": str(run.path), "best": run.info["results"]["best"],
+                               "phases": run.info["results"]["phases"],
+                               "optimizer_steps": run.info["optimizer_steps"]}, indent=2))
+    else:
+        click.echo(f"run: {run.path}")
 
 
 # finetune flags -> the FinetuneConfig field each one sets
@@ -276,6 +369,7 @@ PARAM_FIELDS = {"weights_": "weights", "freeze_to": "freeze", "freeze_blocks": "
 
 
 @cli.command("check-data")
+@recipe_option
 @click.argument("data", default="data", type=click.Path())
 @click.option("--backbone", default="resnet50", show_default=True,
               help="Backbone whose minimum input size flags small images.")
@@ -286,7 +380,7 @@ PARAM_FIELDS = {"weights_": "weights", "freeze_to": "freeze", "freeze_blocks": "
 @click.option("-o", "--output", default="data_report.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where the full JSON report goes.")
 @click.option("--overwrite", is_flag=True, help="Replace an output file that is not a report.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@JSON_OPTION
 def check_data(data: str, backbone: str, val_fraction: float, max_pixels: int | None,
                workers: int | None, output: str, overwrite: bool, as_json: bool) -> None:
     """Decode every image of DATA once and report what is wrong; exit 3 if any file is unusable.
@@ -349,6 +443,7 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 
 
 @cli.command("precompute-features")
+@recipe_option
 @click.argument("data", default="data", type=click.Path())
 @click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
 @click.option("--weights", "weights_", default="imagenet", show_default=True,
@@ -369,20 +464,27 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 @click.option("--val-fraction", default=0.2, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print size and time estimates; write nothing.")
 @audit_options
+@JSON_OPTION
 def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
-                        freeze_blocks: int | None, **options: Any) -> None:
+                        freeze_blocks: int | None, as_json: bool, **options: Any) -> None:
     """Run the frozen trunk once over DATA and cache its activations for finetune."""
     from tlkit.features import PrecomputeConfig
     from tlkit.features import precompute_features as run_precompute
-    from tlkit.freezing import FreezeRequest
 
-    if freeze is None and freeze_to is None and freeze_blocks is None:
-        freeze = "all"
     augment = _augment_config(options)
     config = PrecomputeConfig(data=data, weights=weights_, augment=augment,
                               audit=_audit_config(options),
-                              freeze=FreezeRequest(freeze, freeze_to, freeze_blocks), **options)
-    result = run_precompute(config)
+                              freeze=_freeze_request(click.get_current_context(), "all"),
+                              **options)
+    ctx = click.get_current_context()
+    result = run_precompute(config, verbose=0 if _verbose(ctx) == 0 else 1)
+    if as_json:
+        click.echo(json.dumps(result if isinstance(result, dict) else
+                              {"key": result.key, "path": str(result.path),
+                               "splits": {s: {k: v[k] for k in ("count", "views", "shape")}
+                                          for s, v in result.manifest["splits"].items()}},
+                              indent=2))
+        return
     if isinstance(result, dict):
         fits = result["bytes"] <= result["free_bytes"]
         click.echo(f"dry run: cache {result['key']} ({'exists' if result['exists'] else 'new'})"
@@ -429,6 +531,7 @@ def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
 
 
 @cli.command("augment-preview")
+@recipe_option
 @click.argument("data", default="data", type=click.Path())
 @click.option("-n", "count", default=16, show_default=True, help="Training images to show.")
 @click.option("--draws", default=6, show_default=True, help="Augmented versions per image.")
@@ -449,6 +552,7 @@ def augment_preview(data: str, count: int, draws: int, output: str, overwrite: b
 
 
 @cli.command("bench-input")
+@recipe_option
 @click.argument("data", default="data", type=click.Path())
 @click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
 @click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
@@ -457,7 +561,7 @@ def augment_preview(data: str, count: int, draws: int, output: str, overwrite: b
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--max-workers", type=int, help="Measure 1..N workers (default: all cores).")
 @click.option("--batches", default=8, show_default=True, help="Timed batches per measurement.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@JSON_OPTION
 @augment_options
 def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, batch_size: int,
                 max_workers: int | None, batches: int, as_json: bool, **options: Any) -> None:
@@ -500,6 +604,7 @@ MULTICROP_OPTION = click.option(
 
 
 @cli.command("eval")
+@recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())
 @MULTICROP_OPTION
 @click.option("--ensemble-weights", type=click.Choice(["equal", "val"]), default="equal",
@@ -510,7 +615,7 @@ MULTICROP_OPTION = click.option(
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, help="CPU threads decoding (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing evaluation folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@JSON_OPTION
 def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Evaluate [RUN...] (default: the newest run) on [DATA] (default: the run's test split).
 
@@ -546,10 +651,11 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
 
 
 @cli.command()
+@recipe_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "--top-k", default=5, show_default=True)
 @MULTICROP_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@JSON_OPTION
 def predict(paths: tuple[str, ...], top_k: int, multicrop: str, as_json: bool) -> None:
     """Label images: RUN... IMAGE... (several runs average as an ensemble; no run: the newest)."""
     from tlkit.predict import predict as run_predict
@@ -563,6 +669,49 @@ def predict(paths: tuple[str, ...], top_k: int, multicrop: str, as_json: bool) -
         click.echo(r["path"])
         for rank, t in enumerate(r["top"], 1):
             click.echo(f"  {rank}. {t['label']:<24}{t['probability']:>8.2%}")
+
+
+@cli.command()
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+@JSON_OPTION
+def runs(runs_dir: str, as_json: bool) -> None:
+    """List runs, newest first: backbone, freeze, best validation accuracy, date; interrupted
+    ones with the command that resumes them."""
+    from tlkit.runs import list_runs
+
+    rows = list_runs(runs_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"{runs_dir}: no runs yet; `tlkit finetune DATA` makes one")
+        return
+    width = max(len(r["run"]) for r in rows) + 2
+    click.echo(f"{'run':<{width}}{'backbone':<20}{'freeze':<26}{'best val acc':>13}  created")
+    for r in rows:
+        if r["status"] == "interrupted":
+            click.echo(f"{r['run']:<{width}}{r['backbone']:<20}interrupted: {r['resume']}")
+            continue
+        acc = "-" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
+        click.echo(f"{r['run']:<{width}}{r['backbone']:<20}{r['freeze'] or '-':<26}{acc:>13}  "
+                   f"{r['created']}")
+
+
+@cli.command()
+@JSON_OPTION
+def recipes(as_json: bool) -> None:
+    """List the recipes (./recipes/*.yaml, then tlkit's own) with what each is for."""
+    from tlkit.recipes import list_recipes
+
+    rows = list_recipes(recipe_commands())
+    if as_json:
+        click.echo(json.dumps([{"name": r.name, "path": str(r.path), "description": r.description,
+                                "sections": r.sections} for r in rows], indent=2))
+        return
+    width = max(len(r.name) for r in rows) + 2
+    for r in rows:
+        click.echo(f"{r.name:<{width}}{r.description}")
+    click.echo("use: tlkit finetune --recipe NAME DATA (flags typed on the command line win)")
 
 
 def main() -> None:

@@ -44,6 +44,8 @@ class FinetuneConfig:
     cache_dtype: str = "float16"
     audit: AuditConfig = field(default_factory=AuditConfig)
     class_weight: str = "none"  # "balanced": weight each class by n / (classes * count)
+    recipe: str | None = None  # the recipe these settings came from, for the record
+    tensorboard: bool = False  # TensorBoard logs in RUN/tensorboard/
 
     def __post_init__(self) -> None:
         checks = [

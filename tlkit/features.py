@@ -134,13 +134,14 @@ def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut:
 def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
                         folder: ImageFolder, views: int, transform: TrainTransform,
                         crop_fraction: float, seed: int, dtype: str, batch_size: int,
-                        workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS
-                        ) -> FeatureCache:
+                        workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        verbose: int = 1) -> FeatureCache:
     import keras
 
     view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
     total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
-    bar = keras.utils.Progbar(total, stateful_metrics=["images/s"], unit_name="image")
+    bar = keras.utils.Progbar(total, stateful_metrics=["images/s"], unit_name="image",
+                              verbose=verbose)
     start, done = time.perf_counter(), [0]
 
     def progress(n_images: int) -> None:
@@ -153,8 +154,10 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
                        batch_size, progress=progress)
 
 
-def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, Any]:
-    """Build (or find) the cache; with dry_run, return the plan without writing anything."""
+def precompute_features(config: PrecomputeConfig, verbose: int = 1
+                        ) -> FeatureCache | dict[str, Any]:
+    """Build (or find) the cache; with dry_run, return the plan without writing anything.
+    `verbose` 0 hides the progress bar."""
     import keras
 
     spec = get_backbone(config.backbone)
@@ -209,7 +212,8 @@ def precompute_features(config: PrecomputeConfig) -> FeatureCache | dict[str, An
              key, counts, shape, config.dtype, needed / 1e6)
     return build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
                                spec.crop_fraction, config.seed, config.dtype,
-                               config.batch_size, config.workers, config.audit.max_pixels)
+                               config.batch_size, config.workers, config.audit.max_pixels,
+                               verbose)
 
 
 def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,

@@ -1,4 +1,5 @@
-"""What `evaluate` writes: metrics.json, predictions.csv, confusion_matrix.png, report.html.
+"""The figures and files tlkit writes: a run's training_curves.png, and what `evaluate` writes
+(metrics.json, predictions.csv, confusion_matrix.png, report.html).
 
 The HTML report is one self-contained file (figures and thumbnails inlined), so it can be mailed
 or archived as it is.
@@ -23,11 +24,55 @@ from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json
 WORST = 12
 
 
-def confusion_png(cm: np.ndarray, classes: Sequence[str]) -> bytes:
+def _pyplot() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
+    """Loss and accuracy per epoch, train and validation, over both phases; a dashed line
+    marks where fine-tuning starts, the best epoch (lowest validation loss) is circled."""
+    plt = _pyplot()
+    x = list(range(1, len(rows) + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = [r.get(prefix + metric, np.nan) for r in rows]
+            ax.plot(x, values, style, marker="o", markersize=3,
+                    label=("validation " if prefix else "train ") + metric)
+        ax.set_xlabel("epoch (both phases)")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    starts = [i for i in range(1, len(rows)) if rows[i]["phase"] != rows[i - 1]["phase"]]
+    for ax in axes:
+        for i in starts:
+            ax.axvline(i + 0.5, color="gray", linestyle=":")
+            ax.annotate(rows[i]["phase"], (i + 0.6, 0.98), xycoords=("data", "axes fraction"),
+                        va="top", fontsize=8, color="gray")
+        ax.annotate(rows[0]["phase"], (0.02, 0.98), xycoords="axes fraction", va="top",
+                    fontsize=8, color="gray")
+    best = min(range(len(rows)), key=lambda i: rows[i].get("val_loss", np.inf))
+    axes[0].plot([best + 1], [rows[best].get("val_loss", np.nan)], "o", markersize=10,
+                 fillstyle="none", color="black", label="best (saved)")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def confusion_png(cm: np.ndarray, classes: Sequence[str]) -> bytes:
+    plt = _pyplot()
 
     n = len(classes)
     side = min(14.0, 2.0 + 0.45 * n)
@@ -44,10 +89,7 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str]) -> bytes:
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if cm[i, j] > top / 2 else "black")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _thumb(path: str) -> str:

@@ -79,3 +79,32 @@ def load_run(path: str | os.PathLike | None = None) -> Run:
             f"this tlkit (expects {RUN_SCHEMA})"
         )
     return Run(run_path, info)
+
+
+def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
+    """Finished runs and interrupted ones (resumable), newest first, for `tlkit runs`."""
+    runs_dir = Path(runs_dir)
+    rows = []
+    for path in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        if not path.is_dir():
+            continue
+        if is_finished_run(path):
+            try:
+                info = json.loads((path / "run.json").read_text())
+            except json.JSONDecodeError:
+                continue  # load_run names the damage when the run is used
+            best = info.get("results", {}).get("best") or {}
+            rows.append({"run": path.name, "status": "finished",
+                         "backbone": info.get("backbone"),
+                         "freeze": (info.get("freeze") or {}).get("request"),
+                         "best_val_accuracy": best.get("val_accuracy"),
+                         "created": info.get("created"), "path": str(path)})
+        elif ".incomplete-" in path.name and (path / "checkpoints" / "identity.json").is_file():
+            identity = json.loads((path / "checkpoints" / "identity.json").read_text())
+            name = path.name.split(".incomplete-")[0]
+            rows.append({"run": name, "status": "interrupted",
+                         "backbone": identity.get("backbone"),
+                         "freeze": None, "best_val_accuracy": None,
+                         "created": None, "path": str(path),
+                         "resume": f"tlkit finetune --resume {runs_dir / name}"})
+    return sorted(rows, key=lambda r: Path(r["path"]).stat().st_mtime, reverse=True)

@@ -143,7 +143,8 @@ def _param_counts(model: Any) -> tuple[int, int]:
 
 
 def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, base: Any,
-                  plan: Any, size: int, folder: Any, pca: Any) -> tuple[Any, Any, str]:
+                  plan: Any, size: int, folder: Any, pca: Any, verbose: int
+                  ) -> tuple[Any, Any, str]:
     """(cache or None, the model to fit, why): train the tail from cached activations when a
     cache matches these exact settings (or --cache builds one)."""
     from tlkit.cache import cache_root, open_cache
@@ -170,7 +171,8 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
     if cache is None and config.cache == "build":
         cache = build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
                                     spec.crop_fraction, config.seed, config.cache_dtype,
-                                    config.batch_size, config.workers, config.audit.max_pixels)
+                                    config.batch_size, config.workers, config.audit.max_pixels,
+                                    verbose)
         note = f"built and used {root / key}{moved}"
     elif cache is None:
         return None, model, (f"not used: no cache for these settings ({root / key}); "
@@ -187,7 +189,7 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
 
 IDENTITY_FILE = "identity.json"  # in checkpoints/: what a resumed run must still match
 # Settings a resumed run may change freely: they decide where and how fast, not what is learned.
-RESUME_FREE = ("output", "overwrite", "workers", "prefetch", "cache_dir")
+RESUME_FREE = ("output", "overwrite", "workers", "prefetch", "cache_dir", "recipe", "tensorboard")
 
 
 def class_weights(examples: Any, n_classes: int) -> dict[int, float]:
@@ -313,8 +315,10 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     if transform.pca is not None:
         log.info("PCA colour: eigenvalues %s from %d images", ", ".join(
             f"{v:.4f}" for v in transform.pca.eigvals), transform.pca.n_images)
+    if verbose == "auto":
+        verbose = 1 if os.isatty(1) else 2
     cache, fit_model, cache_note = _select_cache(config, spec, weights, model, base, plan, size,
-                                                 folder, transform.pca)
+                                                 folder, transform.pca, verbose)
     log.info("feature cache: %s", cache_note)
     if cache is not None:
         val_ds = cache_dataset(cache, "val", config.batch_size, config.seed, shuffle=False,
@@ -356,8 +360,6 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
              "continues it", tmp_dir, run_dir)
 
     recorder = _make_recorder(ckpt_dir, tmp_dir / "history.csv", model, config.patience, state)
-    if verbose == "auto":
-        verbose = 1 if os.isatty(1) else 2
     schedule = [("head", config.head_epochs, config.lr), ("fine-tune", config.epochs,
                                                           config.fine_tune_lr)]
     phases = _PhaseRunner(config, model, fit_model, base, plan, recorder, state, ckpt_dir,
@@ -385,6 +387,9 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     load_checkpoint(ckpt_dir / BEST, model)
     with atomic_path(tmp_dir / "model.keras") as tmp:
         model.save(tmp)
+    from tlkit.report import training_curves_png
+
+    atomic_write(tmp_dir / "training_curves.png", training_curves_png(state["rows"]))
     info = {
         "schema": RUN_SCHEMA,
         "tlkit_version": _version.__version__,
@@ -457,6 +462,13 @@ class _PhaseRunner:
     class_weight: dict[int, float] | None
     verbose: Any
 
+    def _tensorboard(self) -> list[Any]:
+        if not self.config.tensorboard:
+            return []
+        import keras
+
+        return [keras.callbacks.TensorBoard(log_dir=str(self.ckpt_dir.parent / "tensorboard"))]
+
     def run(self, phase: str, index: int, epochs: int, lr: float, initial: int,
             phase_first: int) -> None:
         """Freeze, compile, restore the optimizer when resuming mid-phase, fit."""
@@ -497,7 +509,7 @@ class _PhaseRunner:
         fit_model.fit(train_ds, validation_data=self.val_ds, epochs=epochs, initial_epoch=initial,
                       steps_per_epoch=steps_per_epoch(len(self.train_examples),
                                                       config.batch_size),
-                      callbacks=[self.recorder], verbose=self.verbose,
+                      callbacks=[self.recorder, *self._tensorboard()], verbose=self.verbose,
                       class_weight=self.class_weight,
                       shuffle=False)  # the dataset shuffles, seeded
         if self.recorder.diverged:

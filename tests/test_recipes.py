@@ -1,0 +1,124 @@
+"""Recipes: every shipped one loads and trains; flag > recipe > default; bad recipes say why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_folder
+
+from tlkit.cli import cli, recipe_commands
+from tlkit.recipes import BUILTIN_DIR, list_recipes
+
+SHIPPED = ["alexnet-augment", "inception_v3", "large-data", "medium-data", "resnet50",
+           "small-data", "vgg16"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_description():
+    result = invoke("recipes")
+    assert result.exit_code == 0
+    for recipe in list_recipes(recipe_commands()):
+        assert f"{recipe.name}" in result.output and recipe.description in result.output
+        assert recipe.description and "\n" not in recipe.description
+    assert sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")) == SHIPPED
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_shipped_recipe_runs_one_quick_epoch(name, tmp_path):
+    data = write_folder(tmp_path / "data", ["a", "b"], 6)
+    recipe = next(r for r in list_recipes(recipe_commands()) if r.name == name)
+    section = recipe.sections["finetune"]
+    size = "75" if section.get("backbone") == "inception_v3" else "32"
+    epochs = "0" if section.get("epochs") == 0 else "1"
+    # typed flags make it quick; everything else comes from the recipe
+    result = invoke("finetune", str(data), "--recipe", name, "-o", "runs/r", "--weights", "none",
+                    "--input-size", size, "--batch-size", "4", "--head-epochs", "1",
+                    "--epochs", epochs, "--views", "2")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "runs/r/run.json").read_text())["config"]
+    assert config["recipe"] == name
+    assert config["input_size"] == int(size) and config["head_epochs"] == 1  # flags won
+    for key, value in section.items():
+        field = key.replace("-", "_")
+        if field in ("input_size", "head_epochs", "epochs", "views"):
+            continue
+        if field == "augment":
+            assert config["augment"]["preset"] == value
+        elif field in ("freeze", "freeze_blocks"):
+            assert config["freeze"][{"freeze": "count", "freeze_blocks": "blocks"}[field]] == \
+                (str(value) if field == "freeze" else value)
+        elif field == "cache":
+            assert config["cache"] == ("build" if value else "off")
+        else:
+            assert config[field] == value, field
+
+
+def test_flag_beats_recipe_beats_default(tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "mine.yaml").write_text(
+        "description: test\ncheck-data:\n  val-fraction: 0.5\n  output: from-recipe.json\n")
+    data = write_folder(tmp_path / "data", ["a", "b"], 4)
+    assert invoke("check-data", str(data), "--recipe", "mine").exit_code == 0
+    report = json.loads((tmp_path / "from-recipe.json").read_text())
+    assert report["splits"]["val"]["images"] > 0 and not (tmp_path / "data_report.json").exists()
+    assert invoke("check-data", str(data), "--recipe", "mine", "-o", "typed.json").exit_code == 0
+    assert (tmp_path / "typed.json").is_file()  # the flag won
+    assert invoke("check-data", str(data)).exit_code == 0
+    assert (tmp_path / "data_report.json").is_file()  # no recipe: the default
+    by_path = invoke("check-data", str(data), "--recipe", str(recipes / "mine.yaml"), "-o", "p.json")
+    assert by_path.exit_code == 0
+
+
+def test_a_project_recipe_replaces_a_shipped_one_of_the_same_name(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "vgg16.yaml").write_text("description: our own vgg16\n")
+    assert "our own vgg16" in invoke("recipes").output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("description: x\nfinetune:\n  head_epoch: 3\n",
+     "`tlkit finetune` has no option 'head_epoch'. Did you mean 'head-epochs'?"),
+    ("description: x\nfinetun:\n  lr: 0.1\n", "unknown command 'finetun'. Did you mean 'finetune'?"),
+    ("description: x\nfinetune:\n  head-epochs: many\n",
+     "finetune.head-epochs: 'many' is not a valid integer. Received: 'many'"),
+    ("description: x\nfinetune:\n  augment: fancy\n", "unknown --augment preset 'fancy'"),
+    ("- a list\n", "a recipe is a mapping"),
+    ("finetune: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipes_are_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    data = write_folder(tmp_path / "data", ["a", "b"], 3)
+    result = invoke("finetune", str(data), "--recipe", str(path), "--weights", "none")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not Path("runs").exists()
+
+
+def test_unknown_recipe_name_suggests_the_closest():
+    result = invoke("finetune", "--recipe", "smal-data")
+    assert result.exit_code == 2
+    assert "unknown recipe 'smal-data'. Did you mean 'small-data'?" in result.output
+
+
+def test_a_typed_freeze_flag_replaces_the_recipes_freeze_setting(tmp_path):
+    data = write_folder(tmp_path / "data", ["a", "b"], 4)
+    recipe = tmp_path / "blocks.yaml"
+    recipe.write_text("description: x\nprecompute-features:\n  freeze-blocks: 2\n")
+    common = ["precompute-features", str(data), "--recipe", str(recipe), "--weights", "none",
+              "--input-size", "32", "--dry-run", "--json"]
+    from_recipe = json.loads(invoke(*common).output.splitlines()[-1])
+    typed = invoke(*common, "--freeze", "all")
+    assert typed.exit_code == 0, typed.output  # not "both --freeze and --freeze-blocks"
+    from_flag = json.loads(typed.output.splitlines()[-1])
+    assert from_recipe["cut"]["layer"] == "conv2_block3_out"
+    assert from_flag["cut"]["k"] > from_recipe["cut"]["k"]
