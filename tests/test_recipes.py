@@ -73,7 +73,7 @@ def test_flag_beats_recipe_beats_default(tmp_path, monkeypatch):
     assert (tmp_path / "typed.json").is_file()  # the flag won
     assert invoke("check-data", str(data)).exit_code == 0
     assert (tmp_path / "data_report.json").is_file()  # no recipe: the default
-    by_path = invoke("check-data", str(data), "--recipe", str(recipes / "mine.yaml"), "-o", "p.json")
+    by_path = invoke("check-data", str(data), "--recipe", str(recipes / "mine.yaml"), "-o", "p")
     assert by_path.exit_code == 0
 
 
@@ -86,7 +86,8 @@ def test_a_project_recipe_replaces_a_shipped_one_of_the_same_name(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("description: x\nfinetune:\n  head_epoch: 3\n",
      "`tlkit finetune` has no option 'head_epoch'. Did you mean 'head-epochs'?"),
-    ("description: x\nfinetun:\n  lr: 0.1\n", "unknown command 'finetun'. Did you mean 'finetune'?"),
+    ("description: x\nfinetun:\n  lr: 0.1\n",
+     "unknown command 'finetun'. Did you mean 'finetune'?"),
     ("description: x\nfinetune:\n  head-epochs: many\n",
      "finetune.head-epochs: 'many' is not a valid integer. Received: 'many'"),
     ("description: x\nfinetune:\n  augment: fancy\n", "unknown --augment preset 'fancy'"),

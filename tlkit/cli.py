@@ -672,6 +672,19 @@ def predict(paths: tuple[str, ...], top_k: int, multicrop: str, as_json: bool) -
 
 
 @cli.command()
+@click.argument("run", required=False, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "tflite", "onnx"]),
+              default="savedmodel", show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Default: RUN/export/FORMAT/.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+def export(run: str | None, fmt: str, output: str | None, overwrite: bool) -> None:
+    """Export RUN (default: the newest) for deployment, preprocessing and class names included."""
+    from tlkit.export import export_run
+
+    click.echo(f"exported: {export_run(run, fmt, output, overwrite)}")
+
+
+@cli.command()
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
 @JSON_OPTION
 def runs(runs_dir: str, as_json: bool) -> None:

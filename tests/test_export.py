@@ -1,0 +1,101 @@
+"""Every export loads in its own runtime and answers like model.keras on the same images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_folder
+
+from tlkit.cli import cli
+from tlkit.runs import load_run
+
+
+@pytest.fixture(scope="module")
+def run_and_images(tmp_path_factory):
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.train import finetune
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_folder(root / "data", ["cat", "dog", "owl"], 6)
+    config = FinetuneConfig(data=str(data), weights="none", input_size=32, batch_size=8,
+                            freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0,
+                            output=str(root / "run"), cache="off")
+    run = finetune(config, verbose=0)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    expected = np.asarray(run.load_model().predict(images, verbose=0))
+    return run.path, images, expected
+
+
+def run_savedmodel(path, images):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path / "saved_model"))  # kept: it owns the variables
+    return loaded.serve(tf.constant(images)).numpy()
+
+
+def run_tflite(path, images):
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path / "model.tflite"))
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert inp["dtype"] == np.uint8  # raw images in: the preprocessing is inside
+    interpreter.resize_tensor_input(inp["index"], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], images)
+    interpreter.invoke()
+    return interpreter.get_tensor(out["index"])
+
+
+def run_onnx(path, images):
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
+def run_keras(path, images):
+    import keras
+
+    model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
+    return model.predict(images, verbose=0)
+
+
+RUNTIMES = {"keras": run_keras, "savedmodel": run_savedmodel, "tflite": run_tflite,
+            "onnx": run_onnx}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(RUNTIMES))
+def test_export_matches_the_run_in_its_own_runtime(run_and_images, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("tf2onnx")
+        pytest.importorskip("onnxruntime")
+    run, images, expected = run_and_images
+    result = CliRunner().invoke(cli, ["export", str(run), "--format", fmt],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = run / "export" / fmt
+    assert (out / "labels.txt").read_text().splitlines() == ["cat", "dog", "owl"]
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["input"] == {"shape": [None, 32, 32, 3], "dtype": "uint8", "channels": "RGB",
+                             "preprocessing": "inside the model"}
+    got = np.asarray(RUNTIMES[fmt](out, images))
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not list((run / "export").glob("*.incomplete-*"))
+
+
+def test_export_refuses_to_overwrite_and_names_bad_formats(run_and_images):
+    run = run_and_images[0]
+    runner = CliRunner()
+    assert runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e"]).exit_code == 0
+    again = runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e"])
+    assert again.exit_code == 5 and "e: already exists; pass --overwrite" in again.output
+    assert runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e",
+                               "--overwrite"]).exit_code == 0
+    bad = runner.invoke(cli, ["export", str(run), "--format", "pickle"])
+    assert bad.exit_code == 2 and "'pickle' is not one of" in bad.output
+    assert load_run(run).classes == ["cat", "dog", "owl"]

@@ -1,0 +1,90 @@
+"""`tlkit export RUN --format keras|savedmodel|tflite|onnx`: a run's model for deployment.
+
+The model already starts with its preprocessing (uint8 RGB in, probabilities out), so every
+export takes raw images exactly as `model.keras` does. Each export folder holds the model,
+`labels.txt` (one class per line, in output order) and `export.json` (input shape and dtype,
+classes, where it came from). Folders are built whole and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tlkit import _version
+from tlkit.errors import ConfigError, RunError
+from tlkit.fsutil import atomic_write, atomic_write_json, incomplete_dir, publish_dir
+from tlkit.runs import Run, load_run
+
+log = logging.getLogger("tlkit")
+EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
+MODEL_FILES = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite",
+               "onnx": "model.onnx"}
+
+
+def _savedmodel(model: Any, path: Path) -> None:
+    model.export(str(path), format="tf_saved_model", verbose=False)  # endpoint `serve`
+
+
+def _tflite(model: Any, path: Path) -> None:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _savedmodel(model, Path(tmp) / "sm")
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "sm"))
+        path.write_bytes(converter.convert())
+
+
+def _onnx(model: Any, path: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs tf2onnx and onnx: pip install 'tlkit[onnx]'") \
+            from None
+    import numpy as np
+
+    _, height, width, channels = model.input_shape
+    model(np.zeros((1, height, width, channels), np.uint8))  # Keras exports only called models
+    model.export(str(path), format="onnx", verbose=False)
+
+
+def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLike | None = None,
+               overwrite: bool = False) -> Path:
+    """Export `run` (None: the newest) to `output` (default RUN/export/<format>/)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}. "
+                          f"Received: {fmt!r}")
+    loaded: Run = load_run(run)
+    out = Path(output) if output else loaded.path / "export" / fmt
+    if out.exists() and not overwrite:
+        raise RunError(f"{out}: already exists; pass --overwrite or choose another -o/--output")
+    tmp = incomplete_dir(out)
+    try:
+        target = tmp / MODEL_FILES[fmt]
+        if fmt == "keras":
+            shutil.copyfile(loaded.path / "model.keras", target)
+        else:
+            model = loaded.load_model()
+            {"savedmodel": _savedmodel, "tflite": _tflite, "onnx": _onnx}[fmt](model, target)
+        atomic_write(tmp / "labels.txt", "".join(f"{c}\n" for c in loaded.classes))
+        size = loaded.input_size
+        atomic_write_json(tmp / "export.json", {
+            "format": fmt, "model": MODEL_FILES[fmt], "labels": "labels.txt",
+            "input": {"shape": [None, size, size, 3], "dtype": "uint8",
+                      "channels": "RGB", "preprocessing": "inside the model"},
+            "output": {"shape": [None, len(loaded.classes)], "meaning": "class probabilities",
+                       "classes": loaded.classes},
+            "run": str(loaded.path.resolve()), "backbone": loaded.info["backbone"],
+            "tlkit_version": _version.__version__,
+        })
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, out, overwrite=overwrite)
+    log.info("exported %s as %s to %s", loaded.path, fmt, out)
+    return out
