@@ -117,9 +117,9 @@ def test_a_typed_freeze_flag_replaces_the_recipes_freeze_setting(tmp_path):
     recipe.write_text("description: x\nprecompute-features:\n  freeze-blocks: 2\n")
     common = ["precompute-features", str(data), "--recipe", str(recipe), "--weights", "none",
               "--input-size", "32", "--dry-run", "--json"]
-    from_recipe = json.loads(invoke(*common).output.splitlines()[-1])
+    from_recipe = json.loads(invoke(*common).stdout)  # stdout holds the JSON alone
     typed = invoke(*common, "--freeze", "all")
     assert typed.exit_code == 0, typed.output  # not "both --freeze and --freeze-blocks"
-    from_flag = json.loads(typed.output.splitlines()[-1])
+    from_flag = json.loads(typed.stdout)
     assert from_recipe["cut"]["layer"] == "conv2_block3_out"
     assert from_flag["cut"]["k"] > from_recipe["cut"]["k"]
