@@ -36,15 +36,20 @@ def test_each_shipped_recipe_runs_one_quick_epoch(name, tmp_path):
     recipe = next(r for r in list_recipes(recipe_commands()) if r.name == name)
     section = recipe.sections["finetune"]
     size = "75" if section.get("backbone") == "inception_v3" else "32"
-    epochs = "0" if section.get("epochs") == 0 else "1"
-    # typed flags make it quick; everything else comes from the recipe
+    # typed flags make it one quick epoch (of the head); everything else comes from the recipe,
+    # and the recipe's freeze plan is resolved against the real backbone all the same
     result = invoke("finetune", str(data), "--recipe", name, "-o", "runs/r", "--weights", "none",
                     "--input-size", size, "--batch-size", "4", "--head-epochs", "1",
-                    "--epochs", epochs, "--views", "2")
+                    "--epochs", "0", "--views", "2")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "runs/r/run.json").read_text())["config"]
     assert config["recipe"] == name
     assert config["input_size"] == int(size) and config["head_epochs"] == 1  # flags won
+    request = json.loads((tmp_path / "runs/r/run.json").read_text())["freeze"]["request"]
+    if "freeze-blocks" in section:
+        assert request == f"--freeze-blocks {section['freeze-blocks']}"
+    else:
+        assert request == f"--freeze {section.get('freeze', '0')}"
     for key, value in section.items():
         field = key.replace("-", "_")
         if field in ("input_size", "head_epochs", "epochs", "views"):
