@@ -48,7 +48,8 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     assert "trainable /" in result.output and "frozen BatchNorm layers" in result.output
     run = tmp_path / "runs" / "a"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "data_report.json",
-                                                     "history.csv", "model.keras", "run.json"]
+                                                     "history.csv", "model.keras", "run.json",
+                                                     "training_curves.png"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "best.h5", "identity.json", "last.h5"]
     assert not list((tmp_path / "runs").glob("*.incomplete-*"))
@@ -281,3 +282,30 @@ def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
     best = max(r["images_per_s"] for r in plan["pipeline"])
     assert plan["headroom"] == pytest.approx(best / plan["model_images_per_s"])
     assert plan["verdict"].startswith(("the input keeps up", "input-bound"))
+
+
+@pytest.mark.slow
+def test_quiet_json_tensorboard_curves_and_runs(make_folder, tmp_path):
+    from PIL import Image
+
+    data = make_folder(per_class=8)
+    result = CliRunner().invoke(cli, ["-q", "finetune", str(data), "-o", "runs/q", "--freeze",
+                                      "all", "--tensorboard", "--json", *FAST],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)  # nothing but the JSON on stdout
+    assert summary["run"] == "runs/q" and summary["optimizer_steps"] > 0
+    assert [p["phase"] for p in summary["phases"]] == ["head", "fine-tune"]
+    run = tmp_path / "runs" / "q"
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    with Image.open(run / "training_curves.png") as im:
+        assert im.format == "PNG" and im.size == (1100, 400)
+
+    (tmp_path / "runs" / "q2.incomplete-0000").mkdir()  # not resumable: no identity, not listed
+    listed = CliRunner().invoke(cli, ["runs", "--json"])
+    rows = json.loads(listed.stdout)
+    assert [r["run"] for r in rows] == ["q"]
+    assert rows[0]["best_val_accuracy"] == summary["best"]["val_accuracy"]
+    assert rows[0]["backbone"] == "resnet50" and rows[0]["freeze"] == "--freeze all"
+    table = CliRunner().invoke(cli, ["runs"]).output
+    assert "q " in table and "--freeze all" in table

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import importlib.util
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ from tlkit.checkpoints import (
 )
 from tlkit.config import FinetuneConfig
 from tlkit.datasets import fingerprint, load_folder
-from tlkit.errors import RunError
+from tlkit.errors import ConfigError, RunError
 from tlkit.features import cache_dataset
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json, incomplete_dir, publish_dir
@@ -268,6 +269,8 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     size = spec.resolve_input_size(config.input_size)
 
     weights = resolve_weights(spec, config.weights)  # before the data: fail fast when offline
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
     scanned = load_folder(config.data, config.val_fraction)
     log.info("data: %s (%s layout), %d classes; %s", scanned.root, scanned.layout,
              len(scanned.classes),
