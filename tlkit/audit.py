@@ -258,11 +258,11 @@ def check_data(data: str | os.PathLike = "data", backbone: str = "resnet50",
                workers: int | None = None) -> DataReport:
     """`tlkit check-data`: the audit alone, without training."""
     from tlkit.backbones import get_backbone
-    from tlkit.datasets import load_folder
+    from tlkit.datasets import load_dataset
 
     AuditConfig(max_pixels=max_pixels)  # validates the limit
     spec = get_backbone(backbone)
-    return audit_folder(load_folder(data, val_fraction), spec.min_size, max_pixels, workers)
+    return audit_folder(load_dataset(data, val_fraction), spec.min_size, max_pixels, workers)
 
 
 def write_report(summary: dict[str, Any], path: str | os.PathLike, overwrite: bool) -> Path:

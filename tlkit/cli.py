@@ -567,14 +567,14 @@ def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, b
                 max_workers: int | None, batches: int, as_json: bool, **options: Any) -> None:
     """Does the augmentation pipeline keep up with training on this machine? Measures both."""
     from tlkit.backbones import get_backbone
-    from tlkit.datasets import load_folder
+    from tlkit.datasets import load_dataset
     from tlkit.freezing import FreezeRequest
     from tlkit.pipeline import build_train_transform
     from tlkit.throughput import plan_input
 
     spec = get_backbone(backbone)
     size = spec.resolve_input_size(input_size)
-    train = load_folder(data).splits["train"]
+    train = load_dataset(data).splits["train"]
     transform = build_train_transform(_augment_config(options), train, size, spec.crop_fraction)
     plan = plan_input(train, transform, backbone, FreezeRequest(count=freeze), batch_size,
                       max_workers, batches)

@@ -89,15 +89,19 @@ def hash_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
+def _check_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(
+            f"--val-fraction must be between 0 and 1 (exclusive). Received: {val_fraction}"
+        )
+
+
 def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
     """Scan `root`; raise DataError naming the folder when it cannot be used."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder; pass a folder of class sub-folders")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(
-            f"--val-fraction must be between 0 and 1 (exclusive). Received: {val_fraction}"
-        )
+    _check_fraction(val_fraction)
     ignored: list[str] = []
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and _visible(p.name)]
     split_dirs = {p.name: p for p in subdirs if p.name.lower() in SPLIT_NAMES}
@@ -132,45 +136,131 @@ def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFold
             f"{train_dir}: only one class ({next(iter(train_classes))}); a classifier needs at "
             "least two class folders"
         )
-    classes = tuple(natsorted(train_classes))
-    index = {c: i for i, c in enumerate(classes)}
+    return _assemble(root, layout, {
+        split: _Split(by_class, path, f"{path}/{{cls}}", "rename or remove that folder")
+        for split, (path, by_class) in per_split.items()}, val_fraction, ignored)
 
-    def examples(split_dir: Path, by_class: dict[str, list[Path]]) -> list[Example]:
+
+@dataclass(frozen=True)
+class _Split:
+    """One split of a source, before the class map: files by class, and how to name them."""
+
+    by_class: dict[str, list[Path]]
+    base: Path  # hash-split keys are paths relative to this, so moving DATA is harmless
+    where: str  # names a class's place in messages: "{cls}" is replaced
+    fix: str  # what to do about an unknown class
+
+
+def _assemble(root: Path, layout: str, per_split: dict[str, _Split], val_fraction: float,
+              ignored: list[str], rel_root: Path | None = None) -> ImageFolder:
+    """Class map, labelled examples and the stable validation split: the same rules for every
+    source. `rel_root` is what Example.relpath is relative to (default: `root`)."""
+    rel_root = rel_root or root
+    train = per_split["train"]  # callers check it has two classes or more, in their own words
+    classes = tuple(natsorted(train.by_class))
+    index = {c: i for i, c in enumerate(classes)}
+    hash_keys: dict[str, str] = {}
+
+    def examples(split: _Split) -> list[Example]:
         out = []
-        for cls, files in by_class.items():
+        for cls, files in split.by_class.items():
             if cls not in index:
                 raise DataError(
-                    f"{split_dir / cls}: class {cls!r} is not among the training classes "
-                    f"({', '.join(classes)}); rename or remove that folder"
+                    f"{split.where.format(cls=cls)}: class {cls!r} is not among the training "
+                    f"classes ({', '.join(classes)}); {split.fix}"
                 )
-            out.extend(
-                Example(str(f.resolve()), f.relative_to(root).as_posix(), index[cls], cls)
-                for f in files
-            )
+            for f in files:
+                e = Example(str(f.resolve()), f.relative_to(rel_root).as_posix(), index[cls], cls)
+                hash_keys[e.path] = f.relative_to(split.base).as_posix()
+                out.append(e)
         return sorted(out, key=lambda e: e.relpath)
 
     splits: dict[str, tuple[Example, ...]] = {}
-    train = examples(train_dir, train_classes)
+    train_examples = examples(train)
     if "val" in per_split:
-        val_source = "folder"
-        splits["train"] = tuple(train)
-        splits["val"] = tuple(examples(*per_split["val"]))
+        val_source = "folder" if layout != "csv" else "csv"
+        splits["train"] = tuple(train_examples)
+        splits["val"] = tuple(examples(per_split["val"]))
     else:
         val_source = "hash-split"
-
-        def key(e: Example) -> str:  # relative to the train folder, so moving DATA is harmless
-            return Path(e.path).relative_to(train_dir.resolve()).as_posix()
-
-        splits["train"] = tuple(e for e in train if hash_fraction(key(e)) >= val_fraction)
-        splits["val"] = tuple(e for e in train if hash_fraction(key(e)) < val_fraction)
+        held_out = {e.path for e in train_examples if hash_fraction(hash_keys[e.path])
+                    < val_fraction}
+        splits["train"] = tuple(e for e in train_examples if e.path not in held_out)
+        splits["val"] = tuple(e for e in train_examples if e.path in held_out)
     if "test" in per_split:
-        splits["test"] = tuple(examples(*per_split["test"]))
+        splits["test"] = tuple(examples(per_split["test"]))
     if not splits["val"]:
         raise DataError(
-            f"{root}: the validation split is empty ({len(train)} training images, "
-            f"--val-fraction {val_fraction}); add images, raise --val-fraction or add a val/ folder"
+            f"{root}: the validation split is empty ({len(train_examples)} training images, "
+            f"--val-fraction {val_fraction}); add images, raise --val-fraction or add a val/ "
+            "folder"
         )
     return ImageFolder(str(root), layout, classes, splits, val_source, tuple(ignored))
+
+
+def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
+    """A CSV manifest: `path,label` columns (an optional `split` column: train/val/test), paths
+    relative to the CSV's folder and never outside it. Every row is checked; the first bad one
+    is named by its line number."""
+    import csv
+
+    from tlkit.fsutil import is_inside
+
+    csv_path = Path(path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: no such CSV manifest")
+    _check_fraction(val_fraction)
+    first_line: dict[Path, int] = {}
+    base = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("path", "label") if c not in columns]
+        if missing:
+            raise DataError(f"{csv_path}: needs the columns path and label (and optionally "
+                            f"split); it has {', '.join(columns) or 'none'}")
+        by_split: dict[str, dict[str, list[Path]]] = {}
+        for line, row in enumerate(reader, start=2):
+            rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            split_name = (row.get("split") or "train").strip().lower()
+            where = f"{csv_path}:{line}"
+            if not rel or not label:
+                raise DataError(f"{where}: empty path or label; every row needs both")
+            if split_name not in SPLIT_NAMES:
+                raise DataError(f"{where}: split {split_name!r} is not train, val or test")
+            if Path(rel).is_absolute() or not is_inside(base, rel):
+                raise DataError(f"{where}: path {rel!r} is outside the CSV's folder {base}; "
+                                "paths must be relative to it and stay inside")
+            file = base / rel
+            if not file.is_file():
+                raise DataError(f"{where}: no such file {file}")
+            if file.resolve() in first_line:
+                raise DataError(f"{where}: {rel} is already listed on line "
+                                f"{first_line[file.resolve()]}; list each image once")
+            first_line[file.resolve()] = line
+            split = SPLIT_NAMES[split_name]
+            by_split.setdefault(split, {}).setdefault(label, []).append(file)
+    train = by_split.get("train", {})
+    if len(train) < 2:
+        raise DataError(f"{csv_path}: the training rows have {len(train)} class(es) "
+                        f"({', '.join(train) or 'none'}); a classifier needs at least two")
+    return _assemble(csv_path, "csv", {
+        split: _Split(classes, base, f"{csv_path} ({split} rows labelled {{cls}})",
+                      "fix those rows")
+        for split, classes in by_split.items()}, val_fraction, [], rel_root=base)
+
+
+def load_dataset(source: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
+    """DATA as the user names it: a folder, a CSV manifest (`*.csv`), or a tensorflow-datasets
+    dataset (`tfds:NAME[:VERSION][/SPLIT]`, written out once as image files)."""
+    text = str(source)
+    if text.startswith("tfds:"):
+        from tlkit.tfds_source import materialize
+
+        return load_folder(materialize(text), val_fraction)
+    if text.lower().endswith(".csv"):
+        return load_csv(text, val_fraction)
+    return load_folder(text, val_fraction)
 
 
 def split_folders(root: str | os.PathLike) -> dict[str, Path]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tlkit.augment import MULTICROP_CHOICES, multicrop_views
-from tlkit.datasets import Example, load_class_folders, load_folder, split_folders
+from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
 from tlkit.errors import ConfigError, DataError
 from tlkit.runs import Run, load_run
@@ -70,16 +70,21 @@ def load_members(paths: Sequence[str | os.PathLike]) -> list[Run]:
 def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
     """The images to evaluate, labelled through the run's class map."""
     root = data or run.info["data"]["root"]
-    dirs = split_folders(root) if data is not None else {}
-    if data is not None and not dirs:
+    if root.startswith("tfds:"):
+        from tlkit.tfds_source import materialize
+
+        root = str(materialize(root))
+    is_folder = data is not None and not root.lower().endswith(".csv")
+    dirs = split_folders(root) if is_folder else {}
+    if is_folder and not dirs:
         candidates, split = load_class_folders(root), "all"  # a plain folder: every image
-    elif data is not None and "train" not in dirs:  # held-out splits only, e.g. DATA/test/
+    elif is_folder and "train" not in dirs:  # held-out splits only, e.g. DATA/test/
         split = split or ("test" if "test" in dirs else "val")
         if split not in dirs:
             raise DataError(f"{root}: has no {split} folder (it has {', '.join(dirs)})")
         candidates = load_class_folders(dirs[split])
     else:
-        folder = load_folder(root, float(run.info["config"].get("val_fraction", 0.2)))
+        folder = load_dataset(root, float(run.info["config"].get("val_fraction", 0.2)))
         if split is None:
             split = "test" if "test" in folder.splits else "val"
         if split not in folder.splits:

@@ -35,7 +35,7 @@ from tlkit.cache import (
     open_cache,
     weights_digest,
 )
-from tlkit.datasets import Example, ImageFolder, load_folder
+from tlkit.datasets import Example, ImageFolder, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
 from tlkit.errors import ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
@@ -163,7 +163,7 @@ def precompute_features(config: PrecomputeConfig, verbose: int = 1
     spec = get_backbone(config.backbone)
     size = spec.resolve_input_size(config.input_size)
     weights = resolve_weights(spec, config.weights)
-    folder, _, _ = audit_and_filter(load_folder(config.data, config.val_fraction), config.audit,
+    folder, _, _ = audit_and_filter(load_dataset(config.data, config.val_fraction), config.audit,
                                     spec.min_size, config.workers)
     keras.utils.set_random_seed(config.seed)
     base = build_backbone(spec, weights, size)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tlkit.augment import AugmentConfig
 from tlkit.backbones import get_backbone
-from tlkit.datasets import load_folder
+from tlkit.datasets import load_dataset
 from tlkit.errors import ConfigError, RunError
 from tlkit.fsutil import atomic_path
 
@@ -34,7 +34,7 @@ def augment_preview(data: str | os.PathLike, augment: AugmentConfig, output: str
         raise ConfigError(f"-n and --draws must be at least 1. Received: -n {n}, --draws {draws}")
     spec = get_backbone(backbone)
     size = spec.resolve_input_size(input_size)
-    train = load_folder(data).splits["train"]
+    train = load_dataset(data).splits["train"]
     transform = build_train_transform(augment, train, size, spec.crop_fraction)
     index_of = {e.path: i for i, e in enumerate(train)}
     chosen = [train[i] for i in np.linspace(0, len(train) - 1, min(n, len(train))).astype(int)]

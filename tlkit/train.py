@@ -34,7 +34,7 @@ from tlkit.checkpoints import (
     save_epoch,
 )
 from tlkit.config import FinetuneConfig
-from tlkit.datasets import fingerprint, load_folder
+from tlkit.datasets import fingerprint, load_dataset
 from tlkit.errors import ConfigError, RunError
 from tlkit.features import cache_dataset
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
@@ -271,7 +271,7 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     weights = resolve_weights(spec, config.weights)  # before the data: fail fast when offline
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
-    scanned = load_folder(config.data, config.val_fraction)
+    scanned = load_dataset(config.data, config.val_fraction)
     log.info("data: %s (%s layout), %d classes; %s", scanned.root, scanned.layout,
              len(scanned.classes),
              ", ".join(f"{s} {len(x)}" for s, x in scanned.splits.items()))
@@ -412,7 +412,8 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         "class_weight": ({folder.classes[i]: w for i, w in weights_by_class.items()}
                          if weights_by_class else None),
         "data": {
-            "root": str(Path(folder.root).resolve()), "layout": folder.layout,
+            "source": config.data, "root": str(Path(folder.root).resolve()),
+            "layout": folder.layout,
             "val_source": folder.val_source, "counts": folder.counts(),
             "fingerprint": data_fingerprint, "ignored": list(folder.ignored),
             "skipped": skipped,
