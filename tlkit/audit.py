@@ -25,6 +25,7 @@ from tlkit.datasets import Example, ImageFolder
 from tlkit.decode import DEFAULT_MAX_PIXELS, probe_image
 from tlkit.errors import ConfigError, DataError
 from tlkit.fsutil import atomic_write_json, user_cache_dir
+from tlkit.progress import progress
 
 log = logging.getLogger("tlkit")
 REPORT_SCHEMA = 1
@@ -180,9 +181,12 @@ def audit_folder(folder: ImageFolder, min_size: int | None = None,
     if todo:
         log.info("checking %d of %d files (%d unchanged since the last check)", len(todo),
                  len(examples), reused)
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            records = pool.map(lambda path: _probe(path, max_pixels), todo)
-            files.update(zip(todo, records, strict=True))
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
+                progress(len(todo), "checking files") as advance:
+            for path, record in zip(todo, pool.map(lambda f: _probe(f, max_pixels), todo),
+                                    strict=True):
+                files[path] = record
+                advance(1)
         atomic_write_json(memo_file, {p: {"stat": signatures[p], "record": files[p]}
                                       for p in signatures})
     return DataReport(folder, files, min_size, max_pixels, reused)

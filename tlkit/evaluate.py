@@ -21,6 +21,7 @@ from tlkit.augment import MULTICROP_CHOICES, multicrop_views
 from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
 from tlkit.errors import ConfigError, DataError
+from tlkit.progress import progress
 from tlkit.runs import Run, load_run
 
 
@@ -141,10 +142,11 @@ def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
     geometry = sorted({(m.size, m.crop) for m in members})
     max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
     out: list[list[np.ndarray]] = [[] for _ in members]
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
+            progress(len(paths), "evaluating") as advance:
         for start in range(0, len(paths), batch_size):
-            images = list(pool.map(lambda path: decode_image(path, max_pixels),
-                                   paths[start : start + batch_size]))
+            chunk = paths[start : start + batch_size]
+            images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
             views = {(size, crop): np.stack(list(pool.map(
                 lambda im, s=size, c=crop: multicrop_views(im, s, c, mode), images)))
                 for size, crop in geometry}
@@ -156,6 +158,7 @@ def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
                 for model, i in zip(models, idx, strict=True):
                     p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
                     out[i].append(p.reshape(b, k, -1))
+            advance(len(chunk))
     return [np.concatenate(parts) for parts in out]
 
 

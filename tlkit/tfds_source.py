@@ -19,6 +19,7 @@ from typing import Any
 from tlkit.datasets import SPLIT_NAMES
 from tlkit.errors import DataError
 from tlkit.fsutil import atomic_write_json, incomplete_dir, publish_dir, user_cache_dir
+from tlkit.progress import progress
 
 log = logging.getLogger("tlkit")
 SPEC = re.compile(r"^tfds:(?P<name>[\w-]+(?:/[\w-]+)?)(?::(?P<version>[\d.]+))?"
@@ -88,12 +89,15 @@ def materialize(spec: str) -> Path:
             folder = tmp if split else tmp / SPLIT_NAMES[s.lower()]
             log.info("writing %s split %s as image files in %s", name, s, final)
             n = 0
-            for n, example in enumerate(tfds.as_numpy(ds), start=1):
-                pixels = np.asarray(example[image_key])
-                cls = class_names[int(example[label_key])]
-                (folder / cls).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-                    folder / cls / f"{n - 1:07d}.png")
+            total = info.splits[s].num_examples if s in info.splits else 0
+            with progress(total, f"writing {s}") as advance:
+                for n, example in enumerate(tfds.as_numpy(ds), start=1):
+                    pixels = np.asarray(example[image_key])
+                    cls = class_names[int(example[label_key])]
+                    (folder / cls).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+                        folder / cls / f"{n - 1:07d}.png")
+                    advance(1)
             counts[s] = n
         atomic_write_json(tmp / "tlkit-tfds.json", {"source": spec, "name": name,
                                                     "version": str(info.version),
