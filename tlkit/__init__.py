@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Any
 from tlkit._version import __version__
 
 __all__ = ["AuditConfig", "EvalConfig", "FinetuneConfig", "FreezeRequest", "PrecomputeConfig",
-           "__version__", "check_data", "evaluate", "finetune", "load_run",
-           "precompute_features", "predict"]
+           "__version__", "check_data", "evaluate", "export_run", "finetune", "load_dataset",
+           "load_run", "precompute_features", "predict"]
 
 _LAZY = {
     "finetune": "tlkit.train",
     "check_data": "tlkit.audit",
+    "export_run": "tlkit.export",
+    "load_dataset": "tlkit.datasets",
     "AuditConfig": "tlkit.audit",
     "predict": "tlkit.predict",
     "load_run": "tlkit.runs",
@@ -30,7 +32,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from tlkit.audit import AuditConfig, check_data
     from tlkit.config import FinetuneConfig
+    from tlkit.datasets import load_dataset
     from tlkit.evaluate import EvalConfig, evaluate
+    from tlkit.export import export_run
     from tlkit.features import PrecomputeConfig, precompute_features
     from tlkit.freezing import FreezeRequest
     from tlkit.predict import predict
