@@ -251,6 +251,24 @@ recipe_option = click.option(
     help="Options from a recipe (`tlkit recipes` lists them); flags typed here win.")
 
 
+def model_options(freeze_default: str) -> Any:
+    """DATA and the model flags finetune and precompute-features share."""
+    return option_group(
+        click.argument("data", default="data", type=click.Path()),
+        click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP),
+        click.option("--weights", "weights_", default="imagenet", show_default=True,
+                     help="'imagenet', 'none', a weights file, or a tlkit run folder to "
+                          "transfer from."),
+        click.option("--input-size", type=int,
+                     help="Square input size (default: the backbone's)."),
+        click.option("--freeze", callback=_freeze_option,
+                     help="Freeze backbone layers [:N] ('all'; negative N keeps the last |N| "
+                          f"trainable). Default {freeze_default}."),
+        click.option("--freeze-to", help="Freeze up to and including this layer name."),
+        click.option("--freeze-blocks", type=int, help="Freeze the first K stages."),
+    )
+
+
 def _freeze_request(ctx: click.Context, default: str) -> Any:
     """--freeze, --freeze-to and --freeze-blocks are one setting: a typed one replaces all
     three from a recipe; none at all means `default`."""
@@ -281,16 +299,7 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 
 @cli.command()
 @recipe_option
-@click.argument("data", default="data", type=click.Path())
-@click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
-@click.option("--weights", "weights_", default="imagenet", show_default=True,
-              help="'imagenet', 'none', a weights file, or a tlkit run folder to transfer from.")
-@click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
-@click.option("--freeze", callback=_freeze_option,
-              help="Freeze backbone layers [:N] ('all'; negative N keeps the last |N| trainable). "
-                   "Default 0.")
-@click.option("--freeze-to", help="Freeze up to and including this layer name.")
-@click.option("--freeze-blocks", type=int, help="Freeze the first K stages.")
+@model_options(freeze_default="0")
 @click.option("--train-bn", is_flag=True,
               help="Let BatchNorm layers after the freeze point update their statistics.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -444,14 +453,7 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 
 @cli.command("precompute-features")
 @recipe_option
-@click.argument("data", default="data", type=click.Path())
-@click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
-@click.option("--weights", "weights_", default="imagenet", show_default=True,
-              help="'imagenet', 'none', a weights file, or a tlkit run folder.")
-@click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
-@click.option("--freeze", callback=_freeze_option, help="As in finetune. Default: all.")
-@click.option("--freeze-to", help="Freeze up to and including this layer name.")
-@click.option("--freeze-blocks", type=int, help="Freeze the first K stages.")
+@model_options(freeze_default="all")
 @click.option("--views", default=1, show_default=True,
               help="Augmented views per training image (1: the eval transform, no augmentation).")
 @augment_options
