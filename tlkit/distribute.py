@@ -1,0 +1,237 @@
+"""Where a command runs: one device, several on this machine, or several machines.
+
+tlkit does not distribute anything itself: it picks a `tf.distribute` strategy (MirroredStrategy
+over this machine's GPUs, MultiWorkerMirroredStrategy over the machines named in `TF_CONFIG`)
+and feeds it. Every global batch is split between the replicas by position (replica r of R takes
+rows r, r+R, ...), and each worker decodes only its own replicas' rows, so the workers read
+distinct parts of every epoch while the batch, its order and its augmentation stay those of a
+one-device run.
+
+`TLKIT_LOGICAL_CPUS=N` splits the CPU into N logical devices before TensorFlow starts: a way to
+try `--strategy mirrored` on a machine without GPUs (the tests do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tlkit.errors import ConfigError
+
+log = logging.getLogger("tlkit")
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+LOGICAL_CPUS_ENV = "TLKIT_LOGICAL_CPUS"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """This process's place among the workers of `TF_CONFIG` (a chief counts as a worker)."""
+
+    workers: int
+    index: int  # 0 is the chief
+    task: str  # e.g. "worker:1", as TF_CONFIG names it
+
+    @property
+    def is_chief(self) -> bool:
+        return self.index == 0
+
+
+def read_tf_config() -> ClusterSpec | None:
+    """The cluster in `TF_CONFIG`, checked; None when the variable is unset or empty."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    fix = ("set TF_CONFIG to JSON like {\"cluster\": {\"worker\": [\"host1:port\", "
+           "\"host2:port\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG: not valid JSON ({e}); {fix}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(cluster.get("worker", []), list) \
+            or not isinstance(task, dict):
+        raise ConfigError(f"TF_CONFIG: needs a \"cluster\" mapping and a \"task\". Received: "
+                          f"{raw[:200]}; {fix}")
+    chiefs, workers = cluster.get("chief", []), cluster.get("worker", [])
+    kind, index = task.get("type"), task.get("index")
+    if kind not in ("chief", "worker") or not isinstance(index, int) \
+            or not 0 <= index < len(chiefs if kind == "chief" else workers) or len(chiefs) > 1:
+        raise ConfigError(f"TF_CONFIG: task {json.dumps(task)} is not one of the cluster's "
+                          f"{len(chiefs)} chief and {len(workers)} worker entries (at most one "
+                          f"chief); {fix}")
+    position = index if kind == "chief" else len(chiefs) + index
+    return ClusterSpec(workers=len(chiefs) + len(workers), index=position,
+                       task=f"{kind}:{index}")
+
+
+def split_cpu() -> None:
+    """Honour TLKIT_LOGICAL_CPUS: must run before TensorFlow initialises its devices."""
+    raw = os.environ.get(LOGICAL_CPUS_ENV)
+    if not raw:
+        return
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{LOGICAL_CPUS_ENV} must be a positive number of logical CPU "
+                          f"devices. Received: {raw!r}")
+    import tensorflow as tf
+
+    n = int(raw)
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError:  # already initialised: fine if it was split the same way
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != n:
+            raise ConfigError(f"{LOGICAL_CPUS_ENV}={n}, but TensorFlow already started with "
+                              f"{have} CPU device(s); set it before anything imports "
+                              "TensorFlow") from None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved strategy and this process's share of it."""
+
+    strategy: Any  # tf.distribute.Strategy
+    name: str  # default | mirrored | multiworker
+    replicas: int  # in sync, over all workers
+    local: tuple[int, ...]  # this worker's replica ids among the `replicas`
+    workers: int = 1
+    worker: int = 0
+
+    @property
+    def is_chief(self) -> bool:
+        """Only the chief writes runs, checkpoints and reports."""
+        return self.worker == 0
+
+    def describe(self) -> str:
+        if self.name == "default":
+            return "default (one device)"
+        where = f"{len(self.local)} device(s)"
+        if self.workers > 1:
+            where += f" on each of {self.workers} workers; this is worker {self.worker}" + (
+                " (chief)" if self.is_chief else "")
+        return f"{self.name}: {self.replicas} replicas, {where}"
+
+    def dataset(self, build: Callable[[int, tuple[int, ...]], Any]) -> Any:
+        """`build(replicas, local_ids)` -> the per-replica batches this worker feeds, in order
+        of its replicas; distributed to them without any further sharding."""
+        if self.replicas == 1:
+            return build(1, (0,))
+        return self.strategy.distribute_datasets_from_function(
+            lambda _: build(self.replicas, self.local))
+
+    def predictor(self, model: Any) -> Callable[[np.ndarray], np.ndarray]:
+        """A batch -> the model's outputs, the batch split across every replica (of every
+        worker) and the outputs gathered back in order on each worker."""
+        if self.replicas == 1:
+            return lambda x: np.asarray(model.predict_on_batch(x))
+        import tensorflow as tf
+
+        strategy, replicas = self.strategy, self.replicas
+
+        @tf.function(reduce_retracing=True)
+        def step(values: Any) -> Any:
+            out = strategy.run(lambda x: model(x, training=False), args=(values,))
+            return strategy.gather(out, axis=0)
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            n = len(x)
+            per = -(-n // replicas)
+            padded = np.concatenate([x, np.repeat(x[-1:], per * replicas - n, axis=0)])
+            values = strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(padded[ctx.replica_id_in_sync_group * per:
+                                               (ctx.replica_id_in_sync_group + 1) * per]))
+            return np.asarray(step(values))[:n]
+
+        return predict
+
+
+def resolve_strategy(name: str, cluster: ClusterSpec | None) -> str:
+    """auto: several workers in TF_CONFIG -> multiworker; several GPUs -> mirrored; else default."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}. "
+                          f"Received: {name!r}")
+    if name != "auto":
+        return name
+    if cluster is not None and cluster.workers > 1:
+        return "multiworker"
+    import tensorflow as tf
+
+    return "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
+
+
+def make_placement(name: str = "auto") -> Placement:
+    """Create the strategy; call it before any other TensorFlow work (collective ops and
+    logical devices can only be set up before TensorFlow starts)."""
+    cluster = read_tf_config()
+    resolved = resolve_strategy(name, cluster)
+    import tensorflow as tf
+
+    if resolved == "default":
+        return Placement(tf.distribute.get_strategy(), "default", 1, (0,))
+    if resolved == "mirrored":
+        split_cpu()
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        n = strategy.num_replicas_in_sync
+        if n == 1:
+            log.warning("--strategy mirrored found one device (%s): training runs as on one "
+                        "device", devices[0].name)
+        return Placement(strategy, "mirrored", n, tuple(range(n)))
+    if cluster is None:
+        raise ConfigError("--strategy multiworker needs TF_CONFIG, naming every worker and "
+                          "this process's task; see README, \"Several machines\"")
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    _fix_keras_multiworker()
+    n = strategy.num_replicas_in_sync
+    per_worker = n // cluster.workers
+    first = cluster.index * per_worker
+    return Placement(strategy, "multiworker", n, tuple(range(first, first + per_worker)),
+                     cluster.workers, cluster.index)
+
+
+def _fix_keras_multiworker() -> None:
+    """Keras 3's `fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585, open in
+    Keras 3.15): it all-reduces the first input batch (uint8 images included) to build the
+    model, and averages the per-replica scalar metrics with `axis=0`. Two narrow corrections,
+    applied only when a multiworker strategy is made: build from this worker's own batch, and
+    average scalars across replicas with `axis=None`."""
+    import tensorflow as tf
+    from keras import tree
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer, "_tlkit_multiworker_fix", False):
+        return
+    is_multiworker = trainer._collective_all_reduce_multi_worker
+    original_reduce = trainer.reduce_per_replica
+    original_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
+        if reduction in ("auto", "mean") and is_multiworker(strategy):
+            return tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None)
+                if isinstance(v, tf.distribute.DistributedValues) else v, values)
+        return original_reduce(values, strategy, reduction)
+
+    def maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> Any:
+        strategy = self.distribute_strategy
+        if iterator is not None and is_multiworker(strategy):
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+                break
+            iterator = None
+        return original_build(self, iterator=iterator, data_batch=data_batch)
+
+    trainer.reduce_per_replica = reduce_per_replica
+    trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    trainer._tlkit_multiworker_fix = True
