@@ -171,17 +171,79 @@ def estimate_bytes(counts: dict[str, int], views: dict[str, int], shape: Sequenc
     return sum(counts[s] * views[s] * per for s in counts)
 
 
+def _layout(counts: dict[str, int], views: dict[str, int], shape: Sequence[int], dtype: str
+            ) -> dict[str, list[tuple[str, int, int]]]:
+    """Per split, its shard files as (name, first row, end row): about SHARD_BYTES each."""
+    row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    out = {}
+    for split, n in counts.items():
+        rows = max(1, SHARD_BYTES // (row_bytes * views[split]))
+        out[split] = [(f"{split}-{s:05d}.npy", start, min(start + rows, n))
+                      for s, start in enumerate(range(0, n, rows))]
+    return out
+
+
+def _batches(layout: dict[str, list[tuple[str, int, int]]], batch_size: int
+             ) -> list[tuple[str, str, int, int]]:
+    """(split, shard file, first row, end row) of every batch, in cache order. Batches never
+    cross a shard file, so a row is computed in the same batch however the work is divided."""
+    return [(split, name, b, min(b + batch_size, stop))
+            for split, files in layout.items() for name, start, stop in files
+            for b in range(start, stop, batch_size)]
+
+
+def _compute(predict: Any, make_rows: Any, split: str, views: int, start: int,
+             examples: Sequence[Example], shape: Sequence[int], dtype: str) -> np.ndarray:
+    out = np.empty((len(examples), views, *shape), dtype)
+    for v in range(views):
+        out[:, v] = np.asarray(predict(make_rows(split, v, start, examples))).astype(dtype)
+    return out
+
+
+def _record(path: Path, **extra: Any) -> dict[str, Any]:
+    return {"file": path.name, **extra, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _publish(work: Path, root: Path, key: str, inputs: dict[str, Any], dtype: str,
+             shape: Sequence[int], views: dict[str, int], labels: dict[str, Sequence[int]],
+             paths: dict[str, Sequence[str]], shards: dict[str, list[dict[str, Any]]]
+             ) -> FeatureCache:
+    """Labels, paths and the manifest next to finished shards in `work`; then rename it to
+    `root/key` whole."""
+    manifest_splits = {}
+    for split in shards:
+        labels_file = work / f"{split}-labels.npy"
+        with atomic_path(labels_file) as tmp:
+            np.save(tmp, np.asarray(labels[split], np.int32), allow_pickle=False)
+        atomic_write_json(work / f"{split}-paths.json", list(paths[split]))
+        manifest_splits[split] = {
+            "count": len(labels[split]), "views": views[split], "shape": list(shape),
+            "shards": shards[split], "labels": _record(labels_file),
+            "paths": f"{split}-paths.json",
+        }
+    manifest = {"schema": SCHEMA, "key": key, "dtype": dtype, "inputs": inputs,
+                "splits": manifest_splits,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    # every file was hashed from disk, so the manifest describes exactly what is published
+    atomic_write_json(work / "manifest.json", manifest)
+    os.replace(work, root / key)
+    return FeatureCache(root / key, manifest)
+
+
 def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
                 splits: dict[str, Sequence[Example]], views: dict[str, int], make_rows: Any,
                 dtype: str, batch_size: int, progress: Any = None,
-                wait: bool = True) -> FeatureCache:
+                wait: bool = True, predict: Any = None) -> FeatureCache:
     """Compute and publish the cache for `key` (or return it if another process just did).
 
     make_rows(split, view, first_index, examples) -> uint8 images of those examples (whose
     indices in the split start at first_index): the eval transform, or augmented view `view`.
+    `predict` (images -> activations) defaults to the trunk's predict_on_batch.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}. Received: {dtype!r}")
+    predict = predict or trunk.predict_on_batch
+    shape = tuple(int(d) for d in trunk.output.shape[1:])
     with build_lock(root, key, wait):
         done = open_cache(root, key)
         if done is not None:
@@ -191,58 +253,175 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
         work.mkdir(parents=True, exist_ok=True)
         progress_file = work / "progress.json"
         finished = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-        shape = tuple(int(d) for d in trunk.output.shape[1:])
-        row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        manifest_splits = {}
-        for split, examples in splits.items():
-            k = views[split]
-            rows_per_shard = max(1, SHARD_BYTES // (row_bytes * k))
-            shards = []
-            for s, start in enumerate(range(0, len(examples), rows_per_shard)):
-                name = f"{split}-{s:05d}.npy"
-                chunk = examples[start : start + rows_per_shard]
+        layout = _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype)
+        shards: dict[str, list[dict[str, Any]]] = {}
+        for split, files in layout.items():
+            k, examples = views[split], splits[split]
+            shards[split] = []
+            for name, start, stop in files:
                 record = finished.get(name)
                 if record is None or not (work / name).is_file() \
                         or sha256_file(work / name) != record["sha256"]:
-                    out = np.empty((len(chunk), k, *shape), dtype)
-                    for b in range(0, len(chunk), batch_size):
-                        batch = chunk[b : b + batch_size]
-                        for v in range(k):
-                            images = make_rows(split, v, start + b, batch)
-                            out[b : b + len(batch), v] = np.asarray(
-                                trunk.predict_on_batch(images)).astype(dtype)
+                    out = np.empty((stop - start, k, *shape), dtype)
+                    for b in range(start, stop, batch_size):
+                        batch = examples[b : min(b + batch_size, stop)]
+                        out[b - start : b - start + len(batch)] = _compute(
+                            predict, make_rows, split, k, b, batch, shape, dtype)
                         if progress is not None:
                             progress(len(batch) * k)
                     with atomic_path(work / name) as tmp:
                         np.save(tmp, out, allow_pickle=False)
-                    record = {"file": name, "rows": len(chunk),
-                              "bytes": (work / name).stat().st_size,
-                              "sha256": sha256_file(work / name)}
+                    record = _record(work / name, rows=stop - start)
                     finished[name] = record
                     atomic_write_json(progress_file, finished)
                 elif progress is not None:
-                    progress(len(chunk) * k)
-                shards.append(record)
-            labels_name = f"{split}-labels.npy"
-            with atomic_path(work / labels_name) as tmp:
-                np.save(tmp, np.array([e.label for e in examples], np.int32), allow_pickle=False)
-            paths_name = f"{split}-paths.json"
-            atomic_write_json(work / paths_name, [e.relpath for e in examples])
-            manifest_splits[split] = {
-                "count": len(examples), "views": k, "shape": list(shape), "shards": shards,
-                "labels": {"file": labels_name, "bytes": (work / labels_name).stat().st_size,
-                           "sha256": sha256_file(work / labels_name)},
-                "paths": paths_name,
-            }
-        manifest = {"schema": SCHEMA, "key": key, "dtype": dtype, "inputs": inputs,
-                    "splits": manifest_splits,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        # every file was hashed from disk (new shards after writing, resumed ones on reuse),
-        # so the manifest describes exactly what is published
-        atomic_write_json(work / "manifest.json", manifest)
+                    progress((stop - start) * k)
+                shards[split].append(record)
         progress_file.unlink()
-        os.replace(work, root / key)
-        return FeatureCache(root / key, manifest)
+        return _publish(work, root, key, inputs, dtype, shape, views,
+                        {s: [e.label for e in x] for s, x in splits.items()},
+                        {s: [e.relpath for e in x] for s, x in splits.items()}, shards)
+
+
+PART_FILE = "part.json"
+
+
+def part_path(root: Path, key: str, index: int, count: int) -> Path:
+    return root / f"{key}.part-{index}-of-{count}"
+
+
+def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
+               splits: dict[str, Sequence[Example]], views: dict[str, int], make_rows: Any,
+               dtype: str, batch_size: int, index: int, count: int, progress: Any = None,
+               predict: Any = None) -> Path:
+    """Compute shard `index` of `count`: a contiguous run of the cache's batches, published
+    whole as `<key>.part-<index>-of-<count>/` for `merge_parts`. A finished part is kept."""
+    predict = predict or trunk.predict_on_batch
+    shape = tuple(int(d) for d in trunk.output.shape[1:])
+    final = part_path(root, key, index, count)
+    if (final / PART_FILE).is_file():
+        return final
+    units = _batches(_layout({s: len(x) for s, x in splits.items()}, views, shape, dtype),
+                     batch_size)
+    mine = units[index * len(units) // count : (index + 1) * len(units) // count]
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f"{final.name}.incomplete-{os.getpid()}"
+    work.mkdir()
+    pieces: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for split, name, start, stop in mine:  # consecutive batches of one shard file: one piece
+        groups.setdefault((split, name), []).append((start, stop))
+    for (split, name), batches in groups.items():
+        first, end = batches[0][0], batches[-1][1]
+        out = np.empty((end - first, views[split], *shape), dtype)
+        for start, stop in batches:
+            out[start - first : stop - first] = _compute(
+                predict, make_rows, split, views[split], start, splits[split][start:stop],
+                shape, dtype)
+            if progress is not None:
+                progress((stop - start) * views[split])
+        path = work / f"{name[:-4]}.rows-{first}-{end}.npy"
+        with atomic_path(path) as tmp:
+            np.save(tmp, out, allow_pickle=False)
+        pieces.append(_record(path, split=split, shard=name, start=first, stop=end))
+    atomic_write_json(work / PART_FILE, {
+        "schema": SCHEMA, "key": key, "index": index, "count": count, "dtype": dtype,
+        "shape": list(shape), "inputs": inputs, "pieces": pieces,
+        "splits": {s: {"views": views[s], "labels": [e.label for e in x],
+                       "paths": [e.relpath for e in x]} for s, x in splits.items()}})
+    try:
+        os.replace(work, final)
+    except OSError:  # the same part finished elsewhere first: keep that one
+        shutil.rmtree(work)
+    return final
+
+
+def read_parts(root: Path, key: str) -> tuple[int, dict[int, dict[str, Any]]]:
+    """(shard count, {index: part record}) of the finished parts of `key`."""
+    parts: dict[int, dict[str, Any]] = {}
+    for path in root.glob(f"{key}.part-*-of-*"):
+        if ".incomplete-" in path.name or not (path / PART_FILE).is_file():
+            continue
+        info = json.loads((path / PART_FILE).read_text())
+        info["path"] = path
+        parts[info["index"]] = info
+    counts = {p["count"] for p in parts.values()}
+    if len(counts) > 1:
+        raise CacheError(f"{root / key}: parts from runs with different --num-shards "
+                         f"({sorted(counts)}); remove the wrong ones (`tlkit cache rm {key}` "
+                         "removes all) and run the shards again")
+    return (counts.pop() if counts else 0), parts
+
+
+def pending_parts(root: Path) -> list[str]:
+    """Keys that have finished parts and no published cache."""
+    keys = {p.name.split(".", 1)[0] for p in root.glob("*.part-*-of-*")
+            if ".incomplete-" not in p.name} if root.is_dir() else set()
+    return sorted(k for k in keys if open_cache(root, k) is None)
+
+
+def merge_parts(root: Path, key: str) -> FeatureCache:
+    """Check every part of `key` (all present, same inputs, checksums, rows covered exactly
+    once) and publish the cache they make, the same bytes a one-process build writes."""
+    with build_lock(root, key):
+        done = open_cache(root, key)
+        if done is not None:
+            return done
+        count, parts = read_parts(root, key)
+        if not parts:
+            raise CacheError(f"{root / key}: no finished shards to merge; `tlkit "
+                             "precompute-features --num-shards N --shard-index I` makes them")
+        missing = sorted(set(range(count)) - set(parts))
+        if missing:
+            raise CacheError(f"{root / key}: shard(s) {', '.join(map(str, missing))} of {count} "
+                             "not finished yet; run `tlkit precompute-features` with the same "
+                             f"options and --num-shards {count} --shard-index I for each")
+        first = parts[0]
+        for p in parts.values():
+            if any(p[f] != first[f] for f in ("inputs", "splits", "dtype", "shape")):
+                raise CacheError(f"{p['path']}: was computed with other settings or data than "
+                                 f"{first['path']}; remove it and run that shard again")
+            for piece in p["pieces"]:
+                path = p["path"] / piece["file"]
+                if not is_inside(p["path"], piece["file"]) or not path.is_file() \
+                        or sha256_file(path) != piece["sha256"]:
+                    raise CacheError(f"{path}: missing or corrupt (checksum mismatch); remove "
+                                     f"{p['path']} and run shard {p['index']} again")
+        splits, shape, dtype = first["splits"], first["shape"], first["dtype"]
+        views = {s: v["views"] for s, v in splits.items()}
+        layout = _layout({s: len(v["labels"]) for s, v in splits.items()}, views, shape, dtype)
+        by_file: dict[str, list[tuple[dict[str, Any], Path]]] = {}
+        for p in parts.values():
+            for piece in p["pieces"]:
+                by_file.setdefault(piece["shard"], []).append((piece, p["path"]))
+        work = root / f"{key}.incomplete-{os.getpid()}"
+        work.mkdir()
+        shards: dict[str, list[dict[str, Any]]] = {}
+        for split, files in layout.items():
+            shards[split] = []
+            for name, start, stop in files:
+                out = np.empty((stop - start, views[split], *shape), dtype)
+                row = start
+                for piece, folder in sorted(by_file.get(name, []), key=lambda x: x[0]["start"]):
+                    if piece["start"] != row:
+                        break
+                    out[row - start : piece["stop"] - start] = np.load(
+                        folder / piece["file"], allow_pickle=False)
+                    row = piece["stop"]
+                if row != stop:
+                    shutil.rmtree(work)
+                    raise CacheError(f"{root / key}: the parts do not cover rows {row}.."
+                                     f"{stop - 1} of {name} exactly once; remove the parts and "
+                                     "run the shards again")
+                with atomic_path(work / name) as tmp:
+                    np.save(tmp, out, allow_pickle=False)
+                shards[split].append(_record(work / name, rows=stop - start))
+        cache = _publish(work, root, key, first["inputs"], dtype, shape, views,
+                         {s: v["labels"] for s, v in splits.items()},
+                         {s: v["paths"] for s, v in splits.items()}, shards)
+        for p in parts.values():
+            shutil.rmtree(p["path"])
+        return cache
 
 
 def list_caches(root: Path) -> list[dict[str, Any]]:
@@ -269,15 +448,15 @@ def touch(cache: FeatureCache) -> None:
 
 
 def remove_caches(root: Path, key: str | None) -> list[str]:
-    """Remove one cache (or all, key None) with any incomplete build of it."""
+    """Remove one cache (or all, key None) with any incomplete build or shard of it."""
     targets = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
     if key is not None:
-        targets = [p for p in targets if p.name == key or p.name.startswith(f"{key}.incomplete-")]
+        targets = [p for p in targets if p.name.split(".", 1)[0] == key]
         if not targets:
             raise CacheError(f"{root / key}: no such cache; `tlkit cache ls` lists them")
     removed = []
     for p in targets:
-        with build_lock(root, p.name.split(".incomplete-")[0], wait=False):
+        with build_lock(root, p.name.split(".", 1)[0], wait=False):
             shutil.rmtree(p)
         removed.append(p.name)
     for lock in root.glob("*.lock") if key is None else []:

@@ -162,6 +162,14 @@ def option_group(*options: Any) -> Any:
     return apply
 
 
+STRATEGY_OPTION = click.option(
+    "--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
+    default="auto", show_default=True,
+    help="tf.distribute: mirrored = every GPU of this machine; multiworker = the machines in "
+         "TF_CONFIG; auto = multiworker if TF_CONFIG names several workers, else mirrored if "
+         "several GPUs, else default (one device).")
+
+
 # The augmentation flags shared by finetune, precompute-features, augment-preview, bench-input.
 augment_options = option_group(
     click.option("--augment", "augment_preset", default="standard", show_default=True,
@@ -338,6 +346,12 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--force-resume", is_flag=True,
               help="Resume even though settings, classes or data changed since the run began.")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN/tensorboard/.")
+@STRATEGY_OPTION
+@click.option("--scale-lr", is_flag=True,
+              help="Linear scaling rule: multiply --lr and --fine-tune-lr by BATCH_SIZE / "
+                   "LR_BASE_BATCH (the global batch over the batch the rates were chosen for).")
+@click.option("--lr-base-batch", default=32, show_default=True,
+              help="The batch size --lr and --fine-tune-lr were chosen for (with --scale-lr).")
 @JSON_OPTION
 def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
              freeze_blocks: int | None, resume: str | None, force_resume: bool,
@@ -362,6 +376,10 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
                  and name not in ("resume", "force_resume")}
         config = resume_config(resume, **{f: getattr(config, f) for f in typed})
     run = run_finetune(config, verbose=_verbose(ctx), resume=resume, force_resume=force_resume)
+    if run is None:  # a worker other than the chief: it trained, the chief wrote the run
+        click.echo(json.dumps({"run": None, "chief_writes": True}) if as_json else
+                   "done: this worker is not the chief; the chief wrote the run")
+        return
     if as_json:
         click.echo(json.dumps({"run": str(run.path), "best": run.info["results"]["best"],
                                "phases": run.info["results"]["phases"],
@@ -466,6 +484,12 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 @click.option("--val-fraction", default=0.2, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print size and time estimates; write nothing.")
 @audit_options
+@STRATEGY_OPTION
+@click.option("--num-shards", type=int, metavar="N",
+              help="Split the work into N shards (N machines or jobs) ...")
+@click.option("--shard-index", type=int, metavar="I",
+              help="... and compute shard I (0..N-1). The last shard to finish, or `tlkit cache "
+                   "merge`, publishes the cache.")
 @JSON_OPTION
 def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
                         freeze_blocks: int | None, as_json: bool, **options: Any) -> None:
@@ -486,6 +510,10 @@ def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to:
                                "splits": {s: {k: v[k] for k in ("count", "views", "shape")}
                                           for s, v in result.manifest["splits"].items()}},
                               indent=2))
+        return
+    if isinstance(result, dict) and "missing_shards" in result:
+        click.echo(f"shard {result['shard']} of {result['num_shards']}: {result['part']}; "
+                   f"waiting for shard(s) {', '.join(map(str, result['missing_shards']))}")
         return
     if isinstance(result, dict):
         fits = result["bytes"] <= result["free_bytes"]
@@ -530,6 +558,23 @@ def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
         raise ConfigError("give one cache KEY or --all")
     for name in remove_caches(cache_root(cache_dir), None if all_ else key):
         click.echo(f"removed {name}")
+
+
+@cache.command("merge")
+@click.argument("key", required=False)
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+def cache_merge(key: str | None, cache_dir: str | None) -> None:
+    """Check the shards of cache KEY (default: every cache with shards) and publish it."""
+    from tlkit.cache import cache_root, merge_parts, pending_parts
+
+    root = cache_root(cache_dir)
+    keys = [key] if key else pending_parts(root)
+    if not keys:
+        from tlkit.errors import CacheError
+
+        raise CacheError(f"{root}: no shards to merge")
+    for k in keys:
+        click.echo(f"cache: {merge_parts(root, k).path}")
 
 
 @cli.command("augment-preview")
@@ -617,6 +662,7 @@ MULTICROP_OPTION = click.option(
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, help="CPU threads decoding (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing evaluation folder.")
+@STRATEGY_OPTION
 @JSON_OPTION
 def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Evaluate [RUN...] (default: the newest run) on [DATA] (default: the run's test split).
@@ -649,7 +695,8 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     if "member_disagreement" in metrics:
         line += f", members disagree on {metrics['member_disagreement']:.1%}"
     click.echo(line)
-    click.echo(f"report: {metrics['output']}/report.html")
+    if "output" in metrics:  # only the chief writes
+        click.echo(f"report: {metrics['output']}/report.html")
 
 
 @cli.command()

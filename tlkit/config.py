@@ -8,6 +8,7 @@ from typing import Any
 
 from tlkit.audit import AuditConfig
 from tlkit.augment import AugmentConfig, resolve_augment
+from tlkit.distribute import STRATEGIES
 from tlkit.errors import ConfigError, did_you_mean
 from tlkit.freezing import FreezeRequest
 
@@ -46,6 +47,10 @@ class FinetuneConfig:
     class_weight: str = "none"  # "balanced": weight each class by n / (classes * count)
     recipe: str | None = None  # the recipe these settings came from, for the record
     tensorboard: bool = False  # TensorBoard logs in RUN/tensorboard/
+    strategy: str = "auto"  # tf.distribute: auto | default | mirrored | multiworker
+    # linear scaling rule: --lr and --fine-tune-lr are for a batch of lr_base_batch images
+    scale_lr: bool = False
+    lr_base_batch: int = 32
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +76,9 @@ class FinetuneConfig:
              "float32", self.cache_dtype),
             (self.class_weight in ("none", "balanced"), "--class-weight must be none or "
              "balanced", self.class_weight),
+            (self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}",
+             self.strategy),
+            (self.lr_base_batch >= 1, "--lr-base-batch must be at least 1", self.lr_base_batch),
         ]
         for ok, message, value in checks:
             if not ok:
@@ -81,6 +89,11 @@ class FinetuneConfig:
                 f"a high rate destroys what it learned). Received: --lr {self.lr}, "
                 f"--fine-tune-lr {self.fine_tune_lr}"
             )
+
+    def lr_scale(self) -> float:
+        """What --lr and --fine-tune-lr are multiplied by: global batch / base batch under
+        --scale-lr (Goyal et al. 2017, linear scaling rule), else 1."""
+        return self.batch_size / self.lr_base_batch if self.scale_lr else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tlkit.errors import ConfigError
+from tlkit.pipeline import Share
 
 log = logging.getLogger("tlkit")
 
@@ -120,13 +121,33 @@ class Placement:
                 " (chief)" if self.is_chief else "")
         return f"{self.name}: {self.replicas} replicas, {where}"
 
-    def dataset(self, build: Callable[[int, tuple[int, ...]], Any]) -> Any:
-        """`build(replicas, local_ids)` -> the per-replica batches this worker feeds, in order
-        of its replicas; distributed to them without any further sharding."""
+    @property
+    def share(self) -> Share:
+        return Share(self.replicas, self.local)
+
+    def dataset(self, build: Callable[[Share], Any]) -> Any:
+        """`build(share)` -> the per-replica batches this worker feeds, in the order of its
+        replicas; handed to them as they are (the share is the sharding)."""
         if self.replicas == 1:
-            return build(1, (0,))
-        return self.strategy.distribute_datasets_from_function(
-            lambda _: build(self.replicas, self.local))
+            return build(self.share)
+        return self.strategy.distribute_datasets_from_function(lambda _: build(self.share))
+
+    def check_same(self, what: str, value: str, fix: str) -> None:
+        """Stop every worker with one clear line when `value` (a digest) differs between them:
+        workers that disagree on their data or cache would train different models in lockstep."""
+        if self.workers == 1:
+            return
+        import tensorflow as tf
+
+        v = int(value[:6], 16)  # 24 bits: sums of squares stay exact in int64
+        per_replica = self.strategy.experimental_distribute_values_from_function(
+            lambda _: tf.constant([v, v * v], tf.int64))
+        total, squares = (int(x) for x in np.asarray(
+            self.strategy.reduce("SUM", per_replica, axis=None)))
+        n = self.replicas
+        if total * total != n * squares:  # not all equal (Cauchy-Schwarz)
+            raise ConfigError(f"worker {self.worker}: the workers see different {what} (this "
+                              f"worker: {value[:12]}); {fix}")
 
     def predictor(self, model: Any) -> Callable[[np.ndarray], np.ndarray]:
         """A batch -> the model's outputs, the batch split across every replica (of every

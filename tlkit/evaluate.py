@@ -9,6 +9,7 @@ from the same backbone and weights with a common frozen prefix run that prefix o
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,12 @@ import numpy as np
 from tlkit.augment import MULTICROP_CHOICES, multicrop_views
 from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
+from tlkit.distribute import STRATEGIES
 from tlkit.errors import ConfigError, DataError
 from tlkit.progress import progress
 from tlkit.runs import Run, load_run
+
+log = logging.getLogger("tlkit")
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,12 @@ class EvalConfig:
     batch_size: int = 32
     workers: int | None = None
     overwrite: bool = False
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}. "
+                              f"Received: {self.strategy!r}")
         if self.multicrop not in MULTICROP_CHOICES:
             raise ConfigError(f"--multicrop must be one of {', '.join(MULTICROP_CHOICES)}. "
                               f"Received: {self.multicrop!r}")
@@ -135,10 +143,17 @@ def _shared_groups(members: list[_Member]) -> list[tuple[Any, list[Any], list[in
     return out
 
 
+def _predict_on_batch(model: Any) -> Any:
+    return model.predict_on_batch
+
+
 def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
-                      batch_size: int, workers: int | None) -> list[np.ndarray]:
-    """Per member, (N, K, C) probabilities of every view of every image."""
-    groups = _shared_groups(members)
+                      batch_size: int, workers: int | None,
+                      predictor: Any = _predict_on_batch) -> list[np.ndarray]:
+    """Per member, (N, K, C) probabilities of every view of every image; `predictor(model)`
+    gives the batch -> outputs function (a strategy's splits the batch across replicas)."""
+    groups = [(trunk and predictor(trunk), [predictor(m) for m in models], idx)
+              for trunk, models, idx in _shared_groups(members)]
     geometry = sorted({(m.size, m.crop) for m in members})
     max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
     out: list[list[np.ndarray]] = [[] for _ in members]
@@ -154,9 +169,9 @@ def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
                 v = views[(members[idx[0]].size, members[idx[0]].crop)]
                 b, k = v.shape[:2]
                 flat = v.reshape(b * k, *v.shape[2:])
-                x = np.asarray(trunk.predict_on_batch(flat)) if trunk is not None else flat
+                x = np.asarray(trunk(flat)) if trunk is not None else flat
                 for model, i in zip(models, idx, strict=True):
-                    p = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+                    p = np.asarray(model(x), dtype=np.float64)
                     out[i].append(p.reshape(b, k, -1))
             advance(len(chunk))
     return [np.concatenate(parts) for parts in out]
@@ -213,7 +228,18 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Evaluate one run or an ensemble; write RUN/eval/<name>/ and return the metrics."""
+    """Evaluate one run or an ensemble; write RUN/eval/<name>/ and return the metrics. Under a
+    multi-worker strategy every worker calls this and gets the metrics; the chief writes."""
+    from tlkit.distribute import make_placement
+
+    placement = make_placement(config.strategy)  # before any other TensorFlow work
+    if placement.replicas > 1:
+        log.info("strategy: %s", placement.describe())
+    with placement.strategy.scope():
+        return _evaluate(config, placement)
+
+
+def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     from tlkit.fsutil import incomplete_dir, publish_dir
     from tlkit.report import write_outputs
 
@@ -223,20 +249,21 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     name = config.name or f"{split}-crops{config.multicrop}" + (
         f"-ensemble{len(runs)}" if len(runs) > 1 else "")
     out_dir = runs[0].path / "eval" / name
-    if out_dir.exists() and not config.overwrite:
+    if placement.is_chief and out_dir.exists() and not config.overwrite:
         raise ConfigError(f"{out_dir}: already exists; pass --name or --overwrite")
     members = [_Member(r) for r in runs]
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples])
     view_probs = member_view_probs(members, paths, config.multicrop, config.batch_size,
-                                   config.workers)
+                                   config.workers, placement.predictor)
     multi = [p.mean(axis=1) for p in view_probs]
     single = [p[:, center_index(config.multicrop)] for p in view_probs]
     weights = np.full(len(runs), 1.0 / len(runs))
     if config.ensemble_weights == "val" and len(runs) > 1:
         val_examples, _ = eval_examples(runs[0], config.data, "val")
         val_probs = member_view_probs(members, [e.path for e in val_examples],
-                                      config.multicrop, config.batch_size, config.workers)
+                                      config.multicrop, config.batch_size, config.workers,
+                                      placement.predictor)
         weights = fit_member_weights([p.mean(axis=1) for p in val_probs],
                                      np.array([e.label for e in val_examples]))
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
@@ -257,6 +284,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                     "views": int(view_probs[0].shape[1]),
                     "members": [str(r.path) for r in runs],
                     "member_weights": [float(w) for w in weights], "comparison": comparison})
+    metrics["strategy"] = {"strategy": placement.name, "replicas": placement.replicas,
+                           "workers": placement.workers}
+    if not placement.is_chief:
+        return metrics  # the chief writes the outputs
     tmp = incomplete_dir(out_dir)
     write_outputs(tmp, metrics, examples, ensemble, classes)
     publish_dir(tmp, out_dir, overwrite=config.overwrite)

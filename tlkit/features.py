@@ -28,15 +28,19 @@ from tlkit.cache import (
     CacheError,
     FeatureCache,
     build_cache,
+    build_part,
     cache_root,
     estimate_bytes,
     files_digest,
     key_of,
+    merge_parts,
     open_cache,
+    read_parts,
     weights_digest,
 )
 from tlkit.datasets import Example, ImageFolder, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
+from tlkit.distribute import STRATEGIES, make_placement, read_tf_config, resolve_strategy
 from tlkit.errors import ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
 from tlkit.split import Cut, build_trunk, resolve_cut
@@ -64,8 +68,22 @@ class PrecomputeConfig:
     val_fraction: float = 0.2
     dry_run: bool = False
     audit: AuditConfig = field(default_factory=AuditConfig)
+    strategy: str = "auto"  # multiworker: shards from TF_CONFIG; mirrored: batches split
+    num_shards: int | None = None  # compute one part of the cache: shard_index of num_shards
+    shard_index: int | None = None
 
     def __post_init__(self) -> None:
+        if (self.num_shards is None) != (self.shard_index is None):
+            raise ConfigError("--num-shards and --shard-index go together. Received: "
+                              f"--num-shards {self.num_shards}, --shard-index {self.shard_index}")
+        if self.num_shards is not None and self.shard_index is not None and not (
+                self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
+            raise ConfigError("--shard-index must be in 0..num-shards-1 (and --num-shards at "
+                              f"least 1). Received: --num-shards {self.num_shards}, "
+                              f"--shard-index {self.shard_index}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}. "
+                              f"Received: {self.strategy!r}")
         if self.views < 1:
             raise ConfigError(f"--views must be at least 1. Received: {self.views}")
         if self.dtype not in ("float16", "float32"):
@@ -135,11 +153,16 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
                         folder: ImageFolder, views: int, transform: TrainTransform,
                         crop_fraction: float, seed: int, dtype: str, batch_size: int,
                         workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                        verbose: int = 1) -> FeatureCache:
+                        verbose: int = 1, predict: Any = None,
+                        shard: tuple[int, int] | None = None) -> Any:
+    """The cache (or, given `shard` (index, count), that part of it: its folder), with a
+    progress bar; `predict` runs the trunk (default: predict_on_batch)."""
     import keras
 
     view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
     total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
+    if shard is not None:
+        total = -(-total // shard[1])  # about: parts are whole batches
     bar = keras.utils.Progbar(total, stateful_metrics=["images/s"], unit_name="image",
                               verbose=verbose)
     start, done = time.perf_counter(), [0]
@@ -150,14 +173,46 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
         bar.update(min(done[0], total), values=[("images/s", rate)])
 
     make_rows = make_rows_fn(transform, crop_fraction, seed, workers, max_pixels)
+    if shard is not None:
+        return build_part(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
+                          dtype, batch_size, shard[0], shard[1], progress, predict)
     return build_cache(root, key, inputs, trunk, folder.splits, view_counts, make_rows, dtype,
-                       batch_size, progress=progress)
+                       batch_size, progress=progress, predict=predict)
+
+
+def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | None, str]:
+    """((index, count) or None, the strategy to make). Under multiworker each worker of
+    TF_CONFIG computes its own shard: the work needs no collective ops, so none are set up."""
+    cluster = read_tf_config()
+    resolved = resolve_strategy(config.strategy, cluster)
+    if resolved != "multiworker":
+        if config.num_shards is None or config.shard_index is None:
+            return None, resolved
+        return (config.shard_index, config.num_shards), resolved
+    if config.num_shards is not None:
+        raise ConfigError("--num-shards with --strategy multiworker: use one or the other "
+                          "(under multiworker every worker of TF_CONFIG computes one shard)")
+    if cluster is None:
+        raise ConfigError("--strategy multiworker needs TF_CONFIG, naming every worker and "
+                          "this process's task; see README, \"Several machines\"")
+    return (cluster.index, cluster.workers), "default"
 
 
 def precompute_features(config: PrecomputeConfig, verbose: int = 1
                         ) -> FeatureCache | dict[str, Any]:
     """Build (or find) the cache; with dry_run, return the plan without writing anything.
-    `verbose` 0 hides the progress bar."""
+    `verbose` 0 hides the progress bar. With a shard, compute that part; the last part to
+    finish publishes the cache, the others return what is still missing."""
+    shard, strategy = _shard_and_strategy(config)
+    placement = make_placement(strategy)
+    if placement.replicas > 1:
+        log.info("strategy: %s", placement.describe())
+    with placement.strategy.scope():
+        return _precompute(config, shard, placement.predictor, verbose)
+
+
+def _precompute(config: PrecomputeConfig, shard: tuple[int, int] | None, predictor: Any,
+                verbose: int) -> FeatureCache | dict[str, Any]:
     import keras
 
     spec = get_backbone(config.backbone)
@@ -182,6 +237,7 @@ def precompute_features(config: PrecomputeConfig, verbose: int = 1
     trunk, key, inputs, transform = prepare_cache(
         spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
         config.dtype, max_pixels=config.audit.max_pixels)
+    predict = predictor(trunk)
     root = cache_root(config.cache_dir)
     existing = open_cache(root, key)
     counts = {s: len(x) for s, x in folder.splits.items()}
@@ -190,9 +246,9 @@ def precompute_features(config: PrecomputeConfig, verbose: int = 1
     needed = estimate_bytes(counts, views, shape, config.dtype)
     if config.dry_run:
         probe = np.zeros((config.batch_size, size, size, 3), np.uint8)
-        trunk.predict_on_batch(probe)
+        predict(probe)
         t0 = time.perf_counter()
-        trunk.predict_on_batch(probe)
+        predict(probe)
         per_image = (time.perf_counter() - t0) / config.batch_size
         images = sum(counts[s] * views[s] for s in counts)
         return {"key": key, "exists": existing is not None, "bytes": needed,
@@ -205,23 +261,40 @@ def precompute_features(config: PrecomputeConfig, verbose: int = 1
         return existing
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
-    if needed > free:
-        raise CacheError(f"{root}: the cache needs {needed / 1e9:.2f} GB but only "
+    share = needed if shard is None else 2 * -(-needed // shard[1])  # a part, then its merge
+    if share > free:
+        raise CacheError(f"{root}: the cache needs {share / 1e9:.2f} GB but only "
                          f"{free / 1e9:.2f} GB is free; free space or pass --cache-dir elsewhere")
-    log.info("building feature cache %s: %s images x views, %s %s per image, %.1f MB",
-             key, counts, shape, config.dtype, needed / 1e6)
-    return build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
-                               spec.crop_fraction, config.seed, config.dtype,
-                               config.batch_size, config.workers, config.audit.max_pixels,
-                               verbose)
+    what = "feature cache" if shard is None else f"shard {shard[0]} of {shard[1]} of cache"
+    log.info("building %s %s: %s images x views, %s %s per image, %.1f MB in all",
+             what, key, counts, shape, config.dtype, needed / 1e6)
+    built = build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
+                                spec.crop_fraction, config.seed, config.dtype,
+                                config.batch_size, config.workers, config.audit.max_pixels,
+                                verbose, predict, shard)
+    if shard is None:
+        return built
+    count, parts = read_parts(root, key)
+    missing = sorted(set(range(count)) - set(parts))
+    if not missing:  # the last part to finish publishes the cache
+        log.info("shard %d of %d done, and every part is finished: merging", *shard)
+        return merge_parts(root, key)
+    log.info("shard %d of %d done (%s); waiting for shard(s) %s; the last to finish, or "
+             "`tlkit cache merge %s`, publishes the cache", shard[0], shard[1], built,
+             ", ".join(map(str, missing)), key)
+    return {"key": key, "shard": shard[0], "num_shards": shard[1], "part": str(built),
+            "missing_shards": missing, "path": str(root / key)}
 
 
 def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,
                   first_epoch: int = 0, epochs: int = 1, shuffle: bool = True,
-                  workers: int | None = None, prefetch: int | None = None) -> Any:
-    """(features, labels) batches from the cache; shuffled exactly like the image pipeline."""
-    from tlkit.pipeline import epoch_jobs, ordered_jobs, run_jobs
+                  workers: int | None = None, prefetch: int | None = None,
+                  share: Any = None, sample_weights: Sequence[float] | None = None) -> Any:
+    """(features, labels) batches from the cache; shuffled and shared between replicas exactly
+    like the image pipeline."""
+    from tlkit.pipeline import WHOLE, epoch_jobs, ordered_jobs, run_jobs
 
+    share = share or WHOLE
     reader = cache.reader(split)
 
     def make_batch(epoch: Any, indices: np.ndarray) -> np.ndarray:
@@ -232,8 +305,8 @@ def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,
             rows.append(reader.read(int(i), view))
         return np.stack(rows).astype(np.float32)
 
-    jobs = (epoch_jobs(reader.count, batch_size, seed, first_epoch, epochs) if shuffle
-            else ordered_jobs(reader.count, batch_size))
+    jobs = (epoch_jobs(reader.count, batch_size, seed, first_epoch, epochs, share.replicas)
+            if shuffle else ordered_jobs(reader.count, batch_size))
     return run_jobs(jobs, make_batch, reader.labels.tolist(), reader.shape, "float32",
-                    workers, prefetch)
+                    workers, prefetch, share, sample_weights)
 

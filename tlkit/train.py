@@ -35,6 +35,7 @@ from tlkit.checkpoints import (
 )
 from tlkit.config import FinetuneConfig
 from tlkit.datasets import fingerprint, load_dataset
+from tlkit.distribute import Placement
 from tlkit.errors import ConfigError, RunError
 from tlkit.features import cache_dataset
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
@@ -65,10 +66,11 @@ class Diverged(RunError):
     """The loss became NaN or infinite: more epochs would only spread it."""
 
 
-def _make_recorder(ckpt_dir: Path, history_path: Path, model: Any, patience: int,
+def _make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: Any, patience: int,
                    state: dict[str, Any]) -> Any:
     """`model` is the whole classifier, also when training runs on its tail from the cache;
-    `state` is the training state that every checkpoint carries, updated in place."""
+    `state` is the training state that every checkpoint carries, updated in place. Workers
+    other than the chief pass no `ckpt_dir`: they keep the same state and write nothing."""
     import keras
 
     class EpochRecorder(keras.callbacks.Callback):
@@ -123,8 +125,9 @@ def _make_recorder(ckpt_dir: Path, history_path: Path, model: Any, patience: int
                      progress=len(s["rows"]))
             s["phase_steps"][self.phase] = int(keras.ops.convert_to_numpy(
                 self.model.optimizer.iterations))
-            save_epoch(ckpt_dir, model, self.model.optimizer, s, improved)
-            write_history(history_path, s["rows"])
+            if ckpt_dir is not None and history_path is not None:
+                save_epoch(ckpt_dir, model, self.model.optimizer, s, improved)
+                write_history(history_path, s["rows"])
 
     return EpochRecorder()
 
@@ -144,8 +147,8 @@ def _param_counts(model: Any) -> tuple[int, int]:
 
 
 def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, base: Any,
-                  plan: Any, size: int, folder: Any, pca: Any, verbose: int
-                  ) -> tuple[Any, Any, str]:
+                  plan: Any, size: int, folder: Any, pca: Any, verbose: int,
+                  placement: Placement) -> tuple[Any, Any, str]:
     """(cache or None, the model to fit, why): train the tail from cached activations when a
     cache matches these exact settings (or --cache builds one)."""
     from tlkit.cache import cache_root, open_cache
@@ -170,10 +173,14 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
         f"; freeze point {plan.n_frozen} is inside a block, cached at the single-tensor cut "
         f"after layer {cut.k - 1} ({cut.layer}), the frozen layers after it run live")
     if cache is None and config.cache == "build":
+        if placement.workers > 1:
+            raise ConfigError("--cache build under --strategy multiworker: build the cache "
+                              "first with `tlkit precompute-features --strategy multiworker` "
+                              "(each worker computes a shard), then train from it")
         cache = build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
                                     spec.crop_fraction, config.seed, config.cache_dtype,
                                     config.batch_size, config.workers, config.audit.max_pixels,
-                                    verbose)
+                                    verbose, placement.predictor(trunk))
         note = f"built and used {root / key}{moved}"
     elif cache is None:
         return None, model, (f"not used: no cache for these settings ({root / key}); "
@@ -190,7 +197,8 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
 
 IDENTITY_FILE = "identity.json"  # in checkpoints/: what a resumed run must still match
 # Settings a resumed run may change freely: they decide where and how fast, not what is learned.
-RESUME_FREE = ("output", "overwrite", "workers", "prefetch", "cache_dir", "recipe", "tensorboard")
+RESUME_FREE = ("output", "overwrite", "workers", "prefetch", "cache_dir", "recipe", "tensorboard",
+               "strategy")
 
 
 def class_weights(examples: Any, n_classes: int) -> dict[int, float]:
@@ -245,12 +253,14 @@ def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -
 
 
 def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
-             resume: str | os.PathLike | None = None, force_resume: bool = False) -> Run:
+             resume: str | os.PathLike | None = None, force_resume: bool = False
+             ) -> Run | None:
     """Train a classifier on `config.data`; return the finished run.
 
     `resume` continues an interrupted run from its last checkpoint; `config` then defaults to
     the settings it started with, and any difference that changes what is learned (settings,
-    class map, preprocessing, data) is refused unless `force_resume`.
+    class map, preprocessing, data) is refused unless `force_resume`. Under a multi-worker
+    strategy every worker calls this; the chief writes and returns the run, the others None.
     """
     if resume is not None:
         tmp_dir, run_dir = find_resumable(resume)
@@ -262,9 +272,22 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     else:
         tmp_dir, identity = None, None
         run_dir = Path(config.output) if config.output else default_run_dir(config.backbone)
-        if run_dir.exists() and not config.overwrite:
-            raise RunError(f"{run_dir}: already exists; choose another -o/--output or pass "
-                           "--overwrite")
+    from tlkit.distribute import make_placement
+
+    placement = make_placement(config.strategy)  # before any other TensorFlow work
+    if identity is None and placement.is_chief and run_dir.exists() and not config.overwrite:
+        raise RunError(f"{run_dir}: already exists; choose another -o/--output or pass "
+                       "--overwrite")
+    log.info("strategy: %s", placement.describe())
+    with placement.strategy.scope():
+        return _finetune(config, placement, run_dir, tmp_dir, identity, verbose, force_resume)
+
+
+def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_dir: Path | None,
+              identity: dict[str, Any] | None, verbose: int | str, force_resume: bool
+              ) -> Run | None:
+    """finetune() inside the strategy's scope; every worker runs it, only the chief writes."""
+    chief = placement.is_chief
     spec = get_backbone(config.backbone)
     size = spec.resolve_input_size(config.input_size)
 
@@ -279,6 +302,8 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         log.info("ignored %d hidden or system entries (e.g. %s)", len(scanned.ignored),
                  scanned.ignored[0])
     data_fingerprint = fingerprint(scanned)  # of every file, usable or not
+    placement.check_same("data", data_fingerprint, "every worker needs the same files at the "
+                         "same path (a copy, or a shared filesystem)")
     folder, report, skipped = audit_and_filter(scanned, config.audit, spec.min_size,
                                                config.workers)
     now = {"config": config.as_dict(), "backbone": spec.name,
@@ -321,14 +346,19 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     if verbose == "auto":
         verbose = 1 if os.isatty(1) else 2
     cache, fit_model, cache_note = _select_cache(config, spec, weights, model, base, plan, size,
-                                                 folder, transform.pca, verbose)
+                                                 folder, transform.pca, verbose, placement)
     log.info("feature cache: %s", cache_note)
+    placement.check_same("feature caches", cache.key if cache else "000000",
+                         "build the cache on every worker (`tlkit precompute-features`), or "
+                         "train with --no-cache")
     if cache is not None:
-        val_ds = cache_dataset(cache, "val", config.batch_size, config.seed, shuffle=False,
-                               workers=config.workers, prefetch=config.prefetch)
+        val_ds = placement.dataset(lambda share: cache_dataset(
+            cache, "val", config.batch_size, config.seed, shuffle=False, workers=config.workers,
+            prefetch=config.prefetch, share=share))
     else:
-        val_ds = eval_dataset(folder.splits["val"], size, spec.crop_fraction, config.batch_size,
-                              config.workers, config.prefetch, max_pixels)
+        val_ds = placement.dataset(lambda share: eval_dataset(
+            folder.splits["val"], size, spec.crop_fraction, config.batch_size, config.workers,
+            config.prefetch, max_pixels, share))
     weights_by_class = None
     if config.class_weight == "balanced":
         weights_by_class = class_weights(train_examples, len(folder.classes))
@@ -340,12 +370,14 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
                              "progress": 0, "phase_index": -1, "phase_done": True, "epoch": 0,
                              "wait": 0, "phase_best": math.inf, "resumed": []}
     if tmp_dir is None:
-        tmp_dir = incomplete_dir(run_dir)
+        tmp_dir = incomplete_dir(run_dir) if chief else None
+        ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
+        if ckpt_dir is not None:
+            atomic_write_json(ckpt_dir / IDENTITY_FILE, now)
+    else:  # every worker restores from the run's folder (under multiworker: a shared one)
         ckpt_dir = tmp_dir / "checkpoints"
-        atomic_write_json(ckpt_dir / IDENTITY_FILE, now)
-    else:
-        ckpt_dir = tmp_dir / "checkpoints"
-        remove_stale_temporaries(ckpt_dir)
+        if chief:
+            remove_stale_temporaries(ckpt_dir)
         found = restore(ckpt_dir, model)  # the optimizer follows once it is built
         if found is not None:
             path, state = found
@@ -357,16 +389,31 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
                      tmp_dir)
         state["resumed"] = [*state.get("resumed", []),
                             datetime.now(timezone.utc).isoformat(timespec="seconds")]
-        write_history(tmp_dir / "history.csv", state["rows"])
-    atomic_write_json(tmp_dir / "data_report.json", report.as_dict())
-    log.info("building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
-             "continues it", tmp_dir, run_dir)
+        if chief:
+            write_history(tmp_dir / "history.csv", state["rows"])
+    if chief:
+        atomic_write_json(tmp_dir / "data_report.json", report.as_dict())
+        log.info("building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
+                 "continues it", tmp_dir, run_dir)
+    else:
+        log.info("worker %d: training in step with the chief, which writes the run",
+                 placement.worker)
 
-    recorder = _make_recorder(ckpt_dir, tmp_dir / "history.csv", model, config.patience, state)
-    schedule = [("head", config.head_epochs, config.lr), ("fine-tune", config.epochs,
-                                                          config.fine_tune_lr)]
+    writes = ckpt_dir if chief else None
+    recorder = _make_recorder(writes, tmp_dir / "history.csv" if writes else None, model,
+                              config.patience, state)
+    scale = config.lr_scale()
+    schedule = [("head", config.head_epochs, config.lr * scale),
+                ("fine-tune", config.epochs, config.fine_tune_lr * scale)]
+    if config.scale_lr:
+        log.info("--scale-lr: batch %d / base batch %d = x%g: head lr %g, fine-tune lr %g",
+                 config.batch_size, config.lr_base_batch, scale, schedule[0][2],
+                 schedule[1][2])
+    sample_weights = ([weights_by_class[e.label] for e in train_examples]
+                      if weights_by_class else None)
     phases = _PhaseRunner(config, model, fit_model, base, plan, recorder, state, ckpt_dir,
-                          cache, train_examples, transform, val_ds, weights_by_class, verbose)
+                          writes is not None, cache, train_examples, transform, val_ds,
+                          len(folder.splits["val"]), sample_weights, placement, verbose)
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
     try:
         for index, (phase, epochs, lr) in enumerate(schedule):
@@ -383,7 +430,11 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         raise Interrupted(f"interrupted; the checkpoints in {ckpt_dir} are intact: "
                           f"`tlkit finetune --resume {run_dir}` continues from the last finished "
                           "epoch") from None
-
+    if not chief:
+        log.info("worker %d: done; the chief wrote %s", placement.worker, run_dir)
+        return None
+    if tmp_dir is None or ckpt_dir is None:
+        raise RuntimeError("the chief has no run folder")  # a bug, not bad input
     if state["best"] is None:
         raise RunError(f"{tmp_dir}: no epoch finished with a finite validation loss; nothing "
                        "to save")
@@ -421,6 +472,10 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         "feature_cache": {"used": cache is not None, "key": cache.key if cache else None,
                           "note": cache_note},
         "seed": config.seed,
+        "distribution": {"strategy": placement.name, "replicas": placement.replicas,
+                         "workers": placement.workers,
+                         "per_replica_batch": -(-config.batch_size // placement.replicas)},
+        "lr_used": {phase: lr for phase, _, lr in schedule},
         "phase": state["rows"][-1]["phase"] if state["rows"] else None,
         "epoch": state["rows"][-1]["epoch"] if state["rows"] else None,
         "optimizer_steps": sum(state["phase_steps"].values()),
@@ -458,16 +513,19 @@ class _PhaseRunner:
     plan: Any
     recorder: Any
     state: dict[str, Any]
-    ckpt_dir: Path
+    ckpt_dir: Path | None  # where checkpoints are (read on resume by every worker)
+    writes: bool  # this process writes the run: the chief
     cache: Any
     train_examples: Any
     transform: Any
     val_ds: Any
-    class_weight: dict[int, float] | None
+    val_count: int
+    sample_weights: list[float] | None
+    placement: Placement
     verbose: Any
 
     def _tensorboard(self) -> list[Any]:
-        if not self.config.tensorboard:
+        if not self.config.tensorboard or not self.writes or self.ckpt_dir is None:
             return []
         import keras
 
@@ -495,26 +553,28 @@ class _PhaseRunner:
         fit_model = self.fit_model
         fit_model.compile(optimizer=keras.optimizers.Adam(lr),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        if initial > 0:  # mid-phase: moments, step count and learning rate as they were
+        if initial > 0 and self.ckpt_dir is not None:  # mid-phase: moments, step count, rate
             fit_model.optimizer.build(fit_model.trainable_variables)
             path, _ = latest_checkpoint(self.ckpt_dir)
             load_checkpoint(path, self.model, fit_model.optimizer)
             log.info("phase %s: continuing at epoch %d of %d", phase, initial + 1, epochs)
         self.recorder.phase, self.recorder.phase_index = phase, index
         window = {"first_epoch": phase_first + initial, "epochs": epochs - initial,
-                  "workers": config.workers, "prefetch": config.prefetch}
+                  "workers": config.workers, "prefetch": config.prefetch,
+                  "sample_weights": self.sample_weights}
         if self.cache is not None:
-            train_ds = cache_dataset(self.cache, "train", config.batch_size, config.seed,
-                                     **window)
+            train_ds = self.placement.dataset(lambda share: cache_dataset(
+                self.cache, "train", config.batch_size, config.seed, **window, share=share))
         else:
-            train_ds = train_dataset(self.train_examples, self.transform, config.batch_size,
-                                     config.seed, **window,
-                                     max_pixels=config.audit.max_pixels)
+            train_ds = self.placement.dataset(lambda share: train_dataset(
+                self.train_examples, self.transform, config.batch_size, config.seed, **window,
+                max_pixels=config.audit.max_pixels, share=share))
         fit_model.fit(train_ds, validation_data=self.val_ds, epochs=epochs, initial_epoch=initial,
                       steps_per_epoch=steps_per_epoch(len(self.train_examples),
-                                                      config.batch_size),
+                                                      config.batch_size,
+                                                      self.placement.replicas),
+                      validation_steps=-(-self.val_count // config.batch_size),
                       callbacks=[self.recorder, *self._tensorboard()], verbose=self.verbose,
-                      class_weight=self.class_weight,
                       shuffle=False)  # the dataset shuffles, seeded
         if self.recorder.diverged:
             last = state["rows"][-1] if state["rows"] else None
