@@ -278,7 +278,8 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     if identity is None and placement.is_chief and run_dir.exists() and not config.overwrite:
         raise RunError(f"{run_dir}: already exists; choose another -o/--output or pass "
                        "--overwrite")
-    log.info("strategy: %s", placement.describe())
+    if placement.name != "default":
+        log.info("strategy: %s", placement.describe())
     with placement.strategy.scope():
         return _finetune(config, placement, run_dir, tmp_dir, identity, verbose, force_resume)
 
@@ -351,14 +352,16 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     placement.check_same("feature caches", cache.key if cache else "000000",
                          "build the cache on every worker (`tlkit precompute-features`), or "
                          "train with --no-cache")
+    # repeated, with validation_steps one pass: Keras then keeps one iterator for the whole
+    # fit, and never has to find the end of a distributed dataset (whose length it cannot see)
     if cache is not None:
         val_ds = placement.dataset(lambda share: cache_dataset(
             cache, "val", config.batch_size, config.seed, shuffle=False, workers=config.workers,
-            prefetch=config.prefetch, share=share))
+            prefetch=config.prefetch, share=share).repeat())
     else:
         val_ds = placement.dataset(lambda share: eval_dataset(
             folder.splits["val"], size, spec.crop_fraction, config.batch_size, config.workers,
-            config.prefetch, max_pixels, share))
+            config.prefetch, max_pixels, share).repeat())
     weights_by_class = None
     if config.class_weight == "balanced":
         weights_by_class = class_weights(train_examples, len(folder.classes))
@@ -413,7 +416,8 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
                       if weights_by_class else None)
     phases = _PhaseRunner(config, model, fit_model, base, plan, recorder, state, ckpt_dir,
                           writes is not None, cache, train_examples, transform, val_ds,
-                          len(folder.splits["val"]), sample_weights, placement, verbose)
+                          -(-len(folder.splits["val"]) // config.batch_size), sample_weights,
+                          placement, verbose)
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
     try:
         for index, (phase, epochs, lr) in enumerate(schedule):
@@ -519,7 +523,7 @@ class _PhaseRunner:
     train_examples: Any
     transform: Any
     val_ds: Any
-    val_count: int
+    val_steps: int  # batches in one pass over the validation split
     sample_weights: list[float] | None
     placement: Placement
     verbose: Any
@@ -573,7 +577,7 @@ class _PhaseRunner:
                       steps_per_epoch=steps_per_epoch(len(self.train_examples),
                                                       config.batch_size,
                                                       self.placement.replicas),
-                      validation_steps=-(-self.val_count // config.batch_size),
+                      validation_steps=self.val_steps,
                       callbacks=[self.recorder, *self._tensorboard()], verbose=self.verbose,
                       shuffle=False)  # the dataset shuffles, seeded
         if self.recorder.diverged:
