@@ -245,15 +245,36 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path):
     reference = tlkit(["finetune", str(data), "-o", "runs/single", *ARGS, "--strategy",
                        "default"], tmp_path)
     assert reference.returncode == 0, reference.stderr
-    ports = free_ports(2)
     homes = [tmp_path / f"worker{i}" for i in range(2)]
-    procs = []
-    for i, home in enumerate(homes):
+    for home in homes:
         home.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tlkit", "finetune", str(data), "-o", "runs/mw", *ARGS,
-             "--strategy", "multiworker"], cwd=home, text=True, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env={**os.environ, "TF_CONFIG": tf_config(ports, i)}))
+    outputs = two_workers(["finetune", str(data), "-o", "runs/mw", *ARGS, "--strategy",
+                           "multiworker"], homes)
+    assert "run: runs/mw" in outputs[0] and "not the chief" in outputs[1]
+    info = json.loads((homes[0] / "runs/mw/run.json").read_text())
+    assert info["distribution"]["workers"] == 2 and info["distribution"]["replicas"] == 2
+    assert list(homes[1].iterdir()) == []  # worker 1 wrote nothing at all
+    assert_same_training(tmp_path / "runs/single", homes[0] / "runs/mw")
+
+    run = homes[0] / "runs/mw"  # every worker evaluates it; the images are split between them
+    outputs = two_workers(["eval", str(run), "--split", "val", "--strategy", "multiworker",
+                           "--json"], homes)
+    chief, other = (json.loads(out) for out in outputs)
+    reference = tlkit(["eval", str(run), "--split", "val", "--name", "one", "--json"], tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    one = json.loads(reference.stdout)
+    assert chief["images"] == other["images"] == one["images"] == 6
+    assert chief["log_loss"] == other["log_loss"] == pytest.approx(one["log_loss"], rel=1e-5)
+    assert "output" in chief and "output" not in other and list(homes[1].iterdir()) == []
+
+
+def two_workers(args: list[str], homes: list[Path]) -> list[str]:
+    """Run `tlkit ARGS` as the two workers of a localhost cluster; their stdout."""
+    ports = free_ports(2)
+    procs = [subprocess.Popen([sys.executable, "-m", "tlkit", *args], cwd=home, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "TF_CONFIG": tf_config(ports, i)})
+             for i, home in enumerate(homes)]
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -261,11 +282,7 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path):
             p.kill()
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
-    assert "run: runs/mw" in outputs[0][0] and "not the chief" in outputs[1][0]
-    info = json.loads((homes[0] / "runs/mw/run.json").read_text())
-    assert info["distribution"]["workers"] == 2 and info["distribution"]["replicas"] == 2
-    assert list(homes[1].iterdir()) == []  # worker 1 wrote nothing at all
-    assert_same_training(tmp_path / "runs/single", homes[0] / "runs/mw")
+    return [out for out, _ in outputs]
 
 
 @pytest.mark.slow

@@ -378,7 +378,7 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
     run = run_finetune(config, verbose=_verbose(ctx), resume=resume, force_resume=force_resume)
     if run is None:  # a worker other than the chief: it trained, the chief wrote the run
         click.echo(json.dumps({"run": None, "chief_writes": True}) if as_json else
-                   "done: this worker is not the chief; the chief wrote the run")
+                   "done: this worker is not the chief; the chief writes the run")
         return
     if as_json:
         click.echo(json.dumps({"run": str(run.path), "best": run.info["results"]["best"],

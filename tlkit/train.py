@@ -280,14 +280,16 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
                        "--overwrite")
     if placement.name != "default":
         log.info("strategy: %s", placement.describe())
-    with placement.strategy.scope():
-        return _finetune(config, placement, run_dir, tmp_dir, identity, verbose, force_resume)
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(placement.strategy.scope())
+        return _finetune(config, placement, run_dir, tmp_dir, identity, verbose, force_resume,
+                         scope)
 
 
 def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_dir: Path | None,
-              identity: dict[str, Any] | None, verbose: int | str, force_resume: bool
-              ) -> Run | None:
-    """finetune() inside the strategy's scope; every worker runs it, only the chief writes."""
+              identity: dict[str, Any] | None, verbose: int | str, force_resume: bool,
+              scope: contextlib.ExitStack) -> Run | None:
+    """finetune() in the strategy's `scope`; every worker trains, only the chief writes."""
     chief = placement.is_chief
     spec = get_backbone(config.backbone)
     size = spec.resolve_input_size(config.input_size)
@@ -434,8 +436,9 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         raise Interrupted(f"interrupted; the checkpoints in {ckpt_dir} are intact: "
                           f"`tlkit finetune --resume {run_dir}` continues from the last finished "
                           "epoch") from None
+    scope.close()  # saving inside it would start collective ops the other workers never join
     if not chief:
-        log.info("worker %d: done; the chief wrote %s", placement.worker, run_dir)
+        log.info("worker %d: done; the chief writes %s", placement.worker, run_dir)
         return None
     if tmp_dir is None or ckpt_dir is None:
         raise RuntimeError("the chief has no run folder")  # a bug, not bad input
