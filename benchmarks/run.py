@@ -54,6 +54,23 @@ Reliability (512 generated 500x375 JPEGs; all cores):
 - checkpoint_save_seconds_resnet50 / checkpoint_restore_seconds_resnet50: one epoch checkpoint
   of the whole classifier with its Adam state (every layer trainable, 224 px), written and
   rotated as finetune does after every epoch, and loaded back as --resume does.
+
+Distribution (`--only distribute`; each figure from fresh processes, since a strategy must be set
+up before TensorFlow starts). Training: the tlkit classifier (ResNet50, weights none, 224 px on
+GPUs, 96 px on a CPU-only machine, whole backbone trainable) fitted by Keras on uint8 batches
+held in memory, fed through tlkit's per-replica shares (pipeline.run_jobs); global batch 32;
+images/s over the timed steps after a warm-up fit.
+- dist_train_images_per_s_{default,mirrored}: one device, and MirroredStrategy over every GPU
+  (on a CPU-only machine: over 2 logical CPUs, TLKIT_LOGICAL_CPUS=2, which share the same cores,
+  so the ratio there is the strategy's overhead, not a speed-up).
+- dist_mirrored_speedup: mirrored / default, same model and batch, back to back.
+- dist_multiworker_2proc_speedup: two MultiWorkerMirroredStrategy processes on localhost
+  (TF_CONFIG), global images/s / default. On one machine they share its cores and devices.
+- precompute_sharded_2proc_ratio: wall time of two `precompute-features --num-shards 2` processes
+  started together (the last one merges) / one unsharded process, 512 generated JPEGs, ResNet50
+  at 96 px, --freeze all. On one machine: the cost of sharding and merging, not a speed-up.
+- cache_merge_mb_per_s: `tlkit cache merge` of the parts of a 2-shard cache (re-read, checked,
+  written), MB of features per second.
 """
 
 from __future__ import annotations
@@ -445,15 +462,161 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 
 
+def dist_child(strategy: str, size: int, batch: int, steps: int) -> None:
+    """Training images/s (over all workers) under `strategy`; printed as the last line."""
+    from tlkit.distribute import make_placement
+
+    placement = make_placement(strategy)
+    import keras
+    import numpy as np
+
+    from tlkit.backbones import get_backbone
+    from tlkit.model import build_classifier
+    from tlkit.pipeline import epoch_jobs, run_jobs
+
+    rng = np.random.default_rng(0)
+    n = 4 * batch
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).tolist()
+
+    def data(first_epoch: int, epochs: int) -> object:
+        return placement.dataset(lambda share: run_jobs(
+            epoch_jobs(n, batch, 0, first_epoch, epochs, share.replicas),
+            lambda _, i: x[i], labels, x.shape[1:], "uint8", None, None, share))
+
+    with placement.strategy.scope():
+        keras.utils.set_random_seed(0)
+        spec = get_backbone("resnet50")
+        model = build_classifier(spec, spec.build(size), 10, size)
+        model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+        model.fit(data(0, 1), steps_per_epoch=2, epochs=1, verbose=0)  # trace, warm up
+        epochs = -(-steps // 4)
+        start = time.perf_counter()
+        model.fit(data(1, epochs), steps_per_epoch=4, epochs=epochs, verbose=0)
+        seconds = time.perf_counter() - start
+    print(batch * 4 * epochs / seconds)
+
+
+def run_dist_child(strategy: str, size: int, batch: int, steps: int, env: dict | None = None,
+                   workers: int = 1) -> float:
+    import socket
+
+    ports = []
+    for _ in range(workers if workers > 1 else 0):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            ports.append(s.getsockname()[1])
+    procs = []
+    for i in range(workers):
+        extra = dict(env or {})
+        if workers > 1:
+            extra["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}"
+                                                                    for p in ports]},
+                                             "task": {"type": "worker", "index": i}})
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--dist-child", strategy, str(size), str(batch),
+             str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**os.environ, **extra}))
+    outs = [p.communicate(timeout=1800) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(err)
+    return float(outs[0][0].strip().splitlines()[-1])
+
+
+def distribute_figures(quick: bool) -> None:
+    import tempfile
+
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    size, batch, steps = (224, 32, 20) if gpus else (96, 32, 8)
+    if quick:
+        steps = 4
+    cpus = None if gpus > 1 else {"TLKIT_LOGICAL_CPUS": "2"}
+    where = f"{gpus} GPU(s)" if gpus > 1 else "2 logical CPUs sharing the machine's cores"
+    one = run_dist_child("default", size, batch, steps)
+    two = run_dist_child("mirrored", size, batch, steps, cpus)
+    mw = run_dist_child("multiworker", size, batch, steps, workers=2)
+    common = {"size": size, "global_batch": batch, "device": device()}
+    emit("dist_train_images_per_s_default", one, "images/s", **common)
+    emit("dist_train_images_per_s_mirrored", two, "images/s", over=where, **common)
+    emit("dist_mirrored_speedup", two / one, "x", over=where)
+    emit("dist_multiworker_2proc_speedup", mw / one, "x",
+         over="2 processes on this one machine")
+
+    n_images = 128 if quick else 512
+    with tempfile.TemporaryDirectory() as tmp:
+        data = photo_folder(Path(tmp) / "photos", n_images)
+        common_args = [sys.executable, "-m", "tlkit", "precompute-features", str(data),
+                       "--weights", "none", "--input-size", "96", "--json"]
+        start = time.perf_counter()
+        subprocess.run([*common_args, "--cache-dir", f"{tmp}/single"], check=True,
+                       capture_output=True, cwd=tmp)
+        single = time.perf_counter() - start
+        start = time.perf_counter()
+        procs = [subprocess.Popen([*common_args, "--cache-dir", f"{tmp}/sharded",
+                                   "--num-shards", "2", "--shard-index", str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp)
+                 for i in range(2)]
+        for p in procs:
+            if p.wait() != 0:
+                raise RuntimeError(p.stderr.read().decode())
+        sharded = time.perf_counter() - start
+        emit("precompute_sharded_2proc_ratio", sharded / single, "x", images=n_images,
+             single_seconds=round(single, 1), sharded_seconds=round(sharded, 1),
+             note="both shards on this one machine")
+    merge_figure(250 if quick else 1000)
+
+
+def merge_figure(n_images: int) -> None:
+    """`merge_parts` alone, on two parts of 7x7x2048 float16 rows (ResNet50 at 224) written by
+    build_part with a cheap stand-in trunk: only the merge is timed."""
+    import tempfile
+
+    import keras
+    import numpy as np
+
+    from tlkit.cache import build_part, merge_parts
+    from tlkit.datasets import Example
+
+    examples = [Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4))
+                for i in range(n_images)]
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    x = keras.layers.AveragePooling2D(4)(keras.layers.Rescaling(1 / 255)(inputs))
+    trunk = keras.Model(inputs, keras.layers.Conv2D(2048, 2)(x))
+    rng = np.random.default_rng(0)
+
+    def rows(split: str, view: int, first: int, batch: list) -> object:
+        return rng.integers(0, 256, (len(batch), 32, 32, 3), dtype=np.uint8)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(2):
+            build_part(Path(tmp), "merge", {"n": n_images}, trunk, {"train": examples},
+                       {"train": 1}, rows, "float16", 64, i, 2)
+        start = time.perf_counter()
+        cache = merge_parts(Path(tmp), "merge")
+        seconds = time.perf_counter() - start
+        mb = sum(f["bytes"] for f in cache.manifest["splits"]["train"]["shards"]) / 1e6
+    emit("cache_merge_mb_per_s", mb / seconds, "MB/s", mb=round(mb, 1),
+         seconds=round(seconds, 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="tlkit benchmarks (JSON lines).")
     parser.add_argument("--quick", action="store_true", help="fewer steps; a smoke check")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
-    parser.add_argument("--only", choices=["train", "augment", "cache", "eval", "reliability"],
+    parser.add_argument("--only", choices=["train", "augment", "cache", "eval", "reliability",
+                                           "distribute"],
                         help="run one group of figures")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--dist-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dist_child:
+        strategy, size, batch, steps = args.dist_child
+        dist_child(strategy, int(size), int(batch), int(steps))
+        return
     if args.rss_child:
         rss_child(int(args.rss_child[0]), args.rss_child[1], args.rss_child[2])
         return
@@ -479,6 +642,8 @@ def main() -> None:
         eval_figures(args.quick)
     if args.only in (None, "reliability"):
         reliability_figures(args.quick)
+    if args.only in (None, "distribute"):
+        distribute_figures(args.quick)
 
 
 if __name__ == "__main__":
