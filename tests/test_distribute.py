@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -268,8 +269,18 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path):
     assert "output" in chief and "output" not in other and list(homes[1].iterdir()) == []
 
 
-def two_workers(args: list[str], homes: list[Path]) -> list[str]:
-    """Run `tlkit ARGS` as the two workers of a localhost cluster; their stdout."""
+    # workers that see different files stop, all of them, with one line (no hang)
+    shutil.copytree(data, homes[1] / "data")  # worker 1's own copy, mtimes kept
+    os.utime(data / "train" / "a" / "img0.png")  # worker 0's copy: one file changed
+    bad = two_workers(["finetune", "data", "-o", "runs/bad", *ARGS, "--strategy",
+                       "multiworker"], [tmp_path, homes[1]], expect=2)
+    assert all("the workers see different data" in err for err in bad)
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def two_workers(args: list[str], homes: list[Path], expect: int = 0) -> list[str]:
+    """Run `tlkit ARGS` as the two workers of a localhost cluster; their stdout (or, when
+    they are expected to fail, their stderr)."""
     ports = free_ports(2)
     procs = [subprocess.Popen([sys.executable, "-m", "tlkit", *args], cwd=home, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -281,8 +292,8 @@ def two_workers(args: list[str], homes: list[Path]) -> list[str]:
         for p in procs:
             p.kill()
     for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err
-    return [out for out, _ in outputs]
+        assert p.returncode == expect, err
+    return [out if expect == 0 else err for out, err in outputs]
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from tlkit._version import __version__
 
 __all__ = ["AuditConfig", "EvalConfig", "FinetuneConfig", "FreezeRequest", "PrecomputeConfig",
            "__version__", "check_data", "evaluate", "export_run", "finetune", "load_dataset",
-           "load_run", "precompute_features", "predict"]
+           "load_run", "merge_parts", "precompute_features", "predict"]
 
 _LAZY = {
     "finetune": "tlkit.train",
@@ -26,11 +26,13 @@ _LAZY = {
     "evaluate": "tlkit.evaluate",
     "EvalConfig": "tlkit.evaluate",
     "precompute_features": "tlkit.features",
+    "merge_parts": "tlkit.cache",
     "PrecomputeConfig": "tlkit.features",
 }
 
 if TYPE_CHECKING:
     from tlkit.audit import AuditConfig, check_data
+    from tlkit.cache import merge_parts
     from tlkit.config import FinetuneConfig
     from tlkit.datasets import load_dataset
     from tlkit.evaluate import EvalConfig, evaluate
