@@ -320,3 +320,23 @@ def test_sharded_precompute_in_two_processes_is_byte_identical(tmp_path):
         a, b = (np.load(tmp_path / d / key / f"{split}-00000.npy") for d in ("single",
                                                                               "mirrored"))
         assert np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-3)
+
+
+def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monkeypatch):
+    from tlkit.features import PrecomputeConfig, precompute_features
+
+    data = make_folder(per_class=4)
+    config = PrecomputeConfig(data=str(data), weights="none", input_size=32, batch_size=2,
+                              strategy="multiworker")
+    monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
+    first = precompute_features(config)
+    assert (first["shard"], first["num_shards"], first["missing_shards"]) == (1, 2, [0])
+    monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 0))
+    cache = precompute_features(config)  # the last to finish publishes
+    cache.verify()
+    assert cache.manifest["splits"]["train"]["count"] + cache.manifest["splits"]["val"][
+        "count"] == 8
+    with pytest.raises(ConfigError, match="use one or the other"):
+        precompute_features(PrecomputeConfig(data=str(data), weights="none",
+                                             strategy="multiworker", num_shards=2,
+                                             shard_index=0))

@@ -29,6 +29,8 @@ log = logging.getLogger("tlkit")
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 LOGICAL_CPUS_ENV = "TLKIT_LOGICAL_CPUS"
+NEEDS_TF_CONFIG = ("--strategy multiworker needs TF_CONFIG, naming every worker and this "
+                   "process's task; see README, \"Several GPUs, several machines\"")
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,7 @@ def make_placement(name: str = "auto") -> Placement:
                         "device", devices[0].name)
         return Placement(strategy, "mirrored", n, tuple(range(n)))
     if cluster is None:
-        raise ConfigError("--strategy multiworker needs TF_CONFIG, naming every worker and "
-                          "this process's task; see README, \"Several machines\"")
+        raise ConfigError(NEEDS_TF_CONFIG)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     _fix_keras_multiworker()
     n = strategy.num_replicas_in_sync

@@ -40,7 +40,13 @@ from tlkit.cache import (
 )
 from tlkit.datasets import Example, ImageFolder, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
-from tlkit.distribute import STRATEGIES, make_placement, read_tf_config, resolve_strategy
+from tlkit.distribute import (
+    NEEDS_TF_CONFIG,
+    STRATEGIES,
+    make_placement,
+    read_tf_config,
+    resolve_strategy,
+)
 from tlkit.errors import ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
 from tlkit.split import Cut, build_trunk, resolve_cut
@@ -193,8 +199,7 @@ def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | Non
         raise ConfigError("--num-shards with --strategy multiworker: use one or the other "
                           "(under multiworker every worker of TF_CONFIG computes one shard)")
     if cluster is None:
-        raise ConfigError("--strategy multiworker needs TF_CONFIG, naming every worker and "
-                          "this process's task; see README, \"Several machines\"")
+        raise ConfigError(NEEDS_TF_CONFIG)
     return (cluster.index, cluster.workers), "default"
 
 
