@@ -5,6 +5,9 @@ import pytest
 
 from tlkit.augment import (
     PRESETS,
+    random_crop,
+    random_resized_crop,
+    resize_shorter,
     ColorPCA,
     TrainTransform,
     eval_transform,
@@ -59,7 +62,7 @@ def test_same_seed_epoch_index_same_image_and_epochs_differ():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     pca = fit_color_pca([image])
-    for preset in ("standard", "alexnet", "vgg"):
+    for preset in ("light", "standard", "alexnet", "vgg"):
         t = TrainTransform(resolve_augment(preset), 32, 0.875, pca)
         a = t(image, sample_rng(3, 0, 5))
         assert a.shape == (32, 32, 3) and a.dtype == np.uint8
@@ -85,7 +88,10 @@ def test_eval_transform_geometry():
 
 
 def test_presets_and_overrides():
-    assert set(PRESETS) >= {"none", "standard", "alexnet", "vgg"}
+    assert set(PRESETS) >= {"none", "light", "standard", "alexnet", "vgg"}
+    light = resolve_augment("light")
+    assert (light.crop, light.flip_p, light.pca_sigma) == ("crop", 0.5, 0.0)
+    assert light.scale_range == pytest.approx((1 / 0.875, 1 / 0.875))  # the eval scale
     alex = resolve_augment("alexnet")
     assert (alex.crop, alex.flip_p, alex.pca_sigma) == ("crop", 0.5, 0.1)
     assert resolve_augment("alexnet", pca_sigma=0.0).pca_sigma == 0.0
@@ -109,3 +115,62 @@ def test_good_extra_transform_is_recorded():
     cfg = resolve_augment("standard", extra=['Rotate:{"limit": 15}', "ToGray"])
     assert cfg.as_dict()["extra"] == [{"name": "Rotate", "args": {"limit": 15}},
                                       {"name": "ToGray", "args": {}}]
+
+
+def textured_photo(width: int, height: int) -> np.ndarray:
+    """Fine texture (what separates resampling filters) over a smooth scene."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    scene = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], -1)
+    noise = rng.integers(-60, 61, (height, width, 3))
+    return np.clip(scene + noise, 0, 255).astype(np.uint8)
+
+
+def test_training_crops_and_eval_resample_the_same_way_on_a_large_photo():
+    """Un-augmented training crops are windows of exactly the eval view's resized image.
+    (Before: training resized with OpenCV's bilinear, no smoothing when shrinking, eval with
+    Pillow's; on this photo the two differed by tens of grey levels.)"""
+    photo = textured_photo(4000, 3000)
+    size, crop_fraction = 64, 0.875
+    resized = resize_shorter(photo, round(size / crop_fraction))
+    h, w = resized.shape[:2]
+    view = eval_transform(photo, size, crop_fraction)
+    top, left = (h - size) // 2, (w - size) // 2
+    np.testing.assert_array_equal(view, resized[top:top + size, left:left + size])
+    transform = TrainTransform(resolve_augment("light", flip_p=0.0), size, crop_fraction)
+    for index in range(5):
+        crop = transform(photo, sample_rng(0, 0, index)).astype(int)
+        diffs = [np.abs(crop - resized[t:t + size, s:s + size]).mean()
+                 for t in range(h - size + 1) for s in range(w - size + 1)]
+        assert min(diffs) == 0.0
+    # a resized crop of the whole square image is the eval view of it at crop fraction 1
+    square = np.ascontiguousarray(photo[:, :3000])
+    whole = random_resized_crop(square, size, (1.0, 1.0), (1.0, 1.0), np.random.default_rng(0))
+    np.testing.assert_array_equal(whole, eval_transform(square, size, 1.0))
+    np.testing.assert_array_equal(random_crop(square, size, (1.0, 1.0),
+                                              np.random.default_rng(0)),
+                                  eval_transform(square, size, 1.0))
+    # and the smoothing matters here: plain bilinear without it is far off
+    import cv2
+
+    plain = cv2.resize(square, (size, size), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(plain.astype(int) - whole).mean() > 10
+
+
+def test_random_resized_crop_keeps_area_and_ratio_in_range():
+    image = textured_photo(300, 200)
+    for seed in range(20):
+        out = random_resized_crop(image, 32, (0.08, 1.0), (3 / 4, 4 / 3),
+                                  np.random.default_rng(seed))
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    # a ratio no region of this image can have falls back to the largest centred one
+    tall = random_resized_crop(image, 16, (0.99, 1.0), (0.2, 0.25), np.random.default_rng(0))
+    assert tall.shape == (16, 16, 3)
+
+
+def test_auto_is_for_finetune_only():
+    assert resolve_augment("auto", allow_auto=True).preset == "auto"
+    with pytest.raises(ConfigError, match="chosen while training"):
+        resolve_augment("auto")
+    with pytest.raises(ConfigError, match="chooses the whole augmentation"):
+        resolve_augment("auto", allow_auto=True, flip_p=0.0)

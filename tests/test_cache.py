@@ -177,4 +177,4 @@ def test_random_augmentation_with_one_view_does_not_use_a_cache(make_folder):
                                       "--input-size", "32", "--freeze", "all", "--head-epochs",
                                       "1", "--epochs", "0", "-o", "runs/x"])
     assert result.exit_code == 0, result.output
-    assert "feature cache: not used: --augment standard is random" in result.output
+    assert "feature cache: not used: --augment light is random" in result.output

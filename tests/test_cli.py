@@ -123,6 +123,7 @@ def test_bad_image_stops_before_training_and_names_the_file(make_folder, tmp_pat
     (["--backbone", "resnet5"], "unknown backbone 'resnet5'"),
     (["--fine-tune-lr", "0.1"], "--fine-tune-lr should be lower than --lr"),
     (["--weights", "missing.h5"], "Received: 'missing.h5' (no such file or folder)"),
+    (["--augment", "auto", "--flip-p", "0"], "--augment auto chooses the whole augmentation"),
 ])
 def test_bad_options_are_one_line_errors(make_folder, args, message):
     data = make_folder(per_class=4)

@@ -14,6 +14,7 @@ part, subtract the negative part), which equals rounding and clipping the float 
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 from collections.abc import Sequence
@@ -147,6 +148,10 @@ class AugmentConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
+    # fine-tuning default: the eval view's scale (shorter side size / 0.875), a random
+    # size x size window of it (up to 12.5% shift), mirror. Milder than ImageNet-from-scratch
+    # crops, which cut small or low-resolution images down to fragments.
+    "light": {"crop": "crop", "flip_p": 0.5},
     # timm / Inception default: random area and aspect ratio, then resize; mirror.
     "standard": {"crop": "resized-crop", "flip_p": 0.5},
     # AlexNet: shorter side 256 (for 224), random 224 crop, mirror, PCA colour.
@@ -157,8 +162,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve_augment(preset: str, extra: Sequence[str] = (), **overrides: Any) -> AugmentConfig:
+AUTO = "auto"  # finetune only: the preset is chosen on the validation split (tlkit.head)
+
+
+def resolve_augment(preset: str, extra: Sequence[str] = (), allow_auto: bool = False,
+                    **overrides: Any) -> AugmentConfig:
     """A preset by name, then explicit overrides (None means keep the preset's value)."""
+    if preset == AUTO:
+        if not allow_auto:
+            raise ConfigError("--augment auto is chosen while training (`tlkit finetune`); "
+                              "here name a preset: " + ", ".join(PRESETS))
+        if extra or any(v is not None for v in overrides.values()):
+            raise ConfigError("--augment auto chooses the whole augmentation; drop --crop, "
+                              "--flip-p, --pca-sigma and --extra-transform, or name a preset")
+        return AugmentConfig(preset=AUTO)
     if preset not in PRESETS:
         hint = did_you_mean(preset, PRESETS)
         raise ConfigError(f"unknown --augment preset {preset!r}.{hint} Choose one of: "
@@ -227,18 +244,10 @@ class TrainTransform:
         self._local = threading.local()
 
     def _build(self) -> Any:
-        import cv2
-
-        A, c, s = _albumentations(), self.config, self.size
+        """The photometric steps; the crop is tlkit's own (`random_crop`, `random_resized_crop`)
+        so that it resizes exactly as the eval transform does."""
+        A, c = _albumentations(), self.config
         steps: list[Any] = []
-        if c.crop == "crop":
-            lo, hi = (max(s, round(s * x)) for x in c.scale_range)
-            steps += [A.SmallestMaxSize(max_size=list(range(lo, hi + 1)),
-                                        interpolation=cv2.INTER_LINEAR),
-                      A.RandomCrop(s, s)]
-        elif c.crop == "resized-crop":
-            steps += [A.RandomResizedCrop(size=(s, s), scale=c.area, ratio=c.ratio,
-                                          interpolation=cv2.INTER_LINEAR)]
         if c.flip_p > 0:
             steps.append(A.HorizontalFlip(p=c.flip_p))
         steps += [build_extra(name, args) for name, args in c.extra]
@@ -250,8 +259,13 @@ class TrainTransform:
         compose = getattr(self._local, "compose", None)
         if compose is None:
             compose = self._local.compose = self._build()
-        if self.config.crop == "center":  # the very eval transform: train and eval agree
+        c = self.config
+        if c.crop == "center":  # the very eval transform: train and eval agree
             image = eval_transform(image, self.size, self.crop_fraction)
+        elif c.crop == "crop":
+            image = random_crop(image, self.size, c.scale_range, rng)
+        else:
+            image = random_resized_crop(image, self.size, c.area, c.ratio, rng)
         compose.set_random_state(rng, random.Random(int(rng.integers(2**63))))
         return compose(image=image)["image"]
 
@@ -261,32 +275,66 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, index))
 
 
+def resize(image: np.ndarray, width: int, height: int,
+           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The one resampling of every path (train crops, eval, multi-crop, cached views): Pillow's
+    bilinear, which widens its filter when shrinking (no aliasing). `box` resizes a region."""
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR,
+                                                    box=box), dtype=np.uint8)
+
+
+def resize_shorter(image: np.ndarray, short: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = short / min(h, w)
+    return resize(image, max(short, round(w * scale)), max(short, round(h * scale)))
+
+
 def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
     """Resize the shorter side to round(size / crop_fraction), then take the centre size x size.
 
     This is the single-crop protocol of the VGG/ResNet/Inception papers (crop_fraction 0.875
     means 224 out of 256).
     """
-    h, w = image.shape[:2]
-    short = max(size, round(size / crop_fraction))
-    scale = short / min(h, w)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    resized = np.asarray(
-        Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.uint8
-    )
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    resized = resize_shorter(image, max(size, round(size / crop_fraction)))
+    h, w = resized.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def random_crop(image: np.ndarray, size: int, scale_range: tuple[float, float],
+                rng: np.random.Generator) -> np.ndarray:
+    """AlexNet / VGG: shorter side drawn from size x scale_range, then a random size x size
+    window. At scale 1/0.875 the window's pixels are the eval view's, shifted."""
+    lo, hi = (max(size, round(size * x)) for x in scale_range)
+    resized = resize_shorter(image, int(rng.integers(lo, hi + 1)))
+    h, w = resized.shape[:2]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])
+
+
+def random_resized_crop(image: np.ndarray, size: int, area: tuple[float, float],
+                        ratio: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Inception: a region of random area and aspect ratio, resized to size x size; after 10
+    misses, the largest centred region within the ratio range (torchvision's rule)."""
+    h, w = image.shape[:2]
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = h * w * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            break
+    else:
+        aspect = min(max(w / h, ratio[0]), ratio[1])
+        cw, ch = (w, round(w / aspect)) if w / h <= aspect else (round(h * aspect), h)
+        cw, ch = min(cw, w), min(ch, h)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    return resize(image, size, size, box=(left, top, left + cw, top + ch))
 
 
 MULTICROP_CHOICES = ("1", "5", "10", "multiscale")
 MULTISCALE_FACTORS = (1.0, 1.0 / 0.875, 1.5 / 0.875)  # shorter side / input size: 224, 256, 384
-
-
-def _resize_shorter(image: np.ndarray, short: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    scale = short / min(h, w)
-    size = (max(short, round(w * scale)), max(short, round(h * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), np.uint8)
 
 
 def multicrop_views(image: np.ndarray, size: int, crop_fraction: float, mode: str) -> np.ndarray:
@@ -305,7 +353,7 @@ def multicrop_views(image: np.ndarray, size: int, crop_fraction: float, mode: st
               else [max(size, round(size * f)) for f in MULTISCALE_FACTORS])
     views = []
     for short in scales:
-        img = _resize_shorter(image, short)
+        img = resize_shorter(image, short)
         h, w = img.shape[:2]
         corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
                    ((h - size) // 2, (w - size) // 2)]

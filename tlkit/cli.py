@@ -172,9 +172,11 @@ STRATEGY_OPTION = click.option(
 
 # The augmentation flags shared by finetune, precompute-features, augment-preview, bench-input.
 augment_options = option_group(
-    click.option("--augment", "augment_preset", default="standard", show_default=True,
-                 help="Preset: none, standard (random resized crop + mirror), alexnet "
-                      "(crop + mirror + PCA colour), vgg (alexnet with scale jitter)."),
+    click.option("--augment", "augment_preset", default="light", show_default=True,
+                 help="Preset: none, light (random crop at the eval scale + mirror), standard "
+                      "(Inception's random resized crop + mirror), alexnet (crop + mirror + PCA "
+                      "colour), vgg (alexnet with scale jitter). finetune also takes auto: the "
+                      "preset whose head probe scores best on the validation split."),
     click.option("--crop", type=click.Choice(["center", "crop", "resized-crop"]),
                  help="Override the preset's crop style."),
     click.option("--flip-p", type=float, help="Override the mirroring probability."),
@@ -200,11 +202,11 @@ audit_options = option_group(
 )
 
 
-def _augment_config(options: dict[str, Any]) -> Any:
+def _augment_config(options: dict[str, Any], allow_auto: bool = False) -> Any:
     from tlkit.augment import resolve_augment
 
     return resolve_augment(options.pop("augment_preset"), options.pop("extra_transform"),
-                           crop=options.pop("crop"), flip_p=options.pop("flip_p"),
+                           allow_auto, crop=options.pop("crop"), flip_p=options.pop("flip_p"),
                            pca_sigma=options.pop("pca_sigma"))
 
 
@@ -364,7 +366,7 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
     ctx = click.get_current_context()
     request = _freeze_request(ctx, default="0")
     recipe = ctx.meta.get("tlkit.recipe")
-    augment = _augment_config(options)
+    augment = _augment_config(options, allow_auto=True)
     audit = _audit_config(options)
     cache = options.pop("cache")
     config = FinetuneConfig(data=data, weights=weights_, freeze=request, augment=augment,

@@ -24,7 +24,7 @@ class FinetuneConfig:
     # Keras guide default: after the head phase, fine-tune the whole backbone.
     freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))
     train_bn: bool = False
-    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("standard"))
+    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
     batch_size: int = 32
     head_epochs: int = 5
     epochs: int = 10

@@ -65,7 +65,7 @@ class PrecomputeConfig:
     input_size: int | None = None
     freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="all"))
     views: int = 1
-    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("standard"))
+    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
     seed: int = 0
     dtype: str = "float16"
     cache_dir: str | None = None

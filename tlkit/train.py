@@ -23,6 +23,7 @@ from typing import Any
 
 from tlkit import _version
 from tlkit.audit import audit_and_filter
+from tlkit.augment import AUTO
 from tlkit.backbones import get_backbone
 from tlkit.checkpoints import (
     BEST,
@@ -40,6 +41,7 @@ from tlkit.errors import ConfigError, RunError
 from tlkit.features import cache_dataset
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json, incomplete_dir, publish_dir
+from tlkit.head import search_augment
 from tlkit.runs import RUN_SCHEMA, RUNS_DIR, Run, load_run
 from tlkit.weights import build_backbone, resolve_weights
 
@@ -82,6 +84,7 @@ def _make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: Any,
 
         phase, phase_index = "head", 0
         diverged: str | None = None
+        best_head: list[Any] | None = None  # the live head phase's best weights, in memory
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self._start = time.perf_counter()
@@ -116,6 +119,8 @@ def _make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: Any,
             self.model.stop_training = stop
             best = s["best"]
             improved = best is None or val_loss < best["val_loss"]
+            if improved and self.phase == "head":
+                self.best_head = model.get_weights()  # every worker: phase 2 starts from it
             if improved:
                 s["best"] = {"val_loss": val_loss, "val_accuracy": row.get("val_accuracy"),
                              "phase": self.phase, "epoch": epoch + 1}
@@ -341,6 +346,19 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
 
     train_examples = folder.splits["train"]
     max_pixels = config.audit.max_pixels
+    augment_search, head_features = None, None
+    if config.augment.preset == AUTO:
+        if placement.replicas > 1:
+            raise ConfigError("--augment auto runs on one device; name a preset (--augment "
+                              "light, standard, ...) under --strategy mirrored or multiworker")
+        weights_by_class = (class_weights(train_examples, len(folder.classes))
+                            if config.class_weight == "balanced" else None)
+        chosen, augment_search, head_features = search_augment(
+            model, train_examples, folder.splits["val"], size, spec.crop_fraction, config,
+            [weights_by_class[e.label] for e in train_examples] if weights_by_class else None,
+            on_first_batch=lambda per_image, total: log_estimate(
+                per_image, total, len(train_examples), config.epochs))
+        config = dataclasses.replace(config, augment=chosen)
     transform = build_train_transform(config.augment, train_examples, size, spec.crop_fraction,
                                       max_pixels=max_pixels)
     if transform.pca is not None:
@@ -417,7 +435,8 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     sample_weights = ([weights_by_class[e.label] for e in train_examples]
                       if weights_by_class else None)
     phases = _PhaseRunner(config, model, fit_model, base, plan, recorder, state, ckpt_dir,
-                          writes is not None, cache, train_examples, transform, val_ds,
+                          writes is not None, cache, train_examples, folder.splits["val"],
+                          spec.crop_fraction, transform, head_features, val_ds,
                           -(-len(folder.splits["val"]) // config.batch_size), sample_weights,
                           placement, verbose)
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
@@ -464,7 +483,8 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         "preprocessing": spec.preprocessing,
         "crop_fraction": spec.crop_fraction,
         "augment": {**config.augment.as_dict(),
-                    "pca": transform.pca.as_dict() if transform.pca is not None else None},
+                    "pca": transform.pca.as_dict() if transform.pca is not None else None,
+                    "search": augment_search},
         "classes": list(folder.classes),
         "config": config.as_dict(),
         "class_weight": ({folder.classes[i]: w for i, w in weights_by_class.items()}
@@ -524,7 +544,10 @@ class _PhaseRunner:
     writes: bool  # this process writes the run: the chief
     cache: Any
     train_examples: Any
+    val_examples: Any
+    crop_fraction: float
     transform: Any
+    head_features: Any  # from --augment auto's search: the head phase's features, computed
     val_ds: Any
     val_steps: int  # batches in one pass over the validation split
     sample_weights: list[float] | None
@@ -538,6 +561,67 @@ class _PhaseRunner:
 
         return [keras.callbacks.TensorBoard(log_dir=str(self.ckpt_dir.parent / "tensorboard"))]
 
+    def _probe(self) -> bool:
+        """The head phase on pooled features (tlkit.head); False when it must run live: under
+        a multi-device strategy, or when one view's features would not fit in memory."""
+        from tlkit.head import (
+            MAX_FEATURE_BYTES,
+            extract,
+            feature_views,
+            fit_head,
+            head_steps,
+            pooled_extractor,
+        )
+
+        config, state, n = self.config, self.state, len(self.train_examples)
+        dim = int(self.model.get_layer("pool").output.shape[-1])
+        if self.placement.replicas > 1 or n * dim * 4 > MAX_FEATURE_BYTES:
+            log.info("phase head: trained live, epoch by epoch (%s)", "several replicas"
+                     if self.placement.replicas > 1 else "the features would not fit in memory")
+            return False
+        lr = config.lr * config.lr_scale()
+        frozen_bn = freeze_all(self.base)
+        trainable, frozen = _param_counts(self.model)
+        views = (self.head_features.views if self.head_features is not None else
+                 feature_views(self.transform.config.random, config.head_epochs, n, dim))
+        steps = head_steps(n, config.batch_size, config.head_epochs)
+        log.info("phase head (head only, backbone frozen): %s trainable / %s frozen parameters, "
+                 "%d frozen BatchNorm layers; the backbone runs once over %d view(s) of %d "
+                 "training images and %d validation images, then the head trains %d steps on "
+                 "the pooled features, keeping its best validation loss", f"{trainable:,}",
+                 f"{frozen:,}", frozen_bn, views, n, len(self.val_examples), steps)
+        features = self.head_features or extract(
+            pooled_extractor(self.model), self.train_examples, self.val_examples,
+            self.transform, self.crop_fraction, config.seed, views, config.batch_size,
+            config.workers, config.audit.max_pixels,
+            on_first_batch=lambda per_image, total: log_estimate(per_image, total, n,
+                                                                 config.epochs))
+        self.head_features = None  # memory
+        rows, steps_done = fit_head(self.model, features, lr, config.batch_size, steps, config.seed,
+                        self.sample_weights)
+        bad = [r for r in rows if not (math.isfinite(r["loss"]) and math.isfinite(r["val_loss"]))]
+        if bad:
+            raise Diverged(f"phase head, check {bad[0]['epoch']}: the loss became "
+                           f"{bad[0]['loss']} (val {bad[0]['val_loss']}); nothing was kept. "
+                           "Lower --lr and start again")
+        top = min(rows, key=lambda r: r["val_loss"])
+        rows[-1]["seconds"] = round(rows[-1]["seconds"] + features.seconds, 3)
+        state["rows"].extend(rows)
+        state["best"] = {"val_loss": top["val_loss"], "val_accuracy": top["val_accuracy"],
+                         "phase": "head", "epoch": top["epoch"]}
+        state.update(phase="head", phase_index=0, epoch=len(rows), phase_done=True,
+                     progress=len(state["rows"]), wait=0, phase_best=math.inf)
+        state["phase_steps"]["head"] = steps_done
+        if self.writes and self.ckpt_dir is not None:
+            save_epoch(self.ckpt_dir, self.model, None, state, True)
+            write_history(self.ckpt_dir.parent / "history.csv", state["rows"])
+        log.info("phase head: %d validation checks, %d feature rows, %d steps in %.1f s after "
+                 "%.1f s of features; best val_loss %.4f, val_accuracy %.4f (check %d), restored",
+                 len(rows), len(features.train), steps_done,
+                 sum(r["seconds"] for r in rows) - features.seconds, features.seconds,
+                 top["val_loss"], top["val_accuracy"], top["epoch"])
+        return True
+
     def run(self, phase: str, index: int, epochs: int, lr: float, initial: int,
             phase_first: int) -> None:
         """Freeze, compile, restore the optimizer when resuming mid-phase, fit."""
@@ -546,6 +630,8 @@ class _PhaseRunner:
         from tlkit.pipeline import steps_per_epoch, train_dataset
 
         config, plan, state = self.config, self.plan, self.state
+        if phase == "head" and initial == 0 and self._probe():
+            return
         if phase == "head":
             frozen_bn = freeze_all(self.base)
             what = "head only, backbone frozen"
@@ -557,6 +643,9 @@ class _PhaseRunner:
         log.info("phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers"
                  "%s", phase, what, f"{trainable:,}", f"{frozen:,}", frozen_bn,
                  "" if phase == "head" or not config.train_bn else " (--train-bn)")
+        if phase != "head" and initial == 0 and self.recorder.best_head is not None:
+            self.model.set_weights(self.recorder.best_head)  # the best head, not the last
+            self.recorder.best_head = None
         fit_model = self.fit_model
         fit_model.compile(optimizer=keras.optimizers.Adam(lr),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -595,6 +684,29 @@ class _PhaseRunner:
         log.info("phase %s: %d epochs%s, best val_loss %.4f, val_accuracy %.4f (epoch %d)",
                  phase, len(phase_rows), " (early stop)" if len(phase_rows) < epochs else "",
                  top.get("val_loss", math.nan), top.get("val_accuracy", math.nan), top["epoch"])
+
+
+def log_estimate(per_image: float, head_images: int, n_train: int, epochs: int) -> None:
+    """Time of each phase from the measured forward pass, said before the head trains, with
+    what would make a long run shorter."""
+    head_s = per_image * head_images
+    tune_s = 3 * per_image * n_train * epochs  # a training step costs up to ~3 forward passes
+    advice = ""
+    if tune_s > 1800:
+        advice = (" That is long: --freeze all (head only) or a higher --freeze, a smaller "
+                  "--input-size, fewer --epochs or a GPU make it shorter.")
+    log.info("estimate from the first batches (%.1f ms per image through the model): head phase "
+             "about %s (%d forward passes); fine-tune phase at most about %s (%d epoch(s) of %d "
+             "images).%s", 1000 * per_image, _duration(head_s), head_images,
+             _duration(tune_s), epochs, n_train, advice)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def phase_summaries(state: dict[str, Any], schedule: list[tuple[str, int, float]]

@@ -1,0 +1,341 @@
+"""tlkit's accuracy benchmark: does transfer with tlkit give good classifiers on real data?
+
+    python benchmarks/quality.py                 # the README table (3 seeds; about 25 min, 2 cores)
+    python benchmarks/quality.py --smoke         # one seed, k=5, few configurations, tiny trunk
+    python benchmarks/quality.py --json out.json # every measurement, for scripts
+
+Real data that ships offline: the 1,797 handwritten digits in data/ (8x8 PNGs, upscaled to
+32 px). No ImageNet weights can be downloaded here, so the "pretrained" backbone is made the
+honest way, by self-transfer:
+
+1. Source task: tlkit trains a ResNet50 from scratch (weights none, 32 px) on digits 0-4
+   (data/train and data/val of those classes). That run is the trunk every transfer starts from.
+2. Target tasks: digits 5-9, k = 5, 10, 20 training images per class and as many validation
+   images per class (both drawn by the seed from data/train and data/val), tested on every
+   other 5-9 digit (data/test plus the unsampled data/train images: about 700).
+3. Every configuration is run through tlkit's own CLI, in-process (exactly a command a user
+   types), and evaluated with `tlkit eval` on the test folder. Three seeds: the seed draws the
+   k images and seeds training. Mean and spread (sample standard deviation) over seeds.
+
+References, written here independently of tlkit:
+- keras-reference: keras.applications.ResNet50 with the trunk's weights, GlobalAveragePooling +
+  Dropout + Dense softmax on its frozen features, no augmentation: the Keras "feature
+  extraction" recipe, trained with Adam to early stopping on validation loss (best weights).
+- logreg-probe: scikit-learn LogisticRegression (L-BFGS to convergence) on the same frozen,
+  pooled features, C chosen on the validation images: the sharpest yardstick for a head.
+- scratch: ResNet50 from random weights on the k images per class, same epochs as the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DATA = ROOT / "data"
+SOURCE_CLASSES = ("0", "1", "2", "3", "4")
+TARGET_CLASSES = ("5", "6", "7", "8", "9")
+SIZE = 32
+COMMON = ["--input-size", str(SIZE), "--workers", "2"]
+
+# name -> (finetune flags, which k they run at). Costs on 2 cores decide the k: every
+# configuration that fine-tunes ResNet50 layers (about 14 images/s at 32 px) runs at k = 10.
+ALL_K = (5, 10, 20)
+CONFIGS: dict[str, tuple[list[str], tuple[int, ...]]] = {
+    "defaults": ([], ALL_K),
+    "frozen (--freeze all --epochs 0)": (["--freeze", "all", "--epochs", "0"], ALL_K),
+    "augment none (frozen)": (["--freeze", "all", "--epochs", "0", "--augment", "none"], (10,)),
+    "augment light (frozen)": (["--freeze", "all", "--epochs", "0", "--augment", "light"],
+                               (10,)),
+    "augment standard (frozen)": (["--freeze", "all", "--epochs", "0", "--augment",
+                                   "standard"], (10,)),
+    "augment alexnet (frozen)": (["--freeze", "all", "--epochs", "0", "--augment", "alexnet"],
+                                 (10,)),
+    "augment vgg (frozen)": (["--freeze", "all", "--epochs", "0", "--augment", "vgg"], (10,)),
+    "recipe small-data": (["--recipe", "small-data"], ALL_K),
+    "recipe medium-data": (["--recipe", "medium-data"], (10,)),
+    "recipe large-data": (["--recipe", "large-data"], (10,)),
+    "recipe alexnet-augment": (["--recipe", "alexnet-augment", "--freeze", "all", "--epochs",
+                                "0"], (10,)),
+    "auto (--augment auto --freeze auto)": (["--augment", "auto", "--freeze", "auto"], ALL_K),
+}
+# Not run: they set another backbone and input size (VGG16 / InceptionV3 at 224 / 299 px), for
+# which there is no self-transfer trunk here, and which a 2-core CPU cannot train in budget.
+SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
+ENSEMBLE = ("augment none (frozen)", "augment light (frozen)", "frozen (--freeze all --epochs 0)")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def tlkit(*args: str) -> dict[str, Any]:
+    """Run a tlkit command in this process, as typed on a command line; its --json result."""
+    from click.testing import CliRunner
+
+    from tlkit.cli import cli
+
+    result = CliRunner().invoke(cli, ["-q", *args, "--json"], catch_exceptions=False)
+    if result.exit_code != 0:
+        raise RuntimeError(f"tlkit {' '.join(args)} exited {result.exit_code}: {result.output}")
+    out = result.stdout
+    return json.loads(out[out.index("{"):])
+
+
+def clear() -> None:
+    import keras
+
+    keras.backend.clear_session()
+
+
+def digits(split: str, label: str) -> list[Path]:
+    return sorted((DATA / split / label).glob("*.png"))
+
+
+def copy_files(files: Sequence[Path], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, folder / f.name)
+
+
+def make_source(root: Path) -> Path:
+    for split in ("train", "val"):
+        for c in SOURCE_CLASSES:
+            copy_files(digits(split, c), root / split / c)
+    return root
+
+
+def make_task(root: Path, k: int, seed: int) -> Path:
+    """k train and k val images per target class, drawn by the seed; the rest is the test set."""
+    rng = random.Random(seed)
+    for c in TARGET_CLASSES:
+        train_pool, val_pool = digits("train", c), digits("val", c)
+        train = rng.sample(train_pool, k)
+        val = rng.sample(val_pool, min(k, len(val_pool)))
+        copy_files(train, root / "train" / c)
+        copy_files(val, root / "val" / c)
+        copy_files([f for f in train_pool if f not in train] + digits("test", c),
+                   root / "test" / c)
+    return root
+
+
+def train_trunk(work: Path, out: Path, epochs: int) -> Path:
+    """The source model: tlkit trains ResNet50 from scratch on digits 0-4."""
+    tlkit("finetune", str(make_source(work / "source")), "--weights", "none", *COMMON,
+          "--augment", "none", "--freeze", "0", "--head-epochs", "0", "--epochs", str(epochs),
+          "--lr", "1e-3", "--fine-tune-lr", "1e-3", "--patience", str(epochs), "-o", str(out))
+    clear()
+    return out
+
+
+def evaluate(run: Path, task: Path, multicrop: str = "1") -> dict[str, Any]:
+    m = tlkit("eval", str(run), str(task), "--split", "test", "--multicrop", multicrop)
+    clear()
+    return m
+
+
+def load_images(files: Sequence[Path]) -> Any:
+    """What a hand-written Keras script does: PIL RGB, resized to the input size."""
+    import numpy as np
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize(
+        (SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.float32) for f in files])
+
+
+def split_files(task: Path, split: str) -> tuple[list[Path], Any]:
+    import numpy as np
+
+    files, labels = [], []
+    for i, c in enumerate(TARGET_CLASSES):
+        these = sorted((task / split / c).glob("*.png"))
+        files += these
+        labels += [i] * len(these)
+    return files, np.array(labels)
+
+
+def reference_features(trunk: Path, task: Path) -> dict[str, tuple[Any, Any]]:
+    """Frozen ResNet50 features (pooled) of every split, with the trunk's weights."""
+    import keras
+
+    source = keras.saving.load_model(trunk / "model.keras")
+    base = keras.applications.ResNet50(weights=None, include_top=False,
+                                       input_shape=(SIZE, SIZE, 3), pooling="avg")
+    base.set_weights(source.get_layer("backbone").get_weights())
+    out = {}
+    for split in ("train", "val", "test"):
+        files, labels = split_files(task, split)
+        x = keras.applications.resnet50.preprocess_input(load_images(files))
+        out[split] = (base.predict(x, batch_size=64, verbose=0), labels)
+    clear()
+    return out
+
+
+def keras_reference(feats: dict[str, tuple[Any, Any]], seed: int) -> float:
+    """Keras feature extraction: Dropout + Dense on the frozen features, early stopping."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    (x, y), (xv, yv), (xt, yt) = feats["train"], feats["val"], feats["test"]
+    model = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Dropout(0.2),
+                              keras.layers.Dense(len(TARGET_CLASSES), activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    stop = keras.callbacks.EarlyStopping(patience=30, restore_best_weights=True)
+    model.fit(x, y, batch_size=32, epochs=1000, validation_data=(xv, yv), callbacks=[stop],
+              verbose=0)
+    acc = float((model.predict(xt, verbose=0).argmax(1) == yt).mean())
+    clear()
+    return acc
+
+
+def logreg_probe(feats: dict[str, tuple[Any, Any]]) -> float:
+    """L-BFGS logistic regression to convergence, C picked by validation log loss."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    (x, y), (xv, yv), (xt, yt) = feats["train"], feats["val"], feats["test"]
+    best = None
+    for c in (0.001, 0.01, 0.1, 1.0, 10.0):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+        clf.fit(x, y)
+        loss = log_loss(yv, clf.predict_proba(xv), labels=range(len(TARGET_CLASSES)))
+        if best is None or loss < best[0]:
+            best = (loss, clf)
+    return float((best[1].predict(xt) == yt).mean())
+
+
+def run_task(work: Path, trunk: Path, k: int, seed: int, configs: dict[str, Any],
+             multicrop_config: str, record: Callable[..., None]) -> None:
+    task = make_task(work / f"task-k{k}-s{seed}", k, seed)
+    runs: dict[str, Path] = {}
+    for name, (flags, ks) in configs.items():
+        if k not in ks:
+            continue
+        out = work / "runs" / f"k{k}-s{seed}-{len(runs)}"
+        start = time.perf_counter()
+        tlkit("finetune", str(task), "--weights", str(trunk), *COMMON, "--seed", str(seed),
+              *flags, "-o", str(out))
+        train_s = time.perf_counter() - start
+        clear()
+        runs[name] = out
+        mode = "10" if name == multicrop_config and k == 10 else "1"
+        m = evaluate(out, task, mode)
+        row = m["comparison"][0]
+        record(name, k, seed, row["single_crop_top1"], seconds=train_s)
+        if mode == "10":
+            record("defaults, 10-crop eval", k, seed, row["multicrop_top1"])
+        log(f"k={k} seed={seed} {name}: {row['single_crop_top1']:.4f} ({train_s:.0f} s)")
+    members = [runs[n] for n in ENSEMBLE if n in runs]
+    if len(members) == 3:
+        m = tlkit("eval", *map(str, members), str(task), "--split", "test", "--name", "ens")
+        clear()
+        record("ensemble of 3 frozen heads", k, seed, m["top1"])
+        record("its best member", k, seed, max(r["single_crop_top1"]
+                                               for r in m["comparison"][:3]))
+    start = time.perf_counter()
+    feats = reference_features(trunk, task)
+    record("keras-reference (plain Keras, frozen)", k, seed, keras_reference(feats, seed),
+           seconds=time.perf_counter() - start)
+    record("logreg-probe (sklearn, frozen)", k, seed, logreg_probe(feats))
+    if k == 10:
+        out = work / "runs" / f"scratch-k{k}-s{seed}"
+        start = time.perf_counter()
+        tlkit("finetune", str(task), "--weights", "none", *COMMON, "--seed", str(seed),
+              "--head-epochs", "0", "--epochs", "15", "--lr", "1e-3", "--fine-tune-lr", "1e-3",
+              "--patience", "15", "-o", str(out))
+        train_s = time.perf_counter() - start
+        clear()
+        record("scratch (ResNet50, random init)", k, seed,
+               evaluate(out, task)["comparison"][0]["single_crop_top1"], seconds=train_s)
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    shutil.rmtree(task, ignore_errors=True)
+
+
+def table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    lines = ["| configuration | " + " | ".join(f"k={k}" for k in ks) + " | train s (k=10) |",
+             "| --- | " + " | ".join("---" for _ in ks) + " | --- |"]
+    for name in names:
+        cells = []
+        for k in ks:
+            accs = [r["top1"] for r in rows if r["config"] == name and r["k"] == k]
+            if not accs:
+                cells.append("")
+                continue
+            spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells.append(f"{100 * statistics.mean(accs):.1f} ± {100 * spread:.1f}")
+        secs = [r["seconds"] for r in rows if r["config"] == name and r["k"] == 10
+                and r.get("seconds") is not None]
+        cells.append(f"{statistics.mean(secs):.0f}" if secs else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--k", type=int, nargs="+", default=list(ALL_K))
+    parser.add_argument("--trunk-epochs", type=int, default=6)
+    parser.add_argument("--trunk", type=Path,
+                        help="the trunk run: reused if it exists, else trained there and kept")
+    parser.add_argument("--only", nargs="+", help="configuration names (substrings) to run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one seed, k=5, two configurations, a one-epoch trunk")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    args = parser.parse_args(argv)
+    configs = CONFIGS
+    if args.only:
+        configs = {n: c for n, c in CONFIGS.items() if any(o in n for o in args.only)}
+    if args.smoke:
+        args.seeds, args.k, args.trunk_epochs = [0], [5], 1
+        configs = {n: CONFIGS[n] for n in ("defaults", "recipe small-data")}
+    rows: list[dict[str, Any]] = []
+
+    def record(config: str, k: int, seed: int, top1: float, seconds: float | None = None
+               ) -> None:
+        row = {"config": config, "k": k, "seed": seed, "top1": round(top1, 4),
+               "seconds": None if seconds is None else round(seconds, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tlkit-quality-") as tmp:
+        work = Path(tmp)
+        trunk = args.trunk or work / "trunk"
+        if not (trunk / "run.json").is_file():
+            log(f"training the trunk: ResNet50 from scratch on digits 0-4, "
+                f"{args.trunk_epochs} epochs")
+            t = time.perf_counter()
+            train_trunk(work, trunk, args.trunk_epochs)
+            log(f"trunk trained in {time.perf_counter() - t:.0f} s")
+        for seed in args.seeds:
+            for k in args.k:
+                run_task(work, trunk, k, seed, configs, "defaults", record)
+    total = time.perf_counter() - started
+    print(table(rows, args.k))
+    print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all (trunk included), "
+          f"recipes not run here: {', '.join(SKIPPED_RECIPES)} (another backbone and size)")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "minutes": round(total / 60, 1)},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

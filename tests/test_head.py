@@ -1,0 +1,124 @@
+"""The head phase as a probe on pooled features, its step rule, and --augment auto."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tlkit.augment import resolve_augment
+from tlkit.config import FinetuneConfig
+from tlkit.freezing import FreezeRequest
+from tlkit.head import MIN_HEAD_STEPS, feature_views, head_steps
+
+
+def test_head_steps_count_optimizer_steps_not_epochs():
+    # 50 images, batch 32: 5 epochs would be 10 steps; the head gets MIN_HEAD_STEPS
+    assert head_steps(50, 32, 5) == MIN_HEAD_STEPS
+    # on plenty of data the epochs give more than the minimum: they count
+    assert head_steps(10_000, 32, 5) == 5 * 313
+    assert head_steps(50, 32, 0) == MIN_HEAD_STEPS
+
+
+def test_feature_views_follow_the_augmentation_and_memory():
+    assert feature_views(True, 5, 100, 2048) == 5  # one view per head epoch
+    assert feature_views(False, 5, 100, 2048) == 1  # the eval view is the same every epoch
+    # 100k images x 2048 floats is 0.8 GB a view: two fit in the 2 GiB budget
+    assert feature_views(True, 5, 100_000, 2048) == 2
+
+
+def tinted_folder(root: Path, per_class: int, seed: int) -> Path:
+    """Two classes told apart by colour alone, with equal grey levels (ToGray erases them)."""
+    rng = np.random.default_rng(seed)
+    for name, channel, level in (("red", 0, 200), ("green", 1, 102)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.zeros((24, 24, 3), np.int32)
+            img[..., channel] = level
+            img += rng.integers(0, 40, (24, 24, 1))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+                root / name / f"{i}.png")
+    return root
+
+
+def quick_config(data: Path, out: Path, **kw) -> FinetuneConfig:
+    values = {"data": str(data), "weights": "none", "input_size": 32, "batch_size": 8,
+              "freeze": FreezeRequest(count="all"), "head_epochs": 2, "epochs": 0,
+              "output": str(out), "workers": 2, **kw}
+    return FinetuneConfig(**values)
+
+
+@pytest.mark.slow
+def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_folder, tmp_path):
+    import keras
+
+    from tlkit.train import finetune
+
+    data = make_folder(per_class=10, layout="splits", classes=("cat", "dog", "cow"))
+    run = finetune(quick_config(data, tmp_path / "run"))
+    info = run.info
+    head = info["results"]["phases"][0]
+    assert head["phase"] == "head"
+    # 30 images at batch 8 are 4 steps an epoch: two epochs would have been 8 steps
+    assert head["optimizer_steps"] == MIN_HEAD_STEPS
+    rows = list(csv.DictReader(open(run.path / "history.csv")))
+    losses = [float(r["val_loss"]) for r in rows]
+    assert len(rows) == math.ceil(MIN_HEAD_STEPS / 50)  # a validation check every 50 steps
+    # the saved model is the best check's, not the last one's
+    model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
+    from tlkit.augment import eval_transform
+    from tlkit.datasets import load_dataset
+    from tlkit.decode import decode_image
+
+    val = load_dataset(str(data)).splits["val"]
+    x = np.stack([eval_transform(decode_image(e.path), 32, 0.875) for e in val])
+    y = np.array([e.label for e in val])
+    probs = model.predict(x, verbose=0)
+    loss = float(-np.log(probs[np.arange(len(y)), y]).mean())
+    assert loss == pytest.approx(min(losses), rel=1e-3, abs=1e-5)
+    assert info["results"]["best"]["val_loss"] == pytest.approx(min(losses))
+
+
+@pytest.mark.slow
+def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkeypatch):
+    """Colour is the class; a candidate that greys every view cannot learn it."""
+    import tlkit.head
+    from tlkit.train import finetune
+
+    monkeypatch.setattr(tlkit.head, "AUTO_CANDIDATES", (
+        ("grey", "none", {"extra": ['ToGray:{"p": 1.0}']}),
+        ("none", "none", {}),
+    ))
+    data = tmp_path / "data"
+    tinted_folder(data / "train", 12, 0)
+    tinted_folder(data / "val", 6, 1)
+    run = finetune(quick_config(data, tmp_path / "run",
+                                augment=resolve_augment("auto", allow_auto=True)))
+    search = run.info["augment"]["search"]
+    assert [s["augment"] for s in search] == ["grey", "none"]
+    grey, plain = search
+    assert plain["val_loss"] < grey["val_loss"] / 4
+    assert plain["val_accuracy"] == 1.0
+    assert run.info["augment"]["extra"] == []  # the chosen one: no ToGray
+    assert run.info["config"]["augment"]["extra"] == []
+    saved = json.loads((run.path / "run.json").read_text())
+    assert saved["results"]["best"]["val_accuracy"] == 1.0
+
+
+def test_augment_auto_is_refused_outside_finetune(make_folder):
+    from click.testing import CliRunner
+
+    from tlkit.cli import cli
+
+    data = make_folder(per_class=4)
+    result = CliRunner().invoke(cli, ["precompute-features", str(data), "--weights", "none",
+                                      "--augment", "auto"], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert "--augment auto is chosen while training" in result.output
+    assert "Traceback" not in result.output
+    assert not Path("cache").exists()

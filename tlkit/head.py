@@ -1,0 +1,213 @@
+"""The head phase as a probe: run the frozen backbone once per augmented view, then train the
+head to convergence on the pooled features.
+
+Why: while the whole backbone is frozen, an epoch of the head phase costs one forward pass of
+the backbone per image and gives n / batch optimizer steps. On a few hundred images that was a
+handful of steps and an under-trained head, which then started the fine-tune phase (measured on
+the accuracy benchmark: transfer below training from scratch). Features of V views cost the same
+V forward passes as V epochs, and the head then gets as many steps as it needs in seconds.
+View v of an image is what epoch v of the training pipeline gives it, as in the feature cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tlkit.datasets import Example
+
+log = logging.getLogger("tlkit")
+
+MIN_HEAD_STEPS = 500  # a linear head on 2048 features needs a few hundred Adam steps
+MAX_FEATURE_BYTES = 2 * 1024**3  # features held in memory; fewer views beyond this
+CHECK_EVERY = 50  # head steps between validation checks
+
+
+def head_steps(n_train: int, batch_size: int, head_epochs: int) -> int:
+    """Optimizer steps of the head phase: what `head_epochs` epochs would take, and never fewer
+    than MIN_HEAD_STEPS, because on small data epochs are only a few steps each."""
+    return max(MIN_HEAD_STEPS, head_epochs * math.ceil(n_train / batch_size))
+
+
+def feature_views(random_augment: bool, head_epochs: int, n_train: int, dim: int) -> int:
+    """Views of the training images whose features the head trains on: one per head epoch when
+    the augmentation is random (one when not), as many as fit in MAX_FEATURE_BYTES."""
+    wanted = max(1, head_epochs) if random_augment else 1
+    fits = MAX_FEATURE_BYTES // max(1, n_train * dim * 4)
+    return max(1, min(wanted, fits))
+
+
+@dataclass
+class Features:
+    """Pooled backbone features: `train` holds `views` blocks of n rows, view-major."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    val: np.ndarray
+    val_labels: np.ndarray
+    views: int
+    seconds: float
+
+
+def pooled_extractor(model: Any) -> Any:
+    """The classifier up to its pooling layer: raw images in, the head's input out."""
+    import keras
+
+    return keras.Model(model.inputs, model.get_layer("pool").output)
+
+
+def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], transform: Any,
+            crop_fraction: float, seed: int, views: int, batch_size: int, workers: int | None,
+            max_pixels: int, on_first_batch: Any = None) -> Features:
+    """Features of `views` views of every training image and of the val images (eval crop).
+    Decoding the next batch overlaps with the model's work on this one; a short last batch is
+    padded, so the model's graph is traced once."""
+    from tlkit.features import make_rows_fn
+
+    start = time.perf_counter()
+    make_rows = make_rows_fn(transform, crop_fraction, seed, workers, max_pixels)
+    jobs = [("train", v, i, list(train[i:i + batch_size]))
+            for v in range(views) for i in range(0, len(train), batch_size)]
+    jobs += [("val", 0, i, list(val[i:i + batch_size])) for i in range(0, len(val), batch_size)]
+    out: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    with ThreadPoolExecutor(1) as ahead:
+        pending = ahead.submit(make_rows, *jobs[0])
+        for n, (split, _, _, _) in enumerate(jobs):
+            rows = pending.result()
+            if n + 1 < len(jobs):
+                pending = ahead.submit(make_rows, *jobs[n + 1])
+            t = time.perf_counter()
+            padded = np.concatenate([rows, np.zeros((batch_size - len(rows), *rows.shape[1:]),
+                                                    rows.dtype)]) if len(rows) < batch_size \
+                else rows
+            out[split].append(np.asarray(extractor.predict_on_batch(padded), np.float32)
+                              [:len(rows)])
+            if n == 1 and on_first_batch is not None:  # the first call traced the graph
+                on_first_batch((time.perf_counter() - t) / len(rows),
+                               views * len(train) + len(val))
+    labels = np.array([e.label for e in train], np.int32)
+    return Features(np.concatenate(out["train"]), np.tile(labels, views),
+                    np.concatenate(out["val"]) if out["val"] else np.zeros((0, 1), np.float32),
+                    np.array([e.label for e in val], np.int32), views,
+                    time.perf_counter() - start)
+
+
+def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: int, seed: int,
+             sample_weights: Sequence[float] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
+    keep the weights with the lowest validation loss (checked every CHECK_EVERY steps or every
+    pass, whichever is longer); (one history row per check, optimizer steps taken)."""
+    import keras
+
+    head = keras.Sequential([keras.Input(features.train.shape[1:]),
+                             model.get_layer("dropout"), model.get_layer("predictions")])
+    head.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                 metrics=["accuracy"])
+    import tensorflow as tf
+
+    # an "epoch" here is max(one pass, CHECK_EVERY steps): validation (and the choice of the
+    # best weights) every so many steps, not after every tiny pass over a small set
+    per_epoch = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
+    epochs = max(1, math.ceil(steps / per_epoch))
+    columns: tuple[Any, ...] = (features.train, features.train_labels)
+    if sample_weights is not None:
+        columns += (np.tile(np.asarray(sample_weights, np.float32), features.views),)
+    data = (tf.data.Dataset.from_tensor_slices(columns)
+            .shuffle(len(features.train), seed=seed, reshuffle_each_iteration=True)
+            .repeat().batch(batch_size))
+    keeper = _best_keeper()
+    history = head.fit(data, steps_per_epoch=per_epoch, epochs=epochs, verbose=0, shuffle=False,
+                       validation_data=(features.val, features.val_labels),
+                       validation_batch_size=256, callbacks=[keeper]).history
+    rows = [{"phase": "head", "epoch": p + 1, "loss": float(history["loss"][p]),
+             "accuracy": float(history["accuracy"][p]),
+             "val_loss": float(history["val_loss"][p]),
+             "val_accuracy": float(history["val_accuracy"][p]), "lr": lr,
+             "seconds": keeper.seconds[p]} for p in range(len(history["loss"]))]
+    return rows, int(keras.ops.convert_to_numpy(head.optimizer.iterations))
+
+
+def _best_keeper() -> Any:
+    import keras
+
+    class BestKeeper(keras.callbacks.Callback):
+        """Keeps the weights of the epoch with the lowest finite validation loss, restores them
+        at the end, and stops at a NaN loss (the rows then show it)."""
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.best, self.weights, self.seconds = math.inf, None, []
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            logs = logs or {}
+            self.seconds.append(round(time.perf_counter() - self._start, 3))
+            loss, val_loss = logs.get("loss", math.nan), logs.get("val_loss", math.nan)
+            if not (math.isfinite(loss) and math.isfinite(val_loss)):
+                self.model.stop_training = True
+            elif val_loss < self.best:
+                self.best, self.weights = val_loss, self.model.get_weights()
+
+        def on_train_end(self, logs: Any = None) -> None:
+            if self.weights is not None:
+                self.model.set_weights(self.weights)
+
+    return BestKeeper()
+
+
+# (label, preset, overrides): from none to Inception's crops; mirroring with and without,
+# since it changes the class of text, digits and anything with a handedness
+AUTO_CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("none", "none", {}),
+    ("light", "light", {}),
+    ("light, no mirror", "light", {"flip_p": 0.0}),
+    ("standard", "standard", {}),
+)
+
+
+def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example], size: int,
+                   crop_fraction: float, config: Any, sample_weights: Sequence[float] | None,
+                   on_first_batch: Any = None) -> tuple[Any, list[dict[str, Any]], Features]:
+    """`--augment auto`: a head probe per candidate augmentation, from the same initial head,
+    scored by validation loss; (the best AugmentConfig, every candidate's scores, its features
+    for the head phase). The head is left as it was, so the head phase starts afresh."""
+    from tlkit.augment import resolve_augment
+    from tlkit.pipeline import build_train_transform
+
+    dim = int(model.get_layer("pool").output.shape[-1])
+    extractor = pooled_extractor(model)
+    initial = model.get_layer("predictions").get_weights()
+    scores, chosen = [], []
+    for name, preset, overrides in AUTO_CANDIDATES:
+        augment = resolve_augment(preset, **overrides)
+        transform = build_train_transform(augment, train, size, crop_fraction,
+                                          max_pixels=config.audit.max_pixels)
+        views = feature_views(augment.random, config.head_epochs, len(train), dim)
+        features = extract(extractor, train, val, transform, crop_fraction, config.seed, views,
+                           config.batch_size, config.workers, config.audit.max_pixels,
+                           on_first_batch if not scores else None)
+        model.get_layer("predictions").set_weights(initial)
+        rows, _ = fit_head(model, features, config.lr, config.batch_size,
+                        head_steps(len(train), config.batch_size, config.head_epochs),
+                        config.seed, sample_weights)
+        top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
+                  else math.inf)
+        scores.append({"augment": name, "views": views, "val_loss": top["val_loss"],
+                       "val_accuracy": top["val_accuracy"],
+                       "seconds": round(features.seconds + sum(r["seconds"] for r in rows), 1)})
+        log.info("--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
+                 name, top["val_loss"], top["val_accuracy"], views, scores[-1]["seconds"])
+        chosen.append((top["val_loss"], len(chosen), augment, name, features))
+    model.get_layer("predictions").set_weights(initial)
+    _, _, augment, name, features = min(
+        chosen, key=lambda c: (c[0] if math.isfinite(c[0]) else math.inf, c[1]))
+    log.info("--augment auto: chose %s (lowest validation loss of a head trained on it)", name)
+    return augment, scores, features
