@@ -5,13 +5,13 @@ import pytest
 
 from tlkit.augment import (
     PRESETS,
-    random_crop,
-    random_resized_crop,
-    resize_shorter,
     ColorPCA,
     TrainTransform,
     eval_transform,
     fit_color_pca,
+    random_crop,
+    random_resized_crop,
+    resize_shorter,
     resolve_augment,
     sample_rng,
 )

@@ -66,7 +66,8 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
     assert head["phase"] == "head"
     # 30 images at batch 8 are 4 steps an epoch: two epochs would have been 8 steps
     assert head["optimizer_steps"] == MIN_HEAD_STEPS
-    rows = list(csv.DictReader(open(run.path / "history.csv")))
+    with open(run.path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
     losses = [float(r["val_loss"]) for r in rows]
     assert len(rows) == math.ceil(MIN_HEAD_STEPS / 50)  # a validation check every 50 steps
     # the saved model is the best check's, not the last one's

@@ -16,7 +16,9 @@ from conftest import write_folder
 
 from tlkit.checkpoints import read_state
 from tlkit.cli import cli
+from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS
 
+HEAD_ROWS = MIN_HEAD_STEPS // CHECK_EVERY  # history rows of the head phase on this tiny data
 ARGS = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--head-epochs", "2",
         "--epochs", "3", "--freeze", "150", "--patience", "10"]
 
@@ -53,7 +55,9 @@ def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int,
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
-    kill_after(tmp_path, "killed", data, epochs_done=3)  # inside fine-tune epoch 2
+    # the head phase is one checkpoint holding its 10 validation checks (tlkit/head.py), then
+    # one checkpoint per fine-tune epoch: 11 rows done is inside fine-tune epoch 2
+    kill_after(tmp_path, "killed", data, epochs_done=HEAD_ROWS + 1)
 
     changed = invoke("finetune", "--resume", "runs/killed", "--lr", "0.01")
     assert changed.exit_code == 5
@@ -74,13 +78,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     a = json.loads((tmp_path / "runs/killed/run.json").read_text())
     b = json.loads((tmp_path / "runs/straight/run.json").read_text())
     steps = -(-sum(a["data"]["counts"]["train"].values()) // 4)  # per epoch, batch 4
-    assert a["optimizer_steps"] == b["optimizer_steps"] == 5 * steps
+    assert a["optimizer_steps"] == b["optimizer_steps"] == MIN_HEAD_STEPS + 3 * steps
     assert [(p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in a["results"]["phases"]] \
         == [(p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in b["results"]["phases"]]
     assert len(a["resumed"]) == 1 and not b["resumed"]
     history = (tmp_path / "runs/killed/history.csv").read_text().splitlines()
     assert [row.split(",")[:2] for row in history[1:]] == [
-        ["head", "1"], ["head", "2"], ["fine-tune", "1"], ["fine-tune", "2"], ["fine-tune", "3"]]
+        ["head", str(i)] for i in range(1, HEAD_ROWS + 1)] + [
+        ["fine-tune", "1"], ["fine-tune", "2"], ["fine-tune", "3"]]
     for run in ("killed", "straight"):
         folder = tmp_path / "runs" / run
         assert (folder / "model.keras").is_file()
@@ -125,9 +130,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     result = invoke("finetune", str(data), "-o", "runs/n", *ARGS)
     assert result.exit_code == 5
     assert "phase fine-tune, epoch 1: the training loss became nan at step 2" in result.output
-    assert "the last good checkpoint (phase head, epoch 2) is kept in" in result.output
+    assert f"the last good checkpoint (phase head, epoch {HEAD_ROWS}) is kept in" in result.output
     (folder,) = (tmp_path / "runs").glob("n.incomplete-*")
-    assert read_state(folder / "checkpoints" / "last.h5")["progress"] == 2
+    assert read_state(folder / "checkpoints" / "last.h5")["progress"] == HEAD_ROWS
     assert not (tmp_path / "runs" / "n").exists()
 
 
@@ -164,7 +169,7 @@ def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path,
 
     def dies_after_the_third_checkpoint(directory, model, optimizer, state, improved):
         real(directory, model, optimizer, state, improved)
-        if state["progress"] == 3:
+        if state["progress"] == HEAD_ROWS + 1:  # the head phase, then fine-tune epoch 1
             raise KeyboardInterrupt  # as Ctrl-C right after an epoch is saved
 
     monkeypatch.setattr(tlkit.train, "save_epoch", dies_after_the_third_checkpoint)
