@@ -249,6 +249,7 @@ def cache_figures(quick: bool) -> None:
     from tlkit.backbones import get_backbone
     from tlkit.cache import build_cache
     from tlkit.datasets import load_folder
+    from tlkit.decode import DEFAULT_MAX_PIXELS
     from tlkit.features import cache_dataset, make_rows_fn
     from tlkit.freezing import freeze_all
     from tlkit.model import build_classifier
@@ -281,7 +282,8 @@ def cache_figures(quick: bool) -> None:
         cache = build_cache(Path(tmp) / "cache", "bench", {"backbone": "resnet50",
                             "cut": {"k": cut.k}, "views": {"train": 1}}, trunk,
                             {"train": examples}, {"train": 1},
-                            make_rows_fn(transform, 0.875, 0, None), "float16", 32)
+                            make_rows_fn(transform, 0.875, 0, None, DEFAULT_MAX_PIXELS), "float16",
+                            32)
         build = time.perf_counter() - start
         cached = epoch_seconds(build_tail(model, cut),
                                lambda e: cache_dataset(cache, "train", 32, 0, e, 1))

@@ -26,8 +26,8 @@ def test_head_steps_count_optimizer_steps_not_epochs():
 
 
 def test_feature_views_follow_the_augmentation_and_memory():
-    assert feature_views(True, 5, 100, 2048) == 5  # one view per head epoch
-    assert feature_views(False, 5, 100, 2048) == 1  # the eval view is the same every epoch
+    assert feature_views(True, 5, 100, 2048) == 5  # --head-views 5
+    assert feature_views(False, 5, 100, 2048) == 1  # no randomness: every view is the eval view
     # 100k images x 2048 floats is 0.8 GB a view: two fit in the 2 GiB budget
     assert feature_views(True, 5, 100_000, 2048) == 2
 
@@ -83,6 +83,14 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
     loss = float(-np.log(probs[np.arange(len(y)), y]).mean())
     assert loss == pytest.approx(min(losses), rel=1e-3, abs=1e-5)
     assert info["results"]["best"]["val_loss"] == pytest.approx(min(losses))
+    assert info["results"]["head_probe"]["views"] == 1  # the eval view: a linear probe
+    assert info["results"]["head_probe"]["feature_rows"] == 30
+
+    # --head-views 3 with a random augmentation: the head sees 3 augmented views of each image
+    views = finetune(quick_config(data, tmp_path / "views", head_views=3)).info
+    assert views["results"]["head_probe"]["views"] == 3
+    assert views["results"]["head_probe"]["feature_rows"] == 90
+    assert views["results"]["head_probe"]["augment"] == "light"
 
 
 @pytest.mark.slow
@@ -106,7 +114,7 @@ def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkey
     assert plain["val_loss"] < grey["val_loss"] / 4
     assert plain["val_accuracy"] == 1.0
     assert run.info["augment"]["extra"] == []  # the chosen one: no ToGray
-    assert run.info["config"]["augment"]["extra"] == []
+    assert run.info["config"]["augment"]["preset"] == "auto"  # what was asked for
     saved = json.loads((run.path / "run.json").read_text())
     assert saved["results"]["best"]["val_accuracy"] == 1.0
 

@@ -314,7 +314,11 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
               help="Let BatchNorm layers after the freeze point update their statistics.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--head-epochs", default=5, show_default=True,
-              help="Phase 1: epochs training only the new head.")
+              help="Phase 1, the head alone: it trains max(500, this many epochs) optimizer "
+                   "steps on the backbone's cached features.")
+@click.option("--head-views", default=1, show_default=True,
+              help="Phase 1 trains on the features of this many views of each training "
+                   "image: 1 = the eval view (a linear probe), K = K augmented views.")
 @click.option("--epochs", default=10, show_default=True,
               help="Phase 2: epochs training everything after the freeze point.")
 @click.option("--lr", default=1e-3, show_default=True, help="Phase 1 learning rate (Adam).")

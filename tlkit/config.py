@@ -27,6 +27,8 @@ class FinetuneConfig:
     augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
     batch_size: int = 32
     head_epochs: int = 5
+    # the head phase's features: 1 = the eval view (a linear probe), K = K augmented views
+    head_views: int = 1
     epochs: int = 10
     lr: float = 1e-3
     fine_tune_lr: float = 1e-5
@@ -57,6 +59,7 @@ class FinetuneConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1", self.batch_size),
             (self.head_epochs >= 0, "--head-epochs must be 0 or more", self.head_epochs),
             (self.epochs >= 0, "--epochs must be 0 or more", self.epochs),
+            (self.head_views >= 1, "--head-views must be at least 1", self.head_views),
             (self.head_epochs + self.epochs > 0,
              "nothing to train: --head-epochs and --epochs are both 0", self.epochs),
             (self.lr > 0, "--lr must be positive", self.lr),

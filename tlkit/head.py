@@ -1,12 +1,14 @@
-"""The head phase as a probe: run the frozen backbone once per augmented view, then train the
-head to convergence on the pooled features.
+"""The head phase as a probe: run the frozen backbone once over the training images, then train
+the head to convergence on the pooled features.
 
 Why: while the whole backbone is frozen, an epoch of the head phase costs one forward pass of
 the backbone per image and gives n / batch optimizer steps. On a few hundred images that was a
 handful of steps and an under-trained head, which then started the fine-tune phase (measured on
-the accuracy benchmark: transfer below training from scratch). Features of V views cost the same
-V forward passes as V epochs, and the head then gets as many steps as it needs in seconds.
-View v of an image is what epoch v of the training pipeline gives it, as in the feature cache.
+the accuracy benchmark: transfer below training from scratch). Here the backbone runs once, and
+the head gets as many steps as it needs, in seconds. By default it trains on the eval view, as a
+linear probe is trained; `--head-views K` trains it on K augmented views instead (view v is what
+epoch v of the training pipeline gives, as in the feature cache), for the same forward passes as
+K epochs of the old head phase.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tlkit.datasets import Example
 log = logging.getLogger("tlkit")
 
 MIN_HEAD_STEPS = 500  # a linear head on 2048 features needs a few hundred Adam steps
+AUTO_VIEWS = 4  # --augment auto: views of each random candidate, at least
 MAX_FEATURE_BYTES = 2 * 1024**3  # features held in memory; fewer views beyond this
 CHECK_EVERY = 50  # head steps between validation checks
 
@@ -36,10 +39,11 @@ def head_steps(n_train: int, batch_size: int, head_epochs: int) -> int:
     return max(MIN_HEAD_STEPS, head_epochs * math.ceil(n_train / batch_size))
 
 
-def feature_views(random_augment: bool, head_epochs: int, n_train: int, dim: int) -> int:
-    """Views of the training images whose features the head trains on: one per head epoch when
-    the augmentation is random (one when not), as many as fit in MAX_FEATURE_BYTES."""
-    wanted = max(1, head_epochs) if random_augment else 1
+def feature_views(random_augment: bool, head_views: int, n_train: int, dim: int) -> int:
+    """Views of the training images whose features the head trains on: `head_views` when the
+    augmentation is random (one when not: every view is the eval view), as many as fit in
+    MAX_FEATURE_BYTES."""
+    wanted = head_views if random_augment else 1
     fits = MAX_FEATURE_BYTES // max(1, n_train * dim * 4)
     return max(1, min(wanted, fits))
 
@@ -175,10 +179,14 @@ AUTO_CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 
 def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example], size: int,
                    crop_fraction: float, config: Any, sample_weights: Sequence[float] | None,
-                   on_first_batch: Any = None) -> tuple[Any, list[dict[str, Any]], Features]:
-    """`--augment auto`: a head probe per candidate augmentation, from the same initial head,
-    scored by validation loss; (the best AugmentConfig, every candidate's scores, its features
-    for the head phase). The head is left as it was, so the head phase starts afresh."""
+                   on_first_batch: Any = None
+                   ) -> tuple[Any, list[dict[str, Any]], Features | None]:
+    """`--augment auto`: a head probe per candidate augmentation (max(--head-views, AUTO_VIEWS)
+    views of the random ones), from the same initial head, scored by validation loss.
+
+    Returns the best AugmentConfig, every candidate's scores, and the features the head phase
+    trains on when they were computed here (the eval view's when --head-views is 1), else None.
+    The head is left as it was."""
     from tlkit.augment import resolve_augment
     from tlkit.pipeline import build_train_transform
 
@@ -190,14 +198,15 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
         augment = resolve_augment(preset, **overrides)
         transform = build_train_transform(augment, train, size, crop_fraction,
                                           max_pixels=config.audit.max_pixels)
-        views = feature_views(augment.random, config.head_epochs, len(train), dim)
+        views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train),
+                              dim)
         features = extract(extractor, train, val, transform, crop_fraction, config.seed, views,
                            config.batch_size, config.workers, config.audit.max_pixels,
                            on_first_batch if not scores else None)
         model.get_layer("predictions").set_weights(initial)
         rows, _ = fit_head(model, features, config.lr, config.batch_size,
-                        head_steps(len(train), config.batch_size, config.head_epochs),
-                        config.seed, sample_weights)
+                           head_steps(len(train), config.batch_size, config.head_epochs),
+                           config.seed, sample_weights)
         top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
                   else math.inf)
         scores.append({"augment": name, "views": views, "val_loss": top["val_loss"],
@@ -210,4 +219,8 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
     _, _, augment, name, features = min(
         chosen, key=lambda c: (c[0] if math.isfinite(c[0]) else math.inf, c[1]))
     log.info("--augment auto: chose %s (lowest validation loss of a head trained on it)", name)
-    return augment, scores, features
+    wanted = feature_views(augment.random, config.head_views, len(train), dim)
+    if wanted == 1:  # the head phase trains on the eval view: the `none` candidate's features
+        plain = [c[4] for c in chosen if not c[2].random]
+        return augment, scores, plain[0] if plain else None
+    return augment, scores, features if features.views == wanted else None

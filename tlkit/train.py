@@ -347,6 +347,7 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     train_examples = folder.splits["train"]
     max_pixels = config.audit.max_pixels
     augment_search, head_features = None, None
+    requested = config.as_dict()  # run.json keeps what was asked for (auto), `augment` the choice
     if config.augment.preset == AUTO:
         if placement.replicas > 1:
             raise ConfigError("--augment auto runs on one device; name a preset (--augment "
@@ -486,7 +487,7 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
                     "pca": transform.pca.as_dict() if transform.pca is not None else None,
                     "search": augment_search},
         "classes": list(folder.classes),
-        "config": config.as_dict(),
+        "config": requested,
         "class_weight": ({folder.classes[i]: w for i, w in weights_by_class.items()}
                          if weights_by_class else None),
         "data": {
@@ -507,7 +508,8 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         "epoch": state["rows"][-1]["epoch"] if state["rows"] else None,
         "optimizer_steps": sum(state["phase_steps"].values()),
         "resumed": state["resumed"],
-        "results": {"best": state["best"], "phases": phase_summaries(state, schedule)},
+        "results": {"best": state["best"], "phases": phase_summaries(state, schedule),
+                    "head_probe": state.get("head_probe")},
     }
     atomic_write_json(tmp_dir / "run.json", info)
     with contextlib.suppress(FileNotFoundError):
@@ -583,7 +585,7 @@ class _PhaseRunner:
         frozen_bn = freeze_all(self.base)
         trainable, frozen = _param_counts(self.model)
         views = (self.head_features.views if self.head_features is not None else
-                 feature_views(self.transform.config.random, config.head_epochs, n, dim))
+                 feature_views(self.transform.config.random, config.head_views, n, dim))
         steps = head_steps(n, config.batch_size, config.head_epochs)
         log.info("phase head (head only, backbone frozen): %s trainable / %s frozen parameters, "
                  "%d frozen BatchNorm layers; the backbone runs once over %d view(s) of %d "
@@ -612,6 +614,10 @@ class _PhaseRunner:
         state.update(phase="head", phase_index=0, epoch=len(rows), phase_done=True,
                      progress=len(state["rows"]), wait=0, phase_best=math.inf)
         state["phase_steps"]["head"] = steps_done
+        state["head_probe"] = {"views": features.views, "augment": (
+            self.transform.config.preset if features.views > 1 else "none (eval view)"),
+            "feature_rows": len(features.train), "steps": steps_done,
+            "feature_seconds": round(features.seconds, 1)}
         if self.writes and self.ckpt_dir is not None:
             save_epoch(self.ckpt_dir, self.model, None, state, True)
             write_history(self.ckpt_dir.parent / "history.csv", state["rows"])
