@@ -131,3 +131,28 @@ def test_augment_auto_is_refused_outside_finetune(make_folder):
     assert "--augment auto is chosen while training" in result.output
     assert "Traceback" not in result.output
     assert not Path("cache").exists()
+
+
+def test_the_estimate_says_how_long_and_what_makes_a_long_run_shorter():
+    import logging
+
+    from tlkit.train import log_estimate
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("tlkit")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        # ResNet50 at 224 on 2 cores: ~80 ms a forward pass; the quickstart's 1,264 images
+        log_estimate(0.08, 1518, 1264, 10)
+        log_estimate(0.002, 1518, 1264, 10)  # a GPU
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    slow, fast = lines
+    assert "head phase about 2 min" in slow and "fine-tune phase at most about 51 min" in slow
+    assert "--freeze all" in slow and "smaller --input-size" in slow
+    assert "fine-tune phase at most about 76 s" in fast and "That is long" not in fast
