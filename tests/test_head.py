@@ -156,3 +156,28 @@ def test_the_estimate_says_how_long_and_what_makes_a_long_run_shorter():
     assert "head phase about 2 min" in slow and "fine-tune phase at most about 51 min" in slow
     assert "--freeze all" in slow and "smaller --input-size" in slow
     assert "fine-tune phase at most about 76 s" in fast and "That is long" not in fast
+
+
+def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
+    """--head-views 1 is a linear probe on the eval crop, also when --augment is random."""
+    import keras
+
+    from tlkit.augment import TrainTransform, eval_transform
+    from tlkit.datasets import load_dataset
+    from tlkit.decode import decode_image
+    from tlkit.head import extract
+
+    folder = load_dataset(str(make_folder(per_class=5)))
+    train, val = folder.splits["train"], folder.splits["val"]
+    mean_colour = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"),
+                                    keras.layers.Rescaling(1.0),
+                                    keras.layers.GlobalAveragePooling2D()])
+    light = TrainTransform(resolve_augment("light"), 32, 0.875)
+    one = extract(mean_colour, train, val, light, 0.875, 0, 1, 4, 1, 10**8)
+    expected = np.stack([eval_transform(decode_image(e.path), 32, 0.875).mean(axis=(0, 1))
+                         for e in train])
+    np.testing.assert_allclose(one.train, expected, rtol=1e-5)
+    two = extract(mean_colour, train, val, light, 0.875, 0, 2, 4, 1, 10**8)
+    assert two.train.shape == (2 * len(train), 3) and two.views == 2
+    assert not np.allclose(two.train[:len(train)], expected)  # augmented: crops and mirrors
+    np.testing.assert_allclose(two.val, one.val)  # validation: always the eval view

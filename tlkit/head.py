@@ -30,7 +30,7 @@ log = logging.getLogger("tlkit")
 MIN_HEAD_STEPS = 500  # a linear head on 2048 features needs a few hundred Adam steps
 AUTO_VIEWS = 4  # --augment auto: views of each random candidate, at least
 MAX_FEATURE_BYTES = 2 * 1024**3  # features held in memory; fewer views beyond this
-CHECK_EVERY = 50  # head steps between validation checks
+CHECK_EVERY = 10  # head steps between validation checks
 
 
 def head_steps(n_train: int, batch_size: int, head_epochs: int) -> int:
@@ -70,12 +70,16 @@ def pooled_extractor(model: Any) -> Any:
 def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], transform: Any,
             crop_fraction: float, seed: int, views: int, batch_size: int, workers: int | None,
             max_pixels: int, on_first_batch: Any = None) -> Features:
-    """Features of `views` views of every training image and of the val images (eval crop).
-    Decoding the next batch overlaps with the model's work on this one; a short last batch is
-    padded, so the model's graph is traced once."""
+    """Features of the val images (eval crop) and of every training image: its eval view when
+    `views` is 1 (whatever the augmentation), else `views` augmented views. Decoding the next
+    batch overlaps with the model's work on this one; a short last batch is padded, so the
+    model's graph is traced once."""
+    from tlkit.augment import TrainTransform, resolve_augment
     from tlkit.features import make_rows_fn
 
     start = time.perf_counter()
+    if views == 1 and transform.config.random:
+        transform = TrainTransform(resolve_augment("none"), transform.size, crop_fraction)
     make_rows = make_rows_fn(transform, crop_fraction, seed, workers, max_pixels)
     jobs = [("train", v, i, list(train[i:i + batch_size]))
             for v in range(views) for i in range(0, len(train), batch_size)]
