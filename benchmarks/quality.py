@@ -225,7 +225,8 @@ def logreg_probe(feats: dict[str, tuple[Any, Any]]) -> float:
 
 
 def run_task(work: Path, trunk: Path, k: int, seed: int, first_seed: bool,
-             configs: dict[str, Any], multicrop_config: str, record: Callable[..., None]) -> None:
+             configs: dict[str, Any], multicrop_config: str, record: Callable[..., None],
+             references: bool = True) -> None:
     task = make_task(work / f"task-k{k}-s{seed}", k, seed)
     runs: dict[str, Path] = {}
     for name, (flags, ks, seeds) in configs.items():
@@ -252,6 +253,10 @@ def run_task(work: Path, trunk: Path, k: int, seed: int, first_seed: bool,
         record("ensemble of 3 head-only runs", k, seed, m["top1"])
         record("its best member", k, seed, max(r["single_crop_top1"]
                                                for r in m["comparison"][:3]))
+    if not references:
+        shutil.rmtree(work / "runs", ignore_errors=True)
+        shutil.rmtree(task, ignore_errors=True)
+        return
     start = time.perf_counter()
     feats = reference_features(trunk, task)
     record("keras-reference (plain Keras, frozen)", k, seed, keras_reference(feats, seed),
@@ -304,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="also k = 5 and 20, every preset and recipe (one seed)")
     parser.add_argument("--only", nargs="+", help="configuration names (substrings) to run")
+    parser.add_argument("--no-references", action="store_true",
+                        help="skip the plain-Keras, logistic-regression and scratch rows")
     parser.add_argument("--smoke", action="store_true",
                         help="one seed, k=5, two configurations, a one-epoch trunk")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
@@ -338,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in args.seeds:
             for k in args.k:
                 run_task(work, trunk, k, seed, seed == args.seeds[0], configs, "defaults",
-                         record)
+                         record, not args.no_references)
     total = time.perf_counter() - started
     print(table(rows, args.k))
     print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all (trunk included), "
