@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from conftest import REPO
 
 from tlkit.cli import cli
+from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS
 
 FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "8", "--head-epochs", "1",
         "--epochs", "1"]
@@ -64,8 +65,9 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     assert len(info["data"]["fingerprint"]) == 64
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("phase,epoch,loss,accuracy,val_loss")
-    # the head phase: a validation check every 50 of its 500 steps; then one fine-tune epoch
-    assert [line.split(",")[0] for line in history[1:]] == ["head"] * 10 + ["fine-tune"]
+    # the head phase: a validation check every CHECK_EVERY of its 500 steps; one fine-tune epoch
+    assert [line.split(",")[0] for line in history[1:]] == \
+        ["head"] * (MIN_HEAD_STEPS // CHECK_EVERY) + ["fine-tune"]
 
     # plain Keras loads it (no tlkit layers) and it takes raw uint8 images
     model = keras.saving.load_model(run / "model.keras", safe_mode=True)

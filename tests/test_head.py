@@ -14,7 +14,7 @@ from PIL import Image
 from tlkit.augment import resolve_augment
 from tlkit.config import FinetuneConfig
 from tlkit.freezing import FreezeRequest
-from tlkit.head import MIN_HEAD_STEPS, feature_views, head_steps
+from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS, feature_views, head_steps
 
 
 def test_head_steps_count_optimizer_steps_not_epochs():
@@ -69,7 +69,7 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
     with open(run.path / "history.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["val_loss"]) for r in rows]
-    assert len(rows) == math.ceil(MIN_HEAD_STEPS / 50)  # a validation check every 50 steps
+    assert len(rows) == math.ceil(MIN_HEAD_STEPS / CHECK_EVERY)  # a check every 10 steps
     # the saved model is the best check's, not the last one's
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     from tlkit.augment import eval_transform
