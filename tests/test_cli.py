@@ -49,7 +49,7 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     assert "phase head (head only, backbone frozen)" in result.output
     # before the head trains: how long each phase will take, from a timed forward pass
     assert "estimate from the first batches" in result.output
-    assert "fine-tune phase at most about" in result.output
+    assert "fine-tune phase up to about" in result.output
     assert "trainable /" in result.output and "frozen BatchNorm layers" in result.output
     run = tmp_path / "runs" / "a"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "data_report.json",

@@ -153,9 +153,9 @@ def test_the_estimate_says_how_long_and_what_makes_a_long_run_shorter():
         logger.removeHandler(handler)
         logger.setLevel(old_level)
     slow, fast = lines
-    assert "head phase about 2 min" in slow and "fine-tune phase at most about 51 min" in slow
+    assert "head phase about 2 min" in slow and "fine-tune phase up to about 67 min" in slow
     assert "--freeze all" in slow and "smaller --input-size" in slow
-    assert "fine-tune phase at most about 76 s" in fast and "That is long" not in fast
+    assert "fine-tune phase up to about 2 min" in fast and "That is long" not in fast
 
 
 def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
