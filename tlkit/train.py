@@ -346,17 +346,22 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
 
     train_examples = folder.splits["train"]
     max_pixels = config.audit.max_pixels
+    weights_by_class = None
+    if config.class_weight == "balanced":
+        weights_by_class = class_weights(train_examples, len(folder.classes))
+        log.info("class weights (balanced): %s", ", ".join(
+            f"{folder.classes[i]} {w:.3f}" for i, w in weights_by_class.items()))
+    sample_weights = ([weights_by_class[e.label] for e in train_examples]
+                      if weights_by_class else None)
     augment_search, head_features = None, None
     requested = config.as_dict()  # run.json keeps what was asked for (auto), `augment` the choice
     if config.augment.preset == AUTO:
         if placement.replicas > 1:
             raise ConfigError("--augment auto runs on one device; name a preset (--augment "
                               "light, standard, ...) under --strategy mirrored or multiworker")
-        weights_by_class = (class_weights(train_examples, len(folder.classes))
-                            if config.class_weight == "balanced" else None)
         chosen, augment_search, head_features = search_augment(
             model, train_examples, folder.splits["val"], size, spec.crop_fraction, config,
-            [weights_by_class[e.label] for e in train_examples] if weights_by_class else None,
+            sample_weights,
             on_first_batch=lambda per_image, total: log_estimate(
                 per_image, total, len(train_examples), config.epochs))
         config = dataclasses.replace(config, augment=chosen)
@@ -383,11 +388,6 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         val_ds = placement.dataset(lambda share: eval_dataset(
             folder.splits["val"], size, spec.crop_fraction, config.batch_size, config.workers,
             config.prefetch, max_pixels, share).repeat())
-    weights_by_class = None
-    if config.class_weight == "balanced":
-        weights_by_class = class_weights(train_examples, len(folder.classes))
-        log.info("class weights (balanced): %s", ", ".join(
-            f"{folder.classes[i]} {w:.3f}" for i, w in weights_by_class.items()))
 
     # the training state every checkpoint carries; progress counts finished epochs
     state: dict[str, Any] = {"schema": 1, "rows": [], "best": None, "phase_steps": {},
@@ -433,8 +433,6 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         log.info("--scale-lr: batch %d / base batch %d = x%g: head lr %g, fine-tune lr %g",
                  config.batch_size, config.lr_base_batch, scale, schedule[0][2],
                  schedule[1][2])
-    sample_weights = ([weights_by_class[e.label] for e in train_examples]
-                      if weights_by_class else None)
     phases = _PhaseRunner(config, model, fit_model, base, plan, recorder, state, ckpt_dir,
                           writes is not None, cache, train_examples, folder.splits["val"],
                           spec.crop_fraction, transform, head_features, val_ds,
