@@ -19,7 +19,8 @@ Input pipeline, on 256 generated 500x375 JPEG photos (smooth random scenes), ale
   transform called directly (`t(image=...)`, the same albumentations call path) on the same
   224x224 images. Goal >= 50.
 - aug_overhead_ratio: tlkit pipeline (tf.data, 1 worker) images/s / a plain Python loop of
-  decode + albumentations Compose of the same transforms. Goal >= 0.5.
+  decode + albumentations Compose of the same transforms (resized with the same OpenCV area
+  filter). Goal >= 0.5.
 - aug_scaling_efficiency: pipeline images/s with N workers / (N x with 1), N = all cores.
   Goal >= 0.6.
 - pipeline_{tfdata_threads,grain_processes}_{1,N}_images_per_s: the same sample function under
@@ -196,7 +197,7 @@ def pipeline_figures(examples: list, model_ips: float, quick: bool) -> None:
 
     cores = os.cpu_count() or 1
     transform = build_train_transform(resolve_augment("alexnet"), examples, 224, 0.875)
-    plain = A.Compose([A.SmallestMaxSize(max_size=256, interpolation=cv2.INTER_LINEAR),
+    plain = A.Compose([A.SmallestMaxSize(max_size=256, interpolation=cv2.INTER_AREA),
                        A.RandomCrop(224, 224), A.HorizontalFlip(p=0.5),
                        _pca_transform_class()(transform.pca, 0.1)], seed=0)
     n = len(examples)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from tlkit.errors import ConfigError, did_you_mean
 
@@ -276,11 +275,22 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def resize(image: np.ndarray, width: int, height: int,
-           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """The one resampling of every path (train crops, eval, multi-crop, cached views): Pillow's
-    bilinear, which widens its filter when shrinking (no aliasing). `box` resizes a region."""
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR,
-                                                    box=box), dtype=np.uint8)
+           box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The one resampling of every path (train crops, eval, multi-crop, cached views): OpenCV's
+    area average when shrinking (each output pixel averages the input pixels it covers, so no
+    aliasing), bilinear when enlarging. `box` (left, top, right, bottom) resizes a region.
+    Pillow's smoothing bilinear gives the same kind of result at twice the cost."""
+    import cv2
+
+    if box is not None:
+        left, top, right, bottom = box
+        image = image[top:bottom, left:right]
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return np.ascontiguousarray(image)
+    shrink = width < w or height < h
+    return cv2.resize(np.ascontiguousarray(image), (width, height),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def resize_shorter(image: np.ndarray, short: int) -> np.ndarray:
