@@ -63,13 +63,13 @@ CORE: dict[str, tuple[list[str], tuple[int, ...], str]] = {
     "defaults": ([], (10,), "all"),
     "head only (--freeze all --epochs 0)": (HEAD, ALL_K, "all"),
     "head on 5 views, --augment light": ([*HEAD, *VIEWS, "--augment", "light"], (10,), "all"),
-    "head on 5 views, --augment auto": ([*HEAD, *VIEWS, "--augment", "auto"], (10,), "all"),
+    "--freeze auto": (["--freeze", "auto"], (10,), "all"),
     "recipe small-data": (["--recipe", "small-data"], ALL_K, "all"),
 }
 SWEEP: dict[str, tuple[list[str], tuple[int, ...], str]] = {
     f"head on 5 views, --augment {preset}": ([*HEAD, *VIEWS, "--augment", preset], (10,),
                                              "first")
-    for preset in ("none", "standard", "alexnet", "vgg")
+    for preset in ("none", "standard", "alexnet", "vgg", "auto")
 } | {
     "recipe medium-data": (["--recipe", "medium-data"], (10,), "first"),
     "recipe large-data": (["--recipe", "large-data"], (10,), "first"),

@@ -273,7 +273,8 @@ def model_options(freeze_default: str) -> Any:
                      help="Square input size (default: the backbone's)."),
         click.option("--freeze", callback=_freeze_option,
                      help="Freeze backbone layers [:N] ('all'; negative N keeps the last |N| "
-                          f"trainable). Default {freeze_default}."),
+                          "trainable; finetune: 'auto' picks head only or the last 1-2 stages "
+                          f"on the validation split). Default {freeze_default}."),
         click.option("--freeze-to", help="Freeze up to and including this layer name."),
         click.option("--freeze-blocks", type=int, help="Freeze the first K stages."),
     )

@@ -45,17 +45,20 @@ class FreezePlan:
                 "last_frozen": self.last_frozen}
 
 
+AUTO = "auto"  # --freeze auto: finetune picks the freeze point on the validation split
+
+
 def parse_freeze_count(value: str) -> str:
     """Validate `--freeze` early (at option parsing), before any model is built."""
     text = str(value).strip().lower()
-    if text == "all":
-        return "all"
+    if text in ("all", AUTO):
+        return text
     try:
         int(text)
     except ValueError:
         raise ConfigError(
-            f"--freeze must be an integer (negative keeps the last |N| layers trainable) or "
-            f"'all'. Received: {value!r}"
+            f"--freeze must be an integer (negative keeps the last |N| layers trainable), "
+            f"'all' or 'auto'. Received: {value!r}"
         ) from None
     return text
 
@@ -88,6 +91,10 @@ def resolve_freeze(
         n = 0 if k == 0 else layer_names.index(spec.stages[k - 1][1]) + 1
     else:
         count = request.count if request.count is not None else "all"
+        if count == AUTO:
+            raise ConfigError("--freeze auto is only for `tlkit finetune`, which picks the freeze "
+                              "point on the validation split; here give a number, 'all', "
+                              "--freeze-to or --freeze-blocks. Received: auto")
         if count == "all":
             n = n_layers
         else:

@@ -71,9 +71,7 @@ def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], tr
             crop_fraction: float, seed: int, views: int, batch_size: int, workers: int | None,
             max_pixels: int, on_first_batch: Any = None) -> Features:
     """Features of the val images (eval crop) and of every training image: its eval view when
-    `views` is 1 (whatever the augmentation), else `views` augmented views. Decoding the next
-    batch overlaps with the model's work on this one; a short last batch is padded, so the
-    model's graph is traced once."""
+    `views` is 1 (whatever the augmentation), else `views` augmented views."""
     from tlkit.augment import TrainTransform, resolve_augment
     from tlkit.features import make_rows_fn
 
@@ -81,10 +79,24 @@ def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], tr
     if views == 1 and transform.config.random:
         transform = TrainTransform(resolve_augment("none"), transform.size, crop_fraction)
     make_rows = make_rows_fn(transform, crop_fraction, seed, workers, max_pixels)
+    out = forward(extractor, make_rows, train, val, views, batch_size, on_first_batch)
+    labels = np.array([e.label for e in train], np.int32)
+    return Features(out["train"][0], np.tile(labels, views),
+                    out["val"][0] if len(val) else np.zeros((0, 1), np.float32),
+                    np.array([e.label for e in val], np.int32), views,
+                    time.perf_counter() - start)
+
+
+def forward(extractor: Any, make_rows: Any, train: Sequence[Example], val: Sequence[Example],
+            views: int, batch_size: int, on_first_batch: Any = None
+            ) -> dict[str, list[np.ndarray]]:
+    """Each output of `extractor` (one model, or several outputs) over `views` views of the
+    training images and one of the val images, per split. Decoding the next batch overlaps with
+    the model's work on this one; a short last batch is padded, so the graph is traced once."""
     jobs = [("train", v, i, list(train[i:i + batch_size]))
             for v in range(views) for i in range(0, len(train), batch_size)]
     jobs += [("val", 0, i, list(val[i:i + batch_size])) for i in range(0, len(val), batch_size)]
-    out: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    out: dict[str, list[list[np.ndarray]]] = {"train": [], "val": []}
     with ThreadPoolExecutor(1) as ahead:
         pending = ahead.submit(make_rows, *jobs[0])
         for n, (split, _, _, _) in enumerate(jobs):
@@ -95,16 +107,14 @@ def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], tr
             padded = np.concatenate([rows, np.zeros((batch_size - len(rows), *rows.shape[1:]),
                                                     rows.dtype)]) if len(rows) < batch_size \
                 else rows
-            out[split].append(np.asarray(extractor.predict_on_batch(padded), np.float32)
-                              [:len(rows)])
+            result = extractor.predict_on_batch(padded)
+            outputs = result if isinstance(result, (list, tuple)) else [result]
+            out[split].append([np.asarray(o, np.float32)[:len(rows)] for o in outputs])
             if n == 1 and on_first_batch is not None:  # the first call traced the graph
                 on_first_batch((time.perf_counter() - t) / len(rows),
                                views * len(train) + len(val))
-    labels = np.array([e.label for e in train], np.int32)
-    return Features(np.concatenate(out["train"]), np.tile(labels, views),
-                    np.concatenate(out["val"]) if out["val"] else np.zeros((0, 1), np.float32),
-                    np.array([e.label for e in val], np.int32), views,
-                    time.perf_counter() - start)
+    return {split: [np.concatenate(parts) for parts in zip(*batches, strict=True)]
+            for split, batches in out.items()}
 
 
 def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: int, seed: int,
@@ -223,6 +233,8 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
     _, _, augment, name, features = min(
         chosen, key=lambda c: (c[0] if math.isfinite(c[0]) else math.inf, c[1]))
     log.info("--augment auto: chose %s (lowest validation loss of a head trained on it)", name)
+    for score in scores:
+        score["chosen"] = score["augment"] == name
     wanted = feature_views(augment.random, config.head_views, len(train), dim)
     if wanted == 1:  # the head phase trains on the eval view: the `none` candidate's features
         plain = [c[4] for c in chosen if not c[2].random]

@@ -39,9 +39,9 @@ from tlkit.datasets import fingerprint, load_dataset
 from tlkit.distribute import Placement
 from tlkit.errors import ConfigError, RunError
 from tlkit.features import cache_dataset
+from tlkit.freezing import AUTO as FREEZE_AUTO
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json, incomplete_dir, publish_dir
-from tlkit.head import search_augment
 from tlkit.runs import RUN_SCHEMA, RUNS_DIR, Run, load_run
 from tlkit.weights import build_backbone, resolve_weights
 
@@ -135,6 +135,69 @@ def _make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: Any,
                 write_history(history_path, s["rows"])
 
     return EpochRecorder()
+
+
+SEARCH_TABLE = "search.csv"
+
+
+def write_search_table(path: Path, searched: dict[str, Any]) -> None:
+    """Every candidate of --augment auto / --freeze auto, one row each, beside run.json."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("setting", "candidate", "val_loss", "val_accuracy", "seconds", "chosen"))
+    for setting, found in searched.items():
+        for s in found["scores"]:
+            writer.writerow((setting, s.get("augment") or s.get("candidate"),
+                             f"{s['val_loss']:.5f}", f"{s['val_accuracy']:.4f}", s["seconds"],
+                             int(bool(s.get("chosen")))))
+    atomic_write(path, buf.getvalue())
+
+
+def _resolve_auto(config: FinetuneConfig, placement: Placement, identity: dict[str, Any] | None,
+                  model: Any, spec: Any, train: Any, val: Any, size: int,
+                  sample_weights: list[float] | None
+                  ) -> tuple[FinetuneConfig, Any, dict[str, Any], Any]:
+    """--augment auto, then --freeze auto: (config with the chosen augmentation, the chosen
+    freeze plan or None, {setting: {chosen, scores}}, features the head phase can reuse or
+    None). A resumed run reuses the choices its first start recorded."""
+    from tlkit.augment import AugmentConfig
+    from tlkit.freeze_search import search_freeze
+    from tlkit.freezing import FreezePlan
+    from tlkit.head import feature_views, search_augment
+
+    searched: dict[str, Any] = dict((identity or {}).get("searched") or {})
+    wanted = [flag for flag, on in (("--augment auto", config.augment.preset == AUTO),
+                                    ("--freeze auto", config.freeze.count == FREEZE_AUTO)) if on]
+    if wanted and placement.replicas > 1:
+        raise ConfigError(f"{wanted[0]} runs on one device; name a value (--augment light, "
+                          "--freeze all, ...) under --strategy mirrored or multiworker")
+    estimates = [lambda per_image, total: log_estimate(per_image, total, len(train),
+                                                       config.epochs)]
+    head_features, plan = None, None
+    if config.augment.preset == AUTO:
+        if "augment" in searched:
+            chosen = AugmentConfig.from_dict(searched["augment"]["chosen"])
+            log.info("--augment auto: %s, as chosen when the run started", chosen.preset)
+        else:
+            chosen, scores, head_features = search_augment(
+                model, train, val, size, spec.crop_fraction, config, sample_weights,
+                on_first_batch=estimates.pop())
+            searched["augment"] = {"chosen": chosen.as_dict(), "scores": scores}
+        config = dataclasses.replace(config, augment=chosen)
+    if config.freeze.count == FREEZE_AUTO:
+        if "freeze" in searched:
+            plan = FreezePlan(**searched["freeze"]["chosen"])
+            log.info("%s, as chosen when the run started", plan.request)
+        else:
+            plan, scores, pooled = search_freeze(
+                model, spec, train, val, size, spec.crop_fraction, config, sample_weights,
+                on_first_batch=estimates.pop() if estimates else None)
+            searched["freeze"] = {"chosen": plan.as_dict(), "scores": scores}
+            dim = pooled.train.shape[1]
+            if head_features is None and feature_views(
+                    config.augment.random, config.head_views, len(train), dim) == 1:
+                head_features = pooled
+    return config, plan, searched, head_features
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -335,7 +398,8 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         keras.config.set_dtype_policy("mixed_float16")
     try:
         base = build_backbone(spec, weights, size)
-        plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
+        plan = (None if config.freeze.count == FREEZE_AUTO else
+                resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]))
         from tlkit.model import build_classifier
 
         model = build_classifier(spec, base, len(folder.classes), size, config.dropout)
@@ -353,18 +417,12 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
             f"{folder.classes[i]} {w:.3f}" for i, w in weights_by_class.items()))
     sample_weights = ([weights_by_class[e.label] for e in train_examples]
                       if weights_by_class else None)
-    augment_search, head_features = None, None
     requested = config.as_dict()  # run.json keeps what was asked for (auto), `augment` the choice
-    if config.augment.preset == AUTO:
-        if placement.replicas > 1:
-            raise ConfigError("--augment auto runs on one device; name a preset (--augment "
-                              "light, standard, ...) under --strategy mirrored or multiworker")
-        chosen, augment_search, head_features = search_augment(
-            model, train_examples, folder.splits["val"], size, spec.crop_fraction, config,
-            sample_weights,
-            on_first_batch=lambda per_image, total: log_estimate(
-                per_image, total, len(train_examples), config.epochs))
-        config = dataclasses.replace(config, augment=chosen)
+    config, auto_plan, searched, head_features = _resolve_auto(
+        config, placement, identity, model, spec, train_examples, folder.splits["val"], size,
+        sample_weights)
+    if auto_plan is not None:
+        plan = auto_plan
     transform = build_train_transform(config.augment, train_examples, size, spec.crop_fraction,
                                       max_pixels=max_pixels)
     if transform.pca is not None:
@@ -397,7 +455,7 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         tmp_dir = incomplete_dir(run_dir) if chief else None
         ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
         if ckpt_dir is not None:
-            atomic_write_json(ckpt_dir / IDENTITY_FILE, now)
+            atomic_write_json(ckpt_dir / IDENTITY_FILE, {**now, "searched": searched})
     else:  # every worker restores from the run's folder (under multiworker: a shared one)
         ckpt_dir = tmp_dir / "checkpoints"
         if chief:
@@ -427,8 +485,13 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     recorder = _make_recorder(writes, tmp_dir / "history.csv" if writes else None, model,
                               config.patience, state)
     scale = config.lr_scale()
+    tune_epochs = config.epochs
+    if auto_plan is not None and plan.n_frozen == plan.n_layers and tune_epochs:
+        log.info("--freeze auto chose head only: no fine-tune phase (it would train nothing "
+                 "but the head again)")
+        tune_epochs = 0
     schedule = [("head", config.head_epochs, config.lr * scale),
-                ("fine-tune", config.epochs, config.fine_tune_lr * scale)]
+                ("fine-tune", tune_epochs, config.fine_tune_lr * scale)]
     if config.scale_lr:
         log.info("--scale-lr: batch %d / base batch %d = x%g: head lr %g, fine-tune lr %g",
                  config.batch_size, config.lr_base_batch, scale, schedule[0][2],
@@ -476,14 +539,14 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backbone": spec.name,
         "weights": weights.as_dict(),
-        "freeze": plan.as_dict(),
+        "freeze": {**plan.as_dict(), "search": searched.get("freeze", {}).get("scores")},
         "train_bn": config.train_bn,
         "input_size": size,
         "preprocessing": spec.preprocessing,
         "crop_fraction": spec.crop_fraction,
         "augment": {**config.augment.as_dict(),
                     "pca": transform.pca.as_dict() if transform.pca is not None else None,
-                    "search": augment_search},
+                    "search": searched.get("augment", {}).get("scores")},
         "classes": list(folder.classes),
         "config": requested,
         "class_weight": ({folder.classes[i]: w for i, w in weights_by_class.items()}
@@ -510,6 +573,8 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
                     "head_probe": state.get("head_probe")},
     }
     atomic_write_json(tmp_dir / "run.json", info)
+    if searched:
+        write_search_table(tmp_dir / SEARCH_TABLE, searched)
     with contextlib.suppress(FileNotFoundError):
         (ckpt_dir / PREVIOUS).unlink()  # only needed while a crash could damage `last`
     try:

@@ -1,0 +1,137 @@
+"""`--freeze auto`: pick the freeze point by training what each candidate would train, on cached
+activations, and scoring it on the validation split.
+
+Candidates: the whole backbone frozen (head only), and the last one or two stages trainable.
+The backbone runs once over the eval view of every training and validation image, giving the
+activations at each candidate's cut and the pooled features in the same pass. Head only is a
+head probe on the pooled features (tlkit.head); each deeper candidate starts from that head and
+trains its tail (the trainable stages + head) from the activations for `--epochs` at
+`--fine-tune-lr` with the run's patience, as the fine-tune phase would, without augmentation.
+Fewer frozen layers than two stages (down to `--freeze 0`) are not candidates: nothing cached
+could stand in for the layers they train, so probing them would cost the fine-tune itself.
+The lowest validation loss wins; on a tie, the more frozen candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tlkit.backbones import BackboneSpec
+from tlkit.datasets import Example
+from tlkit.freezing import FreezePlan, FreezeRequest, apply_freeze, resolve_freeze
+
+log = logging.getLogger("tlkit")
+
+TRAINABLE_STAGES = (1, 2)  # deeper candidates: this many of the last stages trainable
+MAX_ACTIVATION_BYTES = 4 * 1024**3  # a candidate whose activations exceed this is skipped
+
+
+def freeze_candidates(spec: BackboneSpec, layer_names: list[str]) -> list[FreezePlan]:
+    """Head only first, then the last 1 and 2 stages trainable (as --freeze-blocks)."""
+    plans = [resolve_freeze(FreezeRequest(count="all"), spec, layer_names)]
+    for k in TRAINABLE_STAGES:
+        if len(spec.stages) - k >= 1:
+            plans.append(resolve_freeze(FreezeRequest(blocks=len(spec.stages) - k), spec,
+                                        layer_names))
+    return plans
+
+
+def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
+                  val: Sequence[Example], size: int, crop_fraction: float, config: Any,
+                  sample_weights: Sequence[float] | None, on_first_batch: Any = None
+                  ) -> tuple[FreezePlan, list[dict[str, Any]], Any]:
+    """(the chosen plan, every candidate's scores, the pooled eval-view Features).
+
+    The model's weights are left as they were."""
+    import keras
+
+    from tlkit.augment import TrainTransform, resolve_augment
+    from tlkit.features import make_rows_fn
+    from tlkit.head import Features, fit_head, forward, head_steps
+    from tlkit.model import backbone_of
+    from tlkit.split import build_tail, resolve_cut, trunk_outputs
+
+    base = backbone_of(model)
+    plans = freeze_candidates(spec, [layer.name for layer in base.layers])
+    deeper = []
+    for plan in plans[1:]:
+        cut = resolve_cut(base, plan.n_frozen)
+        shape = base.get_layer(cut.layer).output.shape[1:]
+        need = (len(train) + len(val)) * int(np.prod(shape)) * 4
+        if need > MAX_ACTIVATION_BYTES:
+            log.info("--freeze auto: skipping %s (its activations would take %.1f GB)",
+                     plan.request, need / 1024**3)
+            continue
+        deeper.append((plan, cut))
+    start = time.perf_counter()
+    extractor = trunk_outputs(model, [cut.layer for _, cut in deeper], pooled=True,
+                              name="freeze_search")
+    plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
+    make_rows = make_rows_fn(plain, crop_fraction, config.seed, config.workers,
+                             config.audit.max_pixels)
+    out = forward(extractor, make_rows, train, val, 1, config.batch_size, on_first_batch)
+    y_train = np.array([e.label for e in train], np.int32)
+    y_val = np.array([e.label for e in val], np.int32)
+    pooled = Features(out["train"][-1], y_train, out["val"][-1], y_val, 1,
+                      time.perf_counter() - start)
+    log.info("--freeze auto: activations at %d cut(s) and pooled features of %d + %d images "
+             "in %.1f s", len(deeper), len(train), len(val), pooled.seconds)
+    initial = model.get_weights()
+    scale = config.lr_scale()
+
+    t = time.perf_counter()
+    rows, _ = fit_head(model, pooled, config.lr * scale, config.batch_size,
+                       head_steps(len(train), config.batch_size, config.head_epochs),
+                       config.seed, sample_weights)
+    top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+    scores = [_score(plans[0], top["val_loss"], top["val_accuracy"], 0,
+                     time.perf_counter() - t)]
+    probed = model.get_weights()
+    weights = (np.asarray(sample_weights, np.float32) if sample_weights is not None else None)
+    for i, (plan, cut) in enumerate(deeper):
+        t = time.perf_counter()
+        model.set_weights(probed)
+        apply_freeze(base, plan, config.train_bn)
+        tail = build_tail(model, cut)
+        tail.compile(optimizer=keras.optimizers.Adam(config.fine_tune_lr * scale),
+                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        history = tail.fit(out["train"][i], y_train, sample_weight=weights,
+                           batch_size=config.batch_size, epochs=config.epochs,
+                           validation_data=(out["val"][i], y_val), verbose=0,
+                           callbacks=[keras.callbacks.EarlyStopping(
+                               "val_loss", patience=config.patience)]).history
+        # the head probe's own score is where each tail starts
+        losses = [scores[0]["val_loss"], *history["val_loss"]]
+        accs = [scores[0]["val_accuracy"], *history["val_accuracy"]]
+        best = min(range(len(losses)),
+                   key=lambda j: losses[j] if math.isfinite(losses[j]) else math.inf)
+        scores.append(_score(plan, losses[best], accs[best], len(history["val_loss"]),
+                             time.perf_counter() - t))
+    model.set_weights(initial)
+    base.trainable = True
+    for s in scores:
+        log.info("--freeze auto: %-22s val_loss %.4f, val_accuracy %.4f (%d tail epochs, "
+                 "%.1f s)", s["candidate"], s["val_loss"], s["val_accuracy"], s["epochs"],
+                 s["seconds"])
+    index = min(range(len(scores)), key=lambda j: (
+        scores[j]["val_loss"] if math.isfinite(scores[j]["val_loss"]) else math.inf, j))
+    chosen = [plans[0], *(p for p, _ in deeper)][index]
+    log.info("--freeze auto: chose %s (lowest validation loss)", scores[index]["candidate"])
+    for j, s in enumerate(scores):
+        s["chosen"] = j == index
+    return (dataclasses.replace(chosen, request=f"--freeze auto ({chosen.request})"), scores,
+            pooled)
+
+
+def _score(plan: FreezePlan, val_loss: float, val_accuracy: float, epochs: int,
+           seconds: float) -> dict[str, Any]:
+    candidate = "head only" if plan.n_frozen == plan.n_layers else plan.request
+    return {"candidate": candidate, "n_frozen": plan.n_frozen, "val_loss": float(val_loss),
+            "val_accuracy": float(val_accuracy), "epochs": epochs, "seconds": round(seconds, 1)}
