@@ -1,7 +1,9 @@
 """tlkit's speed figures, one JSON object per line on stdout.
 
     python benchmarks/run.py            # full pass
-    python benchmarks/run.py --quick    # fewer steps, for a smoke check
+    python benchmarks/run.py --quick    # fewer steps and images
+    python benchmarks/run.py --smoke    # every group once at tiny sizes on the test backbone
+                                        # (tests/test_benchmarks.py runs it: figures exist)
 
 Figures compared with each other (frozen vs unfrozen) are measured in the same process, one
 after the other, since these machines are noisy; quote ratios rather than absolute numbers.
@@ -84,11 +86,38 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each group runs: the full pass, --quick, or --smoke (tiny, test backbone)."""
+
+    backbone: str = "resnet50"
+    size: int = 224
+    photos: int = 256  # pipeline figures
+    batches: int = 16  # pipeline batches timed
+    cache_images: int = 512
+    rss_images: tuple[int, int] = (500, 2000)
+    eval_images: int = 64
+    audit_images: int = 512
+    dist_size: int = 96  # on a CPU-only machine; 224 on GPUs
+    dist_steps: int = 8
+    merge_images: int = 1000
+
+
+FULL = Scale()
+QUICK = Scale(photos=256, batches=4, cache_images=128, rss_images=(125, 500), eval_images=32,
+              audit_images=128, dist_steps=4, merge_images=250)
+SMOKE = Scale(backbone="test_resnet", size=32, photos=32, batches=2, cache_images=32,
+              rss_images=(40, 80), eval_images=8, audit_images=16, dist_size=32, dist_steps=2,
+              merge_images=20)
+S = FULL  # set by main()
 
 
 def emit(name: str, value: float, unit: str, **extra: object) -> None:
@@ -130,16 +159,16 @@ def train_throughput(size: int, batch: int, warmup: int, steps: int) -> dict[str
 
     results = {}
     for mode, freeze in (("frozen", "all"), ("unfrozen", "0")):
-        results[mode] = model_images_per_s("resnet50", size, FreezeRequest(count=freeze), batch,
-                                           warmup=warmup, steps=steps)
-        emit(f"train_images_per_s_resnet50_{size}_{mode}", results[mode], "images/s",
+        results[mode] = model_images_per_s(S.backbone, size, FreezeRequest(count=freeze),
+                                           batch, warmup=warmup, steps=steps)
+        emit(f"train_images_per_s_{S.backbone}_{size}_{mode}", results[mode], "images/s",
              batch=batch, steps=steps, device=device())
-    emit(f"train_speedup_resnet50_{size}_frozen_over_unfrozen",
+    emit(f"train_speedup_{S.backbone}_{size}_frozen_over_unfrozen",
          results["frozen"] / results["unfrozen"], "x", note="same process, back to back")
     return results
 
 
-def photo_folder(root: Path, n: int = 256) -> Path:
+def photo_folder(root: Path, n: int) -> Path:
     """Smooth random scenes saved as 500x375 JPEGs (what a photo decoder really has to do)."""
     import numpy as np
     from PIL import Image
@@ -186,7 +215,7 @@ def pca_speedup(examples: list, quick: bool) -> None:
     emit("pca_speedup_vs_fancypca", ours_ips / fancy_ips, "x", goal=">= 50")
 
 
-def pipeline_figures(examples: list, model_ips: float, quick: bool) -> None:
+def pipeline_figures(examples: list, model_ips: float) -> None:
     import albumentations as A
     import cv2
 
@@ -196,14 +225,14 @@ def pipeline_figures(examples: list, model_ips: float, quick: bool) -> None:
     from tlkit.throughput import pipeline_images_per_s
 
     cores = os.cpu_count() or 1
-    transform = build_train_transform(resolve_augment("alexnet"), examples, 224, 0.875)
+    transform = build_train_transform(resolve_augment("alexnet"), examples, S.size, 0.875)
     plain = A.Compose([A.SmallestMaxSize(max_size=256, interpolation=cv2.INTER_AREA),
-                       A.RandomCrop(224, 224), A.HorizontalFlip(p=0.5),
+                       A.RandomCrop(S.size, S.size), A.HorizontalFlip(p=0.5),
                        _pca_transform_class()(transform.pca, 0.1)], seed=0)
     n = len(examples)
     images_per_s(lambda i: plain(image=decode_image(examples[i].path)), 16)  # warm-up
     loop_ips = images_per_s(lambda i: plain(image=decode_image(examples[i % n].path)), n)
-    batches = 4 if quick else 16
+    batches = S.batches
     tf1 = pipeline_images_per_s(examples, transform, 32, 1, batches)
     tfn = pipeline_images_per_s(examples, transform, 32, cores, batches)
     emit("pipeline_loop_images_per_s", loop_ips, "images/s", note="decode + Compose, 1 thread")
@@ -212,7 +241,8 @@ def pipeline_figures(examples: list, model_ips: float, quick: bool) -> None:
     emit("aug_overhead_ratio", tf1 / loop_ips, "x", goal=">= 0.5")
     emit("aug_scaling_efficiency", tfn / (cores * tf1), "x", workers=cores, goal=">= 0.6")
     emit("input_headroom", tfn / model_ips, "x", workers=cores,
-         note="vs train_images_per_s_resnet50_224_unfrozen", goal=">= 1.2 on an accelerator")
+         note=f"vs train_images_per_s_{S.backbone}_{S.size}_unfrozen",
+         goal=">= 1.2 on an accelerator")
     try:
         import grain
     except ImportError:
@@ -241,7 +271,7 @@ class _GrainSample:
         return self.loader(0, index)
 
 
-def cache_figures(quick: bool) -> None:
+def cache_figures() -> None:
     import tempfile
 
     import keras
@@ -257,16 +287,15 @@ def cache_figures(quick: bool) -> None:
     from tlkit.pipeline import build_train_transform, steps_per_epoch, train_dataset
     from tlkit.split import Cut, build_tail, build_trunk
 
-    n_images = 128 if quick else 512
     with tempfile.TemporaryDirectory() as tmp:
-        examples = list(load_folder(photo_folder(Path(tmp) / "p", n_images),
+        examples = list(load_folder(photo_folder(Path(tmp) / "p", S.cache_images),
                                     val_fraction=0.01).splits["train"])
-        spec = get_backbone("resnet50")
+        spec = get_backbone(S.backbone)
         keras.utils.set_random_seed(0)
-        base = spec.build(224)
-        model = build_classifier(spec, base, 4, 224)
+        base = spec.build(S.size)
+        model = build_classifier(spec, base, 4, S.size)
         freeze_all(base)
-        transform = build_train_transform(resolve_augment("none"), examples, 224, 0.875)
+        transform = build_train_transform(resolve_augment("none"), examples, S.size, 0.875)
         steps = steps_per_epoch(len(examples), 32)
 
         def epoch_seconds(fit_model: object, make_ds: object) -> float:
@@ -280,7 +309,7 @@ def cache_figures(quick: bool) -> None:
         cut = Cut(len(base.layers), base.layers[-1].name, len(base.layers))
         trunk = build_trunk(model, cut)
         start = time.perf_counter()
-        cache = build_cache(Path(tmp) / "cache", "bench", {"backbone": "resnet50",
+        cache = build_cache(Path(tmp) / "cache", "bench", {"backbone": S.backbone,
                             "cut": {"k": cut.k}, "views": {"train": 1}}, trunk,
                             {"train": examples}, {"train": 1},
                             make_rows_fn(transform, 0.875, 0, None, DEFAULT_MAX_PIXELS), "float16",
@@ -292,14 +321,14 @@ def cache_figures(quick: bool) -> None:
     emit("cache_epoch_seconds", cached, "s", images=len(examples))
     emit("cache_epoch_speedup", live / cached, "x", goal=">= 50 on CPU")
     emit("cache_build_ratio", build / live, "x", build_seconds=round(build, 2), goal="<= 1.3")
-    rss = {n: rss_child_peak(n) for n in ((125, 500) if quick else (500, 2000))}
+    rss = {n: rss_child_peak(n) for n in S.rss_images}
     small, large = sorted(rss)
     emit("cache_rss_peak_mb", rss[small] / 1e3, "MB", images=small)
     emit("cache_rss_peak_mb", rss[large] / 1e3, "MB", images=large)
     emit("cache_rss_growth", rss[large] / rss[small], "x", goal="<= 1.2")
 
 
-def eval_figures(quick: bool) -> None:
+def eval_figures() -> None:
     import tempfile
 
     import keras
@@ -312,31 +341,30 @@ def eval_figures(quick: bool) -> None:
 
     class Member:  # what evaluate builds from a run, built here from a fresh model
         def __init__(self, model: object, n_frozen: int):
-            self.model, self.size, self.crop = model, 224, 0.875
+            self.model, self.size, self.crop = model, S.size, 0.875
             self.run = type("R", (), {"info": {
-                "backbone": "resnet50", "preprocessing": "caffe", "weights": {"sha256": "x"},
-                "freeze": {"n_frozen": n_frozen}}})()
+                "backbone": spec.name, "preprocessing": spec.preprocessing,
+                "weights": {"sha256": "x"}, "freeze": {"n_frozen": n_frozen}}})()
 
-    spec = get_backbone("resnet50")
+    spec = get_backbone(S.backbone)
     members = []
     for i in range(3):
         keras.utils.set_random_seed(0)  # the same trunk weights, as from one ImageNet file
-        base = spec.build(224)
-        model = build_classifier(spec, base, 4, 224)
+        base = spec.build(S.size)
+        model = build_classifier(spec, base, 4, S.size)
         freeze_all(base)
         head = model.get_layer("predictions")
         head.set_weights([w + 0.01 * (i + 1) for w in head.get_weights()])
         members.append(Member(model, len(base.layers)))
 
     def seconds(group: list, paths: list, mode: str) -> float:
-        member_view_probs(group, paths[:16], mode, 16, None)  # warm-up
+        member_view_probs(group, paths[:4], mode, 16, None)  # warm-up
         start = time.perf_counter()
         member_view_probs(group, paths, mode, 16, None)
         return time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
-        n = 32 if quick else 64
-        paths = [e.path for s in load_folder(photo_folder(Path(tmp) / "p", n),
+        paths = [e.path for s in load_folder(photo_folder(Path(tmp) / "p", S.eval_images),
                                              val_fraction=0.2).splits.values() for e in s]
         one = seconds(members[:1], paths, "1")
         ten = seconds(members[:1], paths, "10")
@@ -348,7 +376,7 @@ def eval_figures(quick: bool) -> None:
     emit("ensemble_shared_trunk_ratio", three / (3 * one), "x", goal="well under 1")
 
 
-def reliability_figures(quick: bool) -> None:
+def reliability_figures() -> None:
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
@@ -357,12 +385,12 @@ def reliability_figures(quick: bool) -> None:
     from tlkit.decode import decode_image
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = load_folder(photo_folder(Path(tmp) / "photos", 128 if quick else 512))
+        folder = load_folder(photo_folder(Path(tmp) / "photos", S.audit_images))
         paths = [e.path for x in folder.splits.values() for e in x]
         cores = os.cpu_count() or 1
         decodes, audits = [], []
         with ThreadPoolExecutor(cores) as pool:
-            list(pool.map(decode_image, paths[:32]))  # warm-up: imports, plugins, threads
+            list(pool.map(decode_image, paths[:8]))  # warm-up: imports, plugins, threads
             for round_ in range(3):  # interleaved, medians: this machine is noisy
                 start = time.perf_counter()
                 list(pool.map(decode_image, paths))
@@ -390,11 +418,11 @@ def reliability_figures(quick: bool) -> None:
     from tlkit.model import build_classifier
     from tlkit.weights import build_backbone, resolve_weights
 
-    spec = get_backbone("resnet50")
+    spec = get_backbone(S.backbone)
     weights = resolve_weights(spec, "none")
 
     def classifier() -> object:
-        model = build_classifier(spec, build_backbone(spec, weights, 224), 10, 224)
+        model = build_classifier(spec, build_backbone(spec, weights, S.size), 10, S.size)
         model.compile(optimizer=keras.optimizers.Adam(1e-5),
                       loss="sparse_categorical_crossentropy")
         model.optimizer.build(model.trainable_variables)
@@ -413,9 +441,9 @@ def reliability_figures(quick: bool) -> None:
         start = time.perf_counter()
         restore(ckpt, other)
         restored = time.perf_counter() - start
-    emit("checkpoint_save_seconds_resnet50", save, "s", mb=round(size / 1e6, 1),
+    emit(f"checkpoint_save_seconds_{S.backbone}", save, "s", mb=round(size / 1e6, 1),
          note="weights + Adam state, rotated, best linked")
-    emit("checkpoint_restore_seconds_resnet50", restored, "s")
+    emit(f"checkpoint_restore_seconds_{S.backbone}", restored, "s")
 
 
 def rss_child_peak(n_images: int) -> int:
@@ -465,7 +493,7 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 
 
-def dist_child(strategy: str, size: int, batch: int, steps: int) -> None:
+def dist_child(strategy: str, backbone: str, size: int, batch: int, steps: int) -> None:
     """Training images/s (over all workers) under `strategy`; printed as the last line."""
     from tlkit.distribute import make_placement
 
@@ -489,7 +517,7 @@ def dist_child(strategy: str, size: int, batch: int, steps: int) -> None:
 
     with placement.strategy.scope():
         keras.utils.set_random_seed(0)
-        spec = get_backbone("resnet50")
+        spec = get_backbone(backbone)
         model = build_classifier(spec, spec.build(size), 10, size)
         model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
         model.fit(data(0, 1), steps_per_epoch=2, epochs=1, verbose=0)  # trace, warm up
@@ -517,8 +545,9 @@ def run_dist_child(strategy: str, size: int, batch: int, steps: int, env: dict |
                                                                     for p in ports]},
                                              "task": {"type": "worker", "index": i}})
         procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--dist-child", strategy, str(size), str(batch),
-             str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            [sys.executable, __file__, "--dist-child", strategy, S.backbone, str(size),
+             str(batch), str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
             env={**os.environ, **extra}))
     outs = [p.communicate(timeout=1800) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
@@ -527,15 +556,13 @@ def run_dist_child(strategy: str, size: int, batch: int, steps: int, env: dict |
     return float(outs[0][0].strip().splitlines()[-1])
 
 
-def distribute_figures(quick: bool) -> None:
+def distribute_figures() -> None:
     import tempfile
 
     import tensorflow as tf
 
     gpus = len(tf.config.list_physical_devices("GPU"))
-    size, batch, steps = (224, 32, 20) if gpus else (96, 32, 8)
-    if quick:
-        steps = 4
+    size, batch, steps = (224, 32, 20) if gpus else (S.dist_size, 32, S.dist_steps)
     cpus = None if gpus > 1 else {"TLKIT_LOGICAL_CPUS": "2"}
     where = f"{gpus} GPU(s)" if gpus > 1 else "2 logical CPUs sharing the machine's cores"
     one = run_dist_child("default", size, batch, steps)
@@ -548,11 +575,12 @@ def distribute_figures(quick: bool) -> None:
     emit("dist_multiworker_2proc_speedup", mw / one, "x",
          over="2 processes on this one machine")
 
-    n_images = 128 if quick else 512
+    n_images = S.audit_images
     with tempfile.TemporaryDirectory() as tmp:
         data = photo_folder(Path(tmp) / "photos", n_images)
         common_args = [sys.executable, "-m", "tlkit", "precompute-features", str(data),
-                       "--weights", "none", "--input-size", "96", "--json"]
+                       "--backbone", S.backbone, "--weights", "none", "--input-size",
+                       str(S.dist_size), "--json"]
         start = time.perf_counter()
         subprocess.run([*common_args, "--cache-dir", f"{tmp}/single"], check=True,
                        capture_output=True, cwd=tmp)
@@ -569,7 +597,7 @@ def distribute_figures(quick: bool) -> None:
         emit("precompute_sharded_2proc_ratio", sharded / single, "x", images=n_images,
              single_seconds=round(single, 1), sharded_seconds=round(sharded, 1),
              note="both shards on this one machine")
-    merge_figure(250 if quick else 1000)
+    merge_figure(S.merge_images)
 
 
 def merge_figure(n_images: int) -> None:
@@ -607,46 +635,53 @@ def merge_figure(n_images: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="tlkit benchmarks (JSON lines).")
-    parser.add_argument("--quick", action="store_true", help="fewer steps; a smoke check")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and images")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every group once at tiny sizes on the test backbone: checks that "
+                             "each figure is produced, measures nothing worth quoting")
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     parser.add_argument("--only", choices=["train", "augment", "cache", "eval", "reliability",
                                            "distribute"],
                         help="run one group of figures")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--dist-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--dist-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dist_child:
-        strategy, size, batch, steps = args.dist_child
-        dist_child(strategy, int(size), int(batch), int(steps))
+        strategy, backbone, size, batch, steps = args.dist_child
+        dist_child(strategy, backbone, int(size), int(batch), int(steps))
         return
     if args.rss_child:
         rss_child(int(args.rss_child[0]), args.rss_child[1], args.rss_child[2])
         return
+    global S
+    S = SMOKE if args.smoke else QUICK if args.quick else FULL
+    args.quick = args.quick or args.smoke
     batch = args.batch or (8 if args.quick else 32)
     warmup, steps = (2, 3) if args.quick else (3, 10)
     steps = args.steps or steps
     if args.only in (None, "train", "augment"):
         cli_help_seconds()
-        model = train_throughput(224, batch, warmup, steps)
+        model = train_throughput(S.size, batch, warmup, steps)
     if args.only in (None, "augment"):
         import tempfile
 
         from tlkit.datasets import load_folder
 
         with tempfile.TemporaryDirectory() as tmp:
-            examples = list(load_folder(photo_folder(Path(tmp) / "photos")).splits["train"])
+            examples = list(load_folder(photo_folder(Path(tmp) / "photos", S.photos))
+                            .splits["train"])
             examples += list(load_folder(Path(tmp) / "photos").splits["val"])
             pca_speedup(examples, args.quick)
-            pipeline_figures(examples, model["unfrozen"], args.quick)
+            pipeline_figures(examples, model["unfrozen"])
     if args.only in (None, "cache"):
-        cache_figures(args.quick)
+        cache_figures()
     if args.only in (None, "eval"):
-        eval_figures(args.quick)
+        eval_figures()
     if args.only in (None, "reliability"):
-        reliability_figures(args.quick)
+        reliability_figures()
     if args.only in (None, "distribute"):
-        distribute_figures(args.quick)
+        distribute_figures()
 
 
 if __name__ == "__main__":

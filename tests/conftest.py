@@ -14,6 +14,23 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+# An untagged test must finish its call within this many seconds, or it fails: the fast lane
+# (`pytest -m "not slow and not subprocess"`) stays fast only if slow tests are tagged.
+GATE_SECONDS = 10.0
+LANE_MARKERS = ("slow", "subprocess")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.when == "call" and report.passed and call.duration > GATE_SECONDS
+            and not any(item.get_closest_marker(m) for m in LANE_MARKERS)):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {call.duration:.1f} s, over the "
+                           f"{GATE_SECONDS:.0f} s allowed an untagged test: make it faster "
+                           "(the test backbone, a shared fixture) or mark it slow or "
+                           "subprocess (tests/conftest.py)")
 
 
 def class_image(label: int, rng: np.random.Generator, size: int = 24) -> np.ndarray:
@@ -51,6 +68,35 @@ def make_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+TINY = "test_resnet"  # tlkit's test backbone: mechanics in seconds (tlkit/backbones.py)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """Two finished runs on the test backbone, trained once per session and shared by the eval,
+    export, predict and runs tests: same seed (so identical frozen trunks), different head
+    rates, on a small train/val/test folder with classes a, b, c. Tests may write beside them
+    (eval/, export/) but must not change them."""
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.train import finetune
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    data = root / "data"
+    classes = ["a", "b", "c"]
+    write_folder(data / "train", classes, 8)
+    write_folder(data / "val", classes, 3, seed=1)
+    write_folder(data / "test", classes, 3, seed=2)
+    runs = []
+    for name, lr in (("r1", 1e-3), ("r2", 5e-4)):
+        cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
+                             freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0, lr=lr,
+                             fine_tune_lr=1e-5, batch_size=8, output=str(root / name),
+                             cache="off")
+        runs.append(finetune(cfg, verbose=0).path)
+    return data, runs
 
 
 @pytest.fixture(autouse=True)

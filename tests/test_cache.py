@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TINY
 
 from tlkit.augment import resolve_augment
 from tlkit.cache import CacheError, build_lock, open_cache
@@ -16,7 +17,8 @@ from tlkit.features import PrecomputeConfig, cache_dataset, precompute_features
 
 
 def config(data, **kw):
-    base = dict(data=str(data), weights="none", input_size=32, batch_size=8, cache_dir="cache")
+    base = dict(data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=8,
+                cache_dir="cache")
     return PrecomputeConfig(**{**base, **kw})
 
 
@@ -24,12 +26,12 @@ def test_precompute_writes_a_verified_cache_with_manifest(make_folder):
     data = make_folder(layout="splits", per_class=6)
     cache = precompute_features(config(data))
     m = cache.manifest
-    assert m["dtype"] == "float16" and m["inputs"]["cut"]["k"] == 175
+    assert m["dtype"] == "float16" and m["inputs"]["cut"]["k"] == 17
     assert {s: m["splits"][s]["count"] for s in m["splits"]} == {"train": 12, "val": 4, "test": 4}
-    assert m["splits"]["train"]["shape"] == [1, 1, 2048]
+    assert m["splits"]["train"]["shape"] == [4, 4, 32]  # the test backbone's output at 32 px
     cache.verify()
     reader = cache.reader("val")
-    assert reader.read(0, 0).shape == (1, 1, 2048) and reader.labels.tolist() == [0, 0, 1, 1]
+    assert reader.read(0, 0).shape == (4, 4, 32) and reader.labels.tolist() == [0, 0, 1, 1]
     assert not list((data.parent / "cache").glob("*.incomplete-*"))
     again = precompute_features(config(data))  # found, not rebuilt
     assert again.path == cache.path
@@ -50,7 +52,7 @@ def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder):
 def test_dry_run_writes_nothing(make_folder, tmp_path):
     data = make_folder(per_class=4)
     plan = precompute_features(config(data, dry_run=True))
-    assert plan["bytes"] == 8 * 2048 * 2 and plan["images"] == 8 and not plan["exists"]
+    assert plan["bytes"] == 8 * 512 * 2 and plan["images"] == 8 and not plan["exists"]
     assert not (tmp_path / "cache").exists()
 
 
@@ -59,7 +61,7 @@ def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monk
     import tlkit.features as features
 
     data = make_folder(per_class=10)
-    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 4 * 2048 * 2)  # 4 rows per shard
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 4 * 512 * 2)  # 4 rows per shard
     real = features.make_rows_fn
     calls = {"n": 0}
 
@@ -124,7 +126,7 @@ def test_views_hold_distinct_augmentations_and_training_reads_one(make_folder):
     ds = cache_dataset(cache, "train", 4, seed=0, epochs=2)
     batches = [np.asarray(x) for x, _ in ds]
     assert sum(len(b) for b in batches) == 2 * reader.count
-    assert batches[0].dtype == np.float32 and batches[0].shape[1:] == (1, 1, 2048)
+    assert batches[0].dtype == np.float32 and batches[0].shape[1:] == (4, 4, 32)
 
 
 def test_cache_ls_and_rm(make_folder):
@@ -132,7 +134,7 @@ def test_cache_ls_and_rm(make_folder):
     cache = precompute_features(config(data))
     runner = CliRunner()
     listing = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(cache.path.parent)])
-    assert cache.key in listing.output and "resnet50" in listing.output
+    assert cache.key in listing.output and TINY in listing.output
     bad = runner.invoke(cli, ["cache", "rm", "nope", "--cache-dir", str(cache.path.parent)])
     assert bad.exit_code == 6 and "no such cache" in bad.output
     assert runner.invoke(cli, ["cache", "rm"]).exit_code == 2
@@ -140,13 +142,12 @@ def test_cache_ls_and_rm(make_folder):
     assert gone.exit_code == 0 and not cache.path.exists()
 
 
-@pytest.mark.slow
 def test_training_from_the_cache_matches_the_live_path(make_folder, tmp_path):
     """Augmentation off, same seed: the cached path gives the live path's predictions."""
     import keras
 
     data = make_folder(per_class=8)
-    common = ["finetune", str(data), "--weights", "none", "--input-size", "32", "--freeze",
+    common = ["finetune", str(data), "--backbone", TINY, "--weights", "none", "--freeze",
               "all", "--augment", "none", "--head-epochs", "2", "--epochs", "1",
               "--batch-size", "4", "--cache-dtype", "float32"]
     runner = CliRunner()
@@ -173,7 +174,8 @@ def test_training_from_the_cache_matches_the_live_path(make_folder, tmp_path):
 
 def test_random_augmentation_with_one_view_does_not_use_a_cache(make_folder):
     data = make_folder(per_class=4)
-    result = CliRunner().invoke(cli, ["finetune", str(data), "--weights", "none",
+    result = CliRunner().invoke(cli, ["finetune", str(data), "--backbone", TINY, "--weights",
+                                      "none",
                                       "--input-size", "32", "--freeze", "all", "--head-epochs",
                                       "1", "--epochs", "0", "-o", "runs/x"])
     assert result.exit_code == 0, result.output

@@ -15,8 +15,9 @@ from conftest import REPO
 from tlkit.cli import cli
 from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS
 
-FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "8", "--head-epochs", "1",
-        "--epochs", "1"]
+# mechanics run on tlkit's test backbone (a few thousand parameters, 32 px by default)
+TINY = ["--backbone", "test_resnet"]
+FAST = [*TINY, "--weights", "none", "--batch-size", "8", "--head-epochs", "1", "--epochs", "1"]
 
 
 def invoke(*args: str):
@@ -39,12 +40,11 @@ def test_help_does_not_import_tensorflow(command):
     assert "HEAVY []" in out.stdout
 
 
-@pytest.mark.slow
 def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     import keras
 
     data = make_folder(per_class=12)
-    result = invoke("finetune", str(data), "--freeze", "150", "-o", "runs/a", *FAST)
+    result = invoke("finetune", str(data), "--freeze", "11", "-o", "runs/a", *FAST)
     assert result.exit_code == 0, result.output
     assert "phase head (head only, backbone frozen)" in result.output
     # before the head trains: how long each phase will take, from a timed forward pass
@@ -59,9 +59,9 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
         "best.h5", "identity.json", "last.h5"]
     assert not list((tmp_path / "runs").glob("*.incomplete-*"))
     info = json.loads((run / "run.json").read_text())
-    assert info["classes"] == ["cat", "dog"] and info["backbone"] == "resnet50"
-    assert info["freeze"]["n_frozen"] == 150 and info["weights"]["source"] == "none"
-    assert info["input_size"] == 32 and info["preprocessing"] == "caffe"
+    assert info["classes"] == ["cat", "dog"] and info["backbone"] == "test_resnet"
+    assert info["freeze"]["n_frozen"] == 11 and info["weights"]["source"] == "none"
+    assert info["input_size"] == 32 and info["preprocessing"] == "tf"
     assert len(info["data"]["fingerprint"]) == 64
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("phase,epoch,loss,accuracy,val_loss")
@@ -85,7 +85,6 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     assert table.output.splitlines()[1].split()[1] == top[0]["label"]
 
 
-@pytest.mark.slow
 def test_existing_run_is_refused_without_overwrite(make_folder, tmp_path):
     data = make_folder(per_class=8)
     first = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", *FAST)
@@ -166,12 +165,12 @@ def test_weights_import_places_a_verified_file(tmp_path, monkeypatch):
     assert invoke("weights", "import", str(f)).exit_code == 4  # no silent overwrite
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_seed_makes_a_cpu_run_reproducible(make_folder, tmp_path):
     """Two processes, same seed: identical weights and metrics."""
     data = make_folder(per_class=8)
     for name in ("s1", "s2"):
-        subprocess.run([sys.executable, "-m", "tlkit", "finetune", str(data), "--freeze", "170",
+        subprocess.run([sys.executable, "-m", "tlkit", "finetune", str(data), "--freeze", "14",
                         "-o", f"runs/{name}", "--seed", "7", *FAST], check=True,
                        capture_output=True, cwd=tmp_path)
     h1 = (tmp_path / "runs/s1/history.csv").read_text().splitlines()
@@ -186,7 +185,6 @@ def test_seed_makes_a_cpu_run_reproducible(make_folder, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.slow
 def test_transfer_from_a_previous_run(make_folder, tmp_path):
     from tlkit.backbones import get_backbone
     from tlkit.model import backbone_of
@@ -194,15 +192,15 @@ def test_transfer_from_a_previous_run(make_folder, tmp_path):
     from tlkit.weights import build_backbone, resolve_weights
 
     data = make_folder(per_class=8)
-    assert invoke("finetune", str(data), "--freeze", "170", "-o", "runs/src", *FAST).exit_code == 0
-    resolved = resolve_weights(get_backbone("resnet50"), "runs/src")
+    assert invoke("finetune", str(data), "--freeze", "14", "-o", "runs/src", *FAST).exit_code == 0
+    resolved = resolve_weights(get_backbone("test_resnet"), "runs/src")
     assert resolved.source == "run" and len(resolved.sha256) == 64
-    base = build_backbone(get_backbone("resnet50"), resolved, 48)  # another input size is fine
+    base = build_backbone(get_backbone("test_resnet"), resolved, 48)  # another size is fine
     src = backbone_of(load_run("runs/src").load_model())
     for a, b in zip(base.get_weights(), src.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     wrong = invoke("finetune", str(data), "--backbone", "vgg16", "--weights", "runs/src")
-    assert wrong.exit_code == 4 and "that run trained resnet50, not vgg16" in wrong.output
+    assert wrong.exit_code == 4 and "that run trained test_resnet, not vgg16" in wrong.output
 
 
 @pytest.mark.slow
@@ -218,24 +216,23 @@ def test_quickstart_on_the_shipped_digits():
     assert info["data"]["counts"]["test"] and info["data"]["val_source"] == "folder"
 
 
-@pytest.mark.slow
 def test_mixed_precision_run_saves_float32_probabilities(make_folder, tmp_path):
     import keras
 
     data = make_folder(per_class=6)
-    result = invoke("finetune", str(data), "--weights", "none", "--input-size", "32",
+    result = invoke("finetune", str(data), *TINY, "--weights", "none", "--input-size", "32",
                     "--freeze", "all", "--head-epochs", "1", "--epochs", "0",
                     "--mixed-precision", "-o", "runs/mp")
     assert result.exit_code == 0, result.output
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     model = keras.saving.load_model(tmp_path / "runs/mp/model.keras")
-    assert model.get_layer("backbone").layers[2].dtype_policy.name == "mixed_float16"
+    assert model.get_layer("backbone").get_layer("stem_conv").dtype_policy.name == \
+        "mixed_float16"
     x = np.zeros((2, 32, 32, 3), np.uint8)
     probs = model.predict(x, verbose=0)
     assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
 
 
-@pytest.mark.slow
 def test_finetune_with_alexnet_augmentation_records_it(make_folder, tmp_path):
     data = make_folder(per_class=8)
     result = invoke("finetune", str(data), "--freeze", "all", "--augment", "alexnet",
@@ -277,10 +274,9 @@ def test_augment_preview_writes_a_grid(make_folder, tmp_path):
     assert again.exit_code == 5 and "already exists" in again.output
 
 
-@pytest.mark.slow
 def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
     data = make_folder(per_class=10)
-    result = invoke("bench-input", str(data), "--input-size", "32", "--batch-size", "4",
+    result = invoke("bench-input", str(data), *TINY, "--input-size", "32", "--batch-size", "4",
                     "--batches", "2", "--max-workers", "2", "--freeze", "all", "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
@@ -292,7 +288,6 @@ def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
     assert plan["verdict"].startswith(("the input keeps up", "input-bound"))
 
 
-@pytest.mark.slow
 def test_quiet_json_tensorboard_curves_and_runs(make_folder, tmp_path):
     from PIL import Image
 
@@ -314,6 +309,6 @@ def test_quiet_json_tensorboard_curves_and_runs(make_folder, tmp_path):
     rows = json.loads(listed.stdout)
     assert [r["run"] for r in rows] == ["q"]
     assert rows[0]["best_val_accuracy"] == summary["best"]["val_accuracy"]
-    assert rows[0]["backbone"] == "resnet50" and rows[0]["freeze"] == "--freeze all"
+    assert rows[0]["backbone"] == "test_resnet" and rows[0]["freeze"] == "--freeze all"
     table = CliRunner().invoke(cli, ["runs"]).output
     assert "q " in table and "--freeze all" in table

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_folder
+from conftest import TINY, write_folder
 from test_resume import progress
 
 from tlkit.cli import cli
 from tlkit.distribute import read_tf_config
 from tlkit.errors import ConfigError
 
-ARGS = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--head-epochs", "0",
-        "--epochs", "3", "--freeze", "150", "--dropout", "0", "--patience", "10"]
+ARGS = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs", "0",
+        "--epochs", "3", "--freeze", "11", "--dropout", "0", "--patience", "10"]
 # --head-epochs 0: on one device the head phase is a probe on features (tlkit/head.py), under
 # several replicas it runs live, so the epochs compared across strategies are fine-tune epochs
 TWO_CPUS = {"TLKIT_LOGICAL_CPUS": "2"}
@@ -139,11 +139,11 @@ def test_shards_merge_into_the_bytes_of_a_one_process_build(make_folder, monkeyp
     from tlkit.features import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=10)
-    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 3 * 2048 * 2)  # 3 rows per shard file
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 3 * 4 * 4 * 32 * 2)  # 3 rows per shard file
 
     def config(cache_dir: str, **kw) -> PrecomputeConfig:
-        return PrecomputeConfig(data=str(data), weights="none", input_size=32, batch_size=2,
-                                cache_dir=cache_dir, **kw)
+        return PrecomputeConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
+                                batch_size=2, cache_dir=cache_dir, **kw)
 
     single = precompute_features(config("single"))
     first = precompute_features(config("sharded", num_shards=3, shard_index=0))
@@ -184,18 +184,20 @@ def test_a_tampered_part_is_refused(make_folder):
     from tlkit.features import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
-    config = dict(data=str(data), weights="none", input_size=32, batch_size=2, num_shards=2)
+    config = dict(data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=2,
+                  num_shards=2)
     part = Path(precompute_features(PrecomputeConfig(**config, shard_index=0))["part"])
     piece = next(part.glob("*.npy"))
     piece.write_bytes(piece.read_bytes()[:-1] + b"\x00")
-    result = CliRunner().invoke(cli, ["precompute-features", str(data), "--weights", "none",
+    result = CliRunner().invoke(cli, ["precompute-features", str(data), "--backbone", TINY,
+                                      "--weights", "none",
                                       "--input-size", "32", "--batch-size", "2",
                                       "--num-shards", "2", "--shard-index", "1"])
     assert result.exit_code == 6 and "missing or corrupt" in result.output
     assert str(part) in result.output and "run shard 0 again" in result.output
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path):
     data = write_folder(tmp_path / "data" / "train", ["a", "b"], 12)  # 24: batches of 4
     write_folder(tmp_path / "data" / "val", ["a", "b"], 3, seed=1)
@@ -241,7 +243,7 @@ def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path):
     assert_same_training(tmp_path / "runs/mirrored", tmp_path / "runs/resumed", rel=1e-2)
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path):
     data = write_folder(tmp_path / "data" / "train", ["a", "b"], 12).parent
     write_folder(data / "val", ["a", "b"], 3, seed=1)
@@ -298,10 +300,11 @@ def two_workers(args: list[str], homes: list[Path], expect: int = 0) -> list[str
     return [out if expect == 0 else err for out, err in outputs]
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sharded_precompute_in_two_processes_is_byte_identical(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b", "c"], 8)
-    common = ["precompute-features", str(data), "--weights", "none", "--input-size", "32",
+    common = ["precompute-features", str(data), "--backbone", TINY, "--weights", "none",
+              "--input-size", "32",
               "--batch-size", "4", "--json"]
     single = tlkit([*common, "--cache-dir", "single"], tmp_path)
     assert single.returncode == 0, single.stderr
@@ -328,8 +331,8 @@ def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monke
     from tlkit.features import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
-    config = PrecomputeConfig(data=str(data), weights="none", input_size=32, batch_size=2,
-                              strategy="multiworker")
+    config = PrecomputeConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
+                              batch_size=2, strategy="multiworker")
     monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
     first = precompute_features(config)
     assert (first["shard"], first["num_shards"], first["missing_shards"]) == (1, 2, [0])
@@ -339,6 +342,6 @@ def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monke
     assert cache.manifest["splits"]["train"]["count"] + cache.manifest["splits"]["val"][
         "count"] == 8
     with pytest.raises(ConfigError, match="use one or the other"):
-        precompute_features(PrecomputeConfig(data=str(data), weights="none",
+        precompute_features(PrecomputeConfig(data=str(data), backbone=TINY, weights="none",
                                              strategy="multiworker", num_shards=2,
                                              shard_index=0))

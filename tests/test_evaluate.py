@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -24,27 +25,9 @@ from tlkit.evaluate import (
 )
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two runs from the same seed (identical frozen trunks) on one small split dataset."""
-    from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
-
-    root = tmp_path_factory.mktemp("eval")
-    data = root / "data"
-    classes = ["a", "b", "c"]
-    write_folder(data / "train", classes, 8)
-    write_folder(data / "val", classes, 3, seed=1)
-    write_folder(data / "test", classes, 3, seed=2)
-    runs = []
-    for name, lr in (("r1", 1e-3), ("r2", 5e-4)):
-        cfg = FinetuneConfig(data=str(data), weights="none", input_size=32,
-                             freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0, lr=lr,
-                             fine_tune_lr=1e-5, batch_size=8, output=str(root / name),
-                             cache="off")
-        runs.append(finetune(cfg, verbose=0).path)
-    return data, runs
+@pytest.fixture
+def trained(tiny_runs):
+    return tiny_runs
 
 
 def test_view_geometry():
@@ -59,7 +42,6 @@ def test_view_geometry():
         multicrop_views(img, 32, 0.875, "7")
 
 
-@pytest.mark.slow
 def test_ten_crop_prediction_is_the_mean_over_hand_built_crops(trained):
     import keras
 
@@ -69,9 +51,9 @@ def test_ten_crop_prediction_is_the_mean_over_hand_built_crops(trained):
     short = round(32 / 0.875)  # the eval scale: 37
     h, w = image.shape[:2]
     s = short / min(h, w)
-    big = np.asarray(Image.fromarray(image).resize((max(short, round(w * s)),
-                                                    max(short, round(h * s))),
-                                                   Image.Resampling.BILINEAR))
+    # enlarging: bilinear (tlkit averages areas only when it shrinks)
+    big = cv2.resize(image, (max(short, round(w * s)), max(short, round(h * s))),
+                     interpolation=cv2.INTER_LINEAR)
     H, W = big.shape[:2]
     crops = [big[t : t + 32, x : x + 32] for t, x in
              ((0, 0), (0, W - 32), (H - 32, 0), (H - 32, W - 32), ((H - 32) // 2, (W - 32) // 2))]
@@ -82,7 +64,6 @@ def test_ten_crop_prediction_is_the_mean_over_hand_built_crops(trained):
     np.testing.assert_allclose(probs[0], expected, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_ensembles_of_one_and_of_two_identical_models_equal_the_model(trained, tmp_path):
     _data, runs = trained
     copy = tmp_path / "copy"
@@ -97,7 +78,6 @@ def test_ensembles_of_one_and_of_two_identical_models_equal_the_model(trained, t
     assert one == two
 
 
-@pytest.mark.slow
 def test_shared_trunk_runs_once_and_gives_the_same_probabilities(trained):
     data, runs = trained
     members = [_Member(__import__("tlkit").load_run(r)) for r in runs]
@@ -111,7 +91,6 @@ def test_shared_trunk_runs_once_and_gives_the_same_probabilities(trained):
     assert not np.allclose(shared[0], shared[1])  # the heads differ: two real members
 
 
-@pytest.mark.slow
 def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     _data, runs = trained
     monkeypatch.chdir(runs[0].parent)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 
 from tlkit.augment import resolve_augment
@@ -47,13 +48,13 @@ def tinted_folder(root: Path, per_class: int, seed: int) -> Path:
 
 
 def quick_config(data: Path, out: Path, **kw) -> FinetuneConfig:
-    values = {"data": str(data), "weights": "none", "input_size": 32, "batch_size": 8,
+    values = {"data": str(data), "backbone": TINY, "weights": "none", "input_size": 32,
+              "batch_size": 8,
               "freeze": FreezeRequest(count="all"), "head_epochs": 2, "epochs": 0,
               "output": str(out), "workers": 2, **kw}
     return FinetuneConfig(**values)
 
 
-@pytest.mark.slow
 def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_folder, tmp_path):
     import keras
 
@@ -93,7 +94,6 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
     assert views["results"]["head_probe"]["augment"] == "light"
 
 
-@pytest.mark.slow
 def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkeypatch):
     """Colour is the class; a candidate that greys every view cannot learn it."""
     import tlkit.head
@@ -181,3 +181,65 @@ def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
     assert two.train.shape == (2 * len(train), 3) and two.views == 2
     assert not np.allclose(two.train[:len(train)], expected)  # augmented: crops and mirrors
     np.testing.assert_allclose(two.val, one.val)  # validation: always the eval view
+
+
+def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_path):
+    """A trunk whose last stage outputs a constant: head only cannot learn, training that
+    stage can. auto must see it on the validation split and fine-tune from its choice."""
+    import keras
+
+    from tlkit.backbones import get_backbone
+    from tlkit.train import finetune
+
+    base = get_backbone(TINY).build(32)
+    conv, bn = base.get_layer("block3_conv"), base.get_layer("block3_bn")
+    conv.set_weights([np.zeros_like(w) for w in conv.get_weights()])
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([gamma, np.ones_like(beta), mean, var])  # relu(0 + 1): constant, not dead
+    trunk = tmp_path / "trunk.weights.h5"
+    base.save_weights(trunk)
+    data = tmp_path / "data"
+    tinted_folder(data / "train", 12, 0)
+    tinted_folder(data / "val", 6, 1)
+    run = finetune(quick_config(data, tmp_path / "run", weights=str(trunk),
+                                freeze=FreezeRequest(count="auto"), epochs=8, lr=0.05,
+                                fine_tune_lr=0.01, augment=resolve_augment("none")))
+    search = run.info["freeze"]["search"]
+    assert [s["candidate"] for s in search] == ["head only", "--freeze-blocks 3",
+                                                "--freeze-blocks 2"]
+    head_only = search[0]
+    assert head_only["val_loss"] == pytest.approx(math.log(2), abs=0.05)  # chance
+    chosen = [s for s in search if s["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["candidate"] != "head only"
+    assert chosen[0]["val_loss"] < head_only["val_loss"] / 2
+    assert run.info["freeze"]["n_frozen"] == chosen[0]["n_frozen"]
+    assert run.info["freeze"]["request"].startswith("--freeze auto (--freeze-blocks")
+    assert run.info["config"]["freeze"]["count"] == "auto"  # what was asked for
+    assert run.info["results"]["best"]["val_accuracy"] == 1.0
+    # the fine-tune phase trained exactly the chosen stages
+    model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
+    trained = model.get_layer("backbone")
+    np.testing.assert_array_equal(trained.get_layer("stem_conv").get_weights()[0],
+                                  base.get_layer("stem_conv").get_weights()[0])
+    assert not np.array_equal(trained.get_layer("block3_conv").get_weights()[0],
+                              conv.get_weights()[0])
+    with open(run.path / "search.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["setting"], r["candidate"], r["chosen"]) for r in rows] == [
+        ("freeze", s["candidate"], str(int(s["chosen"]))) for s in search]
+
+
+def test_freeze_auto_is_refused_outside_finetune(make_folder):
+    from click.testing import CliRunner
+
+    from tlkit.cli import cli
+
+    data = make_folder(per_class=4)
+    result = CliRunner().invoke(cli, ["precompute-features", str(data), "--backbone", TINY,
+                                      "--weights", "none", "--freeze", "auto"])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("--freeze auto is only for `tlkit finetune`, which "
+                                          "picks the freeze point on the validation split; "
+                                          "here give a number, 'all', --freeze-to or "
+                                          "--freeze-blocks. Received: auto")
+    assert "Traceback" not in result.output

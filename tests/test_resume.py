@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_folder
+from conftest import TINY, write_folder
 
 from tlkit.checkpoints import read_state
 from tlkit.cli import cli
 from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS
 
 HEAD_ROWS = MIN_HEAD_STEPS // CHECK_EVERY  # history rows of the head phase on this tiny data
-ARGS = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--head-epochs", "2",
-        "--epochs", "3", "--freeze", "150", "--patience", "10"]
+ARGS = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs", "2",
+        "--epochs", "3", "--freeze", "11", "--patience", "10"]
 
 
 def invoke(*args: str):
@@ -52,7 +52,7 @@ def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int,
     return proc
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
     # the head phase is one checkpoint holding its 10 validation checks (tlkit/head.py), then
@@ -96,7 +96,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert again.exit_code == 5 and "this run finished" in again.output
 
 
-@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ctrl_c_says_how_to_resume_and_force_resume_continues_despite_a_change(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
     proc = kill_after(tmp_path, "r", data, epochs_done=1, sig=signal.SIGINT)
@@ -118,7 +118,6 @@ def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
     assert "runs/nothing: no interrupted run to resume" in result.output
 
 
-@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import keras
 
@@ -136,7 +135,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert not (tmp_path / "runs" / "n").exists()
 
 
-@pytest.mark.slow
 def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 10)
     (data / "a" / "broken.jpg").write_text("not an image")
@@ -157,13 +155,12 @@ def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
     assert report["totals"]["bad"] == 1
 
 
-@pytest.mark.slow
 def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path, monkeypatch):
     import tlkit.train
 
     data = write_folder(tmp_path / "data", ["a", "b"], 12)
-    common = ["--weights", "none", "--input-size", "32", "--batch-size", "4", "--head-epochs",
-              "2", "--epochs", "2", "--freeze", "160", "--augment", "none", "--cache",
+    common = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs",
+              "2", "--epochs", "2", "--freeze", "14", "--augment", "none", "--cache",
               "--patience", "10"]
     real = tlkit.train.save_epoch
 

@@ -7,13 +7,13 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_folder
+from conftest import TINY, write_folder
 
 from tlkit.cli import cli
 from tlkit.datasets import load_dataset, load_folder
 from tlkit.errors import DataError
 
-FAST = ["--weights", "none", "--input-size", "32", "--batch-size", "8", "--head-epochs", "1",
+FAST = ["--backbone", TINY, "--weights", "none", "--batch-size", "8", "--head-epochs", "1",
         "--epochs", "0", "--freeze", "all"]
 
 
@@ -77,7 +77,6 @@ def test_bad_manifest_shapes(tmp_path):
         load_dataset(manifest(tmp_path, val_only_class, header="path,label,split"))
 
 
-@pytest.mark.slow
 def test_finetune_check_data_and_eval_on_a_csv(tmp_path):
     csv = manifest(tmp_path, all_rows())
     runner = CliRunner()
@@ -92,7 +91,6 @@ def test_finetune_check_data_and_eval_on_a_csv(tmp_path):
     assert json.loads(evaluated.stdout)["split"] == "val"
 
 
-@pytest.mark.slow
 def test_tfds_source_is_written_once_and_trains_and_evaluates(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     runner = CliRunner()

@@ -29,10 +29,12 @@ class BackboneSpec:
     min_size: int
     # (stage name, name of its last layer); a stage holds every layer up to that one.
     stages: tuple[tuple[str, str], ...]
-    weights_file: str  # ImageNet weights without the top, as Keras names them
+    weights_file: str  # ImageNet weights without the top, as Keras names them ("": none)
     weights_subdir: str  # folder under KERAS_WEIGHTS_URL
     weights_hash: str  # the pin Keras publishes (md5 hex, or sha256 hex)
     crop_fraction: float = 0.875  # eval: resize shorter side to size / crop_fraction, centre crop
+    # builds the headless backbone from an input shape, when it is not in keras.applications
+    builder: Callable[[tuple[int, int, int]], Any] | None = None
 
     @property
     def weights_url(self) -> str:
@@ -47,6 +49,15 @@ class BackboneSpec:
         """The Keras backbone; `weights` is None or a path to a weights file."""
         import keras
 
+        if self.builder is not None:
+            base = self.builder((input_size or self.default_size, ) * 2 + (3,))
+            if include_top:  # as keras.applications' top: pooled 1000-way softmax
+                x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
+                x = keras.layers.Dense(1000, activation="softmax", name="predictions")(x)
+                base = keras.Model(base.input, x, name=self.name)
+            if weights is not None:
+                base.load_weights(weights)
+            return base
         ctor: Callable[..., Any] = getattr(keras.applications, self.constructor)
         if include_top:
             return ctor(weights=weights, include_top=True)
@@ -98,6 +109,30 @@ _RESNET_NOTOP_MD5 = {
     "resnet152v2": "ed17cf2e0169df9d443503ef94b23b33",
 }
 
+def _test_resnet(input_shape: tuple[int, int, int]) -> Any:
+    """A few thousand parameters in ResNet's shape: a stem, one residual block (so a freeze
+    point can fall inside a block), two strided stages. For tests and CPU smoke runs: every
+    mechanism of tlkit in seconds, with no pretrained weights."""
+    import keras
+    from keras import layers
+
+    def conv_bn(x: Any, filters: int, name: str, strides: int = 1, relu: bool = True) -> Any:
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                          name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    inputs = keras.Input(input_shape, name="input_layer")
+    stem = conv_bn(inputs, 8, "stem", strides=2)
+    x = conv_bn(stem, 8, "block1_1")
+    x = conv_bn(x, 8, "block1_2", relu=False)
+    x = layers.Add(name="block1_add")([stem, x])
+    x = layers.ReLU(name="block1_out")(x)
+    x = conv_bn(x, 16, "block2", strides=2)
+    x = conv_bn(x, 32, "block3", strides=2)
+    return keras.Model(inputs, x, name="test_resnet")
+
+
 _VGG_STAGES = tuple((f"block{i}", f"block{i}_pool") for i in range(1, 6))
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -141,6 +176,13 @@ REGISTRY: dict[str, BackboneSpec] = {
         _resnet("resnet50_v2", "ResNet50V2", 4, 6, v2=True),
         _resnet("resnet101_v2", "ResNet101V2", 4, 23, v2=True),
         _resnet("resnet152_v2", "ResNet152V2", 8, 36, v2=True),
+        BackboneSpec(
+            name="test_resnet", constructor="", preprocessing="tf", default_size=32,
+            min_size=16,
+            stages=(("stem", "stem_relu"), ("block1", "block1_out"), ("block2", "block2_relu"),
+                    ("block3", "block3_relu")),
+            weights_file="", weights_subdir="", weights_hash="", builder=_test_resnet,
+        ),
     )
 }
 

@@ -57,6 +57,10 @@ def verify_pinned(spec: BackboneSpec, path: Path) -> None:
 
 def ensure_imagenet(spec: BackboneSpec) -> Path:
     """The cached ImageNet file, downloading it once if allowed."""
+    if not spec.weights_file:
+        raise WeightsError(f"{spec.name} has no ImageNet weights (it is tlkit's test backbone); "
+                           "use --weights none, a weights file or a tlkit run. Received: "
+                           "imagenet")
     target = keras_cache_dir() / spec.weights_file
     if target.is_file():
         verify_pinned(spec, target)
@@ -137,6 +141,8 @@ def cached_weights() -> list[dict[str, Any]]:
     """One row per registered backbone: its ImageNet file and whether it is in the cache."""
     rows = []
     for spec in REGISTRY.values():
+        if not spec.weights_file:
+            continue
         path = keras_cache_dir() / spec.weights_file
         rows.append({
             "backbone": spec.name, "file": spec.weights_file, "cached": path.is_file(),
@@ -153,6 +159,8 @@ def import_weights(file: str | os.PathLike, overwrite: bool = False) -> tuple[Ba
         raise WeightsError(f"{file}: no such file")
     digests: dict[str, str] = {}
     for spec in REGISTRY.values():
+        if not spec.weights_hash:
+            continue
         algo = spec.weights_hash_algorithm
         digests.setdefault(algo, file_hash(file, algo))
         if digests[algo] == spec.weights_hash:
