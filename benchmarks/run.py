@@ -335,6 +335,7 @@ def eval_figures() -> None:
 
     from tlkit.backbones import get_backbone
     from tlkit.datasets import load_folder
+    from tlkit.decode import DEFAULT_MAX_PIXELS
     from tlkit.evaluate import member_view_probs
     from tlkit.freezing import freeze_all
     from tlkit.model import build_classifier
@@ -342,7 +343,7 @@ def eval_figures() -> None:
     class Member:  # what evaluate builds from a run, built here from a fresh model
         def __init__(self, model: object, n_frozen: int):
             self.model, self.size, self.crop = model, S.size, 0.875
-            self.run = type("R", (), {"info": {
+            self.run = type("R", (), {"max_pixels": DEFAULT_MAX_PIXELS, "info": {
                 "backbone": spec.name, "preprocessing": spec.preprocessing,
                 "weights": {"sha256": "x"}, "freeze": {"n_frozen": n_frozen}}})()
 

@@ -27,3 +27,43 @@ def test_quality_benchmark_smoke_produces_every_figure(tmp_path):
     # the table printed for the README has a row per configuration
     for name in configs:
         assert f"| {name} |" in result.stdout
+
+
+# every figure benchmarks/run.py prints, named as --smoke names them (test backbone, 32 px)
+SPEED_FIGURES = {
+    "cli_help_seconds",
+    "train_images_per_s_test_resnet_32_frozen", "train_images_per_s_test_resnet_32_unfrozen",
+    "train_speedup_test_resnet_32_frozen_over_unfrozen",
+    "pca_images_per_s_tlkit", "pca_images_per_s_fancypca", "pca_speedup_vs_fancypca",
+    "pipeline_loop_images_per_s", "pipeline_tfdata_threads_1_images_per_s",
+    "aug_overhead_ratio", "aug_scaling_efficiency", "input_headroom",
+    "cache_live_epoch_seconds", "cache_epoch_seconds", "cache_epoch_speedup",
+    "cache_build_ratio", "cache_rss_peak_mb", "cache_rss_growth",
+    "multicrop1_seconds", "multicrop10_seconds", "multicrop10_cost_ratio",
+    "ensemble3_shared_trunk_seconds", "ensemble_shared_trunk_ratio",
+    "audit_images_per_s", "audit_overhead_ratio", "audit_memo_seconds", "audit_memo_speedup",
+    "checkpoint_save_seconds_test_resnet", "checkpoint_restore_seconds_test_resnet",
+    "dist_train_images_per_s_default", "dist_train_images_per_s_mirrored",
+    "dist_mirrored_speedup", "dist_multiworker_2proc_speedup",
+    "precompute_sharded_2proc_ratio", "cache_merge_mb_per_s",
+}
+
+
+@pytest.mark.subprocess
+def test_speed_benchmark_smoke_produces_every_figure():
+    """Every group of benchmarks/run.py once at tiny sizes: a changed signature or a broken
+    group fails here, not in a README table."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke"],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    names = {f["name"] for f in figures}
+    # tf.data with all cores, and grain when it is installed, are named by their counts
+    names = {n for n in names if not n.startswith(("pipeline_tfdata_threads_",
+                                                   "pipeline_grain_"))} | (
+        {"pipeline_tfdata_threads_1_images_per_s"} & names)
+    assert names == SPEED_FIGURES, sorted(names ^ SPEED_FIGURES)
+    for f in figures:
+        assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), f
+        if f["name"] != "pipeline_grain_processes_skipped":
+            assert f["value"] > 0, f

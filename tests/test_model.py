@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from tlkit.backbones import get_backbone
 from tlkit.model import build_classifier, preprocessing_layers
@@ -20,7 +21,7 @@ def test_preprocessing_layers_equal_keras_preprocess_input(mode):
 
 
 def test_classifier_takes_uint8_and_outputs_probabilities():
-    spec = get_backbone("resnet50")
+    spec = get_backbone(TINY)
     model = build_classifier(spec, spec.build(32), 4, 32)
     assert model.input.dtype == "uint8"
     x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype("uint8")

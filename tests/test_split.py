@@ -2,14 +2,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 from tlkit.backbones import get_backbone
 from tlkit.model import build_classifier
 from tlkit.split import build_tail, build_trunk, resolve_cut, single_tensor_cuts
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name,size", [("resnet50", 32), ("inception_v3", 75), ("vgg16", 32)])
+@pytest.mark.parametrize("name,size", [
+    pytest.param("resnet50", 32, marks=pytest.mark.slow),
+    pytest.param("inception_v3", 75, marks=pytest.mark.slow),
+    pytest.param("vgg16", 32, marks=pytest.mark.slow),
+    (TINY, 32),  # the mechanics in a second; the real architectures in the slow lane
+])
 def test_trunk_then_tail_equals_the_whole_model_at_any_freeze_point(name, size):
     spec = get_backbone(name)
     base = spec.build(size)
@@ -36,3 +41,13 @@ def test_residual_block_interior_is_not_a_cut():
     cut = resolve_cut(base, names.index("conv2_block2_2_conv") + 1)
     assert cut.layer == "conv2_block1_out"
     assert resolve_cut(base, 0) is None
+
+
+def test_the_test_backbone_has_a_block_whose_interior_is_not_a_cut():
+    base = get_backbone(TINY).build(32)
+    names = [layer.name for layer in base.layers]
+    cuts = set(single_tensor_cuts(base))
+    assert names.index("stem_relu") + 1 in cuts and names.index("block1_out") + 1 in cuts
+    for inside in ("block1_1_conv", "block1_1_relu", "block1_2_bn"):
+        assert names.index(inside) + 1 not in cuts  # the shortcut crosses too
+    assert resolve_cut(base, names.index("block1_2_conv") + 1).layer == "stem_relu"
