@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py             # the core table: k=10, 3 seeds (under 30 min, 2 cores)
     python benchmarks/quality.py --sweep     # and k=5, 20, every preset and recipe
-    python benchmarks/quality.py --smoke     # one seed, k=5, two configurations, tiny trunk
+    python benchmarks/quality.py --smoke     # one seed, k=5, two configurations, test backbone
     python benchmarks/quality.py --json F    # every measurement, for scripts
 
 Real data that ships offline: the 1,797 handwritten digits in data/ (8x8 PNGs, upscaled to
@@ -50,6 +50,7 @@ DATA = ROOT / "data"
 SOURCE_CLASSES = ("0", "1", "2", "3", "4")
 TARGET_CLASSES = ("5", "6", "7", "8", "9")
 SIZE = 32
+BACKBONE = "resnet50"  # --smoke: tlkit's test backbone, so that the smoke test takes a minute
 COMMON = ["--input-size", str(SIZE), "--workers", "2"]
 
 # name -> (finetune flags, k values, seeds: "all" or only the first). The budget decides: on
@@ -176,13 +177,23 @@ def reference_features(trunk: Path, task: Path) -> dict[str, tuple[Any, Any]]:
     import keras
 
     source = keras.saving.load_model(trunk / "model.keras")
-    base = keras.applications.ResNet50(weights=None, include_top=False,
-                                       input_shape=(SIZE, SIZE, 3), pooling="avg")
+    if BACKBONE == "resnet50":
+        base = keras.applications.ResNet50(weights=None, include_top=False,
+                                           input_shape=(SIZE, SIZE, 3), pooling="avg")
+        preprocess = keras.applications.resnet50.preprocess_input
+    else:  # --smoke: the test backbone has no keras.applications twin
+        from tlkit.backbones import get_backbone
+
+        spec = get_backbone(BACKBONE)
+        inner = spec.build(SIZE)
+        base = keras.Model(inner.input, keras.layers.GlobalAveragePooling2D()(inner.output))
+        preprocess = lambda x: keras.applications.imagenet_utils.preprocess_input(  # noqa: E731
+            x, mode=spec.preprocessing)
     base.set_weights(source.get_layer("backbone").get_weights())
     out = {}
     for split in ("train", "val", "test"):
         files, labels = split_files(task, split)
-        x = keras.applications.resnet50.preprocess_input(load_images(files))
+        x = preprocess(load_images(files))
         out[split] = (base.predict(x, batch_size=64, verbose=0), labels)
     clear()
     return out
@@ -312,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-references", action="store_true",
                         help="skip the plain-Keras, logistic-regression and scratch rows")
     parser.add_argument("--smoke", action="store_true",
-                        help="one seed, k=5, two configurations, a one-epoch trunk")
+                        help="one seed, k=5, two configurations, a one-epoch trunk on the "
+                             "test backbone: checks the figures are produced, nothing more")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args(argv)
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
@@ -320,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only:
         configs = {n: c for n, c in configs.items() if any(o in n for o in args.only)}
     if args.smoke:
+        global BACKBONE
+        BACKBONE = "test_resnet"
+        COMMON.extend(["--backbone", BACKBONE])
         args.seeds, args.k, args.trunk_epochs = [0], [5], 1
         configs = {"defaults": ([], (5,), "all"),
                    "recipe small-data": (["--recipe", "small-data"], (5,), "all")}

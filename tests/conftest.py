@@ -20,6 +20,13 @@ GATE_SECONDS = float(os.environ.get("TLKIT_TEST_GATE_SECONDS", "10"))  # raise o
 LANE_MARKERS = ("slow", "subprocess")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Import TensorFlow and Keras once, before any test runs: the gate times tests, not the
+    few seconds an import costs whichever test comes first."""
+    import keras  # noqa: F401
+    import tensorflow  # noqa: F401
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield

@@ -197,14 +197,22 @@ def test_a_tampered_part_is_refused(make_folder):
     assert str(part) in result.output and "run shard 0 again" in result.output
 
 
-@pytest.mark.subprocess
-def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path):
-    data = write_folder(tmp_path / "data" / "train", ["a", "b"], 12)  # 24: batches of 4
-    write_folder(tmp_path / "data" / "val", ["a", "b"], 3, seed=1)
-    data = data.parent
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted one-device run, the reference both strategies are compared with;
+    (its data, the run)."""
+    root = tmp_path_factory.mktemp("reference")
+    data = write_folder(root / "data" / "train", ["a", "b"], 12).parent  # 24: batches of 4
+    write_folder(data / "val", ["a", "b"], 3, seed=1)
     single = tlkit(["finetune", str(data), "-o", "runs/single", *ARGS, "--strategy", "default"],
-                   tmp_path)
+                   root)
     assert single.returncode == 0, single.stderr
+    return data, root / "runs" / "single"
+
+
+@pytest.mark.subprocess
+def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path, reference):
+    data, single = reference
     mirrored = tlkit(["finetune", str(data), "-o", "runs/mirrored", *ARGS, "--strategy",
                       "mirrored", "--class-weight", "balanced"], tmp_path, TWO_CPUS)
     assert mirrored.returncode == 0, mirrored.stderr
@@ -214,7 +222,7 @@ def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path):
     assert info["distribution"] == {"strategy": "mirrored", "replicas": 2, "workers": 1,
                                     "per_replica_batch": 2}
     assert info["optimizer_steps"] == 3 * 6
-    assert_same_training(tmp_path / "runs/single", tmp_path / "runs/mirrored")
+    assert_same_training(single, tmp_path / "runs/mirrored")
 
     evals = {}
     for name, strategy, env in (("one", "default", None), ("two", "mirrored", TWO_CPUS)):
@@ -244,12 +252,8 @@ def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path):
-    data = write_folder(tmp_path / "data" / "train", ["a", "b"], 12).parent
-    write_folder(data / "val", ["a", "b"], 3, seed=1)
-    reference = tlkit(["finetune", str(data), "-o", "runs/single", *ARGS, "--strategy",
-                       "default"], tmp_path)
-    assert reference.returncode == 0, reference.stderr
+def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path, reference):
+    data, single = reference
     homes = [tmp_path / f"worker{i}" for i in range(2)]
     for home in homes:
         home.mkdir()
@@ -259,7 +263,7 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path):
     info = json.loads((homes[0] / "runs/mw/run.json").read_text())
     assert info["distribution"]["workers"] == 2 and info["distribution"]["replicas"] == 2
     assert list(homes[1].iterdir()) == []  # worker 1 wrote nothing at all
-    assert_same_training(tmp_path / "runs/single", homes[0] / "runs/mw")
+    assert_same_training(single, homes[0] / "runs/mw")
 
     run = homes[0] / "runs/mw"  # every worker evaluates it; the images are split between them
     outputs = two_workers(["eval", str(run), "--split", "val", "--strategy", "multiworker",
@@ -274,8 +278,9 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path):
 
 
     # workers that see different files stop, all of them, with one line (no hang)
+    shutil.copytree(data, tmp_path / "data")  # worker 0's copy, mtimes kept
     shutil.copytree(data, homes[1] / "data")  # worker 1's own copy, mtimes kept
-    os.utime(data / "train" / "a" / "img0.png")  # worker 0's copy: one file changed
+    os.utime(tmp_path / "data" / "train" / "a" / "img0.png")  # worker 0's: one file changed
     bad = two_workers(["finetune", "data", "-o", "runs/bad", *ARGS, "--strategy",
                        "multiworker"], [tmp_path, homes[1]], expect=2)
     assert all("the workers see different data" in err and "Traceback" not in err for err in bad)

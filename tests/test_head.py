@@ -111,8 +111,9 @@ def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkey
     search = run.info["augment"]["search"]
     assert [s["augment"] for s in search] == ["grey", "none"]
     grey, plain = search
-    assert plain["val_loss"] < grey["val_loss"] / 4
-    assert plain["val_accuracy"] == 1.0
+    assert grey["val_loss"] > 0.6  # chance is ln 2 = 0.69: grey views carry no class
+    assert plain["val_loss"] < grey["val_loss"] - 0.15 and plain["val_accuracy"] == 1.0
+    assert plain["chosen"] and not grey["chosen"] and grey["se_above_best"] > 1
     assert run.info["augment"]["extra"] == []  # the chosen one: no ToGray
     assert run.info["config"]["augment"]["preset"] == "auto"  # what was asked for
     saved = json.loads((run.path / "run.json").read_text())
@@ -183,6 +184,7 @@ def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
     np.testing.assert_allclose(two.val, one.val)  # validation: always the eval view
 
 
+@pytest.mark.slow  # about 12 s: two candidate tails and the fine-tune each trace a graph
 def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_path):
     """A trunk whose last stage outputs a constant: head only cannot learn, training that
     stage can. auto must see it on the validation split and fine-tune from its choice."""
@@ -202,8 +204,8 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     tinted_folder(data / "train", 12, 0)
     tinted_folder(data / "val", 6, 1)
     run = finetune(quick_config(data, tmp_path / "run", weights=str(trunk),
-                                freeze=FreezeRequest(count="auto"), epochs=8, lr=0.05,
-                                fine_tune_lr=0.01, augment=resolve_augment("none")))
+                                freeze=FreezeRequest(count="auto"), epochs=4, lr=0.05,
+                                fine_tune_lr=0.02, augment=resolve_augment("none")))
     search = run.info["freeze"]["search"]
     assert [s["candidate"] for s in search] == ["head only", "--freeze-blocks 3",
                                                 "--freeze-blocks 2"]

@@ -9,7 +9,9 @@ trains its tail (the trainable stages + head) from the activations for `--epochs
 `--fine-tune-lr` with the run's patience, as the fine-tune phase would, without augmentation.
 Fewer frozen layers than two stages (down to `--freeze 0`) are not candidates: nothing cached
 could stand in for the layers they train, so probing them would cost the fine-tune itself.
-The lowest validation loss wins; on a tie, the more frozen candidate.
+The choice is the one-standard-error rule (tlkit.head.one_se_choice): the most frozen candidate
+whose validation losses are within one standard error of the lowest, since on a small
+validation split a deeper fine-tune "winning" by less than that is noise, and it costs more.
 """
 
 from __future__ import annotations
@@ -54,7 +56,16 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
 
     from tlkit.augment import TrainTransform, resolve_augment
     from tlkit.features import make_rows_fn
-    from tlkit.head import Features, fit_head, forward, head_steps
+    from tlkit.head import (
+        Features,
+        best_keeper,
+        fit_head,
+        forward,
+        head_steps,
+        head_val_losses,
+        one_se_choice,
+        val_losses,
+    )
     from tlkit.model import backbone_of
     from tlkit.split import build_tail, resolve_cut, trunk_outputs
 
@@ -93,6 +104,7 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
     scores = [_score(plans[0], top["val_loss"], top["val_accuracy"], 0,
                      time.perf_counter() - t)]
+    losses = [head_val_losses(model, pooled)]
     probed = model.get_weights()
     weights = (np.asarray(sample_weights, np.float32) if sample_weights is not None else None)
     for i, (plan, cut) in enumerate(deeper):
@@ -105,27 +117,33 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
         history = tail.fit(out["train"][i], y_train, sample_weight=weights,
                            batch_size=config.batch_size, epochs=config.epochs,
                            validation_data=(out["val"][i], y_val), verbose=0,
-                           callbacks=[keras.callbacks.EarlyStopping(
+                           callbacks=[best_keeper(), keras.callbacks.EarlyStopping(
                                "val_loss", patience=config.patience)]).history
-        # the head probe's own score is where each tail starts
-        losses = [scores[0]["val_loss"], *history["val_loss"]]
+        trained = val_losses(np.asarray(tail.predict(out["val"][i], verbose=0), np.float64),
+                             y_val)  # the best epoch's weights, restored
+        # where each tail starts is the head probe: it stays the score unless training beat it
+        if not np.mean(trained) < np.mean(losses[0]):
+            trained = losses[0]
+        losses.append(trained)
         accs = [scores[0]["val_accuracy"], *history["val_accuracy"]]
-        best = min(range(len(losses)),
-                   key=lambda j: losses[j] if math.isfinite(losses[j]) else math.inf)
-        scores.append(_score(plan, losses[best], accs[best], len(history["val_loss"]),
-                             time.perf_counter() - t))
+        vals = [scores[0]["val_loss"], *history["val_loss"]]
+        best = min(range(len(vals)),
+                   key=lambda j: vals[j] if math.isfinite(vals[j]) else math.inf)
+        scores.append(_score(plan, float(np.mean(trained)), accs[best],
+                             len(history["val_loss"]), time.perf_counter() - t))
     model.set_weights(initial)
     base.trainable = True
     for s in scores:
         log.info("--freeze auto: %-22s val_loss %.4f, val_accuracy %.4f (%d tail epochs, "
                  "%.1f s)", s["candidate"], s["val_loss"], s["val_accuracy"], s["epochs"],
                  s["seconds"])
-    index = min(range(len(scores)), key=lambda j: (
-        scores[j]["val_loss"] if math.isfinite(scores[j]["val_loss"]) else math.inf, j))
+    index, excess = one_se_choice(losses)
     chosen = [plans[0], *(p for p, _ in deeper)][index]
-    log.info("--freeze auto: chose %s (lowest validation loss)", scores[index]["candidate"])
-    for j, s in enumerate(scores):
+    log.info("--freeze auto: chose %s (the most frozen within one standard error of the lowest "
+             "validation loss)", scores[index]["candidate"])
+    for j, (s, e) in enumerate(zip(scores, excess, strict=True)):
         s["chosen"] = j == index
+        s["se_above_best"] = round(e, 2) if math.isfinite(e) else None
     return (dataclasses.replace(chosen, request=f"--freeze auto ({chosen.request})"), scores,
             pooled)
 

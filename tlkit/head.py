@@ -121,38 +121,99 @@ def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: 
              sample_weights: Sequence[float] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
     keep the weights with the lowest validation loss (checked every CHECK_EVERY steps or every
-    pass, whichever is longer); (one history row per check, optimizer steps taken)."""
-    import keras
+    pass, whichever is longer); (one history row per check, optimizer steps taken).
 
-    head = keras.Sequential([keras.Input(features.train.shape[1:]),
-                             model.get_layer("dropout"), model.get_layer("predictions")])
-    head.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
+    A compiled loop of its own rather than Keras fit(): with a check every few steps, fit's
+    per-epoch machinery cost more than the training itself (seconds per probe on small data)."""
+    import keras
     import tensorflow as tf
 
-    # an "epoch" here is max(one pass, CHECK_EVERY steps): validation (and the choice of the
-    # best weights) every so many steps, not after every tiny pass over a small set
-    per_epoch = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
-    epochs = max(1, math.ceil(steps / per_epoch))
-    columns: tuple[Any, ...] = (features.train, features.train_labels)
-    if sample_weights is not None:
-        columns += (np.tile(np.asarray(sample_weights, np.float32), features.views),)
-    data = (tf.data.Dataset.from_tensor_slices(columns)
+    dropout, dense = model.get_layer("dropout"), model.get_layer("predictions")
+    optimizer = keras.optimizers.Adam(lr)
+    optimizer.build(dense.trainable_weights)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    # a "check" is max(one pass, CHECK_EVERY steps): validation (and the choice of the best
+    # weights) every so many steps, not after every tiny pass over a small set
+    per_check = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
+    checks = max(1, math.ceil(steps / per_check))
+    weights = (np.tile(np.asarray(sample_weights, np.float32), features.views)
+               if sample_weights is not None else np.ones(len(features.train), np.float32))
+    data = (tf.data.Dataset.from_tensor_slices((features.train, features.train_labels, weights))
             .shuffle(len(features.train), seed=seed, reshuffle_each_iteration=True)
-            .repeat().batch(batch_size))
-    keeper = _best_keeper()
-    history = head.fit(data, steps_per_epoch=per_epoch, epochs=epochs, verbose=0, shuffle=False,
-                       validation_data=(features.val, features.val_labels),
-                       validation_batch_size=256, callbacks=[keeper]).history
-    rows = [{"phase": "head", "epoch": p + 1, "loss": float(history["loss"][p]),
-             "accuracy": float(history["accuracy"][p]),
-             "val_loss": float(history["val_loss"][p]),
-             "val_accuracy": float(history["val_accuracy"][p]), "lr": lr,
-             "seconds": keeper.seconds[p]} for p in range(len(history["loss"]))]
-    return rows, int(keras.ops.convert_to_numpy(head.optimizer.iterations))
+            .repeat().batch(batch_size).prefetch(2))
+    batches = iter(data)
+
+    @tf.function
+    def train(n: Any) -> tuple[Any, Any]:
+        loss_sum, hits, seen = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(n):
+            x, y, w = next(batches)
+            with tf.GradientTape() as tape:
+                probs = tf.cast(dense(dropout(x, training=True)), tf.float32)
+                loss = loss_fn(y, probs, sample_weight=w)
+            grads = tape.gradient(loss, dense.trainable_weights)
+            optimizer.apply_gradients(zip(grads, dense.trainable_weights, strict=True))
+            hit = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
+            loss_sum += loss
+            hits += tf.reduce_sum(hit * w)
+            seen += tf.reduce_sum(w)
+        return loss_sum / tf.cast(n, tf.float32), hits / seen
+
+    rows: list[dict[str, Any]] = []
+    best, kept = math.inf, None
+    n = tf.constant(per_check)
+    for check in range(checks):
+        start = time.perf_counter()
+        loss, accuracy = (float(v) for v in train(n))
+        probs = np.asarray(dense(features.val), np.float64)
+        val = val_losses(probs, features.val_labels)
+        val_loss = float(val.mean()) if len(val) else math.nan
+        val_accuracy = float((probs.argmax(-1) == features.val_labels).mean()) \
+            if len(val) else math.nan
+        rows.append({"phase": "head", "epoch": check + 1, "loss": loss, "accuracy": accuracy,
+                     "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": lr,
+                     "seconds": round(time.perf_counter() - start, 3)})
+        if not (math.isfinite(loss) and math.isfinite(val_loss)):
+            break  # the rows show it; nothing after a NaN is worth keeping
+        if val_loss < best:
+            best, kept = val_loss, dense.get_weights()
+    if kept is not None:
+        dense.set_weights(kept)
+    return rows, int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
-def _best_keeper() -> Any:
+def val_losses(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each validation image's cross-entropy under `probs`."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))
+
+
+def head_val_losses(model: Any, features: Features) -> np.ndarray:
+    """Per-image validation losses of the classifier's head on `features` (dropout is off)."""
+    probs = np.asarray(model.get_layer("predictions")(features.val), np.float64)
+    return val_losses(probs, features.val_labels)
+
+
+def one_se_choice(losses: Sequence[np.ndarray]) -> tuple[int, list[float]]:
+    """Breiman's one-standard-error rule over candidates ordered simplest first: the first
+    whose per-image validation losses are within one standard error of the best's (paired
+    differences), so that noise on a small validation split does not pick a riskier setting.
+    (index chosen, each candidate's mean excess over the best in standard errors)."""
+    means = [float(np.mean(x)) if np.all(np.isfinite(x)) else math.inf for x in losses]
+    best = int(np.argmin(means))
+    excess = []
+    for x, m in zip(losses, means, strict=True):
+        if not math.isfinite(m):
+            excess.append(math.inf)
+            continue
+        d = x - losses[best]
+        se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        excess.append(float(np.mean(d) / se) if se > 0 else (0.0 if np.mean(d) <= 0
+                                                             else math.inf))
+    chosen = next(i for i, e in enumerate(excess) if e <= 1.0)
+    return chosen, excess
+
+
+def best_keeper() -> Any:
     import keras
 
     class BestKeeper(keras.callbacks.Callback):
@@ -181,12 +242,13 @@ def _best_keeper() -> Any:
     return BestKeeper()
 
 
-# (label, preset, overrides): from none to Inception's crops; mirroring with and without,
-# since it changes the class of text, digits and anything with a handedness
+# (label, preset, overrides), simplest first (the one-standard-error rule prefers the
+# earlier): from none to Inception's crops; shifts without and with mirroring, since mirroring
+# changes the class of text, digits and anything with a handedness
 AUTO_CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("none", "none", {}),
-    ("light", "light", {}),
     ("light, no mirror", "light", {"flip_p": 0.0}),
+    ("light", "light", {}),
     ("standard", "standard", {}),
 )
 
@@ -196,7 +258,8 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
                    on_first_batch: Any = None
                    ) -> tuple[Any, list[dict[str, Any]], Features | None]:
     """`--augment auto`: a head probe per candidate augmentation (max(--head-views, AUTO_VIEWS)
-    views of the random ones), from the same initial head, scored by validation loss.
+    views of the random ones), from the same initial head, scored by validation loss and
+    chosen by the one-standard-error rule (`one_se_choice`).
 
     Returns the best AugmentConfig, every candidate's scores, and the features the head phase
     trains on when they were computed here (the eval view's when --head-views is 1), else None.
@@ -207,7 +270,7 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
     dim = int(model.get_layer("pool").output.shape[-1])
     extractor = pooled_extractor(model)
     initial = model.get_layer("predictions").get_weights()
-    scores, chosen = [], []
+    scores, chosen, losses = [], [], []
     for name, preset, overrides in AUTO_CANDIDATES:
         augment = resolve_augment(preset, **overrides)
         transform = build_train_transform(augment, train, size, crop_fraction,
@@ -223,20 +286,23 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
                            config.seed, sample_weights)
         top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
                   else math.inf)
+        losses.append(head_val_losses(model, features))
         scores.append({"augment": name, "views": views, "val_loss": top["val_loss"],
                        "val_accuracy": top["val_accuracy"],
                        "seconds": round(features.seconds + sum(r["seconds"] for r in rows), 1)})
         log.info("--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
                  name, top["val_loss"], top["val_accuracy"], views, scores[-1]["seconds"])
-        chosen.append((top["val_loss"], len(chosen), augment, name, features))
+        chosen.append((augment, name, features))
     model.get_layer("predictions").set_weights(initial)
-    _, _, augment, name, features = min(
-        chosen, key=lambda c: (c[0] if math.isfinite(c[0]) else math.inf, c[1]))
-    log.info("--augment auto: chose %s (lowest validation loss of a head trained on it)", name)
-    for score in scores:
+    index, excess = one_se_choice(losses)
+    augment, name, features = chosen[index]
+    log.info("--augment auto: chose %s (the simplest within one standard error of the lowest "
+             "validation loss)", name)
+    for score, e in zip(scores, excess, strict=True):
         score["chosen"] = score["augment"] == name
+        score["se_above_best"] = round(e, 2) if math.isfinite(e) else None
     wanted = feature_views(augment.random, config.head_views, len(train), dim)
     if wanted == 1:  # the head phase trains on the eval view: the `none` candidate's features
-        plain = [c[4] for c in chosen if not c[2].random]
+        plain = [c[2] for c in chosen if not c[0].random]
         return augment, scores, plain[0] if plain else None
     return augment, scores, features if features.views == wanted else None
