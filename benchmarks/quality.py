@@ -51,6 +51,7 @@ SOURCE_CLASSES = ("0", "1", "2", "3", "4")
 TARGET_CLASSES = ("5", "6", "7", "8", "9")
 SIZE = 32
 BACKBONE = "resnet50"  # --smoke: tlkit's test backbone, so that the smoke test takes a minute
+REFERENCE_EPOCHS = 1000  # the plain-Keras reference stops early long before; --smoke: 20
 COMMON = ["--input-size", str(SIZE), "--workers", "2"]
 
 # name -> (finetune flags, k values, seeds: "all" or only the first). The budget decides: on
@@ -210,7 +211,8 @@ def keras_reference(feats: dict[str, tuple[Any, Any]], seed: int) -> float:
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     stop = keras.callbacks.EarlyStopping(patience=30, restore_best_weights=True)
-    model.fit(x, y, batch_size=32, epochs=1000, validation_data=(xv, yv), callbacks=[stop],
+    model.fit(x, y, batch_size=32, epochs=REFERENCE_EPOCHS, validation_data=(xv, yv),
+              callbacks=[stop],
               verbose=0)
     acc = float((model.predict(xt, verbose=0).argmax(1) == yt).mean())
     clear()
@@ -332,8 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only:
         configs = {n: c for n, c in configs.items() if any(o in n for o in args.only)}
     if args.smoke:
-        global BACKBONE
-        BACKBONE = "test_resnet"
+        global BACKBONE, REFERENCE_EPOCHS
+        BACKBONE, REFERENCE_EPOCHS = "test_resnet", 20
         COMMON.extend(["--backbone", BACKBONE])
         args.seeds, args.k, args.trunk_epochs = [0], [5], 1
         configs = {"defaults": ([], (5,), "all"),
@@ -352,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         trunk = args.trunk or work / "trunk"
         if not (trunk / "run.json").is_file():
-            log(f"training the trunk: ResNet50 from scratch on digits 0-4, "
+            log(f"training the trunk: {BACKBONE} from scratch on digits 0-4, "
                 f"{args.trunk_epochs} epochs")
             t = time.perf_counter()
             train_trunk(work, trunk, args.trunk_epochs)

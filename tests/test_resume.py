@@ -19,8 +19,9 @@ from tlkit.cli import cli
 from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS
 
 HEAD_ROWS = MIN_HEAD_STEPS // CHECK_EVERY  # history rows of the head phase on this tiny data
-ARGS = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs", "2",
-        "--epochs", "3", "--freeze", "11", "--patience", "10"]
+# 96 px: the test backbone's epochs last long enough for a signal to land inside one
+ARGS = ["--backbone", TINY, "--input-size", "96", "--weights", "none", "--batch-size", "4",
+        "--head-epochs", "2", "--epochs", "3", "--freeze", "11", "--patience", "10"]
 
 
 def invoke(*args: str):
