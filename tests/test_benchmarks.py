@@ -1,4 +1,4 @@
-"""The accuracy benchmark's smoke mode: every figure it reports is produced, from real runs."""
+"""The benchmarks' smoke modes: every figure they report is produced, from real runs."""
 
 from __future__ import annotations
 
@@ -9,25 +9,6 @@ import sys
 
 import pytest
 from conftest import REPO
-
-
-@pytest.mark.slow
-def test_quality_benchmark_smoke_produces_every_figure(tmp_path):
-    out = tmp_path / "quality.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke",
-                             "--json", str(out)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    configs = {r["config"] for r in rows}
-    assert configs == {"defaults", "recipe small-data", "keras-reference (plain Keras, frozen)",
-                       "logreg-probe (sklearn, frozen)"}
-    for r in rows:
-        assert r["k"] == 5 and r["seed"] == 0
-        assert 0.0 <= r["top1"] <= 1.0 and math.isfinite(r["top1"])
-    # the table printed for the README has a row per configuration
-    for name in configs:
-        assert f"| {name} |" in result.stdout
-
 
 # every figure benchmarks/run.py prints, named as --smoke names them (test backbone, 32 px)
 SPEED_FIGURES = {
@@ -50,13 +31,23 @@ SPEED_FIGURES = {
 
 
 @pytest.mark.subprocess
-def test_speed_benchmark_smoke_produces_every_figure():
-    """Every group of benchmarks/run.py once at tiny sizes: a changed signature or a broken
-    group fails here, not in a README table."""
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke"],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+def test_both_benchmark_smokes_produce_every_figure(tmp_path):
+    """benchmarks/run.py --smoke (every speed group once at tiny sizes) and
+    benchmarks/quality.py --smoke (real runs on the test backbone), side by side since neither
+    measures anything here: a changed signature or a broken group fails here, not in a README
+    table."""
+    out = tmp_path / "quality.json"
+    speed = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    quality = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "quality.py"),
+                                "--smoke", "--json", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    speed_out, speed_err = speed.communicate(timeout=600)
+    quality_out, quality_err = quality.communicate(timeout=600)
+    assert speed.returncode == 0, speed_err[-3000:]
+    assert quality.returncode == 0, quality_err[-3000:]
+
+    figures = [json.loads(line) for line in speed_out.splitlines() if line.startswith("{")]
     names = {f["name"] for f in figures}
     # tf.data with all cores, and grain when it is installed, are named by their counts
     names = {n for n in names if not n.startswith(("pipeline_tfdata_threads_",
@@ -67,3 +58,14 @@ def test_speed_benchmark_smoke_produces_every_figure():
         assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), f
         if f["name"] != "pipeline_grain_processes_skipped":
             assert f["value"] > 0, f
+
+    rows = json.loads(out.read_text())["rows"]
+    configs = {r["config"] for r in rows}
+    assert configs == {"defaults", "recipe small-data", "keras-reference (plain Keras, frozen)",
+                       "logreg-probe (sklearn, frozen)"}
+    for r in rows:
+        assert r["k"] == 5 and r["seed"] == 0
+        assert 0.0 <= r["top1"] <= 1.0 and math.isfinite(r["top1"])
+    # the table printed for the README has a row per configuration
+    for name in configs:
+        assert f"| {name} |" in quality_out

@@ -142,6 +142,7 @@ def test_cache_ls_and_rm(make_folder):
     assert gone.exit_code == 0 and not cache.path.exists()
 
 
+@pytest.mark.slow  # about 10 s: three runs (live, building the cache, reusing it)
 def test_training_from_the_cache_matches_the_live_path(make_folder, tmp_path):
     """Augmentation off, same seed: the cached path gives the live path's predictions."""
     import keras

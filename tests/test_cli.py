@@ -211,7 +211,7 @@ def test_transfer_from_a_previous_run(make_folder, tmp_path):
 def test_quickstart_on_the_shipped_digits():
     """The README quickstart, offline variant, on data/ (1,797 real PNG digits)."""
     result = invoke("finetune", str(REPO / "data"), "--weights", "none", "--input-size", "32",
-                    "--freeze", "all", "--head-epochs", "1", "--epochs", "1", "--batch-size",
+                    "--freeze", "all", "--head-epochs", "1", "--epochs", "0", "--batch-size",
                     "64", "-o", "runs/digits")
     assert result.exit_code == 0, result.output
     assert "10 classes; train 1264, val 254, test 279" in result.output

@@ -224,12 +224,17 @@ def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path, referen
     assert info["optimizer_steps"] == 3 * 6
     assert_same_training(single, tmp_path / "runs/mirrored")
 
+    procs = {name: subprocess.Popen(  # side by side: the comparison is of their outputs
+        [sys.executable, "-m", "tlkit", "eval", "runs/mirrored", str(data), "--split", "val",
+         "--multicrop", "5", "--name", name, "--strategy", strategy, "--json"], cwd=tmp_path,
+        text=True, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE) for name, strategy, env in (("one", "default", None),
+                                                            ("two", "mirrored", TWO_CPUS))}
     evals = {}
-    for name, strategy, env in (("one", "default", None), ("two", "mirrored", TWO_CPUS)):
-        result = tlkit(["eval", "runs/mirrored", str(data), "--split", "val", "--multicrop", "5",
-                        "--name", name, "--strategy", strategy, "--json"], tmp_path, env)
-        assert result.returncode == 0, result.stderr
-        evals[name] = json.loads(result.stdout)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        evals[name] = json.loads(out)
     assert evals["two"]["strategy"]["replicas"] == 2 and evals["two"]["images"] == 6
     assert evals["one"]["top1"] == evals["two"]["top1"]
     assert evals["one"]["log_loss"] == pytest.approx(evals["two"]["log_loss"], rel=1e-5)

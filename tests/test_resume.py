@@ -37,10 +37,10 @@ def progress(tmp_path: Path, name: str) -> int:
 
 
 def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int,
-               sig: int = signal.SIGKILL) -> subprocess.Popen:
+               sig: int = signal.SIGKILL, args: list[str] = ARGS) -> subprocess.Popen:
     """Start a real `tlkit finetune` and signal it once `epochs_done` epochs are saved."""
     proc = subprocess.Popen([sys.executable, "-m", "tlkit", "finetune", str(data), "-o",
-                             f"runs/{name}", *ARGS], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             f"runs/{name}", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while progress(tmp_path, name) < epochs_done:
@@ -100,7 +100,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.subprocess
 def test_ctrl_c_says_how_to_resume_and_force_resume_continues_despite_a_change(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
-    proc = kill_after(tmp_path, "r", data, epochs_done=1, sig=signal.SIGINT)
+    # 20 epochs: the run is still training when the signal lands, however fast the machine
+    proc = kill_after(tmp_path, "r", data, epochs_done=HEAD_ROWS, sig=signal.SIGINT,
+                      args=[*ARGS, "--epochs", "20"])
     stderr = proc.stderr.read()
     assert proc.returncode == 130, stderr
     assert "Error: interrupted; the checkpoints in" in stderr
