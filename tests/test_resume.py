@@ -161,6 +161,7 @@ def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
     assert report["totals"]["bad"] == 1
 
 
+@pytest.mark.slow  # about 10 s: an interrupted run, its resume and a reference run
 def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path, monkeypatch):
     import tlkit.train
 
