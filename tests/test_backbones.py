@@ -72,6 +72,7 @@ def test_backbones_command_matches_published_parameter_counts():
     assert "138.4M" in table.output and "inception_resnet_v2" in table.output
 
 
+@pytest.mark.slow  # builds a real architecture: its layer names are the point
 def test_inspect_prints_every_layer_with_index_and_stage():
     result = CliRunner().invoke(cli, ["inspect", "vgg16", "--input-size", "32"])
     assert result.exit_code == 0, result.output

@@ -27,6 +27,7 @@ def plan_for(name: str, size: int, **request):
     return spec, base, resolve_freeze(FreezeRequest(**request), spec, [x.name for x in base.layers])
 
 
+@pytest.mark.slow  # builds a real architecture: its layer names are the point
 def test_freeze_10_vgg16_exact_trainable_set():
     _, base, plan = plan_for("vgg16", 32, count="10")
     assert plan.n_frozen == 10 and plan.last_frozen == "block3_conv3"
@@ -36,6 +37,7 @@ def test_freeze_10_vgg16_exact_trainable_set():
         "block5_conv3"}
 
 
+@pytest.mark.slow  # builds a real architecture: its layer names are the point
 def test_freeze_10_resnet50_exact_trainable_set():
     _, base, plan = plan_for("resnet50", 32, count="10")
     names = [x.name for x in base.layers]
@@ -56,6 +58,7 @@ def test_freeze_10_resnet50_exact_trainable_set():
     assert trainable_layers(base) == convs_after | bns_after
 
 
+@pytest.mark.slow  # builds a real architecture: its layer names are the point
 def test_freeze_variants_resolve_to_a_count():
     spec, base, _ = plan_for("vgg16", 32)
     names = [x.name for x in base.layers]

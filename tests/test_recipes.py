@@ -121,6 +121,7 @@ def test_unknown_recipe_name_suggests_the_closest():
     assert "unknown recipe 'smal-data'. Did you mean 'small-data'?" in result.output
 
 
+@pytest.mark.slow  # builds a real architecture: its layer names are the point
 def test_a_typed_freeze_flag_replaces_the_recipes_freeze_setting(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 4)
     recipe = tmp_path / "blocks.yaml"

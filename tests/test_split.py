@@ -32,6 +32,7 @@ def test_trunk_then_tail_equals_the_whole_model_at_any_freeze_point(name, size):
         np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # builds a real architecture: its layer names are the point
 def test_residual_block_interior_is_not_a_cut():
     base = get_backbone("resnet50").build(32)
     names = [layer.name for layer in base.layers]
