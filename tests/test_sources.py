@@ -92,7 +92,8 @@ def test_finetune_check_data_and_eval_on_a_csv(tmp_path):
 
 
 def test_tfds_source_is_written_once_and_trains_and_evaluates(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     runner = CliRunner()
     with tfds.testing.mock_data(num_examples=40):
         result = runner.invoke(cli, ["finetune", "tfds:mnist/train", "-o", "runs/m", *FAST],
