@@ -187,3 +187,59 @@ def test_fitted_weights_prefer_the_better_member():
     noise = rng.dirichlet(np.ones(3), 200)
     w = fit_member_weights([good, noise], labels)
     assert w[0] > 0.9 and w.sum() == pytest.approx(1.0)
+
+
+def test_val_weights_are_never_fitted_on_the_images_they_score(trained):
+    """The member weights are fitted on the members' own validation split; scoring that split
+    (by --split val, or by naming its folder) is refused instead of reporting a fitted figure."""
+    data, runs = trained
+    runner = CliRunner()
+    for extra in (["--split", "val"], [str(data / "val")]):
+        refused = runner.invoke(cli, ["eval", *map(str, runs), *extra, "--ensemble-weights",
+                                      "val", "--name", "x"])
+        assert refused.exit_code == 2, refused.output
+        assert "--ensemble-weights val fits the member weights on" in refused.output
+        assert len(refused.output.strip().splitlines()) == 1
+    plain = evaluate(EvalConfig(runs=tuple(map(str, runs)), data=str(data / "test"),
+                                ensemble_weights="val", name="plain"))  # a plain class folder
+    assert plain["split"] == "all" and plain["member_weights_fitted_on"] == f"{data} (val)"
+
+
+def test_members_trained_on_different_splits_are_refused(trained, tmp_path):
+    _data, runs = trained
+    for key, value in (("val_source", "hash-split"), ("fingerprint", "0" * 64)):
+        odd = tmp_path / f"odd-{key}"
+        shutil.copytree(runs[1], odd)
+        info = json.loads((odd / "run.json").read_text())
+        info["data"][key] = value
+        (odd / "run.json").write_text(json.dumps(info))
+        with pytest.raises(ConfigError, match=rf"{odd}: trained on other data or another "
+                                              rf"split .*{key}"):
+            evaluate(EvalConfig(runs=(str(runs[0]), str(odd)), name=key))
+
+
+def test_scoring_the_split_that_chose_the_checkpoint_says_the_figure_is_optimistic(trained):
+    data, runs = trained
+    result = CliRunner().invoke(cli, ["eval", str(runs[0]), "--split", "val", "--name", "v"])
+    assert result.exit_code == 0, result.output
+    assert "optimistic" in result.output
+    metrics = json.loads((runs[0] / "eval/v/metrics.json").read_text())
+    assert any("optimistic" in n for n in metrics["notes"])
+    assert "optimistic" in (runs[0] / "eval/v/report.html").read_text()
+    named = evaluate(EvalConfig(runs=(str(runs[0]),), data=str(data / "val"), name="named"))
+    assert any("optimistic" in n for n in named["notes"])  # the same images, named as a folder
+    clean = evaluate(EvalConfig(runs=(str(runs[0]),), name="t"))  # the test split
+    assert not any("optimistic" in n for n in clean["notes"])
+
+
+def test_a_class_with_no_images_that_is_predicted_counts_in_the_macro_average():
+    classes = ["a", "b", "c", "d"]
+    probs = np.array([[.1, .1, .8, 0], [.8, .1, .1, 0], [.1, .8, .1, 0]])
+    m = classification_metrics(probs, np.array([0, 0, 1]), classes)
+    assert m["macro"]["recall"] == pytest.approx((0.5 + 1 + 0) / 3)  # c scored 0, d left out
+    assert m["classes_without_images"] == ["c", "d"]
+    assert any("no images of class d" in n and "left out of the averages" in n
+               for n in m["notes"])
+    assert any("no images of class c" in n and "predicted 1 time" in n and "as 0" in n
+               for n in m["notes"])
+    assert not any("class c" in n and "left out" in n for n in m["notes"])

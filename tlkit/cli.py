@@ -689,9 +689,8 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
         return
     click.echo(f"{metrics['source']}: {metrics['images']} images, {metrics['views']} view(s) "
                "each")
-    if metrics["classes_without_images"]:
-        click.echo(f"  no images of class {', '.join(metrics['classes_without_images'])} in this "
-                   "set: those classes are left out of the averages")
+    for note in metrics["notes"]:
+        click.echo(f"  note: {note}")
     for row in metrics["comparison"]:
         click.echo(f"  {row['model']:<40} single-crop top-1 {row['single_crop_top1']:.4f}   "
                    f"multi-crop ({metrics['multicrop']}) top-1 {row['multicrop_top1']:.4f}")

@@ -76,13 +76,18 @@ def load_members(paths: Sequence[str | os.PathLike]) -> list[Run]:
     return runs
 
 
-def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
-    """The images to evaluate, labelled through the run's class map."""
-    root = data or run.info["data"]["root"]
+def _local(root: str) -> str:
+    """A tfds source as the folder it is written to; any other DATA as it is."""
     if root.startswith("tfds:"):
         from tlkit.tfds_source import materialize
 
-        root = str(materialize(root))
+        return str(materialize(root))
+    return root
+
+
+def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
+    """The images to evaluate, labelled through the run's class map."""
+    root = _local(data or run.info["data"]["root"])
     is_folder = data is not None and not root.lower().endswith(".csv")
     dirs = split_folders(root) if is_folder else {}
     if is_folder and not dirs:
@@ -109,6 +114,54 @@ def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[E
     if not out:
         raise DataError(f"{root}: the {split} split has no images")
     return out, f"{root} ({split})"
+
+
+def check_same_split(runs: Sequence[Run]) -> None:
+    """Ensemble members must share their train/val split: scored on the first member's split,
+    another member's "val" images would otherwise be its training images."""
+    def signature(run: Run) -> dict[str, Any]:
+        data = run.info["data"]
+        sig = {"fingerprint": data["fingerprint"], "val_source": data["val_source"]}
+        if data["val_source"] == "hash-split":
+            sig["val_fraction"] = float(run.info["config"].get("val_fraction", 0.2))
+        return sig
+
+    first = signature(runs[0])
+    for run in runs[1:]:
+        sig = signature(run)
+        differ = [k for k in sorted(set(first) | set(sig)) if first.get(k) != sig.get(k)]
+        if differ:
+            raise ConfigError(f"{run.path}: trained on other data or another split than "
+                              f"{runs[0].path} (they differ in {', '.join(differ)}); ensemble "
+                              "members must be trained on the same data with the same split")
+
+
+def own_split_paths(run: Run) -> dict[str, set[str]] | None:
+    """{split: real paths} of the data the run was trained on; None when it is not here."""
+    try:
+        folder = load_dataset(_local(run.info["data"]["root"]), float(run.info["config"].get(
+            "val_fraction", 0.2)))
+    except DataError:
+        return None
+    return {s: {os.path.realpath(e.path) for e in ex} for s, ex in folder.splits.items()}
+
+
+def leakage_notes(scored: Sequence[Example], own: dict[str, set[str]] | None) -> list[str]:
+    """What makes a figure optimistic: scoring images the model trained on, or the validation
+    images that chose its checkpoint (and stopped its head)."""
+    if own is None:
+        return ["the run's training data is not where it was trained: whether these images "
+                "were used in training could not be checked"]
+    paths = {os.path.realpath(e.path) for e in scored}
+    notes = []
+    if n := len(paths & own.get("train", set())):
+        notes.append(f"{n} of these images are training images of the model: the figure is "
+                     "optimistic; evaluate held-out images")
+    if n := len(paths & own.get("val", set())):
+        notes.append(f"{n} of these images are the validation split that chose the "
+                     "checkpoint: the figure is optimistic; a test split (DATA/test/) gives an "
+                     "unbiased one")
+    return notes
 
 
 class _Member:
@@ -217,8 +270,19 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
                                                                 strict=True)) / total)
                     for key in ("precision", "recall", "f1")}
     out["per_class"] = per_class
-    # a folder may lack classes the model knows; they are not in the averages (as in sklearn)
-    out["classes_without_images"] = [classes[k] for k in range(c) if not cm[k, :].sum()]
+    # a folder may lack classes the model knows: left out of the averages, unless predicted
+    # (then scored 0, as in scikit-learn)
+    empty = [k for k in range(c) if not cm[k, :].sum()]
+    out["classes_without_images"] = [classes[k] for k in empty]
+    out["notes"] = []
+    if left_out := [classes[k] for k in empty if not cm[:, k].sum()]:
+        out["notes"].append(f"no images of class {', '.join(left_out)} in this set: left out "
+                            "of the averages")
+    for k in empty:
+        if n := int(cm[:, k].sum()):
+            out["notes"].append(f"no images of class {classes[k]} in this set, yet predicted "
+                                f"{n} time{'s' if n > 1 else ''}: it counts as 0 in the macro "
+                                "averages (as in scikit-learn)")
     out["confusion_matrix"] = cm.tolist()
     off = [(int(cm[i, j]), classes[i], classes[j]) for i in range(c) for j in range(c)
            if i != j and cm[i, j] > 0]
@@ -244,8 +308,18 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     from tlkit.report import write_outputs
 
     runs = load_members(config.runs)
+    check_same_split(runs)
     examples, source = eval_examples(runs[0], config.data, config.split)
     split = source.rsplit("(", 1)[1].rstrip(")")
+    fit_on: tuple[list[Example], str] | None = None
+    if config.ensemble_weights == "val" and len(runs) > 1:
+        fit_on = eval_examples(runs[0], None, "val")  # the members' own validation split
+        scored = {os.path.realpath(e.path) for e in examples}
+        if n := sum(os.path.realpath(e.path) in scored for e in fit_on[0]):
+            raise ConfigError(f"{source}: --ensemble-weights val fits the member weights on "
+                              f"{fit_on[1]}, and {n} of the images scored are among them; "
+                              "score a test split or another folder, or use --ensemble-weights "
+                              "equal")
     name = config.name or f"{split}-crops{config.multicrop}" + (
         f"-ensemble{len(runs)}" if len(runs) > 1 else "")
     out_dir = runs[0].path / "eval" / name
@@ -259,13 +333,12 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     multi = [p.mean(axis=1) for p in view_probs]
     single = [p[:, center_index(config.multicrop)] for p in view_probs]
     weights = np.full(len(runs), 1.0 / len(runs))
-    if config.ensemble_weights == "val" and len(runs) > 1:
-        val_examples, _ = eval_examples(runs[0], config.data, "val")
-        val_probs = member_view_probs(members, [e.path for e in val_examples],
+    if fit_on is not None:
+        val_probs = member_view_probs(members, [e.path for e in fit_on[0]],
                                       config.multicrop, config.batch_size, config.workers,
                                       placement.predictor)
         weights = fit_member_weights([p.mean(axis=1) for p in val_probs],
-                                     np.array([e.label for e in val_examples]))
+                                     np.array([e.label for e in fit_on[0]]))
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
     classes = runs[0].classes
     metrics = classification_metrics(ensemble, labels, classes)
@@ -283,7 +356,10 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
                     "views": int(view_probs[0].shape[1]),
                     "members": [str(r.path) for r in runs],
-                    "member_weights": [float(w) for w in weights], "comparison": comparison})
+                    "member_weights": [float(w) for w in weights],
+                    "member_weights_fitted_on": fit_on[1] if fit_on else None,
+                    "comparison": comparison})
+    metrics["notes"] += leakage_notes(examples, own_split_paths(runs[0]))
     metrics["strategy"] = {"strategy": placement.name, "replicas": placement.replicas,
                            "workers": placement.workers}
     if not placement.is_chief:

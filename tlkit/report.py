@@ -160,6 +160,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:in
 width:150px;margin:4px;font-size:11px;vertical-align:top}}</style></head><body>
 <h1>Evaluation: {e(metrics['source'])}</h1>
 <p>multi-crop: {e(metrics['multicrop'])}; members:</p><ul>{members}</ul>
+{"".join(f"<p><b>Note:</b> {e(n)}</p>" for n in metrics["notes"])}
 <h2>Summary</h2><table>{summary_rows}</table>
 <h2>Single-crop vs multi-crop vs ensemble (top-1)</h2>
 <table><tr><th>model</th><th>single crop</th><th>multi-crop ({e(metrics['multicrop'])})</th></tr>
