@@ -37,7 +37,7 @@ def test_precompute_writes_a_verified_cache_with_manifest(make_folder):
     assert again.path == cache.path
 
 
-def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder):
+def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder, monkeypatch):
     data = make_folder(per_class=6)
     key = precompute_features(config(data, dry_run=True))["key"]
     assert precompute_features(config(data, dry_run=True))["key"] == key
@@ -45,6 +45,11 @@ def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder):
     assert precompute_features(config(data, dry_run=True, input_size=40))["key"] != key
     assert precompute_features(config(data, dry_run=True, dtype="float32"))["key"] != key
     assert precompute_features(config(data, dry_run=True, views=2))["key"] != key
+    # float16 activations are other numbers: never reused by a float32 run, or the reverse
+    assert precompute_features(config(data, dry_run=True, mixed_precision=True))["key"] != key
+    with monkeypatch.context() as m:  # a new Pillow / OpenCV / albumentations may move pixels
+        m.setattr("tlkit.features.pixel_libraries", lambda: {"pillow": "0.0"})
+        assert precompute_features(config(data, dry_run=True))["key"] != key
     os.utime(data / "cat" / "img0.png", ns=(5, 5))
     assert precompute_features(config(data, dry_run=True))["key"] != key
 
@@ -181,3 +186,28 @@ def test_random_augmentation_with_one_view_does_not_use_a_cache(make_folder):
                                       "1", "--epochs", "0", "-o", "runs/x"])
     assert result.exit_code == 0, result.output
     assert "feature cache: not used: --augment light is random" in result.output
+
+
+def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(make_folder):
+    """The tail trained from the cache computes in float16 too; without loss scaling its small
+    gradients underflow to zero. Its optimizer must carry the same state as the live path's,
+    which Keras wraps in a LossScaleOptimizer (step counter and dynamic scale)."""
+    import h5py
+
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.train import finetune
+
+    data = make_folder(per_class=6)
+    counts, used = {}, {}
+    for cache in ("off", "build"):
+        cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
+                             freeze=FreezeRequest(blocks=2), augment=resolve_augment("none"),
+                             head_epochs=1, epochs=1, batch_size=8, mixed_precision=True,
+                             cache=cache, cache_dir="cache", output=f"runs/{cache}")
+        run = finetune(cfg, verbose=0)
+        used[cache] = run.info["feature_cache"]["used"]
+        with h5py.File(run.path / "checkpoints" / "last.h5", "r") as f:
+            counts[cache] = int(f["optimizer"].attrs["count"])
+    assert used == {"off": False, "build": True}
+    assert counts["build"] == counts["off"]

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_folder
+from conftest import TINY, write_folder
 from PIL import Image
 
 from tlkit.augment import eval_transform, multicrop_views
@@ -243,3 +243,23 @@ def test_a_class_with_no_images_that_is_predicted_counts_in_the_macro_average():
     assert any("no images of class c" in n and "predicted 1 time" in n and "as 0" in n
                for n in m["notes"])
     assert not any("class c" in n and "left out" in n for n in m["notes"])
+
+
+def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
+    from tlkit.cache import weights_digest
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.model import backbone_of
+    from tlkit.runs import load_run
+    from tlkit.train import finetune
+
+    data, runs = trained
+    cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
+                         freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0,
+                         batch_size=8, output=str(tmp_path / "half"), cache="off",
+                         mixed_precision=True)
+    half = finetune(cfg, verbose=0)
+    members = [_Member(load_run(runs[0])), _Member(half)]
+    same = {weights_digest(backbone_of(m.model).get_weights()) for m in members}
+    assert len(same) == 1  # the same trunk weights: only the compute dtype differs
+    assert [idx for _, _, idx in _shared_groups(members)] == [[0], [1]]

@@ -61,6 +61,18 @@ def fit_color_pca(images: Sequence[np.ndarray], pixels_per_image: int = 2048,
                     len(images), len(pixels))
 
 
+def pixel_libraries() -> dict[str, str]:
+    """Versions of the libraries that decide the pixels (decoding, resampling, augmentation):
+    a new one may change the numbers, so the feature-cache key holds them."""
+    from importlib.metadata import version
+
+    import cv2
+    import PIL
+
+    return {"pillow": PIL.__version__, "opencv": cv2.__version__,
+            "albumentations": version("albumentations")}
+
+
 def _albumentations() -> Any:
     import albumentations as A
 

@@ -261,6 +261,12 @@ recipe_option = click.option(
     help="Options from a recipe (`tlkit recipes` lists them); flags typed here win.")
 
 
+MIXED_PRECISION_OPTION = click.option(
+    "--mixed-precision", is_flag=True,
+    help="float16 compute (GPUs); part of the feature-cache key, so finetune and "
+         "precompute-features must agree on it.")
+
+
 def model_options(freeze_default: str) -> Any:
     """DATA and the model flags finetune and precompute-features share."""
     return option_group(
@@ -332,7 +338,7 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(), help="Run folder (default runs/BACKBONE-TIME).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
-@click.option("--mixed-precision", is_flag=True, help="float16 compute (GPUs).")
+@MIXED_PRECISION_OPTION
 @augment_options
 @click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
 @click.option("--prefetch", type=int, help="Batches kept ready ahead of training (default: auto).")
@@ -490,6 +496,7 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 @click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
 @click.option("--val-fraction", default=0.2, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print size and time estimates; write nothing.")
+@MIXED_PRECISION_OPTION
 @audit_options
 @STRATEGY_OPTION
 @click.option("--num-shards", type=int, metavar="N",

@@ -173,13 +173,14 @@ class _Member:
 def _shared_groups(members: list[_Member]) -> list[tuple[Any, list[Any], list[int]]]:
     """[(trunk or None, per-member models or tails, member indices)]: sharing where possible."""
     from tlkit.cache import weights_digest
-    from tlkit.model import backbone_of
+    from tlkit.model import backbone_of, compute_dtypes
     from tlkit.split import build_tail, build_trunk, resolve_cut
 
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(members):
         info = m.run.info
-        sig = (info["backbone"], m.size, info["preprocessing"], info["weights"]["sha256"])
+        sig = (info["backbone"], m.size, info["preprocessing"], info["weights"]["sha256"],
+               tuple(compute_dtypes(m.model)))  # a float16 trunk gives other activations
         groups.setdefault(sig if info["freeze"]["n_frozen"] > 0 else (i,), []).append(i)
     out = []
     for idx in groups.values():

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from tlkit.audit import AuditConfig, audit_and_filter
-from tlkit.augment import AugmentConfig, ColorPCA, TrainTransform, resolve_augment, sample_rng
+from tlkit.augment import (
+    AugmentConfig,
+    ColorPCA,
+    TrainTransform,
+    pixel_libraries,
+    resolve_augment,
+    sample_rng,
+)
 from tlkit.backbones import BackboneSpec, get_backbone
 from tlkit.cache import (
     SCHEMA,
@@ -49,8 +56,9 @@ from tlkit.distribute import (
 )
 from tlkit.errors import ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
+from tlkit.model import compute_dtypes
 from tlkit.split import Cut, build_trunk, resolve_cut
-from tlkit.weights import ResolvedWeights, build_backbone, resolve_weights
+from tlkit.weights import ResolvedWeights, resolve_weights
 
 log = logging.getLogger("tlkit")
 
@@ -73,6 +81,7 @@ class PrecomputeConfig:
     workers: int | None = None
     val_fraction: float = 0.2
     dry_run: bool = False
+    mixed_precision: bool = False  # compute in float16, as `finetune --mixed-precision` does
     audit: AuditConfig = field(default_factory=AuditConfig)
     strategy: str = "auto"  # multiworker: shards from TF_CONFIG; mirrored: batches split
     num_shards: int | None = None  # compute one part of the cache: shard_index of num_shards
@@ -115,7 +124,7 @@ def cache_inputs(spec: BackboneSpec, weights: ResolvedWeights, trunk: Any, cut: 
         "views": {"train": views, "val": 1, "test": 1},
         "augment": augment.as_dict(), "pca": pca, "seed": seed if views > 1 else None,
         "classes": list(folder.classes), "files_sha256": files_digest(folder.splits),
-        "dtype": dtype,
+        "dtype": dtype, "compute_dtypes": compute_dtypes(trunk), "libraries": pixel_libraries(),
     }
 
 
@@ -218,23 +227,22 @@ def precompute_features(config: PrecomputeConfig, verbose: int = 1
 
 def _precompute(config: PrecomputeConfig, shard: tuple[int, int] | None, predictor: Any,
                 verbose: int) -> FeatureCache | dict[str, Any]:
-    import keras
 
     spec = get_backbone(config.backbone)
     size = spec.resolve_input_size(config.input_size)
     weights = resolve_weights(spec, config.weights)
     folder, _, _ = audit_and_filter(load_dataset(config.data, config.val_fraction), config.audit,
                                     spec.min_size, config.workers)
-    keras.utils.set_random_seed(config.seed)
-    base = build_backbone(spec, weights, size)
+    from tlkit.model import backbone_of, build_model
+
+    model = build_model(spec, weights, size, len(folder.classes), config.seed,
+                        mixed_precision=config.mixed_precision)
+    base = backbone_of(model)
     plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
     cut = resolve_cut(base, plan.n_frozen)
     if cut is None:
         raise ConfigError(f"{plan.request} freezes nothing, so there is nothing to cache; "
                           "freeze some layers (the default is --freeze all)")
-    from tlkit.model import build_classifier
-
-    model = build_classifier(spec, base, len(folder.classes), size)
     if cut.k != plan.n_frozen:
         log.info("cut: %s ends inside a block (several tensors cross it); caching at the "
                  "nearest single-tensor cut, after layer %d (%s)", plan.request, cut.k - 1,

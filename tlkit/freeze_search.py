@@ -66,7 +66,7 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
         one_se_choice,
         val_losses,
     )
-    from tlkit.model import backbone_of
+    from tlkit.model import backbone_of, optimizer_for
     from tlkit.split import build_tail, resolve_cut, trunk_outputs
 
     base = backbone_of(model)
@@ -112,7 +112,7 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
         model.set_weights(probed)
         apply_freeze(base, plan, config.train_bn)
         tail = build_tail(model, cut)
-        tail.compile(optimizer=keras.optimizers.Adam(config.fine_tune_lr * scale),
+        tail.compile(optimizer=optimizer_for(tail, config.fine_tune_lr * scale),
                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         history = tail.fit(out["train"][i], y_train, sample_weight=weights,
                            batch_size=config.batch_size, epochs=config.epochs,

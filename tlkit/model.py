@@ -6,6 +6,7 @@ Preprocessing is built from stock Keras layers, so `model.keras` loads with plai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -69,3 +70,53 @@ def backbone_of(model: Any) -> Any:
 
 def count_params(weights: list[Any]) -> int:
     return int(sum(np.prod(w.shape) for w in weights))
+
+
+def build_model(spec: BackboneSpec, weights: Any, size: int, num_classes: int, seed: int,
+                dropout: float = 0.2, mixed_precision: bool = False) -> Any:
+    """The classifier exactly as `finetune` builds it: seeded, under its dtype policy. One
+    sequence for training and `precompute-features`, so that the same settings give the same
+    trunk weights and the same cache key."""
+    import keras
+
+    from tlkit.weights import build_backbone
+
+    keras.utils.set_random_seed(seed)
+    previous = keras.config.dtype_policy()
+    if mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        base = build_backbone(spec, weights, size)
+        return build_classifier(spec, base, num_classes, size, dropout)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def leaf_layers(model: Any) -> Iterator[Any]:
+    """Every layer that is not itself a model, nested backbones included."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from leaf_layers(layer)
+        else:
+            yield layer
+
+
+def compute_dtypes(model: Any) -> list[str]:
+    """The dtypes its weighted layers compute in: ['float16', 'float32'] under mixed precision
+    (the preprocessing and the softmax stay float32), ['float32'] without."""
+    return sorted({layer.dtype_policy.compute_dtype for layer in leaf_layers(model)
+                   if layer.weights})
+
+
+def optimizer_for(model: Any, lr: float) -> Any:
+    """Adam, with dynamic loss scaling whenever a trainable layer computes in float16: small
+    float16 gradients would otherwise underflow to zero without a word. Keras wraps the
+    optimizer itself only when the compiled model's own policy is mixed, which a tail built
+    over the feature cache does not carry."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(lr)
+    if any(layer.trainable_weights and layer.dtype_policy.compute_dtype == "float16"
+           for layer in leaf_layers(model)):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer

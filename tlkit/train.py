@@ -43,7 +43,7 @@ from tlkit.freezing import AUTO as FREEZE_AUTO
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json, incomplete_dir, publish_dir
 from tlkit.runs import RUN_SCHEMA, RUNS_DIR, Run, load_run
-from tlkit.weights import build_backbone, resolve_weights
+from tlkit.weights import resolve_weights
 
 log = logging.getLogger("tlkit")
 HISTORY_FIELDS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
@@ -392,19 +392,14 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
 
     import keras
 
-    seed_everything(config.seed)
-    previous_policy = keras.config.dtype_policy()
-    if config.mixed_precision:
-        keras.config.set_dtype_policy("mixed_float16")
-    try:
-        base = build_backbone(spec, weights, size)
-        plan = (None if config.freeze.count == FREEZE_AUTO else
-                resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]))
-        from tlkit.model import build_classifier
+    from tlkit.model import backbone_of, build_model
 
-        model = build_classifier(spec, base, len(folder.classes), size, config.dropout)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    seed_everything(config.seed)
+    model = build_model(spec, weights, size, len(folder.classes), config.seed, config.dropout,
+                        config.mixed_precision)
+    base = backbone_of(model)
+    plan = (None if config.freeze.count == FREEZE_AUTO else
+            resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]))
 
     from tlkit.pipeline import build_train_transform, eval_dataset
 
@@ -694,8 +689,7 @@ class _PhaseRunner:
     def run(self, phase: str, index: int, epochs: int, lr: float, initial: int,
             phase_first: int) -> None:
         """Freeze, compile, restore the optimizer when resuming mid-phase, fit."""
-        import keras
-
+        from tlkit.model import optimizer_for
         from tlkit.pipeline import steps_per_epoch, train_dataset
 
         config, plan, state = self.config, self.plan, self.state
@@ -716,7 +710,7 @@ class _PhaseRunner:
             self.model.set_weights(self.recorder.best_head)  # the best head, not the last
             self.recorder.best_head = None
         fit_model = self.fit_model
-        fit_model.compile(optimizer=keras.optimizers.Adam(lr),
+        fit_model.compile(optimizer=optimizer_for(fit_model, lr),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         if initial > 0 and self.ckpt_dir is not None:  # mid-phase: moments, step count, rate
             fit_model.optimizer.build(fit_model.trainable_variables)
