@@ -66,6 +66,24 @@ def write_folder(root: Path, classes: list[str], per_class: int, seed: int = 0,
     return root
 
 
+def replace_keeping_size_and_mtime(path: Path, corrupt: bool = False) -> bytes:
+    """What `cp -p` or `rsync -a` of another file of the same size does: new bytes, the same
+    size and modification time. The new content is a flat-colour PNG padded with zeros (still a
+    valid image), or garbage with `corrupt`. Returns the old bytes."""
+    import io
+
+    old, st = path.read_bytes(), path.stat()
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), (9, 99, 9)).save(buf, format="PNG")
+    new = b"\x07" * len(old) if corrupt else buf.getvalue()
+    assert len(new) <= len(old)  # the flat image compresses to less than any test image
+    path.write_bytes(new + b"\0" * (len(old) - len(new)))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    return old
+
+
 @pytest.fixture
 def make_folder(tmp_path: Path) -> Callable[..., Path]:
     def make(name: str = "data", classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 12,

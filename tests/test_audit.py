@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import class_image, write_folder
+from conftest import class_image, replace_keeping_size_and_mtime, write_folder
 from PIL import Image
 
 from tlkit.audit import AuditConfig, apply_policy, audit_folder
@@ -101,6 +101,11 @@ def test_a_second_check_reuses_every_result_and_a_changed_file_is_checked_again(
     again = audit_folder(load_folder(root, 0.5))
     assert again.reused == 9
     assert [r["path"] for r in again.bad] == ["a/img2.png"]  # the memo is never stale
+    other = root / "b" / "img3.png"
+    replace_keeping_size_and_mtime(other, corrupt=True)  # `cp -p` of a broken file
+    third = audit_folder(load_folder(root, 0.5))
+    assert third.reused == 9
+    assert sorted(r["path"] for r in third.bad) == ["a/img2.png", "b/img3.png"]
 
 
 def test_error_policy_lists_every_bad_file_and_skip_policy_records_them(tmp_path):

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY
+from conftest import TINY, replace_keeping_size_and_mtime
 
 from tlkit.augment import resolve_augment
 from tlkit.cache import CacheError, build_lock, open_cache
@@ -50,7 +49,7 @@ def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder, mon
     with monkeypatch.context() as m:  # a new Pillow / OpenCV / albumentations may move pixels
         m.setattr("tlkit.features.pixel_libraries", lambda: {"pillow": "0.0"})
         assert precompute_features(config(data, dry_run=True))["key"] != key
-    os.utime(data / "cat" / "img0.png", ns=(5, 5))
+    replace_keeping_size_and_mtime(data / "cat" / "img0.png")  # as `cp -p` would
     assert precompute_features(config(data, dry_run=True))["key"] != key
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, write_folder
+from conftest import TINY, replace_keeping_size_and_mtime, write_folder
 
 from tlkit.checkpoints import read_state
 from tlkit.cli import cli
@@ -68,9 +68,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert "config.lr: 0.001 -> 0.01" in changed.output and "--force-resume" in changed.output
     victim = data / "a" / "img0.png"
     stat = victim.stat()
-    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    old = replace_keeping_size_and_mtime(victim)  # new content, same size and mtime
     touched = invoke("finetune", "--resume", "runs/killed")
     assert touched.exit_code == 5 and "data_fingerprint" in touched.output
+    victim.write_bytes(old)
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
     resumed = invoke("finetune", "--resume", "runs/killed")

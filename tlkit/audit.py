@@ -1,11 +1,12 @@
 """`check-data`: decode every file once, before any training, and say what is wrong with it.
 
 A corrupt JPEG should stop a run before the first step, naming the file, not at step 47,000.
-Each file is decoded with the decoder training uses; the result is remembered per file (by
-size and modification time) in the user cache, so auditing an unchanged dataset again is a
-stat() per file. The report also covers what decodes but deserves a look: content that does
-not match the extension, junk after a JPEG, tiny images, exact duplicates and train/val/test
-leakage.
+Each file is decoded with the decoder training uses; the result (with the sha256 of its bytes,
+the data's identity everywhere else) is remembered per file by `datasets.file_signature` (size,
+mtime, inode, ctime) in the user cache, so auditing an unchanged dataset again is a stat() per
+file, and a file replaced by a copy that keeps its size and mtime is read again. The report
+also covers what decodes but deserves a look: content that does not match the extension, junk
+after a JPEG, tiny images, exact duplicates and train/val/test leakage.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.datasets import Example, ImageFolder
+from tlkit.datasets import Example, ImageFolder, file_signature
 from tlkit.decode import DEFAULT_MAX_PIXELS, probe_image
 from tlkit.errors import ConfigError, DataError
-from tlkit.fsutil import atomic_write_json, user_cache_dir
+from tlkit.fsutil import atomic_write_json, sha256_file, user_cache_dir
 from tlkit.progress import progress
 
 log = logging.getLogger("tlkit")
 REPORT_SCHEMA = 1
-MEMO_VERSION = 1  # bump when probe_image learns something new, so old memos are not trusted
+MEMO_VERSION = 2  # bump when probe_image learns something new, so old memos are not trusted
 BAD_IMAGE_POLICIES = ("error", "skip")
 IMBALANCE_WARNING = 10.0  # largest / smallest class above this is worth a line
 
@@ -143,7 +144,11 @@ def _probe(path: str, max_pixels: int) -> dict[str, Any]:
     try:
         p = probe_image(path, max_pixels)
     except DataError as e:
-        return {"ok": False, "problem": str(e).removeprefix(f"{path}: ")}
+        try:  # its bytes still belong to the data's identity
+            digest = sha256_file(path)
+        except OSError:
+            digest = "unreadable"
+        return {"ok": False, "problem": str(e).removeprefix(f"{path}: "), "sha256": digest}
     return {"ok": True, **dataclasses.asdict(p), "warnings": list(p.warnings)}
 
 
@@ -170,8 +175,7 @@ def audit_folder(folder: ImageFolder, min_size: int | None = None,
     signatures: dict[str, str] = {}  # taken before probing: a file changed meanwhile re-checks
     todo: list[str] = []
     for e in examples:
-        st = os.stat(e.path)
-        signatures[e.path] = f"{st.st_size}:{st.st_mtime_ns}"
+        signatures[e.path] = file_signature(e.path)
         cached = memo.get(e.path)
         if isinstance(cached, dict) and cached.get("stat") == signatures[e.path]:
             files[e.path] = cached["record"]
@@ -189,7 +193,9 @@ def audit_folder(folder: ImageFolder, min_size: int | None = None,
                 advance(1)
         atomic_write_json(memo_file, {p: {"stat": signatures[p], "record": files[p]}
                                       for p in signatures})
-    return DataReport(folder, files, min_size, max_pixels, reused)
+    digests = {path: record["sha256"] for path, record in files.items()}
+    return DataReport(dataclasses.replace(folder, digests=digests), files, min_size, max_pixels,
+                      reused)
 
 
 def apply_policy(report: DataReport, config: AuditConfig) -> tuple[ImageFolder, list[dict]]:

@@ -60,15 +60,6 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def files_digest(splits: dict[str, Sequence[Example]]) -> str:
-    h = hashlib.sha256()
-    for split in sorted(splits):
-        for e in splits[split]:
-            st = os.stat(e.path)
-            h.update(f"{split}\0{e.relpath}\0{e.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 @contextmanager
 def build_lock(root: Path, key: str, wait: bool = True) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ class ImageFolder:
     splits: dict[str, tuple[Example, ...]] = field(hash=False)
     val_source: str  # "folder" or "hash-split"
     ignored: tuple[str, ...] = ()  # hidden folders and OS junk that were skipped
+    # path -> sha256 of the file's bytes, filled in by the data check (tlkit.audit)
+    digests: dict[str, str] | None = field(default=None, hash=False, compare=False, repr=False)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -287,11 +289,23 @@ def load_class_folders(root: str | os.PathLike) -> list[Example]:
                   key=lambda e: e.relpath)
 
 
+def file_signature(path: str | os.PathLike) -> str:
+    """What says a file is unchanged without reading it: size and mtime, which `cp -p` and
+    `rsync -a` copy over, plus inode and ctime, which no user call can set back (git's index
+    uses the same four). Any change or replacement of the file changes one of them."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
+
+
 def fingerprint(folder: ImageFolder) -> str:
-    """Hash of every file's split, path, size and mtime: changes whenever the data does."""
+    """Hash of every file's split, path, class and content (sha256): the data's identity in the
+    feature-cache key, the resume check and run.json. Content, not timestamps, so that it holds
+    on another machine and cannot be fooled by a copy that keeps size and mtime."""
+    if folder.digests is None:
+        raise RuntimeError("fingerprint() needs the data check's digests (tlkit.audit)")  # bug
     h = hashlib.sha256()
     for split in sorted(folder.splits):
         for e in folder.splits[split]:
-            st = os.stat(e.path)
-            h.update(f"{split}\0{e.relpath}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{split}\0{e.relpath}\0{e.class_name}\0{folder.digests[e.path]}\n"
+                     .encode())
     return h.hexdigest()

@@ -38,14 +38,13 @@ from tlkit.cache import (
     build_part,
     cache_root,
     estimate_bytes,
-    files_digest,
     key_of,
     merge_parts,
     open_cache,
     read_parts,
     weights_digest,
 )
-from tlkit.datasets import Example, ImageFolder, load_dataset
+from tlkit.datasets import Example, ImageFolder, fingerprint, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
 from tlkit.distribute import (
     NEEDS_TF_CONFIG,
@@ -123,7 +122,7 @@ def cache_inputs(spec: BackboneSpec, weights: ResolvedWeights, trunk: Any, cut: 
         "preprocessing": spec.preprocessing, "eval_crop_fraction": spec.crop_fraction,
         "views": {"train": views, "val": 1, "test": 1},
         "augment": augment.as_dict(), "pca": pca, "seed": seed if views > 1 else None,
-        "classes": list(folder.classes), "files_sha256": files_digest(folder.splits),
+        "classes": list(folder.classes), "files_sha256": fingerprint(folder),
         "dtype": dtype, "compute_dtypes": compute_dtypes(trunk), "libraries": pixel_libraries(),
     }
 

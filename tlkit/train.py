@@ -372,11 +372,11 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     if scanned.ignored:
         log.info("ignored %d hidden or system entries (e.g. %s)", len(scanned.ignored),
                  scanned.ignored[0])
-    data_fingerprint = fingerprint(scanned)  # of every file, usable or not
-    placement.check_same("data", data_fingerprint, "every worker needs the same files at the "
-                         "same path (a copy, or a shared filesystem)")
     folder, report, skipped = audit_and_filter(scanned, config.audit, spec.min_size,
                                                config.workers)
+    data_fingerprint = fingerprint(report.folder)  # of every file, usable or not
+    placement.check_same("data", data_fingerprint, "every worker needs the same files at the "
+                         "same path (a copy, or a shared filesystem)")
     now = {"config": config.as_dict(), "backbone": spec.name,
            "weights_sha256": weights.as_dict().get("sha256"), "input_size": size,
            "preprocessing": spec.preprocessing, "classes": list(folder.classes),
