@@ -54,6 +54,11 @@ Reliability (512 generated 500x375 JPEGs; all cores):
   rounds. Goal <= 1.3.
 - audit_memo_speedup: first pass / second pass over unchanged files (answered from the memo).
   Goal >= 50 ("instant").
+- data_identity_{cold,warm}_seconds_{photos,digits}: what the data's identity (content sha256
+  per file, from the data check, fingerprinted as the cache key and the resume check use it)
+  costs on the 512 photos and on the repository's data/ (1,797 digits): cold = the first check
+  (every file read, decoded and hashed), warm = the next one (a stat per file against the memo,
+  keyed by size, mtime, inode and ctime), each with the fingerprint itself.
 - checkpoint_save_seconds_resnet50 / checkpoint_restore_seconds_resnet50: one epoch checkpoint
   of the whole classifier with its Adam state (every layer trainable, 224 px), written and
   rotated as finetune does after every epoch, and loaded back as --resume does.
@@ -109,6 +114,7 @@ class Scale:
     dist_size: int = 96  # on a CPU-only machine; 224 on GPUs
     dist_steps: int = 8
     merge_images: int = 1000
+    digits: bool = True  # data identity on the repository's data/ as well
 
 
 FULL = Scale()
@@ -116,7 +122,7 @@ QUICK = Scale(photos=256, batches=4, cache_images=128, rss_images=(125, 500), ev
               audit_images=128, dist_steps=4, merge_images=250)
 SMOKE = Scale(backbone="test_resnet", size=32, photos=32, batches=2, cache_images=32,
               rss_images=(40, 80), eval_images=8, audit_images=16, dist_size=32, dist_steps=2,
-              merge_images=20)
+              merge_images=20, digits=False)
 S = FULL  # set by main()
 
 
@@ -411,6 +417,10 @@ def reliability_figures() -> None:
              goal="<= 1.3")
         emit("audit_memo_seconds", memo, "s", images=len(paths))
         emit("audit_memo_speedup", audit / memo, "x", goal=">= 50")
+        data_identity_figures(folder, "photos", Path(tmp) / "xdg-identity")
+        digits = ROOT / "data"
+        if S.digits and digits.is_dir():
+            data_identity_figures(load_folder(digits), "digits", Path(tmp) / "xdg-digits")
 
     import keras
 
@@ -445,6 +455,22 @@ def reliability_figures() -> None:
     emit(f"checkpoint_save_seconds_{S.backbone}", save, "s", mb=round(size / 1e6, 1),
          note="weights + Adam state, rotated, best linked")
     emit(f"checkpoint_restore_seconds_{S.backbone}", restored, "s")
+
+
+def data_identity_figures(folder: object, name: str, memo_home: Path) -> None:
+    from tlkit.audit import audit_folder
+    from tlkit.datasets import fingerprint
+
+    os.environ["XDG_CACHE_HOME"] = str(memo_home)  # no memo yet: the cold pass reads every file
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fingerprint(audit_folder(folder, workers=os.cpu_count()).folder)
+        times.append(time.perf_counter() - start)
+    files = sum(len(x) for x in folder.splits.values())
+    emit(f"data_identity_cold_seconds_{name}", times[0], "s", files=files)
+    emit(f"data_identity_warm_seconds_{name}", times[1], "s", files=files,
+         per_file_us=round(1e6 * times[1] / files, 1))
 
 
 def rss_child_peak(n_images: int) -> int:

@@ -23,6 +23,7 @@ SPEED_FIGURES = {
     "multicrop1_seconds", "multicrop10_seconds", "multicrop10_cost_ratio",
     "ensemble3_shared_trunk_seconds", "ensemble_shared_trunk_ratio",
     "audit_images_per_s", "audit_overhead_ratio", "audit_memo_seconds", "audit_memo_speedup",
+    "data_identity_cold_seconds_photos", "data_identity_warm_seconds_photos",
     "checkpoint_save_seconds_test_resnet", "checkpoint_restore_seconds_test_resnet",
     "dist_train_images_per_s_default", "dist_train_images_per_s_mirrored",
     "dist_mirrored_speedup", "dist_multiworker_2proc_speedup",
