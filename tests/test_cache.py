@@ -205,7 +205,7 @@ def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(ma
                              head_epochs=1, epochs=1, batch_size=8, mixed_precision=True,
                              cache=cache, cache_dir="cache", output=f"runs/{cache}")
         run = finetune(cfg, verbose=0)
-        used[cache] = run.info["feature_cache"]["used"]
+        used[cache] = run.record.feature_cache["used"]
         with h5py.File(run.path / "checkpoints" / "last.h5", "r") as f:
             counts[cache] = int(f["optimizer"].attrs["count"])
     assert used == {"off": False, "build": True}

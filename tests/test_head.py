@@ -62,8 +62,8 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
 
     data = make_folder(per_class=10, layout="splits", classes=("cat", "dog", "cow"))
     run = finetune(quick_config(data, tmp_path / "run"))
-    info = run.info
-    head = info["results"]["phases"][0]
+    results = run.record.results
+    head = results["phases"][0]
     assert head["phase"] == "head"
     # 30 images at batch 8 are 4 steps an epoch: two epochs would have been 8 steps
     assert head["optimizer_steps"] == MIN_HEAD_STEPS
@@ -83,15 +83,15 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
     probs = model.predict(x, verbose=0)
     loss = float(-np.log(probs[np.arange(len(y)), y]).mean())
     assert loss == pytest.approx(min(losses), rel=1e-3, abs=1e-5)
-    assert info["results"]["best"]["val_loss"] == pytest.approx(min(losses))
-    assert info["results"]["head_probe"]["views"] == 1  # the eval view: a linear probe
-    assert info["results"]["head_probe"]["feature_rows"] == 30
+    assert results["best"]["val_loss"] == pytest.approx(min(losses))
+    assert results["head_probe"]["views"] == 1  # the eval view: a linear probe
+    assert results["head_probe"]["feature_rows"] == 30
 
     # --head-views 3 with a random augmentation: the head sees 3 augmented views of each image
-    views = finetune(quick_config(data, tmp_path / "views", head_views=3)).info
-    assert views["results"]["head_probe"]["views"] == 3
-    assert views["results"]["head_probe"]["feature_rows"] == 90
-    assert views["results"]["head_probe"]["augment"] == "light"
+    views = finetune(quick_config(data, tmp_path / "views", head_views=3)).record.results
+    assert views["head_probe"]["views"] == 3
+    assert views["head_probe"]["feature_rows"] == 90
+    assert views["head_probe"]["augment"] == "light"
 
 
 def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkeypatch):
@@ -108,14 +108,14 @@ def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkey
     tinted_folder(data / "val", 6, 1)
     run = finetune(quick_config(data, tmp_path / "run",
                                 augment=resolve_augment("auto", allow_auto=True)))
-    search = run.info["augment"]["search"]
+    search = run.record.augment["search"]
     assert [s["augment"] for s in search] == ["grey", "none"]
     grey, plain = search
     assert grey["val_loss"] > 0.6  # chance is ln 2 = 0.69: grey views carry no class
     assert plain["val_loss"] < grey["val_loss"] - 0.15 and plain["val_accuracy"] == 1.0
     assert plain["chosen"] and not grey["chosen"] and grey["se_above_best"] > 1
-    assert run.info["augment"]["extra"] == []  # the chosen one: no ToGray
-    assert run.info["config"]["augment"]["preset"] == "auto"  # what was asked for
+    assert run.record.augment["extra"] == []  # the chosen one: no ToGray
+    assert run.record.config["augment"]["preset"] == "auto"  # what was asked for
     saved = json.loads((run.path / "run.json").read_text())
     assert saved["results"]["best"]["val_accuracy"] == 1.0
 
@@ -206,7 +206,7 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     run = finetune(quick_config(data, tmp_path / "run", weights=str(trunk),
                                 freeze=FreezeRequest(count="auto"), epochs=4, lr=0.05,
                                 fine_tune_lr=0.02, augment=resolve_augment("none")))
-    search = run.info["freeze"]["search"]
+    search = run.record.freeze["search"]
     assert [s["candidate"] for s in search] == ["head only", "--freeze-blocks 3",
                                                 "--freeze-blocks 2"]
     head_only = search[0]
@@ -214,10 +214,10 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     chosen = [s for s in search if s["chosen"]]
     assert len(chosen) == 1 and chosen[0]["candidate"] != "head only"
     assert chosen[0]["val_loss"] < head_only["val_loss"] / 2
-    assert run.info["freeze"]["n_frozen"] == chosen[0]["n_frozen"]
-    assert run.info["freeze"]["request"].startswith("--freeze auto (--freeze-blocks")
-    assert run.info["config"]["freeze"]["count"] == "auto"  # what was asked for
-    assert run.info["results"]["best"]["val_accuracy"] == 1.0
+    assert run.record.freeze["n_frozen"] == chosen[0]["n_frozen"]
+    assert run.record.freeze["request"].startswith("--freeze auto (--freeze-blocks")
+    assert run.record.config["freeze"]["count"] == "auto"  # what was asked for
+    assert run.record.results["best"]["val_accuracy"] == 1.0
     # the fine-tune phase trained exactly the chosen stages
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     trained = model.get_layer("backbone")

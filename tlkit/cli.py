@@ -394,9 +394,9 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
                    "done: this worker is not the chief; the chief writes the run")
         return
     if as_json:
-        click.echo(json.dumps({"run": str(run.path), "best": run.info["results"]["best"],
-                               "phases": run.info["results"]["phases"],
-                               "optimizer_steps": run.info["optimizer_steps"]}, indent=2))
+        click.echo(json.dumps({"run": str(run.path), "best": run.record.results["best"],
+                               "phases": run.record.results["phases"],
+                               "optimizer_steps": run.record.optimizer_steps}, indent=2))
     else:
         click.echo(f"run: {run.path}")
 

@@ -87,7 +87,7 @@ def _local(root: str) -> str:
 
 def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
     """The images to evaluate, labelled through the run's class map."""
-    root = _local(data or run.info["data"]["root"])
+    root = _local(data or run.record.data["root"])
     is_folder = data is not None and not root.lower().endswith(".csv")
     dirs = split_folders(root) if is_folder else {}
     if is_folder and not dirs:
@@ -98,7 +98,7 @@ def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[E
             raise DataError(f"{root}: has no {split} folder (it has {', '.join(dirs)})")
         candidates = load_class_folders(dirs[split])
     else:
-        folder = load_dataset(root, float(run.info["config"].get("val_fraction", 0.2)))
+        folder = load_dataset(root, run.record.val_fraction)
         if split is None:
             split = "test" if "test" in folder.splits else "val"
         if split not in folder.splits:
@@ -119,16 +119,9 @@ def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[E
 def check_same_split(runs: Sequence[Run]) -> None:
     """Ensemble members must share their train/val split: scored on the first member's split,
     another member's "val" images would otherwise be its training images."""
-    def signature(run: Run) -> dict[str, Any]:
-        data = run.info["data"]
-        sig = {"fingerprint": data["fingerprint"], "val_source": data["val_source"]}
-        if data["val_source"] == "hash-split":
-            sig["val_fraction"] = float(run.info["config"].get("val_fraction", 0.2))
-        return sig
-
-    first = signature(runs[0])
+    first = runs[0].record.split_signature()
     for run in runs[1:]:
-        sig = signature(run)
+        sig = run.record.split_signature()
         differ = [k for k in sorted(set(first) | set(sig)) if first.get(k) != sig.get(k)]
         if differ:
             raise ConfigError(f"{run.path}: trained on other data or another split than "
@@ -139,8 +132,7 @@ def check_same_split(runs: Sequence[Run]) -> None:
 def own_split_paths(run: Run) -> dict[str, set[str]] | None:
     """{split: real paths} of the data the run was trained on; None when it is not here."""
     try:
-        folder = load_dataset(_local(run.info["data"]["root"]), float(run.info["config"].get(
-            "val_fraction", 0.2)))
+        folder = load_dataset(_local(run.record.data["root"]), run.record.val_fraction)
     except DataError:
         return None
     return {s: {os.path.realpath(e.path) for e in ex} for s, ex in folder.splits.items()}
@@ -167,7 +159,7 @@ def leakage_notes(scored: Sequence[Example], own: dict[str, set[str]] | None) ->
 class _Member:
     def __init__(self, run: Run):
         self.run, self.model = run, run.load_model()
-        self.size, self.crop = run.input_size, float(run.info["crop_fraction"])
+        self.size, self.crop = run.input_size, float(run.record.crop_fraction)
 
 
 def _shared_groups(members: list[_Member]) -> list[tuple[Any, list[Any], list[int]]]:
@@ -178,15 +170,15 @@ def _shared_groups(members: list[_Member]) -> list[tuple[Any, list[Any], list[in
 
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(members):
-        info = m.run.info
-        sig = (info["backbone"], m.size, info["preprocessing"], info["weights"]["sha256"],
+        r = m.run.record
+        sig = (r.backbone, m.size, r.preprocessing, r.weights["sha256"],
                tuple(compute_dtypes(m.model)))  # a float16 trunk gives other activations
-        groups.setdefault(sig if info["freeze"]["n_frozen"] > 0 else (i,), []).append(i)
+        groups.setdefault(sig if r.n_frozen > 0 else (i,), []).append(i)
     out = []
     for idx in groups.values():
         if len(idx) > 1:
             first = members[idx[0]]
-            n = min(members[i].run.info["freeze"]["n_frozen"] for i in idx)
+            n = min(members[i].run.record.n_frozen for i in idx)
             cut = resolve_cut(backbone_of(first.model), n)
             trunks = [build_trunk(members[i].model, cut) for i in idx]
             digests = {weights_digest(t.get_weights()) for t in trunks}

@@ -79,7 +79,7 @@ def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLik
                       "channels": "RGB", "preprocessing": "inside the model"},
             "output": {"shape": [None, len(loaded.classes)], "meaning": "class probabilities",
                        "classes": loaded.classes},
-            "run": str(loaded.path.resolve()), "backbone": loaded.info["backbone"],
+            "run": str(loaded.path.resolve()), "backbone": loaded.record.backbone,
             "tlkit_version": _version.__version__,
         })
     except BaseException:

@@ -6,9 +6,10 @@ under runs/ with a plain name is always a finished run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +20,108 @@ RUN_SCHEMA = 1
 
 
 @dataclass(frozen=True)
-class Run:
-    path: Path
-    info: dict[str, Any]
+class RunRecord:
+    """run.json: written once by `finetune` (train.py), read by every other command through
+    this class only. Nested parts stay plain dicts; the properties below are what readers
+    need from them. A key this version does not know is kept (`extra`), so nothing is lost."""
+
+    backbone: str
+    weights: dict[str, Any]  # source, path, sha256
+    freeze: dict[str, Any]  # the FreezePlan (request, n_frozen, n_layers, ...) and its search
+    input_size: int
+    preprocessing: str
+    crop_fraction: float
+    classes: tuple[str, ...]
+    config: dict[str, Any]  # the settings as asked for (FinetuneConfig.as_dict)
+    data: dict[str, Any]  # source, root, layout, val_source, counts, fingerprint, ...
+    augment: dict[str, Any] = field(default_factory=dict)  # the augmentation used, its search
+    results: dict[str, Any] = field(default_factory=dict)  # best, phases, head_probe
+    seed: int = 0
+    schema: int = RUN_SCHEMA
+    tlkit_version: str | None = None
+    keras_version: str | None = None
+    created: str | None = None
+    train_bn: bool = False
+    class_weight: dict[str, float] | None = None
+    feature_cache: dict[str, Any] | None = None
+    distribution: dict[str, Any] | None = None
+    lr_used: dict[str, float] | None = None
+    phase: str | None = None
+    epoch: int | None = None
+    optimizer_steps: int | None = None
+    resumed: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def classes(self) -> list[str]:
-        return list(self.info["classes"])
-
-    @property
-    def input_size(self) -> int:
-        return int(self.info["input_size"])
+    def val_fraction(self) -> float:
+        return float(self.config.get("val_fraction", 0.2))
 
     @property
     def max_pixels(self) -> int:
         from tlkit.decode import DEFAULT_MAX_PIXELS
 
-        return int(self.info["config"].get("audit", {}).get("max_pixels", DEFAULT_MAX_PIXELS))
+        return int(self.config.get("audit", {}).get("max_pixels", DEFAULT_MAX_PIXELS))
+
+    @property
+    def n_frozen(self) -> int:
+        return int(self.freeze["n_frozen"])
+
+    def split_signature(self) -> dict[str, Any]:
+        """What fixes the train/val split: the data, where val comes from, and its share."""
+        sig = {"fingerprint": self.data["fingerprint"], "val_source": self.data["val_source"]}
+        if self.data["val_source"] == "hash-split":
+            sig["val_fraction"] = self.val_fraction
+        return sig
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"schema": self.schema}  # first, as readers check it first
+        out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if f.name not in ("schema", "extra"))
+        out["classes"] = list(self.classes)
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str | os.PathLike = "run.json") -> RunRecord:
+        if d.get("schema") != RUN_SCHEMA:
+            raise RunError(f"{where}: run schema {d.get('schema')!r} is not supported by this "
+                           f"tlkit (expects {RUN_SCHEMA})")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        if missing := [n for n in required if n not in d]:
+            raise RunError(f"{where}: lacks {', '.join(missing)}; it was not written by tlkit "
+                           "finetune, or it was edited")
+        known = {k: v for k, v in d.items() if k in fields}
+        known["classes"] = tuple(known["classes"])
+        return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
+
+
+def read_record(run_path: Path) -> RunRecord:
+    try:
+        info = json.loads((run_path / "run.json").read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{run_path / 'run.json'}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{run_path / 'run.json'}: not a tlkit run record")
+    return RunRecord.from_dict(info, run_path / "run.json")
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    record: RunRecord
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.record.classes)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.record.input_size)
+
+    @property
+    def max_pixels(self) -> int:
+        return self.record.max_pixels
 
     def load_model(self) -> Any:
         """The saved classifier, loaded with Keras safe_mode (no arbitrary code)."""
@@ -69,16 +155,7 @@ def load_run(path: str | os.PathLike | None = None) -> Run:
             f"{run_path}: not a finished tlkit run (needs run.json and model.keras); it may "
             "have been interrupted"
         )
-    try:
-        info = json.loads((run_path / "run.json").read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{run_path / 'run.json'}: not valid JSON ({e})") from None
-    if info.get("schema") != RUN_SCHEMA:
-        raise RunError(
-            f"{run_path / 'run.json'}: run schema {info.get('schema')!r} is not supported by "
-            f"this tlkit (expects {RUN_SCHEMA})"
-        )
-    return Run(run_path, info)
+    return Run(run_path, read_record(run_path))
 
 
 def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
@@ -90,15 +167,14 @@ def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
             continue
         if is_finished_run(path):
             try:
-                info = json.loads((path / "run.json").read_text())
-            except json.JSONDecodeError:
+                record = read_record(path)
+            except RunError:
                 continue  # load_run names the damage when the run is used
-            best = info.get("results", {}).get("best") or {}
-            rows.append({"run": path.name, "status": "finished",
-                         "backbone": info.get("backbone"),
-                         "freeze": (info.get("freeze") or {}).get("request"),
+            best = record.results.get("best") or {}
+            rows.append({"run": path.name, "status": "finished", "backbone": record.backbone,
+                         "freeze": record.freeze.get("request"),
                          "best_val_accuracy": best.get("val_accuracy"),
-                         "created": info.get("created"), "path": str(path)})
+                         "created": record.created, "path": str(path)})
         elif ".incomplete-" in path.name and (path / "checkpoints" / "identity.json").is_file():
             identity = json.loads((path / "checkpoints" / "identity.json").read_text())
             name = path.name.split(".incomplete-")[0]

@@ -42,7 +42,7 @@ from tlkit.features import cache_dataset
 from tlkit.freezing import AUTO as FREEZE_AUTO
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json, incomplete_dir, publish_dir
-from tlkit.runs import RUN_SCHEMA, RUNS_DIR, Run, load_run
+from tlkit.runs import RUNS_DIR, Run, RunRecord, load_run
 from tlkit.weights import resolve_weights
 
 log = logging.getLogger("tlkit")
@@ -527,47 +527,46 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     from tlkit.report import training_curves_png
 
     atomic_write(tmp_dir / "training_curves.png", training_curves_png(state["rows"]))
-    info = {
-        "schema": RUN_SCHEMA,
-        "tlkit_version": _version.__version__,
-        "keras_version": keras.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": spec.name,
-        "weights": weights.as_dict(),
-        "freeze": {**plan.as_dict(), "search": searched.get("freeze", {}).get("scores")},
-        "train_bn": config.train_bn,
-        "input_size": size,
-        "preprocessing": spec.preprocessing,
-        "crop_fraction": spec.crop_fraction,
-        "augment": {**config.augment.as_dict(),
-                    "pca": transform.pca.as_dict() if transform.pca is not None else None,
-                    "search": searched.get("augment", {}).get("scores")},
-        "classes": list(folder.classes),
-        "config": requested,
-        "class_weight": ({folder.classes[i]: w for i, w in weights_by_class.items()}
-                         if weights_by_class else None),
-        "data": {
+    record = RunRecord(
+        tlkit_version=_version.__version__,
+        keras_version=keras.__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        backbone=spec.name,
+        weights=weights.as_dict(),
+        freeze={**plan.as_dict(), "search": searched.get("freeze", {}).get("scores")},
+        train_bn=config.train_bn,
+        input_size=size,
+        preprocessing=spec.preprocessing,
+        crop_fraction=spec.crop_fraction,
+        augment={**config.augment.as_dict(),
+                 "pca": transform.pca.as_dict() if transform.pca is not None else None,
+                 "search": searched.get("augment", {}).get("scores")},
+        classes=tuple(folder.classes),
+        config=requested,
+        class_weight=({folder.classes[i]: w for i, w in weights_by_class.items()}
+                      if weights_by_class else None),
+        data={
             "source": config.data, "root": str(Path(folder.root).resolve()),
             "layout": folder.layout,
             "val_source": folder.val_source, "counts": folder.counts(),
             "fingerprint": data_fingerprint, "ignored": list(folder.ignored),
             "skipped": skipped,
         },
-        "feature_cache": {"used": cache is not None, "key": cache.key if cache else None,
-                          "note": cache_note},
-        "seed": config.seed,
-        "distribution": {"strategy": placement.name, "replicas": placement.replicas,
-                         "workers": placement.workers,
-                         "per_replica_batch": -(-config.batch_size // placement.replicas)},
-        "lr_used": {phase: lr for phase, _, lr in schedule},
-        "phase": state["rows"][-1]["phase"] if state["rows"] else None,
-        "epoch": state["rows"][-1]["epoch"] if state["rows"] else None,
-        "optimizer_steps": sum(state["phase_steps"].values()),
-        "resumed": state["resumed"],
-        "results": {"best": state["best"], "phases": phase_summaries(state, schedule),
-                    "head_probe": state.get("head_probe")},
-    }
-    atomic_write_json(tmp_dir / "run.json", info)
+        feature_cache={"used": cache is not None, "key": cache.key if cache else None,
+                       "note": cache_note},
+        seed=config.seed,
+        distribution={"strategy": placement.name, "replicas": placement.replicas,
+                      "workers": placement.workers,
+                      "per_replica_batch": -(-config.batch_size // placement.replicas)},
+        lr_used={phase: lr for phase, _, lr in schedule},
+        phase=state["rows"][-1]["phase"] if state["rows"] else None,
+        epoch=state["rows"][-1]["epoch"] if state["rows"] else None,
+        optimizer_steps=sum(state["phase_steps"].values()),
+        resumed=state["resumed"],
+        results={"best": state["best"], "phases": phase_summaries(state, schedule),
+                 "head_probe": state.get("head_probe")},
+    )
+    atomic_write_json(tmp_dir / "run.json", record.as_dict())
     if searched:
         write_search_table(tmp_dir / SEARCH_TABLE, searched)
     with contextlib.suppress(FileNotFoundError):

@@ -7,7 +7,6 @@ Set TLKIT_OFFLINE=1 to forbid downloads, so a missing file fails at once instead
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tlkit.backbones import REGISTRY, BackboneSpec, keras_cache_dir
-from tlkit.errors import WeightsError
+from tlkit.errors import RunError, WeightsError
 from tlkit.fsutil import atomic_path, file_hash, sha256_file
 
 WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
@@ -95,11 +94,16 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
                 f"--weights {path}: a folder must be a finished tlkit run (run.json and "
                 "model.keras); use a weights file, 'imagenet' or 'none'"
             )
-        info = json.loads(run_json.read_text())
-        if info.get("backbone") != spec.name:
+        from tlkit.runs import read_record
+
+        try:
+            trained = read_record(path).backbone
+        except RunError as e:
+            raise WeightsError(f"--weights {path}: {e}") from None
+        if trained != spec.name:
             raise WeightsError(
-                f"--weights {path}: that run trained {info.get('backbone')}, not {spec.name}; "
-                f"pass --backbone {info.get('backbone')} or another weights source"
+                f"--weights {path}: that run trained {trained}, not {spec.name}; "
+                f"pass --backbone {trained} or another weights source"
             )
         return ResolvedWeights("run", str(model_file), sha256_file(model_file))
     if path.is_file():
