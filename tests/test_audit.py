@@ -152,7 +152,7 @@ def test_check_data_cli_reports_writes_json_and_exits_3_on_bad_files(tmp_path):
 
     (tmp_path / "notes.json").write_text("{}")
     refused = CliRunner().invoke(cli, ["check-data", str(clean), "-o", "notes.json"])
-    assert refused.exit_code == 3 and "not a tlkit data report" in refused.output
+    assert refused.exit_code == 7 and "not a tlkit data report" in refused.output
     assert (tmp_path / "notes.json").read_text() == "{}"
 
 

@@ -10,8 +10,9 @@ from click.testing import CliRunner
 from conftest import TINY, replace_keeping_size_and_mtime
 
 from tlkit.augment import resolve_augment
-from tlkit.cache import CacheError, build_lock, open_cache
+from tlkit.cache import build_lock, open_cache
 from tlkit.cli import cli
+from tlkit.errors import CacheError
 from tlkit.features import PrecomputeConfig, cache_dataset, precompute_features
 
 

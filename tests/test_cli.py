@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -92,7 +93,7 @@ def test_existing_run_is_refused_without_overwrite(make_folder, tmp_path):
     assert first.exit_code == 0, first.output
     before = (tmp_path / "runs/a/run.json").read_text()
     again = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", *fast)
-    assert again.exit_code == 5
+    assert again.exit_code == 7
     assert again.output.strip() == ("Error: runs/a: already exists; choose another -o/--output "
                                     "or pass --overwrite")
     assert (tmp_path / "runs/a/run.json").read_text() == before
@@ -275,7 +276,7 @@ def test_augment_preview_writes_a_grid(make_folder, tmp_path):
     first, second = grid[4:36, 40:72], grid[4:36, 76:108]  # two draws of the first image
     assert not np.array_equal(first, second)
     again = invoke("augment-preview", str(data), "-o", "grid.png")
-    assert again.exit_code == 5 and "already exists" in again.output
+    assert again.exit_code == 7 and "already exists" in again.output
 
 
 def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
@@ -316,3 +317,34 @@ def test_quiet_json_tensorboard_curves_and_runs(make_folder, tmp_path):
     assert rows[0]["backbone"] == "test_resnet" and rows[0]["freeze"] == "--freeze all"
     table = CliRunner().invoke(cli, ["runs"]).output
     assert "q " in table and "--freeze all" in table
+
+
+def test_each_kind_of_error_has_one_exit_code(make_folder, tmp_path):
+    """2 options, 6 caches, 7 an output already there: the same kind, the same code, whichever
+    command meets it (README, "Exit codes")."""
+    data = make_folder(per_class=4)
+    for command in (["finetune", str(data), "--val-fraction", "1.5"],
+                    ["precompute-features", str(data), "--val-fraction", "1.5"]):
+        result = invoke(*command)
+        assert result.exit_code == 2, result.output
+        assert "--val-fraction must be between 0 and 1" in result.output
+    merge = invoke("cache", "merge", "--cache-dir", str(tmp_path / "nothing"))
+    assert merge.exit_code == 6 and "no shards to merge" in merge.output
+    (tmp_path / "notes.json").write_text("{}")
+    report = invoke("check-data", str(data), "-o", str(tmp_path / "notes.json"))
+    assert report.exit_code == 7 and "is not a tlkit data report" in report.output
+    for result in (merge, report):
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_every_choice_comes_from_one_module():
+    """The CLI's click.Choice lists are the constants the configs check against."""
+    from tlkit import choices
+    from tlkit.augment import PRESETS
+    from tlkit.cli import cli
+
+    assert tuple(PRESETS) == choices.AUGMENT_PRESETS
+    offered = {tuple(p.type.choices) for c in cli.commands.values()
+               for p in getattr(c, "params", []) if isinstance(p.type, click.Choice)}
+    constants = {v for k, v in vars(choices).items() if k.isupper() and isinstance(v, tuple)}
+    assert offered <= constants, offered - constants

@@ -109,7 +109,7 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     assert len(metrics["confusion_matrix"]) == 3
     assert "data:image/png;base64," in (out / "report.html").read_text()
     again = runner.invoke(cli, ["eval", "--multicrop"])
-    assert again.exit_code == 2 and "already exists" in again.output
+    assert again.exit_code == 7 and "already exists" in again.output
     as_json = runner.invoke(cli, ["eval", str(newest), "--json", "--name", "j"])
     assert json.loads(as_json.output)["top1"] == pytest.approx(json.loads(
         (newest / "eval/j/metrics.json").read_text())["top1"])

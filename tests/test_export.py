@@ -80,7 +80,7 @@ def test_export_refuses_to_overwrite_and_names_bad_formats(run_and_images):
     runner = CliRunner()
     assert runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e"]).exit_code == 0
     again = runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e"])
-    assert again.exit_code == 5 and "e: already exists; pass --overwrite" in again.output
+    assert again.exit_code == 7 and "e: already exists; pass --overwrite" in again.output
     assert runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e",
                                "--overwrite"]).exit_code == 0
     bad = runner.invoke(cli, ["export", str(run), "--format", "pickle"])

@@ -10,9 +10,9 @@ from conftest import REPO
 from PIL import Image
 
 from tlkit import decode
-from tlkit.cache import CacheError, open_cache
+from tlkit.cache import open_cache
 from tlkit.decode import decode_image
-from tlkit.errors import DataError
+from tlkit.errors import CacheError, DataError
 
 SOURCES = sorted((REPO / "tlkit").glob("*.py"))
 

@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tlkit.choices import BAD_IMAGE_POLICIES, check
 from tlkit.datasets import Example, ImageFolder, file_signature
 from tlkit.decode import DEFAULT_MAX_PIXELS, probe_image
-from tlkit.errors import ConfigError, DataError
+from tlkit.errors import ConfigError, DataError, OutputExistsError
 from tlkit.fsutil import atomic_write_json, sha256_file, user_cache_dir
 from tlkit.progress import progress
 
 log = logging.getLogger("tlkit")
 REPORT_SCHEMA = 1
 MEMO_VERSION = 2  # bump when probe_image learns something new, so old memos are not trusted
-BAD_IMAGE_POLICIES = ("error", "skip")
 IMBALANCE_WARNING = 10.0  # largest / smallest class above this is worth a line
 
 
@@ -44,9 +44,7 @@ class AuditConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        if self.on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ConfigError(f"--on-bad-image must be 'error' or 'skip'. "
-                              f"Received: {self.on_bad_image!r}")
+        check("--on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"--max-bad-fraction must be in [0, 1]. "
                               f"Received: {self.max_bad_fraction}")
@@ -277,6 +275,13 @@ def check_data(data: str | os.PathLike = "data", backbone: str = "resnet50",
 
 def write_report(summary: dict[str, Any], path: str | os.PathLike, overwrite: bool) -> Path:
     """data_report.json; a file there that is not an earlier report is never replaced."""
+    path = check_report_path(path, overwrite)
+    atomic_write_json(path, summary)
+    return path
+
+
+def check_report_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Before the audit starts: a file at `path` that is not an earlier report is refused."""
     path = Path(path)
     if path.exists() and not overwrite:
         try:
@@ -285,7 +290,6 @@ def write_report(summary: dict[str, Any], path: str | os.PathLike, overwrite: bo
         except (OSError, ValueError):
             ours = False
         if not ours:
-            raise DataError(f"{path}: exists and is not a tlkit data report; choose another "
-                            "-o/--output or pass --overwrite")
-    atomic_write_json(path, summary)
+            raise OutputExistsError(f"{path}: exists and is not a tlkit data report; choose "
+                                    "another -o/--output or pass --overwrite")
     return path

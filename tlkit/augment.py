@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.choices import AUTO, CROP_STYLES, MULTICROP_MODES, check
 from tlkit.errors import ConfigError, did_you_mean
-
-CROP_STYLES = ("center", "crop", "resized-crop")
 
 
 @dataclass(frozen=True)
@@ -121,9 +120,7 @@ class AugmentConfig:
     extra: tuple[tuple[str, str], ...] = field(default=())  # (albumentations name, JSON args)
 
     def __post_init__(self) -> None:
-        if self.crop not in CROP_STYLES:
-            raise ConfigError(f"crop style must be one of {', '.join(CROP_STYLES)}. "
-                              f"Received: {self.crop!r}")
+        check("--crop", self.crop, CROP_STYLES)
         lo, hi = self.scale_range
         if not 1.0 <= lo <= hi:
             raise ConfigError(f"crop scale range must satisfy 1 <= low <= high (shorter side / "
@@ -173,7 +170,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-AUTO = "auto"  # finetune only: the preset is chosen on the validation split (tlkit.head)
+# --augment auto (finetune only): the preset is chosen on the validation split (tlkit.head)
 
 
 def resolve_augment(preset: str, extra: Sequence[str] = (), allow_auto: bool = False,
@@ -355,7 +352,6 @@ def random_resized_crop(image: np.ndarray, size: int, area: tuple[float, float],
     return resize(image, size, size, box=(left, top, left + cw, top + ch))
 
 
-MULTICROP_CHOICES = ("1", "5", "10", "multiscale")
 MULTISCALE_FACTORS = (1.0, 1.0 / 0.875, 1.5 / 0.875)  # shorter side / input size: 224, 256, 384
 
 
@@ -368,9 +364,7 @@ def multicrop_views(image: np.ndarray, size: int, crop_fraction: float, mode: st
     """
     if mode == "1":
         return eval_transform(image, size, crop_fraction)[None]
-    if mode not in MULTICROP_CHOICES:
-        raise ConfigError(f"--multicrop must be one of {', '.join(MULTICROP_CHOICES)}. "
-                          f"Received: {mode!r}")
+    check("--multicrop", mode, MULTICROP_MODES)
     scales = ([max(size, round(size / crop_fraction))] if mode in ("5", "10")
               else [max(size, round(size * f)) for f in MULTISCALE_FACTORS])
     views = []

@@ -29,20 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.choices import CACHE_DTYPES, check
 from tlkit.datasets import Example
-from tlkit.errors import ConfigError, TlkitError
+from tlkit.errors import CacheError
 from tlkit.fsutil import atomic_path, atomic_write_json, is_inside, sha256_file
 
 SCHEMA = 1
 CACHE_DIR = "cache"
 SHARD_BYTES = 256 << 20
-DTYPES = ("float16", "float32")
-
-
-class CacheError(TlkitError):
-    """A cache that is missing, locked, corrupt or does not fit on disk."""
-
-    exit_code = 6
 
 
 def key_of(inputs: dict[str, Any]) -> str:
@@ -231,8 +225,7 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
     indices in the split start at first_index): the eval transform, or augmented view `view`.
     `predict` (images -> activations) defaults to the trunk's predict_on_batch.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}. Received: {dtype!r}")
+    check("--dtype", dtype, CACHE_DTYPES)
     predict = predict or trunk.predict_on_batch
     shape = tuple(int(d) for d in trunk.output.shape[1:])
     with build_lock(root, key, wait):

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from tlkit import choices
 from tlkit.errors import TlkitError
 
 BACKBONE_HELP = "Backbone name (`tlkit backbones` lists them)."
@@ -163,7 +164,7 @@ def option_group(*options: Any) -> Any:
 
 
 STRATEGY_OPTION = click.option(
-    "--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
+    "--strategy", type=click.Choice(choices.STRATEGIES),
     default="auto", show_default=True,
     help="tf.distribute: mirrored = every GPU of this machine; multiworker = the machines in "
          "TF_CONFIG; auto = multiworker if TF_CONFIG names several workers, else mirrored if "
@@ -177,7 +178,7 @@ augment_options = option_group(
                       "(Inception's random resized crop + mirror), alexnet (crop + mirror + PCA "
                       "colour), vgg (alexnet with scale jitter). finetune also takes auto: the "
                       "preset whose head probe scores best on the validation split."),
-    click.option("--crop", type=click.Choice(["center", "crop", "resized-crop"]),
+    click.option("--crop", type=click.Choice(choices.CROP_STYLES),
                  help="Override the preset's crop style."),
     click.option("--flip-p", type=float, help="Override the mirroring probability."),
     click.option("--pca-sigma", type=float,
@@ -191,7 +192,7 @@ MAX_PIXELS_OPTION = click.option(
                                    "against decompression bombs. Default: 100 million.")
 # How finetune and precompute-features treat files that cannot be used.
 audit_options = option_group(
-    click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error",
+    click.option("--on-bad-image", type=click.Choice(choices.BAD_IMAGE_POLICIES), default="error",
                  show_default=True,
                  help="error: list every unusable file and start nothing; skip: leave them "
                       "out and record each in the run."),
@@ -348,9 +349,9 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--views", default=1, show_default=True,
               help="Augmented views per training image in the feature cache.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
-@click.option("--cache-dtype", type=click.Choice(["float16", "float32"]), default="float16",
+@click.option("--cache-dtype", type=click.Choice(choices.CACHE_DTYPES), default="float16",
               show_default=True)
-@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none",
+@click.option("--class-weight", type=click.Choice(choices.CLASS_WEIGHTS), default="none",
               show_default=True, help="balanced: weight classes by n / (classes x count).")
 @audit_options
 @click.option("--resume", type=click.Path(), metavar="RUN",
@@ -426,13 +427,14 @@ def check_data(data: str, backbone: str, val_fraction: float, max_pixels: int | 
     """Decode every image of DATA once and report what is wrong; exit 3 if any file is unusable.
 
     finetune and precompute-features run the same check first. Results are remembered per file
-    (size and modification time), so checking unchanged data again is instant.
+    (size, modification time, inode, ctime), so checking unchanged data again is instant.
     """
     from tlkit.audit import check_data as run_check
-    from tlkit.audit import write_report
+    from tlkit.audit import check_report_path, write_report
     from tlkit.errors import DataError
 
     limit = {"max_pixels": max_pixels} if max_pixels is not None else {}
+    check_report_path(output, overwrite)  # before the work, not after it
     summary = run_check(data, backbone, val_fraction, workers=workers, **limit).as_dict()
     path = write_report(summary, output, overwrite)
     if as_json:
@@ -489,7 +491,7 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
               help="Augmented views per training image (1: the eval transform, no augmentation).")
 @augment_options
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+@click.option("--dtype", type=click.Choice(choices.CACHE_DTYPES), default="float16",
               show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
 @click.option("--batch-size", default=32, show_default=True)
@@ -659,7 +661,7 @@ def _split_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
 
 MULTICROP_OPTION = click.option(
-    "--multicrop", type=click.Choice(["1", "5", "10", "multiscale"]), default="1",
+    "--multicrop", type=click.Choice(choices.MULTICROP_MODES), default="1",
     is_flag=False, flag_value="10", show_default=True,
     help="Test-time views averaged per image; the bare flag means 10 (corners, centre, mirrors).")
 
@@ -668,9 +670,9 @@ MULTICROP_OPTION = click.option(
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())
 @MULTICROP_OPTION
-@click.option("--ensemble-weights", type=click.Choice(["equal", "val"]), default="equal",
+@click.option("--ensemble-weights", type=click.Choice(choices.ENSEMBLE_WEIGHTS), default="equal",
               show_default=True, help="Member weights; 'val' fits them on the validation split.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]),
+@click.option("--split", type=click.Choice(choices.EVAL_SPLITS),
               help="Split to evaluate (default: test, else val).")
 @click.option("--name", help="Output folder under RUN/eval/ (default: from split and crops).")
 @click.option("--batch-size", default=32, show_default=True)
@@ -735,7 +737,7 @@ def predict(paths: tuple[str, ...], top_k: int, multicrop: str, as_json: bool) -
 
 @cli.command()
 @click.argument("run", required=False, type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "tflite", "onnx"]),
+@click.option("--format", "fmt", type=click.Choice(choices.EXPORT_FORMATS),
               default="savedmodel", show_default=True)
 @click.option("-o", "--output", type=click.Path(), help="Default: RUN/export/FORMAT/.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")

@@ -8,7 +8,8 @@ from typing import Any
 
 from tlkit.audit import AuditConfig
 from tlkit.augment import AugmentConfig, resolve_augment
-from tlkit.distribute import STRATEGIES
+from tlkit.choices import CACHE_DTYPES, CACHE_MODES, CLASS_WEIGHTS, STRATEGIES, check
+from tlkit.datasets import check_val_fraction
 from tlkit.errors import ConfigError, did_you_mean
 from tlkit.freezing import FreezeRequest
 
@@ -66,26 +67,22 @@ class FinetuneConfig:
             (self.fine_tune_lr > 0, "--fine-tune-lr must be positive", self.fine_tune_lr),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)", self.dropout),
             (self.patience >= 1, "--patience must be at least 1", self.patience),
-            (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1",
-             self.val_fraction),
             (self.workers is None or self.workers >= 1, "--workers must be at least 1",
              self.workers),
             (self.prefetch is None or self.prefetch >= 1, "--prefetch must be at least 1",
              self.prefetch),
-            (self.cache in ("auto", "build", "off"), "cache must be auto, build or off",
-             self.cache),
             (self.views >= 1, "--views must be at least 1", self.views),
-            (self.cache_dtype in ("float16", "float32"), "--cache-dtype must be float16 or "
-             "float32", self.cache_dtype),
-            (self.class_weight in ("none", "balanced"), "--class-weight must be none or "
-             "balanced", self.class_weight),
-            (self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}",
-             self.strategy),
             (self.lr_base_batch >= 1, "--lr-base-batch must be at least 1", self.lr_base_batch),
         ]
         for ok, message, value in checks:
             if not ok:
                 raise ConfigError(f"{message}. Received: {value}")
+        check_val_fraction(self.val_fraction)
+        for flag, value, choices in (("--cache", self.cache, CACHE_MODES),
+                                     ("--cache-dtype", self.cache_dtype, CACHE_DTYPES),
+                                     ("--class-weight", self.class_weight, CLASS_WEIGHTS),
+                                     ("--strategy", self.strategy, STRATEGIES)):
+            check(flag, value, choices)
         if self.fine_tune_lr > self.lr:
             raise ConfigError(
                 f"--fine-tune-lr should be lower than --lr (fine-tuning a pretrained backbone at "

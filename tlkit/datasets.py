@@ -15,7 +15,7 @@ from pathlib import Path
 
 from natsort import natsorted
 
-from tlkit.errors import DataError
+from tlkit.errors import ConfigError, DataError
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # Files operating systems drop into folders; never data.
@@ -91,9 +91,10 @@ def hash_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def _check_fraction(val_fraction: float) -> None:
+def check_val_fraction(val_fraction: float) -> None:
+    """The one check of --val-fraction, for every command that splits data."""
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(
+        raise ConfigError(
             f"--val-fraction must be between 0 and 1 (exclusive). Received: {val_fraction}"
         )
 
@@ -103,7 +104,7 @@ def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFold
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder; pass a folder of class sub-folders")
-    _check_fraction(val_fraction)
+    check_val_fraction(val_fraction)
     ignored: list[str] = []
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and _visible(p.name)]
     split_dirs = {p.name: p for p in subdirs if p.name.lower() in SPLIT_NAMES}
@@ -211,7 +212,7 @@ def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
     csv_path = Path(path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such CSV manifest")
-    _check_fraction(val_fraction)
+    check_val_fraction(val_fraction)
     first_line: dict[Path, int] = {}
     base = csv_path.parent
     with open(csv_path, newline="", encoding="utf-8-sig") as f:

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.choices import STRATEGIES, check
 from tlkit.errors import ConfigError
 from tlkit.pipeline import Share
 
 log = logging.getLogger("tlkit")
 
-STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 LOGICAL_CPUS_ENV = "TLKIT_LOGICAL_CPUS"
 NEEDS_TF_CONFIG = ("--strategy multiworker needs TF_CONFIG, naming every worker and this "
                    "process's task; see README, \"Several GPUs, several machines\"")
@@ -179,9 +179,7 @@ class Placement:
 
 def resolve_strategy(name: str, cluster: ClusterSpec | None) -> str:
     """auto: several workers in TF_CONFIG -> multiworker; several GPUs -> mirrored; else default."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}. "
-                          f"Received: {name!r}")
+    check("--strategy", name, STRATEGIES)
     if name != "auto":
         return name
     if cluster is not None and cluster.workers > 1:

@@ -1,5 +1,8 @@
 """Errors a user can fix. Each carries its exit code; the CLI prints one line, no traceback.
 
+Exit codes, one per kind (the README lists them): 1 other, 2 options and recipes, 3 data,
+4 weights, 5 runs, 6 feature caches, 7 an output that already exists, 130 interrupted.
+
 Anything that is not a TlkitError is a bug and keeps its traceback.
 """
 
@@ -41,6 +44,24 @@ class WeightsError(TlkitError):
 
 
 class RunError(TlkitError):
-    """A run directory that is missing, incomplete, or would be overwritten."""
+    """A run directory that is missing, incomplete or cannot be resumed."""
 
     exit_code = 5
+
+
+class CacheError(TlkitError):
+    """A feature cache that is missing, locked, corrupt or does not fit on disk."""
+
+    exit_code = 6
+
+
+class OutputExistsError(TlkitError):
+    """The output would replace something already there: never without --overwrite."""
+
+    exit_code = 7
+
+
+class Interrupted(RunError):
+    """Ctrl-C during training: the run stays resumable (128 + SIGINT, as shells report it)."""
+
+    exit_code = 130

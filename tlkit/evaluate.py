@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.augment import MULTICROP_CHOICES, multicrop_views
+from tlkit.augment import multicrop_views
+from tlkit.choices import ENSEMBLE_WEIGHTS, EVAL_SPLITS, MULTICROP_MODES, STRATEGIES, check
 from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
-from tlkit.distribute import STRATEGIES
 from tlkit.errors import ConfigError, DataError
 from tlkit.progress import progress
 from tlkit.runs import Run, load_run
@@ -43,17 +43,11 @@ class EvalConfig:
     strategy: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}. "
-                              f"Received: {self.strategy!r}")
-        if self.multicrop not in MULTICROP_CHOICES:
-            raise ConfigError(f"--multicrop must be one of {', '.join(MULTICROP_CHOICES)}. "
-                              f"Received: {self.multicrop!r}")
-        if self.ensemble_weights not in ("equal", "val"):
-            raise ConfigError("--ensemble-weights must be 'equal' or 'val'. "
-                              f"Received: {self.ensemble_weights!r}")
-        if self.split not in (None, "train", "val", "test"):
-            raise ConfigError(f"--split must be train, val or test. Received: {self.split!r}")
+        check("--strategy", self.strategy, STRATEGIES)
+        check("--multicrop", self.multicrop, MULTICROP_MODES)
+        check("--ensemble-weights", self.ensemble_weights, ENSEMBLE_WEIGHTS)
+        if self.split is not None:
+            check("--split", self.split, EVAL_SPLITS)
 
 
 def center_index(mode: str) -> int:
@@ -297,7 +291,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 
 def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
-    from tlkit.fsutil import incomplete_dir, publish_dir
+    from tlkit.fsutil import incomplete_dir, publish_dir, refuse_overwrite
     from tlkit.report import write_outputs
 
     runs = load_members(config.runs)
@@ -316,8 +310,8 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     name = config.name or f"{split}-crops{config.multicrop}" + (
         f"-ensemble{len(runs)}" if len(runs) > 1 else "")
     out_dir = runs[0].path / "eval" / name
-    if placement.is_chief and out_dir.exists() and not config.overwrite:
-        raise ConfigError(f"{out_dir}: already exists; pass --name or --overwrite")
+    if placement.is_chief:
+        refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite")
     members = [_Member(r) for r in runs]
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples])

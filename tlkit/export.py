@@ -16,12 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from tlkit import _version
-from tlkit.errors import ConfigError, RunError
-from tlkit.fsutil import atomic_write, atomic_write_json, incomplete_dir, publish_dir
+from tlkit.choices import EXPORT_FORMATS, check
+from tlkit.errors import ConfigError
+from tlkit.fsutil import (
+    atomic_write,
+    atomic_write_json,
+    incomplete_dir,
+    publish_dir,
+    refuse_overwrite,
+)
 from tlkit.runs import Run, load_run
 
 log = logging.getLogger("tlkit")
-EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 MODEL_FILES = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite",
                "onnx": "model.onnx"}
 
@@ -56,13 +62,10 @@ def _onnx(model: Any, path: Path) -> None:
 def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLike | None = None,
                overwrite: bool = False) -> Path:
     """Export `run` (None: the newest) to `output` (default RUN/export/<format>/)."""
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}. "
-                          f"Received: {fmt!r}")
+    check("--format", fmt, EXPORT_FORMATS)
     loaded: Run = load_run(run)
     out = Path(output) if output else loaded.path / "export" / fmt
-    if out.exists() and not overwrite:
-        raise RunError(f"{out}: already exists; pass --overwrite or choose another -o/--output")
+    refuse_overwrite(out, overwrite, "pass --overwrite or choose another -o/--output")
     tmp = incomplete_dir(out)
     try:
         target = tmp / MODEL_FILES[fmt]

@@ -32,7 +32,6 @@ from tlkit.augment import (
 from tlkit.backbones import BackboneSpec, get_backbone
 from tlkit.cache import (
     SCHEMA,
-    CacheError,
     FeatureCache,
     build_cache,
     build_part,
@@ -44,16 +43,16 @@ from tlkit.cache import (
     read_parts,
     weights_digest,
 )
-from tlkit.datasets import Example, ImageFolder, fingerprint, load_dataset
+from tlkit.choices import CACHE_DTYPES, STRATEGIES, check
+from tlkit.datasets import Example, ImageFolder, check_val_fraction, fingerprint, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
 from tlkit.distribute import (
     NEEDS_TF_CONFIG,
-    STRATEGIES,
     make_placement,
     read_tf_config,
     resolve_strategy,
 )
-from tlkit.errors import ConfigError
+from tlkit.errors import CacheError, ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
 from tlkit.model import compute_dtypes
 from tlkit.split import Cut, build_trunk, resolve_cut
@@ -95,13 +94,11 @@ class PrecomputeConfig:
             raise ConfigError("--shard-index must be in 0..num-shards-1 (and --num-shards at "
                               f"least 1). Received: --num-shards {self.num_shards}, "
                               f"--shard-index {self.shard_index}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}. "
-                              f"Received: {self.strategy!r}")
+        check("--strategy", self.strategy, STRATEGIES)
+        check("--dtype", self.dtype, CACHE_DTYPES)
+        check_val_fraction(self.val_fraction)
         if self.views < 1:
             raise ConfigError(f"--views must be at least 1. Received: {self.views}")
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"--dtype must be float16 or float32. Received: {self.dtype!r}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1. Received: {self.batch_size}")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlkit.backbones import BackboneSpec
+from tlkit.choices import AUTO  # --freeze auto: finetune picks the freeze point on val
 from tlkit.errors import ConfigError, did_you_mean
 
 
@@ -45,7 +46,6 @@ class FreezePlan:
                 "last_frozen": self.last_frozen}
 
 
-AUTO = "auto"  # --freeze auto: finetune picks the freeze point on the validation split
 
 
 def parse_freeze_count(value: str) -> str:

@@ -62,6 +62,14 @@ def incomplete_dir(final: str | os.PathLike) -> Path:
     return tmp
 
 
+def refuse_overwrite(path: str | os.PathLike, overwrite: bool, hint: str) -> None:
+    """The one check before writing a user-visible output: `path` is replaced only when asked."""
+    if Path(path).exists() and not overwrite:
+        from tlkit.errors import OutputExistsError
+
+        raise OutputExistsError(f"{path}: already exists; {hint}")
+
+
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: bool = False) -> None:
     """Rename a finished directory into place; an old one is removed only after the swap."""
     tmp, final = Path(tmp), Path(final)

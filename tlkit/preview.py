@@ -11,8 +11,8 @@ from PIL import Image
 from tlkit.augment import AugmentConfig
 from tlkit.backbones import get_backbone
 from tlkit.datasets import load_dataset
-from tlkit.errors import ConfigError, RunError
-from tlkit.fsutil import atomic_path
+from tlkit.errors import ConfigError
+from tlkit.fsutil import atomic_path, refuse_overwrite
 
 GAP = 4
 
@@ -28,8 +28,7 @@ def augment_preview(data: str | os.PathLike, augment: AugmentConfig, output: str
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise ConfigError(f"-o/--output must end in .png. Received: {output}")
-    if output.exists() and not overwrite:
-        raise RunError(f"{output}: already exists; choose another -o/--output or pass --overwrite")
+    refuse_overwrite(output, overwrite, "choose another -o/--output or pass --overwrite")
     if n < 1 or draws < 1:
         raise ConfigError(f"-n and --draws must be at least 1. Received: -n {n}, --draws {draws}")
     spec = get_backbone(backbone)

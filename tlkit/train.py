@@ -23,7 +23,6 @@ from typing import Any
 
 from tlkit import _version
 from tlkit.audit import audit_and_filter
-from tlkit.augment import AUTO
 from tlkit.backbones import get_backbone
 from tlkit.checkpoints import (
     BEST,
@@ -34,14 +33,21 @@ from tlkit.checkpoints import (
     restore,
     save_epoch,
 )
+from tlkit.choices import AUTO
 from tlkit.config import FinetuneConfig
 from tlkit.datasets import fingerprint, load_dataset
 from tlkit.distribute import Placement
-from tlkit.errors import ConfigError, RunError
+from tlkit.errors import ConfigError, Interrupted, RunError
 from tlkit.features import cache_dataset
-from tlkit.freezing import AUTO as FREEZE_AUTO
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
-from tlkit.fsutil import atomic_path, atomic_write, atomic_write_json, incomplete_dir, publish_dir
+from tlkit.fsutil import (
+    atomic_path,
+    atomic_write,
+    atomic_write_json,
+    incomplete_dir,
+    publish_dir,
+    refuse_overwrite,
+)
 from tlkit.runs import RUNS_DIR, Run, RunRecord, load_run
 from tlkit.weights import resolve_weights
 
@@ -167,7 +173,7 @@ def _resolve_auto(config: FinetuneConfig, placement: Placement, identity: dict[s
 
     searched: dict[str, Any] = dict((identity or {}).get("searched") or {})
     wanted = [flag for flag, on in (("--augment auto", config.augment.preset == AUTO),
-                                    ("--freeze auto", config.freeze.count == FREEZE_AUTO)) if on]
+                                    ("--freeze auto", config.freeze.count == AUTO)) if on]
     if wanted and placement.replicas > 1:
         raise ConfigError(f"{wanted[0]} runs on one device; name a value (--augment light, "
                           "--freeze all, ...) under --strategy mirrored or multiworker")
@@ -184,7 +190,7 @@ def _resolve_auto(config: FinetuneConfig, placement: Placement, identity: dict[s
                 on_first_batch=estimates.pop())
             searched["augment"] = {"chosen": chosen.as_dict(), "scores": scores}
         config = dataclasses.replace(config, augment=chosen)
-    if config.freeze.count == FREEZE_AUTO:
+    if config.freeze.count == AUTO:
         if "freeze" in searched:
             plan = FreezePlan(**searched["freeze"]["chosen"])
             log.info("%s, as chosen when the run started", plan.request)
@@ -343,9 +349,9 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     from tlkit.distribute import make_placement
 
     placement = make_placement(config.strategy)  # before any other TensorFlow work
-    if identity is None and placement.is_chief and run_dir.exists() and not config.overwrite:
-        raise RunError(f"{run_dir}: already exists; choose another -o/--output or pass "
-                       "--overwrite")
+    if identity is None and placement.is_chief:
+        refuse_overwrite(run_dir, config.overwrite,
+                         "choose another -o/--output or pass --overwrite")
     if placement.name != "default":
         log.info("strategy: %s", placement.describe())
     with contextlib.ExitStack() as scope:
@@ -398,7 +404,7 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     model = build_model(spec, weights, size, len(folder.classes), config.seed, config.dropout,
                         config.mixed_precision)
     base = backbone_of(model)
-    plan = (None if config.freeze.count == FREEZE_AUTO else
+    plan = (None if config.freeze.count == AUTO else
             resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]))
 
     from tlkit.pipeline import build_train_transform, eval_dataset
@@ -580,12 +586,6 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     log.info("saved %s (best val_accuracy %.4f, %s epoch %s)", run_dir,
              best.get("val_accuracy") or math.nan, best["phase"], best["epoch"])
     return load_run(run_dir)
-
-
-class Interrupted(RunError):
-    """Ctrl-C: the run stays resumable."""
-
-    exit_code = 130
 
 
 @dataclasses.dataclass

@@ -1,0 +1,30 @@
+"""Every closed set of values a flag takes, written once. Dependency-free: the CLI builds its
+`click.Choice`s from here without importing TensorFlow, and the configs check their values with
+`check`, so a choice, its default list and its error message cannot drift apart."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tlkit.errors import ConfigError, did_you_mean
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+CACHE_DTYPES = ("float16", "float32")
+CACHE_MODES = ("auto", "build", "off")
+CLASS_WEIGHTS = ("none", "balanced")
+CROP_STYLES = ("center", "crop", "resized-crop")
+MULTICROP_MODES = ("1", "5", "10", "multiscale")
+ENSEMBLE_WEIGHTS = ("equal", "val")
+EVAL_SPLITS = ("train", "val", "test")
+EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
+BAD_IMAGE_POLICIES = ("error", "skip")
+AUGMENT_PRESETS = ("none", "light", "standard", "alexnet", "vgg")  # tlkit.augment.PRESETS
+AUTO = "auto"  # --augment auto, --freeze auto: chosen on the validation split
+
+
+def check(flag: str, value: object, choices: Sequence[str]) -> None:
+    """A ConfigError in the one form every choice uses, when `value` is not among `choices`."""
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}. "
+                          f"Received: {value!r}.{hint}".rstrip("."))
