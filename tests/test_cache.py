@@ -91,6 +91,8 @@ def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monk
     done = sorted(p.name for p in partial[0].glob("train-0*.npy"))
     assert done == ["train-00000.npy", "train-00001.npy"]
     stamp = (partial[0] / "train-00000.npy").stat().st_mtime_ns
+    listing = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(root)])
+    assert f"unfinished: {partial[0].name} (interrupted build" in listing.output
     monkeypatch.setattr(features, "make_rows_fn", real)
     cache = precompute_features(config(data, batch_size=4))
     assert (cache.path / "train-00000.npy").stat().st_mtime_ns == stamp  # kept, not redone

@@ -263,3 +263,20 @@ def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
     same = {weights_digest(backbone_of(m.model).get_weights()) for m in members}
     assert len(same) == 1  # the same trunk weights: only the compute dtype differs
     assert [idx for _, _, idx in _shared_groups(members)] == [[0], [1]]
+
+
+def test_leftovers_of_a_crashed_evaluation_are_cleared_after_a_day(trained):
+    import os
+    import time
+
+    _data, runs = trained
+    out = runs[0] / "eval" / "left"
+    old, fresh = (out.parent / f"left.incomplete-{n}" for n in ("old", "fresh"))
+    for path in (old, fresh):
+        path.mkdir(parents=True)
+        (path / "metrics.json").write_text("{}")  # half of an evaluation that crashed
+    day_ago = time.time() - 25 * 3600
+    os.utime(old, (day_ago, day_ago))
+    evaluate(EvalConfig(runs=(str(runs[0]),), name="left"))
+    assert not old.exists() and fresh.exists()  # one still being written is left alone
+    assert (out / "metrics.json").is_file()

@@ -32,7 +32,15 @@ import numpy as np
 from tlkit.choices import CACHE_DTYPES, check
 from tlkit.datasets import Example
 from tlkit.errors import CacheError
-from tlkit.fsutil import atomic_path, atomic_write_json, is_inside, sha256_file
+from tlkit.fsutil import (
+    atomic_path,
+    atomic_write_json,
+    find_incomplete,
+    incomplete_dir,
+    is_incomplete,
+    is_inside,
+    sha256_file,
+)
 
 SCHEMA = 1
 CACHE_DIR = "cache"
@@ -232,9 +240,8 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
         done = open_cache(root, key)
         if done is not None:
             return done
-        previous = sorted(root.glob(f"{key}.incomplete-*"))
-        work = previous[0] if previous else root / f"{key}.incomplete-{os.getpid()}"
-        work.mkdir(parents=True, exist_ok=True)
+        previous = find_incomplete(root / key)  # resumed: its finished shards are kept
+        work = previous[-1] if previous else incomplete_dir(root / key)
         progress_file = work / "progress.json"
         finished = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
         layout = _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype)
@@ -289,8 +296,7 @@ def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
                      batch_size)
     mine = units[index * len(units) // count : (index + 1) * len(units) // count]
     root.mkdir(parents=True, exist_ok=True)
-    work = root / f"{final.name}.incomplete-{os.getpid()}"
-    work.mkdir()
+    work = incomplete_dir(final)
     pieces: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for split, name, start, stop in mine:  # consecutive batches of one shard file: one piece
@@ -324,7 +330,7 @@ def read_parts(root: Path, key: str) -> tuple[int, dict[int, dict[str, Any]]]:
     """(shard count, {index: part record}) of the finished parts of `key`."""
     parts: dict[int, dict[str, Any]] = {}
     for path in root.glob(f"{key}.part-*-of-*"):
-        if ".incomplete-" in path.name or not (path / PART_FILE).is_file():
+        if is_incomplete(path) or not (path / PART_FILE).is_file():
             continue
         info = json.loads((path / PART_FILE).read_text())
         info["path"] = path
@@ -340,7 +346,7 @@ def read_parts(root: Path, key: str) -> tuple[int, dict[int, dict[str, Any]]]:
 def pending_parts(root: Path) -> list[str]:
     """Keys that have finished parts and no published cache."""
     keys = {p.name.split(".", 1)[0] for p in root.glob("*.part-*-of-*")
-            if ".incomplete-" not in p.name} if root.is_dir() else set()
+            if not is_incomplete(p)} if root.is_dir() else set()
     return sorted(k for k in keys if open_cache(root, k) is None)
 
 
@@ -378,8 +384,7 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
         for p in parts.values():
             for piece in p["pieces"]:
                 by_file.setdefault(piece["shard"], []).append((piece, p["path"]))
-        work = root / f"{key}.incomplete-{os.getpid()}"
-        work.mkdir()
+        work = incomplete_dir(root / key)
         shards: dict[str, list[dict[str, Any]]] = {}
         for split, files in layout.items():
             shards[split] = []
@@ -412,7 +417,7 @@ def list_caches(root: Path) -> list[dict[str, Any]]:
     rows = []
     for manifest in sorted(root.glob("*/manifest.json")):
         path = manifest.parent
-        if ".incomplete-" in path.name:
+        if is_incomplete(path):
             continue
         info = json.loads(manifest.read_text())
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -422,6 +427,21 @@ def list_caches(root: Path) -> list[dict[str, Any]]:
                      "freeze": inputs["cut"]["k"], "views": inputs["views"]["train"],
                      "size_mb": round(size / 1e6, 1),
                      "last_used": datetime.fromtimestamp(last).strftime("%Y-%m-%d %H:%M")})
+    return rows
+
+
+def list_unfinished(root: Path) -> list[dict[str, Any]]:
+    """Interrupted builds and unmerged shard parts: kept, since they resume, but listed by
+    `cache ls` so they do not pile up unseen."""
+    rows = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.is_dir() and (is_incomplete(path) or ".part-" in path.name):
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            rows.append({"folder": path.name, "key": path.name.split(".", 1)[0],
+                         "size_mb": round(size / 1e6, 1),
+                         "kind": "interrupted build" if is_incomplete(path) else "shard part",
+                         "last_written": datetime.fromtimestamp(path.stat().st_mtime)
+                         .strftime("%Y-%m-%d %H:%M")})
     return rows
 
 

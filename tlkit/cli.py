@@ -552,13 +552,17 @@ def cache() -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
 def cache_ls(cache_dir: str | None) -> None:
     """List caches: key, backbone, freeze, views, size, last use."""
-    from tlkit.cache import cache_root, list_caches
+    from tlkit.cache import cache_root, list_caches, list_unfinished
 
-    rows = list_caches(cache_root(cache_dir))
+    root = cache_root(cache_dir)
     click.echo(f"{'key':<22}{'backbone':<22}{'freeze':>7}{'views':>6}{'MB':>10}  last used")
-    for r in rows:
+    for r in list_caches(root):
         click.echo(f"{r['key']:<22}{r['backbone']:<22}{r['freeze']:>7}{r['views']:>6}"
                    f"{r['size_mb']:>10.1f}  {r['last_used']}")
+    for r in list_unfinished(root):
+        click.echo(f"unfinished: {r['folder']} ({r['kind']}, {r['size_mb']:.1f} MB, last written "
+                   f"{r['last_written']}): the same precompute-features resumes it; "
+                   f"`tlkit cache rm {r['key']}` removes it")
 
 
 @cache.command("rm")

@@ -351,7 +351,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
                            "workers": placement.workers}
     if not placement.is_chief:
         return metrics  # the chief writes the outputs
-    tmp = incomplete_dir(out_dir)
+    tmp = incomplete_dir(out_dir, clean_stale=True)
     write_outputs(tmp, metrics, examples, ensemble, classes)
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
     metrics["output"] = str(out_dir)

@@ -66,7 +66,7 @@ def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLik
     loaded: Run = load_run(run)
     out = Path(output) if output else loaded.path / "export" / fmt
     refuse_overwrite(out, overwrite, "pass --overwrite or choose another -o/--output")
-    tmp = incomplete_dir(out)
+    tmp = incomplete_dir(out, clean_stale=True)
     try:
         target = tmp / MODEL_FILES[fmt]
         if fmt == "keras":

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,13 +54,41 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def incomplete_dir(final: str | os.PathLike) -> Path:
-    """A fresh `<final>.incomplete-<id>/` beside `final`, where a multi-file artifact is built."""
+INCOMPLETE = ".incomplete-"  # <final>.incomplete-<id>/: a multi-file artifact being built
+STALE_SECONDS = 24 * 3600
+
+
+def incomplete_dir(final: str | os.PathLike, clean_stale: bool = False) -> Path:
+    """A fresh `<final>.incomplete-<id>/` beside `final`, where a multi-file artifact is built.
+    `clean_stale` removes earlier attempts at `final` untouched for a day: for artifacts that
+    cannot be resumed (evaluations, exports), whose leftovers are only clutter. Interrupted runs
+    and cache builds can be resumed, so they are listed (`tlkit runs`, `tlkit cache ls`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{final.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    if clean_stale:
+        for old in find_incomplete(final):
+            if time.time() - old.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+    tmp = final.parent / f"{final.name}{INCOMPLETE}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
+
+
+def is_incomplete(path: str | os.PathLike) -> bool:
+    return INCOMPLETE in Path(path).name
+
+
+def final_path(path: str | os.PathLike) -> Path:
+    """runs/x for runs/x.incomplete-<id>; any other path as it is."""
+    path = Path(path)
+    return path.parent / path.name.split(INCOMPLETE)[0]
+
+
+def find_incomplete(final: str | os.PathLike) -> list[Path]:
+    """The incomplete attempts at `final`, oldest first."""
+    final = Path(final)
+    found = final.parent.glob(f"{final.name}{INCOMPLETE}*") if final.parent.is_dir() else []
+    return sorted((p for p in found if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
 
 def refuse_overwrite(path: str | os.PathLike, overwrite: bool, hint: str) -> None:

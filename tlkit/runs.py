@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tlkit.errors import RunError
+from tlkit.fsutil import final_path, is_incomplete
 
 RUNS_DIR = "runs"
 RUN_SCHEMA = 1
@@ -150,7 +151,7 @@ def load_run(path: str | os.PathLike | None = None) -> Run:
     run_path = newest_run() if path is None else Path(path)
     if not run_path.is_dir():
         raise RunError(f"{run_path}: no such run folder")
-    if ".incomplete-" in run_path.name or not is_finished_run(run_path):
+    if is_incomplete(run_path) or not is_finished_run(run_path):
         raise RunError(
             f"{run_path}: not a finished tlkit run (needs run.json and model.keras); it may "
             "have been interrupted"
@@ -175,9 +176,9 @@ def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
                          "freeze": record.freeze.get("request"),
                          "best_val_accuracy": best.get("val_accuracy"),
                          "created": record.created, "path": str(path)})
-        elif ".incomplete-" in path.name and (path / "checkpoints" / "identity.json").is_file():
+        elif is_incomplete(path) and (path / "checkpoints" / "identity.json").is_file():
             identity = json.loads((path / "checkpoints" / "identity.json").read_text())
-            name = path.name.split(".incomplete-")[0]
+            name = final_path(path).name
             rows.append({"run": name, "status": "interrupted",
                          "backbone": identity.get("backbone"),
                          "freeze": None, "best_val_accuracy": None,

@@ -44,7 +44,10 @@ from tlkit.fsutil import (
     atomic_path,
     atomic_write,
     atomic_write_json,
+    final_path,
+    find_incomplete,
     incomplete_dir,
+    is_incomplete,
     publish_dir,
     refuse_overwrite,
 )
@@ -288,15 +291,15 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
     """(folder being built, final run folder) for `--resume PATH`: PATH is the run's name
     (runs/x) or its `runs/x.incomplete-<id>` folder."""
     path = Path(path)
-    if ".incomplete-" in path.name:
+    if is_incomplete(path):
         candidates = [path] if (path / "checkpoints" / IDENTITY_FILE).is_file() else []
-        final = path.parent / path.name.split(".incomplete-")[0]
+        final = final_path(path)
     else:
         if (path / "run.json").is_file():
             raise RunError(f"{path}: this run finished; there is nothing to resume (train a new "
                            "one with -o, or evaluate it with `tlkit eval`)")
         final = path
-        candidates = [c for c in path.parent.glob(f"{path.name}.incomplete-*")
+        candidates = [c for c in find_incomplete(path)
                       if (c / "checkpoints" / IDENTITY_FILE).is_file()]
     if not candidates:
         raise RunError(f"{path}: no interrupted run to resume (expected a folder "
