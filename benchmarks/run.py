@@ -285,13 +285,13 @@ def cache_figures() -> None:
     from tlkit.augment import resolve_augment
     from tlkit.backbones import get_backbone
     from tlkit.cache import build_cache
+    from tlkit.cut import Cut, build_tail, build_trunk
     from tlkit.datasets import load_folder
     from tlkit.decode import DEFAULT_MAX_PIXELS
-    from tlkit.features import cache_dataset, make_rows_fn
     from tlkit.freezing import freeze_all
     from tlkit.model import build_classifier
     from tlkit.pipeline import build_train_transform, steps_per_epoch, train_dataset
-    from tlkit.split import Cut, build_tail, build_trunk
+    from tlkit.precompute import cache_dataset, make_rows_fn
 
     with tempfile.TemporaryDirectory() as tmp:
         examples = list(load_folder(photo_folder(Path(tmp) / "p", S.cache_images),
@@ -490,7 +490,7 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
 
     from tlkit.cache import build_cache, open_cache
     from tlkit.datasets import Example
-    from tlkit.features import cache_dataset
+    from tlkit.precompute import cache_dataset
 
     examples = [Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4))
                 for i in range(n_images)]

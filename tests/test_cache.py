@@ -13,7 +13,7 @@ from tlkit.augment import resolve_augment
 from tlkit.cache import build_lock, open_cache
 from tlkit.cli import cli
 from tlkit.errors import CacheError
-from tlkit.features import PrecomputeConfig, cache_dataset, precompute_features
+from tlkit.precompute import PrecomputeConfig, cache_dataset, precompute_features
 
 
 def config(data, **kw):
@@ -48,7 +48,7 @@ def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder, mon
     # float16 activations are other numbers: never reused by a float32 run, or the reverse
     assert precompute_features(config(data, dry_run=True, mixed_precision=True))["key"] != key
     with monkeypatch.context() as m:  # a new Pillow / OpenCV / albumentations may move pixels
-        m.setattr("tlkit.features.pixel_libraries", lambda: {"pillow": "0.0"})
+        m.setattr("tlkit.precompute.pixel_libraries", lambda: {"pillow": "0.0"})
         assert precompute_features(config(data, dry_run=True))["key"] != key
     replace_keeping_size_and_mtime(data / "cat" / "img0.png")  # as `cp -p` would
     assert precompute_features(config(data, dry_run=True))["key"] != key
@@ -63,11 +63,11 @@ def test_dry_run_writes_nothing(make_folder, tmp_path):
 
 def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monkeypatch):
     import tlkit.cache as cache_mod
-    import tlkit.features as features
+    import tlkit.precompute as precompute
 
     data = make_folder(per_class=10)
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 4 * 512 * 2)  # 4 rows per shard
-    real = features.make_rows_fn
+    real = precompute.make_rows_fn
     calls = {"n": 0}
 
     def failing(*args):
@@ -81,7 +81,7 @@ def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monk
 
         return rows
 
-    monkeypatch.setattr(features, "make_rows_fn", failing)
+    monkeypatch.setattr(precompute, "make_rows_fn", failing)
     with pytest.raises(KeyboardInterrupt):
         precompute_features(config(data, batch_size=4))
     root = data.parent / "cache"
@@ -93,7 +93,7 @@ def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monk
     stamp = (partial[0] / "train-00000.npy").stat().st_mtime_ns
     listing = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(root)])
     assert f"unfinished: {partial[0].name} (interrupted build" in listing.output
-    monkeypatch.setattr(features, "make_rows_fn", real)
+    monkeypatch.setattr(precompute, "make_rows_fn", real)
     cache = precompute_features(config(data, batch_size=4))
     assert (cache.path / "train-00000.npy").stat().st_mtime_ns == stamp  # kept, not redone
     cache.verify()

@@ -134,9 +134,9 @@ def test_replicas_share_every_batch_and_see_the_same_augmentation(make_folder):
 
 def test_shards_merge_into_the_bytes_of_a_one_process_build(make_folder, monkeypatch):
     import tlkit.cache as cache_mod
-    import tlkit.features as features
+    import tlkit.precompute as precompute
     from tlkit.cache import part_path
-    from tlkit.features import PrecomputeConfig, precompute_features
+    from tlkit.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=10)
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 3 * 4 * 4 * 32 * 2)  # 3 rows per shard file
@@ -156,7 +156,7 @@ def test_shards_merge_into_the_bytes_of_a_one_process_build(make_folder, monkeyp
     def dies(*args):  # the last shard is killed after publishing its part, before merging
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(features, "merge_parts", dies)
+    monkeypatch.setattr(precompute, "merge_parts", dies)
     with pytest.raises(KeyboardInterrupt):
         precompute_features(config("sharded", num_shards=3, shard_index=1))
     root = data.parent / "sharded"
@@ -181,7 +181,7 @@ def assert_same_cache(a: Path, b: Path, shard_files: int = 2) -> None:
 
 
 def test_a_tampered_part_is_refused(make_folder):
-    from tlkit.features import PrecomputeConfig, precompute_features
+    from tlkit.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
     config = dict(data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=2,
@@ -338,7 +338,7 @@ def test_sharded_precompute_in_two_processes_is_byte_identical(tmp_path):
 
 
 def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monkeypatch):
-    from tlkit.features import PrecomputeConfig, precompute_features
+    from tlkit.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
     config = PrecomputeConfig(data=str(data), backbone=TINY, weights="none", input_size=32,

@@ -15,14 +15,14 @@ from tlkit.cli import cli
 from tlkit.errors import ConfigError, DataError
 from tlkit.evaluate import (
     EvalConfig,
-    _Member,
+    Member,
     _shared_groups,
     classification_metrics,
     evaluate,
     fit_member_weights,
     member_view_probs,
-    predict_images,
 )
+from tlkit.predict import predict_images
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_ensembles_of_one_and_of_two_identical_models_equal_the_model(trained, t
 
 def test_shared_trunk_runs_once_and_gives_the_same_probabilities(trained):
     data, runs = trained
-    members = [_Member(__import__("tlkit").load_run(r)) for r in runs]
+    members = [Member(__import__("tlkit").load_run(r)) for r in runs]
     groups = _shared_groups(members)
     assert len(groups) == 1 and groups[0][0] is not None and groups[0][2] == [0, 1]
     paths = [str(p) for p in sorted((data / "test").rglob("*.png"))]
@@ -259,7 +259,7 @@ def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
                          batch_size=8, output=str(tmp_path / "half"), cache="off",
                          mixed_precision=True)
     half = finetune(cfg, verbose=0)
-    members = [_Member(load_run(runs[0])), _Member(half)]
+    members = [Member(load_run(runs[0])), Member(half)]
     same = {weights_digest(backbone_of(m.model).get_weights()) for m in members}
     assert len(same) == 1  # the same trunk weights: only the compute dtype differs
     assert [idx for _, _, idx in _shared_groups(members)] == [[0], [1]]

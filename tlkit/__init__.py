@@ -25,9 +25,9 @@ _LAZY = {
     "FreezeRequest": "tlkit.freezing",
     "evaluate": "tlkit.evaluate",
     "EvalConfig": "tlkit.evaluate",
-    "precompute_features": "tlkit.features",
+    "precompute_features": "tlkit.precompute",
     "merge_parts": "tlkit.cache",
-    "PrecomputeConfig": "tlkit.features",
+    "PrecomputeConfig": "tlkit.precompute",
 }
 
 if TYPE_CHECKING:
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from tlkit.datasets import load_dataset
     from tlkit.evaluate import EvalConfig, evaluate
     from tlkit.export import export_run
-    from tlkit.features import PrecomputeConfig, precompute_features
     from tlkit.freezing import FreezeRequest
+    from tlkit.precompute import PrecomputeConfig, precompute_features
     from tlkit.predict import predict
     from tlkit.runs import load_run
     from tlkit.train import finetune

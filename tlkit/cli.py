@@ -510,8 +510,8 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
                         freeze_blocks: int | None, as_json: bool, **options: Any) -> None:
     """Run the frozen trunk once over DATA and cache its activations for finetune."""
-    from tlkit.features import PrecomputeConfig
-    from tlkit.features import precompute_features as run_precompute
+    from tlkit.precompute import PrecomputeConfig
+    from tlkit.precompute import precompute_features as run_precompute
 
     augment = _augment_config(options)
     config = PrecomputeConfig(data=data, weights=weights_, augment=augment,

@@ -1,4 +1,10 @@
-"""Every setting as a frozen dataclass, validated when it is made, before any work starts."""
+"""`finetune`'s settings as a frozen dataclass, validated when it is made, before any work.
+
+Each command's settings live beside the code that uses them, all frozen dataclasses checked in
+`__post_init__`: FinetuneConfig here; PrecomputeConfig in precompute.py; EvalConfig in
+evaluate.py; AuditConfig (bad-image policy, pixel limit) in audit.py; AugmentConfig in
+augment.py. The values a flag may take are in choices.py.
+"""
 
 from __future__ import annotations
 

@@ -150,17 +150,19 @@ def leakage_notes(scored: Sequence[Example], own: dict[str, set[str]] | None) ->
     return notes
 
 
-class _Member:
+class Member:
+    """One run of an ensemble, loaded: its model and the view geometry it was trained at."""
+
     def __init__(self, run: Run):
         self.run, self.model = run, run.load_model()
         self.size, self.crop = run.input_size, float(run.record.crop_fraction)
 
 
-def _shared_groups(members: list[_Member]) -> list[tuple[Any, list[Any], list[int]]]:
+def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int]]]:
     """[(trunk or None, per-member models or tails, member indices)]: sharing where possible."""
     from tlkit.cache import weights_digest
+    from tlkit.cut import build_tail, build_trunk, resolve_cut
     from tlkit.model import backbone_of, compute_dtypes
-    from tlkit.split import build_tail, build_trunk, resolve_cut
 
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(members):
@@ -187,7 +189,7 @@ def _predict_on_batch(model: Any) -> Any:
     return model.predict_on_batch
 
 
-def member_view_probs(members: list[_Member], paths: Sequence[str], mode: str,
+def member_view_probs(members: list[Member], paths: Sequence[str], mode: str,
                       batch_size: int, workers: int | None,
                       predictor: Any = _predict_on_batch) -> list[np.ndarray]:
     """Per member, (N, K, C) probabilities of every view of every image; `predictor(model)`
@@ -312,7 +314,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
         refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite")
-    members = [_Member(r) for r in runs]
+    members = [Member(r) for r in runs]
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples])
     view_probs = member_view_probs(members, paths, config.multicrop, config.batch_size,
@@ -356,13 +358,3 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
     metrics["output"] = str(out_dir)
     return metrics
-
-
-def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1",
-                   batch_size: int = 32) -> tuple[list[str], np.ndarray]:
-    """(classes, ensemble probabilities (N, C)) for image files."""
-    runs = load_members(run_paths)
-    members = [_Member(r) for r in runs]
-    probs = member_view_probs(members, list(images), multicrop, batch_size, None)
-    return runs[0].classes, sum(p.mean(axis=1) for p in probs) / len(probs)
-

@@ -55,7 +55,7 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     import keras
 
     from tlkit.augment import TrainTransform, resolve_augment
-    from tlkit.features import make_rows_fn
+    from tlkit.cut import build_tail, resolve_cut, trunk_outputs
     from tlkit.head import (
         Features,
         best_keeper,
@@ -67,7 +67,7 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
         val_losses,
     )
     from tlkit.model import backbone_of, optimizer_for
-    from tlkit.split import build_tail, resolve_cut, trunk_outputs
+    from tlkit.precompute import make_rows_fn
 
     base = backbone_of(model)
     plans = freeze_candidates(spec, [layer.name for layer in base.layers])

@@ -73,7 +73,7 @@ def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], tr
     """Features of the val images (eval crop) and of every training image: its eval view when
     `views` is 1 (whatever the augmentation), else `views` augmented views."""
     from tlkit.augment import TrainTransform, resolve_augment
-    from tlkit.features import make_rows_fn
+    from tlkit.precompute import make_rows_fn
 
     start = time.perf_counter()
     if views == 1 and transform.config.random:

@@ -61,7 +61,7 @@ def layer_table(name: str, input_size: int | None = None) -> list[dict[str, Any]
     spec = get_backbone(name)
     size = spec.resolve_input_size(input_size)
     base = spec.build(size)
-    from tlkit.split import single_tensor_cuts
+    from tlkit.cut import single_tensor_cuts
 
     names = [layer.name for layer in base.layers]
     stages = stage_of_layers(spec, names)

@@ -16,8 +16,6 @@ def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | 
             images: Sequence[str | os.PathLike], top_k: int = 5, multicrop: str = "1",
             batch_size: int = 32) -> list[dict[str, Any]]:
     """One dict per image: path and the top-k (label, probability), highest first."""
-    from tlkit.evaluate import predict_images
-
     if not images:
         raise ConfigError("no images given; pass one or more image files")
     if top_k < 1:
@@ -35,3 +33,15 @@ def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | 
         out.append({"path": str(path),
                     "top": [{"label": classes[i], "probability": float(p[i])} for i in order]})
     return out
+
+
+def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1",
+                   batch_size: int = 32) -> tuple[list[str], np.ndarray]:
+    """(classes, ensemble probabilities (N, C)) for image files."""
+    from tlkit.evaluate import Member, load_members, member_view_probs
+
+    runs = load_members(run_paths)
+    members = [Member(r) for r in runs]
+    probs = member_view_probs(members, list(images), multicrop, batch_size, None)
+    return runs[0].classes, sum(p.mean(axis=1) for p in probs) / len(probs)
+

@@ -76,7 +76,7 @@ def materialize(spec: str) -> Path:
         split.replace("/", "_") if split else "all")
     if (final / "tlkit-tfds.json").is_file():
         return final
-    tmp = incomplete_dir(final)
+    tmp = incomplete_dir(final, clean_stale=True)
     counts = {}
     try:
         for s in splits:

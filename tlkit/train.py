@@ -38,7 +38,6 @@ from tlkit.config import FinetuneConfig
 from tlkit.datasets import fingerprint, load_dataset
 from tlkit.distribute import Placement
 from tlkit.errors import ConfigError, Interrupted, RunError
-from tlkit.features import cache_dataset
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import (
     atomic_path,
@@ -51,6 +50,7 @@ from tlkit.fsutil import (
     publish_dir,
     refuse_overwrite,
 )
+from tlkit.precompute import cache_dataset
 from tlkit.runs import RUNS_DIR, Run, RunRecord, load_run
 from tlkit.weights import resolve_weights
 
@@ -229,8 +229,8 @@ def _select_cache(config: FinetuneConfig, spec: Any, weights: Any, model: Any, b
     """(cache or None, the model to fit, why): train the tail from cached activations when a
     cache matches these exact settings (or --cache builds one)."""
     from tlkit.cache import cache_root, open_cache
-    from tlkit.features import build_with_progress, prepare_cache
-    from tlkit.split import build_tail, resolve_cut
+    from tlkit.cut import build_tail, resolve_cut
+    from tlkit.precompute import build_with_progress, prepare_cache
 
     if config.cache == "off":
         return None, model, "not used (--no-cache)"

@@ -44,6 +44,7 @@ from tlkit.cache import (
     weights_digest,
 )
 from tlkit.choices import CACHE_DTYPES, STRATEGIES, check
+from tlkit.cut import Cut, build_trunk, resolve_cut
 from tlkit.datasets import Example, ImageFolder, check_val_fraction, fingerprint, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
 from tlkit.distribute import (
@@ -55,7 +56,6 @@ from tlkit.distribute import (
 from tlkit.errors import CacheError, ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
 from tlkit.model import compute_dtypes
-from tlkit.split import Cut, build_trunk, resolve_cut
 from tlkit.weights import ResolvedWeights, resolve_weights
 
 log = logging.getLogger("tlkit")

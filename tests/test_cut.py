@@ -5,8 +5,8 @@ import pytest
 from conftest import TINY
 
 from tlkit.backbones import get_backbone
+from tlkit.cut import build_tail, build_trunk, resolve_cut, single_tensor_cuts
 from tlkit.model import build_classifier
-from tlkit.split import build_tail, build_trunk, resolve_cut, single_tensor_cuts
 
 
 @pytest.mark.parametrize("name,size", [
