@@ -67,8 +67,9 @@ def test_export_matches_the_run_in_its_own_runtime(run_and_images, fmt):
     out = run / "export" / fmt
     assert (out / "labels.txt").read_text().splitlines() == ["a", "b", "c"]
     meta = json.loads((out / "export.json").read_text())
-    assert meta["input"] == {"shape": [None, 32, 32, 3], "dtype": "uint8", "channels": "RGB",
-                             "preprocessing": "inside the model"}
+    assert {k: v for k, v in meta["input"].items() if k != "from_a_file"} == {
+        "shape": [None, 32, 32, 3], "dtype": "uint8", "channels": "RGB",
+        "preprocessing": "inside the model"}
     got = np.asarray(RUNTIMES[fmt](out, images))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -86,3 +87,31 @@ def test_export_refuses_to_overwrite_and_names_bad_formats(run_and_images):
     bad = runner.invoke(cli, ["export", str(run), "--format", "pickle"])
     assert bad.exit_code == 2 and "'pickle' is not one of" in bad.output
     assert load_run(run).classes == ["a", "b", "c"]
+
+
+def test_export_json_says_enough_to_reproduce_the_eval_input_by_hand(run_and_images, tmp_path):
+    """A deployment that follows export.json with OpenCV alone gets tlkit's eval pixels."""
+    import cv2
+    from PIL import Image
+
+    from tlkit.predict import predict_images
+
+    run = run_and_images[0]
+    assert CliRunner().invoke(cli, ["export", str(run), "--format", "keras", "-o", "x"]
+                              ).exit_code == 0
+    recipe = json.loads((tmp_path / "x" / "export.json").read_text())["input"]["from_a_file"]
+    assert recipe["exif_orientation"].startswith("applied") and recipe["channels"] == "RGB"
+    rng = np.random.default_rng(1)
+    model = load_run(run).load_model()
+    for h, w in ((90, 120), (20, 30)):  # shrinking (area) and enlarging (bilinear)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{h}.png")
+        short = recipe["resize_shorter_side_to"]
+        scale = short / min(h, w)
+        size = (max(short, round(w * scale)), max(short, round(h * scale)))
+        flag = cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR
+        big = cv2.resize(image, size, interpolation=flag)
+        top, left = (big.shape[0] - 32) // 2, (big.shape[1] - 32) // 2
+        by_hand = model.predict(big[None, top : top + 32, left : left + 32], verbose=0)
+        _, tlkit_probs = predict_images([str(run)], [str(tmp_path / f"{h}.png")])
+        np.testing.assert_allclose(tlkit_probs, by_hand, atol=1e-6)

@@ -308,6 +308,17 @@ def resize_shorter(image: np.ndarray, short: int) -> np.ndarray:
     return resize(image, max(short, round(w * scale)), max(short, round(h * scale)))
 
 
+def eval_protocol(size: int, crop_fraction: float) -> dict[str, object]:
+    """`eval_transform` in words and numbers, written beside every export: accuracy in
+    deployment depends on resizing and cropping exactly this way."""
+    short = max(size, round(size / crop_fraction))
+    return {"resize_shorter_side_to": short, "crop_fraction": crop_fraction,
+            "crop": f"centre {size}x{size}",
+            "resampling": "OpenCV INTER_AREA when shrinking, INTER_LINEAR when enlarging",
+            "rounding": "new side = max(target, round(side * target / shorter side)); crop "
+                        "offset = (side - size) // 2"}
+
+
 def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
     """Resize the shorter side to round(size / crop_fraction), then take the centre size x size.
 

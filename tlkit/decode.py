@@ -64,6 +64,15 @@ def _sniff(head: bytes) -> str:
         return "unknown binary format"
 
 
+def decode_protocol() -> dict[str, object]:
+    """How a file becomes pixels, for whoever must reproduce it outside tlkit (export.json)."""
+    return {"exif_orientation": "applied (the image is rotated as a viewer shows it)",
+            "channels": "RGB", "dtype": "uint8",
+            "alpha": f"composited over RGB {list(BACKGROUND)}",
+            "greyscale": "repeated into 3 channels",
+            "16_bit": "scaled to 0..255"}
+
+
 def _open_rgb(source: io.BytesIO, path: Path,
               max_pixels: int | None) -> tuple[np.ndarray, str, str, tuple[int, int]]:
     """(RGB array, format, original mode, original size); DataError names `path`."""

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from tlkit import _version
+from tlkit.augment import eval_protocol
 from tlkit.choices import EXPORT_FORMATS, check
+from tlkit.decode import decode_protocol
 from tlkit.errors import ConfigError
 from tlkit.fsutil import (
     atomic_write,
@@ -79,7 +81,10 @@ def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLik
         atomic_write_json(tmp / "export.json", {
             "format": fmt, "model": MODEL_FILES[fmt], "labels": "labels.txt",
             "input": {"shape": [None, size, size, 3], "dtype": "uint8",
-                      "channels": "RGB", "preprocessing": "inside the model"},
+                      "channels": "RGB", "preprocessing": "inside the model",
+                      # what turns a file into that input, as tlkit's eval does it
+                      "from_a_file": {**decode_protocol(), **eval_protocol(
+                          size, float(loaded.record.crop_fraction))}},
             "output": {"shape": [None, len(loaded.classes)], "meaning": "class probabilities",
                        "classes": loaded.classes},
             "run": str(loaded.path.resolve()), "backbone": loaded.record.backbone,
