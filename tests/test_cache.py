@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -213,3 +214,43 @@ def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(ma
             counts[cache] = int(f["optimizer"].attrs["count"])
     assert used == {"off": False, "build": True}
     assert counts["build"] == counts["off"]
+
+
+def test_the_reader_holds_one_descriptor_per_shard_and_the_row_maker_its_threads(make_folder):
+    import gc
+    import threading
+
+    from tlkit.augment import resolve_augment
+    from tlkit.pipeline import build_train_transform
+    from tlkit.precompute import make_rows_fn
+
+    data = make_folder(per_class=6)
+    cache = precompute_features(config(data))
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    reader = cache.reader("train")
+    held = open_fds() - before
+    assert held == len(reader.files)
+    rows = [reader.read(i, 0) for i in range(reader.count) for _ in range(3)]
+    assert open_fds() - before == held and len(rows) == 3 * reader.count  # none per row
+    reader.close()
+    assert open_fds() == before
+
+    from tlkit.datasets import load_dataset
+
+    val = list(load_dataset(str(data)).splits["val"])
+    threads = threading.active_count()
+    transform = build_train_transform(resolve_augment("none"), val, 32, 0.875)
+    make_rows = make_rows_fn(transform, 0.875, 0, 2, 10**8)
+    assert len(make_rows("val", 0, 0, val)) == len(val)
+    assert threading.active_count() > threads
+    del make_rows
+    gc.collect()
+    for _ in range(50):  # shutdown(wait=False): the idle threads leave within moments
+        if threading.active_count() == threads:
+            break
+        threading.Event().wait(0.02)
+    assert threading.active_count() == threads

@@ -14,12 +14,14 @@ checksum first and then streams rows with `os.pread`: memory does not grow with 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,7 +115,9 @@ class FeatureCache:
 
 
 class SplitReader:
-    """Rows (one image, all its views) read by offset from the shard files."""
+    """Rows (one image, all its views) read by offset from the shard files: one descriptor per
+    shard, opened once and shared by the reading threads (`os.pread` is positional, so they
+    never disturb each other), closed with the reader."""
 
     def __init__(self, root: Path, info: dict[str, Any], dtype: str):
         self.count, self.views = info["count"], info["views"]
@@ -132,18 +136,25 @@ class SplitReader:
             self.starts.append(start)
             start += shard["rows"]
         self.labels = np.load(root / info["labels"]["file"], allow_pickle=False)
+        self._fds = [os.open(path, os.O_RDONLY) for path, _ in self.files]
+        self._closer = weakref.finalize(self, _close_all, list(self._fds))
+
+    def close(self) -> None:
+        self._closer()
 
     def read(self, index: int, view: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        path, offset = self.files[shard]
+        _, offset = self.files[shard]
         row_offset = offset + (index - self.starts[shard]) * self.row_bytes
         view_bytes = self.row_bytes // self.views
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, view_bytes, row_offset + view * view_bytes)
-        finally:
-            os.close(fd)
+        data = os.pread(self._fds[shard], view_bytes, row_offset + view * view_bytes)
         return np.frombuffer(data, self.dtype).reshape(self.shape)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def cache_root(cache_dir: str | os.PathLike | None) -> Path:

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ def make_rows_fn(transform: TrainTransform, crop_fraction: float, seed: int,
                     for e in examples]
         return np.stack(list(pool.map(lambda f: f(), jobs)))
 
+    weakref.finalize(make_rows, pool.shutdown, wait=False)  # its threads end with it
     return make_rows
 
 
