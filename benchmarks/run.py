@@ -291,7 +291,7 @@ def cache_figures() -> None:
     from tlkit.freezing import freeze_all
     from tlkit.model import build_classifier
     from tlkit.pipeline import build_train_transform, steps_per_epoch, train_dataset
-    from tlkit.precompute import cache_dataset, make_rows_fn
+    from tlkit.precompute import RowMaker, cache_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         examples = list(load_folder(photo_folder(Path(tmp) / "p", S.cache_images),
@@ -315,11 +315,10 @@ def cache_figures() -> None:
         cut = Cut(len(base.layers), base.layers[-1].name, len(base.layers))
         trunk = build_trunk(model, cut)
         start = time.perf_counter()
-        cache = build_cache(Path(tmp) / "cache", "bench", {"backbone": S.backbone,
-                            "cut": {"k": cut.k}, "views": {"train": 1}}, trunk,
-                            {"train": examples}, {"train": 1},
-                            make_rows_fn(transform, 0.875, 0, None, DEFAULT_MAX_PIXELS), "float16",
-                            32)
+        with RowMaker(transform, 0.875, 0, None, DEFAULT_MAX_PIXELS) as make_rows:
+            cache = build_cache(Path(tmp) / "cache", "bench", {
+                "backbone": S.backbone, "cut": {"k": cut.k}, "views": {"train": 1}}, trunk,
+                {"train": examples}, {"train": 1}, make_rows, "float16", 32)
         build = time.perf_counter() - start
         cached = epoch_seconds(build_tail(model, cut),
                                lambda e: cache_dataset(cache, "train", 32, 0, e, 1))

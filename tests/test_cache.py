@@ -68,21 +68,17 @@ def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monk
 
     data = make_folder(per_class=10)
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 4 * 512 * 2)  # 4 rows per shard
-    real = precompute.make_rows_fn
+    real = precompute.RowMaker
     calls = {"n": 0}
 
-    def failing(*args):
-        make = real(*args)
-
-        def rows(split, view, first, examples):
+    class Failing(real):
+        def __call__(self, split, view, first, examples):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise KeyboardInterrupt  # the process dies mid-build
-            return make(split, view, first, examples)
+            return super().__call__(split, view, first, examples)
 
-        return rows
-
-    monkeypatch.setattr(precompute, "make_rows_fn", failing)
+    monkeypatch.setattr(precompute, "RowMaker", Failing)
     with pytest.raises(KeyboardInterrupt):
         precompute_features(config(data, batch_size=4))
     root = data.parent / "cache"
@@ -94,7 +90,7 @@ def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monk
     stamp = (partial[0] / "train-00000.npy").stat().st_mtime_ns
     listing = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(root)])
     assert f"unfinished: {partial[0].name} (interrupted build" in listing.output
-    monkeypatch.setattr(precompute, "make_rows_fn", real)
+    monkeypatch.setattr(precompute, "RowMaker", real)
     cache = precompute_features(config(data, batch_size=4))
     assert (cache.path / "train-00000.npy").stat().st_mtime_ns == stamp  # kept, not redone
     cache.verify()
@@ -191,6 +187,7 @@ def test_random_augmentation_with_one_view_does_not_use_a_cache(make_folder):
     assert "feature cache: not used: --augment light is random" in result.output
 
 
+@pytest.mark.slow  # about 11 s: two runs in float16, which a CPU only emulates
 def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(make_folder):
     """The tail trained from the cache computes in float16 too; without loss scaling its small
     gradients underflow to zero. Its optimizer must carry the same state as the live path's,
@@ -217,12 +214,11 @@ def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(ma
 
 
 def test_the_reader_holds_one_descriptor_per_shard_and_the_row_maker_its_threads(make_folder):
-    import gc
     import threading
 
     from tlkit.augment import resolve_augment
     from tlkit.pipeline import build_train_transform
-    from tlkit.precompute import make_rows_fn
+    from tlkit.precompute import RowMaker
 
     data = make_folder(per_class=6)
     cache = precompute_features(config(data))
@@ -242,15 +238,11 @@ def test_the_reader_holds_one_descriptor_per_shard_and_the_row_maker_its_threads
     from tlkit.datasets import load_dataset
 
     val = list(load_dataset(str(data)).splits["val"])
-    threads = threading.active_count()
+    before_threads = set(threading.enumerate())
     transform = build_train_transform(resolve_augment("none"), val, 32, 0.875)
-    make_rows = make_rows_fn(transform, 0.875, 0, 2, 10**8)
-    assert len(make_rows("val", 0, 0, val)) == len(val)
-    assert threading.active_count() > threads
-    del make_rows
-    gc.collect()
-    for _ in range(50):  # shutdown(wait=False): the idle threads leave within moments
-        if threading.active_count() == threads:
-            break
-        threading.Event().wait(0.02)
-    assert threading.active_count() == threads
+    with RowMaker(transform, 0.875, 0, 2, 10**8) as make_rows:
+        assert len(make_rows("val", 0, 0, val)) == len(val)
+        pool_threads = set(threading.enumerate()) - before_threads
+        assert pool_threads
+    assert make_rows is not None  # still referenced: its threads ended with the block
+    assert not any(t.is_alive() for t in pool_threads)

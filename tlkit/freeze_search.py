@@ -67,7 +67,7 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
         val_losses,
     )
     from tlkit.model import backbone_of, optimizer_for
-    from tlkit.precompute import make_rows_fn
+    from tlkit.precompute import RowMaker
 
     base = backbone_of(model)
     plans = freeze_candidates(spec, [layer.name for layer in base.layers])
@@ -85,9 +85,9 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     extractor = trunk_outputs(model, [cut.layer for _, cut in deeper], pooled=True,
                               name="freeze_search")
     plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
-    make_rows = make_rows_fn(plain, crop_fraction, config.seed, config.workers,
-                             config.audit.max_pixels)
-    out = forward(extractor, make_rows, train, val, 1, config.batch_size, on_first_batch)
+    with RowMaker(plain, crop_fraction, config.seed, config.workers,
+                  config.audit.max_pixels) as make_rows:
+        out = forward(extractor, make_rows, train, val, 1, config.batch_size, on_first_batch)
     y_train = np.array([e.label for e in train], np.int32)
     y_val = np.array([e.label for e in val], np.int32)
     pooled = Features(out["train"][-1], y_train, out["val"][-1], y_val, 1,

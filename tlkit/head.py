@@ -73,13 +73,13 @@ def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], tr
     """Features of the val images (eval crop) and of every training image: its eval view when
     `views` is 1 (whatever the augmentation), else `views` augmented views."""
     from tlkit.augment import TrainTransform, resolve_augment
-    from tlkit.precompute import make_rows_fn
+    from tlkit.precompute import RowMaker
 
     start = time.perf_counter()
     if views == 1 and transform.config.random:
         transform = TrainTransform(resolve_augment("none"), transform.size, crop_fraction)
-    make_rows = make_rows_fn(transform, crop_fraction, seed, workers, max_pixels)
-    out = forward(extractor, make_rows, train, val, views, batch_size, on_first_batch)
+    with RowMaker(transform, crop_fraction, seed, workers, max_pixels) as make_rows:
+        out = forward(extractor, make_rows, train, val, views, batch_size, on_first_batch)
     labels = np.array([e.label for e in train], np.int32)
     return Features(out["train"][0], np.tile(labels, views),
                     out["val"][0] if len(val) else np.zeros((0, 1), np.float32),

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import time
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,24 +124,36 @@ def cache_inputs(spec: BackboneSpec, weights: ResolvedWeights, trunk: Any, cut: 
     }
 
 
-def make_rows_fn(transform: TrainTransform, crop_fraction: float, seed: int,
-                 workers: int | None, max_pixels: int) -> Any:
-    from tlkit.pipeline import load_eval_image, load_train_image
+class RowMaker:
+    """(split, view, first index, examples) -> the model inputs of those images: view `view` of
+    the augmentation for training rows, the eval transform otherwise, decoded by a thread pool
+    that leaving the `with` block ends (not whenever the garbage collector gets to it)."""
 
-    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    def __init__(self, transform: TrainTransform, crop_fraction: float, seed: int,
+                 workers: int | None, max_pixels: int):
+        self.transform, self.crop_fraction = transform, crop_fraction
+        self.seed, self.max_pixels = seed, max_pixels
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
 
-    def make_rows(split: str, view: int, first: int, examples: Sequence[Example]) -> np.ndarray:
-        if split == "train" and transform.config.random:
-            jobs = [lambda e=e, i=first + j: load_train_image(e.path, transform, seed, view, i,
-                                                              max_pixels)
+    def __call__(self, split: str, view: int, first: int, examples: Sequence[Example]
+                 ) -> np.ndarray:
+        from tlkit.pipeline import load_eval_image, load_train_image
+
+        t = self.transform
+        if split == "train" and t.config.random:
+            jobs = [lambda e=e, i=first + j: load_train_image(e.path, t, self.seed, view, i,
+                                                              self.max_pixels)
                     for j, e in enumerate(examples)]
         else:
-            jobs = [lambda e=e: load_eval_image(e.path, transform.size, crop_fraction, max_pixels)
-                    for e in examples]
-        return np.stack(list(pool.map(lambda f: f(), jobs)))
+            jobs = [lambda e=e: load_eval_image(e.path, t.size, self.crop_fraction,
+                                                self.max_pixels) for e in examples]
+        return np.stack(list(self._pool.map(lambda f: f(), jobs)))
 
-    weakref.finalize(make_rows, pool.shutdown, wait=False)  # its threads end with it
-    return make_rows
+    def __enter__(self) -> RowMaker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut: Cut,
@@ -185,12 +196,12 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
         rate = done[0] / max(time.perf_counter() - start, 1e-9)
         bar.update(min(done[0], total), values=[("images/s", rate)])
 
-    make_rows = make_rows_fn(transform, crop_fraction, seed, workers, max_pixels)
-    if shard is not None:
-        return build_part(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
-                          dtype, batch_size, shard[0], shard[1], progress, predict)
-    return build_cache(root, key, inputs, trunk, folder.splits, view_counts, make_rows, dtype,
-                       batch_size, progress=progress, predict=predict)
+    with RowMaker(transform, crop_fraction, seed, workers, max_pixels) as make_rows:
+        if shard is not None:
+            return build_part(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
+                              dtype, batch_size, shard[0], shard[1], progress, predict)
+        return build_cache(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
+                           dtype, batch_size, progress=progress, predict=predict)
 
 
 def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | None, str]:

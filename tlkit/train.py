@@ -363,17 +363,56 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
                          scope)
 
 
-def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_dir: Path | None,
-              identity: dict[str, Any] | None, verbose: int | str, force_resume: bool,
-              scope: contextlib.ExitStack) -> Run | None:
-    """finetune() in the strategy's `scope`; every worker trains, only the chief writes."""
-    chief = placement.is_chief
-    spec = get_backbone(config.backbone)
-    size = spec.resolve_input_size(config.input_size)
+@dataclasses.dataclass
+class _Plan:
+    """Everything decided before the first step: what `_finetune` trains, then records."""
 
-    weights = resolve_weights(spec, config.weights)  # before the data: fail fast when offline
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
+    config: FinetuneConfig  # with --augment auto resolved
+    requested: dict[str, Any]  # the settings as asked for: run.json keeps `auto`
+    spec: Any
+    size: int
+    weights: Any
+    folder: Any  # the data to train on (bad files left out under --on-bad-image skip)
+    report: Any  # the data check of every file
+    skipped: list[dict[str, Any]]
+    identity: dict[str, Any]  # what a resumed run must still match
+    model: Any
+    base: Any
+    freeze: Any  # the FreezePlan
+    searched: dict[str, Any]  # --augment auto / --freeze auto: choices and scores
+    head_features: Any  # features the searches computed and the head phase can reuse
+    weights_by_class: dict[int, float] | None
+    sample_weights: list[float] | None
+    transform: Any
+    cache: Any
+    fit_model: Any  # the classifier, or its tail over the feature cache
+    cache_note: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity["data_fingerprint"]
+
+    def schedule(self) -> list[tuple[str, int, float]]:
+        """(phase, epochs, learning rate) of the head and fine-tune phases."""
+        config, scale = self.config, self.config.lr_scale()
+        tune_epochs = config.epochs
+        if "freeze" in self.searched and self.freeze.n_frozen == self.freeze.n_layers \
+                and tune_epochs:
+            log.info("--freeze auto chose head only: no fine-tune phase (it would train "
+                     "nothing but the head again)")
+            tune_epochs = 0
+        schedule = [("head", config.head_epochs, config.lr * scale),
+                    ("fine-tune", tune_epochs, config.fine_tune_lr * scale)]
+        if config.scale_lr:
+            log.info("--scale-lr: batch %d / base batch %d = x%g: head lr %g, fine-tune lr %g",
+                     config.batch_size, config.lr_base_batch, scale, schedule[0][2],
+                     schedule[1][2])
+        return schedule
+
+
+def _load_data(config: FinetuneConfig, spec: Any, placement: Placement
+               ) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """(the folder to train on, the data check, the files skipped)."""
     scanned = load_dataset(config.data, config.val_fraction)
     log.info("data: %s (%s layout), %d classes; %s", scanned.root, scanned.layout,
              len(scanned.classes),
@@ -383,74 +422,81 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
                  scanned.ignored[0])
     folder, report, skipped = audit_and_filter(scanned, config.audit, spec.min_size,
                                                config.workers)
-    data_fingerprint = fingerprint(report.folder)  # of every file, usable or not
-    placement.check_same("data", data_fingerprint, "every worker needs the same files at the "
-                         "same path (a copy, or a shared filesystem)")
-    now = {"config": config.as_dict(), "backbone": spec.name,
-           "weights_sha256": weights.as_dict().get("sha256"), "input_size": size,
-           "preprocessing": spec.preprocessing, "classes": list(folder.classes),
-           "data_fingerprint": data_fingerprint}
-    if identity is not None:
-        changed = _differences({k: identity.get(k) for k in now}, now)
-        if changed and not force_resume:
-            raise RunError(f"{tmp_dir}: cannot resume, the run started with different "
-                           f"settings or data ({'; '.join(changed)}); restore them, or pass "
-                           "--force-resume to continue anyway")
-        for line in changed:
-            log.warning("resuming despite a change (--force-resume): %s", line)
+    placement.check_same("data", fingerprint(report.folder), "every worker needs the same "
+                         "files at the same path (a copy, or a shared filesystem)")
+    return folder, report, skipped
 
-    import keras
 
+def _check_unchanged(saved: dict[str, Any] | None, now: dict[str, Any], tmp_dir: Path | None,
+                     force_resume: bool) -> None:
+    """A resumed run continues only on the settings, classes and data it started with."""
+    if saved is None:
+        return
+    changed = _differences({k: saved.get(k) for k in now}, now)
+    if changed and not force_resume:
+        raise RunError(f"{tmp_dir}: cannot resume, the run started with different settings or "
+                       f"data ({'; '.join(changed)}); restore them, or pass --force-resume to "
+                       "continue anyway")
+    for line in changed:
+        log.warning("resuming despite a change (--force-resume): %s", line)
+
+
+def _make_plan(config: FinetuneConfig, placement: Placement, saved: dict[str, Any] | None,
+               tmp_dir: Path | None, force_resume: bool, verbose: int) -> _Plan:
+    """Data, backbone, weights, freeze point, augmentation and the cache decision, in the order
+    that fails fastest: weights before the data (offline), the data before any model."""
     from tlkit.model import backbone_of, build_model
+    from tlkit.pipeline import build_train_transform
 
+    spec = get_backbone(config.backbone)
+    size = spec.resolve_input_size(config.input_size)
+    weights = resolve_weights(spec, config.weights)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
+    folder, report, skipped = _load_data(config, spec, placement)
+    identity = {"config": config.as_dict(), "backbone": spec.name,
+                "weights_sha256": weights.as_dict().get("sha256"), "input_size": size,
+                "preprocessing": spec.preprocessing, "classes": list(folder.classes),
+                "data_fingerprint": fingerprint(report.folder)}  # every file, usable or not
+    _check_unchanged(saved, identity, tmp_dir, force_resume)
     seed_everything(config.seed)
     model = build_model(spec, weights, size, len(folder.classes), config.seed, config.dropout,
                         config.mixed_precision)
     base = backbone_of(model)
-    plan = (None if config.freeze.count == AUTO else
-            resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]))
-
-    from tlkit.pipeline import build_train_transform, eval_dataset
-
-    train_examples = folder.splits["train"]
-    max_pixels = config.audit.max_pixels
-    weights_by_class = None
+    freeze = (None if config.freeze.count == AUTO else
+              resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]))
+    train = folder.splits["train"]
+    by_class = None
     if config.class_weight == "balanced":
-        weights_by_class = class_weights(train_examples, len(folder.classes))
+        by_class = class_weights(train, len(folder.classes))
         log.info("class weights (balanced): %s", ", ".join(
-            f"{folder.classes[i]} {w:.3f}" for i, w in weights_by_class.items()))
-    sample_weights = ([weights_by_class[e.label] for e in train_examples]
-                      if weights_by_class else None)
-    requested = config.as_dict()  # run.json keeps what was asked for (auto), `augment` the choice
-    config, auto_plan, searched, head_features = _resolve_auto(
-        config, placement, identity, model, spec, train_examples, folder.splits["val"], size,
-        sample_weights)
-    if auto_plan is not None:
-        plan = auto_plan
-    transform = build_train_transform(config.augment, train_examples, size, spec.crop_fraction,
-                                      max_pixels=max_pixels)
+            f"{folder.classes[i]} {w:.3f}" for i, w in by_class.items()))
+    sample_weights = [by_class[e.label] for e in train] if by_class else None
+    requested = config.as_dict()
+    config, auto_freeze, searched, head_features = _resolve_auto(
+        config, placement, saved, model, spec, train, folder.splits["val"], size, sample_weights)
+    freeze = auto_freeze or freeze
+    transform = build_train_transform(config.augment, train, size, spec.crop_fraction,
+                                      max_pixels=config.audit.max_pixels)
     if transform.pca is not None:
         log.info("PCA colour: eigenvalues %s from %d images", ", ".join(
             f"{v:.4f}" for v in transform.pca.eigvals), transform.pca.n_images)
-    if verbose == "auto":
-        verbose = 1 if os.isatty(1) else 2
-    cache, fit_model, cache_note = _select_cache(config, spec, weights, model, base, plan, size,
-                                                 folder, transform.pca, verbose, placement)
-    log.info("feature cache: %s", cache_note)
+    cache, fit_model, note = _select_cache(config, spec, weights, model, base, freeze, size,
+                                           folder, transform.pca, verbose, placement)
+    log.info("feature cache: %s", note)
     placement.check_same("feature caches", cache.key if cache else "000000",
                          "build the cache on every worker (`tlkit precompute-features`), or "
                          "train with --no-cache")
-    # repeated, with validation_steps one pass: Keras then keeps one iterator for the whole
-    # fit, and never has to find the end of a distributed dataset (whose length it cannot see)
-    if cache is not None:
-        val_ds = placement.dataset(lambda share: cache_dataset(
-            cache, "val", config.batch_size, config.seed, shuffle=False, workers=config.workers,
-            prefetch=config.prefetch, share=share).repeat())
-    else:
-        val_ds = placement.dataset(lambda share: eval_dataset(
-            folder.splits["val"], size, spec.crop_fraction, config.batch_size, config.workers,
-            config.prefetch, max_pixels, share).repeat())
+    return _Plan(config, requested, spec, size, weights, folder, report, skipped, identity,
+                 model, base, freeze, searched, head_features, by_class, sample_weights,
+                 transform, cache, fit_model, note)
 
+
+def _open_run_dir(plan: _Plan, placement: Placement, run_dir: Path, tmp_dir: Path | None
+                  ) -> tuple[dict[str, Any], Path | None, Path | None]:
+    """(training state, the folder the run is built in, its checkpoints/): a new one, or the
+    interrupted one restored from its last checkpoint (by every worker)."""
+    chief = placement.is_chief
     # the training state every checkpoint carries; progress counts finished epochs
     state: dict[str, Any] = {"schema": 1, "rows": [], "best": None, "phase_steps": {},
                              "progress": 0, "phase_index": -1, "phase_done": True, "epoch": 0,
@@ -459,12 +505,13 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         tmp_dir = incomplete_dir(run_dir) if chief else None
         ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
         if ckpt_dir is not None:
-            atomic_write_json(ckpt_dir / IDENTITY_FILE, {**now, "searched": searched})
+            atomic_write_json(ckpt_dir / IDENTITY_FILE,
+                              {**plan.identity, "searched": plan.searched})
     else:  # every worker restores from the run's folder (under multiworker: a shared one)
         ckpt_dir = tmp_dir / "checkpoints"
         if chief:
             remove_stale_temporaries(ckpt_dir)
-        found = restore(ckpt_dir, model)  # the optimizer follows once it is built
+        found = restore(ckpt_dir, plan.model)  # the optimizer follows once it is built
         if found is not None:
             path, state = found
             log.info("resuming %s from %s: phase %s, epoch %d done, %d optimizer steps",
@@ -477,34 +524,44 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
                             datetime.now(timezone.utc).isoformat(timespec="seconds")]
         if chief:
             write_history(tmp_dir / "history.csv", state["rows"])
-    if chief:
-        atomic_write_json(tmp_dir / "data_report.json", report.as_dict())
+    if chief and tmp_dir is not None:
+        atomic_write_json(tmp_dir / "data_report.json", plan.report.as_dict())
         log.info("building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
                  "continues it", tmp_dir, run_dir)
     else:
         log.info("worker %d: training in step with the chief, which writes the run",
                  placement.worker)
+    return state, tmp_dir, ckpt_dir
 
-    writes = ckpt_dir if chief else None
-    recorder = _make_recorder(writes, tmp_dir / "history.csv" if writes else None, model,
-                              config.patience, state)
-    scale = config.lr_scale()
-    tune_epochs = config.epochs
-    if auto_plan is not None and plan.n_frozen == plan.n_layers and tune_epochs:
-        log.info("--freeze auto chose head only: no fine-tune phase (it would train nothing "
-                 "but the head again)")
-        tune_epochs = 0
-    schedule = [("head", config.head_epochs, config.lr * scale),
-                ("fine-tune", tune_epochs, config.fine_tune_lr * scale)]
-    if config.scale_lr:
-        log.info("--scale-lr: batch %d / base batch %d = x%g: head lr %g, fine-tune lr %g",
-                 config.batch_size, config.lr_base_batch, scale, schedule[0][2],
-                 schedule[1][2])
-    phases = _PhaseRunner(config, model, fit_model, base, plan, recorder, state, ckpt_dir,
-                          writes is not None, cache, train_examples, folder.splits["val"],
-                          spec.crop_fraction, transform, head_features, val_ds,
-                          -(-len(folder.splits["val"]) // config.batch_size), sample_weights,
-                          placement, verbose)
+
+def _val_dataset(plan: _Plan, placement: Placement) -> Any:
+    """Repeated, with validation_steps one pass: Keras then keeps one iterator for the whole
+    fit, and never has to find the end of a distributed dataset (whose length it cannot see)."""
+    from tlkit.pipeline import eval_dataset
+
+    c = plan.config
+    if plan.cache is not None:
+        return placement.dataset(lambda share: cache_dataset(
+            plan.cache, "val", c.batch_size, c.seed, shuffle=False, workers=c.workers,
+            prefetch=c.prefetch, share=share).repeat())
+    return placement.dataset(lambda share: eval_dataset(
+        plan.folder.splits["val"], plan.size, plan.spec.crop_fraction, c.batch_size, c.workers,
+        c.prefetch, c.audit.max_pixels, share).repeat())
+
+
+def _train(plan: _Plan, placement: Placement, state: dict[str, Any], tmp_dir: Path | None,
+           ckpt_dir: Path | None, run_dir: Path, schedule: list[tuple[str, int, float]],
+           verbose: int) -> None:
+    """Both phases, skipping what a resumed run had finished."""
+    c, val = plan.config, plan.folder.splits["val"]
+    writes = ckpt_dir if placement.is_chief else None
+    recorder = _make_recorder(writes, tmp_dir / "history.csv" if writes and tmp_dir else None,
+                              plan.model, c.patience, state)
+    phases = _PhaseRunner(c, plan.model, plan.fit_model, plan.base, plan.freeze, recorder,
+                          state, ckpt_dir, writes is not None, plan.cache,
+                          plan.folder.splits["train"], val, plan.spec.crop_fraction,
+                          plan.transform, plan.head_features, _val_dataset(plan, placement),
+                          -(-len(val) // c.batch_size), plan.sample_weights, placement, verbose)
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
     try:
         for index, (phase, epochs, lr) in enumerate(schedule):
@@ -521,8 +578,21 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         raise Interrupted(f"interrupted; the checkpoints in {ckpt_dir} are intact: "
                           f"`tlkit finetune --resume {run_dir}` continues from the last finished "
                           "epoch") from None
+
+
+def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_dir: Path | None,
+              identity: dict[str, Any] | None, verbose: int | str, force_resume: bool,
+              scope: contextlib.ExitStack) -> Run | None:
+    """finetune() in the strategy's `scope`: plan, train, record. Every worker trains; only the
+    chief writes."""
+    if verbose == "auto":
+        verbose = 1 if os.isatty(1) else 2
+    plan = _make_plan(config, placement, identity, tmp_dir, force_resume, int(verbose))
+    state, tmp_dir, ckpt_dir = _open_run_dir(plan, placement, run_dir, tmp_dir)
+    schedule = plan.schedule()
+    _train(plan, placement, state, tmp_dir, ckpt_dir, run_dir, schedule, int(verbose))
     scope.close()  # saving inside it would start collective ops the other workers never join
-    if not chief:
+    if not placement.is_chief:
         log.info("worker %d: done; the chief writes %s", placement.worker, run_dir)
         return None
     if tmp_dir is None or ckpt_dir is None:
@@ -530,54 +600,16 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     if state["best"] is None:
         raise RunError(f"{tmp_dir}: no epoch finished with a finite validation loss; nothing "
                        "to save")
-    load_checkpoint(ckpt_dir / BEST, model)
+    load_checkpoint(ckpt_dir / BEST, plan.model)
     with atomic_path(tmp_dir / "model.keras") as tmp:
-        model.save(tmp)
+        plan.model.save(tmp)
     from tlkit.report import training_curves_png
 
     atomic_write(tmp_dir / "training_curves.png", training_curves_png(state["rows"]))
-    record = RunRecord(
-        tlkit_version=_version.__version__,
-        keras_version=keras.__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        backbone=spec.name,
-        weights=weights.as_dict(),
-        freeze={**plan.as_dict(), "search": searched.get("freeze", {}).get("scores")},
-        train_bn=config.train_bn,
-        input_size=size,
-        preprocessing=spec.preprocessing,
-        crop_fraction=spec.crop_fraction,
-        augment={**config.augment.as_dict(),
-                 "pca": transform.pca.as_dict() if transform.pca is not None else None,
-                 "search": searched.get("augment", {}).get("scores")},
-        classes=tuple(folder.classes),
-        config=requested,
-        class_weight=({folder.classes[i]: w for i, w in weights_by_class.items()}
-                      if weights_by_class else None),
-        data={
-            "source": config.data, "root": str(Path(folder.root).resolve()),
-            "layout": folder.layout,
-            "val_source": folder.val_source, "counts": folder.counts(),
-            "fingerprint": data_fingerprint, "ignored": list(folder.ignored),
-            "skipped": skipped,
-        },
-        feature_cache={"used": cache is not None, "key": cache.key if cache else None,
-                       "note": cache_note},
-        seed=config.seed,
-        distribution={"strategy": placement.name, "replicas": placement.replicas,
-                      "workers": placement.workers,
-                      "per_replica_batch": -(-config.batch_size // placement.replicas)},
-        lr_used={phase: lr for phase, _, lr in schedule},
-        phase=state["rows"][-1]["phase"] if state["rows"] else None,
-        epoch=state["rows"][-1]["epoch"] if state["rows"] else None,
-        optimizer_steps=sum(state["phase_steps"].values()),
-        resumed=state["resumed"],
-        results={"best": state["best"], "phases": phase_summaries(state, schedule),
-                 "head_probe": state.get("head_probe")},
-    )
-    atomic_write_json(tmp_dir / "run.json", record.as_dict())
-    if searched:
-        write_search_table(tmp_dir / SEARCH_TABLE, searched)
+    atomic_write_json(tmp_dir / "run.json",
+                      _run_record(plan, placement, state, schedule).as_dict())
+    if plan.searched:
+        write_search_table(tmp_dir / SEARCH_TABLE, plan.searched)
     with contextlib.suppress(FileNotFoundError):
         (ckpt_dir / PREVIOUS).unlink()  # only needed while a crash could damage `last`
     try:
@@ -589,6 +621,42 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     log.info("saved %s (best val_accuracy %.4f, %s epoch %s)", run_dir,
              best.get("val_accuracy") or math.nan, best["phase"], best["epoch"])
     return load_run(run_dir)
+
+
+def _run_record(plan: _Plan, placement: Placement, state: dict[str, Any],
+                schedule: list[tuple[str, int, float]]) -> RunRecord:
+    import keras
+
+    c, folder, pca = plan.config, plan.folder, plan.transform.pca
+    rows = state["rows"]
+    return RunRecord(
+        tlkit_version=_version.__version__, keras_version=keras.__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        backbone=plan.spec.name, weights=plan.weights.as_dict(),
+        freeze={**plan.freeze.as_dict(),
+                "search": plan.searched.get("freeze", {}).get("scores")},
+        train_bn=c.train_bn, input_size=plan.size, preprocessing=plan.spec.preprocessing,
+        crop_fraction=plan.spec.crop_fraction,
+        augment={**c.augment.as_dict(), "pca": pca.as_dict() if pca is not None else None,
+                 "search": plan.searched.get("augment", {}).get("scores")},
+        classes=tuple(folder.classes), config=plan.requested,
+        class_weight=({folder.classes[i]: w for i, w in plan.weights_by_class.items()}
+                      if plan.weights_by_class else None),
+        data={"source": c.data, "root": str(Path(folder.root).resolve()),
+              "layout": folder.layout, "val_source": folder.val_source,
+              "counts": folder.counts(), "fingerprint": plan.fingerprint,
+              "ignored": list(folder.ignored), "skipped": plan.skipped},
+        feature_cache={"used": plan.cache is not None,
+                       "key": plan.cache.key if plan.cache else None, "note": plan.cache_note},
+        seed=c.seed,
+        distribution={"strategy": placement.name, "replicas": placement.replicas,
+                      "workers": placement.workers,
+                      "per_replica_batch": -(-c.batch_size // placement.replicas)},
+        lr_used={phase: lr for phase, _, lr in schedule},
+        phase=rows[-1]["phase"] if rows else None, epoch=rows[-1]["epoch"] if rows else None,
+        optimizer_steps=sum(state["phase_steps"].values()), resumed=state["resumed"],
+        results={"best": state["best"], "phases": phase_summaries(state, schedule),
+                 "head_probe": state.get("head_probe")})
 
 
 @dataclasses.dataclass
