@@ -292,6 +292,37 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         return _evaluate(config, placement)
 
 
+def weights_split(runs: Sequence[Run], scored: Sequence[Example], source: str
+                  ) -> tuple[list[Example], str]:
+    """The images --ensemble-weights val fits on: the members' own validation split, never
+    any of the images being scored (the figure would then be fitted, not measured)."""
+    fit_on = eval_examples(runs[0], None, "val")
+    paths = {os.path.realpath(e.path) for e in scored}
+    if n := sum(os.path.realpath(e.path) in paths for e in fit_on[0]):
+        raise ConfigError(f"{source}: --ensemble-weights val fits the member weights on "
+                          f"{fit_on[1]}, and {n} of the images scored are among them; score a "
+                          "test split or another folder, or use --ensemble-weights equal")
+    return fit_on
+
+
+def crop_comparison(names: Sequence[str], single: Sequence[np.ndarray],
+                    multi: Sequence[np.ndarray], weights: np.ndarray, labels: np.ndarray
+                    ) -> list[dict[str, Any]]:
+    """Single-crop vs multi-crop top-1 of each member, and of the ensemble when there is one."""
+    def top1(p: np.ndarray) -> float:
+        return float((p.argmax(1) == labels).mean())
+
+    rows = [{"model": n, "single_crop_top1": top1(s), "multicrop_top1": top1(m)}
+            for n, s, m in zip(names, single, multi, strict=True)]
+    if len(names) > 1:
+        rows.append({"model": "ensemble",
+                     "single_crop_top1": top1(sum(w * p for w, p in zip(weights, single,
+                                                                         strict=True))),
+                     "multicrop_top1": top1(sum(w * p for w, p in zip(weights, multi,
+                                                                      strict=True)))})
+    return rows
+
+
 def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     from tlkit.fsutil import incomplete_dir, publish_dir, refuse_overwrite
     from tlkit.report import write_outputs
@@ -300,15 +331,8 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     check_same_split(runs)
     examples, source = eval_examples(runs[0], config.data, config.split)
     split = source.rsplit("(", 1)[1].rstrip(")")
-    fit_on: tuple[list[Example], str] | None = None
-    if config.ensemble_weights == "val" and len(runs) > 1:
-        fit_on = eval_examples(runs[0], None, "val")  # the members' own validation split
-        scored = {os.path.realpath(e.path) for e in examples}
-        if n := sum(os.path.realpath(e.path) in scored for e in fit_on[0]):
-            raise ConfigError(f"{source}: --ensemble-weights val fits the member weights on "
-                              f"{fit_on[1]}, and {n} of the images scored are among them; "
-                              "score a test split or another folder, or use --ensemble-weights "
-                              "equal")
+    fit_on = (weights_split(runs, examples, source)
+              if config.ensemble_weights == "val" and len(runs) > 1 else None)
     name = config.name or f"{split}-crops{config.multicrop}" + (
         f"-ensemble{len(runs)}" if len(runs) > 1 else "")
     out_dir = runs[0].path / "eval" / name
@@ -331,15 +355,8 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
     classes = runs[0].classes
     metrics = classification_metrics(ensemble, labels, classes)
-    comparison = []
-    for run, s, m in zip(runs, single, multi, strict=True):
-        comparison.append({"model": str(run.path), "single_crop_top1": float(
-            (s.argmax(1) == labels).mean()), "multicrop_top1": float((m.argmax(1) == labels)
-                                                                     .mean())})
+    comparison = crop_comparison([str(r.path) for r in runs], single, multi, weights, labels)
     if len(runs) > 1:
-        ens_single = sum(w * p for w, p in zip(weights, single, strict=True))
-        comparison.append({"model": "ensemble", "single_crop_top1": float(
-            (ens_single.argmax(1) == labels).mean()), "multicrop_top1": metrics["top1"]})
         tops = np.stack([p.argmax(1) for p in multi])
         metrics["member_disagreement"] = float((tops != tops[0]).any(axis=0).mean())
     metrics.update({"source": source, "split": split, "multicrop": config.multicrop,

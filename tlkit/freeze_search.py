@@ -45,6 +45,55 @@ def freeze_candidates(spec: BackboneSpec, layer_names: list[str]) -> list[Freeze
     return plans
 
 
+def _affordable(base: Any, plans: Sequence[FreezePlan], n_images: int) -> list[tuple[Any, Any]]:
+    """(plan, cut) of the deeper candidates whose cached activations fit in memory."""
+    from tlkit.cut import resolve_cut
+
+    out = []
+    for plan in plans:
+        cut = resolve_cut(base, plan.n_frozen)
+        need = n_images * int(np.prod(base.get_layer(cut.layer).output.shape[1:])) * 4
+        if need > MAX_ACTIVATION_BYTES:
+            log.info("--freeze auto: skipping %s (its activations would take %.1f GB)",
+                     plan.request, need / 1024**3)
+            continue
+        out.append((plan, cut))
+    return out
+
+
+def _train_tail(model: Any, plan: FreezePlan, cut: Any, data: tuple[np.ndarray, ...],
+                config: Any, weights: np.ndarray | None, start: dict[str, Any],
+                start_losses: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """(per-image val losses, score) of one deeper candidate: its tail trained from the cached
+    activations, starting from the head probe, for --epochs with patience."""
+    import keras
+
+    from tlkit.cut import build_tail
+    from tlkit.head import best_keeper, val_losses
+    from tlkit.model import backbone_of, optimizer_for
+
+    x_train, y_train, x_val, y_val = data
+    t = time.perf_counter()
+    apply_freeze(backbone_of(model), plan, config.train_bn)
+    tail = build_tail(model, cut)
+    tail.compile(optimizer=optimizer_for(tail, config.fine_tune_lr * config.lr_scale()),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = tail.fit(x_train, y_train, sample_weight=weights, batch_size=config.batch_size,
+                       epochs=config.epochs, validation_data=(x_val, y_val), verbose=0,
+                       callbacks=[best_keeper(), keras.callbacks.EarlyStopping(
+                           "val_loss", patience=config.patience)]).history
+    trained = val_losses(np.asarray(tail.predict(x_val, verbose=0), np.float64),
+                         y_val)  # the best epoch's weights, restored
+    # where each tail starts is the head probe: it stays the score unless training beat it
+    if not np.mean(trained) < np.mean(start_losses):
+        trained = start_losses
+    accs = [start["val_accuracy"], *history["val_accuracy"]]
+    vals = [start["val_loss"], *history["val_loss"]]
+    best = min(range(len(vals)), key=lambda j: vals[j] if math.isfinite(vals[j]) else math.inf)
+    return trained, _score(plan, float(np.mean(trained)), accs[best],
+                           len(history["val_loss"]), time.perf_counter() - t)
+
+
 def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
                   val: Sequence[Example], size: int, crop_fraction: float, config: Any,
                   sample_weights: Sequence[float] | None, on_first_batch: Any = None
@@ -52,35 +101,15 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     """(the chosen plan, every candidate's scores, the pooled eval-view Features).
 
     The model's weights are left as they were."""
-    import keras
-
     from tlkit.augment import TrainTransform, resolve_augment
-    from tlkit.cut import build_tail, resolve_cut, trunk_outputs
-    from tlkit.head import (
-        Features,
-        best_keeper,
-        fit_head,
-        forward,
-        head_steps,
-        head_val_losses,
-        one_se_choice,
-        val_losses,
-    )
-    from tlkit.model import backbone_of, optimizer_for
+    from tlkit.cut import trunk_outputs
+    from tlkit.head import Features, fit_head, forward, head_steps, head_val_losses
+    from tlkit.model import backbone_of
     from tlkit.precompute import RowMaker
 
     base = backbone_of(model)
     plans = freeze_candidates(spec, [layer.name for layer in base.layers])
-    deeper = []
-    for plan in plans[1:]:
-        cut = resolve_cut(base, plan.n_frozen)
-        shape = base.get_layer(cut.layer).output.shape[1:]
-        need = (len(train) + len(val)) * int(np.prod(shape)) * 4
-        if need > MAX_ACTIVATION_BYTES:
-            log.info("--freeze auto: skipping %s (its activations would take %.1f GB)",
-                     plan.request, need / 1024**3)
-            continue
-        deeper.append((plan, cut))
+    deeper = _affordable(base, plans[1:], len(train) + len(val))
     start = time.perf_counter()
     extractor = trunk_outputs(model, [cut.layer for _, cut in deeper], pooled=True,
                               name="freeze_search")
@@ -95,10 +124,8 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     log.info("--freeze auto: activations at %d cut(s) and pooled features of %d + %d images "
              "in %.1f s", len(deeper), len(train), len(val), pooled.seconds)
     initial = model.get_weights()
-    scale = config.lr_scale()
-
     t = time.perf_counter()
-    rows, _ = fit_head(model, pooled, config.lr * scale, config.batch_size,
+    rows, _ = fit_head(model, pooled, config.lr * config.lr_scale(), config.batch_size,
                        head_steps(len(train), config.batch_size, config.head_epochs),
                        config.seed, sample_weights)
     top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
@@ -106,46 +133,36 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
                      time.perf_counter() - t)]
     losses = [head_val_losses(model, pooled)]
     probed = model.get_weights()
-    weights = (np.asarray(sample_weights, np.float32) if sample_weights is not None else None)
+    weights = np.asarray(sample_weights, np.float32) if sample_weights is not None else None
     for i, (plan, cut) in enumerate(deeper):
-        t = time.perf_counter()
         model.set_weights(probed)
-        apply_freeze(base, plan, config.train_bn)
-        tail = build_tail(model, cut)
-        tail.compile(optimizer=optimizer_for(tail, config.fine_tune_lr * scale),
-                     loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        history = tail.fit(out["train"][i], y_train, sample_weight=weights,
-                           batch_size=config.batch_size, epochs=config.epochs,
-                           validation_data=(out["val"][i], y_val), verbose=0,
-                           callbacks=[best_keeper(), keras.callbacks.EarlyStopping(
-                               "val_loss", patience=config.patience)]).history
-        trained = val_losses(np.asarray(tail.predict(out["val"][i], verbose=0), np.float64),
-                             y_val)  # the best epoch's weights, restored
-        # where each tail starts is the head probe: it stays the score unless training beat it
-        if not np.mean(trained) < np.mean(losses[0]):
-            trained = losses[0]
+        trained, score = _train_tail(model, plan, cut, (out["train"][i], y_train,
+                                                        out["val"][i], y_val),
+                                     config, weights, scores[0], losses[0])
         losses.append(trained)
-        accs = [scores[0]["val_accuracy"], *history["val_accuracy"]]
-        vals = [scores[0]["val_loss"], *history["val_loss"]]
-        best = min(range(len(vals)),
-                   key=lambda j: vals[j] if math.isfinite(vals[j]) else math.inf)
-        scores.append(_score(plan, float(np.mean(trained)), accs[best],
-                             len(history["val_loss"]), time.perf_counter() - t))
+        scores.append(score)
     model.set_weights(initial)
     base.trainable = True
+    return _choose([plans[0], *(p for p, _ in deeper)], scores, losses), scores, pooled
+
+
+def _choose(plans: list[FreezePlan], scores: list[dict[str, Any]], losses: list[np.ndarray]
+            ) -> FreezePlan:
+    """The most frozen candidate within one standard error of the lowest validation loss; the
+    scores are marked with the choice."""
+    from tlkit.head import one_se_choice
+
     for s in scores:
         log.info("--freeze auto: %-22s val_loss %.4f, val_accuracy %.4f (%d tail epochs, "
                  "%.1f s)", s["candidate"], s["val_loss"], s["val_accuracy"], s["epochs"],
                  s["seconds"])
     index, excess = one_se_choice(losses)
-    chosen = [plans[0], *(p for p, _ in deeper)][index]
     log.info("--freeze auto: chose %s (the most frozen within one standard error of the lowest "
              "validation loss)", scores[index]["candidate"])
     for j, (s, e) in enumerate(zip(scores, excess, strict=True)):
         s["chosen"] = j == index
         s["se_above_best"] = round(e, 2) if math.isfinite(e) else None
-    return (dataclasses.replace(chosen, request=f"--freeze auto ({chosen.request})"), scores,
-            pooled)
+    return dataclasses.replace(plans[index], request=f"--freeze auto ({plans[index].request})")
 
 
 def _score(plan: FreezePlan, val_loss: float, val_accuracy: float, epochs: int,

@@ -234,9 +234,17 @@ def precompute_features(config: PrecomputeConfig, verbose: int = 1
         return _precompute(config, shard, placement.predictor, verbose)
 
 
+def _seconds_per_image(predict: Any, batch_size: int, size: int) -> float:
+    """The trunk's time per image on one batch, after a first call that traces it."""
+    probe = np.zeros((batch_size, size, size, 3), np.uint8)
+    predict(probe)
+    t0 = time.perf_counter()
+    predict(probe)
+    return (time.perf_counter() - t0) / batch_size
+
+
 def _precompute(config: PrecomputeConfig, shard: tuple[int, int] | None, predictor: Any,
                 verbose: int) -> FeatureCache | dict[str, Any]:
-
     spec = get_backbone(config.backbone)
     size = spec.resolve_input_size(config.input_size)
     weights = resolve_weights(spec, config.weights)
@@ -267,16 +275,12 @@ def _precompute(config: PrecomputeConfig, shard: tuple[int, int] | None, predict
     shape = tuple(int(d) for d in trunk.output.shape[1:])
     needed = estimate_bytes(counts, views, shape, config.dtype)
     if config.dry_run:
-        probe = np.zeros((config.batch_size, size, size, 3), np.uint8)
-        predict(probe)
-        t0 = time.perf_counter()
-        predict(probe)
-        per_image = (time.perf_counter() - t0) / config.batch_size
         images = sum(counts[s] * views[s] for s in counts)
         return {"key": key, "exists": existing is not None, "bytes": needed,
                 "images": images, "shape": list(shape), "dtype": config.dtype,
-                "estimated_seconds": round(per_image * images, 1), "cut": cut.as_dict(),
-                "path": str(root / key), "free_bytes": shutil.disk_usage(
+                "estimated_seconds": round(_seconds_per_image(predict, config.batch_size, size)
+                                           * images, 1),
+                "cut": cut.as_dict(), "path": str(root / key), "free_bytes": shutil.disk_usage(
                     root if root.exists() else root.parent.resolve()).free}
     if existing is not None:
         log.info("feature cache %s already complete (%s)", key, root / key)
@@ -294,11 +298,15 @@ def _precompute(config: PrecomputeConfig, shard: tuple[int, int] | None, predict
                                 spec.crop_fraction, config.seed, config.dtype,
                                 config.batch_size, config.workers, config.audit.max_pixels,
                                 verbose, predict, shard)
-    if shard is None:
-        return built
+    return built if shard is None else _after_part(root, key, shard, built)
+
+
+def _after_part(root: Any, key: str, shard: tuple[int, int], built: Any
+                ) -> FeatureCache | dict[str, Any]:
+    """The last part to finish publishes the cache; the others say what is still missing."""
     count, parts = read_parts(root, key)
     missing = sorted(set(range(count)) - set(parts))
-    if not missing:  # the last part to finish publishes the cache
+    if not missing:
         log.info("shard %d of %d done, and every part is finished: merging", *shard)
         return merge_parts(root, key)
     log.info("shard %d of %d done (%s); waiting for shard(s) %s; the last to finish, or "

@@ -118,32 +118,35 @@ def _make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: Any,
             row = {"phase": self.phase, "epoch": epoch + 1, "lr": lr,
                    "seconds": round(time.perf_counter() - self._start, 3)}
             row.update({k: float(logs[k]) for k in HISTORY_FIELDS if k in logs})
-            val_loss = row.get("val_loss", math.inf)
-            s = state
-            if val_loss < s["phase_best"]:
-                s["phase_best"], s["wait"] = val_loss, 0
-            else:
-                s["wait"] += 1
-            stop = s["wait"] >= patience
+            stop, improved = _advance(state, row, patience)
             self.model.stop_training = stop
-            best = s["best"]
-            improved = best is None or val_loss < best["val_loss"]
             if improved and self.phase == "head":
                 self.best_head = model.get_weights()  # every worker: phase 2 starts from it
-            if improved:
-                s["best"] = {"val_loss": val_loss, "val_accuracy": row.get("val_accuracy"),
-                             "phase": self.phase, "epoch": epoch + 1}
-            s["rows"].append(row)
-            s.update(phase=self.phase, phase_index=self.phase_index, epoch=epoch + 1,
-                     phase_done=stop or epoch + 1 == self.params["epochs"],
-                     progress=len(s["rows"]))
-            s["phase_steps"][self.phase] = int(keras.ops.convert_to_numpy(
+            state.update(phase=self.phase, phase_index=self.phase_index, epoch=epoch + 1,
+                         phase_done=stop or epoch + 1 == self.params["epochs"],
+                         progress=len(state["rows"]))
+            state["phase_steps"][self.phase] = int(keras.ops.convert_to_numpy(
                 self.model.optimizer.iterations))
             if ckpt_dir is not None and history_path is not None:
-                save_epoch(ckpt_dir, model, self.model.optimizer, s, improved)
-                write_history(history_path, s["rows"])
+                save_epoch(ckpt_dir, model, self.model.optimizer, state, improved)
+                write_history(history_path, state["rows"])
 
     return EpochRecorder()
+
+
+def _advance(state: dict[str, Any], row: dict[str, Any], patience: int) -> tuple[bool, bool]:
+    """Add an epoch's row to the state: (stop early, best so far)."""
+    val_loss = row.get("val_loss", math.inf)
+    if val_loss < state["phase_best"]:
+        state["phase_best"], state["wait"] = val_loss, 0
+    else:
+        state["wait"] += 1
+    improved = state["best"] is None or val_loss < state["best"]["val_loss"]
+    if improved:
+        state["best"] = {"val_loss": val_loss, "val_accuracy": row.get("val_accuracy"),
+                         "phase": row["phase"], "epoch": row["epoch"]}
+    state["rows"].append(row)
+    return state["wait"] >= patience, improved
 
 
 SEARCH_TABLE = "search.csv"
