@@ -335,6 +335,7 @@ def cache_figures() -> None:
 
 def eval_figures() -> None:
     import tempfile
+    from types import SimpleNamespace
 
     import keras
 
@@ -348,9 +349,9 @@ def eval_figures() -> None:
     class Member:  # what evaluate builds from a run, built here from a fresh model
         def __init__(self, model: object, n_frozen: int):
             self.model, self.size, self.crop = model, S.size, 0.875
-            self.run = type("R", (), {"max_pixels": DEFAULT_MAX_PIXELS, "info": {
-                "backbone": spec.name, "preprocessing": spec.preprocessing,
-                "weights": {"sha256": "x"}, "freeze": {"n_frozen": n_frozen}}})()
+            record = SimpleNamespace(backbone=spec.name, preprocessing=spec.preprocessing,
+                                     weights={"sha256": "x"}, n_frozen=n_frozen)
+            self.run = SimpleNamespace(max_pixels=DEFAULT_MAX_PIXELS, record=record)
 
     spec = get_backbone(S.backbone)
     members = []

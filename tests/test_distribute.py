@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY, write_folder
+from conftest import TINY, replace_keeping_size_and_mtime, write_folder
 from test_resume import progress
 
 from tlkit.cli import cli
@@ -285,7 +285,7 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path, ref
     # workers that see different files stop, all of them, with one line (no hang)
     shutil.copytree(data, tmp_path / "data")  # worker 0's copy, mtimes kept
     shutil.copytree(data, homes[1] / "data")  # worker 1's own copy, mtimes kept
-    os.utime(tmp_path / "data" / "train" / "a" / "img0.png")  # worker 0's: one file changed
+    replace_keeping_size_and_mtime(tmp_path / "data" / "train" / "a" / "img0.png")  # new bytes
     bad = two_workers(["finetune", "data", "-o", "runs/bad", *ARGS, "--strategy",
                        "multiworker"], [tmp_path, homes[1]], expect=2)
     assert all("the workers see different data" in err and "Traceback" not in err for err in bad)

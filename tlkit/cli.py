@@ -660,7 +660,9 @@ def _split_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Run folders (they hold run.json) and the other paths, in order."""
     from pathlib import Path
 
-    runs = [p for p in paths if (Path(p) / "run.json").is_file()]
+    from tlkit.runs import RUN_FILE
+
+    runs = [p for p in paths if (Path(p) / RUN_FILE).is_file()]
     return runs, [p for p in paths if p not in runs]
 
 

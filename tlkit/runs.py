@@ -18,6 +18,7 @@ from tlkit.fsutil import final_path, is_incomplete
 
 RUNS_DIR = "runs"
 RUN_SCHEMA = 1
+RUN_FILE = "run.json"  # the RunRecord
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,12 @@ class RunRecord:
 
 def read_record(run_path: Path) -> RunRecord:
     try:
-        info = json.loads((run_path / "run.json").read_text())
+        info = json.loads((run_path / RUN_FILE).read_text())
     except json.JSONDecodeError as e:
         raise RunError(f"{run_path / 'run.json'}: not valid JSON ({e})") from None
     if not isinstance(info, dict):
         raise RunError(f"{run_path / 'run.json'}: not a tlkit run record")
-    return RunRecord.from_dict(info, run_path / "run.json")
+    return RunRecord.from_dict(info, run_path / RUN_FILE)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Run:
 
 
 def is_finished_run(path: Path) -> bool:
-    return (path / "run.json").is_file() and (path / "model.keras").is_file()
+    return (path / RUN_FILE).is_file() and (path / "model.keras").is_file()
 
 
 def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
@@ -143,7 +144,7 @@ def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
         raise RunError(
             f"{runs_dir}: no finished runs; train one with `tlkit finetune` or name a run folder"
         )
-    return max(runs, key=lambda p: (p / "run.json").stat().st_mtime)
+    return max(runs, key=lambda p: (p / RUN_FILE).stat().st_mtime)
 
 
 def load_run(path: str | os.PathLike | None = None) -> Run:

@@ -40,6 +40,7 @@ from tlkit.distribute import Placement
 from tlkit.errors import ConfigError, Interrupted, RunError
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import (
+    INCOMPLETE,
     atomic_path,
     atomic_write,
     atomic_write_json,
@@ -51,7 +52,7 @@ from tlkit.fsutil import (
     refuse_overwrite,
 )
 from tlkit.precompute import cache_dataset
-from tlkit.runs import RUNS_DIR, Run, RunRecord, load_run
+from tlkit.runs import RUN_FILE, RUNS_DIR, Run, RunRecord, load_run
 from tlkit.weights import resolve_weights
 
 log = logging.getLogger("tlkit")
@@ -298,7 +299,7 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
         candidates = [path] if (path / "checkpoints" / IDENTITY_FILE).is_file() else []
         final = final_path(path)
     else:
-        if (path / "run.json").is_file():
+        if (path / RUN_FILE).is_file():
             raise RunError(f"{path}: this run finished; there is nothing to resume (train a new "
                            "one with -o, or evaluate it with `tlkit eval`)")
         final = path
@@ -306,7 +307,7 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
                       if (c / "checkpoints" / IDENTITY_FILE).is_file()]
     if not candidates:
         raise RunError(f"{path}: no interrupted run to resume (expected a folder "
-                       f"{final.name}.incomplete-<id> holding checkpoints/{IDENTITY_FILE})")
+                       f"{final.name}{INCOMPLETE}<id> holding checkpoints/{IDENTITY_FILE})")
     chosen = max(candidates, key=lambda c: (c / "checkpoints").stat().st_mtime)
     if len(candidates) > 1:
         log.info("%d interrupted attempts of %s; resuming the newest, %s", len(candidates),
@@ -609,7 +610,7 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     from tlkit.report import training_curves_png
 
     atomic_write(tmp_dir / "training_curves.png", training_curves_png(state["rows"]))
-    atomic_write_json(tmp_dir / "run.json",
+    atomic_write_json(tmp_dir / RUN_FILE,
                       _run_record(plan, placement, state, schedule).as_dict())
     if plan.searched:
         write_search_table(tmp_dir / SEARCH_TABLE, plan.searched)

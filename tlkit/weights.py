@@ -87,15 +87,14 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
         return ResolvedWeights("imagenet", str(path), sha256_file(path))
     path = Path(weights)
     if path.is_dir():
-        run_json = path / "run.json"
-        model_file = path / "model.keras"
-        if not run_json.is_file() or not model_file.is_file():
+        from tlkit.runs import is_finished_run, read_record
+
+        if not is_finished_run(path):
             raise WeightsError(
                 f"--weights {path}: a folder must be a finished tlkit run (run.json and "
                 "model.keras); use a weights file, 'imagenet' or 'none'"
             )
-        from tlkit.runs import read_record
-
+        model_file = path / "model.keras"
         try:
             trained = read_record(path).backbone
         except RunError as e:
