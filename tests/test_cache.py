@@ -49,7 +49,7 @@ def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder, mon
     # float16 activations are other numbers: never reused by a float32 run, or the reverse
     assert precompute_features(config(data, dry_run=True, mixed_precision=True))["key"] != key
     with monkeypatch.context() as m:  # a new Pillow / OpenCV / albumentations may move pixels
-        m.setattr("tlkit.precompute.pixel_libraries", lambda: {"pillow": "0.0"})
+        m.setattr("tlkit.augment.pixel_libraries", lambda: {"pillow": "0.0"})
         assert precompute_features(config(data, dry_run=True))["key"] != key
     replace_keeping_size_and_mtime(data / "cat" / "img0.png")  # as `cp -p` would
     assert precompute_features(config(data, dry_run=True))["key"] != key

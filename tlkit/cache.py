@@ -49,6 +49,27 @@ CACHE_DIR = "cache"
 SHARD_BYTES = 256 << 20
 
 
+def cache_inputs(spec: Any, weights: Any, trunk: Any, cut: Any, size: int, views: int,
+                 augment: Any, pca: dict[str, Any] | None, seed: int, folder: Any,
+                 dtype: str) -> dict[str, Any]:
+    """Everything that changes the cached numbers, gathered here and nowhere else; its hash
+    (`key_of`) is the cache key."""
+    from tlkit.augment import pixel_libraries
+    from tlkit.datasets import fingerprint
+    from tlkit.model import compute_dtypes
+
+    return {
+        "schema": SCHEMA, "backbone": spec.name, "weights_sha256": weights.sha256,
+        "trunk_weights_sha256": weights_digest(trunk.get_weights()),
+        "cut": {"k": cut.k, "requested": cut.requested}, "input_size": size,
+        "preprocessing": spec.preprocessing, "eval_crop_fraction": spec.crop_fraction,
+        "views": {"train": views, "val": 1, "test": 1},
+        "augment": augment.as_dict(), "pca": pca, "seed": seed if views > 1 else None,
+        "classes": list(folder.classes), "files_sha256": fingerprint(folder),
+        "dtype": dtype, "compute_dtypes": compute_dtypes(trunk), "libraries": pixel_libraries(),
+    }
+
+
 def key_of(inputs: dict[str, Any]) -> str:
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:20]

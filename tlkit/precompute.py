@@ -25,27 +25,25 @@ from tlkit.augment import (
     AugmentConfig,
     ColorPCA,
     TrainTransform,
-    pixel_libraries,
     resolve_augment,
     sample_rng,
 )
 from tlkit.backbones import BackboneSpec, get_backbone
 from tlkit.cache import (
-    SCHEMA,
     FeatureCache,
     build_cache,
     build_part,
+    cache_inputs,
     cache_root,
     estimate_bytes,
     key_of,
     merge_parts,
     open_cache,
     read_parts,
-    weights_digest,
 )
 from tlkit.choices import CACHE_DTYPES, STRATEGIES, check
 from tlkit.cut import Cut, build_trunk, resolve_cut
-from tlkit.datasets import Example, ImageFolder, check_val_fraction, fingerprint, load_dataset
+from tlkit.datasets import Example, ImageFolder, check_val_fraction, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
 from tlkit.distribute import (
     NEEDS_TF_CONFIG,
@@ -55,7 +53,6 @@ from tlkit.distribute import (
 )
 from tlkit.errors import CacheError, ConfigError
 from tlkit.freezing import FreezeRequest, resolve_freeze
-from tlkit.model import compute_dtypes
 from tlkit.weights import ResolvedWeights, resolve_weights
 
 log = logging.getLogger("tlkit")
@@ -106,22 +103,6 @@ class PrecomputeConfig:
 def view_augment(views: int, augment: AugmentConfig) -> AugmentConfig:
     """What the training views hold: the eval transform for one view, else the augmentation."""
     return augment if views > 1 else resolve_augment("none")
-
-
-def cache_inputs(spec: BackboneSpec, weights: ResolvedWeights, trunk: Any, cut: Cut, size: int,
-                 views: int, augment: AugmentConfig, pca: dict[str, Any] | None, seed: int,
-                 folder: ImageFolder, dtype: str) -> dict[str, Any]:
-    """Everything that changes the cached numbers; its hash is the cache key."""
-    return {
-        "schema": SCHEMA, "backbone": spec.name, "weights_sha256": weights.sha256,
-        "trunk_weights_sha256": weights_digest(trunk.get_weights()),
-        "cut": {"k": cut.k, "requested": cut.requested}, "input_size": size,
-        "preprocessing": spec.preprocessing, "eval_crop_fraction": spec.crop_fraction,
-        "views": {"train": views, "val": 1, "test": 1},
-        "augment": augment.as_dict(), "pca": pca, "seed": seed if views > 1 else None,
-        "classes": list(folder.classes), "files_sha256": fingerprint(folder),
-        "dtype": dtype, "compute_dtypes": compute_dtypes(trunk), "libraries": pixel_libraries(),
-    }
 
 
 class RowMaker:
