@@ -102,7 +102,8 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     out = newest / "eval" / "test-crops10"
     assert sorted(p.name for p in out.iterdir()) == [
-        "confusion_matrix.png", "metrics.json", "predictions.csv", "report.html"]
+        "confusion_matrix.png", "metrics.json", "predictions.csv", "reliability_diagram.png",
+        "report.html"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["views"] == 10 and metrics["images"] == 9 and metrics["split"] == "test"
     assert "top5" not in metrics  # 3 classes

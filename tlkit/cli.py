@@ -360,6 +360,9 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--force-resume", is_flag=True,
               help="Resume even though settings, classes or data changed since the run began.")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN/tensorboard/.")
+@click.option("--calibrate", is_flag=True,
+              help="Fit temperature scaling on the validation split after training, so the "
+                   "saved model's probabilities match its accuracy (accuracy is unchanged).")
 @STRATEGY_OPTION
 @click.option("--scale-lr", is_flag=True,
               help="Linear scaling rule: multiply --lr and --fine-tune-lr by BATCH_SIZE / "
@@ -712,7 +715,7 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     line = f"top-1 {metrics['top1']:.4f}"
     if "top5" in metrics:
         line += f", top-5 {metrics['top5']:.4f}"
-    line += f", macro F1 {metrics['macro']['f1']:.4f}"
+    line += f", macro F1 {metrics['macro']['f1']:.4f}, ECE {metrics['calibration']['ece']:.4f}"
     if "member_disagreement" in metrics:
         line += f", members disagree on {metrics['member_disagreement']:.1%}"
     click.echo(line)

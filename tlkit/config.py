@@ -56,6 +56,7 @@ class FinetuneConfig:
     class_weight: str = "none"  # "balanced": weight each class by n / (classes * count)
     recipe: str | None = None  # the recipe these settings came from, for the record
     tensorboard: bool = False  # TensorBoard logs in RUN/tensorboard/
+    calibrate: bool = False  # temperature scaling fitted on val, folded into the softmax
     strategy: str = "auto"  # tf.distribute: auto | default | mirrored | multiworker
     # linear scaling rule: --lr and --fine-tune-lr are for a batch of lr_base_batch images
     scale_lr: bool = False

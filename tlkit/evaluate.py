@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tlkit.augment import multicrop_views
+from tlkit.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 from tlkit.choices import ENSEMBLE_WEIGHTS, EVAL_SPLITS, MULTICROP_MODES, STRATEGIES, check
 from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
@@ -366,6 +367,10 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
                     "member_weights_fitted_on": fit_on[1] if fit_on else None,
                     "comparison": comparison})
     metrics["notes"] += leakage_notes(examples, own_split_paths(runs[0]))
+    metrics["calibration"] = {
+        "ece": expected_calibration_error(ensemble, labels), "bins": ECE_BINS,
+        "reliability": reliability_bins(ensemble, labels),
+        "temperatures": [(r.record.calibration or {}).get("temperature") for r in runs]}
     metrics["strategy"] = {"strategy": placement.name, "replicas": placement.replicas,
                            "workers": placement.workers}
     if not placement.is_chief:

@@ -92,6 +92,29 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str]) -> bytes:
     return _png(fig)
 
 
+def reliability_png(bins: Sequence[dict[str, Any]]) -> bytes:
+    """Accuracy against confidence per bin, with the diagonal a calibrated model follows and
+    each bin's share of the predictions."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    used = [b for b in bins if b["count"]]
+    total = sum(b["count"] for b in used) or 1
+    ax.bar([(b["lo"] + b["hi"]) / 2 for b in used], [b["accuracy"] for b in used],
+           width=[b["hi"] - b["lo"] for b in used], edgecolor="black", alpha=0.7,
+           label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+    ax.plot([(b["lo"] + b["hi"]) / 2 for b in used], [b["count"] / total for b in used], "o-",
+            color="tab:orange", markersize=3, label="share of images")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _thumb(path: str) -> str:
     from tlkit.decode import decode_image
 
@@ -118,11 +141,15 @@ def write_outputs(out: Path, metrics: dict[str, Any], examples: Sequence[Example
     png = confusion_png(np.array(metrics["confusion_matrix"]), classes)
     with atomic_path(out / "confusion_matrix.png") as tmp:
         tmp.write_bytes(png)
-    atomic_write(out / "report.html", report_html(metrics, examples, probs, classes, png))
+    reliability = reliability_png(metrics["calibration"]["reliability"])
+    with atomic_path(out / "reliability_diagram.png") as tmp:
+        tmp.write_bytes(reliability)
+    atomic_write(out / "report.html", report_html(metrics, examples, probs, classes, png,
+                                                  reliability))
 
 
 def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.ndarray,
-                classes: Sequence[str], confusion: bytes) -> str:
+                classes: Sequence[str], confusion: bytes, reliability: bytes) -> str:
     e = html.escape
     labels = np.array([x.label for x in examples])
     pred = probs.argmax(axis=1)
@@ -147,6 +174,8 @@ def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.
     summary += [("macro F1", f"{metrics['macro']['f1']:.4f}"),
                 ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
                 ("log loss", f"{metrics['log_loss']:.4f}"),
+                (f"ECE ({metrics['calibration']['bins']} bins)",
+                 f"{metrics['calibration']['ece']:.4f}"),
                 ("views per image", metrics["views"])]
     if "member_disagreement" in metrics:
         summary.append(("members disagree on", f"{metrics['member_disagreement']:.1%}"))
@@ -165,6 +194,8 @@ width:150px;margin:4px;font-size:11px;vertical-align:top}}</style></head><body>
 <h2>Single-crop vs multi-crop vs ensemble (top-1)</h2>
 <table><tr><th>model</th><th>single crop</th><th>multi-crop ({e(metrics['multicrop'])})</th></tr>
 {rows}</table>
+<h2>Reliability</h2><p>{e(_temperatures(metrics))}</p>
+<img src="data:image/png;base64,{base64.b64encode(reliability).decode()}">
 <h2>Confusion matrix</h2><img src="data:image/png;base64,{base64.b64encode(confusion).decode()}">
 <h2>Most confused pairs</h2><ul>{confused or '<li>none</li>'}</ul>
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>
@@ -172,3 +203,11 @@ width:150px;margin:4px;font-size:11px;vertical-align:top}}</style></head><body>
 <h2>Worst mistakes</h2>{mistakes or '<p>none</p>'}
 </body></html>
 """
+
+
+def _temperatures(metrics: dict[str, Any]) -> str:
+    found = [t for t in metrics["calibration"]["temperatures"] if t is not None]
+    if not found:
+        return "Not calibrated (finetune --calibrate fits temperature scaling on val)."
+    return ("Calibrated by temperature scaling on each run's validation split: T = "
+            + ", ".join(f"{t:.3f}" for t in found) + ".")

@@ -45,6 +45,7 @@ class RunRecord:
     created: str | None = None
     train_bn: bool = False
     class_weight: dict[str, float] | None = None
+    calibration: dict[str, Any] | None = None  # --calibrate: temperature, ECE before/after
     feature_cache: dict[str, Any] | None = None
     distribution: dict[str, Any] | None = None
     lr_used: dict[str, float] | None = None
