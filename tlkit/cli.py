@@ -675,6 +675,41 @@ MULTICROP_OPTION = click.option(
     help="Test-time views averaged per image; the bare flag means 10 (corners, centre, mirrors).")
 
 
+@cli.command()
+@recipe_option
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--folds", default=5, show_default=True,
+              help="Out-of-fold heads for the label-error search.")
+@click.option("--duplicate-similarity", default=0.98, show_default=True,
+              help="Cosine of the pooled features at or above which two images are "
+                   "near-duplicates.")
+@click.option("--top", default=50, show_default=True, help="Rows of each list in the report.")
+@click.option("--name", default="diagnose", show_default=True,
+              help="Output folder under RUN/diagnose/.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing diagnose folder.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@JSON_OPTION
+def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Likely label errors, near-duplicates and top losses in [DATA] (default: the run's own
+    data), seen through [RUN]'s features (default: the newest run)."""
+    from tlkit.diagnose import DiagnoseConfig, relabel_hint, summary_lines
+    from tlkit.diagnose import diagnose as run_diagnose
+
+    runs, rest = _split_runs(paths)
+    if len(runs) > 1 or len(rest) > 1:
+        raise click.UsageError("expected at most one run folder and one DATA folder")
+    found = run_diagnose(DiagnoseConfig(run=runs[0] if runs else None,
+                                        data=rest[0] if rest else None, **options))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for line in summary_lines(found):
+        click.echo(line)
+    click.echo(relabel_hint(found["output"]))
+    click.echo(f"report: {found['output']}/report.html")
+
+
 @cli.command("eval")
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())

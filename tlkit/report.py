@@ -211,3 +211,43 @@ def _temperatures(metrics: dict[str, Any]) -> str:
         return "Not calibrated (finetune --calibrate fits temperature scaling on val)."
     return ("Calibrated by temperature scaling on each run's validation split: T = "
             + ", ".join(f"{t:.3f}" for t in found) + ".")
+
+
+def diagnose_html(found: dict[str, Any], files: dict[str, str], top: int = 50) -> str:
+    """`diagnose`'s page: likely label errors, near-duplicates and top losses, with thumbnails
+    (inline, so the one file travels)."""
+    e = html.escape
+
+    def fig(rel: str, caption: str) -> str:
+        return (f"<figure><img src='data:image/jpeg;base64,{_thumb(files[rel])}'>"
+                f"<figcaption>{e(rel)}<br>{e(caption)}</figcaption></figure>")
+
+    issues = "".join(fig(r["path"], f"labelled {r['label']}, looks like {r['suggested']} "
+                                    f"(p(label) {r['given_label_probability']:.3f})")
+                     for r in found["label_issues"][:top])
+    def side(x: dict[str, Any]) -> str:
+        return fig(x["path"], f"{x['split']} {x['label']}")
+
+    dups = "".join(f"<div class='pair'>{side(d['a'])}{side(d['b'])}"
+                   f"<p>{e(d['kind'])}, cosine {d['similarity']:.4f}</p></div>"
+                   for d in found["near_duplicates"][:top])
+    losses = "".join(fig(r["path"], f"{r['split']}: true {r['label']}, predicted "
+                                    f"{r['predicted']}, loss {r['loss']:.2f}")
+                     for r in found["top_losses"][:top])
+    confused = "".join(f"<li>{e(c['true'])} &rarr; {e(c['predicted'])}: {c['count']}</li>"
+                       for c in found.get("held_out", {}).get("most_confused", []))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tlkit diagnose</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}figure{{display:inline-block;
+width:150px;margin:4px;font-size:11px;vertical-align:top}}.pair{{display:inline-block;
+border:1px solid #ccc;margin:4px;padding:4px}}</style></head><body>
+<h1>Diagnose: {e(found['run'])}</h1>
+<p>{found['images']} images; out-of-fold accuracy of the {found['folds']}-fold heads on the
+training split: {found['out_of_fold_accuracy']:.4f}. Edit <code>relabel.csv</code> to fix
+labels.</p>
+<h2>Likely label errors ({len(found['label_issues'])})</h2>{issues or '<p>none</p>'}
+<h2>Near-duplicates ({len(found['near_duplicates'])}, cosine &ge;
+{found['duplicate_similarity']})</h2>{dups or '<p>none</p>'}
+<h2>Top losses on the held-out splits</h2>{losses or '<p>none</p>'}
+<h2>Most confused pairs</h2><ul>{confused or '<li>none</li>'}</ul>
+</body></html>
+"""
