@@ -763,13 +763,17 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "--top-k", default=5, show_default=True)
 @MULTICROP_OPTION
+@click.option("--explain", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write a class-activation overlay of each image's top-1 class into DIR "
+                   "(a new folder): where the model looks.")
 @JSON_OPTION
-def predict(paths: tuple[str, ...], top_k: int, multicrop: str, as_json: bool) -> None:
+def predict(paths: tuple[str, ...], top_k: int, multicrop: str, explain: str | None,
+            as_json: bool) -> None:
     """Label images: RUN... IMAGE... (several runs average as an ensemble; no run: the newest)."""
     from tlkit.predict import predict as run_predict
 
     runs, images = _split_runs(paths)
-    results = run_predict(runs, images, top_k=top_k, multicrop=multicrop)
+    results = run_predict(runs, images, top_k=top_k, multicrop=multicrop, explain=explain)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -777,6 +781,8 @@ def predict(paths: tuple[str, ...], top_k: int, multicrop: str, as_json: bool) -
         click.echo(r["path"])
         for rank, t in enumerate(r["top"], 1):
             click.echo(f"  {rank}. {t['label']:<24}{t['probability']:>8.2%}")
+        if "explanation" in r:
+            click.echo(f"  where it looks: {r['explanation']}")
 
 
 @cli.command()

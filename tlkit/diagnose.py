@@ -227,8 +227,15 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
         m = classification_metrics(probs[held], labels[held], run.classes)
         found["held_out"] = {"images": len(held), "top1": m["top1"],
                              "most_confused": m["most_confused"][: config.top]}
+    from tlkit.explain import explain_paths
+
+    shown = {r["path"] for r in found["top_losses"]}
+    worst = [i for i in held if every[i].relpath in shown]
+    looks = dict(zip([every[i].relpath for i in worst], explain_paths(
+        model, [every[i].path for i in worst], [int(probs[i].argmax()) for i in worst],
+        run.input_size, float(run.record.crop_fraction), run.max_pixels), strict=True))
     tmp = incomplete_dir(out_dir, clean_stale=True)
-    _write(tmp, found, every, split_of, labels, issues, run.classes)
+    _write(tmp, found, every, split_of, labels, issues, run.classes, looks)
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
     found["output"] = str(out_dir)
     return found
@@ -266,7 +273,7 @@ def _findings(config: DiagnoseConfig, run: Any, every: list[Example], split_of: 
 
 def _write(out: Path, found: dict[str, Any], every: list[Example], split_of: list[str],
            labels: np.ndarray, issues: list[tuple[int, int, float]],
-           classes: Sequence[str]) -> None:
+           classes: Sequence[str], looks: dict[str, np.ndarray]) -> None:
     from tlkit.fsutil import atomic_write, atomic_write_json
     from tlkit.report import diagnose_html
 
@@ -280,7 +287,8 @@ def _write(out: Path, found: dict[str, Any], every: list[Example], split_of: lis
         writer.writerow((e.relpath, classes[labels[i]], split_of[i], s,
                          "" if p is None else f"{p:.4f}"))
     atomic_write(out / "relabel.csv", buf.getvalue())
-    atomic_write(out / "report.html", diagnose_html(found, {e.relpath: e.path for e in every}))
+    atomic_write(out / "report.html", diagnose_html(found, {e.relpath: e.path for e in every},
+                                                    looks))
 
 
 def summary_lines(found: dict[str, Any]) -> list[str]:

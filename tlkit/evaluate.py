@@ -325,6 +325,7 @@ def crop_comparison(names: Sequence[str], single: Sequence[np.ndarray],
 
 
 def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
+    from tlkit.explain import explain_paths
     from tlkit.fsutil import incomplete_dir, publish_dir, refuse_overwrite
     from tlkit.report import write_outputs
 
@@ -376,7 +377,9 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     if not placement.is_chief:
         return metrics  # the chief writes the outputs
     tmp = incomplete_dir(out_dir, clean_stale=True)
-    write_outputs(tmp, metrics, examples, ensemble, classes)
+    first = members[0]
+    write_outputs(tmp, metrics, examples, ensemble, classes, explain=lambda paths, top: (
+        explain_paths(first.model, paths, top, first.size, first.crop, first.run.max_pixels)))
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
     metrics["output"] = str(out_dir)
     return metrics

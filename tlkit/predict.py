@@ -14,8 +14,11 @@ from tlkit.runs import Run
 
 def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | None,
             images: Sequence[str | os.PathLike], top_k: int = 5, multicrop: str = "1",
-            batch_size: int = 32) -> list[dict[str, Any]]:
-    """One dict per image: path and the top-k (label, probability), highest first."""
+            batch_size: int = 32, explain: str | os.PathLike | None = None
+            ) -> list[dict[str, Any]]:
+    """One dict per image: path and the top-k (label, probability), highest first; with
+    `explain`, a folder of class-activation overlays for each image's top-1 class (from the
+    first run of an ensemble), each named in its dict."""
     if not images:
         raise ConfigError("no images given; pass one or more image files")
     if top_k < 1:
@@ -32,7 +35,33 @@ def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | 
         order = np.argsort(-p, kind="stable")[:k]
         out.append({"path": str(path),
                     "top": [{"label": classes[i], "probability": float(p[i])} for i in order]})
+    if explain is not None:
+        _write_overlays(paths, images, probs.argmax(axis=1), classes, explain, out)
     return out
+
+
+def _write_overlays(run_paths: Sequence[Any], images: Sequence[str | os.PathLike],
+                    top: np.ndarray, classes: Sequence[str], folder: str | os.PathLike,
+                    out: list[dict[str, Any]]) -> None:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from tlkit.explain import explain_paths
+    from tlkit.fsutil import atomic_path, incomplete_dir, publish_dir, refuse_overwrite
+    from tlkit.runs import load_run
+
+    refuse_overwrite(folder, False, "choose another --explain folder")
+    run = load_run(run_paths[0] if run_paths else None)
+    overlays = explain_paths(run.load_model(), [str(p) for p in images], top.tolist(),
+                             run.input_size, float(run.record.crop_fraction), run.max_pixels)
+    tmp = incomplete_dir(folder)
+    for i, (image, picture) in enumerate(zip(images, overlays, strict=True)):
+        name = f"{i:04d}-{Path(image).stem}-{classes[top[i]]}.png"
+        with atomic_path(tmp / name) as dest:
+            Image.fromarray(picture).save(dest, format="PNG")
+        out[i]["explanation"] = str(Path(folder) / name)
+    publish_dir(tmp, folder)
 
 
 def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1",

@@ -115,18 +115,25 @@ def reliability_png(bins: Sequence[dict[str, Any]]) -> bytes:
     return _png(fig)
 
 
-def _thumb(path: str) -> str:
-    from tlkit.decode import decode_image
-
-    img = Image.fromarray(decode_image(path))
-    img.thumbnail((128, 128))
+def _jpeg(image: np.ndarray, side: int = 128) -> str:
+    """An RGB array as a base64 JPEG thumbnail, for inline <img>."""
+    img = Image.fromarray(image)
+    img.thumbnail((side, side))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _thumb(path: str) -> str:
+    from tlkit.decode import decode_image
+
+    return _jpeg(decode_image(path))
+
+
 def write_outputs(out: Path, metrics: dict[str, Any], examples: Sequence[Example],
-                  probs: np.ndarray, classes: Sequence[str]) -> None:
+                  probs: np.ndarray, classes: Sequence[str], explain: Any = None) -> None:
+    """`explain(paths, classes)`, when given, draws where the model looked (tlkit.explain) for
+    the report's worst mistakes."""
     atomic_write_json(out / "metrics.json", metrics)
     k = min(5, len(classes))
     top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -145,11 +152,12 @@ def write_outputs(out: Path, metrics: dict[str, Any], examples: Sequence[Example
     with atomic_path(out / "reliability_diagram.png") as tmp:
         tmp.write_bytes(reliability)
     atomic_write(out / "report.html", report_html(metrics, examples, probs, classes, png,
-                                                  reliability))
+                                                  reliability, explain))
 
 
 def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.ndarray,
-                classes: Sequence[str], confusion: bytes, reliability: bytes) -> str:
+                classes: Sequence[str], confusion: bytes, reliability: bytes,
+                explain: Any = None) -> str:
     e = html.escape
     labels = np.array([x.label for x in examples])
     pred = probs.argmax(axis=1)
@@ -163,11 +171,14 @@ def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.
         for name, v in metrics["per_class"].items())
     confused = "".join(f"<li>{e(c['true'])} &rarr; {e(c['predicted'])}: {c['count']}</li>"
                        for c in metrics["most_confused"])
+    looks = explain([examples[i].path for i in worst], [int(pred[i]) for i in worst]) \
+        if explain is not None else [None] * len(worst)
     mistakes = "".join(
         f"<figure><img src='data:image/jpeg;base64,{_thumb(examples[i].path)}'>"
-        f"<figcaption>{e(examples[i].relpath)}<br>true {e(classes[labels[i]])}, predicted "
+        + (f"<img src='data:image/jpeg;base64,{_jpeg(look)}'>" if look is not None else "")
+        + f"<figcaption>{e(examples[i].relpath)}<br>true {e(classes[labels[i]])}, predicted "
         f"{e(classes[pred[i]])} ({probs[i, pred[i]]:.1%})</figcaption></figure>"
-        for i in worst)
+        for i, look in zip(worst, looks, strict=True))
     summary = [("images", metrics["images"]), ("top-1", f"{metrics['top1']:.4f}")]
     if "top5" in metrics:
         summary.append(("top-5", f"{metrics['top5']:.4f}"))
@@ -213,13 +224,16 @@ def _temperatures(metrics: dict[str, Any]) -> str:
             + ", ".join(f"{t:.3f}" for t in found) + ".")
 
 
-def diagnose_html(found: dict[str, Any], files: dict[str, str], top: int = 50) -> str:
+def diagnose_html(found: dict[str, Any], files: dict[str, str],
+                  looks: dict[str, np.ndarray] | None = None, top: int = 50) -> str:
     """`diagnose`'s page: likely label errors, near-duplicates and top losses, with thumbnails
     (inline, so the one file travels)."""
     e = html.escape
 
     def fig(rel: str, caption: str) -> str:
-        return (f"<figure><img src='data:image/jpeg;base64,{_thumb(files[rel])}'>"
+        look = (looks or {}).get(rel)
+        extra = f"<img src='data:image/jpeg;base64,{_jpeg(look)}'>" if look is not None else ""
+        return (f"<figure><img src='data:image/jpeg;base64,{_thumb(files[rel])}'>{extra}"
                 f"<figcaption>{e(rel)}<br>{e(caption)}</figcaption></figure>")
 
     issues = "".join(fig(r["path"], f"labelled {r['label']}, looks like {r['suggested']} "
