@@ -27,9 +27,9 @@ def invoke(*args: str):
 
 @pytest.mark.parametrize("command", [
     [], ["finetune"], ["predict"], ["inspect"], ["backbones"], ["weights", "list"],
-    ["weights", "import"], ["eval"], ["diagnose"], ["precompute-features"], ["cache", "ls"],
-    ["cache", "rm"], ["cache", "merge"], ["augment-preview"], ["bench-input"], ["check-data"],
-    ["recipes"], ["runs"], ["export"]])
+    ["weights", "import"], ["eval"], ["diagnose"], ["lr-find"], ["precompute-features"],
+    ["cache", "ls"], ["cache", "rm"], ["cache", "merge"], ["augment-preview"], ["bench-input"],
+    ["check-data"], ["recipes"], ["runs"], ["export"]])
 def test_help_does_not_import_tensorflow(command):
     code = ("import sys; from tlkit.cli import cli\n"
             f"try:\n    cli({[*command, '--help']!r}, prog_name='tlkit')\n"

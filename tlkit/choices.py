@@ -18,6 +18,7 @@ ENSEMBLE_WEIGHTS = ("equal", "val")
 EVAL_SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 BAD_IMAGE_POLICIES = ("error", "skip")
+LR_FIND_PHASES = ("head", "fine-tune")
 AUGMENT_PRESETS = ("none", "light", "standard", "alexnet", "vgg")  # tlkit.augment.PRESETS
 AUTO = "auto"  # --augment auto, --freeze auto: chosen on the validation split
 

@@ -710,6 +710,44 @@ def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     click.echo(f"report: {found['output']}/report.html")
 
 
+@cli.command("lr-find")
+@recipe_option
+@model_options(freeze_default="0")
+@click.option("--phase", type=click.Choice(choices.LR_FIND_PHASES), default="head",
+              show_default=True, help="head: suggests --lr; fine-tune: suggests --fine-tune-lr "
+                                      "(after a head trained first, as finetune does).")
+@click.option("--start-lr", type=float, help="Default: 1e-6 (head), 1e-8 (fine-tune).")
+@click.option("--end-lr", type=float, help="Default: 10 (head), 0.1 (fine-tune).")
+@click.option("--steps", default=100, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@click.option("-o", "--output", default="lr_find.png", show_default=True,
+              type=click.Path(dir_okay=False), help="The plot of loss against rate.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing plot.")
+@JSON_OPTION
+def lr_find(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
+            freeze_blocks: int | None, as_json: bool, **options: Any) -> None:
+    """The learning-rate range test on DATA: a plot of loss against rate, and a rate to use."""
+    from tlkit.lr_find import LrFindConfig
+    from tlkit.lr_find import lr_find as run_lr_find
+
+    config = LrFindConfig(data=data, weights=weights_,
+                          freeze=_freeze_request(click.get_current_context(), "0"), **options)
+    found = run_lr_find(config)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"lowest smoothed loss at {found['min_loss_lr']:.2g}; steepest descent at "
+               f"{found['steepest']:.2g}")
+    if found["suggestion"] is None:
+        click.echo(f"no suggestion: {found['note']}   (plot: {found['output']})")
+    else:
+        click.echo(f"suggested: {found['flag']} {found['suggestion']:.2g}   "
+                   f"(plot: {found['output']})")
+
+
 @cli.command("eval")
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())

@@ -265,3 +265,23 @@ labels.</p>
 <h2>Most confused pairs</h2><ul>{confused or '<li>none</li>'}</ul>
 </body></html>
 """
+
+
+def lr_find_png(found: dict[str, Any]) -> bytes:
+    """Loss against learning rate (log scale), smoothed, with the suggested rate marked."""
+    plt = _pyplot()
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(found["rates"], found["losses"], color="0.75", linewidth=1, label="loss")
+    ax.plot(found["rates"], found["smoothed"], color="tab:blue", label="smoothed")
+    if found["suggestion"] is not None:
+        ax.axvline(found["suggestion"], color="tab:red", linestyle="--",
+                   label=f"suggested {found['suggestion']:.2g} (minimum / 10)")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    top = min(max(found["smoothed"]), 3 * min(found["smoothed"]) + 1)
+    ax.set_ylim(0, top)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
