@@ -680,8 +680,8 @@ MULTICROP_OPTION = click.option(
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--folds", default=5, show_default=True,
               help="Out-of-fold heads for the label-error search.")
-@click.option("--duplicate-similarity", default=0.98, show_default=True,
-              help="Cosine of the pooled features at or above which two images are "
+@click.option("--duplicate-similarity", default=0.97, show_default=True,
+              help="Cosine of the centred pooled features at or above which two images are "
                    "near-duplicates.")
 @click.option("--top", default=50, show_default=True, help="Rows of each list in the report.")
 @click.option("--name", default="diagnose", show_default=True,

@@ -8,7 +8,7 @@ pooled features:
   labelled j; an image is an issue when its given label is below its class's threshold while
   another class is at or above its own. Ranked by the probability of the given label, lowest
   first.
-- near-duplicates: pairs whose L2-normalised features have cosine similarity at or above a
+- near-duplicates: pairs whose centred features have cosine similarity at or above a
   threshold, within a class, across classes, and across splits (leakage). Re-encoded, resized or
   slightly cropped copies land there; byte-identical ones are in `check-data` already.
 - top losses and most-confused pairs on the held-out splits, by the run's own model.
@@ -39,7 +39,7 @@ class DiagnoseConfig:
     run: str | None = None  # None: the newest run
     data: str | None = None  # None: the run's own data
     folds: int = 5
-    duplicate_similarity: float = 0.98  # cosine of L2-normalised pooled features
+    duplicate_similarity: float = 0.97  # cosine of the centred pooled features
     top: int = 50  # rows of each list in the report
     name: str = "diagnose"
     overwrite: bool = False
@@ -152,8 +152,12 @@ def review_order(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def near_duplicates(features: np.ndarray, threshold: float, block: int = 2048
                     ) -> list[tuple[int, int, float]]:
     """(i, j, cosine) with i < j and cosine >= threshold, most similar first; computed in blocks
-    so memory stays at block x N."""
-    unit = features / (np.linalg.norm(features, axis=1, keepdims=True) + 1e-12)
+    so memory stays at block x N. The features are centred first (the dataset's mean taken
+    away): post-ReLU features share a large common part that makes every pair look alike
+    (measured: uncentred, thousands of distinct photos pass 0.99; centred, none pass 0.98 while
+    re-encoded, resized and cropped copies all do)."""
+    centred = features - features.mean(axis=0)
+    unit = centred / (np.linalg.norm(centred, axis=1, keepdims=True) + 1e-12)
     pairs = []
     for start in range(0, len(unit), block):
         sims = unit[start : start + block] @ unit.T
