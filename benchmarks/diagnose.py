@@ -62,8 +62,9 @@ def label_noise(work: Path, rates: list[float], seeds: list[int], epochs: int) -
                   batch_size=32, cache="off")
     trunk = finetune(FinetuneConfig(data=str(_subset(work / "src", "01234")), weights="none",
                                     freeze=FreezeRequest(count="0" if epochs else "all"),
-                                    head_epochs=1, epochs=epochs, lr=3e-3, fine_tune_lr=2e-3, patience=5,
-                                    output=str(work / "trunk"), **common), verbose=0)
+                                    head_epochs=1, epochs=epochs, lr=3e-3, fine_tune_lr=2e-3,
+                                    patience=5, output=str(work / "trunk"), **common),
+                     verbose=0)
     for rate in rates:
         scores: dict[str, list[float]] = {}
         for seed in seeds:

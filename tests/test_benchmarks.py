@@ -30,23 +30,37 @@ SPEED_FIGURES = {
     "precompute_sharded_2proc_ratio", "cache_merge_mb_per_s",
 }
 
+DIAGNOSE_FIGURES = {
+    *(f"label_noise_0.1_{m}_at_{k}" for m in ("recall", "precision") for k in ("N", "2N")),
+    "near_duplicates_found", "near_duplicates_false_pairs", "cam_peak_in_patch",
+    "lr_find_over_best_fixed_seed0", "diagnose_seconds_digits",
+}
+
 
 @pytest.mark.subprocess
-def test_both_benchmark_smokes_produce_every_figure(tmp_path):
-    """benchmarks/run.py --smoke (every speed group once at tiny sizes) and
-    benchmarks/quality.py --smoke (real runs on the test backbone), side by side since neither
-    measures anything here: a changed signature or a broken group fails here, not in a README
-    table."""
+def test_every_benchmark_smoke_produces_every_figure(tmp_path):
+    """benchmarks/run.py --smoke (every speed group once at tiny sizes),
+    benchmarks/quality.py --smoke (real runs on the test backbone) and benchmarks/diagnose.py
+    --smoke, side by side since none measures anything here: a changed signature or a broken
+    group fails here, not in a README table."""
     out = tmp_path / "quality.json"
     speed = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     quality = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "quality.py"),
                                 "--smoke", "--json", str(out)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    diagnosis = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "diagnose.py"),
+                                  "--smoke"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, cwd=tmp_path)
+    diagnose_out, diagnose_err = diagnosis.communicate(timeout=600)
     speed_out, speed_err = speed.communicate(timeout=600)
     quality_out, quality_err = quality.communicate(timeout=600)
     assert speed.returncode == 0, speed_err[-3000:]
     assert quality.returncode == 0, quality_err[-3000:]
+    assert diagnosis.returncode == 0, diagnose_err[-3000:]
+    found = {f["name"]: f["value"] for f in map(json.loads, diagnose_out.splitlines())}
+    assert set(found) == DIAGNOSE_FIGURES, sorted(set(found) ^ DIAGNOSE_FIGURES)
+    assert all(math.isfinite(v) and v >= 0 for v in found.values()), found
 
     figures = [json.loads(line) for line in speed_out.splitlines() if line.startswith("{")]
     names = {f["name"] for f in figures}

@@ -47,6 +47,7 @@ def final_loss(features: np.ndarray, labels: np.ndarray, lr: float, steps: int =
     return float(np.mean(losses[-20:])) if np.isfinite(losses).all() else np.inf
 
 
+@pytest.mark.slow  # about 8 s: a sweep of 9 fixed rates, each a traced training loop
 def test_the_suggestion_is_within_10x_of_the_best_fixed_rate():
     features, labels = clusters()
     found = head_range_test(features, labels, 4, 1e-6, 10.0, 100, 32, 0)
@@ -79,13 +80,3 @@ def test_lr_find_command_writes_its_plot_and_refuses_to_overwrite(make_folder, t
     assert json.loads(tune.stdout)["flag"] == "--fine-tune-lr"
     bad = CliRunner().invoke(cli, [*args, "--steps", "3", "--overwrite"])
     assert bad.exit_code == 2 and "--steps must be at least 10" in bad.output
-
-
-@pytest.mark.slow  # about 7 s each: a sweep of 13 fixed rates
-@pytest.mark.parametrize("seed", [1, 2])
-def test_the_suggestion_holds_on_other_draws(seed):
-    features, labels = clusters(seed)
-    found = head_range_test(features, labels, 4, 1e-6, 10.0, 100, 32, 0)
-    sweep = {lr: final_loss(features, labels, lr) for lr in 10.0 ** np.arange(-5, 1.5, 0.5)}
-    best = min(sweep, key=sweep.get)
-    assert best / 10 <= found["suggestion"] <= best * 10, (found["suggestion"], best)

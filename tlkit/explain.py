@@ -30,7 +30,10 @@ def class_maps(model: Any, images: np.ndarray, classes: Sequence[int],
     image (its mean plus the bias is the logit)."""
     maps_model = maps_model or feature_map_model(model)
     kernel, _ = model.get_layer("predictions").get_weights()
-    feats = np.asarray(maps_model.predict(images, verbose=0), np.float32)  # (N, h, w, K)
+    # called, not predict(): under a multi-worker strategy predict() would start collective
+    # ops that the other workers, done with the evaluation, never join
+    feats = np.concatenate([np.asarray(maps_model(images[i : i + 32], training=False),
+                                       np.float32) for i in range(0, len(images), 32)])
     weights = kernel[:, np.asarray(classes)].T  # (N, K)
     return np.einsum("nhwk,nk->nhw", feats, weights)
 
