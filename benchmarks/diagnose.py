@@ -219,18 +219,20 @@ def lr_find_ratio(seeds: list[int]) -> None:
              suggestion=found["suggestion"], best_fixed=float(best))
 
 
-def diagnose_seconds(work: Path, backbone: str) -> None:
+def diagnose_seconds(work: Path, backbone: str, run_path: Path | None = None) -> None:
+    """`run_path` (smoke): time an existing run's diagnose instead of training one on data/."""
     from tlkit.config import FinetuneConfig
     from tlkit.diagnose import DiagnoseConfig, diagnose
     from tlkit.freezing import FreezeRequest
     from tlkit.train import finetune
 
-    run = finetune(FinetuneConfig(data=str(ROOT / "data"), backbone=backbone, weights="none",
-                                  input_size=32, freeze=FreezeRequest(count="all"),
-                                  head_epochs=1, epochs=0, cache="off",
-                                  output=str(work / "digitsrun")), verbose=0)
+    if run_path is None:
+        run_path = finetune(FinetuneConfig(
+            data=str(ROOT / "data"), backbone=backbone, weights="none", input_size=32,
+            freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0, cache="off",
+            output=str(work / "digitsrun")), verbose=0).path
     start = time.perf_counter()
-    found = diagnose(DiagnoseConfig(run=str(run.path)))
+    found = diagnose(DiagnoseConfig(run=str(run_path), name="timed"))
     emit("diagnose_seconds_digits", time.perf_counter() - start, "s", images=found["images"],
          backbone=backbone)
 
@@ -246,7 +248,7 @@ def main() -> None:
             near_duplicates(work / "dups", photos=20, copies=3)
             cam_hit_rate(work / "cam", n_train=24, epochs=1)
             lr_find_ratio([0])
-            diagnose_seconds(work / "time", "test_resnet")
+            diagnose_seconds(work / "time", "test_resnet", work / "noise" / "r0.1-0")
             return
         label_noise(work / "noise", [0.03, 0.1], [0, 1, 2], epochs=15)
         near_duplicates(work / "dups", photos=300, copies=30)
