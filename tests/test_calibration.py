@@ -77,6 +77,8 @@ def test_a_calibrated_run_serves_tempered_probabilities_everywhere(tmp_path):
     metrics = evaluate(EvalConfig(runs=(str(runs[True].path),), name="e"))
     assert metrics["calibration"]["temperatures"] == [t]
     assert (runs[True].path / "eval" / "e" / "reliability_diagram.png").is_file()
+    report = (runs[True].path / "eval" / "e" / "report.html").read_text()
+    assert f"T = {t:.3f}, validation ECE {record['before']['ece']:.4f} -&gt; " in report
     exported = export_run(runs[True].path, "keras")
     import keras
 

@@ -371,7 +371,8 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     metrics["calibration"] = {
         "ece": expected_calibration_error(ensemble, labels), "bins": ECE_BINS,
         "reliability": reliability_bins(ensemble, labels),
-        "temperatures": [(r.record.calibration or {}).get("temperature") for r in runs]}
+        "temperatures": [(r.record.calibration or {}).get("temperature") for r in runs],
+        "fitted": [r.record.calibration for r in runs]}  # --calibrate: T, val ECE before/after
     metrics["strategy"] = {"strategy": placement.name, "replicas": placement.replicas,
                            "workers": placement.workers}
     if not placement.is_chief:

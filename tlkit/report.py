@@ -217,11 +217,12 @@ width:150px;margin:4px;font-size:11px;vertical-align:top}}</style></head><body>
 
 
 def _temperatures(metrics: dict[str, Any]) -> str:
-    found = [t for t in metrics["calibration"]["temperatures"] if t is not None]
-    if not found:
+    fitted = [f for f in metrics["calibration"].get("fitted", []) if f]
+    if not fitted:
         return "Not calibrated (finetune --calibrate fits temperature scaling on val)."
-    return ("Calibrated by temperature scaling on each run's validation split: T = "
-            + ", ".join(f"{t:.3f}" for t in found) + ".")
+    return "Calibrated by temperature scaling on the validation split: " + "; ".join(
+        f"T = {f['temperature']:.3f}, validation ECE {f['before']['ece']:.4f} -> "
+        f"{f['after']['ece']:.4f}" for f in fitted) + "."
 
 
 def diagnose_html(found: dict[str, Any], files: dict[str, str],
