@@ -184,7 +184,10 @@ def cam_hit_rate(work: Path, n_train: int, epochs: int) -> None:
          correctly_classified=len(right), of=len(labels))
 
 
-def lr_find_ratio(seeds: list[int]) -> None:
+SWEEP = 10.0 ** np.arange(-4, 1.0, 0.5)  # the fixed rates lr-find's suggestion is judged by
+
+
+def lr_find_ratio(seeds: list[int], rates: np.ndarray = SWEEP) -> None:
     import keras
     import tensorflow as tf
 
@@ -196,7 +199,7 @@ def lr_find_ratio(seeds: list[int]) -> None:
         x = (rng.normal(0, 1, (4, 32))[labels] + rng.normal(0, 1, (800, 32))).astype(np.float32)
         found = head_range_test(x, labels, 4, 1e-6, 10.0, 100, 32, 0)
         sweep = {}
-        for lr in 10.0 ** np.arange(-4, 1.0, 0.5):
+        for lr in rates:
             keras.utils.set_random_seed(0)
             dense = keras.layers.Dense(4, activation="softmax")
             dense.build((None, 32))
@@ -245,9 +248,9 @@ def main() -> None:
         work = Path(tmp)
         if args.smoke:
             label_noise(work / "noise", [0.1], [0], epochs=0)
-            near_duplicates(work / "dups", photos=20, copies=3)
-            cam_hit_rate(work / "cam", n_train=24, epochs=1)
-            lr_find_ratio([0])
+            near_duplicates(work / "dups", photos=12, copies=3)
+            cam_hit_rate(work / "cam", n_train=12, epochs=1)
+            lr_find_ratio([0], rates=10.0 ** np.arange(-2, 1.0, 1.0))
             diagnose_seconds(work / "time", "test_resnet", work / "noise" / "r0.1-0")
             return
         label_noise(work / "noise", [0.03, 0.1], [0, 1, 2], epochs=15)

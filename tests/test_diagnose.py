@@ -28,6 +28,27 @@ def test_the_off_diagonal_of_the_confident_joint_is_flagged():
     assert issues[0][2] == pytest.approx(0.25)
 
 
+@pytest.mark.slow  # imports cleanlab, pandas and scikit-learn: seconds cold, in a fresh venv
+def test_the_flagged_set_is_cleanlabs_confident_learning_filter():
+    """The rule, checked against the standard implementation (a dev dependency only: tlkit's
+    ten lines keep pandas and scikit-learn out of every install)."""
+    from cleanlab.filter import find_label_issues
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        true = rng.integers(0, 5, 600)
+        logits = rng.normal(0, 1, (600, 5))
+        logits[np.arange(600), true] += 2.5
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        labels = true.copy()
+        flip = rng.choice(600, 60, replace=False)
+        labels[flip] = (labels[flip] + rng.integers(1, 5, 60)) % 5
+        ours = {i for i, _, _ in label_issues(probs, labels)}
+        theirs = set(np.flatnonzero(find_label_issues(labels, probs,
+                                                      filter_by="confident_learning")))
+        assert ours == theirs and len(ours) > 20
+
+
 def test_near_duplicates_in_blocks_equal_the_brute_force_pairs():
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(300, 16))

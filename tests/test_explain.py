@@ -52,7 +52,7 @@ def patch_images(n: int, rng: np.random.Generator, size: int = 64, side: int = 1
     return images, labels, boxes
 
 
-@pytest.mark.slow  # about 25 s: a test backbone trained from scratch on 64 px patches
+@pytest.mark.slow  # about 12 s: a test backbone trained from scratch on 64 px patches
 def test_the_map_peaks_inside_the_patch_that_decides_the_class(tmp_path):
     from tlkit.augment import eval_transform, resolve_augment
     from tlkit.config import FinetuneConfig
@@ -61,7 +61,7 @@ def test_the_map_peaks_inside_the_patch_that_decides_the_class(tmp_path):
     from tlkit.train import finetune
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 240), ("val", 60)):
+    for split, n in (("train", 180), ("val", 45)):
         images, labels, _ = patch_images(n, rng)
         for i, (img, label) in enumerate(zip(images, labels, strict=True)):
             (tmp_path / "data" / split / f"c{label}").mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def class_maps(model: Any, images: np.ndarray, classes: Sequence[int],
     kernel, _ = model.get_layer("predictions").get_weights()
     # called, not predict(): under a multi-worker strategy predict() would start collective
     # ops that the other workers, done with the evaluation, never join
-    feats = np.concatenate([np.asarray(maps_model(images[i : i + 32], training=False),
+    feats = np.concatenate([np.asarray(maps_model([images[i : i + 32]], training=False),
                                        np.float32) for i in range(0, len(images), 32)])
     weights = kernel[:, np.asarray(classes)].T  # (N, K)
     return np.einsum("nhwk,nk->nhw", feats, weights)
