@@ -115,9 +115,6 @@ class Scale:
     dist_steps: int = 8
     merge_images: int = 1000
     digits: bool = True  # data identity on the repository's data/ as well
-    # processes whose times are compared run one after the other, except in the smoke run,
-    # whose figures are not worth quoting: there they run side by side, to keep the tests short
-    side_by_side: bool = False
 
 
 FULL = Scale()
@@ -125,7 +122,7 @@ QUICK = Scale(photos=256, batches=4, cache_images=128, rss_images=(125, 500), ev
               audit_images=128, dist_steps=4, merge_images=250)
 SMOKE = Scale(backbone="test_resnet", size=32, photos=32, batches=2, cache_images=32,
               rss_images=(40, 80), eval_images=8, audit_images=16, dist_size=32, dist_steps=2,
-              merge_images=20, digits=False, side_by_side=True)
+              merge_images=20, digits=False)
 S = FULL  # set by main()
 
 
@@ -598,13 +595,9 @@ def distribute_figures() -> None:
     size, batch, steps = (224, 32, 20) if gpus else (S.dist_size, 32, S.dist_steps)
     cpus = None if gpus > 1 else {"TLKIT_LOGICAL_CPUS": "2"}
     where = f"{gpus} GPU(s)" if gpus > 1 else "2 logical CPUs sharing the machine's cores"
-    from concurrent.futures import ThreadPoolExecutor
-
-    jobs = [lambda: run_dist_child("default", size, batch, steps),
-            lambda: run_dist_child("mirrored", size, batch, steps, cpus),
-            lambda: run_dist_child("multiworker", size, batch, steps, workers=2)]
-    with ThreadPoolExecutor(3 if S.side_by_side else 1) as pool:
-        one, two, mw = pool.map(lambda job: job(), jobs)
+    one = run_dist_child("default", size, batch, steps)
+    two = run_dist_child("mirrored", size, batch, steps, cpus)
+    mw = run_dist_child("multiworker", size, batch, steps, workers=2)
     common = {"size": size, "global_batch": batch, "device": device()}
     emit("dist_train_images_per_s_default", one, "images/s", **common)
     emit("dist_train_images_per_s_mirrored", two, "images/s", over=where, **common)
@@ -618,29 +611,19 @@ def distribute_figures() -> None:
         common_args = [sys.executable, "-m", "tlkit", "precompute-features", str(data),
                        "--backbone", S.backbone, "--weights", "none", "--input-size",
                        str(S.dist_size), "--json"]
-
-        def launch(cache: str, *shard: str) -> subprocess.Popen:
-            return subprocess.Popen([*common_args, "--cache-dir", f"{tmp}/{cache}", *shard],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp)
-
-        def finish(*procs: subprocess.Popen) -> None:
-            for p in procs:
-                _, err = p.communicate()
-                if p.returncode != 0:
-                    raise RuntimeError(err.decode())
-
         start = time.perf_counter()
-        alone = launch("single")
-        if not S.side_by_side:
-            finish(alone)
+        subprocess.run([*common_args, "--cache-dir", f"{tmp}/single"], check=True,
+                       capture_output=True, cwd=tmp)
         single = time.perf_counter() - start
         start = time.perf_counter()
-        parts = [launch("sharded", "--num-shards", "2", "--shard-index", str(i))
+        procs = [subprocess.Popen([*common_args, "--cache-dir", f"{tmp}/sharded",
+                                   "--num-shards", "2", "--shard-index", str(i)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp)
                  for i in range(2)]
-        finish(*parts, *([alone] if S.side_by_side else []))
+        for p in procs:
+            if p.wait() != 0:
+                raise RuntimeError(p.stderr.read().decode())
         sharded = time.perf_counter() - start
-        if S.side_by_side:
-            single = sharded  # side by side, the ratio is not a figure anyway
         emit("precompute_sharded_2proc_ratio", sharded / single, "x", images=n_images,
              single_seconds=round(single, 1), sharded_seconds=round(sharded, 1),
              note="both shards on this one machine")
