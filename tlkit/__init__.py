@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from tlkit._version import __version__
 
-__all__ = ["AuditConfig", "EvalConfig", "FinetuneConfig", "FreezeRequest", "PrecomputeConfig",
-           "__version__", "check_data", "evaluate", "export_run", "finetune", "load_dataset",
-           "load_run", "merge_parts", "precompute_features", "predict"]
+__all__ = ["AuditConfig", "DiagnoseConfig", "EvalConfig", "FinetuneConfig", "FreezeRequest",
+           "LrFindConfig", "PrecomputeConfig", "__version__", "check_data", "diagnose",
+           "evaluate", "export_run", "finetune", "load_dataset", "load_run", "lr_find",
+           "merge_parts", "precompute_features", "predict"]
 
 _LAZY = {
     "finetune": "tlkit.train",
@@ -28,6 +29,10 @@ _LAZY = {
     "precompute_features": "tlkit.precompute",
     "merge_parts": "tlkit.cache",
     "PrecomputeConfig": "tlkit.precompute",
+    "diagnose": "tlkit.diagnose",
+    "DiagnoseConfig": "tlkit.diagnose",
+    "lr_find": "tlkit.lr_find",
+    "LrFindConfig": "tlkit.lr_find",
 }
 
 if TYPE_CHECKING:
@@ -35,9 +40,11 @@ if TYPE_CHECKING:
     from tlkit.cache import merge_parts
     from tlkit.config import FinetuneConfig
     from tlkit.datasets import load_dataset
+    from tlkit.diagnose import DiagnoseConfig, diagnose
     from tlkit.evaluate import EvalConfig, evaluate
     from tlkit.export import export_run
     from tlkit.freezing import FreezeRequest
+    from tlkit.lr_find import LrFindConfig, lr_find
     from tlkit.precompute import PrecomputeConfig, precompute_features
     from tlkit.predict import predict
     from tlkit.runs import load_run

@@ -173,10 +173,9 @@ def _examples(run: Any, data: str | None) -> dict[str, list[Example]]:
     """Every split of the data, labelled through the run's class map."""
     from tlkit.datasets import load_dataset
     from tlkit.errors import DataError
-    from tlkit.evaluate import _local
 
-    root = _local(data or run.record.data["root"])
-    folder = load_dataset(root, run.record.val_fraction)
+    root = data or run.record.data["root"]
+    folder = load_dataset(root, run.record.val_fraction)  # a folder, a CSV or tfds:NAME
     index = {c: i for i, c in enumerate(run.classes)}
     out: dict[str, list[Example]] = {}
     for split, examples in folder.splits.items():
