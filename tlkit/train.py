@@ -417,8 +417,9 @@ class _Plan:
 
 
 def _load_data(config: FinetuneConfig, spec: Any, placement: Placement
-               ) -> tuple[Any, Any, list[dict[str, Any]]]:
-    """(the folder to train on, the data check, the files skipped)."""
+               ) -> tuple[Any, Any, list[dict[str, Any]], str]:
+    """(the folder to train on, the data check, the files skipped, the fingerprint of every
+    file, usable or not)."""
     scanned = load_dataset(config.data, config.val_fraction)
     log.info("data: %s (%s layout), %d classes; %s", scanned.root, scanned.layout,
              len(scanned.classes),
@@ -428,9 +429,10 @@ def _load_data(config: FinetuneConfig, spec: Any, placement: Placement
                  scanned.ignored[0])
     folder, report, skipped = audit_and_filter(scanned, config.audit, spec.min_size,
                                                config.workers)
-    placement.check_same("data", fingerprint(report.folder), "every worker needs the same "
-                         "files at the same path (a copy, or a shared filesystem)")
-    return folder, report, skipped
+    data_fingerprint = fingerprint(report.folder)
+    placement.check_same("data", data_fingerprint, "every worker needs the same files at the "
+                         "same path (a copy, or a shared filesystem)")
+    return folder, report, skipped, data_fingerprint
 
 
 def _check_unchanged(saved: dict[str, Any] | None, now: dict[str, Any], tmp_dir: Path | None,
@@ -459,11 +461,11 @@ def _make_plan(config: FinetuneConfig, placement: Placement, saved: dict[str, An
     weights = resolve_weights(spec, config.weights)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
-    folder, report, skipped = _load_data(config, spec, placement)
+    folder, report, skipped, data_fingerprint = _load_data(config, spec, placement)
     identity = {"config": config.as_dict(), "backbone": spec.name,
                 "weights_sha256": weights.as_dict().get("sha256"), "input_size": size,
                 "preprocessing": spec.preprocessing, "classes": list(folder.classes),
-                "data_fingerprint": fingerprint(report.folder)}  # every file, usable or not
+                "data_fingerprint": data_fingerprint}
     _check_unchanged(saved, identity, tmp_dir, force_resume)
     seed_everything(config.seed)
     model = build_model(spec, weights, size, len(folder.classes), config.seed, config.dropout,
