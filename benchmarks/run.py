@@ -45,8 +45,17 @@ Evaluation (ResNet50 at 224, weights none, classifier for 4 classes, 64 generate
 16, after one warm-up pass):
 - multicrop10_cost_ratio: time of the 10-crop evaluation pass / the single-crop pass, same model
   and images (decode included). Goal <= 10, aim <= 8.
+- multicrop_dense_cost_ratio: dense evaluation (the whole 500x375 image resized to shorter side
+  256 through the fully convolutional model, one pass, as for a model trained without
+  mirroring) / the single-crop pass. Its pixels are 1.74x the crop's. Goal <= 2.
+  multicrop_dense_mirrored_cost_ratio: the same with the mirrored pass (a model that mirrored).
 - ensemble_shared_trunk_ratio: a 3-member ensemble whose members share a frozen trunk
   (--freeze all, same initial weights; each has its own head) / 3 x one member. Goal well under 1.
+- eval_retracing_warnings_{traced,predict_on_batch}: TensorFlow "triggered tf.function
+  retracing" warnings while a fresh 3-member ensemble evaluates 1, 10 and again 1 view(s) of
+  images whose last batch is short, with tlkit's one traced function per model vs Keras'
+  predict_on_batch; eval_traced_speedup: predict_on_batch time / traced time for that work,
+  tracing included. Goal: 0 warnings traced.
 
 Reliability (512 generated 500x375 JPEGs; all cores):
 - audit_overhead_ratio: first `check-data` pass (decode + probe + sha256 + memo write) / the
@@ -85,6 +94,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -336,25 +346,40 @@ def cache_figures() -> None:
     emit("cache_rss_growth", rss[large] / rss[small], "x", goal="<= 1.2")
 
 
+class _Counter(logging.Handler):
+    """Counts TensorFlow's "triggered tf.function retracing" warnings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "retracing" in record.getMessage()
+
+
 def eval_figures() -> None:
     import tempfile
     from types import SimpleNamespace
 
     import keras
+    import numpy as np
 
     from tlkit.backbones import get_backbone
     from tlkit.datasets import load_folder
     from tlkit.decode import DEFAULT_MAX_PIXELS
-    from tlkit.evaluate import member_view_probs
+    from tlkit.evaluate import ViewRunner
     from tlkit.freezing import freeze_all
     from tlkit.model import build_classifier
+    from tlkit.views import ViewsSeen
 
     class Member:  # what evaluate builds from a run, built here from a fresh model
-        def __init__(self, model: object, n_frozen: int):
+        def __init__(self, model: object, n_frozen: int, mirror: bool = False):
             self.model, self.size, self.crop = model, S.size, 0.875
+            self.seen = ViewsSeen("crop", (1 / 0.875, 1 / 0.875), (0.08, 1.0), mirror, "")
             record = SimpleNamespace(backbone=spec.name, preprocessing=spec.preprocessing,
                                      weights={"sha256": "x"}, n_frozen=n_frozen)
-            self.run = SimpleNamespace(max_pixels=DEFAULT_MAX_PIXELS, record=record)
+            self.run = SimpleNamespace(max_pixels=DEFAULT_MAX_PIXELS, record=record,
+                                       classes=list("abcd"))
 
     spec = get_backbone(S.backbone)
     members = []
@@ -367,23 +392,50 @@ def eval_figures() -> None:
         head.set_weights([w + 0.01 * (i + 1) for w in head.get_weights()])
         members.append(Member(model, len(base.layers)))
 
-    def seconds(group: list, paths: list, mode: str) -> float:
-        member_view_probs(group, paths[:4], mode, 16, None)  # warm-up
+    def seconds(runner: ViewRunner, paths: list, mode: str) -> float:
+        runner.probs(paths[:4], mode, 16)  # warm-up: each model's one trace
         start = time.perf_counter()
-        member_view_probs(group, paths, mode, 16, None)
+        runner.probs(paths, mode, 16)
         return time.perf_counter() - start
 
+    counter = _Counter()
+    logging.getLogger("tensorflow").addHandler(counter)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [e.path for s in load_folder(photo_folder(Path(tmp) / "p", S.eval_images),
                                              val_fraction=0.2).splits.values() for e in s]
-        one = seconds(members[:1], paths, "1")
-        ten = seconds(members[:1], paths, "10")
+        one_member = ViewRunner(members[:1])
+        one = seconds(one_member, paths, "1")
+        ten = seconds(one_member, paths, "10")
+        dense = seconds(one_member, paths, "dense")  # this member never mirrored: one pass
+        mirrored = seconds(ViewRunner([Member(members[0].model, 0, mirror=True)]), paths,
+                           "dense")
         emit("multicrop1_seconds", one, "s", images=len(paths))
         emit("multicrop10_seconds", ten, "s", images=len(paths))
         emit("multicrop10_cost_ratio", ten / one, "x", goal="<= 10, aim <= 8")
-        three = seconds(members, paths, "1")
-    emit("ensemble3_shared_trunk_seconds", three, "s", images=len(paths))
-    emit("ensemble_shared_trunk_ratio", three / (3 * one), "x", goal="well under 1")
+        emit("multicrop_dense_cost_ratio", dense / one, "x", goal="<= 2",
+             note="one pass over the whole 500x375 image at the eval scale")
+        emit("multicrop_dense_mirrored_cost_ratio", mirrored / one, "x",
+             note="the whole image and its mirror")
+        three = seconds(ViewRunner(members), paths, "1")
+        emit("ensemble3_shared_trunk_seconds", three, "s", images=len(paths))
+        emit("ensemble_shared_trunk_ratio", three / (3 * one), "x", goal="well under 1")
+        # the effect of one trace per model: a 3-member ensemble built afresh, evaluated on
+        # 1 and 10 views of a split whose last batch is short, traced vs Keras predict_on_batch
+        odd = paths[: max(5, len(paths) - 3)]
+        timed = {}
+        for name, predictor in (("predict_on_batch", lambda m: lambda x: np.asarray(
+                m.predict_on_batch(x))), ("traced", None)):
+            counter.count = 0
+            start = time.perf_counter()
+            runner = ViewRunner(members, predictor)
+            for mode in ("1", "10", "1"):
+                runner.probs(odd, mode, 16)
+            timed[name] = time.perf_counter() - start
+            emit(f"eval_retracing_warnings_{name}", counter.count, "warnings", goal="0"
+                 if name == "traced" else None)
+        emit("eval_traced_speedup", timed["predict_on_batch"] / timed["traced"], "x",
+             note="ensemble of 3 on 1, 10, 1 views, first call included")
+    logging.getLogger("tensorflow").removeHandler(counter)
 
 
 def reliability_figures() -> None:

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 from conftest import TINY, write_folder
 from PIL import Image
 
-from tlkit.augment import eval_transform, multicrop_views
 from tlkit.cli import cli
 from tlkit.errors import ConfigError, DataError
 from tlkit.evaluate import (
@@ -28,18 +27,6 @@ from tlkit.predict import predict_images
 @pytest.fixture
 def trained(tiny_runs):
     return tiny_runs
-
-
-def test_view_geometry():
-    img = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
-    for mode, k in (("1", 1), ("5", 5), ("10", 10), ("multiscale", 30)):
-        assert multicrop_views(img, 32, 0.875, mode).shape == (k, 32, 32, 3)
-    ten = multicrop_views(img, 32, 0.875, "10")
-    np.testing.assert_array_equal(ten[4], eval_transform(img, 32, 0.875))  # centre = eval crop
-    np.testing.assert_array_equal(ten[5:], ten[:5, :, ::-1])  # mirrors
-    np.testing.assert_array_equal(multicrop_views(img, 32, 0.875, "multiscale")[14], ten[4])
-    with pytest.raises(ConfigError, match="--multicrop must be one of"):
-        multicrop_views(img, 32, 0.875, "7")
 
 
 def test_ten_crop_prediction_is_the_mean_over_hand_built_crops(trained):
@@ -98,14 +85,17 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     newest = runs[0].parent / "runs" / "newest"
     shutil.copytree(runs[1], newest)
     runner = CliRunner()
-    result = runner.invoke(cli, ["eval", "--multicrop"])  # newest run, its test split, 10 crops
+    # newest run, its test split; the bare flag is auto: this head-only run saw the eval view
+    result = runner.invoke(cli, ["eval", "--multicrop"])
     assert result.exit_code == 0, result.output
-    out = newest / "eval" / "test-crops10"
+    assert "the only views training showed" in result.output
+    out = newest / "eval" / "test-cropsauto"
     assert sorted(p.name for p in out.iterdir()) == [
         "confusion_matrix.png", "metrics.json", "predictions.csv", "reliability_diagram.png",
         "report.html"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["views"] == 10 and metrics["images"] == 9 and metrics["split"] == "test"
+    assert metrics["images"] == 9 and metrics["split"] == "test"
+    assert [(v["views"], v["count"]) for v in metrics["views"]] == [("1", 1)]
     assert "top5" not in metrics  # 3 classes
     assert len(metrics["confusion_matrix"]) == 3
     assert "data:image/png;base64," in (out / "report.html").read_text()

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.choices import AUTO, CROP_STYLES, MULTICROP_MODES, check
+from tlkit.choices import AUTO, CROP_STYLES, check
 from tlkit.errors import ConfigError, did_you_mean
 
 
@@ -361,31 +361,3 @@ def random_resized_crop(image: np.ndarray, size: int, area: tuple[float, float],
         cw, ch = min(cw, w), min(ch, h)
         top, left = (h - ch) // 2, (w - cw) // 2
     return resize(image, size, size, box=(left, top, left + cw, top + ch))
-
-
-MULTISCALE_FACTORS = (1.0, 1.0 / 0.875, 1.5 / 0.875)  # shorter side / input size: 224, 256, 384
-
-
-def multicrop_views(image: np.ndarray, size: int, crop_fraction: float, mode: str) -> np.ndarray:
-    """The test-time views of one decoded image, (K, size, size, 3) uint8.
-
-    1: the eval centre crop. 5: the four corners and the centre of the image resized so its
-    shorter side is round(size / crop_fraction). 10: those 5 and their mirrors.
-    multiscale: the 10 crops at shorter sides size x (1, 1/0.875, 1.5/0.875), 30 views.
-    """
-    if mode == "1":
-        return eval_transform(image, size, crop_fraction)[None]
-    check("--multicrop", mode, MULTICROP_MODES)
-    scales = ([max(size, round(size / crop_fraction))] if mode in ("5", "10")
-              else [max(size, round(size * f)) for f in MULTISCALE_FACTORS])
-    views = []
-    for short in scales:
-        img = resize_shorter(image, short)
-        h, w = img.shape[:2]
-        corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size),
-                   ((h - size) // 2, (w - size) // 2)]
-        crops = [img[t : t + size, s : s + size] for t, s in corners]
-        if mode != "5":
-            crops += [c[:, ::-1] for c in crops]
-        views.extend(crops)
-    return np.ascontiguousarray(np.stack(views))

@@ -671,8 +671,11 @@ def _split_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
 MULTICROP_OPTION = click.option(
     "--multicrop", type=click.Choice(choices.MULTICROP_MODES), default="1",
-    is_flag=False, flag_value="10", show_default=True,
-    help="Test-time views averaged per image; the bare flag means 10 (corners, centre, mirrors).")
+    is_flag=False, flag_value="auto", show_default=True,
+    help="Test-time views averaged per image: 1 (the centre crop), 2 (and its mirror), 5 "
+         "(corners and centre), 10 (and their mirrors), multiscale (10 at 3 scales), dense "
+         "(the whole image, fully convolutional), auto (the bare flag: the views the model "
+         "saw in training, chosen on its validation split, never below single-crop there).")
 
 
 @cli.command()
@@ -768,6 +771,7 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     Several runs form an ensemble: their probabilities are averaged.
     """
     from tlkit.evaluate import EvalConfig, evaluate
+    from tlkit.views import describe
 
     runs, rest = _split_runs(paths)
     if len(rest) > 1:
@@ -778,13 +782,20 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
         click.echo(json.dumps({k: v for k, v in metrics.items()
                                if k not in ("confusion_matrix",)}, indent=2))
         return
-    click.echo(f"{metrics['source']}: {metrics['images']} images, {metrics['views']} view(s) "
-               "each")
+    click.echo(f"{metrics['source']}: {metrics['images']} images")
+    for views in metrics["views"]:
+        click.echo(f"  views of {views['run']}: {views['views']} ("
+                   f"{describe(views['views'], views['count'])}): {views['why']}")
+        for c in views["candidates"]:
+            click.echo(f"    {c['views']:<11} val loss {c['val_loss']:.4f}  top-1 "
+                       f"{c['val_top1']:.4f}" + ("  below single-crop"
+                                                 if c["below_single_crop"] else ""))
     for note in metrics["notes"]:
         click.echo(f"  note: {note}")
-    for row in metrics["comparison"]:
+    chosen = [v["views"] for v in metrics["views"]]
+    for row, views in zip(metrics["comparison"], [*chosen, "per member"], strict=False):
         click.echo(f"  {row['model']:<40} single-crop top-1 {row['single_crop_top1']:.4f}   "
-                   f"multi-crop ({metrics['multicrop']}) top-1 {row['multicrop_top1']:.4f}")
+                   f"multi-crop ({views}) top-1 {row['multicrop_top1']:.4f}")
     line = f"top-1 {metrics['top1']:.4f}"
     if "top5" in metrics:
         line += f", top-5 {metrics['top5']:.4f}"

@@ -13,6 +13,7 @@ try `--strategy mirrored` on a machine without GPUs (the tests do).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -155,7 +156,7 @@ class Placement:
         """A batch -> the model's outputs, the batch split across every replica (of every
         worker) and the outputs gathered back in order on each worker."""
         if self.replicas == 1:
-            return lambda x: np.asarray(model.predict_on_batch(x))
+            return traced_predictor(model)
         import tensorflow as tf
 
         strategy, replicas = self.strategy, self.replicas
@@ -175,6 +176,27 @@ class Placement:
             return np.asarray(step(values))[:n]
 
         return predict
+
+
+def traced_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A batch -> the model's outputs through one tf.function traced once: the batch dimension
+    (and any dimension the model leaves open) is unknown in its signature, so a short last
+    batch, another view set or another split reuses the trace (`traces()` counts them).
+    Keras' predict_on_batch traces again for each new batch shape, and an ensemble's many
+    models then warn of retracing."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, *model.input.shape[1:]), model.input.dtype)
+    # a partial, not a lambda: TensorFlow counts traces per code object, so one lambda shared
+    # by an ensemble's models would read as one function retraced and warn
+    step = tf.function(functools.partial(model.__call__, training=False),
+                       input_signature=[spec])
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.asarray(step(x))
+
+    predict.traces = step.experimental_get_tracing_count  # type: ignore[attr-defined]
+    return predict
 
 
 def resolve_strategy(name: str, cluster: ClusterSpec | None) -> str:

@@ -1,10 +1,12 @@
 """`evaluate`: metrics on held-out images, multi-crop test-time averaging, and ensembles.
 
-Every image is decoded once; its test-time views (augment.multicrop_views) go through each model
-in one batched pass, and softmax probabilities are averaged over views, then over members
-(weighted: equal, or fitted on the validation split). The single-crop figures come free from the
-same pass: the centre view at the eval scale is exactly the eval transform. Members fine-tuned
-from the same backbone and weights with a common frozen prefix run that prefix once per batch.
+Every image is decoded once; its test-time views (tlkit.views: a crop set, or dense) go through
+each model in one batched pass, and softmax probabilities are averaged over views, then over
+members (weighted: equal, or fitted on the validation split). Each member's views follow what it
+was trained on, or are chosen on its validation split (`--multicrop auto`). The single-crop
+figures come free from a crop set's pass: its centre view at the eval scale is exactly the eval
+transform. Members fine-tuned from the same backbone and weights with a common frozen prefix run
+that prefix once per batch.
 """
 
 from __future__ import annotations
@@ -18,14 +20,25 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.augment import multicrop_views
 from tlkit.calibration import ECE_BINS, expected_calibration_error, reliability_bins
-from tlkit.choices import ENSEMBLE_WEIGHTS, EVAL_SPLITS, MULTICROP_MODES, STRATEGIES, check
+from tlkit.choices import AUTO, ENSEMBLE_WEIGHTS, EVAL_SPLITS, MULTICROP_MODES, STRATEGIES, check
 from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
 from tlkit.errors import ConfigError, DataError
 from tlkit.progress import progress
 from tlkit.runs import Run, load_run
+from tlkit.views import (
+    AUTO_ORDER,
+    CROP_SETS,
+    candidates,
+    center_index,
+    choose,
+    crop_views,
+    dense_input,
+    subset,
+    unseen,
+    views_seen,
+)
 
 log = logging.getLogger("tlkit")
 
@@ -49,11 +62,6 @@ class EvalConfig:
         check("--ensemble-weights", self.ensemble_weights, ENSEMBLE_WEIGHTS)
         if self.split is not None:
             check("--split", self.split, EVAL_SPLITS)
-
-
-def center_index(mode: str) -> int:
-    """Which view is the plain eval crop: the centre crop at the eval scale."""
-    return {"1": 0, "5": 4, "10": 4, "multiscale": 14}[mode]
 
 
 def load_members(paths: Sequence[str | os.PathLike]) -> list[Run]:
@@ -152,11 +160,13 @@ def leakage_notes(scored: Sequence[Example], own: dict[str, set[str]] | None) ->
 
 
 class Member:
-    """One run of an ensemble, loaded: its model and the view geometry it was trained at."""
+    """One run of an ensemble, loaded: its model, the view geometry it was trained at, and the
+    views its saved weights saw in training."""
 
     def __init__(self, run: Run):
         self.run, self.model = run, run.load_model()
         self.size, self.crop = run.input_size, float(run.record.crop_fraction)
+        self.seen = views_seen(run.record)
 
 
 def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int]]]:
@@ -186,38 +196,158 @@ def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int
     return out
 
 
-def _predict_on_batch(model: Any) -> Any:
-    return model.predict_on_batch
+class ViewRunner:
+    """The members' forward passes over test-time views. Built once per evaluation: shared
+    trunks are cut once, and every model (trunk, tail, dense variant) has one traced function,
+    reused for every split, batch and view set."""
+
+    def __init__(self, members: list[Member], predictor: Any = None,
+                 workers: int | None = None):
+        from tlkit.distribute import traced_predictor
+
+        self.members, self.workers = members, workers or os.cpu_count() or 1
+        self.predictor = predictor or traced_predictor
+        self.groups = [(trunk and self.predictor(trunk), [self.predictor(m) for m in models],
+                        idx) for trunk, models, idx in _shared_groups(members)]
+        self._dense: dict[int, Any] = {}
+
+    def dense(self, i: int) -> Any:
+        if i not in self._dense:
+            from tlkit.model import dense_model
+
+            self._dense[i] = self.predictor(dense_model(self.members[i].model))
+        return self._dense[i]
+
+    def probs(self, paths: Sequence[str], modes: str | Sequence[str | None], batch_size: int
+              ) -> list[np.ndarray | None]:
+        """Per member, (N, K, C) probabilities of its K views of every image (None where its
+        mode is None): a crop set's views in CROP_SETS order, or dense: the whole image, and
+        its mirror when training mirrored."""
+        members = self.members
+        modes = [modes] * len(members) if isinstance(modes, str) else list(modes)
+        max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
+        out: list[list[np.ndarray]] = [[] for _ in members]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool, \
+                progress(len(paths), "evaluating") as advance:
+            for start in range(0, len(paths), batch_size):
+                chunk = paths[start : start + batch_size]
+                images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
+                self._crops(images, modes, pool, out)
+                for i, mode in enumerate(modes):
+                    if mode == "dense":
+                        out[i].append(self._dense_probs(i, images, pool))
+                advance(len(chunk))
+        return [np.concatenate(parts) if parts else None for parts in out]
+
+    def _crops(self, images: list[np.ndarray], modes: list[str | None], pool: Any,
+               out: list[list[np.ndarray]]) -> None:
+        views: dict[tuple[int, float, str], np.ndarray] = {}
+        for trunk, models, idx in self.groups:
+            by_mode: dict[str, list[int]] = {}
+            for j, i in enumerate(idx):
+                if modes[i] not in (None, "dense"):
+                    by_mode.setdefault(modes[i], []).append(j)
+            for mode, js in by_mode.items():
+                m = self.members[idx[js[0]]]
+                key = (m.size, m.crop, mode)
+                if key not in views:
+                    views[key] = np.stack(list(pool.map(
+                        lambda im, k=key: crop_views(im, k[0], k[1], k[2]), images)))
+                v = views[key]
+                b, k = v.shape[:2]
+                flat = v.reshape(b * k, *v.shape[2:])
+                x = trunk(flat) if trunk is not None else flat
+                for j in js:
+                    p = np.asarray(models[j](x), dtype=np.float64)
+                    out[idx[j]].append(p.reshape(b, k, -1))
+
+    def _dense_probs(self, i: int, images: list[np.ndarray], pool: Any) -> np.ndarray:
+        """(B, K, C): images of one shape go through together (one trace serves every shape)."""
+        m = self.members[i]
+        inputs = list(pool.map(lambda im: dense_input(im, m.size, m.crop), images))
+        passes = [False, True] if m.seen.mirror else [False]
+        probs = np.empty((len(images), len(passes), len(m.run.classes)))
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for j, x in enumerate(inputs):
+            shapes.setdefault(x.shape, []).append(j)
+        for js in shapes.values():
+            batch = np.stack([inputs[j] for j in js])
+            for k, mirrored in enumerate(passes):
+                probs[js, k] = np.asarray(self.dense(i)(batch[:, :, ::-1] if mirrored
+                                                        else batch), dtype=np.float64)
+        return probs
 
 
 def member_view_probs(members: list[Member], paths: Sequence[str], mode: str,
-                      batch_size: int, workers: int | None,
-                      predictor: Any = _predict_on_batch) -> list[np.ndarray]:
-    """Per member, (N, K, C) probabilities of every view of every image; `predictor(model)`
-    gives the batch -> outputs function (a strategy's splits the batch across replicas)."""
-    groups = [(trunk and predictor(trunk), [predictor(m) for m in models], idx)
-              for trunk, models, idx in _shared_groups(members)]
-    geometry = sorted({(m.size, m.crop) for m in members})
-    max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
-    out: list[list[np.ndarray]] = [[] for _ in members]
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
-            progress(len(paths), "evaluating") as advance:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
-            views = {(size, crop): np.stack(list(pool.map(
-                lambda im, s=size, c=crop: multicrop_views(im, s, c, mode), images)))
-                for size, crop in geometry}
-            for trunk, models, idx in groups:
-                v = views[(members[idx[0]].size, members[idx[0]].crop)]
-                b, k = v.shape[:2]
-                flat = v.reshape(b * k, *v.shape[2:])
-                x = np.asarray(trunk(flat)) if trunk is not None else flat
-                for model, i in zip(models, idx, strict=True):
-                    p = np.asarray(model(x), dtype=np.float64)
-                    out[i].append(p.reshape(b, k, -1))
-            advance(len(chunk))
-    return [np.concatenate(parts) for parts in out]
+                      batch_size: int, workers: int | None, predictor: Any = None
+                      ) -> list[np.ndarray]:
+    """Per member, (N, K, C) probabilities of the `mode` views of every image."""
+    return ViewRunner(members, predictor, workers).probs(paths, mode, batch_size)
+
+
+@dataclass(frozen=True)
+class ViewChoice:
+    """The views one member is evaluated with, and why."""
+
+    views: str
+    why: str
+    outside_training: str | None = None  # an explicit view set beyond what training showed
+    candidates: tuple[dict[str, Any], ...] = ()  # --multicrop auto: each one's val scores
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"views": self.views, "why": self.why, "outside_training": self.outside_training,
+                "candidates": list(self.candidates)}
+
+
+def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[ViewChoice]:
+    """Per member (the rule is applied to each member on its own): the view set asked for, or
+    with `auto` the one chosen on the run's validation split among those training showed."""
+    members = runner.members
+    if requested != AUTO:
+        out = []
+        for m in members:
+            outside = unseen(requested, m.seen, m.crop)
+            if outside:
+                log.warning("%s: --multicrop %s includes %s; %s. The bare --multicrop (auto) "
+                            "uses only views the model saw, chosen on its validation split",
+                            m.run.path, requested, outside, m.seen.why)
+            out.append(ViewChoice(requested, "asked for", outside))
+        return out
+    options = [candidates(m.seen, m.crop) for m in members]
+    chosen: list[ViewChoice | None] = [
+        ViewChoice("1", f"the only views training showed ({m.seen.why})")
+        if opts == ["1"] else None for m, opts in zip(members, options, strict=True)]
+    if all(chosen):
+        return chosen  # type: ignore[return-value]
+    try:
+        val, _ = eval_examples(members[0].run, None, "val")
+    except DataError as e:
+        log.warning("--multicrop auto chooses on the run's validation split, which could not be "
+                    "read (%s): single crop", e)
+        return [c or ViewChoice("1", "the validation split to choose on is not here")
+                for c in chosen]
+    paths, labels = [e.path for e in val], np.array([e.label for e in val])
+    crops = [max((o for o in opts if o != "dense"), key=lambda o: len(CROP_SETS[o]))
+             if c is None else None for c, opts in zip(chosen, options, strict=True)]
+    scored = {o for c, opts in zip(chosen, options, strict=True) if c is None for o in opts}
+    log.info("--multicrop auto: scoring %s on the %d validation images",
+             ", ".join(o for o in AUTO_ORDER if o in scored), len(paths))
+    crop_probs = runner.probs(paths, crops, batch_size)
+    dense_probs = runner.probs(paths, ["dense" if c is None and "dense" in opts else None
+                                       for c, opts in zip(chosen, options, strict=True)],
+                               batch_size)
+    out = []
+    for i, m in enumerate(members):
+        if chosen[i] is not None:
+            out.append(chosen[i])
+            continue
+        scores = {o: (dense_probs[i] if o == "dense" else
+                      crop_probs[i][:, subset(crops[i], o)]).mean(axis=1) for o in options[i]}
+        best, rows = choose(scores, labels)
+        out.append(ViewChoice(best, f"chosen on the validation split ({len(paths)} images) "
+                              f"among the views training showed ({m.seen.why})",
+                              candidates=tuple(rows)))
+    return out
 
 
 def fit_member_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int = 500) -> np.ndarray:
@@ -343,15 +473,19 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     members = [Member(r) for r in runs]
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples])
-    view_probs = member_view_probs(members, paths, config.multicrop, config.batch_size,
-                                   config.workers, placement.predictor)
+    runner = ViewRunner(members, placement.predictor, config.workers)
+    choices = resolve_views(runner, config.multicrop, config.batch_size)
+    modes = [c.views for c in choices]
+    view_probs = runner.probs(paths, modes, config.batch_size)
     multi = [p.mean(axis=1) for p in view_probs]
-    single = [p[:, center_index(config.multicrop)] for p in view_probs]
+    dense = [m == "dense" for m in modes]
+    extra = runner.probs(paths, ["1" if d else None for d in dense], config.batch_size) \
+        if any(dense) else [None] * len(runs)  # dense has no crop: single-crop runs too
+    single = [e[:, 0] if d else p[:, center_index(m)]
+              for p, e, m, d in zip(view_probs, extra, modes, dense, strict=True)]
     weights = np.full(len(runs), 1.0 / len(runs))
     if fit_on is not None:
-        val_probs = member_view_probs(members, [e.path for e in fit_on[0]],
-                                      config.multicrop, config.batch_size, config.workers,
-                                      placement.predictor)
+        val_probs = runner.probs([e.path for e in fit_on[0]], modes, config.batch_size)
         weights = fit_member_weights([p.mean(axis=1) for p in val_probs],
                                      np.array([e.label for e in fit_on[0]]))
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
@@ -362,12 +496,19 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
         tops = np.stack([p.argmax(1) for p in multi])
         metrics["member_disagreement"] = float((tops != tops[0]).any(axis=0).mean())
     metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
-                    "views": int(view_probs[0].shape[1]),
+                    "views": [{"run": str(r.path), "count": int(p.shape[1]), **c.as_dict()}
+                              for r, p, c in zip(runs, view_probs, choices, strict=True)],
                     "members": [str(r.path) for r in runs],
                     "member_weights": [float(w) for w in weights],
                     "member_weights_fitted_on": fit_on[1] if fit_on else None,
                     "comparison": comparison})
-    metrics["notes"] += leakage_notes(examples, own_split_paths(runs[0]))
+    own = own_split_paths(runs[0])
+    metrics["notes"] += leakage_notes(examples, own)
+    if any(c.candidates for c in choices) and own and own.get("val", set()) & {
+            os.path.realpath(p) for p in paths}:
+        metrics["notes"].append("--multicrop auto chose the views on the validation split, "
+                                "which these images include: the multi-crop figure is "
+                                "optimistic")
     metrics["calibration"] = {
         "ece": expected_calibration_error(ensemble, labels), "bins": ECE_BINS,
         "reliability": reliability_bins(ensemble, labels),

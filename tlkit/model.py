@@ -64,6 +64,28 @@ def build_classifier(spec: BackboneSpec, base: Any, num_classes: int, input_size
     return keras.Model(inputs, outputs, name=f"tlkit_{spec.name}")
 
 
+def dense_model(model: Any) -> Any:
+    """The classifier's own layers (weights shared) behind an input of any height and width:
+    the VGG paper's dense evaluation. Its head is linear after the average pooling, so the
+    class scores of the whole feature map averaged (the class-score map of the Dense layer
+    applied at every location, then its spatial mean) equal the Dense layer applied to the
+    pooled map, and the softmax of that is what this model returns."""
+    import keras
+
+    head = [layer.name for layer in model.layers[model.layers.index(backbone_of(model)) + 1 :]]
+    if head != ["pool", "dropout", "predictions"]:
+        raise ValueError(f"dense evaluation expects the tlkit head, found {head}")  # a bug
+
+    def reuse(layer: Any) -> Any:  # nested models get a variable-size input, layers are kept
+        if isinstance(layer, keras.Model):
+            inputs = keras.Input((None, None, layer.input.shape[-1]), dtype=layer.input.dtype)
+            return keras.models.clone_model(layer, input_tensors=inputs, clone_function=reuse)
+        return layer
+
+    inputs = keras.Input((None, None, 3), dtype=model.input.dtype, name="image")
+    return keras.models.clone_model(model, input_tensors=inputs, clone_function=reuse)
+
+
 def backbone_of(model: Any) -> Any:
     return model.get_layer(BACKBONE_LAYER)
 

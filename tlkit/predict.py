@@ -67,10 +67,11 @@ def _write_overlays(run_paths: Sequence[Any], images: Sequence[str | os.PathLike
 def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1",
                    batch_size: int = 32) -> tuple[list[str], np.ndarray]:
     """(classes, ensemble probabilities (N, C)) for image files."""
-    from tlkit.evaluate import Member, load_members, member_view_probs
+    from tlkit.evaluate import Member, ViewRunner, load_members, resolve_views
 
     runs = load_members(run_paths)
-    members = [Member(r) for r in runs]
-    probs = member_view_probs(members, list(images), multicrop, batch_size, None)
+    runner = ViewRunner([Member(r) for r in runs])
+    modes = [c.views for c in resolve_views(runner, multicrop, batch_size)]
+    probs = runner.probs(list(images), modes, batch_size)
     return runs[0].classes, sum(p.mean(axis=1) for p in probs) / len(probs)
 

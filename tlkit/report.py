@@ -187,7 +187,8 @@ def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.
                 ("log loss", f"{metrics['log_loss']:.4f}"),
                 (f"ECE ({metrics['calibration']['bins']} bins)",
                  f"{metrics['calibration']['ece']:.4f}"),
-                ("views per image", metrics["views"])]
+                ("views per image", ", ".join(f"{v['views']} ({v['count']})"
+                                              for v in metrics["views"]))]
     if "member_disagreement" in metrics:
         summary.append(("members disagree on", f"{metrics['member_disagreement']:.1%}"))
     summary_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>"
@@ -200,6 +201,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}figure{{display:in
 width:150px;margin:4px;font-size:11px;vertical-align:top}}</style></head><body>
 <h1>Evaluation: {e(metrics['source'])}</h1>
 <p>multi-crop: {e(metrics['multicrop'])}; members:</p><ul>{members}</ul>
+<h2>Test-time views</h2>{_views(metrics["views"])}
 {"".join(f"<p><b>Note:</b> {e(n)}</p>" for n in metrics["notes"])}
 <h2>Summary</h2><table>{summary_rows}</table>
 <h2>Single-crop vs multi-crop vs ensemble (top-1)</h2>
@@ -214,6 +216,28 @@ width:150px;margin:4px;font-size:11px;vertical-align:top}}</style></head><body>
 <h2>Worst mistakes</h2>{mistakes or '<p>none</p>'}
 </body></html>
 """
+
+
+def _views(views: list[dict[str, Any]]) -> str:
+    """Each member's views, why, and --multicrop auto's validation scores."""
+    from tlkit.views import describe
+
+    e = html.escape
+    out = []
+    for v in views:
+        out.append(f"<p>{e(v['run'])}: <b>{e(v['views'])}</b> "
+                   f"({e(describe(v['views'], v['count']))}): {e(v['why'])}"
+                   + (f"; <b>outside training:</b> {e(v['outside_training'])}"
+                      if v["outside_training"] else "") + "</p>")
+        if v["candidates"]:
+            out.append("<table><tr><th>candidate</th><th>val log loss</th><th>val top-1</th>"
+                       "<th>SE above best</th></tr>" + "".join(
+                           f"<tr><td>{e(c['views'])}</td><td>{c['val_loss']:.4f}</td>"
+                           f"<td>{c['val_top1']:.4f}</td><td>"
+                           + ("below single-crop" if c["below_single_crop"]
+                              else f"{c['se_above_best']:.2f}") + "</td></tr>"
+                           for c in v["candidates"]) + "</table>")
+    return "".join(out)
 
 
 def _temperatures(metrics: dict[str, Any]) -> str:

@@ -46,6 +46,7 @@ class RunRecord:
     train_bn: bool = False
     class_weight: dict[str, float] | None = None
     calibration: dict[str, Any] | None = None  # --calibrate: temperature, ECE before/after
+    views_seen: dict[str, Any] | None = None  # the geometry the saved weights trained on
     feature_cache: dict[str, Any] | None = None
     distribution: dict[str, Any] | None = None
     lr_used: dict[str, float] | None = None

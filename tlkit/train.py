@@ -674,7 +674,7 @@ def _run_record(plan: _Plan, placement: Placement, state: dict[str, Any],
         classes=tuple(folder.classes), config=plan.requested,
         class_weight=({folder.classes[i]: w for i, w in plan.weights_by_class.items()}
                       if plan.weights_by_class else None),
-        calibration=calibration,
+        calibration=calibration, views_seen=_views_seen(plan, state).as_dict(),
         data={"source": c.data, "root": str(Path(folder.root).resolve()),
               "layout": folder.layout, "val_source": folder.val_source,
               "counts": folder.counts(), "fingerprint": plan.fingerprint,
@@ -690,6 +690,25 @@ def _run_record(plan: _Plan, placement: Placement, state: dict[str, Any],
         optimizer_steps=sum(state["phase_steps"].values()), resumed=state["resumed"],
         results={"best": state["best"], "phases": phase_summaries(state, schedule),
                  "head_probe": state.get("head_probe")})
+
+
+def _views_seen(plan: _Plan, state: dict[str, Any]) -> Any:
+    """What the saved weights were trained on: the views of the phase they come from (the
+    head phase trains on the eval view unless --head-views K). Test-time views follow it."""
+    from tlkit.views import views_trained_on
+
+    augment, phase = plan.config.augment, (state["best"] or {}).get("phase")
+    probe = state.get("head_probe")
+    if phase == "head" and probe:
+        augmented, source = probe["views"] > 1, f"{probe['views']} view(s) of each image"
+    elif plan.cache is not None:
+        views = plan.cache.manifest["splits"]["train"]["views"]
+        augmented, source = views > 1, f"a feature cache of {views} view(s) of each image"
+    else:
+        augmented, source = augment.random, "the training images, live"
+    what = f"--augment {augment.preset} views" if augmented else "the eval view only"
+    return views_trained_on(augment, augmented, f"the saved weights are from the {phase} "
+                            f"phase, trained on {source}: {what}")
 
 
 @dataclasses.dataclass
