@@ -3,6 +3,7 @@
     python benchmarks/quality.py             # the core table: k=10, 3 seeds (under 30 min, 2 cores)
     python benchmarks/quality.py --sweep     # and k=5, 20, every preset and recipe
     python benchmarks/quality.py --smoke     # one seed, k=5, two configurations, test backbone
+    python benchmarks/quality.py --multicrop # test-time views per augment preset (k=10, 3 seeds)
     python benchmarks/quality.py --json F    # every measurement, for scripts
 
 Real data that ships offline: the 1,797 handwritten digits in data/ (8x8 PNGs, upscaled to
@@ -80,6 +81,9 @@ SWEEP: dict[str, tuple[list[str], tuple[int, ...], str]] = {
 # Not run: they set another backbone and input size (VGG16 / InceptionV3 at 224 / 299 px), for
 # which there is no self-transfer trunk here, and which a 2-core CPU cannot train in budget.
 SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
+# --multicrop: the defaults with each augment preset, each run evaluated with these views
+PRESETS = ("none", "light", "standard", "alexnet", "vgg")
+VIEW_MODES = ("1", "auto", "10", "dense")
 ENSEMBLE = ("head on 5 views, --augment light", "head only (--freeze all --epochs 0)",
             "recipe small-data")
 
@@ -289,6 +293,51 @@ def run_task(work: Path, trunk: Path, k: int, seed: int, first_seed: bool,
     shutil.rmtree(task, ignore_errors=True)
 
 
+def run_views_task(work: Path, trunk: Path, seed: int, presets: Sequence[str],
+                   record: Callable[..., None]) -> None:
+    """Per augment preset: the defaults trained once, then `tlkit eval` with every view mode."""
+    task = make_task(work / f"task-views-s{seed}", 10, seed)
+    for preset in presets:
+        out = work / "runs" / f"views-s{seed}-{preset}"
+        tlkit("finetune", str(task), "--weights", str(trunk), *COMMON, "--seed", str(seed),
+              "--augment", preset, "-o", str(out))
+        clear()
+        seen = json.loads((out / "run.json").read_text())["views_seen"]
+        for mode in VIEW_MODES:
+            start = time.perf_counter()
+            m = tlkit("eval", str(out), str(task), "--split", "test", "--multicrop", mode,
+                      "--name", f"views-{mode}")
+            seconds = time.perf_counter() - start
+            clear()
+            views = m["views"][0]
+            record(f"--augment {preset}", 10, seed, m["top1"], seconds=seconds, views=mode,
+                   chosen=views["views"], count=views["count"], seen=seen["why"])
+            log(f"seed={seed} --augment {preset} --multicrop {mode}: {m['top1']:.4f} "
+                f"({views['views']}, {views['count']} views, {seconds:.0f} s)")
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    shutil.rmtree(task, ignore_errors=True)
+
+
+def views_table(rows: list[dict[str, Any]]) -> str:
+    """Preset x view mode: test top-1 mean ± sd over seeds, and eval seconds."""
+    lines = ["| --augment | " + " | ".join(f"--multicrop {m}" for m in VIEW_MODES)
+             + " | auto chose | eval s: " + " / ".join(VIEW_MODES) + " |",
+             "| --- |" + " --- |" * (len(VIEW_MODES) + 2)]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        cells, secs = [], []
+        for mode in VIEW_MODES:
+            hits = [r for r in rows if r["config"] == config and r["views"] == mode]
+            accs = [100 * r["top1"] for r in hits]
+            cells.append(f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+                         if len(accs) > 1 else f"{accs[0]:.1f}")
+            secs.append(f"{statistics.mean(r['seconds'] for r in hits):.0f}")
+        chose = ", ".join(r["chosen"] for r in rows if r["config"] == config
+                          and r["views"] == "auto")
+        lines.append(f"| {config.split()[-1]} | " + " | ".join(cells) + f" | {chose} | "
+                     + " / ".join(secs) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
     names = list(dict.fromkeys(r["config"] for r in rows))
     lines = ["| configuration | " + " | ".join(f"k={k}" for k in ks) + " | train s (k=10) |",
@@ -327,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="one seed, k=5, two configurations, a one-epoch trunk on the "
                              "test backbone: checks the figures are produced, nothing more")
+    parser.add_argument("--multicrop", action="store_true",
+                        help="instead of the core table: the defaults with every augment "
+                             "preset, each evaluated with --multicrop 1, auto, 10 and dense")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args(argv)
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
@@ -342,10 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "recipe small-data": (["--recipe", "small-data"], (5,), "all")}
     rows: list[dict[str, Any]] = []
 
-    def record(config: str, k: int, seed: int, top1: float, seconds: float | None = None
-               ) -> None:
+    def record(config: str, k: int, seed: int, top1: float, seconds: float | None = None,
+               **extra: Any) -> None:
         row = {"config": config, "k": k, "seed": seed, "top1": round(top1, 4),
-               "seconds": None if seconds is None else round(seconds, 1)}
+               "seconds": None if seconds is None else round(seconds, 1), **extra}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -360,11 +412,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_trunk(work, trunk, args.trunk_epochs)
             log(f"trunk trained in {time.perf_counter() - t:.0f} s")
         for seed in args.seeds:
+            if args.multicrop:
+                run_views_task(work, trunk, seed, ["light"] if args.smoke else PRESETS, record)
+                continue
             for k in args.k:
                 run_task(work, trunk, k, seed, seed == args.seeds[0], configs, "defaults",
                          record, not args.no_references)
     total = time.perf_counter() - started
-    print(table(rows, args.k))
+    print(views_table(rows) if args.multicrop else table(rows, args.k))
     print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all (trunk included), "
           f"recipes not run here: {', '.join(SKIPPED_RECIPES)} (another backbone and size)")
     if args.json:

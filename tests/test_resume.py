@@ -56,6 +56,30 @@ def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int,
     return proc
 
 
+def assert_same_training(resumed: Path, straight: Path) -> None:
+    """Every history value (loss, accuracy, val_loss, val_accuracy, lr of every head check and
+    epoch) and every final weight of a resumed run equal those of the uninterrupted run: runs
+    are seeded and deterministic on a CPU, so a resume that lost the optimizer's moments, the
+    step count, the data order or the augmentation draws shows here."""
+    import csv
+
+    import numpy as np
+
+    from tlkit.runs import load_run
+
+    rows = [list(csv.DictReader((run / "history.csv").read_text().splitlines()))
+            for run in (resumed, straight)]
+    assert len(rows[0]) == len(rows[1])
+    for a, b in zip(*rows, strict=True):
+        assert (a["phase"], a["epoch"]) == (b["phase"], b["epoch"])
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (
+                f"{a['phase']} {a['epoch']} {key}")
+    weights = [load_run(run).load_model().get_weights() for run in (resumed, straight)]
+    for x, y in zip(*weights, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.subprocess
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
@@ -91,6 +115,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [row.split(",")[:2] for row in history[1:]] == [
         ["head", str(i)] for i in range(1, HEAD_ROWS + 1)] + [
         ["fine-tune", "1"], ["fine-tune", "2"], ["fine-tune", "3"]]
+    assert_same_training(tmp_path / "runs/killed", tmp_path / "runs/straight")
     for run in ("killed", "straight"):
         folder = tmp_path / "runs" / run
         assert (folder / "model.keras").is_file()
@@ -190,3 +215,4 @@ def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path,
     assert a["optimizer_steps"] == b["optimizer_steps"]
     assert [p["optimizer_steps"] for p in a["results"]["phases"]] == \
         [p["optimizer_steps"] for p in b["results"]["phases"]]
+    assert_same_training(tmp_path / "runs/c", tmp_path / "runs/s")  # the losses after resume

@@ -1,8 +1,10 @@
 """Training checkpoints: `last`, the one before it (`previous`) and `best`, in `checkpoints/`.
 
-Each checkpoint is one self-contained HDF5 file: the whole classifier's weights, the optimizer's
-variables (step count, learning rate, moments) and the training state as JSON (phase, epoch,
-early-stopping counters, best metric, history). Files are written once, under a temporary
+Each checkpoint is one self-contained HDF5 file: the whole classifier's weights, its random
+state (the dropout layer's seed generator, which is a variable but not a weight: without it a
+resumed run draws the dropout masks of its first steps again), the optimizer's variables (step
+count, learning rate, moments) and the training state as JSON (phase, epoch, early-stopping
+counters, best metric, history). Files are written once, under a temporary
 name, and only ever renamed afterwards, so a crash at any moment leaves every checkpoint that
 existed before it loadable; `best` is a hard link to the checkpoint it came from.
 """
@@ -31,6 +33,12 @@ def _numpy(variable: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable))
 
 
+def random_state(model: Any) -> list[Any]:
+    """The model's variables that are not weights: its seed generators' states."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 def write_checkpoint(path: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
     """One atomic file; `optimizer` may be None (nothing to resume but the weights)."""
     import h5py
@@ -39,6 +47,7 @@ def write_checkpoint(path: Path, model: Any, optimizer: Any, state: dict[str, An
         f.attrs["tlkit_checkpoint"] = CHECKPOINT_SCHEMA
         f.attrs["state"] = json.dumps(state)
         for group, values in (("model", model.get_weights()),
+                              ("random", [_numpy(v) for v in random_state(model)]),
                               ("optimizer", [_numpy(v) for v in optimizer.variables]
                                if optimizer is not None else [])):
             g = f.create_group(group)
@@ -82,6 +91,8 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any = None) -> dict[str, 
     with h5py.File(path, "r") as f:
         state = json.loads(f.attrs["state"])
         _assign(path, "model", model.weights, _arrays(f, "model"))
+        if "random" in f:  # checkpoints written before tlkit kept it have none
+            _assign(path, "random state", random_state(model), _arrays(f, "random"))
         if optimizer is not None:
             saved = _arrays(f, "optimizer")
             _assign(path, "optimizer state", optimizer.variables, saved)
