@@ -131,6 +131,17 @@ def test_views_hold_distinct_augmentations_and_training_reads_one(make_folder):
     batches = [np.asarray(x) for x, _ in ds]
     assert sum(len(b) for b in batches) == 2 * reader.count
     assert batches[0].dtype == np.float32 and batches[0].shape[1:] == (4, 4, 32)
+    # every row is exactly one stored view of one image; each epoch reads each image once
+    stored = {(i, k): reader.read(i, k) for i in range(reader.count) for k in range(3)}
+    rows = np.concatenate(batches)
+    drawn = []
+    for row in rows:
+        match = [key for key, view in stored.items() if np.array_equal(row, view)]
+        assert len(match) == 1
+        drawn.append(match[0])
+    epochs = [dict(drawn[:reader.count]), dict(drawn[reader.count:])]
+    assert all(sorted(e) == list(range(reader.count)) for e in epochs)
+    assert any(epochs[0][i] != epochs[1][i] for i in range(reader.count))  # a new view
 
 
 def test_cache_ls_and_rm(make_folder):

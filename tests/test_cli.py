@@ -290,7 +290,24 @@ def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
     assert plan["model_images_per_s"] > 0
     best = max(r["images_per_s"] for r in plan["pipeline"])
     assert plan["headroom"] == pytest.approx(best / plan["model_images_per_s"])
-    assert plan["verdict"].startswith(("the input keeps up", "input-bound"))
+    # the verdict the measured figures imply: the fewest workers giving 1.2x the model
+    enough = [r["workers"] for r in plan["pipeline"]
+              if r["images_per_s"] >= 1.2 * plan["model_images_per_s"]]
+    assert plan["workers_needed"] == (enough[0] if enough else None)
+    assert plan["verdict"].startswith(f"the input keeps up: {enough[0]} worker(s)" if enough
+                                      else "input-bound")
+
+
+def test_input_verdict_on_known_figures():
+    from tlkit.throughput import input_verdict
+
+    rows = [{"workers": 1, "images_per_s": 10.0}, {"workers": 2, "images_per_s": 19.0}]
+    needed, verdict = input_verdict(rows, 10.0)  # 1 worker only matches the model: not enough
+    assert needed == 2 and verdict.startswith("the input keeps up: 2 worker(s) give >= 1.2x")
+    assert "--workers 2" in verdict
+    needed, verdict = input_verdict(rows, 16.0)  # 19 < 1.2 x 16
+    assert needed is None and verdict.startswith("input-bound: the model trains at 16.0")
+    assert "at most 19.0 with 2 worker(s)" in verdict and "precompute" in verdict
 
 
 def test_quiet_json_tensorboard_curves_and_runs(make_folder, tmp_path):

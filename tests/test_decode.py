@@ -27,10 +27,16 @@ def test_rgb_png_roundtrip(tmp_path):
 @pytest.mark.parametrize("fmt,ext", [("BMP", ".bmp"), ("GIF", ".gif"), ("WEBP", ".webp"),
                                      ("JPEG", ".jpg"), ("TIFF", ".tif")])
 def test_formats_decode_to_rgb(tmp_path, fmt, ext):
-    img = Image.fromarray(np.full((16, 20, 3), 128, np.uint8))
-    out = decode_image(save(tmp_path / f"a{ext}", img, fmt))
-    assert out.shape == (16, 20, 3) and out.dtype == np.uint8
-    assert abs(int(out.mean()) - 128) <= 3
+    """Four flat colour blocks, each channel checked: a BGR swap or a grey decode fails."""
+    blocks = ((200, 30, 40), (30, 180, 60), (40, 50, 210), (220, 200, 20))
+    array = np.zeros((32, 48, 3), np.uint8)  # blocks on JPEG's 16-pixel grid
+    for i, colour in enumerate(blocks):
+        array[(i // 2) * 16 : (i // 2) * 16 + 16, (i % 2) * 24 : (i % 2) * 24 + 24] = colour
+    out = decode_image(save(tmp_path / f"a{ext}", Image.fromarray(array), fmt))
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+    for i, colour in enumerate(blocks):
+        centre = out[(i // 2) * 16 + 8, (i % 2) * 24 + 12].astype(int)
+        assert np.abs(centre - colour).max() <= 12, (fmt, colour, centre)
 
 
 def test_png_named_jpg_decodes_by_content(tmp_path):
@@ -81,12 +87,26 @@ def test_16_bit_grayscale_scales_to_8_bit(tmp_path):
     np.testing.assert_array_equal(out[..., 0], [[0, 255], [128, 1]])
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    img = Image.fromarray(np.zeros((10, 20, 3), np.uint8))  # wide
+# where the stored image's top-left corner is displayed, by EXIF orientation (the EXIF spec's
+# table: which visual side the 0th row and the 0th column are)
+CORNER = {1: "top-left", 2: "top-right", 3: "bottom-right", 4: "bottom-left",
+          5: "top-left", 6: "top-right", 7: "bottom-right", 8: "bottom-left"}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_puts_a_marked_corner_where_the_spec_says(tmp_path, orientation):
+    stored = np.zeros((24, 40, 3), np.uint8)  # wide
+    stored[:6, :6] = 255  # the marked top-left corner
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees: displayed tall
-    out = decode_image(save(tmp_path / "o.jpg", img, "JPEG", exif=exif.tobytes()))
-    assert out.shape == (20, 10, 3)
+    exif[0x0112] = orientation
+    out = decode_image(save(tmp_path / "o.jpg", Image.fromarray(stored), "JPEG", quality=95,
+                            exif=exif.tobytes()))
+    assert out.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
+    h, w = out.shape[:2]
+    corners = {"top-left": out[:4, :4], "top-right": out[:4, w - 4 :],
+               "bottom-left": out[h - 4 :, :4], "bottom-right": out[h - 4 :, w - 4 :]}
+    bright = [name for name, patch in corners.items() if patch.mean() > 200]
+    assert bright == [CORNER[orientation]]
 
 
 def test_text_file_is_a_clear_error(tmp_path):

@@ -22,6 +22,7 @@ from tlkit.evaluate import (
     member_view_probs,
 )
 from tlkit.predict import predict_images
+from tlkit.views import crop_views
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def trained(tiny_runs):
     return tiny_runs
 
 
-def test_ten_crop_prediction_is_the_mean_over_hand_built_crops(trained):
+def test_ten_crop_views_are_the_hand_built_crops_and_prediction_is_their_mean(trained):
     import keras
 
     data, runs = trained
@@ -44,7 +45,10 @@ def test_ten_crop_prediction_is_the_mean_over_hand_built_crops(trained):
     H, W = big.shape[:2]
     crops = [big[t : t + 32, x : x + 32] for t, x in
              ((0, 0), (0, W - 32), (H - 32, 0), (H - 32, W - 32), ((H - 32) // 2, (W - 32) // 2))]
-    crops += [c[:, ::-1] for c in crops]
+    crops += [np.fliplr(c) for c in crops]
+    views = crop_views(image, 32, 0.875, "10")
+    for i, crop in enumerate(crops):  # the pixels of every view, in order
+        np.testing.assert_array_equal(views[i], crop, err_msg=f"view {i}")
     model = keras.saving.load_model(runs[0] / "model.keras")
     expected = np.asarray(model.predict(np.stack(crops), verbose=0)).mean(axis=0)
     _, probs = predict_images([str(runs[0])], [str(path)], multicrop="10")
@@ -194,6 +198,27 @@ def test_val_weights_are_never_fitted_on_the_images_they_score(trained):
     plain = evaluate(EvalConfig(runs=tuple(map(str, runs)), data=str(data / "test"),
                                 ensemble_weights="val", name="plain"))  # a plain class folder
     assert plain["split"] == "all" and plain["member_weights_fitted_on"] == f"{data} (val)"
+
+
+def test_val_weights_favour_the_better_member(trained, tmp_path):
+    """A copy of a member whose head is scrambled is worse on the validation split: the fitted
+    weights move away from equal, towards the good member."""
+    import keras
+
+    data, runs = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(runs[0], bad)
+    model = keras.saving.load_model(bad / "model.keras")
+    head = model.get_layer("predictions")
+    kernel, bias = head.get_weights()
+    head.set_weights([-kernel[:, ::-1] * 5, bias[::-1]])  # confidently wrong
+    model.save(bad / "model.keras")
+    m = evaluate(EvalConfig(runs=(str(runs[0]), str(bad)), data=str(data / "test"),
+                            ensemble_weights="val", name="fitted"))
+    good, worse = m["member_weights"]
+    assert good > 0.8 and worse < 0.2 and good + worse == pytest.approx(1.0)
+    singles = [r["single_crop_top1"] for r in m["comparison"][:2]]
+    assert singles[0] > singles[1]  # the copy is indeed the worse member
 
 
 def test_members_trained_on_different_splits_are_refused(trained, tmp_path):

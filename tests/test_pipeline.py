@@ -69,6 +69,17 @@ def test_dataset_pca_is_deterministic(train_examples):
 
 
 def test_eval_dataset_keeps_file_order(train_examples):
-    ds = eval_dataset(train_examples, 32, 0.875, 5)
-    labels = np.concatenate([np.asarray(y) for _, y in ds])
+    """Each image, under 3 workers, is the eval transform of its own file, in file order."""
+    from PIL import Image
+
+    from tlkit.augment import eval_transform
+
+    ds = eval_dataset(train_examples, 32, 0.875, 5, workers=3)
+    batches = [(np.asarray(x), np.asarray(y)) for x, y in ds]
+    images = np.concatenate([x for x, _ in batches])
+    labels = np.concatenate([y for _, y in batches])
     assert labels.tolist() == [e.label for e in train_examples]
+    assert len(images) == len(train_examples)
+    for e, image in zip(train_examples, images, strict=True):
+        expected = eval_transform(np.asarray(Image.open(e.path).convert("RGB")), 32, 0.875)
+        np.testing.assert_array_equal(image, expected, err_msg=e.path)

@@ -7,9 +7,8 @@ import re
 
 import pytest
 from conftest import REPO
-from PIL import Image
+from PIL import Image, ImageFile
 
-from tlkit import decode
 from tlkit.cache import open_cache
 from tlkit.decode import decode_image
 from tlkit.errors import CacheError, DataError
@@ -65,10 +64,12 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypa
     Image.new("1", (12_000, 12_000)).save(bomb)  # 144 megapixels in a few hundred kB
     assert bomb.stat().st_size < 1_000_000
 
-    def must_not_decode(image):
-        raise AssertionError("the bomb was decoded")
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("the bomb's pixels were loaded")
 
-    monkeypatch.setattr(decode, "to_rgb", must_not_decode)
+    # the tripwire is on the first pixel load itself: Pillow's ImageFile.load (what
+    # Image.load, convert, transpose and tobytes call first)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", must_not_decode)
     with pytest.raises(DataError, match=r"bomb\.png: 12000x12000 is 144\.0 megapixels, above "
                                         r"the limit of 100 \(a decompression bomb\?\)"):
         decode_image(bomb)

@@ -83,16 +83,22 @@ def plan_input(examples: Sequence[Example], transform: TrainTransform, backbone:
         examples, transform, batch_size, w, batches)} for w in range(1, max_workers + 1)]
     model_ips = model_images_per_s(backbone, transform.size, freeze, batch_size,
                                    steps=model_steps)
+    needed, verdict = input_verdict(rows, model_ips)
+    best = max(r["images_per_s"] for r in rows)
+    return {"pipeline": rows, "model_images_per_s": model_ips, "headroom": best / model_ips,
+            "workers_needed": needed, "verdict": verdict}
+
+
+def input_verdict(rows: Sequence[dict[str, Any]], model_ips: float) -> tuple[int | None, str]:
+    """(the fewest workers whose pipeline outruns the model by HEADROOM_GOAL, or None; what to
+    do about it)."""
     best = max(rows, key=lambda r: r["images_per_s"])
     enough = [r["workers"] for r in rows if r["images_per_s"] >= HEADROOM_GOAL * model_ips]
-    headroom = best["images_per_s"] / model_ips
     if enough:
-        verdict = (f"the input keeps up: {enough[0]} worker(s) give >= {HEADROOM_GOAL}x the "
-                   f"model's {model_ips:.1f} images/s; train with --workers {enough[0]} or more")
-    else:
-        verdict = (f"input-bound: the model trains at {model_ips:.1f} images/s but the pipeline "
-                   f"gives at most {best['images_per_s']:.1f} with {best['workers']} worker(s). "
-                   "Freeze more of the backbone and precompute the frozen part's features once, "
-                   "use a lighter augmentation, or more CPU cores")
-    return {"pipeline": rows, "model_images_per_s": model_ips, "headroom": headroom,
-            "workers_needed": enough[0] if enough else None, "verdict": verdict}
+        return enough[0], (f"the input keeps up: {enough[0]} worker(s) give >= {HEADROOM_GOAL}x "
+                           f"the model's {model_ips:.1f} images/s; train with --workers "
+                           f"{enough[0]} or more")
+    return None, (f"input-bound: the model trains at {model_ips:.1f} images/s but the pipeline "
+                  f"gives at most {best['images_per_s']:.1f} with {best['workers']} worker(s). "
+                  "Freeze more of the backbone and precompute the frozen part's features once, "
+                  "use a lighter augmentation, or more CPU cores")
