@@ -412,14 +412,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_trunk(work, trunk, args.trunk_epochs)
             log(f"trunk trained in {time.perf_counter() - t:.0f} s")
         for seed in args.seeds:
-            if args.multicrop:
+            if args.multicrop or args.smoke:  # the smoke runs both tables, one preset here
                 run_views_task(work, trunk, seed, ["light"] if args.smoke else PRESETS, record)
+            if args.multicrop:
                 continue
             for k in args.k:
                 run_task(work, trunk, k, seed, seed == args.seeds[0], configs, "defaults",
                          record, not args.no_references)
     total = time.perf_counter() - started
-    print(views_table(rows) if args.multicrop else table(rows, args.k))
+    views_rows = [r for r in rows if "views" in r]
+    if views_rows:
+        print(views_table(views_rows))
+    if not args.multicrop:
+        print(table([r for r in rows if "views" not in r], args.k))
     print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all (trunk included), "
           f"recipes not run here: {', '.join(SKIPPED_RECIPES)} (another backbone and size)")
     if args.json:

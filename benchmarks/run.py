@@ -399,7 +399,8 @@ def eval_figures() -> None:
         return time.perf_counter() - start
 
     counter = _Counter()
-    logging.getLogger("tensorflow").addHandler(counter)
+    tf_log = logging.getLogger("tensorflow")
+    tf_log.addHandler(counter)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [e.path for s in load_folder(photo_folder(Path(tmp) / "p", S.eval_images),
                                              val_fraction=0.2).splits.values() for e in s]
@@ -423,6 +424,9 @@ def eval_figures() -> None:
         # 1 and 10 views of a split whose last batch is short, traced vs Keras predict_on_batch
         odd = paths[: max(5, len(paths) - 3)]
         timed = {}
+        printing = [h for h in tf_log.handlers if h is not counter]
+        for h in printing:  # the old path's warnings are counted in a figure, not printed
+            tf_log.removeHandler(h)
         for name, predictor in (("predict_on_batch", lambda m: lambda x: np.asarray(
                 m.predict_on_batch(x))), ("traced", None)):
             counter.count = 0
@@ -433,9 +437,11 @@ def eval_figures() -> None:
             timed[name] = time.perf_counter() - start
             emit(f"eval_retracing_warnings_{name}", counter.count, "warnings", goal="0"
                  if name == "traced" else None)
+        for h in printing:
+            tf_log.addHandler(h)
         emit("eval_traced_speedup", timed["predict_on_batch"] / timed["traced"], "x",
              note="ensemble of 3 on 1, 10, 1 views, first call included")
-    logging.getLogger("tensorflow").removeHandler(counter)
+    tf_log.removeHandler(counter)
 
 
 def reliability_figures() -> None:

@@ -21,7 +21,10 @@ SPEED_FIGURES = {
     "cache_live_epoch_seconds", "cache_epoch_seconds", "cache_epoch_speedup",
     "cache_build_ratio", "cache_rss_peak_mb", "cache_rss_growth",
     "multicrop1_seconds", "multicrop10_seconds", "multicrop10_cost_ratio",
+    "multicrop_dense_cost_ratio", "multicrop_dense_mirrored_cost_ratio",
     "ensemble3_shared_trunk_seconds", "ensemble_shared_trunk_ratio",
+    "eval_retracing_warnings_predict_on_batch", "eval_retracing_warnings_traced",
+    "eval_traced_speedup",
     "audit_images_per_s", "audit_overhead_ratio", "audit_memo_seconds", "audit_memo_speedup",
     "data_identity_cold_seconds_photos", "data_identity_warm_seconds_photos",
     "checkpoint_save_seconds_test_resnet", "checkpoint_restore_seconds_test_resnet",
@@ -71,10 +74,20 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     assert names == SPEED_FIGURES, sorted(names ^ SPEED_FIGURES)
     for f in figures:
         assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), f
-        if f["name"] != "pipeline_grain_processes_skipped":
+        if f["name"] not in ("pipeline_grain_processes_skipped",
+                             "eval_retracing_warnings_traced"):
             assert f["value"] > 0, f
+    # one trace per model: not one retracing warning in the whole benchmark, and none counted
+    assert "retracing" not in speed_err
+    assert {f["name"]: f["value"] for f in figures}["eval_retracing_warnings_traced"] == 0
 
     rows = json.loads(out.read_text())["rows"]
+    views = [r for r in rows if "views" in r]  # the --multicrop table, one preset in the smoke
+    assert [(r["config"], r["views"]) for r in views] == [
+        ("--augment light", m) for m in ("1", "auto", "10", "dense")]
+    assert views[0]["chosen"] == "1" and views[3]["chosen"] == "dense"
+    assert "| light |" in quality_out and "--multicrop auto" in quality_out
+    rows = [r for r in rows if "views" not in r]
     configs = {r["config"] for r in rows}
     assert configs == {"defaults", "recipe small-data", "keras-reference (plain Keras, frozen)",
                        "logreg-probe (sklearn, frozen)"}
