@@ -15,11 +15,11 @@ from tlkit.errors import ConfigError, DataError
 from tlkit.evaluate import (
     EvalConfig,
     Member,
+    ViewRunner,
     _shared_groups,
     classification_metrics,
     evaluate,
     fit_member_weights,
-    member_view_probs,
 )
 from tlkit.predict import predict_images
 from tlkit.views import crop_views
@@ -75,9 +75,9 @@ def test_shared_trunk_runs_once_and_gives_the_same_probabilities(trained):
     groups = _shared_groups(members)
     assert len(groups) == 1 and groups[0][0] is not None and groups[0][2] == [0, 1]
     paths = [str(p) for p in sorted((data / "test").rglob("*.png"))]
-    shared = member_view_probs(members, paths, "1", 4, None)
+    shared = ViewRunner(members).probs(paths, "1", 4)
     for m, p in zip(members, shared, strict=True):
-        alone = member_view_probs([m], paths, "1", 4, None)[0]
+        alone = ViewRunner([m]).probs(paths, "1", 4)[0]
         np.testing.assert_allclose(p, alone, atol=1e-5)
     assert not np.allclose(shared[0], shared[1])  # the heads differ: two real members
 

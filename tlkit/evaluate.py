@@ -278,13 +278,6 @@ class ViewRunner:
         return probs
 
 
-def member_view_probs(members: list[Member], paths: Sequence[str], mode: str,
-                      batch_size: int, workers: int | None, predictor: Any = None
-                      ) -> list[np.ndarray]:
-    """Per member, (N, K, C) probabilities of the `mode` views of every image."""
-    return ViewRunner(members, predictor, workers).probs(paths, mode, batch_size)
-
-
 @dataclass(frozen=True)
 class ViewChoice:
     """The views one member is evaluated with, and why."""
