@@ -176,18 +176,14 @@ def candidates(seen: ViewsSeen, crop_fraction: float) -> list[str]:
     return [m for m in AUTO_ORDER if unseen(m, seen, crop_fraction) is None]
 
 
-def per_image_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
-
-
 def choose(scores: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str, list[dict[str, Any]]]:
     """The view set to use, from each candidate's (N, C) validation probabilities (cheapest
     first, "1" among them): the cheapest within one standard error of the lowest log loss among
     those whose top-1 is at least single-crop's. Returns it and every candidate's scores."""
-    from tlkit.head import one_se_choice
+    from tlkit.head import one_se_choice, val_losses
 
     top1 = {m: float((p.argmax(1) == labels).mean()) for m, p in scores.items()}
-    losses = {m: per_image_loss(p, labels) for m, p in scores.items()}
+    losses = {m: val_losses(p, labels) for m, p in scores.items()}
     eligible = [m for m in scores if top1[m] >= top1["1"]]
     chosen, se_above = one_se_choice([losses[m] for m in eligible])
     rows = [{"views": m, "val_loss": float(losses[m].mean()), "val_top1": top1[m],
