@@ -782,7 +782,8 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
         click.echo(json.dumps({k: v for k, v in metrics.items()
                                if k not in ("confusion_matrix",)}, indent=2))
         return
-    click.echo(f"{metrics['source']}: {metrics['images']} images")
+    click.echo(f"{metrics['source']}: {metrics['images']} images" + (
+        f"; views resolved for {metrics['views_rule']}" if len(metrics["views"]) > 1 else ""))
     for views in metrics["views"]:
         click.echo(f"  views of {views['run']}: {views['views']} ("
                    f"{describe(views['views'], views['count'])}): {views['why']}")

@@ -491,6 +491,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
                     "views": [{"run": str(r.path), "count": int(p.shape[1]), **c.as_dict()}
                               for r, p, c in zip(runs, view_probs, choices, strict=True)],
+                    "views_rule": "each member on its own",  # auto: its own val scores
                     "members": [str(r.path) for r in runs],
                     "member_weights": [float(w) for w in weights],
                     "member_weights_fitted_on": fit_on[1] if fit_on else None,
