@@ -222,26 +222,41 @@ class ViewRunner:
               ) -> list[np.ndarray | None]:
         """Per member, (N, K, C) probabilities of its K views of every image (None where its
         mode is None): a crop set's views in CROP_SETS order, or dense: the whole image, and
-        its mirror when training mirrored."""
+        its mirror when training mirrored. The next batch is decoded and cut into views while
+        the models run on this one."""
         members = self.members
         modes = [modes] * len(members) if isinstance(modes, str) else list(modes)
         max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
+        keys = {(members[i].size, members[i].crop, mode) for i, mode in enumerate(modes)
+                if mode not in (None, "dense")}
+        dense = [i for i, mode in enumerate(modes) if mode == "dense"]
         out: list[list[np.ndarray]] = [[] for _ in members]
+
+        def prepare(chunk: Sequence[str]) -> tuple[dict[Any, np.ndarray], dict[int, list]]:
+            images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
+            views = {key: np.stack(list(pool.map(lambda im, k=key: crop_views(im, *k), images)))
+                     for key in keys}
+            wholes = {i: list(pool.map(lambda im, m=members[i]: dense_input(im, m.size, m.crop),
+                                       images)) for i in dense}
+            return views, wholes
+
+        chunks = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
         with ThreadPoolExecutor(max_workers=self.workers) as pool, \
+                ThreadPoolExecutor(max_workers=1) as ahead, \
                 progress(len(paths), "evaluating") as advance:
-            for start in range(0, len(paths), batch_size):
-                chunk = paths[start : start + batch_size]
-                images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
-                self._crops(images, modes, pool, out)
-                for i, mode in enumerate(modes):
-                    if mode == "dense":
-                        out[i].append(self._dense_probs(i, images, pool))
+            pending = ahead.submit(prepare, chunks[0]) if chunks else None
+            for n, chunk in enumerate(chunks):
+                views, wholes = pending.result()
+                if n + 1 < len(chunks):
+                    pending = ahead.submit(prepare, chunks[n + 1])
+                self._crops(views, modes, out)
+                for i in dense:
+                    out[i].append(self._dense_probs(i, wholes[i]))
                 advance(len(chunk))
         return [np.concatenate(parts) if parts else None for parts in out]
 
-    def _crops(self, images: list[np.ndarray], modes: list[str | None], pool: Any,
+    def _crops(self, views: dict[Any, np.ndarray], modes: list[str | None],
                out: list[list[np.ndarray]]) -> None:
-        views: dict[tuple[int, float, str], np.ndarray] = {}
         for trunk, models, idx in self.groups:
             by_mode: dict[str, list[int]] = {}
             for j, i in enumerate(idx):
@@ -249,11 +264,7 @@ class ViewRunner:
                     by_mode.setdefault(modes[i], []).append(j)
             for mode, js in by_mode.items():
                 m = self.members[idx[js[0]]]
-                key = (m.size, m.crop, mode)
-                if key not in views:
-                    views[key] = np.stack(list(pool.map(
-                        lambda im, k=key: crop_views(im, k[0], k[1], k[2]), images)))
-                v = views[key]
+                v = views[(m.size, m.crop, mode)]
                 b, k = v.shape[:2]
                 flat = v.reshape(b * k, *v.shape[2:])
                 x = trunk(flat) if trunk is not None else flat
@@ -261,12 +272,11 @@ class ViewRunner:
                     p = np.asarray(models[j](x), dtype=np.float64)
                     out[idx[j]].append(p.reshape(b, k, -1))
 
-    def _dense_probs(self, i: int, images: list[np.ndarray], pool: Any) -> np.ndarray:
+    def _dense_probs(self, i: int, inputs: list[np.ndarray]) -> np.ndarray:
         """(B, K, C): images of one shape go through together (one trace serves every shape)."""
         m = self.members[i]
-        inputs = list(pool.map(lambda im: dense_input(im, m.size, m.crop), images))
         passes = [False, True] if m.seen.mirror else [False]
-        probs = np.empty((len(images), len(passes), len(m.run.classes)))
+        probs = np.empty((len(inputs), len(passes), len(m.run.classes)))
         shapes: dict[tuple[int, ...], list[int]] = {}
         for j, x in enumerate(inputs):
             shapes.setdefault(x.shape, []).append(j)
