@@ -54,8 +54,13 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def per_image_log_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """-log p(true class) of each image, the one form every report uses."""
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+
+
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
+    return float(per_image_log_loss(probs, labels).mean())
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:

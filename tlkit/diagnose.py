@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.calibration import per_image_log_loss
 from tlkit.datasets import Example
 from tlkit.errors import ConfigError
 
@@ -258,7 +259,7 @@ def _findings(config: DiagnoseConfig, run: Any, every: list[Example], split_of: 
             return "across splits"
         return "same class" if labels[i] == labels[j] else "across classes"
 
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    losses = per_image_log_loss(probs, labels)
     worst = sorted(held, key=lambda i: -losses[i])[: config.top]
     oof_acc = float((oof.argmax(1) == labels[train_idx]).mean())
     return {

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+from tlkit.calibration import ECE_BINS, expected_calibration_error, log_loss, reliability_bins
 from tlkit.choices import AUTO, ENSEMBLE_WEIGHTS, EVAL_SPLITS, MULTICROP_MODES, STRATEGIES, check
 from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
@@ -376,7 +376,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
     if c > 5:
         top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
         out["top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
-    out["log_loss"] = float(-np.log(np.clip(probs[np.arange(n), labels], 1e-12, None)).mean())
+    out["log_loss"] = log_loss(probs, labels)
     per_class = {}
     present = sorted(set(labels.tolist()) | set(pred.tolist()))
     for k in present:
