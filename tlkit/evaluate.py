@@ -230,6 +230,8 @@ class ViewRunner:
         keys = {(members[i].size, members[i].crop, mode) for i, mode in enumerate(modes)
                 if mode not in (None, "dense")}
         dense = [i for i, mode in enumerate(modes) if mode == "dense"]
+        if not keys and not dense:
+            return [None] * len(members)  # nothing asked: no image is decoded
         out: list[list[np.ndarray]] = [[] for _ in members]
 
         def prepare(chunk: Sequence[str]) -> tuple[dict[Any, np.ndarray], dict[int, list]]:
