@@ -235,6 +235,7 @@ def _views(views: list[dict[str, Any]]) -> str:
                            f"<tr><td>{e(c['views'])}</td><td>{c['val_loss']:.4f}</td>"
                            f"<td>{c['val_top1']:.4f}</td><td>"
                            + ("below single-crop" if c["below_single_crop"]
+                              else "above by a constant" if c["se_above_best"] is None
                               else f"{c['se_above_best']:.2f}") + "</td></tr>"
                            for c in v["candidates"]) + "</table>")
     return "".join(out)
