@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.choices import BAD_IMAGE_POLICIES, check
+from tlkit.choices import BAD_IMAGE_POLICIES, DEFAULT_BACKBONE, check
 from tlkit.datasets import Example, ImageFolder, file_signature
 from tlkit.decode import DEFAULT_MAX_PIXELS, probe_image
 from tlkit.errors import ConfigError, DataError, OutputExistsError
@@ -261,7 +261,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def check_data(data: str | os.PathLike = "data", backbone: str = "resnet50",
+def check_data(data: str | os.PathLike = "data", backbone: str = DEFAULT_BACKBONE,
                val_fraction: float = 0.2, max_pixels: int = DEFAULT_MAX_PIXELS,
                workers: int | None = None) -> DataReport:
     """`tlkit check-data`: the audit alone, without training."""

@@ -29,3 +29,7 @@ def check(flag: str, value: object, choices: Sequence[str]) -> None:
         hint = did_you_mean(value, choices) if isinstance(value, str) else ""
         raise ConfigError(f"{flag} must be one of {', '.join(choices)}. "
                           f"Received: {value!r}.{hint}".rstrip("."))
+
+# The one backbone whose ImageNet weights every install has (a package ships them): so the
+# quickstart does real transfer learning offline. resnet50 and the others are one flag away.
+DEFAULT_BACKBONE = "efficientnet_lite0"

@@ -277,7 +277,8 @@ def model_options(freeze_default: str) -> Any:
     """DATA and the model flags finetune and precompute-features share."""
     return option_group(
         click.argument("data", default="data", type=click.Path()),
-        click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP),
+        click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True,
+                     help=BACKBONE_HELP),
         click.option("--weights", "weights_", default="imagenet", show_default=True,
                      help="'imagenet', 'none', a weights file, or a tlkit run folder to "
                           "transfer from."),
@@ -420,7 +421,7 @@ PARAM_FIELDS = {"weights_": "weights", "freeze_to": "freeze", "freeze_blocks": "
 @cli.command("check-data")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
-@click.option("--backbone", default="resnet50", show_default=True,
+@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True,
               help="Backbone whose minimum input size flags small images.")
 @click.option("--val-fraction", default=0.2, show_default=True,
               help="Validation share when DATA has no val/ folder (as in finetune).")
@@ -612,7 +613,8 @@ def cache_merge(key: str | None, cache_dir: str | None) -> None:
 @click.option("--draws", default=6, show_default=True, help="Augmented versions per image.")
 @click.option("-o", "--output", default="preview.png", show_default=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True,
+              help=BACKBONE_HELP)
 @click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
 @click.option("--seed", default=0, show_default=True)
 @augment_options
@@ -629,7 +631,8 @@ def augment_preview(data: str, count: int, draws: int, output: str, overwrite: b
 @cli.command("bench-input")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
-@click.option("--backbone", default="resnet50", show_default=True, help=BACKBONE_HELP)
+@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True,
+              help=BACKBONE_HELP)
 @click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
 @click.option("--freeze", callback=_freeze_option, default="0", show_default=True,
               help="Freeze plan of the model being fed (as in finetune).")

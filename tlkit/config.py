@@ -14,7 +14,14 @@ from typing import Any
 
 from tlkit.audit import AuditConfig
 from tlkit.augment import AugmentConfig, resolve_augment
-from tlkit.choices import CACHE_DTYPES, CACHE_MODES, CLASS_WEIGHTS, STRATEGIES, check
+from tlkit.choices import (
+    CACHE_DTYPES,
+    CACHE_MODES,
+    CLASS_WEIGHTS,
+    DEFAULT_BACKBONE,
+    STRATEGIES,
+    check,
+)
 from tlkit.datasets import check_val_fraction
 from tlkit.errors import ConfigError, did_you_mean
 from tlkit.freezing import FreezeRequest
@@ -25,7 +32,7 @@ class FinetuneConfig:
     """Settings of `tlkit finetune`; defaults are the CLI's defaults."""
 
     data: str = "data"
-    backbone: str = "resnet50"
+    backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     input_size: int | None = None  # None: the backbone's default
     # Keras guide default: after the head phase, fine-tune the whole backbone.

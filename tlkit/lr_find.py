@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.choices import DEFAULT_BACKBONE
 from tlkit.errors import ConfigError
 from tlkit.freezing import FreezeRequest
 
@@ -27,7 +28,7 @@ MIN_DROP = 0.1  # a curve that never falls this far below its start suggests not
 @dataclass(frozen=True)
 class LrFindConfig:
     data: str = "data"
-    backbone: str = "resnet50"
+    backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     input_size: int | None = None
     freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))

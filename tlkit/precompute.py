@@ -41,7 +41,7 @@ from tlkit.cache import (
     open_cache,
     read_parts,
 )
-from tlkit.choices import CACHE_DTYPES, STRATEGIES, check
+from tlkit.choices import CACHE_DTYPES, DEFAULT_BACKBONE, STRATEGIES, check
 from tlkit.cut import Cut, build_trunk, resolve_cut
 from tlkit.datasets import Example, ImageFolder, check_val_fraction, load_dataset
 from tlkit.decode import DEFAULT_MAX_PIXELS
@@ -63,7 +63,7 @@ class PrecomputeConfig:
     """Settings of `tlkit precompute-features`; the defaults freeze the whole backbone."""
 
     data: str = "data"
-    backbone: str = "resnet50"
+    backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     input_size: int | None = None
     freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="all"))

@@ -10,6 +10,7 @@ from PIL import Image
 
 from tlkit.augment import AugmentConfig
 from tlkit.backbones import get_backbone
+from tlkit.choices import DEFAULT_BACKBONE
 from tlkit.datasets import load_dataset
 from tlkit.errors import ConfigError
 from tlkit.fsutil import atomic_path, refuse_overwrite
@@ -18,7 +19,7 @@ GAP = 4
 
 
 def augment_preview(data: str | os.PathLike, augment: AugmentConfig, output: str | os.PathLike,
-                    n: int = 16, draws: int = 6, backbone: str = "resnet50",
+                    n: int = 16, draws: int = 6, backbone: str = DEFAULT_BACKBONE,
                     input_size: int | None = None, seed: int = 0,
                     overwrite: bool = False) -> Path:
     """Write a PNG grid: one row per image, its eval crop then `draws` augmented versions

@@ -735,6 +735,11 @@ class _PhaseRunner:
     sample_weights: list[float] | None
     placement: Placement
     verbose: Any
+    forward_per_image: float | None = None  # seconds, measured by the head phase's features
+
+    def _forward_timed(self, per_image: float, total: int) -> None:
+        self.forward_per_image = per_image
+        log_estimate(per_image, total, len(self.train_examples), self.config.epochs)
 
     def _tensorboard(self) -> list[Any]:
         if not self.config.tensorboard or not self.writes or self.ckpt_dir is None:
@@ -776,8 +781,7 @@ class _PhaseRunner:
             pooled_extractor(self.model), self.train_examples, self.val_examples,
             self.transform, self.crop_fraction, config.seed, views, config.batch_size,
             config.workers, config.audit.max_pixels,
-            on_first_batch=lambda per_image, total: log_estimate(per_image, total, n,
-                                                                 config.epochs))
+            on_first_batch=self._forward_timed)
         self.head_features = None  # memory
         rows, steps_done = fit_head(self.model, features, lr, config.batch_size, steps, config.seed,
                         self.sample_weights)
@@ -850,13 +854,15 @@ class _PhaseRunner:
             train_ds = self.placement.dataset(lambda share: train_dataset(
                 self.train_examples, self.transform, config.batch_size, config.seed, **window,
                 max_pixels=config.audit.max_pixels, share=share))
+        steps = steps_per_epoch(len(self.train_examples), config.batch_size,
+                                self.placement.replicas)
+        val_seconds = (self.forward_per_image * len(self.val_examples)
+                       if self.forward_per_image is not None and self.cache is None else None)
+        timer = _step_timer(phase, epochs, initial, steps, val_seconds, state)
         fit_model.fit(train_ds, validation_data=self.val_ds, epochs=epochs, initial_epoch=initial,
-                      steps_per_epoch=steps_per_epoch(len(self.train_examples),
-                                                      config.batch_size,
-                                                      self.placement.replicas),
-                      validation_steps=self.val_steps,
-                      callbacks=[self.recorder, *self._tensorboard()], verbose=self.verbose,
-                      shuffle=False)  # the dataset shuffles, seeded
+                      steps_per_epoch=steps, validation_steps=self.val_steps,
+                      callbacks=[timer, self.recorder, *self._tensorboard()],
+                      verbose=self.verbose, shuffle=False)  # the dataset shuffles, seeded
         if self.recorder.diverged:
             last = state["rows"][-1] if state["rows"] else None
             kept = (f"the last good checkpoint (phase {last['phase']}, epoch {last['epoch']}) is "
@@ -871,27 +877,70 @@ class _PhaseRunner:
                  top.get("val_loss", math.nan), top.get("val_accuracy", math.nan), top["epoch"])
 
 
-TRAIN_OVER_FORWARD = 4
-
-
 def log_estimate(per_image: float, head_images: int, n_train: int, epochs: int) -> None:
-    """Time of each phase from the measured forward pass, said before the head trains, with
-    what would make a long run shorter."""
-    head_s = per_image * head_images
-    # a training step of unfrozen ResNet50 costs about 4 forward passes (3.1 vs 12 images/s
-    # measured at 224 px on 2 cores); frozen layers cost less
-    tune_s = TRAIN_OVER_FORWARD * per_image * n_train * epochs
-    advice = ""
-    if tune_s > 1800:
-        advice = (" That is long: --freeze all (head only) or a higher --freeze, a smaller "
-                  "--input-size, fewer --epochs or a GPU make it shorter.")
+    """The head phase's time from the measured forward pass, said before it runs; the fine-tune
+    phase is timed on its own first training steps (`_step_timer`), since what a step costs
+    depends on the freeze point, the cache and the input pipeline, not only on the model."""
+    later = (f"; the fine-tune phase ({epochs} epoch(s) of {n_train} images) is timed on its "
+             "first training steps" if epochs else "")
     log.info("estimate from the first batches (%.1f ms per image through the model): head phase "
-             "about %s (%d forward passes); fine-tune phase up to about %s (%d epoch(s) of %d "
-             "images).%s", 1000 * per_image, _duration(head_s), head_images,
-             _duration(tune_s), epochs, n_train, advice)
+             "about %s (%d forward passes)%s.", 1000 * per_image,
+             _duration(per_image * head_images), head_images, later)
+
+
+TIMED_STEPS = 5  # training steps timed at the start of a phase, after the first (tracing)
+
+
+def _step_timer(phase: str, epochs: int, initial: int, steps: int, val_seconds: float | None,
+                state: dict[str, Any]) -> Any:
+    """Times real training steps at the start of a fit() phase and says how long the phase
+    will take: steps x epochs, plus the validation pass. Recorded in the state so run.json
+    shows the estimate beside the measured time."""
+    import keras
+
+    warm = 1 if steps > 1 else 0  # the first step traces the graph
+    count = max(1, min(TIMED_STEPS, steps - warm))
+
+    class StepTimer(keras.callbacks.Callback):
+        start: float | None = None
+        first: float | None = None  # when the first step began: its tracing is paid once
+        done = False
+
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            if self.first is None:
+                self.first = time.perf_counter()
+            if not self.done and batch == warm and self.start is None:
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if self.done or self.start is None or batch < warm + count - 1:
+                return
+            self.done = True
+            step = (time.perf_counter() - self.start) / count
+            epoch = step * steps + (val_seconds or 0.0)
+            tracing = max(0.0, (self.start - self.first) - step) if warm else 0.0
+            total = epoch * (epochs - initial) + tracing
+            state.setdefault("estimates", {})[phase] = {
+                "step_seconds": round(step, 4), "epoch_seconds": round(epoch, 3),
+                "phase_seconds": round(total, 2),
+                "validation_included": val_seconds is not None}
+            advice = ""
+            if total > 1800:
+                advice = (" That is long: --freeze all (head only) or a higher --freeze, a "
+                          "smaller --input-size, fewer --epochs or a GPU make it shorter.")
+            val = (f" and a validation pass of about {_duration(val_seconds)}"
+                   if val_seconds is not None else ", plus validation")
+            log.info("phase %s: %.0f ms per training step (timed over %d step(s)): %d steps%s "
+                     "an epoch, about %s; up to about %s for %d epoch(s), early stopping may "
+                     "end it sooner.%s", phase, 1000 * step, count, steps, val,
+                     _duration(epoch), _duration(total), epochs - initial, advice)
+
+    return StepTimer()
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -913,5 +962,7 @@ def phase_summaries(state: dict[str, Any], schedule: list[tuple[str, int, float]
                     "best_val_accuracy": top.get("val_accuracy"),
                     "seconds": round(sum(r["seconds"] for r in rows), 1),
                     "early_stopped": len(rows) < epochs,
+                    "estimated_seconds": state.get("estimates", {}).get(
+                        phase, {}).get("phase_seconds"),
                     "optimizer_steps": state["phase_steps"][phase]})
     return out
