@@ -30,6 +30,8 @@ def calls(pattern: str) -> list[tuple[str, str]]:
 def test_no_pickle_and_every_loader_is_the_safe_one():
     assert SOURCES
     for path in SOURCES:
+        if path.name == "torch_checkpoint.py":  # the restricted unpickler: test_torch_checkpoint
+            continue
         assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", path.read_text(),
                              re.M), path.name
     np_loads = calls(r"\bnp\.load\(")

@@ -40,6 +40,10 @@ class CheckpointError(WeightsError):
     """A checkpoint that is not a plain legacy state dict, or is damaged."""
 
 
+class _Malformed(Exception):
+    """Raised inside the unpickler, where the path is not known; reported with it."""
+
+
 @dataclass(frozen=True)
 class _StorageType:
     name: str
@@ -67,11 +71,11 @@ class _TensorRef:
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_rest: Any) -> _TensorRef:
     """Stands in for torch._utils._rebuild_tensor(_v2): records the view, checked later."""
     if not isinstance(storage, _Storage):
-        raise CheckpointError(f"a tensor's storage is a {type(storage).__name__}, not a storage")
+        raise _Malformed(f"a tensor's storage is a {type(storage).__name__}, not a storage")
     ints = [offset, *size, *stride] if isinstance(size, tuple) and isinstance(stride, tuple) \
         else None
     if ints is None or not all(type(v) is int for v in ints) or len(size) != len(stride):
-        raise CheckpointError(f"a tensor has a malformed view (offset {offset!r}, size {size!r}, "
+        raise _Malformed(f"a tensor has a malformed view (offset {offset!r}, size {size!r}, "
                               f"stride {stride!r})")
     return _TensorRef(storage, offset, size, stride)
 
@@ -122,6 +126,8 @@ def _load_one(f: Any, path: Path, storages: dict[str, _Storage], what: str) -> A
         return _RestrictedUnpickler(f, path, storages).load()
     except CheckpointError:
         raise
+    except _Malformed as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, struct.error) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({what}: "
