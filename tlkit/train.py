@@ -888,7 +888,9 @@ def log_estimate(per_image: float, head_images: int, n_train: int, epochs: int) 
              _duration(per_image * head_images), head_images, later)
 
 
-TIMED_STEPS = 5  # training steps timed at the start of a phase, after the first (tracing)
+# Training steps timed at the start of a phase. The first traces the graph, and the next few
+# find batches the input pipeline prefetched meanwhile, which makes them look cheap.
+SKIPPED_STEPS, TIMED_STEPS = 3, 8
 
 
 def _step_timer(phase: str, epochs: int, initial: int, steps: int, val_seconds: float | None,
@@ -898,7 +900,7 @@ def _step_timer(phase: str, epochs: int, initial: int, steps: int, val_seconds: 
     shows the estimate beside the measured time."""
     import keras
 
-    warm = 1 if steps > 1 else 0  # the first step traces the graph
+    warm = min(SKIPPED_STEPS, steps - 1) if steps > 4 else min(1, steps - 1)
     count = max(1, min(TIMED_STEPS, steps - warm))
 
     class StepTimer(keras.callbacks.Callback):
@@ -918,7 +920,7 @@ def _step_timer(phase: str, epochs: int, initial: int, steps: int, val_seconds: 
             self.done = True
             step = (time.perf_counter() - self.start) / count
             epoch = step * steps + (val_seconds or 0.0)
-            tracing = max(0.0, (self.start - self.first) - step) if warm else 0.0
+            tracing = max(0.0, (self.start - self.first) - warm * step)
             total = epoch * (epochs - initial) + tracing
             state.setdefault("estimates", {})[phase] = {
                 "step_seconds": round(step, 4), "epoch_seconds": round(epoch, 3),

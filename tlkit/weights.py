@@ -95,7 +95,16 @@ def convert_packaged(spec: BackboneSpec, source: Path) -> Path:
     log.info("converting %s into %s (once)", source, target)
     with atomic_path(target, suffix=".weights.h5") as tmp:
         spec.packaged.convert(source, tmp)
-        verify_pinned(spec, tmp)
+        try:
+            verify_pinned(spec, tmp)
+        except WeightsError:
+            import keras
+
+            raise WeightsError(
+                f"{source}: converted with keras {keras.__version__}, the weights differ from "
+                f"the pinned arrays of {spec.name}; nothing was cached. This is a tlkit bug, "
+                "please report it; meanwhile --weights none trains from random init"
+            ) from None
     return target
 
 
