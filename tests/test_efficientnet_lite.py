@@ -203,10 +203,10 @@ def test_bad_checkpoints_never_reach_the_cache(lite0, tmp_path, monkeypatch):
     _, sd = lite0
     base = build((32, 32, 3))
     missing = {k: v for k, v in sd.items() if k != "_blocks.3._bn1.running_var"}
-    with pytest.raises(CheckpointError, match="tensor _blocks.3._bn1.running_var is missing"):
+    with pytest.raises(CheckpointError, match=r"tensor _blocks\.3\._bn1\.running_var is missing"):
         keras_weights(missing, Path("x.pth"), base)
     extra = {**sd, "_blocks.16._project_conv.weight": sd["_blocks.15._project_conv.weight"]}
-    with pytest.raises(CheckpointError, match="unexpected tensor _blocks.16._project_conv"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor _blocks\.16\._project_conv"):
         keras_weights(extra, Path("x.pth"), base)
     wrong = {**sd, "_conv_head.weight": sd["_conv_head.weight"][:, :100]}
     with pytest.raises(CheckpointError, match=r"tensor _conv_head.weight has shape "
@@ -222,7 +222,7 @@ def test_bad_checkpoints_never_reach_the_cache(lite0, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(home))
     truncated = tmp_path / "lite0.pth"
     truncated.write_bytes(packaged_source(SPEC).read_bytes()[:5_000_000])
-    with pytest.raises(CheckpointError, match="lite0.pth: truncated"):
+    with pytest.raises(CheckpointError, match=r"lite0\.pth: truncated"):
         convert_packaged(SPEC, truncated)
     assert not [p for p in home.rglob("*") if p.is_file()]
 
