@@ -48,9 +48,11 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     result = invoke("finetune", str(data), "--freeze", "11", "-o", "runs/a", *FAST)
     assert result.exit_code == 0, result.output
     assert "phase head (head only, backbone frozen)" in result.output
-    # before the head trains: how long each phase will take, from a timed forward pass
+    # before the head trains: its time, from a timed forward pass; the fine-tune phase's
+    # from its own first training steps
     assert "estimate from the first batches" in result.output
-    assert "fine-tune phase up to about" in result.output
+    assert "phase fine-tune: " in result.output and " ms per training step" in result.output
+    assert "up to about" in result.output
     assert "trainable /" in result.output and "frozen BatchNorm layers" in result.output
     run = tmp_path / "runs" / "a"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "data_report.json",

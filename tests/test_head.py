@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,10 +135,8 @@ def test_augment_auto_is_refused_outside_finetune(make_folder):
     assert not Path("cache").exists()
 
 
-def test_the_estimate_says_how_long_and_what_makes_a_long_run_shorter():
+def _tlkit_lines() -> tuple[list[str], Any]:
     import logging
-
-    from tlkit.train import log_estimate
 
     lines: list[str] = []
     handler = logging.Handler()
@@ -146,17 +145,81 @@ def test_the_estimate_says_how_long_and_what_makes_a_long_run_shorter():
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)
-    try:
-        # ResNet50 at 224 on 2 cores: ~80 ms a forward pass; the quickstart's 1,264 images
-        log_estimate(0.08, 1518, 1264, 10)
-        log_estimate(0.002, 1518, 1264, 10)  # a GPU
-    finally:
+
+    def close() -> None:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-    slow, fast = lines
-    assert "head phase about 2 min" in slow and "fine-tune phase up to about 67 min" in slow
-    assert "--freeze all" in slow and "smaller --input-size" in slow
-    assert "fine-tune phase up to about 2 min" in fast and "That is long" not in fast
+
+    return lines, close
+
+
+def test_the_head_estimate_leaves_the_fine_tune_phase_to_its_own_timed_steps():
+    from tlkit.train import log_estimate
+
+    lines, close = _tlkit_lines()
+    try:
+        log_estimate(0.08, 1518, 1264, 10)  # ~80 ms a forward pass; the quickstart's images
+        log_estimate(0.08, 1518, 1264, 0)
+    finally:
+        close()
+    tuned, head_only = lines
+    assert "head phase about 2 min (1518 forward passes)" in tuned
+    assert "fine-tune phase (10 epoch(s) of 1264 images) is timed on its first training" in tuned
+    assert "fine-tune" not in head_only
+
+
+def test_the_step_timer_extrapolates_timed_steps_and_says_what_shortens_a_long_run(monkeypatch):
+    """A fake clock: the first step (tracing) takes 10 s, the three skipped steps 1 s each,
+    the eight timed steps 1 s each; 1000 steps an epoch, a 60 s validation pass, 10 epochs."""
+    import tlkit.train as train
+
+    clock = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    state: dict[str, Any] = {}
+    lines, close = _tlkit_lines()
+    try:
+        timer = train._step_timer("fine-tune", 10, 0, 1000, 60.0, state)
+        for step in range(20):
+            timer.on_train_batch_begin(step)
+            clock[0] += 10.0 if step == 0 else 1.0
+            timer.on_train_batch_end(step)
+    finally:
+        close()
+    (line,) = lines
+    assert state["estimates"]["fine-tune"] == {
+        "step_seconds": 1.0, "epoch_seconds": 1060.0, "phase_seconds": 10609.0,
+        "validation_included": True}
+    assert ("1000 ms per training step (timed over 8 step(s)): 1000 steps and a validation pass"
+            " of about 60 s an epoch, about 18 min; up to about 2.9 h for 10 epoch(s)" in line)
+    assert "That is long: --freeze all" in line and "smaller --input-size" in line
+
+
+@pytest.mark.slow  # a real finetune with enough steps to time: the estimate against the clock
+def test_the_fine_tune_estimate_holds_against_the_measured_phase(make_folder, tmp_path,
+                                                                  monkeypatch):
+    import json
+
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.train import finetune
+
+    monkeypatch.chdir(tmp_path)
+    data = make_folder(per_class=48)
+    lines, close = _tlkit_lines()
+    try:
+        run = finetune(FinetuneConfig(
+            data=str(data), backbone=TINY, weights="none", freeze=FreezeRequest(count="3"),
+            batch_size=4, head_epochs=1, epochs=3, patience=5, output=str(tmp_path / "r"),
+            workers=1))
+    finally:
+        close()
+    record = json.loads((Path(run.path) / "run.json").read_text())
+    tune = next(p for p in record["results"]["phases"] if p["phase"] == "fine-tune")
+    assert tune["epochs_run"] == 3
+    ratio = tune["seconds"] / tune["estimated_seconds"]
+    assert 0.5 <= ratio <= 2.0, (tune["seconds"], tune["estimated_seconds"])
+    assert any("ms per training step (timed over 8 step(s)): 20 steps and a validation pass"
+               in line for line in lines), lines
 
 
 def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
