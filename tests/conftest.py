@@ -128,6 +128,26 @@ TINY = "test_resnet"  # tlkit's test backbone: mechanics in seconds (tlkit/backb
 
 
 @pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory):
+    """EfficientNet-Lite0's ImageNet weights converted from the installed package into a Keras
+    cache of the session's own (KERAS_HOME, for the whole session once asked for): the real
+    pretrained model, as a fresh offline install gets it."""
+    from tlkit.backbones import get_backbone
+    from tlkit.weights import ensure_imagenet
+
+    home = tmp_path_factory.mktemp("keras_home")
+    old = os.environ.get("KERAS_HOME")
+    os.environ["KERAS_HOME"] = str(home)
+    try:
+        yield ensure_imagenet(get_backbone("efficientnet_lite0"))
+    finally:
+        if old is None:
+            os.environ.pop("KERAS_HOME", None)
+        else:
+            os.environ["KERAS_HOME"] = old
+
+
+@pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
     """Two finished runs on the test backbone, trained once per session and shared by the eval,
     export, predict and runs tests: same seed (so identical frozen trunks), different head

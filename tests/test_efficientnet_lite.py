@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 from tlkit.backbones import get_backbone
 from tlkit.errors import WeightsError
 from tlkit.torch_checkpoint import CheckpointError, read_state_dict
-from tlkit.weights import convert_packaged, ensure_imagenet, packaged_source, verify_pinned
+from tlkit.weights import convert_packaged, packaged_source, verify_pinned
 
 SPEC = get_backbone("efficientnet_lite0")
 STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]  # the 16 blocks, B0's table
@@ -39,19 +38,9 @@ def photo(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lite0(tmp_path_factory):
-    """The converted weights in a Keras cache of the session's own, and the state dict."""
-    home = tmp_path_factory.mktemp("keras_home")
-    old = os.environ.get("KERAS_HOME")
-    os.environ["KERAS_HOME"] = str(home)
-    try:
-        path = ensure_imagenet(SPEC)
-        yield path, read_state_dict(packaged_source(SPEC))
-    finally:
-        if old is None:
-            os.environ.pop("KERAS_HOME", None)
-        else:
-            os.environ["KERAS_HOME"] = old
+def lite0(lite0_weights):
+    """The converted weights (conftest) and the checkpoint's state dict."""
+    return lite0_weights, read_state_dict(packaged_source(SPEC))
 
 
 # --- numpy, from the checkpoint ----------------------------------------------------------
