@@ -388,10 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         global BACKBONE, REFERENCE_EPOCHS
         BACKBONE, REFERENCE_EPOCHS = "test_resnet", 20
-        COMMON.extend(["--backbone", BACKBONE])
         args.seeds, args.k, args.trunk_epochs = [0], [5], 1
         configs = {"defaults": ([], (5,), "all"),
                    "recipe small-data": (["--recipe", "small-data"], (5,), "all")}
+    COMMON.extend(["--backbone", BACKBONE])  # the trunk's architecture, not tlkit's default
     rows: list[dict[str, Any]] = []
 
     def record(config: str, k: int, seed: int, top1: float, seconds: float | None = None,

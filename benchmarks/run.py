@@ -14,6 +14,9 @@ after the other, since these machines are noisy; quote ratios rather than absolu
   held in memory, so the figure is the model's training speed, not the input pipeline's.
   frozen = whole backbone frozen (the head phase); unfrozen = `--freeze 0` (BatchNorm kept in
   inference mode, the default). Steady state: the first steps (graph build) are not timed.
+- train_images_per_s_efficientnet_lite0_224_{frozen,unfrozen}, and
+  train_speedup_efficientnet_lite0_over_resnet50_224_unfrozen: the same for tlkit's default
+  backbone, in the same process (why it is the default on a CPU).
 
 Input pipeline, on 256 generated 500x375 JPEG photos (smooth random scenes), alexnet preset
 (shorter side 256, random 224 crop, mirror, PCA colour), decode included unless said otherwise:
@@ -114,6 +117,7 @@ class Scale:
     """How big each group runs: the full pass, --quick, or --smoke (tiny, test backbone)."""
 
     backbone: str = "resnet50"
+    default_backbone: str = "efficientnet_lite0"  # tlkit's default, against resnet50
     size: int = 224
     photos: int = 256  # pipeline figures
     batches: int = 16  # pipeline batches timed
@@ -130,9 +134,9 @@ class Scale:
 FULL = Scale()
 QUICK = Scale(photos=256, batches=4, cache_images=128, rss_images=(125, 500), eval_images=32,
               audit_images=128, dist_steps=4, merge_images=250)
-SMOKE = Scale(backbone="test_resnet", size=32, photos=32, batches=2, cache_images=32,
-              rss_images=(40, 80), eval_images=8, audit_images=16, dist_size=32, dist_steps=2,
-              merge_images=20, digits=False)
+SMOKE = Scale(backbone="test_resnet", default_backbone="test_resnet", size=32, photos=32,
+              batches=2, cache_images=32, rss_images=(40, 80), eval_images=8, audit_images=16,
+              dist_size=32, dist_steps=2, merge_images=20, digits=False)
 S = FULL  # set by main()
 
 
@@ -181,6 +185,16 @@ def train_throughput(size: int, batch: int, warmup: int, steps: int) -> dict[str
              batch=batch, steps=steps, device=device())
     emit(f"train_speedup_{S.backbone}_{size}_frozen_over_unfrozen",
          results["frozen"] / results["unfrozen"], "x", note="same process, back to back")
+    default = {}
+    for mode, freeze in (("frozen", "all"), ("unfrozen", "0")):
+        default[mode] = model_images_per_s(S.default_backbone, size,
+                                           FreezeRequest(count=freeze), batch, warmup=warmup,
+                                           steps=steps)
+        emit(f"train_images_per_s_{S.default_backbone}_{size}_{mode}", default[mode],
+             "images/s", batch=batch, steps=steps, device=device())
+    emit(f"train_speedup_{S.default_backbone}_over_{S.backbone}_{size}_unfrozen",
+         default["unfrozen"] / results["unfrozen"], "x",
+         note="the default backbone against resnet50, same process")
     return results
 
 

@@ -15,6 +15,7 @@ SPEED_FIGURES = {
     "cli_help_seconds",
     "train_images_per_s_test_resnet_32_frozen", "train_images_per_s_test_resnet_32_unfrozen",
     "train_speedup_test_resnet_32_frozen_over_unfrozen",
+    "train_speedup_test_resnet_over_test_resnet_32_unfrozen",
     "pca_images_per_s_tlkit", "pca_images_per_s_fancypca", "pca_speedup_vs_fancypca",
     "pipeline_loop_images_per_s", "pipeline_tfdata_threads_1_images_per_s",
     "aug_overhead_ratio", "aug_scaling_efficiency", "input_headroom",

