@@ -126,8 +126,8 @@ def test_a_typed_freeze_flag_replaces_the_recipes_freeze_setting(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 4)
     recipe = tmp_path / "blocks.yaml"
     recipe.write_text("description: x\nprecompute-features:\n  freeze-blocks: 2\n")
-    common = ["precompute-features", str(data), "--recipe", str(recipe), "--weights", "none",
-              "--input-size", "32", "--dry-run", "--json"]
+    common = ["precompute-features", str(data), "--recipe", str(recipe), "--backbone",
+              "resnet50", "--weights", "none", "--input-size", "32", "--dry-run", "--json"]
     from_recipe = json.loads(invoke(*common).stdout)  # stdout holds the JSON alone
     typed = invoke(*common, "--freeze", "all")
     assert typed.exit_code == 0, typed.output  # not "both --freeze and --freeze-blocks"
