@@ -25,7 +25,8 @@ PHOTOS = ("coffee.png", "chelsea.png", "camera.png", "astronaut.png", "motorcycl
 # ImageNet names of the classes these photos should get (index = position in the sorted
 # WordNet ids, as in tensorflow-datasets' imagenet2012 labels.txt)
 NAMES = {967: "espresso", 968: "cup", 504: "coffee mug", 281: "tabby", 282: "tiger cat",
-         285: "Egyptian cat", 872: "tripod", 985: "daisy"}
+         285: "Egyptian cat", 872: "tripod", 985: "daisy", 665: "moped", 670: "motor scooter",
+         698: "palace"}
 
 
 def photo(name: str) -> Path:

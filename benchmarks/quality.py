@@ -5,6 +5,8 @@
     python benchmarks/quality.py --smoke     # one seed, k=5, two configurations, test backbone
     python benchmarks/quality.py --multicrop # test-time views per augment preset (k=10, 3 seeds)
     python benchmarks/quality.py --json F    # every measurement, for scripts
+    python benchmarks/quality.py --quickstart  # data/ as shipped: the default's ImageNet
+                                                # features against random ones (6 min)
 
 Real data that ships offline: the 1,797 handwritten digits in data/ (8x8 PNGs, upscaled to
 32 px). No ImageNet weights can be downloaded here, so the "pretrained" backbone is made the
@@ -225,6 +227,7 @@ def keras_reference(feats: dict[str, tuple[Any, Any]], seed: int) -> float:
 
 def logreg_probe(feats: dict[str, tuple[Any, Any]]) -> float:
     """L-BFGS logistic regression to convergence, C picked by validation log loss."""
+    import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.pipeline import make_pipeline
@@ -235,7 +238,7 @@ def logreg_probe(feats: dict[str, tuple[Any, Any]]) -> float:
     for c in (0.001, 0.01, 0.1, 1.0, 10.0):
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
         clf.fit(x, y)
-        loss = log_loss(yv, clf.predict_proba(xv), labels=range(len(TARGET_CLASSES)))
+        loss = log_loss(yv, clf.predict_proba(xv), labels=np.unique(y))
         if best is None or loss < best[0]:
             best = (loss, clf)
     return float((best[1].predict(xt) == yt).mean())
@@ -318,6 +321,73 @@ def run_views_task(work: Path, trunk: Path, seed: int, presets: Sequence[str],
     shutil.rmtree(task, ignore_errors=True)
 
 
+# The quickstart protocol: data/ exactly as shipped (10 classes; its train, val and test
+# folders), 32 px, the head alone (--freeze all --epochs 0), so that the rows compare features:
+# the default backbone's ImageNet weights against random ones, and the old default (resnet50)
+# as it runs offline, without its weights. Then the probe on the default's pooled features.
+QUICKSTART = {
+    "efficientnet_lite0, ImageNet weights (the default)": ("efficientnet_lite0", "imagenet"),
+    "efficientnet_lite0, random weights": ("efficientnet_lite0", "none"),
+    "resnet50, random weights (the old default, offline)": ("resnet50", "none"),
+}
+
+
+def quickstart_features(run: Path) -> dict[str, tuple[Any, Any]]:
+    """The run's pooled features, through plain Keras and PIL: the model loaded from
+    model.keras (its preprocessing inside), the images resized as a hand-written script would."""
+    import keras
+    import numpy as np
+
+    model = keras.saving.load_model(run / "model.keras", safe_mode=True)
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    classes = json.loads((run / "run.json").read_text())["classes"]
+    out = {}
+    for split in ("train", "val", "test"):
+        files = [f for c in classes for f in digits(split, c)]
+        labels = np.array([classes.index(f.parent.name) for f in files])
+        x = load_images(files).astype(np.uint8)
+        out[split] = (pooled.predict(x, batch_size=64, verbose=0), labels)
+    clear()
+    return out
+
+
+def run_quickstart(work: Path, seeds: Sequence[int], smoke: bool,
+                   record: Callable[..., None]) -> None:
+    configs = {"test_resnet, random weights": ("test_resnet", "none")} if smoke else QUICKSTART
+    first: Path | None = None
+    for seed in seeds:
+        for name, (backbone, weights) in configs.items():
+            out = work / "runs" / f"quickstart-{backbone}-{weights}-s{seed}"
+            start = time.perf_counter()
+            tlkit("finetune", str(DATA), "--backbone", backbone, "--weights", weights,
+                  "--input-size", str(SIZE), "--workers", "2", "--freeze", "all", "--epochs",
+                  "0", "--seed", str(seed), "-o", str(out))
+            seconds = time.perf_counter() - start
+            clear()
+            m = tlkit("eval", str(out), str(DATA), "--split", "test")
+            clear()
+            record(name, 0, seed, m["top1"], seconds=seconds, protocol="quickstart")
+            log(f"quickstart seed={seed} {name}: {m['top1']:.4f} ({seconds:.0f} s)")
+            first = first or out
+    if first is not None:  # the probe is deterministic: one fit on the first run's features
+        record(f"logreg-probe on {next(iter(configs))}", 0, seeds[0],
+               logreg_probe(quickstart_features(first)), protocol="quickstart")
+
+
+def quickstart_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| data/ as shipped, 32 px, head only | test top-1 % | train s |",
+             "| --- | --- | --- |"]
+    for name in dict.fromkeys(r["config"] for r in rows):
+        hits = [r for r in rows if r["config"] == name]
+        accs = [100 * r["top1"] for r in hits]
+        acc = (f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}" if len(accs) > 1
+               else f"{accs[0]:.1f}")
+        secs = [r["seconds"] for r in hits if r["seconds"] is not None]
+        lines.append(f"| {name} | {acc} | {statistics.mean(secs):.0f} |" if secs else
+                     f"| {name} | {acc} | |")
+    return "\n".join(lines)
+
+
 def views_table(rows: list[dict[str, Any]]) -> str:
     """Preset x view mode: test top-1 mean ± sd over seeds, and eval seconds."""
     lines = ["| --augment | " + " | ".join(f"--multicrop {m}" for m in VIEW_MODES)
@@ -380,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="instead of the core table: the defaults with every augment "
                              "preset, each evaluated with --multicrop 1, auto, 10 and dense")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--quickstart", action="store_true",
+                        help="only the quickstart protocol: data/ as shipped, head only")
     args = parser.parse_args(argv)
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
@@ -404,14 +476,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tlkit-quality-") as tmp:
         work = Path(tmp)
+        if args.quickstart or args.smoke:
+            run_quickstart(work, [0] if args.smoke else args.seeds, args.smoke, record)
         trunk = args.trunk or work / "trunk"
-        if not (trunk / "run.json").is_file():
+        if not args.quickstart and not (trunk / "run.json").is_file():
             log(f"training the trunk: {BACKBONE} from scratch on digits 0-4, "
                 f"{args.trunk_epochs} epochs")
             t = time.perf_counter()
             train_trunk(work, trunk, args.trunk_epochs)
             log(f"trunk trained in {time.perf_counter() - t:.0f} s")
-        for seed in args.seeds:
+        for seed in [] if args.quickstart else args.seeds:
             if args.multicrop or args.smoke:  # the smoke runs both tables, one preset here
                 run_views_task(work, trunk, seed, ["light"] if args.smoke else PRESETS, record)
             if args.multicrop:
@@ -421,10 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          record, not args.no_references)
     total = time.perf_counter() - started
     views_rows = [r for r in rows if "views" in r]
+    quick_rows = [r for r in rows if r.get("protocol") == "quickstart"]
+    if quick_rows:
+        print(quickstart_table(quick_rows))
     if views_rows:
         print(views_table(views_rows))
-    if not args.multicrop:
-        print(table([r for r in rows if "views" not in r], args.k))
+    if not args.multicrop and not args.quickstart:
+        print(table([r for r in rows if "views" not in r and r not in quick_rows], args.k))
     print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all (trunk included), "
           f"recipes not run here: {', '.join(SKIPPED_RECIPES)} (another backbone and size)")
     if args.json:
