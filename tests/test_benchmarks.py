@@ -88,6 +88,10 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
         ("--augment light", m) for m in ("1", "auto", "10", "dense")]
     assert views[0]["chosen"] == "1" and views[3]["chosen"] == "dense"
     assert "| light |" in quality_out and "--multicrop auto" in quality_out
+    pictures = [r["config"] for r in rows if r.get("protocol") == "pictures"]  # drawings
+    assert pictures == ["logreg-probe on raw pixels (32x32)",
+                        "logreg-probe on test_resnet, random weights"]
+    assert "224 px, probes | test top-1" in quality_out
     quick = [r for r in rows if r.get("protocol") == "quickstart"]  # data/ as shipped
     assert [r["config"] for r in quick] == ["test_resnet, random weights",
                                             "logreg-probe on test_resnet, random weights"]

@@ -49,7 +49,7 @@ class BackboneSpec:
     weights_file: str  # ImageNet weights without the top, as Keras names them ("": none)
     weights_subdir: str  # folder under KERAS_WEIGHTS_URL
     # the pin Keras publishes (md5 hex, or sha256 hex); for packaged weights, the sha256 of the
-    # converted file's arrays (tlkit.efficientnet_lite.weights_digest)
+    # converted file's arrays (tlkit.weights.weights_digest)
     weights_hash: str
     crop_fraction: float = 0.875  # eval: resize shorter side to size / crop_fraction, centre crop
     # builds the headless backbone from an input shape, when it is not in keras.applications

@@ -12,7 +12,6 @@ Stock layers only, so `model.keras` loads with plain Keras in safe mode; layer n
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -137,25 +136,6 @@ def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[s
         what = f"unexpected tensor {extra[0]}" if extra else "no classifier (_fc)"
         raise CheckpointError(f"{path}: {what}; not an EfficientNet-Lite0 state dict")
     return out
-
-
-def weights_digest(path: str | os.PathLike) -> str:
-    """sha256 over a Keras weights file's arrays (layer, variable index, dtype, shape, bytes,
-    in name order). Pinned instead of the file's bytes: HDF5 files differ between h5py
-    versions, and the folders above `<layer>/vars/<i>` between Keras versions; the arrays
-    do not."""
-    import h5py
-
-    found: list[tuple[str, Any]] = []
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: found.append(("/".join(name.split("/")[-3:]), obj[()]))
-                     if isinstance(obj, h5py.Dataset) else None)
-    h = hashlib.sha256()
-    for name, value in sorted(found, key=lambda item: item[0]):
-        array = np.ascontiguousarray(value)
-        h.update(f"{name}|{array.dtype.str}|{array.shape}\n".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
 
 
 def convert(source: str | os.PathLike, target: str | os.PathLike) -> None:

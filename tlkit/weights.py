@@ -7,6 +7,7 @@ Set TLKIT_OFFLINE=1 to forbid downloads, so a missing file fails at once instead
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -47,21 +48,41 @@ def _missing_message(spec: BackboneSpec, reason: str) -> str:
     )
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """sha256 over a Keras weights file's arrays (layer, variable index, dtype, shape, bytes,
+    in name order). Pinned instead of the file's bytes: HDF5 files differ between h5py
+    versions, and the folders above `<layer>/vars/<i>` between Keras versions; the arrays
+    do not."""
+    import h5py
+    import numpy as np
+
+    found: list[tuple[str, Any]] = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.append(("/".join(name.split("/")[-3:]), obj[()]))
+                     if isinstance(obj, h5py.Dataset) else None)
+    h = hashlib.sha256()
+    for name, value in sorted(found, key=lambda item: item[0]):
+        array = np.ascontiguousarray(value)
+        h.update(f"{name}|{array.dtype.str}|{array.shape}\n".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
 def verify_pinned(spec: BackboneSpec, path: Path) -> None:
     if spec.packaged is not None:
-        from tlkit.efficientnet_lite import weights_digest
-
         try:
             actual = weights_digest(path)
         except OSError as e:  # h5py: not an HDF5 file, or truncated
             actual = f"unreadable ({str(e).splitlines()[0][:80]})"
+        again = "the next run converts it again from the installed package"
     else:
         actual = file_hash(path, spec.weights_hash_algorithm)
+        again = "download it again"
     if actual != spec.weights_hash:
         raise WeightsError(
             f"{path}: {spec.weights_hash_algorithm} {actual} does not match the pinned "
             f"{spec.weights_hash} for {spec.name}; the file is corrupt or for another model. "
-            "Delete it and download it again"
+            f"Delete it: {again}"
         )
 
 
