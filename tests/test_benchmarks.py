@@ -96,7 +96,7 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     assert [r["config"] for r in quick] == ["test_resnet, random weights",
                                             "logreg-probe on test_resnet, random weights"]
     assert all(0 <= r["top1"] <= 1 for r in quick) and "head only | test top-1" in quality_out
-    rows = [r for r in rows if "views" not in r]
+    rows = [r for r in rows if "views" not in r and "protocol" not in r]  # the self-transfer
     configs = {r["config"] for r in rows}
     assert configs == {"defaults", "recipe small-data", "keras-reference (plain Keras, frozen)",
                        "logreg-probe (sklearn, frozen)"}
