@@ -92,6 +92,8 @@ def _torch_names() -> dict[str, tuple[str, str]]:
 
 
 BN_PARTS = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, mean, var
+# checkpoint axes in Keras order: OIHW -> HWIO; depthwise (C, 1, H, W) -> (H, W, C, 1)
+TO_KERAS = {"conv": (2, 3, 1, 0), "dwconv": (2, 3, 0, 1)}
 
 
 def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[str, list]:
@@ -109,19 +111,16 @@ def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[s
         if missing:
             raise CheckpointError(f"{path}: tensor {missing[0]} is missing; not an "
                                   "EfficientNet-Lite0 state dict")
-        # Keras axes of each checkpoint axis: OIHW -> HWIO, depthwise (C, 1, H, W) -> HWC1
-        order = {"conv": (3, 2, 0, 1), "dwconv": (2, 3, 0, 1)}.get(kind)
+        to_keras = TO_KERAS.get(kind)
         for k, weight in zip(keys, layer.weights, strict=True):
-            expected = [int(weight.shape[i]) for i in order] if order else list(weight.shape)
+            expected = list(weight.shape)  # in the checkpoint's layout, for the message
+            if to_keras:
+                expected = [expected[j] for j in np.argsort(to_keras)]
             if list(state[k].shape) != expected:
                 raise CheckpointError(f"{path}: tensor {k} has shape {list(state[k].shape)}, "
                                       f"expected {expected}; not an EfficientNet-Lite0 state "
                                       "dict")
-        arrays = [state[k] for k in keys]
-        if kind == "conv":
-            arrays = [arrays[0].transpose(2, 3, 1, 0)]
-        elif kind == "dwconv":
-            arrays = [arrays[0].transpose(2, 3, 0, 1)]
+        arrays = [state[k].transpose(to_keras) if to_keras else state[k] for k in keys]
         for k, array in zip(keys, arrays, strict=True):
             if not np.isfinite(array).all():
                 raise CheckpointError(f"{path}: tensor {k} holds NaN or infinite values")
