@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,21 +28,40 @@ BN_EPSILON = 1e-3
 IMAGENET_CLASSES = 1000
 
 
-def block_names() -> list[str]:
-    """block1a, block2a, block2b, ...: one per inverted-residual block, in order."""
-    return [f"block{i + 1}{chr(97 + j)}" for i, stage in enumerate(STAGES)
-            for j in range(stage[4])]
+class Block(NamedTuple):
+    name: str  # block2a, as keras.applications names EfficientNet's blocks
+    stage: int  # 1..7
+    kernel: int
+    stride: int
+    expand: int
+    inputs: int  # channels in
+    outputs: int  # channels out
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.inputs == self.outputs
+
+    @property
+    def last_layer(self) -> str:
+        return f"{self.name}_add" if self.residual else f"{self.name}_project_bn"
+
+
+def blocks() -> list[Block]:
+    """Every inverted-residual block in order: the one reading of STAGES."""
+    out, channels = [], STEM
+    for i, (kernel, first_stride, expand, width, repeats) in enumerate(STAGES):
+        for j in range(repeats):
+            out.append(Block(f"block{i + 1}{chr(97 + j)}", i + 1, kernel,
+                             first_stride if j == 0 else 1, expand, channels, width))
+            channels = width
+    return out
 
 
 def stage_ends() -> tuple[tuple[str, str], ...]:
     """(stage, its last layer) for the registry: stem, the seven block stages, the head."""
-    ends, names = [("stem", "stem_activation")], iter(block_names())
-    for i, (_k, stride, _e, out, repeats) in enumerate(STAGES):
-        last = [next(names) for _ in range(repeats)][-1]
-        residual = repeats > 1 or (stride == 1 and out == (STEM if i == 0 else STAGES[i - 1][3]))
-        ends.append((f"stage{i + 1}", f"{last}_add" if residual else f"{last}_project_bn"))
-    ends.append(("top", "top_activation"))
-    return tuple(ends)
+    last = {b.stage: b.last_layer for b in blocks()}
+    return (("stem", "stem_activation"), *((f"stage{i}", last[i]) for i in sorted(last)),
+            ("top", "top_activation"))
 
 
 def build(input_shape: tuple[int | None, int | None, int]) -> Any:
@@ -58,20 +77,17 @@ def build(input_shape: tuple[int | None, int | None, int]) -> Any:
 
     inputs = keras.Input(input_shape, name="input_layer")
     x = conv_bn(inputs, STEM, 3, 2, "stem", act=True)
-    names, channels = iter(block_names()), STEM
-    for kernel, first_stride, expand, out, repeats in STAGES:
-        for j in range(repeats):
-            name, stride, skip = next(names), first_stride if j == 0 else 1, x
-            if expand != 1:
-                x = conv_bn(x, channels * expand, 1, 1, f"{name}_expand", act=True)
-            x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                                       name=f"{name}_dwconv")(x)
-            x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
-            x = layers.ReLU(6.0, name=f"{name}_activation")(x)
-            x = conv_bn(x, out, 1, 1, f"{name}_project", act=False)
-            if stride == 1 and channels == out:
-                x = layers.Add(name=f"{name}_add")([skip, x])
-            channels = out
+    for b in blocks():
+        skip = x
+        if b.expand != 1:
+            x = conv_bn(x, b.inputs * b.expand, 1, 1, f"{b.name}_expand", act=True)
+        x = layers.DepthwiseConv2D(b.kernel, strides=b.stride, padding="same", use_bias=False,
+                                   name=f"{b.name}_dwconv")(x)
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{b.name}_bn")(x)
+        x = layers.ReLU(6.0, name=f"{b.name}_activation")(x)
+        x = conv_bn(x, b.outputs, 1, 1, f"{b.name}_project", act=False)
+        if b.residual:
+            x = layers.Add(name=f"{b.name}_add")([skip, x])
     x = conv_bn(x, HEAD, 1, 1, "top", act=True)
     return keras.Model(inputs, x, name="efficientnet_lite0")
 
@@ -80,7 +96,7 @@ def _torch_names() -> dict[str, tuple[str, str]]:
     """Keras layer -> (checkpoint prefix, kind), kind one of conv, dwconv, bn."""
     out = {"stem_conv": ("_conv_stem", "conv"), "stem_bn": ("_bn0", "bn"),
            "top_conv": ("_conv_head", "conv"), "top_bn": ("_bn1", "bn")}
-    for i, name in enumerate(block_names()):
+    for i, name in enumerate(b.name for b in blocks()):
         p = f"_blocks.{i}"
         out.update({f"{name}_expand_conv": (f"{p}._expand_conv", "conv"),
                     f"{name}_expand_bn": (f"{p}._bn0", "bn"),
