@@ -9,6 +9,9 @@
                                                 # features against random ones (2 min)
     python benchmarks/quality.py --pictures DIR  # real drawings (scripts/fetch_openclipart.py):
                                                 # probes on each backbone's features
+    python benchmarks/quality.py --real DIR      # the real-picture protocol on those drawings:
+                                                # tlkit's configurations against references
+                                                # (benchmarks/real_pictures.py)
 
 Real data that ships offline: the 1,797 handwritten digits in data/ (8x8 PNGs, upscaled to
 32 px). No ImageNet weights can be downloaded here, so the "pretrained" backbone is made the
@@ -583,7 +586,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pictures", type=Path,
                         help="only the real-picture probes, on this folder of class folders "
                              "(scripts/fetch_openclipart.py OUT makes OUT/images)")
+    parser.add_argument("--real", type=Path,
+                        help="only the real-picture protocol (benchmarks/real_pictures.py) on "
+                             "this folder of class folders; with --sweep also k = 5 and 20")
     args = parser.parse_args(argv)
+    if args.real and not args.k:
+        args.k = [5, 10, 20] if args.sweep else [10]
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
     if args.only:
@@ -612,6 +620,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pictures:
             run_pictures(args.pictures, args.seeds, (args.k or [10])[0], record)
             args.quickstart = True  # nothing else to run
+        if args.real or args.smoke:
+            from real_pictures import run_real
+
+            run_real(args.real, work, [0] if args.smoke else args.seeds,
+                     [4] if args.smoke else args.k, args.sweep, args.only, record, args.smoke)
+            args.quickstart = args.quickstart or bool(args.real)
         if args.smoke:
             run_pictures(smoke_pictures(work / "pictures"), [0], 4, record,
                          {"test_resnet, random weights": ("test_resnet", "none")})
@@ -631,8 +645,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_task(work, trunk, k, seed, seed == args.seeds[0], configs, "defaults",
                          record, not args.no_references)
     total = time.perf_counter() - started
-    views_rows = [r for r in rows if "views" in r]
+    views_rows = [r for r in rows if "views" in r and r.get("protocol") != "real-views"]
     quick_rows = [r for r in rows if r.get("protocol") in ("quickstart", "pictures")]
+    real_rows = [r for r in rows if r.get("protocol") == "real"]
+    if real_rows or any(r.get("protocol") == "real-views" for r in rows):
+        from real_pictures import real_table, views_cost_table
+
+        print(real_table(real_rows, sorted({r["k"] for r in real_rows})))
+        print(views_cost_table([r for r in rows if r.get("protocol") == "real-views"]))
     for protocol, title in (("quickstart", "data/ as shipped, 32 px, head only"),
                             ("pictures", f"drawings, {PICTURES_SIZE} px, probes")):
         these = [r for r in quick_rows if r["protocol"] == protocol]
@@ -641,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if views_rows:
         print(views_table(views_rows))
     if not args.multicrop and not args.quickstart:
-        print(table([r for r in rows if "views" not in r and r not in quick_rows], args.k))
+        print(table([r for r in rows if "views" not in r and r not in quick_rows
+                     and not r.get("protocol", "").startswith("real")], args.k))
     if args.quickstart:
         print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all")
     else:

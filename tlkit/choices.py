@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from tlkit.errors import ConfigError, did_you_mean
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+SCHEDULES = ("constant", "cosine")  # the fine-tune rate over the phase (tlkit.optim)
 CACHE_DTYPES = ("float16", "float32")
 CACHE_MODES = ("auto", "build", "off")
 CLASS_WEIGHTS = ("none", "balanced")

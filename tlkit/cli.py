@@ -337,6 +337,19 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
               help="Phase 2: epochs training everything after the freeze point.")
 @click.option("--lr", default=1e-3, show_default=True, help="Phase 1 learning rate (Adam).")
 @click.option("--fine-tune-lr", default=1e-5, show_default=True, help="Phase 2 learning rate.")
+@click.option("--schedule", type=click.Choice(choices.SCHEDULES), default="constant",
+              show_default=True, help="Phase 2's rate: constant, or a cosine decay to 0 over "
+                                      "--epochs.")
+@click.option("--warmup-epochs", default=0, show_default=True,
+              help="Phase 2 raises its rate linearly to --fine-tune-lr over this many epochs.")
+@click.option("--weight-decay", default=0.0, show_default=True,
+              help="Phase 2: decoupled weight decay on kernels (AdamW); 0 = plain Adam.")
+@click.option("--stage-lr-decay", default=1.0, show_default=True,
+              help="Phase 2: discriminative rates. The backbone's last stage trains at this "
+                   "fraction of --fine-tune-lr, each earlier stage at this fraction of the next.")
+@click.option("--label-smoothing", default=0.0, show_default=True,
+              help="Both phases train on labels smoothed by this much (validation losses stay "
+                   "plain cross-entropy).")
 @click.option("--dropout", default=0.2, show_default=True)
 @click.option("--patience", default=3, show_default=True,
               help="Early stopping: epochs without a better validation loss.")

@@ -19,6 +19,7 @@ from tlkit.choices import (
     CACHE_MODES,
     CLASS_WEIGHTS,
     DEFAULT_BACKBONE,
+    SCHEDULES,
     STRATEGIES,
     check,
 )
@@ -68,6 +69,13 @@ class FinetuneConfig:
     # linear scaling rule: --lr and --fine-tune-lr are for a batch of lr_base_batch images
     scale_lr: bool = False
     lr_base_batch: int = 32
+    # the fine-tune phase as timm and fastai run it (tlkit.optim): rate schedule, warmup,
+    # decoupled weight decay, a lower rate for each earlier stage; label smoothing (both phases)
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    weight_decay: float = 0.0
+    stage_lr_decay: float = 1.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -87,6 +95,12 @@ class FinetuneConfig:
              self.prefetch),
             (self.views >= 1, "--views must be at least 1", self.views),
             (self.lr_base_batch >= 1, "--lr-base-batch must be at least 1", self.lr_base_batch),
+            (self.warmup_epochs >= 0, "--warmup-epochs must be 0 or more", self.warmup_epochs),
+            (self.weight_decay >= 0, "--weight-decay must be 0 or more", self.weight_decay),
+            (0 < self.stage_lr_decay <= 1, "--stage-lr-decay must be in (0, 1]",
+             self.stage_lr_decay),
+            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)",
+             self.label_smoothing),
         ]
         for ok, message, value in checks:
             if not ok:
@@ -95,7 +109,8 @@ class FinetuneConfig:
         for flag, value, choices in (("--cache", self.cache, CACHE_MODES),
                                      ("--cache-dtype", self.cache_dtype, CACHE_DTYPES),
                                      ("--class-weight", self.class_weight, CLASS_WEIGHTS),
-                                     ("--strategy", self.strategy, STRATEGIES)):
+                                     ("--strategy", self.strategy, STRATEGIES),
+                                     ("--schedule", self.schedule, SCHEDULES)):
             check(flag, value, choices)
         if self.fine_tune_lr > self.lr:
             raise ConfigError(

@@ -61,27 +61,33 @@ def _affordable(base: Any, plans: Sequence[FreezePlan], n_images: int) -> list[t
     return out
 
 
-def _train_tail(model: Any, plan: FreezePlan, cut: Any, data: tuple[np.ndarray, ...],
-                config: Any, weights: np.ndarray | None, start: dict[str, Any],
-                start_losses: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def _train_tail(model: Any, spec: BackboneSpec, plan: FreezePlan, cut: Any,
+                data: tuple[np.ndarray, ...], config: Any, weights: np.ndarray | None,
+                start: dict[str, Any], start_losses: np.ndarray
+                ) -> tuple[np.ndarray, dict[str, Any]]:
     """(per-image val losses, score) of one deeper candidate: its tail trained from the cached
     activations, starting from the head probe, for --epochs with patience."""
     import keras
 
     from tlkit.cut import build_tail
     from tlkit.head import best_keeper, val_losses
-    from tlkit.model import backbone_of, optimizer_for
+    from tlkit.model import backbone_of
+    from tlkit.optim import CROSS_ENTROPY, compile_args, phase_optimizer
 
     x_train, y_train, x_val, y_val = data
     t = time.perf_counter()
-    apply_freeze(backbone_of(model), plan, config.train_bn)
+    base = backbone_of(model)
+    apply_freeze(base, plan, config.train_bn)
     tail = build_tail(model, cut)
-    tail.compile(optimizer=optimizer_for(tail, config.fine_tune_lr * config.lr_scale()),
-                 loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    steps = -(-len(x_train) // config.batch_size)
+    tail.compile(optimizer=phase_optimizer(tail, base, spec, config, steps),
+                 **compile_args(config.label_smoothing))
+    monitor = f"val_{CROSS_ENTROPY}" if config.label_smoothing else "val_loss"
     history = tail.fit(x_train, y_train, sample_weight=weights, batch_size=config.batch_size,
                        epochs=config.epochs, validation_data=(x_val, y_val), verbose=0,
                        callbacks=[best_keeper(), keras.callbacks.EarlyStopping(
-                           "val_loss", patience=config.patience)]).history
+                           monitor, patience=config.patience)]).history
+    history["val_loss"] = history.get(monitor, history["val_loss"])
     trained = val_losses(np.asarray(tail.predict(x_val, verbose=0), np.float64),
                          y_val)  # the best epoch's weights, restored
     # where each tail starts is the head probe: it stays the score unless training beat it
@@ -127,7 +133,7 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     t = time.perf_counter()
     rows, _ = fit_head(model, pooled, config.lr * config.lr_scale(), config.batch_size,
                        head_steps(len(train), config.batch_size, config.head_epochs),
-                       config.seed, sample_weights)
+                       config.seed, sample_weights, config.label_smoothing)
     top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
     scores = [_score(plans[0], top["val_loss"], top["val_accuracy"], 0,
                      time.perf_counter() - t)]
@@ -136,8 +142,8 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     weights = np.asarray(sample_weights, np.float32) if sample_weights is not None else None
     for i, (plan, cut) in enumerate(deeper):
         model.set_weights(probed)
-        trained, score = _train_tail(model, plan, cut, (out["train"][i], y_train,
-                                                        out["val"][i], y_val),
+        trained, score = _train_tail(model, spec, plan, cut, (out["train"][i], y_train,
+                                                              out["val"][i], y_val),
                                      config, weights, scores[0], losses[0])
         losses.append(trained)
         scores.append(score)

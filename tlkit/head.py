@@ -118,7 +118,8 @@ def forward(extractor: Any, make_rows: Any, train: Sequence[Example], val: Seque
 
 
 def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: int, seed: int,
-             sample_weights: Sequence[float] | None = None) -> tuple[list[dict[str, Any]], int]:
+             sample_weights: Sequence[float] | None = None, label_smoothing: float = 0.0
+             ) -> tuple[list[dict[str, Any]], int]:
     """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
     keep the weights with the lowest validation loss (checked every CHECK_EVERY steps or every
     pass, whichever is longer); (one history row per check, optimizer steps taken).
@@ -131,7 +132,8 @@ def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: 
     dropout, dense = model.get_layer("dropout"), model.get_layer("predictions")
     optimizer = keras.optimizers.Adam(lr)
     optimizer.build(dense.trainable_weights)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    classes = int(dense.units)
     # a "check" is max(one pass, CHECK_EVERY steps): validation (and the choice of the best
     # weights) every so many steps, not after every tiny pass over a small set
     per_check = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
@@ -150,7 +152,7 @@ def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: 
             x, y, w = next(batches)
             with tf.GradientTape() as tape:
                 probs = tf.cast(dense(dropout(x, training=True)), tf.float32)
-                loss = loss_fn(y, probs, sample_weight=w)
+                loss = loss_fn(tf.one_hot(y, classes), probs, sample_weight=w)
             grads = tape.gradient(loss, dense.trainable_weights)
             optimizer.apply_gradients(zip(grads, dense.trainable_weights, strict=True))
             hit = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
@@ -227,7 +229,9 @@ def best_keeper() -> Any:
             self._start = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            logs = logs or {}
+            from tlkit.optim import plain_val_loss
+
+            logs = plain_val_loss(logs or {})
             self.seconds.append(round(time.perf_counter() - self._start, 3))
             loss, val_loss = logs.get("loss", math.nan), logs.get("val_loss", math.nan)
             if not (math.isfinite(loss) and math.isfinite(val_loss)):
@@ -283,7 +287,7 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
         model.get_layer("predictions").set_weights(initial)
         rows, _ = fit_head(model, features, config.lr, config.batch_size,
                            head_steps(len(train), config.batch_size, config.head_epochs),
-                           config.seed, sample_weights)
+                           config.seed, sample_weights, config.label_smoothing)
         top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
                   else math.inf)
         losses.append(head_val_losses(model, features))

@@ -136,14 +136,14 @@ def compute_dtypes(model: Any) -> list[str]:
                    if layer.weights})
 
 
-def optimizer_for(model: Any, lr: float) -> Any:
-    """Adam, with dynamic loss scaling whenever a trainable layer computes in float16: small
-    float16 gradients would otherwise underflow to zero without a word. Keras wraps the
-    optimizer itself only when the compiled model's own policy is mixed, which a tail built
-    over the feature cache does not carry."""
+def optimizer_for(model: Any, lr: float, optimizer: Any = None) -> Any:
+    """`optimizer` (default Adam at `lr`), with dynamic loss scaling whenever a trainable layer
+    computes in float16: small float16 gradients would otherwise underflow to zero without a
+    word. Keras wraps the optimizer itself only when the compiled model's own policy is mixed,
+    which a tail built over the feature cache does not carry."""
     import keras
 
-    optimizer = keras.optimizers.Adam(lr)
+    optimizer = optimizer or keras.optimizers.Adam(lr)
     if any(layer.trainable_weights and layer.dtype_policy.compute_dtype == "float16"
            for layer in leaf_layers(model)):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -108,7 +108,9 @@ def _make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: Any,
                 self.model.stop_training = True
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            logs = logs or {}
+            from tlkit.optim import plain_val_loss
+
+            logs = plain_val_loss(logs or {})
             if self.diverged is None:
                 bad = [k for k in ("loss", "val_loss") if not math.isfinite(logs.get(k, 0.0))]
                 if bad:
@@ -569,7 +571,8 @@ def _train(plan: _Plan, placement: Placement, state: dict[str, Any], tmp_dir: Pa
                           state, ckpt_dir, writes is not None, plan.cache,
                           plan.folder.splits["train"], val, plan.spec.crop_fraction,
                           plan.transform, plan.head_features, _val_dataset(plan, placement),
-                          -(-len(val) // c.batch_size), plan.sample_weights, placement, verbose)
+                          -(-len(val) // c.batch_size), plan.sample_weights, placement, verbose,
+                          plan.spec)
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
     try:
         for index, (phase, epochs, lr) in enumerate(schedule):
@@ -611,7 +614,7 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     load_checkpoint(ckpt_dir / BEST, plan.model)
     calibration = _calibrate(plan) if plan.config.calibrate else None
     with atomic_path(tmp_dir / "model.keras") as tmp:
-        plan.model.save(tmp)
+        inference_model(plan.model).save(tmp)
     from tlkit.report import training_curves_png
 
     atomic_write(tmp_dir / "training_curves.png", training_curves_png(state["rows"]))
@@ -630,6 +633,15 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
     log.info("saved %s (best val_accuracy %.4f, %s epoch %s)", run_dir,
              best.get("val_accuracy") or math.nan, best["phase"], best["epoch"])
     return load_run(run_dir)
+
+
+def inference_model(model: Any) -> Any:
+    """The classifier without its training state (optimizer, loss): what model.keras holds, so
+    that plain `keras.saving.load_model` opens it whatever trained it; the state for resuming is
+    in the checkpoints."""
+    import keras
+
+    return keras.Model(model.input, model.output, name=model.name)
 
 
 def _calibrate(plan: _Plan) -> dict[str, Any]:
@@ -735,6 +747,7 @@ class _PhaseRunner:
     sample_weights: list[float] | None
     placement: Placement
     verbose: Any
+    spec: Any = None  # the BackboneSpec: its stages set --stage-lr-decay's rates
     forward_per_image: float | None = None  # seconds, measured by the head phase's features
 
     def _forward_timed(self, per_image: float, total: int) -> None:
@@ -783,8 +796,8 @@ class _PhaseRunner:
             config.workers, config.audit.max_pixels,
             on_first_batch=self._forward_timed)
         self.head_features = None  # memory
-        rows, steps_done = fit_head(self.model, features, lr, config.batch_size, steps, config.seed,
-                        self.sample_weights)
+        rows, steps_done = fit_head(self.model, features, lr, config.batch_size, steps,
+                                    config.seed, self.sample_weights, config.label_smoothing)
         bad = [r for r in rows if not (math.isfinite(r["loss"]) and math.isfinite(r["val_loss"]))]
         if bad:
             raise Diverged(f"phase head, check {bad[0]['epoch']}: the loss became "
@@ -816,6 +829,7 @@ class _PhaseRunner:
             phase_first: int) -> None:
         """Freeze, compile, restore the optimizer when resuming mid-phase, fit."""
         from tlkit.model import optimizer_for
+        from tlkit.optim import compile_args, describe, phase_optimizer
         from tlkit.pipeline import steps_per_epoch, train_dataset
 
         config, plan, state = self.config, self.plan, self.state
@@ -836,8 +850,14 @@ class _PhaseRunner:
             self.model.set_weights(self.recorder.best_head)  # the best head, not the last
             self.recorder.best_head = None
         fit_model = self.fit_model
-        fit_model.compile(optimizer=optimizer_for(fit_model, lr),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        steps = steps_per_epoch(len(self.train_examples), config.batch_size,
+                                self.placement.replicas)
+        optimizer = (phase_optimizer(fit_model, self.base, self.spec, config, steps)
+                     if phase == "fine-tune" else optimizer_for(fit_model, lr))
+        fit_model.compile(optimizer=optimizer, **compile_args(config.label_smoothing))
+        if describe(config):
+            log.info("phase %s: %s", phase, describe(config) if phase == "fine-tune" else
+                     f"label smoothing {config.label_smoothing:g}")
         if initial > 0 and self.ckpt_dir is not None:  # mid-phase: moments, step count, rate
             fit_model.optimizer.build(fit_model.trainable_variables)
             path, _ = latest_checkpoint(self.ckpt_dir)
@@ -854,8 +874,6 @@ class _PhaseRunner:
             train_ds = self.placement.dataset(lambda share: train_dataset(
                 self.train_examples, self.transform, config.batch_size, config.seed, **window,
                 max_pixels=config.audit.max_pixels, share=share))
-        steps = steps_per_epoch(len(self.train_examples), config.batch_size,
-                                self.placement.replicas)
         val_seconds = (self.forward_per_image * len(self.val_examples)
                        if self.forward_per_image is not None and self.cache is None else None)
         timer = _step_timer(phase, epochs, initial, steps, val_seconds, state)

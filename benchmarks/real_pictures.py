@@ -1,0 +1,373 @@
+"""The real-picture protocol of the accuracy benchmark: ImageNet features on drawings of objects.
+
+    python scripts/fetch_openclipart.py /tmp/clipart                 # once: 131 MB, 1 min
+    python benchmarks/quality.py --real /tmp/clipart/images          # the core table
+    python benchmarks/quality.py --real /tmp/clipart/images --sweep  # and k = 5, 20, depths
+
+Data: Debian's openclipart-png, public domain drawings filed by subject (scripts/
+fetch_openclipart.py links one class folder per subject). The class set is CLASSES: twelve
+subjects of objects with at least 40 drawings each. Drawings over tlkit's pixel limit (100
+megapixels, a few posters) are left out and counted: tlkit refuses them, as it should. Each
+class is capped at CAP drawings (a seeded draw, the same for every seed). Per seed: k training
+and VAL validation drawings per class drawn by the seed, every other drawing of the capped set
+is the test split. Each configuration is a `tlkit finetune` on that folder, as a user types it
+(default backbone, efficientnet_lite0 with its ImageNet weights, at its 224 px), then `tlkit
+eval --split test`.
+
+References, written here independently of tlkit's training code:
+- keras-reference: the same backbone and ImageNet weights, GAP + Dropout + Dense, fitted as the
+  Keras transfer-learning guide does: the head on the frozen backbone's features (Adam 1e-3,
+  early stopping on validation loss, best weights), then the whole network at Adam 1e-5 with
+  BatchNorm in inference mode and horizontal flips, keeping an epoch only when it lowers the
+  validation loss. Pixels come from PIL: alpha over white, shorter side 256, centre 224.
+- logreg-probe: scikit-learn logistic regression (L-BFGS to convergence, C chosen on the
+  validation split) on those pooled features.
+- scratch: the same network from random weights, every layer trained on the k images.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from quality import clear, log, logreg_probe, tlkit
+
+CLASSES = ("animals_birds", "animals_bugs", "animals_mammals", "computer_hardware",
+           "food_desserts", "food_fruit", "people_stickmen", "recreation_music",
+           "recreation_sports", "signs_and_symbols_flags", "transportation_roadsigns",
+           "transportation_vehicles")
+CAP, VAL, SIZE = 50, 5, 224
+MAX_PIXELS = 100_000_000  # tlkit's default --max-pixels
+ALL_K = (5, 10, 20)
+HEAD = ["--freeze", "all", "--epochs", "0"]
+# name -> (finetune flags, k values, seeds: "all" or "first"); "core" runs by default, --sweep
+# adds the rest. The recipes that set another backbone (vgg16, inception_v3, resnet50) are not
+# run: their ImageNet weights cannot be downloaded here.
+CONFIGS: dict[str, tuple[list[str], tuple[int, ...], str]] = {
+    "defaults": ([], ALL_K, "all"),
+    "--freeze auto": (["--freeze", "auto"], (10,), "all"),
+    "--augment auto": (["--augment", "auto"], (10,), "all"),
+    "recipe small-data": (["--recipe", "small-data"], (10,), "all"),
+    "recipe medium-data": (["--recipe", "medium-data"], (10,), "all"),
+    "recipe large-data": (["--recipe", "large-data"], (10,), "all"),
+    "recipe alexnet-augment": (["--recipe", "alexnet-augment"], (10,), "all"),
+    "frozen: head only (--freeze all --epochs 0)": (HEAD, ALL_K, "all"),
+    "fine-tune the last 3 stages (--freeze-blocks 6)": (["--freeze-blocks", "6"], (10, 20),
+                                                        "all"),
+}
+SWEEP_ONLY = {"defaults": (5, 20), "frozen: head only (--freeze all --epochs 0)": (5, 20),
+              "fine-tune the last 3 stages (--freeze-blocks 6)": (20,)}
+SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
+VIEW_MODES = ("1", "auto", "10", "dense")  # `tlkit eval --multicrop` on the defaults' run
+ENSEMBLE_SEEDS = (1000, 2000)  # two more defaults runs: seed + these
+SCRATCH_EPOCHS = 15
+MAIN_K = 10  # the k of the goals: multi-crop, ensemble, references and scratch run here
+REFERENCE_EPOCHS = 1000  # the head's early stopping ends it long before; --smoke: 20
+
+
+def pool(root: Path) -> dict[str, list[Path]]:
+    """CLASSES' drawings within the pixel limit, capped at CAP by a seeded draw."""
+    from PIL import Image
+
+    missing = [c for c in CLASSES if not (root / c).is_dir()]
+    if missing:
+        raise SystemExit(f"{root}: no class folder {', '.join(missing)}; make it with "
+                         "python scripts/fetch_openclipart.py OUT (then --real OUT/images)")
+    out, over = {}, 0
+    rng = random.Random(0)
+    limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = None  # header only: the size, to leave the posters out
+        for c in CLASSES:
+            files = []
+            for f in sorted((root / c).glob("*.png")):
+                with Image.open(f) as im:
+                    if im.width * im.height > MAX_PIXELS:
+                        over += 1
+                        continue
+                files.append(f)
+            rng.shuffle(files)
+            out[c] = sorted(files[:CAP])
+    Image.MAX_IMAGE_PIXELS = limit
+    log(f"real: {sum(map(len, out.values()))} drawings of {len(out)} classes ({over} over "
+        f"{MAX_PIXELS / 1e6:.0f} megapixels left out)")
+    return out
+
+
+def make_task(root: Path, drawings: dict[str, list[Path]], k: int, seed: int) -> Path:
+    """train/val/test class folders of symlinks: k and VAL per class drawn by the seed."""
+    rng = random.Random(seed)
+    for c, files in drawings.items():
+        files = list(files)
+        rng.shuffle(files)
+        for split, part in (("train", files[:k]), ("val", files[k:k + VAL]),
+                            ("test", files[k + VAL:])):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for f in part:
+                os.symlink(f.resolve(), root / split / c / f.name)
+    return root
+
+
+def split_files(task: Path, split: str) -> tuple[list[Path], Any]:
+    import numpy as np
+
+    files, labels = [], []
+    for i, c in enumerate(CLASSES):
+        these = sorted((task / split / c).glob("*.png"))
+        files += these
+        labels += [i] * len(these)
+    return files, np.array(labels)
+
+
+def pixels(files: Sequence[Path]) -> Any:
+    """What a hand-written script does: PIL, alpha over white, shorter side 256, centre 224."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba).convert("RGB")
+        scale = SIZE * 8 / 7 / min(im.size)  # 256 for 224: the eval view's 0.875
+        im = im.resize((max(SIZE, round(im.width * scale)), max(SIZE, round(im.height * scale))),
+                       Image.Resampling.BILINEAR)
+        left, top = (im.width - SIZE) // 2, (im.height - SIZE) // 2
+        out.append(np.asarray(im.crop((left, top, left + SIZE, top + SIZE))))
+    return np.stack(out).astype(np.float32)
+
+
+class KeepBest:
+    """Keras callback: keep the weights of the epoch with the lowest validation loss, starting
+    from a given loss (so that an epoch is kept only when it beats what came before)."""
+
+    def __new__(cls, best: float) -> Any:
+        import keras
+
+        class _KeepBest(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.best, self.weights = best, None
+
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                if logs["val_loss"] < self.best:
+                    self.best, self.weights = logs["val_loss"], self.model.get_weights()
+
+            def on_train_end(self, logs: Any = None) -> None:
+                if self.weights is not None:
+                    self.model.set_weights(self.weights)
+
+        return _KeepBest()
+
+
+def keras_reference(task: Path, backbone: str, seed: int, fine_tune_epochs: int,
+                    record: Callable[..., None], k: int) -> None:
+    """The Keras guide's two stages, and the probe on the stage-1 features."""
+    import keras
+
+    from tlkit.backbones import get_backbone
+    from tlkit.weights import ensure_imagenet
+
+    keras.utils.set_random_seed(seed)
+    start = time.perf_counter()
+    (ftr, y), (fva, yv) = split_files(task, "train"), split_files(task, "val")
+    x, xv = pixels(ftr), pixels(fva)
+    spec = get_backbone(backbone)
+    base = spec.build(SIZE, weights=str(ensure_imagenet(spec)) if spec.weights_file else None)
+    base.trainable = False
+    inputs = keras.Input((SIZE, SIZE, 3))
+    flipped = keras.layers.RandomFlip("horizontal")(inputs)
+    scaled = keras.layers.Rescaling(1 / 128, offset=-127 / 128)(flipped)  # Lite0's (x-127)/128
+    pooled = keras.layers.GlobalAveragePooling2D()(base(scaled, training=False))
+    dropout = keras.layers.Dropout(0.2)
+    dense = keras.layers.Dense(len(CLASSES), activation="softmax")
+    model = keras.Model(inputs, dense(dropout(pooled)))
+    features = keras.Model(inputs, pooled)
+    f, fv = (features.predict(a, batch_size=32, verbose=0) for a in (x, xv))
+    head = keras.Sequential([keras.Input(f.shape[1:]), dropout, dense])
+    head.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    stop = keras.callbacks.EarlyStopping(patience=20, restore_best_weights=True)
+    history = head.fit(f, y, batch_size=32, epochs=REFERENCE_EPOCHS, validation_data=(fv, yv),
+                       callbacks=[stop], verbose=0)
+    head_loss = min(history.history["val_loss"])
+    frozen_s = time.perf_counter() - start
+    test_files, yt = split_files(task, "test")
+    xt = pixels(test_files)
+    ft = features.predict(xt, batch_size=32, verbose=0)
+    record("keras-reference, frozen (head on features)", k, seed,
+           float((head.predict(ft, verbose=0).argmax(1) == yt).mean()), seconds=frozen_s)
+    record("logreg-probe (sklearn, same features)", k, seed,
+           logreg_probe({"train": (f, y), "val": (fv, yv), "test": (ft, yt)}))
+    base.trainable = True  # the guide: unfreeze, BatchNorm stays in inference mode
+    model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=fine_tune_epochs, validation_data=(xv, yv),
+              callbacks=[KeepBest(head_loss)], verbose=0)
+    seconds = time.perf_counter() - start
+    record("keras-reference, fine-tuned (the guide's 2 stages)", k, seed,
+           float((model.predict(xt, batch_size=32, verbose=0).argmax(1) == yt).mean()),
+           seconds=seconds)
+    clear()
+
+
+def finetune(task: Path, out: Path, flags: Sequence[str]) -> float:
+    start = time.perf_counter()
+    tlkit("finetune", str(task), "--workers", "2", *flags, "-o", str(out))
+    seconds = time.perf_counter() - start
+    clear()
+    return seconds
+
+
+def evaluate(runs: Sequence[Path], task: Path, multicrop: str = "1", name: str = "test"
+             ) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    m = tlkit("eval", *map(str, runs), str(task), "--split", "test", "--multicrop", multicrop,
+              "--name", name)
+    seconds = time.perf_counter() - start
+    clear()
+    return m, seconds
+
+
+def run_seed(work: Path, drawings: dict[str, list[Path]], k: int, seed: int, first: bool,
+             configs: dict[str, tuple[list[str], tuple[int, ...], str]],
+             record: Callable[..., None], smoke: bool = False) -> None:
+    task = make_task(work / f"real-k{k}-s{seed}", drawings, k, seed)
+    base_flags = ["--backbone", "test_resnet", "--weights", "none", "--input-size", "32"] \
+        if smoke else []
+    runs: dict[str, Path] = {}
+    for name, (flags, ks, seeds) in configs.items():
+        if k not in ks or (seeds == "first" and not first):
+            continue
+        out = work / "runs" / f"real-k{k}-s{seed}-{len(runs)}"
+        seconds = finetune(task, out, [*base_flags, "--seed", str(seed), *flags])
+        runs[name] = out
+        m, _ = evaluate([out], task)
+        record(name, k, seed, m["top1"], seconds=seconds, protocol="real")
+        log(f"real k={k} seed={seed} {name}: {m['top1']:.4f} ({seconds:.0f} s)")
+    if "defaults" in runs and k == MAIN_K:
+        one = None
+        for mode in VIEW_MODES:
+            m, seconds = evaluate([runs["defaults"]], task, mode, f"views-{mode}")
+            views = m["views"][0]
+            one = seconds if mode == "1" else one
+            record(f"defaults, --multicrop {mode}", k, seed, m["top1"], seconds=seconds,
+                   protocol="real-views", chosen=views["views"], count=views["count"],
+                   cost=round(seconds / one, 2))
+            log(f"real seed={seed} --multicrop {mode}: {m['top1']:.4f} ({views['views']}, "
+                f"{views['count']} views, {seconds:.1f} s)")
+        members = [runs["defaults"]]
+        for extra in ENSEMBLE_SEEDS:
+            out = work / "runs" / f"real-k{k}-s{seed}-member{extra}"
+            finetune(task, out, [*base_flags, "--seed", str(seed + extra)])
+            members.append(out)
+        m, _ = evaluate(members, task, "1", "ensemble")
+        record("ensemble of 3 defaults runs (seeds s, s+1000, s+2000)", k, seed, m["top1"],
+               protocol="real")
+        record("its best member", k, seed, max(r["single_crop_top1"]
+                                               for r in m["comparison"][:3]), protocol="real")
+    if k == MAIN_K or first:
+        keras_reference(task, "test_resnet" if smoke else "efficientnet_lite0", seed,
+                        2 if smoke else 10, lambda *a, **kw: record(*a, **kw, protocol="real"),
+                        k)
+    if k == MAIN_K:
+        out = work / "runs" / f"real-scratch-k{k}-s{seed}"
+        epochs = "2" if smoke else str(SCRATCH_EPOCHS)
+        seconds = finetune(task, out, [*base_flags, "--seed", str(seed), "--weights", "none",
+                                       "--freeze", "0", "--head-epochs", "0", "--epochs", epochs,
+                                       "--lr", "1e-3", "--fine-tune-lr", "1e-3",
+                                       "--patience", epochs])
+        m, _ = evaluate([out], task)
+        record(f"scratch (random init, every layer, {epochs} epochs)", k, seed, m["top1"],
+               seconds=seconds, protocol="real")
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    shutil.rmtree(task, ignore_errors=True)
+
+
+def smoke_drawings(root: Path) -> dict[str, list[Path]]:
+    """CLASSES as 12 folders of 8 small RGBA drawings each (a disc whose colour and size say
+    the class, on transparency), for --smoke: checks that the figures are produced."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for i, c in enumerate(CLASSES):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for j in range(8):
+            img = np.zeros((30, 40, 4), np.uint8)
+            yy, xx = np.mgrid[:30, :40]
+            disc = (yy - 15) ** 2 + (xx - 20) ** 2 < 20 + 10 * (i % 4) + rng.integers(0, 10)
+            img[disc, i % 3] = 255
+            img[disc, 3] = 255
+            Image.fromarray(img, "RGBA").save(root / c / f"{j}.png")
+        out[c] = sorted((root / c).glob("*.png"))
+    return out
+
+
+def run_real(root: Path | None, work: Path, seeds: Sequence[int], ks: Sequence[int],
+             sweep: bool, only: Sequence[str] | None, record: Callable[..., None],
+             smoke: bool = False) -> None:
+    global VAL, SIZE, MAIN_K, REFERENCE_EPOCHS
+    configs = {n: (f, tuple(k for k in ks_ if sweep or k not in SWEEP_ONLY.get(n, ())), s)
+               for n, (f, ks_, s) in CONFIGS.items()}
+    if only:
+        configs = {n: c for n, c in configs.items() if any(o in n for o in only)}
+    if smoke:
+        VAL, SIZE, MAIN_K, REFERENCE_EPOCHS = 2, 32, 4, 20
+        drawings = smoke_drawings(work / "smoke-drawings")
+        configs = {"defaults": (["--epochs", "1"], (4,), "all"),
+                   "frozen: head only (--freeze all --epochs 0)": (HEAD, (4,), "all")}
+    else:
+        assert root is not None
+        drawings = pool(root)
+    for seed in seeds:
+        for k in ks:
+            run_seed(work, drawings, k, seed, seed == seeds[0], configs, record, smoke)
+
+
+def real_table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
+    """Configuration x k: test top-1 mean ± sd over seeds, seconds to train at k = 10."""
+    import statistics
+
+    lines = ["| real pictures: configuration | " + " | ".join(f"k={k}" for k in ks)
+             + f" | train s (k={MAIN_K}) |", "| --- |" + " --- |" * (len(ks) + 1)]
+    for name in dict.fromkeys(r["config"] for r in rows):
+        cells = []
+        for k in ks:
+            accs = [100 * r["top1"] for r in rows if r["config"] == name and r["k"] == k]
+            cells.append("" if not accs else f"{statistics.mean(accs):.1f} ± "
+                         f"{statistics.stdev(accs):.1f}" if len(accs) > 1 else
+                         f"{accs[0]:.1f} (1 seed)")
+        secs = [r["seconds"] for r in rows if r["config"] == name and r["k"] == MAIN_K
+                and r.get("seconds") is not None]
+        cells.append(f"{statistics.mean(secs):.0f}" if secs else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+
+def views_cost_table(rows: list[dict[str, Any]]) -> str:
+    """The defaults' run under each `--multicrop` mode: top-1, eval seconds, cost over 1."""
+    import statistics
+
+    lines = [f"| real pictures, k={MAIN_K}: defaults evaluated with | test top-1 % | eval s | "
+             "cost / one crop | views |", "| --- | --- | --- | --- | --- |"]
+    for mode in VIEW_MODES:
+        hits = [r for r in rows if r["config"].endswith(f"--multicrop {mode}")]
+        if not hits:
+            continue
+        accs = [100 * r["top1"] for r in hits]
+        acc = (f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}" if len(accs) > 1
+               else f"{accs[0]:.1f}")
+        chose = ", ".join(sorted({f"{r['chosen']} ({r['count']})" for r in hits}))
+        lines.append(f"| --multicrop {mode} | {acc} | "
+                     f"{statistics.mean(r['seconds'] for r in hits):.1f} | "
+                     f"{statistics.mean(r['cost'] for r in hits):.2f} | {chose} |")
+    return "\n".join(lines)
