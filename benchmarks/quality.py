@@ -11,7 +11,8 @@
                                                 # probes on each backbone's features
     python benchmarks/quality.py --real DIR      # the real-picture protocol on those drawings:
                                                 # tlkit's configurations against references
-                                                # (benchmarks/real_pictures.py)
+                                                # (benchmarks/real_pictures.py); --sweep:
+                                                # its other rows (k = 5, 20, recipes)
 
 Real data that ships offline: the 1,797 handwritten digits in data/ (8x8 PNGs, upscaled to
 32 px). No ImageNet weights can be downloaded here, so the "pretrained" backbone is made the
@@ -69,8 +70,12 @@ COMMON = ["--input-size", str(SIZE), "--workers", "2"]
 ALL_K = (5, 10, 20)
 HEAD = ["--freeze", "all", "--epochs", "0"]
 VIEWS = ["--head-views", "5"]
+# the fine-tune phase's defaults before warmup + cosine: a row of both protocols, the "before"
+PREVIOUS = "previous defaults (--fine-tune-lr 1e-5 --schedule constant --warmup-epochs 0)"
+PREVIOUS_FLAGS = ["--fine-tune-lr", "1e-5", "--schedule", "constant", "--warmup-epochs", "0"]
 CORE: dict[str, tuple[list[str], tuple[int, ...], str]] = {
     "defaults": ([], (10,), "all"),
+    PREVIOUS: (PREVIOUS_FLAGS, (10,), "all"),
     "head only (--freeze all --epochs 0)": (HEAD, ALL_K, "all"),
     "head on 5 views, --augment light": ([*HEAD, *VIEWS, "--augment", "light"], (10,), "all"),
     "--freeze auto": (["--freeze", "auto"], (10,), "all"),
@@ -588,10 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(scripts/fetch_openclipart.py OUT makes OUT/images)")
     parser.add_argument("--real", type=Path,
                         help="only the real-picture protocol (benchmarks/real_pictures.py) on "
-                             "this folder of class folders; with --sweep also k = 5 and 20")
+                             "this folder of class folders: its core (every goal, k = 10); "
+                             "with --sweep its sweep instead (k = 5 and 20, recipes, depths)")
     args = parser.parse_args(argv)
-    if args.real and not args.k:
-        args.k = [5, 10, 20] if args.sweep else [10]
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
     if args.only:
@@ -623,8 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.real or args.smoke:
             from real_pictures import run_real
 
-            run_real(args.real, work, [0] if args.smoke else args.seeds,
-                     [4] if args.smoke else args.k, args.sweep, args.only, record, args.smoke)
+            run_real(args.real, work, [0] if args.smoke else args.seeds, args.sweep,
+                     args.only, record, args.smoke)
             args.quickstart = args.quickstart or bool(args.real)
         if args.smoke:
             run_pictures(smoke_pictures(work / "pictures"), [0], 4, record,

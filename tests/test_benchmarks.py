@@ -96,6 +96,22 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     assert [r["config"] for r in quick] == ["test_resnet, random weights",
                                             "logreg-probe on test_resnet, random weights"]
     assert all(0 <= r["top1"] <= 1 for r in quick) and "head only | test top-1" in quality_out
+    real = [r for r in rows if r.get("protocol") == "real"]  # the real-picture core plan
+    assert [r["config"] for r in real] == [
+        "defaults", "frozen: head only (--freeze all --epochs 0)",
+        "ensemble of 3 defaults runs (seeds s, s+1000, s+2000)", "its best member",
+        "keras-reference, frozen (head on features)", "logreg-probe (sklearn, same features)",
+        "logreg-probe, alpha over mid-grey instead of white",
+        "keras-reference, fine-tuned (the guide's 2 stages)",
+        "scratch (random init, every layer, 2 epochs)"]
+    assert all(0 <= r["top1"] <= 1 for r in real)
+    assert all(r["seconds"] > 0 for r in real[:2])
+    real_views = [r for r in rows if r.get("protocol") == "real-views"]
+    assert [r["config"] for r in real_views] == [
+        f"defaults, --multicrop {m}" for m in ("1", "auto", "10", "dense")]
+    assert real_views[0]["cost"] == 1 and real_views[2]["count"] == 10
+    assert "| real pictures: configuration | k=4 | train s (k=4) |" in quality_out
+    assert "| --multicrop dense |" in quality_out
     rows = [r for r in rows if "views" not in r and "protocol" not in r]  # the self-transfer
     configs = {r["config"] for r in rows}
     assert configs == {"defaults", "recipe small-data", "keras-reference (plain Keras, frozen)",

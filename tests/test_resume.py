@@ -153,11 +153,18 @@ def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import keras
 
+    import tlkit.optim  # noqa: F401  (subclasses the real Adam before the patch)
+
     data = write_folder(tmp_path / "data", ["a", "b"], 8)
     adam = keras.optimizers.Adam
-    # fault injection: the fine-tune phase (its rate is 1e-5) gets an optimizer that makes NaN
-    monkeypatch.setattr(keras.optimizers, "Adam", lambda lr: adam(lr) if lr > 1e-4
-                        else keras.optimizers.SGD(float("nan")))
+    # fault injection: the fine-tune phase (its rate a schedule, the head's 1e-3) gets an
+    # optimizer that makes NaN
+    def faulty(learning_rate=1e-3, **kwargs):
+        if isinstance(learning_rate, float) and learning_rate >= 1e-3:
+            return adam(learning_rate, **kwargs)
+        return keras.optimizers.SGD(float("nan"))
+
+    monkeypatch.setattr(keras.optimizers, "Adam", faulty)
     result = invoke("finetune", str(data), "-o", "runs/n", *ARGS)
     assert result.exit_code == 5
     assert "phase fine-tune, epoch 1: the training loss became nan at step 2" in result.output
