@@ -56,6 +56,7 @@ def cache_inputs(spec: Any, weights: Any, trunk: Any, cut: Any, size: int, views
     (`key_of`) is the cache key."""
     from tlkit.augment import pixel_libraries
     from tlkit.datasets import fingerprint
+    from tlkit.decode import decode_protocol
     from tlkit.model import compute_dtypes
 
     return {
@@ -67,6 +68,7 @@ def cache_inputs(spec: Any, weights: Any, trunk: Any, cut: Any, size: int, views
         "augment": augment.as_dict(), "pca": pca, "seed": seed if views > 1 else None,
         "classes": list(folder.classes), "files_sha256": fingerprint(folder),
         "dtype": dtype, "compute_dtypes": compute_dtypes(trunk), "libraries": pixel_libraries(),
+        "decode": decode_protocol(),  # the alpha background among it
     }
 
 
