@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from quality import PREVIOUS, PREVIOUS_FLAGS, clear, log, logreg_probe, tlkit
+from quality import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, tlkit
 
 CLASSES = ("animals_birds", "animals_bugs", "animals_mammals", "computer_hardware",
            "food_desserts", "food_fruit", "people_stickmen", "recreation_music",
@@ -59,7 +59,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "recipe alexnet-augment": ["--recipe", "alexnet-augment"],
     HEAD_ONLY: ["--freeze", "all", "--epochs", "0"],
     LAST_STAGES: ["--freeze-blocks", "6"],
-    PREVIOUS: PREVIOUS_FLAGS,
+    CANDIDATE: CANDIDATE_FLAGS,
 }
 # what runs: tier -> k -> (configurations, extras). The core holds every goal (k = MAIN_K);
 # --sweep holds the rest and does not re-run the core. Extras: "views" (--multicrop modes on
@@ -72,7 +72,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                        "scratch"})},
     "sweep": {5: (["defaults", HEAD_ONLY], {"reference"}),
               MAIN_K: (["recipe small-data", "recipe medium-data", "recipe large-data",
-                        "recipe alexnet-augment", LAST_STAGES, PREVIOUS], set()),
+                        "recipe alexnet-augment", LAST_STAGES, CANDIDATE], set()),
               20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"})},
 }
 SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
@@ -280,6 +280,8 @@ def run_seed(work: Path, drawings: dict[str, list[Path]], k: int, seed: int,
         if name == "defaults" and "views" in extras:  # that eval is --multicrop 1
             one = eval_s
             views_row(k, seed, "1", m, eval_s, one, record)
+    if "defaults" not in runs:  # --only left it out: nothing to view or ensemble
+        extras = extras - {"views", "ensemble"}
     if "views" in extras:
         for mode in VIEW_MODES[1:]:
             m, eval_s = evaluate([runs["defaults"]], task, mode, f"views-{mode}")
@@ -350,7 +352,8 @@ SMOKE_CONFIGS = {"defaults": ["--epochs", "1"], HEAD_ONLY: CONFIGS[HEAD_ONLY]}
 def run_real(root: Path | None, work: Path, seeds: Sequence[int], sweep: bool,
              only: Sequence[str] | None, record: Callable[..., None],
              smoke: bool = False) -> None:
-    """The core plan, or with `sweep` the sweep's; `only`: configuration names (substrings)."""
+    """The core plan, or with `sweep` the sweep's; `only`: configuration names (substrings),
+    as in `--only recipe` (the recipes' rows)."""
     global VAL, SIZE, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS
     plan = PLANS["sweep" if sweep else "core"]
     if smoke:
@@ -360,9 +363,9 @@ def run_real(root: Path | None, work: Path, seeds: Sequence[int], sweep: bool,
     else:
         assert root is not None
         drawings = pool(root)
-    if only:
-        plan = {k: ([n for n in names if any(o in n for o in only)], extras)
-                for k, (names, extras) in plan.items()}
+    if only:  # a k left without a configuration is skipped, its extras too
+        plan = {k: (kept, extras) for k, (names, extras) in plan.items()
+                if (kept := [n for n in names if any(o in n for o in only)])}
     for seed in seeds:
         for k, (names, extras) in sorted(plan.items()):
             run_seed(work, drawings, k, seed, names, extras, record, smoke)
@@ -395,7 +398,9 @@ def views_cost_table(rows: list[dict[str, Any]]) -> str:
     """The defaults' run under each `--multicrop` mode: top-1, eval seconds, cost over 1."""
     import statistics
 
-    k = rows[0]["k"] if rows else MAIN_K
+    if not rows:
+        return ""
+    k = rows[0]["k"]
     lines = [f"| real pictures, k={k}: defaults evaluated with | test top-1 % | eval s | "
              "cost / one crop | views |", "| --- | --- | --- | --- | --- |"]
     for mode in VIEW_MODES:

@@ -157,7 +157,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
     data = write_folder(tmp_path / "data", ["a", "b"], 8)
     adam = keras.optimizers.Adam
-    # fault injection: the fine-tune phase (its rate a schedule, the head's 1e-3) gets an
+    # fault injection: the fine-tune phase (any rate but the head's 1e-3) gets an
     # optimizer that makes NaN
     def faulty(learning_rate=1e-3, **kwargs):
         if isinstance(learning_rate, float) and learning_rate >= 1e-3:

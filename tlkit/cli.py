@@ -336,11 +336,11 @@ def _freeze_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--epochs", default=10, show_default=True,
               help="Phase 2: epochs training everything after the freeze point.")
 @click.option("--lr", default=1e-3, show_default=True, help="Phase 1 learning rate (Adam).")
-@click.option("--fine-tune-lr", default=1e-4, show_default=True, help="Phase 2 learning rate.")
-@click.option("--schedule", type=click.Choice(choices.SCHEDULES), default="cosine",
+@click.option("--fine-tune-lr", default=1e-5, show_default=True, help="Phase 2 learning rate.")
+@click.option("--schedule", type=click.Choice(choices.SCHEDULES), default="constant",
               show_default=True, help="Phase 2's rate: constant, or a cosine decay to 0 over "
                                       "--epochs.")
-@click.option("--warmup-epochs", default=1, show_default=True,
+@click.option("--warmup-epochs", default=0, show_default=True,
               help="Phase 2 raises its rate linearly to --fine-tune-lr over this many epochs.")
 @click.option("--weight-decay", default=0.0, show_default=True,
               help="Phase 2: decoupled weight decay on kernels (AdamW); 0 = plain Adam.")

@@ -46,7 +46,7 @@ class FinetuneConfig:
     head_views: int = 1
     epochs: int = 10
     lr: float = 1e-3
-    fine_tune_lr: float = 1e-4
+    fine_tune_lr: float = 1e-5
     dropout: float = 0.2
     patience: int = 3
     val_fraction: float = 0.2
@@ -71,8 +71,8 @@ class FinetuneConfig:
     lr_base_batch: int = 32
     # the fine-tune phase as timm and fastai run it (tlkit.optim): rate schedule, warmup,
     # decoupled weight decay, a lower rate for each earlier stage; label smoothing (both phases)
-    schedule: str = "cosine"
-    warmup_epochs: int = 1
+    schedule: str = "constant"
+    warmup_epochs: int = 0
     weight_decay: float = 0.0
     stage_lr_decay: float = 1.0
     label_smoothing: float = 0.0
