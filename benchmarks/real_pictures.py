@@ -60,7 +60,11 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     HEAD_ONLY: ["--freeze", "all", "--epochs", "0"],
     LAST_STAGES: ["--freeze-blocks", "6"],
     CANDIDATE: CANDIDATE_FLAGS,
+    "defaults + label smoothing 0.1": ["--label-smoothing", "0.1"],
+    "defaults + stage rate decay 0.5": ["--stage-lr-decay", "0.5"],
+    "defaults + AdamW weight decay 0.05": ["--weight-decay", "0.05"],
 }
+OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options left off
 # what runs: tier -> k -> (configurations, extras). The core holds every goal (k = MAIN_K);
 # --sweep holds the rest and does not re-run the core. Extras: "views" (--multicrop modes on
 # the defaults' run), "ensemble", "reference" (keras-reference frozen + logreg probe),
@@ -72,7 +76,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                        "scratch"})},
     "sweep": {5: (["defaults", HEAD_ONLY], {"reference"}),
               MAIN_K: (["recipe small-data", "recipe medium-data", "recipe large-data",
-                        "recipe alexnet-augment", LAST_STAGES, CANDIDATE], set()),
+                        "recipe alexnet-augment", LAST_STAGES, CANDIDATE, *OPTIONS], set()),
               20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"})},
 }
 SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
