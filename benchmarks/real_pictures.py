@@ -142,15 +142,18 @@ def split_files(task: Path, split: str) -> tuple[list[Path], Any]:
     return files, np.array(labels)
 
 
-WHITE, GREY = (255, 255, 255), (128, 128, 128)
+GREY = (128, 128, 128)  # the background check's other choice
 
 
-def pixels(files: Sequence[Path], background: tuple[int, int, int] = WHITE) -> Any:
-    """What a hand-written script does: PIL, alpha over white (tlkit's decode), shorter side
-    256, centre 224."""
+def pixels(files: Sequence[Path], background: tuple[int, int, int] | None = None) -> Any:
+    """What a hand-written script does: PIL, alpha over `background` (default tlkit's decode
+    choice, white), shorter side 256, centre 224."""
     import numpy as np
     from PIL import Image
 
+    from tlkit.decode import BACKGROUND
+
+    background = background or BACKGROUND
     out = []
     for f in files:
         with Image.open(f) as im:
