@@ -597,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "this folder of class folders: its core (every goal, k = 10); "
                              "with --sweep its sweep instead (k = 5 and 20, recipes, depths)")
     args = parser.parse_args(argv)
+    if args.real and args.k:
+        parser.error(f"--k {' '.join(map(str, args.k))} does not apply to --real: its core "
+                     "runs k = 10 and --sweep k = 5 and 20 (benchmarks/real_pictures.py PLANS)")
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
     if args.only:
