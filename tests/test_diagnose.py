@@ -53,12 +53,24 @@ def test_near_duplicates_in_blocks_equal_the_brute_force_pairs():
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(300, 16))
     feats[200:210] = feats[:10] + rng.normal(scale=0.01, size=(10, 16))  # ten planted copies
-    pairs = near_duplicates(feats, 0.99, block=64)
+    pairs, total = near_duplicates(feats, 0.99, block=64)
     centred = feats - feats.mean(0)
     u = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     sims = u @ u.T
     brute = {(i, j) for i in range(300) for j in range(i + 1, 300) if sims[i, j] >= 0.99}
     assert {(i, j) for i, j, _ in pairs} == brute == {(k, 200 + k) for k in range(10)}
+    assert total == 10
+
+
+def test_near_duplicates_of_a_folder_of_copies_keep_a_bounded_list():
+    """500 copies of one image make 124,750 pairs: memory holds the `limit` most similar."""
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([np.tile(rng.normal(size=(1, 8)), (500, 1)),
+                            rng.normal(size=(20, 8))]) + rng.normal(scale=1e-4, size=(520, 8))
+    pairs, total = near_duplicates(feats, 0.99, block=64, limit=100)
+    assert total == 500 * 499 // 2 and len(pairs) == 100
+    sims = [s for _, _, s in pairs]
+    assert sims == sorted(sims, reverse=True) and all(i < j for i, j, _ in pairs)
 
 
 def test_out_of_fold_heads_never_see_the_image_they_score():

@@ -37,11 +37,13 @@ def progress(tmp_path: Path, name: str) -> int:
 
 
 def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int,
-               sig: int = signal.SIGKILL, args: list[str] = ARGS) -> subprocess.Popen:
-    """Start a real `tlkit finetune` and signal it once `epochs_done` epochs are saved."""
+               sig: int = signal.SIGKILL, args: list[str] = ARGS,
+               launcher: tuple[str, ...] = ("-m", "tlkit")) -> subprocess.Popen:
+    """Start a real `tlkit finetune` (`python LAUNCHER finetune ...`) and signal it once
+    `epochs_done` epochs are saved."""
     # SIGINT back to its default in the child: a shell starting pytest in the background
     # leaves it ignored, and Python then never raises KeyboardInterrupt
-    proc = subprocess.Popen([sys.executable, "-m", "tlkit", "finetune", str(data), "-o",
+    proc = subprocess.Popen([sys.executable, *launcher, "finetune", str(data), "-o",
                              f"runs/{name}", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

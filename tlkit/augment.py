@@ -17,7 +17,7 @@ import json
 import math
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,10 @@ class ColorPCA:
                 "n_images": self.n_images, "n_pixels": self.n_pixels}
 
 
-def fit_color_pca(images: Sequence[np.ndarray], pixels_per_image: int = 2048,
+def fit_color_pca(images: Iterable[np.ndarray], pixels_per_image: int = 2048,
                   seed: int = 0) -> ColorPCA:
-    """PCA of RGB values from a deterministic sample of pixels of the given images."""
+    """PCA of RGB values from a deterministic sample of pixels of the given images. `images`
+    may be a generator: only the sampled pixels are kept, one decoded image at a time."""
     rng = np.random.default_rng(seed)
     chunks = []
     for img in images:
@@ -57,7 +58,7 @@ def fit_color_pca(images: Sequence[np.ndarray], pixels_per_image: int = 2048,
     vals, vecs = np.clip(vals[order], 0.0, None), vecs[:, order]
     return ColorPCA(tuple(float(v) for v in vals), tuple(tuple(float(x) for x in row)
                                                          for row in vecs),
-                    len(images), len(pixels))
+                    len(chunks), len(pixels))
 
 
 def pixel_libraries() -> dict[str, str]:

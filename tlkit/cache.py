@@ -15,7 +15,6 @@ checksum first and then streams rows with `os.pread`: memory does not grow with 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +36,15 @@ from tlkit.errors import CacheError
 from tlkit.fsutil import (
     atomic_path,
     atomic_write_json,
+    claim,
     find_incomplete,
+    hold_lock,
     incomplete_dir,
     is_incomplete,
     is_inside,
+    publish_dir,
+    read_json_record,
+    release,
     sha256_file,
 )
 
@@ -89,19 +93,14 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
 
 @contextmanager
 def build_lock(root: Path, key: str, wait: bool = True) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
+    """One builder per key: the others wait (or, with `wait` False, are told so)."""
+    with hold_lock(root / f"{key}.lock", wait) as held:
+        if not held:
             raise CacheError(
                 f"{root / key}: another process is building this cache; wait for it to "
                 "finish and try again"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            )
+        yield
 
 
 @dataclass(frozen=True)
@@ -189,7 +188,13 @@ def open_cache(root: Path, key: str) -> FeatureCache | None:
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return None
-    return FeatureCache(path, json.loads(manifest.read_text()))
+    fix = f"remove the cache with `tlkit cache rm {key}` and build it again"
+    info = read_json_record(manifest, CacheError, fix)
+    try:
+        return FeatureCache(path, info)
+    except (KeyError, TypeError, AttributeError):
+        raise CacheError(f"{manifest}: not a tlkit cache manifest (fields missing); {fix}") \
+            from None
 
 
 def estimate_bytes(counts: dict[str, int], views: dict[str, int], shape: Sequence[int],
@@ -250,10 +255,10 @@ def _publish(work: Path, root: Path, key: str, inputs: dict[str, Any], dtype: st
         }
     manifest = {"schema": SCHEMA, "key": key, "dtype": dtype, "inputs": inputs,
                 "splits": manifest_splits,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "created": datetime.now(UTC).isoformat(timespec="seconds")}
     # every file was hashed from disk, so the manifest describes exactly what is published
     atomic_write_json(work / "manifest.json", manifest)
-    os.replace(work, root / key)
+    publish_dir(work, root / key)
     return FeatureCache(root / key, manifest)
 
 
@@ -275,7 +280,8 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
         if done is not None:
             return done
         previous = find_incomplete(root / key)  # resumed: its finished shards are kept
-        work = previous[-1] if previous else incomplete_dir(root / key)
+        work = previous[-1] if previous else incomplete_dir(root / key, "cache")
+        claim(work, "cache")  # under the build lock, so no live process holds it
         progress_file = work / "progress.json"
         finished = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
         layout = _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype)
@@ -330,7 +336,7 @@ def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
                      batch_size)
     mine = units[index * len(units) // count : (index + 1) * len(units) // count]
     root.mkdir(parents=True, exist_ok=True)
-    work = incomplete_dir(final)
+    work = incomplete_dir(final, "cache part")
     pieces: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for split, name, start, stop in mine:  # consecutive batches of one shard file: one piece
@@ -354,8 +360,9 @@ def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
         "splits": {s: {"views": views[s], "labels": [e.label for e in x],
                        "paths": [e.relpath for e in x]} for s, x in splits.items()}})
     try:
-        os.replace(work, final)
+        publish_dir(work, final)
     except OSError:  # the same part finished elsewhere first: keep that one
+        release(work)
         shutil.rmtree(work)
     return final
 
@@ -366,7 +373,8 @@ def read_parts(root: Path, key: str) -> tuple[int, dict[int, dict[str, Any]]]:
     for path in root.glob(f"{key}.part-*-of-*"):
         if is_incomplete(path) or not (path / PART_FILE).is_file():
             continue
-        info = json.loads((path / PART_FILE).read_text())
+        info = read_json_record(path / PART_FILE, CacheError,
+                                f"remove {path} and run that shard again")
         info["path"] = path
         parts[info["index"]] = info
     counts = {p["count"] for p in parts.values()}
@@ -418,7 +426,7 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
         for p in parts.values():
             for piece in p["pieces"]:
                 by_file.setdefault(piece["shard"], []).append((piece, p["path"]))
-        work = incomplete_dir(root / key)
+        work = incomplete_dir(root / key, "cache")
         shards: dict[str, list[dict[str, Any]]] = {}
         for split, files in layout.items():
             shards[split] = []
@@ -453,7 +461,8 @@ def list_caches(root: Path) -> list[dict[str, Any]]:
         path = manifest.parent
         if is_incomplete(path):
             continue
-        info = json.loads(manifest.read_text())
+        info = read_json_record(manifest, CacheError,
+                                f"remove it with `tlkit cache rm {path.name}`")
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         last = max(f.stat().st_atime for f in path.iterdir())
         inputs = info["inputs"]
@@ -498,5 +507,7 @@ def remove_caches(root: Path, key: str | None) -> list[str]:
             shutil.rmtree(p)
         removed.append(p.name)
     for lock in root.glob("*.lock") if key is None else []:
-        lock.unlink()
+        with hold_lock(lock, wait=False) as held:
+            if held:  # one a running build holds stays
+                lock.unlink()
     return removed

@@ -99,6 +99,14 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any = None) -> dict[str, 
     return state
 
 
+def load_weights(path: Path, model: Any) -> None:
+    """The model's weights alone (no random or optimizer state): what `set_weights` restores."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        _assign(path, "model", model.weights, _arrays(f, "model"))
+
+
 def save_epoch(directory: Path, model: Any, optimizer: Any, state: dict[str, Any],
                improved: bool) -> None:
     """Write this epoch's checkpoint; it becomes `last`, the old `last` becomes `previous`, and

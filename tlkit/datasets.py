@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,19 @@ def _list_class_files(class_dir: Path, root: Path, ignored: list[str]) -> list[P
     return files
 
 
+def check_class_name(name: str, where: str) -> str:
+    """A class name becomes a folder, a line of labels.txt and part of file names: one with a
+    path separator, `..`, or a control character (a newline shifts labels.txt) is refused."""
+    bad = ("a path separator" if "/" in name or "\\" in name else
+           "a control character" if any(unicodedata.category(c) == "Cc" for c in name) else
+           "only dots" if set(name) <= {"."} else
+           "spaces at an end" if name != name.strip() else None)
+    if bad:
+        raise DataError(f"{where}: class name {name!r} has {bad}; rename it (letters, digits, "
+                        "spaces inside, '-', '_', '.')")
+    return name
+
+
 def _scan_classes(split_dir: Path, root: Path, ignored: list[str]) -> dict[str, list[Path]]:
     """Class folder -> its files, recursively. Loose files beside class folders are ignored."""
     out: dict[str, list[Path]] = {}
@@ -82,7 +96,7 @@ def _scan_classes(split_dir: Path, root: Path, ignored: list[str]) -> dict[str, 
             raise DataError(
                 f"{entry}: empty class folder; add images to it or remove it"
             )
-        out[entry.name] = files
+        out[check_class_name(entry.name, str(entry))] = files
     return out
 
 
@@ -229,6 +243,7 @@ def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
             where = f"{csv_path}:{line}"
             if not rel or not label:
                 raise DataError(f"{where}: empty path or label; every row needs both")
+            check_class_name(label, where)
             if split_name not in SPLIT_NAMES:
                 raise DataError(f"{where}: split {split_name!r} is not train, val or test")
             if Path(rel).is_absolute() or not is_inside(base, rel):

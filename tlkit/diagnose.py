@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tlkit.calibration import per_image_log_loss
+from tlkit.choices import check_folder_name
 from tlkit.datasets import Example
 from tlkit.errors import ConfigError
 
@@ -49,6 +50,7 @@ class DiagnoseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_folder_name("--name", self.name)
         if self.folds < 2:
             raise ConfigError(f"--folds must be at least 2. Received: {self.folds}")
         if not 0 < self.duplicate_similarity <= 1:
@@ -150,24 +152,36 @@ def review_order(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.argsort(probs[np.arange(len(labels)), labels], kind="stable")
 
 
-def near_duplicates(features: np.ndarray, threshold: float, block: int = 2048
-                    ) -> list[tuple[int, int, float]]:
-    """(i, j, cosine) with i < j and cosine >= threshold, most similar first; computed in blocks
-    so memory stays at block x N. The features are centred first (the dataset's mean taken
+MAX_PAIRS = 10_000  # near-duplicate pairs kept: a folder of copies has N^2 / 2 of them
+
+
+def near_duplicates(features: np.ndarray, threshold: float, block: int = 2048,
+                    limit: int = MAX_PAIRS) -> tuple[list[tuple[int, int, float]], int]:
+    """(the `limit` most similar pairs (i, j, cosine) with i < j and cosine >= threshold, most
+    similar first; how many pairs pass in all). Computed in blocks, kept in a bounded heap, so
+    memory stays at block x N + limit. The features are centred first (the dataset's mean taken
     away): post-ReLU features share a large common part that makes every pair look alike
     (measured: uncentred, thousands of distinct photos pass 0.99; centred, none pass 0.98 while
     re-encoded, resized and cropped copies all do)."""
+    import heapq
+
     centred = features - features.mean(axis=0)
     unit = centred / (np.linalg.norm(centred, axis=1, keepdims=True) + 1e-12)
-    pairs = []
+    heap: list[tuple[float, int, int]] = []  # (cosine, -i, -j): the least similar on top
+    total = 0
     for start in range(0, len(unit), block):
         sims = unit[start : start + block] @ unit.T
         rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows, cols, strict=True):
-            i = start + int(r)
-            if i < c:
-                pairs.append((i, int(c), float(sims[r, c])))
-    return sorted(pairs, key=lambda p: -p[2])
+        keep = start + rows < cols
+        total += int(keep.sum())
+        for r, c in zip(rows[keep], cols[keep], strict=True):
+            item = (float(sims[r, c]), -(start + int(r)), -int(c))
+            if len(heap) < limit:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+    pairs = sorted(heap, reverse=True)
+    return [(-i, -j, s) for s, i, j in pairs], total
 
 
 def _examples(run: Any, data: str | None) -> dict[str, list[Example]]:
@@ -200,7 +214,8 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
 
     run = load_run(config.run)
     out_dir = run.path / "diagnose" / config.name
-    refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite")
+    refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite",
+                     kind="diagnose")
     splits = _examples(run, config.data)
     every = [e for s in splits.values() for e in s]
     split_of = [s for s, x in splits.items() for _ in x]
@@ -218,12 +233,13 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
             for i in review_order(oof, labels[train_idx]) if i not in seen]
     issues = [(int(train_idx[i]), s, p) for i, s, p in flagged]
     review = [(int(train_idx[i]), s, p) for i, s, p in rest[: max(config.top, len(flagged))]]
-    dups = near_duplicates(feats, config.duplicate_similarity)
+    dups, n_dups = near_duplicates(feats, config.duplicate_similarity)
     head = model.get_layer("predictions")
     probs = np.asarray(head(feats), np.float64)  # the run's own head on the same features
     held = [i for i, s in enumerate(split_of) if s != "train"]
     found = _findings(config, run, every, split_of, labels, oof, train_idx, issues, dups,
                       probs, held)
+    found["near_duplicates_total"] = n_dups  # all pairs over the threshold; the list is capped
     found["review_next"] = [{"path": every[i].relpath, "label": run.classes[labels[i]],
                              "suggested": run.classes[s], "given_label_probability": p}
                             for i, s, p in review]
@@ -238,7 +254,7 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     looks = dict(zip([every[i].relpath for i in worst], explain_paths(
         model, [every[i].path for i in worst], [int(probs[i].argmax()) for i in worst],
         run.input_size, float(run.record.crop_fraction), run.max_pixels), strict=True))
-    tmp = incomplete_dir(out_dir, clean_stale=True)
+    tmp = incomplete_dir(out_dir, "diagnose", clean=True)
     _write(tmp, found, every, split_of, labels, issues, run.classes, looks)
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
     found["output"] = str(out_dir)

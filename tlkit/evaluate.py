@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from tlkit.calibration import ECE_BINS, expected_calibration_error, log_loss, reliability_bins
-from tlkit.choices import AUTO, ENSEMBLE_WEIGHTS, EVAL_SPLITS, MULTICROP_MODES, STRATEGIES, check
+from tlkit.choices import (
+    AUTO,
+    ENSEMBLE_WEIGHTS,
+    EVAL_SPLITS,
+    MULTICROP_MODES,
+    STRATEGIES,
+    check,
+    check_folder_name,
+)
 from tlkit.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.decode import decode_image
 from tlkit.errors import ConfigError, DataError
@@ -62,6 +70,8 @@ class EvalConfig:
         check("--ensemble-weights", self.ensemble_weights, ENSEMBLE_WEIGHTS)
         if self.split is not None:
             check("--split", self.split, EVAL_SPLITS)
+        if self.name is not None:
+            check_folder_name("--name", self.name)
 
 
 def load_members(paths: Sequence[str | os.PathLike]) -> list[Run]:
@@ -218,12 +228,14 @@ class ViewRunner:
             self._dense[i] = self.predictor(dense_model(self.members[i].model))
         return self._dense[i]
 
-    def probs(self, paths: Sequence[str], modes: str | Sequence[str | None], batch_size: int
+    def probs(self, paths: Sequence[str], modes: str | Sequence[str | None], batch_size: int,
+              reduce: Callable[[int, np.ndarray], np.ndarray] | None = None
               ) -> list[np.ndarray | None]:
         """Per member, (N, K, C) probabilities of its K views of every image (None where its
         mode is None): a crop set's views in CROP_SETS order, or dense: the whole image, and
         its mirror when training mirrored. The next batch is decoded and cut into views while
-        the models run on this one."""
+        the models run on this one. `reduce(member, (B, K, C))` shrinks each batch as it comes
+        (the mean over views...), so what is kept need not grow with K."""
         members = self.members
         modes = [modes] * len(members) if isinstance(modes, str) else list(modes)
         max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
@@ -251,14 +263,16 @@ class ViewRunner:
                 views, wholes = pending.result()
                 if n + 1 < len(chunks):
                     pending = ahead.submit(prepare, chunks[n + 1])
-                self._crops(views, modes, out)
+                self._crops(views, modes, out, reduce)
                 for i in dense:
-                    out[i].append(self._dense_probs(i, wholes[i]))
+                    p = self._dense_probs(i, wholes[i])
+                    out[i].append(reduce(i, p) if reduce else p)
                 advance(len(chunk))
         return [np.concatenate(parts) if parts else None for parts in out]
 
     def _crops(self, views: dict[Any, np.ndarray], modes: list[str | None],
-               out: list[list[np.ndarray]]) -> None:
+               out: list[list[np.ndarray]], reduce: Callable[[int, np.ndarray], np.ndarray] | None
+               ) -> None:
         for trunk, models, idx in self.groups:
             by_mode: dict[str, list[int]] = {}
             for j, i in enumerate(idx):
@@ -271,8 +285,14 @@ class ViewRunner:
                 flat = v.reshape(b * k, *v.shape[2:])
                 x = trunk(flat) if trunk is not None else flat
                 for j in js:
-                    p = np.asarray(models[j](x), dtype=np.float64)
-                    out[idx[j]].append(p.reshape(b, k, -1))
+                    p = np.asarray(models[j](x), dtype=np.float64).reshape(b, k, -1)
+                    out[idx[j]].append(reduce(idx[j], p) if reduce else p)
+
+    def view_count(self, i: int, mode: str) -> int:
+        """How many views member `i` averages under `mode`."""
+        if mode == "dense":
+            return 2 if self.members[i].seen.mirror else 1
+        return len(CROP_SETS[mode])
 
     def _dense_probs(self, i: int, inputs: list[np.ndarray]) -> np.ndarray:
         """(B, K, C): images of one shape go through together (one trace serves every shape)."""
@@ -474,24 +494,32 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
         f"-ensemble{len(runs)}" if len(runs) > 1 else "")
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
-        refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite")
+        refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite",
+                         kind="evaluation")
     members = [Member(r) for r in runs]
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples])
     runner = ViewRunner(members, placement.predictor, config.workers)
     choices = resolve_views(runner, config.multicrop, config.batch_size)
     modes = [c.views for c in choices]
-    view_probs = runner.probs(paths, modes, config.batch_size)
-    multi = [p.mean(axis=1) for p in view_probs]
     dense = [m == "dense" for m in modes]
+    centres = [0 if d else center_index(m) for m, d in zip(modes, dense, strict=True)]
+
+    def mean_and_centre(i: int, p: np.ndarray) -> np.ndarray:
+        """(B, K, C) -> (B, 2, C): kept memory is N x C per member, whatever the views."""
+        return np.stack([p.mean(axis=1), p[:, centres[i]]], axis=1)
+
+    view_probs = runner.probs(paths, modes, config.batch_size, reduce=mean_and_centre)
+    multi = [p[:, 0] for p in view_probs]
     extra = runner.probs(paths, ["1" if d else None for d in dense], config.batch_size) \
         if any(dense) else [None] * len(runs)  # dense has no crop: single-crop runs too
-    single = [e[:, 0] if d else p[:, center_index(m)]
-              for p, e, m, d in zip(view_probs, extra, modes, dense, strict=True)]
+    single = [e[:, 0] if d else p[:, 1]
+              for p, e, d in zip(view_probs, extra, dense, strict=True)]
     weights = np.full(len(runs), 1.0 / len(runs))
     if fit_on is not None:
-        val_probs = runner.probs([e.path for e in fit_on[0]], modes, config.batch_size)
-        weights = fit_member_weights([p.mean(axis=1) for p in val_probs],
+        val_probs = runner.probs([e.path for e in fit_on[0]], modes, config.batch_size,
+                                 reduce=mean_and_centre)
+        weights = fit_member_weights([p[:, 0] for p in val_probs],
                                      np.array([e.label for e in fit_on[0]]))
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
     classes = runs[0].classes
@@ -501,8 +529,10 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
         tops = np.stack([p.argmax(1) for p in multi])
         metrics["member_disagreement"] = float((tops != tops[0]).any(axis=0).mean())
     metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
-                    "views": [{"run": str(r.path), "count": int(p.shape[1]), **c.as_dict()}
-                              for r, p, c in zip(runs, view_probs, choices, strict=True)],
+                    "views": [{"run": str(r.path), "count": runner.view_count(i, m),
+                               **c.as_dict()}
+                              for i, (r, m, c) in enumerate(zip(runs, modes, choices,
+                                                                strict=True))],
                     "views_rule": "each member on its own",  # auto: its own val scores
                     "members": [str(r.path) for r in runs],
                     "member_weights": [float(w) for w in weights],
@@ -524,7 +554,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
                            "workers": placement.workers}
     if not placement.is_chief:
         return metrics  # the chief writes the outputs
-    tmp = incomplete_dir(out_dir, clean_stale=True)
+    tmp = incomplete_dir(out_dir, "evaluation", clean=True)
     first = members[0]
     write_outputs(tmp, metrics, examples, ensemble, classes, explain=lambda paths, top: (
         explain_paths(first.model, paths, top, first.size, first.crop, first.run.max_pixels)))

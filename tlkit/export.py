@@ -67,8 +67,9 @@ def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLik
     check("--format", fmt, EXPORT_FORMATS)
     loaded: Run = load_run(run)
     out = Path(output) if output else loaded.path / "export" / fmt
-    refuse_overwrite(out, overwrite, "pass --overwrite or choose another -o/--output")
-    tmp = incomplete_dir(out, clean_stale=True)
+    refuse_overwrite(out, overwrite, "pass --overwrite or choose another -o/--output",
+                     kind="export", inputs=(loaded.path,))
+    tmp = incomplete_dir(out, "export", clean=True)
     try:
         target = tmp / MODEL_FILES[fmt]
         if fmt == "keras":

@@ -296,7 +296,12 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
                        "seconds": round(features.seconds + sum(r["seconds"] for r in rows), 1)})
         log.info("--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
                  name, top["val_loss"], top["val_accuracy"], views, scores[-1]["seconds"])
-        chosen.append((augment, name, features))
+        # kept only where the head phase could train on them (below): memory holds one or two
+        # candidates' features, not every one's
+        reusable = (not augment.random or
+                    feature_views(augment.random, config.head_views, len(train), dim) == views)
+        chosen.append((augment, name, features if reusable else None))
+        del features
     model.get_layer("predictions").set_weights(initial)
     index, excess = one_se_choice(losses)
     augment, name, features = chosen[index]
@@ -309,4 +314,5 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
     if wanted == 1:  # the head phase trains on the eval view: the `none` candidate's features
         plain = [c[2] for c in chosen if not c[0].random]
         return augment, scores, plain[0] if plain else None
-    return augment, scores, features if features.views == wanted else None
+    return augment, scores, features if features is not None and features.views == wanted \
+        else None

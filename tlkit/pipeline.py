@@ -93,7 +93,7 @@ def dataset_color_pca(examples: Sequence[Example], max_pixels: int = DEFAULT_MAX
     ordered = sorted(examples, key=lambda e: e.relpath)
     step = max(1, len(ordered) // PCA_MAX_IMAGES)
     chosen = ordered[::step][:PCA_MAX_IMAGES]
-    return fit_color_pca([decode_image(e.path, max_pixels) for e in chosen],
+    return fit_color_pca((decode_image(e.path, max_pixels) for e in chosen),  # one at a time
                          PCA_PIXELS_PER_IMAGE, seed=0)
 
 

@@ -48,16 +48,22 @@ def _write_overlays(run_paths: Sequence[Any], images: Sequence[str | os.PathLike
     from PIL import Image
 
     from tlkit.explain import explain_paths
-    from tlkit.fsutil import atomic_path, incomplete_dir, publish_dir, refuse_overwrite
+    from tlkit.fsutil import (
+        atomic_path,
+        incomplete_dir,
+        publish_dir,
+        refuse_overwrite,
+        safe_name,
+    )
     from tlkit.runs import load_run
 
     refuse_overwrite(folder, False, "choose another --explain folder")
     run = load_run(run_paths[0] if run_paths else None)
     overlays = explain_paths(run.load_model(), [str(p) for p in images], top.tolist(),
                              run.input_size, float(run.record.crop_fraction), run.max_pixels)
-    tmp = incomplete_dir(folder)
+    tmp = incomplete_dir(folder, "explanations")
     for i, (image, picture) in enumerate(zip(images, overlays, strict=True)):
-        name = f"{i:04d}-{Path(image).stem}-{classes[top[i]]}.png"
+        name = f"{i:04d}-{safe_name(Path(image).stem)}-{safe_name(classes[top[i]])}.png"
         with atomic_path(tmp / name) as dest:
             Image.fromarray(picture).save(dest, format="PNG")
         out[i]["explanation"] = str(Path(folder) / name)
@@ -72,6 +78,7 @@ def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: s
     runs = load_members(run_paths)
     runner = ViewRunner([Member(r) for r in runs])
     modes = [c.views for c in resolve_views(runner, multicrop, batch_size)]
-    probs = runner.probs(list(images), modes, batch_size)
-    return runs[0].classes, sum(p.mean(axis=1) for p in probs) / len(probs)
+    probs = runner.probs(list(images), modes, batch_size,
+                         reduce=lambda i, p: p.mean(axis=1))  # N x C kept, whatever the views
+    return runs[0].classes, sum(probs) / len(probs)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlkit.errors import RunError
-from tlkit.fsutil import final_path, is_incomplete
+from tlkit.errors import RunError, TlkitError
+from tlkit.fsutil import final_path, is_incomplete, is_live, read_json_record
 
 RUNS_DIR = "runs"
 RUN_SCHEMA = 1
@@ -129,9 +129,23 @@ class Run:
 
     def load_model(self) -> Any:
         """The saved classifier, loaded with Keras safe_mode (no arbitrary code)."""
-        import keras
+        return load_keras_file(self.path / "model.keras")
 
-        return keras.saving.load_model(self.path / "model.keras", compile=False, safe_mode=True)
+
+def load_keras_file(path: Path, error: type[TlkitError] = RunError) -> Any:
+    """A `.keras` file someone else may have made, under Keras safe_mode: a Lambda layer, a
+    function or class named in its config from outside Keras, or a damaged archive is refused
+    in one line, never run."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many kinds for a refused or damaged archive
+        text = str(e).strip()
+        first = text.splitlines()[0][:300] if text else type(e).__name__
+        raise error(f"{path}: Keras refused to load it ({first}); tlkit loads only models made "
+                    "of Keras layers, never code from a file: use a model trained by tlkit") \
+            from None
 
 
 def is_finished_run(path: Path) -> bool:
@@ -180,9 +194,12 @@ def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
                          "best_val_accuracy": best.get("val_accuracy"),
                          "created": record.created, "path": str(path)})
         elif is_incomplete(path) and (path / "checkpoints" / "identity.json").is_file():
-            identity = json.loads((path / "checkpoints" / "identity.json").read_text())
+            try:
+                identity = read_json_record(path / "checkpoints" / "identity.json", RunError, "")
+            except RunError:
+                identity = {}  # listed; `finetune --resume` names the damage
             name = final_path(path).name
-            rows.append({"run": name, "status": "interrupted",
+            rows.append({"run": name, "status": "training" if is_live(path) else "interrupted",
                          "backbone": identity.get("backbone"),
                          "freeze": None, "best_val_accuracy": None,
                          "created": None, "path": str(path),

@@ -18,7 +18,15 @@ from typing import Any
 
 from tlkit.datasets import SPLIT_NAMES
 from tlkit.errors import DataError
-from tlkit.fsutil import atomic_write_json, incomplete_dir, publish_dir, user_cache_dir
+from tlkit.fsutil import (
+    atomic_write_json,
+    hold_lock,
+    incomplete_dir,
+    publish_dir,
+    release,
+    safe_name,
+    user_cache_dir,
+)
 from tlkit.progress import progress
 
 log = logging.getLogger("tlkit")
@@ -51,15 +59,13 @@ def _features(info: Any, spec: str) -> tuple[str, str, list[str]]:
     image = "image" if "image" in images else images[0]
     label = "label" if "label" in labels else labels[0]
     names = list(feats[label].names or [str(i) for i in range(feats[label].num_classes)])
-    return image, label, [re.sub(r"[/\\\0]", "_", n) or "_" for n in names]
+    return image, label, [safe_name(n) for n in names]
 
 
 def materialize(spec: str) -> Path:
     """The local folder holding `spec`'s images as class folders (one split) or as
     train/val/test (the whole dataset); written on first use."""
-    import numpy as np
     import tensorflow_datasets as tfds
-    from PIL import Image
 
     name, version, split = parse(spec)
     try:
@@ -76,34 +82,47 @@ def materialize(spec: str) -> Path:
         split.replace("/", "_") if split else "all")
     if (final / "tlkit-tfds.json").is_file():
         return final
-    tmp = incomplete_dir(final, clean_stale=True)
-    counts = {}
-    try:
-        for s in splits:
+    # one writer per folder: a second process waits, then finds it written
+    with hold_lock(final.parent / f"{final.name}.lock"):
+        if not (final / "tlkit-tfds.json").is_file():
+            tmp = incomplete_dir(final, "tfds", clean=True)
             try:
-                ds = builder.as_dataset(split=s, shuffle_files=False)
-            except Exception as e:  # not prepared, unknown split, ...
-                raise DataError(f"{spec}: cannot read split {s!r} from {builder.data_dir} ({e}); "
-                                "prepare the dataset there (tfds build) or set TFDS_DATA_DIR") \
-                    from None
-            folder = tmp if split else tmp / SPLIT_NAMES[s.lower()]
-            log.info("writing %s split %s as image files in %s", name, s, final)
-            n = 0
-            total = info.splits[s].num_examples if s in info.splits else 0
-            with progress(total, f"writing {s}") as advance:
-                for n, example in enumerate(tfds.as_numpy(ds), start=1):
-                    pixels = np.asarray(example[image_key])
-                    cls = class_names[int(example[label_key])]
-                    (folder / cls).mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-                        folder / cls / f"{n - 1:07d}.png")
-                    advance(1)
-            counts[s] = n
-        atomic_write_json(tmp / "tlkit-tfds.json", {"source": spec, "name": name,
-                                                    "version": str(info.version),
-                                                    "splits": counts, "classes": class_names})
-        publish_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                counts = {s: _write_split(builder, spec, s, tmp if split else
+                                          tmp / SPLIT_NAMES[s.lower()], image_key, label_key,
+                                          class_names) for s in splits}
+                atomic_write_json(tmp / "tlkit-tfds.json", {
+                    "source": spec, "name": name, "version": str(info.version),
+                    "splits": counts, "classes": class_names})
+                publish_dir(tmp, final)
+            except BaseException:
+                release(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return final
+
+
+def _write_split(builder: Any, spec: str, s: str, folder: Path, image_key: str, label_key: str,
+                 class_names: list[str]) -> int:
+    """Split `s` as class folders of PNGs in `folder`; the number of images written."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    try:
+        ds = builder.as_dataset(split=s, shuffle_files=False)
+    except Exception as e:  # not prepared, unknown split, ...
+        raise DataError(f"{spec}: cannot read split {s!r} from {builder.data_dir} ({e}); "
+                        "prepare the dataset there (tfds build) or set TFDS_DATA_DIR") from None
+    log.info("writing %s split %s as image files in %s", builder.info.name, s, folder)
+    n = 0
+    info = builder.info
+    total = info.splits[s].num_examples if s in info.splits else 0
+    with progress(total, f"writing {s}") as advance:
+        for n, example in enumerate(tfds.as_numpy(ds), start=1):
+            pixels = np.asarray(example[image_key])
+            cls = class_names[int(example[label_key])]
+            (folder / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
+                folder / cls / f"{n - 1:07d}.png")
+            advance(1)
+    return n

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tlkit.checkpoints import (
     PREVIOUS,
     latest_checkpoint,
     load_checkpoint,
+    load_weights,
     remove_stale_temporaries,
     restore,
     save_epoch,
@@ -43,14 +44,17 @@ from tlkit.errors import ConfigError, Interrupted, RunError
 from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
 from tlkit.fsutil import (
     INCOMPLETE,
+    FolderBusy,
     atomic_path,
     atomic_write,
     atomic_write_json,
+    claim,
     final_path,
     find_incomplete,
     incomplete_dir,
     is_incomplete,
     publish_dir,
+    read_json_record,
     refuse_overwrite,
 )
 from tlkit.precompute import cache_dataset
@@ -319,10 +323,16 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
     return chosen, final
 
 
+def read_identity(tmp_dir: Path) -> dict[str, Any]:
+    """What an interrupted run started with (checkpoints/identity.json)."""
+    return read_json_record(tmp_dir / "checkpoints" / IDENTITY_FILE, RunError,
+                            f"the run cannot be resumed; remove {tmp_dir} and train again")
+
+
 def resume_config(path: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
     """The settings an interrupted run started with, with `overrides` on top."""
     tmp_dir, _ = find_resumable(path)
-    saved = json.loads((tmp_dir / "checkpoints" / IDENTITY_FILE).read_text())
+    saved = read_identity(tmp_dir)
     return dataclasses.replace(FinetuneConfig.from_dict(saved["config"]), **overrides)
 
 
@@ -337,6 +347,24 @@ def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -
     return out
 
 
+def _local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
+    """The files a run is made from, which its folder must never replace or sit inside: the
+    data (a CSV's folder) and a weights file or run."""
+    if config.data.startswith("tfds:"):
+        return ()
+    data = Path(config.data)
+    data = data.parent if data.suffix.lower() == ".csv" else data
+    weights = () if config.weights in ("imagenet", "none") else (Path(config.weights),)
+    return (data, *weights)
+
+
+def _check_outside_data(config: FinetuneConfig, run_dir: Path) -> None:
+    inputs = _local_inputs(config)
+    if inputs and run_dir.resolve().is_relative_to(inputs[0].resolve()):
+        raise ConfigError(f"-o/--output {run_dir}: inside the data folder {inputs[0]}, where "
+                          "the run would be read as images of a class; choose a folder outside it")
+
+
 def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
              resume: str | os.PathLike | None = None, force_resume: bool = False
              ) -> Run | None:
@@ -349,7 +377,7 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     """
     if resume is not None:
         tmp_dir, run_dir = find_resumable(resume)
-        identity = json.loads((tmp_dir / "checkpoints" / IDENTITY_FILE).read_text())
+        identity = read_identity(tmp_dir)
         if config is None:
             config = FinetuneConfig.from_dict(identity["config"])
     elif config is None:
@@ -360,9 +388,17 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     from tlkit.distribute import make_placement
 
     placement = make_placement(config.strategy)  # before any other TensorFlow work
+    if tmp_dir is not None and placement.is_chief:
+        try:
+            claim(tmp_dir)
+        except FolderBusy:
+            raise RunError(f"{tmp_dir}: another process is training this run right now; wait "
+                           "for it, or stop it first") from None
     if identity is None and placement.is_chief:
         refuse_overwrite(run_dir, config.overwrite,
-                         "choose another -o/--output or pass --overwrite")
+                         "choose another -o/--output or pass --overwrite", kind="run",
+                         inputs=_local_inputs(config))
+        _check_outside_data(config, run_dir)
     if placement.name != "default":
         log.info("strategy: %s", placement.describe())
     with contextlib.ExitStack() as scope:
@@ -512,7 +548,7 @@ def _open_run_dir(plan: _Plan, placement: Placement, run_dir: Path, tmp_dir: Pat
                              "progress": 0, "phase_index": -1, "phase_done": True, "epoch": 0,
                              "wait": 0, "phase_best": math.inf, "resumed": []}
     if tmp_dir is None:
-        tmp_dir = incomplete_dir(run_dir) if chief else None
+        tmp_dir = incomplete_dir(run_dir, "run") if chief else None
         ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
         if ckpt_dir is not None:
             atomic_write_json(ckpt_dir / IDENTITY_FILE,
@@ -531,7 +567,7 @@ def _open_run_dir(plan: _Plan, placement: Placement, run_dir: Path, tmp_dir: Pat
             log.info("resuming %s: it had no checkpoint yet; starting from the first epoch",
                      tmp_dir)
         state["resumed"] = [*state.get("resumed", []),
-                            datetime.now(timezone.utc).isoformat(timespec="seconds")]
+                            datetime.now(UTC).isoformat(timespec="seconds")]
         if chief:
             write_history(tmp_dir / "history.csv", state["rows"])
     if chief and tmp_dir is not None:
@@ -675,7 +711,7 @@ def _run_record(plan: _Plan, placement: Placement, state: dict[str, Any],
     rows = state["rows"]
     return RunRecord(
         tlkit_version=_version.__version__, keras_version=keras.__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         backbone=plan.spec.name, weights=plan.weights.as_dict(),
         freeze={**plan.freeze.as_dict(),
                 "search": plan.searched.get("freeze", {}).get("scores")},
@@ -825,6 +861,17 @@ class _PhaseRunner:
                  top["val_loss"], top["val_accuracy"], top["epoch"])
         return True
 
+    def _best_head(self) -> None:
+        """Fine-tuning starts from the best head, not the last: the one a live head phase kept
+        in memory, or after a restart its checkpoint (best.h5, while the head holds the best)."""
+        best = self.state.get("best") or {}
+        if self.recorder.best_head is not None:
+            self.model.set_weights(self.recorder.best_head)
+            self.recorder.best_head = None
+        elif best.get("phase") == "head" and self.ckpt_dir is not None \
+                and (self.ckpt_dir / BEST).is_file():
+            load_weights(self.ckpt_dir / BEST, self.model)
+
     def run(self, phase: str, index: int, epochs: int, lr: float, initial: int,
             phase_first: int) -> None:
         """Freeze, compile, restore the optimizer when resuming mid-phase, fit."""
@@ -846,9 +893,8 @@ class _PhaseRunner:
         log.info("phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers"
                  "%s", phase, what, f"{trainable:,}", f"{frozen:,}", frozen_bn,
                  "" if phase == "head" or not config.train_bn else " (--train-bn)")
-        if phase != "head" and initial == 0 and self.recorder.best_head is not None:
-            self.model.set_weights(self.recorder.best_head)  # the best head, not the last
-            self.recorder.best_head = None
+        if phase != "head" and initial == 0:
+            self._best_head()
         fit_model = self.fit_model
         steps = steps_per_epoch(len(self.train_examples), config.batch_size,
                                 self.placement.replicas)

@@ -18,7 +18,7 @@ from typing import Any
 
 from tlkit.backbones import REGISTRY, BackboneSpec, keras_cache_dir
 from tlkit.errors import RunError, WeightsError
-from tlkit.fsutil import atomic_path, file_hash, sha256_file
+from tlkit.fsutil import atomic_path, file_hash, hold_lock, sha256_file
 
 WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
 log = logging.getLogger("tlkit")
@@ -144,17 +144,32 @@ def ensure_imagenet(spec: BackboneSpec) -> Path:
         return convert_packaged(spec, packaged_source(spec))
     if offline():
         raise WeightsError(_missing_message(spec, "TLKIT_OFFLINE is set"))
-    try:
-        import keras
+    return _download(spec, target)
 
-        fetched = keras.utils.get_file(
-            spec.weights_file, spec.weights_url, cache_subdir="models",
-            cache_dir=str(target.parent.parent), file_hash=spec.weights_hash,
-        )
-    except Exception as e:  # network errors come in many types; all mean the same here
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise WeightsError(_missing_message(spec, f"download failed: {reason}")) from None
-    return Path(fetched)
+
+def _download(spec: BackboneSpec, target: Path) -> Path:
+    """Download into a private folder beside `target`, check the pin, then rename: a run
+    started meanwhile waits on the lock and finds the whole file, never a partial one."""
+    import tempfile
+
+    with hold_lock(target.parent / f".{target.name}.lock"):
+        if target.is_file():  # another process downloaded it while we waited
+            verify_pinned(spec, target)
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+            try:
+                import keras
+
+                fetched = keras.utils.get_file(
+                    spec.weights_file, spec.weights_url, cache_subdir="models", cache_dir=tmp,
+                    file_hash=spec.weights_hash,
+                )
+            except Exception as e:  # network errors come in many types; all mean the same here
+                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise WeightsError(_missing_message(spec, f"download failed: {reason}")) \
+                    from None
+            os.replace(fetched, target)
+    return target
 
 
 def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
@@ -200,11 +215,10 @@ def build_backbone(spec: BackboneSpec, resolved: ResolvedWeights, input_size: in
     if resolved.source in ("none", "run"):
         base = spec.build(input_size, weights=None)
         if resolved.source == "run":
-            import keras
-
             from tlkit.model import backbone_of
+            from tlkit.runs import load_keras_file
 
-            old = keras.saving.load_model(resolved.path, compile=False, safe_mode=True)
+            old = load_keras_file(Path(resolved.path), WeightsError)
             try:
                 base.set_weights(backbone_of(old).get_weights())
             except ValueError as e:
