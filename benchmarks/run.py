@@ -39,6 +39,10 @@ augmentation, batch 32; epoch times are the second epoch, after graph tracing):
 - cache_epoch_speedup: live epoch (frozen trunk computed every step) / epoch from the cache.
   Goal >= 50 on CPU.
 - cache_build_ratio: time to build the cache (train split) / one live epoch. Goal <= 1.3.
+- eval_rss_growth: peak RSS of a fresh process evaluating 4,000 images / 1,000 images with
+  `--multicrop multiscale` (30 views) on a 1,000-class run (the test backbone at 32 px, head
+  trained one epoch): what evaluation keeps per image must not grow with views x classes.
+  Goal <= 1.2.
 - cache_rss_growth: peak RSS of a process training one epoch from a cache of 2,000 images / of
   500 (each row 7x7x2048 float16, 200 KB, as ResNet50 at 224 gives; these caches are written by
   the same build_cache with a cheap stand-in trunk, since only the reader is measured).
@@ -128,15 +132,18 @@ class Scale:
     dist_size: int = 96  # on a CPU-only machine; 224 on GPUs
     dist_steps: int = 8
     merge_images: int = 1000
+    eval_rss: tuple[int, int, int] = (1000, 1000, 4000)  # classes; images, 4x the images
     digits: bool = True  # data identity on the repository's data/ as well
 
 
 FULL = Scale()
 QUICK = Scale(photos=256, batches=4, cache_images=128, rss_images=(125, 500), eval_images=32,
-              audit_images=128, dist_steps=4, merge_images=250)
+              audit_images=128, dist_steps=4, merge_images=250,
+              eval_rss=(1000, 250, 1000))
 SMOKE = Scale(backbone="test_resnet", default_backbone="test_resnet", size=32, photos=32,
               batches=2, cache_images=32, rss_images=(40, 80), eval_images=8, audit_images=16,
-              dist_size=32, dist_steps=2, merge_images=20, digits=False)
+              dist_size=32, dist_steps=2, merge_images=20, eval_rss=(20, 10, 40),
+              digits=False)
 S = FULL  # set by main()
 
 
@@ -548,6 +555,61 @@ def data_identity_figures(folder: object, name: str, memo_home: Path) -> None:
          per_file_us=round(1e6 * times[1] / files, 1))
 
 
+def eval_rss_figures() -> None:
+    """eval_rss_growth: two fresh processes evaluate the same many-class run on n and 4n
+    images, side by side."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from PIL import Image
+
+    from tlkit.config import FinetuneConfig
+    from tlkit.freezing import FreezeRequest
+    from tlkit.train import finetune
+
+    classes, small, large = S.eval_rss
+    rng = np.random.default_rng(0)
+
+    def write(folder: Path, n: int, n_classes: int) -> None:
+        for i in range(n):
+            (folder / f"c{i % n_classes:04d}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                folder / f"c{i % n_classes:04d}" / f"{i}.png")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write(root / "data" / "train", classes, classes)
+        write(root / "data" / "val", 8, 8)
+        finetune(FinetuneConfig(data=str(root / "data"), backbone="test_resnet", weights="none",
+                                input_size=32, freeze=FreezeRequest(count="all"), head_epochs=1,
+                                epochs=0, batch_size=64, output=str(root / "run"), cache="off"),
+                 verbose=0)
+        for n in (small, large):
+            write(root / f"eval{n}", n, 8)
+
+        def peak(n: int) -> int:
+            out = subprocess.run([sys.executable, __file__, "--eval-rss-child", str(root / "run"),
+                                  str(root / f"eval{n}")], capture_output=True, text=True,
+                                 check=True, cwd=ROOT)
+            return int(out.stdout.strip().splitlines()[-1])
+
+        with ThreadPoolExecutor(2) as pool:
+            rss = dict(zip((small, large), pool.map(peak, (small, large)), strict=True))
+    emit("eval_rss_peak_mb", rss[small] / 1e3, "MB", images=small, classes=classes, views=30)
+    emit("eval_rss_peak_mb", rss[large] / 1e3, "MB", images=large, classes=classes, views=30)
+    emit("eval_rss_growth", rss[large] / rss[small], "x", goal="<= 1.2")
+
+
+def eval_rss_child(run: str, data: str) -> None:
+    from tlkit.evaluate import EvalConfig, evaluate
+
+    evaluate(EvalConfig(runs=[run], data=data, multicrop="multiscale", name=Path(data).name,
+                        workers=1))
+    status = Path("/proc/self/status").read_text().splitlines()
+    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
+
 def rss_child_peak(n_images: int) -> int:
     """Peak RSS (KB) of a fresh process that trains one epoch from a cache another built."""
     import tempfile
@@ -748,7 +810,11 @@ def main() -> None:
                         help="run one group of figures")
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--dist-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--eval-rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.eval_rss_child:
+        eval_rss_child(*args.eval_rss_child)
+        return
     if args.dist_child:
         strategy, backbone, size, batch, steps = args.dist_child
         dist_child(strategy, backbone, int(size), int(batch), int(steps))
@@ -780,6 +846,7 @@ def main() -> None:
         cache_figures()
     if args.only in (None, "eval"):
         eval_figures()
+        eval_rss_figures()
     if args.only in (None, "reliability"):
         reliability_figures()
     if args.only in (None, "distribute"):

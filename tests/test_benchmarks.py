@@ -21,6 +21,7 @@ SPEED_FIGURES = {
     "aug_overhead_ratio", "aug_scaling_efficiency", "input_headroom",
     "cache_live_epoch_seconds", "cache_epoch_seconds", "cache_epoch_speedup",
     "cache_build_ratio", "cache_rss_peak_mb", "cache_rss_growth",
+    "eval_rss_peak_mb", "eval_rss_growth",
     "multicrop1_seconds", "multicrop10_seconds", "multicrop10_cost_ratio",
     "multicrop_dense_cost_ratio", "multicrop_dense_mirrored_cost_ratio",
     "ensemble3_shared_trunk_seconds", "ensemble_shared_trunk_ratio",

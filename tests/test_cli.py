@@ -366,7 +366,7 @@ def test_each_kind_of_error_has_one_exit_code(make_folder, tmp_path):
                     ["precompute-features", str(data), "--val-fraction", "1.5"]):
         result = invoke(*command)
         assert result.exit_code == 2, result.output
-        assert "--val-fraction must be between 0 and 1" in result.output
+        assert "'--val-fraction': 1.5 is not in the range 0<x<1" in result.output
     merge = invoke("cache", "merge", "--cache-dir", str(tmp_path / "nothing"))
     assert merge.exit_code == 6 and "no shards to merge" in merge.output
     (tmp_path / "notes.json").write_text("{}")

@@ -281,18 +281,18 @@ def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
     assert [idx for _, _, idx in _shared_groups(members)] == [[0], [1]]
 
 
-def test_leftovers_of_a_crashed_evaluation_are_cleared_after_a_day(trained):
-    import os
-    import time
+def test_leftovers_of_a_crashed_evaluation_are_cleared_whatever_their_age(trained):
+    from tlkit.fsutil import incomplete_dir, release
 
     _data, runs = trained
     out = runs[0] / "eval" / "left"
-    old, fresh = (out.parent / f"left.incomplete-{n}" for n in ("old", "fresh"))
-    for path in (old, fresh):
-        path.mkdir(parents=True)
-        (path / "metrics.json").write_text("{}")  # half of an evaluation that crashed
-    day_ago = time.time() - 25 * 3600
-    os.utime(old, (day_ago, day_ago))
+    crashed, live = incomplete_dir(out, "evaluation"), incomplete_dir(out, "evaluation")
+    release(crashed)  # what a crashed evaluation leaves: its lock went with its process
+    for path in (crashed, live):
+        (path / "metrics.json").write_text("{}")  # half of an evaluation
+    stranger = out.parent / "left.incomplete-mine"
+    stranger.mkdir()  # no writer record: not tlkit's to judge
     evaluate(EvalConfig(runs=(str(runs[0]),), name="left"))
-    assert not old.exists() and fresh.exists()  # one still being written is left alone
+    assert not crashed.exists() and live.exists() and stranger.exists()
     assert (out / "metrics.json").is_file()
+    release(live)

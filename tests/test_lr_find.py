@@ -79,4 +79,4 @@ def test_lr_find_command_writes_its_plot_and_refuses_to_overwrite(make_folder, t
     assert tune.exit_code == 0, tune.output
     assert json.loads(tune.stdout)["flag"] == "--fine-tune-lr"
     bad = CliRunner().invoke(cli, [*args, "--steps", "3", "--overwrite"])
-    assert bad.exit_code == 2 and "--steps must be at least 10" in bad.output
+    assert bad.exit_code == 2 and "'--steps': 3 is not in the range x>=10" in bad.output

@@ -129,10 +129,10 @@ def test_finetune_options_from_the_cli_and_a_recipe(make_folder, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--stage-lr-decay", "0"], "--stage-lr-decay must be in (0, 1]"),
-    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
-    (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more"),
-    (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+    (["--stage-lr-decay", "0"], "'--stage-lr-decay': 0.0 is not in the range 0<x<=1"),
+    (["--label-smoothing", "1"], "'--label-smoothing': 1.0 is not in the range 0<=x<1"),
+    (["--warmup-epochs", "-1"], "'--warmup-epochs': -1 is not in the range x>=0"),
+    (["--weight-decay", "-0.1"], "'--weight-decay': -0.1 is not in the range x>=0"),
     (["--schedule", "step"], "'step' is not one of 'constant', 'cosine'"),
 ])
 def test_bad_fine_tune_options_are_one_line_errors(make_folder, args, message):

@@ -99,7 +99,7 @@ def test_a_project_recipe_replaces_a_shipped_one_of_the_same_name(tmp_path):
     ("description: x\nfinetun:\n  lr: 0.1\n",
      "unknown command 'finetun'. Did you mean 'finetune'?"),
     ("description: x\nfinetune:\n  head-epochs: many\n",
-     "finetune.head-epochs: 'many' is not a valid integer. Received: 'many'"),
+     "finetune.head-epochs: 'many' is not a valid integer range. Received: 'many'"),
     ("description: x\nfinetune:\n  augment: fancy\n", "unknown --augment preset 'fancy'"),
     ("- a list\n", "a recipe is a mapping"),
     ("finetune: [unclosed\n", "not valid YAML"),

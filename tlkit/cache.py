@@ -37,6 +37,7 @@ from tlkit.fsutil import (
     atomic_path,
     atomic_write_json,
     claim,
+    discard,
     find_incomplete,
     hold_lock,
     incomplete_dir,
@@ -44,7 +45,6 @@ from tlkit.fsutil import (
     is_inside,
     publish_dir,
     read_json_record,
-    release,
     sha256_file,
 )
 
@@ -362,8 +362,7 @@ def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
     try:
         publish_dir(work, final)
     except OSError:  # the same part finished elsewhere first: keep that one
-        release(work)
-        shutil.rmtree(work)
+        discard(work)
     return final
 
 
@@ -440,7 +439,7 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
                         folder / piece["file"], allow_pickle=False)
                     row = piece["stop"]
                 if row != stop:
-                    shutil.rmtree(work)
+                    discard(work)
                     raise CacheError(f"{root / key}: the parts do not cover rows {row}.."
                                      f"{stop - 1} of {name} exactly once; remove the parts and "
                                      "run the shards again")

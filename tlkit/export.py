@@ -23,6 +23,7 @@ from tlkit.errors import ConfigError
 from tlkit.fsutil import (
     atomic_write,
     atomic_write_json,
+    discard,
     incomplete_dir,
     publish_dir,
     refuse_overwrite,
@@ -92,7 +93,7 @@ def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLik
             "tlkit_version": _version.__version__,
         })
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     publish_dir(tmp, out, overwrite=overwrite)
     log.info("exported %s as %s to %s", loaded.path, fmt, out)

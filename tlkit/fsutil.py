@@ -129,6 +129,12 @@ def release(folder: str | os.PathLike, now_at: str | os.PathLike | None = None) 
     os.close(fd)
 
 
+def discard(folder: str | os.PathLike) -> None:
+    """Give up an artifact being built: its lock, then its folder."""
+    release(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def writer_kind(folder: Path) -> str | None:
     """The kind recorded in an incomplete folder; None for one without a readable marker."""
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ from tlkit.datasets import SPLIT_NAMES
 from tlkit.errors import DataError
 from tlkit.fsutil import (
     atomic_write_json,
+    discard,
     hold_lock,
     incomplete_dir,
     publish_dir,
-    release,
     safe_name,
     user_cache_dir,
 )
@@ -95,8 +94,7 @@ def materialize(spec: str) -> Path:
                     "splits": counts, "classes": class_names})
                 publish_dir(tmp, final)
             except BaseException:
-                release(tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
+                discard(tmp)
                 raise
     return final
 

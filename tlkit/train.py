@@ -359,8 +359,10 @@ def _local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
 
 
 def _check_outside_data(config: FinetuneConfig, run_dir: Path) -> None:
+    """A data folder reads every sub-folder as a class (a CSV lists its files: no such risk)."""
     inputs = _local_inputs(config)
-    if inputs and run_dir.resolve().is_relative_to(inputs[0].resolve()):
+    if inputs and Path(config.data).is_dir() and \
+            run_dir.resolve().is_relative_to(inputs[0].resolve()):
         raise ConfigError(f"-o/--output {run_dir}: inside the data folder {inputs[0]}, where "
                           "the run would be read as images of a class; choose a folder outside it")
 
