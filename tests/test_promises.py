@@ -294,7 +294,7 @@ def test_a_crafted_keras_file_is_refused_in_one_line(run_copy, tmp_path):
     inputs = keras.Input((4,))
     keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs)).save(tmp_path / "l.keras")
     shutil.copyfile(tmp_path / "l.keras", run_copy / "model.keras")
-    result = invoke("eval", str(run_copy))
+    result = invoke("eval", str(run_copy), "--name", "crafted")  # the copy has earlier evals
     assert result.exit_code == 5 and "Keras refused to load it" in one_line(result)
 
     marker = tmp_path / "ran"
@@ -308,7 +308,7 @@ def test_a_crafted_keras_file_is_refused_in_one_line(run_copy, tmp_path):
     shutil.copyfile(original, run_copy / "model.keras")
     craft(run_copy, call_a_module_function)
     write_folder(tmp_path / "data", ["a", "b"], 4)
-    for command in (("eval", str(run_copy)),
+    for command in (("eval", str(run_copy), "--name", "crafted"),
                     ("finetune", str(tmp_path / "data"), "-o", "runs/n", *FAST[:2], "--weights",
                      str(run_copy), *FAST[4:])):
         result = invoke(*command)
