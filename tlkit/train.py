@@ -56,6 +56,7 @@ from tlkit.fsutil import (
     publish_dir,
     read_json_record,
     refuse_overwrite,
+    release,
 )
 from tlkit.precompute import cache_dataset
 from tlkit.runs import RUN_FILE, RUNS_DIR, Run, RunRecord, load_run
@@ -403,10 +404,15 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         _check_outside_data(config, run_dir)
     if placement.name != "default":
         log.info("strategy: %s", placement.describe())
-    with contextlib.ExitStack() as scope:
-        scope.enter_context(placement.strategy.scope())
-        return _finetune(config, placement, run_dir, tmp_dir, identity, verbose, force_resume,
-                         scope)
+    try:
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(placement.strategy.scope())
+            return _finetune(config, placement, run_dir, tmp_dir, identity, verbose,
+                             force_resume, scope)
+    except BaseException:
+        for folder in find_incomplete(run_dir):  # interrupted: resumable, by anyone, now
+            release(folder)
+        raise
 
 
 @dataclasses.dataclass
