@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tlkit.errors import OutputExistsError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -118,15 +120,11 @@ def claim(folder: str | os.PathLike, kind: str | None = None) -> None:
     _HELD[str(folder)] = fd
 
 
-def release(folder: str | os.PathLike, now_at: str | os.PathLike | None = None) -> None:
-    """Drop the writer lock taken on `folder` (published to `now_at`, whose marker goes)."""
+def release(folder: str | os.PathLike) -> None:
+    """Drop the writer lock this process took on `folder`, if it took one."""
     fd = _HELD.pop(str(Path(folder)), None)
-    if fd is None:
-        return
-    if now_at is not None:
-        with contextlib.suppress(FileNotFoundError):
-            (Path(now_at) / WRITER).unlink()
-    os.close(fd)
+    if fd is not None:
+        os.close(fd)
 
 
 def discard(folder: str | os.PathLike) -> None:
@@ -148,17 +146,10 @@ def is_live(folder: Path) -> bool:
     """Whether a process (this one included) holds `folder`'s writer lock right now."""
     if str(folder) in _HELD:
         return True
-    try:
-        fd = os.open(folder / WRITER, os.O_RDONLY)
-    except OSError:
+    if not (folder / WRITER).is_file():
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops a lock we took just to test it
-    return False
+    with hold_lock(folder / WRITER, wait=False) as held:
+        return not held
 
 
 @contextlib.contextmanager
@@ -232,14 +223,10 @@ def refuse_overwrite(path: str | os.PathLike, overwrite: bool, hint: str,
     for given in inputs:
         source = Path(given).resolve()
         if source == here or source.is_relative_to(here):
-            from tlkit.errors import OutputExistsError
-
             raise OutputExistsError(f"{path}: holds the input {given}, which the output would "
                                     "replace; choose another output folder")
     if not path.exists() and not path.is_symlink():
         return
-    from tlkit.errors import OutputExistsError
-
     if not overwrite:
         raise OutputExistsError(f"{path}: already exists; {hint}")
     record = RECORDS.get(kind) if kind is not None else None
@@ -262,9 +249,9 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: boo
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    release(tmp, now_at=final)
     with contextlib.suppress(FileNotFoundError):
-        (final / WRITER).unlink()
+        (final / WRITER).unlink()  # a finished artifact has no writer
+    release(tmp)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -361,10 +361,9 @@ def _local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
 
 def _check_outside_data(config: FinetuneConfig, run_dir: Path) -> None:
     """A data folder reads every sub-folder as a class (a CSV lists its files: no such risk)."""
-    inputs = _local_inputs(config)
-    if inputs and Path(config.data).is_dir() and \
-            run_dir.resolve().is_relative_to(inputs[0].resolve()):
-        raise ConfigError(f"-o/--output {run_dir}: inside the data folder {inputs[0]}, where "
+    data = Path(config.data)
+    if data.is_dir() and run_dir.resolve().is_relative_to(data.resolve()):
+        raise ConfigError(f"-o/--output {run_dir}: inside the data folder {data}, where "
                           "the run would be read as images of a class; choose a folder outside it")
 
 
@@ -876,9 +875,9 @@ class _PhaseRunner:
         if self.recorder.best_head is not None:
             self.model.set_weights(self.recorder.best_head)
             self.recorder.best_head = None
-        elif best.get("phase") == "head" and self.ckpt_dir is not None \
-                and (self.ckpt_dir / BEST).is_file():
-            load_weights(self.ckpt_dir / BEST, self.model)
+        elif "head_probe" not in self.state and best.get("phase") == "head" \
+                and self.ckpt_dir is not None and (self.ckpt_dir / BEST).is_file():
+            load_weights(self.ckpt_dir / BEST, self.model)  # a probe's last is its best
 
     def run(self, phase: str, index: int, epochs: int, lr: float, initial: int,
             phase_first: int) -> None:
