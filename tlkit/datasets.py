@@ -17,6 +17,7 @@ from pathlib import Path
 from natsort import natsorted
 
 from tlkit.errors import ConfigError, DataError
+from tlkit.fsutil import tlkit_output
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 # Files operating systems drop into folders; never data.
@@ -118,6 +119,9 @@ def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFold
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such data folder; pass a folder of class sub-folders")
+    made = tlkit_output(root)
+    if made is not None:
+        raise DataError(f"{root}: {made}, not data; pass a folder of class sub-folders")
     check_val_fraction(val_fraction)
     ignored: list[str] = []
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and _visible(p.name)]

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def _onnx(model: Any, path: Path) -> None:
 
     _, height, width, channels = model.input_shape
     model(np.zeros((1, height, width, channels), np.uint8))  # Keras exports only called models
-    model.export(str(path), format="onnx", verbose=False)
+    with warnings.catch_warnings():  # Keras' tf2onnx shim probes np.object, which numpy flags
+        warnings.filterwarnings("ignore", r"In the future `np\.object`", FutureWarning)
+        model.export(str(path), format="onnx", verbose=False)
 
 
 def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLike | None = None,
@@ -96,5 +99,4 @@ def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLik
         discard(tmp)
         raise
     publish_dir(tmp, out, overwrite=overwrite)
-    log.info("exported %s as %s to %s", loaded.path, fmt, out)
     return out

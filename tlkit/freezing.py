@@ -46,8 +46,6 @@ class FreezePlan:
                 "last_frozen": self.last_frozen}
 
 
-
-
 def parse_freeze_count(value: str) -> str:
     """Validate `--freeze` early (at option parsing), before any model is built."""
     text = str(value).strip().lower()
@@ -63,16 +61,34 @@ def parse_freeze_count(value: str) -> str:
     return text
 
 
-def resolve_freeze(
-    request: FreezeRequest, spec: BackboneSpec, layer_names: list[str]
-) -> FreezePlan:
-    n_layers = len(layer_names)
+def check_freeze(request: FreezeRequest, spec: BackboneSpec, n_layers: int) -> None:
+    """Refuse a request that no backbone of `n_layers` layers can honour; needs no model, so
+    it runs before TensorFlow loads (with the registry's layer count) and again after."""
     chosen = [x is not None for x in (request.count, request.to_layer, request.blocks)]
     if sum(chosen) > 1:
         raise ConfigError(
             "choose one of --freeze, --freeze-to and --freeze-blocks. "
             f"Received: {request.describe()} and others"
         )
+    if request.blocks is not None and not 0 <= request.blocks <= len(spec.stages):
+        raise ConfigError(
+            f"--freeze-blocks must be between 0 and {len(spec.stages)} for {spec.name} "
+            f"(stages: {', '.join(s for s, _ in spec.stages)}). Received: {request.blocks}"
+        )
+    if request.count not in (None, "all", AUTO) and n_layers:
+        c = int(request.count)
+        if not -n_layers <= c <= n_layers:
+            raise ConfigError(
+                f"--freeze {c} is out of range: {spec.name} has {n_layers} layers, so use "
+                f"{-n_layers}..{n_layers} or 'all'. Received: {c}"
+            )
+
+
+def resolve_freeze(
+    request: FreezeRequest, spec: BackboneSpec, layer_names: list[str]
+) -> FreezePlan:
+    n_layers = len(layer_names)
+    check_freeze(request, spec, n_layers)
     if request.to_layer is not None:
         if request.to_layer not in layer_names:
             hint = did_you_mean(request.to_layer, layer_names)
@@ -82,13 +98,7 @@ def resolve_freeze(
             )
         n = layer_names.index(request.to_layer) + 1
     elif request.blocks is not None:
-        k = request.blocks
-        if not 0 <= k <= len(spec.stages):
-            raise ConfigError(
-                f"--freeze-blocks must be between 0 and {len(spec.stages)} for {spec.name} "
-                f"(stages: {', '.join(s for s, _ in spec.stages)}). Received: {k}"
-            )
-        n = spec.stage_end_index(layer_names, k)
+        n = spec.stage_end_index(layer_names, request.blocks)
     else:
         count = request.count if request.count is not None else "all"
         if count == AUTO:
@@ -99,11 +109,6 @@ def resolve_freeze(
             n = n_layers
         else:
             c = int(count)
-            if not -n_layers <= c <= n_layers:
-                raise ConfigError(
-                    f"--freeze {c} is out of range: {spec.name} has {n_layers} layers, so use "
-                    f"{-n_layers}..{n_layers} or 'all'. Received: {c}"
-                )
             n = c if c >= 0 else n_layers + c
     return FreezePlan(
         n_frozen=n,
@@ -140,3 +145,24 @@ def freeze_all(base: Any) -> int:
     """Freeze the whole backbone (the head-only phase); return the number of BatchNorm layers."""
     base.trainable = False
     return sum(is_batch_norm(layer) for layer in base.layers)
+
+
+def nothing_to_train(base: Any, plan: FreezePlan, train_bn: bool = False) -> str | None:
+    """A warning when the plan freezes less than everything yet leaves no layer whose weights
+    train (only pooling, activations, adds, or BatchNorm kept frozen), so the fine-tune phase
+    trains exactly what `--freeze all` trains; it names the nearest plan that trains more."""
+    def trains(layer: Any) -> bool:
+        return bool(layer.weights) and (train_bn or not is_batch_norm(layer))
+
+    layers = base.layers
+    if plan.n_frozen >= len(layers) or any(trains(x) for x in layers[plan.n_frozen:]):
+        return None
+    nearest = next((n for n in range(plan.n_frozen - 1, -1, -1) if trains(layers[n])), None)
+    if nearest is None:
+        return f"{plan.request}: no layer of the backbone holds weights that train"
+    tail = ", ".join(x.name for x in layers[plan.n_frozen:][:4])
+    more = "" if len(layers) - plan.n_frozen <= 4 else ", ..."
+    return (f"{plan.request} leaves only layers with nothing to train after the freeze point "
+            f"({tail}{more}; BatchNorm stays frozen without --train-bn), so fine-tuning trains "
+            f"what --freeze all trains; --freeze {nearest} (or {nearest - len(layers)}) also "
+            f"trains {layers[nearest].name}")

@@ -199,6 +199,17 @@ def find_incomplete(final: str | os.PathLike) -> list[Path]:
     return sorted((p for p in found if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
 
+def tlkit_output(path: Path) -> str | None:
+    """What tlkit made the folder `path` as, in words (a run, an export, one being built);
+    None for anything else. A finished tfds copy is data, so it does not count."""
+    if is_incomplete(path) or (path / WRITER).is_file():
+        return f"an unfinished tlkit {writer_kind(path) or 'output'} folder"
+    for kind, record in RECORDS.items():
+        if record and kind != "tfds" and (path / record).is_file():
+            return f"a tlkit {kind} folder ({record})"
+    return None
+
+
 def _holds(path: Path) -> str:
     """What stands at `path`, in words, for the message that refuses to replace it."""
     if path.is_symlink() or not path.is_dir():
@@ -293,6 +304,18 @@ def file_hash(path: str | os.PathLike, algorithm: str) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """The bytes of every file under `path` (a hard link counted once)."""
+    seen, total = set(), 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
 
 
 def fsync_dir(path: Path) -> None:

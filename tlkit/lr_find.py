@@ -147,17 +147,17 @@ def lr_find(config: LrFindConfig) -> dict[str, Any]:
 
 
 def _run(config: LrFindConfig) -> dict[str, Any]:
-    from tlkit.backbones import get_backbone
-    from tlkit.datasets import load_dataset
     from tlkit.diagnose import pooled_features
     from tlkit.head import Features
     from tlkit.model import backbone_of, build_model
+    from tlkit.preflight import check_inputs
     from tlkit.weights import resolve_weights
 
-    spec = get_backbone(config.backbone)
-    size = spec.resolve_input_size(config.input_size)
+    checked = check_inputs(config.data, config.backbone, config.input_size,
+                           config.val_fraction, config.freeze)
+    spec, size = checked.spec, checked.size
     weights = resolve_weights(spec, config.weights)
-    folder = load_dataset(config.data, config.val_fraction)
+    folder = checked.dataset()
     train = list(folder.splits["train"])
     model = build_model(spec, weights, size, len(folder.classes), config.seed)
     labels = np.array([e.label for e in train], np.int32)

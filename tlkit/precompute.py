@@ -28,7 +28,7 @@ from tlkit.augment import (
     resolve_augment,
     sample_rng,
 )
-from tlkit.backbones import BackboneSpec, get_backbone
+from tlkit.backbones import BackboneSpec
 from tlkit.cache import (
     FeatureCache,
     build_cache,
@@ -43,7 +43,7 @@ from tlkit.cache import (
 )
 from tlkit.choices import CACHE_DTYPES, DEFAULT_BACKBONE, STRATEGIES, check
 from tlkit.cut import Cut, build_trunk, resolve_cut
-from tlkit.datasets import Example, ImageFolder, check_val_fraction, load_dataset
+from tlkit.datasets import Example, ImageFolder, check_val_fraction
 from tlkit.decode import DEFAULT_MAX_PIXELS
 from tlkit.distribute import (
     NEEDS_TF_CONFIG,
@@ -51,8 +51,9 @@ from tlkit.distribute import (
     read_tf_config,
     resolve_strategy,
 )
-from tlkit.errors import CacheError, ConfigError
+from tlkit.errors import CacheError, ConfigError, WeightsError
 from tlkit.freezing import FreezeRequest, resolve_freeze
+from tlkit.preflight import Checked, check_inputs
 from tlkit.weights import ResolvedWeights, resolve_weights
 
 log = logging.getLogger("tlkit")
@@ -207,12 +208,14 @@ def precompute_features(config: PrecomputeConfig, verbose: int = 1
     """Build (or find) the cache; with dry_run, return the plan without writing anything.
     `verbose` 0 hides the progress bar. With a shard, compute that part; the last part to
     finish publishes the cache, the others return what is still missing."""
+    checked = check_inputs(config.data, config.backbone, config.input_size,
+                           config.val_fraction, config.freeze)
     shard, strategy = _shard_and_strategy(config)
     placement = make_placement(strategy)
     if placement.replicas > 1:
         log.info("strategy: %s", placement.describe())
     with placement.strategy.scope():
-        return _precompute(config, shard, placement.predictor, verbose)
+        return _precompute(config, checked, shard, placement.predictor, verbose)
 
 
 def _seconds_per_image(predict: Any, batch_size: int, size: int) -> float:
@@ -224,13 +227,24 @@ def _seconds_per_image(predict: Any, batch_size: int, size: int) -> float:
     return (time.perf_counter() - t0) / batch_size
 
 
-def _precompute(config: PrecomputeConfig, shard: tuple[int, int] | None, predictor: Any,
-                verbose: int) -> FeatureCache | dict[str, Any]:
-    spec = get_backbone(config.backbone)
-    size = spec.resolve_input_size(config.input_size)
-    weights = resolve_weights(spec, config.weights)
-    folder, _, _ = audit_and_filter(load_dataset(config.data, config.val_fraction), config.audit,
-                                    spec.min_size, config.workers)
+def _dry_run_weights(spec: Any, requested: str) -> tuple[ResolvedWeights, str | None]:
+    """A dry run needs only the architecture: without the weights it measures on random ones
+    and says that the cache key waits for them."""
+    try:
+        return resolve_weights(spec, requested), None
+    except WeightsError as e:
+        return resolve_weights(spec, "none"), str(e)
+
+
+def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, int] | None,
+                predictor: Any, verbose: int) -> FeatureCache | dict[str, Any]:
+    spec, size = checked.spec, checked.size
+    if config.dry_run:
+        weights, missing = _dry_run_weights(spec, config.weights)
+    else:
+        weights, missing = resolve_weights(spec, config.weights), None
+    scanned = checked.dataset()
+    folder, _, _ = audit_and_filter(scanned, config.audit, spec.min_size, config.workers)
     from tlkit.model import backbone_of, build_model
 
     model = build_model(spec, weights, size, len(folder.classes), config.seed,
@@ -257,11 +271,15 @@ def _precompute(config: PrecomputeConfig, shard: tuple[int, int] | None, predict
     needed = estimate_bytes(counts, views, shape, config.dtype)
     if config.dry_run:
         images = sum(counts[s] * views[s] for s in counts)
+        if missing is not None:  # the key names the weights' hash: unknown without them
+            key, existing = None, None
         return {"key": key, "exists": existing is not None, "bytes": needed,
+                "weights_missing": missing,
                 "images": images, "shape": list(shape), "dtype": config.dtype,
                 "estimated_seconds": round(_seconds_per_image(predict, config.batch_size, size)
                                            * images, 1),
-                "cut": cut.as_dict(), "path": str(root / key), "free_bytes": shutil.disk_usage(
+                "cut": cut.as_dict(), "path": str(root / key) if key else None,
+                "free_bytes": shutil.disk_usage(
                     root if root.exists() else root.parent.resolve()).free}
     if existing is not None:
         log.info("feature cache %s already complete (%s)", key, root / key)

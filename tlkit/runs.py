@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlkit.errors import RunError, TlkitError
-from tlkit.fsutil import final_path, is_incomplete, is_live, read_json_record
+from tlkit.errors import RunError, TlkitError, did_you_mean
+from tlkit.fsutil import (
+    final_path,
+    find_incomplete,
+    folder_bytes,
+    is_incomplete,
+    is_live,
+    read_json_record,
+)
 
 RUNS_DIR = "runs"
 RUN_SCHEMA = 1
@@ -163,9 +170,63 @@ def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
     return max(runs, key=lambda p: (p / RUN_FILE).stat().st_mtime)
 
 
+def _interrupted_run(path: Path) -> Path | None:
+    """The run being built for `path`: the folder itself when it is one, else the newest
+    `<path>.incomplete-*` that holds a run (the name tlkit printed while training)."""
+    found = [path] if is_incomplete(path) else find_incomplete(path)
+    runs = [p for p in found if (p / "checkpoints" / "identity.json").is_file()]
+    return runs[-1] if runs else None
+
+
+def unfinished_run(path: str | os.PathLike) -> RunError | None:
+    """The error for a path that names a run not finished yet (interrupted, or training in
+    another process), saying what to do; None when `path` names no such run."""
+    from tlkit.checkpoints import latest_checkpoint
+
+    path = Path(path)
+    if is_finished_run(path):
+        return None
+    folder = _interrupted_run(path)
+    if folder is None:
+        return None
+    name = final_path(folder)
+    if is_live(folder):
+        return RunError(f"{path}: still training ({folder}, another process); wait for it to "
+                        "finish")
+    found = latest_checkpoint(folder / "checkpoints")
+    where = ("before its first epoch ended" if found is None else
+             f"at {found[1]['phase']} epoch {found[1]['epoch']}")
+    return RunError(f"{path}: not finished, interrupted {where} ({folder}); "
+                    f"`tlkit finetune --resume {name}` finishes it first")
+
+
+def split_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """The run folders among `paths` and the other paths, in order. A path that names an
+    unfinished run, or a missing folder beside runs, is refused: never read as data."""
+    runs, rest = [], []
+    for p in paths:
+        if is_finished_run(Path(p)):
+            runs.append(p)
+            continue
+        error = unfinished_run(p)
+        if error is not None:
+            raise error
+        parent = Path(p).parent
+        if not Path(p).exists() and parent.is_dir():
+            names = [q.name for q in parent.iterdir() if is_finished_run(q)]
+            if names:
+                raise RunError(f"{p}: no such run.{did_you_mean(Path(p).name, names)} "
+                               f"`tlkit runs` lists the runs in {parent}")
+        rest.append(p)
+    return runs, rest
+
+
 def load_run(path: str | os.PathLike | None = None) -> Run:
     """A finished run; `None` means the newest under runs/."""
     run_path = newest_run() if path is None else Path(path)
+    error = unfinished_run(run_path)
+    if error is not None:
+        raise error
     if not run_path.is_dir():
         raise RunError(f"{run_path}: no such run folder")
     if is_incomplete(run_path) or not is_finished_run(run_path):
@@ -192,6 +253,8 @@ def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
             rows.append({"run": path.name, "status": "finished", "backbone": record.backbone,
                          "freeze": record.freeze.get("request"),
                          "best_val_accuracy": best.get("val_accuracy"),
+                         "test_accuracy": (record.results.get("test") or {}).get("accuracy"),
+                         "size_mb": round(folder_bytes(path) / 1e6, 1),
                          "created": record.created, "path": str(path)})
         elif is_incomplete(path) and (path / "checkpoints" / "identity.json").is_file():
             try:
@@ -201,7 +264,8 @@ def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
             name = final_path(path).name
             rows.append({"run": name, "status": "training" if is_live(path) else "interrupted",
                          "backbone": identity.get("backbone"),
-                         "freeze": None, "best_val_accuracy": None,
+                         "freeze": None, "best_val_accuracy": None, "test_accuracy": None,
+                         "size_mb": round(folder_bytes(path) / 1e6, 1),
                          "created": None, "path": str(path),
                          "resume": f"tlkit finetune --resume {runs_dir / name}"})
     return sorted(rows, key=lambda r: Path(r["path"]).stat().st_mtime, reverse=True)

@@ -25,7 +25,6 @@ import numpy as np
 
 from tlkit import _version
 from tlkit.audit import audit_and_filter
-from tlkit.backbones import get_backbone
 from tlkit.checkpoints import (
     BEST,
     PREVIOUS,
@@ -38,10 +37,10 @@ from tlkit.checkpoints import (
 )
 from tlkit.choices import AUTO
 from tlkit.config import FinetuneConfig
-from tlkit.datasets import fingerprint, load_dataset
+from tlkit.datasets import fingerprint
 from tlkit.distribute import Placement
 from tlkit.errors import ConfigError, Interrupted, RunError
-from tlkit.freezing import apply_freeze, freeze_all, resolve_freeze
+from tlkit.freezing import apply_freeze, freeze_all, nothing_to_train, resolve_freeze
 from tlkit.fsutil import (
     INCOMPLETE,
     FolderBusy,
@@ -51,6 +50,7 @@ from tlkit.fsutil import (
     claim,
     final_path,
     find_incomplete,
+    folder_bytes,
     incomplete_dir,
     is_incomplete,
     publish_dir,
@@ -59,6 +59,7 @@ from tlkit.fsutil import (
     release,
 )
 from tlkit.precompute import cache_dataset
+from tlkit.preflight import Checked, check_inputs, is_chief
 from tlkit.runs import RUN_FILE, RUNS_DIR, Run, RunRecord, load_run
 from tlkit.weights import resolve_weights
 
@@ -387,6 +388,15 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     else:
         tmp_dir, identity = None, None
         run_dir = Path(config.output) if config.output else default_run_dir(config.backbone)
+    checked = check_inputs(config.data, config.backbone, config.input_size,
+                           config.val_fraction, config.freeze)
+    if identity is None and is_chief():
+        refuse_overwrite(run_dir, config.overwrite,
+                         "choose another -o/--output or pass --overwrite", kind="run",
+                         inputs=_local_inputs(config))
+        _check_outside_data(config, run_dir)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
     from tlkit.distribute import make_placement
 
     placement = make_placement(config.strategy)  # before any other TensorFlow work
@@ -396,17 +406,12 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         except FolderBusy:
             raise RunError(f"{tmp_dir}: another process is training this run right now; wait "
                            "for it, or stop it first") from None
-    if identity is None and placement.is_chief:
-        refuse_overwrite(run_dir, config.overwrite,
-                         "choose another -o/--output or pass --overwrite", kind="run",
-                         inputs=_local_inputs(config))
-        _check_outside_data(config, run_dir)
     if placement.name != "default":
         log.info("strategy: %s", placement.describe())
     try:
         with contextlib.ExitStack() as scope:
             scope.enter_context(placement.strategy.scope())
-            return _finetune(config, placement, run_dir, tmp_dir, identity, verbose,
+            return _finetune(config, checked, placement, run_dir, tmp_dir, identity, verbose,
                              force_resume, scope)
     except BaseException:
         for folder in find_incomplete(run_dir):  # interrupted: resumable, by anyone, now
@@ -461,11 +466,12 @@ class _Plan:
         return schedule
 
 
-def _load_data(config: FinetuneConfig, spec: Any, placement: Placement
+def _load_data(config: FinetuneConfig, checked: Checked, placement: Placement
                ) -> tuple[Any, Any, list[dict[str, Any]], str]:
     """(the folder to train on, the data check, the files skipped, the fingerprint of every
     file, usable or not)."""
-    scanned = load_dataset(config.data, config.val_fraction)
+    spec = checked.spec
+    scanned = checked.dataset()
     log.info("data: %s (%s layout), %d classes; %s", scanned.root, scanned.layout,
              len(scanned.classes),
              ", ".join(f"{s} {len(x)}" for s, x in scanned.splits.items()))
@@ -494,19 +500,18 @@ def _check_unchanged(saved: dict[str, Any] | None, now: dict[str, Any], tmp_dir:
         log.warning("resuming despite a change (--force-resume): %s", line)
 
 
-def _make_plan(config: FinetuneConfig, placement: Placement, saved: dict[str, Any] | None,
-               tmp_dir: Path | None, force_resume: bool, verbose: int) -> _Plan:
-    """Data, backbone, weights, freeze point, augmentation and the cache decision, in the order
-    that fails fastest: weights before the data (offline), the data before any model."""
+def _make_plan(config: FinetuneConfig, checked: Checked, placement: Placement,
+               saved: dict[str, Any] | None, tmp_dir: Path | None, force_resume: bool,
+               verbose: int) -> _Plan:
+    """Weights, the data check, freeze point, augmentation and the cache decision, in the
+    order that fails fastest (the data's listing was checked before TensorFlow loaded): the
+    weights before decoding the data, the data before any model."""
     from tlkit.model import backbone_of, build_model
     from tlkit.pipeline import build_train_transform
 
-    spec = get_backbone(config.backbone)
-    size = spec.resolve_input_size(config.input_size)
+    spec, size = checked.spec, checked.size
     weights = resolve_weights(spec, config.weights)
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
-    folder, report, skipped, data_fingerprint = _load_data(config, spec, placement)
+    folder, report, skipped, data_fingerprint = _load_data(config, checked, placement)
     identity = {"config": config.as_dict(), "backbone": spec.name,
                 "weights_sha256": weights.as_dict().get("sha256"), "input_size": size,
                 "preprocessing": spec.preprocessing, "classes": list(folder.classes),
@@ -529,6 +534,9 @@ def _make_plan(config: FinetuneConfig, placement: Placement, saved: dict[str, An
     config, auto_freeze, searched, head_features = _resolve_auto(
         config, placement, saved, model, spec, train, folder.splits["val"], size, sample_weights)
     freeze = auto_freeze or freeze
+    idle = nothing_to_train(base, freeze, config.train_bn) if config.epochs else None
+    if idle is not None:
+        log.warning("%s", idle)
     transform = build_train_transform(config.augment, train, size, spec.crop_fraction,
                                       max_pixels=config.audit.max_pixels)
     if transform.pca is not None:
@@ -634,14 +642,14 @@ def _train(plan: _Plan, placement: Placement, state: dict[str, Any], tmp_dir: Pa
                           "epoch") from None
 
 
-def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_dir: Path | None,
-              identity: dict[str, Any] | None, verbose: int | str, force_resume: bool,
-              scope: contextlib.ExitStack) -> Run | None:
+def _finetune(config: FinetuneConfig, checked: Checked, placement: Placement, run_dir: Path,
+              tmp_dir: Path | None, identity: dict[str, Any] | None, verbose: int | str,
+              force_resume: bool, scope: contextlib.ExitStack) -> Run | None:
     """finetune() in the strategy's `scope`: plan, train, record. Every worker trains; only the
     chief writes."""
     if verbose == "auto":
         verbose = 1 if os.isatty(1) else 2
-    plan = _make_plan(config, placement, identity, tmp_dir, force_resume, int(verbose))
+    plan = _make_plan(config, checked, placement, identity, tmp_dir, force_resume, int(verbose))
     state, tmp_dir, ckpt_dir = _open_run_dir(plan, placement, run_dir, tmp_dir)
     schedule = plan.schedule()
     _train(plan, placement, state, tmp_dir, ckpt_dir, run_dir, schedule, int(verbose))
@@ -656,13 +664,14 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
                        "to save")
     load_checkpoint(ckpt_dir / BEST, plan.model)
     calibration = _calibrate(plan) if plan.config.calibrate else None
+    test = _test_score(plan)
     with atomic_path(tmp_dir / "model.keras") as tmp:
         inference_model(plan.model).save(tmp)
     from tlkit.report import training_curves_png
 
     atomic_write(tmp_dir / "training_curves.png", training_curves_png(state["rows"]))
     atomic_write_json(tmp_dir / RUN_FILE,
-                      _run_record(plan, placement, state, schedule, calibration).as_dict())
+                      _run_record(plan, placement, state, schedule, calibration, test).as_dict())
     if plan.searched:
         write_search_table(tmp_dir / SEARCH_TABLE, plan.searched)
     with contextlib.suppress(FileNotFoundError):
@@ -673,9 +682,30 @@ def _finetune(config: FinetuneConfig, placement: Placement, run_dir: Path, tmp_d
         raise RunError(f"{run_dir}: appeared while training; the finished run is in {tmp_dir}") \
             from None
     best = state["best"]
-    log.info("saved %s (best val_accuracy %.4f, %s epoch %s)", run_dir,
-             best.get("val_accuracy") or math.nan, best["phase"], best["epoch"])
+    log.info("saved %s (%.1f MB; best val_accuracy %.4f, %s epoch %s)", run_dir,
+             folder_bytes(run_dir) / 1e6, best.get("val_accuracy") or math.nan, best["phase"],
+             best["epoch"])
+    if test is not None:
+        log.info("test: top-1 %.4f on %d images (single crop; `tlkit eval %s --multicrop` for "
+                 "test-time views)", test["accuracy"], test["images"], run_dir)
+    wasted = fine_tune_wasted(state, schedule)
+    if wasted:
+        log.warning("%s", wasted)
     return load_run(run_dir)
+
+
+def fine_tune_wasted(state: dict[str, Any], schedule: list[tuple[str, int, float]]
+                     ) -> str | None:
+    """A warning when fine-tuning ran yet never beat the head: the saved model is the head's,
+    so its time bought nothing."""
+    rows = [r for r in state["rows"] if r["phase"] == "fine-tune"]
+    if not rows or state["best"]["phase"] != "head":
+        return None
+    seconds = sum(r["seconds"] for r in rows)
+    return (f"the fine-tune phase never beat the head: {len(rows)} epochs, "
+            f"{_duration(seconds)}, and the best val_loss stayed head epoch "
+            f"{state['best']['epoch']}'s, the model saved. --epochs 0 skips the phase; "
+            "--freeze auto tries it on validation first and skips it when it does not pay")
 
 
 def inference_model(model: Any) -> Any:
@@ -687,17 +717,36 @@ def inference_model(model: Any) -> Any:
     return keras.Model(model.input, model.output, name=model.name)
 
 
+def _predict_split(plan: _Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of the model being saved on a split's eval view."""
+    from tlkit.pipeline import eval_dataset
+
+    c, examples = plan.config, plan.folder.splits[split]
+    probs = np.asarray(plan.model.predict(eval_dataset(
+        examples, plan.size, plan.spec.crop_fraction, c.batch_size, c.workers, c.prefetch,
+        c.audit.max_pixels), verbose=0), np.float64)
+    return probs, np.array([e.label for e in examples])
+
+
+def _test_score(plan: _Plan) -> dict[str, Any] | None:
+    """The saved model's single-crop score on the test split, when the data has one: the
+    figure a run ends on, since validation chose the model and flatters it."""
+    from tlkit.calibration import log_loss
+
+    if not plan.folder.splits.get("test"):
+        return None
+    probs, labels = _predict_split(plan, "test")
+    return {"accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+            "loss": log_loss(probs, labels), "images": len(labels), "views": 1}
+
+
 def _calibrate(plan: _Plan) -> dict[str, Any]:
     """--calibrate: temperature scaling fitted on the validation split's eval view, folded into
     the softmax layer of the model about to be saved."""
     from tlkit.calibration import apply_temperature, fit_temperature, fold_temperature, summary
-    from tlkit.pipeline import eval_dataset
 
-    c, val = plan.config, plan.folder.splits["val"]
-    probs = np.asarray(plan.model.predict(eval_dataset(
-        val, plan.size, plan.spec.crop_fraction, c.batch_size, c.workers, c.prefetch,
-        c.audit.max_pixels), verbose=0), np.float64)
-    labels = np.array([e.label for e in val])
+    val = plan.folder.splits["val"]
+    probs, labels = _predict_split(plan, "val")
     temperature = fit_temperature(probs, labels)
     before, after = summary(probs, labels), summary(apply_temperature(probs, temperature), labels)
     fold_temperature(plan.model, temperature)
@@ -711,7 +760,8 @@ def _calibrate(plan: _Plan) -> dict[str, Any]:
 
 def _run_record(plan: _Plan, placement: Placement, state: dict[str, Any],
                 schedule: list[tuple[str, int, float]],
-                calibration: dict[str, Any] | None = None) -> RunRecord:
+                calibration: dict[str, Any] | None = None,
+                test: dict[str, Any] | None = None) -> RunRecord:
     import keras
 
     c, folder, pca = plan.config, plan.folder, plan.transform.pca
@@ -744,7 +794,7 @@ def _run_record(plan: _Plan, placement: Placement, state: dict[str, Any],
         phase=rows[-1]["phase"] if rows else None, epoch=rows[-1]["epoch"] if rows else None,
         optimizer_steps=sum(state["phase_steps"].values()), resumed=state["resumed"],
         results={"best": state["best"], "phases": phase_summaries(state, schedule),
-                 "head_probe": state.get("head_probe")})
+                 "head_probe": state.get("head_probe"), "test": test})
 
 
 def _views_seen(plan: _Plan, state: dict[str, Any]) -> Any:
