@@ -47,7 +47,7 @@ def emit(name: str, value: float, unit: str = "", **extra: object) -> None:
 def _subset(dst: Path, classes: str) -> Path:
     for split in ("train", "val", "test"):
         for c in classes:
-            shutil.copytree(ROOT / "data" / split / c, dst / split / c)
+            shutil.copytree(ROOT / "examples" / "digits" / split / c, dst / split / c)
     return dst
 
 
@@ -231,7 +231,8 @@ def diagnose_seconds(work: Path, backbone: str, run_path: Path | None = None) ->
 
     if run_path is None:
         run_path = finetune(FinetuneConfig(
-            data=str(ROOT / "data"), backbone=backbone, weights="none", input_size=32,
+            data=str(ROOT / "examples" / "digits"), backbone=backbone, weights="none",
+            input_size=32,
             freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0, cache="off",
             output=str(work / "digitsrun")), verbose=0).path
     start = time.perf_counter()

@@ -5,8 +5,9 @@
     python benchmarks/quality.py --smoke     # one seed, k=5, two configurations, test backbone
     python benchmarks/quality.py --multicrop # test-time views per augment preset (k=10, 3 seeds)
     python benchmarks/quality.py --json F    # every measurement, for scripts
-    python benchmarks/quality.py --quickstart  # data/ as shipped: the default's ImageNet
-                                                # features against random ones (2 min)
+    python benchmarks/quality.py --quickstart  # data/ as shipped: the quickstart command,
+                                                # the head on ImageNet and on random features
+                                                # and a probe (about 7 min a seed)
     python benchmarks/quality.py --pictures DIR  # real drawings (scripts/fetch_openclipart.py):
                                                 # probes on each backbone's features
     python benchmarks/quality.py --real DIR      # the real-picture protocol on those drawings:
@@ -14,15 +15,15 @@
                                                 # (benchmarks/real_pictures.py); --sweep:
                                                 # its other rows (k = 5, 20, recipes)
 
-Real data that ships offline: the 1,797 handwritten digits in data/ (8x8 PNGs, upscaled to
-32 px). No ImageNet weights can be downloaded here, so the "pretrained" backbone is made the
-honest way, by self-transfer:
+Real data that ships offline: the 1,797 handwritten digits in examples/digits/ (8x8 PNGs,
+upscaled to 32 px). No ImageNet weights can be downloaded here, so the "pretrained" backbone is
+made the honest way, by self-transfer:
 
 1. Source task: tlkit trains a ResNet50 from scratch (weights none, 32 px) on digits 0-4
-   (data/train and data/val of those classes). That run is the trunk every transfer starts from.
+   (its train and val folders of those classes). That run is the trunk every transfer starts from.
 2. Target tasks: digits 5-9, k = 5, 10, 20 training images per class and as many validation
-   images per class (both drawn by the seed from data/train and data/val), tested on every
-   other 5-9 digit (data/test plus the unsampled data/train images: about 700).
+   images per class (both drawn by the seed from its train and val folders), tested on every
+   other 5-9 digit (its test folder plus the unsampled train images: about 700).
 3. Every configuration is run through tlkit's own CLI, in-process (exactly a command a user
    types), and evaluated with `tlkit eval` on the test folder. Three seeds: the seed draws the
    k images and seeds training. Mean and spread (sample standard deviation) over seeds.
@@ -55,7 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-DATA = ROOT / "data"
+DATA = ROOT / "examples" / "digits"
+QUICKSTART_DATA = ROOT / "data"  # what the README's quickstart trains on: 400 drawings
 SOURCE_CLASSES = ("0", "1", "2", "3", "4")
 TARGET_CLASSES = ("5", "6", "7", "8", "9")
 SIZE = 32
@@ -124,8 +126,8 @@ def clear() -> None:
     keras.backend.clear_session()
 
 
-def digits(split: str, label: str) -> list[Path]:
-    return sorted((DATA / split / label).glob("*.png"))
+def digits(split: str, label: str, root: Path = DATA) -> list[Path]:
+    return sorted((root / split / label).glob("*.png"))
 
 
 def copy_files(files: Sequence[Path], folder: Path) -> None:
@@ -332,57 +334,68 @@ def run_views_task(work: Path, trunk: Path, seed: int, presets: Sequence[str],
     shutil.rmtree(task, ignore_errors=True)
 
 
-# The quickstart protocol: data/ exactly as shipped (10 classes; its train, val and test
-# folders), 32 px, the head alone (--freeze all --epochs 0), so that the rows compare features:
-# the default backbone's ImageNet weights against random ones, and the old default (resnet50)
-# as it runs offline, without its weights. Then the probe on the default's pooled features.
+# The quickstart protocol: data/ exactly as shipped (400 drawings, 10 classes; its train, val
+# and test folders), at the backbones' default 224 px. The README's command itself (defaults,
+# --freeze 10), then the head alone (--freeze all --epochs 0) on the default backbone's ImageNet
+# features, on random ones, and on the old default (resnet50) as it runs offline, without its
+# weights; then the probe on the default's pooled ImageNet features.
+QUICKSTART_COMMAND = "the quickstart: --freeze 10, every other option its default"
 QUICKSTART = {
-    "efficientnet_lite0, ImageNet weights (the default)": ("efficientnet_lite0", "imagenet"),
-    "efficientnet_lite0, random weights": ("efficientnet_lite0", "none"),
-    "resnet50, random weights (the old default, offline)": ("resnet50", "none"),
+    QUICKSTART_COMMAND: ("efficientnet_lite0", "imagenet", ["--freeze", "10"]),
+    "efficientnet_lite0, ImageNet weights, head only": ("efficientnet_lite0", "imagenet", HEAD),
+    "efficientnet_lite0, random weights, head only": ("efficientnet_lite0", "none", HEAD),
+    "resnet50, random weights, head only (the old default, offline)": ("resnet50", "none", HEAD),
 }
 
 
 def quickstart_features(run: Path) -> dict[str, tuple[Any, Any]]:
     """The run's pooled features, through plain Keras and PIL: the model loaded from
-    model.keras (its preprocessing inside), the images resized as a hand-written script would."""
+    model.keras (its preprocessing inside), the images decoded as a hand-written script would
+    (real_pictures.pixels: alpha over white, centre crop)."""
     import keras
     import numpy as np
+    from real_pictures import pixels
 
     model = keras.saving.load_model(run / "model.keras", safe_mode=True)
     pooled = keras.Model(model.input, model.get_layer("pool").output)
-    classes = json.loads((run / "run.json").read_text())["classes"]
+    info = json.loads((run / "run.json").read_text())
+    classes, size = info["classes"], info["input_size"]
     out = {}
     for split in ("train", "val", "test"):
-        files = [f for c in classes for f in digits(split, c)]
+        files = [f for c in classes for f in digits(split, c, QUICKSTART_DATA)]
         labels = np.array([classes.index(f.parent.name) for f in files])
-        x = load_images(files).astype(np.uint8)
-        out[split] = (pooled.predict(x, batch_size=64, verbose=0), labels)
+        x = pixels(files) if size == 224 else load_images(files)
+        out[split] = (pooled.predict(x.astype(np.uint8), batch_size=32, verbose=0), labels)
     clear()
     return out
 
 
 def run_quickstart(work: Path, seeds: Sequence[int], smoke: bool,
                    record: Callable[..., None]) -> None:
-    configs = {"test_resnet, random weights": ("test_resnet", "none")} if smoke else QUICKSTART
-    first: Path | None = None
+    configs = QUICKSTART
+    size: list[str] = []
+    if smoke:  # the mechanics at 32 px: the test backbone's head
+        configs = {"test_resnet, random weights, head only": ("test_resnet", "none", HEAD)}
+        size = ["--input-size", str(SIZE)]
+    probed: Path | None = None
     for seed in seeds:
-        for name, (backbone, weights) in configs.items():
-            out = work / "runs" / f"quickstart-{backbone}-{weights}-s{seed}"
+        for name, (backbone, weights, flags) in configs.items():
+            out = work / "runs" / f"quickstart-{backbone}-{weights}-{len(flags)}-s{seed}"
             start = time.perf_counter()
-            tlkit("finetune", str(DATA), "--backbone", backbone, "--weights", weights,
-                  "--input-size", str(SIZE), "--workers", "2", "--freeze", "all", "--epochs",
-                  "0", "--seed", str(seed), "-o", str(out))
+            tlkit("finetune", str(QUICKSTART_DATA), "--backbone", backbone, "--weights", weights,
+                  *size, "--workers", "2", *flags, "--seed", str(seed), "-o", str(out))
             seconds = time.perf_counter() - start
             clear()
-            m = tlkit("eval", str(out), str(DATA), "--split", "test")
+            m = tlkit("eval", str(out), str(QUICKSTART_DATA), "--split", "test")
             clear()
             record(name, 0, seed, m["top1"], seconds=seconds, protocol="quickstart")
             log(f"quickstart seed={seed} {name}: {m['top1']:.4f} ({seconds:.0f} s)")
-            first = first or out
-    if first is not None:  # the probe is deterministic: one fit on the first run's features
-        record(f"logreg-probe on {next(iter(configs))}", 0, seeds[0],
-               logreg_probe(quickstart_features(first)), protocol="quickstart")
+            if flags == HEAD and probed is None:
+                probed = out
+    if probed is not None:  # the probe is deterministic: one fit on the first head's features
+        name = next(n for n, c in configs.items() if c[2] == HEAD)
+        record(f"logreg-probe on the features of {name.split(', head')[0]}", 0, seeds[0],
+               logreg_probe(quickstart_features(probed)), protocol="quickstart")
 
 
 # Real pictures: one class per folder of DIR (scripts/fetch_openclipart.py), at most
@@ -588,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "preset, each evaluated with --multicrop 1, auto, 10 and dense")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     parser.add_argument("--quickstart", action="store_true",
-                        help="only the quickstart protocol: data/ as shipped, head only")
+                        help="only the quickstart protocol: data/ as shipped, 224 px")
     parser.add_argument("--pictures", type=Path,
                         help="only the real-picture probes, on this folder of class folders "
                              "(scripts/fetch_openclipart.py OUT makes OUT/images)")
@@ -661,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(real_table(real_rows, sorted({r["k"] for r in real_rows})))
         print(views_cost_table([r for r in rows if r.get("protocol") == "real-views"]))
-    for protocol, title in (("quickstart", "data/ as shipped, 32 px, head only"),
+    for protocol, title in (("quickstart", "data/ as shipped (drawings), 224 px"),
                             ("pictures", f"drawings, {PICTURES_SIZE} px, probes")):
         these = [r for r in quick_rows if r["protocol"] == protocol]
         if these:

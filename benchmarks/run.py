@@ -107,6 +107,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,33 @@ def cli_help_seconds(repeats: int = 5) -> None:
         subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
         times.append(time.perf_counter() - start)
     emit("cli_help_seconds", statistics.median(times), "s", repeats=repeats, goal="< 1")
+
+
+def bad_input_seconds(repeats: int = 5) -> None:
+    """How long a mistake takes to get its line: each case a fresh `tlkit finetune` process,
+    offline, the slowest case's median. A missing folder with resnet50 (whose weights are
+    missing offline too), an impossible --freeze, an empty folder: none may import TensorFlow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        photo_folder(Path(tmp) / "good", 8)
+        (Path(tmp) / "empty").mkdir()
+        cases = {"missing folder": (["no-such-folder", "--backbone", "resnet50"], 3),
+                 "freeze 9999": (["good", "--freeze", "9999"], 2), "empty folder": (["empty"], 3)}
+        medians = {}
+        for name, (args, code) in cases.items():
+            cmd = [sys.executable, "-m", "tlkit", "finetune", *args]
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
+                                      env={**os.environ, "TLKIT_OFFLINE": "1"})
+                times.append(time.perf_counter() - start)
+                if done.returncode != code:
+                    raise RuntimeError(f"{name}: exit {done.returncode}, not {code}: "
+                                       f"{done.stderr.strip()}")
+            medians[name] = statistics.median(times)
+    worst = max(medians, key=medians.get)
+    emit("bad_input_seconds", medians[worst], "s", case=worst, repeats=repeats, goal="< 1",
+         **{k.replace(" ", "_"): round(v, 3) for k, v in medians.items()})
 
 
 def train_throughput(size: int, batch: int, warmup: int, steps: int) -> dict[str, float]:
@@ -309,7 +337,6 @@ class _GrainSample:
 
 
 def cache_figures() -> None:
-    import tempfile
 
     import keras
 
@@ -379,7 +406,6 @@ class _Counter(logging.Handler):
 
 
 def eval_figures() -> None:
-    import tempfile
     from types import SimpleNamespace
 
     import keras
@@ -466,7 +492,6 @@ def eval_figures() -> None:
 
 
 def reliability_figures() -> None:
-    import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
     from tlkit.audit import audit_folder
@@ -500,7 +525,7 @@ def reliability_figures() -> None:
         emit("audit_memo_seconds", memo, "s", images=len(paths))
         emit("audit_memo_speedup", audit / memo, "x", goal=">= 50")
         data_identity_figures(folder, "photos", Path(tmp) / "xdg-identity")
-        digits = ROOT / "data"
+        digits = ROOT / "examples" / "digits"
         if S.digits and digits.is_dir():
             data_identity_figures(load_folder(digits), "digits", Path(tmp) / "xdg-digits")
 
@@ -558,7 +583,6 @@ def data_identity_figures(folder: object, name: str, memo_home: Path) -> None:
 def eval_rss_figures() -> None:
     """eval_rss_growth: two fresh processes evaluate the same many-class run on n and 4n
     images, side by side."""
-    import tempfile
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -612,7 +636,6 @@ def eval_rss_child(run: str, data: str) -> None:
 
 def rss_child_peak(n_images: int) -> int:
     """Peak RSS (KB) of a fresh process that trains one epoch from a cache another built."""
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         for step in ("build", "train"):
@@ -721,7 +744,6 @@ def run_dist_child(strategy: str, size: int, batch: int, steps: int, env: dict |
 
 
 def distribute_figures() -> None:
-    import tempfile
 
     import tensorflow as tf
 
@@ -767,7 +789,6 @@ def distribute_figures() -> None:
 def merge_figure(n_images: int) -> None:
     """`merge_parts` alone, on two parts of 7x7x2048 float16 rows (ResNet50 at 224) written by
     build_part with a cheap stand-in trunk: only the merge is timed."""
-    import tempfile
 
     import keras
     import numpy as np
@@ -830,9 +851,9 @@ def main() -> None:
     steps = args.steps or steps
     if args.only in (None, "train", "augment"):
         cli_help_seconds()
+        bad_input_seconds(2 if args.smoke else 5)
         model = train_throughput(S.size, batch, warmup, steps)
     if args.only in (None, "augment"):
-        import tempfile
 
         from tlkit.datasets import load_folder
 

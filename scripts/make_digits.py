@@ -1,6 +1,6 @@
-"""Regenerate data/: the 1,797 handwritten digits bundled with scikit-learn, as PNG files.
+"""Regenerate examples/digits/: the 1,797 handwritten digits scikit-learn bundles, as PNGs.
 
-    pip install scikit-learn && python scripts/make_digits.py [--out data] [--overwrite]
+    pip install scikit-learn && python scripts/make_digits.py [--out examples/digits] [--overwrite]
 
 Each 8x8 image (16 grey levels) is saved as an 8-bit grayscale PNG, scaled 0..16 -> 0..255.
 The split is fixed by a hash of the sample index (70% train, 15% val, 15% test), so rerunning the
@@ -27,7 +27,7 @@ def main() -> None:
     from sklearn.datasets import load_digits
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data")
+    parser.add_argument("--out", default="examples/digits")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)

@@ -12,7 +12,7 @@ from conftest import REPO
 
 # every figure benchmarks/run.py prints, named as --smoke names them (test backbone, 32 px)
 SPEED_FIGURES = {
-    "cli_help_seconds",
+    "cli_help_seconds", "bad_input_seconds",
     "train_images_per_s_test_resnet_32_frozen", "train_images_per_s_test_resnet_32_unfrozen",
     "train_speedup_test_resnet_32_frozen_over_unfrozen",
     "train_speedup_test_resnet_over_test_resnet_32_unfrozen",
@@ -94,9 +94,11 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
                         "logreg-probe on test_resnet, random weights"]
     assert "224 px, probes | test top-1" in quality_out
     quick = [r for r in rows if r.get("protocol") == "quickstart"]  # data/ as shipped
-    assert [r["config"] for r in quick] == ["test_resnet, random weights",
-                                            "logreg-probe on test_resnet, random weights"]
-    assert all(0 <= r["top1"] <= 1 for r in quick) and "head only | test top-1" in quality_out
+    assert [r["config"] for r in quick] == [
+        "test_resnet, random weights, head only",
+        "logreg-probe on the features of test_resnet, random weights"]
+    assert all(0 <= r["top1"] <= 1 for r in quick)
+    assert "data/ as shipped (drawings), 224 px | test top-1" in quality_out
     real = [r for r in rows if r.get("protocol") == "real"]  # the real-picture core plan
     assert [r["config"] for r in real] == [
         "defaults", "frozen: head only (--freeze all --epochs 0)",

@@ -129,7 +129,7 @@ def test_planted_label_noise_in_the_digits_is_found(tmp_path):
     target = tmp_path / "target"
     for split in ("train", "val", "test"):
         for c in "56789":
-            shutil.copytree(REPO / "data" / split / c, target / split / c)
+            shutil.copytree(REPO / "examples" / "digits" / split / c, target / split / c)
     rng = np.random.default_rng(0)
     files = sorted((target / "train").rglob("*.png"))
     planted = set()

@@ -18,6 +18,21 @@ def _as_list(x: Any) -> list[Any]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _source_layers(tensor: Any, producer: dict[int, int]) -> set[int]:
+    """The layers whose outputs a layer's input is computed from. Usually the one layer that
+    made it; an op between layers (MobileNetV3's `x + 3` in its hard sigmoid is a Keras op, not
+    a layer) is looked through to the layers that feed it."""
+    found, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if id(t) in producer:
+            found.add(producer[id(t)])
+            continue
+        history = t._keras_history  # the op that made t: Keras 3 has no public accessor
+        stack.extend(history.operation._inbound_nodes[history.node_index].input_tensors)
+    return found
+
+
 def crossing_producers(base: Any) -> list[list[int]]:
     """For each k in 0..len(layers): indices of layers[:k] whose output is used by layers[k:]."""
     layers = base.layers
@@ -25,8 +40,8 @@ def crossing_producers(base: Any) -> list[list[int]]:
     last_use = [-1] * len(layers)
     for j, layer in enumerate(layers[1:], start=1):
         for t in _as_list(layer.input):
-            i = producer[id(t)]
-            last_use[i] = max(last_use[i], j)
+            for i in _source_layers(t, producer):
+                last_use[i] = max(last_use[i], j)
     last_use[-1] = len(layers)  # the backbone's output is used by the head
     return [[i for i in range(k) if last_use[i] >= k] for k in range(len(layers) + 1)]
 
