@@ -67,8 +67,8 @@ def test_the_quickstart_transfers_imagenet_features_offline(lite0_weights, tmp_p
     # the end of the log: the test split's score, single crop, as run.json holds it
     test = info["results"]["test"]
     assert f"test: top-1 {test['accuracy']:.4f} on 80 images" in result.output
-    # chance is 0.1; ImageNet features at 64 px: MEASURED_VAL val, MEASURED_TEST test
-    assert info["results"]["best"]["val_accuracy"] > VAL_FLOOR, info["results"]["best"]
+    # chance is 0.1; ImageNet features at 64 px measured 0.50 val, 0.49 test (224 px: 0.65)
+    assert info["results"]["best"]["val_accuracy"] > 0.35, info["results"]["best"]
     model = keras.saving.load_model(run / "model.keras", safe_mode=True)  # plain Keras
     files = sorted((REPO / "data" / "test").glob("*/*.png"))
     x = np.stack([load_eval_image(str(f), 64, 0.875) for f in files])
