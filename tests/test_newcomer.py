@@ -9,9 +9,10 @@ import sys
 import textwrap
 import time
 
+import conftest
 import h5py
 import pytest
-from conftest import REPO, GateClock, gate_message, write_folder
+from conftest import REPO, Gate, GateClock, gate_message, write_folder
 from test_cli import FAST, TINY, invoke
 
 # -- the test command passes on a busy machine ---------------------------------------------------
@@ -28,6 +29,25 @@ def test_the_gate_counts_a_tests_own_work_not_the_time_it_waits():
     message = gate_message("t::works", working, limit=0.2)
     assert message is not None and "t::works took" in message
     assert "TLKIT_TEST_GATE_SECONDS=30" in message  # how to raise it, not only that it failed
+
+
+def test_the_gate_scales_with_the_speed_of_the_machine(monkeypatch):
+    """CI's machine ran the same suite in 8 min 36 s one day and 33 min another: a fixed
+    limit fails on the slow day. The limit is 10 s at CI's usual speed, times this machine's
+    measured slowness; an explicit limit is taken as given."""
+    saved = Gate.limit, Gate.why
+    try:
+        monkeypatch.delenv(conftest.GATE_ENV, raising=False)
+        monkeypatch.setattr(conftest, "calibration_seconds",
+                            lambda: 3 * conftest.CALIBRATION_REFERENCE_SECONDS)
+        Gate.measure()
+        assert Gate.limit == pytest.approx(30.0) and "x 3.00" in Gate.why
+        monkeypatch.setenv(conftest.GATE_ENV, "7")
+        Gate.measure()
+        assert Gate.limit == 7.0 and conftest.GATE_ENV in Gate.why
+    finally:
+        Gate.limit, Gate.why = saved
+    assert saved[1] != "not measured" and saved[0] > 0  # the session measured its machine
 
 
 # -- bad input gets its line before TensorFlow loads ---------------------------------------------
