@@ -4,6 +4,7 @@ README's Quickstart and Troubleshooting describe the behaviour these pin down)."
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -182,6 +183,33 @@ def test_a_fine_tune_phase_that_never_beats_the_head_is_reported_with_its_time(m
     ok = invoke("finetune", str(data), "--freeze", "5", "-o", "runs/b", *TINY, "--weights",
                 "none", "--head-epochs", "1", "--epochs", "0")
     assert ok.exit_code == 0 and "never beat" not in ok.output
+
+
+def test_validation_is_one_pass_so_training_never_decodes_batches_it_throws_away(
+        make_folder, monkeypatch):
+    """The README's cache example took 24 min against an estimate of 6: a repeated validation
+    dataset kept decoding in the background while the model trained, and Keras threw those
+    batches away at the next pass. One pass, validation_steps long, decodes each image once."""
+    import tensorflow as tf
+
+    import tlkit.train
+
+    seen = []
+    real = tlkit.train._val_dataset
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(tlkit.train, "_val_dataset", spy)
+    data = make_folder(per_class=6)
+    result = invoke("finetune", str(data), "--freeze", "5", *FAST)
+    assert result.exit_code == 0, result.output
+    (val,) = seen
+    assert int(val.cardinality()) not in (tf.data.INFINITE_CARDINALITY,
+                                          tf.data.UNKNOWN_CARDINALITY)
+    val_images = int(re.search(r"val (\d+)", result.output).group(1))
+    assert sum(int(x.shape[0]) for x, _ in val) == val_images > 0  # each image once
 
 
 # -- logs, sizes, messages ------------------------------------------------------------------------
