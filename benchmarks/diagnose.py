@@ -52,11 +52,11 @@ def _subset(dst: Path, classes: str) -> Path:
 
 
 def label_noise(work: Path, rates: list[float], seeds: list[int], epochs: int) -> None:
-    from tlkit.augment import resolve_augment
-    from tlkit.config import FinetuneConfig
-    from tlkit.diagnose import DiagnoseConfig, diagnose
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.data.augment import resolve_augment
+    from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     common = dict(backbone="test_resnet", input_size=32, augment=resolve_augment("none"),
                   batch_size=32, cache="off")
@@ -98,11 +98,11 @@ def near_duplicates(work: Path, photos: int, copies: int) -> None:
     from PIL import Image
     from run import photo_folder
 
-    from tlkit.augment import resolve_augment
-    from tlkit.config import FinetuneConfig
-    from tlkit.diagnose import DiagnoseConfig, diagnose
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.data.augment import resolve_augment
+    from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     source = photo_folder(work / "photos-src", photos)
     data = work / "photos"
@@ -142,11 +142,11 @@ def near_duplicates(work: Path, photos: int, copies: int) -> None:
 def cam_hit_rate(work: Path, n_train: int, epochs: int) -> None:
     from PIL import Image
 
-    from tlkit.augment import eval_transform, resolve_augment
-    from tlkit.config import FinetuneConfig
-    from tlkit.explain import class_maps, upsample
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.data.augment import eval_transform, resolve_augment
+    from tlkit.evaluation.explain import class_maps, upsample
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     def patches(n: int, rng: np.random.Generator) -> tuple:
         images = rng.integers(60, 140, (n, 64, 64, 3)).astype(np.uint8)
@@ -191,7 +191,7 @@ def lr_find_ratio(seeds: list[int], rates: np.ndarray = SWEEP) -> None:
     import keras
     import tensorflow as tf
 
-    from tlkit.lr_find import head_range_test
+    from tlkit.training.lr_find import head_range_test
 
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -224,10 +224,10 @@ def lr_find_ratio(seeds: list[int], rates: np.ndarray = SWEEP) -> None:
 
 def diagnose_seconds(work: Path, backbone: str, run_path: Path | None = None) -> None:
     """`run_path` (smoke): time an existing run's diagnose instead of training one on data/."""
-    from tlkit.config import FinetuneConfig
-    from tlkit.diagnose import DiagnoseConfig, diagnose
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     if run_path is None:
         run_path = finetune(FinetuneConfig(

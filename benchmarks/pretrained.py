@@ -45,12 +45,12 @@ def top5(weights: Path, names: tuple[str, ...] | list[str], size: int = 224
     """(class, probability) x 5 per photo."""
     import numpy as np
 
-    from tlkit.augment import eval_transform
-    from tlkit.backbones import get_backbone
-    from tlkit.decode import decode_image
-    from tlkit.efficientnet_lite import imagenet_head
-    from tlkit.model import preprocessing_layers
-    from tlkit.weights import packaged_source
+    from tlkit.data.augment import eval_transform
+    from tlkit.data.decode import decode_image
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.efficientnet_lite import imagenet_head
+    from tlkit.models.model import preprocessing_layers
+    from tlkit.models.weights import packaged_source
 
     spec = get_backbone("efficientnet_lite0")
     base = spec.build(size, weights=str(weights))
@@ -67,8 +67,8 @@ def top5(weights: Path, names: tuple[str, ...] | list[str], size: int = 224
 
 
 def main() -> None:
-    from tlkit.backbones import get_backbone
-    from tlkit.weights import ensure_imagenet
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.weights import ensure_imagenet
 
     with tempfile.TemporaryDirectory() as home:
         os.environ["KERAS_HOME"] = home

@@ -202,7 +202,7 @@ def reference_features(trunk: Path, task: Path) -> dict[str, tuple[Any, Any]]:
                                            input_shape=(SIZE, SIZE, 3), pooling="avg")
         preprocess = keras.applications.resnet50.preprocess_input
     else:  # --smoke: the test backbone has no keras.applications twin
-        from tlkit.backbones import get_backbone
+        from tlkit.models.backbones import get_backbone
 
         spec = get_backbone(BACKBONE)
         inner = spec.build(SIZE)
@@ -431,8 +431,8 @@ def picture_pixels(files: Sequence[Path]) -> tuple[Any, list[int]]:
     import numpy as np
     from PIL import Image
 
-    from tlkit.decode import decode_image
-    from tlkit.errors import DataError
+    from tlkit.core.errors import DataError
+    from tlkit.data.decode import decode_image
 
     out, kept = [], []
     for i, f in enumerate(files):
@@ -454,8 +454,8 @@ def picture_features(pixels: Any, backbone: str, weights: str) -> Any:
     import keras
     import numpy as np
 
-    from tlkit.backbones import get_backbone
-    from tlkit.weights import ensure_imagenet
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.weights import ensure_imagenet
 
     keras.utils.set_random_seed(0)
     if backbone == "resnet50":

@@ -151,7 +151,7 @@ def pixels(files: Sequence[Path], background: tuple[int, int, int] | None = None
     import numpy as np
     from PIL import Image
 
-    from tlkit.decode import BACKGROUND
+    from tlkit.data.decode import BACKGROUND
 
     background = background or BACKGROUND
     out = []
@@ -197,8 +197,8 @@ def keras_reference(task: Path, backbone: str, seed: int, extras: set[str],
     probe on the stage-1 features, and the probe over mid-grey if "background" is."""
     import keras
 
-    from tlkit.backbones import get_backbone
-    from tlkit.weights import ensure_imagenet
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.weights import ensure_imagenet
 
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()

@@ -30,7 +30,7 @@ Input pipeline, on 256 generated 500x375 JPEG photos (smooth random scenes), ale
   Goal >= 0.6.
 - pipeline_{tfdata_threads,grain_processes}_{1,N}_images_per_s: the same sample function under
   tf.data (thread pool) and grain (worker processes, `pip install grain`), which is how the
-  mechanism was chosen (see tlkit/pipeline.py).
+  mechanism was chosen (see tlkit/data/pipeline.py).
 - input_headroom: pipeline images/s (N workers) / train_images_per_s_resnet50_224_unfrozen.
   Goal on an accelerator >= 1.2; on a CPU-only machine it only says the CPU trains slowly.
 
@@ -209,8 +209,8 @@ def bad_input_seconds(repeats: int = 5) -> None:
 
 
 def train_throughput(size: int, batch: int, warmup: int, steps: int) -> dict[str, float]:
-    from tlkit.freezing import FreezeRequest
-    from tlkit.throughput import model_images_per_s
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.throughput import model_images_per_s
 
     results = {}
     for mode, freeze in (("frozen", "all"), ("unfrozen", "0")):
@@ -260,9 +260,9 @@ def pca_speedup(examples: list, quick: bool) -> None:
     import albumentations as A
     import numpy as np
 
-    from tlkit.augment import _pca_transform_class
-    from tlkit.decode import decode_image
-    from tlkit.pipeline import dataset_color_pca
+    from tlkit.data.augment import _pca_transform_class
+    from tlkit.data.decode import decode_image
+    from tlkit.data.pipeline import dataset_color_pca
 
     pca = dataset_color_pca(examples)
     images = [np.ascontiguousarray(decode_image(e.path)[:224, :224]) for e in examples[:64]]
@@ -284,10 +284,10 @@ def pipeline_figures(examples: list, model_ips: float) -> None:
     import albumentations as A
     import cv2
 
-    from tlkit.augment import _pca_transform_class, resolve_augment
-    from tlkit.decode import decode_image
-    from tlkit.pipeline import TrainSampleLoader, build_train_transform
-    from tlkit.throughput import pipeline_images_per_s
+    from tlkit.data.augment import _pca_transform_class, resolve_augment
+    from tlkit.data.decode import decode_image
+    from tlkit.data.pipeline import TrainSampleLoader, build_train_transform
+    from tlkit.training.throughput import pipeline_images_per_s
 
     cores = os.cpu_count() or 1
     transform = build_train_transform(resolve_augment("alexnet"), examples, S.size, 0.875)
@@ -340,16 +340,16 @@ def cache_figures() -> None:
 
     import keras
 
-    from tlkit.augment import resolve_augment
-    from tlkit.backbones import get_backbone
-    from tlkit.cache import build_cache
-    from tlkit.cut import Cut, build_tail, build_trunk
-    from tlkit.datasets import load_folder
-    from tlkit.decode import DEFAULT_MAX_PIXELS
-    from tlkit.freezing import freeze_all
-    from tlkit.model import build_classifier
-    from tlkit.pipeline import build_train_transform, steps_per_epoch, train_dataset
-    from tlkit.precompute import RowMaker, cache_dataset
+    from tlkit.data.augment import resolve_augment
+    from tlkit.data.datasets import load_folder
+    from tlkit.data.decode import DEFAULT_MAX_PIXELS
+    from tlkit.data.pipeline import build_train_transform, steps_per_epoch, train_dataset
+    from tlkit.features.cache import build_cache, cache_dataset
+    from tlkit.features.rows import RowMaker
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.cut import Cut, build_tail, build_trunk
+    from tlkit.models.freezing import freeze_all
+    from tlkit.models.model import build_classifier
 
     with tempfile.TemporaryDirectory() as tmp:
         examples = list(load_folder(photo_folder(Path(tmp) / "p", S.cache_images),
@@ -411,13 +411,13 @@ def eval_figures() -> None:
     import keras
     import numpy as np
 
-    from tlkit.backbones import get_backbone
-    from tlkit.datasets import load_folder
-    from tlkit.decode import DEFAULT_MAX_PIXELS
-    from tlkit.evaluate import ViewRunner
-    from tlkit.freezing import freeze_all
-    from tlkit.model import build_classifier
-    from tlkit.views import ViewsSeen
+    from tlkit.data.datasets import load_folder
+    from tlkit.data.decode import DEFAULT_MAX_PIXELS
+    from tlkit.data.views_seen import ViewsSeen
+    from tlkit.evaluation.evaluate import ViewRunner
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.freezing import freeze_all
+    from tlkit.models.model import build_classifier
 
     class Member:  # what evaluate builds from a run, built here from a fresh model
         def __init__(self, model: object, n_frozen: int, mirror: bool = False):
@@ -494,9 +494,9 @@ def eval_figures() -> None:
 def reliability_figures() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from tlkit.audit import audit_folder
-    from tlkit.datasets import load_folder
-    from tlkit.decode import decode_image
+    from tlkit.data.audit import audit_folder
+    from tlkit.data.datasets import load_folder
+    from tlkit.data.decode import decode_image
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = load_folder(photo_folder(Path(tmp) / "photos", S.audit_images))
@@ -531,10 +531,10 @@ def reliability_figures() -> None:
 
     import keras
 
-    from tlkit.backbones import get_backbone
-    from tlkit.checkpoints import LAST, restore, save_epoch
-    from tlkit.model import build_classifier
-    from tlkit.weights import build_backbone, resolve_weights
+    from tlkit.core.checkpoints import LAST, restore, save_epoch
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.model import build_backbone, build_classifier
+    from tlkit.models.weights import resolve_weights
 
     spec = get_backbone(S.backbone)
     weights = resolve_weights(spec, "none")
@@ -565,8 +565,8 @@ def reliability_figures() -> None:
 
 
 def data_identity_figures(folder: object, name: str, memo_home: Path) -> None:
-    from tlkit.audit import audit_folder
-    from tlkit.datasets import fingerprint
+    from tlkit.data.audit import audit_folder
+    from tlkit.data.datasets import fingerprint
 
     os.environ["XDG_CACHE_HOME"] = str(memo_home)  # no memo yet: the cold pass reads every file
     times = []
@@ -588,9 +588,9 @@ def eval_rss_figures() -> None:
     import numpy as np
     from PIL import Image
 
-    from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     classes, small, large = S.eval_rss
     rng = np.random.default_rng(0)
@@ -626,7 +626,7 @@ def eval_rss_figures() -> None:
 
 
 def eval_rss_child(run: str, data: str) -> None:
-    from tlkit.evaluate import EvalConfig, evaluate
+    from tlkit.evaluation.evaluate import EvalConfig, evaluate
 
     evaluate(EvalConfig(runs=[run], data=data, multicrop="multiscale", name=Path(data).name,
                         workers=1))
@@ -648,9 +648,8 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     import keras
     import numpy as np
 
-    from tlkit.cache import build_cache, open_cache
-    from tlkit.datasets import Example
-    from tlkit.precompute import cache_dataset
+    from tlkit.data.datasets import Example
+    from tlkit.features.cache import build_cache, cache_dataset, open_cache
 
     examples = [Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4))
                 for i in range(n_images)]
@@ -682,15 +681,15 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
 
 def dist_child(strategy: str, backbone: str, size: int, batch: int, steps: int) -> None:
     """Training images/s (over all workers) under `strategy`; printed as the last line."""
-    from tlkit.distribute import make_placement
+    from tlkit.models.distribute import make_placement
 
     placement = make_placement(strategy)
     import keras
     import numpy as np
 
-    from tlkit.backbones import get_backbone
-    from tlkit.model import build_classifier
-    from tlkit.pipeline import epoch_jobs, run_jobs
+    from tlkit.data.pipeline import epoch_jobs, run_jobs
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.model import build_classifier
 
     rng = np.random.default_rng(0)
     n = 4 * batch
@@ -793,8 +792,8 @@ def merge_figure(n_images: int) -> None:
     import keras
     import numpy as np
 
-    from tlkit.cache import build_part, merge_parts
-    from tlkit.datasets import Example
+    from tlkit.data.datasets import Example
+    from tlkit.features.cache import build_part, merge_parts
 
     examples = [Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4))
                 for i in range(n_images)]
@@ -855,7 +854,7 @@ def main() -> None:
         model = train_throughput(S.size, batch, warmup, steps)
     if args.only in (None, "augment"):
 
-        from tlkit.datasets import load_folder
+        from tlkit.data.datasets import load_folder
 
         with tempfile.TemporaryDirectory() as tmp:
             examples = list(load_folder(photo_folder(Path(tmp) / "photos", S.photos))

@@ -223,7 +223,7 @@ def make_folder(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-TINY = "test_resnet"  # tlkit's test backbone: mechanics in seconds (tlkit/backbones.py)
+TINY = "test_resnet"  # tlkit's test backbone: mechanics in seconds (tlkit/models/backbones.py)
 
 
 @pytest.fixture(scope="session")
@@ -231,8 +231,8 @@ def lite0_weights(tmp_path_factory):
     """EfficientNet-Lite0's ImageNet weights converted from the installed package into a Keras
     cache of the session's own (KERAS_HOME, for the whole session once asked for): the real
     pretrained model, as a fresh offline install gets it."""
-    from tlkit.backbones import get_backbone
-    from tlkit.weights import ensure_imagenet
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.weights import ensure_imagenet
 
     home = tmp_path_factory.mktemp("keras_home")
     old = os.environ.get("KERAS_HOME")
@@ -252,9 +252,9 @@ def tiny_runs(tmp_path_factory):
     export, predict and runs tests: same seed (so identical frozen trunks), different head
     rates, on a small train/val/test folder with classes a, b, c. Tests may write beside them
     (eval/, export/) but must not change them."""
-    from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     root = tmp_path_factory.mktemp("tiny_runs")
     data = root / "data"

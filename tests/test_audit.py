@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from conftest import class_image, replace_keeping_size_and_mtime, write_folder
 from PIL import Image
 
-from tlkit.audit import AuditConfig, apply_policy, audit_folder
 from tlkit.cli import cli
-from tlkit.datasets import load_folder
-from tlkit.decode import decode_image
-from tlkit.errors import DataError
+from tlkit.core.errors import DataError
+from tlkit.data.audit import AuditConfig, apply_policy, audit_folder
+from tlkit.data.datasets import load_folder
+from tlkit.data.decode import decode_image
 
 RNG = np.random.default_rng(0)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlkit.augment import (
+from tlkit.core.errors import ConfigError
+from tlkit.data.augment import (
     PRESETS,
     ColorPCA,
     TrainTransform,
@@ -15,7 +16,6 @@ from tlkit.augment import (
     resolve_augment,
     sample_rng,
 )
-from tlkit.errors import ConfigError
 
 
 def random_orthonormal(seed: int) -> np.ndarray:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tlkit.backbones import OUTPUT, REGISTRY, get_backbone, stage_of_layers
 from tlkit.cli import cli
-from tlkit.errors import ConfigError
+from tlkit.core.errors import ConfigError
+from tlkit.models.backbones import OUTPUT, REGISTRY, get_backbone, stage_of_layers
 
 # Every registered backbone must be listed here; the guard below fails otherwise.
 TESTED = ["vgg16", "vgg19", "inception_v3", "inception_resnet_v2", "resnet50", "resnet101",
@@ -101,8 +101,8 @@ def test_inspect_prints_every_layer_with_index_and_stage():
 
 
 def test_the_test_backbone_has_no_imagenet_weights_and_says_so():
-    from tlkit.errors import WeightsError
-    from tlkit.weights import resolve_weights
+    from tlkit.core.errors import WeightsError
+    from tlkit.models.weights import resolve_weights
 
     with pytest.raises(WeightsError, match=r"test_resnet has no ImageNet weights .* use "
                                            r"--weights none"):
@@ -113,7 +113,7 @@ def test_the_test_backbone_has_no_imagenet_weights_and_says_so():
 @pytest.mark.parametrize(("name", "stages"), [("efficientnet_lite0", 9), ("convnext_tiny", 5)])
 def test_freeze_blocks_follows_the_stages_to_the_output(name, stages):
     """Every stage boundary is a layer (or the output); K stages freeze up to the K-th end."""
-    from tlkit.freezing import FreezeRequest, resolve_freeze
+    from tlkit.models.freezing import FreezeRequest, resolve_freeze
 
     spec = get_backbone(name)
     names = [layer.name for layer in spec.build(spec.min_size).layers]

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, replace_keeping_size_and_mtime
 
-from tlkit.augment import resolve_augment
-from tlkit.cache import build_lock, open_cache
 from tlkit.cli import cli
-from tlkit.errors import CacheError
-from tlkit.precompute import PrecomputeConfig, cache_dataset, precompute_features
+from tlkit.core.errors import CacheError
+from tlkit.data.augment import resolve_augment
+from tlkit.features.cache import build_lock, cache_dataset, open_cache
+from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
 
 def config(data, **kw):
@@ -49,7 +49,7 @@ def test_the_key_changes_with_anything_that_changes_the_numbers(make_folder, mon
     # float16 activations are other numbers: never reused by a float32 run, or the reverse
     assert precompute_features(config(data, dry_run=True, mixed_precision=True))["key"] != key
     with monkeypatch.context() as m:  # a new Pillow / OpenCV / albumentations may move pixels
-        m.setattr("tlkit.augment.pixel_libraries", lambda: {"pillow": "0.0"})
+        m.setattr("tlkit.data.augment.pixel_libraries", lambda: {"pillow": "0.0"})
         assert precompute_features(config(data, dry_run=True))["key"] != key
     replace_keeping_size_and_mtime(data / "cat" / "img0.png")  # as `cp -p` would
     assert precompute_features(config(data, dry_run=True))["key"] != key
@@ -63,8 +63,8 @@ def test_dry_run_writes_nothing(make_folder, tmp_path):
 
 
 def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monkeypatch):
-    import tlkit.cache as cache_mod
-    import tlkit.precompute as precompute
+    import tlkit.features.cache as cache_mod
+    import tlkit.features.precompute as precompute
 
     data = make_folder(per_class=10)
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 4 * 512 * 2)  # 4 rows per shard
@@ -107,7 +107,7 @@ def test_corrupt_shard_is_detected(make_folder):
 
 
 def test_a_second_builder_is_refused_while_the_lock_is_held(tmp_path):
-    code = ("import sys; from pathlib import Path; from tlkit.cache import build_lock\n"
+    code = ("import sys; from pathlib import Path; from tlkit.features.cache import build_lock\n"
             "try:\n    with build_lock(Path(sys.argv[1]), 'k', wait=False): print('GOT')\n"
             "except Exception as e: print('REFUSED', e)")
     with build_lock(tmp_path, "k"):
@@ -205,9 +205,9 @@ def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(ma
     which Keras wraps in a LossScaleOptimizer (step counter and dynamic scale)."""
     import h5py
 
-    from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     data = make_folder(per_class=6)
     counts, used = {}, {}
@@ -227,9 +227,9 @@ def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(ma
 def test_the_reader_holds_one_descriptor_per_shard_and_the_row_maker_its_threads(make_folder):
     import threading
 
-    from tlkit.augment import resolve_augment
-    from tlkit.pipeline import build_train_transform
-    from tlkit.precompute import RowMaker
+    from tlkit.data.augment import resolve_augment
+    from tlkit.data.pipeline import build_train_transform
+    from tlkit.features.rows import RowMaker
 
     data = make_folder(per_class=6)
     cache = precompute_features(config(data))
@@ -246,7 +246,7 @@ def test_the_reader_holds_one_descriptor_per_shard_and_the_row_maker_its_threads
     reader.close()
     assert open_fds() == before
 
-    from tlkit.datasets import load_dataset
+    from tlkit.data.datasets import load_dataset
 
     val = list(load_dataset(str(data)).splits["val"])
     before_threads = set(threading.enumerate())

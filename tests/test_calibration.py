@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY, write_folder
 
-from tlkit.calibration import (
+from tlkit.core.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,
@@ -46,12 +46,12 @@ def test_temperature_scaling_repairs_an_over_confident_model_on_held_out_data():
 
 @pytest.mark.slow  # about 8 s: two runs and their evaluations
 def test_a_calibrated_run_serves_tempered_probabilities_everywhere(tmp_path):
-    from tlkit.config import FinetuneConfig
-    from tlkit.evaluate import EvalConfig, evaluate
-    from tlkit.export import export_run
-    from tlkit.freezing import FreezeRequest
-    from tlkit.predict import predict_images
-    from tlkit.train import finetune
+    from tlkit.evaluation.evaluate import EvalConfig, evaluate
+    from tlkit.evaluation.export import export_run
+    from tlkit.evaluation.predict import predict_images
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     data = tmp_path / "data"
     write_folder(data / "train", ["a", "b", "c"], 8)
@@ -83,8 +83,8 @@ def test_a_calibrated_run_serves_tempered_probabilities_everywhere(tmp_path):
     import keras
 
     model = keras.saving.load_model(exported / "model.keras", safe_mode=True)
-    from tlkit.augment import eval_transform
-    from tlkit.decode import decode_image
+    from tlkit.data.augment import eval_transform
+    from tlkit.data.decode import decode_image
 
     x = np.stack([eval_transform(decode_image(p), 32, 0.875) for p in images])
     np.testing.assert_allclose(model.predict(x, verbose=0), tempered, atol=1e-5)

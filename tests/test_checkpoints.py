@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from tlkit import checkpoints
-from tlkit.checkpoints import latest_checkpoint, read_state, restore, save_epoch
-from tlkit.train import _make_recorder
+from tlkit.core import checkpoints
+from tlkit.core.checkpoints import latest_checkpoint, read_state, restore, save_epoch
+from tlkit.training.train import _make_recorder
 
 
 def tiny_model(compiled: bool = True):

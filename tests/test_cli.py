@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import REPO
 
 from tlkit.cli import cli
-from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS
+from tlkit.training.head import CHECK_EVERY, MIN_HEAD_STEPS
 
 # mechanics run on tlkit's test backbone (a few thousand parameters, 32 px by default)
 TINY = ["--backbone", "test_resnet"]
@@ -47,8 +47,8 @@ def test_the_quickstart_transfers_imagenet_features_offline(lite0_weights, tmp_p
     test), at 64 px and one fine-tune epoch so it fits a test: no --backbone, no --weights."""
     import keras
 
-    from tlkit.fsutil import sha256_file
-    from tlkit.pipeline import load_eval_image
+    from tlkit.core.fsutil import file_hash
+    from tlkit.data.pipeline import load_eval_image
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(REPO / "data")
@@ -63,7 +63,7 @@ def test_the_quickstart_transfers_imagenet_features_offline(lite0_weights, tmp_p
     assert info["data"]["val_source"] == "folder"
     assert info["backbone"] == "efficientnet_lite0" and info["preprocessing"] == "lite"
     assert info["weights"]["source"] == "imagenet"
-    assert info["weights"]["sha256"] == sha256_file(lite0_weights)
+    assert info["weights"]["sha256"] == file_hash(lite0_weights)
     # the end of the log: the test split's score, single crop, as run.json holds it
     test = info["results"]["test"]
     assert f"test: top-1 {test['accuracy']:.4f} on 80 images" in result.output
@@ -110,7 +110,7 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
 
     # plain Keras loads it (no tlkit layers) and it takes raw uint8 images
     model = keras.saving.load_model(run / "model.keras", safe_mode=True)
-    from tlkit.pipeline import load_eval_image
+    from tlkit.data.pipeline import load_eval_image
 
     image = data / "dog" / "img3.png"
     x = load_eval_image(str(image), 32, 0.875)[None]
@@ -191,7 +191,7 @@ def test_weights_import_places_a_verified_file(tmp_path, monkeypatch):
     import dataclasses
     import hashlib
 
-    import tlkit.backbones as backbones
+    import tlkit.models.backbones as backbones
 
     f = tmp_path / "download.h5"
     f.write_bytes(b"pretend weights")
@@ -231,10 +231,10 @@ def test_seed_makes_a_cpu_run_reproducible(make_folder, tmp_path):
 
 
 def test_transfer_from_a_previous_run(make_folder, tmp_path):
-    from tlkit.backbones import get_backbone
-    from tlkit.model import backbone_of
-    from tlkit.runs import load_run
-    from tlkit.weights import build_backbone, resolve_weights
+    from tlkit.core.runs import load_run
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.model import backbone_of, build_backbone
+    from tlkit.models.weights import resolve_weights
 
     data = make_folder(per_class=8)
     assert invoke("finetune", str(data), "--freeze", "14", "-o", "runs/src", *FAST).exit_code == 0
@@ -326,7 +326,7 @@ def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
 
 
 def test_input_verdict_on_known_figures():
-    from tlkit.throughput import input_verdict
+    from tlkit.training.throughput import input_verdict
 
     rows = [{"workers": 1, "images_per_s": 10.0}, {"workers": 2, "images_per_s": 19.0}]
     needed, verdict = input_verdict(rows, 10.0)  # 1 worker only matches the model: not enough
@@ -383,9 +383,9 @@ def test_each_kind_of_error_has_one_exit_code(make_folder, tmp_path):
 
 def test_every_choice_comes_from_one_module():
     """The CLI's click.Choice lists are the constants the configs check against."""
-    from tlkit import choices
-    from tlkit.augment import PRESETS
     from tlkit.cli import cli
+    from tlkit.core import choices
+    from tlkit.data.augment import PRESETS
 
     assert tuple(PRESETS) == choices.AUGMENT_PRESETS
     offered = {tuple(p.type.choices) for c in cli.commands.values()

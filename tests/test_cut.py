@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from tlkit.backbones import get_backbone
-from tlkit.cut import build_tail, build_trunk, resolve_cut, single_tensor_cuts
-from tlkit.model import build_classifier
+from tlkit.models.backbones import get_backbone
+from tlkit.models.cut import build_tail, build_trunk, resolve_cut, single_tensor_cuts
+from tlkit.models.model import build_classifier
 
 
 @pytest.mark.parametrize("name,size", [

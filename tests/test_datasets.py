@@ -5,8 +5,8 @@ import os
 import pytest
 from conftest import replace_keeping_size_and_mtime, write_folder
 
-from tlkit.datasets import fingerprint, load_folder
-from tlkit.errors import DataError
+from tlkit.core.errors import DataError
+from tlkit.data.datasets import fingerprint, load_folder
 
 
 def test_class_map_is_natural_sorted(make_folder):
@@ -87,7 +87,7 @@ def test_unusable_folders_are_clear_errors(tmp_path, case, message):
 
 
 def test_fingerprint_follows_the_content_even_when_size_and_mtime_are_kept(make_folder):
-    from tlkit.audit import audit_folder
+    from tlkit.data.audit import audit_folder
 
     def checked() -> str:
         return fingerprint(audit_folder(load_folder(root, val_fraction=0.5)).folder)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlkit.decode import decode_image
-from tlkit.errors import DataError
+from tlkit.core.errors import DataError
+from tlkit.data.decode import decode_image
 
 RGB = np.array([[[10, 200, 30], [40, 50, 60]], [[70, 80, 90], [250, 5, 128]]], dtype=np.uint8)
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import REPO, TINY
 
 from tlkit.cli import cli
-from tlkit.diagnose import label_issues, near_duplicates, out_of_fold_probs
+from tlkit.evaluation.diagnose import label_issues, near_duplicates, out_of_fold_probs
 
 
 def test_the_off_diagonal_of_the_confident_joint_is_flagged():
@@ -84,7 +84,7 @@ def test_out_of_fold_heads_never_see_the_image_they_score():
 
 
 def test_diagnose_writes_its_report_and_a_manifest_that_trains(tiny_runs, tmp_path):
-    from tlkit.datasets import load_csv
+    from tlkit.data.datasets import load_csv
 
     data, runs = tiny_runs
     runner = CliRunner()
@@ -120,11 +120,11 @@ def test_planted_label_noise_in_the_digits_is_found(tmp_path):
     never saw these labels (a randomly initialised test backbone here; benchmarks/diagnose.py
     measures a trunk trained on the digits 0-4): the first 2N suggestions hold at least 80% of
     the N flipped images."""
-    from tlkit.augment import resolve_augment
-    from tlkit.config import FinetuneConfig
-    from tlkit.diagnose import DiagnoseConfig, diagnose
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.data.augment import resolve_augment
+    from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     target = tmp_path / "target"
     for split in ("train", "val", "test"):

@@ -24,12 +24,12 @@ from conftest import TINY, replace_keeping_size_and_mtime, write_folder
 from test_resume import progress
 
 from tlkit.cli import cli
-from tlkit.distribute import read_tf_config
-from tlkit.errors import ConfigError
+from tlkit.core.errors import ConfigError
+from tlkit.models.distribute import read_tf_config
 
 ARGS = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs", "0",
         "--epochs", "3", "--freeze", "11", "--dropout", "0", "--patience", "10"]
-# --head-epochs 0: on one device the head phase is a probe on features (tlkit/head.py), under
+# --head-epochs 0: on one device the head phase is a probe on features (training/head.py), under
 # several replicas it runs live, so the epochs compared across strategies are fine-tune epochs
 TWO_CPUS = {"TLKIT_LOGICAL_CPUS": "2"}
 
@@ -107,10 +107,26 @@ def test_bad_strategy_settings_are_one_line_errors(make_folder, monkeypatch, tmp
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
+def test_the_multiworker_patch_matches_the_installed_keras(monkeypatch):
+    """The multiworker fix replaces private Keras internals: this fails loudly the day CI's
+    Keras leaves the checked releases or renames what the fix replaces, so that someone checks
+    the patch before users meet it. Outside them, multiworker is refused in one line."""
+    import keras
+
+    from tlkit.models import distribute
+
+    assert distribute.keras_internals_match() is None, distribute.keras_internals_match()
+    monkeypatch.setattr(keras, "__version__", "3.99.0")
+    assert "Keras 3.99.0 is outside the checked 3.14-3.15" in distribute.keras_internals_match()
+    with pytest.raises(ConfigError, match="--strategy multiworker needs tlkit's fix"):
+        distribute._fix_keras_multiworker()
+
+
 def test_replicas_share_every_batch_and_see_the_same_augmentation(make_folder):
-    from tlkit.augment import resolve_augment
-    from tlkit.datasets import load_dataset
-    from tlkit.pipeline import Share, build_train_transform, steps_per_epoch, train_dataset
+    from tlkit.data.augment import resolve_augment
+    from tlkit.data.datasets import load_dataset
+    from tlkit.data.pipeline import build_train_transform, steps_per_epoch, train_dataset
+    from tlkit.models.distribute import Share
 
     examples = load_dataset(str(make_folder(per_class=7)), 0.2).splits["train"]
     n = len(examples)
@@ -133,10 +149,10 @@ def test_replicas_share_every_batch_and_see_the_same_augmentation(make_folder):
 
 
 def test_shards_merge_into_the_bytes_of_a_one_process_build(make_folder, monkeypatch):
-    import tlkit.cache as cache_mod
-    import tlkit.precompute as precompute
-    from tlkit.cache import part_path
-    from tlkit.precompute import PrecomputeConfig, precompute_features
+    import tlkit.features.cache as cache_mod
+    import tlkit.features.precompute as precompute
+    from tlkit.features.cache import part_path
+    from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=10)
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 3 * 4 * 4 * 32 * 2)  # 3 rows per shard file
@@ -181,7 +197,7 @@ def assert_same_cache(a: Path, b: Path, shard_files: int = 2) -> None:
 
 
 def test_a_tampered_part_is_refused(make_folder):
-    from tlkit.precompute import PrecomputeConfig, precompute_features
+    from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
     config = dict(data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=2,
@@ -338,7 +354,7 @@ def test_sharded_precompute_in_two_processes_is_byte_identical(tmp_path):
 
 
 def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monkeypatch):
-    from tlkit.precompute import PrecomputeConfig, precompute_features
+    from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
     config = PrecomputeConfig(data=str(data), backbone=TINY, weights="none", input_size=32,

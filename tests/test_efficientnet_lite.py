@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tlkit.backbones import get_backbone
-from tlkit.errors import WeightsError
-from tlkit.torch_checkpoint import CheckpointError, read_state_dict
-from tlkit.weights import convert_packaged, packaged_source, verify_pinned
+from tlkit.core.errors import WeightsError
+from tlkit.models.backbones import get_backbone
+from tlkit.models.torch_checkpoint import CheckpointError, read_state_dict
+from tlkit.models.weights import convert_packaged, packaged_source, verify_pinned
 
 SPEC = get_backbone("efficientnet_lite0")
 STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]  # the 16 blocks, B0's table
@@ -120,8 +120,8 @@ def keras_outputs(path: Path, size: int, names: list[str], image: np.ndarray) ->
 
 
 def eval_view(name: str, size: int) -> np.ndarray:
-    from tlkit.augment import eval_transform
-    from tlkit.decode import decode_image
+    from tlkit.data.augment import eval_transform
+    from tlkit.data.decode import decode_image
 
     return eval_transform(decode_image(pretrained().photo(name)), size, SPEC.crop_fraction)
 
@@ -142,7 +142,7 @@ def test_stem_and_first_blocks_in_numpy_equal_the_keras_layers(lite0):
 @pytest.mark.slow  # the whole network at 224 px in numpy: a few seconds
 def test_whole_network_in_numpy_gives_the_keras_logits(lite0):
     path, sd = lite0
-    from tlkit.efficientnet_lite import imagenet_head
+    from tlkit.models.efficientnet_lite import imagenet_head
 
     image = eval_view("coffee.png", 224)
     want = numpy_lite0(image, sd)[-1]
@@ -175,7 +175,7 @@ def test_bad_checkpoints_never_reach_the_cache(lite0, tmp_path, monkeypatch):
     folder stays empty (no half-written file, no temporary left behind)."""
     import keras
 
-    from tlkit.efficientnet_lite import build, keras_weights
+    from tlkit.models.efficientnet_lite import build, keras_weights
 
     _, sd = lite0
     base = build((32, 32, 3))
@@ -205,7 +205,7 @@ def test_bad_checkpoints_never_reach_the_cache(lite0, tmp_path, monkeypatch):
 
 
 def test_a_missing_weights_package_says_what_to_install(monkeypatch, tmp_path):
-    from tlkit.weights import resolve_weights
+    from tlkit.models.weights import resolve_weights
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     gone = dataclasses.replace(SPEC, packaged=dataclasses.replace(

@@ -11,8 +11,8 @@ from conftest import TINY, write_folder
 from PIL import Image
 
 from tlkit.cli import cli
-from tlkit.errors import ConfigError, DataError
-from tlkit.evaluate import (
+from tlkit.core.errors import ConfigError, DataError
+from tlkit.evaluation.evaluate import (
     EvalConfig,
     Member,
     ViewRunner,
@@ -21,8 +21,8 @@ from tlkit.evaluate import (
     evaluate,
     fit_member_weights,
 )
-from tlkit.predict import predict_images
-from tlkit.views import crop_views
+from tlkit.evaluation.predict import predict_images
+from tlkit.evaluation.views import crop_views
 
 
 @pytest.fixture
@@ -262,12 +262,12 @@ def test_a_class_with_no_images_that_is_predicted_counts_in_the_macro_average():
 
 
 def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
-    from tlkit.cache import weights_digest
-    from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
-    from tlkit.model import backbone_of
-    from tlkit.runs import load_run
-    from tlkit.train import finetune
+    from tlkit.core.runs import load_run
+    from tlkit.features.cache import weights_digest
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.models.model import backbone_of
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     data, runs = trained
     cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
@@ -282,7 +282,7 @@ def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
 
 
 def test_leftovers_of_a_crashed_evaluation_are_cleared_whatever_their_age(trained):
-    from tlkit.fsutil import incomplete_dir, release
+    from tlkit.core.fsutil import incomplete_dir, release
 
     _data, runs = trained
     out = runs[0] / "eval" / "left"

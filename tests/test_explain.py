@@ -9,11 +9,11 @@ from conftest import TINY
 from PIL import Image
 
 from tlkit.cli import cli
-from tlkit.explain import class_maps, upsample
+from tlkit.evaluation.explain import class_maps, upsample
 
 
 def test_the_maps_average_to_the_logits_the_model_softmaxes(tiny_runs):
-    from tlkit.runs import load_run
+    from tlkit.core.runs import load_run
 
     _data, runs = tiny_runs
     model = load_run(runs[0]).load_model()
@@ -54,11 +54,11 @@ def patch_images(n: int, rng: np.random.Generator, size: int = 64, side: int = 1
 
 @pytest.mark.slow  # about 12 s: a test backbone trained from scratch on 64 px patches
 def test_the_map_peaks_inside_the_patch_that_decides_the_class(tmp_path):
-    from tlkit.augment import eval_transform, resolve_augment
-    from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
-    from tlkit.runs import load_run
-    from tlkit.train import finetune
+    from tlkit.core.runs import load_run
+    from tlkit.data.augment import eval_transform, resolve_augment
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 180), ("val", 45)):

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from tlkit.cli import cli
-from tlkit.runs import load_run
+from tlkit.core.runs import load_run
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_export_json_says_enough_to_reproduce_the_eval_input_by_hand(run_and_ima
     import cv2
     from PIL import Image
 
-    from tlkit.predict import predict_images
+    from tlkit.evaluation.predict import predict_images
 
     run = run_and_images[0]
     assert CliRunner().invoke(cli, ["export", str(run), "--format", "keras", "-o", "x"]

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from tlkit.backbones import get_backbone
-from tlkit.errors import ConfigError
-from tlkit.freezing import (
+from tlkit.core.errors import ConfigError
+from tlkit.models.backbones import get_backbone
+from tlkit.models.freezing import (
     FreezeRequest,
     apply_freeze,
     freeze_all,
@@ -14,7 +14,7 @@ from tlkit.freezing import (
     parse_freeze_count,
     resolve_freeze,
 )
-from tlkit.model import build_classifier
+from tlkit.models.model import build_classifier
 
 
 def trainable_layers(base) -> set[str]:

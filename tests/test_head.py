@@ -13,10 +13,10 @@ import pytest
 from conftest import TINY
 from PIL import Image
 
-from tlkit.augment import resolve_augment
-from tlkit.config import FinetuneConfig
-from tlkit.freezing import FreezeRequest
-from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS, feature_views, head_steps
+from tlkit.data.augment import resolve_augment
+from tlkit.models.freezing import FreezeRequest
+from tlkit.training.config import FinetuneConfig
+from tlkit.training.head import CHECK_EVERY, MIN_HEAD_STEPS, feature_views, head_steps
 
 
 def test_head_steps_count_optimizer_steps_not_epochs():
@@ -59,7 +59,7 @@ def quick_config(data: Path, out: Path, **kw) -> FinetuneConfig:
 def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_folder, tmp_path):
     import keras
 
-    from tlkit.train import finetune
+    from tlkit.training.train import finetune
 
     data = make_folder(per_class=10, layout="splits", classes=("cat", "dog", "cow"))
     run = finetune(quick_config(data, tmp_path / "run"))
@@ -74,9 +74,9 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
     assert len(rows) == math.ceil(MIN_HEAD_STEPS / CHECK_EVERY)  # a check every 10 steps
     # the saved model is the best check's, not the last one's
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
-    from tlkit.augment import eval_transform
-    from tlkit.datasets import load_dataset
-    from tlkit.decode import decode_image
+    from tlkit.data.augment import eval_transform
+    from tlkit.data.datasets import load_dataset
+    from tlkit.data.decode import decode_image
 
     val = load_dataset(str(data)).splits["val"]
     x = np.stack([eval_transform(decode_image(e.path), 32, 0.875) for e in val])
@@ -97,10 +97,10 @@ def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_fold
 
 def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkeypatch):
     """Colour is the class; a candidate that greys every view cannot learn it."""
-    import tlkit.head
-    from tlkit.train import finetune
+    import tlkit.training.head
+    from tlkit.training.train import finetune
 
-    monkeypatch.setattr(tlkit.head, "AUTO_CANDIDATES", (
+    monkeypatch.setattr(tlkit.training.head, "AUTO_CANDIDATES", (
         ("grey", "none", {"extra": ['ToGray:{"p": 1.0}']}),
         ("none", "none", {}),
     ))
@@ -154,7 +154,7 @@ def _tlkit_lines() -> tuple[list[str], Any]:
 
 
 def test_the_head_estimate_leaves_the_fine_tune_phase_to_its_own_timed_steps():
-    from tlkit.train import log_estimate
+    from tlkit.training.train import log_estimate
 
     lines, close = _tlkit_lines()
     try:
@@ -171,7 +171,7 @@ def test_the_head_estimate_leaves_the_fine_tune_phase_to_its_own_timed_steps():
 def test_the_step_timer_extrapolates_timed_steps_and_says_what_shortens_a_long_run(monkeypatch):
     """A fake clock: the first step (tracing) takes 10 s, the three skipped steps 1 s each,
     the eight timed steps 1 s each; 1000 steps an epoch, a 60 s validation pass, 10 epochs."""
-    import tlkit.train as train
+    import tlkit.training.train as train
 
     clock = [0.0]
     monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
@@ -199,9 +199,9 @@ def test_the_fine_tune_estimate_holds_against_the_measured_phase(make_folder, tm
                                                                   monkeypatch):
     import json
 
-    from tlkit.config import FinetuneConfig
-    from tlkit.freezing import FreezeRequest
-    from tlkit.train import finetune
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
 
     monkeypatch.chdir(tmp_path)
     data = make_folder(per_class=48)
@@ -226,10 +226,10 @@ def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
     """--head-views 1 is a linear probe on the eval crop, also when --augment is random."""
     import keras
 
-    from tlkit.augment import TrainTransform, eval_transform
-    from tlkit.datasets import load_dataset
-    from tlkit.decode import decode_image
-    from tlkit.head import extract
+    from tlkit.data.augment import TrainTransform, eval_transform
+    from tlkit.data.datasets import load_dataset
+    from tlkit.data.decode import decode_image
+    from tlkit.features.rows import extract
 
     folder = load_dataset(str(make_folder(per_class=5)))
     train, val = folder.splits["train"], folder.splits["val"]
@@ -253,8 +253,8 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     stage can. auto must see it on the validation split and fine-tune from its choice."""
     import keras
 
-    from tlkit.backbones import get_backbone
-    from tlkit.train import finetune
+    from tlkit.models.backbones import get_backbone
+    from tlkit.training.train import finetune
 
     base = get_backbone(TINY).build(32)
     conv, bn = base.get_layer("block3_conv"), base.get_layer("block3_bn")

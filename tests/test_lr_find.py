@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import TINY
 
 from tlkit.cli import cli
-from tlkit.lr_find import head_range_test
+from tlkit.training.lr_find import head_range_test
 
 
 def clusters(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

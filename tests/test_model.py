@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from tlkit.backbones import get_backbone
-from tlkit.model import build_classifier, preprocessing_layers
+from tlkit.models.backbones import get_backbone
+from tlkit.models.model import build_classifier, preprocessing_layers
 
 
 @pytest.mark.parametrize("mode", ["caffe", "tf", "torch"])

@@ -1,4 +1,4 @@
-"""The fine-tune phase's optimizer options (tlkit.optim): each does what its flag says."""
+"""The fine-tune phase's optimizer options (tlkit.training.optim): each does what its flag says."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tlkit.backbones import get_backbone
 from tlkit.cli import cli
-from tlkit.optim import (
+from tlkit.models.backbones import get_backbone
+from tlkit.training.optim import (
     SmoothedCrossentropy,
     StagedAdam,
     fine_tune_optimizer,

@@ -3,10 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tlkit.augment import resolve_augment
-from tlkit.datasets import load_folder
-from tlkit.errors import ConfigError
-from tlkit.pipeline import (
+from tlkit.core.errors import ConfigError
+from tlkit.data.augment import resolve_augment
+from tlkit.data.datasets import load_folder
+from tlkit.data.pipeline import (
     build_train_transform,
     dataset_color_pca,
     eval_dataset,
@@ -72,7 +72,7 @@ def test_eval_dataset_keeps_file_order(train_examples):
     """Each image, under 3 workers, is the eval transform of its own file, in file order."""
     from PIL import Image
 
-    from tlkit.augment import eval_transform
+    from tlkit.data.augment import eval_transform
 
     ds = eval_dataset(train_examples, 32, 0.875, 5, workers=3)
     batches = [(np.asarray(x), np.asarray(y)) for x, y in ds]

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import REPO, TINY, write_folder
 
 from tlkit.cli import cli
-from tlkit.errors import WeightsError
+from tlkit.core.errors import WeightsError
 
 FAST = ["--backbone", TINY, "--weights", "none", "--input-size", "32", "--batch-size", "8",
         "--head-epochs", "1", "--epochs", "0", "--freeze", "all", "--no-cache"]
@@ -102,7 +102,7 @@ def test_an_interrupted_run_and_a_live_build_are_never_cleaned_as_stale(tmp_path
     assert result.exit_code == 0, result.output
     assert interrupted.is_dir()  # `tlkit runs` still lists it as resumable
 
-    from tlkit.fsutil import incomplete_dir, release
+    from tlkit.core.fsutil import incomplete_dir, release
 
     final = tmp_path / "tfds" / "all"
     live = incomplete_dir(final, "tfds")  # a build this process is still writing, for days
@@ -127,7 +127,7 @@ def test_kill_and_resume_with_a_live_head_phase_starts_fine_tuning_from_the_best
     # hold): a high rate, so that its best epoch is not its last one
     args = [*ARGS[:ARGS.index("--head-epochs")], "--head-epochs", "4", "--epochs", "2",
             "--freeze", "11", "--patience", "10", "--lr", "3"]
-    live = ("import sys, tlkit.head; tlkit.head.MAX_FEATURE_BYTES = 0; "
+    live = ("import sys, tlkit.training.head; tlkit.training.head.MAX_FEATURE_BYTES = 0; "
             "from tlkit.cli import main; sys.argv[0] = 'tlkit'; main()")
     kill_after(tmp_path, "killed", data, epochs_done=4, args=args, launcher=("-c", live))
     resumed = subprocess.run([sys.executable, "-c", live, "finetune", "--resume", "runs/killed"],
@@ -151,8 +151,8 @@ def test_kill_and_resume_with_a_live_head_phase_starts_fine_tuning_from_the_best
 def test_a_weights_download_is_never_visible_half_written(tmp_path, monkeypatch):
     import keras
 
-    from tlkit.backbones import get_backbone, keras_cache_dir
-    from tlkit.weights import ensure_imagenet
+    from tlkit.models.backbones import get_backbone, keras_cache_dir
+    from tlkit.models.weights import ensure_imagenet
 
     spec = get_backbone("resnet50")
     target = keras_cache_dir() / spec.weights_file
@@ -170,7 +170,7 @@ def test_a_weights_download_is_never_visible_half_written(tmp_path, monkeypatch)
 
     monkeypatch.delenv("TLKIT_OFFLINE")
     monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
-    monkeypatch.setattr("tlkit.weights.verify_pinned", lambda spec, path: None)
+    monkeypatch.setattr("tlkit.models.weights.verify_pinned", lambda spec, path: None)
     assert ensure_imagenet(spec) == target
     assert seen == [False] and target.read_bytes() == b"half of the file and the rest"
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".download")] == []
@@ -215,7 +215,7 @@ def test_class_names_that_would_escape_or_break_a_file_are_refused(tmp_path, lab
 
 
 def test_file_names_made_from_class_names_are_one_harmless_component():
-    from tlkit.fsutil import safe_name
+    from tlkit.core.fsutil import safe_name
 
     for text in ("x/../../../../tmp/pwn", "..", "a\nb", "C:\\x", "", ".hidden"):
         name = safe_name(text)
@@ -227,7 +227,7 @@ def test_file_names_made_from_class_names_are_one_harmless_component():
 # 6. files others can read
 
 def test_written_files_honour_the_umask(tmp_path, run_copy):
-    from tlkit.fsutil import atomic_write_json
+    from tlkit.core.fsutil import atomic_write_json
 
     old = os.umask(0o022)
     try:
@@ -345,8 +345,8 @@ def test_a_damaged_manifest_or_identity_is_one_line(tmp_path):
     (tmp_path / "cache" / "abc" / "manifest.json").write_text("{ half")
     result = invoke("cache", "ls")
     assert result.exit_code == 6 and "manifest.json: not valid JSON" in one_line(result)
-    from tlkit.cache import open_cache
-    from tlkit.errors import CacheError
+    from tlkit.core.errors import CacheError
+    from tlkit.features.cache import open_cache
 
     (tmp_path / "cache" / "abc" / "manifest.json").write_text('{"splits": 3}')
     with pytest.raises(CacheError, match="not a tlkit cache manifest"):
@@ -384,7 +384,7 @@ def test_two_processes_building_one_cache_and_one_tfds_folder_at_once(tmp_path):
     assert shards and all((caches[0] / n).read_bytes() == (tmp_path / "solo" / caches[0].name
                                                           / n).read_bytes() for n in shards)
 
-    script = ("import sys, tensorflow_datasets as tfds; from tlkit.tfds_source import "
+    script = ("import sys, tensorflow_datasets as tfds; from tlkit.data.tfds_source import "
               "materialize\nwith tfds.testing.mock_data(num_examples=300):\n"
               "    print(materialize('tfds:mnist/train'))")
     shared = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
@@ -402,7 +402,7 @@ def test_two_processes_building_one_cache_and_one_tfds_folder_at_once(tmp_path):
 
 
 def test_cache_rm_all_keeps_the_lock_a_running_build_holds(tmp_path):
-    from tlkit.cache import build_lock, remove_caches
+    from tlkit.features.cache import build_lock, remove_caches
 
     root = tmp_path / "cache"
     (root / "done").mkdir(parents=True)
@@ -416,8 +416,7 @@ def test_cache_rm_all_keeps_the_lock_a_running_build_holds(tmp_path):
 # 11. memory that does not grow with views or copies
 
 def test_eval_keeps_n_by_classes_per_member_whatever_the_views(tiny_runs, monkeypatch):
-    from tlkit import evaluate
-
+    from tlkit.evaluation import evaluate
     kept = []
     real = evaluate.ViewRunner.probs
 
@@ -436,8 +435,8 @@ def test_eval_keeps_n_by_classes_per_member_whatever_the_views(tiny_runs, monkey
 
 
 def test_the_colour_pca_decodes_one_image_at_a_time(tmp_path, monkeypatch):
-    from tlkit import pipeline
-    from tlkit.datasets import load_dataset
+    from tlkit.data import pipeline
+    from tlkit.data.datasets import load_dataset
 
     data = write_folder(tmp_path / "data", ["a", "b"], 20)
     live, peak = [0], [0]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import TINY, write_folder
 
 from tlkit.cli import cli, recipe_commands
-from tlkit.recipes import BUILTIN_DIR, list_recipes
+from tlkit.cli.recipes import BUILTIN_DIR, list_recipes
 
 SHIPPED = ["alexnet-augment", "inception_v3", "large-data", "medium-data", "resnet50",
            "small-data", "vgg16"]

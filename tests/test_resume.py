@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, replace_keeping_size_and_mtime, write_folder
 
-from tlkit.checkpoints import read_state
 from tlkit.cli import cli
-from tlkit.head import CHECK_EVERY, MIN_HEAD_STEPS
+from tlkit.core.checkpoints import read_state
+from tlkit.training.head import CHECK_EVERY, MIN_HEAD_STEPS
 
 HEAD_ROWS = MIN_HEAD_STEPS // CHECK_EVERY  # history rows of the head phase on this tiny data
 # 96 px: the test backbone's epochs last long enough for a signal to land inside one
@@ -67,7 +67,7 @@ def assert_same_training(resumed: Path, straight: Path) -> None:
 
     import numpy as np
 
-    from tlkit.runs import load_run
+    from tlkit.core.runs import load_run
 
     rows = [list(csv.DictReader((run / "history.csv").read_text().splitlines()))
             for run in (resumed, straight)]
@@ -85,7 +85,7 @@ def assert_same_training(resumed: Path, straight: Path) -> None:
 @pytest.mark.subprocess
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
-    # the head phase is one checkpoint holding its 10 validation checks (tlkit/head.py), then
+    # the head phase is one checkpoint holding its 10 validation checks (training/head.py), then
     # one checkpoint per fine-tune epoch: 11 rows done is inside fine-tune epoch 2
     kill_after(tmp_path, "killed", data, epochs_done=HEAD_ROWS + 1)
 
@@ -155,7 +155,7 @@ def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     import keras
 
-    import tlkit.optim  # noqa: F401  (subclasses the real Adam before the patch)
+    import tlkit.training.optim  # noqa: F401  (subclasses the real Adam before the patch)
 
     data = write_folder(tmp_path / "data", ["a", "b"], 8)
     adam = keras.optimizers.Adam
@@ -198,23 +198,23 @@ def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
 
 @pytest.mark.slow  # about 10 s: an interrupted run, its resume and a reference run
 def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path, monkeypatch):
-    import tlkit.train
+    import tlkit.training.train
 
     data = write_folder(tmp_path / "data", ["a", "b"], 12)
     common = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs",
               "2", "--epochs", "2", "--freeze", "14", "--augment", "none", "--cache",
               "--patience", "10"]
-    real = tlkit.train.save_epoch
+    real = tlkit.training.train.save_epoch
 
     def dies_after_the_third_checkpoint(directory, model, optimizer, state, improved):
         real(directory, model, optimizer, state, improved)
         if state["progress"] == HEAD_ROWS + 1:  # the head phase, then fine-tune epoch 1
             raise KeyboardInterrupt  # as Ctrl-C right after an epoch is saved
 
-    monkeypatch.setattr(tlkit.train, "save_epoch", dies_after_the_third_checkpoint)
+    monkeypatch.setattr(tlkit.training.train, "save_epoch", dies_after_the_third_checkpoint)
     first = invoke("finetune", str(data), "-o", "runs/c", *common)
     assert first.exit_code == 130, first.output
-    monkeypatch.setattr(tlkit.train, "save_epoch", real)  # (undo() would also undo the chdir)
+    monkeypatch.setattr(tlkit.training.train, "save_epoch", real)  # undo() would undo the chdir
     resumed = invoke("finetune", "--resume", "runs/c")
     assert resumed.exit_code == 0, resumed.output
     assert "feature cache: using" in resumed.output

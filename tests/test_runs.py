@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tlkit.errors import RunError
-from tlkit.runs import RunRecord, load_run
+from tlkit.core.errors import RunError
+from tlkit.core.runs import RunRecord, load_run
 
 
 def test_a_written_record_round_trips_and_an_older_leaner_one_still_loads(tiny_runs, tmp_path):

@@ -9,11 +9,11 @@ import pytest
 from conftest import REPO
 from PIL import Image, ImageFile
 
-from tlkit.cache import open_cache
-from tlkit.decode import decode_image
-from tlkit.errors import CacheError, DataError
+from tlkit.core.errors import CacheError, DataError
+from tlkit.data.decode import decode_image
+from tlkit.features.cache import open_cache
 
-SOURCES = sorted((REPO / "tlkit").glob("*.py"))
+SOURCES = sorted((REPO / "tlkit").rglob("*.py"))
 
 
 def calls(pattern: str) -> list[tuple[str, str]]:

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from conftest import TINY, write_folder
 
 from tlkit.cli import cli
-from tlkit.datasets import load_dataset, load_folder
-from tlkit.errors import DataError
+from tlkit.core.errors import DataError
+from tlkit.data.datasets import load_dataset, load_folder
 
 FAST = ["--backbone", TINY, "--weights", "none", "--batch-size", "8", "--head-epochs", "1",
         "--epochs", "0", "--freeze", "all"]

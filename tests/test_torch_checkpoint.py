@@ -20,7 +20,12 @@ import types
 import numpy as np
 import pytest
 
-from tlkit.torch_checkpoint import MAGIC_NUMBER, PROTOCOL_VERSION, CheckpointError, read_state_dict
+from tlkit.models.torch_checkpoint import (
+    MAGIC_NUMBER,
+    PROTOCOL_VERSION,
+    CheckpointError,
+    read_state_dict,
+)
 
 
 class _Ref:
@@ -126,8 +131,8 @@ def test_the_writer_matches_the_real_checkpoint_layout(fake_torch, tmp_path):
     """The shipped file and one written here have the same opcode-level structure."""
     import pickletools
 
-    from tlkit.backbones import get_backbone
-    from tlkit.weights import packaged_source
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.weights import packaged_source
 
     real = packaged_source(get_backbone("efficientnet_lite0")).read_bytes()
     ours = legacy_bytes(fake_torch, {"_bn0.weight": np.ones(32, np.float32),
@@ -200,9 +205,9 @@ def test_truncated_and_damaged_files_get_one_line_each(fake_torch, tmp_path):
 def test_only_the_checkpoint_reader_may_use_pickle():
     from conftest import REPO
 
-    users = [p.name for p in (REPO / "tlkit").glob("*.py")
+    users = [p.name for p in (REPO / "tlkit").rglob("*.py")
              if re.search(r"\bpickle\.|import pickle|from pickle", p.read_text())]
     assert users == ["torch_checkpoint.py"]
-    text = (REPO / "tlkit" / "torch_checkpoint.py").read_text()
+    text = (REPO / "tlkit" / "models" / "torch_checkpoint.py").read_text()
     assert "pickle.load(" not in text and "pickle.loads(" not in text
     assert "def find_class" in text

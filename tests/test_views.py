@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from conftest import TINY, write_folder
 from PIL import Image
 
-from tlkit.augment import eval_transform
 from tlkit.cli import cli
-from tlkit.errors import ConfigError
-from tlkit.evaluate import Member, ViewRunner
-from tlkit.runs import load_run
-from tlkit.views import (
+from tlkit.core.errors import ConfigError
+from tlkit.core.runs import load_run
+from tlkit.data.augment import eval_transform
+from tlkit.evaluation.evaluate import Member, ViewRunner
+from tlkit.evaluation.views import (
     CROP_SETS,
     ViewsSeen,
     candidates,
@@ -191,7 +191,7 @@ def test_one_trace_per_model_across_batches_view_sets_and_splits(tiny_runs):
     traced = []
 
     def predictor(model):
-        from tlkit.distribute import traced_predictor
+        from tlkit.models.distribute import traced_predictor
 
         traced.append(traced_predictor(model))
         return traced[-1]

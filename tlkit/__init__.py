@@ -15,40 +15,40 @@ __all__ = ["AuditConfig", "DiagnoseConfig", "EvalConfig", "FinetuneConfig", "Fre
            "merge_parts", "precompute_features", "predict"]
 
 _LAZY = {
-    "finetune": "tlkit.train",
-    "check_data": "tlkit.audit",
-    "export_run": "tlkit.export",
-    "load_dataset": "tlkit.datasets",
-    "AuditConfig": "tlkit.audit",
-    "predict": "tlkit.predict",
-    "load_run": "tlkit.runs",
-    "FinetuneConfig": "tlkit.config",
-    "FreezeRequest": "tlkit.freezing",
-    "evaluate": "tlkit.evaluate",
-    "EvalConfig": "tlkit.evaluate",
-    "precompute_features": "tlkit.precompute",
-    "merge_parts": "tlkit.cache",
-    "PrecomputeConfig": "tlkit.precompute",
-    "diagnose": "tlkit.diagnose",
-    "DiagnoseConfig": "tlkit.diagnose",
-    "lr_find": "tlkit.lr_find",
-    "LrFindConfig": "tlkit.lr_find",
+    "finetune": "tlkit.training.train",
+    "check_data": "tlkit.data.audit",
+    "export_run": "tlkit.evaluation.export",
+    "load_dataset": "tlkit.data.datasets",
+    "AuditConfig": "tlkit.data.audit",
+    "predict": "tlkit.evaluation.predict",
+    "load_run": "tlkit.core.runs",
+    "FinetuneConfig": "tlkit.training.config",
+    "FreezeRequest": "tlkit.models.freezing",
+    "evaluate": "tlkit.evaluation.evaluate",
+    "EvalConfig": "tlkit.evaluation.evaluate",
+    "precompute_features": "tlkit.features.precompute",
+    "merge_parts": "tlkit.features.cache",
+    "PrecomputeConfig": "tlkit.features.precompute",
+    "diagnose": "tlkit.evaluation.diagnose",
+    "DiagnoseConfig": "tlkit.evaluation.diagnose",
+    "lr_find": "tlkit.training.lr_find",
+    "LrFindConfig": "tlkit.training.lr_find",
 }
 
 if TYPE_CHECKING:
-    from tlkit.audit import AuditConfig, check_data
-    from tlkit.cache import merge_parts
-    from tlkit.config import FinetuneConfig
-    from tlkit.datasets import load_dataset
-    from tlkit.diagnose import DiagnoseConfig, diagnose
-    from tlkit.evaluate import EvalConfig, evaluate
-    from tlkit.export import export_run
-    from tlkit.freezing import FreezeRequest
-    from tlkit.lr_find import LrFindConfig, lr_find
-    from tlkit.precompute import PrecomputeConfig, precompute_features
-    from tlkit.predict import predict
-    from tlkit.runs import load_run
-    from tlkit.train import finetune
+    from tlkit.core.runs import load_run
+    from tlkit.data.audit import AuditConfig, check_data
+    from tlkit.data.datasets import load_dataset
+    from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
+    from tlkit.evaluation.evaluate import EvalConfig, evaluate
+    from tlkit.evaluation.export import export_run
+    from tlkit.evaluation.predict import predict
+    from tlkit.features.cache import merge_parts
+    from tlkit.features.precompute import PrecomputeConfig, precompute_features
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.lr_find import LrFindConfig, lr_find
+    from tlkit.training.train import finetune
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,50 @@
+"""Every closed set of values a flag takes, written once. Dependency-free: the CLI builds its
+`click.Choice`s from here without importing TensorFlow, and the configs check their values with
+`check`, so a choice, its default list and its error message cannot drift apart."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tlkit.core.errors import ConfigError, did_you_mean
+
+# 100 megapixels: above any camera a classifier is trained from, far below a bomb's billions.
+# Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS, about 179 MP) still applies above it.
+DEFAULT_MAX_PIXELS = 100_000_000
+# the folder names a split may have, and the split each stands for
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+SCHEDULES = ("constant", "cosine")  # the fine-tune rate over the phase (tlkit.training.optim)
+CACHE_DTYPES = ("float16", "float32")
+CACHE_MODES = ("auto", "build", "off")
+CLASS_WEIGHTS = ("none", "balanced")
+CROP_STYLES = ("center", "crop", "resized-crop")
+MULTICROP_MODES = ("1", "2", "5", "10", "multiscale", "dense", "auto")  # tlkit.evaluation.views
+ENSEMBLE_WEIGHTS = ("equal", "val")
+EVAL_SPLITS = ("train", "val", "test")
+EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
+BAD_IMAGE_POLICIES = ("error", "skip")
+LR_FIND_PHASES = ("head", "fine-tune")
+AUGMENT_PRESETS = ("none", "light", "standard", "alexnet", "vgg")  # tlkit.data.augment.PRESETS
+AUTO = "auto"  # --augment auto, --freeze auto: chosen on the validation split
+
+
+def check(flag: str, value: object, choices: Sequence[str]) -> None:
+    """A ConfigError in the one form every choice uses, when `value` is not among `choices`."""
+    if value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}. "
+                          f"Received: {value!r}.{hint}".rstrip("."))
+
+# The one backbone whose ImageNet weights every install has (a package ships them): so the
+# quickstart does real transfer learning offline. resnet50 and the others are one flag away.
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def check_folder_name(flag: str, value: str) -> str:
+    """A name that becomes one folder inside a run (`--name`): never a path that leaves it."""
+    if (not value or value in (".", "..") or "/" in value or "\\" in value
+            or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise ConfigError(f"{flag} must be a plain folder name (no '/', '..' or control "
+                          f"characters), the output goes inside the run. Received: {value!r}")
+    return value

@@ -1,0 +1,315 @@
+"""Filesystem helpers that make every write all-or-nothing.
+
+A crash at any point leaves either the old file or the new one, never half of either, which is
+what lets a user kill a run at any moment without losing what was already on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tlkit.core.errors import OutputExistsError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it over `path` only if the block succeeds.
+
+    `suffix` keeps the extension for writers that check it (Keras insists on `.keras`). The
+    temporary file is created with mode 0666 less the umask, as `open()` would create it
+    (`mkstemp`'s 0600 would leave every result unreadable to a colleague or a serving user).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix if suffix is None else suffix
+    tmp_path = path.parent / f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write text or bytes to `path` atomically."""
+    with atomic_path(path) as tmp:
+        mode = "wb" if isinstance(data, bytes) else "w"
+        with open(tmp, mode, encoding=None if isinstance(data, bytes) else "utf-8") as f:
+            f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_record(path: str | os.PathLike, error: type[Exception], fix: str) -> dict[str, Any]:
+    """A JSON object tlkit wrote (a manifest, an identity): a damaged or foreign one is the
+    `error` in one line that names the file and says `fix`, never a traceback."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({str(e)[:120]}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a tlkit record (a JSON {type(data).__name__}); {fix}")
+    return data
+
+
+INCOMPLETE = ".incomplete-"  # <final>.incomplete-<id>/: a multi-file artifact being built
+WRITER = ".tlkit-writer"  # in an incomplete folder: its kind, locked by the process writing it
+# what each kind of artifact holds once finished: the file that says a folder is one
+RECORDS = {"run": "run.json", "export": "export.json", "evaluation": "metrics.json",
+           "diagnose": "diagnose.json", "explanations": None, "tfds": "tlkit-tfds.json",
+           "cache": "manifest.json", "cache part": "part.json"}
+RESUMABLE = ("run", "cache", "cache part")  # interrupted ones are listed, never cleaned
+_HELD: dict[str, int] = {}  # folder -> descriptor of its locked writer file, while we write it
+
+
+class FolderBusy(Exception):
+    """Another live process holds the folder's writer lock."""
+
+
+def incomplete_dir(final: str | os.PathLike, kind: str, clean: bool = False) -> Path:
+    """A fresh `<final>.incomplete-<id>/` beside `final`, where a multi-file artifact of `kind`
+    is built, locked by this process until `publish_dir` (or its end: the OS releases a lock
+    when its holder dies). `clean` removes earlier attempts at `final` of the same kind that
+    no live process holds: for kinds that cannot be resumed, whose leftovers are only clutter.
+    Liveness is the lock, never the age: a build running for days is not a leftover."""
+    if kind not in RECORDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if clean and kind not in RESUMABLE:
+        for old in find_incomplete(final):
+            if writer_kind(old) == kind and not is_live(old):
+                shutil.rmtree(old, ignore_errors=True)
+    tmp = final.parent / f"{final.name}{INCOMPLETE}{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    claim(tmp, kind)
+    return tmp
+
+
+def claim(folder: str | os.PathLike, kind: str | None = None) -> None:
+    """Take `folder`'s writer lock for this process (FolderBusy if a live one holds it);
+    `kind` is recorded in it for a new folder, an existing one keeps its own."""
+    folder = Path(folder)
+    if str(folder) in _HELD:
+        return
+    fd = os.open(folder / WRITER, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(folder) from None
+    if kind is not None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"kind": kind, "pid": os.getpid()}).encode(), 0)
+    _HELD[str(folder)] = fd
+
+
+def release(folder: str | os.PathLike) -> None:
+    """Drop the writer lock this process took on `folder`, if it took one."""
+    fd = _HELD.pop(str(Path(folder)), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def discard(folder: str | os.PathLike) -> None:
+    """Give up an artifact being built: its lock, then its folder."""
+    release(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def writer_kind(folder: Path) -> str | None:
+    """The kind recorded in an incomplete folder; None for one without a readable marker."""
+    try:
+        kind = json.loads((folder / WRITER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def is_live(folder: Path) -> bool:
+    """Whether a process (this one included) holds `folder`'s writer lock right now."""
+    if str(folder) in _HELD:
+        return True
+    if not (folder / WRITER).is_file():
+        return False
+    with hold_lock(folder / WRITER, wait=False) as held:
+        return not held
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
+    """An exclusive `flock` on the file `path` for the block; yields False (without the lock)
+    when `wait` is False and another process holds it. The OS releases it if the holder dies,
+    so a stale lock cannot exist. A lock file may be removed by whoever holds it (`cache rm`):
+    a process that locked the removed file sees that it is no longer at `path` and locks
+    the new one, so two holders never coexist."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # removed while we waited: lock the file that is there now
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
+def is_incomplete(path: str | os.PathLike) -> bool:
+    return INCOMPLETE in Path(path).name
+
+
+def final_path(path: str | os.PathLike) -> Path:
+    """runs/x for runs/x.incomplete-<id>; any other path as it is."""
+    path = Path(path)
+    return path.parent / path.name.split(INCOMPLETE)[0]
+
+
+def find_incomplete(final: str | os.PathLike) -> list[Path]:
+    """The incomplete attempts at `final`, oldest first."""
+    final = Path(final)
+    found = final.parent.glob(f"{final.name}{INCOMPLETE}*") if final.parent.is_dir() else []
+    return sorted((p for p in found if p.is_dir()), key=lambda p: p.stat().st_mtime)
+
+
+def tlkit_output(path: Path) -> str | None:
+    """What tlkit made the folder `path` as, in words (a run, an export, one being built);
+    None for anything else. A finished tfds copy is data, so it does not count."""
+    if is_incomplete(path) or (path / WRITER).is_file():
+        return f"an unfinished tlkit {writer_kind(path) or 'output'} folder"
+    for kind, record in RECORDS.items():
+        if record and kind != "tfds" and (path / record).is_file():
+            return f"a tlkit {kind} folder ({record})"
+    return None
+
+
+def _holds(path: Path) -> str:
+    """What stands at `path`, in words, for the message that refuses to replace it."""
+    if path.is_symlink() or not path.is_dir():
+        return "is a file" if path.is_file() else "is not a folder"
+    for kind, record in RECORDS.items():
+        if record and (path / record).is_file():
+            return f"holds a tlkit {kind} ({record})"
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return "is an empty folder not made by tlkit"
+    return f"holds {len(entries)} entries not made by tlkit (e.g. {entries[0]})"
+
+
+def refuse_overwrite(path: str | os.PathLike, overwrite: bool, hint: str,
+                     kind: str | None = None,
+                     inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """The one check before writing a user-visible output: `path` is replaced only when asked,
+    and only when it is an earlier artifact of the same `kind` (recognised by its record file)
+    that holds none of the `inputs`; never the data, a run under an export, or anything else."""
+    path = Path(path)
+    here = path.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if source == here or source.is_relative_to(here):
+            raise OutputExistsError(f"{path}: holds the input {given}, which the output would "
+                                    "replace; choose another output folder")
+    if not path.exists() and not path.is_symlink():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{path}: already exists; {hint}")
+    record = RECORDS.get(kind) if kind is not None else None
+    if kind is not None and not (record and path.is_dir() and not path.is_symlink()
+                                 and (path / record).is_file()):
+        raise OutputExistsError(f"{path}: {_holds(path)}, not an earlier {kind}; --overwrite "
+                                f"replaces only a tlkit {kind}: choose another folder")
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: bool = False) -> None:
+    """Rename a finished directory into place; an old one is removed only after the swap, and
+    only if it is an artifact of the same kind (`refuse_overwrite` said why before the work)."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise FileExistsError(final)
+        refuse_overwrite(final, True, "", kind=writer_kind(tmp) or "unknown kind")
+        old = final.parent / f"{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    with contextlib.suppress(FileNotFoundError):
+        (final / WRITER).unlink()  # a finished artifact has no writer
+    release(tmp)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_inside(root: str | os.PathLike, relative: str) -> bool:
+    """Whether `root / relative` stays under `root`: a name read from a manifest must not
+    reach other files with `..`, an absolute path or a symlink."""
+    root = Path(root).resolve()
+    return Path(root, relative).resolve().is_relative_to(root)
+
+
+def safe_name(text: str, limit: int = 100) -> str:
+    """`text` as one harmless file-name component: letters, digits and `._+-` kept, anything
+    else (separators, `..`, control characters, spaces) an underscore, no leading dot."""
+    cleaned = "".join(c if c.isalnum() or c in "._+-" else "_" for c in text)
+    return cleaned.lstrip(".")[:limit] or "_"
+
+
+def user_cache_dir() -> Path:
+    """tlkit's per-user cache (XDG): memos that are cheap to lose, never results."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tlkit"
+
+
+def file_hash(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """A file's hex digest, read in chunks: sha256 for tlkit's own pins, or the algorithm a
+    pin uses (Keras pins md5 or sha256 digests)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """The bytes of every file under `path` (a hard link counted once)."""
+    seen, total = set(), 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,270 @@
+"""The run directory: `model.keras`, `run.json`, `history.csv`, `checkpoints/`.
+
+Runs are built in `<name>.incomplete-<id>/` and renamed whole when training ends, so a folder
+under runs/ with a plain name is always a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlkit.core.choices import DEFAULT_MAX_PIXELS
+from tlkit.core.errors import RunError, TlkitError, did_you_mean
+from tlkit.core.fsutil import (
+    final_path,
+    find_incomplete,
+    folder_bytes,
+    is_incomplete,
+    is_live,
+    read_json_record,
+)
+
+RUNS_DIR = "runs"
+RUN_SCHEMA = 1
+RUN_FILE = "run.json"  # the RunRecord
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: written once by `finetune` (train.py), read by every other command through
+    this class only. Nested parts stay plain dicts; the properties below are what readers
+    need from them. A key this version does not know is kept (`extra`), so nothing is lost."""
+
+    backbone: str
+    weights: dict[str, Any]  # source, path, sha256
+    freeze: dict[str, Any]  # the FreezePlan (request, n_frozen, n_layers, ...) and its search
+    input_size: int
+    preprocessing: str
+    crop_fraction: float
+    classes: tuple[str, ...]
+    config: dict[str, Any]  # the settings as asked for (FinetuneConfig.as_dict)
+    data: dict[str, Any]  # source, root, layout, val_source, counts, fingerprint, ...
+    augment: dict[str, Any] = field(default_factory=dict)  # the augmentation used, its search
+    results: dict[str, Any] = field(default_factory=dict)  # best, phases, head_probe
+    seed: int = 0
+    schema: int = RUN_SCHEMA
+    tlkit_version: str | None = None
+    keras_version: str | None = None
+    created: str | None = None
+    train_bn: bool = False
+    class_weight: dict[str, float] | None = None
+    calibration: dict[str, Any] | None = None  # --calibrate: temperature, ECE before/after
+    views_seen: dict[str, Any] | None = None  # the geometry the saved weights trained on
+    feature_cache: dict[str, Any] | None = None
+    distribution: dict[str, Any] | None = None
+    lr_used: dict[str, float] | None = None
+    phase: str | None = None
+    epoch: int | None = None
+    optimizer_steps: int | None = None
+    resumed: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def val_fraction(self) -> float:
+        return float(self.config.get("val_fraction", 0.2))
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.config.get("audit", {}).get("max_pixels", DEFAULT_MAX_PIXELS))
+
+    @property
+    def n_frozen(self) -> int:
+        return int(self.freeze["n_frozen"])
+
+    def split_signature(self) -> dict[str, Any]:
+        """What fixes the train/val split: the data, where val comes from, and its share."""
+        sig = {"fingerprint": self.data["fingerprint"], "val_source": self.data["val_source"]}
+        if self.data["val_source"] == "hash-split":
+            sig["val_fraction"] = self.val_fraction
+        return sig
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"schema": self.schema}  # first, as readers check it first
+        out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if f.name not in ("schema", "extra"))
+        out["classes"] = list(self.classes)
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str | os.PathLike = "run.json") -> RunRecord:
+        if d.get("schema") != RUN_SCHEMA:
+            raise RunError(f"{where}: run schema {d.get('schema')!r} is not supported by this "
+                           f"tlkit (expects {RUN_SCHEMA})")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING]
+        if missing := [n for n in required if n not in d]:
+            raise RunError(f"{where}: lacks {', '.join(missing)}; it was not written by tlkit "
+                           "finetune, or it was edited")
+        known = {k: v for k, v in d.items() if k in fields}
+        known["classes"] = tuple(known["classes"])
+        return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
+
+
+def read_record(run_path: Path) -> RunRecord:
+    try:
+        info = json.loads((run_path / RUN_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{run_path / 'run.json'}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{run_path / 'run.json'}: not a tlkit run record")
+    return RunRecord.from_dict(info, run_path / RUN_FILE)
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    record: RunRecord
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.record.classes)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.record.input_size)
+
+    @property
+    def max_pixels(self) -> int:
+        return self.record.max_pixels
+
+    def load_model(self) -> Any:
+        """The saved classifier, loaded with Keras safe_mode (no arbitrary code)."""
+        return load_keras_file(self.path / "model.keras")
+
+
+def load_keras_file(path: Path, error: type[TlkitError] = RunError) -> Any:
+    """A `.keras` file someone else may have made, under Keras safe_mode: a Lambda layer, a
+    function or class named in its config from outside Keras, or a damaged archive is refused
+    in one line, never run."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many kinds for a refused or damaged archive
+        text = str(e).strip()
+        first = text.splitlines()[0][:300] if text else type(e).__name__
+        raise error(f"{path}: Keras refused to load it ({first}); tlkit loads only models made "
+                    "of Keras layers, never code from a file: use a model trained by tlkit") \
+            from None
+
+
+def is_finished_run(path: Path) -> bool:
+    return (path / RUN_FILE).is_file() and (path / "model.keras").is_file()
+
+
+def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
+    runs_dir = Path(runs_dir)
+    runs = [p for p in runs_dir.iterdir() if p.is_dir() and is_finished_run(p)] \
+        if runs_dir.is_dir() else []
+    if not runs:
+        raise RunError(
+            f"{runs_dir}: no finished runs; train one with `tlkit finetune` or name a run folder"
+        )
+    return max(runs, key=lambda p: (p / RUN_FILE).stat().st_mtime)
+
+
+def _interrupted_run(path: Path) -> Path | None:
+    """The run being built for `path`: the folder itself when it is one, else the newest
+    `<path>.incomplete-*` that holds a run (the name tlkit printed while training)."""
+    found = [path] if is_incomplete(path) else find_incomplete(path)
+    runs = [p for p in found if (p / "checkpoints" / "identity.json").is_file()]
+    return runs[-1] if runs else None
+
+
+def unfinished_run(path: str | os.PathLike) -> RunError | None:
+    """The error for a path that names a run not finished yet (interrupted, or training in
+    another process), saying what to do; None when `path` names no such run."""
+    from tlkit.core.checkpoints import latest_checkpoint
+
+    path = Path(path)
+    if is_finished_run(path):
+        return None
+    folder = _interrupted_run(path)
+    if folder is None:
+        return None
+    name = final_path(folder)
+    if is_live(folder):
+        return RunError(f"{path}: still training ({folder}, another process); wait for it to "
+                        "finish")
+    found = latest_checkpoint(folder / "checkpoints")
+    where = ("before its first epoch ended" if found is None else
+             f"at {found[1]['phase']} epoch {found[1]['epoch']}")
+    return RunError(f"{path}: not finished, interrupted {where} ({folder}); "
+                    f"`tlkit finetune --resume {name}` finishes it first")
+
+
+def split_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """The run folders among `paths` and the other paths, in order. A path that names an
+    unfinished run, or a missing folder beside runs, is refused: never read as data."""
+    runs, rest = [], []
+    for p in paths:
+        if is_finished_run(Path(p)):
+            runs.append(p)
+            continue
+        error = unfinished_run(p)
+        if error is not None:
+            raise error
+        parent = Path(p).parent
+        if not Path(p).exists() and parent.is_dir():
+            names = [q.name for q in parent.iterdir() if is_finished_run(q)]
+            if names:
+                raise RunError(f"{p}: no such run.{did_you_mean(Path(p).name, names)} "
+                               f"`tlkit runs` lists the runs in {parent}")
+        rest.append(p)
+    return runs, rest
+
+
+def load_run(path: str | os.PathLike | None = None) -> Run:
+    """A finished run; `None` means the newest under runs/."""
+    run_path = newest_run() if path is None else Path(path)
+    error = unfinished_run(run_path)
+    if error is not None:
+        raise error
+    if not run_path.is_dir():
+        raise RunError(f"{run_path}: no such run folder")
+    if is_incomplete(run_path) or not is_finished_run(run_path):
+        raise RunError(
+            f"{run_path}: not a finished tlkit run (needs run.json and model.keras); it may "
+            "have been interrupted"
+        )
+    return Run(run_path, read_record(run_path))
+
+
+def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
+    """Finished runs and interrupted ones (resumable), newest first, for `tlkit runs`."""
+    runs_dir = Path(runs_dir)
+    rows = []
+    for path in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        if not path.is_dir():
+            continue
+        if is_finished_run(path):
+            try:
+                record = read_record(path)
+            except RunError:
+                continue  # load_run names the damage when the run is used
+            best = record.results.get("best") or {}
+            rows.append({"run": path.name, "status": "finished", "backbone": record.backbone,
+                         "freeze": record.freeze.get("request"),
+                         "best_val_accuracy": best.get("val_accuracy"),
+                         "test_accuracy": (record.results.get("test") or {}).get("accuracy"),
+                         "size_mb": round(folder_bytes(path) / 1e6, 1),
+                         "created": record.created, "path": str(path)})
+        elif is_incomplete(path) and (path / "checkpoints" / "identity.json").is_file():
+            try:
+                identity = read_json_record(path / "checkpoints" / "identity.json", RunError, "")
+            except RunError:
+                identity = {}  # listed; `finetune --resume` names the damage
+            name = final_path(path).name
+            rows.append({"run": name, "status": "training" if is_live(path) else "interrupted",
+                         "backbone": identity.get("backbone"),
+                         "freeze": None, "best_val_accuracy": None, "test_accuracy": None,
+                         "size_mb": round(folder_bytes(path) / 1e6, 1),
+                         "created": None, "path": str(path),
+                         "resume": f"tlkit finetune --resume {runs_dir / name}"})
+    return sorted(rows, key=lambda r: Path(r["path"]).stat().st_mtime, reverse=True)

@@ -1,0 +1,172 @@
+"""Bytes -> uint8 HxWx3 RGB, by content, for every colour mode Pillow reads.
+
+Extensions lie (a PNG saved as .jpg, a text file named .jpg), so the format is whatever the
+bytes say. Orientation follows the EXIF tag, as a photo viewer shows it, because that is the
+image the user labelled. An image above a pixel limit is refused before it is decoded: a small
+file can declare a huge canvas (a decompression bomb).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tlkit.core.choices import DEFAULT_MAX_PIXELS
+from tlkit.core.errors import DataError
+
+# Formats a folder of training photos can hold; anything else is refused by name.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO")
+# What each extension promises; a file whose bytes say otherwise still decodes, with a warning.
+EXTENSION_FORMATS = {
+    ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO"), ".jpe": ("JPEG",), ".jfif": ("JPEG",),
+    ".png": ("PNG",), ".bmp": ("BMP",), ".gif": ("GIF",), ".webp": ("WEBP",),
+    ".tif": ("TIFF",), ".tiff": ("TIFF",), ".mpo": ("MPO", "JPEG"),
+}
+# Transparent pixels are composited onto this colour (what a browser shows on white).
+BACKGROUND = (255, 255, 255)
+
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What check-data learns from decoding one file."""
+
+    format: str
+    mode: str  # the colour mode stored in the file, before conversion to RGB
+    width: int
+    height: int
+    sha256: str  # of the file's bytes: exact duplicates
+    warnings: tuple[str, ...]  # decodes, but something is off
+
+
+def _sniff(head: bytes) -> str:
+    text = head[:512]
+    if not text:
+        return "empty file"
+    try:
+        text.decode("utf-8")
+        return "text file"
+    except UnicodeDecodeError:
+        return "unknown binary format"
+
+
+def decode_protocol() -> dict[str, object]:
+    """How a file becomes pixels, for whoever must reproduce it outside tlkit (export.json)."""
+    return {"exif_orientation": "applied (the image is rotated as a viewer shows it)",
+            "channels": "RGB", "dtype": "uint8",
+            "alpha": f"composited over RGB {list(BACKGROUND)}",
+            "greyscale": "repeated into 3 channels",
+            "16_bit": "scaled to 0..255"}
+
+
+def _open_rgb(source: io.BytesIO, path: Path,
+              max_pixels: int | None) -> tuple[np.ndarray, str, str, tuple[int, int]]:
+    """(RGB array, format, original mode, original size); DataError names `path`."""
+    try:
+        with Image.open(source) as im:
+            if im.format not in FORMATS:
+                raise DataError(
+                    f"{path}: unsupported image format {im.format}; convert it to JPEG or "
+                    "PNG, or move it out of the dataset"
+                )
+            check_pixels(path, im.size, max_pixels)
+            fmt, mode, size = im.format, im.mode, im.size
+            im.seek(0)  # first frame of a GIF / multi-page TIFF
+            return to_rgb(ImageOps.exif_transpose(im)), fmt, mode, size
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image ({_sniff(source.getvalue())}); remove it or "
+                        "move it out of the dataset") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e}); re-export or remove it") from None
+
+
+def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise DataError(
+            f"{path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit "
+            f"of {max_pixels / 1e6:g} (a decompression bomb?); if the image is genuine, raise "
+            "--max-pixels or downscale it"
+        )
+
+
+def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                 ) -> np.ndarray:
+    """Decode one file to uint8 RGB (H, W, 3); a DataError names the file if it is not an image.
+
+    `max_pixels=None` skips tlkit's limit (for files check-data already passed).
+    """
+    path = Path(path)
+    return _open_rgb(io.BytesIO(_read(path)), path, max_pixels)[0]
+
+
+def _read(path: Path) -> bytes:
+    """The whole file in one read: Pillow decodes from memory about 13% faster than from a
+    file it reads piecemeal (measured on 500x375 JPEGs)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+                ) -> ImageProbe:
+    """Decode one file exactly as training will, and report what a data audit needs."""
+    path = Path(path)
+    data = _read(path)
+    _, fmt, mode, (width, height) = _open_rgb(io.BytesIO(data), path, max_pixels)
+    notes = []
+    expected = EXTENSION_FORMATS.get(path.suffix.lower())
+    if expected is None:
+        notes.append(f"extension {path.suffix or '(none)'!r} is not an image extension; "
+                     f"the content is {fmt}")
+    elif fmt not in expected:
+        notes.append(f"content is {fmt} but the extension is {path.suffix!r}")
+    if fmt == "JPEG":
+        end = data.rfind(b"\xff\xd9")
+        trailing = len(data) - (end + 2) if end >= 0 else 0
+        if trailing and data[end + 2:].strip(b"\x00"):
+            notes.append(f"{trailing} bytes of junk after the JPEG end marker (ignored)")
+    return ImageProbe(fmt, mode, width, height, hashlib.sha256(data).hexdigest(), tuple(notes))
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 RGB array."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.int64)
+        peak = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        gray = np.clip(arr * 255.0 / peak + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        gray = np.clip(arr * 255.0 / peak + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        background = Image.new("RGBA", im.size, (*BACKGROUND, 255))
+        im = Image.alpha_composite(background, im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+    arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"decoder produced shape {arr.shape} from mode {mode}")  # a bug
+    return arr

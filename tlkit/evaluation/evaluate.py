@@ -1,0 +1,563 @@
+"""`evaluate`: metrics on held-out images, multi-crop test-time averaging, and ensembles.
+
+Every image is decoded once; its test-time views (views.py: a crop set, or dense) go through each
+model in one batched pass, and softmax probabilities are averaged over views, then over
+members (weighted: equal, or fitted on the validation split). Each member's views follow what it
+was trained on, or are chosen on its validation split (`--multicrop auto`). The single-crop
+figures come free from a crop set's pass: its centre view at the eval scale is exactly the eval
+transform. Members fine-tuned from the same backbone and weights with a common frozen prefix run
+that prefix once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tlkit.core.calibration import ECE_BINS, expected_calibration_error, log_loss, reliability_bins
+from tlkit.core.choices import (
+    AUTO,
+    ENSEMBLE_WEIGHTS,
+    EVAL_SPLITS,
+    MULTICROP_MODES,
+    STRATEGIES,
+    check,
+    check_folder_name,
+)
+from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.progress import progress
+from tlkit.core.runs import Run, load_run
+from tlkit.data.datasets import Example, load_class_folders, load_dataset, split_folders
+from tlkit.data.decode import decode_image
+from tlkit.data.views_seen import views_seen
+from tlkit.evaluation.views import (
+    AUTO_ORDER,
+    CROP_SETS,
+    candidates,
+    center_index,
+    choose,
+    crop_views,
+    dense_input,
+    subset,
+    unseen,
+)
+
+log = logging.getLogger("tlkit")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    runs: tuple[str, ...] = ()  # empty: the newest run under runs/
+    data: str | None = None  # None: the first run's own data folder
+    split: str | None = None  # None: test, else val
+    multicrop: str = "1"
+    ensemble_weights: str = "equal"  # or "val"
+    name: str | None = None
+    batch_size: int = 32
+    workers: int | None = None
+    overwrite: bool = False
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        check("--strategy", self.strategy, STRATEGIES)
+        check("--multicrop", self.multicrop, MULTICROP_MODES)
+        check("--ensemble-weights", self.ensemble_weights, ENSEMBLE_WEIGHTS)
+        if self.split is not None:
+            check("--split", self.split, EVAL_SPLITS)
+        if self.name is not None:
+            check_folder_name("--name", self.name)
+
+
+def load_members(paths: Sequence[str | os.PathLike]) -> list[Run]:
+    runs = [load_run(p) for p in paths] if paths else [load_run(None)]
+    first = runs[0].classes
+    for run in runs[1:]:
+        if run.classes != first:
+            missing = sorted(set(first) - set(run.classes))
+            extra = sorted(set(run.classes) - set(first))
+            raise ConfigError(
+                f"{run.path}: its class map differs from {runs[0].path} (missing {missing}, "
+                f"extra {extra}, order {'same' if not missing and not extra else 'n/a'}); "
+                "ensemble members must be trained on the same classes"
+            )
+    return runs
+
+
+def _local(root: str) -> str:
+    """A tfds source as the folder it is written to; any other DATA as it is."""
+    if root.startswith("tfds:"):
+        from tlkit.data.tfds_source import materialize
+
+        return str(materialize(root))
+    return root
+
+
+def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
+    """The images to evaluate, labelled through the run's class map."""
+    root = _local(data or run.record.data["root"])
+    is_folder = data is not None and not root.lower().endswith(".csv")
+    dirs = split_folders(root) if is_folder else {}
+    if is_folder and not dirs:
+        candidates, split = load_class_folders(root), "all"  # a plain folder: every image
+    elif is_folder and "train" not in dirs:  # held-out splits only, e.g. DATA/test/
+        split = split or ("test" if "test" in dirs else "val")
+        if split not in dirs:
+            raise DataError(f"{root}: has no {split} folder (it has {', '.join(dirs)})")
+        candidates = load_class_folders(dirs[split])
+    else:
+        folder = load_dataset(root, run.record.val_fraction)
+        if split is None:
+            split = "test" if "test" in folder.splits else "val"
+        if split not in folder.splits:
+            raise DataError(f"{root}: has no {split} split (it has {', '.join(folder.splits)})")
+        candidates = list(folder.splits[split])
+    index = {c: i for i, c in enumerate(run.classes)}
+    out = []
+    for e in candidates:
+        if e.class_name not in index:
+            raise DataError(f"{e.path}: class {e.class_name!r} is unknown to the model "
+                            f"{run.path} (classes: {', '.join(run.classes)})")
+        out.append(Example(e.path, e.relpath, index[e.class_name], e.class_name))
+    if not out:
+        raise DataError(f"{root}: the {split} split has no images")
+    return out, f"{root} ({split})"
+
+
+def check_same_split(runs: Sequence[Run]) -> None:
+    """Ensemble members must share their train/val split: scored on the first member's split,
+    another member's "val" images would otherwise be its training images."""
+    first = runs[0].record.split_signature()
+    for run in runs[1:]:
+        sig = run.record.split_signature()
+        differ = [k for k in sorted(set(first) | set(sig)) if first.get(k) != sig.get(k)]
+        if differ:
+            raise ConfigError(f"{run.path}: trained on other data or another split than "
+                              f"{runs[0].path} (they differ in {', '.join(differ)}); ensemble "
+                              "members must be trained on the same data with the same split")
+
+
+def own_split_paths(run: Run) -> dict[str, set[str]] | None:
+    """{split: real paths} of the data the run was trained on; None when it is not here."""
+    try:
+        folder = load_dataset(_local(run.record.data["root"]), run.record.val_fraction)
+    except DataError:
+        return None
+    return {s: {os.path.realpath(e.path) for e in ex} for s, ex in folder.splits.items()}
+
+
+def leakage_notes(scored: Sequence[Example], own: dict[str, set[str]] | None) -> list[str]:
+    """What makes a figure optimistic: scoring images the model trained on, or the validation
+    images that chose its checkpoint (and stopped its head)."""
+    if own is None:
+        return ["the run's training data is not where it was trained: whether these images "
+                "were used in training could not be checked"]
+    paths = {os.path.realpath(e.path) for e in scored}
+    notes = []
+    if n := len(paths & own.get("train", set())):
+        notes.append(f"{n} of these images are training images of the model: the figure is "
+                     "optimistic; evaluate held-out images")
+    if n := len(paths & own.get("val", set())):
+        notes.append(f"{n} of these images are the validation split that chose the "
+                     "checkpoint: the figure is optimistic; a test split (DATA/test/) gives an "
+                     "unbiased one")
+    return notes
+
+
+class Member:
+    """One run of an ensemble, loaded: its model, the view geometry it was trained at, and the
+    views its saved weights saw in training."""
+
+    def __init__(self, run: Run):
+        self.run, self.model = run, run.load_model()
+        self.size, self.crop = run.input_size, float(run.record.crop_fraction)
+        self.seen = views_seen(run.record)
+
+
+def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int]]]:
+    """[(trunk or None, per-member models or tails, member indices)]: sharing where possible."""
+    from tlkit.features.cache import weights_digest
+    from tlkit.models.cut import build_tail, build_trunk, resolve_cut
+    from tlkit.models.model import backbone_of, compute_dtypes
+
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(members):
+        r = m.run.record
+        sig = (r.backbone, m.size, r.preprocessing, r.weights["sha256"],
+               tuple(compute_dtypes(m.model)))  # a float16 trunk gives other activations
+        groups.setdefault(sig if r.n_frozen > 0 else (i,), []).append(i)
+    out = []
+    for idx in groups.values():
+        if len(idx) > 1:
+            first = members[idx[0]]
+            n = min(members[i].run.record.n_frozen for i in idx)
+            cut = resolve_cut(backbone_of(first.model), n)
+            trunks = [build_trunk(members[i].model, cut) for i in idx]
+            digests = {weights_digest(t.get_weights()) for t in trunks}
+            if cut is not None and len(digests) == 1:
+                out.append((trunks[0], [build_tail(members[i].model, cut) for i in idx], idx))
+                continue
+        out.extend((None, [members[i].model], [i]) for i in idx)
+    return out
+
+
+class ViewRunner:
+    """The members' forward passes over test-time views. Built once per evaluation: shared
+    trunks are cut once, and every model (trunk, tail, dense variant) has one traced function,
+    reused for every split, batch and view set."""
+
+    def __init__(self, members: list[Member], predictor: Any = None,
+                 workers: int | None = None):
+        from tlkit.models.distribute import traced_predictor
+
+        self.members, self.workers = members, workers or os.cpu_count() or 1
+        self.predictor = predictor or traced_predictor
+        self.groups = [(trunk and self.predictor(trunk), [self.predictor(m) for m in models],
+                        idx) for trunk, models, idx in _shared_groups(members)]
+        self._dense: dict[int, Any] = {}
+
+    def dense(self, i: int) -> Any:
+        if i not in self._dense:
+            from tlkit.models.model import dense_model
+
+            self._dense[i] = self.predictor(dense_model(self.members[i].model))
+        return self._dense[i]
+
+    def probs(self, paths: Sequence[str], modes: str | Sequence[str | None], batch_size: int,
+              reduce: Callable[[int, np.ndarray], np.ndarray] | None = None
+              ) -> list[np.ndarray | None]:
+        """Per member, (N, K, C) probabilities of its K views of every image (None where its
+        mode is None): a crop set's views in CROP_SETS order, or dense: the whole image, and
+        its mirror when training mirrored. The next batch is decoded and cut into views while
+        the models run on this one. `reduce(member, (B, K, C))` shrinks each batch as it comes
+        (the mean over views...), so what is kept need not grow with K."""
+        members = self.members
+        modes = [modes] * len(members) if isinstance(modes, str) else list(modes)
+        max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
+        keys = {(members[i].size, members[i].crop, mode) for i, mode in enumerate(modes)
+                if mode not in (None, "dense")}
+        dense = [i for i, mode in enumerate(modes) if mode == "dense"]
+        if not keys and not dense:
+            return [None] * len(members)  # nothing asked: no image is decoded
+        out: list[list[np.ndarray]] = [[] for _ in members]
+
+        def prepare(chunk: Sequence[str]) -> tuple[dict[Any, np.ndarray], dict[int, list]]:
+            images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
+            views = {key: np.stack(list(pool.map(lambda im, k=key: crop_views(im, *k), images)))
+                     for key in keys}
+            wholes = {i: list(pool.map(lambda im, m=members[i]: dense_input(im, m.size, m.crop),
+                                       images)) for i in dense}
+            return views, wholes
+
+        chunks = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool, \
+                ThreadPoolExecutor(max_workers=1) as ahead, \
+                progress(len(paths), "evaluating") as advance:
+            pending = ahead.submit(prepare, chunks[0]) if chunks else None
+            for n, chunk in enumerate(chunks):
+                views, wholes = pending.result()
+                if n + 1 < len(chunks):
+                    pending = ahead.submit(prepare, chunks[n + 1])
+                self._crops(views, modes, out, reduce)
+                for i in dense:
+                    p = self._dense_probs(i, wholes[i])
+                    out[i].append(reduce(i, p) if reduce else p)
+                advance(len(chunk))
+        return [np.concatenate(parts) if parts else None for parts in out]
+
+    def _crops(self, views: dict[Any, np.ndarray], modes: list[str | None],
+               out: list[list[np.ndarray]], reduce: Callable[[int, np.ndarray], np.ndarray] | None
+               ) -> None:
+        for trunk, models, idx in self.groups:
+            by_mode: dict[str, list[int]] = {}
+            for j, i in enumerate(idx):
+                if modes[i] not in (None, "dense"):
+                    by_mode.setdefault(modes[i], []).append(j)
+            for mode, js in by_mode.items():
+                m = self.members[idx[js[0]]]
+                v = views[(m.size, m.crop, mode)]
+                b, k = v.shape[:2]
+                flat = v.reshape(b * k, *v.shape[2:])
+                x = trunk(flat) if trunk is not None else flat
+                for j in js:
+                    p = np.asarray(models[j](x), dtype=np.float64).reshape(b, k, -1)
+                    out[idx[j]].append(reduce(idx[j], p) if reduce else p)
+
+    def view_count(self, i: int, mode: str) -> int:
+        """How many views member `i` averages under `mode`."""
+        if mode == "dense":
+            return 2 if self.members[i].seen.mirror else 1
+        return len(CROP_SETS[mode])
+
+    def _dense_probs(self, i: int, inputs: list[np.ndarray]) -> np.ndarray:
+        """(B, K, C): images of one shape go through together (one trace serves every shape)."""
+        m = self.members[i]
+        passes = [False, True] if m.seen.mirror else [False]
+        probs = np.empty((len(inputs), len(passes), len(m.run.classes)))
+        shapes: dict[tuple[int, ...], list[int]] = {}
+        for j, x in enumerate(inputs):
+            shapes.setdefault(x.shape, []).append(j)
+        for js in shapes.values():
+            batch = np.stack([inputs[j] for j in js])
+            for k, mirrored in enumerate(passes):
+                probs[js, k] = np.asarray(self.dense(i)(batch[:, :, ::-1] if mirrored
+                                                        else batch), dtype=np.float64)
+        return probs
+
+
+@dataclass(frozen=True)
+class ViewChoice:
+    """The views one member is evaluated with, and why."""
+
+    views: str
+    why: str
+    outside_training: str | None = None  # an explicit view set beyond what training showed
+    candidates: tuple[dict[str, Any], ...] = ()  # --multicrop auto: each one's val scores
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"views": self.views, "why": self.why, "outside_training": self.outside_training,
+                "candidates": list(self.candidates)}
+
+
+def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[ViewChoice]:
+    """Per member (the rule is applied to each member on its own): the view set asked for, or
+    with `auto` the one chosen on the run's validation split among those training showed."""
+    members = runner.members
+    if requested != AUTO:
+        out = []
+        for m in members:
+            outside = unseen(requested, m.seen, m.crop)
+            if outside:
+                log.warning("%s: --multicrop %s includes %s; %s. The bare --multicrop (auto) "
+                            "uses only views the model saw, chosen on its validation split",
+                            m.run.path, requested, outside, m.seen.why)
+            out.append(ViewChoice(requested, "asked for", outside))
+        return out
+    options = [candidates(m.seen, m.crop) for m in members]
+    chosen: list[ViewChoice | None] = [
+        ViewChoice("1", f"the only views training showed ({m.seen.why})")
+        if opts == ["1"] else None for m, opts in zip(members, options, strict=True)]
+    if all(chosen):
+        return chosen  # type: ignore[return-value]
+    try:
+        val, _ = eval_examples(members[0].run, None, "val")
+    except DataError as e:
+        log.warning("--multicrop auto chooses on the run's validation split, which could not be "
+                    "read (%s): single crop", e)
+        return [c or ViewChoice("1", "the validation split to choose on is not here")
+                for c in chosen]
+    paths, labels = [e.path for e in val], np.array([e.label for e in val])
+    crops = [max((o for o in opts if o != "dense"), key=lambda o: len(CROP_SETS[o]))
+             if c is None else None for c, opts in zip(chosen, options, strict=True)]
+    scored = {o for c, opts in zip(chosen, options, strict=True) if c is None for o in opts}
+    log.info("--multicrop auto: scoring %s on the %d validation images",
+             ", ".join(o for o in AUTO_ORDER if o in scored), len(paths))
+    crop_probs = runner.probs(paths, crops, batch_size)
+    dense_probs = runner.probs(paths, ["dense" if c is None and "dense" in opts else None
+                                       for c, opts in zip(chosen, options, strict=True)],
+                               batch_size)
+    out = []
+    for i, m in enumerate(members):
+        if chosen[i] is not None:
+            out.append(chosen[i])
+            continue
+        scores = {o: (dense_probs[i] if o == "dense" else
+                      crop_probs[i][:, subset(crops[i], o)]).mean(axis=1) for o in options[i]}
+        best, rows = choose(scores, labels)
+        out.append(ViewChoice(best, f"chosen on the validation split ({len(paths)} images) "
+                              f"among the views training showed ({m.seen.why})",
+                              candidates=tuple(rows)))
+    return out
+
+
+def fit_member_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int = 500) -> np.ndarray:
+    """Weights on the simplex minimising the ensemble's log loss (exponentiated gradient)."""
+    m = len(probs)
+    w = np.full(m, 1.0 / m)
+    p_true = np.stack([p[np.arange(len(labels)), labels] for p in probs], axis=1)  # (N, M)
+    for _ in range(steps):
+        mix = np.clip(p_true @ w, 1e-12, None)
+        grad = -(p_true / mix[:, None]).mean(axis=0)
+        w = w * np.exp(-0.5 * grad)
+        w /= w.sum()
+    return w
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray,
+                           classes: Sequence[str]) -> dict[str, Any]:
+    n, c = probs.shape
+    pred = probs.argmax(axis=1)
+    cm = np.zeros((c, c), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    out: dict[str, Any] = {"images": int(n), "top1": float((pred == labels).mean())}
+    if c > 5:
+        top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
+        out["top5"] = float((top5 == labels[:, None]).any(axis=1).mean())
+    out["log_loss"] = log_loss(probs, labels)
+    per_class = {}
+    present = sorted(set(labels.tolist()) | set(pred.tolist()))
+    for k in present:
+        tp = cm[k, k]
+        precision = tp / cm[:, k].sum() if cm[:, k].sum() else 0.0
+        recall = tp / cm[k, :].sum() if cm[k, :].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[classes[k]] = {"precision": float(precision), "recall": float(recall),
+                                 "f1": float(f1), "support": int(cm[k, :].sum())}
+    support = np.array([v["support"] for v in per_class.values()], dtype=np.float64)
+    for avg, weights in (("macro", np.ones_like(support)), ("weighted", support)):
+        total = weights.sum() or 1.0
+        out[avg] = {key: float(sum(w * v[key] for w, v in zip(weights, per_class.values(),
+                                                                strict=True)) / total)
+                    for key in ("precision", "recall", "f1")}
+    out["per_class"] = per_class
+    # a folder may lack classes the model knows: left out of the averages, unless predicted
+    # (then scored 0, as in scikit-learn)
+    empty = [k for k in range(c) if not cm[k, :].sum()]
+    out["classes_without_images"] = [classes[k] for k in empty]
+    out["notes"] = []
+    if left_out := [classes[k] for k in empty if not cm[:, k].sum()]:
+        out["notes"].append(f"no images of class {', '.join(left_out)} in this set: left out "
+                            "of the averages")
+    for k in empty:
+        if n := int(cm[:, k].sum()):
+            out["notes"].append(f"no images of class {classes[k]} in this set, yet predicted "
+                                f"{n} time{'s' if n > 1 else ''}: it counts as 0 in the macro "
+                                "averages (as in scikit-learn)")
+    out["confusion_matrix"] = cm.tolist()
+    off = [(int(cm[i, j]), classes[i], classes[j]) for i in range(c) for j in range(c)
+           if i != j and cm[i, j] > 0]
+    out["most_confused"] = [{"true": t, "predicted": p, "count": k}
+                            for k, t, p in sorted(off, key=lambda x: (-x[0], x[1], x[2]))[:10]]
+    return out
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate one run or an ensemble; write RUN/eval/<name>/ and return the metrics. Under a
+    multi-worker strategy every worker calls this and gets the metrics; the chief writes."""
+    from tlkit.models.distribute import make_placement
+
+    placement = make_placement(config.strategy)  # before any other TensorFlow work
+    if placement.replicas > 1:
+        log.info("strategy: %s", placement.describe())
+    with placement.strategy.scope():
+        return _evaluate(config, placement)
+
+
+def weights_split(runs: Sequence[Run], scored: Sequence[Example], source: str
+                  ) -> tuple[list[Example], str]:
+    """The images --ensemble-weights val fits on: the members' own validation split, never
+    any of the images being scored (the figure would then be fitted, not measured)."""
+    fit_on = eval_examples(runs[0], None, "val")
+    paths = {os.path.realpath(e.path) for e in scored}
+    if n := sum(os.path.realpath(e.path) in paths for e in fit_on[0]):
+        raise ConfigError(f"{source}: --ensemble-weights val fits the member weights on "
+                          f"{fit_on[1]}, and {n} of the images scored are among them; score a "
+                          "test split or another folder, or use --ensemble-weights equal")
+    return fit_on
+
+
+def crop_comparison(names: Sequence[str], single: Sequence[np.ndarray],
+                    multi: Sequence[np.ndarray], weights: np.ndarray, labels: np.ndarray
+                    ) -> list[dict[str, Any]]:
+    """Single-crop vs multi-crop top-1 of each member, and of the ensemble when there is one."""
+    def top1(p: np.ndarray) -> float:
+        return float((p.argmax(1) == labels).mean())
+
+    rows = [{"model": n, "single_crop_top1": top1(s), "multicrop_top1": top1(m)}
+            for n, s, m in zip(names, single, multi, strict=True)]
+    if len(names) > 1:
+        rows.append({"model": "ensemble",
+                     "single_crop_top1": top1(sum(w * p for w, p in zip(weights, single,
+                                                                         strict=True))),
+                     "multicrop_top1": top1(sum(w * p for w, p in zip(weights, multi,
+                                                                      strict=True)))})
+    return rows
+
+
+def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
+    from tlkit.core.fsutil import incomplete_dir, publish_dir, refuse_overwrite
+    from tlkit.evaluation.explain import explain_paths
+    from tlkit.evaluation.report import write_outputs
+
+    runs = load_members(config.runs)
+    check_same_split(runs)
+    examples, source = eval_examples(runs[0], config.data, config.split)
+    split = source.rsplit("(", 1)[1].rstrip(")")
+    fit_on = (weights_split(runs, examples, source)
+              if config.ensemble_weights == "val" and len(runs) > 1 else None)
+    name = config.name or f"{split}-crops{config.multicrop}" + (
+        f"-ensemble{len(runs)}" if len(runs) > 1 else "")
+    out_dir = runs[0].path / "eval" / name
+    if placement.is_chief:
+        refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite",
+                         kind="evaluation")
+    members = [Member(r) for r in runs]
+    paths = [e.path for e in examples]
+    labels = np.array([e.label for e in examples])
+    runner = ViewRunner(members, placement.predictor, config.workers)
+    choices = resolve_views(runner, config.multicrop, config.batch_size)
+    modes = [c.views for c in choices]
+    dense = [m == "dense" for m in modes]
+    centres = [0 if d else center_index(m) for m, d in zip(modes, dense, strict=True)]
+
+    def mean_and_centre(i: int, p: np.ndarray) -> np.ndarray:
+        """(B, K, C) -> (B, 2, C): kept memory is N x C per member, whatever the views."""
+        return np.stack([p.mean(axis=1), p[:, centres[i]]], axis=1)
+
+    view_probs = runner.probs(paths, modes, config.batch_size, reduce=mean_and_centre)
+    multi = [p[:, 0] for p in view_probs]
+    extra = runner.probs(paths, ["1" if d else None for d in dense], config.batch_size) \
+        if any(dense) else [None] * len(runs)  # dense has no crop: single-crop runs too
+    single = [e[:, 0] if d else p[:, 1]
+              for p, e, d in zip(view_probs, extra, dense, strict=True)]
+    weights = np.full(len(runs), 1.0 / len(runs))
+    if fit_on is not None:
+        val_probs = runner.probs([e.path for e in fit_on[0]], modes, config.batch_size,
+                                 reduce=mean_and_centre)
+        weights = fit_member_weights([p[:, 0] for p in val_probs],
+                                     np.array([e.label for e in fit_on[0]]))
+    ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
+    classes = runs[0].classes
+    metrics = classification_metrics(ensemble, labels, classes)
+    comparison = crop_comparison([str(r.path) for r in runs], single, multi, weights, labels)
+    if len(runs) > 1:
+        tops = np.stack([p.argmax(1) for p in multi])
+        metrics["member_disagreement"] = float((tops != tops[0]).any(axis=0).mean())
+    metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
+                    "views": [{"run": str(r.path), "count": runner.view_count(i, m),
+                               **c.as_dict()}
+                              for i, (r, m, c) in enumerate(zip(runs, modes, choices,
+                                                                strict=True))],
+                    "views_rule": "each member on its own",  # auto: its own val scores
+                    "members": [str(r.path) for r in runs],
+                    "member_weights": [float(w) for w in weights],
+                    "member_weights_fitted_on": fit_on[1] if fit_on else None,
+                    "comparison": comparison})
+    own = own_split_paths(runs[0])
+    metrics["notes"] += leakage_notes(examples, own)
+    if any(c.candidates for c in choices) and own and own.get("val", set()) & {
+            os.path.realpath(p) for p in paths}:
+        metrics["notes"].append("--multicrop auto chose the views on the validation split, "
+                                "which these images include: the multi-crop figure is "
+                                "optimistic")
+    metrics["calibration"] = {
+        "ece": expected_calibration_error(ensemble, labels), "bins": ECE_BINS,
+        "reliability": reliability_bins(ensemble, labels),
+        "temperatures": [(r.record.calibration or {}).get("temperature") for r in runs],
+        "fitted": [r.record.calibration for r in runs]}  # --calibrate: T, val ECE before/after
+    metrics["strategy"] = {"strategy": placement.name, "replicas": placement.replicas,
+                           "workers": placement.workers}
+    if not placement.is_chief:
+        return metrics  # the chief writes the outputs
+    tmp = incomplete_dir(out_dir, "evaluation", clean=True)
+    first = members[0]
+    write_outputs(tmp, metrics, examples, ensemble, classes, explain=lambda paths, top: (
+        explain_paths(first.model, paths, top, first.size, first.crop, first.run.max_pixels)))
+    publish_dir(tmp, out_dir, overwrite=config.overwrite)
+    metrics["output"] = str(out_dir)
+    return metrics

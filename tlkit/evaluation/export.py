@@ -1,0 +1,102 @@
+"""`tlkit export RUN --format keras|savedmodel|tflite|onnx`: a run's model for deployment.
+
+The model already starts with its preprocessing (uint8 RGB in, probabilities out), so every
+export takes raw images exactly as `model.keras` does. Each export folder holds the model,
+`labels.txt` (one class per line, in output order) and `export.json` (input shape and dtype,
+classes, where it came from). Folders are built whole and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tlkit import _version
+from tlkit.core.choices import EXPORT_FORMATS, check
+from tlkit.core.errors import ConfigError
+from tlkit.core.fsutil import (
+    atomic_write,
+    atomic_write_json,
+    discard,
+    incomplete_dir,
+    publish_dir,
+    refuse_overwrite,
+)
+from tlkit.core.runs import Run, load_run
+from tlkit.data.augment import eval_protocol
+from tlkit.data.decode import decode_protocol
+
+log = logging.getLogger("tlkit")
+MODEL_FILES = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite",
+               "onnx": "model.onnx"}
+
+
+def _savedmodel(model: Any, path: Path) -> None:
+    model.export(str(path), format="tf_saved_model", verbose=False)  # endpoint `serve`
+
+
+def _tflite(model: Any, path: Path) -> None:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _savedmodel(model, Path(tmp) / "sm")
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "sm"))
+        path.write_bytes(converter.convert())
+
+
+def _onnx(model: Any, path: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs tf2onnx and onnx: pip install 'tlkit[onnx]'") \
+            from None
+    import numpy as np
+
+    _, height, width, channels = model.input_shape
+    model(np.zeros((1, height, width, channels), np.uint8))  # Keras exports only called models
+    with warnings.catch_warnings():  # Keras' tf2onnx shim probes np.object, which numpy flags
+        warnings.filterwarnings("ignore", r"In the future `np\.object`", FutureWarning)
+        model.export(str(path), format="onnx", verbose=False)
+
+
+def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLike | None = None,
+               overwrite: bool = False) -> Path:
+    """Export `run` (None: the newest) to `output` (default RUN/export/<format>/)."""
+    check("--format", fmt, EXPORT_FORMATS)
+    loaded: Run = load_run(run)
+    out = Path(output) if output else loaded.path / "export" / fmt
+    refuse_overwrite(out, overwrite, "pass --overwrite or choose another -o/--output",
+                     kind="export", inputs=(loaded.path,))
+    tmp = incomplete_dir(out, "export", clean=True)
+    try:
+        target = tmp / MODEL_FILES[fmt]
+        if fmt == "keras":
+            shutil.copyfile(loaded.path / "model.keras", target)
+        else:
+            model = loaded.load_model()
+            {"savedmodel": _savedmodel, "tflite": _tflite, "onnx": _onnx}[fmt](model, target)
+        atomic_write(tmp / "labels.txt", "".join(f"{c}\n" for c in loaded.classes))
+        size = loaded.input_size
+        atomic_write_json(tmp / "export.json", {
+            "format": fmt, "model": MODEL_FILES[fmt], "labels": "labels.txt",
+            "input": {"shape": [None, size, size, 3], "dtype": "uint8",
+                      "channels": "RGB", "preprocessing": "inside the model",
+                      # what turns a file into that input, as tlkit's eval does it
+                      "from_a_file": {**decode_protocol(), **eval_protocol(
+                          size, float(loaded.record.crop_fraction))}},
+            "output": {"shape": [None, len(loaded.classes)], "meaning": "class probabilities",
+                       "classes": loaded.classes},
+            "run": str(loaded.path.resolve()), "backbone": loaded.record.backbone,
+            "tlkit_version": _version.__version__,
+        })
+    except BaseException:
+        discard(tmp)
+        raise
+    publish_dir(tmp, out, overwrite=overwrite)
+    return out

@@ -1,0 +1,84 @@
+"""`predict`: top-k labels for image files from one run or an ensemble of runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tlkit.core.errors import ConfigError
+from tlkit.core.runs import Run
+
+
+def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | None,
+            images: Sequence[str | os.PathLike], top_k: int = 5, multicrop: str = "1",
+            batch_size: int = 32, explain: str | os.PathLike | None = None
+            ) -> list[dict[str, Any]]:
+    """One dict per image: path and the top-k (label, probability), highest first; with
+    `explain`, a folder of class-activation overlays for each image's top-1 class (from the
+    first run of an ensemble), each named in its dict."""
+    if not images:
+        raise ConfigError("no images given; pass one or more image files")
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1. Received: {top_k}")
+    if runs is None:
+        runs = []
+    elif isinstance(runs, (Run, str, os.PathLike)):
+        runs = [runs]
+    paths = [r.path if isinstance(r, Run) else r for r in runs]
+    classes, probs = predict_images(paths, [str(p) for p in images], multicrop, batch_size)
+    k = min(top_k, len(classes))
+    out = []
+    for path, p in zip(images, probs, strict=True):
+        order = np.argsort(-p, kind="stable")[:k]
+        out.append({"path": str(path),
+                    "top": [{"label": classes[i], "probability": float(p[i])} for i in order]})
+    if explain is not None:
+        _write_overlays(paths, images, probs.argmax(axis=1), classes, explain, out)
+    return out
+
+
+def _write_overlays(run_paths: Sequence[Any], images: Sequence[str | os.PathLike],
+                    top: np.ndarray, classes: Sequence[str], folder: str | os.PathLike,
+                    out: list[dict[str, Any]]) -> None:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from tlkit.core.fsutil import (
+        atomic_path,
+        incomplete_dir,
+        publish_dir,
+        refuse_overwrite,
+        safe_name,
+    )
+    from tlkit.core.runs import load_run
+    from tlkit.evaluation.explain import explain_paths
+
+    refuse_overwrite(folder, False, "choose another --explain folder")
+    run = load_run(run_paths[0] if run_paths else None)
+    overlays = explain_paths(run.load_model(), [str(p) for p in images], top.tolist(),
+                             run.input_size, float(run.record.crop_fraction), run.max_pixels)
+    tmp = incomplete_dir(folder, "explanations")
+    for i, (image, picture) in enumerate(zip(images, overlays, strict=True)):
+        name = f"{i:04d}-{safe_name(Path(image).stem)}-{safe_name(classes[top[i]])}.png"
+        with atomic_path(tmp / name) as dest:
+            Image.fromarray(picture).save(dest, format="PNG")
+        out[i]["explanation"] = str(Path(folder) / name)
+    publish_dir(tmp, folder)
+
+
+def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1",
+                   batch_size: int = 32) -> tuple[list[str], np.ndarray]:
+    """(classes, ensemble probabilities (N, C)) for image files."""
+    from tlkit.evaluation.evaluate import Member, ViewRunner, load_members, resolve_views
+
+    runs = load_members(run_paths)
+    runner = ViewRunner([Member(r) for r in runs])
+    modes = [c.views for c in resolve_views(runner, multicrop, batch_size)]
+    probs = runner.probs(list(images), modes, batch_size,
+                         reduce=lambda i, p: p.mean(axis=1))  # N x C kept, whatever the views
+    return runs[0].classes, sum(probs) / len(probs)
+

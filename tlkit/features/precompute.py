@@ -1,0 +1,282 @@
+"""`precompute_features` and training inputs read from the feature cache.
+
+With K views (`--views K`), the training split stores K augmented versions of every image (view v
+is epoch v of the augmentation pipeline: seed, view and index fix it) and training reads one view
+per image per epoch, drawn from (seed, epoch, index). With one view, the cache stores the eval
+transform and training from it has no augmentation, so `finetune` uses a one-view cache only
+when its own `--augment` is `none`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tlkit.core.choices import CACHE_DTYPES, DEFAULT_BACKBONE, STRATEGIES, check
+from tlkit.core.errors import CacheError, ConfigError, WeightsError
+from tlkit.data.audit import AuditConfig, audit_and_filter
+from tlkit.data.augment import (
+    AugmentConfig,
+    ColorPCA,
+    TrainTransform,
+    resolve_augment,
+)
+from tlkit.data.datasets import ImageFolder, check_val_fraction
+from tlkit.data.decode import DEFAULT_MAX_PIXELS
+from tlkit.data.preflight import Checked, check_inputs
+from tlkit.features.cache import (
+    FeatureCache,
+    build_cache,
+    build_part,
+    cache_inputs,
+    cache_root,
+    estimate_bytes,
+    key_of,
+    merge_parts,
+    open_cache,
+    read_parts,
+)
+from tlkit.features.rows import RowMaker
+from tlkit.models.backbones import BackboneSpec
+from tlkit.models.cut import Cut, build_trunk, resolve_cut
+from tlkit.models.distribute import (
+    NEEDS_TF_CONFIG,
+    make_placement,
+    read_tf_config,
+    resolve_strategy,
+)
+from tlkit.models.freezing import FreezeRequest, resolve_freeze
+from tlkit.models.weights import ResolvedWeights, resolve_weights
+
+log = logging.getLogger("tlkit")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Settings of `tlkit precompute-features`; the defaults freeze the whole backbone."""
+
+    data: str = "data"
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    input_size: int | None = None
+    freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="all"))
+    views: int = 1
+    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
+    seed: int = 0
+    dtype: str = "float16"
+    cache_dir: str | None = None
+    batch_size: int = 32
+    workers: int | None = None
+    val_fraction: float = 0.2
+    dry_run: bool = False
+    mixed_precision: bool = False  # compute in float16, as `finetune --mixed-precision` does
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    strategy: str = "auto"  # multiworker: shards from TF_CONFIG; mirrored: batches split
+    num_shards: int | None = None  # compute one part of the cache: shard_index of num_shards
+    shard_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.num_shards is None) != (self.shard_index is None):
+            raise ConfigError("--num-shards and --shard-index go together. Received: "
+                              f"--num-shards {self.num_shards}, --shard-index {self.shard_index}")
+        if self.num_shards is not None and self.shard_index is not None and not (
+                self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
+            raise ConfigError("--shard-index must be in 0..num-shards-1 (and --num-shards at "
+                              f"least 1). Received: --num-shards {self.num_shards}, "
+                              f"--shard-index {self.shard_index}")
+        check("--strategy", self.strategy, STRATEGIES)
+        check("--dtype", self.dtype, CACHE_DTYPES)
+        check_val_fraction(self.val_fraction)
+        if self.views < 1:
+            raise ConfigError(f"--views must be at least 1. Received: {self.views}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1. Received: {self.batch_size}")
+
+
+def view_augment(views: int, augment: AugmentConfig) -> AugmentConfig:
+    """What the training views hold: the eval transform for one view, else the augmentation."""
+    return augment if views > 1 else resolve_augment("none")
+
+
+def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut: Cut,
+                  size: int, views: int, augment: AugmentConfig, seed: int, folder: ImageFolder,
+                  dtype: str, pca: ColorPCA | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Any, str, dict[str, Any], Any]:
+    """(trunk, key, key inputs, train transform) for a model cut at `cut`; `pca`, when the
+    caller has it already, saves computing the dataset PCA twice."""
+    from tlkit.data.pipeline import build_train_transform
+
+    trunk = build_trunk(model, cut)
+    aug = view_augment(views, augment)
+    transform = build_train_transform(aug, folder.splits["train"], size, spec.crop_fraction,
+                                      pca if aug.pca_sigma > 0 else None, max_pixels)
+    pca = transform.pca.as_dict() if transform.pca is not None else None
+    inputs = cache_inputs(spec, weights, trunk, cut, size, views, aug, pca, seed, folder, dtype)
+    return trunk, key_of(inputs), inputs, transform
+
+
+def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
+                        folder: ImageFolder, views: int, transform: TrainTransform,
+                        crop_fraction: float, seed: int, dtype: str, batch_size: int,
+                        workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        verbose: int = 1, predict: Any = None,
+                        shard: tuple[int, int] | None = None) -> Any:
+    """The cache (or, given `shard` (index, count), that part of it: its folder), with a
+    progress bar; `predict` runs the trunk (default: predict_on_batch)."""
+    import keras
+
+    view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
+    total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
+    if shard is not None:
+        total = -(-total // shard[1])  # about: parts are whole batches
+    bar = keras.utils.Progbar(total, stateful_metrics=["images/s"], unit_name="image",
+                              verbose=verbose)
+    start, done = time.perf_counter(), [0]
+
+    def progress(n_images: int) -> None:
+        done[0] += n_images
+        rate = done[0] / max(time.perf_counter() - start, 1e-9)
+        bar.update(min(done[0], total), values=[("images/s", rate)])
+
+    with RowMaker(transform, crop_fraction, seed, workers, max_pixels) as make_rows:
+        if shard is not None:
+            return build_part(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
+                              dtype, batch_size, shard[0], shard[1], progress, predict)
+        return build_cache(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
+                           dtype, batch_size, progress=progress, predict=predict)
+
+
+def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | None, str]:
+    """((index, count) or None, the strategy to make). Under multiworker each worker of
+    TF_CONFIG computes its own shard: the work needs no collective ops, so none are set up."""
+    cluster = read_tf_config()
+    resolved = resolve_strategy(config.strategy, cluster)
+    if resolved != "multiworker":
+        if config.num_shards is None or config.shard_index is None:
+            return None, resolved
+        return (config.shard_index, config.num_shards), resolved
+    if config.num_shards is not None:
+        raise ConfigError("--num-shards with --strategy multiworker: use one or the other "
+                          "(under multiworker every worker of TF_CONFIG computes one shard)")
+    if cluster is None:
+        raise ConfigError(NEEDS_TF_CONFIG)
+    return (cluster.index, cluster.workers), "default"
+
+
+def precompute_features(config: PrecomputeConfig, verbose: int = 1
+                        ) -> FeatureCache | dict[str, Any]:
+    """Build (or find) the cache; with dry_run, return the plan without writing anything.
+    `verbose` 0 hides the progress bar. With a shard, compute that part; the last part to
+    finish publishes the cache, the others return what is still missing."""
+    checked = check_inputs(config.data, config.backbone, config.input_size,
+                           config.val_fraction, config.freeze)
+    shard, strategy = _shard_and_strategy(config)
+    placement = make_placement(strategy)
+    if placement.replicas > 1:
+        log.info("strategy: %s", placement.describe())
+    with placement.strategy.scope():
+        return _precompute(config, checked, shard, placement.predictor, verbose)
+
+
+def _seconds_per_image(predict: Any, batch_size: int, size: int) -> float:
+    """The trunk's time per image on one batch, after a first call that traces it."""
+    probe = np.zeros((batch_size, size, size, 3), np.uint8)
+    predict(probe)
+    t0 = time.perf_counter()
+    predict(probe)
+    return (time.perf_counter() - t0) / batch_size
+
+
+def _dry_run_weights(spec: Any, requested: str) -> tuple[ResolvedWeights, str | None]:
+    """A dry run needs only the architecture: without the weights it measures on random ones
+    and says that the cache key waits for them."""
+    try:
+        return resolve_weights(spec, requested), None
+    except WeightsError as e:
+        return resolve_weights(spec, "none"), str(e)
+
+
+def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, int] | None,
+                predictor: Any, verbose: int) -> FeatureCache | dict[str, Any]:
+    spec, size = checked.spec, checked.size
+    if config.dry_run:
+        weights, missing = _dry_run_weights(spec, config.weights)
+    else:
+        weights, missing = resolve_weights(spec, config.weights), None
+    scanned = checked.dataset()
+    folder, _, _ = audit_and_filter(scanned, config.audit, spec.min_size, config.workers)
+    from tlkit.models.model import backbone_of, build_model
+
+    model = build_model(spec, weights, size, len(folder.classes), config.seed,
+                        mixed_precision=config.mixed_precision)
+    base = backbone_of(model)
+    plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
+    cut = resolve_cut(base, plan.n_frozen)
+    if cut is None:
+        raise ConfigError(f"{plan.request} freezes nothing, so there is nothing to cache; "
+                          "freeze some layers (the default is --freeze all)")
+    if cut.k != plan.n_frozen:
+        log.info("cut: %s ends inside a block (several tensors cross it); caching at the "
+                 "nearest single-tensor cut, after layer %d (%s)", plan.request, cut.k - 1,
+                 cut.layer)
+    trunk, key, inputs, transform = prepare_cache(
+        spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
+        config.dtype, max_pixels=config.audit.max_pixels)
+    predict = predictor(trunk)
+    root = cache_root(config.cache_dir)
+    existing = open_cache(root, key)
+    counts = {s: len(x) for s, x in folder.splits.items()}
+    views = {s: (config.views if s == "train" else 1) for s in folder.splits}
+    shape = tuple(int(d) for d in trunk.output.shape[1:])
+    needed = estimate_bytes(counts, views, shape, config.dtype)
+    if config.dry_run:
+        images = sum(counts[s] * views[s] for s in counts)
+        if missing is not None:  # the key names the weights' hash: unknown without them
+            key, existing = None, None
+        return {"key": key, "exists": existing is not None, "bytes": needed,
+                "weights_missing": missing,
+                "images": images, "shape": list(shape), "dtype": config.dtype,
+                "estimated_seconds": round(_seconds_per_image(predict, config.batch_size, size)
+                                           * images, 1),
+                "cut": cut.as_dict(), "path": str(root / key) if key else None,
+                "free_bytes": shutil.disk_usage(
+                    root if root.exists() else root.parent.resolve()).free}
+    if existing is not None:
+        log.info("feature cache %s already complete (%s)", key, root / key)
+        return existing
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    share = needed if shard is None else 2 * -(-needed // shard[1])  # a part, then its merge
+    if share > free:
+        raise CacheError(f"{root}: the cache needs {share / 1e9:.2f} GB but only "
+                         f"{free / 1e9:.2f} GB is free; free space or pass --cache-dir elsewhere")
+    what = "feature cache" if shard is None else f"shard {shard[0]} of {shard[1]} of cache"
+    log.info("building %s %s: %s images x views, %s %s per image, %.1f MB in all",
+             what, key, counts, shape, config.dtype, needed / 1e6)
+    built = build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
+                                spec.crop_fraction, config.seed, config.dtype,
+                                config.batch_size, config.workers, config.audit.max_pixels,
+                                verbose, predict, shard)
+    return built if shard is None else _after_part(root, key, shard, built)
+
+
+def _after_part(root: Any, key: str, shard: tuple[int, int], built: Any
+                ) -> FeatureCache | dict[str, Any]:
+    """The last part to finish publishes the cache; the others say what is still missing."""
+    count, parts = read_parts(root, key)
+    missing = sorted(set(range(count)) - set(parts))
+    if not missing:
+        log.info("shard %d of %d done, and every part is finished: merging", *shard)
+        return merge_parts(root, key)
+    log.info("shard %d of %d done (%s); waiting for shard(s) %s; the last to finish, or "
+             "`tlkit cache merge %s`, publishes the cache", shard[0], shard[1], built,
+             ", ".join(map(str, missing)), key)
+    return {"key": key, "shard": shard[0], "num_shards": shard[1], "part": str(built),
+            "missing_shards": missing, "path": str(root / key)}
+
+

@@ -1,0 +1,172 @@
+"""The classifier: raw uint8 images -> backbone preprocessing -> backbone -> pooled head.
+
+Preprocessing is built from stock Keras layers, so `model.keras` loads with plain
+`keras.saving.load_model` and train, eval and predict can never disagree about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlkit.core.errors import WeightsError
+from tlkit.models.backbones import BackboneSpec
+from tlkit.models.weights import ResolvedWeights
+
+# keras.applications.imagenet_utils constants, RGB order.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCH_MEAN = (0.485, 0.456, 0.406)
+TORCH_STD = (0.229, 0.224, 0.225)
+BACKBONE_LAYER = "backbone"
+
+
+def preprocessing_layers(mode: str) -> list[Any]:
+    """Layers equal to `imagenet_utils.preprocess_input(x, mode=mode)` on RGB 0..255 input
+    (and EfficientNet-Lite's "lite"; "none" when the backbone has its own)."""
+    import keras
+
+    cast = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")
+    if mode == "tf":
+        return [cast, keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32",
+                                             name="preprocess_tf")]
+    if mode == "lite":  # EfficientNet-Lite's (x - 127) / 128
+        return [cast, keras.layers.Rescaling(1 / 128, offset=-127 / 128, dtype="float32",
+                                             name="preprocess_lite")]
+    if mode == "none":  # the backbone preprocesses 0..255 itself
+        return [cast]
+    if mode == "torch":
+        mean = [255.0 * m for m in TORCH_MEAN]
+        var = [(255.0 * s) ** 2 for s in TORCH_STD]
+        return [cast, keras.layers.Normalization(mean=mean, variance=var, dtype="float32",
+                                                 name="preprocess_torch")]
+    if mode == "caffe":
+        # RGB -> BGR and mean subtraction as one fixed 1x1 convolution (exact: 0/1 weights).
+        kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
+        for out_ch, in_ch in enumerate((2, 1, 0)):
+            kernel[0, 0, in_ch, out_ch] = 1.0
+        conv = keras.layers.Conv2D(3, 1, dtype="float32", name="preprocess_caffe",
+                                   trainable=False)
+        conv.build((None, None, None, 3))
+        conv.set_weights([kernel, -np.array(CAFFE_MEAN_BGR, dtype=np.float32)])
+        return [cast, conv]
+    raise ValueError(f"unknown preprocessing mode {mode!r}")  # the registry is wrong: a bug
+
+
+def build_classifier(spec: BackboneSpec, base: Any, num_classes: int, input_size: int,
+                     dropout: float = 0.2) -> Any:
+    """Wrap a backbone (a keras Model, no top) into the full uint8-in, softmax-out classifier."""
+    import keras
+
+    base.name = BACKBONE_LAYER
+    inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="image")
+    x = inputs
+    for layer in preprocessing_layers(spec.preprocessing):
+        x = layer(x)
+    x = base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name=f"tlkit_{spec.name}")
+
+
+def dense_model(model: Any) -> Any:
+    """The classifier's own layers (weights shared) behind an input of any height and width:
+    the VGG paper's dense evaluation. Its head is linear after the average pooling, so the
+    class scores of the whole feature map averaged (the class-score map of the Dense layer
+    applied at every location, then its spatial mean) equal the Dense layer applied to the
+    pooled map, and the softmax of that is what this model returns."""
+    import keras
+
+    head = [layer.name for layer in model.layers[model.layers.index(backbone_of(model)) + 1 :]]
+    if head != ["pool", "dropout", "predictions"]:
+        raise ValueError(f"dense evaluation expects the tlkit head, found {head}")  # a bug
+
+    def reuse(layer: Any) -> Any:  # nested models get a variable-size input, layers are kept
+        if isinstance(layer, keras.Model):
+            inputs = keras.Input((None, None, layer.input.shape[-1]), dtype=layer.input.dtype)
+            return keras.models.clone_model(layer, input_tensors=inputs, clone_function=reuse)
+        return layer
+
+    inputs = keras.Input((None, None, 3), dtype=model.input.dtype, name="image")
+    return keras.models.clone_model(model, input_tensors=inputs, clone_function=reuse)
+
+
+def backbone_of(model: Any) -> Any:
+    return model.get_layer(BACKBONE_LAYER)
+
+
+def count_params(weights: list[Any]) -> int:
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+def build_backbone(spec: BackboneSpec, resolved: ResolvedWeights, input_size: int) -> Any:
+    """The backbone with its starting weights loaded."""
+    if resolved.source in ("none", "run"):
+        base = spec.build(input_size, weights=None)
+        if resolved.source == "run":
+            from tlkit.core.runs import load_keras_file
+
+            old = load_keras_file(Path(resolved.path), WeightsError)
+            try:
+                base.set_weights(backbone_of(old).get_weights())
+            except ValueError as e:
+                raise WeightsError(f"--weights {resolved.path}: {e}") from None
+        return base
+    try:
+        return spec.build(input_size, weights=resolved.path)
+    except (ValueError, OSError, KeyError) as e:
+        raise WeightsError(
+            f"{resolved.path}: cannot load as {spec.name} weights ({str(e).splitlines()[0]})"
+        ) from None
+
+
+def build_model(spec: BackboneSpec, weights: Any, size: int, num_classes: int, seed: int,
+                dropout: float = 0.2, mixed_precision: bool = False) -> Any:
+    """The classifier exactly as `finetune` builds it: seeded, under its dtype policy. One
+    sequence for training and `precompute-features`, so that the same settings give the same
+    trunk weights and the same cache key."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    previous = keras.config.dtype_policy()
+    if mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        base = build_backbone(spec, weights, size)
+        return build_classifier(spec, base, num_classes, size, dropout)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def leaf_layers(model: Any) -> Iterator[Any]:
+    """Every layer that is not itself a model, nested backbones included."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from leaf_layers(layer)
+        else:
+            yield layer
+
+
+def compute_dtypes(model: Any) -> list[str]:
+    """The dtypes its weighted layers compute in: ['float16', 'float32'] under mixed precision
+    (the preprocessing and the softmax stay float32), ['float32'] without."""
+    return sorted({layer.dtype_policy.compute_dtype for layer in leaf_layers(model)
+                   if layer.weights})
+
+
+def optimizer_for(model: Any, lr: float, optimizer: Any = None) -> Any:
+    """`optimizer` (default Adam at `lr`), with dynamic loss scaling whenever a trainable layer
+    computes in float16: small float16 gradients would otherwise underflow to zero without a
+    word. Keras wraps the optimizer itself only when the compiled model's own policy is mixed,
+    which a tail built over the feature cache does not carry."""
+    import keras
+
+    optimizer = optimizer or keras.optimizers.Adam(lr)
+    if any(layer.trainable_weights and layer.dtype_policy.compute_dtype == "float16"
+           for layer in leaf_layers(model)):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer

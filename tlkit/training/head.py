@@ -1,0 +1,225 @@
+"""The head phase as a probe: run the frozen backbone once over the training images, then train
+the head to convergence on the pooled features.
+
+Why: while the whole backbone is frozen, an epoch of the head phase costs one forward pass of
+the backbone per image and gives n / batch optimizer steps. On a few hundred images that was a
+handful of steps and an under-trained head, which then started the fine-tune phase (measured on
+the accuracy benchmark: transfer below training from scratch). Here the backbone runs once, and
+the head gets as many steps as it needs, in seconds. By default it trains on the eval view, as a
+linear probe is trained; `--head-views K` trains it on K augmented views instead (view v is what
+epoch v of the training pipeline gives, as in the feature cache), for the same forward passes as
+K epochs of the old head phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tlkit.core.calibration import per_image_log_loss
+from tlkit.core.selection import one_se_choice
+from tlkit.data.datasets import Example
+from tlkit.features.rows import Features, extract, pooled_extractor
+
+log = logging.getLogger("tlkit")
+
+MIN_HEAD_STEPS = 500  # a linear head on 2048 features needs a few hundred Adam steps
+AUTO_VIEWS = 4  # --augment auto: views of each random candidate, at least
+MAX_FEATURE_BYTES = 2 * 1024**3  # features held in memory; fewer views beyond this
+CHECK_EVERY = 10  # head steps between validation checks
+
+
+def head_steps(n_train: int, batch_size: int, head_epochs: int) -> int:
+    """Optimizer steps of the head phase: what `head_epochs` epochs would take, and never fewer
+    than MIN_HEAD_STEPS, because on small data epochs are only a few steps each."""
+    return max(MIN_HEAD_STEPS, head_epochs * math.ceil(n_train / batch_size))
+
+
+def feature_views(random_augment: bool, head_views: int, n_train: int, dim: int) -> int:
+    """Views of the training images whose features the head trains on: `head_views` when the
+    augmentation is random (one when not: every view is the eval view), as many as fit in
+    MAX_FEATURE_BYTES."""
+    wanted = head_views if random_augment else 1
+    fits = MAX_FEATURE_BYTES // max(1, n_train * dim * 4)
+    return max(1, min(wanted, fits))
+
+
+def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: int, seed: int,
+             sample_weights: Sequence[float] | None = None, label_smoothing: float = 0.0
+             ) -> tuple[list[dict[str, Any]], int]:
+    """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
+    keep the weights with the lowest validation loss (checked every CHECK_EVERY steps or every
+    pass, whichever is longer); (one history row per check, optimizer steps taken).
+
+    A compiled loop of its own rather than Keras fit(): with a check every few steps, fit's
+    per-epoch machinery cost more than the training itself (seconds per probe on small data)."""
+    import keras
+    import tensorflow as tf
+
+    dropout, dense = model.get_layer("dropout"), model.get_layer("predictions")
+    optimizer = keras.optimizers.Adam(lr)
+    optimizer.build(dense.trainable_weights)
+    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    classes = int(dense.units)
+    # a "check" is max(one pass, CHECK_EVERY steps): validation (and the choice of the best
+    # weights) every so many steps, not after every tiny pass over a small set
+    per_check = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
+    checks = max(1, math.ceil(steps / per_check))
+    weights = (np.tile(np.asarray(sample_weights, np.float32), features.views)
+               if sample_weights is not None else np.ones(len(features.train), np.float32))
+    data = (tf.data.Dataset.from_tensor_slices((features.train, features.train_labels, weights))
+            .shuffle(len(features.train), seed=seed, reshuffle_each_iteration=True)
+            .repeat().batch(batch_size).prefetch(2))
+    batches = iter(data)
+
+    @tf.function
+    def train(n: Any) -> tuple[Any, Any]:
+        loss_sum, hits, seen = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(n):
+            x, y, w = next(batches)
+            with tf.GradientTape() as tape:
+                probs = tf.cast(dense(dropout(x, training=True)), tf.float32)
+                loss = loss_fn(tf.one_hot(y, classes), probs, sample_weight=w)
+            grads = tape.gradient(loss, dense.trainable_weights)
+            optimizer.apply_gradients(zip(grads, dense.trainable_weights, strict=True))
+            hit = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
+            loss_sum += loss
+            hits += tf.reduce_sum(hit * w)
+            seen += tf.reduce_sum(w)
+        return loss_sum / tf.cast(n, tf.float32), hits / seen
+
+    rows: list[dict[str, Any]] = []
+    best, kept = math.inf, None
+    n = tf.constant(per_check)
+    for check in range(checks):
+        start = time.perf_counter()
+        loss, accuracy = (float(v) for v in train(n))
+        probs = np.asarray(dense(features.val), np.float64)
+        val = per_image_log_loss(probs, features.val_labels)
+        val_loss = float(val.mean()) if len(val) else math.nan
+        val_accuracy = float((probs.argmax(-1) == features.val_labels).mean()) \
+            if len(val) else math.nan
+        rows.append({"phase": "head", "epoch": check + 1, "loss": loss, "accuracy": accuracy,
+                     "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": lr,
+                     "seconds": round(time.perf_counter() - start, 3)})
+        if not (math.isfinite(loss) and math.isfinite(val_loss)):
+            break  # the rows show it; nothing after a NaN is worth keeping
+        if val_loss < best:
+            best, kept = val_loss, dense.get_weights()
+    if kept is not None:
+        dense.set_weights(kept)
+    return rows, int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def head_val_losses(model: Any, features: Features) -> np.ndarray:
+    """Per-image validation losses of the classifier's head on `features` (dropout is off)."""
+    probs = np.asarray(model.get_layer("predictions")(features.val), np.float64)
+    return per_image_log_loss(probs, features.val_labels)
+
+
+def best_keeper() -> Any:
+    import keras
+
+    class BestKeeper(keras.callbacks.Callback):
+        """Keeps the weights of the epoch with the lowest finite validation loss, restores them
+        at the end, and stops at a NaN loss (the rows then show it)."""
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.best, self.weights, self.seconds = math.inf, None, []
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            from tlkit.training.optim import plain_val_loss
+
+            logs = plain_val_loss(logs or {})
+            self.seconds.append(round(time.perf_counter() - self._start, 3))
+            loss, val_loss = logs.get("loss", math.nan), logs.get("val_loss", math.nan)
+            if not (math.isfinite(loss) and math.isfinite(val_loss)):
+                self.model.stop_training = True
+            elif val_loss < self.best:
+                self.best, self.weights = val_loss, self.model.get_weights()
+
+        def on_train_end(self, logs: Any = None) -> None:
+            if self.weights is not None:
+                self.model.set_weights(self.weights)
+
+    return BestKeeper()
+
+
+# (label, preset, overrides), simplest first (the one-standard-error rule prefers the
+# earlier): from none to Inception's crops; shifts without and with mirroring, since mirroring
+# changes the class of text, digits and anything with a handedness
+AUTO_CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("none", "none", {}),
+    ("light, no mirror", "light", {"flip_p": 0.0}),
+    ("light", "light", {}),
+    ("standard", "standard", {}),
+)
+
+
+def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example], size: int,
+                   crop_fraction: float, config: Any, sample_weights: Sequence[float] | None,
+                   on_first_batch: Any = None
+                   ) -> tuple[Any, list[dict[str, Any]], Features | None]:
+    """`--augment auto`: a head probe per candidate augmentation (max(--head-views, AUTO_VIEWS)
+    views of the random ones), from the same initial head, scored by validation loss and
+    chosen by the one-standard-error rule (`one_se_choice`).
+
+    Returns the best AugmentConfig, every candidate's scores, and the features the head phase
+    trains on when they were computed here (the eval view's when --head-views is 1), else None.
+    The head is left as it was."""
+    from tlkit.data.augment import resolve_augment
+    from tlkit.data.pipeline import build_train_transform
+
+    dim = int(model.get_layer("pool").output.shape[-1])
+    extractor = pooled_extractor(model)
+    initial = model.get_layer("predictions").get_weights()
+    scores, chosen, losses = [], [], []
+    for name, preset, overrides in AUTO_CANDIDATES:
+        augment = resolve_augment(preset, **overrides)
+        transform = build_train_transform(augment, train, size, crop_fraction,
+                                          max_pixels=config.audit.max_pixels)
+        views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train),
+                              dim)
+        features = extract(extractor, train, val, transform, crop_fraction, config.seed, views,
+                           config.batch_size, config.workers, config.audit.max_pixels,
+                           on_first_batch if not scores else None)
+        model.get_layer("predictions").set_weights(initial)
+        rows, _ = fit_head(model, features, config.lr, config.batch_size,
+                           head_steps(len(train), config.batch_size, config.head_epochs),
+                           config.seed, sample_weights, config.label_smoothing)
+        top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
+                  else math.inf)
+        losses.append(head_val_losses(model, features))
+        scores.append({"augment": name, "views": views, "val_loss": top["val_loss"],
+                       "val_accuracy": top["val_accuracy"],
+                       "seconds": round(features.seconds + sum(r["seconds"] for r in rows), 1)})
+        log.info("--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
+                 name, top["val_loss"], top["val_accuracy"], views, scores[-1]["seconds"])
+        # kept only where the head phase could train on them (below): memory holds one or two
+        # candidates' features, not every one's
+        reusable = (not augment.random or
+                    feature_views(augment.random, config.head_views, len(train), dim) == views)
+        chosen.append((augment, name, features if reusable else None))
+        del features
+    model.get_layer("predictions").set_weights(initial)
+    index, excess = one_se_choice(losses)
+    augment, name, features = chosen[index]
+    log.info("--augment auto: chose %s (the simplest within one standard error of the lowest "
+             "validation loss)", name)
+    for score, e in zip(scores, excess, strict=True):
+        score["chosen"] = score["augment"] == name
+        score["se_above_best"] = round(e, 2) if math.isfinite(e) else None
+    wanted = feature_views(augment.random, config.head_views, len(train), dim)
+    if wanted == 1:  # the head phase trains on the eval view: the `none` candidate's features
+        plain = [c[2] for c in chosen if not c[0].random]
+        return augment, scores, plain[0] if plain else None
+    return augment, scores, features if features is not None and features.views == wanted \
+        else None
