@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import h5py
@@ -11,7 +10,8 @@ import pytest
 
 from tlkit.core import checkpoints
 from tlkit.core.checkpoints import latest_checkpoint, read_state, restore, save_epoch
-from tlkit.training.train import _make_recorder
+from tlkit.training.phases import make_recorder
+from tlkit.training.state import TrainingState
 
 
 def tiny_model(compiled: bool = True):
@@ -105,16 +105,15 @@ def test_optimizer_state_round_trips(tmp_path):
                                       keras.ops.convert_to_numpy(b))
 
 
-def fresh_state() -> dict:
-    return {"rows": [], "best": None, "phase_steps": {}, "progress": 0, "phase_index": -1,
-            "phase_done": True, "epoch": 0, "wait": 0, "phase_best": math.inf}
+def fresh_state() -> TrainingState:
+    return TrainingState()
 
 
 def recorder_for(folder, model, patience: int, epochs: int, state: dict | None = None):
     """The finetune callback on a tiny compiled model, driven by hand."""
     train_a_bit(model)
-    recorder = _make_recorder(folder, folder / "h.csv", model, patience,
-                              fresh_state() if state is None else state)
+    recorder = make_recorder(folder, folder / "h.csv", model, patience,
+                             fresh_state() if state is None else TrainingState.from_dict(state))
     recorder.set_model(model)
     recorder.set_params({"epochs": epochs})
     return recorder

@@ -154,7 +154,7 @@ def _tlkit_lines() -> tuple[list[str], Any]:
 
 
 def test_the_head_estimate_leaves_the_fine_tune_phase_to_its_own_timed_steps():
-    from tlkit.training.train import log_estimate
+    from tlkit.training.timing import log_estimate
 
     lines, close = _tlkit_lines()
     try:
@@ -171,14 +171,15 @@ def test_the_head_estimate_leaves_the_fine_tune_phase_to_its_own_timed_steps():
 def test_the_step_timer_extrapolates_timed_steps_and_says_what_shortens_a_long_run(monkeypatch):
     """A fake clock: the first step (tracing) takes 10 s, the three skipped steps 1 s each,
     the eight timed steps 1 s each; 1000 steps an epoch, a 60 s validation pass, 10 epochs."""
-    import tlkit.training.train as train
+    import tlkit.training.timing as timing
 
     clock = [0.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     state: dict[str, Any] = {}
     lines, close = _tlkit_lines()
     try:
-        timer = train._step_timer("fine-tune", 10, 0, 1000, 60.0, state)
+        timer = timing.step_timer("fine-tune", 10, 0, 1000, 60.0,
+                                  state.setdefault("estimates", {}))
         for step in range(20):
             timer.on_train_batch_begin(step)
             clock[0] += 10.0 if step == 0 else 1.0

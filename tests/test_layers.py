@@ -114,3 +114,16 @@ def test_the_check_fails_on_an_upward_import(tmp_path, module, source, complaint
 
 def test_the_check_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_in_the_package_is_longer_than_a_screen():
+    """A function longer than 60 lines does several things; split it where they part."""
+    long = [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)"
+            for path in sorted(PACKAGE.rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES]
+    assert long == []

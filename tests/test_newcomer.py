@@ -110,19 +110,19 @@ def test_a_dry_run_sizes_the_cache_without_the_weights(make_folder):
 def interrupted(make_folder, monkeypatch, tmp_path):
     """A finished run (runs/done) and one stopped by Ctrl-C after its first checkpoint
     (runs/cut, left as runs/cut.incomplete-<id>), as a newcomer's runs/ looks."""
-    import tlkit.training.train
+    import tlkit.training.phases
 
     data = make_folder(per_class=6)
     assert invoke("finetune", str(data), "-o", "runs/done", *FAST).exit_code == 0
-    real = tlkit.training.train.save_epoch
+    real = tlkit.training.phases.save_epoch
 
     def ctrl_c_after_saving(*args, **kwargs):
         real(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tlkit.training.train, "save_epoch", ctrl_c_after_saving)
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", ctrl_c_after_saving)
     result = invoke("finetune", str(data), "-o", "runs/cut", *FAST)
-    monkeypatch.setattr(tlkit.training.train, "save_epoch", real)
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", real)
     assert result.exit_code == 130, result.output
     (folder,) = (tmp_path / "runs").glob("cut.incomplete-*")
     return data, folder

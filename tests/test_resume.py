@@ -198,23 +198,23 @@ def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
 
 @pytest.mark.slow  # about 10 s: an interrupted run, its resume and a reference run
 def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path, monkeypatch):
-    import tlkit.training.train
+    import tlkit.training.phases
 
     data = write_folder(tmp_path / "data", ["a", "b"], 12)
     common = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs",
               "2", "--epochs", "2", "--freeze", "14", "--augment", "none", "--cache",
               "--patience", "10"]
-    real = tlkit.training.train.save_epoch
+    real = tlkit.training.phases.save_epoch
 
     def dies_after_the_third_checkpoint(directory, model, optimizer, state, improved):
         real(directory, model, optimizer, state, improved)
         if state["progress"] == HEAD_ROWS + 1:  # the head phase, then fine-tune epoch 1
             raise KeyboardInterrupt  # as Ctrl-C right after an epoch is saved
 
-    monkeypatch.setattr(tlkit.training.train, "save_epoch", dies_after_the_third_checkpoint)
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", dies_after_the_third_checkpoint)
     first = invoke("finetune", str(data), "-o", "runs/c", *common)
     assert first.exit_code == 130, first.output
-    monkeypatch.setattr(tlkit.training.train, "save_epoch", real)  # undo() would undo the chdir
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", real)  # undo() would undo the chdir
     resumed = invoke("finetune", "--resume", "runs/c")
     assert resumed.exit_code == 0, resumed.output
     assert "feature cache: using" in resumed.output

@@ -451,8 +451,8 @@ def finetune(data: str, weights_: str, freeze: str | None, freeze_to: str | None
              as_json: bool, **options: Any) -> None:
     """Fine-tune a pretrained backbone on DATA (default data/): class folders, or train/val/test."""
     from tlkit.training.config import FinetuneConfig
+    from tlkit.training.resume import resume_config
     from tlkit.training.train import finetune as run_finetune
-    from tlkit.training.train import resume_config
 
     ctx = click.get_current_context()
     request = _freeze_request(ctx, default="0")

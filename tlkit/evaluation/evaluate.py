@@ -479,6 +479,44 @@ def crop_comparison(names: Sequence[str], single: Sequence[np.ndarray],
     return rows
 
 
+def _member_probs(runner: ViewRunner, paths: list[str], modes: list[str], batch_size: int,
+                  fit_on: tuple[list[Example], str] | None
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """(each member's single-crop probabilities, its probabilities averaged over its views,
+    the members' weights: equal, or fitted on `fit_on`'s images)."""
+    dense = [m == "dense" for m in modes]
+    centres = [0 if d else center_index(m) for m, d in zip(modes, dense, strict=True)]
+
+    def mean_and_centre(i: int, p: np.ndarray) -> np.ndarray:
+        """(B, K, C) -> (B, 2, C): kept memory is N x C per member, whatever the views."""
+        return np.stack([p.mean(axis=1), p[:, centres[i]]], axis=1)
+
+    view_probs = runner.probs(paths, modes, batch_size, reduce=mean_and_centre)
+    multi = [p[:, 0] for p in view_probs]
+    extra = runner.probs(paths, ["1" if d else None for d in dense], batch_size) \
+        if any(dense) else [None] * len(modes)  # dense has no crop: single-crop runs too
+    single = [e[:, 0] if d else p[:, 1]
+              for p, e, d in zip(view_probs, extra, dense, strict=True)]
+    weights = np.full(len(modes), 1.0 / len(modes))
+    if fit_on is not None:
+        val_probs = runner.probs([e.path for e in fit_on[0]], modes, batch_size,
+                                 reduce=mean_and_centre)
+        weights = fit_member_weights([p[:, 0] for p in val_probs],
+                                     np.array([e.label for e in fit_on[0]]))
+    return single, multi, weights
+
+
+def _notes(run: Run, examples: Sequence[Example], chose_views: bool) -> list[str]:
+    """What makes the figures optimistic: images the run trained or chose on."""
+    own = own_split_paths(run)
+    notes = leakage_notes(examples, own)
+    if chose_views and own and own.get("val", set()) & {
+            os.path.realpath(e.path) for e in examples}:
+        notes.append("--multicrop auto chose the views on the validation split, which these "
+                     "images include: the multi-crop figure is optimistic")
+    return notes
+
+
 def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     from tlkit.core.fsutil import incomplete_dir, publish_dir, refuse_overwrite
     from tlkit.evaluation.explain import explain_paths
@@ -501,26 +539,8 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     labels = np.array([e.label for e in examples])
     runner = ViewRunner(members, placement.predictor, config.workers)
     choices = resolve_views(runner, config.multicrop, config.batch_size)
-    modes = [c.views for c in choices]
-    dense = [m == "dense" for m in modes]
-    centres = [0 if d else center_index(m) for m, d in zip(modes, dense, strict=True)]
-
-    def mean_and_centre(i: int, p: np.ndarray) -> np.ndarray:
-        """(B, K, C) -> (B, 2, C): kept memory is N x C per member, whatever the views."""
-        return np.stack([p.mean(axis=1), p[:, centres[i]]], axis=1)
-
-    view_probs = runner.probs(paths, modes, config.batch_size, reduce=mean_and_centre)
-    multi = [p[:, 0] for p in view_probs]
-    extra = runner.probs(paths, ["1" if d else None for d in dense], config.batch_size) \
-        if any(dense) else [None] * len(runs)  # dense has no crop: single-crop runs too
-    single = [e[:, 0] if d else p[:, 1]
-              for p, e, d in zip(view_probs, extra, dense, strict=True)]
-    weights = np.full(len(runs), 1.0 / len(runs))
-    if fit_on is not None:
-        val_probs = runner.probs([e.path for e in fit_on[0]], modes, config.batch_size,
-                                 reduce=mean_and_centre)
-        weights = fit_member_weights([p[:, 0] for p in val_probs],
-                                     np.array([e.label for e in fit_on[0]]))
+    single, multi, weights = _member_probs(runner, paths, [c.views for c in choices],
+                                           config.batch_size, fit_on)
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
     classes = runs[0].classes
     metrics = classification_metrics(ensemble, labels, classes)
@@ -529,22 +549,15 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
         tops = np.stack([p.argmax(1) for p in multi])
         metrics["member_disagreement"] = float((tops != tops[0]).any(axis=0).mean())
     metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
-                    "views": [{"run": str(r.path), "count": runner.view_count(i, m),
-                               **c.as_dict()}
-                              for i, (r, m, c) in enumerate(zip(runs, modes, choices,
-                                                                strict=True))],
+                    "views": [{"run": str(r.path), "count": runner.view_count(i, c.views),
+                               **c.as_dict()} for i, (r, c) in enumerate(zip(runs, choices,
+                                                                             strict=True))],
                     "views_rule": "each member on its own",  # auto: its own val scores
                     "members": [str(r.path) for r in runs],
                     "member_weights": [float(w) for w in weights],
                     "member_weights_fitted_on": fit_on[1] if fit_on else None,
                     "comparison": comparison})
-    own = own_split_paths(runs[0])
-    metrics["notes"] += leakage_notes(examples, own)
-    if any(c.candidates for c in choices) and own and own.get("val", set()) & {
-            os.path.realpath(p) for p in paths}:
-        metrics["notes"].append("--multicrop auto chose the views on the validation split, "
-                                "which these images include: the multi-crop figure is "
-                                "optimistic")
+    metrics["notes"] += _notes(runs[0], examples, any(c.candidates for c in choices))
     metrics["calibration"] = {
         "ece": expected_calibration_error(ensemble, labels), "bins": ECE_BINS,
         "reliability": reliability_bins(ensemble, labels),

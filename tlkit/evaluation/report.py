@@ -107,6 +107,23 @@ def write_outputs(out: Path, metrics: dict[str, Any], examples: Sequence[Example
                                                   reliability, explain))
 
 
+def _summary(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The report's headline figures, (name, value) rows."""
+    summary = [("images", metrics["images"]), ("top-1", f"{metrics['top1']:.4f}")]
+    if "top5" in metrics:
+        summary.append(("top-5", f"{metrics['top5']:.4f}"))
+    summary += [("macro F1", f"{metrics['macro']['f1']:.4f}"),
+                ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
+                ("log loss", f"{metrics['log_loss']:.4f}"),
+                (f"ECE ({metrics['calibration']['bins']} bins)",
+                 f"{metrics['calibration']['ece']:.4f}"),
+                ("views per image", ", ".join(f"{v['views']} ({v['count']})"
+                                              for v in metrics["views"]))]
+    if "member_disagreement" in metrics:
+        summary.append(("members disagree on", f"{metrics['member_disagreement']:.1%}"))
+    return summary
+
+
 def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.ndarray,
                 classes: Sequence[str], confusion: bytes, reliability: bytes,
                 explain: Any = None) -> str:
@@ -131,20 +148,8 @@ def report_html(metrics: dict[str, Any], examples: Sequence[Example], probs: np.
         + f"<figcaption>{e(examples[i].relpath)}<br>true {e(classes[labels[i]])}, predicted "
         f"{e(classes[pred[i]])} ({probs[i, pred[i]]:.1%})</figcaption></figure>"
         for i, look in zip(worst, looks, strict=True))
-    summary = [("images", metrics["images"]), ("top-1", f"{metrics['top1']:.4f}")]
-    if "top5" in metrics:
-        summary.append(("top-5", f"{metrics['top5']:.4f}"))
-    summary += [("macro F1", f"{metrics['macro']['f1']:.4f}"),
-                ("weighted F1", f"{metrics['weighted']['f1']:.4f}"),
-                ("log loss", f"{metrics['log_loss']:.4f}"),
-                (f"ECE ({metrics['calibration']['bins']} bins)",
-                 f"{metrics['calibration']['ece']:.4f}"),
-                ("views per image", ", ".join(f"{v['views']} ({v['count']})"
-                                              for v in metrics["views"]))]
-    if "member_disagreement" in metrics:
-        summary.append(("members disagree on", f"{metrics['member_disagreement']:.1%}"))
     summary_rows = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>"
-                           for k, v in summary)
+                           for k, v in _summary(metrics))
     members = "".join(f"<li>{e(m)} (weight {w:.3f})</li>"
                       for m, w in zip(metrics["members"], metrics["member_weights"], strict=True))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>tlkit evaluation</title>

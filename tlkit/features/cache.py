@@ -391,6 +391,21 @@ def pending_parts(root: Path) -> list[str]:
     return sorted(k for k in keys if open_cache(root, k) is None)
 
 
+def _check_parts(parts: dict[int, dict[str, Any]]) -> None:
+    """Every part made from the same inputs as the first, and every piece whole."""
+    first = parts[0]
+    for p in parts.values():
+        if any(p[f] != first[f] for f in ("inputs", "splits", "dtype", "shape")):
+            raise CacheError(f"{p['path']}: was computed with other settings or data than "
+                             f"{first['path']}; remove it and run that shard again")
+        for piece in p["pieces"]:
+            path = p["path"] / piece["file"]
+            if not is_inside(p["path"], piece["file"]) or not path.is_file() \
+                    or file_hash(path) != piece["sha256"]:
+                raise CacheError(f"{path}: missing or corrupt (checksum mismatch); remove "
+                                 f"{p['path']} and run shard {p['index']} again")
+
+
 def merge_parts(root: Path, key: str) -> FeatureCache:
     """Check every part of `key` (all present, same inputs, checksums, rows covered exactly
     once) and publish the cache they make, the same bytes a one-process build writes."""
@@ -408,16 +423,7 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
                              "not finished yet; run `tlkit precompute-features` with the same "
                              f"options and --num-shards {count} --shard-index I for each")
         first = parts[0]
-        for p in parts.values():
-            if any(p[f] != first[f] for f in ("inputs", "splits", "dtype", "shape")):
-                raise CacheError(f"{p['path']}: was computed with other settings or data than "
-                                 f"{first['path']}; remove it and run that shard again")
-            for piece in p["pieces"]:
-                path = p["path"] / piece["file"]
-                if not is_inside(p["path"], piece["file"]) or not path.is_file() \
-                        or file_hash(path) != piece["sha256"]:
-                    raise CacheError(f"{path}: missing or corrupt (checksum mismatch); remove "
-                                     f"{p['path']} and run shard {p['index']} again")
+        _check_parts(parts)
         splits, shape, dtype = first["splits"], first["shape"], first["dtype"]
         views = {s: v["views"] for s, v in splits.items()}
         layout = _layout({s: len(v["labels"]) for s, v in splits.items()}, views, shape, dtype)

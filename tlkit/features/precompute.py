@@ -120,22 +120,34 @@ def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut:
     return trunk, key_of(inputs), inputs, transform
 
 
+@dataclass(frozen=True)
+class BuildSettings:
+    """How a cache build runs: what `precompute-features` and `finetune --cache` both give."""
+
+    views: int
+    seed: int
+    dtype: str
+    batch_size: int
+    workers: int | None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    verbose: int = 1
+
+
 def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
-                        folder: ImageFolder, views: int, transform: TrainTransform,
-                        crop_fraction: float, seed: int, dtype: str, batch_size: int,
-                        workers: int | None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                        verbose: int = 1, predict: Any = None,
+                        folder: ImageFolder, transform: TrainTransform, crop_fraction: float,
+                        settings: BuildSettings, predict: Any = None,
                         shard: tuple[int, int] | None = None) -> Any:
     """The cache (or, given `shard` (index, count), that part of it: its folder), with a
     progress bar; `predict` runs the trunk (default: predict_on_batch)."""
     import keras
 
+    views, dtype, batch_size = settings.views, settings.dtype, settings.batch_size
     view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
     total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
     if shard is not None:
         total = -(-total // shard[1])  # about: parts are whole batches
     bar = keras.utils.Progbar(total, stateful_metrics=["images/s"], unit_name="image",
-                              verbose=verbose)
+                              verbose=settings.verbose)
     start, done = time.perf_counter(), [0]
 
     def progress(n_images: int) -> None:
@@ -143,7 +155,8 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
         rate = done[0] / max(time.perf_counter() - start, 1e-9)
         bar.update(min(done[0], total), values=[("images/s", rate)])
 
-    with RowMaker(transform, crop_fraction, seed, workers, max_pixels) as make_rows:
+    with RowMaker(transform, crop_fraction, settings.seed, settings.workers,
+                  settings.max_pixels) as make_rows:
         if shard is not None:
             return build_part(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
                               dtype, batch_size, shard[0], shard[1], progress, predict)
@@ -201,6 +214,21 @@ def _dry_run_weights(spec: Any, requested: str) -> tuple[ResolvedWeights, str | 
         return resolve_weights(spec, "none"), str(e)
 
 
+def _cut_of(config: PrecomputeConfig, spec: BackboneSpec, base: Any) -> Cut:
+    """Where the trunk whose outputs are cached ends: the freeze point, or the nearest
+    single-tensor cut before it."""
+    plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
+    cut = resolve_cut(base, plan.n_frozen)
+    if cut is None:
+        raise ConfigError(f"{plan.request} freezes nothing, so there is nothing to cache; "
+                          "freeze some layers (the default is --freeze all)")
+    if cut.k != plan.n_frozen:
+        log.info("cut: %s ends inside a block (several tensors cross it); caching at the "
+                 "nearest single-tensor cut, after layer %d (%s)", plan.request, cut.k - 1,
+                 cut.layer)
+    return cut
+
+
 def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, int] | None,
                 predictor: Any, verbose: int) -> FeatureCache | dict[str, Any]:
     spec, size = checked.spec, checked.size
@@ -214,16 +242,7 @@ def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, in
 
     model = build_model(spec, weights, size, len(folder.classes), config.seed,
                         mixed_precision=config.mixed_precision)
-    base = backbone_of(model)
-    plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
-    cut = resolve_cut(base, plan.n_frozen)
-    if cut is None:
-        raise ConfigError(f"{plan.request} freezes nothing, so there is nothing to cache; "
-                          "freeze some layers (the default is --freeze all)")
-    if cut.k != plan.n_frozen:
-        log.info("cut: %s ends inside a block (several tensors cross it); caching at the "
-                 "nearest single-tensor cut, after layer %d (%s)", plan.request, cut.k - 1,
-                 cut.layer)
+    cut = _cut_of(config, spec, backbone_of(model))
     trunk, key, inputs, transform = prepare_cache(
         spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
         config.dtype, max_pixels=config.audit.max_pixels)
@@ -258,10 +277,10 @@ def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, in
     what = "feature cache" if shard is None else f"shard {shard[0]} of {shard[1]} of cache"
     log.info("building %s %s: %s images x views, %s %s per image, %.1f MB in all",
              what, key, counts, shape, config.dtype, needed / 1e6)
-    built = build_with_progress(root, key, inputs, trunk, folder, config.views, transform,
-                                spec.crop_fraction, config.seed, config.dtype,
-                                config.batch_size, config.workers, config.audit.max_pixels,
-                                verbose, predict, shard)
+    settings = BuildSettings(config.views, config.seed, config.dtype, config.batch_size,
+                             config.workers, config.audit.max_pixels, verbose)
+    built = build_with_progress(root, key, inputs, trunk, folder, transform, spec.crop_fraction,
+                                settings, predict, shard)
     return built if shard is None else _after_part(root, key, shard, built)
 
 

@@ -49,6 +49,19 @@ def feature_views(random_augment: bool, head_views: int, n_train: int, dim: int)
     return max(1, min(wanted, fits))
 
 
+def _feature_batches(features: Features, sample_weights: Sequence[float] | None,
+                     batch_size: int, seed: int) -> Any:
+    """Endless shuffled (features, label, weight) batches of the training rows."""
+    import tensorflow as tf
+
+    weights = (np.tile(np.asarray(sample_weights, np.float32), features.views)
+               if sample_weights is not None else np.ones(len(features.train), np.float32))
+    data = (tf.data.Dataset.from_tensor_slices((features.train, features.train_labels, weights))
+            .shuffle(len(features.train), seed=seed, reshuffle_each_iteration=True)
+            .repeat().batch(batch_size).prefetch(2))
+    return iter(data)
+
+
 def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: int, seed: int,
              sample_weights: Sequence[float] | None = None, label_smoothing: float = 0.0
              ) -> tuple[list[dict[str, Any]], int]:
@@ -70,12 +83,7 @@ def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: 
     # weights) every so many steps, not after every tiny pass over a small set
     per_check = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
     checks = max(1, math.ceil(steps / per_check))
-    weights = (np.tile(np.asarray(sample_weights, np.float32), features.views)
-               if sample_weights is not None else np.ones(len(features.train), np.float32))
-    data = (tf.data.Dataset.from_tensor_slices((features.train, features.train_labels, weights))
-            .shuffle(len(features.train), seed=seed, reshuffle_each_iteration=True)
-            .repeat().batch(batch_size).prefetch(2))
-    batches = iter(data)
+    batches = _feature_batches(features, sample_weights, batch_size, seed)
 
     @tf.function
     def train(n: Any) -> tuple[Any, Any]:

@@ -1,0 +1,147 @@
+"""What a finished `finetune` writes about itself: the model without its training state, the
+test score it ends on, --calibrate's temperature, run.json and search.csv."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tlkit import _version
+from tlkit.core.fsutil import atomic_write
+from tlkit.core.runs import RunRecord
+from tlkit.data.views_seen import ViewsSeen, views_trained_on
+from tlkit.models.distribute import Placement
+from tlkit.training.state import Schedule, TrainingState
+
+if TYPE_CHECKING:
+    import keras
+
+    from tlkit.training.plan import Plan
+
+log = logging.getLogger("tlkit")
+
+SEARCH_TABLE = "search.csv"
+
+
+def write_search_table(path: Path, searched: dict[str, Any]) -> None:
+    """Every candidate of --augment auto / --freeze auto, one row each, beside run.json."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("setting", "candidate", "val_loss", "val_accuracy", "seconds", "chosen"))
+    for setting, found in searched.items():
+        for s in found["scores"]:
+            writer.writerow((setting, s.get("augment") or s.get("candidate"),
+                             f"{s['val_loss']:.5f}", f"{s['val_accuracy']:.4f}", s["seconds"],
+                             int(bool(s.get("chosen")))))
+    atomic_write(path, buf.getvalue())
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The classifier without its training state (optimizer, loss): what model.keras holds, so
+    that plain `keras.saving.load_model` opens it whatever trained it; the state for resuming is
+    in the checkpoints."""
+    import keras
+
+    return keras.Model(model.input, model.output, name=model.name)
+
+
+def _predict_split(plan: Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of the model being saved on a split's eval view."""
+    from tlkit.data.pipeline import eval_dataset
+
+    c, examples = plan.config, plan.split(split)
+    probs = np.asarray(plan.model.predict(eval_dataset(
+        examples, plan.size, plan.spec.crop_fraction, c.batch_size, c.workers, c.prefetch,
+        c.audit.max_pixels), verbose=0), np.float64)
+    return probs, np.array([e.label for e in examples])
+
+
+def score_on_test(plan: Plan) -> dict[str, Any] | None:
+    """The saved model's single-crop score on the test split, when the data has one: the
+    figure a run ends on, since validation chose the model and flatters it."""
+    from tlkit.core.calibration import log_loss
+
+    if not plan.folder.splits.get("test"):
+        return None
+    probs, labels = _predict_split(plan, "test")
+    return {"accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+            "loss": log_loss(probs, labels), "images": len(labels), "views": 1}
+
+
+def calibrate(plan: Plan) -> dict[str, Any]:
+    """--calibrate: temperature scaling fitted on the validation split's eval view, folded into
+    the softmax layer of the model about to be saved."""
+    from tlkit.core.calibration import apply_temperature, fit_temperature, fold_temperature, summary
+
+    val = plan.split("val")
+    probs, labels = _predict_split(plan, "val")
+    temperature = fit_temperature(probs, labels)
+    before, after = summary(probs, labels), summary(apply_temperature(probs, temperature), labels)
+    fold_temperature(plan.model, temperature)
+    log.info("--calibrate: temperature %.3f fitted on %d validation images; ECE %.4f -> %.4f, "
+             "log loss %.4f -> %.4f there (an eval on a test split gives the unbiased ECE)",
+             temperature, len(val), before["ece"], after["ece"], before["log_loss"],
+             after["log_loss"])
+    return {"temperature": temperature, "fitted_on": "val", "images": len(val),
+            "before": before, "after": after}
+
+
+def run_record(plan: Plan, placement: Placement, state: TrainingState, schedule: Schedule,
+               calibration: dict[str, Any] | None = None,
+               test: dict[str, Any] | None = None) -> RunRecord:
+    import keras
+
+    c, folder, pca = plan.config, plan.folder, plan.transform.pca
+    rows = state.rows
+    return RunRecord(
+        tlkit_version=_version.__version__, keras_version=keras.__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        backbone=plan.spec.name, weights=plan.weights.as_dict(),
+        freeze={**plan.freeze.as_dict(),
+                "search": plan.searched.get("freeze", {}).get("scores")},
+        train_bn=c.train_bn, input_size=plan.size, preprocessing=plan.spec.preprocessing,
+        crop_fraction=plan.spec.crop_fraction,
+        augment={**c.augment.as_dict(), "pca": pca.as_dict() if pca is not None else None,
+                 "search": plan.searched.get("augment", {}).get("scores")},
+        classes=tuple(folder.classes), config=plan.requested,
+        class_weight=({folder.classes[i]: w for i, w in plan.weights_by_class.items()}
+                      if plan.weights_by_class else None),
+        calibration=calibration, views_seen=views_seen_by(plan, state).as_dict(),
+        data={"source": c.data, "root": str(Path(folder.root).resolve()),
+              "layout": folder.layout, "val_source": folder.val_source,
+              "counts": folder.counts(), "fingerprint": plan.fingerprint,
+              "ignored": list(folder.ignored), "skipped": plan.skipped},
+        feature_cache={"used": plan.cache is not None,
+                       "key": plan.cache.key if plan.cache else None, "note": plan.cache_note},
+        seed=c.seed,
+        distribution={"strategy": placement.name, "replicas": placement.replicas,
+                      "workers": placement.workers,
+                      "per_replica_batch": -(-c.batch_size // placement.replicas)},
+        lr_used={phase: lr for phase, _, lr in schedule},
+        phase=rows[-1]["phase"] if rows else None, epoch=rows[-1]["epoch"] if rows else None,
+        optimizer_steps=sum(state.phase_steps.values()), resumed=state.resumed,
+        results={"best": state.best, "phases": state.phase_summaries(schedule),
+                 "head_probe": state.head_probe, "test": test})
+
+
+def views_seen_by(plan: Plan, state: TrainingState) -> ViewsSeen:
+    """What the saved weights were trained on: the views of the phase they come from (the
+    head phase trains on the eval view unless --head-views K). Test-time views follow it."""
+    augment, phase = plan.config.augment, (state.best or {}).get("phase")
+    probe = state.head_probe
+    if phase == "head" and probe:
+        augmented, source = probe["views"] > 1, f"{probe['views']} view(s) of each image"
+    elif plan.cache is not None:
+        views = plan.cache.manifest["splits"]["train"]["views"]
+        augmented, source = views > 1, f"a feature cache of {views} view(s) of each image"
+    else:
+        augmented, source = augment.random, "the training images, live"
+    what = f"--augment {augment.preset} views" if augmented else "the eval view only"
+    return views_trained_on(augment, augmented, f"the saved weights are from the {phase} "
+                            f"phase, trained on {source}: {what}")
