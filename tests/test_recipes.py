@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY, write_folder
 
-from tlkit.cli import cli, recipe_commands
+from tlkit.cli import cli
+from tlkit.cli.options import recipe_commands
 from tlkit.cli.recipes import BUILTIN_DIR, list_recipes
 
 SHIPPED = ["alexnet-augment", "inception_v3", "large-data", "medium-data", "resnet50",

@@ -1,0 +1,209 @@
+"""`tlkit eval`, `diagnose`, `predict`, `export`, `runs` and `recipes`: what is done with
+trained runs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from tlkit.cli.app import JSON_OPTION, cli
+from tlkit.cli.options import (
+    MULTICROP_OPTION,
+    STRATEGY_OPTION,
+    recipe_commands,
+    recipe_option,
+)
+from tlkit.core import choices
+
+
+@cli.command()
+@recipe_option
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--folds", default=5, show_default=True,
+              help="Out-of-fold heads for the label-error search.")
+@click.option("--duplicate-similarity", default=0.97, show_default=True,
+              help="Cosine of the centred pooled features at or above which two images are "
+                   "near-duplicates.")
+@click.option("--top", default=50, show_default=True, help="Rows of each list in the report.")
+@click.option("--name", default="diagnose", show_default=True,
+              help="Output folder under RUN/diagnose/.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing diagnose folder.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@JSON_OPTION
+def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Likely label errors, near-duplicates and top losses in [DATA] (default: the run's own
+    data), seen through [RUN]'s features (default: the newest run)."""
+    from tlkit.core.runs import split_runs
+    from tlkit.evaluation.diagnose import DiagnoseConfig, relabel_hint, summary_lines
+    from tlkit.evaluation.diagnose import diagnose as run_diagnose
+
+    runs, rest = split_runs(paths)
+    if len(runs) > 1 or len(rest) > 1:
+        raise click.UsageError("expected at most one run folder and one DATA folder")
+    found = run_diagnose(DiagnoseConfig(run=runs[0] if runs else None,
+                                        data=rest[0] if rest else None, **options))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for line in summary_lines(found):
+        click.echo(line)
+    click.echo(relabel_hint(found["output"]))
+    click.echo(f"report: {found['output']}/report.html")
+
+
+
+@cli.command("eval")
+@recipe_option
+@click.argument("paths", nargs=-1, type=click.Path())
+@MULTICROP_OPTION
+@click.option("--ensemble-weights", type=click.Choice(choices.ENSEMBLE_WEIGHTS), default="equal",
+              show_default=True, help="Member weights; 'val' fits them on the validation split.")
+@click.option("--split", type=click.Choice(choices.EVAL_SPLITS),
+              help="Split to evaluate (default: test, else val).")
+@click.option("--name", help="Output folder under RUN/eval/ (default: from split and crops).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing evaluation folder.")
+@STRATEGY_OPTION
+@JSON_OPTION
+def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Evaluate [RUN...] (default: the newest run) on [DATA] (default: the run's test split).
+
+    Several runs form an ensemble: their probabilities are averaged.
+    """
+    from tlkit.core.runs import split_runs
+    from tlkit.evaluation.evaluate import EvalConfig, evaluate
+    from tlkit.evaluation.views import describe
+
+    runs, rest = split_runs(paths)
+    if len(rest) > 1:
+        raise click.UsageError(f"expected run folders and at most one DATA folder; these are "
+                               f"not runs: {', '.join(rest)}")
+    metrics = evaluate(EvalConfig(runs=tuple(runs), data=rest[0] if rest else None, **options))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in metrics.items()
+                               if k not in ("confusion_matrix",)}, indent=2))
+        return
+    click.echo(f"{metrics['source']}: {metrics['images']} images" + (
+        f"; views resolved for {metrics['views_rule']}" if len(metrics["views"]) > 1 else ""))
+    for views in metrics["views"]:
+        click.echo(f"  views of {views['run']}: {views['views']} ("
+                   f"{describe(views['views'], views['count'])}): {views['why']}")
+        for c in views["candidates"]:
+            click.echo(f"    {c['views']:<11} val loss {c['val_loss']:.4f}  top-1 "
+                       f"{c['val_top1']:.4f}" + ("  below single-crop"
+                                                 if c["below_single_crop"] else ""))
+    for note in metrics["notes"]:
+        click.echo(f"  note: {note}")
+    chosen = [v["views"] for v in metrics["views"]]
+    for row, views in zip(metrics["comparison"], [*chosen, "per member"], strict=False):
+        click.echo(f"  {row['model']:<40} single-crop top-1 {row['single_crop_top1']:.4f}   "
+                   f"multi-crop ({views}) top-1 {row['multicrop_top1']:.4f}")
+    line = f"top-1 {metrics['top1']:.4f}"
+    if "top5" in metrics:
+        line += f", top-5 {metrics['top5']:.4f}"
+    line += f", macro F1 {metrics['macro']['f1']:.4f}, ECE {metrics['calibration']['ece']:.4f}"
+    if "member_disagreement" in metrics:
+        line += f", members disagree on {metrics['member_disagreement']:.1%}"
+    click.echo(line)
+    if "output" in metrics:  # only the chief writes
+        click.echo(f"report: {metrics['output']}/report.html")
+
+
+
+@cli.command()
+@recipe_option
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("-k", "--top-k", default=5, show_default=True)
+@MULTICROP_OPTION
+@click.option("--explain", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write a class-activation overlay of each image's top-1 class into DIR "
+                   "(a new folder): where the model looks.")
+@JSON_OPTION
+def predict(paths: tuple[str, ...], top_k: int, multicrop: str, explain: str | None,
+            as_json: bool) -> None:
+    """Label images: RUN... IMAGE... (several runs average as an ensemble; no run: the newest)."""
+    from tlkit.core.runs import split_runs
+    from tlkit.evaluation.predict import predict as run_predict
+
+    runs, images = split_runs(paths)
+    results = run_predict(runs, images, top_k=top_k, multicrop=multicrop, explain=explain)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(r["path"])
+        for rank, t in enumerate(r["top"], 1):
+            click.echo(f"  {rank}. {t['label']:<24}{t['probability']:>8.2%}")
+        if "explanation" in r:
+            click.echo(f"  where it looks: {r['explanation']}")
+
+
+
+@cli.command()
+@click.argument("run", required=False, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(choices.EXPORT_FORMATS),
+              default="savedmodel", show_default=True)
+@click.option("-o", "--output", type=click.Path(), help="Default: RUN/export/FORMAT/.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+def export(run: str | None, fmt: str, output: str | None, overwrite: bool) -> None:
+    """Export RUN (default: the newest) for deployment, preprocessing and class names included."""
+    from tlkit.evaluation.export import export_run
+
+    out = export_run(run, fmt, output, overwrite)
+    click.echo(f"exported {run or 'the newest run'} as {fmt} to {out}")
+
+
+
+@cli.command()
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False))
+@JSON_OPTION
+def runs(runs_dir: str, as_json: bool) -> None:
+    """List runs, newest first: backbone, freeze, best validation accuracy, date; interrupted
+    ones with the command that resumes them."""
+    from tlkit.core.runs import list_runs
+
+    rows = list_runs(runs_dir)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"{runs_dir}: no runs yet; `tlkit finetune DATA` makes one")
+        return
+    width = max(len(r["run"]) for r in rows) + 2
+    click.echo(f"{'run':<{width}}{'backbone':<20}{'MB':>8}  {'freeze':<26}{'best val acc':>13}"
+               f"{'test acc':>10}  created")
+    for r in rows:
+        head = f"{r['run']:<{width}}{r['backbone'] or '?':<20}{r['size_mb']:>8.1f}  "
+        if r["status"] in ("interrupted", "training"):
+            click.echo(head + ("training now (another process)" if r["status"] == "training"
+                               else f"interrupted: {r['resume']}"))
+            continue
+        acc, test = (("-" if v is None else f"{v:.4f}")
+                     for v in (r["best_val_accuracy"], r["test_accuracy"]))
+        click.echo(f"{head}{r['freeze'] or '-':<26}{acc:>13}{test:>10}  {r['created']}")
+
+
+
+@cli.command()
+@JSON_OPTION
+def recipes(as_json: bool) -> None:
+    """List the recipes (./recipes/*.yaml, then tlkit's own) with what each is for."""
+    from tlkit.cli.recipes import list_recipes
+
+    rows = list_recipes(recipe_commands())
+    if as_json:
+        click.echo(json.dumps([{"name": r.name, "path": str(r.path), "description": r.description,
+                                "sections": r.sections} for r in rows], indent=2))
+        return
+    if not rows:  # an install without tlkit/recipes/*.yaml: broken packaging, not bad input
+        raise RuntimeError("no recipes found, not even tlkit's own (tlkit/recipes/*.yaml); "
+                           "this install is incomplete: reinstall tlkit")
+    width = max(len(r.name) for r in rows) + 2
+    for r in rows:
+        click.echo(f"{r.name:<{width}}{r.description}")
+    click.echo("use: tlkit finetune --recipe NAME DATA (flags typed on the command line win)")
+
