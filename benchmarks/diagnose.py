@@ -40,8 +40,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def emit(name: str, value: float, unit: str = "", **extra: object) -> None:
-    print(json.dumps({"name": name, "value": round(float(value), 4), "unit": unit, **extra}),
-          flush=True)
+    print(
+        json.dumps({"name": name, "value": round(float(value), 4), "unit": unit, **extra}),
+        flush=True,
+    )
 
 
 def _subset(dst: Path, classes: str) -> Path:
@@ -58,13 +60,28 @@ def label_noise(work: Path, rates: list[float], seeds: list[int], epochs: int) -
     from tlkit.training.config import FinetuneConfig
     from tlkit.training.train import finetune
 
-    common = dict(backbone="test_resnet", input_size=32, augment=resolve_augment("none"),
-                  batch_size=32, cache="off")
-    trunk = finetune(FinetuneConfig(data=str(_subset(work / "src", "01234")), weights="none",
-                                    freeze=FreezeRequest(count="0" if epochs else "all"),
-                                    head_epochs=1, epochs=epochs, lr=3e-3, fine_tune_lr=2e-3,
-                                    patience=5, output=str(work / "trunk"), **common),
-                     verbose=0)
+    common = dict(
+        backbone="test_resnet",
+        input_size=32,
+        augment=resolve_augment("none"),
+        batch_size=32,
+        cache="off",
+    )
+    trunk = finetune(
+        FinetuneConfig(
+            data=str(_subset(work / "src", "01234")),
+            weights="none",
+            freeze=FreezeRequest(count="0" if epochs else "all"),
+            head_epochs=1,
+            epochs=epochs,
+            lr=3e-3,
+            fine_tune_lr=2e-3,
+            patience=5,
+            output=str(work / "trunk"),
+            **common,
+        ),
+        verbose=0,
+    )
     for rate in rates:
         scores: dict[str, list[float]] = {}
         for seed in seeds:
@@ -77,21 +94,35 @@ def label_noise(work: Path, rates: list[float], seeds: list[int], epochs: int) -
                 dest = target / "train" / rng.choice([c for c in "56789" if c != f.parent.name])
                 shutil.move(f, dest / f"flipped-{f.name}")
                 planted.add(str((dest / f"flipped-{f.name}").relative_to(target)))
-            run = finetune(FinetuneConfig(data=str(target), weights=str(trunk.path),
-                                          freeze=FreezeRequest(count="all"), head_epochs=5,
-                                          epochs=0, output=str(work / f"r{rate}-{seed}"),
-                                          **common), verbose=0)
+            run = finetune(
+                FinetuneConfig(
+                    data=str(target),
+                    weights=str(trunk.path),
+                    freeze=FreezeRequest(count="all"),
+                    head_epochs=5,
+                    epochs=0,
+                    output=str(work / f"r{rate}-{seed}"),
+                    **common,
+                ),
+                verbose=0,
+            )
             found = diagnose(DiagnoseConfig(run=str(run.path), seed=seed))
             ranked = [r["path"] for r in found["label_issues"] + found["review_next"]]
             n = len(planted)
             for k, at in ((n, "N"), (2 * n, "2N")):
                 hits = len(set(ranked[:k]) & planted)
                 scores.setdefault(f"recall_at_{at}", []).append(hits / n)
-                scores.setdefault(f"precision_at_{at}", []).append(hits / max(1, min(k, len(
-                    ranked))))
+                scores.setdefault(f"precision_at_{at}", []).append(
+                    hits / max(1, min(k, len(ranked)))
+                )
         for key, values in scores.items():
-            emit(f"label_noise_{rate:g}_{key}", float(np.mean(values)), "",
-                 per_seed=[round(v, 3) for v in values], planted=n)
+            emit(
+                f"label_noise_{rate:g}_{key}",
+                float(np.mean(values)),
+                "",
+                per_seed=[round(v, 3) for v in values],
+                planted=n,
+            )
 
 
 def near_duplicates(work: Path, photos: int, copies: int) -> None:
@@ -127,16 +158,31 @@ def near_duplicates(work: Path, photos: int, copies: int) -> None:
         dest = data / "train" / tests[i].parent.name / f"copy{k}-{tests[i].name}"
         new.save(dest, quality=90)
         pairs.add(frozenset((str(tests[i].relative_to(data)), str(dest.relative_to(data)))))
-    run = finetune(FinetuneConfig(data=str(data), backbone="test_resnet", weights="none",
-                                  input_size=64, freeze=FreezeRequest(count="all"),
-                                  augment=resolve_augment("none"), head_epochs=1, epochs=0,
-                                  cache="off", output=str(work / "photorun")), verbose=0)
+    run = finetune(
+        FinetuneConfig(
+            data=str(data),
+            backbone="test_resnet",
+            weights="none",
+            input_size=64,
+            freeze=FreezeRequest(count="all"),
+            augment=resolve_augment("none"),
+            head_epochs=1,
+            epochs=0,
+            cache="off",
+            output=str(work / "photorun"),
+        ),
+        verbose=0,
+    )
     found = diagnose(DiagnoseConfig(run=str(run.path)))
     reported = {frozenset((d["a"]["path"], d["b"]["path"])) for d in found["near_duplicates"]}
-    emit("near_duplicates_found", len(reported & pairs) / len(pairs), "",
-         copies=len(pairs), threshold=found["duplicate_similarity"])
-    emit("near_duplicates_false_pairs", len(reported - pairs), "pairs",
-         images=found["images"])
+    emit(
+        "near_duplicates_found",
+        len(reported & pairs) / len(pairs),
+        "",
+        copies=len(pairs),
+        threshold=found["duplicate_similarity"],
+    )
+    emit("near_duplicates_false_pairs", len(reported - pairs), "pairs", images=found["images"])
 
 
 def cam_hit_rate(work: Path, n_train: int, epochs: int) -> None:
@@ -165,11 +211,25 @@ def cam_hit_rate(work: Path, n_train: int, epochs: int) -> None:
         for i, (img, label) in enumerate(zip(images, labels, strict=True)):
             (work / "patches" / split / f"c{label}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(work / "patches" / split / f"c{label}" / f"{i}.png")
-    run = finetune(FinetuneConfig(
-        data=str(work / "patches"), backbone="test_resnet", weights="none", input_size=64,
-        freeze=FreezeRequest(count="0"), augment=resolve_augment("none"), head_epochs=1,
-        epochs=epochs, lr=3e-3, fine_tune_lr=2e-3, batch_size=32, patience=4, cache="off",
-        output=str(work / "camrun")), verbose=0)
+    run = finetune(
+        FinetuneConfig(
+            data=str(work / "patches"),
+            backbone="test_resnet",
+            weights="none",
+            input_size=64,
+            freeze=FreezeRequest(count="0"),
+            augment=resolve_augment("none"),
+            head_epochs=1,
+            epochs=epochs,
+            lr=3e-3,
+            fine_tune_lr=2e-3,
+            batch_size=32,
+            patience=4,
+            cache="off",
+            output=str(work / "camrun"),
+        ),
+        verbose=0,
+    )
     model = run.load_model()
     images, labels, boxes = patches(200, rng)
     views = np.stack([eval_transform(img, 64, 0.875) for img in images])
@@ -180,8 +240,13 @@ def cam_hit_rate(work: Path, n_train: int, epochs: int) -> None:
         py, px = np.unravel_index(upsample(m, 64).argmax(), (64, 64))
         top, left = boxes[i][0] * scale - shift, boxes[i][1] * scale - shift
         inside += top <= py <= top + 16 * scale and left <= px <= left + 16 * scale
-    emit("cam_peak_in_patch", inside / max(1, len(right)), "",
-         correctly_classified=len(right), of=len(labels))
+    emit(
+        "cam_peak_in_patch",
+        inside / max(1, len(right)),
+        "",
+        correctly_classified=len(right),
+        of=len(labels),
+    )
 
 
 SWEEP = 10.0 ** np.arange(-4, 1.0, 0.5)  # the fixed rates lr-find's suggestion is judged by
@@ -209,17 +274,29 @@ def lr_find_ratio(seeds: list[int], rates: np.ndarray = SWEEP) -> None:
             def step(xb, yb, dense=dense, opt=opt, loss_fn=loss_fn):
                 with tf.GradientTape() as tape:
                     loss = loss_fn(yb, dense(xb))
-                opt.apply_gradients(zip(tape.gradient(loss, dense.trainable_weights),
-                                        dense.trainable_weights, strict=True))
+                opt.apply_gradients(
+                    zip(
+                        tape.gradient(loss, dense.trainable_weights),
+                        dense.trainable_weights,
+                        strict=True,
+                    )
+                )
                 return loss
 
             order = np.random.default_rng(0).permutation(800)
-            losses = [float(step(x[idx], labels[idx].astype(np.int32))) for idx in
-                      (order[np.arange(i * 32, (i + 1) * 32) % 800] for i in range(100))]
+            losses = [
+                float(step(x[idx], labels[idx].astype(np.int32)))
+                for idx in (order[np.arange(i * 32, (i + 1) * 32) % 800] for i in range(100))
+            ]
             sweep[lr] = np.mean(losses[-20:]) if np.isfinite(losses).all() else np.inf
         best = min(sweep, key=sweep.get)
-        emit(f"lr_find_over_best_fixed_seed{seed}", found["suggestion"] / best, "x",
-             suggestion=found["suggestion"], best_fixed=float(best))
+        emit(
+            f"lr_find_over_best_fixed_seed{seed}",
+            found["suggestion"] / best,
+            "x",
+            suggestion=found["suggestion"],
+            best_fixed=float(best),
+        )
 
 
 def diagnose_seconds(work: Path, backbone: str, run_path: Path | None = None) -> None:
@@ -230,15 +307,29 @@ def diagnose_seconds(work: Path, backbone: str, run_path: Path | None = None) ->
     from tlkit.training.train import finetune
 
     if run_path is None:
-        run_path = finetune(FinetuneConfig(
-            data=str(ROOT / "examples" / "digits"), backbone=backbone, weights="none",
-            input_size=32,
-            freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0, cache="off",
-            output=str(work / "digitsrun")), verbose=0).path
+        run_path = finetune(
+            FinetuneConfig(
+                data=str(ROOT / "examples" / "digits"),
+                backbone=backbone,
+                weights="none",
+                input_size=32,
+                freeze=FreezeRequest(count="all"),
+                head_epochs=1,
+                epochs=0,
+                cache="off",
+                output=str(work / "digitsrun"),
+            ),
+            verbose=0,
+        ).path
     start = time.perf_counter()
     found = diagnose(DiagnoseConfig(run=str(run_path), name="timed"))
-    emit("diagnose_seconds_digits", time.perf_counter() - start, "s", images=found["images"],
-         backbone=backbone)
+    emit(
+        "diagnose_seconds_digits",
+        time.perf_counter() - start,
+        "s",
+        images=found["images"],
+        backbone=backbone,
+    )
 
 
 def main() -> None:

@@ -20,28 +20,48 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-PHOTOS = ("coffee.png", "chelsea.png", "camera.png", "astronaut.png", "motorcycle_left.png",
-          "flower.jpg", "china.jpg")
+PHOTOS = (
+    "coffee.png",
+    "chelsea.png",
+    "camera.png",
+    "astronaut.png",
+    "motorcycle_left.png",
+    "flower.jpg",
+    "china.jpg",
+)
 # ImageNet names of the classes these photos should get (index = position in the sorted
 # WordNet ids, as in tensorflow-datasets' imagenet2012 labels.txt)
-NAMES = {967: "espresso", 968: "cup", 504: "coffee mug", 281: "tabby", 282: "tiger cat",
-         285: "Egyptian cat", 872: "tripod", 985: "daisy", 665: "moped", 670: "motor scooter",
-         698: "palace"}
+NAMES = {
+    967: "espresso",
+    968: "cup",
+    504: "coffee mug",
+    281: "tabby",
+    282: "tiger cat",
+    285: "Egyptian cat",
+    872: "tripod",
+    985: "daisy",
+    665: "moped",
+    670: "motor scooter",
+    698: "palace",
+}
 
 
 def photo(name: str) -> Path:
     import skimage
     import sklearn
 
-    for folder in (Path(skimage.__file__).parent / "data",
-                   Path(sklearn.__file__).parent / "datasets" / "images"):
+    for folder in (
+        Path(skimage.__file__).parent / "data",
+        Path(sklearn.__file__).parent / "datasets" / "images",
+    ):
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(name)
 
 
-def top5(weights: Path, names: tuple[str, ...] | list[str], size: int = 224
-         ) -> dict[str, list[tuple[int, float]]]:
+def top5(
+    weights: Path, names: tuple[str, ...] | list[str], size: int = 224
+) -> dict[str, list[tuple[int, float]]]:
     """(class, probability) x 5 per photo."""
     import numpy as np
 
@@ -55,15 +75,15 @@ def top5(weights: Path, names: tuple[str, ...] | list[str], size: int = 224
     spec = get_backbone("efficientnet_lite0")
     base = spec.build(size, weights=str(weights))
     kernel, bias = imagenet_head(packaged_source(spec))
-    x = np.stack([eval_transform(decode_image(photo(n)), size, spec.crop_fraction)
-                  for n in names])
+    x = np.stack([eval_transform(decode_image(photo(n)), size, spec.crop_fraction) for n in names])
     for layer in preprocessing_layers(spec.preprocessing):  # the classifier's own layers
         x = layer(x)
     logits = np.asarray(base(x)).mean(axis=(1, 2)) @ kernel + bias
     p = np.exp(logits - logits.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
-    return {n: [(int(c), float(p[i, c])) for c in np.argsort(-p[i])[:5]]
-            for i, n in enumerate(names)}
+    return {
+        n: [(int(c), float(p[i, c])) for c in np.argsort(-p[i])[:5]] for i, n in enumerate(names)
+    }
 
 
 def main() -> None:
@@ -74,11 +94,26 @@ def main() -> None:
         os.environ["KERAS_HOME"] = home
         start = time.perf_counter()
         weights = ensure_imagenet(get_backbone("efficientnet_lite0"))
-        print(json.dumps({"name": "efficientnet_lite0_convert_seconds",
-                          "value": round(time.perf_counter() - start, 2), "unit": "s"}))
+        print(
+            json.dumps(
+                {
+                    "name": "efficientnet_lite0_convert_seconds",
+                    "value": round(time.perf_counter() - start, 2),
+                    "unit": "s",
+                }
+            )
+        )
         for name, top in top5(weights, PHOTOS).items():
-            print(json.dumps({"photo": name, "top5": [
-                {"class": c, "name": NAMES.get(c), "p": round(p, 3)} for c, p in top]}))
+            print(
+                json.dumps(
+                    {
+                        "photo": name,
+                        "top5": [
+                            {"class": c, "name": NAMES.get(c), "p": round(p, 3)} for c, p in top
+                        ],
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,7 @@ CORE: dict[str, tuple[list[str], tuple[int, ...], str]] = {
     "recipe small-data": (["--recipe", "small-data"], ALL_K, "all"),
 }
 SWEEP: dict[str, tuple[list[str], tuple[int, ...], str]] = {
-    f"head on 5 views, --augment {preset}": ([*HEAD, *VIEWS, "--augment", preset], (10,),
-                                             "first")
+    f"head on 5 views, --augment {preset}": ([*HEAD, *VIEWS, "--augment", preset], (10,), "first")
     for preset in ("none", "standard", "alexnet", "vgg", "auto")
 } | {
     "recipe medium-data": (["--recipe", "medium-data"], (10,), "first"),
@@ -99,8 +98,11 @@ SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
 # --multicrop: the defaults with each augment preset, each run evaluated with these views
 PRESETS = ("none", "light", "standard", "alexnet", "vgg")
 VIEW_MODES = ("1", "auto", "10", "dense")
-ENSEMBLE = ("head on 5 views, --augment light", "head only (--freeze all --epochs 0)",
-            "recipe small-data")
+ENSEMBLE = (
+    "head on 5 views, --augment light",
+    "head only (--freeze all --epochs 0)",
+    "recipe small-data",
+)
 
 
 def log(msg: str) -> None:
@@ -117,7 +119,7 @@ def tlkit(*args: str) -> dict[str, Any]:
     if result.exit_code != 0:
         raise RuntimeError(f"tlkit {' '.join(args)} exited {result.exit_code}: {result.output}")
     out = result.stdout
-    return json.loads(out[out.index("{"):])
+    return json.loads(out[out.index("{") :])
 
 
 def clear() -> None:
@@ -152,16 +154,35 @@ def make_task(root: Path, k: int, seed: int) -> Path:
         val = rng.sample(val_pool, min(k, len(val_pool)))
         copy_files(train, root / "train" / c)
         copy_files(val, root / "val" / c)
-        copy_files([f for f in train_pool if f not in train] + digits("test", c),
-                   root / "test" / c)
+        copy_files([f for f in train_pool if f not in train] + digits("test", c), root / "test" / c)
     return root
 
 
 def train_trunk(work: Path, out: Path, epochs: int) -> Path:
     """The source model: tlkit trains ResNet50 from scratch on digits 0-4."""
-    tlkit("finetune", str(make_source(work / "source")), "--weights", "none", *COMMON,
-          "--augment", "none", "--freeze", "0", "--head-epochs", "0", "--epochs", str(epochs),
-          "--lr", "1e-3", "--fine-tune-lr", "1e-3", "--patience", str(epochs), "-o", str(out))
+    tlkit(
+        "finetune",
+        str(make_source(work / "source")),
+        "--weights",
+        "none",
+        *COMMON,
+        "--augment",
+        "none",
+        "--freeze",
+        "0",
+        "--head-epochs",
+        "0",
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "1e-3",
+        "--fine-tune-lr",
+        "1e-3",
+        "--patience",
+        str(epochs),
+        "-o",
+        str(out),
+    )
     clear()
     return out
 
@@ -177,8 +198,15 @@ def load_images(files: Sequence[Path]) -> Any:
     import numpy as np
     from PIL import Image
 
-    return np.stack([np.asarray(Image.open(f).convert("RGB").resize(
-        (SIZE, SIZE), Image.Resampling.BILINEAR), dtype=np.float32) for f in files])
+    return np.stack(
+        [
+            np.asarray(
+                Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR),
+                dtype=np.float32,
+            )
+            for f in files
+        ]
+    )
 
 
 def split_files(task: Path, split: str) -> tuple[list[Path], Any]:
@@ -198,8 +226,9 @@ def reference_features(trunk: Path, task: Path) -> dict[str, tuple[Any, Any]]:
 
     source = keras.saving.load_model(trunk / "model.keras")
     if BACKBONE == "resnet50":
-        base = keras.applications.ResNet50(weights=None, include_top=False,
-                                           input_shape=(SIZE, SIZE, 3), pooling="avg")
+        base = keras.applications.ResNet50(
+            weights=None, include_top=False, input_shape=(SIZE, SIZE, 3), pooling="avg"
+        )
         preprocess = keras.applications.resnet50.preprocess_input
     else:  # --smoke: the test backbone has no keras.applications twin
         from tlkit.models.backbones import get_backbone
@@ -208,7 +237,8 @@ def reference_features(trunk: Path, task: Path) -> dict[str, tuple[Any, Any]]:
         inner = spec.build(SIZE)
         base = keras.Model(inner.input, keras.layers.GlobalAveragePooling2D()(inner.output))
         preprocess = lambda x: keras.applications.imagenet_utils.preprocess_input(  # noqa: E731
-            x, mode=spec.preprocessing)
+            x, mode=spec.preprocessing
+        )
     base.set_weights(source.get_layer("backbone").get_weights())
     out = {}
     for split in ("train", "val", "test"):
@@ -225,14 +255,26 @@ def keras_reference(feats: dict[str, tuple[Any, Any]], seed: int) -> float:
 
     keras.utils.set_random_seed(seed)
     (x, y), (xv, yv), (xt, yt) = feats["train"], feats["val"], feats["test"]
-    model = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Dropout(0.2),
-                              keras.layers.Dense(len(TARGET_CLASSES), activation="softmax")])
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input(x.shape[1:]),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(len(TARGET_CLASSES), activation="softmax"),
+        ]
+    )
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     stop = keras.callbacks.EarlyStopping(patience=30, restore_best_weights=True)
-    model.fit(x, y, batch_size=32, epochs=REFERENCE_EPOCHS, validation_data=(xv, yv),
-              callbacks=[stop],
-              verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=REFERENCE_EPOCHS,
+        validation_data=(xv, yv),
+        callbacks=[stop],
+        verbose=0,
+    )
     acc = float((model.predict(xt, verbose=0).argmax(1) == yt).mean())
     clear()
     return acc
@@ -257,9 +299,17 @@ def logreg_probe(feats: dict[str, tuple[Any, Any]]) -> float:
     return float((best[1].predict(xt) == yt).mean())
 
 
-def run_task(work: Path, trunk: Path, k: int, seed: int, first_seed: bool,
-             configs: dict[str, Any], multicrop_config: str, record: Callable[..., None],
-             references: bool = True) -> None:
+def run_task(
+    work: Path,
+    trunk: Path,
+    k: int,
+    seed: int,
+    first_seed: bool,
+    configs: dict[str, Any],
+    multicrop_config: str,
+    record: Callable[..., None],
+    references: bool = True,
+) -> None:
     task = make_task(work / f"task-k{k}-s{seed}", k, seed)
     runs: dict[str, Path] = {}
     for name, (flags, ks, seeds) in configs.items():
@@ -267,8 +317,18 @@ def run_task(work: Path, trunk: Path, k: int, seed: int, first_seed: bool,
             continue
         out = work / "runs" / f"k{k}-s{seed}-{len(runs)}"
         start = time.perf_counter()
-        tlkit("finetune", str(task), "--weights", str(trunk), *COMMON, "--seed", str(seed),
-              *flags, "-o", str(out))
+        tlkit(
+            "finetune",
+            str(task),
+            "--weights",
+            str(trunk),
+            *COMMON,
+            "--seed",
+            str(seed),
+            *flags,
+            "-o",
+            str(out),
+        )
         train_s = time.perf_counter() - start
         clear()
         runs[name] = out
@@ -284,52 +344,111 @@ def run_task(work: Path, trunk: Path, k: int, seed: int, first_seed: bool,
         m = tlkit("eval", *map(str, members), str(task), "--split", "test", "--name", "ens")
         clear()
         record("ensemble of 3 head-only runs", k, seed, m["top1"])
-        record("its best member", k, seed, max(r["single_crop_top1"]
-                                               for r in m["comparison"][:3]))
+        record("its best member", k, seed, max(r["single_crop_top1"] for r in m["comparison"][:3]))
     if not references:
         shutil.rmtree(work / "runs", ignore_errors=True)
         shutil.rmtree(task, ignore_errors=True)
         return
     start = time.perf_counter()
     feats = reference_features(trunk, task)
-    record("keras-reference (plain Keras, frozen)", k, seed, keras_reference(feats, seed),
-           seconds=time.perf_counter() - start)
+    record(
+        "keras-reference (plain Keras, frozen)",
+        k,
+        seed,
+        keras_reference(feats, seed),
+        seconds=time.perf_counter() - start,
+    )
     record("logreg-probe (sklearn, frozen)", k, seed, logreg_probe(feats))
     if k == 10:
         out = work / "runs" / f"scratch-k{k}-s{seed}"
         start = time.perf_counter()
-        tlkit("finetune", str(task), "--weights", "none", *COMMON, "--seed", str(seed),
-              "--head-epochs", "0", "--epochs", "10", "--lr", "1e-3", "--fine-tune-lr", "1e-3",
-              "--patience", "10", "-o", str(out))
+        tlkit(
+            "finetune",
+            str(task),
+            "--weights",
+            "none",
+            *COMMON,
+            "--seed",
+            str(seed),
+            "--head-epochs",
+            "0",
+            "--epochs",
+            "10",
+            "--lr",
+            "1e-3",
+            "--fine-tune-lr",
+            "1e-3",
+            "--patience",
+            "10",
+            "-o",
+            str(out),
+        )
         train_s = time.perf_counter() - start
         clear()
-        record("scratch (ResNet50, random init)", k, seed,
-               evaluate(out, task)["comparison"][0]["single_crop_top1"], seconds=train_s)
+        record(
+            "scratch (ResNet50, random init)",
+            k,
+            seed,
+            evaluate(out, task)["comparison"][0]["single_crop_top1"],
+            seconds=train_s,
+        )
     shutil.rmtree(work / "runs", ignore_errors=True)
     shutil.rmtree(task, ignore_errors=True)
 
 
-def run_views_task(work: Path, trunk: Path, seed: int, presets: Sequence[str],
-                   record: Callable[..., None]) -> None:
+def run_views_task(
+    work: Path, trunk: Path, seed: int, presets: Sequence[str], record: Callable[..., None]
+) -> None:
     """Per augment preset: the defaults trained once, then `tlkit eval` with every view mode."""
     task = make_task(work / f"task-views-s{seed}", 10, seed)
     for preset in presets:
         out = work / "runs" / f"views-s{seed}-{preset}"
-        tlkit("finetune", str(task), "--weights", str(trunk), *COMMON, "--seed", str(seed),
-              "--augment", preset, "-o", str(out))
+        tlkit(
+            "finetune",
+            str(task),
+            "--weights",
+            str(trunk),
+            *COMMON,
+            "--seed",
+            str(seed),
+            "--augment",
+            preset,
+            "-o",
+            str(out),
+        )
         clear()
         seen = json.loads((out / "run.json").read_text())["views_seen"]
         for mode in VIEW_MODES:
             start = time.perf_counter()
-            m = tlkit("eval", str(out), str(task), "--split", "test", "--multicrop", mode,
-                      "--name", f"views-{mode}")
+            m = tlkit(
+                "eval",
+                str(out),
+                str(task),
+                "--split",
+                "test",
+                "--multicrop",
+                mode,
+                "--name",
+                f"views-{mode}",
+            )
             seconds = time.perf_counter() - start
             clear()
             views = m["views"][0]
-            record(f"--augment {preset}", 10, seed, m["top1"], seconds=seconds, views=mode,
-                   chosen=views["views"], count=views["count"], seen=seen["why"])
-            log(f"seed={seed} --augment {preset} --multicrop {mode}: {m['top1']:.4f} "
-                f"({views['views']}, {views['count']} views, {seconds:.0f} s)")
+            record(
+                f"--augment {preset}",
+                10,
+                seed,
+                m["top1"],
+                seconds=seconds,
+                views=mode,
+                chosen=views["views"],
+                count=views["count"],
+                seen=seen["why"],
+            )
+            log(
+                f"seed={seed} --augment {preset} --multicrop {mode}: {m['top1']:.4f} "
+                f"({views['views']}, {views['count']} views, {seconds:.0f} s)"
+            )
     shutil.rmtree(work / "runs", ignore_errors=True)
     shutil.rmtree(task, ignore_errors=True)
 
@@ -370,8 +489,9 @@ def quickstart_features(run: Path) -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def run_quickstart(work: Path, seeds: Sequence[int], smoke: bool,
-                   record: Callable[..., None]) -> None:
+def run_quickstart(
+    work: Path, seeds: Sequence[int], smoke: bool, record: Callable[..., None]
+) -> None:
     configs = QUICKSTART
     size: list[str] = []
     if smoke:  # the mechanics at 32 px: the test backbone's head
@@ -382,8 +502,22 @@ def run_quickstart(work: Path, seeds: Sequence[int], smoke: bool,
         for name, (backbone, weights, flags) in configs.items():
             out = work / "runs" / f"quickstart-{backbone}-{weights}-{len(flags)}-s{seed}"
             start = time.perf_counter()
-            tlkit("finetune", str(QUICKSTART_DATA), "--backbone", backbone, "--weights", weights,
-                  *size, "--workers", "2", *flags, "--seed", str(seed), "-o", str(out))
+            tlkit(
+                "finetune",
+                str(QUICKSTART_DATA),
+                "--backbone",
+                backbone,
+                "--weights",
+                weights,
+                *size,
+                "--workers",
+                "2",
+                *flags,
+                "--seed",
+                str(seed),
+                "-o",
+                str(out),
+            )
             seconds = time.perf_counter() - start
             clear()
             m = tlkit("eval", str(out), str(QUICKSTART_DATA), "--split", "test")
@@ -394,8 +528,13 @@ def run_quickstart(work: Path, seeds: Sequence[int], smoke: bool,
                 probed = out
     if probed is not None:  # the probe is deterministic: one fit on the first head's features
         name = next(n for n, c in configs.items() if c[2] == HEAD)
-        record(f"logreg-probe on the features of {name.split(', head')[0]}", 0, seeds[0],
-               logreg_probe(quickstart_features(probed)), protocol="quickstart")
+        record(
+            f"logreg-probe on the features of {name.split(', head')[0]}",
+            0,
+            seeds[0],
+            logreg_probe(quickstart_features(probed)),
+            protocol="quickstart",
+        )
 
 
 # Real pictures: one class per folder of DIR (scripts/fetch_openclipart.py), at most
@@ -443,8 +582,10 @@ def picture_pixels(files: Sequence[Path]) -> tuple[Any, list[int]]:
             continue
         kept.append(i)
         scale = 256 / min(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                       Image.Resampling.BILINEAR)
+        im = im.resize(
+            (max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+            Image.Resampling.BILINEAR,
+        )
         left, top = (im.width - PICTURES_SIZE) // 2, (im.height - PICTURES_SIZE) // 2
         out.append(np.asarray(im.crop((left, top, left + PICTURES_SIZE, top + PICTURES_SIZE))))
     return np.stack(out), kept
@@ -459,17 +600,25 @@ def picture_features(pixels: Any, backbone: str, weights: str) -> Any:
 
     keras.utils.set_random_seed(0)
     if backbone == "resnet50":
-        base = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg",
-                                           input_shape=(PICTURES_SIZE, PICTURES_SIZE, 3))
+        base = keras.applications.ResNet50(
+            weights=None,
+            include_top=False,
+            pooling="avg",
+            input_shape=(PICTURES_SIZE, PICTURES_SIZE, 3),
+        )
         x = keras.applications.resnet50.preprocess_input(pixels.astype(np.float32))
     else:
         spec = get_backbone(backbone)
-        inner = spec.build(PICTURES_SIZE, weights=str(ensure_imagenet(spec))
-                           if weights == "imagenet" else None)
+        inner = spec.build(
+            PICTURES_SIZE, weights=str(ensure_imagenet(spec)) if weights == "imagenet" else None
+        )
         base = keras.Model(inner.input, keras.layers.GlobalAveragePooling2D()(inner.output))
         x = pixels.astype(np.float32)
-        x = ((x - 127) / 128 if spec.preprocessing == "lite"  # EfficientNet-Lite's
-             else keras.applications.imagenet_utils.preprocess_input(x, mode=spec.preprocessing))
+        x = (
+            (x - 127) / 128
+            if spec.preprocessing == "lite"  # EfficientNet-Lite's
+            else keras.applications.imagenet_utils.preprocess_input(x, mode=spec.preprocessing)
+        )
     features = base.predict(x, batch_size=32, verbose=0)
     clear()
     return features
@@ -493,8 +642,13 @@ def smoke_pictures(root: Path) -> Path:
     return root
 
 
-def run_pictures(root: Path, seeds: Sequence[int], k: int, record: Callable[..., None],
-                 backbones: dict[str, tuple[str, str]] = PICTURE_FEATURES) -> None:
+def run_pictures(
+    root: Path,
+    seeds: Sequence[int],
+    k: int,
+    record: Callable[..., None],
+    backbones: dict[str, tuple[str, str]] = PICTURE_FEATURES,
+) -> None:
     import numpy as np
     from PIL import Image
 
@@ -502,8 +656,10 @@ def run_pictures(root: Path, seeds: Sequence[int], k: int, record: Callable[...,
     start = time.perf_counter()
     pixels, kept = picture_pixels(files)
     files, labels = [files[i] for i in kept], labels[kept]
-    log(f"pictures: {len(files)} drawings of {labels.max() + 1} classes decoded in "
-        f"{time.perf_counter() - start:.0f} s")
+    log(
+        f"pictures: {len(files)} drawings of {labels.max() + 1} classes decoded in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     small = np.stack([np.asarray(Image.fromarray(p).resize((32, 32))) for p in pixels])
     small = small.reshape(len(pixels), -1).astype(np.float32)
     features = {"raw pixels (32x32)": small}
@@ -517,7 +673,7 @@ def run_pictures(root: Path, seeds: Sequence[int], k: int, record: Callable[...,
         for c in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == c))
             split[members[:k]] = "train"
-            split[members[k:k + PICTURES_VAL]] = "val"
+            split[members[k : k + PICTURES_VAL]] = "val"
         for name, x in features.items():
             feats = {s: (x[split == s], labels[split == s]) for s in ("train", "val", "test")}
             top1 = logreg_probe(feats)
@@ -530,38 +686,58 @@ def quickstart_table(rows: list[dict[str, Any]], title: str) -> str:
     for name in dict.fromkeys(r["config"] for r in rows):
         hits = [r for r in rows if r["config"] == name]
         accs = [100 * r["top1"] for r in hits]
-        acc = (f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}" if len(accs) > 1
-               else f"{accs[0]:.1f}")
+        acc = (
+            f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+            if len(accs) > 1
+            else f"{accs[0]:.1f}"
+        )
         secs = [r["seconds"] for r in hits if r["seconds"] is not None]
-        lines.append(f"| {name} | {acc} | {statistics.mean(secs):.0f} |" if secs else
-                     f"| {name} | {acc} | |")
+        lines.append(
+            f"| {name} | {acc} | {statistics.mean(secs):.0f} |" if secs else f"| {name} | {acc} | |"
+        )
     return "\n".join(lines)
 
 
 def views_table(rows: list[dict[str, Any]]) -> str:
     """Preset x view mode: test top-1 mean ± sd over seeds, and eval seconds."""
-    lines = ["| --augment | " + " | ".join(f"--multicrop {m}" for m in VIEW_MODES)
-             + " | auto chose | eval s: " + " / ".join(VIEW_MODES) + " |",
-             "| --- |" + " --- |" * (len(VIEW_MODES) + 2)]
+    lines = [
+        "| --augment | "
+        + " | ".join(f"--multicrop {m}" for m in VIEW_MODES)
+        + " | auto chose | eval s: "
+        + " / ".join(VIEW_MODES)
+        + " |",
+        "| --- |" + " --- |" * (len(VIEW_MODES) + 2),
+    ]
     for config in dict.fromkeys(r["config"] for r in rows):
         cells, secs = [], []
         for mode in VIEW_MODES:
             hits = [r for r in rows if r["config"] == config and r["views"] == mode]
             accs = [100 * r["top1"] for r in hits]
-            cells.append(f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
-                         if len(accs) > 1 else f"{accs[0]:.1f}")
+            cells.append(
+                f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+                if len(accs) > 1
+                else f"{accs[0]:.1f}"
+            )
             secs.append(f"{statistics.mean(r['seconds'] for r in hits):.0f}")
-        chose = ", ".join(r["chosen"] for r in rows if r["config"] == config
-                          and r["views"] == "auto")
-        lines.append(f"| {config.split()[-1]} | " + " | ".join(cells) + f" | {chose} | "
-                     + " / ".join(secs) + " |")
+        chose = ", ".join(
+            r["chosen"] for r in rows if r["config"] == config and r["views"] == "auto"
+        )
+        lines.append(
+            f"| {config.split()[-1]} | "
+            + " | ".join(cells)
+            + f" | {chose} | "
+            + " / ".join(secs)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
     names = list(dict.fromkeys(r["config"] for r in rows))
-    lines = ["| configuration | " + " | ".join(f"k={k}" for k in ks) + " | train s (k=10) |",
-             "| --- | " + " | ".join("---" for _ in ks) + " | --- |"]
+    lines = [
+        "| configuration | " + " | ".join(f"k={k}" for k in ks) + " | train s (k=10) |",
+        "| --- | " + " | ".join("---" for _ in ks) + " | --- |",
+    ]
     for name in names:
         cells = []
         for k in ks:
@@ -570,12 +746,16 @@ def table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
                 cells.append("")
                 continue
             if len(accs) > 1:
-                cells.append(f"{100 * statistics.mean(accs):.1f} ± "
-                             f"{100 * statistics.stdev(accs):.1f}")
+                cells.append(
+                    f"{100 * statistics.mean(accs):.1f} ± {100 * statistics.stdev(accs):.1f}"
+                )
             else:
                 cells.append(f"{100 * accs[0]:.1f} (1 seed)")
-        secs = [r["seconds"] for r in rows if r["config"] == name and r["k"] == 10
-                and r.get("seconds") is not None]
+        secs = [
+            r["seconds"]
+            for r in rows
+            if r["config"] == name and r["k"] == 10 and r.get("seconds") is not None
+        ]
         cells.append(f"{statistics.mean(secs):.0f}" if secs else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -586,33 +766,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k", type=int, nargs="+", help="default 10; with --sweep 5 10 20")
     parser.add_argument("--trunk-epochs", type=int, default=6)
-    parser.add_argument("--trunk", type=Path,
-                        help="the trunk run: reused if it exists, else trained there and kept")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also k = 5 and 20, every preset and recipe (one seed)")
+    parser.add_argument(
+        "--trunk", type=Path, help="the trunk run: reused if it exists, else trained there and kept"
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="also k = 5 and 20, every preset and recipe (one seed)"
+    )
     parser.add_argument("--only", nargs="+", help="configuration names (substrings) to run")
-    parser.add_argument("--no-references", action="store_true",
-                        help="skip the plain-Keras, logistic-regression and scratch rows")
-    parser.add_argument("--smoke", action="store_true",
-                        help="one seed, k=5, two configurations, a one-epoch trunk on the "
-                             "test backbone: checks the figures are produced, nothing more")
-    parser.add_argument("--multicrop", action="store_true",
-                        help="instead of the core table: the defaults with every augment "
-                             "preset, each evaluated with --multicrop 1, auto, 10 and dense")
+    parser.add_argument(
+        "--no-references",
+        action="store_true",
+        help="skip the plain-Keras, logistic-regression and scratch rows",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one seed, k=5, two configurations, a one-epoch trunk on the "
+        "test backbone: checks the figures are produced, nothing more",
+    )
+    parser.add_argument(
+        "--multicrop",
+        action="store_true",
+        help="instead of the core table: the defaults with every augment "
+        "preset, each evaluated with --multicrop 1, auto, 10 and dense",
+    )
     parser.add_argument("--json", type=Path, help="also write every measurement here")
-    parser.add_argument("--quickstart", action="store_true",
-                        help="only the quickstart protocol: data/ as shipped, 224 px")
-    parser.add_argument("--pictures", type=Path,
-                        help="only the real-picture probes, on this folder of class folders "
-                             "(scripts/fetch_openclipart.py OUT makes OUT/images)")
-    parser.add_argument("--real", type=Path,
-                        help="only the real-picture protocol (benchmarks/real_pictures.py) on "
-                             "this folder of class folders: its core (every goal, k = 10); "
-                             "with --sweep its sweep instead (k = 5 and 20, recipes, depths)")
+    parser.add_argument(
+        "--quickstart",
+        action="store_true",
+        help="only the quickstart protocol: data/ as shipped, 224 px",
+    )
+    parser.add_argument(
+        "--pictures",
+        type=Path,
+        help="only the real-picture probes, on this folder of class folders "
+        "(scripts/fetch_openclipart.py OUT makes OUT/images)",
+    )
+    parser.add_argument(
+        "--real",
+        type=Path,
+        help="only the real-picture protocol (benchmarks/real_pictures.py) on "
+        "this folder of class folders: its core (every goal, k = 10); "
+        "with --sweep its sweep instead (k = 5 and 20, recipes, depths)",
+    )
     args = parser.parse_args(argv)
     if args.real and args.k:
-        parser.error(f"--k {' '.join(map(str, args.k))} does not apply to --real: its core "
-                     "runs k = 10 and --sweep k = 5 and 20 (benchmarks/real_pictures.py PLANS)")
+        parser.error(
+            f"--k {' '.join(map(str, args.k))} does not apply to --real: its core "
+            "runs k = 10 and --sweep k = 5 and 20 (benchmarks/real_pictures.py PLANS)"
+        )
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
     if args.only:
@@ -621,15 +823,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         global BACKBONE, REFERENCE_EPOCHS
         BACKBONE, REFERENCE_EPOCHS = "test_resnet", 20
         args.seeds, args.k, args.trunk_epochs = [0], [5], 1
-        configs = {"defaults": ([], (5,), "all"),
-                   "recipe small-data": (["--recipe", "small-data"], (5,), "all")}
+        configs = {
+            "defaults": ([], (5,), "all"),
+            "recipe small-data": (["--recipe", "small-data"], (5,), "all"),
+        }
     COMMON.extend(["--backbone", BACKBONE])  # the trunk's architecture, not tlkit's default
     rows: list[dict[str, Any]] = []
 
-    def record(config: str, k: int, seed: int, top1: float, seconds: float | None = None,
-               **extra: Any) -> None:
-        row = {"config": config, "k": k, "seed": seed, "top1": round(top1, 4),
-               "seconds": None if seconds is None else round(seconds, 1), **extra}
+    def record(
+        config: str, k: int, seed: int, top1: float, seconds: float | None = None, **extra: Any
+    ) -> None:
+        row = {
+            "config": config,
+            "k": k,
+            "seed": seed,
+            "top1": round(top1, 4),
+            "seconds": None if seconds is None else round(seconds, 1),
+            **extra,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -644,16 +855,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.real or args.smoke:
             from real_pictures import run_real
 
-            run_real(args.real, work, [0] if args.smoke else args.seeds, args.sweep,
-                     args.only, record, args.smoke)
+            run_real(
+                args.real,
+                work,
+                [0] if args.smoke else args.seeds,
+                args.sweep,
+                args.only,
+                record,
+                args.smoke,
+            )
             args.quickstart = args.quickstart or bool(args.real)
         if args.smoke:
-            run_pictures(smoke_pictures(work / "pictures"), [0], 4, record,
-                         {"test_resnet, random weights": ("test_resnet", "none")})
+            run_pictures(
+                smoke_pictures(work / "pictures"),
+                [0],
+                4,
+                record,
+                {"test_resnet, random weights": ("test_resnet", "none")},
+            )
         trunk = args.trunk or work / "trunk"
         if not args.quickstart and not (trunk / "run.json").is_file():
-            log(f"training the trunk: {BACKBONE} from scratch on digits 0-4, "
-                f"{args.trunk_epochs} epochs")
+            log(
+                f"training the trunk: {BACKBONE} from scratch on digits 0-4, "
+                f"{args.trunk_epochs} epochs"
+            )
             t = time.perf_counter()
             train_trunk(work, trunk, args.trunk_epochs)
             log(f"trunk trained in {time.perf_counter() - t:.0f} s")
@@ -663,8 +888,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.multicrop:
                 continue
             for k in args.k:
-                run_task(work, trunk, k, seed, seed == args.seeds[0], configs, "defaults",
-                         record, not args.no_references)
+                run_task(
+                    work,
+                    trunk,
+                    k,
+                    seed,
+                    seed == args.seeds[0],
+                    configs,
+                    "defaults",
+                    record,
+                    not args.no_references,
+                )
     total = time.perf_counter() - started
     views_rows = [r for r in rows if "views" in r and r.get("protocol") != "real-views"]
     quick_rows = [r for r in rows if r.get("protocol") in ("quickstart", "pictures")]
@@ -674,24 +908,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(real_table(real_rows, sorted({r["k"] for r in real_rows})))
         print(views_cost_table([r for r in rows if r.get("protocol") == "real-views"]))
-    for protocol, title in (("quickstart", "data/ as shipped (drawings), 224 px"),
-                            ("pictures", f"drawings, {PICTURES_SIZE} px, probes")):
+    for protocol, title in (
+        ("quickstart", "data/ as shipped (drawings), 224 px"),
+        ("pictures", f"drawings, {PICTURES_SIZE} px, probes"),
+    ):
         these = [r for r in quick_rows if r["protocol"] == protocol]
         if these:
             print(quickstart_table(these, title))
     if views_rows:
         print(views_table(views_rows))
     if not args.multicrop and not args.quickstart:
-        print(table([r for r in rows if "views" not in r and r not in quick_rows
-                     and not r.get("protocol", "").startswith("real")], args.k))
+        print(
+            table(
+                [
+                    r
+                    for r in rows
+                    if "views" not in r
+                    and r not in quick_rows
+                    and not r.get("protocol", "").startswith("real")
+                ],
+                args.k,
+            )
+        )
     if args.quickstart:
         print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all")
     else:
-        print(f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all (trunk included), "
-              f"recipes not run here: {', '.join(SKIPPED_RECIPES)} (another backbone and size)")
+        print(
+            f"\n{len(args.seeds)} seed(s), {total / 60:.1f} min in all (trunk included), "
+            f"recipes not run here: {', '.join(SKIPPED_RECIPES)} (another backbone and size)"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "minutes": round(total / 60, 1)},
-                                        indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "minutes": round(total / 60, 1)}, indent=1))
     return 0
 
 

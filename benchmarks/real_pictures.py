@@ -41,10 +41,20 @@ from typing import Any
 
 from quality import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, tlkit
 
-CLASSES = ("animals_birds", "animals_bugs", "animals_mammals", "computer_hardware",
-           "food_desserts", "food_fruit", "people_stickmen", "recreation_music",
-           "recreation_sports", "signs_and_symbols_flags", "transportation_roadsigns",
-           "transportation_vehicles")
+CLASSES = (
+    "animals_birds",
+    "animals_bugs",
+    "animals_mammals",
+    "computer_hardware",
+    "food_desserts",
+    "food_fruit",
+    "people_stickmen",
+    "recreation_music",
+    "recreation_sports",
+    "signs_and_symbols_flags",
+    "transportation_roadsigns",
+    "transportation_vehicles",
+)
 CAP, VAL, SIZE = 50, 5, 224
 MAX_PIXELS = 100_000_000  # tlkit's default --max-pixels
 HEAD_ONLY = "frozen: head only (--freeze all --epochs 0)"
@@ -71,13 +81,28 @@ OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options lef
 # "background" (the probe over mid-grey), "fine-tuned reference", "scratch".
 MAIN_K = 10
 PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
-    "core": {MAIN_K: (["defaults", "--freeze auto", "--augment auto", HEAD_ONLY],
-                      {"views", "ensemble", "reference", "background", "fine-tuned reference",
-                       "scratch"})},
-    "sweep": {5: (["defaults", HEAD_ONLY], {"reference"}),
-              MAIN_K: (["recipe small-data", "recipe medium-data", "recipe large-data",
-                        "recipe alexnet-augment", LAST_STAGES, CANDIDATE, *OPTIONS], set()),
-              20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"})},
+    "core": {
+        MAIN_K: (
+            ["defaults", "--freeze auto", "--augment auto", HEAD_ONLY],
+            {"views", "ensemble", "reference", "background", "fine-tuned reference", "scratch"},
+        )
+    },
+    "sweep": {
+        5: (["defaults", HEAD_ONLY], {"reference"}),
+        MAIN_K: (
+            [
+                "recipe small-data",
+                "recipe medium-data",
+                "recipe large-data",
+                "recipe alexnet-augment",
+                LAST_STAGES,
+                CANDIDATE,
+                *OPTIONS,
+            ],
+            set(),
+        ),
+        20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"}),
+    },
 }
 SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
 VIEW_MODES = ("1", "auto", "10", "dense")  # `tlkit eval --multicrop` on the defaults' run
@@ -93,8 +118,10 @@ def pool(root: Path) -> dict[str, list[Path]]:
 
     missing = [c for c in CLASSES if not (root / c).is_dir()]
     if missing:
-        raise SystemExit(f"{root}: no class folder {', '.join(missing)}; make it with "
-                         "python scripts/fetch_openclipart.py OUT (then --real OUT/images)")
+        raise SystemExit(
+            f"{root}: no class folder {', '.join(missing)}; make it with "
+            "python scripts/fetch_openclipart.py OUT (then --real OUT/images)"
+        )
     out, over = {}, 0
     rng = random.Random(0)
     limit = Image.MAX_IMAGE_PIXELS
@@ -112,8 +139,10 @@ def pool(root: Path) -> dict[str, list[Path]]:
             rng.shuffle(files)
             out[c] = sorted(files[:CAP])
     Image.MAX_IMAGE_PIXELS = limit
-    log(f"real: {sum(map(len, out.values()))} drawings of {len(out)} classes ({over} over "
-        f"{MAX_PIXELS / 1e6:.0f} megapixels left out)")
+    log(
+        f"real: {sum(map(len, out.values()))} drawings of {len(out)} classes ({over} over "
+        f"{MAX_PIXELS / 1e6:.0f} megapixels left out)"
+    )
     return out
 
 
@@ -123,8 +152,11 @@ def make_task(root: Path, drawings: dict[str, list[Path]], k: int, seed: int) ->
     for c, files in drawings.items():
         files = list(files)
         rng.shuffle(files)
-        for split, part in (("train", files[:k]), ("val", files[k:k + VAL]),
-                            ("test", files[k + VAL:])):
+        for split, part in (
+            ("train", files[:k]),
+            ("val", files[k : k + VAL]),
+            ("test", files[k + VAL :]),
+        ):
             (root / split / c).mkdir(parents=True, exist_ok=True)
             for f in part:
                 os.symlink(f.resolve(), root / split / c / f.name)
@@ -161,8 +193,10 @@ def pixels(files: Sequence[Path], background: tuple[int, int, int] | None = None
         under = Image.new("RGBA", rgba.size, (*background, 255))
         im = Image.alpha_composite(under, rgba).convert("RGB")
         scale = SIZE * 8 / 7 / min(im.size)  # 256 for 224: the eval view's 0.875
-        im = im.resize((max(SIZE, round(im.width * scale)), max(SIZE, round(im.height * scale))),
-                       Image.Resampling.BILINEAR)
+        im = im.resize(
+            (max(SIZE, round(im.width * scale)), max(SIZE, round(im.height * scale))),
+            Image.Resampling.BILINEAR,
+        )
         left, top = (im.width - SIZE) // 2, (im.height - SIZE) // 2
         out.append(np.asarray(im.crop((left, top, left + SIZE, top + SIZE))))
     return np.stack(out).astype(np.float32)
@@ -191,8 +225,9 @@ class KeepBest:
         return _KeepBest()
 
 
-def keras_reference(task: Path, backbone: str, seed: int, extras: set[str],
-                    record: Callable[..., None], k: int) -> None:
+def keras_reference(
+    task: Path, backbone: str, seed: int, extras: set[str], record: Callable[..., None], k: int
+) -> None:
     """The Keras guide's two stages (the second if "fine-tuned reference" is in `extras`), the
     probe on the stage-1 features, and the probe over mid-grey if "background" is."""
     import keras
@@ -219,33 +254,64 @@ def keras_reference(task: Path, backbone: str, seed: int, extras: set[str],
     head = keras.Sequential([keras.Input(f.shape[1:]), dropout, dense])
     head.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     stop = keras.callbacks.EarlyStopping(patience=20, restore_best_weights=True)
-    history = head.fit(f, y, batch_size=32, epochs=REFERENCE_EPOCHS, validation_data=(fv, yv),
-                       callbacks=[stop], verbose=0)
+    history = head.fit(
+        f,
+        y,
+        batch_size=32,
+        epochs=REFERENCE_EPOCHS,
+        validation_data=(fv, yv),
+        callbacks=[stop],
+        verbose=0,
+    )
     head_loss = min(history.history["val_loss"])
     frozen_s = time.perf_counter() - start
     test_files, yt = split_files(task, "test")
     xt = pixels(test_files)
     ft = features.predict(xt, batch_size=32, verbose=0)
-    record("keras-reference, frozen (head on features)", k, seed,
-           float((head.predict(ft, verbose=0).argmax(1) == yt).mean()), seconds=frozen_s)
-    record("logreg-probe (sklearn, same features)", k, seed,
-           logreg_probe({"train": (f, y), "val": (fv, yv), "test": (ft, yt)}))
+    record(
+        "keras-reference, frozen (head on features)",
+        k,
+        seed,
+        float((head.predict(ft, verbose=0).argmax(1) == yt).mean()),
+        seconds=frozen_s,
+    )
+    record(
+        "logreg-probe (sklearn, same features)",
+        k,
+        seed,
+        logreg_probe({"train": (f, y), "val": (fv, yv), "test": (ft, yt)}),
+    )
     if "background" in extras:  # the same probe on drawings composited over mid-grey
-        grey = {split: (features.predict(pixels(files, GREY), batch_size=32, verbose=0), labels)
-                for split, files, labels in (("train", ftr, y), ("val", fva, yv),
-                                             ("test", test_files, yt))}
-        record("logreg-probe, alpha over mid-grey instead of white", k, seed,
-               logreg_probe(grey))
+        grey = {
+            split: (features.predict(pixels(files, GREY), batch_size=32, verbose=0), labels)
+            for split, files, labels in (
+                ("train", ftr, y),
+                ("val", fva, yv),
+                ("test", test_files, yt),
+            )
+        }
+        record("logreg-probe, alpha over mid-grey instead of white", k, seed, logreg_probe(grey))
     if "fine-tuned reference" in extras:
         base.trainable = True  # the guide: unfreeze, BatchNorm stays in inference mode
         model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy")
         stop = keras.callbacks.EarlyStopping(patience=FINE_TUNE_PATIENCE)
-        model.fit(x, y, batch_size=32, epochs=FINE_TUNE_EPOCHS, validation_data=(xv, yv),
-                  callbacks=[stop, KeepBest(head_loss)], verbose=0)
+        model.fit(
+            x,
+            y,
+            batch_size=32,
+            epochs=FINE_TUNE_EPOCHS,
+            validation_data=(xv, yv),
+            callbacks=[stop, KeepBest(head_loss)],
+            verbose=0,
+        )
         seconds = time.perf_counter() - start
-        record("keras-reference, fine-tuned (the guide's 2 stages)", k, seed,
-               float((model.predict(xt, batch_size=32, verbose=0).argmax(1) == yt).mean()),
-               seconds=seconds)
+        record(
+            "keras-reference, fine-tuned (the guide's 2 stages)",
+            k,
+            seed,
+            float((model.predict(xt, batch_size=32, verbose=0).argmax(1) == yt).mean()),
+            seconds=seconds,
+        )
     clear()
 
 
@@ -257,23 +323,41 @@ def finetune(task: Path, out: Path, flags: Sequence[str]) -> float:
     return seconds
 
 
-def evaluate(runs: Sequence[Path], task: Path, multicrop: str = "1", name: str = "test"
-             ) -> tuple[dict[str, Any], float]:
+def evaluate(
+    runs: Sequence[Path], task: Path, multicrop: str = "1", name: str = "test"
+) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
-    m = tlkit("eval", *map(str, runs), str(task), "--split", "test", "--multicrop", multicrop,
-              "--name", name)
+    m = tlkit(
+        "eval",
+        *map(str, runs),
+        str(task),
+        "--split",
+        "test",
+        "--multicrop",
+        multicrop,
+        "--name",
+        name,
+    )
     seconds = time.perf_counter() - start
     clear()
     return m, seconds
 
 
-def run_seed(work: Path, drawings: dict[str, list[Path]], k: int, seed: int,
-             names: Sequence[str], extras: set[str], record: Callable[..., None],
-             smoke: bool = False) -> None:
+def run_seed(
+    work: Path,
+    drawings: dict[str, list[Path]],
+    k: int,
+    seed: int,
+    names: Sequence[str],
+    extras: set[str],
+    record: Callable[..., None],
+    smoke: bool = False,
+) -> None:
     """One seed's task at k: each named configuration trained and tested, then `extras`."""
     task = make_task(work / f"real-k{k}-s{seed}", drawings, k, seed)
-    base_flags = ["--backbone", "test_resnet", "--weights", "none", "--input-size", "32"] \
-        if smoke else []
+    base_flags = (
+        ["--backbone", "test_resnet", "--weights", "none", "--input-size", "32"] if smoke else []
+    )
     configs = SMOKE_CONFIGS if smoke else CONFIGS
     runs: dict[str, Path] = {}
     one = 0.0  # seconds of the defaults' one-crop eval
@@ -297,39 +381,96 @@ def run_seed(work: Path, drawings: dict[str, list[Path]], k: int, seed: int,
         members = [runs["defaults"]]
         for extra in ENSEMBLE_SEEDS:
             out = work / "runs" / f"real-k{k}-s{seed}-member{extra}"
-            finetune(task, out, [*base_flags, "--seed", str(seed + extra),
-                                 *configs["defaults"]])
+            finetune(task, out, [*base_flags, "--seed", str(seed + extra), *configs["defaults"]])
             members.append(out)
         m, _ = evaluate(members, task, "1", "ensemble")
-        record("ensemble of 3 defaults runs (seeds s, s+1000, s+2000)", k, seed, m["top1"],
-               protocol="real")
-        record("its best member", k, seed, max(r["single_crop_top1"]
-                                               for r in m["comparison"][:3]), protocol="real")
+        record(
+            "ensemble of 3 defaults runs (seeds s, s+1000, s+2000)",
+            k,
+            seed,
+            m["top1"],
+            protocol="real",
+        )
+        record(
+            "its best member",
+            k,
+            seed,
+            max(r["single_crop_top1"] for r in m["comparison"][:3]),
+            protocol="real",
+        )
     if "reference" in extras:
-        keras_reference(task, "test_resnet" if smoke else "efficientnet_lite0", seed, extras,
-                        lambda *a, **kw: record(*a, **kw, protocol="real"), k)
+        keras_reference(
+            task,
+            "test_resnet" if smoke else "efficientnet_lite0",
+            seed,
+            extras,
+            lambda *a, **kw: record(*a, **kw, protocol="real"),
+            k,
+        )
     if "scratch" in extras:
         out = work / "runs" / f"real-scratch-k{k}-s{seed}"
         epochs = "2" if smoke else str(SCRATCH_EPOCHS)
-        seconds = finetune(task, out, [*base_flags, "--seed", str(seed), "--weights", "none",
-                                       "--freeze", "0", "--head-epochs", "0", "--epochs", epochs,
-                                       "--lr", "1e-3", "--fine-tune-lr", "1e-3",
-                                       "--patience", epochs])
+        seconds = finetune(
+            task,
+            out,
+            [
+                *base_flags,
+                "--seed",
+                str(seed),
+                "--weights",
+                "none",
+                "--freeze",
+                "0",
+                "--head-epochs",
+                "0",
+                "--epochs",
+                epochs,
+                "--lr",
+                "1e-3",
+                "--fine-tune-lr",
+                "1e-3",
+                "--patience",
+                epochs,
+            ],
+        )
         m, _ = evaluate([out], task)
-        record(f"scratch (random init, every layer, {epochs} epochs)", k, seed, m["top1"],
-               seconds=seconds, protocol="real")
+        record(
+            f"scratch (random init, every layer, {epochs} epochs)",
+            k,
+            seed,
+            m["top1"],
+            seconds=seconds,
+            protocol="real",
+        )
     shutil.rmtree(work / "runs", ignore_errors=True)
     shutil.rmtree(task, ignore_errors=True)
 
 
-def views_row(k: int, seed: int, mode: str, m: dict[str, Any], seconds: float, one: float,
-              record: Callable[..., None]) -> None:
+def views_row(
+    k: int,
+    seed: int,
+    mode: str,
+    m: dict[str, Any],
+    seconds: float,
+    one: float,
+    record: Callable[..., None],
+) -> None:
     views = m["views"][0]
-    record(f"defaults, --multicrop {mode}", k, seed, m["top1"], seconds=seconds,
-           protocol="real-views", chosen=views["views"], count=views["count"],
-           cost=round(seconds / one, 2))
-    log(f"real seed={seed} --multicrop {mode}: {m['top1']:.4f} ({views['views']}, "
-        f"{views['count']} views, {seconds:.1f} s)")
+    record(
+        f"defaults, --multicrop {mode}",
+        k,
+        seed,
+        m["top1"],
+        seconds=seconds,
+        protocol="real-views",
+        chosen=views["views"],
+        count=views["count"],
+        cost=round(seconds / one, 2),
+    )
+    log(
+        f"real seed={seed} --multicrop {mode}: {m['top1']:.4f} ({views['views']}, "
+        f"{views['count']} views, {seconds:.1f} s)"
+    )
 
 
 def smoke_drawings(root: Path) -> dict[str, list[Path]]:
@@ -356,9 +497,15 @@ def smoke_drawings(root: Path) -> dict[str, list[Path]]:
 SMOKE_CONFIGS = {"defaults": ["--epochs", "1"], HEAD_ONLY: CONFIGS[HEAD_ONLY]}
 
 
-def run_real(root: Path | None, work: Path, seeds: Sequence[int], sweep: bool,
-             only: Sequence[str] | None, record: Callable[..., None],
-             smoke: bool = False) -> None:
+def run_real(
+    root: Path | None,
+    work: Path,
+    seeds: Sequence[int],
+    sweep: bool,
+    only: Sequence[str] | None,
+    record: Callable[..., None],
+    smoke: bool = False,
+) -> None:
     """The core plan, or with `sweep` the sweep's; `only`: configuration names (substrings),
     as in `--only recipe` (the recipes' rows)."""
     global VAL, SIZE, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS
@@ -371,8 +518,11 @@ def run_real(root: Path | None, work: Path, seeds: Sequence[int], sweep: bool,
         assert root is not None
         drawings = pool(root)
     if only:  # a k left without a configuration is skipped, its extras too
-        plan = {k: (kept, extras) for k, (names, extras) in plan.items()
-                if (kept := [n for n in names if any(o in n for o in only)])}
+        plan = {
+            k: (kept, extras)
+            for k, (names, extras) in plan.items()
+            if (kept := [n for n in names if any(o in n for o in only)])
+        }
     for seed in seeds:
         for k, (names, extras) in sorted(plan.items()):
             run_seed(work, drawings, k, seed, names, extras, record, smoke)
@@ -384,21 +534,31 @@ def real_table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
     import statistics
 
     at = MAIN_K if MAIN_K in ks else min(ks)
-    lines = ["| real pictures: configuration | " + " | ".join(f"k={k}" for k in ks)
-             + f" | train s (k={at}) |", "| --- |" + " --- |" * (len(ks) + 1)]
+    lines = [
+        "| real pictures: configuration | "
+        + " | ".join(f"k={k}" for k in ks)
+        + f" | train s (k={at}) |",
+        "| --- |" + " --- |" * (len(ks) + 1),
+    ]
     for name in dict.fromkeys(r["config"] for r in rows):
         cells = []
         for k in ks:
             accs = [100 * r["top1"] for r in rows if r["config"] == name and r["k"] == k]
-            cells.append("" if not accs else f"{statistics.mean(accs):.1f} ± "
-                         f"{statistics.stdev(accs):.1f}" if len(accs) > 1 else
-                         f"{accs[0]:.1f} (1 seed)")
-        secs = [r["seconds"] for r in rows if r["config"] == name and r["k"] == at
-                and r.get("seconds") is not None]
+            cells.append(
+                ""
+                if not accs
+                else f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+                if len(accs) > 1
+                else f"{accs[0]:.1f} (1 seed)"
+            )
+        secs = [
+            r["seconds"]
+            for r in rows
+            if r["config"] == name and r["k"] == at and r.get("seconds") is not None
+        ]
         cells.append(f"{statistics.mean(secs):.0f}" if secs else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
 
 
 def views_cost_table(rows: list[dict[str, Any]]) -> str:
@@ -408,17 +568,25 @@ def views_cost_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
     k = rows[0]["k"]
-    lines = [f"| real pictures, k={k}: defaults evaluated with | test top-1 % | eval s | "
-             "cost / one crop | views |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"| real pictures, k={k}: defaults evaluated with | test top-1 % | eval s | "
+        "cost / one crop | views |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for mode in VIEW_MODES:
         hits = [r for r in rows if r["config"].endswith(f"--multicrop {mode}")]
         if not hits:
             continue
         accs = [100 * r["top1"] for r in hits]
-        acc = (f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}" if len(accs) > 1
-               else f"{accs[0]:.1f}")
+        acc = (
+            f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+            if len(accs) > 1
+            else f"{accs[0]:.1f}"
+        )
         chose = ", ".join(sorted({f"{r['chosen']} ({r['count']})" for r in hits}))
-        lines.append(f"| --multicrop {mode} | {acc} | "
-                     f"{statistics.mean(r['seconds'] for r in hits):.1f} | "
-                     f"{statistics.mean(r['cost'] for r in hits):.2f} | {chose} |")
+        lines.append(
+            f"| --multicrop {mode} | {acc} | "
+            f"{statistics.mean(r['seconds'] for r in hits):.1f} | "
+            f"{statistics.mean(r['cost'] for r in hits):.2f} | {chose} |"
+        )
     return "\n".join(lines)

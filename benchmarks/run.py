@@ -138,19 +138,38 @@ class Scale:
 
 
 FULL = Scale()
-QUICK = Scale(photos=256, batches=4, cache_images=128, rss_images=(125, 500), eval_images=32,
-              audit_images=128, dist_steps=4, merge_images=250,
-              eval_rss=(1000, 250, 1000))
-SMOKE = Scale(backbone="test_resnet", default_backbone="test_resnet", size=32, photos=32,
-              batches=2, cache_images=32, rss_images=(40, 80), eval_images=8, audit_images=16,
-              dist_size=32, dist_steps=2, merge_images=20, eval_rss=(20, 10, 40),
-              digits=False)
+QUICK = Scale(
+    photos=256,
+    batches=4,
+    cache_images=128,
+    rss_images=(125, 500),
+    eval_images=32,
+    audit_images=128,
+    dist_steps=4,
+    merge_images=250,
+    eval_rss=(1000, 250, 1000),
+)
+SMOKE = Scale(
+    backbone="test_resnet",
+    default_backbone="test_resnet",
+    size=32,
+    photos=32,
+    batches=2,
+    cache_images=32,
+    rss_images=(40, 80),
+    eval_images=8,
+    audit_images=16,
+    dist_size=32,
+    dist_steps=2,
+    merge_images=20,
+    eval_rss=(20, 10, 40),
+    digits=False,
+)
 S = FULL  # set by main()
 
 
 def emit(name: str, value: float, unit: str, **extra: object) -> None:
-    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **extra}),
-          flush=True)
+    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **extra}), flush=True)
 
 
 def device() -> str:
@@ -188,24 +207,40 @@ def bad_input_seconds(repeats: int = 5) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         photo_folder(Path(tmp) / "good", 8)
         (Path(tmp) / "empty").mkdir()
-        cases = {"missing folder": (["no-such-folder", "--backbone", "resnet50"], 3),
-                 "freeze 9999": (["good", "--freeze", "9999"], 2), "empty folder": (["empty"], 3)}
+        cases = {
+            "missing folder": (["no-such-folder", "--backbone", "resnet50"], 3),
+            "freeze 9999": (["good", "--freeze", "9999"], 2),
+            "empty folder": (["empty"], 3),
+        }
         medians = {}
         for name, (args, code) in cases.items():
             cmd = [sys.executable, "-m", "tlkit", "finetune", *args]
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp,
-                                      env={**os.environ, "TLKIT_OFFLINE": "1"})
+                done = subprocess.run(
+                    cmd,
+                    capture_output=True,
+                    text=True,
+                    cwd=tmp,
+                    env={**os.environ, "TLKIT_OFFLINE": "1"},
+                )
                 times.append(time.perf_counter() - start)
                 if done.returncode != code:
-                    raise RuntimeError(f"{name}: exit {done.returncode}, not {code}: "
-                                       f"{done.stderr.strip()}")
+                    raise RuntimeError(
+                        f"{name}: exit {done.returncode}, not {code}: {done.stderr.strip()}"
+                    )
             medians[name] = statistics.median(times)
     worst = max(medians, key=medians.get)
-    emit("bad_input_seconds", medians[worst], "s", case=worst, repeats=repeats, goal="< 1",
-         **{k.replace(" ", "_"): round(v, 3) for k, v in medians.items()})
+    emit(
+        "bad_input_seconds",
+        medians[worst],
+        "s",
+        case=worst,
+        repeats=repeats,
+        goal="< 1",
+        **{k.replace(" ", "_"): round(v, 3) for k, v in medians.items()},
+    )
 
 
 def train_throughput(size: int, batch: int, warmup: int, steps: int) -> dict[str, float]:
@@ -214,22 +249,42 @@ def train_throughput(size: int, batch: int, warmup: int, steps: int) -> dict[str
 
     results = {}
     for mode, freeze in (("frozen", "all"), ("unfrozen", "0")):
-        results[mode] = model_images_per_s(S.backbone, size, FreezeRequest(count=freeze),
-                                           batch, warmup=warmup, steps=steps)
-        emit(f"train_images_per_s_{S.backbone}_{size}_{mode}", results[mode], "images/s",
-             batch=batch, steps=steps, device=device())
-    emit(f"train_speedup_{S.backbone}_{size}_frozen_over_unfrozen",
-         results["frozen"] / results["unfrozen"], "x", note="same process, back to back")
+        results[mode] = model_images_per_s(
+            S.backbone, size, FreezeRequest(count=freeze), batch, warmup=warmup, steps=steps
+        )
+        emit(
+            f"train_images_per_s_{S.backbone}_{size}_{mode}",
+            results[mode],
+            "images/s",
+            batch=batch,
+            steps=steps,
+            device=device(),
+        )
+    emit(
+        f"train_speedup_{S.backbone}_{size}_frozen_over_unfrozen",
+        results["frozen"] / results["unfrozen"],
+        "x",
+        note="same process, back to back",
+    )
     default = {}
     for mode, freeze in (("frozen", "all"), ("unfrozen", "0")):
-        default[mode] = model_images_per_s(S.default_backbone, size,
-                                           FreezeRequest(count=freeze), batch, warmup=warmup,
-                                           steps=steps)
-        emit(f"train_images_per_s_{S.default_backbone}_{size}_{mode}", default[mode],
-             "images/s", batch=batch, steps=steps, device=device())
-    emit(f"train_speedup_{S.default_backbone}_over_{S.backbone}_{size}_unfrozen",
-         default["unfrozen"] / results["unfrozen"], "x",
-         note="the default backbone against resnet50, same process")
+        default[mode] = model_images_per_s(
+            S.default_backbone, size, FreezeRequest(count=freeze), batch, warmup=warmup, steps=steps
+        )
+        emit(
+            f"train_images_per_s_{S.default_backbone}_{size}_{mode}",
+            default[mode],
+            "images/s",
+            batch=batch,
+            steps=steps,
+            device=device(),
+        )
+    emit(
+        f"train_speedup_{S.default_backbone}_over_{S.backbone}_{size}_unfrozen",
+        default["unfrozen"] / results["unfrozen"],
+        "x",
+        note="the default backbone against resnet50, same process",
+    )
     return results
 
 
@@ -242,8 +297,9 @@ def photo_folder(root: Path, n: int) -> Path:
     for i in range(n):
         low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
         img = Image.fromarray(low).resize((500, 375), Image.Resampling.BICUBIC)
-        noisy = np.clip(np.asarray(img, np.int16) + rng.integers(-12, 13, (375, 500, 3)), 0,
-                        255).astype(np.uint8)
+        noisy = np.clip(
+            np.asarray(img, np.int16) + rng.integers(-12, 13, (375, 500, 3)), 0, 255
+        ).astype(np.uint8)
         (root / f"c{i % 4}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(noisy).save(root / f"c{i % 4}" / f"{i}.jpg", quality=90)
     return root
@@ -291,9 +347,15 @@ def pipeline_figures(examples: list, model_ips: float) -> None:
 
     cores = os.cpu_count() or 1
     transform = build_train_transform(resolve_augment("alexnet"), examples, S.size, 0.875)
-    plain = A.Compose([A.SmallestMaxSize(max_size=256, interpolation=cv2.INTER_AREA),
-                       A.RandomCrop(S.size, S.size), A.HorizontalFlip(p=0.5),
-                       _pca_transform_class()(transform.pca, 0.1)], seed=0)
+    plain = A.Compose(
+        [
+            A.SmallestMaxSize(max_size=256, interpolation=cv2.INTER_AREA),
+            A.RandomCrop(S.size, S.size),
+            A.HorizontalFlip(p=0.5),
+            _pca_transform_class()(transform.pca, 0.1),
+        ],
+        seed=0,
+    )
     n = len(examples)
     images_per_s(lambda i: plain(image=decode_image(examples[i].path)), 16)  # warm-up
     loop_ips = images_per_s(lambda i: plain(image=decode_image(examples[i % n].path)), n)
@@ -305,9 +367,14 @@ def pipeline_figures(examples: list, model_ips: float) -> None:
     emit(f"pipeline_tfdata_threads_{cores}_images_per_s", tfn, "images/s")
     emit("aug_overhead_ratio", tf1 / loop_ips, "x", goal=">= 0.5")
     emit("aug_scaling_efficiency", tfn / (cores * tf1), "x", workers=cores, goal=">= 0.6")
-    emit("input_headroom", tfn / model_ips, "x", workers=cores,
-         note=f"vs train_images_per_s_{S.backbone}_{S.size}_unfrozen",
-         goal=">= 1.2 on an accelerator")
+    emit(
+        "input_headroom",
+        tfn / model_ips,
+        "x",
+        workers=cores,
+        note=f"vs train_images_per_s_{S.backbone}_{S.size}_unfrozen",
+        goal=">= 1.2 on an accelerator",
+    )
     try:
         import grain
     except ImportError:
@@ -315,15 +382,23 @@ def pipeline_figures(examples: list, model_ips: float) -> None:
         return
     loader = TrainSampleLoader(examples, transform, seed=0)
     for workers in (1, cores):
-        ds = (grain.MapDataset.range(n).map(_GrainSample(loader)).batch(32).to_iter_dataset(
-            grain.ReadOptions(num_threads=1))
-            .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+        ds = (
+            grain.MapDataset.range(n)
+            .map(_GrainSample(loader))
+            .batch(32)
+            .to_iter_dataset(grain.ReadOptions(num_threads=1))
+            .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        )
         it = iter(ds)
         next(it)  # worker start-up is not timed
         start = time.perf_counter()
         count = sum(len(b) for b in it)
-        emit(f"pipeline_grain_processes_{workers}_images_per_s",
-             count / (time.perf_counter() - start), "images/s", threads_per_worker=1)
+        emit(
+            f"pipeline_grain_processes_{workers}_images_per_s",
+            count / (time.perf_counter() - start),
+            "images/s",
+            threads_per_worker=1,
+        )
 
 
 class _GrainSample:
@@ -352,8 +427,11 @@ def cache_figures() -> None:
     from tlkit.models.model import build_classifier
 
     with tempfile.TemporaryDirectory() as tmp:
-        examples = list(load_folder(photo_folder(Path(tmp) / "p", S.cache_images),
-                                    val_fraction=0.01).splits["train"])
+        examples = list(
+            load_folder(photo_folder(Path(tmp) / "p", S.cache_images), val_fraction=0.01).splits[
+                "train"
+            ]
+        )
         spec = get_backbone(S.backbone)
         keras.utils.set_random_seed(0)
         base = spec.build(S.size)
@@ -374,12 +452,21 @@ def cache_figures() -> None:
         trunk = build_trunk(model, cut)
         start = time.perf_counter()
         with RowMaker(transform, 0.875, 0, None, DEFAULT_MAX_PIXELS) as make_rows:
-            cache = build_cache(Path(tmp) / "cache", "bench", {
-                "backbone": S.backbone, "cut": {"k": cut.k}, "views": {"train": 1}}, trunk,
-                {"train": examples}, {"train": 1}, make_rows, "float16", 32)
+            cache = build_cache(
+                Path(tmp) / "cache",
+                "bench",
+                {"backbone": S.backbone, "cut": {"k": cut.k}, "views": {"train": 1}},
+                trunk,
+                {"train": examples},
+                {"train": 1},
+                make_rows,
+                "float16",
+                32,
+            )
         build = time.perf_counter() - start
-        cached = epoch_seconds(build_tail(model, cut),
-                               lambda e: cache_dataset(cache, "train", 32, 0, e, 1))
+        cached = epoch_seconds(
+            build_tail(model, cut), lambda e: cache_dataset(cache, "train", 32, 0, e, 1)
+        )
     emit("cache_live_epoch_seconds", live, "s", images=len(examples))
     emit("cache_epoch_seconds", cached, "s", images=len(examples))
     emit("cache_epoch_speedup", live / cached, "x", goal=">= 50 on CPU")
@@ -423,10 +510,15 @@ def eval_figures() -> None:
         def __init__(self, model: object, n_frozen: int, mirror: bool = False):
             self.model, self.size, self.crop = model, S.size, 0.875
             self.seen = ViewsSeen("crop", (1 / 0.875, 1 / 0.875), (0.08, 1.0), mirror, "")
-            record = SimpleNamespace(backbone=spec.name, preprocessing=spec.preprocessing,
-                                     weights={"sha256": "x"}, n_frozen=n_frozen)
-            self.run = SimpleNamespace(max_pixels=DEFAULT_MAX_PIXELS, record=record,
-                                       classes=list("abcd"))
+            record = SimpleNamespace(
+                backbone=spec.name,
+                preprocessing=spec.preprocessing,
+                weights={"sha256": "x"},
+                n_frozen=n_frozen,
+            )
+            self.run = SimpleNamespace(
+                max_pixels=DEFAULT_MAX_PIXELS, record=record, classes=list("abcd")
+            )
 
     spec = get_backbone(S.backbone)
     members = []
@@ -449,21 +541,34 @@ def eval_figures() -> None:
     tf_log = logging.getLogger("tensorflow")
     tf_log.addHandler(counter)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [e.path for s in load_folder(photo_folder(Path(tmp) / "p", S.eval_images),
-                                             val_fraction=0.2).splits.values() for e in s]
+        paths = [
+            e.path
+            for s in load_folder(
+                photo_folder(Path(tmp) / "p", S.eval_images), val_fraction=0.2
+            ).splits.values()
+            for e in s
+        ]
         one_member = ViewRunner(members[:1])
         one = seconds(one_member, paths, "1")
         ten = seconds(one_member, paths, "10")
         dense = seconds(one_member, paths, "dense")  # this member never mirrored: one pass
-        mirrored = seconds(ViewRunner([Member(members[0].model, 0, mirror=True)]), paths,
-                           "dense")
+        mirrored = seconds(ViewRunner([Member(members[0].model, 0, mirror=True)]), paths, "dense")
         emit("multicrop1_seconds", one, "s", images=len(paths))
         emit("multicrop10_seconds", ten, "s", images=len(paths))
         emit("multicrop10_cost_ratio", ten / one, "x", goal="<= 10, aim <= 8")
-        emit("multicrop_dense_cost_ratio", dense / one, "x", goal="<= 2",
-             note="one pass over the whole 500x375 image at the eval scale")
-        emit("multicrop_dense_mirrored_cost_ratio", mirrored / one, "x",
-             note="the whole image and its mirror")
+        emit(
+            "multicrop_dense_cost_ratio",
+            dense / one,
+            "x",
+            goal="<= 2",
+            note="one pass over the whole 500x375 image at the eval scale",
+        )
+        emit(
+            "multicrop_dense_mirrored_cost_ratio",
+            mirrored / one,
+            "x",
+            note="the whole image and its mirror",
+        )
         three = seconds(ViewRunner(members), paths, "1")
         emit("ensemble3_shared_trunk_seconds", three, "s", images=len(paths))
         emit("ensemble_shared_trunk_ratio", three / (3 * one), "x", goal="well under 1")
@@ -474,20 +579,30 @@ def eval_figures() -> None:
         printing = [h for h in tf_log.handlers if h is not counter]
         for h in printing:  # the old path's warnings are counted in a figure, not printed
             tf_log.removeHandler(h)
-        for name, predictor in (("predict_on_batch", lambda m: lambda x: np.asarray(
-                m.predict_on_batch(x))), ("traced", None)):
+        for name, predictor in (
+            ("predict_on_batch", lambda m: lambda x: np.asarray(m.predict_on_batch(x))),
+            ("traced", None),
+        ):
             counter.count = 0
             start = time.perf_counter()
             runner = ViewRunner(members, predictor)
             for mode in ("1", "10", "1"):
                 runner.probs(odd, mode, 16)
             timed[name] = time.perf_counter() - start
-            emit(f"eval_retracing_warnings_{name}", counter.count, "warnings", goal="0"
-                 if name == "traced" else None)
+            emit(
+                f"eval_retracing_warnings_{name}",
+                counter.count,
+                "warnings",
+                goal="0" if name == "traced" else None,
+            )
         for h in printing:
             tf_log.addHandler(h)
-        emit("eval_traced_speedup", timed["predict_on_batch"] / timed["traced"], "x",
-             note="ensemble of 3 on 1, 10, 1 views, first call included")
+        emit(
+            "eval_traced_speedup",
+            timed["predict_on_batch"] / timed["traced"],
+            "x",
+            note="ensemble of 3 on 1, 10, 1 views, first call included",
+        )
     tf_log.removeHandler(counter)
 
 
@@ -520,8 +635,13 @@ def reliability_figures() -> None:
             raise RuntimeError("the memo did not behave as this benchmark assumes")
         audit, decode = statistics.median(audits), statistics.median(decodes)
         emit("audit_images_per_s", len(paths) / audit, "images/s", workers=cores)
-        emit("audit_overhead_ratio", audit / decode, "x", decode_seconds=round(decode, 3),
-             goal="<= 1.3")
+        emit(
+            "audit_overhead_ratio",
+            audit / decode,
+            "x",
+            decode_seconds=round(decode, 3),
+            goal="<= 1.3",
+        )
         emit("audit_memo_seconds", memo, "s", images=len(paths))
         emit("audit_memo_speedup", audit / memo, "x", goal=">= 50")
         data_identity_figures(folder, "photos", Path(tmp) / "xdg-identity")
@@ -541,8 +661,7 @@ def reliability_figures() -> None:
 
     def classifier() -> object:
         model = build_classifier(spec, build_backbone(spec, weights, S.size), 10, S.size)
-        model.compile(optimizer=keras.optimizers.Adam(1e-5),
-                      loss="sparse_categorical_crossentropy")
+        model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="sparse_categorical_crossentropy")
         model.optimizer.build(model.trainable_variables)
         return model
 
@@ -559,8 +678,13 @@ def reliability_figures() -> None:
         start = time.perf_counter()
         restore(ckpt, other)
         restored = time.perf_counter() - start
-    emit(f"checkpoint_save_seconds_{S.backbone}", save, "s", mb=round(size / 1e6, 1),
-         note="weights + Adam state, rotated, best linked")
+    emit(
+        f"checkpoint_save_seconds_{S.backbone}",
+        save,
+        "s",
+        mb=round(size / 1e6, 1),
+        note="weights + Adam state, rotated, best linked",
+    )
     emit(f"checkpoint_restore_seconds_{S.backbone}", restored, "s")
 
 
@@ -576,8 +700,13 @@ def data_identity_figures(folder: object, name: str, memo_home: Path) -> None:
         times.append(time.perf_counter() - start)
     files = sum(len(x) for x in folder.splits.values())
     emit(f"data_identity_cold_seconds_{name}", times[0], "s", files=files)
-    emit(f"data_identity_warm_seconds_{name}", times[1], "s", files=files,
-         per_file_us=round(1e6 * times[1] / files, 1))
+    emit(
+        f"data_identity_warm_seconds_{name}",
+        times[1],
+        "s",
+        files=files,
+        per_file_us=round(1e6 * times[1] / files, 1),
+    )
 
 
 def eval_rss_figures() -> None:
@@ -599,23 +728,45 @@ def eval_rss_figures() -> None:
         for i in range(n):
             (folder / f"c{i % n_classes:04d}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
-                folder / f"c{i % n_classes:04d}" / f"{i}.png")
+                folder / f"c{i % n_classes:04d}" / f"{i}.png"
+            )
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write(root / "data" / "train", classes, classes)
         write(root / "data" / "val", 8, 8)
-        finetune(FinetuneConfig(data=str(root / "data"), backbone="test_resnet", weights="none",
-                                input_size=32, freeze=FreezeRequest(count="all"), head_epochs=1,
-                                epochs=0, batch_size=64, output=str(root / "run"), cache="off"),
-                 verbose=0)
+        finetune(
+            FinetuneConfig(
+                data=str(root / "data"),
+                backbone="test_resnet",
+                weights="none",
+                input_size=32,
+                freeze=FreezeRequest(count="all"),
+                head_epochs=1,
+                epochs=0,
+                batch_size=64,
+                output=str(root / "run"),
+                cache="off",
+            ),
+            verbose=0,
+        )
         for n in (small, large):
             write(root / f"eval{n}", n, 8)
 
         def peak(n: int) -> int:
-            out = subprocess.run([sys.executable, __file__, "--eval-rss-child", str(root / "run"),
-                                  str(root / f"eval{n}")], capture_output=True, text=True,
-                                 check=True, cwd=ROOT)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--eval-rss-child",
+                    str(root / "run"),
+                    str(root / f"eval{n}"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
             return int(out.stdout.strip().splitlines()[-1])
 
         with ThreadPoolExecutor(2) as pool:
@@ -628,8 +779,9 @@ def eval_rss_figures() -> None:
 def eval_rss_child(run: str, data: str) -> None:
     from tlkit.evaluation.evaluate import EvalConfig, evaluate
 
-    evaluate(EvalConfig(runs=[run], data=data, multicrop="multiscale", name=Path(data).name,
-                        workers=1))
+    evaluate(
+        EvalConfig(runs=[run], data=data, multicrop="multiscale", name=Path(data).name, workers=1)
+    )
     status = Path("/proc/self/status").read_text().splitlines()
     print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 
@@ -639,8 +791,13 @@ def rss_child_peak(n_images: int) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         for step in ("build", "train"):
-            out = subprocess.run([sys.executable, __file__, "--rss-child", str(n_images), tmp,
-                                  step], capture_output=True, text=True, check=True, cwd=ROOT)
+            out = subprocess.run(
+                [sys.executable, __file__, "--rss-child", str(n_images), tmp, step],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+            )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -651,8 +808,9 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     from tlkit.data.datasets import Example
     from tlkit.features.cache import build_cache, cache_dataset, open_cache
 
-    examples = [Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4))
-                for i in range(n_images)]
+    examples = [
+        Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4)) for i in range(n_images)
+    ]
     inputs = keras.Input((32, 32, 3), dtype="uint8")
     x = keras.layers.Rescaling(1 / 255)(inputs)
     x = keras.layers.AveragePooling2D(4)(x)
@@ -663,8 +821,17 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
         return rng.integers(0, 256, (len(batch), 32, 32, 3), dtype=np.uint8)
 
     if step == "build":
-        build_cache(Path(folder), "rss", {"n": n_images}, trunk, {"train": examples},
-                    {"train": 1}, rows, "float16", 64)
+        build_cache(
+            Path(folder),
+            "rss",
+            {"n": n_images},
+            trunk,
+            {"train": examples},
+            {"train": 1},
+            rows,
+            "float16",
+            64,
+        )
         return
     cache = open_cache(Path(folder), "rss")
     cache.verify()
@@ -672,8 +839,12 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     pooled = keras.layers.GlobalAveragePooling2D()(features)
     tail = keras.Model(features, keras.layers.Dense(4, activation="softmax")(pooled))
     tail.compile("adam", "sparse_categorical_crossentropy")
-    tail.fit(cache_dataset(cache, "train", 32, 0), epochs=1, verbose=0,
-             steps_per_epoch=-(-n_images // 32))
+    tail.fit(
+        cache_dataset(cache, "train", 32, 0),
+        epochs=1,
+        verbose=0,
+        steps_per_epoch=-(-n_images // 32),
+    )
     # VmHWM is this process's own peak; ru_maxrss would carry the parent's over fork + exec
     status = Path("/proc/self/status").read_text().splitlines()
     print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
@@ -697,9 +868,18 @@ def dist_child(strategy: str, backbone: str, size: int, batch: int, steps: int) 
     labels = rng.integers(0, 10, n).tolist()
 
     def data(first_epoch: int, epochs: int) -> object:
-        return placement.dataset(lambda share: run_jobs(
-            epoch_jobs(n, batch, 0, first_epoch, epochs, share.replicas),
-            lambda _, i: x[i], labels, x.shape[1:], "uint8", None, None, share))
+        return placement.dataset(
+            lambda share: run_jobs(
+                epoch_jobs(n, batch, 0, first_epoch, epochs, share.replicas),
+                lambda _, i: x[i],
+                labels,
+                x.shape[1:],
+                "uint8",
+                None,
+                None,
+                share,
+            )
+        )
 
     with placement.strategy.scope():
         keras.utils.set_random_seed(0)
@@ -714,8 +894,9 @@ def dist_child(strategy: str, backbone: str, size: int, batch: int, steps: int) 
     print(batch * 4 * epochs / seconds)
 
 
-def run_dist_child(strategy: str, size: int, batch: int, steps: int, env: dict | None = None,
-                   workers: int = 1) -> float:
+def run_dist_child(
+    strategy: str, size: int, batch: int, steps: int, env: dict | None = None, workers: int = 1
+) -> float:
     import socket
 
     ports = []
@@ -727,14 +908,31 @@ def run_dist_child(strategy: str, size: int, batch: int, steps: int, env: dict |
     for i in range(workers):
         extra = dict(env or {})
         if workers > 1:
-            extra["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"localhost:{p}"
-                                                                    for p in ports]},
-                                             "task": {"type": "worker", "index": i}})
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--dist-child", strategy, S.backbone, str(size),
-             str(batch), str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=ROOT,
-            env={**os.environ, **extra}))
+            extra["TF_CONFIG"] = json.dumps(
+                {
+                    "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                    "task": {"type": "worker", "index": i},
+                }
+            )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--dist-child",
+                    strategy,
+                    S.backbone,
+                    str(size),
+                    str(batch),
+                    str(steps),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                env={**os.environ, **extra},
+            )
+        )
     outs = [p.communicate(timeout=1800) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         if p.returncode != 0:
@@ -757,31 +955,61 @@ def distribute_figures() -> None:
     emit("dist_train_images_per_s_default", one, "images/s", **common)
     emit("dist_train_images_per_s_mirrored", two, "images/s", over=where, **common)
     emit("dist_mirrored_speedup", two / one, "x", over=where)
-    emit("dist_multiworker_2proc_speedup", mw / one, "x",
-         over="2 processes on this one machine")
+    emit("dist_multiworker_2proc_speedup", mw / one, "x", over="2 processes on this one machine")
 
     n_images = S.audit_images
     with tempfile.TemporaryDirectory() as tmp:
         data = photo_folder(Path(tmp) / "photos", n_images)
-        common_args = [sys.executable, "-m", "tlkit", "precompute-features", str(data),
-                       "--backbone", S.backbone, "--weights", "none", "--input-size",
-                       str(S.dist_size), "--json"]
+        common_args = [
+            sys.executable,
+            "-m",
+            "tlkit",
+            "precompute-features",
+            str(data),
+            "--backbone",
+            S.backbone,
+            "--weights",
+            "none",
+            "--input-size",
+            str(S.dist_size),
+            "--json",
+        ]
         start = time.perf_counter()
-        subprocess.run([*common_args, "--cache-dir", f"{tmp}/single"], check=True,
-                       capture_output=True, cwd=tmp)
+        subprocess.run(
+            [*common_args, "--cache-dir", f"{tmp}/single"], check=True, capture_output=True, cwd=tmp
+        )
         single = time.perf_counter() - start
         start = time.perf_counter()
-        procs = [subprocess.Popen([*common_args, "--cache-dir", f"{tmp}/sharded",
-                                   "--num-shards", "2", "--shard-index", str(i)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp)
-                 for i in range(2)]
+        procs = [
+            subprocess.Popen(
+                [
+                    *common_args,
+                    "--cache-dir",
+                    f"{tmp}/sharded",
+                    "--num-shards",
+                    "2",
+                    "--shard-index",
+                    str(i),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=tmp,
+            )
+            for i in range(2)
+        ]
         for p in procs:
             if p.wait() != 0:
                 raise RuntimeError(p.stderr.read().decode())
         sharded = time.perf_counter() - start
-        emit("precompute_sharded_2proc_ratio", sharded / single, "x", images=n_images,
-             single_seconds=round(single, 1), sharded_seconds=round(sharded, 1),
-             note="both shards on this one machine")
+        emit(
+            "precompute_sharded_2proc_ratio",
+            sharded / single,
+            "x",
+            images=n_images,
+            single_seconds=round(single, 1),
+            sharded_seconds=round(sharded, 1),
+            note="both shards on this one machine",
+        )
     merge_figure(S.merge_images)
 
 
@@ -795,8 +1023,9 @@ def merge_figure(n_images: int) -> None:
     from tlkit.data.datasets import Example
     from tlkit.features.cache import build_part, merge_parts
 
-    examples = [Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4))
-                for i in range(n_images)]
+    examples = [
+        Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4)) for i in range(n_images)
+    ]
     inputs = keras.Input((32, 32, 3), dtype="uint8")
     x = keras.layers.AveragePooling2D(4)(keras.layers.Rescaling(1 / 255)(inputs))
     trunk = keras.Model(inputs, keras.layers.Conv2D(2048, 2)(x))
@@ -807,27 +1036,42 @@ def merge_figure(n_images: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(2):
-            build_part(Path(tmp), "merge", {"n": n_images}, trunk, {"train": examples},
-                       {"train": 1}, rows, "float16", 64, i, 2)
+            build_part(
+                Path(tmp),
+                "merge",
+                {"n": n_images},
+                trunk,
+                {"train": examples},
+                {"train": 1},
+                rows,
+                "float16",
+                64,
+                i,
+                2,
+            )
         start = time.perf_counter()
         cache = merge_parts(Path(tmp), "merge")
         seconds = time.perf_counter() - start
         mb = sum(f["bytes"] for f in cache.manifest["splits"]["train"]["shards"]) / 1e6
-    emit("cache_merge_mb_per_s", mb / seconds, "MB/s", mb=round(mb, 1),
-         seconds=round(seconds, 2))
+    emit("cache_merge_mb_per_s", mb / seconds, "MB/s", mb=round(mb, 1), seconds=round(seconds, 2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="tlkit benchmarks (JSON lines).")
     parser.add_argument("--quick", action="store_true", help="fewer steps and images")
-    parser.add_argument("--smoke", action="store_true",
-                        help="every group once at tiny sizes on the test backbone: checks that "
-                             "each figure is produced, measures nothing worth quoting")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every group once at tiny sizes on the test backbone: checks that "
+        "each figure is produced, measures nothing worth quoting",
+    )
     parser.add_argument("--batch", type=int, default=None, help="default 32 (8 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
-    parser.add_argument("--only", choices=["train", "augment", "cache", "eval", "reliability",
-                                           "distribute"],
-                        help="run one group of figures")
+    parser.add_argument(
+        "--only",
+        choices=["train", "augment", "cache", "eval", "reliability", "distribute"],
+        help="run one group of figures",
+    )
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--dist-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--eval-rss-child", nargs=2, help=argparse.SUPPRESS)
@@ -853,12 +1097,12 @@ def main() -> None:
         bad_input_seconds(2 if args.smoke else 5)
         model = train_throughput(S.size, batch, warmup, steps)
     if args.only in (None, "augment"):
-
         from tlkit.data.datasets import load_folder
 
         with tempfile.TemporaryDirectory() as tmp:
-            examples = list(load_folder(photo_folder(Path(tmp) / "photos", S.photos))
-                            .splits["train"])
+            examples = list(
+                load_folder(photo_folder(Path(tmp) / "photos", S.photos)).splits["train"]
+            )
             examples += list(load_folder(Path(tmp) / "photos").splits["val"])
             pca_speedup(examples, args.quick)
             pipeline_figures(examples, model["unfrozen"])

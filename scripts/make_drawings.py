@@ -21,11 +21,18 @@ from pathlib import Path
 from PIL import Image
 
 # class folder -> openclipart topic_subject
-SUBJECTS = {"birds": "animals_birds", "bugs": "animals_bugs", "mammals": "animals_mammals",
-            "fruit": "food_fruit", "desserts": "food_desserts",
-            "computers": "computer_hardware", "music": "recreation_music",
-            "sports": "recreation_sports", "road_signs": "transportation_roadsigns",
-            "vehicles": "transportation_vehicles"}
+SUBJECTS = {
+    "birds": "animals_birds",
+    "bugs": "animals_bugs",
+    "mammals": "animals_mammals",
+    "fruit": "food_fruit",
+    "desserts": "food_desserts",
+    "computers": "computer_hardware",
+    "music": "recreation_music",
+    "sports": "recreation_sports",
+    "road_signs": "transportation_roadsigns",
+    "vehicles": "transportation_vehicles",
+}
 PER_SPLIT = {"train": 24, "val": 8, "test": 8}
 LONGER_SIDE = 256
 MAX_PIXELS = 25_000_000  # a few drawings are posters of up to 600 MP: left out, not decoded
@@ -82,7 +89,7 @@ def main() -> None:
             raise SystemExit(f"{subject}: {len(files)} drawings, {total} needed")
         start = 0
         for split, n in PER_SPLIT.items():
-            for f, png in files[start:start + n]:
+            for f, png in files[start : start + n]:
                 (args.out / split / label).mkdir(parents=True, exist_ok=True)
                 (args.out / split / label / f.name).write_bytes(png)
             start += n

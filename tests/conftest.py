@@ -87,8 +87,10 @@ class Gate:
         seconds = calibration_seconds()
         speed = seconds / CALIBRATION_REFERENCE_SECONDS
         cls.limit = GATE_SECONDS * speed
-        cls.why = (f"{GATE_SECONDS:.0f} s at CI's usual speed x {speed:.2f}: the calibration "
-                   f"took {seconds:.2f} s here, {CALIBRATION_REFERENCE_SECONDS:.2f} s there")
+        cls.why = (
+            f"{GATE_SECONDS:.0f} s at CI's usual speed x {speed:.2f}: the calibration "
+            f"took {seconds:.2f} s here, {CALIBRATION_REFERENCE_SECONDS:.2f} s there"
+        )
 
 
 def gate_message(nodeid: str, clock: GateClock, limit: float, why: str = "") -> str | None:
@@ -96,11 +98,13 @@ def gate_message(nodeid: str, clock: GateClock, limit: float, why: str = "") -> 
     passes."""
     if clock.seconds <= limit:
         return None
-    return (f"{nodeid} took {clock.wall:.1f} s ({clock.cpu:.1f} s of CPU), over the "
-            f"{limit:.1f} s an untagged test may take ({why or 'the limit'}): make it faster "
-            f"(the test backbone, a shared fixture) or mark it slow or subprocess "
-            f"(tests/conftest.py). If the machine's speed changed during the run, set the "
-            f"limit: {GATE_ENV}=30 python -m pytest")
+    return (
+        f"{nodeid} took {clock.wall:.1f} s ({clock.cpu:.1f} s of CPU), over the "
+        f"{limit:.1f} s an untagged test may take ({why or 'the limit'}): make it faster "
+        f"(the test backbone, a shared fixture) or mark it slow or subprocess "
+        f"(tests/conftest.py). If the machine's speed changed during the run, set the "
+        f"limit: {GATE_ENV}=30 python -m pytest"
+    )
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -129,9 +133,11 @@ def _skip_in_ci(report: pytest.BaseReport, what: str) -> None:
     """Under CI=true a skip is a failure: a broken install or a missing file must not pass
     quietly as a skip."""
     report.outcome = "failed"
-    report.longrepr = (f"{what} was skipped under CI=true ({report.longrepr}); CI must run "
-                       f"every test: fix what made it skip, or mark it "
-                       f"@pytest.mark.{SKIP_IN_CI_MARKER}(\"why it cannot run in CI\")")
+    report.longrepr = (
+        f"{what} was skipped under CI=true ({report.longrepr}); CI must run "
+        f"every test: fix what made it skip, or mark it "
+        f'@pytest.mark.{SKIP_IN_CI_MARKER}("why it cannot run in CI")'
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -160,8 +166,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if IN_CI and report.skipped and not (allowed and allowed.args and allowed.args[0]):
         _skip_in_ci(report, item.nodeid)
     clock = item.stash.get(_CLOCK, None)
-    if (report.when == "call" and report.passed and clock is not None
-            and not any(item.get_closest_marker(m) for m in LANE_MARKERS)):
+    if (
+        report.when == "call"
+        and report.passed
+        and clock is not None
+        and not any(item.get_closest_marker(m) for m in LANE_MARKERS)
+    ):
         message = gate_message(item.nodeid, clock, Gate.limit, Gate.why)
         if message is not None:
             report.outcome = "failed"
@@ -179,8 +189,9 @@ def class_image(label: int, rng: np.random.Generator, size: int = 24) -> np.ndar
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_folder(root: Path, classes: list[str], per_class: int, seed: int = 0,
-                 size: int = 24) -> Path:
+def write_folder(
+    root: Path, classes: list[str], per_class: int, seed: int = 0, size: int = 24
+) -> Path:
     rng = np.random.default_rng(seed)
     for label, cls in enumerate(classes):
         (root / cls).mkdir(parents=True, exist_ok=True)
@@ -209,8 +220,13 @@ def replace_keeping_size_and_mtime(path: Path, corrupt: bool = False) -> bytes:
 
 @pytest.fixture
 def make_folder(tmp_path: Path) -> Callable[..., Path]:
-    def make(name: str = "data", classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 12,
-             layout: str = "classes", seed: int = 0) -> Path:
+    def make(
+        name: str = "data",
+        classes: tuple[str, ...] = ("cat", "dog"),
+        per_class: int = 12,
+        layout: str = "classes",
+        seed: int = 0,
+    ) -> Path:
         root = tmp_path / name
         if layout == "classes":
             write_folder(root, list(classes), per_class, seed)
@@ -264,10 +280,20 @@ def tiny_runs(tmp_path_factory):
     write_folder(data / "test", classes, 3, seed=2)
     runs = []
     for name, lr in (("r1", 1e-3), ("r2", 5e-4)):
-        cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
-                             freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0, lr=lr,
-                             fine_tune_lr=1e-5, batch_size=8, output=str(root / name),
-                             cache="off")
+        cfg = FinetuneConfig(
+            data=str(data),
+            backbone=TINY,
+            weights="none",
+            input_size=32,
+            freeze=FreezeRequest(count="all"),
+            head_epochs=1,
+            epochs=0,
+            lr=lr,
+            fine_tune_lr=1e-5,
+            batch_size=8,
+            output=str(root / name),
+            cache="off",
+        )
         runs.append(finetune(cfg, verbose=0).path)
     return data, runs
 

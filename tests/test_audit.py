@@ -42,17 +42,18 @@ def make_messy(root: Path) -> Path:
     Image.fromarray(class_image(0, RNG)).save(odd / "photo.webp", "WEBP")
     Image.fromarray(class_image(0, RNG)[..., 0]).save(odd / "gray.png")
     Image.fromarray(np.dstack([class_image(0, RNG), np.full((24, 24), 128, np.uint8)])).save(
-        odd / "rgba.png")
+        odd / "rgba.png"
+    )
     Image.fromarray(class_image(0, RNG)).convert("P").save(odd / "palette.png")
     Image.fromarray(class_image(0, RNG)).convert("CMYK").save(odd / "cmyk.jpg")
-    Image.fromarray((np.arange(576).reshape(24, 24) * 100).astype(np.uint16)).save(
-        odd / "deep.png")
+    Image.fromarray((np.arange(576).reshape(24, 24) * 100).astype(np.uint16)).save(odd / "deep.png")
     hidden = root / "train" / "class2" / ".ipynb_checkpoints"
     hidden.mkdir()
     (hidden / "img0-checkpoint.png").write_bytes((root / "train/class2/img0.png").read_bytes())
     (root / "train" / "class10" / "Thumbs.db").write_bytes(b"\0" * 64)
     (root / "val" / "class2" / "leak.png").write_bytes(
-        (root / "train/class2/img3.png").read_bytes())
+        (root / "train/class2/img3.png").read_bytes()
+    )
     return root
 
 
@@ -78,17 +79,24 @@ def test_every_kind_of_file_gets_its_verdict(tmp_path):
     assert summary["formats"]["WEBP"] == 1 and summary["formats"]["JPEG"] == 2
     for mode in ("L", "RGBA", "P", "CMYK", "I;16", "RGB"):
         assert summary["modes"][mode] >= 1, mode
-    assert summary["totals"] == {"files": 35, "ok": 33, "bad": 2, "warnings": 2, "small": 32,
-                                 "memo_reused": 0}  # 24 px images < 32; the 32 px JPEG is not
+    assert summary["totals"] == {
+        "files": 35,
+        "ok": 33,
+        "bad": 2,
+        "warnings": 2,
+        "small": 32,
+        "memo_reused": 0,
+    }  # 24 px images < 32; the 32 px JPEG is not
 
     assert summary["splits"]["val"]["missing_classes"] == ["class10"]
     assert summary["splits"]["train"]["classes"]["class1"] == {"ok": 14, "bad": 2}
     leak = [g for g in summary["duplicates"] if g["kind"] == "leakage"]
     assert len(leak) == 1
-    assert {f["path"] for f in leak[0]["files"]} == {"train/class2/img3.png",
-                                                     "val/class2/leak.png"}
-    assert sorted(summary["ignored"]) == ["train/class10/Thumbs.db",
-                                          "train/class2/.ipynb_checkpoints"]
+    assert {f["path"] for f in leak[0]["files"]} == {"train/class2/img3.png", "val/class2/leak.png"}
+    assert sorted(summary["ignored"]) == [
+        "train/class10/Thumbs.db",
+        "train/class2/.ipynb_checkpoints",
+    ]
 
 
 def test_a_second_check_reuses_every_result_and_a_changed_file_is_checked_again(tmp_path):
@@ -117,8 +125,10 @@ def test_error_policy_lists_every_bad_file_and_skip_policy_records_them(tmp_path
     assert "truncated.jpg: cannot decode image" in text and "notes.jpg: not an image" in text
 
     kept, skipped = apply_policy(report, AuditConfig(on_bad_image="skip"))
-    assert sorted(s["path"] for s in skipped) == ["train/class1/notes.jpg",
-                                                  "train/class1/truncated.jpg"]
+    assert sorted(s["path"] for s in skipped) == [
+        "train/class1/notes.jpg",
+        "train/class1/truncated.jpg",
+    ]
     assert all(s["reason"] for s in skipped)
     remaining = {e.relpath for x in kept.splits.values() for e in x}
     assert len(remaining) == 33 and "train/class1/notes.jpg" not in remaining
@@ -163,13 +173,21 @@ def test_check_data_cli_applies_the_pixel_limit(tmp_path):
     assert "24x24 is 0.0 megapixels, above the limit of 0.0001" in result.output
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda r: (write_folder(r, ["a", "b"], 3), (r / "c").mkdir()), r"c: empty class folder"),
-    (lambda r: write_folder(r, ["only"], 5), r"only one class \(only\)"),
-    (lambda r: r.mkdir(), r"no class folders with images"),
-    (lambda r: (write_folder(r / "train", ["a", "b"], 3), write_folder(r / "val", ["a", "z"], 2)),
-     r"class 'z' is not among the training classes"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda r: (write_folder(r, ["a", "b"], 3), (r / "c").mkdir()), r"c: empty class folder"),
+        (lambda r: write_folder(r, ["only"], 5), r"only one class \(only\)"),
+        (lambda r: r.mkdir(), r"no class folders with images"),
+        (
+            lambda r: (
+                write_folder(r / "train", ["a", "b"], 3),
+                write_folder(r / "val", ["a", "z"], 2),
+            ),
+            r"class 'z' is not among the training classes",
+        ),
+    ],
+)
 def test_unusable_layouts_are_one_clear_line(tmp_path, make, message):
     root = tmp_path / "data"
     make(root)

@@ -46,13 +46,15 @@ def test_pca_colour_shift_statistics_match_the_alexnet_definition():
     config = resolve_augment("none", pca_sigma=sigma)
     transform = TrainTransform(config, 8, 1.0, pca)
     grey = np.full((8, 8, 3), 128, np.uint8)
-    shifts = np.array([transform(grey, sample_rng(0, 0, i))[0, 0].astype(float) - 128
-                       for i in range(6000)])
+    shifts = np.array(
+        [transform(grey, sample_rng(0, 0, i))[0, 0].astype(float) - 128 for i in range(6000)]
+    )
     expected = (255 * sigma) ** 2 * p @ np.diag(lam**2) @ p.T
     assert np.abs(shifts.mean(axis=0)).max() < 0.5
     # rounding to integers adds ~1/12 to each variance
-    np.testing.assert_allclose(np.cov(shifts, rowvar=False), expected + np.eye(3) / 12,
-                               rtol=0.08, atol=0.3)
+    np.testing.assert_allclose(
+        np.cov(shifts, rowvar=False), expected + np.eye(3) / 12, rtol=0.08, atol=0.3
+    )
     # every pixel gets the same shift
     out = transform(grey, sample_rng(0, 0, 7))
     assert (out == out[0, 0]).all()
@@ -100,12 +102,15 @@ def test_presets_and_overrides():
         resolve_augment("alexnett")
 
 
-@pytest.mark.parametrize("extra,message", [
-    ('Rotat:{"limit": 5}', "unknown albumentations transform 'Rotat'. Did you mean 'Rotate'"),
-    ('Rotate:{"limitt": 5}', "Rotate has no argument 'limitt'. Did you mean 'limit'"),
-    ('Rotate:{"limit": "x"}', r"albumentations Rotate\(\{\"limit\": \"x\"\}\)"),
-    ("Rotate:{bad", "arguments are not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ('Rotat:{"limit": 5}', "unknown albumentations transform 'Rotat'. Did you mean 'Rotate'"),
+        ('Rotate:{"limitt": 5}', "Rotate has no argument 'limitt'. Did you mean 'limit'"),
+        ('Rotate:{"limit": "x"}', r"albumentations Rotate\(\{\"limit\": \"x\"\}\)"),
+        ("Rotate:{bad", "arguments are not valid JSON"),
+    ],
+)
 def test_bad_extra_transforms_fail_when_the_config_is_made(extra, message):
     with pytest.raises(ConfigError, match=message):
         resolve_augment("standard", extra=[extra])
@@ -113,8 +118,10 @@ def test_bad_extra_transforms_fail_when_the_config_is_made(extra, message):
 
 def test_good_extra_transform_is_recorded():
     cfg = resolve_augment("standard", extra=['Rotate:{"limit": 15}', "ToGray"])
-    assert cfg.as_dict()["extra"] == [{"name": "Rotate", "args": {"limit": 15}},
-                                      {"name": "ToGray", "args": {}}]
+    assert cfg.as_dict()["extra"] == [
+        {"name": "Rotate", "args": {"limit": 15}},
+        {"name": "ToGray", "args": {}},
+    ]
 
 
 def textured_photo(width: int, height: int) -> np.ndarray:
@@ -136,20 +143,24 @@ def test_training_crops_and_eval_resample_the_same_way_on_a_large_photo():
     h, w = resized.shape[:2]
     view = eval_transform(photo, size, crop_fraction)
     top, left = (h - size) // 2, (w - size) // 2
-    np.testing.assert_array_equal(view, resized[top:top + size, left:left + size])
+    np.testing.assert_array_equal(view, resized[top : top + size, left : left + size])
     transform = TrainTransform(resolve_augment("light", flip_p=0.0), size, crop_fraction)
     for index in range(5):
         crop = transform(photo, sample_rng(0, 0, index)).astype(int)
-        diffs = [np.abs(crop - resized[t:t + size, s:s + size]).mean()
-                 for t in range(h - size + 1) for s in range(w - size + 1)]
+        diffs = [
+            np.abs(crop - resized[t : t + size, s : s + size]).mean()
+            for t in range(h - size + 1)
+            for s in range(w - size + 1)
+        ]
         assert min(diffs) == 0.0
     # a resized crop of the whole square image is the eval view of it at crop fraction 1
     square = np.ascontiguousarray(photo[:, :3000])
     whole = random_resized_crop(square, size, (1.0, 1.0), (1.0, 1.0), np.random.default_rng(0))
     np.testing.assert_array_equal(whole, eval_transform(square, size, 1.0))
-    np.testing.assert_array_equal(random_crop(square, size, (1.0, 1.0),
-                                              np.random.default_rng(0)),
-                                  eval_transform(square, size, 1.0))
+    np.testing.assert_array_equal(
+        random_crop(square, size, (1.0, 1.0), np.random.default_rng(0)),
+        eval_transform(square, size, 1.0),
+    )
     # and the smoothing matters here: plain bilinear without it is far off
     import cv2
 
@@ -160,8 +171,9 @@ def test_training_crops_and_eval_resample_the_same_way_on_a_large_photo():
 def test_random_resized_crop_keeps_area_and_ratio_in_range():
     image = textured_photo(300, 200)
     for seed in range(20):
-        out = random_resized_crop(image, 32, (0.08, 1.0), (3 / 4, 4 / 3),
-                                  np.random.default_rng(seed))
+        out = random_resized_crop(
+            image, 32, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(seed)
+        )
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     # a ratio no region of this image can have falls back to the largest centred one
     tall = random_resized_crop(image, 16, (0.99, 1.0), (0.2, 0.25), np.random.default_rng(0))

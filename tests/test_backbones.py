@@ -11,21 +11,46 @@ from tlkit.core.errors import ConfigError
 from tlkit.models.backbones import OUTPUT, REGISTRY, get_backbone, stage_of_layers
 
 # Every registered backbone must be listed here; the guard below fails otherwise.
-TESTED = ["vgg16", "vgg19", "inception_v3", "inception_resnet_v2", "resnet50", "resnet101",
-          "resnet152", "resnet50_v2", "resnet101_v2", "resnet152_v2", "efficientnet_lite0",
-          "efficientnet_v2_b0", "efficientnet_v2_s", "convnext_tiny", "mobilenet_v3_large",
-          "test_resnet"]
+TESTED = [
+    "vgg16",
+    "vgg19",
+    "inception_v3",
+    "inception_resnet_v2",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet50_v2",
+    "resnet101_v2",
+    "resnet152_v2",
+    "efficientnet_lite0",
+    "efficientnet_v2_b0",
+    "efficientnet_v2_s",
+    "convnext_tiny",
+    "mobilenet_v3_large",
+    "test_resnet",
+]
 
 # keras.applications' published table (https://keras.io/api/applications/), millions, with top;
 # EfficientNet-Lite0: TensorFlow's efficientnet-lite README; MobileNetV3-Large: its paper's
 # Table 3 (also in keras' mobilenet_v3.py docstring), which Keras' implementation exceeds by
 # 0.1 M (5,507,432: the 1280-wide last conv carries a bias there), hence the tolerance.
-PUBLISHED_PARAMS_M = {"vgg16": 138.4, "vgg19": 143.7, "inception_v3": 23.9,
-                      "inception_resnet_v2": 55.9, "resnet50": 25.6, "resnet101": 44.7,
-                      "resnet152": 60.4, "resnet50_v2": 25.6, "resnet101_v2": 44.7,
-                      "resnet152_v2": 60.4, "efficientnet_lite0": 4.7,
-                      "efficientnet_v2_b0": 7.2, "efficientnet_v2_s": 21.6,
-                      "convnext_tiny": 28.6, "mobilenet_v3_large": 5.4}
+PUBLISHED_PARAMS_M = {
+    "vgg16": 138.4,
+    "vgg19": 143.7,
+    "inception_v3": 23.9,
+    "inception_resnet_v2": 55.9,
+    "resnet50": 25.6,
+    "resnet101": 44.7,
+    "resnet152": 60.4,
+    "resnet50_v2": 25.6,
+    "resnet101_v2": 44.7,
+    "resnet152_v2": 60.4,
+    "efficientnet_lite0": 4.7,
+    "efficientnet_v2_b0": 7.2,
+    "efficientnet_v2_s": 21.6,
+    "convnext_tiny": 28.6,
+    "mobilenet_v3_large": 5.4,
+}
 TOLERANCE_M = {"mobilenet_v3_large": 0.11}
 
 
@@ -95,7 +120,9 @@ def test_inspect_prints_every_layer_with_index_and_stage():
     assert lines[0].split()[:3] == ["index", "name", "type"]
     row = next(line for line in lines if " block1_conv1 " in line)
     assert row.split()[:3] == ["1", "block1_conv1", "Conv2D"] and row.split()[-2:] == [
-        "*", "block1"]
+        "*",
+        "block1",
+    ]
     assert "1,792" in row  # 3*3*3*64 + 64
     assert sum(1 for line in lines if line.strip()[:1].isdigit()) == 19
 
@@ -104,8 +131,11 @@ def test_the_test_backbone_has_no_imagenet_weights_and_says_so():
     from tlkit.core.errors import WeightsError
     from tlkit.models.weights import resolve_weights
 
-    with pytest.raises(WeightsError, match=r"test_resnet has no ImageNet weights .* use "
-                                           r"--weights none"):
+    with pytest.raises(
+        WeightsError,
+        match=r"test_resnet has no ImageNet weights .* use "
+        r"--weights none",
+    ):
         resolve_weights(get_backbone("test_resnet"), "imagenet")
 
 
@@ -118,13 +148,13 @@ def test_freeze_blocks_follows_the_stages_to_the_output(name, stages):
     spec = get_backbone(name)
     names = [layer.name for layer in spec.build(spec.min_size).layers]
     assert len(spec.stages) == stages
-    frozen = [resolve_freeze(FreezeRequest(blocks=k), spec, names).n_frozen
-              for k in range(stages + 1)]
+    frozen = [
+        resolve_freeze(FreezeRequest(blocks=k), spec, names).n_frozen for k in range(stages + 1)
+    ]
     assert frozen[0] == 0 and frozen[-1] == len(names)
     assert frozen == sorted(set(frozen))  # each stage adds layers
     for k, (_, end) in enumerate(spec.stages[:-1], start=1):
         assert names[frozen[k] - 1] == end
     if name == "efficientnet_lite0":  # block names as keras.applications' EfficientNetB0
-        assert [s for s, _ in spec.stages] == ["stem", *(f"stage{i}" for i in range(1, 8)),
-                                              "top"]
+        assert [s for s, _ in spec.stages] == ["stem", *(f"stage{i}" for i in range(1, 8)), "top"]
         assert names[frozen[3] - 1] == "block2b_add" and names[-1] == "top_activation"

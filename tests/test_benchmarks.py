@@ -12,33 +12,61 @@ from conftest import REPO
 
 # every figure benchmarks/run.py prints, named as --smoke names them (test backbone, 32 px)
 SPEED_FIGURES = {
-    "cli_help_seconds", "bad_input_seconds",
-    "train_images_per_s_test_resnet_32_frozen", "train_images_per_s_test_resnet_32_unfrozen",
+    "cli_help_seconds",
+    "bad_input_seconds",
+    "train_images_per_s_test_resnet_32_frozen",
+    "train_images_per_s_test_resnet_32_unfrozen",
     "train_speedup_test_resnet_32_frozen_over_unfrozen",
     "train_speedup_test_resnet_over_test_resnet_32_unfrozen",
-    "pca_images_per_s_tlkit", "pca_images_per_s_fancypca", "pca_speedup_vs_fancypca",
-    "pipeline_loop_images_per_s", "pipeline_tfdata_threads_1_images_per_s",
-    "aug_overhead_ratio", "aug_scaling_efficiency", "input_headroom",
-    "cache_live_epoch_seconds", "cache_epoch_seconds", "cache_epoch_speedup",
-    "cache_build_ratio", "cache_rss_peak_mb", "cache_rss_growth",
-    "eval_rss_peak_mb", "eval_rss_growth",
-    "multicrop1_seconds", "multicrop10_seconds", "multicrop10_cost_ratio",
-    "multicrop_dense_cost_ratio", "multicrop_dense_mirrored_cost_ratio",
-    "ensemble3_shared_trunk_seconds", "ensemble_shared_trunk_ratio",
-    "eval_retracing_warnings_predict_on_batch", "eval_retracing_warnings_traced",
+    "pca_images_per_s_tlkit",
+    "pca_images_per_s_fancypca",
+    "pca_speedup_vs_fancypca",
+    "pipeline_loop_images_per_s",
+    "pipeline_tfdata_threads_1_images_per_s",
+    "aug_overhead_ratio",
+    "aug_scaling_efficiency",
+    "input_headroom",
+    "cache_live_epoch_seconds",
+    "cache_epoch_seconds",
+    "cache_epoch_speedup",
+    "cache_build_ratio",
+    "cache_rss_peak_mb",
+    "cache_rss_growth",
+    "eval_rss_peak_mb",
+    "eval_rss_growth",
+    "multicrop1_seconds",
+    "multicrop10_seconds",
+    "multicrop10_cost_ratio",
+    "multicrop_dense_cost_ratio",
+    "multicrop_dense_mirrored_cost_ratio",
+    "ensemble3_shared_trunk_seconds",
+    "ensemble_shared_trunk_ratio",
+    "eval_retracing_warnings_predict_on_batch",
+    "eval_retracing_warnings_traced",
     "eval_traced_speedup",
-    "audit_images_per_s", "audit_overhead_ratio", "audit_memo_seconds", "audit_memo_speedup",
-    "data_identity_cold_seconds_photos", "data_identity_warm_seconds_photos",
-    "checkpoint_save_seconds_test_resnet", "checkpoint_restore_seconds_test_resnet",
-    "dist_train_images_per_s_default", "dist_train_images_per_s_mirrored",
-    "dist_mirrored_speedup", "dist_multiworker_2proc_speedup",
-    "precompute_sharded_2proc_ratio", "cache_merge_mb_per_s",
+    "audit_images_per_s",
+    "audit_overhead_ratio",
+    "audit_memo_seconds",
+    "audit_memo_speedup",
+    "data_identity_cold_seconds_photos",
+    "data_identity_warm_seconds_photos",
+    "checkpoint_save_seconds_test_resnet",
+    "checkpoint_restore_seconds_test_resnet",
+    "dist_train_images_per_s_default",
+    "dist_train_images_per_s_mirrored",
+    "dist_mirrored_speedup",
+    "dist_multiworker_2proc_speedup",
+    "precompute_sharded_2proc_ratio",
+    "cache_merge_mb_per_s",
 }
 
 DIAGNOSE_FIGURES = {
     *(f"label_noise_0.1_{m}_at_{k}" for m in ("recall", "precision") for k in ("N", "2N")),
-    "near_duplicates_found", "near_duplicates_false_pairs", "cam_peak_in_patch",
-    "lr_find_over_best_fixed_seed0", "diagnose_seconds_digits",
+    "near_duplicates_found",
+    "near_duplicates_false_pairs",
+    "cam_peak_in_patch",
+    "lr_find_over_best_fixed_seed0",
+    "diagnose_seconds_digits",
 }
 
 
@@ -49,14 +77,27 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     --smoke, side by side since none measures anything here: a changed signature or a broken
     group fails here, not in a README table."""
     out = tmp_path / "quality.json"
-    speed = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    quality = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "quality.py"),
-                                "--smoke", "--json", str(out)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    diagnosis = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "diagnose.py"),
-                                  "--smoke"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, cwd=tmp_path)
+    speed = subprocess.Popen(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    quality = subprocess.Popen(
+        [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--smoke", "--json", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    diagnosis = subprocess.Popen(
+        [sys.executable, str(REPO / "benchmarks" / "diagnose.py"), "--smoke"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     diagnose_out, diagnose_err = diagnosis.communicate(timeout=600)
     speed_out, speed_err = speed.communicate(timeout=600)
     quality_out, quality_err = quality.communicate(timeout=600)
@@ -70,14 +111,13 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     figures = [json.loads(line) for line in speed_out.splitlines() if line.startswith("{")]
     names = {f["name"] for f in figures}
     # tf.data with all cores, and grain when it is installed, are named by their counts
-    names = {n for n in names if not n.startswith(("pipeline_tfdata_threads_",
-                                                   "pipeline_grain_"))} | (
-        {"pipeline_tfdata_threads_1_images_per_s"} & names)
+    names = {
+        n for n in names if not n.startswith(("pipeline_tfdata_threads_", "pipeline_grain_"))
+    } | ({"pipeline_tfdata_threads_1_images_per_s"} & names)
     assert names == SPEED_FIGURES, sorted(names ^ SPEED_FIGURES)
     for f in figures:
         assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), f
-        if f["name"] not in ("pipeline_grain_processes_skipped",
-                             "eval_retracing_warnings_traced"):
+        if f["name"] not in ("pipeline_grain_processes_skipped", "eval_retracing_warnings_traced"):
             assert f["value"] > 0, f
     # one trace per model: not one retracing warning in the whole benchmark, and none counted
     assert "retracing" not in speed_err
@@ -86,39 +126,52 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     views = [r for r in rows if "views" in r]  # the --multicrop table, one preset in the smoke
     assert [(r["config"], r["views"]) for r in views] == [
-        ("--augment light", m) for m in ("1", "auto", "10", "dense")]
+        ("--augment light", m) for m in ("1", "auto", "10", "dense")
+    ]
     assert views[0]["chosen"] == "1" and views[3]["chosen"] == "dense"
     assert "| light |" in quality_out and "--multicrop auto" in quality_out
     pictures = [r["config"] for r in rows if r.get("protocol") == "pictures"]  # drawings
-    assert pictures == ["logreg-probe on raw pixels (32x32)",
-                        "logreg-probe on test_resnet, random weights"]
+    assert pictures == [
+        "logreg-probe on raw pixels (32x32)",
+        "logreg-probe on test_resnet, random weights",
+    ]
     assert "224 px, probes | test top-1" in quality_out
     quick = [r for r in rows if r.get("protocol") == "quickstart"]  # data/ as shipped
     assert [r["config"] for r in quick] == [
         "test_resnet, random weights, head only",
-        "logreg-probe on the features of test_resnet, random weights"]
+        "logreg-probe on the features of test_resnet, random weights",
+    ]
     assert all(0 <= r["top1"] <= 1 for r in quick)
     assert "data/ as shipped (drawings), 224 px | test top-1" in quality_out
     real = [r for r in rows if r.get("protocol") == "real"]  # the real-picture core plan
     assert [r["config"] for r in real] == [
-        "defaults", "frozen: head only (--freeze all --epochs 0)",
-        "ensemble of 3 defaults runs (seeds s, s+1000, s+2000)", "its best member",
-        "keras-reference, frozen (head on features)", "logreg-probe (sklearn, same features)",
+        "defaults",
+        "frozen: head only (--freeze all --epochs 0)",
+        "ensemble of 3 defaults runs (seeds s, s+1000, s+2000)",
+        "its best member",
+        "keras-reference, frozen (head on features)",
+        "logreg-probe (sklearn, same features)",
         "logreg-probe, alpha over mid-grey instead of white",
         "keras-reference, fine-tuned (the guide's 2 stages)",
-        "scratch (random init, every layer, 2 epochs)"]
+        "scratch (random init, every layer, 2 epochs)",
+    ]
     assert all(0 <= r["top1"] <= 1 for r in real)
     assert all(r["seconds"] > 0 for r in real[:2])
     real_views = [r for r in rows if r.get("protocol") == "real-views"]
     assert [r["config"] for r in real_views] == [
-        f"defaults, --multicrop {m}" for m in ("1", "auto", "10", "dense")]
+        f"defaults, --multicrop {m}" for m in ("1", "auto", "10", "dense")
+    ]
     assert real_views[0]["cost"] == 1 and real_views[2]["count"] == 10
     assert "| real pictures: configuration | k=4 | train s (k=4) |" in quality_out
     assert "| --multicrop dense |" in quality_out
     rows = [r for r in rows if "views" not in r and "protocol" not in r]  # the self-transfer
     configs = {r["config"] for r in rows}
-    assert configs == {"defaults", "recipe small-data", "keras-reference (plain Keras, frozen)",
-                       "logreg-probe (sklearn, frozen)"}
+    assert configs == {
+        "defaults",
+        "recipe small-data",
+        "keras-reference (plain Keras, frozen)",
+        "logreg-probe (sklearn, frozen)",
+    }
     for r in rows:
         assert r["k"] == 5 and r["seed"] == 0
         assert 0.0 <= r["top1"] <= 1.0 and math.isfinite(r["top1"])

@@ -18,8 +18,14 @@ from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
 
 def config(data, **kw):
-    base = dict(data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=8,
-                cache_dir="cache")
+    base = dict(
+        data=str(data),
+        backbone=TINY,
+        weights="none",
+        input_size=32,
+        batch_size=8,
+        cache_dir="cache",
+    )
     return PrecomputeConfig(**{**base, **kw})
 
 
@@ -83,8 +89,9 @@ def test_interrupted_build_resumes_and_is_never_read_half_done(make_folder, monk
         precompute_features(config(data, batch_size=4))
     root = data.parent / "cache"
     partial = list(root.glob("*.incomplete-*"))
-    assert len(partial) == 1 and not [p for p in root.iterdir()
-                                      if p.is_dir() and ".incomplete-" not in p.name]
+    assert len(partial) == 1 and not [
+        p for p in root.iterdir() if p.is_dir() and ".incomplete-" not in p.name
+    ]
     done = sorted(p.name for p in partial[0].glob("train-0*.npy"))
     assert done == ["train-00000.npy", "train-00001.npy"]
     stamp = (partial[0] / "train-00000.npy").stat().st_mtime_ns
@@ -107,22 +114,27 @@ def test_corrupt_shard_is_detected(make_folder):
 
 
 def test_a_second_builder_is_refused_while_the_lock_is_held(tmp_path):
-    code = ("import sys; from pathlib import Path; from tlkit.features.cache import build_lock\n"
-            "try:\n    with build_lock(Path(sys.argv[1]), 'k', wait=False): print('GOT')\n"
-            "except Exception as e: print('REFUSED', e)")
+    code = (
+        "import sys; from pathlib import Path; from tlkit.features.cache import build_lock\n"
+        "try:\n    with build_lock(Path(sys.argv[1]), 'k', wait=False): print('GOT')\n"
+        "except Exception as e: print('REFUSED', e)"
+    )
     with build_lock(tmp_path, "k"):
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+        ).stdout
     assert out.startswith("REFUSED") and "another process is building" in out
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
     assert out.startswith("GOT")  # released with its holder: no stale lock
 
 
 def test_views_hold_distinct_augmentations_and_training_reads_one(make_folder):
     data = make_folder(per_class=4)
-    cache = precompute_features(config(data, views=3, augment=resolve_augment("alexnet"),
-                                       dtype="float32"))
+    cache = precompute_features(
+        config(data, views=3, augment=resolve_augment("alexnet"), dtype="float32")
+    )
     reader = cache.reader("train")
     assert reader.views == 3
     v = [reader.read(0, i) for i in range(3)]
@@ -139,7 +151,7 @@ def test_views_hold_distinct_augmentations_and_training_reads_one(make_folder):
         match = [key for key, view in stored.items() if np.array_equal(row, view)]
         assert len(match) == 1
         drawn.append(match[0])
-    epochs = [dict(drawn[:reader.count]), dict(drawn[reader.count:])]
+    epochs = [dict(drawn[: reader.count]), dict(drawn[reader.count :])]
     assert all(sorted(e) == list(range(reader.count)) for e in epochs)
     assert any(epochs[0][i] != epochs[1][i] for i in range(reader.count))  # a new view
 
@@ -163,9 +175,26 @@ def test_training_from_the_cache_matches_the_live_path(make_folder, tmp_path):
     import keras
 
     data = make_folder(per_class=8)
-    common = ["finetune", str(data), "--backbone", TINY, "--weights", "none", "--freeze",
-              "all", "--augment", "none", "--head-epochs", "2", "--epochs", "1",
-              "--batch-size", "4", "--cache-dtype", "float32"]
+    common = [
+        "finetune",
+        str(data),
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--freeze",
+        "all",
+        "--augment",
+        "none",
+        "--head-epochs",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--cache-dtype",
+        "float32",
+    ]
     runner = CliRunner()
     live = runner.invoke(cli, [*common, "--no-cache", "-o", "runs/live"])
     assert live.exit_code == 0, live.output
@@ -184,16 +213,36 @@ def test_training_from_the_cache_matches_the_live_path(make_folder, tmp_path):
     live_hist = (tmp_path / "runs/live/history.csv").read_text().splitlines()
     cached_hist = (tmp_path / "runs/cached/history.csv").read_text().splitlines()
     for l1, l2 in zip(live_hist[1:], cached_hist[1:], strict=True):
-        np.testing.assert_allclose([float(v) for v in l1.split(",")[2:6]],
-                                   [float(v) for v in l2.split(",")[2:6]], rtol=1e-3)
+        np.testing.assert_allclose(
+            [float(v) for v in l1.split(",")[2:6]],
+            [float(v) for v in l2.split(",")[2:6]],
+            rtol=1e-3,
+        )
 
 
 def test_random_augmentation_with_one_view_does_not_use_a_cache(make_folder):
     data = make_folder(per_class=4)
-    result = CliRunner().invoke(cli, ["finetune", str(data), "--backbone", TINY, "--weights",
-                                      "none",
-                                      "--input-size", "32", "--freeze", "all", "--head-epochs",
-                                      "1", "--epochs", "0", "-o", "runs/x"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            str(data),
+            "--backbone",
+            TINY,
+            "--weights",
+            "none",
+            "--input-size",
+            "32",
+            "--freeze",
+            "all",
+            "--head-epochs",
+            "1",
+            "--epochs",
+            "0",
+            "-o",
+            "runs/x",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "feature cache: not used: --augment light is random" in result.output
 
@@ -212,10 +261,21 @@ def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(ma
     data = make_folder(per_class=6)
     counts, used = {}, {}
     for cache in ("off", "build"):
-        cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
-                             freeze=FreezeRequest(blocks=2), augment=resolve_augment("none"),
-                             head_epochs=1, epochs=1, batch_size=8, mixed_precision=True,
-                             cache=cache, cache_dir="cache", output=f"runs/{cache}")
+        cfg = FinetuneConfig(
+            data=str(data),
+            backbone=TINY,
+            weights="none",
+            input_size=32,
+            freeze=FreezeRequest(blocks=2),
+            augment=resolve_augment("none"),
+            head_epochs=1,
+            epochs=1,
+            batch_size=8,
+            mixed_precision=True,
+            cache=cache,
+            cache_dir="cache",
+            output=f"runs/{cache}",
+        )
         run = finetune(cfg, verbose=0)
         used[cache] = run.record.feature_cache["used"]
         with h5py.File(run.path / "checkpoints" / "last.h5", "r") as f:

@@ -22,8 +22,7 @@ def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
     labels = np.array([0, 1, 0, 0])
     # bin 14 (0.933, 1]: 2 predictions, confidence 0.95, accuracy 0.5;
     # bin 8 (0.533, 0.6]: 2 predictions, confidence 0.55, accuracy 0.5
-    assert expected_calibration_error(probs, labels) == pytest.approx(
-        0.5 * 0.45 + 0.5 * 0.05)
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.45 + 0.5 * 0.05)
     counts = [b["count"] for b in reliability_bins(probs, labels)]
     assert sum(counts) == 4 and counts[8] == 2 and counts[14] == 2
 
@@ -59,10 +58,19 @@ def test_a_calibrated_run_serves_tempered_probabilities_everywhere(tmp_path):
     write_folder(data / "test", ["a", "b", "c"], 4, seed=2)
     runs = {}
     for calibrate in (False, True):
-        cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
-                             freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0,
-                             batch_size=8, cache="off", calibrate=calibrate,
-                             output=str(tmp_path / f"cal{int(calibrate)}"))
+        cfg = FinetuneConfig(
+            data=str(data),
+            backbone=TINY,
+            weights="none",
+            input_size=32,
+            freeze=FreezeRequest(count="all"),
+            head_epochs=1,
+            epochs=0,
+            batch_size=8,
+            cache="off",
+            calibrate=calibrate,
+            output=str(tmp_path / f"cal{int(calibrate)}"),
+        )
         runs[calibrate] = finetune(cfg, verbose=0)
     record = runs[True].record.calibration
     t = record["temperature"]
@@ -88,5 +96,4 @@ def test_a_calibrated_run_serves_tempered_probabilities_everywhere(tmp_path):
 
     x = np.stack([eval_transform(decode_image(p), 32, 0.875) for p in images])
     np.testing.assert_allclose(model.predict(x, verbose=0), tempered, atol=1e-5)
-    assert json.loads((runs[True].path / "run.json").read_text())["calibration"]["temperature"] \
-        == t
+    assert json.loads((runs[True].path / "run.json").read_text())["calibration"]["temperature"] == t

@@ -19,23 +19,26 @@ def tiny_model(compiled: bool = True):
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
     if compiled:
-        model.compile(optimizer=keras.optimizers.Adam(1e-2),
-                      loss="sparse_categorical_crossentropy")
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
     return model
 
 
 def train_a_bit(model, steps: int = 2) -> None:
     rng = np.random.default_rng(steps)
-    model.fit(rng.normal(size=(8 * steps, 4)), rng.integers(0, 3, 8 * steps), batch_size=8,
-              epochs=1, verbose=0)
+    model.fit(
+        rng.normal(size=(8 * steps, 4)),
+        rng.integers(0, 3, 8 * steps),
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+    )
 
 
 def state(progress: int, val_loss: float) -> dict:
     return {"progress": progress, "best": {"val_loss": val_loss}, "rows": []}
 
 
-def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_loadable(tmp_path,
-                                                                           monkeypatch):
+def test_a_save_that_fails_halfway_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     model = tiny_model()
     train_a_bit(model)
@@ -101,8 +104,7 @@ def test_optimizer_state_round_trips(tmp_path):
     checkpoints.load_checkpoint(tmp_path / "last.h5", other, other.optimizer)
     assert int(keras.ops.convert_to_numpy(other.optimizer.iterations)) == 3
     for a, b in zip(other.optimizer.variables, model.optimizer.variables, strict=True):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
-                                      keras.ops.convert_to_numpy(b))
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
 
 
 def fresh_state() -> TrainingState:
@@ -112,8 +114,13 @@ def fresh_state() -> TrainingState:
 def recorder_for(folder, model, patience: int, epochs: int, state: dict | None = None):
     """The finetune callback on a tiny compiled model, driven by hand."""
     train_a_bit(model)
-    recorder = make_recorder(folder, folder / "h.csv", model, patience,
-                             fresh_state() if state is None else TrainingState.from_dict(state))
+    recorder = make_recorder(
+        folder,
+        folder / "h.csv",
+        model,
+        patience,
+        fresh_state() if state is None else TrainingState.from_dict(state),
+    )
     recorder.set_model(model)
     recorder.set_params({"epochs": epochs})
     return recorder

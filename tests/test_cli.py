@@ -24,25 +24,46 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-@pytest.mark.parametrize("command", [
-    [], ["finetune"], ["predict"], ["inspect"], ["backbones"], ["weights", "list"],
-    ["weights", "import"], ["eval"], ["diagnose"], ["lr-find"], ["precompute-features"],
-    ["cache", "ls"], ["cache", "rm"], ["cache", "merge"], ["augment-preview"], ["bench-input"],
-    ["check-data"], ["recipes"], ["runs"], ["export"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["finetune"],
+        ["predict"],
+        ["inspect"],
+        ["backbones"],
+        ["weights", "list"],
+        ["weights", "import"],
+        ["eval"],
+        ["diagnose"],
+        ["lr-find"],
+        ["precompute-features"],
+        ["cache", "ls"],
+        ["cache", "rm"],
+        ["cache", "merge"],
+        ["augment-preview"],
+        ["bench-input"],
+        ["check-data"],
+        ["recipes"],
+        ["runs"],
+        ["export"],
+    ],
+)
 def test_help_does_not_import_tensorflow(command):
-    code = ("import sys; from tlkit.cli import cli\n"
-            f"try:\n    cli({[*command, '--help']!r}, prog_name='tlkit')\n"
-            "except SystemExit:\n    pass\n"
-            "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys; from tlkit.cli import cli\n"
+        f"try:\n    cli({[*command, '--help']!r}, prog_name='tlkit')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Usage:" in out.stdout
     assert "HEAVY []" in out.stdout
 
 
 @pytest.mark.slow  # real ImageNet features on the real drawings: the transfer is the point
-def test_the_quickstart_transfers_imagenet_features_offline(lite0_weights, tmp_path,
-                                                            monkeypatch):
+def test_the_quickstart_transfers_imagenet_features_offline(lite0_weights, tmp_path, monkeypatch):
     """The README's main command as a new user runs it offline (TLKIT_OFFLINE is set for every
     test), at 64 px and one fine-tune epoch so it fits a test: no --backbone, no --weights."""
     import keras
@@ -52,8 +73,7 @@ def test_the_quickstart_transfers_imagenet_features_offline(lite0_weights, tmp_p
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").symlink_to(REPO / "data")
-    result = invoke("finetune", "--freeze", "10", "--input-size", "64", "--epochs", "1",
-                    "data/")
+    result = invoke("finetune", "--freeze", "10", "--input-size", "64", "--epochs", "1", "data/")
     assert result.exit_code == 0, result.output
     assert "10 classes; train 240, val 80, test 80" in result.output
     (run,) = (tmp_path / "runs").iterdir()
@@ -91,11 +111,19 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     assert "up to about" in result.output
     assert "trainable /" in result.output and "frozen BatchNorm layers" in result.output
     run = tmp_path / "runs" / "a"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "data_report.json",
-                                                     "history.csv", "model.keras", "run.json",
-                                                     "training_curves.png"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "data_report.json",
+        "history.csv",
+        "model.keras",
+        "run.json",
+        "training_curves.png",
+    ]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "best.h5", "identity.json", "last.h5"]
+        "best.h5",
+        "identity.json",
+        "last.h5",
+    ]
     assert not list((tmp_path / "runs").glob("*.incomplete-*"))
     info = json.loads((run / "run.json").read_text())
     assert info["classes"] == ["cat", "dog"] and info["backbone"] == "test_resnet"
@@ -105,8 +133,9 @@ def test_finetune_end_to_end_then_reload_and_predict(make_folder, tmp_path):
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("phase,epoch,loss,accuracy,val_loss")
     # the head phase: a validation check every CHECK_EVERY of its 500 steps; one fine-tune epoch
-    assert [line.split(",")[0] for line in history[1:]] == \
-        ["head"] * (MIN_HEAD_STEPS // CHECK_EVERY) + ["fine-tune"]
+    assert [line.split(",")[0] for line in history[1:]] == ["head"] * (
+        MIN_HEAD_STEPS // CHECK_EVERY
+    ) + ["fine-tune"]
 
     # plain Keras loads it (no tlkit layers) and it takes raw uint8 images
     model = keras.saving.load_model(run / "model.keras", safe_mode=True)
@@ -132,11 +161,11 @@ def test_existing_run_is_refused_without_overwrite(make_folder, tmp_path):
     before = (tmp_path / "runs/a/run.json").read_text()
     again = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", *fast)
     assert again.exit_code == 7
-    assert again.output.strip() == ("Error: runs/a: already exists; choose another -o/--output "
-                                    "or pass --overwrite")
+    assert again.output.strip() == (
+        "Error: runs/a: already exists; choose another -o/--output or pass --overwrite"
+    )
     assert (tmp_path / "runs/a/run.json").read_text() == before
-    forced = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", "--overwrite",
-                    *fast)
+    forced = invoke("finetune", str(data), "--freeze", "all", "-o", "runs/a", "--overwrite", *fast)
     assert forced.exit_code == 0, forced.output
     assert (tmp_path / "runs/a/run.json").read_text() != before
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a"]
@@ -150,8 +179,12 @@ def test_imagenet_weights_offline_fail_before_any_image_is_decoded(make_folder, 
     line = result.output.strip()
     assert "\n" not in line
     assert "ImageNet weights for vgg16 are not available" in line
-    assert str(tmp_path / "keras_home" / "models" /
-               "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5") in line
+    assert (
+        str(
+            tmp_path / "keras_home" / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        )
+        in line
+    )
     assert "tlkit weights import FILE" in line and "--weights none" in line
 
 
@@ -164,14 +197,17 @@ def test_bad_image_stops_before_training_and_names_the_file(make_folder, tmp_pat
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--freeze", "ten"], "--freeze must be an integer"),
-    (["--input-size", "16"], "--input-size 16 is below the minimum of 32"),
-    (["--backbone", "resnet5"], "unknown backbone 'resnet5'"),
-    (["--fine-tune-lr", "0.1"], "--fine-tune-lr should be lower than --lr"),
-    (["--weights", "missing.h5"], "Received: 'missing.h5' (no such file or folder)"),
-    (["--augment", "auto", "--flip-p", "0"], "--augment auto chooses the whole augmentation"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--freeze", "ten"], "--freeze must be an integer"),
+        (["--input-size", "16"], "--input-size 16 is below the minimum of 32"),
+        (["--backbone", "resnet5"], "unknown backbone 'resnet5'"),
+        (["--fine-tune-lr", "0.1"], "--fine-tune-lr should be lower than --lr"),
+        (["--weights", "missing.h5"], "Received: 'missing.h5' (no such file or folder)"),
+        (["--augment", "auto", "--flip-p", "0"], "--augment auto chooses the whole augmentation"),
+    ],
+)
 def test_bad_options_are_one_line_errors(make_folder, args, message):
     data = make_folder(per_class=4)
     result = invoke("finetune", str(data), "--weights", "none", *args)
@@ -195,8 +231,9 @@ def test_weights_import_places_a_verified_file(tmp_path, monkeypatch):
 
     f = tmp_path / "download.h5"
     f.write_bytes(b"pretend weights")
-    spec = dataclasses.replace(backbones.REGISTRY["vgg16"],
-                               weights_hash=hashlib.md5(f.read_bytes()).hexdigest())
+    spec = dataclasses.replace(
+        backbones.REGISTRY["vgg16"], weights_hash=hashlib.md5(f.read_bytes()).hexdigest()
+    )
     monkeypatch.setitem(backbones.REGISTRY, "vgg16", spec)
     result = invoke("weights", "import", str(f))
     assert result.exit_code == 0, result.output
@@ -211,10 +248,29 @@ def test_weights_import_places_a_verified_file(tmp_path, monkeypatch):
 def test_seed_makes_a_cpu_run_reproducible(make_folder, tmp_path):
     """Two processes, same seed: identical weights and metrics."""
     data = make_folder(per_class=8)
-    procs = [subprocess.Popen([sys.executable, "-m", "tlkit", "finetune", str(data), "--freeze",
-                               "14", "-o", f"runs/{name}", "--seed", "7", *FAST],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              cwd=tmp_path) for name in ("s1", "s2")]  # side by side
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tlkit",
+                "finetune",
+                str(data),
+                "--freeze",
+                "14",
+                "-o",
+                f"runs/{name}",
+                "--seed",
+                "7",
+                *FAST,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for name in ("s1", "s2")
+    ]  # side by side
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -252,14 +308,28 @@ def test_mixed_precision_run_saves_float32_probabilities(make_folder, tmp_path):
     import keras
 
     data = make_folder(per_class=6)
-    result = invoke("finetune", str(data), *TINY, "--weights", "none", "--input-size", "32",
-                    "--freeze", "all", "--head-epochs", "1", "--epochs", "0",
-                    "--mixed-precision", "-o", "runs/mp")
+    result = invoke(
+        "finetune",
+        str(data),
+        *TINY,
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--freeze",
+        "all",
+        "--head-epochs",
+        "1",
+        "--epochs",
+        "0",
+        "--mixed-precision",
+        "-o",
+        "runs/mp",
+    )
     assert result.exit_code == 0, result.output
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     model = keras.saving.load_model(tmp_path / "runs/mp/model.keras")
-    assert model.get_layer("backbone").get_layer("stem_conv").dtype_policy.name == \
-        "mixed_float16"
+    assert model.get_layer("backbone").get_layer("stem_conv").dtype_policy.name == "mixed_float16"
     x = np.zeros((2, 32, 32, 3), np.uint8)
     probs = model.predict(x, verbose=0)
     assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
@@ -267,9 +337,23 @@ def test_mixed_precision_run_saves_float32_probabilities(make_folder, tmp_path):
 
 def test_finetune_with_alexnet_augmentation_records_it(make_folder, tmp_path):
     data = make_folder(per_class=8)
-    result = invoke("finetune", str(data), "--freeze", "all", "--augment", "alexnet",
-                    "--extra-transform", 'Rotate:{"limit": 10}', "--workers", "2",
-                    "--prefetch", "2", "-o", "runs/aug", *FAST)
+    result = invoke(
+        "finetune",
+        str(data),
+        "--freeze",
+        "all",
+        "--augment",
+        "alexnet",
+        "--extra-transform",
+        'Rotate:{"limit": 10}',
+        "--workers",
+        "2",
+        "--prefetch",
+        "2",
+        "-o",
+        "runs/aug",
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     assert "PCA colour: eigenvalues" in result.output
     info = json.loads((tmp_path / "runs/aug/run.json").read_text())
@@ -282,8 +366,9 @@ def test_finetune_with_alexnet_augmentation_records_it(make_folder, tmp_path):
 
 def test_bad_extra_transform_is_a_one_line_error_before_any_work(make_folder, tmp_path):
     data = make_folder(per_class=4)
-    result = invoke("finetune", str(data), "--weights", "none",
-                    "--extra-transform", 'Rotate:{"limitt": 5}')
+    result = invoke(
+        "finetune", str(data), "--weights", "none", "--extra-transform", 'Rotate:{"limitt": 5}'
+    )
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
     assert "Rotate has no argument 'limitt'. Did you mean 'limit'?" in result.output
@@ -294,8 +379,20 @@ def test_augment_preview_writes_a_grid(make_folder, tmp_path):
     from PIL import Image
 
     data = make_folder(per_class=5)
-    result = invoke("augment-preview", str(data), "-n", "3", "--draws", "4", "--input-size",
-                    "32", "--augment", "vgg", "-o", "grid.png")
+    result = invoke(
+        "augment-preview",
+        str(data),
+        "-n",
+        "3",
+        "--draws",
+        "4",
+        "--input-size",
+        "32",
+        "--augment",
+        "vgg",
+        "-o",
+        "grid.png",
+    )
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "grid.png") as im:
         assert im.size == (5 * 36 + 4, 3 * 36 + 4)  # (1 + draws) columns, n rows, 4 px gaps
@@ -308,8 +405,22 @@ def test_augment_preview_writes_a_grid(make_folder, tmp_path):
 
 def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
     data = make_folder(per_class=10)
-    result = invoke("bench-input", str(data), *TINY, "--input-size", "32", "--batch-size", "4",
-                    "--batches", "2", "--max-workers", "2", "--freeze", "all", "--json")
+    result = invoke(
+        "bench-input",
+        str(data),
+        *TINY,
+        "--input-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--batches",
+        "2",
+        "--max-workers",
+        "2",
+        "--freeze",
+        "all",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert [r["workers"] for r in plan["pipeline"]] == [1, 2]
@@ -318,11 +429,15 @@ def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
     best = max(r["images_per_s"] for r in plan["pipeline"])
     assert plan["headroom"] == pytest.approx(best / plan["model_images_per_s"])
     # the verdict the measured figures imply: the fewest workers giving 1.2x the model
-    enough = [r["workers"] for r in plan["pipeline"]
-              if r["images_per_s"] >= 1.2 * plan["model_images_per_s"]]
+    enough = [
+        r["workers"]
+        for r in plan["pipeline"]
+        if r["images_per_s"] >= 1.2 * plan["model_images_per_s"]
+    ]
     assert plan["workers_needed"] == (enough[0] if enough else None)
-    assert plan["verdict"].startswith(f"the input keeps up: {enough[0]} worker(s)" if enough
-                                      else "input-bound")
+    assert plan["verdict"].startswith(
+        f"the input keeps up: {enough[0]} worker(s)" if enough else "input-bound"
+    )
 
 
 def test_input_verdict_on_known_figures():
@@ -341,9 +456,22 @@ def test_quiet_json_tensorboard_curves_and_runs(make_folder, tmp_path):
     from PIL import Image
 
     data = make_folder(per_class=8)
-    result = CliRunner().invoke(cli, ["-q", "finetune", str(data), "-o", "runs/q", "--freeze",
-                                      "all", "--tensorboard", "--json", *FAST],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "finetune",
+            str(data),
+            "-o",
+            "runs/q",
+            "--freeze",
+            "all",
+            "--tensorboard",
+            "--json",
+            *FAST,
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # nothing but the JSON on stdout
     assert summary["run"] == "runs/q" and summary["optimizer_steps"] > 0
@@ -367,8 +495,10 @@ def test_each_kind_of_error_has_one_exit_code(make_folder, tmp_path):
     """2 options, 6 caches, 7 an output already there: the same kind, the same code, whichever
     command meets it (README, "Exit codes")."""
     data = make_folder(per_class=4)
-    for command in (["finetune", str(data), "--val-fraction", "1.5"],
-                    ["precompute-features", str(data), "--val-fraction", "1.5"]):
+    for command in (
+        ["finetune", str(data), "--val-fraction", "1.5"],
+        ["precompute-features", str(data), "--val-fraction", "1.5"],
+    ):
         result = invoke(*command)
         assert result.exit_code == 2, result.output
         assert "'--val-fraction': 1.5 is not in the range 0<x<1" in result.output
@@ -388,7 +518,11 @@ def test_every_choice_comes_from_one_module():
     from tlkit.data.augment import PRESETS
 
     assert tuple(PRESETS) == choices.AUGMENT_PRESETS
-    offered = {tuple(p.type.choices) for c in cli.commands.values()
-               for p in getattr(c, "params", []) if isinstance(p.type, click.Choice)}
+    offered = {
+        tuple(p.type.choices)
+        for c in cli.commands.values()
+        for p in getattr(c, "params", [])
+        if isinstance(p.type, click.Choice)
+    }
     constants = {v for k, v in vars(choices).items() if k.isupper() and isinstance(v, tuple)}
     assert offered <= constants, offered - constants

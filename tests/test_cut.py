@@ -9,12 +9,15 @@ from tlkit.models.cut import build_tail, build_trunk, resolve_cut, single_tensor
 from tlkit.models.model import build_classifier
 
 
-@pytest.mark.parametrize("name,size", [
-    pytest.param("resnet50", 32, marks=pytest.mark.slow),
-    pytest.param("inception_v3", 75, marks=pytest.mark.slow),
-    pytest.param("vgg16", 32, marks=pytest.mark.slow),
-    (TINY, 32),  # the mechanics in a second; the real architectures in the slow lane
-])
+@pytest.mark.parametrize(
+    "name,size",
+    [
+        pytest.param("resnet50", 32, marks=pytest.mark.slow),
+        pytest.param("inception_v3", 75, marks=pytest.mark.slow),
+        pytest.param("vgg16", 32, marks=pytest.mark.slow),
+        (TINY, 32),  # the mechanics in a second; the real architectures in the slow lane
+    ],
+)
 def test_trunk_then_tail_equals_the_whole_model_at_any_freeze_point(name, size):
     spec = get_backbone(name)
     base = spec.build(size)

@@ -67,12 +67,15 @@ def test_stray_files_and_hidden_folders_are_ignored(make_folder):
     assert ".ipynb_checkpoints" in folder.ignored
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "no such data folder"),
-    ("empty_class", "empty class folder"),
-    ("one_class", "only one class"),
-    ("no_classes", "no class folders"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no such data folder"),
+        ("empty_class", "empty class folder"),
+        ("one_class", "only one class"),
+        ("no_classes", "no class folders"),
+    ],
+)
 def test_unusable_folders_are_clear_errors(tmp_path, case, message):
     root = tmp_path / "d"
     if case != "missing":

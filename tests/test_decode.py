@@ -24,8 +24,10 @@ def test_rgb_png_roundtrip(tmp_path):
     np.testing.assert_array_equal(out, RGB)
 
 
-@pytest.mark.parametrize("fmt,ext", [("BMP", ".bmp"), ("GIF", ".gif"), ("WEBP", ".webp"),
-                                     ("JPEG", ".jpg"), ("TIFF", ".tif")])
+@pytest.mark.parametrize(
+    "fmt,ext",
+    [("BMP", ".bmp"), ("GIF", ".gif"), ("WEBP", ".webp"), ("JPEG", ".jpg"), ("TIFF", ".tif")],
+)
 def test_formats_decode_to_rgb(tmp_path, fmt, ext):
     """Four flat colour blocks, each channel checked: a BGR swap or a grey decode fails."""
     blocks = ((200, 30, 40), (30, 180, 60), (40, 50, 210), (220, 200, 20))
@@ -89,8 +91,16 @@ def test_16_bit_grayscale_scales_to_8_bit(tmp_path):
 
 # where the stored image's top-left corner is displayed, by EXIF orientation (the EXIF spec's
 # table: which visual side the 0th row and the 0th column are)
-CORNER = {1: "top-left", 2: "top-right", 3: "bottom-right", 4: "bottom-left",
-          5: "top-left", 6: "top-right", 7: "bottom-right", 8: "bottom-left"}
+CORNER = {
+    1: "top-left",
+    2: "top-right",
+    3: "bottom-right",
+    4: "bottom-left",
+    5: "top-left",
+    6: "top-right",
+    7: "bottom-right",
+    8: "bottom-left",
+}
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -99,12 +109,17 @@ def test_exif_orientation_puts_a_marked_corner_where_the_spec_says(tmp_path, ori
     stored[:6, :6] = 255  # the marked top-left corner
     exif = Image.Exif()
     exif[0x0112] = orientation
-    out = decode_image(save(tmp_path / "o.jpg", Image.fromarray(stored), "JPEG", quality=95,
-                            exif=exif.tobytes()))
+    out = decode_image(
+        save(tmp_path / "o.jpg", Image.fromarray(stored), "JPEG", quality=95, exif=exif.tobytes())
+    )
     assert out.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
     h, w = out.shape[:2]
-    corners = {"top-left": out[:4, :4], "top-right": out[:4, w - 4 :],
-               "bottom-left": out[h - 4 :, :4], "bottom-right": out[h - 4 :, w - 4 :]}
+    corners = {
+        "top-left": out[:4, :4],
+        "top-right": out[:4, w - 4 :],
+        "bottom-left": out[h - 4 :, :4],
+        "bottom-right": out[h - 4 :, w - 4 :],
+    }
     bright = [name for name, patch in corners.items() if patch.mean() > 200]
     assert bright == [CORNER[orientation]]
 
@@ -124,7 +139,8 @@ def test_missing_file_is_named(tmp_path):
 def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        buf, "JPEG")
+        buf, "JPEG"
+    )
     path = tmp_path / "cut.jpg"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
     with pytest.raises(DataError, match=r"cut\.jpg: cannot decode image"):

@@ -18,8 +18,16 @@ from tlkit.evaluation.diagnose import label_issues, near_duplicates, out_of_fold
 
 
 def test_the_off_diagonal_of_the_confident_joint_is_flagged():
-    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.25, 0.75],  # labelled 0
-                      [0.2, 0.8], [0.1, 0.9], [0.7, 0.3]])   # labelled 1
+    probs = np.array(
+        [
+            [0.9, 0.1],
+            [0.8, 0.2],
+            [0.25, 0.75],  # labelled 0
+            [0.2, 0.8],
+            [0.1, 0.9],
+            [0.7, 0.3],
+        ]
+    )  # labelled 1
     labels = np.array([0, 0, 0, 1, 1, 1])
     # thresholds: class 0 = mean p0 over labelled 0 = 0.65, class 1 = mean p1 = 0.667; image 2
     # reaches only class 1's, image 5 only class 0's
@@ -44,8 +52,9 @@ def test_the_flagged_set_is_cleanlabs_confident_learning_filter():
         flip = rng.choice(600, 60, replace=False)
         labels[flip] = (labels[flip] + rng.integers(1, 5, 60)) % 5
         ours = {i for i, _, _ in label_issues(probs, labels)}
-        theirs = set(np.flatnonzero(find_label_issues(labels, probs,
-                                                      filter_by="confident_learning")))
+        theirs = set(
+            np.flatnonzero(find_label_issues(labels, probs, filter_by="confident_learning"))
+        )
         assert ours == theirs and len(ours) > 20
 
 
@@ -65,8 +74,9 @@ def test_near_duplicates_in_blocks_equal_the_brute_force_pairs():
 def test_near_duplicates_of_a_folder_of_copies_keep_a_bounded_list():
     """500 copies of one image make 124,750 pairs: memory holds the `limit` most similar."""
     rng = np.random.default_rng(0)
-    feats = np.concatenate([np.tile(rng.normal(size=(1, 8)), (500, 1)),
-                            rng.normal(size=(20, 8))]) + rng.normal(scale=1e-4, size=(520, 8))
+    feats = np.concatenate(
+        [np.tile(rng.normal(size=(1, 8)), (500, 1)), rng.normal(size=(20, 8))]
+    ) + rng.normal(scale=1e-4, size=(520, 8))
     pairs, total = near_duplicates(feats, 0.99, block=64, limit=100)
     assert total == 500 * 499 // 2 and len(pairs) == 100
     sims = [s for _, _, s in pairs]
@@ -92,8 +102,7 @@ def test_diagnose_writes_its_report_and_a_manifest_that_trains(tiny_runs, tmp_pa
     assert result.exit_code == 0, result.output
     found = json.loads(result.output)
     out = Path(found["output"])
-    assert sorted(p.name for p in out.iterdir()) == ["diagnose.json", "relabel.csv",
-                                                     "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["diagnose.json", "relabel.csv", "report.html"]
     assert found["images"] == 42 and 0 <= found["out_of_fold_accuracy"] <= 1
     assert {"label_issues", "review_next", "near_duplicates", "top_losses"} <= set(found)
     assert "data:image/jpeg;base64," in (out / "report.html").read_text()
@@ -106,8 +115,7 @@ def test_diagnose_writes_its_report_and_a_manifest_that_trains(tiny_runs, tmp_pa
     finally:
         (data / "relabel.csv").unlink()
     assert len(rows) == 42 and sorted(manifest.classes) == ["a", "b", "c"]
-    assert {s: len(x) for s, x in manifest.splits.items()} == {"train": 24, "val": 9,
-                                                               "test": 9}
+    assert {s: len(x) for s, x in manifest.splits.items()} == {"train": 24, "val": 9, "test": 9}
     again = runner.invoke(cli, ["diagnose", str(runs[0]), "--name", "d"])
     assert again.exit_code == 7 and "already exists" in again.output
     text = runner.invoke(cli, ["diagnose", str(runs[0]), "--name", "t"])
@@ -139,11 +147,22 @@ def test_planted_label_noise_in_the_digits_is_found(tmp_path):
         dest = target / "train" / new / f"flipped-{f.name}"
         shutil.move(f, dest)
         planted.add(str(dest.relative_to(target)))
-    run = finetune(FinetuneConfig(data=str(target), backbone=TINY, weights="none",
-                                  input_size=32, freeze=FreezeRequest(count="all"),
-                                  augment=resolve_augment("none"), head_epochs=5, epochs=0,
-                                  batch_size=32, cache="off", output=str(tmp_path / "run")),
-                   verbose=0)
+    run = finetune(
+        FinetuneConfig(
+            data=str(target),
+            backbone=TINY,
+            weights="none",
+            input_size=32,
+            freeze=FreezeRequest(count="all"),
+            augment=resolve_augment("none"),
+            head_epochs=5,
+            epochs=0,
+            batch_size=32,
+            cache="off",
+            output=str(tmp_path / "run"),
+        ),
+        verbose=0,
+    )
     found = diagnose(DiagnoseConfig(run=str(run.path)))
     ranked = [r["path"] for r in found["label_issues"] + found["review_next"]]
     n = len(planted)

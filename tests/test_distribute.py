@@ -27,18 +27,40 @@ from tlkit.cli import cli
 from tlkit.core.errors import ConfigError
 from tlkit.models.distribute import read_tf_config
 
-ARGS = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs", "0",
-        "--epochs", "3", "--freeze", "11", "--dropout", "0", "--patience", "10"]
+ARGS = [
+    "--backbone",
+    TINY,
+    "--weights",
+    "none",
+    "--batch-size",
+    "4",
+    "--head-epochs",
+    "0",
+    "--epochs",
+    "3",
+    "--freeze",
+    "11",
+    "--dropout",
+    "0",
+    "--patience",
+    "10",
+]
 # --head-epochs 0: on one device the head phase is a probe on features (training/head.py), under
 # several replicas it runs live, so the epochs compared across strategies are fine-tune epochs
 TWO_CPUS = {"TLKIT_LOGICAL_CPUS": "2"}
 
 
-def tlkit(args: list[str], cwd: Path, env: dict[str, str] | None = None,
-          timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tlkit", *args], cwd=cwd, text=True,
-                          env={**os.environ, **(env or {})}, capture_output=True,
-                          timeout=timeout)
+def tlkit(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tlkit", *args],
+        cwd=cwd,
+        text=True,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        timeout=timeout,
+    )
 
 
 def history(run: Path) -> list[dict[str, str]]:
@@ -65,19 +87,33 @@ def free_ports(n: int) -> list[int]:
 
 
 def tf_config(ports: list[int], index: int) -> str:
-    return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
 
 
 def test_tf_config_is_read_and_checked(monkeypatch):
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1",
-                                                "c:1"]}, "task": {"type": "worker", "index": 1}}))
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        json.dumps(
+            {
+                "cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
+                "task": {"type": "worker", "index": 1},
+            }
+        ),
+    )
     spec = read_tf_config()
     assert (spec.workers, spec.index, spec.is_chief, spec.task) == (3, 2, False, "worker:1")
     monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 0))
     assert read_tf_config().is_chief
-    for bad, match in (("{nope", "not valid JSON"), ('{"cluster": {}}', "needs a"),
-                       (tf_config([1, 2], 2), "is not one of")):
+    for bad, match in (
+        ("{nope", "not valid JSON"),
+        ('{"cluster": {}}', "needs a"),
+        (tf_config([1, 2], 2), "is not one of"),
+    ):
         monkeypatch.setenv("TF_CONFIG", bad)
         with pytest.raises(ConfigError, match=match):
             read_tf_config()
@@ -91,10 +127,23 @@ def test_bad_strategy_settings_are_one_line_errors(make_folder, monkeypatch, tmp
     monkeypatch.delenv("TF_CONFIG", raising=False)
     cases = [
         (["finetune", str(data), *ARGS, "--strategy", "multiworker"], "needs TF_CONFIG"),
-        (["precompute-features", str(data), "--weights", "none", "--num-shards", "2"],
-         "go together"),
-        (["precompute-features", str(data), "--weights", "none", "--num-shards", "2",
-          "--shard-index", "2"], "--shard-index must be in 0..num-shards-1"),
+        (
+            ["precompute-features", str(data), "--weights", "none", "--num-shards", "2"],
+            "go together",
+        ),
+        (
+            [
+                "precompute-features",
+                str(data),
+                "--weights",
+                "none",
+                "--num-shards",
+                "2",
+                "--shard-index",
+                "2",
+            ],
+            "--shard-index must be in 0..num-shards-1",
+        ),
         (["finetune", str(data), *ARGS, "--lr-base-batch", "0"], "--lr-base-batch"),
     ]
     for args, message in cases:
@@ -131,12 +180,27 @@ def test_replicas_share_every_batch_and_see_the_same_augmentation(make_folder):
     examples = load_dataset(str(make_folder(per_class=7)), 0.2).splits["train"]
     n = len(examples)
     transform = build_train_transform(resolve_augment("standard"), examples, 32, 0.875)
-    whole = list(train_dataset(examples, transform, 4, seed=3, first_epoch=0, epochs=2).take(
-        2 * steps_per_epoch(n, 4)).as_numpy_iterator())
+    whole = list(
+        train_dataset(examples, transform, 4, seed=3, first_epoch=0, epochs=2)
+        .take(2 * steps_per_epoch(n, 4))
+        .as_numpy_iterator()
+    )
     weights = [0.5 + e.label for e in examples]
-    parts = [list(train_dataset(examples, transform, 4, seed=3, first_epoch=0, epochs=2,
-                                share=Share(2, (r,)), sample_weights=weights)
-                  .as_numpy_iterator()) for r in (0, 1)]
+    parts = [
+        list(
+            train_dataset(
+                examples,
+                transform,
+                4,
+                seed=3,
+                first_epoch=0,
+                epochs=2,
+                share=Share(2, (r,)),
+                sample_weights=weights,
+            ).as_numpy_iterator()
+        )
+        for r in (0, 1)
+    ]
     steps = steps_per_epoch(n, 4, replicas=2)
     assert len(parts[0]) == len(parts[1]) == 2 * steps
     if n % 4 == 1:  # a last batch of one image cannot feed two replicas: it is left out
@@ -158,8 +222,15 @@ def test_shards_merge_into_the_bytes_of_a_one_process_build(make_folder, monkeyp
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 3 * 4 * 4 * 32 * 2)  # 3 rows per shard file
 
     def config(cache_dir: str, **kw) -> PrecomputeConfig:
-        return PrecomputeConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
-                                batch_size=2, cache_dir=cache_dir, **kw)
+        return PrecomputeConfig(
+            data=str(data),
+            backbone=TINY,
+            weights="none",
+            input_size=32,
+            batch_size=2,
+            cache_dir=cache_dir,
+            **kw,
+        )
 
     single = precompute_features(config("single"))
     first = precompute_features(config("sharded", num_shards=3, shard_index=0))
@@ -200,15 +271,31 @@ def test_a_tampered_part_is_refused(make_folder):
     from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
-    config = dict(data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=2,
-                  num_shards=2)
+    config = dict(
+        data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=2, num_shards=2
+    )
     part = Path(precompute_features(PrecomputeConfig(**config, shard_index=0))["part"])
     piece = next(part.glob("*.npy"))
     piece.write_bytes(piece.read_bytes()[:-1] + b"\x00")
-    result = CliRunner().invoke(cli, ["precompute-features", str(data), "--backbone", TINY,
-                                      "--weights", "none",
-                                      "--input-size", "32", "--batch-size", "2",
-                                      "--num-shards", "2", "--shard-index", "1"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "precompute-features",
+            str(data),
+            "--backbone",
+            TINY,
+            "--weights",
+            "none",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--num-shards",
+            "2",
+            "--shard-index",
+            "1",
+        ],
+    )
     assert result.exit_code == 6 and "missing or corrupt" in result.output
     assert str(part) in result.output and "run shard 0 again" in result.output
 
@@ -220,8 +307,9 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     data = write_folder(root / "data" / "train", ["a", "b"], 12).parent  # 24: batches of 4
     write_folder(data / "val", ["a", "b"], 3, seed=1)
-    single = tlkit(["finetune", str(data), "-o", "runs/single", *ARGS, "--strategy", "default"],
-                   root)
+    single = tlkit(
+        ["finetune", str(data), "-o", "runs/single", *ARGS, "--strategy", "default"], root
+    )
     assert single.returncode == 0, single.stderr
     return data, root / "runs" / "single"
 
@@ -229,23 +317,61 @@ def reference(tmp_path_factory):
 @pytest.mark.subprocess
 def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path, reference):
     data, single = reference
-    mirrored = tlkit(["finetune", str(data), "-o", "runs/mirrored", *ARGS, "--strategy",
-                      "mirrored", "--class-weight", "balanced"], tmp_path, TWO_CPUS)
+    mirrored = tlkit(
+        [
+            "finetune",
+            str(data),
+            "-o",
+            "runs/mirrored",
+            *ARGS,
+            "--strategy",
+            "mirrored",
+            "--class-weight",
+            "balanced",
+        ],
+        tmp_path,
+        TWO_CPUS,
+    )
     assert mirrored.returncode == 0, mirrored.stderr
     assert "mirrored: 2 replicas" in mirrored.stdout and "Traceback" not in mirrored.stderr
     assert "ran out of data" not in mirrored.stderr
     info = json.loads((tmp_path / "runs/mirrored/run.json").read_text())
-    assert info["distribution"] == {"strategy": "mirrored", "replicas": 2, "workers": 1,
-                                    "per_replica_batch": 2}
+    assert info["distribution"] == {
+        "strategy": "mirrored",
+        "replicas": 2,
+        "workers": 1,
+        "per_replica_batch": 2,
+    }
     assert info["optimizer_steps"] == 3 * 6
     assert_same_training(single, tmp_path / "runs/mirrored")
 
-    procs = {name: subprocess.Popen(  # side by side: the comparison is of their outputs
-        [sys.executable, "-m", "tlkit", "eval", "runs/mirrored", str(data), "--split", "val",
-         "--multicrop", "5", "--name", name, "--strategy", strategy, "--json"], cwd=tmp_path,
-        text=True, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE) for name, strategy, env in (("one", "default", None),
-                                                            ("two", "mirrored", TWO_CPUS))}
+    procs = {
+        name: subprocess.Popen(  # side by side: the comparison is of their outputs
+            [
+                sys.executable,
+                "-m",
+                "tlkit",
+                "eval",
+                "runs/mirrored",
+                str(data),
+                "--split",
+                "val",
+                "--multicrop",
+                "5",
+                "--name",
+                name,
+                "--strategy",
+                strategy,
+                "--json",
+            ],
+            cwd=tmp_path,
+            text=True,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name, strategy, env in (("one", "default", None), ("two", "mirrored", TWO_CPUS))
+    }
     evals = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -255,10 +381,24 @@ def test_mirrored_over_two_cpus_matches_one_device_and_resumes(tmp_path, referen
     assert evals["one"]["top1"] == evals["two"]["top1"]
     assert evals["one"]["log_loss"] == pytest.approx(evals["two"]["log_loss"], rel=1e-5)
 
-    proc = subprocess.Popen([sys.executable, "-m", "tlkit", "finetune", str(data), "-o",
-                             "runs/resumed", *ARGS, "--strategy", "mirrored"], cwd=tmp_path,
-                            env={**os.environ, **TWO_CPUS}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tlkit",
+            "finetune",
+            str(data),
+            "-o",
+            "runs/resumed",
+            *ARGS,
+            "--strategy",
+            "mirrored",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **TWO_CPUS},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while progress(tmp_path, "resumed") < 2:
         assert proc.poll() is None and time.monotonic() < deadline
@@ -278,8 +418,9 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path, ref
     homes = [tmp_path / f"worker{i}" for i in range(2)]
     for home in homes:
         home.mkdir()
-    outputs = two_workers(["finetune", str(data), "-o", "runs/mw", *ARGS, "--strategy",
-                           "multiworker"], homes)
+    outputs = two_workers(
+        ["finetune", str(data), "-o", "runs/mw", *ARGS, "--strategy", "multiworker"], homes
+    )
     assert "run: runs/mw" in outputs[0] and "not the chief" in outputs[1]
     info = json.loads((homes[0] / "runs/mw/run.json").read_text())
     assert info["distribution"]["workers"] == 2 and info["distribution"]["replicas"] == 2
@@ -287,8 +428,9 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path, ref
     assert_same_training(single, homes[0] / "runs/mw")
 
     run = homes[0] / "runs/mw"  # every worker evaluates it; the images are split between them
-    outputs = two_workers(["eval", str(run), "--split", "val", "--strategy", "multiworker",
-                           "--json"], homes)
+    outputs = two_workers(
+        ["eval", str(run), "--split", "val", "--strategy", "multiworker", "--json"], homes
+    )
     chief, other = (json.loads(out) for out in outputs)
     reference = tlkit(["eval", str(run), "--split", "val", "--name", "one", "--json"], tmp_path)
     assert reference.returncode == 0, reference.stderr
@@ -297,13 +439,15 @@ def test_two_multiworker_processes_train_and_only_the_chief_writes(tmp_path, ref
     assert chief["log_loss"] == other["log_loss"] == pytest.approx(one["log_loss"], rel=1e-5)
     assert "output" in chief and "output" not in other and list(homes[1].iterdir()) == []
 
-
     # workers that see different files stop, all of them, with one line (no hang)
     shutil.copytree(data, tmp_path / "data")  # worker 0's copy, mtimes kept
     shutil.copytree(data, homes[1] / "data")  # worker 1's own copy, mtimes kept
     replace_keeping_size_and_mtime(tmp_path / "data" / "train" / "a" / "img0.png")  # new bytes
-    bad = two_workers(["finetune", "data", "-o", "runs/bad", *ARGS, "--strategy",
-                       "multiworker"], [tmp_path, homes[1]], expect=2)
+    bad = two_workers(
+        ["finetune", "data", "-o", "runs/bad", *ARGS, "--strategy", "multiworker"],
+        [tmp_path, homes[1]],
+        expect=2,
+    )
     assert all("the workers see different data" in err and "Traceback" not in err for err in bad)
     assert not (tmp_path / "runs" / "bad").exists()
 
@@ -312,10 +456,17 @@ def two_workers(args: list[str], homes: list[Path], expect: int = 0) -> list[str
     """Run `tlkit ARGS` as the two workers of a localhost cluster; their stdout (or, when
     they are expected to fail, their stderr)."""
     ports = free_ports(2)
-    procs = [subprocess.Popen([sys.executable, "-m", "tlkit", *args], cwd=home, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "TF_CONFIG": tf_config(ports, i)})
-             for i, home in enumerate(homes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tlkit", *args],
+            cwd=home,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "TF_CONFIG": tf_config(ports, i)},
+        )
+        for i, home in enumerate(homes)
+    ]
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -329,27 +480,54 @@ def two_workers(args: list[str], homes: list[Path], expect: int = 0) -> list[str
 @pytest.mark.subprocess
 def test_sharded_precompute_in_two_processes_is_byte_identical(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b", "c"], 8)
-    common = ["precompute-features", str(data), "--backbone", TINY, "--weights", "none",
-              "--input-size", "32",
-              "--batch-size", "4", "--json"]
+    common = [
+        "precompute-features",
+        str(data),
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--json",
+    ]
     single = tlkit([*common, "--cache-dir", "single"], tmp_path)
     assert single.returncode == 0, single.stderr
     key = json.loads(single.stdout)["key"]
-    procs = [subprocess.Popen([sys.executable, "-m", "tlkit", *common, "--cache-dir", "sharded",
-                               "--num-shards", "2", "--shard-index", str(i)], cwd=tmp_path,
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tlkit",
+                *common,
+                "--cache-dir",
+                "sharded",
+                "--num-shards",
+                "2",
+                "--shard-index",
+                str(i),
+            ],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert_same_cache(tmp_path / "single" / key, tmp_path / "sharded" / key)
 
-    mirrored = tlkit([*common, "--cache-dir", "mirrored", "--strategy", "mirrored"], tmp_path,
-                     TWO_CPUS)
+    mirrored = tlkit(
+        [*common, "--cache-dir", "mirrored", "--strategy", "mirrored"], tmp_path, TWO_CPUS
+    )
     assert mirrored.returncode == 0, mirrored.stderr
     assert json.loads(mirrored.stdout)["key"] == key
     for split in ("train", "val"):
-        a, b = (np.load(tmp_path / d / key / f"{split}-00000.npy") for d in ("single",
-                                                                              "mirrored"))
+        a, b = (np.load(tmp_path / d / key / f"{split}-00000.npy") for d in ("single", "mirrored"))
         assert np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-2, atol=1e-3)
 
 
@@ -357,17 +535,31 @@ def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monke
     from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
-    config = PrecomputeConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
-                              batch_size=2, strategy="multiworker")
+    config = PrecomputeConfig(
+        data=str(data),
+        backbone=TINY,
+        weights="none",
+        input_size=32,
+        batch_size=2,
+        strategy="multiworker",
+    )
     monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
     first = precompute_features(config)
     assert (first["shard"], first["num_shards"], first["missing_shards"]) == (1, 2, [0])
     monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 0))
     cache = precompute_features(config)  # the last to finish publishes
     cache.verify()
-    assert cache.manifest["splits"]["train"]["count"] + cache.manifest["splits"]["val"][
-        "count"] == 8
+    assert (
+        cache.manifest["splits"]["train"]["count"] + cache.manifest["splits"]["val"]["count"] == 8
+    )
     with pytest.raises(ConfigError, match="use one or the other"):
-        precompute_features(PrecomputeConfig(data=str(data), backbone=TINY, weights="none",
-                                             strategy="multiworker", num_shards=2,
-                                             shard_index=0))
+        precompute_features(
+            PrecomputeConfig(
+                data=str(data),
+                backbone=TINY,
+                weights="none",
+                strategy="multiworker",
+                num_shards=2,
+                shard_index=0,
+            )
+        )

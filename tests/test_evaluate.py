@@ -40,11 +40,20 @@ def test_ten_crop_views_are_the_hand_built_crops_and_prediction_is_their_mean(tr
     h, w = image.shape[:2]
     s = short / min(h, w)
     # enlarging: bilinear (tlkit averages areas only when it shrinks)
-    big = cv2.resize(image, (max(short, round(w * s)), max(short, round(h * s))),
-                     interpolation=cv2.INTER_LINEAR)
+    big = cv2.resize(
+        image, (max(short, round(w * s)), max(short, round(h * s))), interpolation=cv2.INTER_LINEAR
+    )
     H, W = big.shape[:2]
-    crops = [big[t : t + 32, x : x + 32] for t, x in
-             ((0, 0), (0, W - 32), (H - 32, 0), (H - 32, W - 32), ((H - 32) // 2, (W - 32) // 2))]
+    crops = [
+        big[t : t + 32, x : x + 32]
+        for t, x in (
+            (0, 0),
+            (0, W - 32),
+            (H - 32, 0),
+            (H - 32, W - 32),
+            ((H - 32) // 2, (W - 32) // 2),
+        )
+    ]
     crops += [np.fliplr(c) for c in crops]
     views = crop_views(image, 32, 0.875, "10")
     for i, crop in enumerate(crops):  # the pixels of every view, in order
@@ -62,7 +71,8 @@ def test_ensembles_of_one_and_of_two_identical_models_equal_the_model(trained, t
     single = evaluate(EvalConfig(runs=(str(runs[0]),), multicrop="5", name="one"))
     twin = evaluate(EvalConfig(runs=(str(runs[0]), str(copy)), multicrop="5", name="two"))
     assert single["top1"] == twin["top1"] and single["log_loss"] == pytest.approx(
-        twin["log_loss"], abs=1e-9)
+        twin["log_loss"], abs=1e-9
+    )
     assert twin["member_disagreement"] == 0.0
     one = (runs[0] / "eval/one/predictions.csv").read_text()
     two = (runs[0] / "eval/two/predictions.csv").read_text()
@@ -95,8 +105,12 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     assert "the only views training showed" in result.output
     out = newest / "eval" / "test-cropsauto"
     assert sorted(p.name for p in out.iterdir()) == [
-        "confusion_matrix.png", "metrics.json", "predictions.csv", "reliability_diagram.png",
-        "report.html"]
+        "confusion_matrix.png",
+        "metrics.json",
+        "predictions.csv",
+        "reliability_diagram.png",
+        "report.html",
+    ]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 9 and metrics["split"] == "test"
     assert [(v["views"], v["count"]) for v in metrics["views"]] == [("1", 1)]
@@ -106,13 +120,15 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     again = runner.invoke(cli, ["eval", "--multicrop"])
     assert again.exit_code == 7 and "already exists" in again.output
     as_json = runner.invoke(cli, ["eval", str(newest), "--json", "--name", "j"])
-    assert json.loads(as_json.output)["top1"] == pytest.approx(json.loads(
-        (newest / "eval/j/metrics.json").read_text())["top1"])
+    assert json.loads(as_json.output)["top1"] == pytest.approx(
+        json.loads((newest / "eval/j/metrics.json").read_text())["top1"]
+    )
     ensemble = runner.invoke(cli, ["eval", *map(str, runs), "--ensemble-weights", "val"])
     assert ensemble.exit_code == 0, ensemble.output
     assert "ensemble" in ensemble.output and "members disagree on" in ensemble.output
     weights = json.loads((runs[0] / "eval/test-crops1-ensemble2/metrics.json").read_text())[
-        "member_weights"]
+        "member_weights"
+    ]
     assert sum(weights) == pytest.approx(1.0)
 
 
@@ -162,12 +178,16 @@ def test_members_with_different_class_maps_are_refused(trained, tmp_path):
 
 def test_metrics_on_a_known_example():
     classes = ["a", "b", "c"]
-    probs = np.array([[.8, .1, .1], [.2, .7, .1], [.6, .3, .1], [.1, .1, .8]])
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
     labels = np.array([0, 1, 1, 2])
     m = classification_metrics(probs, labels, classes)
     assert m["top1"] == 0.75 and m["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
-    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
-                                   "support": 1}
+    assert m["per_class"]["a"] == {
+        "precision": 0.5,
+        "recall": 1.0,
+        "f1": pytest.approx(2 / 3),
+        "support": 1,
+    }
     assert m["per_class"]["b"]["recall"] == 0.5 and m["per_class"]["b"]["precision"] == 1.0
     assert m["most_confused"] == [{"true": "b", "predicted": "a", "count": 1}]
     assert m["macro"]["recall"] == pytest.approx((1 + 0.5 + 1) / 3)
@@ -190,13 +210,20 @@ def test_val_weights_are_never_fitted_on_the_images_they_score(trained):
     data, runs = trained
     runner = CliRunner()
     for extra in (["--split", "val"], [str(data / "val")]):
-        refused = runner.invoke(cli, ["eval", *map(str, runs), *extra, "--ensemble-weights",
-                                      "val", "--name", "x"])
+        refused = runner.invoke(
+            cli, ["eval", *map(str, runs), *extra, "--ensemble-weights", "val", "--name", "x"]
+        )
         assert refused.exit_code == 2, refused.output
         assert "--ensemble-weights val fits the member weights on" in refused.output
         assert len(refused.output.strip().splitlines()) == 1
-    plain = evaluate(EvalConfig(runs=tuple(map(str, runs)), data=str(data / "test"),
-                                ensemble_weights="val", name="plain"))  # a plain class folder
+    plain = evaluate(
+        EvalConfig(
+            runs=tuple(map(str, runs)),
+            data=str(data / "test"),
+            ensemble_weights="val",
+            name="plain",
+        )
+    )  # a plain class folder
     assert plain["split"] == "all" and plain["member_weights_fitted_on"] == f"{data} (val)"
 
 
@@ -213,8 +240,14 @@ def test_val_weights_favour_the_better_member(trained, tmp_path):
     kernel, bias = head.get_weights()
     head.set_weights([-kernel[:, ::-1] * 5, bias[::-1]])  # confidently wrong
     model.save(bad / "model.keras")
-    m = evaluate(EvalConfig(runs=(str(runs[0]), str(bad)), data=str(data / "test"),
-                            ensemble_weights="val", name="fitted"))
+    m = evaluate(
+        EvalConfig(
+            runs=(str(runs[0]), str(bad)),
+            data=str(data / "test"),
+            ensemble_weights="val",
+            name="fitted",
+        )
+    )
     good, worse = m["member_weights"]
     assert good > 0.8 and worse < 0.2 and good + worse == pytest.approx(1.0)
     singles = [r["single_crop_top1"] for r in m["comparison"][:2]]
@@ -229,8 +262,11 @@ def test_members_trained_on_different_splits_are_refused(trained, tmp_path):
         info = json.loads((odd / "run.json").read_text())
         info["data"][key] = value
         (odd / "run.json").write_text(json.dumps(info))
-        with pytest.raises(ConfigError, match=rf"{odd}: trained on other data or another "
-                                              rf"split .*{key}"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"{odd}: trained on other data or another "
+            rf"split .*{key}",
+        ):
             evaluate(EvalConfig(runs=(str(runs[0]), str(odd)), name=key))
 
 
@@ -250,14 +286,14 @@ def test_scoring_the_split_that_chose_the_checkpoint_says_the_figure_is_optimist
 
 def test_a_class_with_no_images_that_is_predicted_counts_in_the_macro_average():
     classes = ["a", "b", "c", "d"]
-    probs = np.array([[.1, .1, .8, 0], [.8, .1, .1, 0], [.1, .8, .1, 0]])
+    probs = np.array([[0.1, 0.1, 0.8, 0], [0.8, 0.1, 0.1, 0], [0.1, 0.8, 0.1, 0]])
     m = classification_metrics(probs, np.array([0, 0, 1]), classes)
     assert m["macro"]["recall"] == pytest.approx((0.5 + 1 + 0) / 3)  # c scored 0, d left out
     assert m["classes_without_images"] == ["c", "d"]
-    assert any("no images of class d" in n and "left out of the averages" in n
-               for n in m["notes"])
-    assert any("no images of class c" in n and "predicted 1 time" in n and "as 0" in n
-               for n in m["notes"])
+    assert any("no images of class d" in n and "left out of the averages" in n for n in m["notes"])
+    assert any(
+        "no images of class c" in n and "predicted 1 time" in n and "as 0" in n for n in m["notes"]
+    )
     assert not any("class c" in n and "left out" in n for n in m["notes"])
 
 
@@ -270,10 +306,19 @@ def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
     from tlkit.training.train import finetune
 
     data, runs = trained
-    cfg = FinetuneConfig(data=str(data), backbone=TINY, weights="none", input_size=32,
-                         freeze=FreezeRequest(count="all"), head_epochs=1, epochs=0,
-                         batch_size=8, output=str(tmp_path / "half"), cache="off",
-                         mixed_precision=True)
+    cfg = FinetuneConfig(
+        data=str(data),
+        backbone=TINY,
+        weights="none",
+        input_size=32,
+        freeze=FreezeRequest(count="all"),
+        head_epochs=1,
+        epochs=0,
+        batch_size=8,
+        output=str(tmp_path / "half"),
+        cache="off",
+        mixed_precision=True,
+    )
     half = finetune(cfg, verbose=0)
     members = [Member(load_run(runs[0])), Member(half)]
     same = {weights_digest(backbone_of(m.model).get_weights()) for m in members}

@@ -19,11 +19,13 @@ def test_the_maps_average_to_the_logits_the_model_softmaxes(tiny_runs):
     model = load_run(runs[0]).load_model()
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     _, bias = model.get_layer("predictions").get_weights()
-    logits = np.stack([class_maps(model, images, [c] * 5).mean(axis=(1, 2)) + bias[c]
-                       for c in range(3)], axis=1)
+    logits = np.stack(
+        [class_maps(model, images, [c] * 5).mean(axis=(1, 2)) + bias[c] for c in range(3)], axis=1
+    )
     e = np.exp(logits - logits.max(1, keepdims=True))
-    np.testing.assert_allclose(e / e.sum(1, keepdims=True), model.predict(images, verbose=0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        e / e.sum(1, keepdims=True), model.predict(images, verbose=0), atol=1e-5
+    )
 
 
 def test_predict_explain_writes_one_overlay_per_image(tiny_runs, tmp_path):
@@ -66,11 +68,25 @@ def test_the_map_peaks_inside_the_patch_that_decides_the_class(tmp_path):
         for i, (img, label) in enumerate(zip(images, labels, strict=True)):
             (tmp_path / "data" / split / f"c{label}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(tmp_path / "data" / split / f"c{label}" / f"{i}.png")
-    run = finetune(FinetuneConfig(
-        data=str(tmp_path / "data"), backbone=TINY, weights="none", input_size=64,
-        freeze=FreezeRequest(count="0"), augment=resolve_augment("none"), head_epochs=1,
-        epochs=12, lr=3e-3, fine_tune_lr=2e-3, batch_size=32, patience=4, cache="off",
-        output=str(tmp_path / "run")), verbose=0)
+    run = finetune(
+        FinetuneConfig(
+            data=str(tmp_path / "data"),
+            backbone=TINY,
+            weights="none",
+            input_size=64,
+            freeze=FreezeRequest(count="0"),
+            augment=resolve_augment("none"),
+            head_epochs=1,
+            epochs=12,
+            lr=3e-3,
+            fine_tune_lr=2e-3,
+            batch_size=32,
+            patience=4,
+            cache="off",
+            output=str(tmp_path / "run"),
+        ),
+        verbose=0,
+    )
     model = load_run(run.path).load_model()
     images, labels, boxes = patch_images(100, rng)
     views = np.stack([eval_transform(img, 64, 0.875) for img in images])

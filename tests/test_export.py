@@ -54,22 +54,28 @@ def run_keras(path, images):
     return model.predict(images, verbose=0)
 
 
-RUNTIMES = {"keras": run_keras, "savedmodel": run_savedmodel, "tflite": run_tflite,
-            "onnx": run_onnx}
+RUNTIMES = {
+    "keras": run_keras,
+    "savedmodel": run_savedmodel,
+    "tflite": run_tflite,
+    "onnx": run_onnx,
+}
 
 
 @pytest.mark.parametrize("fmt", list(RUNTIMES))
 def test_export_matches_the_run_in_its_own_runtime(run_and_images, fmt):
     run, images, expected = run_and_images
-    result = CliRunner().invoke(cli, ["export", str(run), "--format", fmt],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["export", str(run), "--format", fmt], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = run / "export" / fmt
     assert (out / "labels.txt").read_text().splitlines() == ["a", "b", "c"]
     meta = json.loads((out / "export.json").read_text())
     assert {k: v for k, v in meta["input"].items() if k != "from_a_file"} == {
-        "shape": [None, 32, 32, 3], "dtype": "uint8", "channels": "RGB",
-        "preprocessing": "inside the model"}
+        "shape": [None, 32, 32, 3],
+        "dtype": "uint8",
+        "channels": "RGB",
+        "preprocessing": "inside the model",
+    }
     got = np.asarray(RUNTIMES[fmt](out, images))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -82,8 +88,12 @@ def test_export_refuses_to_overwrite_and_names_bad_formats(run_and_images):
     assert runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e"]).exit_code == 0
     again = runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e"])
     assert again.exit_code == 7 and "e: already exists; pass --overwrite" in again.output
-    assert runner.invoke(cli, ["export", str(run), "--format", "keras", "-o", "e",
-                               "--overwrite"]).exit_code == 0
+    assert (
+        runner.invoke(
+            cli, ["export", str(run), "--format", "keras", "-o", "e", "--overwrite"]
+        ).exit_code
+        == 0
+    )
     bad = runner.invoke(cli, ["export", str(run), "--format", "pickle"])
     assert bad.exit_code == 2 and "'pickle' is not one of" in bad.output
     assert load_run(run).classes == ["a", "b", "c"]
@@ -97,8 +107,9 @@ def test_export_json_says_enough_to_reproduce_the_eval_input_by_hand(run_and_ima
     from tlkit.evaluation.predict import predict_images
 
     run = run_and_images[0]
-    assert CliRunner().invoke(cli, ["export", str(run), "--format", "keras", "-o", "x"]
-                              ).exit_code == 0
+    assert (
+        CliRunner().invoke(cli, ["export", str(run), "--format", "keras", "-o", "x"]).exit_code == 0
+    )
     recipe = json.loads((tmp_path / "x" / "export.json").read_text())["input"]["from_a_file"]
     assert recipe["exif_orientation"].startswith("applied") and recipe["channels"] == "RGB"
     rng = np.random.default_rng(1)

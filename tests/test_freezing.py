@@ -33,17 +33,30 @@ def test_freeze_10_vgg16_exact_trainable_set():
     assert plan.n_frozen == 10 and plan.last_frozen == "block3_conv3"
     apply_freeze(base, plan)
     assert trainable_layers(base) == {
-        "block4_conv1", "block4_conv2", "block4_conv3", "block5_conv1", "block5_conv2",
-        "block5_conv3"}
+        "block4_conv1",
+        "block4_conv2",
+        "block4_conv3",
+        "block5_conv1",
+        "block5_conv2",
+        "block5_conv3",
+    }
 
 
 @pytest.mark.slow  # builds a real architecture: its layer names are the point
 def test_freeze_10_resnet50_exact_trainable_set():
     _, base, plan = plan_for("resnet50", 32, count="10")
     names = [x.name for x in base.layers]
-    assert names[1:10] == ["conv1_pad", "conv1_conv", "conv1_bn", "conv1_relu",
-                          "pool1_pad", "pool1_pool", "conv2_block1_1_conv", "conv2_block1_1_bn",
-                          "conv2_block1_1_relu"]
+    assert names[1:10] == [
+        "conv1_pad",
+        "conv1_conv",
+        "conv1_bn",
+        "conv1_relu",
+        "pool1_pad",
+        "pool1_pool",
+        "conv2_block1_1_conv",
+        "conv2_block1_1_bn",
+        "conv2_block1_1_relu",
+    ]
     frozen_bn = apply_freeze(base, plan)
     trainable = trainable_layers(base)
     assert plan.last_frozen == "conv2_block1_1_relu"
@@ -75,12 +88,15 @@ def test_freeze_variants_resolve_to_a_count():
     assert count(blocks=0) == 0
 
 
-@pytest.mark.parametrize("request_kw,message", [
-    ({"count": "999"}, r"--freeze 999 is out of range"),
-    ({"to_layer": "block9_conv1"}, r"has no layer named 'block9_conv1'"),
-    ({"blocks": 6}, r"--freeze-blocks must be between 0 and 5"),
-    ({"count": "3", "blocks": 1}, r"choose one of"),
-])
+@pytest.mark.parametrize(
+    "request_kw,message",
+    [
+        ({"count": "999"}, r"--freeze 999 is out of range"),
+        ({"to_layer": "block9_conv1"}, r"has no layer named 'block9_conv1'"),
+        ({"blocks": 6}, r"--freeze-blocks must be between 0 and 5"),
+        ({"count": "3", "blocks": 1}, r"choose one of"),
+    ],
+)
 def test_bad_freeze_requests_are_clear_errors(request_kw, message):
     spec = get_backbone("vgg16")
     names = [f"l{i}" for i in range(19)]
@@ -105,8 +121,9 @@ def _fit_on_shifted_data(model, seed=0):
 
 
 def _bn_stats(base):
-    return {x.name: [w.copy() for w in x.get_weights()[2:]] for x in base.layers
-            if is_batch_norm(x)}
+    return {
+        x.name: [w.copy() for w in x.get_weights()[2:]] for x in base.layers if is_batch_norm(x)
+    }
 
 
 @pytest.mark.parametrize("train_bn", [False, True])

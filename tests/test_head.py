@@ -43,16 +43,24 @@ def tinted_folder(root: Path, per_class: int, seed: int) -> Path:
             img = np.zeros((24, 24, 3), np.int32)
             img[..., channel] = level
             img += rng.integers(0, 40, (24, 24, 1))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
-                root / name / f"{i}.png")
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
     return root
 
 
 def quick_config(data: Path, out: Path, **kw) -> FinetuneConfig:
-    values = {"data": str(data), "backbone": TINY, "weights": "none", "input_size": 32,
-              "batch_size": 8,
-              "freeze": FreezeRequest(count="all"), "head_epochs": 2, "epochs": 0,
-              "output": str(out), "workers": 2, **kw}
+    values = {
+        "data": str(data),
+        "backbone": TINY,
+        "weights": "none",
+        "input_size": 32,
+        "batch_size": 8,
+        "freeze": FreezeRequest(count="all"),
+        "head_epochs": 2,
+        "epochs": 0,
+        "output": str(out),
+        "workers": 2,
+        **kw,
+    }
     return FinetuneConfig(**values)
 
 
@@ -100,15 +108,20 @@ def test_augment_auto_picks_the_candidate_that_keeps_the_signal(tmp_path, monkey
     import tlkit.training.head
     from tlkit.training.train import finetune
 
-    monkeypatch.setattr(tlkit.training.head, "AUTO_CANDIDATES", (
-        ("grey", "none", {"extra": ['ToGray:{"p": 1.0}']}),
-        ("none", "none", {}),
-    ))
+    monkeypatch.setattr(
+        tlkit.training.head,
+        "AUTO_CANDIDATES",
+        (
+            ("grey", "none", {"extra": ['ToGray:{"p": 1.0}']}),
+            ("none", "none", {}),
+        ),
+    )
     data = tmp_path / "data"
     tinted_folder(data / "train", 12, 0)
     tinted_folder(data / "val", 6, 1)
-    run = finetune(quick_config(data, tmp_path / "run",
-                                augment=resolve_augment("auto", allow_auto=True)))
+    run = finetune(
+        quick_config(data, tmp_path / "run", augment=resolve_augment("auto", allow_auto=True))
+    )
     search = run.record.augment["search"]
     assert [s["augment"] for s in search] == ["grey", "none"]
     grey, plain = search
@@ -127,8 +140,11 @@ def test_augment_auto_is_refused_outside_finetune(make_folder):
     from tlkit.cli import cli
 
     data = make_folder(per_class=4)
-    result = CliRunner().invoke(cli, ["precompute-features", str(data), "--weights", "none",
-                                      "--augment", "auto"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        ["precompute-features", str(data), "--weights", "none", "--augment", "auto"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 2
     assert "--augment auto is chosen while training" in result.output
     assert "Traceback" not in result.output
@@ -178,8 +194,7 @@ def test_the_step_timer_extrapolates_timed_steps_and_says_what_shortens_a_long_r
     state: dict[str, Any] = {}
     lines, close = _tlkit_lines()
     try:
-        timer = timing.step_timer("fine-tune", 10, 0, 1000, 60.0,
-                                  state.setdefault("estimates", {}))
+        timer = timing.step_timer("fine-tune", 10, 0, 1000, 60.0, state.setdefault("estimates", {}))
         for step in range(20):
             timer.on_train_batch_begin(step)
             clock[0] += 10.0 if step == 0 else 1.0
@@ -188,16 +203,22 @@ def test_the_step_timer_extrapolates_timed_steps_and_says_what_shortens_a_long_r
         close()
     (line,) = lines
     assert state["estimates"]["fine-tune"] == {
-        "step_seconds": 1.0, "epoch_seconds": 1060.0, "phase_seconds": 10609.0,
-        "validation_included": True}
-    assert ("1000 ms per training step (timed over 8 step(s)): 1000 steps and a validation pass"
-            " of about 60 s an epoch, about 18 min; up to about 2.9 h for 10 epoch(s)" in line)
+        "step_seconds": 1.0,
+        "epoch_seconds": 1060.0,
+        "phase_seconds": 10609.0,
+        "validation_included": True,
+    }
+    assert (
+        "1000 ms per training step (timed over 8 step(s)): 1000 steps and a validation pass"
+        " of about 60 s an epoch, about 18 min; up to about 2.9 h for 10 epoch(s)" in line
+    )
     assert "That is long: --freeze all" in line and "smaller --input-size" in line
 
 
 @pytest.mark.slow  # a real finetune with enough steps to time: the estimate against the clock
-def test_the_fine_tune_estimate_holds_against_the_measured_phase(make_folder, tmp_path,
-                                                                  monkeypatch):
+def test_the_fine_tune_estimate_holds_against_the_measured_phase(
+    make_folder, tmp_path, monkeypatch
+):
     import json
 
     from tlkit.models.freezing import FreezeRequest
@@ -208,10 +229,20 @@ def test_the_fine_tune_estimate_holds_against_the_measured_phase(make_folder, tm
     data = make_folder(per_class=48)
     lines, close = _tlkit_lines()
     try:
-        run = finetune(FinetuneConfig(
-            data=str(data), backbone=TINY, weights="none", freeze=FreezeRequest(count="3"),
-            batch_size=4, head_epochs=1, epochs=3, patience=5, output=str(tmp_path / "r"),
-            workers=1))
+        run = finetune(
+            FinetuneConfig(
+                data=str(data),
+                backbone=TINY,
+                weights="none",
+                freeze=FreezeRequest(count="3"),
+                batch_size=4,
+                head_epochs=1,
+                epochs=3,
+                patience=5,
+                output=str(tmp_path / "r"),
+                workers=1,
+            )
+        )
     finally:
         close()
     record = json.loads((Path(run.path) / "run.json").read_text())
@@ -219,8 +250,10 @@ def test_the_fine_tune_estimate_holds_against_the_measured_phase(make_folder, tm
     assert tune["epochs_run"] == 3
     ratio = tune["seconds"] / tune["estimated_seconds"]
     assert 0.5 <= ratio <= 2.0, (tune["seconds"], tune["estimated_seconds"])
-    assert any("ms per training step (timed over 8 step(s)): 20 steps and a validation pass"
-               in line for line in lines), lines
+    assert any(
+        "ms per training step (timed over 8 step(s)): 20 steps and a validation pass" in line
+        for line in lines
+    ), lines
 
 
 def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
@@ -234,17 +267,22 @@ def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
 
     folder = load_dataset(str(make_folder(per_class=5)))
     train, val = folder.splits["train"], folder.splits["val"]
-    mean_colour = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"),
-                                    keras.layers.Rescaling(1.0),
-                                    keras.layers.GlobalAveragePooling2D()])
+    mean_colour = keras.Sequential(
+        [
+            keras.Input((32, 32, 3), dtype="uint8"),
+            keras.layers.Rescaling(1.0),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
+    )
     light = TrainTransform(resolve_augment("light"), 32, 0.875)
     one = extract(mean_colour, train, val, light, 0.875, 0, 1, 4, 1, 10**8)
-    expected = np.stack([eval_transform(decode_image(e.path), 32, 0.875).mean(axis=(0, 1))
-                         for e in train])
+    expected = np.stack(
+        [eval_transform(decode_image(e.path), 32, 0.875).mean(axis=(0, 1)) for e in train]
+    )
     np.testing.assert_allclose(one.train, expected, rtol=1e-5)
     two = extract(mean_colour, train, val, light, 0.875, 0, 2, 4, 1, 10**8)
     assert two.train.shape == (2 * len(train), 3) and two.views == 2
-    assert not np.allclose(two.train[:len(train)], expected)  # augmented: crops and mirrors
+    assert not np.allclose(two.train[: len(train)], expected)  # augmented: crops and mirrors
     np.testing.assert_allclose(two.val, one.val)  # validation: always the eval view
 
 
@@ -267,12 +305,24 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     data = tmp_path / "data"
     tinted_folder(data / "train", 12, 0)
     tinted_folder(data / "val", 6, 1)
-    run = finetune(quick_config(data, tmp_path / "run", weights=str(trunk),
-                                freeze=FreezeRequest(count="auto"), epochs=4, lr=0.05,
-                                fine_tune_lr=0.02, augment=resolve_augment("none")))
+    run = finetune(
+        quick_config(
+            data,
+            tmp_path / "run",
+            weights=str(trunk),
+            freeze=FreezeRequest(count="auto"),
+            epochs=4,
+            lr=0.05,
+            fine_tune_lr=0.02,
+            augment=resolve_augment("none"),
+        )
+    )
     search = run.record.freeze["search"]
-    assert [s["candidate"] for s in search] == ["head only", "--freeze-blocks 3",
-                                                "--freeze-blocks 2"]
+    assert [s["candidate"] for s in search] == [
+        "head only",
+        "--freeze-blocks 3",
+        "--freeze-blocks 2",
+    ]
     head_only = search[0]
     assert head_only["val_loss"] == pytest.approx(math.log(2), abs=0.05)  # chance
     chosen = [s for s in search if s["chosen"]]
@@ -285,14 +335,18 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     # the fine-tune phase trained exactly the chosen stages
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     trained = model.get_layer("backbone")
-    np.testing.assert_array_equal(trained.get_layer("stem_conv").get_weights()[0],
-                                  base.get_layer("stem_conv").get_weights()[0])
-    assert not np.array_equal(trained.get_layer("block3_conv").get_weights()[0],
-                              conv.get_weights()[0])
+    np.testing.assert_array_equal(
+        trained.get_layer("stem_conv").get_weights()[0],
+        base.get_layer("stem_conv").get_weights()[0],
+    )
+    assert not np.array_equal(
+        trained.get_layer("block3_conv").get_weights()[0], conv.get_weights()[0]
+    )
     with open(run.path / "search.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["setting"], r["candidate"], r["chosen"]) for r in rows] == [
-        ("freeze", s["candidate"], str(int(s["chosen"]))) for s in search]
+        ("freeze", s["candidate"], str(int(s["chosen"]))) for s in search
+    ]
 
 
 def test_freeze_auto_is_refused_outside_finetune(make_folder):
@@ -301,11 +355,24 @@ def test_freeze_auto_is_refused_outside_finetune(make_folder):
     from tlkit.cli import cli
 
     data = make_folder(per_class=4)
-    result = CliRunner().invoke(cli, ["precompute-features", str(data), "--backbone", TINY,
-                                      "--weights", "none", "--freeze", "auto"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "precompute-features",
+            str(data),
+            "--backbone",
+            TINY,
+            "--weights",
+            "none",
+            "--freeze",
+            "auto",
+        ],
+    )
     assert result.exit_code == 2
-    assert result.output.strip().endswith("--freeze auto is only for `tlkit finetune`, which "
-                                          "picks the freeze point on the validation split; "
-                                          "here give a number, 'all', --freeze-to or "
-                                          "--freeze-blocks. Received: auto")
+    assert result.output.strip().endswith(
+        "--freeze auto is only for `tlkit finetune`, which "
+        "picks the freeze point on the validation split; "
+        "here give a number, 'all', --freeze-to or "
+        "--freeze-blocks. Received: auto"
+    )
     assert "Traceback" not in result.output

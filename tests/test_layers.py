@@ -12,8 +12,15 @@ import pytest
 from conftest import REPO
 
 PACKAGE = REPO / "tlkit"
-FLOORS = {"core": 0, "models": 1, "data": 2, "features": 3, "training": 4, "evaluation": 4,
-          "cli": 5}
+FLOORS = {
+    "core": 0,
+    "models": 1,
+    "data": 2,
+    "features": 3,
+    "training": 4,
+    "evaluation": 4,
+    "cli": 5,
+}
 SIBLINGS = {"training", "evaluation"}
 
 
@@ -28,8 +35,12 @@ def tlkit_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "tlkit"}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
-                and node.module.split(".")[0] == "tlkit":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and node.module.split(".")[0] == "tlkit"
+        ):
             for alias in node.names:  # `from tlkit.core import fsutil` imports a module
                 sub = f"{node.module}.{alias.name}"
                 found.add(sub if _exists(sub) else node.module)
@@ -62,8 +73,7 @@ def upward_imports(edges: dict[str, set[str]]) -> list[str]:
             there = floor_of(target)
             if target == "tlkit._version" or there == here:
                 continue
-            if there is None or FLOORS[there] > FLOORS[here] or (
-                    {here, there} == SIBLINGS):
+            if there is None or FLOORS[there] > FLOORS[here] or ({here, there} == SIBLINGS):
                 bad.append(f"{module} imports {target} ({here} -> {there or 'the face'})")
     return bad
 
@@ -78,7 +88,7 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
             if nxt not in edges:
                 continue
             if state.get(nxt) == "open":
-                found.append([*stack[stack.index(nxt):], nxt])
+                found.append([*stack[stack.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt, [*stack, nxt])
         state[node] = "done"
@@ -99,11 +109,14 @@ def test_no_two_modules_import_each_other_round_any_circle():
     assert circles(graph()) == []
 
 
-@pytest.mark.parametrize(("module", "source", "complaint"), [
-    ("tlkit.core.runs", "from tlkit.data.decode import x", "core -> data"),
-    ("tlkit.training.train", "from tlkit.evaluation import views", "training -> evaluation"),
-    ("tlkit.models.model", "def f():\n    import tlkit.cli\n", "models -> cli"),
-])
+@pytest.mark.parametrize(
+    ("module", "source", "complaint"),
+    [
+        ("tlkit.core.runs", "from tlkit.data.decode import x", "core -> data"),
+        ("tlkit.training.train", "from tlkit.evaluation import views", "training -> evaluation"),
+        ("tlkit.models.model", "def f():\n    import tlkit.cli\n", "models -> cli"),
+    ],
+)
 def test_the_check_fails_on_an_upward_import(tmp_path, module, source, complaint):
     """The check itself: an upward import, lazy or not, is reported."""
     path = tmp_path / "m.py"
@@ -121,9 +134,11 @@ MAX_FUNCTION_LINES = 60
 
 def test_no_function_in_the_package_is_longer_than_a_screen():
     """A function longer than 60 lines does several things; split it where they part."""
-    long = [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)"
-            for path in sorted(PACKAGE.rglob("*.py"))
-            for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES]
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES
+    ]
     assert long == []

@@ -66,8 +66,20 @@ def test_a_flat_curve_suggests_nothing():
 
 def test_lr_find_command_writes_its_plot_and_refuses_to_overwrite(make_folder, tmp_path):
     data = make_folder(per_class=8)
-    args = ["lr-find", str(data), "--backbone", TINY, "--weights", "none", "--input-size",
-            "32", "--steps", "30", "-o", str(tmp_path / "lr.png")]
+    args = [
+        "lr-find",
+        str(data),
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--steps",
+        "30",
+        "-o",
+        str(tmp_path / "lr.png"),
+    ]
     result = CliRunner().invoke(cli, [*args, "--json"])
     assert result.exit_code == 0, result.output
     found = json.loads(result.stdout)

@@ -20,8 +20,9 @@ def test_preprocessing_layers_equal_keras_preprocess_input(mode):
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize(("mode", "expected"), [("lite", lambda x: (x - 127) / 128),
-                                              ("none", lambda x: x)])
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("lite", lambda x: (x - 127) / 128), ("none", lambda x: x)]
+)
 def test_lite_and_in_backbone_preprocessing(mode, expected):
     """EfficientNet-Lite's (x - 127) / 128 (its stem's BatchNorm statistics match it);
     "none" leaves 0..255 to a backbone that preprocesses itself."""

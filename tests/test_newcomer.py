@@ -18,6 +18,7 @@ from test_cli import FAST, TINY, invoke
 
 # -- the test command passes on a busy machine ---------------------------------------------------
 
+
 def test_the_gate_counts_a_tests_own_work_not_the_time_it_waits():
     with GateClock() as waiting:  # a busy machine: the test waits, its CPU time does not grow
         time.sleep(0.3)
@@ -39,8 +40,9 @@ def test_the_gate_scales_with_the_speed_of_the_machine(monkeypatch):
     saved = Gate.limit, Gate.why
     try:
         monkeypatch.delenv(conftest.GATE_ENV, raising=False)
-        monkeypatch.setattr(conftest, "calibration_seconds",
-                            lambda: 3 * conftest.CALIBRATION_REFERENCE_SECONDS)
+        monkeypatch.setattr(
+            conftest, "calibration_seconds", lambda: 3 * conftest.CALIBRATION_REFERENCE_SECONDS
+        )
         Gate.measure()
         assert Gate.limit == pytest.approx(30.0) and "x 3.00" in Gate.why
         monkeypatch.setenv(conftest.GATE_ENV, "7")
@@ -85,11 +87,13 @@ def test_bad_input_is_reported_before_tensorflow_is_imported(tmp_path):
             out.append([code, err.getvalue(), "tensorflow" in sys.modules])
         print(json.dumps(out))
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     results = json.loads(done.stdout.splitlines()[-1])
-    for (args, (code, says)), (got, output, tf_loaded) in zip(BAD_INPUT.items(), results,
-                                                              strict=True):
+    for (args, (code, says)), (got, output, tf_loaded) in zip(
+        BAD_INPUT.items(), results, strict=True
+    ):
         assert (got, tf_loaded) == (code, False), (args, output)
         assert says in output and "Traceback" not in output, (args, output)
         assert "weights" not in output.lower() or "freeze" in output, (args, output)
@@ -97,14 +101,24 @@ def test_bad_input_is_reported_before_tensorflow_is_imported(tmp_path):
 
 def test_a_dry_run_sizes_the_cache_without_the_weights(make_folder):
     data = make_folder(per_class=4)  # offline: mobilenet_v3_large's weights cannot download
-    result = invoke("precompute-features", str(data), "--backbone", "mobilenet_v3_large",
-                    "--input-size", "32", "--freeze", "100", "--dry-run")
+    result = invoke(
+        "precompute-features",
+        str(data),
+        "--backbone",
+        "mobilenet_v3_large",
+        "--input-size",
+        "32",
+        "--freeze",
+        "100",
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
     assert "dry run without the weights" in result.output
     assert "8 images ->" in result.output and " MB " in result.output
 
 
 # -- an unfinished run is named as such, never replaced by another -------------------------------
+
 
 @pytest.fixture
 def interrupted(make_folder, monkeypatch, tmp_path):
@@ -151,6 +165,7 @@ def test_an_unfinished_run_is_not_taken_for_data(interrupted):
 
 # -- a plan that trains nothing says so -----------------------------------------------------------
 
+
 def test_a_freeze_plan_that_trains_nothing_more_than_the_head_is_warned(make_folder):
     data = make_folder(per_class=4)
     # the test backbone ends in BatchNorm and an activation: nothing after layer 14 trains
@@ -169,8 +184,12 @@ def test_resnet50s_last_three_layers_hold_nothing_to_train():
     plan = resolve_freeze(FreezeRequest(count="-3"), spec, [x.name for x in base.layers])
     warning = nothing_to_train(base, plan)
     assert warning is not None and "--freeze 171 (or -4)" in warning, warning
-    assert nothing_to_train(base, resolve_freeze(FreezeRequest(count="-4"), spec,
-                                                 [x.name for x in base.layers])) is None
+    assert (
+        nothing_to_train(
+            base, resolve_freeze(FreezeRequest(count="-4"), spec, [x.name for x in base.layers])
+        )
+        is None
+    )
 
 
 def test_a_fine_tune_phase_that_never_beats_the_head_is_reported_with_its_time(make_folder):
@@ -179,18 +198,33 @@ def test_a_fine_tune_phase_that_never_beats_the_head_is_reported_with_its_time(m
     # fine-tune epoch scrambles the trained model. (A rate of about 0 leaves the head's
     # weights, whose validation loss Keras then computes in float32 and may find lower than
     # the head probe's by rounding: on some CPUs that "beat" the head.)
-    result = invoke("finetune", str(data), "--freeze", "5", *FAST, "--lr", "0.5",
-                    "--fine-tune-lr", "0.3")
+    result = invoke(
+        "finetune", str(data), "--freeze", "5", *FAST, "--lr", "0.5", "--fine-tune-lr", "0.3"
+    )
     assert result.exit_code == 0, result.output
     assert "the fine-tune phase never beat the head: 1 epochs" in result.output
     assert "--epochs 0 skips the phase" in result.output
-    ok = invoke("finetune", str(data), "--freeze", "5", "-o", "runs/b", *TINY, "--weights",
-                "none", "--head-epochs", "1", "--epochs", "0")
+    ok = invoke(
+        "finetune",
+        str(data),
+        "--freeze",
+        "5",
+        "-o",
+        "runs/b",
+        *TINY,
+        "--weights",
+        "none",
+        "--head-epochs",
+        "1",
+        "--epochs",
+        "0",
+    )
     assert ok.exit_code == 0 and "never beat" not in ok.output
 
 
 def test_validation_is_one_pass_so_training_never_decodes_batches_it_throws_away(
-        make_folder, monkeypatch):
+    make_folder, monkeypatch
+):
     """The README's cache example took 24 min against an estimate of 6: a repeated validation
     dataset kept decoding in the background while the model trained, and Keras threw those
     batches away at the next pass. One pass, validation_steps long, decodes each image once."""
@@ -210,18 +244,20 @@ def test_validation_is_one_pass_so_training_never_decodes_batches_it_throws_away
     result = invoke("finetune", str(data), "--freeze", "5", *FAST)
     assert result.exit_code == 0, result.output
     (val,) = seen
-    assert int(val.cardinality()) not in (tf.data.INFINITE_CARDINALITY,
-                                          tf.data.UNKNOWN_CARDINALITY)
+    assert int(val.cardinality()) not in (tf.data.INFINITE_CARDINALITY, tf.data.UNKNOWN_CARDINALITY)
     val_images = int(re.search(r"val (\d+)", result.output).group(1))
     assert sum(int(x.shape[0]) for x, _ in val) == val_images > 0  # each image once
 
 
 # -- logs, sizes, messages ------------------------------------------------------------------------
 
+
 def test_logs_written_to_a_file_hold_no_terminal_codes(make_folder):
     data = make_folder(per_class=4)
-    runs = [invoke("finetune", str(data), "--freeze", "5", *FAST),
-            invoke("precompute-features", str(data), *TINY, "--weights", "none")]
+    runs = [
+        invoke("finetune", str(data), "--freeze", "5", *FAST),
+        invoke("precompute-features", str(data), *TINY, "--weights", "none"),
+    ]
     for result in runs:
         assert result.exit_code == 0, result.output
         assert "\x1b" not in result.output and "\r" not in result.output, result.output
@@ -244,16 +280,21 @@ def _holds_optimizer(f) -> bool:
     found = []
     f.visit(lambda name: found.append(name) if "optimizer" in name.lower() else None)
     return any(isinstance(f[n], h5py.Dataset) for n in found) or any(
-        len(f[n]) for n in found if isinstance(f[n], h5py.Group))
+        len(f[n]) for n in found if isinstance(f[n], h5py.Group)
+    )
 
 
 @pytest.mark.subprocess  # what the terminal shows: a fresh process's stdout and stderr
 def test_export_to_onnx_says_it_once_without_library_noise(tiny_runs, tmp_path):
     _, (run, _) = tiny_runs
     out = tmp_path / "onnx"
-    done = subprocess.run([sys.executable, "-m", "tlkit", "export", str(run), "--format",
-                           "onnx", "-o", str(out)], capture_output=True, text=True, cwd=tmp_path,
-                          env={**_env(), "TF_CPP_MIN_LOG_LEVEL": "0"})
+    done = subprocess.run(
+        [sys.executable, "-m", "tlkit", "export", str(run), "--format", "onnx", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**_env(), "TF_CPP_MIN_LOG_LEVEL": "0"},
+    )
     assert done.returncode == 0, done.stderr
     shown = done.stdout + done.stderr
     assert shown.count("exported") == 1, shown
@@ -269,6 +310,7 @@ def _env() -> dict[str, str]:
 
 # -- the registry knows each backbone's depth without building it --------------------------------
 
+
 @pytest.mark.slow  # builds every architecture in the registry (about a minute)
 def test_every_backbones_layer_count_is_its_built_models():
     import keras
@@ -283,11 +325,22 @@ def test_every_backbones_layer_count_is_its_built_models():
 
 # -- the quickstart data shows transfer -----------------------------------------------------------
 
+
 def test_the_quickstart_data_is_pictures_split_without_leakage():
     result = invoke("check-data", str(REPO / "data"))
     assert result.exit_code == 0, result.output
     assert "400 files, 400 ok, 0 bad" in result.output and "leakage" not in result.output
     classes = sorted(p.name for p in (REPO / "data" / "train").iterdir())
-    assert classes == ["birds", "bugs", "computers", "desserts", "fruit", "mammals", "music",
-                       "road_signs", "sports", "vehicles"]
+    assert classes == [
+        "birds",
+        "bugs",
+        "computers",
+        "desserts",
+        "fruit",
+        "mammals",
+        "music",
+        "road_signs",
+        "sports",
+        "vehicles",
+    ]
     assert "Public Domain" in (REPO / "data" / "COPYRIGHT-openclipart").read_text()

@@ -28,16 +28,18 @@ def test_stage_factors_lower_each_earlier_stage():
     factors = stage_factors(base, ends, 0.5)
     n = len(ends)
     assert factors and set(factors.values()) <= {0.5 ** (n - j) for j in range(n)}
-    first = base.layers[1:ends[0]]  # the stem's weighted layers
-    last = base.layers[ends[-2]:ends[-1]]
+    first = base.layers[1 : ends[0]]  # the stem's weighted layers
+    last = base.layers[ends[-2] : ends[-1]]
     stem = {factors[v.path] for layer in first for v in layer.trainable_weights}
     top = {factors[v.path] for layer in last for v in layer.trainable_weights}
-    assert stem == {0.5 ** n} and top == {0.5}
+    assert stem == {0.5**n} and top == {0.5}
 
 
 def test_staged_adam_steps_each_variable_at_its_factor():
-    a, b = keras.Variable(np.zeros(4, np.float32), name="a"), \
-        keras.Variable(np.zeros(4, np.float32), name="b")
+    a, b = (
+        keras.Variable(np.zeros(4, np.float32), name="a"),
+        keras.Variable(np.zeros(4, np.float32), name="b"),
+    )
     opt = StagedAdam(factors={b.path: 0.1}, learning_rate=1e-2)
     grads = [keras.ops.ones(4), keras.ops.ones(4)]
     opt.apply(grads, [a, b])  # Adam's first step is lr * sign(gradient), whatever its size
@@ -47,8 +49,11 @@ def test_staged_adam_steps_each_variable_at_its_factor():
 
 
 def _rate(optimizer, step: int) -> float:
-    return float(optimizer.learning_rate) if not callable(optimizer._learning_rate) else \
-        float(optimizer._learning_rate(step))
+    return (
+        float(optimizer.learning_rate)
+        if not callable(optimizer._learning_rate)
+        else float(optimizer._learning_rate(step))
+    )
 
 
 @pytest.mark.parametrize("cosine,end", [(True, 0.0), (False, 1e-3)])
@@ -76,18 +81,17 @@ def test_weight_decay_shrinks_kernels_only():
 
 def test_plain_options_build_stock_keras_classes():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    assert type(fine_tune_optimizer(1e-3, 10, 0, False, 0.0, {}, model)) is \
-        keras.optimizers.Adam
-    assert float(fine_tune_optimizer(1e-3, 10, 0, False, 0.0, {}, model).learning_rate) == \
-        pytest.approx(1e-3)
+    assert type(fine_tune_optimizer(1e-3, 10, 0, False, 0.0, {}, model)) is keras.optimizers.Adam
+    assert float(
+        fine_tune_optimizer(1e-3, 10, 0, False, 0.0, {}, model).learning_rate
+    ) == pytest.approx(1e-3)
 
 
 def test_label_smoothing_loss():
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
     labels = np.array([0, 2])
     plain = keras.losses.SparseCategoricalCrossentropy()(labels, probs)
-    assert float(SmoothedCrossentropy(0.0)(labels, probs)) == pytest.approx(float(plain),
-                                                                           rel=1e-5)
+    assert float(SmoothedCrossentropy(0.0)(labels, probs)) == pytest.approx(float(plain), rel=1e-5)
     eps = 0.3
     target = np.eye(3)[labels] * (1 - eps) + eps / 3
     expected = float(np.mean(-(target * np.log(probs)).sum(1)))
@@ -107,19 +111,51 @@ def test_finetune_options_from_the_cli_and_a_recipe(make_folder, tmp_path):
     and the saved model opens in plain Keras, compiled, without tlkit's classes."""
     data = make_folder(per_class=6)
     recipe = tmp_path / "tune.yaml"
-    recipe.write_text("description: test\nfinetune:\n  label-smoothing: 0.1\n"
-                      "  stage-lr-decay: 0.5\n")
+    recipe.write_text(
+        "description: test\nfinetune:\n  label-smoothing: 0.1\n  stage-lr-decay: 0.5\n"
+    )
     out = tmp_path / "run"
-    result = CliRunner().invoke(cli, [
-        "finetune", str(data), "--recipe", str(recipe), "--backbone", "test_resnet",
-        "--weights", "none", "--batch-size", "4", "--head-epochs", "1", "--epochs", "3",
-        "--patience", "3", "--fine-tune-lr", "1e-4", "--schedule", "cosine",
-        "--warmup-epochs", "1", "--weight-decay", "0.01", "-o", str(out)],
-        catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            str(data),
+            "--recipe",
+            str(recipe),
+            "--backbone",
+            "test_resnet",
+            "--weights",
+            "none",
+            "--batch-size",
+            "4",
+            "--head-epochs",
+            "1",
+            "--epochs",
+            "3",
+            "--patience",
+            "3",
+            "--fine-tune-lr",
+            "1e-4",
+            "--schedule",
+            "cosine",
+            "--warmup-epochs",
+            "1",
+            "--weight-decay",
+            "0.01",
+            "-o",
+            str(out),
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "run.json").read_text())["config"]
-    assert (config["schedule"], config["warmup_epochs"], config["weight_decay"],
-            config["stage_lr_decay"], config["label_smoothing"]) == ("cosine", 1, 0.01, 0.5, 0.1)
+    assert (
+        config["schedule"],
+        config["warmup_epochs"],
+        config["weight_decay"],
+        config["stage_lr_decay"],
+        config["label_smoothing"],
+    ) == ("cosine", 1, 0.01, 0.5, 0.1)
     rows = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
     rates = [float(r[6]) for r in rows if r[0] == "fine-tune"]
     assert rates[0] == pytest.approx(1e-4, rel=1e-3)  # the warmup's end: the peak
@@ -128,13 +164,16 @@ def test_finetune_options_from_the_cli_and_a_recipe(make_folder, tmp_path):
     assert model.output.shape[-1] == 2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--stage-lr-decay", "0"], "'--stage-lr-decay': 0.0 is not in the range 0<x<=1"),
-    (["--label-smoothing", "1"], "'--label-smoothing': 1.0 is not in the range 0<=x<1"),
-    (["--warmup-epochs", "-1"], "'--warmup-epochs': -1 is not in the range x>=0"),
-    (["--weight-decay", "-0.1"], "'--weight-decay': -0.1 is not in the range x>=0"),
-    (["--schedule", "step"], "'step' is not one of 'constant', 'cosine'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--stage-lr-decay", "0"], "'--stage-lr-decay': 0.0 is not in the range 0<x<=1"),
+        (["--label-smoothing", "1"], "'--label-smoothing': 1.0 is not in the range 0<=x<1"),
+        (["--warmup-epochs", "-1"], "'--warmup-epochs': -1 is not in the range x>=0"),
+        (["--weight-decay", "-0.1"], "'--weight-decay': -0.1 is not in the range x>=0"),
+        (["--schedule", "step"], "'step' is not one of 'constant', 'cosine'"),
+    ],
+)
 def test_bad_fine_tune_options_are_one_line_errors(make_folder, args, message):
     data = make_folder(per_class=4)
     result = CliRunner().invoke(cli, ["finetune", str(data), "--weights", "none", *args])

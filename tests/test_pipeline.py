@@ -17,8 +17,9 @@ from tlkit.data.pipeline import (
 
 def epochs_of(ds, n_batches_per_epoch: int):
     batches = [(np.asarray(x), np.asarray(y)) for x, y in ds]
-    return [batches[i : i + n_batches_per_epoch]
-            for i in range(0, len(batches), n_batches_per_epoch)]
+    return [
+        batches[i : i + n_batches_per_epoch] for i in range(0, len(batches), n_batches_per_epoch)
+    ]
 
 
 @pytest.fixture
@@ -30,8 +31,16 @@ def test_output_does_not_depend_on_the_number_of_workers(train_examples):
     transform = build_train_transform(resolve_augment("alexnet"), train_examples, 32, 0.875)
     runs = []
     for workers in (1, 3):
-        ds = train_dataset(train_examples, transform, 4, seed=5, first_epoch=0, epochs=2,
-                           workers=workers, prefetch=1)
+        ds = train_dataset(
+            train_examples,
+            transform,
+            4,
+            seed=5,
+            first_epoch=0,
+            epochs=2,
+            workers=workers,
+            prefetch=1,
+        )
         runs.append([(np.asarray(x), np.asarray(y)) for x, y in ds])
     assert len(runs[0]) == len(runs[1]) == 2 * steps_per_epoch(len(train_examples), 4)
     for (x1, y1), (x2, y2) in zip(*runs, strict=True):
@@ -57,8 +66,11 @@ def test_each_epoch_sees_every_image_once_with_new_augmentations(train_examples)
 
 def test_a_transform_that_changes_the_size_fails_before_training(train_examples):
     aug = resolve_augment("standard", extra=['Resize:{"height": 10, "width": 10}'])
-    with pytest.raises(ConfigError, match=r"img\d+\.png: the transforms produced an image of "
-                                          r"shape \(10, 10, 3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"img\d+\.png: the transforms produced an image of "
+        r"shape \(10, 10, 3\)",
+    ):
         build_train_transform(aug, train_examples, 32, 0.875)
 
 

@@ -23,8 +23,23 @@ from conftest import REPO, TINY, write_folder
 from tlkit.cli import cli
 from tlkit.core.errors import WeightsError
 
-FAST = ["--backbone", TINY, "--weights", "none", "--input-size", "32", "--batch-size", "8",
-        "--head-epochs", "1", "--epochs", "0", "--freeze", "all", "--no-cache"]
+FAST = [
+    "--backbone",
+    TINY,
+    "--weights",
+    "none",
+    "--input-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--head-epochs",
+    "1",
+    "--epochs",
+    "0",
+    "--freeze",
+    "all",
+    "--no-cache",
+]
 
 
 def invoke(*args: str):
@@ -54,6 +69,7 @@ def run_copy(tiny_runs, tmp_path):
 
 
 # 1. --overwrite replaces only an artifact of the same kind
+
 
 def test_overwrite_never_replaces_the_data_or_a_run_or_a_stranger(tmp_path, run_copy):
     data = write_folder(tmp_path / "data", ["a", "b"], 6)
@@ -92,6 +108,7 @@ def test_a_run_inside_its_data_folder_is_refused(tmp_path):
 
 # 2. leftovers are told by a lock, never by their age
 
+
 def test_an_interrupted_run_and_a_live_build_are_never_cleaned_as_stale(tmp_path, run_copy):
     interrupted = tmp_path / "runs" / "foo.incomplete-1a2b3c4d"
     (interrupted / "checkpoints").mkdir(parents=True)
@@ -118,6 +135,7 @@ def test_an_interrupted_run_and_a_live_build_are_never_cleaned_as_stale(tmp_path
 
 # 3. a resumed run equals an uninterrupted one when the head phase runs live
 
+
 @pytest.mark.subprocess
 def test_kill_and_resume_with_a_live_head_phase_starts_fine_tuning_from_the_best_head(tmp_path):
     from test_resume import ARGS, assert_same_training, kill_after
@@ -125,21 +143,44 @@ def test_kill_and_resume_with_a_live_head_phase_starts_fine_tuning_from_the_best
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
     # the head phase epoch by epoch (as under a mirrored strategy or with features too big to
     # hold): a high rate, so that its best epoch is not its last one
-    args = [*ARGS[:ARGS.index("--head-epochs")], "--head-epochs", "4", "--epochs", "2",
-            "--freeze", "11", "--patience", "10", "--lr", "3"]
-    live = ("import sys, tlkit.training.head; tlkit.training.head.MAX_FEATURE_BYTES = 0; "
-            "from tlkit.cli import main; sys.argv[0] = 'tlkit'; main()")
+    args = [
+        *ARGS[: ARGS.index("--head-epochs")],
+        "--head-epochs",
+        "4",
+        "--epochs",
+        "2",
+        "--freeze",
+        "11",
+        "--patience",
+        "10",
+        "--lr",
+        "3",
+    ]
+    live = (
+        "import sys, tlkit.training.head; tlkit.training.head.MAX_FEATURE_BYTES = 0; "
+        "from tlkit.cli import main; sys.argv[0] = 'tlkit'; main()"
+    )
     kill_after(tmp_path, "killed", data, epochs_done=4, args=args, launcher=("-c", live))
-    resumed = subprocess.run([sys.executable, "-c", live, "finetune", "--resume", "runs/killed"],
-                             cwd=tmp_path, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-c", live, "finetune", "--resume", "runs/killed"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    straight = subprocess.run([sys.executable, "-c", live, "finetune", str(data), "-o",
-                               "runs/straight", *args], cwd=tmp_path, capture_output=True,
-                              text=True)
+    straight = subprocess.run(
+        [sys.executable, "-c", live, "finetune", str(data), "-o", "runs/straight", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert straight.returncode == 0, straight.stderr[-2000:]
     assert "trained live" in straight.stdout + straight.stderr
-    rows = [r.split(",") for r in (tmp_path / "runs/straight/history.csv").read_text()
-            .splitlines()[1:] if r.startswith("head")]
+    rows = [
+        r.split(",")
+        for r in (tmp_path / "runs/straight/history.csv").read_text().splitlines()[1:]
+        if r.startswith("head")
+    ]
     header = (tmp_path / "runs/straight/history.csv").read_text().splitlines()[0].split(",")
     losses = [float(r[header.index("val_loss")]) for r in rows]
     assert int(np.argmin(losses)) != len(losses) - 1, losses  # the case that matters
@@ -147,6 +188,7 @@ def test_kill_and_resume_with_a_live_head_phase_starts_fine_tuning_from_the_best
 
 
 # 4. a download is renamed into place whole
+
 
 def test_a_weights_download_is_never_visible_half_written(tmp_path, monkeypatch):
     import keras
@@ -187,6 +229,7 @@ def test_a_weights_download_is_never_visible_half_written(tmp_path, monkeypatch)
 
 # 5. names stay in their folder
 
+
 @pytest.mark.parametrize("name", ["../..", "/tmp/elsewhere", "a/b", "..", "x\ny"])
 def test_eval_and_diagnose_names_are_one_folder_inside_the_run(run_copy, name):
     for command in ("eval", "diagnose"):
@@ -196,9 +239,14 @@ def test_eval_and_diagnose_names_are_one_folder_inside_the_run(run_copy, name):
     assert not (run_copy.parent.parent / "eval").exists()
 
 
-@pytest.mark.parametrize("label, what", [("x/../../../../tmp/pwn", "a path separator"),
-                                         ("two\nlines", "a control character"),
-                                         ("..", "only dots")])
+@pytest.mark.parametrize(
+    "label, what",
+    [
+        ("x/../../../../tmp/pwn", "a path separator"),
+        ("two\nlines", "a control character"),
+        ("..", "only dots"),
+    ],
+)
 def test_class_names_that_would_escape_or_break_a_file_are_refused(tmp_path, label, what):
     data = write_folder(tmp_path / "imgs", ["a", "b"], 4)
     rows = [("path", "label")] + [(f"imgs/{c}/img{i}.png", c) for c in "ab" for i in range(4)]
@@ -226,6 +274,7 @@ def test_file_names_made_from_class_names_are_one_harmless_component():
 
 # 6. files others can read
 
+
 def test_written_files_honour_the_umask(tmp_path, run_copy):
     from tlkit.core.fsutil import atomic_write_json
 
@@ -241,11 +290,22 @@ def test_written_files_honour_the_umask(tmp_path, run_copy):
         atomic_write_json(tmp_path / "plain.json", {})
     finally:
         os.umask(old)
-    files = [p for root in (tmp_path / "runs/m", tmp_path / "exp", tmp_path / "cache")
-             for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    files = [
+        p
+        for root in (tmp_path / "runs/m", tmp_path / "exp", tmp_path / "cache")
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith(".lock")
+    ]
     names = {p.name for p in files}
-    assert {"run.json", "model.keras", "history.csv", "best.h5", "manifest.json",
-            "export.json", "labels.txt"} <= names, names
+    assert {
+        "run.json",
+        "model.keras",
+        "history.csv",
+        "best.h5",
+        "manifest.json",
+        "export.json",
+        "labels.txt",
+    } <= names, names
     assert any(n.startswith("train-") and n.endswith(".npy") for n in names)
     for p in [*files, tmp_path / "plain.json"]:
         assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
@@ -253,11 +313,15 @@ def test_written_files_honour_the_umask(tmp_path, run_copy):
 
 # 7. the wheel carries its data
 
+
 def test_every_data_file_of_the_package_is_declared_for_the_wheel():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     patterns = config.get("package-data", {}).get("tlkit", [])
-    data = [p.relative_to(REPO / "tlkit") for p in (REPO / "tlkit").rglob("*")
-            if p.is_file() and p.suffix not in (".py", ".pyc")]
+    data = [
+        p.relative_to(REPO / "tlkit")
+        for p in (REPO / "tlkit").rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc")
+    ]
     assert data  # the recipes at least
     for path in data:
         assert any(path.match(pattern) for pattern in patterns), path
@@ -266,6 +330,7 @@ def test_every_data_file_of_the_package_is_declared_for_the_wheel():
 
 
 # 8. loading never runs code
+
 
 def test_the_keras_floor_is_past_every_published_safe_mode_bypass():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -301,22 +366,36 @@ def test_a_crafted_keras_file_is_refused_in_one_line(run_copy, tmp_path):
 
     def call_a_module_function(config):
         config["config"]["layers"][1]["config"]["dtype"] = {
-            "module": "os", "class_name": "system", "config": f"touch {marker}",
-            "registered_name": "system"}
+            "module": "os",
+            "class_name": "system",
+            "config": f"touch {marker}",
+            "registered_name": "system",
+        }
         return config
 
     shutil.copyfile(original, run_copy / "model.keras")
     craft(run_copy, call_a_module_function)
     write_folder(tmp_path / "data", ["a", "b"], 4)
-    for command in (("eval", str(run_copy), "--name", "crafted"),
-                    ("finetune", str(tmp_path / "data"), "-o", "runs/n", *FAST[:2], "--weights",
-                     str(run_copy), *FAST[4:])):
+    for command in (
+        ("eval", str(run_copy), "--name", "crafted"),
+        (
+            "finetune",
+            str(tmp_path / "data"),
+            "-o",
+            "runs/n",
+            *FAST[:2],
+            "--weights",
+            str(run_copy),
+            *FAST[4:],
+        ),
+    ):
         result = invoke(*command)
         assert result.exit_code in (4, 5) and "Keras refused to load it" in one_line(result)
     assert not marker.exists()
 
 
 # 9. numbers in range, damaged records in one line
+
 
 def test_every_numeric_option_has_a_range():
     import click
@@ -327,17 +406,25 @@ def test_every_numeric_option_has_a_range():
         for p in command.params:
             if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType)):
                 assert isinstance(p.type, (click.IntRange, click.FloatRange)), (
-                    command.name, p.name)
+                    command.name,
+                    p.name,
+                )
     assert "batch_size" in RANGES
 
 
 @pytest.mark.parametrize("command", ["eval", "diagnose", "lr-find"])
 def test_a_batch_size_of_zero_is_one_line(tiny_runs, run_copy, command):
     target = tiny_runs[0] / "train" if command == "lr-find" else run_copy
-    result = invoke(command, str(target), "--batch-size", "0", *(
-        ["--backbone", TINY, "--weights", "none"] if command == "lr-find" else []))
-    assert result.exit_code == 2 and "'--batch-size': 0 is not in the range x>=1" in \
-        one_line(result)
+    result = invoke(
+        command,
+        str(target),
+        "--batch-size",
+        "0",
+        *(["--backbone", TINY, "--weights", "none"] if command == "lr-find" else []),
+    )
+    assert result.exit_code == 2 and "'--batch-size': 0 is not in the range x>=1" in one_line(
+        result
+    )
 
 
 def test_a_damaged_manifest_or_identity_is_one_line(tmp_path):
@@ -360,13 +447,29 @@ def test_a_damaged_manifest_or_identity_is_one_line(tmp_path):
 
 # 10. two processes, one shared folder
 
-PRECOMPUTE = ["precompute-features", "data", "--backbone", TINY, "--weights", "none",
-              "--input-size", "32", "--freeze", "all"]
+PRECOMPUTE = [
+    "precompute-features",
+    "data",
+    "--backbone",
+    TINY,
+    "--weights",
+    "none",
+    "--input-size",
+    "32",
+    "--freeze",
+    "all",
+]
 
 
 def _start(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.subprocess
@@ -377,16 +480,24 @@ def test_two_processes_building_one_cache_and_one_tfds_folder_at_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
     caches = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(caches) == 1 and (caches[0] / "manifest.json").is_file()
-    alone = subprocess.run([sys.executable, "-m", "tlkit", *PRECOMPUTE, "--cache-dir", "solo"],
-                           cwd=tmp_path, capture_output=True, text=True)
+    alone = subprocess.run(
+        [sys.executable, "-m", "tlkit", *PRECOMPUTE, "--cache-dir", "solo"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert alone.returncode == 0, alone.stderr[-1500:]
     shards = sorted(p.name for p in caches[0].glob("*.npy"))
-    assert shards and all((caches[0] / n).read_bytes() == (tmp_path / "solo" / caches[0].name
-                                                          / n).read_bytes() for n in shards)
+    assert shards and all(
+        (caches[0] / n).read_bytes() == (tmp_path / "solo" / caches[0].name / n).read_bytes()
+        for n in shards
+    )
 
-    script = ("import sys, tensorflow_datasets as tfds; from tlkit.data.tfds_source import "
-              "materialize\nwith tfds.testing.mock_data(num_examples=300):\n"
-              "    print(materialize('tfds:mnist/train'))")
+    script = (
+        "import sys, tensorflow_datasets as tfds; from tlkit.data.tfds_source import "
+        "materialize\nwith tfds.testing.mock_data(num_examples=300):\n"
+        "    print(materialize('tfds:mnist/train'))"
+    )
     shared = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
     procs = [_start(tmp_path, "-c", script, env=shared) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -394,8 +505,13 @@ def test_two_processes_building_one_cache_and_one_tfds_folder_at_once(tmp_path):
     folders = {o[0].strip().splitlines()[-1] for o in outs}
     assert len(folders) == 1
     folder = Path(folders.pop())
-    solo = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "x2")})
+    solo = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "x2")},
+    )
     assert solo.returncode == 0, solo.stderr[-1500:]
     assert tree_digest(folder) == tree_digest(Path(solo.stdout.strip().splitlines()[-1]))
     assert not list(folder.parent.glob("*.incomplete-*"))
@@ -415,8 +531,10 @@ def test_cache_rm_all_keeps_the_lock_a_running_build_holds(tmp_path):
 
 # 11. memory that does not grow with views or copies
 
+
 def test_eval_keeps_n_by_classes_per_member_whatever_the_views(tiny_runs, monkeypatch):
     from tlkit.evaluation import evaluate
+
     kept = []
     real = evaluate.ViewRunner.probs
 
@@ -427,8 +545,11 @@ def test_eval_keeps_n_by_classes_per_member_whatever_the_views(tiny_runs, monkey
 
     monkeypatch.setattr(evaluate.ViewRunner, "probs", spy)
     data, runs = tiny_runs
-    result = evaluate.evaluate(evaluate.EvalConfig(runs=[str(runs[0])], data=str(data / "test"),
-                                                   multicrop="10", name="mem"))
+    result = evaluate.evaluate(
+        evaluate.EvalConfig(
+            runs=[str(runs[0])], data=str(data / "test"), multicrop="10", name="mem"
+        )
+    )
     n, c = 9, 3
     assert result["views"][0]["count"] == 10
     assert max(kept) <= n * 2 * c * 8  # the mean and the centre view, not 10 views

@@ -13,8 +13,15 @@ from tlkit.cli import cli
 from tlkit.cli.options import recipe_commands
 from tlkit.cli.recipes import BUILTIN_DIR, list_recipes
 
-SHIPPED = ["alexnet-augment", "inception_v3", "large-data", "medium-data", "resnet50",
-           "small-data", "vgg16"]
+SHIPPED = [
+    "alexnet-augment",
+    "inception_v3",
+    "large-data",
+    "medium-data",
+    "resnet50",
+    "small-data",
+    "vgg16",
+]
 NAME_A_BACKBONE = ("inception_v3", "resnet50", "vgg16")
 
 
@@ -31,8 +38,10 @@ def test_recipes_lists_every_shipped_recipe_with_its_description():
     assert sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml")) == SHIPPED
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n in NAME_A_BACKBONE else n for n in SHIPPED])
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in NAME_A_BACKBONE else n for n in SHIPPED],
+)
 def test_each_shipped_recipe_runs_one_quick_epoch(name, tmp_path):
     """Recipes that name a backbone run on it (their freeze plan is resolved against the real
     architecture); the others run on the test backbone."""
@@ -44,9 +53,27 @@ def test_each_shipped_recipe_runs_one_quick_epoch(name, tmp_path):
     size = "75" if section.get("backbone") == "inception_v3" else "32"
     # typed flags make it one quick epoch (of the head); everything else comes from the recipe,
     # and the recipe's freeze plan is resolved against the real backbone all the same
-    result = invoke("finetune", str(data), "--recipe", name, "-o", "runs/r", "--weights", "none",
-                    "--input-size", size, "--batch-size", "4", "--head-epochs", "1",
-                    "--epochs", "0", "--views", "2", *tiny)
+    result = invoke(
+        "finetune",
+        str(data),
+        "--recipe",
+        name,
+        "-o",
+        "runs/r",
+        "--weights",
+        "none",
+        "--input-size",
+        size,
+        "--batch-size",
+        "4",
+        "--head-epochs",
+        "1",
+        "--epochs",
+        "0",
+        "--views",
+        "2",
+        *tiny,
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "runs/r/run.json").read_text())["config"]
     assert config["recipe"] == name
@@ -63,8 +90,9 @@ def test_each_shipped_recipe_runs_one_quick_epoch(name, tmp_path):
         if field == "augment":
             assert config["augment"]["preset"] == value
         elif field in ("freeze", "freeze_blocks"):
-            assert config["freeze"][{"freeze": "count", "freeze_blocks": "blocks"}[field]] == \
-                (str(value) if field == "freeze" else value)
+            assert config["freeze"][{"freeze": "count", "freeze_blocks": "blocks"}[field]] == (
+                str(value) if field == "freeze" else value
+            )
         elif field == "cache":
             assert config["cache"] == ("build" if value else "off")
         else:
@@ -75,7 +103,8 @@ def test_flag_beats_recipe_beats_default(tmp_path, monkeypatch):
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "mine.yaml").write_text(
-        "description: test\ncheck-data:\n  val-fraction: 0.5\n  output: from-recipe.json\n")
+        "description: test\ncheck-data:\n  val-fraction: 0.5\n  output: from-recipe.json\n"
+    )
     data = write_folder(tmp_path / "data", ["a", "b"], 4)
     assert invoke("check-data", str(data), "--recipe", "mine").exit_code == 0
     report = json.loads((tmp_path / "from-recipe.json").read_text())
@@ -94,17 +123,26 @@ def test_a_project_recipe_replaces_a_shipped_one_of_the_same_name(tmp_path):
     assert "our own vgg16" in invoke("recipes").output
 
 
-@pytest.mark.parametrize("text, message", [
-    ("description: x\nfinetune:\n  head_epoch: 3\n",
-     "`tlkit finetune` has no option 'head_epoch'. Did you mean 'head-epochs'?"),
-    ("description: x\nfinetun:\n  lr: 0.1\n",
-     "unknown command 'finetun'. Did you mean 'finetune'?"),
-    ("description: x\nfinetune:\n  head-epochs: many\n",
-     "finetune.head-epochs: 'many' is not a valid integer range. Received: 'many'"),
-    ("description: x\nfinetune:\n  augment: fancy\n", "unknown --augment preset 'fancy'"),
-    ("- a list\n", "a recipe is a mapping"),
-    ("finetune: [unclosed\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "description: x\nfinetune:\n  head_epoch: 3\n",
+            "`tlkit finetune` has no option 'head_epoch'. Did you mean 'head-epochs'?",
+        ),
+        (
+            "description: x\nfinetun:\n  lr: 0.1\n",
+            "unknown command 'finetun'. Did you mean 'finetune'?",
+        ),
+        (
+            "description: x\nfinetune:\n  head-epochs: many\n",
+            "finetune.head-epochs: 'many' is not a valid integer range. Received: 'many'",
+        ),
+        ("description: x\nfinetune:\n  augment: fancy\n", "unknown --augment preset 'fancy'"),
+        ("- a list\n", "a recipe is a mapping"),
+        ("finetune: [unclosed\n", "not valid YAML"),
+    ],
+)
 def test_bad_recipes_are_one_clear_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -127,8 +165,20 @@ def test_a_typed_freeze_flag_replaces_the_recipes_freeze_setting(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 4)
     recipe = tmp_path / "blocks.yaml"
     recipe.write_text("description: x\nprecompute-features:\n  freeze-blocks: 2\n")
-    common = ["precompute-features", str(data), "--recipe", str(recipe), "--backbone",
-              "resnet50", "--weights", "none", "--input-size", "32", "--dry-run", "--json"]
+    common = [
+        "precompute-features",
+        str(data),
+        "--recipe",
+        str(recipe),
+        "--backbone",
+        "resnet50",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--dry-run",
+        "--json",
+    ]
     from_recipe = json.loads(invoke(*common).stdout)  # stdout holds the JSON alone
     typed = invoke(*common, "--freeze", "all")
     assert typed.exit_code == 0, typed.output  # not "both --freeze and --freeze-blocks"

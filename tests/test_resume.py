@@ -20,8 +20,24 @@ from tlkit.training.head import CHECK_EVERY, MIN_HEAD_STEPS
 
 HEAD_ROWS = MIN_HEAD_STEPS // CHECK_EVERY  # history rows of the head phase on this tiny data
 # 96 px: the test backbone's epochs last long enough for a signal to land inside one
-ARGS = ["--backbone", TINY, "--input-size", "96", "--weights", "none", "--batch-size", "4",
-        "--head-epochs", "2", "--epochs", "3", "--freeze", "11", "--patience", "10"]
+ARGS = [
+    "--backbone",
+    TINY,
+    "--input-size",
+    "96",
+    "--weights",
+    "none",
+    "--batch-size",
+    "4",
+    "--head-epochs",
+    "2",
+    "--epochs",
+    "3",
+    "--freeze",
+    "11",
+    "--patience",
+    "10",
+]
 
 
 def invoke(*args: str):
@@ -36,17 +52,27 @@ def progress(tmp_path: Path, name: str) -> int:
     return 0
 
 
-def kill_after(tmp_path: Path, name: str, data: Path, epochs_done: int,
-               sig: int = signal.SIGKILL, args: list[str] = ARGS,
-               launcher: tuple[str, ...] = ("-m", "tlkit")) -> subprocess.Popen:
+def kill_after(
+    tmp_path: Path,
+    name: str,
+    data: Path,
+    epochs_done: int,
+    sig: int = signal.SIGKILL,
+    args: list[str] = ARGS,
+    launcher: tuple[str, ...] = ("-m", "tlkit"),
+) -> subprocess.Popen:
     """Start a real `tlkit finetune` (`python LAUNCHER finetune ...`) and signal it once
     `epochs_done` epochs are saved."""
     # SIGINT back to its default in the child: a shell starting pytest in the background
     # leaves it ignored, and Python then never raises KeyboardInterrupt
-    proc = subprocess.Popen([sys.executable, *launcher, "finetune", str(data), "-o",
-                             f"runs/{name}", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, *launcher, "finetune", str(data), "-o", f"runs/{name}", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while progress(tmp_path, name) < epochs_done:
         assert proc.poll() is None, "finetune ended before it could be killed"
@@ -69,14 +95,17 @@ def assert_same_training(resumed: Path, straight: Path) -> None:
 
     from tlkit.core.runs import load_run
 
-    rows = [list(csv.DictReader((run / "history.csv").read_text().splitlines()))
-            for run in (resumed, straight)]
+    rows = [
+        list(csv.DictReader((run / "history.csv").read_text().splitlines()))
+        for run in (resumed, straight)
+    ]
     assert len(rows[0]) == len(rows[1])
     for a, b in zip(*rows, strict=True):
         assert (a["phase"], a["epoch"]) == (b["phase"], b["epoch"])
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5, abs=1e-7), (
-                f"{a['phase']} {a['epoch']} {key}")
+                f"{a['phase']} {a['epoch']} {key}"
+            )
     weights = [load_run(run).load_model().get_weights() for run in (resumed, straight)]
     for x, y in zip(*weights, strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -110,19 +139,23 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     b = json.loads((tmp_path / "runs/straight/run.json").read_text())
     steps = -(-sum(a["data"]["counts"]["train"].values()) // 4)  # per epoch, batch 4
     assert a["optimizer_steps"] == b["optimizer_steps"] == MIN_HEAD_STEPS + 3 * steps
-    assert [(p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in a["results"]["phases"]] \
-        == [(p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in b["results"]["phases"]]
+    assert [
+        (p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in a["results"]["phases"]
+    ] == [(p["phase"], p["epochs_run"], p["optimizer_steps"]) for p in b["results"]["phases"]]
     assert len(a["resumed"]) == 1 and not b["resumed"]
     history = (tmp_path / "runs/killed/history.csv").read_text().splitlines()
     assert [row.split(",")[:2] for row in history[1:]] == [
-        ["head", str(i)] for i in range(1, HEAD_ROWS + 1)] + [
-        ["fine-tune", "1"], ["fine-tune", "2"], ["fine-tune", "3"]]
+        ["head", str(i)] for i in range(1, HEAD_ROWS + 1)
+    ] + [["fine-tune", "1"], ["fine-tune", "2"], ["fine-tune", "3"]]
     assert_same_training(tmp_path / "runs/killed", tmp_path / "runs/straight")
     for run in ("killed", "straight"):
         folder = tmp_path / "runs" / run
         assert (folder / "model.keras").is_file()
         assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [
-            "best.h5", "identity.json", "last.h5"]
+            "best.h5",
+            "identity.json",
+            "last.h5",
+        ]
     assert not list((tmp_path / "runs").glob("*.incomplete-*"))
     again = invoke("finetune", "--resume", "runs/killed")
     assert again.exit_code == 5 and "this run finished" in again.output
@@ -132,8 +165,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_ctrl_c_says_how_to_resume_and_force_resume_continues_despite_a_change(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
     # 20 epochs: the run is still training when the signal lands, however fast the machine
-    proc = kill_after(tmp_path, "r", data, epochs_done=HEAD_ROWS, sig=signal.SIGINT,
-                      args=[*ARGS, "--epochs", "20"])
+    proc = kill_after(
+        tmp_path,
+        "r",
+        data,
+        epochs_done=HEAD_ROWS,
+        sig=signal.SIGINT,
+        args=[*ARGS, "--epochs", "20"],
+    )
     stderr = proc.stderr.read()
     assert proc.returncode == 130, stderr
     assert "Error: interrupted; the checkpoints in" in stderr
@@ -141,8 +180,7 @@ def test_ctrl_c_says_how_to_resume_and_force_resume_continues_despite_a_change(t
     assert "Traceback" not in stderr
     result = invoke("finetune", "--resume", "runs/r", "--force-resume", "--patience", "2")
     assert result.exit_code == 0, result.output
-    assert "resuming despite a change (--force-resume): config.patience: 10 -> 2" in \
-        result.output
+    assert "resuming despite a change (--force-resume): config.patience: 10 -> 2" in result.output
     assert json.loads((tmp_path / "runs/r/run.json").read_text())["config"]["patience"] == 2
 
 
@@ -159,6 +197,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
     data = write_folder(tmp_path / "data", ["a", "b"], 8)
     adam = keras.optimizers.Adam
+
     # fault injection: the fine-tune phase (any rate but the head's 1e-3) gets an
     # optimizer that makes NaN
     def faulty(learning_rate=1e-3, **kwargs):
@@ -188,9 +227,12 @@ def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):
     skipped = invoke("finetune", str(data), "-o", "runs/x", "--on-bad-image", "skip", *args)
     assert skipped.exit_code == 0, skipped.output
     info = json.loads((tmp_path / "runs/x/run.json").read_text())
-    assert info["data"]["skipped"] == [{"path": "a/broken.jpg",
-                                        "reason": "not an image (text file); remove it or move "
-                                                  "it out of the dataset"}]
+    assert info["data"]["skipped"] == [
+        {
+            "path": "a/broken.jpg",
+            "reason": "not an image (text file); remove it or move it out of the dataset",
+        }
+    ]
     assert set(info["class_weight"]) == {"a", "b"}
     report = json.loads((tmp_path / "runs/x/data_report.json").read_text())
     assert report["totals"]["bad"] == 1
@@ -201,9 +243,25 @@ def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path,
     import tlkit.training.phases
 
     data = write_folder(tmp_path / "data", ["a", "b"], 12)
-    common = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs",
-              "2", "--epochs", "2", "--freeze", "14", "--augment", "none", "--cache",
-              "--patience", "10"]
+    common = [
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--batch-size",
+        "4",
+        "--head-epochs",
+        "2",
+        "--epochs",
+        "2",
+        "--freeze",
+        "14",
+        "--augment",
+        "none",
+        "--cache",
+        "--patience",
+        "10",
+    ]
     real = tlkit.training.phases.save_epoch
 
     def dies_after_the_third_checkpoint(directory, model, optimizer, state, improved):
@@ -222,6 +280,7 @@ def test_resume_on_the_feature_cache_path_restores_the_tails_optimizer(tmp_path,
     a, b = (json.loads((tmp_path / f"runs/{n}/run.json").read_text()) for n in ("c", "s"))
     assert a["feature_cache"]["used"] and b["feature_cache"]["used"]
     assert a["optimizer_steps"] == b["optimizer_steps"]
-    assert [p["optimizer_steps"] for p in a["results"]["phases"]] == \
-        [p["optimizer_steps"] for p in b["results"]["phases"]]
+    assert [p["optimizer_steps"] for p in a["results"]["phases"]] == [
+        p["optimizer_steps"] for p in b["results"]["phases"]
+    ]
     assert_same_training(tmp_path / "runs/c", tmp_path / "runs/s")  # the losses after resume

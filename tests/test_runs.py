@@ -17,9 +17,21 @@ def test_a_written_record_round_trips_and_an_older_leaner_one_still_loads(tiny_r
     assert record.as_dict() == written  # nothing lost, nothing added
     assert next(iter(written)) == "schema"
 
-    lean = {k: written[k] for k in ("schema", "backbone", "weights", "freeze", "input_size",
-                                    "preprocessing", "crop_fraction", "classes", "config",
-                                    "data")}
+    lean = {
+        k: written[k]
+        for k in (
+            "schema",
+            "backbone",
+            "weights",
+            "freeze",
+            "input_size",
+            "preprocessing",
+            "crop_fraction",
+            "classes",
+            "config",
+            "data",
+        )
+    }
     lean["from_a_later_version"] = {"x": 1}
     old = RunRecord.from_dict(lean)
     assert old.results == {} and old.resumed == [] and old.val_fraction == 0.2

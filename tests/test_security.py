@@ -23,7 +23,7 @@ def calls(pattern: str) -> list[tuple[str, str]]:
         text = path.read_text()
         for m in re.finditer(pattern, text):
             end = text.find(")", m.end())
-            out.append((path.name, text[m.start(): text.find("\n", end) + 1]))
+            out.append((path.name, text[m.start() : text.find("\n", end) + 1]))
     return out
 
 
@@ -32,8 +32,9 @@ def test_no_pickle_and_every_loader_is_the_safe_one():
     for path in SOURCES:
         if path.name == "torch_checkpoint.py":  # the restricted unpickler: test_torch_checkpoint
             continue
-        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", path.read_text(),
-                             re.M), path.name
+        assert not re.search(
+            r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", path.read_text(), re.M
+        ), path.name
     np_loads = calls(r"\bnp\.load\(")
     assert np_loads  # the cache reads labels with it
     for name, call in np_loads:
@@ -49,9 +50,14 @@ def test_a_manifest_naming_files_outside_the_cache_is_refused(tmp_path):
     key = tmp_path / "cache" / "k"
     key.mkdir(parents=True)
     (tmp_path / "secret.npy").write_bytes(b"\x93NUMPY")
-    manifest = {"splits": {"train": {"shards": [{"file": "../../secret.npy", "bytes": 6,
-                                                 "sha256": "x", "rows": 1}],
-                                     "labels": {"file": "train-labels.npy"}}}}
+    manifest = {
+        "splits": {
+            "train": {
+                "shards": [{"file": "../../secret.npy", "bytes": 6, "sha256": "x", "rows": 1}],
+                "labels": {"file": "train-labels.npy"},
+            }
+        }
+    }
     (key / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=r"names a file outside the cache \('../../secret.npy'\)"):
         open_cache(tmp_path / "cache", "k")
@@ -72,8 +78,11 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypa
     # the tripwire is on the first pixel load itself: Pillow's ImageFile.load (what
     # Image.load, convert, transpose and tobytes call first)
     monkeypatch.setattr(ImageFile.ImageFile, "load", must_not_decode)
-    with pytest.raises(DataError, match=r"bomb\.png: 12000x12000 is 144\.0 megapixels, above "
-                                        r"the limit of 100 \(a decompression bomb\?\)"):
+    with pytest.raises(
+        DataError,
+        match=r"bomb\.png: 12000x12000 is 144\.0 megapixels, above "
+        r"the limit of 100 \(a decompression bomb\?\)",
+    ):
         decode_image(bomb)
     huge = tmp_path / "huge.png"
     Image.new("1", (20_000, 20_000)).save(huge)  # beyond Pillow's own hard limit as well

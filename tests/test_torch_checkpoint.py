@@ -32,8 +32,13 @@ class _Ref:
     """A tensor to pickle: its storage key, the storage's array, and the view into it."""
 
     def __init__(self, key, storage, offset, shape, stride):
-        self.key, self.storage, self.offset, self.shape, self.stride = (key, storage, offset,
-                                                                        shape, stride)
+        self.key, self.storage, self.offset, self.shape, self.stride = (
+            key,
+            storage,
+            offset,
+            shape,
+            stride,
+        )
 
 
 @pytest.fixture
@@ -73,9 +78,17 @@ def legacy_bytes(torch, tensors, state=None, storage_counts=None):
             return None
 
     def reduce_ref(ref):
-        return (torch._utils._rebuild_tensor_v2,
-                (ref.storage, ref.offset, tuple(ref.shape), tuple(ref.stride), False,
-                 collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (
+                ref.storage,
+                ref.offset,
+                tuple(ref.shape),
+                tuple(ref.stride),
+                False,
+                collections.OrderedDict(),
+            ),
+        )
 
     refs = collections.OrderedDict()
     for i, (name, value) in enumerate(tensors.items()):
@@ -87,9 +100,15 @@ def legacy_bytes(torch, tensors, state=None, storage_counts=None):
         storages.setdefault(value.key, value.storage)
         refs[name] = value
     buf = io.BytesIO()
-    for obj in (MAGIC_NUMBER, PROTOCOL_VERSION,
-                {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
-                 "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+    for obj in (
+        MAGIC_NUMBER,
+        PROTOCOL_VERSION,
+        {
+            "protocol_version": PROTOCOL_VERSION,
+            "little_endian": True,
+            "type_sizes": {"short": 2, "int": 4, "long": 4},
+        },
+    ):
         pickle.dump(obj, buf, protocol=2)
     pickler = Pickler(buf, protocol=2)
     pickler.dispatch_table = {_Ref: reduce_ref}
@@ -97,8 +116,7 @@ def legacy_bytes(torch, tensors, state=None, storage_counts=None):
     pickle.dump(list(storages), buf, protocol=2)
     for key, array in storages.items():
         count = (storage_counts or {}).get(key, array.size)
-        buf.write(struct.pack("<q", count) + array.astype(array.dtype.newbyteorder("<"))
-                  .tobytes())
+        buf.write(struct.pack("<q", count) + array.astype(array.dtype.newbyteorder("<")).tobytes())
     return buf.getvalue()
 
 
@@ -135,8 +153,10 @@ def test_the_writer_matches_the_real_checkpoint_layout(fake_torch, tmp_path):
     from tlkit.models.weights import packaged_source
 
     real = packaged_source(get_backbone("efficientnet_lite0")).read_bytes()
-    ours = legacy_bytes(fake_torch, {"_bn0.weight": np.ones(32, np.float32),
-                                     "_bn0.num_batches_tracked": np.array(0, np.int64)})
+    ours = legacy_bytes(
+        fake_torch,
+        {"_bn0.weight": np.ones(32, np.float32), "_bn0.num_batches_tracked": np.array(0, np.int64)},
+    )
 
     def globals_of(data, skip):
         f = io.BytesIO(data)
@@ -144,12 +164,22 @@ def test_the_writer_matches_the_real_checkpoint_layout(fake_torch, tmp_path):
             pickletools.dis(f, out=io.StringIO())
         text = io.StringIO()
         pickletools.dis(f, out=text)
-        return {line.split("GLOBAL")[1].strip() for line in text.getvalue().splitlines()
-                if "GLOBAL" in line}
+        return {
+            line.split("GLOBAL")[1].strip()
+            for line in text.getvalue().splitlines()
+            if "GLOBAL" in line
+        }
 
-    assert globals_of(real, 3) == globals_of(ours, 3) == {
-        "'collections OrderedDict'", "'torch._utils _rebuild_tensor_v2'", "'torch FloatStorage'",
-        "'torch LongStorage'"}
+    assert (
+        globals_of(real, 3)
+        == globals_of(ours, 3)
+        == {
+            "'collections OrderedDict'",
+            "'torch._utils _rebuild_tensor_v2'",
+            "'torch FloatStorage'",
+            "'torch LongStorage'",
+        }
+    )
     assert real[:21] == ours[:21]  # magic number and protocol version pickles
 
 
@@ -161,8 +191,11 @@ def test_a_pickle_naming_os_system_is_refused_without_running(fake_torch, tmp_pa
             return (os.system, (f"touch {marker}",))
 
     path = write(tmp_path / "evil.pth", legacy_bytes(fake_torch, {}, state={"x": Evil()}))
-    with pytest.raises(CheckpointError, match=r"evil.pth: refuses to load, the pickle names "
-                                              r"(posix|os|nt)\.system"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"evil.pth: refuses to load, the pickle names "
+        r"(posix|os|nt)\.system",
+    ):
         read_state_dict(path)
     assert not marker.exists()
 
@@ -170,9 +203,12 @@ def test_a_pickle_naming_os_system_is_refused_without_running(fake_torch, tmp_pa
 @pytest.mark.parametrize("payload", ["builtins.eval", "numpy.load", "torch.load"])
 def test_any_global_outside_the_allow_list_is_refused(fake_torch, tmp_path, payload):
     module, name = payload.rsplit(".", 1)
-    data = (pickle.dumps(MAGIC_NUMBER, protocol=2) + pickle.dumps(PROTOCOL_VERSION, protocol=2)
-            + pickle.dumps({"little_endian": True}, protocol=2)
-            + f"c{module}\n{name}\n(S'1'\ntR.".encode())
+    data = (
+        pickle.dumps(MAGIC_NUMBER, protocol=2)
+        + pickle.dumps(PROTOCOL_VERSION, protocol=2)
+        + pickle.dumps({"little_endian": True}, protocol=2)
+        + f"c{module}\n{name}\n(S'1'\ntR.".encode()
+    )
     with pytest.raises(CheckpointError, match=f"names {module}.{name}, which is not part"):
         read_state_dict(write(tmp_path / "g.pth", data))
 
@@ -188,11 +224,14 @@ def test_truncated_and_damaged_files_get_one_line_each(fake_torch, tmp_path):
         "empty": (b"", "not a readable PyTorch checkpoint"),
         "zip format": (b"PK\x03\x04" + good, "a zip-format checkpoint"),
         "a text file": (b"hello world\n", "not a readable PyTorch checkpoint"),
-        "wrong count": (legacy_bytes(fake_torch, tensors, storage_counts={"1000": 11}),
-                        "storage 1000 holds 11 elements where the state dict expects 12"),
-        "view past the storage": (legacy_bytes(fake_torch, {"w": _Ref(
-            "s", np.zeros(6, np.float32), 2, (2, 3), (3, 1))}), "reaches element 7 of a "
-            "storage of 6"),
+        "wrong count": (
+            legacy_bytes(fake_torch, tensors, storage_counts={"1000": 11}),
+            "storage 1000 holds 11 elements where the state dict expects 12",
+        ),
+        "view past the storage": (
+            legacy_bytes(fake_torch, {"w": _Ref("s", np.zeros(6, np.float32), 2, (2, 3), (3, 1))}),
+            "reaches element 7 of a storage of 6",
+        ),
         "not a state dict": (legacy_bytes(fake_torch, {}, state=[1, 2]), "not a state dict"),
     }
     for what, (data, message) in cases.items():
@@ -205,8 +244,11 @@ def test_truncated_and_damaged_files_get_one_line_each(fake_torch, tmp_path):
 def test_only_the_checkpoint_reader_may_use_pickle():
     from conftest import REPO
 
-    users = [p.name for p in (REPO / "tlkit").rglob("*.py")
-             if re.search(r"\bpickle\.|import pickle|from pickle", p.read_text())]
+    users = [
+        p.name
+        for p in (REPO / "tlkit").rglob("*.py")
+        if re.search(r"\bpickle\.|import pickle|from pickle", p.read_text())
+    ]
     assert users == ["torch_checkpoint.py"]
     text = (REPO / "tlkit" / "models" / "torch_checkpoint.py").read_text()
     assert "pickle.load(" not in text and "pickle.loads(" not in text

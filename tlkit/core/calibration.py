@@ -23,8 +23,9 @@ def _confidence(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64)
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
-                     ) -> list[dict[str, float]]:
+def reliability_bins(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> list[dict[str, float]]:
     """Per confidence bin (lo, hi]: how many predictions, their mean confidence, accuracy."""
     conf, correct = _confidence(probs, labels)
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -33,17 +34,29 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
     for b in range(bins):
         member = index == b
         n = int(member.sum())
-        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n,
-                    "confidence": float(conf[member].mean()) if n else math.nan,
-                    "accuracy": float(correct[member].mean()) if n else math.nan})
+        out.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "count": n,
+                "confidence": float(conf[member].mean()) if n else math.nan,
+                "accuracy": float(correct[member].mean()) if n else math.nan,
+            }
+        )
     return out
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
-                               bins: int = ECE_BINS) -> float:
+def expected_calibration_error(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> float:
     total = len(labels)
-    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"])
-                     for b in reliability_bins(probs, labels, bins) if b["count"]))
+    return float(
+        sum(
+            b["count"] / total * abs(b["accuracy"] - b["confidence"])
+            for b in reliability_bins(probs, labels, bins)
+            if b["count"]
+        )
+    )
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -72,6 +85,7 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     """The T in [0.05, 20] minimising the log loss of softmax(log p / T): golden-section search
     on log T (the loss is convex in 1/T, so unimodal here)."""
+
     def loss(log_t: float) -> float:
         return log_loss(apply_temperature(probs, math.exp(log_t)), labels)
 

@@ -47,10 +47,14 @@ def write_checkpoint(path: Path, model: Any, optimizer: Any, state: dict[str, An
     with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
         f.attrs["tlkit_checkpoint"] = CHECKPOINT_SCHEMA
         f.attrs["state"] = json.dumps(state)
-        for group, values in (("model", model.get_weights()),
-                              ("random", [_numpy(v) for v in random_state(model)]),
-                              ("optimizer", [_numpy(v) for v in optimizer.variables]
-                               if optimizer is not None else [])):
+        for group, values in (
+            ("model", model.get_weights()),
+            ("random", [_numpy(v) for v in random_state(model)]),
+            (
+                "optimizer",
+                [_numpy(v) for v in optimizer.variables] if optimizer is not None else [],
+            ),
+        ):
             g = f.create_group(group)
             g.attrs["count"] = len(values)
             for i, value in enumerate(values):
@@ -79,8 +83,10 @@ def _assign(path: Path, what: str, variables: list[Any], values: list[np.ndarray
     shapes = [tuple(v.shape) for v in variables]
     saved = [tuple(v.shape) for v in values]
     if shapes != saved:
-        raise RunError(f"{path}: its {what} has {len(saved)} arrays that do not match this "
-                       f"model's {len(shapes)}; it was written by a different model")
+        raise RunError(
+            f"{path}: its {what} has {len(saved)} arrays that do not match this "
+            f"model's {len(shapes)}; it was written by a different model"
+        )
     for variable, value in zip(variables, values, strict=True):
         variable.assign(value)
 
@@ -108,8 +114,9 @@ def load_weights(path: Path, model: Any) -> None:
         _assign(path, "model", model.weights, _arrays(f, "model"))
 
 
-def save_epoch(directory: Path, model: Any, optimizer: Any, state: dict[str, Any],
-               improved: bool) -> None:
+def save_epoch(
+    directory: Path, model: Any, optimizer: Any, state: dict[str, Any], improved: bool
+) -> None:
     """Write this epoch's checkpoint; it becomes `last`, the old `last` becomes `previous`, and
     if it is the best so far, `best` gets its weights and state (no optimizer: nothing resumes
     from it, and Adam's moments would double its size). The order means every crash point

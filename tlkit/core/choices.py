@@ -33,8 +33,10 @@ def check(flag: str, value: object, choices: Sequence[str]) -> None:
     """A ConfigError in the one form every choice uses, when `value` is not among `choices`."""
     if value not in choices:
         hint = did_you_mean(value, choices) if isinstance(value, str) else ""
-        raise ConfigError(f"{flag} must be one of {', '.join(choices)}. "
-                          f"Received: {value!r}.{hint}".rstrip("."))
+        raise ConfigError(
+            f"{flag} must be one of {', '.join(choices)}. Received: {value!r}.{hint}".rstrip(".")
+        )
+
 
 # The one backbone whose ImageNet weights every install has (a package ships them): so the
 # quickstart does real transfer learning offline. resnet50 and the others are one flag away.
@@ -43,8 +45,15 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 
 def check_folder_name(flag: str, value: str) -> str:
     """A name that becomes one folder inside a run (`--name`): never a path that leaves it."""
-    if (not value or value in (".", "..") or "/" in value or "\\" in value
-            or any(ord(c) < 32 or ord(c) == 127 for c in value)):
-        raise ConfigError(f"{flag} must be a plain folder name (no '/', '..' or control "
-                          f"characters), the output goes inside the run. Received: {value!r}")
+    if (
+        not value
+        or value in (".", "..")
+        or "/" in value
+        or "\\" in value
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise ConfigError(
+            f"{flag} must be a plain folder name (no '/', '..' or control "
+            f"characters), the output goes inside the run. Received: {value!r}"
+        )
     return value

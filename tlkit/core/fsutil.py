@@ -71,9 +71,16 @@ def read_json_record(path: str | os.PathLike, error: type[Exception], fix: str) 
 INCOMPLETE = ".incomplete-"  # <final>.incomplete-<id>/: a multi-file artifact being built
 WRITER = ".tlkit-writer"  # in an incomplete folder: its kind, locked by the process writing it
 # what each kind of artifact holds once finished: the file that says a folder is one
-RECORDS = {"run": "run.json", "export": "export.json", "evaluation": "metrics.json",
-           "diagnose": "diagnose.json", "explanations": None, "tfds": "tlkit-tfds.json",
-           "cache": "manifest.json", "cache part": "part.json"}
+RECORDS = {
+    "run": "run.json",
+    "export": "export.json",
+    "evaluation": "metrics.json",
+    "diagnose": "diagnose.json",
+    "explanations": None,
+    "tfds": "tlkit-tfds.json",
+    "cache": "manifest.json",
+    "cache part": "part.json",
+}
 RESUMABLE = ("run", "cache", "cache part")  # interrupted ones are listed, never cleaned
 _HELD: dict[str, int] = {}  # folder -> descriptor of its locked writer file, while we write it
 
@@ -223,9 +230,13 @@ def _holds(path: Path) -> str:
     return f"holds {len(entries)} entries not made by tlkit (e.g. {entries[0]})"
 
 
-def refuse_overwrite(path: str | os.PathLike, overwrite: bool, hint: str,
-                     kind: str | None = None,
-                     inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+def refuse_overwrite(
+    path: str | os.PathLike,
+    overwrite: bool,
+    hint: str,
+    kind: str | None = None,
+    inputs: tuple[str | os.PathLike, ...] = (),
+) -> None:
     """The one check before writing a user-visible output: `path` is replaced only when asked,
     and only when it is an earlier artifact of the same `kind` (recognised by its record file)
     that holds none of the `inputs`; never the data, a run under an export, or anything else."""
@@ -234,17 +245,22 @@ def refuse_overwrite(path: str | os.PathLike, overwrite: bool, hint: str,
     for given in inputs:
         source = Path(given).resolve()
         if source == here or source.is_relative_to(here):
-            raise OutputExistsError(f"{path}: holds the input {given}, which the output would "
-                                    "replace; choose another output folder")
+            raise OutputExistsError(
+                f"{path}: holds the input {given}, which the output would "
+                "replace; choose another output folder"
+            )
     if not path.exists() and not path.is_symlink():
         return
     if not overwrite:
         raise OutputExistsError(f"{path}: already exists; {hint}")
     record = RECORDS.get(kind) if kind is not None else None
-    if kind is not None and not (record and path.is_dir() and not path.is_symlink()
-                                 and (path / record).is_file()):
-        raise OutputExistsError(f"{path}: {_holds(path)}, not an earlier {kind}; --overwrite "
-                                f"replaces only a tlkit {kind}: choose another folder")
+    if kind is not None and not (
+        record and path.is_dir() and not path.is_symlink() and (path / record).is_file()
+    ):
+        raise OutputExistsError(
+            f"{path}: {_holds(path)}, not an earlier {kind}; --overwrite "
+            f"replaces only a tlkit {kind}: choose another folder"
+        )
 
 
 def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: bool = False) -> None:

@@ -15,13 +15,17 @@ MIN_ITEMS = 200  # shorter steps finish before a bar would help
 @contextlib.contextmanager
 def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     """Yields `advance(n)`."""
-    show = (total >= MIN_ITEMS and sys.stderr.isatty()
-            and logging.getLogger("tlkit").isEnabledFor(logging.INFO))
+    show = (
+        total >= MIN_ITEMS
+        and sys.stderr.isatty()
+        and logging.getLogger("tlkit").isEnabledFor(logging.INFO)
+    )
     if not show:
         yield lambda n: None
         return
     import click
 
-    with click.progressbar(length=total, label=label, file=sys.stderr,
-                           show_pos=True, show_eta=True) as bar:
+    with click.progressbar(
+        length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True
+    ) as bar:
         yield bar.update

@@ -85,22 +85,32 @@ class RunRecord:
 
     def as_dict(self) -> dict[str, Any]:
         out = {"schema": self.schema}  # first, as readers check it first
-        out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                   if f.name not in ("schema", "extra"))
+        out.update(
+            (f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in ("schema", "extra")
+        )
         out["classes"] = list(self.classes)
         return {**out, **self.extra}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str | os.PathLike = "run.json") -> RunRecord:
         if d.get("schema") != RUN_SCHEMA:
-            raise RunError(f"{where}: run schema {d.get('schema')!r} is not supported by this "
-                           f"tlkit (expects {RUN_SCHEMA})")
+            raise RunError(
+                f"{where}: run schema {d.get('schema')!r} is not supported by this "
+                f"tlkit (expects {RUN_SCHEMA})"
+            )
         fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
-        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING]
+        required = [
+            n
+            for n, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         if missing := [n for n in required if n not in d]:
-            raise RunError(f"{where}: lacks {', '.join(missing)}; it was not written by tlkit "
-                           "finetune, or it was edited")
+            raise RunError(
+                f"{where}: lacks {', '.join(missing)}; it was not written by tlkit "
+                "finetune, or it was edited"
+            )
         known = {k: v for k, v in d.items() if k in fields}
         known["classes"] = tuple(known["classes"])
         return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
@@ -149,9 +159,10 @@ def load_keras_file(path: Path, error: type[TlkitError] = RunError) -> Any:
     except Exception as e:  # Keras raises many kinds for a refused or damaged archive
         text = str(e).strip()
         first = text.splitlines()[0][:300] if text else type(e).__name__
-        raise error(f"{path}: Keras refused to load it ({first}); tlkit loads only models made "
-                    "of Keras layers, never code from a file: use a model trained by tlkit") \
-            from None
+        raise error(
+            f"{path}: Keras refused to load it ({first}); tlkit loads only models made "
+            "of Keras layers, never code from a file: use a model trained by tlkit"
+        ) from None
 
 
 def is_finished_run(path: Path) -> bool:
@@ -160,8 +171,11 @@ def is_finished_run(path: Path) -> bool:
 
 def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
     runs_dir = Path(runs_dir)
-    runs = [p for p in runs_dir.iterdir() if p.is_dir() and is_finished_run(p)] \
-        if runs_dir.is_dir() else []
+    runs = (
+        [p for p in runs_dir.iterdir() if p.is_dir() and is_finished_run(p)]
+        if runs_dir.is_dir()
+        else []
+    )
     if not runs:
         raise RunError(
             f"{runs_dir}: no finished runs; train one with `tlkit finetune` or name a run folder"
@@ -190,13 +204,19 @@ def unfinished_run(path: str | os.PathLike) -> RunError | None:
         return None
     name = final_path(folder)
     if is_live(folder):
-        return RunError(f"{path}: still training ({folder}, another process); wait for it to "
-                        "finish")
+        return RunError(
+            f"{path}: still training ({folder}, another process); wait for it to finish"
+        )
     found = latest_checkpoint(folder / "checkpoints")
-    where = ("before its first epoch ended" if found is None else
-             f"at {found[1]['phase']} epoch {found[1]['epoch']}")
-    return RunError(f"{path}: not finished, interrupted {where} ({folder}); "
-                    f"`tlkit finetune --resume {name}` finishes it first")
+    where = (
+        "before its first epoch ended"
+        if found is None
+        else f"at {found[1]['phase']} epoch {found[1]['epoch']}"
+    )
+    return RunError(
+        f"{path}: not finished, interrupted {where} ({folder}); "
+        f"`tlkit finetune --resume {name}` finishes it first"
+    )
 
 
 def split_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
@@ -214,8 +234,10 @@ def split_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]
         if not Path(p).exists() and parent.is_dir():
             names = [q.name for q in parent.iterdir() if is_finished_run(q)]
             if names:
-                raise RunError(f"{p}: no such run.{did_you_mean(Path(p).name, names)} "
-                               f"`tlkit runs` lists the runs in {parent}")
+                raise RunError(
+                    f"{p}: no such run.{did_you_mean(Path(p).name, names)} "
+                    f"`tlkit runs` lists the runs in {parent}"
+                )
         rest.append(p)
     return runs, rest
 
@@ -249,22 +271,37 @@ def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
             except RunError:
                 continue  # load_run names the damage when the run is used
             best = record.results.get("best") or {}
-            rows.append({"run": path.name, "status": "finished", "backbone": record.backbone,
-                         "freeze": record.freeze.get("request"),
-                         "best_val_accuracy": best.get("val_accuracy"),
-                         "test_accuracy": (record.results.get("test") or {}).get("accuracy"),
-                         "size_mb": round(folder_bytes(path) / 1e6, 1),
-                         "created": record.created, "path": str(path)})
+            rows.append(
+                {
+                    "run": path.name,
+                    "status": "finished",
+                    "backbone": record.backbone,
+                    "freeze": record.freeze.get("request"),
+                    "best_val_accuracy": best.get("val_accuracy"),
+                    "test_accuracy": (record.results.get("test") or {}).get("accuracy"),
+                    "size_mb": round(folder_bytes(path) / 1e6, 1),
+                    "created": record.created,
+                    "path": str(path),
+                }
+            )
         elif is_incomplete(path) and (path / "checkpoints" / "identity.json").is_file():
             try:
                 identity = read_json_record(path / "checkpoints" / "identity.json", RunError, "")
             except RunError:
                 identity = {}  # listed; `finetune --resume` names the damage
             name = final_path(path).name
-            rows.append({"run": name, "status": "training" if is_live(path) else "interrupted",
-                         "backbone": identity.get("backbone"),
-                         "freeze": None, "best_val_accuracy": None, "test_accuracy": None,
-                         "size_mb": round(folder_bytes(path) / 1e6, 1),
-                         "created": None, "path": str(path),
-                         "resume": f"tlkit finetune --resume {runs_dir / name}"})
+            rows.append(
+                {
+                    "run": name,
+                    "status": "training" if is_live(path) else "interrupted",
+                    "backbone": identity.get("backbone"),
+                    "freeze": None,
+                    "best_val_accuracy": None,
+                    "test_accuracy": None,
+                    "size_mb": round(folder_bytes(path) / 1e6, 1),
+                    "created": None,
+                    "path": str(path),
+                    "resume": f"tlkit finetune --resume {runs_dir / name}",
+                }
+            )
     return sorted(rows, key=lambda r: Path(r["path"]).stat().st_mtime, reverse=True)

@@ -24,7 +24,6 @@ def one_se_choice(losses: Sequence[np.ndarray]) -> tuple[int, list[float]]:
             continue
         d = x - losses[best]
         se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-        excess.append(float(np.mean(d) / se) if se > 0 else (0.0 if np.mean(d) <= 0
-                                                             else math.inf))
+        excess.append(float(np.mean(d) / se) if se > 0 else (0.0 if np.mean(d) <= 0 else math.inf))
     chosen = next(i for i, e in enumerate(excess) if e <= 1.0)
     return chosen, excess

@@ -46,8 +46,9 @@ class AuditConfig:
     def __post_init__(self) -> None:
         check("--on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
         if not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError(f"--max-bad-fraction must be in [0, 1]. "
-                              f"Received: {self.max_bad_fraction}")
+            raise ConfigError(
+                f"--max-bad-fraction must be in [0, 1]. Received: {self.max_bad_fraction}"
+            )
         if self.max_pixels < 1:
             raise ConfigError(f"--max-pixels must be positive. Received: {self.max_pixels}")
 
@@ -67,8 +68,11 @@ class DataReport:
         return [r for r in self._rows() if not r["ok"]]
 
     def _rows(self) -> list[dict[str, Any]]:
-        return [{**self.files[e.path], "path": e.relpath, "split": split, "class": e.class_name}
-                for split, examples in self.folder.splits.items() for e in examples]
+        return [
+            {**self.files[e.path], "path": e.relpath, "split": split, "class": e.class_name}
+            for split, examples in self.folder.splits.items()
+            for e in examples
+        ]
 
     def as_dict(self) -> dict[str, Any]:
         rows = self._rows()
@@ -81,16 +85,25 @@ class DataReport:
             usable = [n["ok"] for n in per_class.values() if n["ok"]]
             splits[split] = {
                 "images": len(examples),
-                "classes": {c: {"ok": per_class[c]["ok"], "bad": per_class[c]["bad"]}
-                            for c in self.folder.classes if c in per_class},
+                "classes": {
+                    c: {"ok": per_class[c]["ok"], "bad": per_class[c]["bad"]}
+                    for c in self.folder.classes
+                    if c in per_class
+                },
                 "missing_classes": [c for c in self.folder.classes if c not in per_class],
                 "imbalance": round(max(usable) / min(usable), 2) if usable else None,
             }
-        warnings = [{"path": r["path"], "split": r["split"], "warning": w}
-                    for r in rows if r["ok"] for w in r["warnings"]]
-        small = [{"path": r["path"], "split": r["split"], "size": [r["width"], r["height"]]}
-                 for r in rows if r["ok"] and self.min_size
-                 and min(r["width"], r["height"]) < self.min_size]
+        warnings = [
+            {"path": r["path"], "split": r["split"], "warning": w}
+            for r in rows
+            if r["ok"]
+            for w in r["warnings"]
+        ]
+        small = [
+            {"path": r["path"], "split": r["split"], "size": [r["width"], r["height"]]}
+            for r in rows
+            if r["ok"] and self.min_size and min(r["width"], r["height"]) < self.min_size
+        ]
         return {
             "schema": REPORT_SCHEMA,
             "root": str(Path(self.folder.root).resolve()),
@@ -99,12 +112,25 @@ class DataReport:
             "classes": list(self.folder.classes),
             "max_pixels": self.max_pixels,
             "min_size": self.min_size,
-            "totals": {"files": len(rows), "ok": sum(r["ok"] for r in rows),
-                       "bad": sum(not r["ok"] for r in rows), "warnings": len(warnings),
-                       "small": len(small), "memo_reused": self.reused},
+            "totals": {
+                "files": len(rows),
+                "ok": sum(r["ok"] for r in rows),
+                "bad": sum(not r["ok"] for r in rows),
+                "warnings": len(warnings),
+                "small": len(small),
+                "memo_reused": self.reused,
+            },
             "splits": splits,
-            "bad": [{"path": r["path"], "split": r["split"], "class": r["class"],
-                     "problem": r["problem"]} for r in rows if not r["ok"]],
+            "bad": [
+                {
+                    "path": r["path"],
+                    "split": r["split"],
+                    "class": r["class"],
+                    "problem": r["problem"],
+                }
+                for r in rows
+                if not r["ok"]
+            ],
             "warnings": warnings,
             "small": small,
             "formats": dict(Counter(r["format"] for r in rows if r["ok"]).most_common()),
@@ -131,9 +157,15 @@ def _duplicates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             kind = "conflicting-labels"
         else:
             kind = "duplicate"
-        out.append({"kind": kind, "sha256": digest,
-                    "files": [{"path": m["path"], "split": m["split"], "class": m["class"]}
-                              for m in members]})
+        out.append(
+            {
+                "kind": kind,
+                "sha256": digest,
+                "files": [
+                    {"path": m["path"], "split": m["split"], "class": m["class"]} for m in members
+                ],
+            }
+        )
     order = {"leakage": 0, "conflicting-labels": 1, "duplicate": 2}
     return sorted(out, key=lambda g: (order[g["kind"]], g["files"][0]["path"]))
 
@@ -163,8 +195,12 @@ def _load_memo(path: Path) -> dict[str, Any]:
     return memo if isinstance(memo, dict) else {}
 
 
-def audit_folder(folder: ImageFolder, min_size: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None) -> DataReport:
+def audit_folder(
+    folder: ImageFolder,
+    min_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+) -> DataReport:
     """Probe every file of `folder` (in parallel; unchanged files come from the memo)."""
     examples: list[Example] = [e for split in folder.splits.values() for e in split]
     memo_file = _memo_path(folder.root, max_pixels)
@@ -181,19 +217,28 @@ def audit_folder(folder: ImageFolder, min_size: int | None = None,
             todo.append(e.path)
     reused = len(files)
     if todo:
-        log.info("checking %d of %d files (%d unchanged since the last check)", len(todo),
-                 len(examples), reused)
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
-                progress(len(todo), "checking files") as advance:
-            for path, record in zip(todo, pool.map(lambda f: _probe(f, max_pixels), todo),
-                                    strict=True):
+        log.info(
+            "checking %d of %d files (%d unchanged since the last check)",
+            len(todo),
+            len(examples),
+            reused,
+        )
+        with (
+            ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
+            progress(len(todo), "checking files") as advance,
+        ):
+            for path, record in zip(
+                todo, pool.map(lambda f: _probe(f, max_pixels), todo), strict=True
+            ):
                 files[path] = record
                 advance(1)
-        atomic_write_json(memo_file, {p: {"stat": signatures[p], "record": files[p]}
-                                      for p in signatures})
+        atomic_write_json(
+            memo_file, {p: {"stat": signatures[p], "record": files[p]} for p in signatures}
+        )
     digests = {path: record["sha256"] for path, record in files.items()}
-    return DataReport(dataclasses.replace(folder, digests=digests), files, min_size, max_pixels,
-                      reused)
+    return DataReport(
+        dataclasses.replace(folder, digests=digests), files, min_size, max_pixels, reused
+    )
 
 
 def apply_policy(report: DataReport, config: AuditConfig) -> tuple[ImageFolder, list[dict]]:
@@ -205,19 +250,26 @@ def apply_policy(report: DataReport, config: AuditConfig) -> tuple[ImageFolder, 
     total = sum(len(x) for x in report.folder.splits.values())
     listing = "\n  ".join(f"{Path(report.folder.root) / r['path']}: {r['problem']}" for r in bad)
     if config.on_bad_image == "error":
-        raise DataError(f"{len(bad)} of {total} files cannot be used; fix or remove them, or "
-                        f"pass --on-bad-image skip to train without them:\n  {listing}")
+        raise DataError(
+            f"{len(bad)} of {total} files cannot be used; fix or remove them, or "
+            f"pass --on-bad-image skip to train without them:\n  {listing}"
+        )
     if len(bad) / total > config.max_bad_fraction:
-        raise DataError(f"{len(bad)} of {total} files ({len(bad) / total:.0%}) cannot be used, "
-                        f"more than --max-bad-fraction {config.max_bad_fraction:g}; the data "
-                        f"looks broken, so nothing was started:\n  {listing}")
+        raise DataError(
+            f"{len(bad)} of {total} files ({len(bad) / total:.0%}) cannot be used, "
+            f"more than --max-bad-fraction {config.max_bad_fraction:g}; the data "
+            f"looks broken, so nothing was started:\n  {listing}"
+        )
     keep = {p for p, r in report.files.items() if r["ok"]}
     splits = {s: tuple(e for e in x if e.path in keep) for s, x in report.folder.splits.items()}
-    emptied = [c for c in report.folder.classes if not any(e.class_name == c
-                                                           for e in splits["train"])]
+    emptied = [
+        c for c in report.folder.classes if not any(e.class_name == c for e in splits["train"])
+    ]
     if emptied:
-        raise DataError(f"{report.folder.root}: skipping bad files leaves no training images "
-                        f"of class {', '.join(emptied)}; fix those files")
+        raise DataError(
+            f"{report.folder.root}: skipping bad files leaves no training images "
+            f"of class {', '.join(emptied)}; fix those files"
+        )
     if not splits["val"]:
         raise DataError(f"{report.folder.root}: skipping bad files leaves no validation images")
     for r in bad:
@@ -226,8 +278,9 @@ def apply_policy(report: DataReport, config: AuditConfig) -> tuple[ImageFolder, 
     return dataclasses.replace(report.folder, splits=splits), skipped
 
 
-def audit_and_filter(folder: ImageFolder, config: AuditConfig, min_size: int | None,
-                     workers: int | None) -> tuple[ImageFolder, DataReport, list[dict]]:
+def audit_and_filter(
+    folder: ImageFolder, config: AuditConfig, min_size: int | None, workers: int | None
+) -> tuple[ImageFolder, DataReport, list[dict]]:
     """What finetune and precompute-features run first: audit, log the headlines, apply the
     bad-image policy."""
     report = audit_folder(folder, min_size, config.max_pixels, workers)
@@ -241,29 +294,41 @@ def audit_and_filter(folder: ImageFolder, config: AuditConfig, min_size: int | N
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The few lines worth printing before training; the full detail is in data_report.json."""
     t = summary["totals"]
-    lines = [f"data check: {t['files']} files, {t['ok']} ok, {t['bad']} bad, "
-             f"{t['warnings']} warnings ({t['memo_reused']} unchanged since the last check)"]
+    lines = [
+        f"data check: {t['files']} files, {t['ok']} ok, {t['bad']} bad, "
+        f"{t['warnings']} warnings ({t['memo_reused']} unchanged since the last check)"
+    ]
     for split, info in summary["splits"].items():
         if info["missing_classes"]:
             lines.append(f"  {split}: no images of class {', '.join(info['missing_classes'])}")
         if info["imbalance"] and info["imbalance"] > IMBALANCE_WARNING:
-            lines.append(f"  {split}: classes are imbalanced {info['imbalance']:g}:1; consider "
-                         "--class-weight balanced")
+            lines.append(
+                f"  {split}: classes are imbalanced {info['imbalance']:g}:1; consider "
+                "--class-weight balanced"
+            )
     kinds = Counter(g["kind"] for g in summary["duplicates"])
     if kinds["leakage"]:
-        lines.append(f"  {kinds['leakage']} images appear in more than one split (leakage): "
-                     "validation and test figures will be optimistic")
+        lines.append(
+            f"  {kinds['leakage']} images appear in more than one split (leakage): "
+            "validation and test figures will be optimistic"
+        )
     if kinds["conflicting-labels"]:
         lines.append(f"  {kinds['conflicting-labels']} images appear under two classes")
     if summary["small"]:
-        lines.append(f"  {len(summary['small'])} images are smaller than the backbone's "
-                     f"minimum {summary['min_size']} px (they are upscaled)")
+        lines.append(
+            f"  {len(summary['small'])} images are smaller than the backbone's "
+            f"minimum {summary['min_size']} px (they are upscaled)"
+        )
     return lines
 
 
-def check_data(data: str | os.PathLike = "data", backbone: str = DEFAULT_BACKBONE,
-               val_fraction: float = 0.2, max_pixels: int = DEFAULT_MAX_PIXELS,
-               workers: int | None = None) -> DataReport:
+def check_data(
+    data: str | os.PathLike = "data",
+    backbone: str = DEFAULT_BACKBONE,
+    val_fraction: float = 0.2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+) -> DataReport:
     """`tlkit check-data`: the audit alone, without training."""
     from tlkit.data.datasets import load_dataset
     from tlkit.models.backbones import get_backbone
@@ -290,6 +355,8 @@ def check_report_path(path: str | os.PathLike, overwrite: bool) -> Path:
         except (OSError, ValueError):
             ours = False
         if not ours:
-            raise OutputExistsError(f"{path}: exists and is not a tlkit data report; choose "
-                                    "another -o/--output or pass --overwrite")
+            raise OutputExistsError(
+                f"{path}: exists and is not a tlkit data report; choose "
+                "another -o/--output or pass --overwrite"
+            )
     return path

@@ -37,12 +37,17 @@ class ColorPCA:
     n_pixels: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"eigvals": list(self.eigvals), "eigvecs": [list(r) for r in self.eigvecs],
-                "n_images": self.n_images, "n_pixels": self.n_pixels}
+        return {
+            "eigvals": list(self.eigvals),
+            "eigvecs": [list(r) for r in self.eigvecs],
+            "n_images": self.n_images,
+            "n_pixels": self.n_pixels,
+        }
 
 
-def fit_color_pca(images: Iterable[np.ndarray], pixels_per_image: int = 2048,
-                  seed: int = 0) -> ColorPCA:
+def fit_color_pca(
+    images: Iterable[np.ndarray], pixels_per_image: int = 2048, seed: int = 0
+) -> ColorPCA:
     """PCA of RGB values from a deterministic sample of pixels of the given images. `images`
     may be a generator: only the sampled pixels are kept, one decoded image at a time."""
     rng = np.random.default_rng(seed)
@@ -56,9 +61,12 @@ def fit_color_pca(images: Iterable[np.ndarray], pixels_per_image: int = 2048,
     vals, vecs = np.linalg.eigh(cov)
     order = np.argsort(vals)[::-1]
     vals, vecs = np.clip(vals[order], 0.0, None), vecs[:, order]
-    return ColorPCA(tuple(float(v) for v in vals), tuple(tuple(float(x) for x in row)
-                                                         for row in vecs),
-                    len(chunks), len(pixels))
+    return ColorPCA(
+        tuple(float(v) for v in vals),
+        tuple(tuple(float(x) for x in row) for row in vecs),
+        len(chunks),
+        len(pixels),
+    )
 
 
 def pixel_libraries() -> dict[str, str]:
@@ -69,8 +77,11 @@ def pixel_libraries() -> dict[str, str]:
     import cv2
     import PIL
 
-    return {"pillow": PIL.__version__, "opencv": cv2.__version__,
-            "albumentations": version("albumentations")}
+    return {
+        "pillow": PIL.__version__,
+        "opencv": cv2.__version__,
+        "albumentations": version("albumentations"),
+    }
 
 
 def _albumentations() -> Any:
@@ -124,11 +135,15 @@ class AugmentConfig:
         check("--crop", self.crop, CROP_STYLES)
         lo, hi = self.scale_range
         if not 1.0 <= lo <= hi:
-            raise ConfigError(f"crop scale range must satisfy 1 <= low <= high (shorter side / "
-                              f"input size). Received: {self.scale_range}")
+            raise ConfigError(
+                f"crop scale range must satisfy 1 <= low <= high (shorter side / "
+                f"input size). Received: {self.scale_range}"
+            )
         if not 0 < self.area[0] <= self.area[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ConfigError(f"resized-crop area must be in (0, 1] and ratio positive. "
-                              f"Received: area={self.area}, ratio={self.ratio}")
+            raise ConfigError(
+                f"resized-crop area must be in (0, 1] and ratio positive. "
+                f"Received: area={self.area}, ratio={self.ratio}"
+            )
         if not 0 <= self.flip_p <= 1:
             raise ConfigError(f"flip probability must be in [0, 1]. Received: {self.flip_p}")
         if self.pca_sigma < 0:
@@ -141,16 +156,25 @@ class AugmentConfig:
         return self.crop != "center" or self.flip_p > 0 or self.pca_sigma > 0 or bool(self.extra)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset, "crop": self.crop, "scale_range": list(self.scale_range),
-                "area": list(self.area), "ratio": list(self.ratio), "flip_p": self.flip_p,
-                "pca_sigma": self.pca_sigma,
-                "extra": [{"name": n, "args": json.loads(a)} for n, a in self.extra]}
+        return {
+            "preset": self.preset,
+            "crop": self.crop,
+            "scale_range": list(self.scale_range),
+            "area": list(self.area),
+            "ratio": list(self.ratio),
+            "flip_p": self.flip_p,
+            "pca_sigma": self.pca_sigma,
+            "extra": [{"name": n, "args": json.loads(a)} for n, a in self.extra],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AugmentConfig:
         """The inverse of `as_dict` (a run's record); the values are validated again."""
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()
-                  if k not in ("extra", "pca")}
+        values = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in d.items()
+            if k not in ("extra", "pca")
+        }
         extra = tuple((e["name"], json.dumps(e["args"], sort_keys=True)) for e in d["extra"])
         return cls(**values, extra=extra)
 
@@ -166,29 +190,34 @@ PRESETS: dict[str, dict[str, Any]] = {
     # AlexNet: shorter side 256 (for 224), random 224 crop, mirror, PCA colour.
     "alexnet": {"crop": "crop", "flip_p": 0.5, "pca_sigma": 0.1},
     # VGG scale jittering: shorter side drawn from [256, 512] (for 224), crop, mirror, PCA colour.
-    "vgg": {"crop": "crop", "scale_range": (256 / 224, 512 / 224), "flip_p": 0.5,
-            "pca_sigma": 0.1},
+    "vgg": {"crop": "crop", "scale_range": (256 / 224, 512 / 224), "flip_p": 0.5, "pca_sigma": 0.1},
 }
 
 
 # --augment auto (finetune only): the preset is chosen on the validation split (tlkit.training.head)
 
 
-def resolve_augment(preset: str, extra: Sequence[str] = (), allow_auto: bool = False,
-                    **overrides: Any) -> AugmentConfig:
+def resolve_augment(
+    preset: str, extra: Sequence[str] = (), allow_auto: bool = False, **overrides: Any
+) -> AugmentConfig:
     """A preset by name, then explicit overrides (None means keep the preset's value)."""
     if preset == AUTO:
         if not allow_auto:
-            raise ConfigError("--augment auto is chosen while training (`tlkit finetune`); "
-                              "here name a preset: " + ", ".join(PRESETS))
+            raise ConfigError(
+                "--augment auto is chosen while training (`tlkit finetune`); "
+                "here name a preset: " + ", ".join(PRESETS)
+            )
         if extra or any(v is not None for v in overrides.values()):
-            raise ConfigError("--augment auto chooses the whole augmentation; drop --crop, "
-                              "--flip-p, --pca-sigma and --extra-transform, or name a preset")
+            raise ConfigError(
+                "--augment auto chooses the whole augmentation; drop --crop, "
+                "--flip-p, --pca-sigma and --extra-transform, or name a preset"
+            )
         return AugmentConfig(preset=AUTO)
     if preset not in PRESETS:
         hint = did_you_mean(preset, PRESETS)
-        raise ConfigError(f"unknown --augment preset {preset!r}.{hint} Choose one of: "
-                          f"{', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown --augment preset {preset!r}.{hint} Choose one of: {', '.join(PRESETS)}"
+        )
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return AugmentConfig(preset=preset, extra=tuple(parse_extra(e) for e in extra), **values)
 
@@ -199,8 +228,10 @@ def parse_extra(text: str) -> tuple[str, str]:
     try:
         parsed = json.loads(args) if args.strip() else {}
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--extra-transform {text!r}: arguments are not valid JSON ({e}); "
-                          'write e.g. Rotate:{"limit": 15}') from None
+        raise ConfigError(
+            f"--extra-transform {text!r}: arguments are not valid JSON ({e}); "
+            'write e.g. Rotate:{"limit": 15}'
+        ) from None
     if not isinstance(parsed, dict):
         raise ConfigError(f"--extra-transform {text!r}: arguments must be a JSON object")
     return name.strip(), json.dumps(parsed, sort_keys=True)
@@ -211,20 +242,28 @@ def build_extra(name: str, args_json: str) -> Any:
     A = _albumentations()
     cls = getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
-        names = [n for n in dir(A) if isinstance(getattr(A, n), type)
-                 and issubclass(getattr(A, n), A.BasicTransform)]
+        names = [
+            n
+            for n in dir(A)
+            if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)
+        ]
         hint = did_you_mean(name, names)
         raise ConfigError(f"unknown albumentations transform {name!r}.{hint}")
     args = json.loads(args_json)
     import inspect
 
-    accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
-                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"]
+    accepted = [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
+    ]
     for arg in args:
         if arg not in accepted:
             hint = did_you_mean(arg, accepted)
-            raise ConfigError(f"albumentations {name} has no argument {arg!r}.{hint} "
-                              f"It takes: {', '.join(accepted)}")
+            raise ConfigError(
+                f"albumentations {name} has no argument {arg!r}.{hint} "
+                f"It takes: {', '.join(accepted)}"
+            )
     try:
         return cls(**args)
     except Exception as e:  # albumentations validates with pydantic; many error types
@@ -238,8 +277,9 @@ class TrainTransform:
     Holds one albumentations pipeline per thread, since a pipeline carries its random state.
     """
 
-    def __init__(self, config: AugmentConfig, size: int, crop_fraction: float,
-                 pca: ColorPCA | None = None):
+    def __init__(
+        self, config: AugmentConfig, size: int, crop_fraction: float, pca: ColorPCA | None = None
+    ):
         if config.pca_sigma > 0 and pca is None:
             raise ValueError("PCA colour needs the dataset's ColorPCA")  # a bug in the caller
         self.config, self.size, self.crop_fraction, self.pca = config, size, crop_fraction, pca
@@ -284,8 +324,9 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng((seed, epoch, index))
 
 
-def resize(image: np.ndarray, width: int, height: int,
-           box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def resize(
+    image: np.ndarray, width: int, height: int, box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
     """The one resampling of every path (train crops, eval, multi-crop, cached views): OpenCV's
     area average when shrinking (each output pixel averages the input pixels it covers, so no
     aliasing), bilinear when enlarging. `box` (left, top, right, bottom) resizes a region.
@@ -299,8 +340,11 @@ def resize(image: np.ndarray, width: int, height: int,
     if (w, h) == (width, height):
         return np.ascontiguousarray(image)
     shrink = width < w or height < h
-    return cv2.resize(np.ascontiguousarray(image), (width, height),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return cv2.resize(
+        np.ascontiguousarray(image),
+        (width, height),
+        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+    )
 
 
 def resize_shorter(image: np.ndarray, short: int) -> np.ndarray:
@@ -313,11 +357,14 @@ def eval_protocol(size: int, crop_fraction: float) -> dict[str, object]:
     """`eval_transform` in words and numbers, written beside every export: accuracy in
     deployment depends on resizing and cropping exactly this way."""
     short = max(size, round(size / crop_fraction))
-    return {"resize_shorter_side_to": short, "crop_fraction": crop_fraction,
-            "crop": f"centre {size}x{size}",
-            "resampling": "OpenCV INTER_AREA when shrinking, INTER_LINEAR when enlarging",
-            "rounding": "new side = max(target, round(side * target / shorter side)); crop "
-                        "offset = (side - size) // 2"}
+    return {
+        "resize_shorter_side_to": short,
+        "crop_fraction": crop_fraction,
+        "crop": f"centre {size}x{size}",
+        "resampling": "OpenCV INTER_AREA when shrinking, INTER_LINEAR when enlarging",
+        "rounding": "new side = max(target, round(side * target / shorter side)); crop "
+        "offset = (side - size) // 2",
+    }
 
 
 def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
@@ -332,8 +379,9 @@ def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.nda
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
 
 
-def random_crop(image: np.ndarray, size: int, scale_range: tuple[float, float],
-                rng: np.random.Generator) -> np.ndarray:
+def random_crop(
+    image: np.ndarray, size: int, scale_range: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
     """AlexNet / VGG: shorter side drawn from size x scale_range, then a random size x size
     window. At scale 1/0.875 the window's pixels are the eval view's, shifted."""
     lo, hi = (max(size, round(size * x)) for x in scale_range)
@@ -343,8 +391,13 @@ def random_crop(image: np.ndarray, size: int, scale_range: tuple[float, float],
     return np.ascontiguousarray(resized[top : top + size, left : left + size])
 
 
-def random_resized_crop(image: np.ndarray, size: int, area: tuple[float, float],
-                        ratio: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+def random_resized_crop(
+    image: np.ndarray,
+    size: int,
+    area: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Inception: a region of random area and aspect ratio, resized to size x size; after 10
     misses, the largest centred region within the ratio range (torchvision's rule)."""
     h, w = image.shape[:2]

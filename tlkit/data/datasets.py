@@ -73,13 +73,22 @@ def _list_class_files(class_dir: Path, root: Path, ignored: list[str]) -> list[P
 def check_class_name(name: str, where: str) -> str:
     """A class name becomes a folder, a line of labels.txt and part of file names: one with a
     path separator, `..`, or a control character (a newline shifts labels.txt) is refused."""
-    bad = ("a path separator" if "/" in name or "\\" in name else
-           "a control character" if any(unicodedata.category(c) == "Cc" for c in name) else
-           "only dots" if set(name) <= {"."} else
-           "spaces at an end" if name != name.strip() else None)
+    bad = (
+        "a path separator"
+        if "/" in name or "\\" in name
+        else "a control character"
+        if any(unicodedata.category(c) == "Cc" for c in name)
+        else "only dots"
+        if set(name) <= {"."}
+        else "spaces at an end"
+        if name != name.strip()
+        else None
+    )
     if bad:
-        raise DataError(f"{where}: class name {name!r} has {bad}; rename it (letters, digits, "
-                        "spaces inside, '-', '_', '.')")
+        raise DataError(
+            f"{where}: class name {name!r} has {bad}; rename it (letters, digits, "
+            "spaces inside, '-', '_', '.')"
+        )
     return name
 
 
@@ -94,9 +103,7 @@ def _scan_classes(split_dir: Path, root: Path, ignored: list[str]) -> dict[str, 
             continue
         files = _list_class_files(entry, root, ignored)
         if not files:
-            raise DataError(
-                f"{entry}: empty class folder; add images to it or remove it"
-            )
+            raise DataError(f"{entry}: empty class folder; add images to it or remove it")
         out[check_class_name(entry.name, str(entry))] = files
     return out
 
@@ -157,9 +164,16 @@ def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFold
             f"{train_dir}: only one class ({next(iter(train_classes))}); a classifier needs at "
             "least two class folders"
         )
-    return _assemble(root, layout, {
-        split: _Split(by_class, path, f"{path}/{{cls}}", "rename or remove that folder")
-        for split, (path, by_class) in per_split.items()}, val_fraction, ignored)
+    return _assemble(
+        root,
+        layout,
+        {
+            split: _Split(by_class, path, f"{path}/{{cls}}", "rename or remove that folder")
+            for split, (path, by_class) in per_split.items()
+        },
+        val_fraction,
+        ignored,
+    )
 
 
 @dataclass(frozen=True)
@@ -172,8 +186,14 @@ class _Split:
     fix: str  # what to do about an unknown class
 
 
-def _assemble(root: Path, layout: str, per_split: dict[str, _Split], val_fraction: float,
-              ignored: list[str], rel_root: Path | None = None) -> ImageFolder:
+def _assemble(
+    root: Path,
+    layout: str,
+    per_split: dict[str, _Split],
+    val_fraction: float,
+    ignored: list[str],
+    rel_root: Path | None = None,
+) -> ImageFolder:
     """Class map, labelled examples and the stable validation split: the same rules for every
     source. `rel_root` is what Example.relpath is relative to (default: `root`)."""
     rel_root = rel_root or root
@@ -204,8 +224,9 @@ def _assemble(root: Path, layout: str, per_split: dict[str, _Split], val_fractio
         splits["val"] = tuple(examples(per_split["val"]))
     else:
         val_source = "hash-split"
-        held_out = {e.path for e in train_examples if hash_fraction(hash_keys[e.path])
-                    < val_fraction}
+        held_out = {
+            e.path for e in train_examples if hash_fraction(hash_keys[e.path]) < val_fraction
+        }
         splits["train"] = tuple(e for e in train_examples if e.path not in held_out)
         splits["val"] = tuple(e for e in train_examples if e.path in held_out)
     if "test" in per_split:
@@ -238,8 +259,10 @@ def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
         columns = reader.fieldnames or []
         missing = [c for c in ("path", "label") if c not in columns]
         if missing:
-            raise DataError(f"{csv_path}: needs the columns path and label (and optionally "
-                            f"split); it has {', '.join(columns) or 'none'}")
+            raise DataError(
+                f"{csv_path}: needs the columns path and label (and optionally "
+                f"split); it has {', '.join(columns) or 'none'}"
+            )
         by_split: dict[str, dict[str, list[Path]]] = {}
         for line, row in enumerate(reader, start=2):
             rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
@@ -251,25 +274,40 @@ def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
             if split_name not in SPLIT_NAMES:
                 raise DataError(f"{where}: split {split_name!r} is not train, val or test")
             if Path(rel).is_absolute() or not is_inside(base, rel):
-                raise DataError(f"{where}: path {rel!r} is outside the CSV's folder {base}; "
-                                "paths must be relative to it and stay inside")
+                raise DataError(
+                    f"{where}: path {rel!r} is outside the CSV's folder {base}; "
+                    "paths must be relative to it and stay inside"
+                )
             file = base / rel
             if not file.is_file():
                 raise DataError(f"{where}: no such file {file}")
             if file.resolve() in first_line:
-                raise DataError(f"{where}: {rel} is already listed on line "
-                                f"{first_line[file.resolve()]}; list each image once")
+                raise DataError(
+                    f"{where}: {rel} is already listed on line "
+                    f"{first_line[file.resolve()]}; list each image once"
+                )
             first_line[file.resolve()] = line
             split = SPLIT_NAMES[split_name]
             by_split.setdefault(split, {}).setdefault(label, []).append(file)
     train = by_split.get("train", {})
     if len(train) < 2:
-        raise DataError(f"{csv_path}: the training rows have {len(train)} class(es) "
-                        f"({', '.join(train) or 'none'}); a classifier needs at least two")
-    return _assemble(csv_path, "csv", {
-        split: _Split(classes, base, f"{csv_path} ({split} rows labelled {{cls}})",
-                      "fix those rows")
-        for split, classes in by_split.items()}, val_fraction, [], rel_root=base)
+        raise DataError(
+            f"{csv_path}: the training rows have {len(train)} class(es) "
+            f"({', '.join(train) or 'none'}); a classifier needs at least two"
+        )
+    return _assemble(
+        csv_path,
+        "csv",
+        {
+            split: _Split(
+                classes, base, f"{csv_path} ({split} rows labelled {{cls}})", "fix those rows"
+            )
+            for split, classes in by_split.items()
+        },
+        val_fraction,
+        [],
+        rel_root=base,
+    )
 
 
 def load_dataset(source: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
@@ -290,8 +328,11 @@ def split_folders(root: str | os.PathLike) -> dict[str, Path]:
     root = Path(root)
     if not root.is_dir():
         return {}
-    return {SPLIT_NAMES[p.name.lower()]: p for p in sorted(root.iterdir())
-            if p.is_dir() and p.name.lower() in SPLIT_NAMES}
+    return {
+        SPLIT_NAMES[p.name.lower()]: p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and p.name.lower() in SPLIT_NAMES
+    }
 
 
 def load_class_folders(root: str | os.PathLike) -> list[Example]:
@@ -304,9 +345,14 @@ def load_class_folders(root: str | os.PathLike) -> list[Example]:
     if not by_class:
         raise DataError(f"{root}: no class folders with images")
     classes = natsorted(by_class)
-    return sorted((Example(str(f.resolve()), f.relative_to(root).as_posix(), i, c)
-                   for i, c in enumerate(classes) for f in by_class[c]),
-                  key=lambda e: e.relpath)
+    return sorted(
+        (
+            Example(str(f.resolve()), f.relative_to(root).as_posix(), i, c)
+            for i, c in enumerate(classes)
+            for f in by_class[c]
+        ),
+        key=lambda e: e.relpath,
+    )
 
 
 def file_signature(path: str | os.PathLike) -> str:
@@ -326,6 +372,5 @@ def fingerprint(folder: ImageFolder) -> str:
     h = hashlib.sha256()
     for split in sorted(folder.splits):
         for e in folder.splits[split]:
-            h.update(f"{split}\0{e.relpath}\0{e.class_name}\0{folder.digests[e.path]}\n"
-                     .encode())
+            h.update(f"{split}\0{e.relpath}\0{e.class_name}\0{folder.digests[e.path]}\n".encode())
     return h.hexdigest()

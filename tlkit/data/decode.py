@@ -24,13 +24,20 @@ from tlkit.core.errors import DataError
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO")
 # What each extension promises; a file whose bytes say otherwise still decodes, with a warning.
 EXTENSION_FORMATS = {
-    ".jpg": ("JPEG", "MPO"), ".jpeg": ("JPEG", "MPO"), ".jpe": ("JPEG",), ".jfif": ("JPEG",),
-    ".png": ("PNG",), ".bmp": ("BMP",), ".gif": ("GIF",), ".webp": ("WEBP",),
-    ".tif": ("TIFF",), ".tiff": ("TIFF",), ".mpo": ("MPO", "JPEG"),
+    ".jpg": ("JPEG", "MPO"),
+    ".jpeg": ("JPEG", "MPO"),
+    ".jpe": ("JPEG",),
+    ".jfif": ("JPEG",),
+    ".png": ("PNG",),
+    ".bmp": ("BMP",),
+    ".gif": ("GIF",),
+    ".webp": ("WEBP",),
+    ".tif": ("TIFF",),
+    ".tiff": ("TIFF",),
+    ".mpo": ("MPO", "JPEG"),
 }
 # Transparent pixels are composited onto this colour (what a browser shows on white).
 BACKGROUND = (255, 255, 255)
-
 
 
 @dataclass(frozen=True)
@@ -58,15 +65,19 @@ def _sniff(head: bytes) -> str:
 
 def decode_protocol() -> dict[str, object]:
     """How a file becomes pixels, for whoever must reproduce it outside tlkit (export.json)."""
-    return {"exif_orientation": "applied (the image is rotated as a viewer shows it)",
-            "channels": "RGB", "dtype": "uint8",
-            "alpha": f"composited over RGB {list(BACKGROUND)}",
-            "greyscale": "repeated into 3 channels",
-            "16_bit": "scaled to 0..255"}
+    return {
+        "exif_orientation": "applied (the image is rotated as a viewer shows it)",
+        "channels": "RGB",
+        "dtype": "uint8",
+        "alpha": f"composited over RGB {list(BACKGROUND)}",
+        "greyscale": "repeated into 3 channels",
+        "16_bit": "scaled to 0..255",
+    }
 
 
-def _open_rgb(source: io.BytesIO, path: Path,
-              max_pixels: int | None) -> tuple[np.ndarray, str, str, tuple[int, int]]:
+def _open_rgb(
+    source: io.BytesIO, path: Path, max_pixels: int | None
+) -> tuple[np.ndarray, str, str, tuple[int, int]]:
     """(RGB array, format, original mode, original size); DataError names `path`."""
     try:
         with Image.open(source) as im:
@@ -82,8 +93,10 @@ def _open_rgb(source: io.BytesIO, path: Path,
     except DataError:
         raise
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image ({_sniff(source.getvalue())}); remove it or "
-                        "move it out of the dataset") from None
+        raise DataError(
+            f"{path}: not an image ({_sniff(source.getvalue())}); remove it or "
+            "move it out of the dataset"
+        ) from None
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -100,8 +113,9 @@ def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int
         )
 
 
-def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                 ) -> np.ndarray:
+def decode_image(
+    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode one file to uint8 RGB (H, W, 3); a DataError names the file if it is not an image.
 
     `max_pixels=None` skips tlkit's limit (for files check-data already passed).
@@ -121,8 +135,7 @@ def _read(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                ) -> ImageProbe:
+def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageProbe:
     """Decode one file exactly as training will, and report what a data audit needs."""
     path = Path(path)
     data = _read(path)
@@ -130,14 +143,15 @@ def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PI
     notes = []
     expected = EXTENSION_FORMATS.get(path.suffix.lower())
     if expected is None:
-        notes.append(f"extension {path.suffix or '(none)'!r} is not an image extension; "
-                     f"the content is {fmt}")
+        notes.append(
+            f"extension {path.suffix or '(none)'!r} is not an image extension; the content is {fmt}"
+        )
     elif fmt not in expected:
         notes.append(f"content is {fmt} but the extension is {path.suffix!r}")
     if fmt == "JPEG":
         end = data.rfind(b"\xff\xd9")
         trailing = len(data) - (end + 2) if end >= 0 else 0
-        if trailing and data[end + 2:].strip(b"\x00"):
+        if trailing and data[end + 2 :].strip(b"\x00"):
             notes.append(f"{trailing} bytes of junk after the JPEG end marker (ignored)")
     return ImageProbe(fmt, mode, width, height, hashlib.sha256(data).hexdigest(), tuple(notes))
 

@@ -49,14 +49,21 @@ def _checked(image: np.ndarray, path: str, size: int) -> np.ndarray:
     return image
 
 
-def load_eval_image(path: str, size: int, crop_fraction: float,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_eval_image(
+    path: str, size: int, crop_fraction: float, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     image = eval_transform(decode_image(path, max_pixels), size, crop_fraction)
     return _checked(image, path, size)
 
 
-def load_train_image(path: str, transform: TrainTransform, seed: int, epoch: int,
-                     index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_train_image(
+    path: str,
+    transform: TrainTransform,
+    seed: int,
+    epoch: int,
+    index: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     image = transform(decode_image(path, max_pixels), sample_rng(seed, epoch, index))
     return _checked(image, path, transform.size)
 
@@ -64,30 +71,45 @@ def load_train_image(path: str, transform: TrainTransform, seed: int, epoch: int
 class TrainSampleLoader:
     """(epoch, index) -> augmented uint8 image: plain data, so any thread or process can run it."""
 
-    def __init__(self, examples: Sequence[Example], transform: TrainTransform, seed: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        transform: TrainTransform,
+        seed: int,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.paths = [e.path for e in examples]
         self.transform, self.seed, self.max_pixels = transform, seed, max_pixels
 
     def __call__(self, epoch: int, index: int) -> np.ndarray:
-        return load_train_image(self.paths[index], self.transform, self.seed, epoch, index,
-                                self.max_pixels)
+        return load_train_image(
+            self.paths[index], self.transform, self.seed, epoch, index, self.max_pixels
+        )
 
 
-def dataset_color_pca(examples: Sequence[Example], max_pixels: int = DEFAULT_MAX_PIXELS
-                      ) -> ColorPCA:
+def dataset_color_pca(
+    examples: Sequence[Example], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ColorPCA:
     """AlexNet's RGB PCA from a deterministic sample: up to 256 images evenly spaced in path
     order, 1024 pixels each (seed 0). Same files, same numbers."""
     ordered = sorted(examples, key=lambda e: e.relpath)
     step = max(1, len(ordered) // PCA_MAX_IMAGES)
     chosen = ordered[::step][:PCA_MAX_IMAGES]
-    return fit_color_pca((decode_image(e.path, max_pixels) for e in chosen),  # one at a time
-                         PCA_PIXELS_PER_IMAGE, seed=0)
+    return fit_color_pca(
+        (decode_image(e.path, max_pixels) for e in chosen),  # one at a time
+        PCA_PIXELS_PER_IMAGE,
+        seed=0,
+    )
 
 
-def build_train_transform(augment: AugmentConfig, examples: Sequence[Example], size: int,
-                          crop_fraction: float, pca: ColorPCA | None = None,
-                          max_pixels: int = DEFAULT_MAX_PIXELS) -> TrainTransform:
+def build_train_transform(
+    augment: AugmentConfig,
+    examples: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    pca: ColorPCA | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> TrainTransform:
     """The train transform, with the dataset PCA if needed, tried once on a real image now so a
     bad recipe fails before training rather than mid-epoch."""
     if augment.pca_sigma > 0 and pca is None:
@@ -130,42 +152,70 @@ def train_dataset(
         return np.stack([loader(int(epoch), int(i)) for i in indices])
 
     jobs = epoch_jobs(len(examples), batch_size, seed, first_epoch, epochs, share.replicas)
-    return run_jobs(jobs, make_batch, [e.label for e in examples],
-                    (transform.size, transform.size, 3), "uint8", workers, prefetch, share,
-                    sample_weights)
+    return run_jobs(
+        jobs,
+        make_batch,
+        [e.label for e in examples],
+        (transform.size, transform.size, 3),
+        "uint8",
+        workers,
+        prefetch,
+        share,
+        sample_weights,
+    )
 
 
-def epoch_jobs(n: int, batch_size: int, seed: int, first_epoch: int, epochs: int,
-               replicas: int = 1) -> Any:
+def epoch_jobs(
+    n: int, batch_size: int, seed: int, first_epoch: int, epochs: int, replicas: int = 1
+) -> Any:
     """(epoch, indices) for each batch; the order of an epoch depends on (seed, epoch) only.
     A last batch smaller than `replicas` is left out (see steps_per_epoch)."""
     import tensorflow as tf
 
     def batches_of(epoch: Any) -> Any:
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(
-            lambda indices: (epoch, indices))
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        return (
+            tf.data.Dataset.from_tensor_slices(order)
+            .batch(batch_size)
+            .map(lambda indices: (epoch, indices))
+        )
 
     jobs = tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(batches_of)
     return jobs.filter(lambda _, indices: tf.size(indices) >= replicas) if replicas > 1 else jobs
 
 
-def eval_dataset(examples: Sequence[Example], size: int, crop_fraction: float, batch_size: int,
-                 workers: int | None = None, prefetch: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, share: Share = WHOLE) -> Any:
+def eval_dataset(
+    examples: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    batch_size: int,
+    workers: int | None = None,
+    prefetch: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    share: Share = WHOLE,
+) -> Any:
     """Batches in file order with the deterministic eval transform; none is left out (a
     replica may get an empty part of the last batch)."""
 
     paths = [e.path for e in examples]
 
     def make_batch(_: Any, indices: np.ndarray) -> np.ndarray:
-        return np.stack([load_eval_image(paths[int(i)], size, crop_fraction, max_pixels)
-                         for i in indices])
+        return np.stack(
+            [load_eval_image(paths[int(i)], size, crop_fraction, max_pixels) for i in indices]
+        )
 
-    return run_jobs(ordered_jobs(len(examples), batch_size), make_batch,
-                    [e.label for e in examples], (size, size, 3), "uint8", workers, prefetch,
-                    share)
+    return run_jobs(
+        ordered_jobs(len(examples), batch_size),
+        make_batch,
+        [e.label for e in examples],
+        (size, size, 3),
+        "uint8",
+        workers,
+        prefetch,
+        share,
+    )
 
 
 def ordered_jobs(n: int, batch_size: int) -> Any:
@@ -174,9 +224,17 @@ def ordered_jobs(n: int, batch_size: int) -> Any:
     return tf.data.Dataset.range(n).batch(batch_size).map(lambda i: (tf.constant(0, tf.int64), i))
 
 
-def run_jobs(jobs: Any, make_batch: Any, labels: Sequence[int], shape: tuple[int, ...],
-             dtype: str, workers: int | None, prefetch: int | None, share: Share = WHOLE,
-             sample_weights: Sequence[float] | None = None) -> Any:
+def run_jobs(
+    jobs: Any,
+    make_batch: Any,
+    labels: Sequence[int],
+    shape: tuple[int, ...],
+    dtype: str,
+    workers: int | None,
+    prefetch: int | None,
+    share: Share = WHOLE,
+    sample_weights: Sequence[float] | None = None,
+) -> Any:
     """(epoch, indices) jobs -> (inputs, labels[, sample weights]) batches built by `workers`
     threads; under a `share`, this process's replicas' parts of each batch, one after another.
 
@@ -186,12 +244,16 @@ def run_jobs(jobs: Any, make_batch: Any, labels: Sequence[int], shape: tuple[int
     import tensorflow as tf
 
     label_tensor = tf.constant(np.asarray(labels, np.int32))
-    weight_tensor = (tf.constant(np.asarray(sample_weights, np.float32))
-                     if sample_weights is not None else None)
+    weight_tensor = (
+        tf.constant(np.asarray(sample_weights, np.float32)) if sample_weights is not None else None
+    )
     if share.replicas > 1:
         local, replicas = tf.constant(share.local, tf.int64), share.replicas
-        jobs = jobs.flat_map(lambda epoch, indices: tf.data.Dataset.from_tensor_slices(
-            local).map(lambda r: (epoch, indices[r::replicas])))
+        jobs = jobs.flat_map(
+            lambda epoch, indices: tf.data.Dataset.from_tensor_slices(local).map(
+                lambda r: (epoch, indices[r::replicas])
+            )
+        )
 
     def make(epoch: Any, indices: np.ndarray) -> np.ndarray:
         if len(indices) == 0:  # this replica's part of a last batch smaller than the replicas

@@ -29,8 +29,13 @@ class Checked:
         return self.scanned or load_dataset(self.data, self.val_fraction)
 
 
-def check_inputs(data: str, backbone: str, input_size: int | None, val_fraction: float,
-                 freeze: FreezeRequest | None = None) -> Checked:
+def check_inputs(
+    data: str,
+    backbone: str,
+    input_size: int | None,
+    val_fraction: float,
+    freeze: FreezeRequest | None = None,
+) -> Checked:
     """The checks every command that builds a model from data shares, cheapest first."""
     spec = get_backbone(backbone)
     size = spec.resolve_input_size(input_size)

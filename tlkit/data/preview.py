@@ -18,10 +18,17 @@ from tlkit.models.backbones import get_backbone
 GAP = 4
 
 
-def augment_preview(data: str | os.PathLike, augment: AugmentConfig, output: str | os.PathLike,
-                    n: int = 16, draws: int = 6, backbone: str = DEFAULT_BACKBONE,
-                    input_size: int | None = None, seed: int = 0,
-                    overwrite: bool = False) -> Path:
+def augment_preview(
+    data: str | os.PathLike,
+    augment: AugmentConfig,
+    output: str | os.PathLike,
+    n: int = 16,
+    draws: int = 6,
+    backbone: str = DEFAULT_BACKBONE,
+    input_size: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write a PNG grid: one row per image, its eval crop then `draws` augmented versions
     (epochs 0..draws-1 of the training pipeline, so exactly what training would see)."""
     from tlkit.data.pipeline import build_train_transform, load_eval_image, load_train_image
@@ -41,8 +48,10 @@ def augment_preview(data: str | os.PathLike, augment: AugmentConfig, output: str
     rows = []
     for e in chosen:
         tiles = [load_eval_image(e.path, size, spec.crop_fraction)]
-        tiles += [load_train_image(e.path, transform, seed, epoch, index_of[e.path])
-                  for epoch in range(draws)]
+        tiles += [
+            load_train_image(e.path, transform, seed, epoch, index_of[e.path])
+            for epoch in range(draws)
+        ]
         rows.append(tiles)
     cell = size + GAP
     grid = np.full((len(rows) * cell + GAP, (draws + 1) * cell + GAP, 3), 255, np.uint8)

@@ -29,8 +29,10 @@ from tlkit.core.fsutil import (
 from tlkit.core.progress import progress
 
 log = logging.getLogger("tlkit")
-SPEC = re.compile(r"^tfds:(?P<name>[\w-]+(?:/[\w-]+)?)(?::(?P<version>[\d.]+))?"
-                  r"(?:/(?P<split>[\w\[\]:%-]+))?$")
+SPEC = re.compile(
+    r"^tfds:(?P<name>[\w-]+(?:/[\w-]+)?)(?::(?P<version>[\d.]+))?"
+    r"(?:/(?P<split>[\w\[\]:%-]+))?$"
+)
 
 
 def parse(spec: str) -> tuple[str, str | None, str | None]:
@@ -38,8 +40,9 @@ def parse(spec: str) -> tuple[str, str | None, str | None]:
     version, so that `a/b` is read as dataset `a`, split `b`."""
     m = SPEC.match(spec)
     if not m:
-        raise DataError(f"{spec}: not a tfds source; write tfds:NAME[:VERSION][/SPLIT], e.g. "
-                        "tfds:mnist/train")
+        raise DataError(
+            f"{spec}: not a tfds source; write tfds:NAME[:VERSION][/SPLIT], e.g. tfds:mnist/train"
+        )
     name, version, split = m["name"], m["version"], m["split"]
     if "/" in name and version is None and split is None:
         name, split = name.split("/", 1)
@@ -53,8 +56,10 @@ def _features(info: Any, spec: str) -> tuple[str, str, list[str]]:
     images = [k for k, f in feats.items() if isinstance(f, tfds.features.Image)]
     labels = [k for k, f in feats.items() if isinstance(f, tfds.features.ClassLabel)]
     if not images or not labels:
-        raise DataError(f"{spec}: tlkit needs an image feature and a class-label feature; this "
-                        f"dataset has {', '.join(feats.keys())}")
+        raise DataError(
+            f"{spec}: tlkit needs an image feature and a class-label feature; this "
+            f"dataset has {', '.join(feats.keys())}"
+        )
     image = "image" if "image" in images else images[0]
     label = "label" if "label" in labels else labels[0]
     names = list(feats[label].names or [str(i) for i in range(feats[label].num_classes)])
@@ -74,11 +79,18 @@ def materialize(spec: str) -> Path:
     info = builder.info
     splits = [split] if split else [s for s in info.splits if s.lower() in SPLIT_NAMES]
     if not splits:
-        raise DataError(f"{spec}: no train/validation/test splits are prepared in "
-                        f"{builder.data_dir}; name one (tfds:{name}/SPLIT) or prepare the data")
+        raise DataError(
+            f"{spec}: no train/validation/test splits are prepared in "
+            f"{builder.data_dir}; name one (tfds:{name}/SPLIT) or prepare the data"
+        )
     image_key, label_key, class_names = _features(info, spec)
-    final = user_cache_dir() / "tfds" / name.replace("/", "--") / str(info.version) / (
-        split.replace("/", "_") if split else "all")
+    final = (
+        user_cache_dir()
+        / "tfds"
+        / name.replace("/", "--")
+        / str(info.version)
+        / (split.replace("/", "_") if split else "all")
+    )
     if (final / "tlkit-tfds.json").is_file():
         return final
     # one writer per folder: a second process waits, then finds it written
@@ -86,12 +98,28 @@ def materialize(spec: str) -> Path:
         if not (final / "tlkit-tfds.json").is_file():
             tmp = incomplete_dir(final, "tfds", clean=True)
             try:
-                counts = {s: _write_split(builder, spec, s, tmp if split else
-                                          tmp / SPLIT_NAMES[s.lower()], image_key, label_key,
-                                          class_names) for s in splits}
-                atomic_write_json(tmp / "tlkit-tfds.json", {
-                    "source": spec, "name": name, "version": str(info.version),
-                    "splits": counts, "classes": class_names})
+                counts = {
+                    s: _write_split(
+                        builder,
+                        spec,
+                        s,
+                        tmp if split else tmp / SPLIT_NAMES[s.lower()],
+                        image_key,
+                        label_key,
+                        class_names,
+                    )
+                    for s in splits
+                }
+                atomic_write_json(
+                    tmp / "tlkit-tfds.json",
+                    {
+                        "source": spec,
+                        "name": name,
+                        "version": str(info.version),
+                        "splits": counts,
+                        "classes": class_names,
+                    },
+                )
                 publish_dir(tmp, final)
             except BaseException:
                 discard(tmp)
@@ -99,8 +127,15 @@ def materialize(spec: str) -> Path:
     return final
 
 
-def _write_split(builder: Any, spec: str, s: str, folder: Path, image_key: str, label_key: str,
-                 class_names: list[str]) -> int:
+def _write_split(
+    builder: Any,
+    spec: str,
+    s: str,
+    folder: Path,
+    image_key: str,
+    label_key: str,
+    class_names: list[str],
+) -> int:
     """Split `s` as class folders of PNGs in `folder`; the number of images written."""
     import numpy as np
     import tensorflow_datasets as tfds
@@ -109,8 +144,10 @@ def _write_split(builder: Any, spec: str, s: str, folder: Path, image_key: str, 
     try:
         ds = builder.as_dataset(split=s, shuffle_files=False)
     except Exception as e:  # not prepared, unknown split, ...
-        raise DataError(f"{spec}: cannot read split {s!r} from {builder.data_dir} ({e}); "
-                        "prepare the dataset there (tfds build) or set TFDS_DATA_DIR") from None
+        raise DataError(
+            f"{spec}: cannot read split {s!r} from {builder.data_dir} ({e}); "
+            "prepare the dataset there (tfds build) or set TFDS_DATA_DIR"
+        ) from None
     log.info("writing %s split %s as image files in %s", builder.info.name, s, folder)
     n = 0
     info = builder.info
@@ -121,6 +158,7 @@ def _write_split(builder: Any, spec: str, s: str, folder: Path, image_key: str, 
             cls = class_names[int(example[label_key])]
             (folder / cls).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-                folder / cls / f"{n - 1:07d}.png")
+                folder / cls / f"{n - 1:07d}.png"
+            )
             advance(1)
     return n

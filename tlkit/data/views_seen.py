@@ -21,13 +21,19 @@ class ViewsSeen:
     why: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"crop": self.crop, "scale_range": list(self.scale_range),
-                "area": list(self.area), "mirror": self.mirror, "why": self.why}
+        return {
+            "crop": self.crop,
+            "scale_range": list(self.scale_range),
+            "area": list(self.area),
+            "mirror": self.mirror,
+            "why": self.why,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViewsSeen:
-        return cls(d["crop"], tuple(d["scale_range"]), tuple(d["area"]), bool(d["mirror"]),
-                   d["why"])
+        return cls(
+            d["crop"], tuple(d["scale_range"]), tuple(d["area"]), bool(d["mirror"]), d["why"]
+        )
 
     def scale_seen(self, factor: float) -> bool:
         """Whether training saw content at this scale (shorter side = factor x input size)."""
@@ -53,7 +59,9 @@ def views_seen(record: Any) -> ViewsSeen:
     its augmentation."""
     if record.views_seen is not None:
         return ViewsSeen.from_dict(record.views_seen)
-    augment = AugmentConfig.from_dict({k: v for k, v in record.augment.items()
-                                       if k != "search"})
-    return views_trained_on(augment, augment.random, "run.json has no views_seen (an older "
-                            "tlkit): taken from its augmentation")
+    augment = AugmentConfig.from_dict({k: v for k, v in record.augment.items() if k != "search"})
+    return views_trained_on(
+        augment,
+        augment.random,
+        "run.json has no views_seen (an older tlkit): taken from its augmentation",
+    )

@@ -55,14 +55,20 @@ class DiagnoseConfig:
         if self.folds < 2:
             raise ConfigError(f"--folds must be at least 2. Received: {self.folds}")
         if not 0 < self.duplicate_similarity <= 1:
-            raise ConfigError("--duplicate-similarity must be in (0, 1]. "
-                              f"Received: {self.duplicate_similarity}")
+            raise ConfigError(
+                f"--duplicate-similarity must be in (0, 1]. Received: {self.duplicate_similarity}"
+            )
         if self.top < 1:
             raise ConfigError(f"--top must be at least 1. Received: {self.top}")
 
 
-def fit_softmax(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-3,
-                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fit_softmax(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    l2: float = 1e-3,
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """A converged multinomial logistic regression (L-BFGS, L2 on the weights): (W, b)."""
     from scipy.optimize import minimize
 
@@ -98,8 +104,9 @@ def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [(a - mean) / std for a in (train, *others)]
 
 
-def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, n_classes: int, folds: int,
-                      seed: int) -> np.ndarray:
+def out_of_fold_probs(
+    features: np.ndarray, labels: np.ndarray, n_classes: int, folds: int, seed: int
+) -> np.ndarray:
     """(N, C): each row from a head fitted on the other folds (folds drawn per class, so each
     fold holds every class in proportion)."""
     rng = np.random.default_rng(seed)
@@ -124,8 +131,9 @@ def label_issues(probs: np.ndarray, labels: np.ndarray) -> list[tuple[int, int, 
     probability reaches their class's threshold, with the highest probability; it is an issue
     when that class is not its given label."""
     n_classes = probs.shape[1]
-    thresholds = np.array([probs[labels == c, c].mean() if (labels == c).any() else 1.0
-                           for c in range(n_classes)])
+    thresholds = np.array(
+        [probs[labels == c, c].mean() if (labels == c).any() else 1.0 for c in range(n_classes)]
+    )
     confident = np.where(probs >= thresholds[None, :], probs, -1.0)
     counted = confident.argmax(axis=1)
     flagged = (confident.max(axis=1) >= 0) & (counted != labels)
@@ -143,8 +151,9 @@ def review_order(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 MAX_PAIRS = 10_000  # near-duplicate pairs kept: a folder of copies has N^2 / 2 of them
 
 
-def near_duplicates(features: np.ndarray, threshold: float, block: int = 2048,
-                    limit: int = MAX_PAIRS) -> tuple[list[tuple[int, int, float]], int]:
+def near_duplicates(
+    features: np.ndarray, threshold: float, block: int = 2048, limit: int = MAX_PAIRS
+) -> tuple[list[tuple[int, int, float]], int]:
     """(the `limit` most similar pairs (i, j, cosine) with i < j and cosine >= threshold, most
     similar first; how many pairs pass in all). Computed in blocks, kept in a bounded heap, so
     memory stays at block x N + limit. The features are centred first (the dataset's mean taken
@@ -184,10 +193,13 @@ def _examples(run: Any, data: str | None) -> dict[str, list[Example]]:
     for split, examples in folder.splits.items():
         for e in examples:
             if e.class_name not in index:
-                raise DataError(f"{e.path}: class {e.class_name!r} is unknown to the model "
-                                f"{run.path} (classes: {', '.join(run.classes)})")
-        out[split] = [Example(e.path, e.relpath, index[e.class_name], e.class_name)
-                      for e in examples]
+                raise DataError(
+                    f"{e.path}: class {e.class_name!r} is unknown to the model "
+                    f"{run.path} (classes: {', '.join(run.classes)})"
+                )
+        out[split] = [
+            Example(e.path, e.relpath, index[e.class_name], e.class_name) for e in examples
+        ]
     if len(out.get("train", [])) < 2:
         raise DataError(f"{root}: no training split to look for label errors in")
     return out
@@ -202,46 +214,77 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
 
     run = load_run(config.run)
     out_dir = run.path / "diagnose" / config.name
-    refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite",
-                     kind="diagnose")
+    refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite", kind="diagnose")
     splits = _examples(run, config.data)
     every = [e for s in splits.values() for e in s]
     split_of = [s for s, x in splits.items() for _ in x]
     model = run.load_model()
-    feats = pooled_features(model, every, run.input_size, float(run.record.crop_fraction),
-                            config.batch_size, config.workers, run.max_pixels)
+    feats = pooled_features(
+        model,
+        every,
+        run.input_size,
+        float(run.record.crop_fraction),
+        config.batch_size,
+        config.workers,
+        run.max_pixels,
+    )
     train_idx = np.array([i for i, s in enumerate(split_of) if s == "train"])
     labels = np.array([e.label for e in every])
     n_classes = len(run.classes)
-    oof = out_of_fold_probs(feats[train_idx], labels[train_idx], n_classes, config.folds,
-                            config.seed)
+    oof = out_of_fold_probs(
+        feats[train_idx], labels[train_idx], n_classes, config.folds, config.seed
+    )
     flagged = label_issues(oof, labels[train_idx])
     seen = {i for i, _, _ in flagged}
-    rest = [(int(i), int(oof[i].argmax()), float(oof[i, labels[train_idx][i]]))
-            for i in review_order(oof, labels[train_idx]) if i not in seen]
+    rest = [
+        (int(i), int(oof[i].argmax()), float(oof[i, labels[train_idx][i]]))
+        for i in review_order(oof, labels[train_idx])
+        if i not in seen
+    ]
     issues = [(int(train_idx[i]), s, p) for i, s, p in flagged]
     review = [(int(train_idx[i]), s, p) for i, s, p in rest[: max(config.top, len(flagged))]]
     dups, n_dups = near_duplicates(feats, config.duplicate_similarity)
     head = model.get_layer("predictions")
     probs = np.asarray(head(feats), np.float64)  # the run's own head on the same features
     held = [i for i, s in enumerate(split_of) if s != "train"]
-    found = _findings(config, run, every, split_of, labels, oof, train_idx, issues, dups,
-                      probs, held)
+    found = _findings(
+        config, run, every, split_of, labels, oof, train_idx, issues, dups, probs, held
+    )
     found["near_duplicates_total"] = n_dups  # all pairs over the threshold; the list is capped
-    found["review_next"] = [{"path": every[i].relpath, "label": run.classes[labels[i]],
-                             "suggested": run.classes[s], "given_label_probability": p}
-                            for i, s, p in review]
+    found["review_next"] = [
+        {
+            "path": every[i].relpath,
+            "label": run.classes[labels[i]],
+            "suggested": run.classes[s],
+            "given_label_probability": p,
+        }
+        for i, s, p in review
+    ]
     if held:
         m = classification_metrics(probs[held], labels[held], run.classes)
-        found["held_out"] = {"images": len(held), "top1": m["top1"],
-                             "most_confused": m["most_confused"][: config.top]}
+        found["held_out"] = {
+            "images": len(held),
+            "top1": m["top1"],
+            "most_confused": m["most_confused"][: config.top],
+        }
     from tlkit.evaluation.explain import explain_paths
 
     shown = {r["path"] for r in found["top_losses"]}
     worst = [i for i in held if every[i].relpath in shown]
-    looks = dict(zip([every[i].relpath for i in worst], explain_paths(
-        model, [every[i].path for i in worst], [int(probs[i].argmax()) for i in worst],
-        run.input_size, float(run.record.crop_fraction), run.max_pixels), strict=True))
+    looks = dict(
+        zip(
+            [every[i].relpath for i in worst],
+            explain_paths(
+                model,
+                [every[i].path for i in worst],
+                [int(probs[i].argmax()) for i in worst],
+                run.input_size,
+                float(run.record.crop_fraction),
+                run.max_pixels,
+            ),
+            strict=True,
+        )
+    )
     tmp = incomplete_dir(out_dir, "diagnose", clean=True)
     _write(tmp, found, every, split_of, labels, issues, run.classes, looks)
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
@@ -249,10 +292,19 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     return found
 
 
-def _findings(config: DiagnoseConfig, run: Any, every: list[Example], split_of: list[str],
-              labels: np.ndarray, oof: np.ndarray, train_idx: np.ndarray,
-              issues: list[tuple[int, int, float]], dups: list[tuple[int, int, float]],
-              probs: np.ndarray, held: list[int]) -> dict[str, Any]:
+def _findings(
+    config: DiagnoseConfig,
+    run: Any,
+    every: list[Example],
+    split_of: list[str],
+    labels: np.ndarray,
+    oof: np.ndarray,
+    train_idx: np.ndarray,
+    issues: list[tuple[int, int, float]],
+    dups: list[tuple[int, int, float]],
+    probs: np.ndarray,
+    held: list[int],
+) -> dict[str, Any]:
     classes = run.classes
 
     def item(i: int) -> dict[str, Any]:
@@ -267,21 +319,35 @@ def _findings(config: DiagnoseConfig, run: Any, every: list[Example], split_of: 
     worst = sorted(held, key=lambda i: -losses[i])[: config.top]
     oof_acc = float((oof.argmax(1) == labels[train_idx]).mean())
     return {
-        "schema": DIAGNOSE_SCHEMA, "run": str(run.path), "images": len(every),
-        "folds": config.folds, "out_of_fold_accuracy": oof_acc,
-        "label_issues": [{**item(i), "suggested": classes[s], "given_label_probability": p}
-                         for i, s, p in issues],
-        "near_duplicates": [{"a": item(i), "b": item(j), "similarity": s, "kind": kind(i, j)}
-                            for i, j, s in dups],
+        "schema": DIAGNOSE_SCHEMA,
+        "run": str(run.path),
+        "images": len(every),
+        "folds": config.folds,
+        "out_of_fold_accuracy": oof_acc,
+        "label_issues": [
+            {**item(i), "suggested": classes[s], "given_label_probability": p} for i, s, p in issues
+        ],
+        "near_duplicates": [
+            {"a": item(i), "b": item(j), "similarity": s, "kind": kind(i, j)} for i, j, s in dups
+        ],
         "duplicate_similarity": config.duplicate_similarity,
-        "top_losses": [{**item(i), "predicted": classes[int(probs[i].argmax())],
-                        "loss": float(losses[i])} for i in worst],
+        "top_losses": [
+            {**item(i), "predicted": classes[int(probs[i].argmax())], "loss": float(losses[i])}
+            for i in worst
+        ],
     }
 
 
-def _write(out: Path, found: dict[str, Any], every: list[Example], split_of: list[str],
-           labels: np.ndarray, issues: list[tuple[int, int, float]],
-           classes: Sequence[str], looks: dict[str, np.ndarray]) -> None:
+def _write(
+    out: Path,
+    found: dict[str, Any],
+    every: list[Example],
+    split_of: list[str],
+    labels: np.ndarray,
+    issues: list[tuple[int, int, float]],
+    classes: Sequence[str],
+    looks: dict[str, np.ndarray],
+) -> None:
     from tlkit.core.fsutil import atomic_write, atomic_write_json
     from tlkit.evaluation.report import diagnose_html
 
@@ -292,37 +358,52 @@ def _write(out: Path, found: dict[str, Any], every: list[Example], split_of: lis
     writer.writerow(("path", "label", "split", "suggested_label", "given_label_probability"))
     for i, e in enumerate(every):
         s, p = suggested.get(i, ("", None))
-        writer.writerow((e.relpath, classes[labels[i]], split_of[i], s,
-                         "" if p is None else f"{p:.4f}"))
+        writer.writerow(
+            (e.relpath, classes[labels[i]], split_of[i], s, "" if p is None else f"{p:.4f}")
+        )
     atomic_write(out / "relabel.csv", buf.getvalue())
-    atomic_write(out / "report.html", diagnose_html(found, {e.relpath: e.path for e in every},
-                                                    looks))
+    atomic_write(
+        out / "report.html", diagnose_html(found, {e.relpath: e.path for e in every}, looks)
+    )
 
 
 def summary_lines(found: dict[str, Any]) -> list[str]:
     kinds: dict[str, int] = {}
     for d in found["near_duplicates"]:
         kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
-    lines = [f"{found['images']} images; out-of-fold accuracy of the {found['folds']}-fold "
-             f"heads on the training split {found['out_of_fold_accuracy']:.4f}",
-             f"likely label errors: {len(found['label_issues'])}"]
-    lines += [f"  {r['path']}: labelled {r['label']}, looks like {r['suggested']} "
-              f"(p(label) {r['given_label_probability']:.3f})"
-              for r in found["label_issues"][:10]]
-    lines.append(f"near-duplicates (cosine >= {found['duplicate_similarity']}): "
-                 f"{len(found['near_duplicates'])}" + (
-                     " (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
-                     if kinds else ""))
+    lines = [
+        f"{found['images']} images; out-of-fold accuracy of the {found['folds']}-fold "
+        f"heads on the training split {found['out_of_fold_accuracy']:.4f}",
+        f"likely label errors: {len(found['label_issues'])}",
+    ]
+    lines += [
+        f"  {r['path']}: labelled {r['label']}, looks like {r['suggested']} "
+        f"(p(label) {r['given_label_probability']:.3f})"
+        for r in found["label_issues"][:10]
+    ]
+    lines.append(
+        f"near-duplicates (cosine >= {found['duplicate_similarity']}): "
+        f"{len(found['near_duplicates'])}"
+        + (" (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")" if kinds else "")
+    )
     if "held_out" in found:
         confused = found["held_out"]["most_confused"][:3]
-        lines.append(f"held-out splits: {found['held_out']['images']} images, top-1 "
-                     f"{found['held_out']['top1']:.4f}" + ("; most confused: " + ", ".join(
-                         f"{c['true']} -> {c['predicted']} ({c['count']})" for c in confused)
-                         if confused else ""))
+        lines.append(
+            f"held-out splits: {found['held_out']['images']} images, top-1 "
+            f"{found['held_out']['top1']:.4f}"
+            + (
+                "; most confused: "
+                + ", ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in confused)
+                if confused
+                else ""
+            )
+        )
     return lines
 
 
 def relabel_hint(output: str | os.PathLike) -> str:
-    return (f"{Path(output) / 'relabel.csv'}: every image with its label and any suggestion; "
-            "copy it into DATA/, edit `label` where you agree, then `tlkit finetune "
-            "DATA/relabel.csv`")
+    return (
+        f"{Path(output) / 'relabel.csv'}: every image with its label and any suggestion; "
+        "copy it into DATA/, edit `label` where you agree, then `tlkit finetune "
+        "DATA/relabel.csv`"
+    )

@@ -121,8 +121,10 @@ def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[E
     out = []
     for e in candidates:
         if e.class_name not in index:
-            raise DataError(f"{e.path}: class {e.class_name!r} is unknown to the model "
-                            f"{run.path} (classes: {', '.join(run.classes)})")
+            raise DataError(
+                f"{e.path}: class {e.class_name!r} is unknown to the model "
+                f"{run.path} (classes: {', '.join(run.classes)})"
+            )
         out.append(Example(e.path, e.relpath, index[e.class_name], e.class_name))
     if not out:
         raise DataError(f"{root}: the {split} split has no images")
@@ -137,9 +139,11 @@ def check_same_split(runs: Sequence[Run]) -> None:
         sig = run.record.split_signature()
         differ = [k for k in sorted(set(first) | set(sig)) if first.get(k) != sig.get(k)]
         if differ:
-            raise ConfigError(f"{run.path}: trained on other data or another split than "
-                              f"{runs[0].path} (they differ in {', '.join(differ)}); ensemble "
-                              "members must be trained on the same data with the same split")
+            raise ConfigError(
+                f"{run.path}: trained on other data or another split than "
+                f"{runs[0].path} (they differ in {', '.join(differ)}); ensemble "
+                "members must be trained on the same data with the same split"
+            )
 
 
 def own_split_paths(run: Run) -> dict[str, set[str]] | None:
@@ -155,17 +159,23 @@ def leakage_notes(scored: Sequence[Example], own: dict[str, set[str]] | None) ->
     """What makes a figure optimistic: scoring images the model trained on, or the validation
     images that chose its checkpoint (and stopped its head)."""
     if own is None:
-        return ["the run's training data is not where it was trained: whether these images "
-                "were used in training could not be checked"]
+        return [
+            "the run's training data is not where it was trained: whether these images "
+            "were used in training could not be checked"
+        ]
     paths = {os.path.realpath(e.path) for e in scored}
     notes = []
     if n := len(paths & own.get("train", set())):
-        notes.append(f"{n} of these images are training images of the model: the figure is "
-                     "optimistic; evaluate held-out images")
+        notes.append(
+            f"{n} of these images are training images of the model: the figure is "
+            "optimistic; evaluate held-out images"
+        )
     if n := len(paths & own.get("val", set())):
-        notes.append(f"{n} of these images are the validation split that chose the "
-                     "checkpoint: the figure is optimistic; a test split (DATA/test/) gives an "
-                     "unbiased one")
+        notes.append(
+            f"{n} of these images are the validation split that chose the "
+            "checkpoint: the figure is optimistic; a test split (DATA/test/) gives an "
+            "unbiased one"
+        )
     return notes
 
 
@@ -188,8 +198,13 @@ def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(members):
         r = m.run.record
-        sig = (r.backbone, m.size, r.preprocessing, r.weights["sha256"],
-               tuple(compute_dtypes(m.model)))  # a float16 trunk gives other activations
+        sig = (
+            r.backbone,
+            m.size,
+            r.preprocessing,
+            r.weights["sha256"],
+            tuple(compute_dtypes(m.model)),
+        )  # a float16 trunk gives other activations
         groups.setdefault(sig if r.n_frozen > 0 else (i,), []).append(i)
     out = []
     for idx in groups.values():
@@ -211,14 +226,15 @@ class ViewRunner:
     trunks are cut once, and every model (trunk, tail, dense variant) has one traced function,
     reused for every split, batch and view set."""
 
-    def __init__(self, members: list[Member], predictor: Any = None,
-                 workers: int | None = None):
+    def __init__(self, members: list[Member], predictor: Any = None, workers: int | None = None):
         from tlkit.models.distribute import traced_predictor
 
         self.members, self.workers = members, workers or os.cpu_count() or 1
         self.predictor = predictor or traced_predictor
-        self.groups = [(trunk and self.predictor(trunk), [self.predictor(m) for m in models],
-                        idx) for trunk, models, idx in _shared_groups(members)]
+        self.groups = [
+            (trunk and self.predictor(trunk), [self.predictor(m) for m in models], idx)
+            for trunk, models, idx in _shared_groups(members)
+        ]
         self._dense: dict[int, Any] = {}
 
     def dense(self, i: int) -> Any:
@@ -228,9 +244,13 @@ class ViewRunner:
             self._dense[i] = self.predictor(dense_model(self.members[i].model))
         return self._dense[i]
 
-    def probs(self, paths: Sequence[str], modes: str | Sequence[str | None], batch_size: int,
-              reduce: Callable[[int, np.ndarray], np.ndarray] | None = None
-              ) -> list[np.ndarray | None]:
+    def probs(
+        self,
+        paths: Sequence[str],
+        modes: str | Sequence[str | None],
+        batch_size: int,
+        reduce: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    ) -> list[np.ndarray | None]:
         """Per member, (N, K, C) probabilities of its K views of every image (None where its
         mode is None): a crop set's views in CROP_SETS order, or dense: the whole image, and
         its mirror when training mirrored. The next batch is decoded and cut into views while
@@ -239,8 +259,11 @@ class ViewRunner:
         members = self.members
         modes = [modes] * len(members) if isinstance(modes, str) else list(modes)
         max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
-        keys = {(members[i].size, members[i].crop, mode) for i, mode in enumerate(modes)
-                if mode not in (None, "dense")}
+        keys = {
+            (members[i].size, members[i].crop, mode)
+            for i, mode in enumerate(modes)
+            if mode not in (None, "dense")
+        }
         dense = [i for i, mode in enumerate(modes) if mode == "dense"]
         if not keys and not dense:
             return [None] * len(members)  # nothing asked: no image is decoded
@@ -248,16 +271,22 @@ class ViewRunner:
 
         def prepare(chunk: Sequence[str]) -> tuple[dict[Any, np.ndarray], dict[int, list]]:
             images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
-            views = {key: np.stack(list(pool.map(lambda im, k=key: crop_views(im, *k), images)))
-                     for key in keys}
-            wholes = {i: list(pool.map(lambda im, m=members[i]: dense_input(im, m.size, m.crop),
-                                       images)) for i in dense}
+            views = {
+                key: np.stack(list(pool.map(lambda im, k=key: crop_views(im, *k), images)))
+                for key in keys
+            }
+            wholes = {
+                i: list(pool.map(lambda im, m=members[i]: dense_input(im, m.size, m.crop), images))
+                for i in dense
+            }
             return views, wholes
 
         chunks = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
-        with ThreadPoolExecutor(max_workers=self.workers) as pool, \
-                ThreadPoolExecutor(max_workers=1) as ahead, \
-                progress(len(paths), "evaluating") as advance:
+        with (
+            ThreadPoolExecutor(max_workers=self.workers) as pool,
+            ThreadPoolExecutor(max_workers=1) as ahead,
+            progress(len(paths), "evaluating") as advance,
+        ):
             pending = ahead.submit(prepare, chunks[0]) if chunks else None
             for n, chunk in enumerate(chunks):
                 views, wholes = pending.result()
@@ -270,9 +299,13 @@ class ViewRunner:
                 advance(len(chunk))
         return [np.concatenate(parts) if parts else None for parts in out]
 
-    def _crops(self, views: dict[Any, np.ndarray], modes: list[str | None],
-               out: list[list[np.ndarray]], reduce: Callable[[int, np.ndarray], np.ndarray] | None
-               ) -> None:
+    def _crops(
+        self,
+        views: dict[Any, np.ndarray],
+        modes: list[str | None],
+        out: list[list[np.ndarray]],
+        reduce: Callable[[int, np.ndarray], np.ndarray] | None,
+    ) -> None:
         for trunk, models, idx in self.groups:
             by_mode: dict[str, list[int]] = {}
             for j, i in enumerate(idx):
@@ -305,8 +338,9 @@ class ViewRunner:
         for js in shapes.values():
             batch = np.stack([inputs[j] for j in js])
             for k, mirrored in enumerate(passes):
-                probs[js, k] = np.asarray(self.dense(i)(batch[:, :, ::-1] if mirrored
-                                                        else batch), dtype=np.float64)
+                probs[js, k] = np.asarray(
+                    self.dense(i)(batch[:, :, ::-1] if mirrored else batch), dtype=np.float64
+                )
         return probs
 
 
@@ -320,8 +354,12 @@ class ViewChoice:
     candidates: tuple[dict[str, Any], ...] = ()  # --multicrop auto: each one's val scores
 
     def as_dict(self) -> dict[str, Any]:
-        return {"views": self.views, "why": self.why, "outside_training": self.outside_training,
-                "candidates": list(self.candidates)}
+        return {
+            "views": self.views,
+            "why": self.why,
+            "outside_training": self.outside_training,
+            "candidates": list(self.candidates),
+        }
 
 
 def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[ViewChoice]:
@@ -333,45 +371,76 @@ def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[V
         for m in members:
             outside = unseen(requested, m.seen, m.crop)
             if outside:
-                log.warning("%s: --multicrop %s includes %s; %s. The bare --multicrop (auto) "
-                            "uses only views the model saw, chosen on its validation split",
-                            m.run.path, requested, outside, m.seen.why)
+                log.warning(
+                    "%s: --multicrop %s includes %s; %s. The bare --multicrop (auto) "
+                    "uses only views the model saw, chosen on its validation split",
+                    m.run.path,
+                    requested,
+                    outside,
+                    m.seen.why,
+                )
             out.append(ViewChoice(requested, "asked for", outside))
         return out
     options = [candidates(m.seen, m.crop) for m in members]
     chosen: list[ViewChoice | None] = [
-        ViewChoice("1", f"the only views training showed ({m.seen.why})")
-        if opts == ["1"] else None for m, opts in zip(members, options, strict=True)]
+        ViewChoice("1", f"the only views training showed ({m.seen.why})") if opts == ["1"] else None
+        for m, opts in zip(members, options, strict=True)
+    ]
     if all(chosen):
         return chosen  # type: ignore[return-value]
     try:
         val, _ = eval_examples(members[0].run, None, "val")
     except DataError as e:
-        log.warning("--multicrop auto chooses on the run's validation split, which could not be "
-                    "read (%s): single crop", e)
-        return [c or ViewChoice("1", "the validation split to choose on is not here")
-                for c in chosen]
+        log.warning(
+            "--multicrop auto chooses on the run's validation split, which could not be "
+            "read (%s): single crop",
+            e,
+        )
+        return [
+            c or ViewChoice("1", "the validation split to choose on is not here") for c in chosen
+        ]
     paths, labels = [e.path for e in val], np.array([e.label for e in val])
-    crops = [max((o for o in opts if o != "dense"), key=lambda o: len(CROP_SETS[o]))
-             if c is None else None for c, opts in zip(chosen, options, strict=True)]
+    crops = [
+        max((o for o in opts if o != "dense"), key=lambda o: len(CROP_SETS[o]))
+        if c is None
+        else None
+        for c, opts in zip(chosen, options, strict=True)
+    ]
     scored = {o for c, opts in zip(chosen, options, strict=True) if c is None for o in opts}
-    log.info("--multicrop auto: scoring %s on the %d validation images",
-             ", ".join(o for o in AUTO_ORDER if o in scored), len(paths))
+    log.info(
+        "--multicrop auto: scoring %s on the %d validation images",
+        ", ".join(o for o in AUTO_ORDER if o in scored),
+        len(paths),
+    )
     crop_probs = runner.probs(paths, crops, batch_size)
-    dense_probs = runner.probs(paths, ["dense" if c is None and "dense" in opts else None
-                                       for c, opts in zip(chosen, options, strict=True)],
-                               batch_size)
+    dense_probs = runner.probs(
+        paths,
+        [
+            "dense" if c is None and "dense" in opts else None
+            for c, opts in zip(chosen, options, strict=True)
+        ],
+        batch_size,
+    )
     out = []
     for i, m in enumerate(members):
         if chosen[i] is not None:
             out.append(chosen[i])
             continue
-        scores = {o: (dense_probs[i] if o == "dense" else
-                      crop_probs[i][:, subset(crops[i], o)]).mean(axis=1) for o in options[i]}
+        scores = {
+            o: (dense_probs[i] if o == "dense" else crop_probs[i][:, subset(crops[i], o)]).mean(
+                axis=1
+            )
+            for o in options[i]
+        }
         best, rows = choose(scores, labels)
-        out.append(ViewChoice(best, f"chosen on the validation split ({len(paths)} images) "
-                              f"among the views training showed ({m.seen.why})",
-                              candidates=tuple(rows)))
+        out.append(
+            ViewChoice(
+                best,
+                f"chosen on the validation split ({len(paths)} images) "
+                f"among the views training showed ({m.seen.why})",
+                candidates=tuple(rows),
+            )
+        )
     return out
 
 
@@ -388,8 +457,9 @@ def fit_member_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int =
     return w
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray,
-                           classes: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(
+    probs: np.ndarray, labels: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
     n, c = probs.shape
     pred = probs.argmax(axis=1)
     cm = np.zeros((c, c), dtype=np.int64)
@@ -406,14 +476,21 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
         precision = tp / cm[:, k].sum() if cm[:, k].sum() else 0.0
         recall = tp / cm[k, :].sum() if cm[k, :].sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[classes[k]] = {"precision": float(precision), "recall": float(recall),
-                                 "f1": float(f1), "support": int(cm[k, :].sum())}
+        per_class[classes[k]] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(cm[k, :].sum()),
+        }
     support = np.array([v["support"] for v in per_class.values()], dtype=np.float64)
     for avg, weights in (("macro", np.ones_like(support)), ("weighted", support)):
         total = weights.sum() or 1.0
-        out[avg] = {key: float(sum(w * v[key] for w, v in zip(weights, per_class.values(),
-                                                                strict=True)) / total)
-                    for key in ("precision", "recall", "f1")}
+        out[avg] = {
+            key: float(
+                sum(w * v[key] for w, v in zip(weights, per_class.values(), strict=True)) / total
+            )
+            for key in ("precision", "recall", "f1")
+        }
     out["per_class"] = per_class
     # a folder may lack classes the model knows: left out of the averages, unless predicted
     # (then scored 0, as in scikit-learn)
@@ -421,18 +498,27 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
     out["classes_without_images"] = [classes[k] for k in empty]
     out["notes"] = []
     if left_out := [classes[k] for k in empty if not cm[:, k].sum()]:
-        out["notes"].append(f"no images of class {', '.join(left_out)} in this set: left out "
-                            "of the averages")
+        out["notes"].append(
+            f"no images of class {', '.join(left_out)} in this set: left out of the averages"
+        )
     for k in empty:
         if n := int(cm[:, k].sum()):
-            out["notes"].append(f"no images of class {classes[k]} in this set, yet predicted "
-                                f"{n} time{'s' if n > 1 else ''}: it counts as 0 in the macro "
-                                "averages (as in scikit-learn)")
+            out["notes"].append(
+                f"no images of class {classes[k]} in this set, yet predicted "
+                f"{n} time{'s' if n > 1 else ''}: it counts as 0 in the macro "
+                "averages (as in scikit-learn)"
+            )
     out["confusion_matrix"] = cm.tolist()
-    off = [(int(cm[i, j]), classes[i], classes[j]) for i in range(c) for j in range(c)
-           if i != j and cm[i, j] > 0]
-    out["most_confused"] = [{"true": t, "predicted": p, "count": k}
-                            for k, t, p in sorted(off, key=lambda x: (-x[0], x[1], x[2]))[:10]]
+    off = [
+        (int(cm[i, j]), classes[i], classes[j])
+        for i in range(c)
+        for j in range(c)
+        if i != j and cm[i, j] > 0
+    ]
+    out["most_confused"] = [
+        {"true": t, "predicted": p, "count": k}
+        for k, t, p in sorted(off, key=lambda x: (-x[0], x[1], x[2]))[:10]
+    ]
     return out
 
 
@@ -448,40 +534,56 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         return _evaluate(config, placement)
 
 
-def weights_split(runs: Sequence[Run], scored: Sequence[Example], source: str
-                  ) -> tuple[list[Example], str]:
+def weights_split(
+    runs: Sequence[Run], scored: Sequence[Example], source: str
+) -> tuple[list[Example], str]:
     """The images --ensemble-weights val fits on: the members' own validation split, never
     any of the images being scored (the figure would then be fitted, not measured)."""
     fit_on = eval_examples(runs[0], None, "val")
     paths = {os.path.realpath(e.path) for e in scored}
     if n := sum(os.path.realpath(e.path) in paths for e in fit_on[0]):
-        raise ConfigError(f"{source}: --ensemble-weights val fits the member weights on "
-                          f"{fit_on[1]}, and {n} of the images scored are among them; score a "
-                          "test split or another folder, or use --ensemble-weights equal")
+        raise ConfigError(
+            f"{source}: --ensemble-weights val fits the member weights on "
+            f"{fit_on[1]}, and {n} of the images scored are among them; score a "
+            "test split or another folder, or use --ensemble-weights equal"
+        )
     return fit_on
 
 
-def crop_comparison(names: Sequence[str], single: Sequence[np.ndarray],
-                    multi: Sequence[np.ndarray], weights: np.ndarray, labels: np.ndarray
-                    ) -> list[dict[str, Any]]:
+def crop_comparison(
+    names: Sequence[str],
+    single: Sequence[np.ndarray],
+    multi: Sequence[np.ndarray],
+    weights: np.ndarray,
+    labels: np.ndarray,
+) -> list[dict[str, Any]]:
     """Single-crop vs multi-crop top-1 of each member, and of the ensemble when there is one."""
+
     def top1(p: np.ndarray) -> float:
         return float((p.argmax(1) == labels).mean())
 
-    rows = [{"model": n, "single_crop_top1": top1(s), "multicrop_top1": top1(m)}
-            for n, s, m in zip(names, single, multi, strict=True)]
+    rows = [
+        {"model": n, "single_crop_top1": top1(s), "multicrop_top1": top1(m)}
+        for n, s, m in zip(names, single, multi, strict=True)
+    ]
     if len(names) > 1:
-        rows.append({"model": "ensemble",
-                     "single_crop_top1": top1(sum(w * p for w, p in zip(weights, single,
-                                                                         strict=True))),
-                     "multicrop_top1": top1(sum(w * p for w, p in zip(weights, multi,
-                                                                      strict=True)))})
+        rows.append(
+            {
+                "model": "ensemble",
+                "single_crop_top1": top1(sum(w * p for w, p in zip(weights, single, strict=True))),
+                "multicrop_top1": top1(sum(w * p for w, p in zip(weights, multi, strict=True))),
+            }
+        )
     return rows
 
 
-def _member_probs(runner: ViewRunner, paths: list[str], modes: list[str], batch_size: int,
-                  fit_on: tuple[list[Example], str] | None
-                  ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def _member_probs(
+    runner: ViewRunner,
+    paths: list[str],
+    modes: list[str],
+    batch_size: int,
+    fit_on: tuple[list[Example], str] | None,
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """(each member's single-crop probabilities, its probabilities averaged over its views,
     the members' weights: equal, or fitted on `fit_on`'s images)."""
     dense = [m == "dense" for m in modes]
@@ -493,16 +595,20 @@ def _member_probs(runner: ViewRunner, paths: list[str], modes: list[str], batch_
 
     view_probs = runner.probs(paths, modes, batch_size, reduce=mean_and_centre)
     multi = [p[:, 0] for p in view_probs]
-    extra = runner.probs(paths, ["1" if d else None for d in dense], batch_size) \
-        if any(dense) else [None] * len(modes)  # dense has no crop: single-crop runs too
-    single = [e[:, 0] if d else p[:, 1]
-              for p, e, d in zip(view_probs, extra, dense, strict=True)]
+    extra = (
+        runner.probs(paths, ["1" if d else None for d in dense], batch_size)
+        if any(dense)
+        else [None] * len(modes)
+    )  # dense has no crop: single-crop runs too
+    single = [e[:, 0] if d else p[:, 1] for p, e, d in zip(view_probs, extra, dense, strict=True)]
     weights = np.full(len(modes), 1.0 / len(modes))
     if fit_on is not None:
-        val_probs = runner.probs([e.path for e in fit_on[0]], modes, batch_size,
-                                 reduce=mean_and_centre)
-        weights = fit_member_weights([p[:, 0] for p in val_probs],
-                                     np.array([e.label for e in fit_on[0]]))
+        val_probs = runner.probs(
+            [e.path for e in fit_on[0]], modes, batch_size, reduce=mean_and_centre
+        )
+        weights = fit_member_weights(
+            [p[:, 0] for p in val_probs], np.array([e.label for e in fit_on[0]])
+        )
     return single, multi, weights
 
 
@@ -510,10 +616,11 @@ def _notes(run: Run, examples: Sequence[Example], chose_views: bool) -> list[str
     """What makes the figures optimistic: images the run trained or chose on."""
     own = own_split_paths(run)
     notes = leakage_notes(examples, own)
-    if chose_views and own and own.get("val", set()) & {
-            os.path.realpath(e.path) for e in examples}:
-        notes.append("--multicrop auto chose the views on the validation split, which these "
-                     "images include: the multi-crop figure is optimistic")
+    if chose_views and own and own.get("val", set()) & {os.path.realpath(e.path) for e in examples}:
+        notes.append(
+            "--multicrop auto chose the views on the validation split, which these "
+            "images include: the multi-crop figure is optimistic"
+        )
     return notes
 
 
@@ -526,21 +633,25 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     check_same_split(runs)
     examples, source = eval_examples(runs[0], config.data, config.split)
     split = source.rsplit("(", 1)[1].rstrip(")")
-    fit_on = (weights_split(runs, examples, source)
-              if config.ensemble_weights == "val" and len(runs) > 1 else None)
+    fit_on = (
+        weights_split(runs, examples, source)
+        if config.ensemble_weights == "val" and len(runs) > 1
+        else None
+    )
     name = config.name or f"{split}-crops{config.multicrop}" + (
-        f"-ensemble{len(runs)}" if len(runs) > 1 else "")
+        f"-ensemble{len(runs)}" if len(runs) > 1 else ""
+    )
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
-        refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite",
-                         kind="evaluation")
+        refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite", kind="evaluation")
     members = [Member(r) for r in runs]
     paths = [e.path for e in examples]
     labels = np.array([e.label for e in examples])
     runner = ViewRunner(members, placement.predictor, config.workers)
     choices = resolve_views(runner, config.multicrop, config.batch_size)
-    single, multi, weights = _member_probs(runner, paths, [c.views for c in choices],
-                                           config.batch_size, fit_on)
+    single, multi, weights = _member_probs(
+        runner, paths, [c.views for c in choices], config.batch_size, fit_on
+    )
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
     classes = runs[0].classes
     metrics = classification_metrics(ensemble, labels, classes)
@@ -548,29 +659,49 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     if len(runs) > 1:
         tops = np.stack([p.argmax(1) for p in multi])
         metrics["member_disagreement"] = float((tops != tops[0]).any(axis=0).mean())
-    metrics.update({"source": source, "split": split, "multicrop": config.multicrop,
-                    "views": [{"run": str(r.path), "count": runner.view_count(i, c.views),
-                               **c.as_dict()} for i, (r, c) in enumerate(zip(runs, choices,
-                                                                             strict=True))],
-                    "views_rule": "each member on its own",  # auto: its own val scores
-                    "members": [str(r.path) for r in runs],
-                    "member_weights": [float(w) for w in weights],
-                    "member_weights_fitted_on": fit_on[1] if fit_on else None,
-                    "comparison": comparison})
+    metrics.update(
+        {
+            "source": source,
+            "split": split,
+            "multicrop": config.multicrop,
+            "views": [
+                {"run": str(r.path), "count": runner.view_count(i, c.views), **c.as_dict()}
+                for i, (r, c) in enumerate(zip(runs, choices, strict=True))
+            ],
+            "views_rule": "each member on its own",  # auto: its own val scores
+            "members": [str(r.path) for r in runs],
+            "member_weights": [float(w) for w in weights],
+            "member_weights_fitted_on": fit_on[1] if fit_on else None,
+            "comparison": comparison,
+        }
+    )
     metrics["notes"] += _notes(runs[0], examples, any(c.candidates for c in choices))
     metrics["calibration"] = {
-        "ece": expected_calibration_error(ensemble, labels), "bins": ECE_BINS,
+        "ece": expected_calibration_error(ensemble, labels),
+        "bins": ECE_BINS,
         "reliability": reliability_bins(ensemble, labels),
         "temperatures": [(r.record.calibration or {}).get("temperature") for r in runs],
-        "fitted": [r.record.calibration for r in runs]}  # --calibrate: T, val ECE before/after
-    metrics["strategy"] = {"strategy": placement.name, "replicas": placement.replicas,
-                           "workers": placement.workers}
+        "fitted": [r.record.calibration for r in runs],
+    }  # --calibrate: T, val ECE before/after
+    metrics["strategy"] = {
+        "strategy": placement.name,
+        "replicas": placement.replicas,
+        "workers": placement.workers,
+    }
     if not placement.is_chief:
         return metrics  # the chief writes the outputs
     tmp = incomplete_dir(out_dir, "evaluation", clean=True)
     first = members[0]
-    write_outputs(tmp, metrics, examples, ensemble, classes, explain=lambda paths, top: (
-        explain_paths(first.model, paths, top, first.size, first.crop, first.run.max_pixels)))
+    write_outputs(
+        tmp,
+        metrics,
+        examples,
+        ensemble,
+        classes,
+        explain=lambda paths, top: explain_paths(
+            first.model, paths, top, first.size, first.crop, first.run.max_pixels
+        ),
+    )
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
     metrics["output"] = str(out_dir)
     return metrics

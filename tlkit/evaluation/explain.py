@@ -24,16 +24,21 @@ def feature_map_model(model: Any) -> Any:
     return keras.Model(model.inputs, model.get_layer("pool").input)
 
 
-def class_maps(model: Any, images: np.ndarray, classes: Sequence[int],
-               maps_model: Any = None) -> np.ndarray:
+def class_maps(
+    model: Any, images: np.ndarray, classes: Sequence[int], maps_model: Any = None
+) -> np.ndarray:
     """(N, h, w) float32: the logit contribution of each position for the given class of each
     image (its mean plus the bias is the logit)."""
     maps_model = maps_model or feature_map_model(model)
     kernel, _ = model.get_layer("predictions").get_weights()
     # called, not predict(): under a multi-worker strategy predict() would start collective
     # ops that the other workers, done with the evaluation, never join
-    feats = np.concatenate([np.asarray(maps_model([images[i : i + 32]], training=False),
-                                       np.float32) for i in range(0, len(images), 32)])
+    feats = np.concatenate(
+        [
+            np.asarray(maps_model([images[i : i + 32]], training=False), np.float32)
+            for i in range(0, len(images), 32)
+        ]
+    )
     weights = kernel[:, np.asarray(classes)].T  # (N, K)
     return np.einsum("nhwk,nk->nhw", feats, weights)
 
@@ -42,8 +47,9 @@ def upsample(cam: np.ndarray, size: int) -> np.ndarray:
     """A map brought to the input's size (bilinear), positive evidence only, scaled to 0..1."""
     import cv2
 
-    up = cv2.resize(np.maximum(cam, 0).astype(np.float32), (size, size),
-                    interpolation=cv2.INTER_LINEAR)
+    up = cv2.resize(
+        np.maximum(cam, 0).astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR
+    )
     top = float(up.max())
     return up / top if top > 0 else up
 
@@ -54,7 +60,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
 
     colours = (matplotlib.colormaps["jet"](heat)[..., :3] * 255).astype(np.float32)
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * colours, 0, 255).astype(
-        np.uint8)
+        np.uint8
+    )
 
 
 def explain_images(model: Any, views: np.ndarray, classes: Sequence[int]) -> list[np.ndarray]:
@@ -64,14 +71,21 @@ def explain_images(model: Any, views: np.ndarray, classes: Sequence[int]) -> lis
     return [overlay(v, upsample(m, size)) for v, m in zip(views, maps, strict=True)]
 
 
-def explain_paths(model: Any, paths: Sequence[str], classes: Sequence[int], size: int,
-                  crop_fraction: float, max_pixels: int) -> list[np.ndarray]:
+def explain_paths(
+    model: Any,
+    paths: Sequence[str],
+    classes: Sequence[int],
+    size: int,
+    crop_fraction: float,
+    max_pixels: int,
+) -> list[np.ndarray]:
     """Overlays for image files, on the same eval view the model classified."""
     from tlkit.data.augment import eval_transform
     from tlkit.data.decode import decode_image
 
     if not paths:
         return []
-    views = np.stack([eval_transform(decode_image(p, max_pixels), size, crop_fraction)
-                      for p in paths])
+    views = np.stack(
+        [eval_transform(decode_image(p, max_pixels), size, crop_fraction) for p in paths]
+    )
     return explain_images(model, views, classes)

@@ -32,8 +32,12 @@ from tlkit.data.augment import eval_protocol
 from tlkit.data.decode import decode_protocol
 
 log = logging.getLogger("tlkit")
-MODEL_FILES = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite",
-               "onnx": "model.onnx"}
+MODEL_FILES = {
+    "keras": "model.keras",
+    "savedmodel": "saved_model",
+    "tflite": "model.tflite",
+    "onnx": "model.onnx",
+}
 
 
 def _savedmodel(model: Any, path: Path) -> None:
@@ -54,8 +58,7 @@ def _onnx(model: Any, path: Path) -> None:
         import onnx  # noqa: F401
         import tf2onnx  # noqa: F401
     except ImportError:
-        raise ConfigError("ONNX export needs tf2onnx and onnx: pip install 'tlkit[onnx]'") \
-            from None
+        raise ConfigError("ONNX export needs tf2onnx and onnx: pip install 'tlkit[onnx]'") from None
     import numpy as np
 
     _, height, width, channels = model.input_shape
@@ -65,14 +68,23 @@ def _onnx(model: Any, path: Path) -> None:
         model.export(str(path), format="onnx", verbose=False)
 
 
-def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLike | None = None,
-               overwrite: bool = False) -> Path:
+def export_run(
+    run: str | os.PathLike | None,
+    fmt: str,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Export `run` (None: the newest) to `output` (default RUN/export/<format>/)."""
     check("--format", fmt, EXPORT_FORMATS)
     loaded: Run = load_run(run)
     out = Path(output) if output else loaded.path / "export" / fmt
-    refuse_overwrite(out, overwrite, "pass --overwrite or choose another -o/--output",
-                     kind="export", inputs=(loaded.path,))
+    refuse_overwrite(
+        out,
+        overwrite,
+        "pass --overwrite or choose another -o/--output",
+        kind="export",
+        inputs=(loaded.path,),
+    )
     tmp = incomplete_dir(out, "export", clean=True)
     try:
         target = tmp / MODEL_FILES[fmt]
@@ -83,18 +95,33 @@ def export_run(run: str | os.PathLike | None, fmt: str, output: str | os.PathLik
             {"savedmodel": _savedmodel, "tflite": _tflite, "onnx": _onnx}[fmt](model, target)
         atomic_write(tmp / "labels.txt", "".join(f"{c}\n" for c in loaded.classes))
         size = loaded.input_size
-        atomic_write_json(tmp / "export.json", {
-            "format": fmt, "model": MODEL_FILES[fmt], "labels": "labels.txt",
-            "input": {"shape": [None, size, size, 3], "dtype": "uint8",
-                      "channels": "RGB", "preprocessing": "inside the model",
-                      # what turns a file into that input, as tlkit's eval does it
-                      "from_a_file": {**decode_protocol(), **eval_protocol(
-                          size, float(loaded.record.crop_fraction))}},
-            "output": {"shape": [None, len(loaded.classes)], "meaning": "class probabilities",
-                       "classes": loaded.classes},
-            "run": str(loaded.path.resolve()), "backbone": loaded.record.backbone,
-            "tlkit_version": _version.__version__,
-        })
+        atomic_write_json(
+            tmp / "export.json",
+            {
+                "format": fmt,
+                "model": MODEL_FILES[fmt],
+                "labels": "labels.txt",
+                "input": {
+                    "shape": [None, size, size, 3],
+                    "dtype": "uint8",
+                    "channels": "RGB",
+                    "preprocessing": "inside the model",
+                    # what turns a file into that input, as tlkit's eval does it
+                    "from_a_file": {
+                        **decode_protocol(),
+                        **eval_protocol(size, float(loaded.record.crop_fraction)),
+                    },
+                },
+                "output": {
+                    "shape": [None, len(loaded.classes)],
+                    "meaning": "class probabilities",
+                    "classes": loaded.classes,
+                },
+                "run": str(loaded.path.resolve()),
+                "backbone": loaded.record.backbone,
+                "tlkit_version": _version.__version__,
+            },
+        )
     except BaseException:
         discard(tmp)
         raise

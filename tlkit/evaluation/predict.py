@@ -12,10 +12,14 @@ from tlkit.core.errors import ConfigError
 from tlkit.core.runs import Run
 
 
-def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | None,
-            images: Sequence[str | os.PathLike], top_k: int = 5, multicrop: str = "1",
-            batch_size: int = 32, explain: str | os.PathLike | None = None
-            ) -> list[dict[str, Any]]:
+def predict(
+    runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | None,
+    images: Sequence[str | os.PathLike],
+    top_k: int = 5,
+    multicrop: str = "1",
+    batch_size: int = 32,
+    explain: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
     """One dict per image: path and the top-k (label, probability), highest first; with
     `explain`, a folder of class-activation overlays for each image's top-1 class (from the
     first run of an ensemble), each named in its dict."""
@@ -33,16 +37,25 @@ def predict(runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | 
     out = []
     for path, p in zip(images, probs, strict=True):
         order = np.argsort(-p, kind="stable")[:k]
-        out.append({"path": str(path),
-                    "top": [{"label": classes[i], "probability": float(p[i])} for i in order]})
+        out.append(
+            {
+                "path": str(path),
+                "top": [{"label": classes[i], "probability": float(p[i])} for i in order],
+            }
+        )
     if explain is not None:
         _write_overlays(paths, images, probs.argmax(axis=1), classes, explain, out)
     return out
 
 
-def _write_overlays(run_paths: Sequence[Any], images: Sequence[str | os.PathLike],
-                    top: np.ndarray, classes: Sequence[str], folder: str | os.PathLike,
-                    out: list[dict[str, Any]]) -> None:
+def _write_overlays(
+    run_paths: Sequence[Any],
+    images: Sequence[str | os.PathLike],
+    top: np.ndarray,
+    classes: Sequence[str],
+    folder: str | os.PathLike,
+    out: list[dict[str, Any]],
+) -> None:
     from pathlib import Path
 
     from PIL import Image
@@ -59,8 +72,14 @@ def _write_overlays(run_paths: Sequence[Any], images: Sequence[str | os.PathLike
 
     refuse_overwrite(folder, False, "choose another --explain folder")
     run = load_run(run_paths[0] if run_paths else None)
-    overlays = explain_paths(run.load_model(), [str(p) for p in images], top.tolist(),
-                             run.input_size, float(run.record.crop_fraction), run.max_pixels)
+    overlays = explain_paths(
+        run.load_model(),
+        [str(p) for p in images],
+        top.tolist(),
+        run.input_size,
+        float(run.record.crop_fraction),
+        run.max_pixels,
+    )
     tmp = incomplete_dir(folder, "explanations")
     for i, (image, picture) in enumerate(zip(images, overlays, strict=True)):
         name = f"{i:04d}-{safe_name(Path(image).stem)}-{safe_name(classes[top[i]])}.png"
@@ -70,15 +89,16 @@ def _write_overlays(run_paths: Sequence[Any], images: Sequence[str | os.PathLike
     publish_dir(tmp, folder)
 
 
-def predict_images(run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1",
-                   batch_size: int = 32) -> tuple[list[str], np.ndarray]:
+def predict_images(
+    run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1", batch_size: int = 32
+) -> tuple[list[str], np.ndarray]:
     """(classes, ensemble probabilities (N, C)) for image files."""
     from tlkit.evaluation.evaluate import Member, ViewRunner, load_members, resolve_views
 
     runs = load_members(run_paths)
     runner = ViewRunner([Member(r) for r in runs])
     modes = [c.views for c in resolve_views(runner, multicrop, batch_size)]
-    probs = runner.probs(list(images), modes, batch_size,
-                         reduce=lambda i, p: p.mean(axis=1))  # N x C kept, whatever the views
+    probs = runner.probs(
+        list(images), modes, batch_size, reduce=lambda i, p: p.mean(axis=1)
+    )  # N x C kept, whatever the views
     return runs[0].classes, sum(probs) / len(probs)
-

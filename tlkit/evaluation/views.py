@@ -34,8 +34,9 @@ POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
 CENTRE = 4
 
 
-def _views(scales: Sequence[int], positions: Sequence[int], mirrors: Sequence[bool]
-           ) -> tuple[tuple[int, int, bool], ...]:
+def _views(
+    scales: Sequence[int], positions: Sequence[int], mirrors: Sequence[bool]
+) -> tuple[tuple[int, int, bool], ...]:
     return tuple((s, p, m) for s in scales for m in mirrors for p in positions)
 
 
@@ -115,8 +116,10 @@ def unseen(mode: str, seen: ViewsSeen, crop_fraction: float) -> str | None:
         if moved:
             missing.append("off-centre content (training saw the centre crop only)")
     elif bad := sorted({factors[s] for s in moved if not seen.scale_seen(factors[s])}):
-        missing.append("shorter side " + ", ".join(f"{b:.3g}x" for b in bad) + " the input "
-                       "size (outside the training crops)")
+        missing.append(
+            "shorter side " + ", ".join(f"{b:.3g}x" for b in bad) + " the input "
+            "size (outside the training crops)"
+        )
     return "; ".join(missing) or None
 
 
@@ -136,10 +139,16 @@ def choose(scores: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str, list
     losses = {m: per_image_log_loss(p, labels) for m, p in scores.items()}
     eligible = [m for m in scores if top1[m] >= top1["1"]]
     chosen, se_above = one_se_choice([losses[m] for m in eligible])
-    rows = [{"views": m, "val_loss": float(losses[m].mean()), "val_top1": top1[m],
-             "below_single_crop": m not in eligible,
-             "se_above_best": _finite(se_above[eligible.index(m)]) if m in eligible else None}
-            for m in scores]
+    rows = [
+        {
+            "views": m,
+            "val_loss": float(losses[m].mean()),
+            "val_top1": top1[m],
+            "below_single_crop": m not in eligible,
+            "se_above_best": _finite(se_above[eligible.index(m)]) if m in eligible else None,
+        }
+        for m in scores
+    ]
     return eligible[chosen], rows
 
 
@@ -151,4 +160,3 @@ def describe(mode: str, count: int | None = None) -> str:
     """The view set in words; with `count` (views per image), dense says if it mirrored."""
     text = DESCRIPTIONS[mode] + (", and its mirror" if mode == "dense" and count == 2 else "")
     return text + (f"; {count} per image" if count else "")
-

@@ -53,9 +53,19 @@ CACHE_DIR = "cache"
 SHARD_BYTES = 256 << 20
 
 
-def cache_inputs(spec: Any, weights: Any, trunk: Any, cut: Any, size: int, views: int,
-                 augment: Any, pca: dict[str, Any] | None, seed: int, folder: Any,
-                 dtype: str) -> dict[str, Any]:
+def cache_inputs(
+    spec: Any,
+    weights: Any,
+    trunk: Any,
+    cut: Any,
+    size: int,
+    views: int,
+    augment: Any,
+    pca: dict[str, Any] | None,
+    seed: int,
+    folder: Any,
+    dtype: str,
+) -> dict[str, Any]:
     """Everything that changes the cached numbers, gathered here and nowhere else; its hash
     (`key_of`) is the cache key."""
     from tlkit.data.augment import pixel_libraries
@@ -64,14 +74,23 @@ def cache_inputs(spec: Any, weights: Any, trunk: Any, cut: Any, size: int, views
     from tlkit.models.model import compute_dtypes
 
     return {
-        "schema": SCHEMA, "backbone": spec.name, "weights_sha256": weights.sha256,
+        "schema": SCHEMA,
+        "backbone": spec.name,
+        "weights_sha256": weights.sha256,
         "trunk_weights_sha256": weights_digest(trunk.get_weights()),
-        "cut": {"k": cut.k, "requested": cut.requested}, "input_size": size,
-        "preprocessing": spec.preprocessing, "eval_crop_fraction": spec.crop_fraction,
+        "cut": {"k": cut.k, "requested": cut.requested},
+        "input_size": size,
+        "preprocessing": spec.preprocessing,
+        "eval_crop_fraction": spec.crop_fraction,
         "views": {"train": views, "val": 1, "test": 1},
-        "augment": augment.as_dict(), "pca": pca, "seed": seed if views > 1 else None,
-        "classes": list(folder.classes), "files_sha256": fingerprint(folder),
-        "dtype": dtype, "compute_dtypes": compute_dtypes(trunk), "libraries": pixel_libraries(),
+        "augment": augment.as_dict(),
+        "pca": pca,
+        "seed": seed if views > 1 else None,
+        "classes": list(folder.classes),
+        "files_sha256": fingerprint(folder),
+        "dtype": dtype,
+        "compute_dtypes": compute_dtypes(trunk),
+        "libraries": pixel_libraries(),
         "decode": decode_protocol(),  # the alpha background among it
     }
 
@@ -112,9 +131,11 @@ class FeatureCache:
         for split in self.manifest["splits"].values():
             for f in [*split["shards"], split["labels"]]:
                 if not isinstance(f.get("file"), str) or not is_inside(self.path, f["file"]):
-                    raise CacheError(f"{self.path / 'manifest.json'}: names a file outside the "
-                                     f"cache ({f.get('file')!r}); remove the cache with "
-                                     f"`tlkit cache rm {self.key}`")
+                    raise CacheError(
+                        f"{self.path / 'manifest.json'}: names a file outside the "
+                        f"cache ({f.get('file')!r}); remove the cache with "
+                        f"`tlkit cache rm {self.key}`"
+                    )
 
     @property
     def key(self) -> str:
@@ -125,8 +146,11 @@ class FeatureCache:
         for split in self.manifest["splits"].values():
             for f in [*split["shards"], split["labels"]]:
                 path = self.path / f["file"]
-                if not path.is_file() or os.path.getsize(path) != f["bytes"] \
-                        or file_hash(path) != f["sha256"]:
+                if (
+                    not path.is_file()
+                    or os.path.getsize(path) != f["bytes"]
+                    or file_hash(path) != f["sha256"]
+                ):
                     raise CacheError(
                         f"{path}: missing or corrupt (checksum mismatch); remove the cache with "
                         f"`tlkit cache rm {self.key}` and build it again"
@@ -193,39 +217,56 @@ def open_cache(root: Path, key: str) -> FeatureCache | None:
     try:
         return FeatureCache(path, info)
     except (KeyError, TypeError, AttributeError):
-        raise CacheError(f"{manifest}: not a tlkit cache manifest (fields missing); {fix}") \
-            from None
+        raise CacheError(
+            f"{manifest}: not a tlkit cache manifest (fields missing); {fix}"
+        ) from None
 
 
-def estimate_bytes(counts: dict[str, int], views: dict[str, int], shape: Sequence[int],
-                   dtype: str) -> int:
+def estimate_bytes(
+    counts: dict[str, int], views: dict[str, int], shape: Sequence[int], dtype: str
+) -> int:
     per = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return sum(counts[s] * views[s] * per for s in counts)
 
 
-def _layout(counts: dict[str, int], views: dict[str, int], shape: Sequence[int], dtype: str
-            ) -> dict[str, list[tuple[str, int, int]]]:
+def _layout(
+    counts: dict[str, int], views: dict[str, int], shape: Sequence[int], dtype: str
+) -> dict[str, list[tuple[str, int, int]]]:
     """Per split, its shard files as (name, first row, end row): about SHARD_BYTES each."""
     row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     out = {}
     for split, n in counts.items():
         rows = max(1, SHARD_BYTES // (row_bytes * views[split]))
-        out[split] = [(f"{split}-{s:05d}.npy", start, min(start + rows, n))
-                      for s, start in enumerate(range(0, n, rows))]
+        out[split] = [
+            (f"{split}-{s:05d}.npy", start, min(start + rows, n))
+            for s, start in enumerate(range(0, n, rows))
+        ]
     return out
 
 
-def _batches(layout: dict[str, list[tuple[str, int, int]]], batch_size: int
-             ) -> list[tuple[str, str, int, int]]:
+def _batches(
+    layout: dict[str, list[tuple[str, int, int]]], batch_size: int
+) -> list[tuple[str, str, int, int]]:
     """(split, shard file, first row, end row) of every batch, in cache order. Batches never
     cross a shard file, so a row is computed in the same batch however the work is divided."""
-    return [(split, name, b, min(b + batch_size, stop))
-            for split, files in layout.items() for name, start, stop in files
-            for b in range(start, stop, batch_size)]
+    return [
+        (split, name, b, min(b + batch_size, stop))
+        for split, files in layout.items()
+        for name, start, stop in files
+        for b in range(start, stop, batch_size)
+    ]
 
 
-def _compute(predict: Any, make_rows: Any, split: str, views: int, start: int,
-             examples: Sequence[Example], shape: Sequence[int], dtype: str) -> np.ndarray:
+def _compute(
+    predict: Any,
+    make_rows: Any,
+    split: str,
+    views: int,
+    start: int,
+    examples: Sequence[Example],
+    shape: Sequence[int],
+    dtype: str,
+) -> np.ndarray:
     out = np.empty((len(examples), views, *shape), dtype)
     for v in range(views):
         out[:, v] = np.asarray(predict(make_rows(split, v, start, examples))).astype(dtype)
@@ -236,10 +277,18 @@ def _record(path: Path, **extra: Any) -> dict[str, Any]:
     return {"file": path.name, **extra, "bytes": path.stat().st_size, "sha256": file_hash(path)}
 
 
-def _publish(work: Path, root: Path, key: str, inputs: dict[str, Any], dtype: str,
-             shape: Sequence[int], views: dict[str, int], labels: dict[str, Sequence[int]],
-             paths: dict[str, Sequence[str]], shards: dict[str, list[dict[str, Any]]]
-             ) -> FeatureCache:
+def _publish(
+    work: Path,
+    root: Path,
+    key: str,
+    inputs: dict[str, Any],
+    dtype: str,
+    shape: Sequence[int],
+    views: dict[str, int],
+    labels: dict[str, Sequence[int]],
+    paths: dict[str, Sequence[str]],
+    shards: dict[str, list[dict[str, Any]]],
+) -> FeatureCache:
     """Labels, paths and the manifest next to finished shards in `work`; then rename it to
     `root/key` whole."""
     manifest_splits = {}
@@ -249,23 +298,41 @@ def _publish(work: Path, root: Path, key: str, inputs: dict[str, Any], dtype: st
             np.save(tmp, np.asarray(labels[split], np.int32), allow_pickle=False)
         atomic_write_json(work / f"{split}-paths.json", list(paths[split]))
         manifest_splits[split] = {
-            "count": len(labels[split]), "views": views[split], "shape": list(shape),
-            "shards": shards[split], "labels": _record(labels_file),
+            "count": len(labels[split]),
+            "views": views[split],
+            "shape": list(shape),
+            "shards": shards[split],
+            "labels": _record(labels_file),
             "paths": f"{split}-paths.json",
         }
-    manifest = {"schema": SCHEMA, "key": key, "dtype": dtype, "inputs": inputs,
-                "splits": manifest_splits,
-                "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    manifest = {
+        "schema": SCHEMA,
+        "key": key,
+        "dtype": dtype,
+        "inputs": inputs,
+        "splits": manifest_splits,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     # every file was hashed from disk, so the manifest describes exactly what is published
     atomic_write_json(work / "manifest.json", manifest)
     publish_dir(work, root / key)
     return FeatureCache(root / key, manifest)
 
 
-def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
-                splits: dict[str, Sequence[Example]], views: dict[str, int], make_rows: Any,
-                dtype: str, batch_size: int, progress: Any = None,
-                wait: bool = True, predict: Any = None) -> FeatureCache:
+def build_cache(
+    root: Path,
+    key: str,
+    inputs: dict[str, Any],
+    trunk: Any,
+    splits: dict[str, Sequence[Example]],
+    views: dict[str, int],
+    make_rows: Any,
+    dtype: str,
+    batch_size: int,
+    progress: Any = None,
+    wait: bool = True,
+    predict: Any = None,
+) -> FeatureCache:
     """Compute and publish the cache for `key` (or return it if another process just did).
 
     make_rows(split, view, first_index, examples) -> uint8 images of those examples (whose
@@ -291,13 +358,17 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
             shards[split] = []
             for name, start, stop in files:
                 record = finished.get(name)
-                if record is None or not (work / name).is_file() \
-                        or file_hash(work / name) != record["sha256"]:
+                if (
+                    record is None
+                    or not (work / name).is_file()
+                    or file_hash(work / name) != record["sha256"]
+                ):
                     out = np.empty((stop - start, k, *shape), dtype)
                     for b in range(start, stop, batch_size):
                         batch = examples[b : min(b + batch_size, stop)]
                         out[b - start : b - start + len(batch)] = _compute(
-                            predict, make_rows, split, k, b, batch, shape, dtype)
+                            predict, make_rows, split, k, b, batch, shape, dtype
+                        )
                         if progress is not None:
                             progress(len(batch) * k)
                     with atomic_path(work / name) as tmp:
@@ -309,9 +380,18 @@ def build_cache(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
                     progress((stop - start) * k)
                 shards[split].append(record)
         progress_file.unlink()
-        return _publish(work, root, key, inputs, dtype, shape, views,
-                        {s: [e.label for e in x] for s, x in splits.items()},
-                        {s: [e.relpath for e in x] for s, x in splits.items()}, shards)
+        return _publish(
+            work,
+            root,
+            key,
+            inputs,
+            dtype,
+            shape,
+            views,
+            {s: [e.label for e in x] for s, x in splits.items()},
+            {s: [e.relpath for e in x] for s, x in splits.items()},
+            shards,
+        )
 
 
 PART_FILE = "part.json"
@@ -321,10 +401,21 @@ def part_path(root: Path, key: str, index: int, count: int) -> Path:
     return root / f"{key}.part-{index}-of-{count}"
 
 
-def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
-               splits: dict[str, Sequence[Example]], views: dict[str, int], make_rows: Any,
-               dtype: str, batch_size: int, index: int, count: int, progress: Any = None,
-               predict: Any = None) -> Path:
+def build_part(
+    root: Path,
+    key: str,
+    inputs: dict[str, Any],
+    trunk: Any,
+    splits: dict[str, Sequence[Example]],
+    views: dict[str, int],
+    make_rows: Any,
+    dtype: str,
+    batch_size: int,
+    index: int,
+    count: int,
+    progress: Any = None,
+    predict: Any = None,
+) -> Path:
     """Compute shard `index` of `count`: a contiguous run of the cache's batches, published
     whole as `<key>.part-<index>-of-<count>/` for `merge_parts`. A finished part is kept."""
     predict = predict or trunk.predict_on_batch
@@ -332,8 +423,9 @@ def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
     final = part_path(root, key, index, count)
     if (final / PART_FILE).is_file():
         return final
-    units = _batches(_layout({s: len(x) for s, x in splits.items()}, views, shape, dtype),
-                     batch_size)
+    units = _batches(
+        _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype), batch_size
+    )
     mine = units[index * len(units) // count : (index + 1) * len(units) // count]
     root.mkdir(parents=True, exist_ok=True)
     work = incomplete_dir(final, "cache part")
@@ -346,19 +438,42 @@ def build_part(root: Path, key: str, inputs: dict[str, Any], trunk: Any,
         out = np.empty((end - first, views[split], *shape), dtype)
         for start, stop in batches:
             out[start - first : stop - first] = _compute(
-                predict, make_rows, split, views[split], start, splits[split][start:stop],
-                shape, dtype)
+                predict,
+                make_rows,
+                split,
+                views[split],
+                start,
+                splits[split][start:stop],
+                shape,
+                dtype,
+            )
             if progress is not None:
                 progress((stop - start) * views[split])
         path = work / f"{name[:-4]}.rows-{first}-{end}.npy"
         with atomic_path(path) as tmp:
             np.save(tmp, out, allow_pickle=False)
         pieces.append(_record(path, split=split, shard=name, start=first, stop=end))
-    atomic_write_json(work / PART_FILE, {
-        "schema": SCHEMA, "key": key, "index": index, "count": count, "dtype": dtype,
-        "shape": list(shape), "inputs": inputs, "pieces": pieces,
-        "splits": {s: {"views": views[s], "labels": [e.label for e in x],
-                       "paths": [e.relpath for e in x]} for s, x in splits.items()}})
+    atomic_write_json(
+        work / PART_FILE,
+        {
+            "schema": SCHEMA,
+            "key": key,
+            "index": index,
+            "count": count,
+            "dtype": dtype,
+            "shape": list(shape),
+            "inputs": inputs,
+            "pieces": pieces,
+            "splits": {
+                s: {
+                    "views": views[s],
+                    "labels": [e.label for e in x],
+                    "paths": [e.relpath for e in x],
+                }
+                for s, x in splits.items()
+            },
+        },
+    )
     try:
         publish_dir(work, final)
     except OSError:  # the same part finished elsewhere first: keep that one
@@ -372,22 +487,28 @@ def read_parts(root: Path, key: str) -> tuple[int, dict[int, dict[str, Any]]]:
     for path in root.glob(f"{key}.part-*-of-*"):
         if is_incomplete(path) or not (path / PART_FILE).is_file():
             continue
-        info = read_json_record(path / PART_FILE, CacheError,
-                                f"remove {path} and run that shard again")
+        info = read_json_record(
+            path / PART_FILE, CacheError, f"remove {path} and run that shard again"
+        )
         info["path"] = path
         parts[info["index"]] = info
     counts = {p["count"] for p in parts.values()}
     if len(counts) > 1:
-        raise CacheError(f"{root / key}: parts from runs with different --num-shards "
-                         f"({sorted(counts)}); remove the wrong ones (`tlkit cache rm {key}` "
-                         "removes all) and run the shards again")
+        raise CacheError(
+            f"{root / key}: parts from runs with different --num-shards "
+            f"({sorted(counts)}); remove the wrong ones (`tlkit cache rm {key}` "
+            "removes all) and run the shards again"
+        )
     return (counts.pop() if counts else 0), parts
 
 
 def pending_parts(root: Path) -> list[str]:
     """Keys that have finished parts and no published cache."""
-    keys = {p.name.split(".", 1)[0] for p in root.glob("*.part-*-of-*")
-            if not is_incomplete(p)} if root.is_dir() else set()
+    keys = (
+        {p.name.split(".", 1)[0] for p in root.glob("*.part-*-of-*") if not is_incomplete(p)}
+        if root.is_dir()
+        else set()
+    )
     return sorted(k for k in keys if open_cache(root, k) is None)
 
 
@@ -396,14 +517,21 @@ def _check_parts(parts: dict[int, dict[str, Any]]) -> None:
     first = parts[0]
     for p in parts.values():
         if any(p[f] != first[f] for f in ("inputs", "splits", "dtype", "shape")):
-            raise CacheError(f"{p['path']}: was computed with other settings or data than "
-                             f"{first['path']}; remove it and run that shard again")
+            raise CacheError(
+                f"{p['path']}: was computed with other settings or data than "
+                f"{first['path']}; remove it and run that shard again"
+            )
         for piece in p["pieces"]:
             path = p["path"] / piece["file"]
-            if not is_inside(p["path"], piece["file"]) or not path.is_file() \
-                    or file_hash(path) != piece["sha256"]:
-                raise CacheError(f"{path}: missing or corrupt (checksum mismatch); remove "
-                                 f"{p['path']} and run shard {p['index']} again")
+            if (
+                not is_inside(p["path"], piece["file"])
+                or not path.is_file()
+                or file_hash(path) != piece["sha256"]
+            ):
+                raise CacheError(
+                    f"{path}: missing or corrupt (checksum mismatch); remove "
+                    f"{p['path']} and run shard {p['index']} again"
+                )
 
 
 def merge_parts(root: Path, key: str) -> FeatureCache:
@@ -415,13 +543,17 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
             return done
         count, parts = read_parts(root, key)
         if not parts:
-            raise CacheError(f"{root / key}: no finished shards to merge; `tlkit "
-                             "precompute-features --num-shards N --shard-index I` makes them")
+            raise CacheError(
+                f"{root / key}: no finished shards to merge; `tlkit "
+                "precompute-features --num-shards N --shard-index I` makes them"
+            )
         missing = sorted(set(range(count)) - set(parts))
         if missing:
-            raise CacheError(f"{root / key}: shard(s) {', '.join(map(str, missing))} of {count} "
-                             "not finished yet; run `tlkit precompute-features` with the same "
-                             f"options and --num-shards {count} --shard-index I for each")
+            raise CacheError(
+                f"{root / key}: shard(s) {', '.join(map(str, missing))} of {count} "
+                "not finished yet; run `tlkit precompute-features` with the same "
+                f"options and --num-shards {count} --shard-index I for each"
+            )
         first = parts[0]
         _check_parts(parts)
         splits, shape, dtype = first["splits"], first["shape"], first["dtype"]
@@ -442,19 +574,31 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
                     if piece["start"] != row:
                         break
                     out[row - start : piece["stop"] - start] = np.load(
-                        folder / piece["file"], allow_pickle=False)
+                        folder / piece["file"], allow_pickle=False
+                    )
                     row = piece["stop"]
                 if row != stop:
                     discard(work)
-                    raise CacheError(f"{root / key}: the parts do not cover rows {row}.."
-                                     f"{stop - 1} of {name} exactly once; remove the parts and "
-                                     "run the shards again")
+                    raise CacheError(
+                        f"{root / key}: the parts do not cover rows {row}.."
+                        f"{stop - 1} of {name} exactly once; remove the parts and "
+                        "run the shards again"
+                    )
                 with atomic_path(work / name) as tmp:
                     np.save(tmp, out, allow_pickle=False)
                 shards[split].append(_record(work / name, rows=stop - start))
-        cache = _publish(work, root, key, first["inputs"], dtype, shape, views,
-                         {s: v["labels"] for s, v in splits.items()},
-                         {s: v["paths"] for s, v in splits.items()}, shards)
+        cache = _publish(
+            work,
+            root,
+            key,
+            first["inputs"],
+            dtype,
+            shape,
+            views,
+            {s: v["labels"] for s, v in splits.items()},
+            {s: v["paths"] for s, v in splits.items()},
+            shards,
+        )
         for p in parts.values():
             shutil.rmtree(p["path"])
         return cache
@@ -466,15 +610,22 @@ def list_caches(root: Path) -> list[dict[str, Any]]:
         path = manifest.parent
         if is_incomplete(path):
             continue
-        info = read_json_record(manifest, CacheError,
-                                f"remove it with `tlkit cache rm {path.name}`")
+        info = read_json_record(
+            manifest, CacheError, f"remove it with `tlkit cache rm {path.name}`"
+        )
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         last = max(f.stat().st_atime for f in path.iterdir())
         inputs = info["inputs"]
-        rows.append({"key": path.name, "backbone": inputs["backbone"],
-                     "freeze": inputs["cut"]["k"], "views": inputs["views"]["train"],
-                     "size_mb": round(size / 1e6, 1),
-                     "last_used": datetime.fromtimestamp(last).strftime("%Y-%m-%d %H:%M")})
+        rows.append(
+            {
+                "key": path.name,
+                "backbone": inputs["backbone"],
+                "freeze": inputs["cut"]["k"],
+                "views": inputs["views"]["train"],
+                "size_mb": round(size / 1e6, 1),
+                "last_used": datetime.fromtimestamp(last).strftime("%Y-%m-%d %H:%M"),
+            }
+        )
     return rows
 
 
@@ -485,11 +636,17 @@ def list_unfinished(root: Path) -> list[dict[str, Any]]:
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         if path.is_dir() and (is_incomplete(path) or ".part-" in path.name):
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            rows.append({"folder": path.name, "key": path.name.split(".", 1)[0],
-                         "size_mb": round(size / 1e6, 1),
-                         "kind": "interrupted build" if is_incomplete(path) else "shard part",
-                         "last_written": datetime.fromtimestamp(path.stat().st_mtime)
-                         .strftime("%Y-%m-%d %H:%M")})
+            rows.append(
+                {
+                    "folder": path.name,
+                    "key": path.name.split(".", 1)[0],
+                    "size_mb": round(size / 1e6, 1),
+                    "kind": "interrupted build" if is_incomplete(path) else "shard part",
+                    "last_written": datetime.fromtimestamp(path.stat().st_mtime).strftime(
+                        "%Y-%m-%d %H:%M"
+                    ),
+                }
+            )
     return rows
 
 
@@ -518,10 +675,19 @@ def remove_caches(root: Path, key: str | None) -> list[str]:
     return removed
 
 
-def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,
-                  first_epoch: int = 0, epochs: int = 1, shuffle: bool = True,
-                  workers: int | None = None, prefetch: int | None = None,
-                  share: Any = None, sample_weights: Sequence[float] | None = None) -> Any:
+def cache_dataset(
+    cache: FeatureCache,
+    split: str,
+    batch_size: int,
+    seed: int,
+    first_epoch: int = 0,
+    epochs: int = 1,
+    shuffle: bool = True,
+    workers: int | None = None,
+    prefetch: int | None = None,
+    share: Any = None,
+    sample_weights: Sequence[float] | None = None,
+) -> Any:
     """(features, labels) batches from the cache; shuffled and shared between replicas exactly
     like the image pipeline."""
     from tlkit.data.augment import sample_rng
@@ -533,12 +699,27 @@ def cache_dataset(cache: FeatureCache, split: str, batch_size: int, seed: int,
     def make_batch(epoch: Any, indices: np.ndarray) -> np.ndarray:
         rows = []
         for i in indices:
-            view = 0 if reader.views == 1 else int(
-                sample_rng(seed, int(epoch), int(i)).integers(reader.views))
+            view = (
+                0
+                if reader.views == 1
+                else int(sample_rng(seed, int(epoch), int(i)).integers(reader.views))
+            )
             rows.append(reader.read(int(i), view))
         return np.stack(rows).astype(np.float32)
 
-    jobs = (epoch_jobs(reader.count, batch_size, seed, first_epoch, epochs, share.replicas)
-            if shuffle else ordered_jobs(reader.count, batch_size))
-    return run_jobs(jobs, make_batch, reader.labels.tolist(), reader.shape, "float32",
-                    workers, prefetch, share, sample_weights)
+    jobs = (
+        epoch_jobs(reader.count, batch_size, seed, first_epoch, epochs, share.replicas)
+        if shuffle
+        else ordered_jobs(reader.count, batch_size)
+    )
+    return run_jobs(
+        jobs,
+        make_batch,
+        reader.labels.tolist(),
+        reader.shape,
+        "float32",
+        workers,
+        prefetch,
+        share,
+        sample_weights,
+    )

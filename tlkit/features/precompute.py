@@ -82,13 +82,20 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         if (self.num_shards is None) != (self.shard_index is None):
-            raise ConfigError("--num-shards and --shard-index go together. Received: "
-                              f"--num-shards {self.num_shards}, --shard-index {self.shard_index}")
-        if self.num_shards is not None and self.shard_index is not None and not (
-                self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards):
-            raise ConfigError("--shard-index must be in 0..num-shards-1 (and --num-shards at "
-                              f"least 1). Received: --num-shards {self.num_shards}, "
-                              f"--shard-index {self.shard_index}")
+            raise ConfigError(
+                "--num-shards and --shard-index go together. Received: "
+                f"--num-shards {self.num_shards}, --shard-index {self.shard_index}"
+            )
+        if (
+            self.num_shards is not None
+            and self.shard_index is not None
+            and not (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards)
+        ):
+            raise ConfigError(
+                "--shard-index must be in 0..num-shards-1 (and --num-shards at "
+                f"least 1). Received: --num-shards {self.num_shards}, "
+                f"--shard-index {self.shard_index}"
+            )
         check("--strategy", self.strategy, STRATEGIES)
         check("--dtype", self.dtype, CACHE_DTYPES)
         check_val_fraction(self.val_fraction)
@@ -103,18 +110,34 @@ def view_augment(views: int, augment: AugmentConfig) -> AugmentConfig:
     return augment if views > 1 else resolve_augment("none")
 
 
-def prepare_cache(spec: BackboneSpec, weights: ResolvedWeights, model: Any, cut: Cut,
-                  size: int, views: int, augment: AugmentConfig, seed: int, folder: ImageFolder,
-                  dtype: str, pca: ColorPCA | None = None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Any, str, dict[str, Any], Any]:
+def prepare_cache(
+    spec: BackboneSpec,
+    weights: ResolvedWeights,
+    model: Any,
+    cut: Cut,
+    size: int,
+    views: int,
+    augment: AugmentConfig,
+    seed: int,
+    folder: ImageFolder,
+    dtype: str,
+    pca: ColorPCA | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[Any, str, dict[str, Any], Any]:
     """(trunk, key, key inputs, train transform) for a model cut at `cut`; `pca`, when the
     caller has it already, saves computing the dataset PCA twice."""
     from tlkit.data.pipeline import build_train_transform
 
     trunk = build_trunk(model, cut)
     aug = view_augment(views, augment)
-    transform = build_train_transform(aug, folder.splits["train"], size, spec.crop_fraction,
-                                      pca if aug.pca_sigma > 0 else None, max_pixels)
+    transform = build_train_transform(
+        aug,
+        folder.splits["train"],
+        size,
+        spec.crop_fraction,
+        pca if aug.pca_sigma > 0 else None,
+        max_pixels,
+    )
     pca = transform.pca.as_dict() if transform.pca is not None else None
     inputs = cache_inputs(spec, weights, trunk, cut, size, views, aug, pca, seed, folder, dtype)
     return trunk, key_of(inputs), inputs, transform
@@ -133,10 +156,18 @@ class BuildSettings:
     verbose: int = 1
 
 
-def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
-                        folder: ImageFolder, transform: TrainTransform, crop_fraction: float,
-                        settings: BuildSettings, predict: Any = None,
-                        shard: tuple[int, int] | None = None) -> Any:
+def build_with_progress(
+    root: Any,
+    key: str,
+    inputs: dict[str, Any],
+    trunk: Any,
+    folder: ImageFolder,
+    transform: TrainTransform,
+    crop_fraction: float,
+    settings: BuildSettings,
+    predict: Any = None,
+    shard: tuple[int, int] | None = None,
+) -> Any:
     """The cache (or, given `shard` (index, count), that part of it: its folder), with a
     progress bar; `predict` runs the trunk (default: predict_on_batch)."""
     import keras
@@ -146,8 +177,9 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
     total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
     if shard is not None:
         total = -(-total // shard[1])  # about: parts are whole batches
-    bar = keras.utils.Progbar(total, stateful_metrics=["images/s"], unit_name="image",
-                              verbose=settings.verbose)
+    bar = keras.utils.Progbar(
+        total, stateful_metrics=["images/s"], unit_name="image", verbose=settings.verbose
+    )
     start, done = time.perf_counter(), [0]
 
     def progress(n_images: int) -> None:
@@ -155,13 +187,38 @@ def build_with_progress(root: Any, key: str, inputs: dict[str, Any], trunk: Any,
         rate = done[0] / max(time.perf_counter() - start, 1e-9)
         bar.update(min(done[0], total), values=[("images/s", rate)])
 
-    with RowMaker(transform, crop_fraction, settings.seed, settings.workers,
-                  settings.max_pixels) as make_rows:
+    with RowMaker(
+        transform, crop_fraction, settings.seed, settings.workers, settings.max_pixels
+    ) as make_rows:
         if shard is not None:
-            return build_part(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
-                              dtype, batch_size, shard[0], shard[1], progress, predict)
-        return build_cache(root, key, inputs, trunk, folder.splits, view_counts, make_rows,
-                           dtype, batch_size, progress=progress, predict=predict)
+            return build_part(
+                root,
+                key,
+                inputs,
+                trunk,
+                folder.splits,
+                view_counts,
+                make_rows,
+                dtype,
+                batch_size,
+                shard[0],
+                shard[1],
+                progress,
+                predict,
+            )
+        return build_cache(
+            root,
+            key,
+            inputs,
+            trunk,
+            folder.splits,
+            view_counts,
+            make_rows,
+            dtype,
+            batch_size,
+            progress=progress,
+            predict=predict,
+        )
 
 
 def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | None, str]:
@@ -174,20 +231,24 @@ def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | Non
             return None, resolved
         return (config.shard_index, config.num_shards), resolved
     if config.num_shards is not None:
-        raise ConfigError("--num-shards with --strategy multiworker: use one or the other "
-                          "(under multiworker every worker of TF_CONFIG computes one shard)")
+        raise ConfigError(
+            "--num-shards with --strategy multiworker: use one or the other "
+            "(under multiworker every worker of TF_CONFIG computes one shard)"
+        )
     if cluster is None:
         raise ConfigError(NEEDS_TF_CONFIG)
     return (cluster.index, cluster.workers), "default"
 
 
-def precompute_features(config: PrecomputeConfig, verbose: int = 1
-                        ) -> FeatureCache | dict[str, Any]:
+def precompute_features(
+    config: PrecomputeConfig, verbose: int = 1
+) -> FeatureCache | dict[str, Any]:
     """Build (or find) the cache; with dry_run, return the plan without writing anything.
     `verbose` 0 hides the progress bar. With a shard, compute that part; the last part to
     finish publishes the cache, the others return what is still missing."""
-    checked = check_inputs(config.data, config.backbone, config.input_size,
-                           config.val_fraction, config.freeze)
+    checked = check_inputs(
+        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
+    )
     shard, strategy = _shard_and_strategy(config)
     placement = make_placement(strategy)
     if placement.replicas > 1:
@@ -220,17 +281,28 @@ def _cut_of(config: PrecomputeConfig, spec: BackboneSpec, base: Any) -> Cut:
     plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
     cut = resolve_cut(base, plan.n_frozen)
     if cut is None:
-        raise ConfigError(f"{plan.request} freezes nothing, so there is nothing to cache; "
-                          "freeze some layers (the default is --freeze all)")
+        raise ConfigError(
+            f"{plan.request} freezes nothing, so there is nothing to cache; "
+            "freeze some layers (the default is --freeze all)"
+        )
     if cut.k != plan.n_frozen:
-        log.info("cut: %s ends inside a block (several tensors cross it); caching at the "
-                 "nearest single-tensor cut, after layer %d (%s)", plan.request, cut.k - 1,
-                 cut.layer)
+        log.info(
+            "cut: %s ends inside a block (several tensors cross it); caching at the "
+            "nearest single-tensor cut, after layer %d (%s)",
+            plan.request,
+            cut.k - 1,
+            cut.layer,
+        )
     return cut
 
 
-def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, int] | None,
-                predictor: Any, verbose: int) -> FeatureCache | dict[str, Any]:
+def _precompute(
+    config: PrecomputeConfig,
+    checked: Checked,
+    shard: tuple[int, int] | None,
+    predictor: Any,
+    verbose: int,
+) -> FeatureCache | dict[str, Any]:
     spec, size = checked.spec, checked.size
     if config.dry_run:
         weights, missing = _dry_run_weights(spec, config.weights)
@@ -240,12 +312,28 @@ def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, in
     folder, _, _ = audit_and_filter(scanned, config.audit, spec.min_size, config.workers)
     from tlkit.models.model import backbone_of, build_model
 
-    model = build_model(spec, weights, size, len(folder.classes), config.seed,
-                        mixed_precision=config.mixed_precision)
+    model = build_model(
+        spec,
+        weights,
+        size,
+        len(folder.classes),
+        config.seed,
+        mixed_precision=config.mixed_precision,
+    )
     cut = _cut_of(config, spec, backbone_of(model))
     trunk, key, inputs, transform = prepare_cache(
-        spec, weights, model, cut, size, config.views, config.augment, config.seed, folder,
-        config.dtype, max_pixels=config.audit.max_pixels)
+        spec,
+        weights,
+        model,
+        cut,
+        size,
+        config.views,
+        config.augment,
+        config.seed,
+        folder,
+        config.dtype,
+        max_pixels=config.audit.max_pixels,
+    )
     predict = predictor(trunk)
     root = cache_root(config.cache_dir)
     existing = open_cache(root, key)
@@ -257,14 +345,21 @@ def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, in
         images = sum(counts[s] * views[s] for s in counts)
         if missing is not None:  # the key names the weights' hash: unknown without them
             key, existing = None, None
-        return {"key": key, "exists": existing is not None, "bytes": needed,
-                "weights_missing": missing,
-                "images": images, "shape": list(shape), "dtype": config.dtype,
-                "estimated_seconds": round(_seconds_per_image(predict, config.batch_size, size)
-                                           * images, 1),
-                "cut": cut.as_dict(), "path": str(root / key) if key else None,
-                "free_bytes": shutil.disk_usage(
-                    root if root.exists() else root.parent.resolve()).free}
+        return {
+            "key": key,
+            "exists": existing is not None,
+            "bytes": needed,
+            "weights_missing": missing,
+            "images": images,
+            "shape": list(shape),
+            "dtype": config.dtype,
+            "estimated_seconds": round(
+                _seconds_per_image(predict, config.batch_size, size) * images, 1
+            ),
+            "cut": cut.as_dict(),
+            "path": str(root / key) if key else None,
+            "free_bytes": shutil.disk_usage(root if root.exists() else root.parent.resolve()).free,
+        }
     if existing is not None:
         log.info("feature cache %s already complete (%s)", key, root / key)
         return existing
@@ -272,30 +367,58 @@ def _precompute(config: PrecomputeConfig, checked: Checked, shard: tuple[int, in
     free = shutil.disk_usage(root).free
     share = needed if shard is None else 2 * -(-needed // shard[1])  # a part, then its merge
     if share > free:
-        raise CacheError(f"{root}: the cache needs {share / 1e9:.2f} GB but only "
-                         f"{free / 1e9:.2f} GB is free; free space or pass --cache-dir elsewhere")
+        raise CacheError(
+            f"{root}: the cache needs {share / 1e9:.2f} GB but only "
+            f"{free / 1e9:.2f} GB is free; free space or pass --cache-dir elsewhere"
+        )
     what = "feature cache" if shard is None else f"shard {shard[0]} of {shard[1]} of cache"
-    log.info("building %s %s: %s images x views, %s %s per image, %.1f MB in all",
-             what, key, counts, shape, config.dtype, needed / 1e6)
-    settings = BuildSettings(config.views, config.seed, config.dtype, config.batch_size,
-                             config.workers, config.audit.max_pixels, verbose)
-    built = build_with_progress(root, key, inputs, trunk, folder, transform, spec.crop_fraction,
-                                settings, predict, shard)
+    log.info(
+        "building %s %s: %s images x views, %s %s per image, %.1f MB in all",
+        what,
+        key,
+        counts,
+        shape,
+        config.dtype,
+        needed / 1e6,
+    )
+    settings = BuildSettings(
+        config.views,
+        config.seed,
+        config.dtype,
+        config.batch_size,
+        config.workers,
+        config.audit.max_pixels,
+        verbose,
+    )
+    built = build_with_progress(
+        root, key, inputs, trunk, folder, transform, spec.crop_fraction, settings, predict, shard
+    )
     return built if shard is None else _after_part(root, key, shard, built)
 
 
-def _after_part(root: Any, key: str, shard: tuple[int, int], built: Any
-                ) -> FeatureCache | dict[str, Any]:
+def _after_part(
+    root: Any, key: str, shard: tuple[int, int], built: Any
+) -> FeatureCache | dict[str, Any]:
     """The last part to finish publishes the cache; the others say what is still missing."""
     count, parts = read_parts(root, key)
     missing = sorted(set(range(count)) - set(parts))
     if not missing:
         log.info("shard %d of %d done, and every part is finished: merging", *shard)
         return merge_parts(root, key)
-    log.info("shard %d of %d done (%s); waiting for shard(s) %s; the last to finish, or "
-             "`tlkit cache merge %s`, publishes the cache", shard[0], shard[1], built,
-             ", ".join(map(str, missing)), key)
-    return {"key": key, "shard": shard[0], "num_shards": shard[1], "part": str(built),
-            "missing_shards": missing, "path": str(root / key)}
-
-
+    log.info(
+        "shard %d of %d done (%s); waiting for shard(s) %s; the last to finish, or "
+        "`tlkit cache merge %s`, publishes the cache",
+        shard[0],
+        shard[1],
+        built,
+        ", ".join(map(str, missing)),
+        key,
+    )
+    return {
+        "key": key,
+        "shard": shard[0],
+        "num_shards": shard[1],
+        "part": str(built),
+        "missing_shards": missing,
+        "path": str(root / key),
+    }

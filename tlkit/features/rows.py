@@ -27,24 +27,36 @@ class RowMaker:
     the augmentation for training rows, the eval transform otherwise, decoded by a thread pool
     that leaving the `with` block ends (not whenever the garbage collector gets to it)."""
 
-    def __init__(self, transform: TrainTransform, crop_fraction: float, seed: int,
-                 workers: int | None, max_pixels: int):
+    def __init__(
+        self,
+        transform: TrainTransform,
+        crop_fraction: float,
+        seed: int,
+        workers: int | None,
+        max_pixels: int,
+    ):
         self.transform, self.crop_fraction = transform, crop_fraction
         self.seed, self.max_pixels = seed, max_pixels
         self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
 
-    def __call__(self, split: str, view: int, first: int, examples: Sequence[Example]
-                 ) -> np.ndarray:
+    def __call__(
+        self, split: str, view: int, first: int, examples: Sequence[Example]
+    ) -> np.ndarray:
         from tlkit.data.pipeline import load_eval_image, load_train_image
 
         t = self.transform
         if split == "train" and t.config.random:
-            jobs = [lambda e=e, i=first + j: load_train_image(e.path, t, self.seed, view, i,
-                                                              self.max_pixels)
-                    for j, e in enumerate(examples)]
+            jobs = [
+                lambda e=e, i=first + j: load_train_image(
+                    e.path, t, self.seed, view, i, self.max_pixels
+                )
+                for j, e in enumerate(examples)
+            ]
         else:
-            jobs = [lambda e=e: load_eval_image(e.path, t.size, self.crop_fraction,
-                                                self.max_pixels) for e in examples]
+            jobs = [
+                lambda e=e: load_eval_image(e.path, t.size, self.crop_fraction, self.max_pixels)
+                for e in examples
+            ]
         return np.stack(list(self._pool.map(lambda f: f(), jobs)))
 
     def __enter__(self) -> RowMaker:
@@ -73,9 +85,19 @@ def pooled_extractor(model: Any) -> Any:
     return keras.Model(model.inputs, model.get_layer("pool").output)
 
 
-def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], transform: Any,
-            crop_fraction: float, seed: int, views: int, batch_size: int, workers: int | None,
-            max_pixels: int, on_first_batch: Any = None) -> Features:
+def extract(
+    extractor: Any,
+    train: Sequence[Example],
+    val: Sequence[Example],
+    transform: Any,
+    crop_fraction: float,
+    seed: int,
+    views: int,
+    batch_size: int,
+    workers: int | None,
+    max_pixels: int,
+    on_first_batch: Any = None,
+) -> Features:
     """Features of the val images (eval crop) and of every training image: its eval view when
     `views` is 1 (whatever the augmentation), else `views` augmented views."""
     start = time.perf_counter()
@@ -84,21 +106,34 @@ def extract(extractor: Any, train: Sequence[Example], val: Sequence[Example], tr
     with RowMaker(transform, crop_fraction, seed, workers, max_pixels) as make_rows:
         out = forward(extractor, make_rows, train, val, views, batch_size, on_first_batch)
     labels = np.array([e.label for e in train], np.int32)
-    return Features(out["train"][0], np.tile(labels, views),
-                    out["val"][0] if len(val) else np.zeros((0, 1), np.float32),
-                    np.array([e.label for e in val], np.int32), views,
-                    time.perf_counter() - start)
+    return Features(
+        out["train"][0],
+        np.tile(labels, views),
+        out["val"][0] if len(val) else np.zeros((0, 1), np.float32),
+        np.array([e.label for e in val], np.int32),
+        views,
+        time.perf_counter() - start,
+    )
 
 
-def forward(extractor: Any, make_rows: Any, train: Sequence[Example], val: Sequence[Example],
-            views: int, batch_size: int, on_first_batch: Any = None
-            ) -> dict[str, list[np.ndarray]]:
+def forward(
+    extractor: Any,
+    make_rows: Any,
+    train: Sequence[Example],
+    val: Sequence[Example],
+    views: int,
+    batch_size: int,
+    on_first_batch: Any = None,
+) -> dict[str, list[np.ndarray]]:
     """Each output of `extractor` (one model, or several outputs) over `views` views of the
     training images and one of the val images, per split. Decoding the next batch overlaps with
     the model's work on this one; a short last batch is padded, so the graph is traced once."""
-    jobs = [("train", v, i, list(train[i:i + batch_size]))
-            for v in range(views) for i in range(0, len(train), batch_size)]
-    jobs += [("val", 0, i, list(val[i:i + batch_size])) for i in range(0, len(val), batch_size)]
+    jobs = [
+        ("train", v, i, list(train[i : i + batch_size]))
+        for v in range(views)
+        for i in range(0, len(train), batch_size)
+    ]
+    jobs += [("val", 0, i, list(val[i : i + batch_size])) for i in range(0, len(val), batch_size)]
     out: dict[str, list[list[np.ndarray]]] = {"train": [], "val": []}
     with ThreadPoolExecutor(1) as ahead:
         pending = ahead.submit(make_rows, *jobs[0])
@@ -107,21 +142,33 @@ def forward(extractor: Any, make_rows: Any, train: Sequence[Example], val: Seque
             if n + 1 < len(jobs):
                 pending = ahead.submit(make_rows, *jobs[n + 1])
             t = time.perf_counter()
-            padded = np.concatenate([rows, np.zeros((batch_size - len(rows), *rows.shape[1:]),
-                                                    rows.dtype)]) if len(rows) < batch_size \
+            padded = (
+                np.concatenate(
+                    [rows, np.zeros((batch_size - len(rows), *rows.shape[1:]), rows.dtype)]
+                )
+                if len(rows) < batch_size
                 else rows
+            )
             result = extractor.predict_on_batch(padded)
             outputs = result if isinstance(result, (list, tuple)) else [result]
-            out[split].append([np.asarray(o, np.float32)[:len(rows)] for o in outputs])
+            out[split].append([np.asarray(o, np.float32)[: len(rows)] for o in outputs])
             if n == 1 and on_first_batch is not None:  # the first call traced the graph
-                on_first_batch((time.perf_counter() - t) / len(rows),
-                               views * len(train) + len(val))
-    return {split: [np.concatenate(parts) for parts in zip(*batches, strict=True)]
-            for split, batches in out.items()}
+                on_first_batch((time.perf_counter() - t) / len(rows), views * len(train) + len(val))
+    return {
+        split: [np.concatenate(parts) for parts in zip(*batches, strict=True)]
+        for split, batches in out.items()
+    }
 
 
-def pooled_features(model: Any, examples: Sequence[Example], size: int, crop_fraction: float,
-                    batch_size: int, workers: int | None, max_pixels: int) -> np.ndarray:
+def pooled_features(
+    model: Any,
+    examples: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    batch_size: int,
+    workers: int | None,
+    max_pixels: int,
+) -> np.ndarray:
     """(N, D) float32: each image's eval view through the model up to its pooling layer."""
     plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
     with RowMaker(plain, crop_fraction, 0, workers, max_pixels) as make_rows:

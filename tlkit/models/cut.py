@@ -77,23 +77,26 @@ def build_trunk(model: Any, cut: Cut) -> Any:
     return trunk_outputs(model, [cut.layer], name="trunk")
 
 
-def trunk_outputs(model: Any, layers: list[str], pooled: bool = False, name: str = "trunk"
-                  ) -> Any:
+def trunk_outputs(model: Any, layers: list[str], pooled: bool = False, name: str = "trunk") -> Any:
     """uint8 images -> the outputs of these backbone layers (and, with `pooled`, the head's
     pooled input last), in one forward pass through the classifier's own layers."""
     import keras
 
     base = model.get_layer(BACKBONE_LAYER)
     wanted = [base.get_layer(n).output for n in layers] + ([base.output] if pooled else [])
-    inner = keras.Model(base.input, wanted[0] if len(wanted) == 1 else wanted,
-                        name=f"{name}_backbone")
+    inner = keras.Model(
+        base.input, wanted[0] if len(wanted) == 1 else wanted, name=f"{name}_backbone"
+    )
     x = model.input
     for layer in model.layers[1 : model.layers.index(base)]:  # the preprocessing layers
         x = layer(x)
     outs = inner(x)
     if pooled:
-        outs = [*outs[:-1], model.get_layer("pool")(outs[-1])] if len(wanted) > 1 \
+        outs = (
+            [*outs[:-1], model.get_layer("pool")(outs[-1])]
+            if len(wanted) > 1
             else model.get_layer("pool")(outs)
+        )
     return keras.Model(model.input, outs, name=name)
 
 

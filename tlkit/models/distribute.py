@@ -41,8 +41,10 @@ WHOLE = Share()
 log = logging.getLogger("tlkit")
 
 LOGICAL_CPUS_ENV = "TLKIT_LOGICAL_CPUS"
-NEEDS_TF_CONFIG = ("--strategy multiworker needs TF_CONFIG, naming every worker and this "
-                   "process's task; see README, \"Several GPUs, several machines\"")
+NEEDS_TF_CONFIG = (
+    "--strategy multiworker needs TF_CONFIG, naming every worker and this "
+    'process\'s task; see README, "Several GPUs, several machines"'
+)
 
 
 @dataclass(frozen=True)
@@ -63,28 +65,39 @@ def read_tf_config() -> ClusterSpec | None:
     raw = os.environ.get("TF_CONFIG", "").strip()
     if not raw:
         return None
-    fix = ("set TF_CONFIG to JSON like {\"cluster\": {\"worker\": [\"host1:port\", "
-           "\"host2:port\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
+    fix = (
+        'set TF_CONFIG to JSON like {"cluster": {"worker": ["host1:port", '
+        '"host2:port"]}, "task": {"type": "worker", "index": 0}}'
+    )
     try:
         config = json.loads(raw)
     except ValueError as e:
         raise ConfigError(f"TF_CONFIG: not valid JSON ({e}); {fix}") from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
     task = config.get("task") if isinstance(config, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(cluster.get("worker", []), list) \
-            or not isinstance(task, dict):
-        raise ConfigError(f"TF_CONFIG: needs a \"cluster\" mapping and a \"task\". Received: "
-                          f"{raw[:200]}; {fix}")
+    if (
+        not isinstance(cluster, dict)
+        or not isinstance(cluster.get("worker", []), list)
+        or not isinstance(task, dict)
+    ):
+        raise ConfigError(
+            f'TF_CONFIG: needs a "cluster" mapping and a "task". Received: {raw[:200]}; {fix}'
+        )
     chiefs, workers = cluster.get("chief", []), cluster.get("worker", [])
     kind, index = task.get("type"), task.get("index")
-    if kind not in ("chief", "worker") or not isinstance(index, int) \
-            or not 0 <= index < len(chiefs if kind == "chief" else workers) or len(chiefs) > 1:
-        raise ConfigError(f"TF_CONFIG: task {json.dumps(task)} is not one of the cluster's "
-                          f"{len(chiefs)} chief and {len(workers)} worker entries (at most one "
-                          f"chief); {fix}")
+    if (
+        kind not in ("chief", "worker")
+        or not isinstance(index, int)
+        or not 0 <= index < len(chiefs if kind == "chief" else workers)
+        or len(chiefs) > 1
+    ):
+        raise ConfigError(
+            f"TF_CONFIG: task {json.dumps(task)} is not one of the cluster's "
+            f"{len(chiefs)} chief and {len(workers)} worker entries (at most one "
+            f"chief); {fix}"
+        )
     position = index if kind == "chief" else len(chiefs) + index
-    return ClusterSpec(workers=len(chiefs) + len(workers), index=position,
-                       task=f"{kind}:{index}")
+    return ClusterSpec(workers=len(chiefs) + len(workers), index=position, task=f"{kind}:{index}")
 
 
 def split_cpu() -> None:
@@ -93,21 +106,26 @@ def split_cpu() -> None:
     if not raw:
         return
     if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(f"{LOGICAL_CPUS_ENV} must be a positive number of logical CPU "
-                          f"devices. Received: {raw!r}")
+        raise ConfigError(
+            f"{LOGICAL_CPUS_ENV} must be a positive number of logical CPU "
+            f"devices. Received: {raw!r}"
+        )
     import tensorflow as tf
 
     n = int(raw)
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+        )
     except RuntimeError:  # already initialised: fine if it was split the same way
         have = len(tf.config.list_logical_devices("CPU"))
         if have != n:
-            raise ConfigError(f"{LOGICAL_CPUS_ENV}={n}, but TensorFlow already started with "
-                              f"{have} CPU device(s); set it before anything imports "
-                              "TensorFlow") from None
+            raise ConfigError(
+                f"{LOGICAL_CPUS_ENV}={n}, but TensorFlow already started with "
+                f"{have} CPU device(s); set it before anything imports "
+                "TensorFlow"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -132,7 +150,8 @@ class Placement:
         where = f"{len(self.local)} device(s)"
         if self.workers > 1:
             where += f" on each of {self.workers} workers; this is worker {self.worker}" + (
-                " (chief)" if self.is_chief else "")
+                " (chief)" if self.is_chief else ""
+            )
         return f"{self.name}: {self.replicas} replicas, {where}"
 
     @property
@@ -155,13 +174,17 @@ class Placement:
 
         v = int(value[:6], 16)  # 24 bits: sums of squares stay exact in int64
         per_replica = self.strategy.experimental_distribute_values_from_function(
-            lambda _: tf.constant([v, v * v], tf.int64))
-        total, squares = (int(x) for x in np.asarray(
-            self.strategy.reduce("SUM", per_replica, axis=None)))
+            lambda _: tf.constant([v, v * v], tf.int64)
+        )
+        total, squares = (
+            int(x) for x in np.asarray(self.strategy.reduce("SUM", per_replica, axis=None))
+        )
         n = self.replicas
         if total * total != n * squares:  # not all equal (Cauchy-Schwarz)
-            raise ConfigError(f"worker {self.worker}: the workers see different {what} (this "
-                              f"worker: {value[:12]}); {fix}")
+            raise ConfigError(
+                f"worker {self.worker}: the workers see different {what} (this "
+                f"worker: {value[:12]}); {fix}"
+            )
 
     def predictor(self, model: Any) -> Callable[[np.ndarray], np.ndarray]:
         """A batch -> the model's outputs, the batch split across every replica (of every
@@ -182,8 +205,13 @@ class Placement:
             per = -(-n // replicas)
             padded = np.concatenate([x, np.repeat(x[-1:], per * replicas - n, axis=0)])
             values = strategy.experimental_distribute_values_from_function(
-                lambda ctx: tf.constant(padded[ctx.replica_id_in_sync_group * per:
-                                               (ctx.replica_id_in_sync_group + 1) * per]))
+                lambda ctx: tf.constant(
+                    padded[
+                        ctx.replica_id_in_sync_group * per : (ctx.replica_id_in_sync_group + 1)
+                        * per
+                    ]
+                )
+            )
             return np.asarray(step(values))[:n]
 
         return predict
@@ -200,8 +228,7 @@ def traced_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     spec = tf.TensorSpec((None, *model.input.shape[1:]), model.input.dtype)
     # a partial, not a lambda: TensorFlow counts traces per code object, so one lambda shared
     # by an ensemble's models would read as one function retraced and warn
-    step = tf.function(functools.partial(model.__call__, training=False),
-                       input_signature=[spec])
+    step = tf.function(functools.partial(model.__call__, training=False), input_signature=[spec])
 
     def predict(x: np.ndarray) -> np.ndarray:
         return np.asarray(step(x))
@@ -237,8 +264,10 @@ def make_placement(name: str = "auto") -> Placement:
         strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
         n = strategy.num_replicas_in_sync
         if n == 1:
-            log.warning("--strategy mirrored found one device (%s): training runs as on one "
-                        "device", devices[0].name)
+            log.warning(
+                "--strategy mirrored found one device (%s): training runs as on one device",
+                devices[0].name,
+            )
         return Placement(strategy, "mirrored", n, tuple(range(n)))
     if cluster is None:
         raise ConfigError(NEEDS_TF_CONFIG)
@@ -247,16 +276,25 @@ def make_placement(name: str = "auto") -> Placement:
     n = strategy.num_replicas_in_sync
     per_worker = n // cluster.workers
     first = cluster.index * per_worker
-    return Placement(strategy, "multiworker", n, tuple(range(first, first + per_worker)),
-                     cluster.workers, cluster.index)
+    return Placement(
+        strategy,
+        "multiworker",
+        n,
+        tuple(range(first, first + per_worker)),
+        cluster.workers,
+        cluster.index,
+    )
 
 
 # The Keras releases whose private trainer internals `_fix_keras_multiworker` was checked
 # against (major, minor), and the names it replaces there. tests/test_distribute.py fails when
 # the installed Keras leaves this range or renames them: check the patch, then widen the range.
 KERAS_CHECKED = ((3, 14), (3, 15))
-PATCHED = ("reduce_per_replica", "_collective_all_reduce_multi_worker",
-           "TensorFlowTrainer._maybe_symbolic_build")
+PATCHED = (
+    "reduce_per_replica",
+    "_collective_all_reduce_multi_worker",
+    "TensorFlowTrainer._maybe_symbolic_build",
+)
 
 
 def keras_internals_match() -> str | None:
@@ -267,8 +305,10 @@ def keras_internals_match() -> str | None:
 
     version = tuple(int(x) for x in keras.__version__.split(".")[:2])
     if not KERAS_CHECKED[0] <= version <= KERAS_CHECKED[1]:
-        return (f"Keras {keras.__version__} is outside the checked "
-                f"{'.'.join(map(str, KERAS_CHECKED[0]))}-{'.'.join(map(str, KERAS_CHECKED[1]))}")
+        return (
+            f"Keras {keras.__version__} is outside the checked "
+            f"{'.'.join(map(str, KERAS_CHECKED[0]))}-{'.'.join(map(str, KERAS_CHECKED[1]))}"
+        )
     for name in PATCHED:
         owner = trainer
         for part in name.split("."):
@@ -290,9 +330,11 @@ def _fix_keras_multiworker() -> None:
 
     differs = keras_internals_match()
     if differs is not None:
-        raise ConfigError(f"--strategy multiworker needs tlkit's fix of keras-team/keras#20585, "
-                          f"which patches Keras internals, and {differs}; install a checked "
-                          "Keras (pip install 'keras>=3.14,<3.16') or use --strategy mirrored")
+        raise ConfigError(
+            f"--strategy multiworker needs tlkit's fix of keras-team/keras#20585, "
+            f"which patches Keras internals, and {differs}; install a checked "
+            "Keras (pip install 'keras>=3.14,<3.16') or use --strategy mirrored"
+        )
     if getattr(trainer, "_tlkit_multiworker_fix", False):
         return
     is_multiworker = trainer._collective_all_reduce_multi_worker
@@ -302,8 +344,13 @@ def _fix_keras_multiworker() -> None:
     def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
         if reduction in ("auto", "mean") and is_multiworker(strategy):
             return tree.map_structure(
-                lambda v: strategy.reduce("MEAN", v, axis=None)
-                if isinstance(v, tf.distribute.DistributedValues) else v, values)
+                lambda v: (
+                    strategy.reduce("MEAN", v, axis=None)
+                    if isinstance(v, tf.distribute.DistributedValues)
+                    else v
+                ),
+                values,
+            )
         return original_reduce(values, strategy, reduction)
 
     def maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> Any:
@@ -311,8 +358,13 @@ def _fix_keras_multiworker() -> None:
         if iterator is not None and is_multiworker(strategy):
             for _, _, it in iterator:
                 data_batch = tree.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0]
-                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+                    lambda v: (
+                        strategy.experimental_local_results(v)[0]
+                        if isinstance(v, tf.distribute.DistributedValues)
+                        else v
+                    ),
+                    next(it),
+                )
                 break
             iterator = None
         return original_build(self, iterator=iterator, data_batch=data_batch)

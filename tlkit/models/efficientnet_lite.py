@@ -21,8 +21,15 @@ import numpy as np
 from tlkit.models.torch_checkpoint import CheckpointError, read_state_dict
 
 # (kernel, first stride, expansion, output channels, repeats) of each stage: B0's table
-STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
-          (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
 STEM, HEAD = 32, 1280
 BN_EPSILON = 1e-3
 IMAGENET_CLASSES = 1000
@@ -51,8 +58,17 @@ def blocks() -> list[Block]:
     out, channels = [], STEM
     for i, (kernel, first_stride, expand, width, repeats) in enumerate(STAGES):
         for j in range(repeats):
-            out.append(Block(f"block{i + 1}{chr(97 + j)}", i + 1, kernel,
-                             first_stride if j == 0 else 1, expand, channels, width))
+            out.append(
+                Block(
+                    f"block{i + 1}{chr(97 + j)}",
+                    i + 1,
+                    kernel,
+                    first_stride if j == 0 else 1,
+                    expand,
+                    channels,
+                    width,
+                )
+            )
             channels = width
     return out
 
@@ -60,8 +76,11 @@ def blocks() -> list[Block]:
 def stage_ends() -> tuple[tuple[str, str], ...]:
     """(stage, its last layer) for the registry: stem, the seven block stages, the head."""
     last = {b.stage: b.last_layer for b in blocks()}
-    return (("stem", "stem_activation"), *((f"stage{i}", last[i]) for i in sorted(last)),
-            ("top", "top_activation"))
+    return (
+        ("stem", "stem_activation"),
+        *((f"stage{i}", last[i]) for i in sorted(last)),
+        ("top", "top_activation"),
+    )
 
 
 def build(input_shape: tuple[int | None, int | None, int]) -> Any:
@@ -70,8 +89,9 @@ def build(input_shape: tuple[int | None, int | None, int]) -> Any:
     from keras import layers
 
     def conv_bn(x: Any, filters: int, kernel: int, stride: int, name: str, act: bool) -> Any:
-        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
-                          name=f"{name}_conv")(x)
+        x = layers.Conv2D(
+            filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
+        )(x)
         x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
         return layers.ReLU(6.0, name=f"{name}_activation")(x) if act else x
 
@@ -81,8 +101,9 @@ def build(input_shape: tuple[int | None, int | None, int]) -> Any:
         skip = x
         if b.expand != 1:
             x = conv_bn(x, b.inputs * b.expand, 1, 1, f"{b.name}_expand", act=True)
-        x = layers.DepthwiseConv2D(b.kernel, strides=b.stride, padding="same", use_bias=False,
-                                   name=f"{b.name}_dwconv")(x)
+        x = layers.DepthwiseConv2D(
+            b.kernel, strides=b.stride, padding="same", use_bias=False, name=f"{b.name}_dwconv"
+        )(x)
         x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{b.name}_bn")(x)
         x = layers.ReLU(6.0, name=f"{b.name}_activation")(x)
         x = conv_bn(x, b.outputs, 1, 1, f"{b.name}_project", act=False)
@@ -94,16 +115,24 @@ def build(input_shape: tuple[int | None, int | None, int]) -> Any:
 
 def _torch_names() -> dict[str, tuple[str, str]]:
     """Keras layer -> (checkpoint prefix, kind), kind one of conv, dwconv, bn."""
-    out = {"stem_conv": ("_conv_stem", "conv"), "stem_bn": ("_bn0", "bn"),
-           "top_conv": ("_conv_head", "conv"), "top_bn": ("_bn1", "bn")}
+    out = {
+        "stem_conv": ("_conv_stem", "conv"),
+        "stem_bn": ("_bn0", "bn"),
+        "top_conv": ("_conv_head", "conv"),
+        "top_bn": ("_bn1", "bn"),
+    }
     for i, name in enumerate(b.name for b in blocks()):
         p = f"_blocks.{i}"
-        out.update({f"{name}_expand_conv": (f"{p}._expand_conv", "conv"),
-                    f"{name}_expand_bn": (f"{p}._bn0", "bn"),
-                    f"{name}_dwconv": (f"{p}._depthwise_conv", "dwconv"),
-                    f"{name}_bn": (f"{p}._bn1", "bn"),
-                    f"{name}_project_conv": (f"{p}._project_conv", "conv"),
-                    f"{name}_project_bn": (f"{p}._bn2", "bn")})
+        out.update(
+            {
+                f"{name}_expand_conv": (f"{p}._expand_conv", "conv"),
+                f"{name}_expand_bn": (f"{p}._bn0", "bn"),
+                f"{name}_dwconv": (f"{p}._depthwise_conv", "dwconv"),
+                f"{name}_bn": (f"{p}._bn1", "bn"),
+                f"{name}_project_conv": (f"{p}._project_conv", "conv"),
+                f"{name}_project_bn": (f"{p}._bn2", "bn"),
+            }
+        )
     return out
 
 
@@ -125,17 +154,20 @@ def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[s
         keys = [f"{prefix}.{part}" for part in BN_PARTS] if kind == "bn" else [f"{prefix}.weight"]
         missing = [k for k in keys if k not in state]
         if missing:
-            raise CheckpointError(f"{path}: tensor {missing[0]} is missing; not an "
-                                  "EfficientNet-Lite0 state dict")
+            raise CheckpointError(
+                f"{path}: tensor {missing[0]} is missing; not an EfficientNet-Lite0 state dict"
+            )
         to_keras = TO_KERAS.get(kind)
         for k, weight in zip(keys, layer.weights, strict=True):
             expected = list(weight.shape)  # in the checkpoint's layout, for the message
             if to_keras:
                 expected = [expected[j] for j in np.argsort(to_keras)]
             if list(state[k].shape) != expected:
-                raise CheckpointError(f"{path}: tensor {k} has shape {list(state[k].shape)}, "
-                                      f"expected {expected}; not an EfficientNet-Lite0 state "
-                                      "dict")
+                raise CheckpointError(
+                    f"{path}: tensor {k} has shape {list(state[k].shape)}, "
+                    f"expected {expected}; not an EfficientNet-Lite0 state "
+                    "dict"
+                )
         arrays = [state[k].transpose(to_keras) if to_keras else state[k] for k in keys]
         for k, array in zip(keys, arrays, strict=True):
             if not np.isfinite(array).all():
@@ -145,8 +177,11 @@ def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[s
         out[layer.name] = [a.astype(np.float32) for a in arrays]
         used.update(keys)
     top = {"_fc.weight", "_fc.bias"}
-    extra = sorted(k for k in state if k not in used and k not in top
-                   and not k.endswith(".num_batches_tracked"))
+    extra = sorted(
+        k
+        for k in state
+        if k not in used and k not in top and not k.endswith(".num_batches_tracked")
+    )
     if extra or not top <= set(state):
         what = f"unexpected tensor {extra[0]}" if extra else "no classifier (_fc)"
         raise CheckpointError(f"{path}: {what}; not an EfficientNet-Lite0 state dict")

@@ -42,8 +42,12 @@ class FreezePlan:
     request: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"request": self.request, "n_frozen": self.n_frozen, "n_layers": self.n_layers,
-                "last_frozen": self.last_frozen}
+        return {
+            "request": self.request,
+            "n_frozen": self.n_frozen,
+            "n_layers": self.n_layers,
+            "last_frozen": self.last_frozen,
+        }
 
 
 def parse_freeze_count(value: str) -> str:
@@ -102,9 +106,11 @@ def resolve_freeze(
     else:
         count = request.count if request.count is not None else "all"
         if count == AUTO:
-            raise ConfigError("--freeze auto is only for `tlkit finetune`, which picks the freeze "
-                              "point on the validation split; here give a number, 'all', "
-                              "--freeze-to or --freeze-blocks. Received: auto")
+            raise ConfigError(
+                "--freeze auto is only for `tlkit finetune`, which picks the freeze "
+                "point on the validation split; here give a number, 'all', "
+                "--freeze-to or --freeze-blocks. Received: auto"
+            )
         if count == "all":
             n = n_layers
         else:
@@ -151,18 +157,21 @@ def nothing_to_train(base: Any, plan: FreezePlan, train_bn: bool = False) -> str
     """A warning when the plan freezes less than everything yet leaves no layer whose weights
     train (only pooling, activations, adds, or BatchNorm kept frozen), so the fine-tune phase
     trains exactly what `--freeze all` trains; it names the nearest plan that trains more."""
+
     def trains(layer: Any) -> bool:
         return bool(layer.weights) and (train_bn or not is_batch_norm(layer))
 
     layers = base.layers
-    if plan.n_frozen >= len(layers) or any(trains(x) for x in layers[plan.n_frozen:]):
+    if plan.n_frozen >= len(layers) or any(trains(x) for x in layers[plan.n_frozen :]):
         return None
     nearest = next((n for n in range(plan.n_frozen - 1, -1, -1) if trains(layers[n])), None)
     if nearest is None:
         return f"{plan.request}: no layer of the backbone holds weights that train"
-    tail = ", ".join(x.name for x in layers[plan.n_frozen:][:4])
+    tail = ", ".join(x.name for x in layers[plan.n_frozen :][:4])
     more = "" if len(layers) - plan.n_frozen <= 4 else ", ..."
-    return (f"{plan.request} leaves only layers with nothing to train after the freeze point "
-            f"({tail}{more}; BatchNorm stays frozen without --train-bn), so fine-tuning trains "
-            f"what --freeze all trains; --freeze {nearest} (or {nearest - len(layers)}) also "
-            f"trains {layers[nearest].name}")
+    return (
+        f"{plan.request} leaves only layers with nothing to train after the freeze point "
+        f"({tail}{more}; BatchNorm stays frozen without --train-bn), so fine-tuning trains "
+        f"what --freeze all trains; --freeze {nearest} (or {nearest - len(layers)}) also "
+        f"trains {layers[nearest].name}"
+    )

@@ -28,8 +28,11 @@ def backbone_stats(name: str) -> dict[str, int]:
     full = spec.build(include_top=True)
     params_top = int(full.count_params())
     headless = spec.build(spec.default_size)
-    stats = {"params_with_top": params_top, "params_no_top": int(headless.count_params()),
-             "layers": len(headless.layers)}
+    stats = {
+        "params_with_top": params_top,
+        "params_no_top": int(headless.count_params()),
+        "layers": len(headless.layers),
+    }
     del full, headless
     keras.backend.clear_session()
     return stats
@@ -48,9 +51,16 @@ def backbone_table() -> list[dict[str, Any]]:
         if spec.name not in known:
             known[spec.name] = backbone_stats(spec.name)
             changed = True
-        rows.append({"name": spec.name, **known[spec.name], "default_size": spec.default_size,
-                     "min_size": spec.min_size, "preprocessing": spec.preprocessing,
-                     "stages": len(spec.stages)})
+        rows.append(
+            {
+                "name": spec.name,
+                **known[spec.name],
+                "default_size": spec.default_size,
+                "min_size": spec.min_size,
+                "preprocessing": spec.preprocessing,
+                "stages": len(spec.stages),
+            }
+        )
     if changed:
         atomic_write_json(cache, known)
     return rows
@@ -69,8 +79,15 @@ def layer_table(name: str, input_size: int | None = None) -> list[dict[str, Any]
     rows = []
     for i, layer in enumerate(base.layers):
         shape = layer.output.shape if hasattr(layer, "output") else None
-        rows.append({"index": i, "name": layer.name, "type": type(layer).__name__,
-                     "output_shape": list(shape) if shape is not None else None,
-                     "params": int(layer.count_params()) if layer.built else 0,
-                     "stage": stages[i], "cut": (i + 1) in cuts})
+        rows.append(
+            {
+                "index": i,
+                "name": layer.name,
+                "type": type(layer).__name__,
+                "output_shape": list(shape) if shape is not None else None,
+                "params": int(layer.count_params()) if layer.built else 0,
+                "stage": stages[i],
+                "cut": (i + 1) in cuts,
+            }
+        )
     return rows

@@ -30,33 +30,43 @@ def preprocessing_layers(mode: str) -> list[Any]:
 
     cast = keras.layers.Rescaling(1.0, dtype="float32", name="to_float")
     if mode == "tf":
-        return [cast, keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32",
-                                             name="preprocess_tf")]
+        return [
+            cast,
+            keras.layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32", name="preprocess_tf"),
+        ]
     if mode == "lite":  # EfficientNet-Lite's (x - 127) / 128
-        return [cast, keras.layers.Rescaling(1 / 128, offset=-127 / 128, dtype="float32",
-                                             name="preprocess_lite")]
+        return [
+            cast,
+            keras.layers.Rescaling(
+                1 / 128, offset=-127 / 128, dtype="float32", name="preprocess_lite"
+            ),
+        ]
     if mode == "none":  # the backbone preprocesses 0..255 itself
         return [cast]
     if mode == "torch":
         mean = [255.0 * m for m in TORCH_MEAN]
         var = [(255.0 * s) ** 2 for s in TORCH_STD]
-        return [cast, keras.layers.Normalization(mean=mean, variance=var, dtype="float32",
-                                                 name="preprocess_torch")]
+        return [
+            cast,
+            keras.layers.Normalization(
+                mean=mean, variance=var, dtype="float32", name="preprocess_torch"
+            ),
+        ]
     if mode == "caffe":
         # RGB -> BGR and mean subtraction as one fixed 1x1 convolution (exact: 0/1 weights).
         kernel = np.zeros((1, 1, 3, 3), dtype=np.float32)
         for out_ch, in_ch in enumerate((2, 1, 0)):
             kernel[0, 0, in_ch, out_ch] = 1.0
-        conv = keras.layers.Conv2D(3, 1, dtype="float32", name="preprocess_caffe",
-                                   trainable=False)
+        conv = keras.layers.Conv2D(3, 1, dtype="float32", name="preprocess_caffe", trainable=False)
         conv.build((None, None, None, 3))
         conv.set_weights([kernel, -np.array(CAFFE_MEAN_BGR, dtype=np.float32)])
         return [cast, conv]
     raise ValueError(f"unknown preprocessing mode {mode!r}")  # the registry is wrong: a bug
 
 
-def build_classifier(spec: BackboneSpec, base: Any, num_classes: int, input_size: int,
-                     dropout: float = 0.2) -> Any:
+def build_classifier(
+    spec: BackboneSpec, base: Any, num_classes: int, input_size: int, dropout: float = 0.2
+) -> Any:
     """Wrap a backbone (a keras Model, no top) into the full uint8-in, softmax-out classifier."""
     import keras
 
@@ -68,8 +78,9 @@ def build_classifier(spec: BackboneSpec, base: Any, num_classes: int, input_size
     x = base(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
-                                 name="predictions")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="predictions"
+    )(x)
     return keras.Model(inputs, outputs, name=f"tlkit_{spec.name}")
 
 
@@ -124,8 +135,15 @@ def build_backbone(spec: BackboneSpec, resolved: ResolvedWeights, input_size: in
         ) from None
 
 
-def build_model(spec: BackboneSpec, weights: Any, size: int, num_classes: int, seed: int,
-                dropout: float = 0.2, mixed_precision: bool = False) -> Any:
+def build_model(
+    spec: BackboneSpec,
+    weights: Any,
+    size: int,
+    num_classes: int,
+    seed: int,
+    dropout: float = 0.2,
+    mixed_precision: bool = False,
+) -> Any:
     """The classifier exactly as `finetune` builds it: seeded, under its dtype policy. One
     sequence for training and `precompute-features`, so that the same settings give the same
     trunk weights and the same cache key."""
@@ -154,8 +172,9 @@ def leaf_layers(model: Any) -> Iterator[Any]:
 def compute_dtypes(model: Any) -> list[str]:
     """The dtypes its weighted layers compute in: ['float16', 'float32'] under mixed precision
     (the preprocessing and the softmax stay float32), ['float32'] without."""
-    return sorted({layer.dtype_policy.compute_dtype for layer in leaf_layers(model)
-                   if layer.weights})
+    return sorted(
+        {layer.dtype_policy.compute_dtype for layer in leaf_layers(model) if layer.weights}
+    )
 
 
 def optimizer_for(model: Any, lr: float, optimizer: Any = None) -> Any:
@@ -166,7 +185,9 @@ def optimizer_for(model: Any, lr: float, optimizer: Any = None) -> Any:
     import keras
 
     optimizer = optimizer or keras.optimizers.Adam(lr)
-    if any(layer.trainable_weights and layer.dtype_policy.compute_dtype == "float16"
-           for layer in leaf_layers(model)):
+    if any(
+        layer.trainable_weights and layer.dtype_policy.compute_dtype == "float16"
+        for layer in leaf_layers(model)
+    ):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

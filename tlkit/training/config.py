@@ -83,34 +83,51 @@ class FinetuneConfig:
             (self.head_epochs >= 0, "--head-epochs must be 0 or more", self.head_epochs),
             (self.epochs >= 0, "--epochs must be 0 or more", self.epochs),
             (self.head_views >= 1, "--head-views must be at least 1", self.head_views),
-            (self.head_epochs + self.epochs > 0,
-             "nothing to train: --head-epochs and --epochs are both 0", self.epochs),
+            (
+                self.head_epochs + self.epochs > 0,
+                "nothing to train: --head-epochs and --epochs are both 0",
+                self.epochs,
+            ),
             (self.lr > 0, "--lr must be positive", self.lr),
             (self.fine_tune_lr > 0, "--fine-tune-lr must be positive", self.fine_tune_lr),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)", self.dropout),
             (self.patience >= 1, "--patience must be at least 1", self.patience),
-            (self.workers is None or self.workers >= 1, "--workers must be at least 1",
-             self.workers),
-            (self.prefetch is None or self.prefetch >= 1, "--prefetch must be at least 1",
-             self.prefetch),
+            (
+                self.workers is None or self.workers >= 1,
+                "--workers must be at least 1",
+                self.workers,
+            ),
+            (
+                self.prefetch is None or self.prefetch >= 1,
+                "--prefetch must be at least 1",
+                self.prefetch,
+            ),
             (self.views >= 1, "--views must be at least 1", self.views),
             (self.lr_base_batch >= 1, "--lr-base-batch must be at least 1", self.lr_base_batch),
             (self.warmup_epochs >= 0, "--warmup-epochs must be 0 or more", self.warmup_epochs),
             (self.weight_decay >= 0, "--weight-decay must be 0 or more", self.weight_decay),
-            (0 < self.stage_lr_decay <= 1, "--stage-lr-decay must be in (0, 1]",
-             self.stage_lr_decay),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)",
-             self.label_smoothing),
+            (
+                0 < self.stage_lr_decay <= 1,
+                "--stage-lr-decay must be in (0, 1]",
+                self.stage_lr_decay,
+            ),
+            (
+                0 <= self.label_smoothing < 1,
+                "--label-smoothing must be in [0, 1)",
+                self.label_smoothing,
+            ),
         ]
         for ok, message, value in checks:
             if not ok:
                 raise ConfigError(f"{message}. Received: {value}")
         check_val_fraction(self.val_fraction)
-        for flag, value, choices in (("--cache", self.cache, CACHE_MODES),
-                                     ("--cache-dtype", self.cache_dtype, CACHE_DTYPES),
-                                     ("--class-weight", self.class_weight, CLASS_WEIGHTS),
-                                     ("--strategy", self.strategy, STRATEGIES),
-                                     ("--schedule", self.schedule, SCHEDULES)):
+        for flag, value, choices in (
+            ("--cache", self.cache, CACHE_MODES),
+            ("--cache-dtype", self.cache_dtype, CACHE_DTYPES),
+            ("--class-weight", self.class_weight, CLASS_WEIGHTS),
+            ("--strategy", self.strategy, STRATEGIES),
+            ("--schedule", self.schedule, SCHEDULES),
+        ):
             check(flag, value, choices)
         if self.fine_tune_lr > self.lr:
             raise ConfigError(

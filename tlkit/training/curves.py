@@ -19,8 +19,14 @@ def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = [r.get(prefix + metric, np.nan) for r in rows]
-            ax.plot(x, values, style, marker="o", markersize=3,
-                    label=("validation " if prefix else "train ") + metric)
+            ax.plot(
+                x,
+                values,
+                style,
+                marker="o",
+                markersize=3,
+                label=("validation " if prefix else "train ") + metric,
+            )
         ax.set_xlabel("epoch (both phases)")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
@@ -28,13 +34,32 @@ def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
     for ax in axes:
         for i in starts:
             ax.axvline(i + 0.5, color="gray", linestyle=":")
-            ax.annotate(rows[i]["phase"], (i + 0.6, 0.98), xycoords=("data", "axes fraction"),
-                        va="top", fontsize=8, color="gray")
-        ax.annotate(rows[0]["phase"], (0.02, 0.98), xycoords="axes fraction", va="top",
-                    fontsize=8, color="gray")
+            ax.annotate(
+                rows[i]["phase"],
+                (i + 0.6, 0.98),
+                xycoords=("data", "axes fraction"),
+                va="top",
+                fontsize=8,
+                color="gray",
+            )
+        ax.annotate(
+            rows[0]["phase"],
+            (0.02, 0.98),
+            xycoords="axes fraction",
+            va="top",
+            fontsize=8,
+            color="gray",
+        )
     best = min(range(len(rows)), key=lambda i: rows[i].get("val_loss", np.inf))
-    axes[0].plot([best + 1], [rows[best].get("val_loss", np.nan)], "o", markersize=10,
-                 fillstyle="none", color="black", label="best (saved)")
+    axes[0].plot(
+        [best + 1],
+        [rows[best].get("val_loss", np.nan)],
+        "o",
+        markersize=10,
+        fillstyle="none",
+        color="black",
+        label="best (saved)",
+    )
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()

@@ -40,8 +40,9 @@ def freeze_candidates(spec: BackboneSpec, layer_names: list[str]) -> list[Freeze
     plans = [resolve_freeze(FreezeRequest(count="all"), spec, layer_names)]
     for k in TRAINABLE_STAGES:
         if len(spec.stages) - k >= 1:
-            plans.append(resolve_freeze(FreezeRequest(blocks=len(spec.stages) - k), spec,
-                                        layer_names))
+            plans.append(
+                resolve_freeze(FreezeRequest(blocks=len(spec.stages) - k), spec, layer_names)
+            )
     return plans
 
 
@@ -54,17 +55,27 @@ def _affordable(base: Any, plans: Sequence[FreezePlan], n_images: int) -> list[t
         cut = resolve_cut(base, plan.n_frozen)
         need = n_images * int(np.prod(base.get_layer(cut.layer).output.shape[1:])) * 4
         if need > MAX_ACTIVATION_BYTES:
-            log.info("--freeze auto: skipping %s (its activations would take %.1f GB)",
-                     plan.request, need / 1024**3)
+            log.info(
+                "--freeze auto: skipping %s (its activations would take %.1f GB)",
+                plan.request,
+                need / 1024**3,
+            )
             continue
         out.append((plan, cut))
     return out
 
 
-def _train_tail(model: Any, spec: BackboneSpec, plan: FreezePlan, cut: Any,
-                data: tuple[np.ndarray, ...], config: Any, weights: np.ndarray | None,
-                start: dict[str, Any], start_losses: np.ndarray
-                ) -> tuple[np.ndarray, dict[str, Any]]:
+def _train_tail(
+    model: Any,
+    spec: BackboneSpec,
+    plan: FreezePlan,
+    cut: Any,
+    data: tuple[np.ndarray, ...],
+    config: Any,
+    weights: np.ndarray | None,
+    start: dict[str, Any],
+    start_losses: np.ndarray,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """(per-image val losses, score) of one deeper candidate: its tail trained from the cached
     activations, starting from the head probe, for --epochs with patience."""
     import keras
@@ -81,30 +92,47 @@ def _train_tail(model: Any, spec: BackboneSpec, plan: FreezePlan, cut: Any,
     apply_freeze(base, plan, config.train_bn)
     tail = build_tail(model, cut)
     steps = -(-len(x_train) // config.batch_size)
-    tail.compile(optimizer=phase_optimizer(tail, base, spec, config, steps),
-                 **compile_args(config.label_smoothing))
+    tail.compile(
+        optimizer=phase_optimizer(tail, base, spec, config, steps),
+        **compile_args(config.label_smoothing),
+    )
     monitor = f"val_{CROSS_ENTROPY}" if config.label_smoothing else "val_loss"
-    history = tail.fit(x_train, y_train, sample_weight=weights, batch_size=config.batch_size,
-                       epochs=config.epochs, validation_data=(x_val, y_val), verbose=0,
-                       callbacks=[best_keeper(), keras.callbacks.EarlyStopping(
-                           monitor, patience=config.patience)]).history
+    history = tail.fit(
+        x_train,
+        y_train,
+        sample_weight=weights,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        validation_data=(x_val, y_val),
+        verbose=0,
+        callbacks=[best_keeper(), keras.callbacks.EarlyStopping(monitor, patience=config.patience)],
+    ).history
     history["val_loss"] = history.get(monitor, history["val_loss"])
-    trained = per_image_log_loss(np.asarray(tail.predict(x_val, verbose=0), np.float64),
-                         y_val)  # the best epoch's weights, restored
+    trained = per_image_log_loss(
+        np.asarray(tail.predict(x_val, verbose=0), np.float64), y_val
+    )  # the best epoch's weights, restored
     # where each tail starts is the head probe: it stays the score unless training beat it
     if not np.mean(trained) < np.mean(start_losses):
         trained = start_losses
     accs = [start["val_accuracy"], *history["val_accuracy"]]
     vals = [start["val_loss"], *history["val_loss"]]
     best = min(range(len(vals)), key=lambda j: vals[j] if math.isfinite(vals[j]) else math.inf)
-    return trained, _score(plan, float(np.mean(trained)), accs[best],
-                           len(history["val_loss"]), time.perf_counter() - t)
+    return trained, _score(
+        plan, float(np.mean(trained)), accs[best], len(history["val_loss"]), time.perf_counter() - t
+    )
 
 
-def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
-                  val: Sequence[Example], size: int, crop_fraction: float, config: Any,
-                  sample_weights: Sequence[float] | None, on_first_batch: Any = None
-                  ) -> tuple[FreezePlan, list[dict[str, Any]], Any]:
+def search_freeze(
+    model: Any,
+    spec: BackboneSpec,
+    train: Sequence[Example],
+    val: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    config: Any,
+    sample_weights: Sequence[float] | None,
+    on_first_batch: Any = None,
+) -> tuple[FreezePlan, list[dict[str, Any]], Any]:
     """(the chosen plan, every candidate's scores, the pooled eval-view Features).
 
     The model's weights are left as they were."""
@@ -118,34 +146,56 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     plans = freeze_candidates(spec, [layer.name for layer in base.layers])
     deeper = _affordable(base, plans[1:], len(train) + len(val))
     start = time.perf_counter()
-    extractor = trunk_outputs(model, [cut.layer for _, cut in deeper], pooled=True,
-                              name="freeze_search")
+    extractor = trunk_outputs(
+        model, [cut.layer for _, cut in deeper], pooled=True, name="freeze_search"
+    )
     plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
-    with RowMaker(plain, crop_fraction, config.seed, config.workers,
-                  config.audit.max_pixels) as make_rows:
+    with RowMaker(
+        plain, crop_fraction, config.seed, config.workers, config.audit.max_pixels
+    ) as make_rows:
         out = forward(extractor, make_rows, train, val, 1, config.batch_size, on_first_batch)
     y_train = np.array([e.label for e in train], np.int32)
     y_val = np.array([e.label for e in val], np.int32)
-    pooled = Features(out["train"][-1], y_train, out["val"][-1], y_val, 1,
-                      time.perf_counter() - start)
-    log.info("--freeze auto: activations at %d cut(s) and pooled features of %d + %d images "
-             "in %.1f s", len(deeper), len(train), len(val), pooled.seconds)
+    pooled = Features(
+        out["train"][-1], y_train, out["val"][-1], y_val, 1, time.perf_counter() - start
+    )
+    log.info(
+        "--freeze auto: activations at %d cut(s) and pooled features of %d + %d images in %.1f s",
+        len(deeper),
+        len(train),
+        len(val),
+        pooled.seconds,
+    )
     initial = model.get_weights()
     t = time.perf_counter()
-    rows, _ = fit_head(model, pooled, config.lr * config.lr_scale(), config.batch_size,
-                       head_steps(len(train), config.batch_size, config.head_epochs),
-                       config.seed, sample_weights, config.label_smoothing)
+    rows, _ = fit_head(
+        model,
+        pooled,
+        config.lr * config.lr_scale(),
+        config.batch_size,
+        head_steps(len(train), config.batch_size, config.head_epochs),
+        config.seed,
+        sample_weights,
+        config.label_smoothing,
+    )
     top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
-    scores = [_score(plans[0], top["val_loss"], top["val_accuracy"], 0,
-                     time.perf_counter() - t)]
+    scores = [_score(plans[0], top["val_loss"], top["val_accuracy"], 0, time.perf_counter() - t)]
     losses = [head_val_losses(model, pooled)]
     probed = model.get_weights()
     weights = np.asarray(sample_weights, np.float32) if sample_weights is not None else None
     for i, (plan, cut) in enumerate(deeper):
         model.set_weights(probed)
-        trained, score = _train_tail(model, spec, plan, cut, (out["train"][i], y_train,
-                                                              out["val"][i], y_val),
-                                     config, weights, scores[0], losses[0])
+        trained, score = _train_tail(
+            model,
+            spec,
+            plan,
+            cut,
+            (out["train"][i], y_train, out["val"][i], y_val),
+            config,
+            weights,
+            scores[0],
+            losses[0],
+        )
         losses.append(trained)
         scores.append(score)
     model.set_weights(initial)
@@ -153,27 +203,43 @@ def search_freeze(model: Any, spec: BackboneSpec, train: Sequence[Example],
     return _choose([plans[0], *(p for p, _ in deeper)], scores, losses), scores, pooled
 
 
-def _choose(plans: list[FreezePlan], scores: list[dict[str, Any]], losses: list[np.ndarray]
-            ) -> FreezePlan:
+def _choose(
+    plans: list[FreezePlan], scores: list[dict[str, Any]], losses: list[np.ndarray]
+) -> FreezePlan:
     """The most frozen candidate within one standard error of the lowest validation loss; the
     scores are marked with the choice."""
     from tlkit.core.selection import one_se_choice
 
     for s in scores:
-        log.info("--freeze auto: %-22s val_loss %.4f, val_accuracy %.4f (%d tail epochs, "
-                 "%.1f s)", s["candidate"], s["val_loss"], s["val_accuracy"], s["epochs"],
-                 s["seconds"])
+        log.info(
+            "--freeze auto: %-22s val_loss %.4f, val_accuracy %.4f (%d tail epochs, %.1f s)",
+            s["candidate"],
+            s["val_loss"],
+            s["val_accuracy"],
+            s["epochs"],
+            s["seconds"],
+        )
     index, excess = one_se_choice(losses)
-    log.info("--freeze auto: chose %s (the most frozen within one standard error of the lowest "
-             "validation loss)", scores[index]["candidate"])
+    log.info(
+        "--freeze auto: chose %s (the most frozen within one standard error of the lowest "
+        "validation loss)",
+        scores[index]["candidate"],
+    )
     for j, (s, e) in enumerate(zip(scores, excess, strict=True)):
         s["chosen"] = j == index
         s["se_above_best"] = round(e, 2) if math.isfinite(e) else None
     return dataclasses.replace(plans[index], request=f"--freeze auto ({plans[index].request})")
 
 
-def _score(plan: FreezePlan, val_loss: float, val_accuracy: float, epochs: int,
-           seconds: float) -> dict[str, Any]:
+def _score(
+    plan: FreezePlan, val_loss: float, val_accuracy: float, epochs: int, seconds: float
+) -> dict[str, Any]:
     candidate = "head only" if plan.n_frozen == plan.n_layers else plan.request
-    return {"candidate": candidate, "n_frozen": plan.n_frozen, "val_loss": float(val_loss),
-            "val_accuracy": float(val_accuracy), "epochs": epochs, "seconds": round(seconds, 1)}
+    return {
+        "candidate": candidate,
+        "n_frozen": plan.n_frozen,
+        "val_loss": float(val_loss),
+        "val_accuracy": float(val_accuracy),
+        "epochs": epochs,
+        "seconds": round(seconds, 1),
+    }

@@ -49,22 +49,37 @@ def feature_views(random_augment: bool, head_views: int, n_train: int, dim: int)
     return max(1, min(wanted, fits))
 
 
-def _feature_batches(features: Features, sample_weights: Sequence[float] | None,
-                     batch_size: int, seed: int) -> Any:
+def _feature_batches(
+    features: Features, sample_weights: Sequence[float] | None, batch_size: int, seed: int
+) -> Any:
     """Endless shuffled (features, label, weight) batches of the training rows."""
     import tensorflow as tf
 
-    weights = (np.tile(np.asarray(sample_weights, np.float32), features.views)
-               if sample_weights is not None else np.ones(len(features.train), np.float32))
-    data = (tf.data.Dataset.from_tensor_slices((features.train, features.train_labels, weights))
-            .shuffle(len(features.train), seed=seed, reshuffle_each_iteration=True)
-            .repeat().batch(batch_size).prefetch(2))
+    weights = (
+        np.tile(np.asarray(sample_weights, np.float32), features.views)
+        if sample_weights is not None
+        else np.ones(len(features.train), np.float32)
+    )
+    data = (
+        tf.data.Dataset.from_tensor_slices((features.train, features.train_labels, weights))
+        .shuffle(len(features.train), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch_size)
+        .prefetch(2)
+    )
     return iter(data)
 
 
-def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: int, seed: int,
-             sample_weights: Sequence[float] | None = None, label_smoothing: float = 0.0
-             ) -> tuple[list[dict[str, Any]], int]:
+def fit_head(
+    model: Any,
+    features: Features,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    sample_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[list[dict[str, Any]], int]:
     """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
     keep the weights with the lowest validation loss (checked every CHECK_EVERY steps or every
     pass, whichever is longer); (one history row per check, optimizer steps taken).
@@ -110,11 +125,21 @@ def fit_head(model: Any, features: Features, lr: float, batch_size: int, steps: 
         probs = np.asarray(dense(features.val), np.float64)
         val = per_image_log_loss(probs, features.val_labels)
         val_loss = float(val.mean()) if len(val) else math.nan
-        val_accuracy = float((probs.argmax(-1) == features.val_labels).mean()) \
-            if len(val) else math.nan
-        rows.append({"phase": "head", "epoch": check + 1, "loss": loss, "accuracy": accuracy,
-                     "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": lr,
-                     "seconds": round(time.perf_counter() - start, 3)})
+        val_accuracy = (
+            float((probs.argmax(-1) == features.val_labels).mean()) if len(val) else math.nan
+        )
+        rows.append(
+            {
+                "phase": "head",
+                "epoch": check + 1,
+                "loss": loss,
+                "accuracy": accuracy,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+                "lr": lr,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
             break  # the rows show it; nothing after a NaN is worth keeping
         if val_loss < best:
@@ -172,10 +197,16 @@ AUTO_CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
-def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example], size: int,
-                   crop_fraction: float, config: Any, sample_weights: Sequence[float] | None,
-                   on_first_batch: Any = None
-                   ) -> tuple[Any, list[dict[str, Any]], Features | None]:
+def search_augment(
+    model: Any,
+    train: Sequence[Example],
+    val: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    config: Any,
+    sample_weights: Sequence[float] | None,
+    on_first_batch: Any = None,
+) -> tuple[Any, list[dict[str, Any]], Features | None]:
     """`--augment auto`: a head probe per candidate augmentation (max(--head-views, AUTO_VIEWS)
     views of the random ones), from the same initial head, scored by validation loss and
     chosen by the one-standard-error rule (`one_se_choice`).
@@ -192,36 +223,69 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
     scores, chosen, losses = [], [], []
     for name, preset, overrides in AUTO_CANDIDATES:
         augment = resolve_augment(preset, **overrides)
-        transform = build_train_transform(augment, train, size, crop_fraction,
-                                          max_pixels=config.audit.max_pixels)
-        views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train),
-                              dim)
-        features = extract(extractor, train, val, transform, crop_fraction, config.seed, views,
-                           config.batch_size, config.workers, config.audit.max_pixels,
-                           on_first_batch if not scores else None)
+        transform = build_train_transform(
+            augment, train, size, crop_fraction, max_pixels=config.audit.max_pixels
+        )
+        views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train), dim)
+        features = extract(
+            extractor,
+            train,
+            val,
+            transform,
+            crop_fraction,
+            config.seed,
+            views,
+            config.batch_size,
+            config.workers,
+            config.audit.max_pixels,
+            on_first_batch if not scores else None,
+        )
         model.get_layer("predictions").set_weights(initial)
-        rows, _ = fit_head(model, features, config.lr, config.batch_size,
-                           head_steps(len(train), config.batch_size, config.head_epochs),
-                           config.seed, sample_weights, config.label_smoothing)
-        top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"])
-                  else math.inf)
+        rows, _ = fit_head(
+            model,
+            features,
+            config.lr,
+            config.batch_size,
+            head_steps(len(train), config.batch_size, config.head_epochs),
+            config.seed,
+            sample_weights,
+            config.label_smoothing,
+        )
+        top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
         losses.append(head_val_losses(model, features))
-        scores.append({"augment": name, "views": views, "val_loss": top["val_loss"],
-                       "val_accuracy": top["val_accuracy"],
-                       "seconds": round(features.seconds + sum(r["seconds"] for r in rows), 1)})
-        log.info("--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
-                 name, top["val_loss"], top["val_accuracy"], views, scores[-1]["seconds"])
+        scores.append(
+            {
+                "augment": name,
+                "views": views,
+                "val_loss": top["val_loss"],
+                "val_accuracy": top["val_accuracy"],
+                "seconds": round(features.seconds + sum(r["seconds"] for r in rows), 1),
+            }
+        )
+        log.info(
+            "--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
+            name,
+            top["val_loss"],
+            top["val_accuracy"],
+            views,
+            scores[-1]["seconds"],
+        )
         # kept only where the head phase could train on them (below): memory holds one or two
         # candidates' features, not every one's
-        reusable = (not augment.random or
-                    feature_views(augment.random, config.head_views, len(train), dim) == views)
+        reusable = (
+            not augment.random
+            or feature_views(augment.random, config.head_views, len(train), dim) == views
+        )
         chosen.append((augment, name, features if reusable else None))
         del features
     model.get_layer("predictions").set_weights(initial)
     index, excess = one_se_choice(losses)
     augment, name, features = chosen[index]
-    log.info("--augment auto: chose %s (the simplest within one standard error of the lowest "
-             "validation loss)", name)
+    log.info(
+        "--augment auto: chose %s (the simplest within one standard error of the lowest "
+        "validation loss)",
+        name,
+    )
     for score, e in zip(scores, excess, strict=True):
         score["chosen"] = score["augment"] == name
         score["se_above_best"] = round(e, 2) if math.isfinite(e) else None
@@ -229,5 +293,4 @@ def search_augment(model: Any, train: Sequence[Example], val: Sequence[Example],
     if wanted == 1:  # the head phase trains on the eval view: the `none` candidate's features
         plain = [c[2] for c in chosen if not c[0].random]
         return augment, scores, plain[0] if plain else None
-    return augment, scores, features if features is not None and features.views == wanted \
-        else None
+    return augment, scores, features if features is not None and features.views == wanted else None

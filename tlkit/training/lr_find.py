@@ -54,8 +54,9 @@ class LrFindConfig:
             raise ConfigError(f"--steps must be at least 10. Received: {self.steps}")
         lo, hi = self.rates()
         if not 0 < lo < hi:
-            raise ConfigError(f"--start-lr must be positive and below --end-lr. Received: "
-                              f"{lo}, {hi}")
+            raise ConfigError(
+                f"--start-lr must be positive and below --end-lr. Received: {lo}, {hi}"
+            )
 
     def rates(self) -> tuple[float, float]:
         head = self.phase == "head"
@@ -80,21 +81,38 @@ def suggest(rates: np.ndarray, losses: np.ndarray, beta: float = 0.9) -> dict[st
     best = int(np.nanargmin(curve))
     slope = np.gradient(curve, np.log(rates[:n])) if n > 2 else np.zeros(n)
     steep = int(np.nanargmin(slope[: best + 1])) if best > 0 else 0
-    found = {"rates": rates[:n].tolist(), "losses": [float(x) for x in losses[:n]],
-             "smoothed": curve.tolist(), "min_loss_lr": float(rates[best]),
-             "suggestion": float(rates[best] / 10), "steepest": float(rates[steep]),
-             "note": None}
+    found = {
+        "rates": rates[:n].tolist(),
+        "losses": [float(x) for x in losses[:n]],
+        "smoothed": curve.tolist(),
+        "min_loss_lr": float(rates[best]),
+        "suggestion": float(rates[best] / 10),
+        "steepest": float(rates[steep]),
+        "note": None,
+    }
     start = float(np.median(losses[: max(3, n // 10)]))  # one noisy first batch is no start
     if not curve[best] < (1 - MIN_DROP) * start:
-        found.update(suggestion=None, note=(
-            f"the loss never fell {MIN_DROP:.0%} below where it started: no rate in the range "
-            "learned anything, so there is nothing to suggest (features without signal, "
-            "a range that is too low, or too few steps)"))
+        found.update(
+            suggestion=None,
+            note=(
+                f"the loss never fell {MIN_DROP:.0%} below where it started: no rate in the range "
+                "learned anything, so there is nothing to suggest (features without signal, "
+                "a range that is too low, or too few steps)"
+            ),
+        )
     return found
 
 
-def head_range_test(features: np.ndarray, labels: np.ndarray, n_classes: int, start: float,
-                    end: float, steps: int, batch_size: int, seed: int) -> dict[str, Any]:
+def head_range_test(
+    features: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    start: float,
+    end: float,
+    steps: int,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
     """The range test of a fresh softmax head on fixed features (Adam, as the head phase)."""
     import keras
     import tensorflow as tf
@@ -119,8 +137,7 @@ def head_range_test(features: np.ndarray, labels: np.ndarray, n_classes: int, st
     losses = []
     for i, lr in enumerate(rates):
         idx = order[np.arange(i * batch_size, (i + 1) * batch_size) % len(order)]
-        losses.append(float(step(features[idx], labels[idx].astype(np.int32),
-                                 np.float32(lr))))
+        losses.append(float(step(features[idx], labels[idx].astype(np.int32), np.float32(lr))))
         if not math.isfinite(losses[-1]):
             break
     return suggest(rates, np.array(losses))
@@ -140,9 +157,15 @@ def lr_find(config: LrFindConfig) -> dict[str, Any]:
     if found["suggestion"] is None:
         log.warning("lr-find (%s): %s", config.phase, found["note"])
     else:
-        log.info("lr-find (%s): lowest smoothed loss at %.2g; suggested %s %.2g (steepest "
-                 "descent at %.2g)", config.phase, found["min_loss_lr"], flag,
-                 found["suggestion"], found["steepest"])
+        log.info(
+            "lr-find (%s): lowest smoothed loss at %.2g; suggested %s %.2g (steepest "
+            "descent at %.2g)",
+            config.phase,
+            found["min_loss_lr"],
+            flag,
+            found["suggestion"],
+            found["steepest"],
+        )
     return found
 
 
@@ -152,31 +175,57 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     from tlkit.models.model import backbone_of, build_model
     from tlkit.models.weights import resolve_weights
 
-    checked = check_inputs(config.data, config.backbone, config.input_size,
-                           config.val_fraction, config.freeze)
+    checked = check_inputs(
+        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
+    )
     spec, size = checked.spec, checked.size
     weights = resolve_weights(spec, config.weights)
     folder = checked.dataset()
     train = list(folder.splits["train"])
     model = build_model(spec, weights, size, len(folder.classes), config.seed)
     labels = np.array([e.label for e in train], np.int32)
-    feats = pooled_features(model, train, size, spec.crop_fraction, config.batch_size,
-                            config.workers, 10**9)
+    feats = pooled_features(
+        model, train, size, spec.crop_fraction, config.batch_size, config.workers, 10**9
+    )
     start, end = config.rates()
     if config.phase == "head":
-        return head_range_test(feats, labels, len(folder.classes), start, end, config.steps,
-                               config.batch_size, config.seed)
+        return head_range_test(
+            feats,
+            labels,
+            len(folder.classes),
+            start,
+            end,
+            config.steps,
+            config.batch_size,
+            config.seed,
+        )
     val = list(folder.splits["val"])
-    head_features = Features(feats, labels, pooled_features(
-        model, val, size, spec.crop_fraction, config.batch_size, config.workers, 10**9),
-        np.array([e.label for e in val], np.int32), 1, 0.0)
-    return _fine_tune_range_test(config, model, backbone_of(model), spec, train, head_features,
-                                 size, start, end)
+    head_features = Features(
+        feats,
+        labels,
+        pooled_features(
+            model, val, size, spec.crop_fraction, config.batch_size, config.workers, 10**9
+        ),
+        np.array([e.label for e in val], np.int32),
+        1,
+        0.0,
+    )
+    return _fine_tune_range_test(
+        config, model, backbone_of(model), spec, train, head_features, size, start, end
+    )
 
 
-def _fine_tune_range_test(config: LrFindConfig, model: Any, base: Any, spec: Any,
-                          train: list[Any], head_features: Any, size: int, start: float,
-                          end: float) -> dict[str, Any]:
+def _fine_tune_range_test(
+    config: LrFindConfig,
+    model: Any,
+    base: Any,
+    spec: Any,
+    train: list[Any],
+    head_features: Any,
+    size: int,
+    start: float,
+    end: float,
+) -> dict[str, Any]:
     """The head trained first on the features (500 steps at 1e-3, as finetune's default head
     phase), then the range test on everything the freeze plan leaves trainable."""
     import keras
@@ -187,10 +236,17 @@ def _fine_tune_range_test(config: LrFindConfig, model: Any, base: Any, spec: Any
     from tlkit.training.head import fit_head, head_steps
 
     freeze_all(base)
-    fit_head(model, head_features, 1e-3, config.batch_size,
-             head_steps(len(train), config.batch_size, 5), config.seed)
-    apply_freeze(base, resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]),
-                 False)
+    fit_head(
+        model,
+        head_features,
+        1e-3,
+        config.batch_size,
+        head_steps(len(train), config.batch_size, 5),
+        config.seed,
+    )
+    apply_freeze(
+        base, resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]), False
+    )
     rates = schedule(start, end, config.steps)
     optimizer = keras.optimizers.Adam(start)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
@@ -222,8 +278,12 @@ def lr_find_png(found: dict[str, Any]) -> bytes:
     ax.plot(found["rates"], found["losses"], color="0.75", linewidth=1, label="loss")
     ax.plot(found["rates"], found["smoothed"], color="tab:blue", label="smoothed")
     if found["suggestion"] is not None:
-        ax.axvline(found["suggestion"], color="tab:red", linestyle="--",
-                   label=f"suggested {found['suggestion']:.2g} (minimum / 10)")
+        ax.axvline(
+            found["suggestion"],
+            color="tab:red",
+            linestyle="--",
+            label=f"suggested {found['suggestion']:.2g} (minimum / 10)",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")

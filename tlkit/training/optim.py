@@ -41,8 +41,9 @@ class StagedAdam(keras.optimizers.Adam):
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         factor = self._factor_at[self._get_variable_index(variable)]
-        super().update_step(gradient, variable, learning_rate * factor if factor != 1.0
-                            else learning_rate)
+        super().update_step(
+            gradient, variable, learning_rate * factor if factor != 1.0 else learning_rate
+        )
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "factors": self.factors}
@@ -61,8 +62,7 @@ def stage_factors(base: Any, stage_ends: list[int], decay: float) -> dict[str, f
     return factors
 
 
-def phase_optimizer(model: Any, base: Any, spec: Any, config: Any, steps_per_epoch: int
-                    ) -> Any:
+def phase_optimizer(model: Any, base: Any, spec: Any, config: Any, steps_per_epoch: int) -> Any:
     """The fine-tune phase's optimizer for `model` (the classifier or its tail), from the
     FinetuneConfig's rate, schedule, warmup, weight decay and stage decay."""
     from tlkit.models.model import optimizer_for
@@ -73,23 +73,39 @@ def phase_optimizer(model: Any, base: Any, spec: Any, config: Any, steps_per_epo
         ends = [spec.stage_end_index(names, k) for k in range(1, len(spec.stages) + 1)]
         factors = stage_factors(base, ends, config.stage_lr_decay)
     lr = config.fine_tune_lr * config.lr_scale()
-    built = fine_tune_optimizer(lr, steps_per_epoch * config.epochs,
-                                steps_per_epoch * config.warmup_epochs,
-                                config.schedule == "cosine", config.weight_decay, factors, model)
+    built = fine_tune_optimizer(
+        lr,
+        steps_per_epoch * config.epochs,
+        steps_per_epoch * config.warmup_epochs,
+        config.schedule == "cosine",
+        config.weight_decay,
+        factors,
+        model,
+    )
     return optimizer_for(model, lr, built)
 
 
-def fine_tune_optimizer(lr: float, steps: int, warmup_steps: int, cosine: bool,
-                        weight_decay: float, factors: dict[str, float], model: Any) -> Any:
+def fine_tune_optimizer(
+    lr: float,
+    steps: int,
+    warmup_steps: int,
+    cosine: bool,
+    weight_decay: float,
+    factors: dict[str, float],
+    model: Any,
+) -> Any:
     """The fine-tune phase's optimizer for `model`'s trainable variables over `steps` steps.
     Stock Keras classes (a model.keras that plain Keras loads compiled) unless stage factors
     need StagedAdam."""
     rate: Any = lr
     if warmup_steps or cosine:  # alpha=1: the rate stays at its peak after the warmup
         rate = keras.optimizers.schedules.CosineDecay(
-            0.0 if warmup_steps else lr, max(1, steps - warmup_steps),
-            alpha=0.0 if cosine else 1.0, warmup_target=lr if warmup_steps else None,
-            warmup_steps=warmup_steps)
+            0.0 if warmup_steps else lr,
+            max(1, steps - warmup_steps),
+            alpha=0.0 if cosine else 1.0,
+            warmup_target=lr if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
     decay = weight_decay or None
     if factors:
         optimizer = StagedAdam(factors=factors, learning_rate=rate, weight_decay=decay)
@@ -99,7 +115,8 @@ def fine_tune_optimizer(lr: float, steps: int, warmup_steps: int, cosine: bool,
         optimizer = keras.optimizers.Adam(learning_rate=rate)
     if weight_decay:  # kernels only: biases, BatchNorm and LayerNorm parameters are 1-D
         optimizer.exclude_from_weight_decay(
-            var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+            var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
+        )
     return optimizer
 
 
@@ -107,16 +124,16 @@ def fine_tune_optimizer(lr: float, steps: int, warmup_steps: int, cosine: bool,
 class SmoothedCrossentropy(keras.losses.Loss):
     """Cross-entropy against integer labels smoothed by `smoothing`, on softmax outputs."""
 
-    def __init__(self, smoothing: float = 0.0, name: str = "smoothed_crossentropy",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, smoothing: float = 0.0, name: str = "smoothed_crossentropy", **kwargs: Any
+    ) -> None:
         super().__init__(name=name, **kwargs)
         self.smoothing = float(smoothing)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
         target = ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=y_pred.dtype)
-        return keras.losses.categorical_crossentropy(target, y_pred,
-                                                     label_smoothing=self.smoothing)
+        return keras.losses.categorical_crossentropy(target, y_pred, label_smoothing=self.smoothing)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "smoothing": self.smoothing}
@@ -127,9 +144,10 @@ def compile_args(label_smoothing: float) -> dict[str, Any]:
     which the recorder reads as val_loss."""
     if not label_smoothing:
         return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
-    return {"loss": SmoothedCrossentropy(label_smoothing),
-            "metrics": ["accuracy", keras.metrics.SparseCategoricalCrossentropy(
-                name=CROSS_ENTROPY)]}
+    return {
+        "loss": SmoothedCrossentropy(label_smoothing),
+        "metrics": ["accuracy", keras.metrics.SparseCategoricalCrossentropy(name=CROSS_ENTROPY)],
+    }
 
 
 def plain_val_loss(logs: dict[str, Any]) -> dict[str, Any]:

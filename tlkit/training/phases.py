@@ -39,8 +39,13 @@ class Diverged(RunError):
     """The loss became NaN or infinite: more epochs would only spread it."""
 
 
-def make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: keras.Model,
-                  patience: int, state: TrainingState) -> keras.callbacks.Callback:
+def make_recorder(
+    ckpt_dir: Path | None,
+    history_path: Path | None,
+    model: keras.Model,
+    patience: int,
+    state: TrainingState,
+) -> keras.callbacks.Callback:
     """`model` is the whole classifier, also when training runs on its tail from the cache;
     `state` is updated in place and saved with every checkpoint. Workers other than the chief
     pass no `ckpt_dir`: they keep the same state and write nothing."""
@@ -79,8 +84,12 @@ def make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: keras
                 self.model.stop_training = True
                 return  # nothing from this epoch is kept: the last checkpoint is the good one
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            row = {"phase": self.phase, "epoch": epoch + 1, "lr": lr,
-                   "seconds": round(time.perf_counter() - self._start, 3)}
+            row = {
+                "phase": self.phase,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "seconds": round(time.perf_counter() - self._start, 3),
+            }
             row.update({k: float(logs[k]) for k in HISTORY_FIELDS if k in logs})
             stop, improved = state.advance(row, patience)
             self.model.stop_training = stop
@@ -89,8 +98,9 @@ def make_recorder(ckpt_dir: Path | None, history_path: Path | None, model: keras
             state.phase, state.phase_index, state.epoch = self.phase, self.phase_index, epoch + 1
             state.phase_done = stop or epoch + 1 == self.params["epochs"]
             state.progress = len(state.rows)
-            state.phase_steps[self.phase] = int(keras.ops.convert_to_numpy(
-                self.model.optimizer.iterations))
+            state.phase_steps[self.phase] = int(
+                keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+            )
             if ckpt_dir is not None and history_path is not None:
                 save_epoch(ckpt_dir, model, self.model.optimizer, state.as_dict(), improved)
                 write_history(history_path, state.rows)
@@ -118,8 +128,9 @@ class PhaseRunner:
         """Batches in one pass over the validation split."""
         return -(-len(self.plan.split("val")) // self.plan.config.batch_size)
 
-    def run(self, phase: str, index: int, epochs: int, lr: float, initial: int,
-            phase_first: int) -> None:
+    def run(
+        self, phase: str, index: int, epochs: int, lr: float, initial: int, phase_first: int
+    ) -> None:
         """Freeze, compile, restore the optimizer when resuming mid-phase, fit."""
         if phase == "head" and initial == 0 and self._probe():
             return
@@ -134,13 +145,18 @@ class PhaseRunner:
             load_checkpoint(path, self.plan.model, fit_model.optimizer)
             log.info("phase %s: continuing at epoch %d of %d", phase, initial + 1, epochs)
         self.recorder.phase, self.recorder.phase_index = phase, index
-        timer = step_timer(phase, epochs, initial, steps, self._val_seconds(),
-                           self.state.estimates)
-        fit_model.fit(self._train_dataset(phase_first + initial, epochs - initial),
-                      validation_data=self.val_ds, epochs=epochs, initial_epoch=initial,
-                      steps_per_epoch=steps, validation_steps=self.val_steps,
-                      callbacks=[timer, self.recorder, *self._tensorboard()],
-                      verbose=self.verbose, shuffle=False)  # the dataset shuffles, seeded
+        timer = step_timer(phase, epochs, initial, steps, self._val_seconds(), self.state.estimates)
+        fit_model.fit(
+            self._train_dataset(phase_first + initial, epochs - initial),
+            validation_data=self.val_ds,
+            epochs=epochs,
+            initial_epoch=initial,
+            steps_per_epoch=steps,
+            validation_steps=self.val_steps,
+            callbacks=[timer, self.recorder, *self._tensorboard()],
+            verbose=self.verbose,
+            shuffle=False,
+        )  # the dataset shuffles, seeded
         self._after(phase, epochs)
 
     def _freeze(self, phase: str) -> None:
@@ -151,13 +167,21 @@ class PhaseRunner:
         else:
             frozen_bn = apply_freeze(plan.base, plan.freeze, config.train_bn)
             freeze = plan.freeze
-            what = (f"{freeze.request}: layers 0..{freeze.n_frozen - 1} of {freeze.n_layers} "
-                    "frozen" if freeze.n_frozen else f"{freeze.request}: whole backbone "
-                    "trainable")
+            what = (
+                f"{freeze.request}: layers 0..{freeze.n_frozen - 1} of {freeze.n_layers} frozen"
+                if freeze.n_frozen
+                else f"{freeze.request}: whole backbone trainable"
+            )
         trainable, frozen = param_counts(plan.model)  # the shared layers: same for the tail
-        log.info("phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers"
-                 "%s", phase, what, f"{trainable:,}", f"{frozen:,}", frozen_bn,
-                 "" if phase == "head" or not config.train_bn else " (--train-bn)")
+        log.info(
+            "phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers%s",
+            phase,
+            what,
+            f"{trainable:,}",
+            f"{frozen:,}",
+            frozen_bn,
+            "" if phase == "head" or not config.train_bn else " (--train-bn)",
+        )
 
     def _compile(self, phase: str, lr: float) -> int:
         """Compile the model fit() trains for `phase`; its steps per epoch."""
@@ -166,28 +190,53 @@ class PhaseRunner:
         from tlkit.training.optim import compile_args, describe, phase_optimizer
 
         plan, config = self.plan, self.plan.config
-        steps = steps_per_epoch(len(plan.split("train")), config.batch_size,
-                                self.placement.replicas)
-        optimizer = (phase_optimizer(plan.fit_model, plan.base, plan.spec, config, steps)
-                     if phase == "fine-tune" else optimizer_for(plan.fit_model, lr))
+        steps = steps_per_epoch(
+            len(plan.split("train")), config.batch_size, self.placement.replicas
+        )
+        optimizer = (
+            phase_optimizer(plan.fit_model, plan.base, plan.spec, config, steps)
+            if phase == "fine-tune"
+            else optimizer_for(plan.fit_model, lr)
+        )
         plan.fit_model.compile(optimizer=optimizer, **compile_args(config.label_smoothing))
         if describe(config):
-            log.info("phase %s: %s", phase, describe(config) if phase == "fine-tune" else
-                     f"label smoothing {config.label_smoothing:g}")
+            log.info(
+                "phase %s: %s",
+                phase,
+                describe(config)
+                if phase == "fine-tune"
+                else f"label smoothing {config.label_smoothing:g}",
+            )
         return steps
 
     def _train_dataset(self, first_epoch: int, epochs: int) -> Any:
         from tlkit.data.pipeline import train_dataset
 
         plan, config = self.plan, self.plan.config
-        window = {"first_epoch": first_epoch, "epochs": epochs, "workers": config.workers,
-                  "prefetch": config.prefetch, "sample_weights": plan.sample_weights}
+        window = {
+            "first_epoch": first_epoch,
+            "epochs": epochs,
+            "workers": config.workers,
+            "prefetch": config.prefetch,
+            "sample_weights": plan.sample_weights,
+        }
         if plan.cache is not None:
-            return self.placement.dataset(lambda share: cache_dataset(
-                plan.cache, "train", config.batch_size, config.seed, **window, share=share))
-        return self.placement.dataset(lambda share: train_dataset(
-            plan.split("train"), plan.transform, config.batch_size, config.seed, **window,
-            max_pixels=config.audit.max_pixels, share=share))
+            return self.placement.dataset(
+                lambda share: cache_dataset(
+                    plan.cache, "train", config.batch_size, config.seed, **window, share=share
+                )
+            )
+        return self.placement.dataset(
+            lambda share: train_dataset(
+                plan.split("train"),
+                plan.transform,
+                config.batch_size,
+                config.seed,
+                **window,
+                max_pixels=config.audit.max_pixels,
+                share=share,
+            )
+        )
 
     def _val_seconds(self) -> float | None:
         if self.forward_per_image is None or self.plan.cache is not None:
@@ -199,16 +248,28 @@ class PhaseRunner:
         state = self.state
         if self.recorder.diverged:
             last = state.rows[-1] if state.rows else None
-            kept = (f"the last good checkpoint (phase {last['phase']}, epoch {last['epoch']}) is "
-                    f"kept in {self.ckpt_dir}" if last else "no epoch had finished")
-            raise Diverged(f"{self.recorder.diverged}; training stopped and {kept}. Lower --lr "
-                           "or --fine-tune-lr, then resume with --force-resume and the new "
-                           "rate, or start again")
+            kept = (
+                f"the last good checkpoint (phase {last['phase']}, epoch {last['epoch']}) is "
+                f"kept in {self.ckpt_dir}"
+                if last
+                else "no epoch had finished"
+            )
+            raise Diverged(
+                f"{self.recorder.diverged}; training stopped and {kept}. Lower --lr "
+                "or --fine-tune-lr, then resume with --force-resume and the new "
+                "rate, or start again"
+            )
         phase_rows = state.rows_of(phase)
         top = min(phase_rows, key=lambda r: r.get("val_loss", math.inf))
-        log.info("phase %s: %d epochs%s, best val_loss %.4f, val_accuracy %.4f (epoch %d)",
-                 phase, len(phase_rows), " (early stop)" if len(phase_rows) < epochs else "",
-                 top.get("val_loss", math.nan), top.get("val_accuracy", math.nan), top["epoch"])
+        log.info(
+            "phase %s: %d epochs%s, best val_loss %.4f, val_accuracy %.4f (epoch %d)",
+            phase,
+            len(phase_rows),
+            " (early stop)" if len(phase_rows) < epochs else "",
+            top.get("val_loss", math.nan),
+            top.get("val_accuracy", math.nan),
+            top["epoch"],
+        )
 
     def _tensorboard(self) -> list[Any]:
         if not self.plan.config.tensorboard or not self.writes or self.ckpt_dir is None:
@@ -229,19 +290,31 @@ class PhaseRunner:
         plan, config = self.plan, self.plan.config
         n, dim = len(plan.split("train")), int(plan.model.get_layer("pool").output.shape[-1])
         if self.placement.replicas > 1 or n * dim * 4 > MAX_FEATURE_BYTES:
-            log.info("phase head: trained live, epoch by epoch (%s)", "several replicas"
-                     if self.placement.replicas > 1 else "the features would not fit in memory")
+            log.info(
+                "phase head: trained live, epoch by epoch (%s)",
+                "several replicas"
+                if self.placement.replicas > 1
+                else "the features would not fit in memory",
+            )
             return False
         features = self._head_features(n, dim, freeze_all(plan.base))
-        rows, steps_done = fit_head(plan.model, features, config.lr * config.lr_scale(),
-                                    config.batch_size,
-                                    head_steps(n, config.batch_size, config.head_epochs),
-                                    config.seed, plan.sample_weights, config.label_smoothing)
+        rows, steps_done = fit_head(
+            plan.model,
+            features,
+            config.lr * config.lr_scale(),
+            config.batch_size,
+            head_steps(n, config.batch_size, config.head_epochs),
+            config.seed,
+            plan.sample_weights,
+            config.label_smoothing,
+        )
         bad = [r for r in rows if not (math.isfinite(r["loss"]) and math.isfinite(r["val_loss"]))]
         if bad:
-            raise Diverged(f"phase head, check {bad[0]['epoch']}: the loss became "
-                           f"{bad[0]['loss']} (val {bad[0]['val_loss']}); nothing was kept. "
-                           "Lower --lr and start again")
+            raise Diverged(
+                f"phase head, check {bad[0]['epoch']}: the loss became "
+                f"{bad[0]['loss']} (val {bad[0]['val_loss']}); nothing was kept. "
+                "Lower --lr and start again"
+            )
         self._record_probe(rows, steps_done, features)
         return True
 
@@ -252,45 +325,81 @@ class PhaseRunner:
 
         plan, config = self.plan, self.plan.config
         trainable, frozen = param_counts(plan.model)
-        views = (self.head_features.views if self.head_features is not None else
-                 feature_views(plan.transform.config.random, config.head_views, n, dim))
-        log.info("phase head (head only, backbone frozen): %s trainable / %s frozen parameters, "
-                 "%d frozen BatchNorm layers; the backbone runs once over %d view(s) of %d "
-                 "training images and %d validation images, then the head trains %d steps on "
-                 "the pooled features, keeping its best validation loss", f"{trainable:,}",
-                 f"{frozen:,}", frozen_bn, views, n, len(plan.split("val")),
-                 head_steps(n, config.batch_size, config.head_epochs))
+        views = (
+            self.head_features.views
+            if self.head_features is not None
+            else feature_views(plan.transform.config.random, config.head_views, n, dim)
+        )
+        log.info(
+            "phase head (head only, backbone frozen): %s trainable / %s frozen parameters, "
+            "%d frozen BatchNorm layers; the backbone runs once over %d view(s) of %d "
+            "training images and %d validation images, then the head trains %d steps on "
+            "the pooled features, keeping its best validation loss",
+            f"{trainable:,}",
+            f"{frozen:,}",
+            frozen_bn,
+            views,
+            n,
+            len(plan.split("val")),
+            head_steps(n, config.batch_size, config.head_epochs),
+        )
         features = self.head_features or extract(
-            pooled_extractor(plan.model), plan.split("train"), plan.split("val"),
-            plan.transform, plan.spec.crop_fraction, config.seed, views, config.batch_size,
-            config.workers, config.audit.max_pixels, on_first_batch=self._forward_timed)
+            pooled_extractor(plan.model),
+            plan.split("train"),
+            plan.split("val"),
+            plan.transform,
+            plan.spec.crop_fraction,
+            config.seed,
+            views,
+            config.batch_size,
+            config.workers,
+            config.audit.max_pixels,
+            on_first_batch=self._forward_timed,
+        )
         self.head_features = None  # memory
         return features
 
-    def _record_probe(self, rows: list[dict[str, Any]], steps_done: int,
-                      features: Features) -> None:
+    def _record_probe(
+        self, rows: list[dict[str, Any]], steps_done: int, features: Features
+    ) -> None:
         """The probe's checks become the head phase's rows, its best the run's best so far."""
         state = self.state
         top = min(rows, key=lambda r: r["val_loss"])
         rows[-1]["seconds"] = round(rows[-1]["seconds"] + features.seconds, 3)
         state.rows.extend(rows)
-        state.best = {"val_loss": top["val_loss"], "val_accuracy": top["val_accuracy"],
-                      "phase": "head", "epoch": top["epoch"]}
+        state.best = {
+            "val_loss": top["val_loss"],
+            "val_accuracy": top["val_accuracy"],
+            "phase": "head",
+            "epoch": top["epoch"],
+        }
         state.phase, state.phase_index, state.epoch, state.phase_done = "head", 0, len(rows), True
         state.progress, state.wait, state.phase_best = len(state.rows), 0, math.inf
         state.phase_steps["head"] = steps_done
-        state.head_probe = {"views": features.views, "augment": (
-            self.plan.transform.config.preset if features.views > 1 else "none (eval view)"),
-            "feature_rows": len(features.train), "steps": steps_done,
-            "feature_seconds": round(features.seconds, 1)}
+        state.head_probe = {
+            "views": features.views,
+            "augment": (
+                self.plan.transform.config.preset if features.views > 1 else "none (eval view)"
+            ),
+            "feature_rows": len(features.train),
+            "steps": steps_done,
+            "feature_seconds": round(features.seconds, 1),
+        }
         if self.writes and self.ckpt_dir is not None:
             save_epoch(self.ckpt_dir, self.plan.model, None, state.as_dict(), True)
             write_history(self.ckpt_dir.parent / "history.csv", state.rows)
-        log.info("phase head: %d validation checks, %d feature rows, %d steps in %.1f s after "
-                 "%.1f s of features; best val_loss %.4f, val_accuracy %.4f (check %d), restored",
-                 len(rows), len(features.train), steps_done,
-                 sum(r["seconds"] for r in rows) - features.seconds, features.seconds,
-                 top["val_loss"], top["val_accuracy"], top["epoch"])
+        log.info(
+            "phase head: %d validation checks, %d feature rows, %d steps in %.1f s after "
+            "%.1f s of features; best val_loss %.4f, val_accuracy %.4f (check %d), restored",
+            len(rows),
+            len(features.train),
+            steps_done,
+            sum(r["seconds"] for r in rows) - features.seconds,
+            features.seconds,
+            top["val_loss"],
+            top["val_accuracy"],
+            top["epoch"],
+        )
 
     def _best_head(self) -> None:
         """Fine-tuning starts from the best head, not the last: the one a live head phase kept
@@ -299,8 +408,12 @@ class PhaseRunner:
         if self.recorder.best_head is not None:
             self.plan.model.set_weights(self.recorder.best_head)
             self.recorder.best_head = None
-        elif self.state.head_probe is None and best.get("phase") == "head" \
-                and self.ckpt_dir is not None and (self.ckpt_dir / BEST).is_file():
+        elif (
+            self.state.head_probe is None
+            and best.get("phase") == "head"
+            and self.ckpt_dir is not None
+            and (self.ckpt_dir / BEST).is_file()
+        ):
             load_weights(self.ckpt_dir / BEST, self.plan.model)  # a probe's last is its best
 
 

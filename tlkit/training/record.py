@@ -36,9 +36,16 @@ def write_search_table(path: Path, searched: dict[str, Any]) -> None:
     writer.writerow(("setting", "candidate", "val_loss", "val_accuracy", "seconds", "chosen"))
     for setting, found in searched.items():
         for s in found["scores"]:
-            writer.writerow((setting, s.get("augment") or s.get("candidate"),
-                             f"{s['val_loss']:.5f}", f"{s['val_accuracy']:.4f}", s["seconds"],
-                             int(bool(s.get("chosen")))))
+            writer.writerow(
+                (
+                    setting,
+                    s.get("augment") or s.get("candidate"),
+                    f"{s['val_loss']:.5f}",
+                    f"{s['val_accuracy']:.4f}",
+                    s["seconds"],
+                    int(bool(s.get("chosen"))),
+                )
+            )
     atomic_write(path, buf.getvalue())
 
 
@@ -56,9 +63,21 @@ def _predict_split(plan: Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
     from tlkit.data.pipeline import eval_dataset
 
     c, examples = plan.config, plan.split(split)
-    probs = np.asarray(plan.model.predict(eval_dataset(
-        examples, plan.size, plan.spec.crop_fraction, c.batch_size, c.workers, c.prefetch,
-        c.audit.max_pixels), verbose=0), np.float64)
+    probs = np.asarray(
+        plan.model.predict(
+            eval_dataset(
+                examples,
+                plan.size,
+                plan.spec.crop_fraction,
+                c.batch_size,
+                c.workers,
+                c.prefetch,
+                c.audit.max_pixels,
+            ),
+            verbose=0,
+        ),
+        np.float64,
+    )
     return probs, np.array([e.label for e in examples])
 
 
@@ -70,8 +89,12 @@ def score_on_test(plan: Plan) -> dict[str, Any] | None:
     if not plan.folder.splits.get("test"):
         return None
     probs, labels = _predict_split(plan, "test")
-    return {"accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
-            "loss": log_loss(probs, labels), "images": len(labels), "views": 1}
+    return {
+        "accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+        "loss": log_loss(probs, labels),
+        "images": len(labels),
+        "views": 1,
+    }
 
 
 def calibrate(plan: Plan) -> dict[str, Any]:
@@ -84,50 +107,96 @@ def calibrate(plan: Plan) -> dict[str, Any]:
     temperature = fit_temperature(probs, labels)
     before, after = summary(probs, labels), summary(apply_temperature(probs, temperature), labels)
     fold_temperature(plan.model, temperature)
-    log.info("--calibrate: temperature %.3f fitted on %d validation images; ECE %.4f -> %.4f, "
-             "log loss %.4f -> %.4f there (an eval on a test split gives the unbiased ECE)",
-             temperature, len(val), before["ece"], after["ece"], before["log_loss"],
-             after["log_loss"])
-    return {"temperature": temperature, "fitted_on": "val", "images": len(val),
-            "before": before, "after": after}
+    log.info(
+        "--calibrate: temperature %.3f fitted on %d validation images; ECE %.4f -> %.4f, "
+        "log loss %.4f -> %.4f there (an eval on a test split gives the unbiased ECE)",
+        temperature,
+        len(val),
+        before["ece"],
+        after["ece"],
+        before["log_loss"],
+        after["log_loss"],
+    )
+    return {
+        "temperature": temperature,
+        "fitted_on": "val",
+        "images": len(val),
+        "before": before,
+        "after": after,
+    }
 
 
-def run_record(plan: Plan, placement: Placement, state: TrainingState, schedule: Schedule,
-               calibration: dict[str, Any] | None = None,
-               test: dict[str, Any] | None = None) -> RunRecord:
+def run_record(
+    plan: Plan,
+    placement: Placement,
+    state: TrainingState,
+    schedule: Schedule,
+    calibration: dict[str, Any] | None = None,
+    test: dict[str, Any] | None = None,
+) -> RunRecord:
     import keras
 
     c, folder, pca = plan.config, plan.folder, plan.transform.pca
     rows = state.rows
     return RunRecord(
-        tlkit_version=_version.__version__, keras_version=keras.__version__,
+        tlkit_version=_version.__version__,
+        keras_version=keras.__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        backbone=plan.spec.name, weights=plan.weights.as_dict(),
-        freeze={**plan.freeze.as_dict(),
-                "search": plan.searched.get("freeze", {}).get("scores")},
-        train_bn=c.train_bn, input_size=plan.size, preprocessing=plan.spec.preprocessing,
+        backbone=plan.spec.name,
+        weights=plan.weights.as_dict(),
+        freeze={**plan.freeze.as_dict(), "search": plan.searched.get("freeze", {}).get("scores")},
+        train_bn=c.train_bn,
+        input_size=plan.size,
+        preprocessing=plan.spec.preprocessing,
         crop_fraction=plan.spec.crop_fraction,
-        augment={**c.augment.as_dict(), "pca": pca.as_dict() if pca is not None else None,
-                 "search": plan.searched.get("augment", {}).get("scores")},
-        classes=tuple(folder.classes), config=plan.requested,
-        class_weight=({folder.classes[i]: w for i, w in plan.weights_by_class.items()}
-                      if plan.weights_by_class else None),
-        calibration=calibration, views_seen=views_seen_by(plan, state).as_dict(),
-        data={"source": c.data, "root": str(Path(folder.root).resolve()),
-              "layout": folder.layout, "val_source": folder.val_source,
-              "counts": folder.counts(), "fingerprint": plan.fingerprint,
-              "ignored": list(folder.ignored), "skipped": plan.skipped},
-        feature_cache={"used": plan.cache is not None,
-                       "key": plan.cache.key if plan.cache else None, "note": plan.cache_note},
+        augment={
+            **c.augment.as_dict(),
+            "pca": pca.as_dict() if pca is not None else None,
+            "search": plan.searched.get("augment", {}).get("scores"),
+        },
+        classes=tuple(folder.classes),
+        config=plan.requested,
+        class_weight=(
+            {folder.classes[i]: w for i, w in plan.weights_by_class.items()}
+            if plan.weights_by_class
+            else None
+        ),
+        calibration=calibration,
+        views_seen=views_seen_by(plan, state).as_dict(),
+        data={
+            "source": c.data,
+            "root": str(Path(folder.root).resolve()),
+            "layout": folder.layout,
+            "val_source": folder.val_source,
+            "counts": folder.counts(),
+            "fingerprint": plan.fingerprint,
+            "ignored": list(folder.ignored),
+            "skipped": plan.skipped,
+        },
+        feature_cache={
+            "used": plan.cache is not None,
+            "key": plan.cache.key if plan.cache else None,
+            "note": plan.cache_note,
+        },
         seed=c.seed,
-        distribution={"strategy": placement.name, "replicas": placement.replicas,
-                      "workers": placement.workers,
-                      "per_replica_batch": -(-c.batch_size // placement.replicas)},
+        distribution={
+            "strategy": placement.name,
+            "replicas": placement.replicas,
+            "workers": placement.workers,
+            "per_replica_batch": -(-c.batch_size // placement.replicas),
+        },
         lr_used={phase: lr for phase, _, lr in schedule},
-        phase=rows[-1]["phase"] if rows else None, epoch=rows[-1]["epoch"] if rows else None,
-        optimizer_steps=sum(state.phase_steps.values()), resumed=state.resumed,
-        results={"best": state.best, "phases": state.phase_summaries(schedule),
-                 "head_probe": state.head_probe, "test": test})
+        phase=rows[-1]["phase"] if rows else None,
+        epoch=rows[-1]["epoch"] if rows else None,
+        optimizer_steps=sum(state.phase_steps.values()),
+        resumed=state.resumed,
+        results={
+            "best": state.best,
+            "phases": state.phase_summaries(schedule),
+            "head_probe": state.head_probe,
+            "test": test,
+        },
+    )
 
 
 def views_seen_by(plan: Plan, state: TrainingState) -> ViewsSeen:
@@ -143,5 +212,8 @@ def views_seen_by(plan: Plan, state: TrainingState) -> ViewsSeen:
     else:
         augmented, source = augment.random, "the training images, live"
     what = f"--augment {augment.preset} views" if augmented else "the eval view only"
-    return views_trained_on(augment, augmented, f"the saved weights are from the {phase} "
-                            f"phase, trained on {source}: {what}")
+    return views_trained_on(
+        augment,
+        augmented,
+        f"the saved weights are from the {phase} phase, trained on {source}: {what}",
+    )

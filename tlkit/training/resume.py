@@ -25,8 +25,16 @@ log = logging.getLogger("tlkit")
 
 IDENTITY_FILE = "identity.json"  # in checkpoints/: what a resumed run must still match
 # Settings a resumed run may change freely: they decide where and how fast, not what is learned.
-RESUME_FREE = ("output", "overwrite", "workers", "prefetch", "cache_dir", "recipe", "tensorboard",
-               "strategy")
+RESUME_FREE = (
+    "output",
+    "overwrite",
+    "workers",
+    "prefetch",
+    "cache_dir",
+    "recipe",
+    "tensorboard",
+    "strategy",
+)
 
 
 def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -38,25 +46,37 @@ def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
         final = final_path(path)
     else:
         if (path / RUN_FILE).is_file():
-            raise RunError(f"{path}: this run finished; there is nothing to resume (train a new "
-                           "one with -o, or evaluate it with `tlkit eval`)")
+            raise RunError(
+                f"{path}: this run finished; there is nothing to resume (train a new "
+                "one with -o, or evaluate it with `tlkit eval`)"
+            )
         final = path
-        candidates = [c for c in find_incomplete(path)
-                      if (c / "checkpoints" / IDENTITY_FILE).is_file()]
+        candidates = [
+            c for c in find_incomplete(path) if (c / "checkpoints" / IDENTITY_FILE).is_file()
+        ]
     if not candidates:
-        raise RunError(f"{path}: no interrupted run to resume (expected a folder "
-                       f"{final.name}{INCOMPLETE}<id> holding checkpoints/{IDENTITY_FILE})")
+        raise RunError(
+            f"{path}: no interrupted run to resume (expected a folder "
+            f"{final.name}{INCOMPLETE}<id> holding checkpoints/{IDENTITY_FILE})"
+        )
     chosen = max(candidates, key=lambda c: (c / "checkpoints").stat().st_mtime)
     if len(candidates) > 1:
-        log.info("%d interrupted attempts of %s; resuming the newest, %s", len(candidates),
-                 final, chosen.name)
+        log.info(
+            "%d interrupted attempts of %s; resuming the newest, %s",
+            len(candidates),
+            final,
+            chosen.name,
+        )
     return chosen, final
 
 
 def read_identity(tmp_dir: Path) -> dict[str, Any]:
     """What an interrupted run started with (checkpoints/identity.json)."""
-    return read_json_record(tmp_dir / "checkpoints" / IDENTITY_FILE, RunError,
-                            f"the run cannot be resumed; remove {tmp_dir} and train again")
+    return read_json_record(
+        tmp_dir / "checkpoints" / IDENTITY_FILE,
+        RunError,
+        f"the run cannot be resumed; remove {tmp_dir} and train again",
+    )
 
 
 def resume_config(path: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
@@ -77,15 +97,18 @@ def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def check_unchanged(saved: dict[str, Any] | None, now: dict[str, Any], tmp_dir: Path | None,
-                    force_resume: bool) -> None:
+def check_unchanged(
+    saved: dict[str, Any] | None, now: dict[str, Any], tmp_dir: Path | None, force_resume: bool
+) -> None:
     """A resumed run continues only on the settings, classes and data it started with."""
     if saved is None:
         return
     changed = differences({k: saved.get(k) for k in now}, now)
     if changed and not force_resume:
-        raise RunError(f"{tmp_dir}: cannot resume, the run started with different settings or "
-                       f"data ({'; '.join(changed)}); restore them, or pass --force-resume to "
-                       "continue anyway")
+        raise RunError(
+            f"{tmp_dir}: cannot resume, the run started with different settings or "
+            f"data ({'; '.join(changed)}); restore them, or pass --force-resume to "
+            "continue anyway"
+        )
     for line in changed:
         log.warning("resuming despite a change (--force-resume): %s", line)

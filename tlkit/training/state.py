@@ -14,8 +14,7 @@ from typing import Any
 from tlkit.core.fsutil import atomic_write
 from tlkit.training.timing import duration
 
-HISTORY_FIELDS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
-                  "seconds")
+HISTORY_FIELDS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
 SCHEMA = 1
 # (phase, epochs, learning rate) of the head and fine-tune phases
 Schedule = list[tuple[str, int, float]]
@@ -56,8 +55,12 @@ class TrainingState:
             self.wait += 1
         improved = self.best is None or val_loss < self.best["val_loss"]
         if improved:
-            self.best = {"val_loss": val_loss, "val_accuracy": row.get("val_accuracy"),
-                         "phase": row["phase"], "epoch": row["epoch"]}
+            self.best = {
+                "val_loss": val_loss,
+                "val_accuracy": row.get("val_accuracy"),
+                "phase": row["phase"],
+                "epoch": row["epoch"],
+            }
         self.rows.append(row)
         return self.wait >= patience, improved
 
@@ -73,13 +76,19 @@ class TrainingState:
             if not rows:
                 continue
             top = min(rows, key=lambda r: r.get("val_loss", math.inf))
-            out.append({"phase": phase, "epochs_run": len(rows), "best_epoch": top["epoch"],
-                        "best_val_loss": top.get("val_loss"),
-                        "best_val_accuracy": top.get("val_accuracy"),
-                        "seconds": round(sum(r["seconds"] for r in rows), 1),
-                        "early_stopped": len(rows) < epochs,
-                        "estimated_seconds": self.estimates.get(phase, {}).get("phase_seconds"),
-                        "optimizer_steps": self.phase_steps[phase]})
+            out.append(
+                {
+                    "phase": phase,
+                    "epochs_run": len(rows),
+                    "best_epoch": top["epoch"],
+                    "best_val_loss": top.get("val_loss"),
+                    "best_val_accuracy": top.get("val_accuracy"),
+                    "seconds": round(sum(r["seconds"] for r in rows), 1),
+                    "early_stopped": len(rows) < epochs,
+                    "estimated_seconds": self.estimates.get(phase, {}).get("phase_seconds"),
+                    "optimizer_steps": self.phase_steps[phase],
+                }
+            )
         return out
 
     def fine_tune_wasted(self) -> str | None:
@@ -89,10 +98,12 @@ class TrainingState:
         if not rows or self.best is None or self.best["phase"] != "head":
             return None
         seconds = sum(r["seconds"] for r in rows)
-        return (f"the fine-tune phase never beat the head: {len(rows)} epochs, "
-                f"{duration(seconds)}, and the best val_loss stayed head epoch "
-                f"{self.best['epoch']}'s, the model saved. --epochs 0 skips the phase; "
-                "--freeze auto tries it on validation first and skips it when it does not pay")
+        return (
+            f"the fine-tune phase never beat the head: {len(rows)} epochs, "
+            f"{duration(seconds)}, and the best val_loss stayed head epoch "
+            f"{self.best['epoch']}'s, the model saved. --epochs 0 skips the phase; "
+            "--freeze auto tries it on validation first and skips it when it does not pay"
+        )
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:

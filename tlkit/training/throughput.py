@@ -21,16 +21,29 @@ from tlkit.models.freezing import FreezeRequest
 HEADROOM_GOAL = 1.2  # the pipeline should outrun the model by 20%, to absorb jitter
 
 
-def pipeline_images_per_s(examples: Sequence[Example], transform: TrainTransform,
-                          batch_size: int, workers: int, batches: int,
-                          prefetch: int | None = None) -> float:
+def pipeline_images_per_s(
+    examples: Sequence[Example],
+    transform: TrainTransform,
+    batch_size: int,
+    workers: int,
+    batches: int,
+    prefetch: int | None = None,
+) -> float:
     """Images/s of the training pipeline (decode + augment + batch) with `workers` threads."""
     from tlkit.data.pipeline import train_dataset
 
     needed = (batches + 1) * batch_size
     pool = list(examples) * max(1, -(-needed // len(examples)))
-    ds = train_dataset(pool[:needed], transform, batch_size, seed=0, first_epoch=0, epochs=1,
-                       workers=workers, prefetch=prefetch)
+    ds = train_dataset(
+        pool[:needed],
+        transform,
+        batch_size,
+        seed=0,
+        first_epoch=0,
+        epochs=1,
+        workers=workers,
+        prefetch=prefetch,
+    )
     it = iter(ds)
     next(it)  # warm-up: thread pool, first albumentations build
     start = time.perf_counter()
@@ -51,8 +64,15 @@ def timed_train_steps(model: Any, x: np.ndarray, y: np.ndarray, batch: int, n: i
     return time.perf_counter() - start
 
 
-def model_images_per_s(backbone: str, size: int, freeze: FreezeRequest, batch: int,
-                       warmup: int = 2, steps: int = 5, num_classes: int = 10) -> float:
+def model_images_per_s(
+    backbone: str,
+    size: int,
+    freeze: FreezeRequest,
+    batch: int,
+    warmup: int = 2,
+    steps: int = 5,
+    num_classes: int = 10,
+) -> float:
     """Training images/s of the tlkit classifier (weights none) on batches held in memory."""
     import keras
 
@@ -74,19 +94,35 @@ def model_images_per_s(backbone: str, size: int, freeze: FreezeRequest, batch: i
     return batch * steps / timed_train_steps(model, x, y, batch, steps)
 
 
-def plan_input(examples: Sequence[Example], transform: TrainTransform, backbone: str,
-               freeze: FreezeRequest, batch_size: int, max_workers: int | None = None,
-               batches: int = 8, model_steps: int = 5) -> dict[str, Any]:
+def plan_input(
+    examples: Sequence[Example],
+    transform: TrainTransform,
+    backbone: str,
+    freeze: FreezeRequest,
+    batch_size: int,
+    max_workers: int | None = None,
+    batches: int = 8,
+    model_steps: int = 5,
+) -> dict[str, Any]:
     """Pipeline images/s for 1..N workers against the model's training images/s."""
     max_workers = max_workers or os.cpu_count() or 1
-    rows = [{"workers": w, "images_per_s": pipeline_images_per_s(
-        examples, transform, batch_size, w, batches)} for w in range(1, max_workers + 1)]
-    model_ips = model_images_per_s(backbone, transform.size, freeze, batch_size,
-                                   steps=model_steps)
+    rows = [
+        {
+            "workers": w,
+            "images_per_s": pipeline_images_per_s(examples, transform, batch_size, w, batches),
+        }
+        for w in range(1, max_workers + 1)
+    ]
+    model_ips = model_images_per_s(backbone, transform.size, freeze, batch_size, steps=model_steps)
     needed, verdict = input_verdict(rows, model_ips)
     best = max(r["images_per_s"] for r in rows)
-    return {"pipeline": rows, "model_images_per_s": model_ips, "headroom": best / model_ips,
-            "workers_needed": needed, "verdict": verdict}
+    return {
+        "pipeline": rows,
+        "model_images_per_s": model_ips,
+        "headroom": best / model_ips,
+        "workers_needed": needed,
+        "verdict": verdict,
+    }
 
 
 def input_verdict(rows: Sequence[dict[str, Any]], model_ips: float) -> tuple[int | None, str]:
@@ -95,10 +131,14 @@ def input_verdict(rows: Sequence[dict[str, Any]], model_ips: float) -> tuple[int
     best = max(rows, key=lambda r: r["images_per_s"])
     enough = [r["workers"] for r in rows if r["images_per_s"] >= HEADROOM_GOAL * model_ips]
     if enough:
-        return enough[0], (f"the input keeps up: {enough[0]} worker(s) give >= {HEADROOM_GOAL}x "
-                           f"the model's {model_ips:.1f} images/s; train with --workers "
-                           f"{enough[0]} or more")
-    return None, (f"input-bound: the model trains at {model_ips:.1f} images/s but the pipeline "
-                  f"gives at most {best['images_per_s']:.1f} with {best['workers']} worker(s). "
-                  "Freeze more of the backbone and precompute the frozen part's features once, "
-                  "use a lighter augmentation, or more CPU cores")
+        return enough[0], (
+            f"the input keeps up: {enough[0]} worker(s) give >= {HEADROOM_GOAL}x "
+            f"the model's {model_ips:.1f} images/s; train with --workers "
+            f"{enough[0]} or more"
+        )
+    return None, (
+        f"input-bound: the model trains at {model_ips:.1f} images/s but the pipeline "
+        f"gives at most {best['images_per_s']:.1f} with {best['workers']} worker(s). "
+        "Freeze more of the backbone and precompute the frozen part's features once, "
+        "use a lighter augmentation, or more CPU cores"
+    )

@@ -28,15 +28,30 @@ def log_estimate(per_image: float, head_images: int, n_train: int, epochs: int) 
     """The head phase's time from the measured forward pass, said before it runs; the fine-tune
     phase is timed on its own first training steps (`step_timer`), since what a step costs
     depends on the freeze point, the cache and the input pipeline, not only on the model."""
-    later = (f"; the fine-tune phase ({epochs} epoch(s) of {n_train} images) is timed on its "
-             "first training steps" if epochs else "")
-    log.info("estimate from the first batches (%.1f ms per image through the model): head phase "
-             "about %s (%d forward passes)%s.", 1000 * per_image,
-             duration(per_image * head_images), head_images, later)
+    later = (
+        f"; the fine-tune phase ({epochs} epoch(s) of {n_train} images) is timed on its "
+        "first training steps"
+        if epochs
+        else ""
+    )
+    log.info(
+        "estimate from the first batches (%.1f ms per image through the model): head phase "
+        "about %s (%d forward passes)%s.",
+        1000 * per_image,
+        duration(per_image * head_images),
+        head_images,
+        later,
+    )
 
 
-def step_timer(phase: str, epochs: int, initial: int, steps: int, val_seconds: float | None,
-               estimates: dict[str, dict[str, Any]]) -> Any:
+def step_timer(
+    phase: str,
+    epochs: int,
+    initial: int,
+    steps: int,
+    val_seconds: float | None,
+    estimates: dict[str, dict[str, Any]],
+) -> Any:
     """Times real training steps at the start of a fit() phase and says how long the phase
     will take: steps x epochs, plus the validation pass. Recorded in `estimates` (the training
     state's) so run.json shows the estimate beside the measured time."""
@@ -65,18 +80,35 @@ def step_timer(phase: str, epochs: int, initial: int, steps: int, val_seconds: f
             tracing = max(0.0, (self.start - self.first) - warm * step)
             total = epoch * (epochs - initial) + tracing
             estimates[phase] = {
-                "step_seconds": round(step, 4), "epoch_seconds": round(epoch, 3),
+                "step_seconds": round(step, 4),
+                "epoch_seconds": round(epoch, 3),
                 "phase_seconds": round(total, 2),
-                "validation_included": val_seconds is not None}
+                "validation_included": val_seconds is not None,
+            }
             advice = ""
             if total > 1800:
-                advice = (" That is long: --freeze all (head only) or a higher --freeze, a "
-                          "smaller --input-size, fewer --epochs or a GPU make it shorter.")
-            val = (f" and a validation pass of about {duration(val_seconds)}"
-                   if val_seconds is not None else ", plus validation")
-            log.info("phase %s: %.0f ms per training step (timed over %d step(s)): %d steps%s "
-                     "an epoch, about %s; up to about %s for %d epoch(s), early stopping may "
-                     "end it sooner.%s", phase, 1000 * step, count, steps, val,
-                     duration(epoch), duration(total), epochs - initial, advice)
+                advice = (
+                    " That is long: --freeze all (head only) or a higher --freeze, a "
+                    "smaller --input-size, fewer --epochs or a GPU make it shorter."
+                )
+            val = (
+                f" and a validation pass of about {duration(val_seconds)}"
+                if val_seconds is not None
+                else ", plus validation"
+            )
+            log.info(
+                "phase %s: %.0f ms per training step (timed over %d step(s)): %d steps%s "
+                "an epoch, about %s; up to about %s for %d epoch(s), early stopping may "
+                "end it sooner.%s",
+                phase,
+                1000 * step,
+                count,
+                steps,
+                val,
+                duration(epoch),
+                duration(total),
+                epochs - initial,
+                advice,
+            )
 
     return StepTimer()

@@ -66,9 +66,12 @@ def default_run_dir(backbone: str) -> Path:
     return Path(RUNS_DIR) / f"{backbone}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
-             resume: str | os.PathLike | None = None, force_resume: bool = False
-             ) -> Run | None:
+def finetune(
+    config: FinetuneConfig | None = None,
+    verbose: int | str = "auto",
+    resume: str | os.PathLike | None = None,
+    force_resume: bool = False,
+) -> Run | None:
     """Train a classifier on `config.data`; return the finished run.
 
     `resume` continues an interrupted run from its last checkpoint; `config` then defaults to
@@ -77,12 +80,17 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
     strategy every worker calls this; the chief writes and returns the run, the others None.
     """
     config, run_dir, tmp_dir, identity = _start(config, resume)
-    checked = check_inputs(config.data, config.backbone, config.input_size,
-                           config.val_fraction, config.freeze)
+    checked = check_inputs(
+        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
+    )
     if identity is None and is_chief():
-        refuse_overwrite(run_dir, config.overwrite,
-                         "choose another -o/--output or pass --overwrite", kind="run",
-                         inputs=_local_inputs(config))
+        refuse_overwrite(
+            run_dir,
+            config.overwrite,
+            "choose another -o/--output or pass --overwrite",
+            kind="run",
+            inputs=_local_inputs(config),
+        )
         _check_outside_data(config, run_dir)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
@@ -93,30 +101,33 @@ def finetune(config: FinetuneConfig | None = None, verbose: int | str = "auto",
         try:
             claim(tmp_dir)
         except FolderBusy:
-            raise RunError(f"{tmp_dir}: another process is training this run right now; wait "
-                           "for it, or stop it first") from None
+            raise RunError(
+                f"{tmp_dir}: another process is training this run right now; wait "
+                "for it, or stop it first"
+            ) from None
     if placement.name != "default":
         log.info("strategy: %s", placement.describe())
     try:
         with contextlib.ExitStack() as scope:
             scope.enter_context(placement.strategy.scope())
-            return _finetune(config, checked, placement, run_dir, tmp_dir, identity, verbose,
-                             force_resume, scope)
+            return _finetune(
+                config, checked, placement, run_dir, tmp_dir, identity, verbose, force_resume, scope
+            )
     except BaseException:
         for folder in find_incomplete(run_dir):  # interrupted: resumable, by anyone, now
             release(folder)
         raise
 
 
-def _start(config: FinetuneConfig | None, resume: str | os.PathLike | None
-           ) -> tuple[FinetuneConfig, Path, Path | None, dict[str, Any] | None]:
+def _start(
+    config: FinetuneConfig | None, resume: str | os.PathLike | None
+) -> tuple[FinetuneConfig, Path, Path | None, dict[str, Any] | None]:
     """(settings, run folder, the interrupted run's folder, what it started with): a new run's,
     or a resumed one's."""
     if resume is not None:
         tmp_dir, run_dir = find_resumable(resume)
         identity = read_identity(tmp_dir)
-        return (config or FinetuneConfig.from_dict(identity["config"])), run_dir, tmp_dir, \
-            identity
+        return (config or FinetuneConfig.from_dict(identity["config"])), run_dir, tmp_dir, identity
     if config is None:
         raise TypeError("finetune() needs a config, or resume= to continue a run")
     run_dir = Path(config.output) if config.output else default_run_dir(config.backbone)
@@ -138,13 +149,23 @@ def _check_outside_data(config: FinetuneConfig, run_dir: Path) -> None:
     """A data folder reads every sub-folder as a class (a CSV lists its files: no such risk)."""
     data = Path(config.data)
     if data.is_dir() and run_dir.resolve().is_relative_to(data.resolve()):
-        raise ConfigError(f"-o/--output {run_dir}: inside the data folder {data}, where "
-                          "the run would be read as images of a class; choose a folder outside it")
+        raise ConfigError(
+            f"-o/--output {run_dir}: inside the data folder {data}, where "
+            "the run would be read as images of a class; choose a folder outside it"
+        )
 
 
-def _finetune(config: FinetuneConfig, checked: Checked, placement: Placement, run_dir: Path,
-              tmp_dir: Path | None, identity: dict[str, Any] | None, verbose: int | str,
-              force_resume: bool, scope: contextlib.ExitStack) -> Run | None:
+def _finetune(
+    config: FinetuneConfig,
+    checked: Checked,
+    placement: Placement,
+    run_dir: Path,
+    tmp_dir: Path | None,
+    identity: dict[str, Any] | None,
+    verbose: int | str,
+    force_resume: bool,
+    scope: contextlib.ExitStack,
+) -> Run | None:
     """finetune() in the strategy's `scope`: plan, train, record. Every worker trains; only the
     chief writes."""
     if verbose == "auto":
@@ -160,20 +181,28 @@ def _finetune(config: FinetuneConfig, checked: Checked, placement: Placement, ru
     if tmp_dir is None or ckpt_dir is None:
         raise RuntimeError("the chief has no run folder")  # a bug, not bad input
     if state.best is None:
-        raise RunError(f"{tmp_dir}: no epoch finished with a finite validation loss; nothing "
-                       "to save")
+        raise RunError(
+            f"{tmp_dir}: no epoch finished with a finite validation loss; nothing to save"
+        )
     test = _write_run(plan, placement, state, schedule, tmp_dir, ckpt_dir)
     try:
         publish_dir(tmp_dir, run_dir, overwrite=config.overwrite)
     except FileExistsError:
-        raise RunError(f"{run_dir}: appeared while training; the finished run is in {tmp_dir}") \
-            from None
+        raise RunError(
+            f"{run_dir}: appeared while training; the finished run is in {tmp_dir}"
+        ) from None
     _report(run_dir, state, test)
     return load_run(run_dir)
 
 
-def _write_run(plan: Plan, placement: Placement, state: TrainingState, schedule: Schedule,
-               tmp_dir: Path, ckpt_dir: Path) -> dict[str, Any] | None:
+def _write_run(
+    plan: Plan,
+    placement: Placement,
+    state: TrainingState,
+    schedule: Schedule,
+    tmp_dir: Path,
+    ckpt_dir: Path,
+) -> dict[str, Any] | None:
     """The best model and everything recorded about it, into the folder being built; the
     test score, when there is a test split."""
     from tlkit.training.curves import training_curves_png
@@ -184,8 +213,10 @@ def _write_run(plan: Plan, placement: Placement, state: TrainingState, schedule:
     with atomic_path(tmp_dir / "model.keras") as tmp:
         inference_model(plan.model).save(tmp)
     atomic_write(tmp_dir / "training_curves.png", training_curves_png(state.rows))
-    atomic_write_json(tmp_dir / RUN_FILE,
-                      run_record(plan, placement, state, schedule, calibration, test).as_dict())
+    atomic_write_json(
+        tmp_dir / RUN_FILE,
+        run_record(plan, placement, state, schedule, calibration, test).as_dict(),
+    )
     if plan.searched:
         write_search_table(tmp_dir / SEARCH_TABLE, plan.searched)
     with contextlib.suppress(FileNotFoundError):
@@ -197,19 +228,30 @@ def _report(run_dir: Path, state: TrainingState, test: dict[str, Any] | None) ->
     """The run's last lines: where it is and its size, its test score, and a fine-tune phase
     that bought nothing."""
     best = state.best or {}
-    log.info("saved %s (%.1f MB; best val_accuracy %.4f, %s epoch %s)", run_dir,
-             folder_bytes(run_dir) / 1e6, best.get("val_accuracy") or math.nan, best.get("phase"),
-             best.get("epoch"))
+    log.info(
+        "saved %s (%.1f MB; best val_accuracy %.4f, %s epoch %s)",
+        run_dir,
+        folder_bytes(run_dir) / 1e6,
+        best.get("val_accuracy") or math.nan,
+        best.get("phase"),
+        best.get("epoch"),
+    )
     if test is not None:
-        log.info("test: top-1 %.4f on %d images (single crop; `tlkit eval %s --multicrop` for "
-                 "test-time views)", test["accuracy"], test["images"], run_dir)
+        log.info(
+            "test: top-1 %.4f on %d images (single crop; `tlkit eval %s --multicrop` for "
+            "test-time views)",
+            test["accuracy"],
+            test["images"],
+            run_dir,
+        )
     wasted = state.fine_tune_wasted()
     if wasted:
         log.warning("%s", wasted)
 
 
-def _open_run_dir(plan: Plan, placement: Placement, run_dir: Path, tmp_dir: Path | None
-                  ) -> tuple[TrainingState, Path | None, Path | None]:
+def _open_run_dir(
+    plan: Plan, placement: Placement, run_dir: Path, tmp_dir: Path | None
+) -> tuple[TrainingState, Path | None, Path | None]:
     """(training state, the folder the run is built in, its checkpoints/): a new one, or the
     interrupted one restored from its last checkpoint (by every worker)."""
     chief = placement.is_chief
@@ -218,18 +260,24 @@ def _open_run_dir(plan: Plan, placement: Placement, run_dir: Path, tmp_dir: Path
         tmp_dir = incomplete_dir(run_dir, "run") if chief else None
         ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
         if ckpt_dir is not None:
-            atomic_write_json(ckpt_dir / IDENTITY_FILE,
-                              {**plan.identity, "searched": plan.searched})
+            atomic_write_json(
+                ckpt_dir / IDENTITY_FILE, {**plan.identity, "searched": plan.searched}
+            )
     else:  # every worker restores from the run's folder (under multiworker: a shared one)
         ckpt_dir = tmp_dir / "checkpoints"
         state = _restore(plan, tmp_dir, ckpt_dir, chief)
     if chief and tmp_dir is not None:
         atomic_write_json(tmp_dir / "data_report.json", plan.report.as_dict())
-        log.info("building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
-                 "continues it", tmp_dir, run_dir)
+        log.info(
+            "building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
+            "continues it",
+            tmp_dir,
+            run_dir,
+        )
     else:
-        log.info("worker %d: training in step with the chief, which writes the run",
-                 placement.worker)
+        log.info(
+            "worker %d: training in step with the chief, which writes the run", placement.worker
+        )
     return state, tmp_dir, ckpt_dir
 
 
@@ -243,11 +291,16 @@ def _restore(plan: Plan, tmp_dir: Path, ckpt_dir: Path, chief: bool) -> Training
     if found is not None:
         path, saved = found
         state = TrainingState.from_dict(saved)
-        log.info("resuming %s from %s: phase %s, epoch %d done, %d optimizer steps",
-                 tmp_dir, path.name, state.phase, state.epoch, state.phase_steps[state.phase])
+        log.info(
+            "resuming %s from %s: phase %s, epoch %d done, %d optimizer steps",
+            tmp_dir,
+            path.name,
+            state.phase,
+            state.epoch,
+            state.phase_steps[state.phase],
+        )
     else:
-        log.info("resuming %s: it had no checkpoint yet; starting from the first epoch",
-                 tmp_dir)
+        log.info("resuming %s: it had no checkpoint yet; starting from the first epoch", tmp_dir)
     state.resumed = [*state.resumed, datetime.now(UTC).isoformat(timespec="seconds")]
     if chief:
         write_history(tmp_dir / "history.csv", state.rows)
@@ -266,31 +319,66 @@ def _val_dataset(plan: Plan, placement: Placement) -> Any:
     c = plan.config
     if plan.cache is not None:
         build = lambda share: cache_dataset(  # noqa: E731
-            plan.cache, "val", c.batch_size, c.seed, shuffle=False, workers=c.workers,
-            prefetch=c.prefetch, share=share)
+            plan.cache,
+            "val",
+            c.batch_size,
+            c.seed,
+            shuffle=False,
+            workers=c.workers,
+            prefetch=c.prefetch,
+            share=share,
+        )
     else:
         build = lambda share: eval_dataset(  # noqa: E731
-            plan.split("val"), plan.size, plan.spec.crop_fraction, c.batch_size,
-            c.workers, c.prefetch, c.audit.max_pixels, share)
+            plan.split("val"),
+            plan.size,
+            plan.spec.crop_fraction,
+            c.batch_size,
+            c.workers,
+            c.prefetch,
+            c.audit.max_pixels,
+            share,
+        )
     if placement.name == "default":
         return placement.dataset(build)
     return placement.dataset(lambda share: build(share).repeat())
 
 
-def _train(plan: Plan, placement: Placement, state: TrainingState, tmp_dir: Path | None,
-           ckpt_dir: Path | None, run_dir: Path, schedule: Schedule, verbose: int) -> None:
+def _train(
+    plan: Plan,
+    placement: Placement,
+    state: TrainingState,
+    tmp_dir: Path | None,
+    ckpt_dir: Path | None,
+    run_dir: Path,
+    schedule: Schedule,
+    verbose: int,
+) -> None:
     """Both phases, skipping what a resumed run had finished."""
     writes = ckpt_dir if placement.is_chief else None
-    recorder = make_recorder(writes, tmp_dir / "history.csv" if writes and tmp_dir else None,
-                             plan.model, plan.config.patience, state)
-    phases = PhaseRunner(plan, placement, state, recorder, ckpt_dir, writes is not None,
-                         _val_dataset(plan, placement), verbose, plan.head_features)
+    recorder = make_recorder(
+        writes,
+        tmp_dir / "history.csv" if writes and tmp_dir else None,
+        plan.model,
+        plan.config.patience,
+        state,
+    )
+    phases = PhaseRunner(
+        plan,
+        placement,
+        state,
+        recorder,
+        ckpt_dir,
+        writes is not None,
+        _val_dataset(plan, placement),
+        verbose,
+        plan.head_features,
+    )
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
     try:
         for index, (phase, epochs, lr) in enumerate(schedule):
             phase_first, first_epoch = first_epoch, first_epoch + epochs
-            done = state.phase_index > index or (state.phase_index == index
-                                                 and state.phase_done)
+            done = state.phase_index > index or (state.phase_index == index and state.phase_done)
             if epochs == 0 or done:
                 continue
             initial = state.epoch if state.phase_index == index else 0
@@ -298,6 +386,8 @@ def _train(plan: Plan, placement: Placement, state: TrainingState, tmp_dir: Path
                 state.wait, state.phase_best = 0, math.inf
             phases.run(phase, index, epochs, lr, initial, phase_first)
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted; the checkpoints in {ckpt_dir} are intact: "
-                          f"`tlkit finetune --resume {run_dir}` continues from the last finished "
-                          "epoch") from None
+        raise Interrupted(
+            f"interrupted; the checkpoints in {ckpt_dir} are intact: "
+            f"`tlkit finetune --resume {run_dir}` continues from the last finished "
+            "epoch"
+        ) from None
