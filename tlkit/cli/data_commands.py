@@ -200,48 +200,47 @@ def precompute_features(
     result = run_precompute(config, verbose=verbosity(ctx))
     if as_json:
         click.echo(
-            json.dumps(
-                result
-                if isinstance(result, dict)
-                else {
-                    "key": result.key,
-                    "path": str(result.path),
-                    "splits": {
-                        s: {k: v[k] for k in ("count", "views", "shape")}
-                        for s, v in result.manifest["splits"].items()
-                    },
-                },
-                indent=2,
-            )
+            json.dumps(result if isinstance(result, dict) else _cache_json(result), indent=2)
         )
-        return
-    if isinstance(result, dict) and "missing_shards" in result:
+    elif isinstance(result, dict) and "missing_shards" in result:
         click.echo(
             f"shard {result['shard']} of {result['num_shards']}: {result['part']}; "
             f"waiting for shard(s) {', '.join(map(str, result['missing_shards']))}"
         )
-        return
-    if isinstance(result, dict):
-        fits = result["bytes"] <= result["free_bytes"]
-        if result["weights_missing"]:
-            click.echo(
-                "dry run without the weights (sizes and time measured on the "
-                "architecture; the cache key names the weights, so it waits for them): "
-                f"{result['weights_missing']}"
-            )
-        else:
-            click.echo(
-                f"dry run: cache {result['key']} "
-                f"({'exists' if result['exists'] else 'new'}) at {result['path']}"
-            )
+    elif isinstance(result, dict):
+        _echo_dry_run(result)
+    else:
+        click.echo(f"cache: {result.path}")
+
+
+def _cache_json(cache: Any) -> dict[str, Any]:
+    splits = cache.manifest["splits"].items()
+    return {
+        "key": cache.key,
+        "path": str(cache.path),
+        "splits": {s: {k: v[k] for k in ("count", "views", "shape")} for s, v in splits},
+    }
+
+
+def _echo_dry_run(result: dict[str, Any]) -> None:
+    fits = result["bytes"] <= result["free_bytes"]
+    if result["weights_missing"]:
         click.echo(
-            f"  {result['images']} images -> {result['bytes'] / 1e6:.1f} MB "
-            f"({result['shape']} {result['dtype']} each), about "
-            f"{result['estimated_seconds']:.0f} s; {result['free_bytes'] / 1e9:.1f} GB "
-            f"free{'' if fits else ' - NOT ENOUGH ROOM'}"
+            "dry run without the weights (sizes and time measured on the "
+            "architecture; the cache key names the weights, so it waits for them): "
+            f"{result['weights_missing']}"
         )
-        return
-    click.echo(f"cache: {result.path}")
+    else:
+        click.echo(
+            f"dry run: cache {result['key']} "
+            f"({'exists' if result['exists'] else 'new'}) at {result['path']}"
+        )
+    click.echo(
+        f"  {result['images']} images -> {result['bytes'] / 1e6:.1f} MB "
+        f"({result['shape']} {result['dtype']} each), about "
+        f"{result['estimated_seconds']:.0f} s; {result['free_bytes'] / 1e9:.1f} GB "
+        f"free{'' if fits else ' - NOT ENOUGH ROOM'}"
+    )
 
 
 @cli.group(cls=TlkitGroup)

@@ -206,25 +206,25 @@ def finetune(
         }
         config = resume_config(resume, **{f: getattr(config, f) for f in typed})
     run = run_finetune(config, verbose=verbosity(ctx), resume=resume, force_resume=force_resume)
+    _echo_run(run, as_json)
+
+
+def _echo_run(run: Any, as_json: bool) -> None:
     if run is None:  # a worker other than the chief: it trained, the chief wrote the run
         click.echo(
             json.dumps({"run": None, "chief_writes": True})
             if as_json
             else "done: this worker is not the chief; the chief writes the run"
         )
-        return
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "run": str(run.path),
-                    "best": run.record.results["best"],
-                    "phases": run.record.results["phases"],
-                    "optimizer_steps": run.record.optimizer_steps,
-                },
-                indent=2,
-            )
-        )
+    elif as_json:
+        results = run.record.results
+        found = {
+            "run": str(run.path),
+            "best": results["best"],
+            "phases": results["phases"],
+            "optimizer_steps": run.record.optimizer_steps,
+        }
+        click.echo(json.dumps(found, indent=2))
     else:
         click.echo(f"run: {run.path}")
 

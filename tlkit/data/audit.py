@@ -74,25 +74,27 @@ class DataReport:
             for e in examples
         ]
 
+    def _split_counts(self, examples: list[Example]) -> dict[str, Any]:
+        """A split's usable and bad files per class, missing classes, imbalance."""
+        per_class: dict[str, Counter] = {}
+        for e in examples:
+            counts = per_class.setdefault(e.class_name, Counter())
+            counts["ok" if self.files[e.path]["ok"] else "bad"] += 1
+        usable = [n["ok"] for n in per_class.values() if n["ok"]]
+        return {
+            "images": len(examples),
+            "classes": {
+                c: {"ok": per_class[c]["ok"], "bad": per_class[c]["bad"]}
+                for c in self.folder.classes
+                if c in per_class
+            },
+            "missing_classes": [c for c in self.folder.classes if c not in per_class],
+            "imbalance": round(max(usable) / min(usable), 2) if usable else None,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         rows = self._rows()
-        splits: dict[str, Any] = {}
-        for split, examples in self.folder.splits.items():
-            per_class: dict[str, Counter] = {}
-            for e in examples:
-                counts = per_class.setdefault(e.class_name, Counter())
-                counts["ok" if self.files[e.path]["ok"] else "bad"] += 1
-            usable = [n["ok"] for n in per_class.values() if n["ok"]]
-            splits[split] = {
-                "images": len(examples),
-                "classes": {
-                    c: {"ok": per_class[c]["ok"], "bad": per_class[c]["bad"]}
-                    for c in self.folder.classes
-                    if c in per_class
-                },
-                "missing_classes": [c for c in self.folder.classes if c not in per_class],
-                "imbalance": round(max(usable) / min(usable), 2) if usable else None,
-            }
+        splits = {s: self._split_counts(x) for s, x in self.folder.splits.items()}
         warnings = [
             {"path": r["path"], "split": r["split"], "warning": w}
             for r in rows

@@ -240,13 +240,33 @@ def _assemble(
     return ImageFolder(str(root), layout, classes, splits, val_source, tuple(ignored))
 
 
+def _csv_row(row: dict[str, str], where: str, base: Path) -> tuple[Path, str, str]:
+    """(file, label, split name) of one manifest row, each checked; `where` is file:line."""
+    from tlkit.core.fsutil import is_inside
+
+    rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+    split_name = (row.get("split") or "train").strip().lower()
+    if not rel or not label:
+        raise DataError(f"{where}: empty path or label; every row needs both")
+    check_class_name(label, where)
+    if split_name not in SPLIT_NAMES:
+        raise DataError(f"{where}: split {split_name!r} is not train, val or test")
+    if Path(rel).is_absolute() or not is_inside(base, rel):
+        raise DataError(
+            f"{where}: path {rel!r} is outside the CSV's folder {base}; "
+            "paths must be relative to it and stay inside"
+        )
+    file = base / rel
+    if not file.is_file():
+        raise DataError(f"{where}: no such file {file}")
+    return file, label, split_name
+
+
 def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
     """A CSV manifest: `path,label` columns (an optional `split` column: train/val/test), paths
     relative to the CSV's folder and never outside it. Every row is checked; the first bad one
     is named by its line number."""
     import csv
-
-    from tlkit.core.fsutil import is_inside
 
     csv_path = Path(path)
     if not csv_path.is_file():
@@ -265,25 +285,10 @@ def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
             )
         by_split: dict[str, dict[str, list[Path]]] = {}
         for line, row in enumerate(reader, start=2):
-            rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-            split_name = (row.get("split") or "train").strip().lower()
-            where = f"{csv_path}:{line}"
-            if not rel or not label:
-                raise DataError(f"{where}: empty path or label; every row needs both")
-            check_class_name(label, where)
-            if split_name not in SPLIT_NAMES:
-                raise DataError(f"{where}: split {split_name!r} is not train, val or test")
-            if Path(rel).is_absolute() or not is_inside(base, rel):
-                raise DataError(
-                    f"{where}: path {rel!r} is outside the CSV's folder {base}; "
-                    "paths must be relative to it and stay inside"
-                )
-            file = base / rel
-            if not file.is_file():
-                raise DataError(f"{where}: no such file {file}")
+            file, label, split_name = _csv_row(row, f"{csv_path}:{line}", base)
             if file.resolve() in first_line:
                 raise DataError(
-                    f"{where}: {rel} is already listed on line "
+                    f"{csv_path}:{line}: {row['path'].strip()} is already listed on line "
                     f"{first_line[file.resolve()]}; list each image once"
                 )
             first_line[file.resolve()] = line

@@ -30,6 +30,7 @@ import numpy as np
 from tlkit.core.calibration import per_image_log_loss
 from tlkit.core.choices import check_folder_name
 from tlkit.core.errors import ConfigError
+from tlkit.core.runs import Run
 from tlkit.data.datasets import Example
 from tlkit.features.rows import pooled_features
 
@@ -205,6 +206,54 @@ def _examples(run: Any, data: str | None) -> dict[str, list[Example]]:
     return out
 
 
+def _label_review(
+    config: DiagnoseConfig,
+    feats: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    n_classes: int,
+) -> tuple[np.ndarray, list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+    """(out-of-fold probabilities of the training images, the likely label errors, the next
+    images worth a look), each as (index among all images, suggested class, given label's
+    probability)."""
+    y = labels[train_idx]
+    oof = out_of_fold_probs(feats[train_idx], y, n_classes, config.folds, config.seed)
+    flagged = label_issues(oof, y)
+    seen = {i for i, _, _ in flagged}
+    rest = [
+        (int(i), int(oof[i].argmax()), float(oof[i, y[i]]))
+        for i in review_order(oof, y)
+        if i not in seen
+    ]
+    issues = [(int(train_idx[i]), s, p) for i, s, p in flagged]
+    review = [(int(train_idx[i]), s, p) for i, s, p in rest[: max(config.top, len(flagged))]]
+    return oof, issues, review
+
+
+def _explain_worst(
+    model: Any,
+    run: Run,
+    every: list[Example],
+    held: list[int],
+    probs: np.ndarray,
+    found: dict[str, Any],
+) -> dict[str, Any]:
+    """Where the model looked on the top losses the report shows, by relative path."""
+    from tlkit.evaluation.explain import explain_paths
+
+    shown = {r["path"] for r in found["top_losses"]}
+    worst = [i for i in held if every[i].relpath in shown]
+    overlays = explain_paths(
+        model,
+        [every[i].path for i in worst],
+        [int(probs[i].argmax()) for i in worst],
+        run.input_size,
+        float(run.record.crop_fraction),
+        run.max_pixels,
+    )
+    return dict(zip([every[i].relpath for i in worst], overlays, strict=True))
+
+
 def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     """Write RUN/diagnose/<name>/ (diagnose.json, report.html, relabel.csv); return the
     findings."""
@@ -230,19 +279,7 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     )
     train_idx = np.array([i for i, s in enumerate(split_of) if s == "train"])
     labels = np.array([e.label for e in every])
-    n_classes = len(run.classes)
-    oof = out_of_fold_probs(
-        feats[train_idx], labels[train_idx], n_classes, config.folds, config.seed
-    )
-    flagged = label_issues(oof, labels[train_idx])
-    seen = {i for i, _, _ in flagged}
-    rest = [
-        (int(i), int(oof[i].argmax()), float(oof[i, labels[train_idx][i]]))
-        for i in review_order(oof, labels[train_idx])
-        if i not in seen
-    ]
-    issues = [(int(train_idx[i]), s, p) for i, s, p in flagged]
-    review = [(int(train_idx[i]), s, p) for i, s, p in rest[: max(config.top, len(flagged))]]
+    oof, issues, review = _label_review(config, feats, labels, train_idx, len(run.classes))
     dups, n_dups = near_duplicates(feats, config.duplicate_similarity)
     head = model.get_layer("predictions")
     probs = np.asarray(head(feats), np.float64)  # the run's own head on the same features
@@ -267,24 +304,7 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
             "top1": m["top1"],
             "most_confused": m["most_confused"][: config.top],
         }
-    from tlkit.evaluation.explain import explain_paths
-
-    shown = {r["path"] for r in found["top_losses"]}
-    worst = [i for i in held if every[i].relpath in shown]
-    looks = dict(
-        zip(
-            [every[i].relpath for i in worst],
-            explain_paths(
-                model,
-                [every[i].path for i in worst],
-                [int(probs[i].argmax()) for i in worst],
-                run.input_size,
-                float(run.record.crop_fraction),
-                run.max_pixels,
-            ),
-            strict=True,
-        )
-    )
+    looks = _explain_worst(model, run, every, held, probs, found)
     tmp = incomplete_dir(out_dir, "diagnose", clean=True)
     _write(tmp, found, every, split_of, labels, issues, run.classes, looks)
     publish_dir(tmp, out_dir, overwrite=config.overwrite)

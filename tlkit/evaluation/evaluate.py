@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -367,20 +368,7 @@ def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[V
     with `auto` the one chosen on the run's validation split among those training showed."""
     members = runner.members
     if requested != AUTO:
-        out = []
-        for m in members:
-            outside = unseen(requested, m.seen, m.crop)
-            if outside:
-                log.warning(
-                    "%s: --multicrop %s includes %s; %s. The bare --multicrop (auto) "
-                    "uses only views the model saw, chosen on its validation split",
-                    m.run.path,
-                    requested,
-                    outside,
-                    m.seen.why,
-                )
-            out.append(ViewChoice(requested, "asked for", outside))
-        return out
+        return [_asked_for(m, requested) for m in members]
     options = [candidates(m.seen, m.crop) for m in members]
     chosen: list[ViewChoice | None] = [
         ViewChoice("1", f"the only views training showed ({m.seen.why})") if opts == ["1"] else None
@@ -399,48 +387,70 @@ def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[V
         return [
             c or ViewChoice("1", "the validation split to choose on is not here") for c in chosen
         ]
+    return _choose_on(
+        runner,
+        val,
+        [None if c else o for c, o in zip(chosen, options, strict=True)],
+        batch_size,
+        chosen,
+    )
+
+
+def _asked_for(member: Member, requested: str) -> ViewChoice:
+    """The view set asked for, with a warning when it holds views training never showed."""
+    outside = unseen(requested, member.seen, member.crop)
+    if outside:
+        log.warning(
+            "%s: --multicrop %s includes %s; %s. The bare --multicrop (auto) uses only views "
+            "the model saw, chosen on its validation split",
+            member.run.path,
+            requested,
+            outside,
+            member.seen.why,
+        )
+    return ViewChoice(requested, "asked for", outside)
+
+
+def _choose_on(
+    runner: ViewRunner,
+    val: list[Example],
+    options: list[list[str] | None],
+    batch_size: int,
+    chosen: list[ViewChoice | None],
+) -> list[ViewChoice]:
+    """Each member with `options` scores them all on `val` in one pass (its largest crop set
+    holds the smaller ones) and keeps `choose`'s pick; the others keep `chosen`."""
     paths, labels = [e.path for e in val], np.array([e.label for e in val])
     crops = [
-        max((o for o in opts if o != "dense"), key=lambda o: len(CROP_SETS[o]))
-        if c is None
-        else None
-        for c, opts in zip(chosen, options, strict=True)
+        max((o for o in opts if o != "dense"), key=lambda o: len(CROP_SETS[o])) if opts else None
+        for opts in options
     ]
-    scored = {o for c, opts in zip(chosen, options, strict=True) if c is None for o in opts}
+    scored = {o for opts in options if opts for o in opts}
     log.info(
         "--multicrop auto: scoring %s on the %d validation images",
         ", ".join(o for o in AUTO_ORDER if o in scored),
         len(paths),
     )
     crop_probs = runner.probs(paths, crops, batch_size)
-    dense_probs = runner.probs(
-        paths,
-        [
-            "dense" if c is None and "dense" in opts else None
-            for c, opts in zip(chosen, options, strict=True)
-        ],
-        batch_size,
-    )
+    dense = ["dense" if opts and "dense" in opts else None for opts in options]
+    dense_probs = runner.probs(paths, dense, batch_size)
     out = []
-    for i, m in enumerate(members):
-        if chosen[i] is not None:
+    for i, (m, opts) in enumerate(zip(runner.members, options, strict=True)):
+        if not opts:
             out.append(chosen[i])
             continue
         scores = {
-            o: (dense_probs[i] if o == "dense" else crop_probs[i][:, subset(crops[i], o)]).mean(
-                axis=1
-            )
-            for o in options[i]
+            o: dense_probs[i].mean(axis=1)
+            if o == "dense"
+            else crop_probs[i][:, subset(crops[i], o)].mean(axis=1)
+            for o in opts
         }
         best, rows = choose(scores, labels)
-        out.append(
-            ViewChoice(
-                best,
-                f"chosen on the validation split ({len(paths)} images) "
-                f"among the views training showed ({m.seen.why})",
-                candidates=tuple(rows),
-            )
+        why = (
+            f"chosen on the validation split ({len(paths)} images) among the views training "
+            f"showed ({m.seen.why})"
         )
+        out.append(ViewChoice(best, why, candidates=tuple(rows)))
     return out
 
 
@@ -455,6 +465,24 @@ def fit_member_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int =
         w = w * np.exp(-0.5 * grad)
         w /= w.sum()
     return w
+
+
+def _missing_class_notes(cm: np.ndarray, classes: Sequence[str], empty: list[int]) -> list[str]:
+    """A folder may lack classes the model knows: left out of the averages, unless predicted
+    (then scored 0, as in scikit-learn)."""
+    notes = []
+    if left_out := [classes[k] for k in empty if not cm[:, k].sum()]:
+        notes.append(
+            f"no images of class {', '.join(left_out)} in this set: left out of the averages"
+        )
+    for k in empty:
+        if n := int(cm[:, k].sum()):
+            notes.append(
+                f"no images of class {classes[k]} in this set, yet predicted "
+                f"{n} time{'s' if n > 1 else ''}: it counts as 0 in the macro "
+                "averages (as in scikit-learn)"
+            )
+    return notes
 
 
 def classification_metrics(
@@ -492,22 +520,9 @@ def classification_metrics(
             for key in ("precision", "recall", "f1")
         }
     out["per_class"] = per_class
-    # a folder may lack classes the model knows: left out of the averages, unless predicted
-    # (then scored 0, as in scikit-learn)
     empty = [k for k in range(c) if not cm[k, :].sum()]
     out["classes_without_images"] = [classes[k] for k in empty]
-    out["notes"] = []
-    if left_out := [classes[k] for k in empty if not cm[:, k].sum()]:
-        out["notes"].append(
-            f"no images of class {', '.join(left_out)} in this set: left out of the averages"
-        )
-    for k in empty:
-        if n := int(cm[:, k].sum()):
-            out["notes"].append(
-                f"no images of class {classes[k]} in this set, yet predicted "
-                f"{n} time{'s' if n > 1 else ''}: it counts as 0 in the macro "
-                "averages (as in scikit-learn)"
-            )
+    out["notes"] = _missing_class_notes(cm, classes, empty)
     out["confusion_matrix"] = cm.tolist()
     off = [
         (int(cm[i, j]), classes[i], classes[j])
@@ -624,22 +639,57 @@ def _notes(run: Run, examples: Sequence[Example], chose_views: bool) -> list[str
     return notes
 
 
-def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
-    from tlkit.core.fsutil import incomplete_dir, publish_dir, refuse_overwrite
+def _calibration(ensemble: np.ndarray, labels: np.ndarray, runs: list[Run]) -> dict[str, Any]:
+    """ECE and reliability bins of the scored probabilities, beside each member's --calibrate
+    (its temperature, and the validation ECE before and after)."""
+    return {
+        "ece": expected_calibration_error(ensemble, labels),
+        "bins": ECE_BINS,
+        "reliability": reliability_bins(ensemble, labels),
+        "temperatures": [(r.record.calibration or {}).get("temperature") for r in runs],
+        "fitted": [r.record.calibration for r in runs],
+    }
+
+
+def _write(
+    out_dir: Path,
+    overwrite: bool,
+    metrics: dict[str, Any],
+    examples: list[Example],
+    ensemble: np.ndarray,
+    first: Member,
+) -> None:
+    """metrics.json, predictions.csv, the figures and report.html, published whole."""
+    from tlkit.core.fsutil import incomplete_dir, publish_dir
     from tlkit.evaluation.explain import explain_paths
     from tlkit.evaluation.report import write_outputs
+
+    tmp = incomplete_dir(out_dir, "evaluation", clean=True)
+    write_outputs(
+        tmp,
+        metrics,
+        examples,
+        ensemble,
+        first.run.classes,
+        explain=lambda paths, top: explain_paths(
+            first.model, paths, top, first.size, first.crop, first.run.max_pixels
+        ),
+    )
+    publish_dir(tmp, out_dir, overwrite=overwrite)
+
+
+def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
+    from tlkit.core.fsutil import refuse_overwrite
 
     runs = load_members(config.runs)
     check_same_split(runs)
     examples, source = eval_examples(runs[0], config.data, config.split)
     split = source.rsplit("(", 1)[1].rstrip(")")
-    fit_on = (
-        weights_split(runs, examples, source)
-        if config.ensemble_weights == "val" and len(runs) > 1
-        else None
-    )
+    ensemble_of = len(runs) if len(runs) > 1 else 0
+    fitted = config.ensemble_weights == "val" and ensemble_of
+    fit_on = weights_split(runs, examples, source) if fitted else None
     name = config.name or f"{split}-crops{config.multicrop}" + (
-        f"-ensemble{len(runs)}" if len(runs) > 1 else ""
+        f"-ensemble{ensemble_of}" if ensemble_of else ""
     )
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
@@ -676,13 +726,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
         }
     )
     metrics["notes"] += _notes(runs[0], examples, any(c.candidates for c in choices))
-    metrics["calibration"] = {
-        "ece": expected_calibration_error(ensemble, labels),
-        "bins": ECE_BINS,
-        "reliability": reliability_bins(ensemble, labels),
-        "temperatures": [(r.record.calibration or {}).get("temperature") for r in runs],
-        "fitted": [r.record.calibration for r in runs],
-    }  # --calibrate: T, val ECE before/after
+    metrics["calibration"] = _calibration(ensemble, labels, runs)
     metrics["strategy"] = {
         "strategy": placement.name,
         "replicas": placement.replicas,
@@ -690,18 +734,6 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     }
     if not placement.is_chief:
         return metrics  # the chief writes the outputs
-    tmp = incomplete_dir(out_dir, "evaluation", clean=True)
-    first = members[0]
-    write_outputs(
-        tmp,
-        metrics,
-        examples,
-        ensemble,
-        classes,
-        explain=lambda paths, top: explain_paths(
-            first.model, paths, top, first.size, first.crop, first.run.max_pixels
-        ),
-    )
-    publish_dir(tmp, out_dir, overwrite=config.overwrite)
+    _write(out_dir, config.overwrite, metrics, examples, ensemble, members[0])
     metrics["output"] = str(out_dir)
     return metrics

@@ -156,6 +156,29 @@ def _summary(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
     return summary
 
 
+def _mistakes(
+    examples: Sequence[Example], probs: np.ndarray, classes: Sequence[str], explain: Any
+) -> str:
+    """The most confident mistakes as figures: the image, where the model looked, the labels."""
+    e = html.escape
+    labels = np.array([x.label for x in examples])
+    pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    worst = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:WORST]
+    looks = (
+        explain([examples[i].path for i in worst], [int(pred[i]) for i in worst])
+        if explain is not None
+        else [None] * len(worst)
+    )
+    return "".join(
+        f"<figure><img src='data:image/jpeg;base64,{_thumb(examples[i].path)}'>"
+        + (f"<img src='data:image/jpeg;base64,{_jpeg(look)}'>" if look is not None else "")
+        + f"<figcaption>{e(examples[i].relpath)}<br>true {e(classes[labels[i]])}, predicted "
+        f"{e(classes[pred[i]])} ({probs[i, pred[i]]:.1%})</figcaption></figure>"
+        for i, look in zip(worst, looks, strict=True)
+    )
+
+
 def report_html(
     metrics: dict[str, Any],
     examples: Sequence[Example],
@@ -166,10 +189,6 @@ def report_html(
     explain: Any = None,
 ) -> str:
     e = html.escape
-    labels = np.array([x.label for x in examples])
-    pred = probs.argmax(axis=1)
-    wrong = np.flatnonzero(pred != labels)
-    worst = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:WORST]
     rows = "".join(
         f"<tr><td>{e(c['model'])}</td><td>{c['single_crop_top1']:.4f}</td>"
         f"<td>{c['multicrop_top1']:.4f}</td></tr>"
@@ -184,18 +203,7 @@ def report_html(
         f"<li>{e(c['true'])} &rarr; {e(c['predicted'])}: {c['count']}</li>"
         for c in metrics["most_confused"]
     )
-    looks = (
-        explain([examples[i].path for i in worst], [int(pred[i]) for i in worst])
-        if explain is not None
-        else [None] * len(worst)
-    )
-    mistakes = "".join(
-        f"<figure><img src='data:image/jpeg;base64,{_thumb(examples[i].path)}'>"
-        + (f"<img src='data:image/jpeg;base64,{_jpeg(look)}'>" if look is not None else "")
-        + f"<figcaption>{e(examples[i].relpath)}<br>true {e(classes[labels[i]])}, predicted "
-        f"{e(classes[pred[i]])} ({probs[i, pred[i]]:.1%})</figcaption></figure>"
-        for i, look in zip(worst, looks, strict=True)
-    )
+    mistakes = _mistakes(examples, probs, classes, explain)
     summary_rows = "".join(
         f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in _summary(metrics)
     )
@@ -280,6 +288,15 @@ def _temperatures(metrics: dict[str, Any]) -> str:
     )
 
 
+def _figure(path: str, look: np.ndarray | None, name: str, caption: str) -> str:
+    """A thumbnail, with where the model looked beside it when known, and a caption."""
+    extra = f"<img src='data:image/jpeg;base64,{_jpeg(look)}'>" if look is not None else ""
+    return (
+        f"<figure><img src='data:image/jpeg;base64,{_thumb(path)}'>{extra}"
+        f"<figcaption>{html.escape(name)}<br>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
 def diagnose_html(
     found: dict[str, Any],
     files: dict[str, str],
@@ -291,12 +308,7 @@ def diagnose_html(
     e = html.escape
 
     def fig(rel: str, caption: str) -> str:
-        look = (looks or {}).get(rel)
-        extra = f"<img src='data:image/jpeg;base64,{_jpeg(look)}'>" if look is not None else ""
-        return (
-            f"<figure><img src='data:image/jpeg;base64,{_thumb(files[rel])}'>{extra}"
-            f"<figcaption>{e(rel)}<br>{e(caption)}</figcaption></figure>"
-        )
+        return _figure(files[rel], (looks or {}).get(rel), rel, caption)
 
     issues = "".join(
         fig(

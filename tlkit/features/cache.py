@@ -257,6 +257,36 @@ def _batches(
     ]
 
 
+def _compute_batches(
+    predict: Any,
+    make_rows: Any,
+    split: str,
+    views: int,
+    examples: Sequence[Example],
+    batches: list[tuple[int, int]],
+    shape: Sequence[int],
+    dtype: str,
+    progress: Any,
+) -> np.ndarray:
+    """The rows of consecutive (start, stop) batches of a split, one array."""
+    first = batches[0][0] if batches else 0
+    out = np.empty(((batches[-1][1] if batches else 0) - first, views, *shape), dtype)
+    for start, stop in batches:
+        out[start - first : stop - first] = _compute(
+            predict, make_rows, split, views, start, examples[start:stop], shape, dtype
+        )
+        if progress is not None:
+            progress((stop - start) * views)
+    return out
+
+
+def _labels_and_paths(
+    splits: dict[str, Sequence[Example]],
+) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    labels = {s: [e.label for e in x] for s, x in splits.items()}
+    return labels, {s: [e.relpath for e in x] for s, x in splits.items()}
+
+
 def _compute(
     predict: Any,
     make_rows: Any,
@@ -319,6 +349,11 @@ def _publish(
     return FeatureCache(root / key, manifest)
 
 
+def _intact(path: Path, record: dict[str, Any] | None) -> bool:
+    """A shard an interrupted build finished: on disk with the checksum it recorded."""
+    return record is not None and path.is_file() and file_hash(path) == record["sha256"]
+
+
 def build_cache(
     root: Path,
     key: str,
@@ -358,19 +393,13 @@ def build_cache(
             shards[split] = []
             for name, start, stop in files:
                 record = finished.get(name)
-                if (
-                    record is None
-                    or not (work / name).is_file()
-                    or file_hash(work / name) != record["sha256"]
-                ):
-                    out = np.empty((stop - start, k, *shape), dtype)
-                    for b in range(start, stop, batch_size):
-                        batch = examples[b : min(b + batch_size, stop)]
-                        out[b - start : b - start + len(batch)] = _compute(
-                            predict, make_rows, split, k, b, batch, shape, dtype
-                        )
-                        if progress is not None:
-                            progress(len(batch) * k)
+                if not _intact(work / name, record):
+                    batches = [
+                        (b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)
+                    ]
+                    out = _compute_batches(
+                        predict, make_rows, split, k, examples, batches, shape, dtype, progress
+                    )
                     with atomic_path(work / name) as tmp:
                         np.save(tmp, out, allow_pickle=False)
                     record = _record(work / name, rows=stop - start)
@@ -380,18 +409,8 @@ def build_cache(
                     progress((stop - start) * k)
                 shards[split].append(record)
         progress_file.unlink()
-        return _publish(
-            work,
-            root,
-            key,
-            inputs,
-            dtype,
-            shape,
-            views,
-            {s: [e.label for e in x] for s, x in splits.items()},
-            {s: [e.relpath for e in x] for s, x in splits.items()},
-            shards,
-        )
+        labels, paths = _labels_and_paths(splits)
+        return _publish(work, root, key, inputs, dtype, shape, views, labels, paths, shards)
 
 
 PART_FILE = "part.json"
@@ -435,45 +454,26 @@ def build_part(
         groups.setdefault((split, name), []).append((start, stop))
     for (split, name), batches in groups.items():
         first, end = batches[0][0], batches[-1][1]
-        out = np.empty((end - first, views[split], *shape), dtype)
-        for start, stop in batches:
-            out[start - first : stop - first] = _compute(
-                predict,
-                make_rows,
-                split,
-                views[split],
-                start,
-                splits[split][start:stop],
-                shape,
-                dtype,
-            )
-            if progress is not None:
-                progress((stop - start) * views[split])
+        out = _compute_batches(
+            predict, make_rows, split, views[split], splits[split], batches, shape, dtype, progress
+        )
         path = work / f"{name[:-4]}.rows-{first}-{end}.npy"
         with atomic_path(path) as tmp:
             np.save(tmp, out, allow_pickle=False)
         pieces.append(_record(path, split=split, shard=name, start=first, stop=end))
-    atomic_write_json(
-        work / PART_FILE,
-        {
-            "schema": SCHEMA,
-            "key": key,
-            "index": index,
-            "count": count,
-            "dtype": dtype,
-            "shape": list(shape),
-            "inputs": inputs,
-            "pieces": pieces,
-            "splits": {
-                s: {
-                    "views": views[s],
-                    "labels": [e.label for e in x],
-                    "paths": [e.relpath for e in x],
-                }
-                for s, x in splits.items()
-            },
-        },
-    )
+    labels, paths = _labels_and_paths(splits)
+    record = {
+        "schema": SCHEMA,
+        "key": key,
+        "index": index,
+        "count": count,
+        "dtype": dtype,
+        "shape": list(shape),
+        "inputs": inputs,
+        "pieces": pieces,
+        "splits": {s: {"views": views[s], "labels": labels[s], "paths": paths[s]} for s in splits},
+    }
+    atomic_write_json(work / PART_FILE, record)
     try:
         publish_dir(work, final)
     except OSError:  # the same part finished elsewhere first: keep that one
@@ -534,6 +534,25 @@ def _check_parts(parts: dict[int, dict[str, Any]]) -> None:
                 )
 
 
+def _finished_parts(root: Path, key: str) -> dict[int, dict[str, Any]]:
+    """Every part of `key`, all finished and made alike; else one line saying what is not."""
+    count, parts = read_parts(root, key)
+    if not parts:
+        raise CacheError(
+            f"{root / key}: no finished shards to merge; `tlkit "
+            "precompute-features --num-shards N --shard-index I` makes them"
+        )
+    missing = sorted(set(range(count)) - set(parts))
+    if missing:
+        raise CacheError(
+            f"{root / key}: shard(s) {', '.join(map(str, missing))} of {count} "
+            "not finished yet; run `tlkit precompute-features` with the same "
+            f"options and --num-shards {count} --shard-index I for each"
+        )
+    _check_parts(parts)
+    return parts
+
+
 def merge_parts(root: Path, key: str) -> FeatureCache:
     """Check every part of `key` (all present, same inputs, checksums, rows covered exactly
     once) and publish the cache they make, the same bytes a one-process build writes."""
@@ -541,21 +560,8 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
         done = open_cache(root, key)
         if done is not None:
             return done
-        count, parts = read_parts(root, key)
-        if not parts:
-            raise CacheError(
-                f"{root / key}: no finished shards to merge; `tlkit "
-                "precompute-features --num-shards N --shard-index I` makes them"
-            )
-        missing = sorted(set(range(count)) - set(parts))
-        if missing:
-            raise CacheError(
-                f"{root / key}: shard(s) {', '.join(map(str, missing))} of {count} "
-                "not finished yet; run `tlkit precompute-features` with the same "
-                f"options and --num-shards {count} --shard-index I for each"
-            )
+        parts = _finished_parts(root, key)
         first = parts[0]
-        _check_parts(parts)
         splits, shape, dtype = first["splits"], first["shape"], first["dtype"]
         views = {s: v["views"] for s, v in splits.items()}
         layout = _layout({s: len(v["labels"]) for s, v in splits.items()}, views, shape, dtype)
@@ -587,17 +593,10 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
                 with atomic_path(work / name) as tmp:
                     np.save(tmp, out, allow_pickle=False)
                 shards[split].append(_record(work / name, rows=stop - start))
+        labels = {s: v["labels"] for s, v in splits.items()}
+        paths = {s: v["paths"] for s, v in splits.items()}
         cache = _publish(
-            work,
-            root,
-            key,
-            first["inputs"],
-            dtype,
-            shape,
-            views,
-            {s: v["labels"] for s, v in splits.items()},
-            {s: v["paths"] for s, v in splits.items()},
-            shards,
+            work, root, key, first["inputs"], dtype, shape, views, labels, paths, shards
         )
         for p in parts.values():
             shutil.rmtree(p["path"])

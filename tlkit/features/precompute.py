@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,43 +106,21 @@ class PrecomputeConfig:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1. Received: {self.batch_size}")
 
+    def build_settings(self, verbose: int = 1) -> BuildSettings:
+        return BuildSettings(
+            self.views,
+            self.seed,
+            self.dtype,
+            self.batch_size,
+            self.workers,
+            self.audit.max_pixels,
+            verbose,
+        )
+
 
 def view_augment(views: int, augment: AugmentConfig) -> AugmentConfig:
     """What the training views hold: the eval transform for one view, else the augmentation."""
     return augment if views > 1 else resolve_augment("none")
-
-
-def prepare_cache(
-    spec: BackboneSpec,
-    weights: ResolvedWeights,
-    model: Any,
-    cut: Cut,
-    size: int,
-    views: int,
-    augment: AugmentConfig,
-    seed: int,
-    folder: ImageFolder,
-    dtype: str,
-    pca: ColorPCA | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[Any, str, dict[str, Any], Any]:
-    """(trunk, key, key inputs, train transform) for a model cut at `cut`; `pca`, when the
-    caller has it already, saves computing the dataset PCA twice."""
-    from tlkit.data.pipeline import build_train_transform
-
-    trunk = build_trunk(model, cut)
-    aug = view_augment(views, augment)
-    transform = build_train_transform(
-        aug,
-        folder.splits["train"],
-        size,
-        spec.crop_fraction,
-        pca if aug.pca_sigma > 0 else None,
-        max_pixels,
-    )
-    pca = transform.pca.as_dict() if transform.pca is not None else None
-    inputs = cache_inputs(spec, weights, trunk, cut, size, views, aug, pca, seed, folder, dtype)
-    return trunk, key_of(inputs), inputs, transform
 
 
 @dataclass(frozen=True)
@@ -154,6 +134,65 @@ class BuildSettings:
     workers: int | None
     max_pixels: int = DEFAULT_MAX_PIXELS
     verbose: int = 1
+
+
+def prepare_cache(
+    spec: BackboneSpec,
+    weights: ResolvedWeights,
+    model: Any,
+    cut: Cut,
+    size: int,
+    folder: ImageFolder,
+    augment: AugmentConfig,
+    settings: BuildSettings,
+    pca: ColorPCA | None = None,
+) -> tuple[Any, str, dict[str, Any], Any]:
+    """(trunk, key, key inputs, train transform) for a model cut at `cut`; `pca`, when the
+    caller has it already, saves computing the dataset PCA twice."""
+    from tlkit.data.pipeline import build_train_transform
+
+    trunk = build_trunk(model, cut)
+    aug = view_augment(settings.views, augment)
+    transform = build_train_transform(
+        aug,
+        folder.splits["train"],
+        size,
+        spec.crop_fraction,
+        pca if aug.pca_sigma > 0 else None,
+        settings.max_pixels,
+    )
+    pca_dict = transform.pca.as_dict() if transform.pca is not None else None
+    inputs = cache_inputs(
+        spec,
+        weights,
+        trunk,
+        cut,
+        size,
+        settings.views,
+        aug,
+        pca_dict,
+        settings.seed,
+        folder,
+        settings.dtype,
+    )
+    return trunk, key_of(inputs), inputs, transform
+
+
+def _progress_bar(total: int, verbose: int) -> Callable[[int], None]:
+    """`progress(n_images)`: a Keras progress bar with the images computed a second."""
+    import keras
+
+    bar = keras.utils.Progbar(
+        total, stateful_metrics=["images/s"], unit_name="image", verbose=verbose
+    )
+    start, done = time.perf_counter(), [0]
+
+    def progress(n_images: int) -> None:
+        done[0] += n_images
+        rate = done[0] / max(time.perf_counter() - start, 1e-9)
+        bar.update(min(done[0], total), values=[("images/s", rate)])
+
+    return progress
 
 
 def build_with_progress(
@@ -170,23 +209,12 @@ def build_with_progress(
 ) -> Any:
     """The cache (or, given `shard` (index, count), that part of it: its folder), with a
     progress bar; `predict` runs the trunk (default: predict_on_batch)."""
-    import keras
-
     views, dtype, batch_size = settings.views, settings.dtype, settings.batch_size
     view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
     total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
     if shard is not None:
         total = -(-total // shard[1])  # about: parts are whole batches
-    bar = keras.utils.Progbar(
-        total, stateful_metrics=["images/s"], unit_name="image", verbose=settings.verbose
-    )
-    start, done = time.perf_counter(), [0]
-
-    def progress(n_images: int) -> None:
-        done[0] += n_images
-        rate = done[0] / max(time.perf_counter() - start, 1e-9)
-        bar.update(min(done[0], total), values=[("images/s", rate)])
-
+    progress = _progress_bar(total, settings.verbose)
     with RowMaker(
         transform, crop_fraction, settings.seed, settings.workers, settings.max_pixels
     ) as make_rows:
@@ -303,6 +331,8 @@ def _precompute(
     predictor: Any,
     verbose: int,
 ) -> FeatureCache | dict[str, Any]:
+    from tlkit.models.model import backbone_of, build_model
+
     spec, size = checked.spec, checked.size
     if config.dry_run:
         weights, missing = _dry_run_weights(spec, config.weights)
@@ -310,8 +340,6 @@ def _precompute(
         weights, missing = resolve_weights(spec, config.weights), None
     scanned = checked.dataset()
     folder, _, _ = audit_and_filter(scanned, config.audit, spec.min_size, config.workers)
-    from tlkit.models.model import backbone_of, build_model
-
     model = build_model(
         spec,
         weights,
@@ -321,18 +349,9 @@ def _precompute(
         mixed_precision=config.mixed_precision,
     )
     cut = _cut_of(config, spec, backbone_of(model))
+    settings = config.build_settings(verbose)
     trunk, key, inputs, transform = prepare_cache(
-        spec,
-        weights,
-        model,
-        cut,
-        size,
-        config.views,
-        config.augment,
-        config.seed,
-        folder,
-        config.dtype,
-        max_pixels=config.audit.max_pixels,
+        spec, weights, model, cut, size, folder, config.augment, settings
     )
     predict = predictor(trunk)
     root = cache_root(config.cache_dir)
@@ -343,34 +362,14 @@ def _precompute(
     needed = estimate_bytes(counts, views, shape, config.dtype)
     if config.dry_run:
         images = sum(counts[s] * views[s] for s in counts)
+        seconds = _seconds_per_image(predict, config.batch_size, size) * images
         if missing is not None:  # the key names the weights' hash: unknown without them
             key, existing = None, None
-        return {
-            "key": key,
-            "exists": existing is not None,
-            "bytes": needed,
-            "weights_missing": missing,
-            "images": images,
-            "shape": list(shape),
-            "dtype": config.dtype,
-            "estimated_seconds": round(
-                _seconds_per_image(predict, config.batch_size, size) * images, 1
-            ),
-            "cut": cut.as_dict(),
-            "path": str(root / key) if key else None,
-            "free_bytes": shutil.disk_usage(root if root.exists() else root.parent.resolve()).free,
-        }
+        return _dry_run(config, root, key, existing, needed, missing, images, shape, seconds, cut)
     if existing is not None:
         log.info("feature cache %s already complete (%s)", key, root / key)
         return existing
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    share = needed if shard is None else 2 * -(-needed // shard[1])  # a part, then its merge
-    if share > free:
-        raise CacheError(
-            f"{root}: the cache needs {share / 1e9:.2f} GB but only "
-            f"{free / 1e9:.2f} GB is free; free space or pass --cache-dir elsewhere"
-        )
+    _check_space(root, needed if shard is None else 2 * -(-needed // shard[1]))  # part + merge
     what = "feature cache" if shard is None else f"shard {shard[0]} of {shard[1]} of cache"
     log.info(
         "building %s %s: %s images x views, %s %s per image, %.1f MB in all",
@@ -381,19 +380,49 @@ def _precompute(
         config.dtype,
         needed / 1e6,
     )
-    settings = BuildSettings(
-        config.views,
-        config.seed,
-        config.dtype,
-        config.batch_size,
-        config.workers,
-        config.audit.max_pixels,
-        verbose,
-    )
     built = build_with_progress(
         root, key, inputs, trunk, folder, transform, spec.crop_fraction, settings, predict, shard
     )
     return built if shard is None else _after_part(root, key, shard, built)
+
+
+def _dry_run(
+    config: PrecomputeConfig,
+    root: Path,
+    key: str | None,
+    existing: FeatureCache | None,
+    needed: int,
+    missing: str | None,
+    images: int,
+    shape: tuple[int, ...],
+    seconds: float,
+    cut: Cut,
+) -> dict[str, Any]:
+    """What --dry-run prints: the cache's size, time and place, written nowhere."""
+    free_on = root if root.exists() else root.parent.resolve()
+    return {
+        "key": key,
+        "exists": existing is not None,
+        "bytes": needed,
+        "weights_missing": missing,
+        "images": images,
+        "shape": list(shape),
+        "dtype": config.dtype,
+        "estimated_seconds": round(seconds, 1),
+        "cut": cut.as_dict(),
+        "path": str(root / key) if key else None,
+        "free_bytes": shutil.disk_usage(free_on).free,
+    }
+
+
+def _check_space(root: Path, needed: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise CacheError(
+            f"{root}: the cache needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is "
+            "free; free space or pass --cache-dir elsewhere"
+        )
 
 
 def _after_part(

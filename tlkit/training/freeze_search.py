@@ -122,6 +122,44 @@ def _train_tail(
     )
 
 
+def _activations(
+    model: Any,
+    deeper: list[tuple[FreezePlan, Any]],
+    train: Sequence[Example],
+    val: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    config: Any,
+    on_first_batch: Any,
+) -> tuple[dict[str, list[np.ndarray]], Any]:
+    """One pass over the eval view of every image: the activations at each deeper candidate's
+    cut, and the pooled Features the head probe trains on."""
+    from tlkit.data.augment import TrainTransform, resolve_augment
+    from tlkit.features.rows import Features, RowMaker, forward
+    from tlkit.models.cut import trunk_outputs
+
+    start = time.perf_counter()
+    extractor = trunk_outputs(
+        model, [cut.layer for _, cut in deeper], pooled=True, name="freeze_search"
+    )
+    plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
+    c = config
+    with RowMaker(plain, crop_fraction, c.seed, c.workers, c.audit.max_pixels) as make_rows:
+        out = forward(extractor, make_rows, train, val, 1, c.batch_size, on_first_batch)
+    y_train = np.array([e.label for e in train], np.int32)
+    y_val = np.array([e.label for e in val], np.int32)
+    seconds = time.perf_counter() - start
+    pooled = Features(out["train"][-1], y_train, out["val"][-1], y_val, 1, seconds)
+    log.info(
+        "--freeze auto: activations at %d cut(s) and pooled features of %d + %d images in %.1f s",
+        len(deeper),
+        len(train),
+        len(val),
+        pooled.seconds,
+    )
+    return out, pooled
+
+
 def search_freeze(
     model: Any,
     spec: BackboneSpec,
@@ -136,36 +174,16 @@ def search_freeze(
     """(the chosen plan, every candidate's scores, the pooled eval-view Features).
 
     The model's weights are left as they were."""
-    from tlkit.data.augment import TrainTransform, resolve_augment
-    from tlkit.features.rows import Features, RowMaker, forward
-    from tlkit.models.cut import trunk_outputs
     from tlkit.models.model import backbone_of
     from tlkit.training.head import fit_head, head_steps, head_val_losses
 
     base = backbone_of(model)
     plans = freeze_candidates(spec, [layer.name for layer in base.layers])
     deeper = _affordable(base, plans[1:], len(train) + len(val))
-    start = time.perf_counter()
-    extractor = trunk_outputs(
-        model, [cut.layer for _, cut in deeper], pooled=True, name="freeze_search"
+    out, pooled = _activations(
+        model, deeper, train, val, size, crop_fraction, config, on_first_batch
     )
-    plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
-    with RowMaker(
-        plain, crop_fraction, config.seed, config.workers, config.audit.max_pixels
-    ) as make_rows:
-        out = forward(extractor, make_rows, train, val, 1, config.batch_size, on_first_batch)
-    y_train = np.array([e.label for e in train], np.int32)
-    y_val = np.array([e.label for e in val], np.int32)
-    pooled = Features(
-        out["train"][-1], y_train, out["val"][-1], y_val, 1, time.perf_counter() - start
-    )
-    log.info(
-        "--freeze auto: activations at %d cut(s) and pooled features of %d + %d images in %.1f s",
-        len(deeper),
-        len(train),
-        len(val),
-        pooled.seconds,
-    )
+    y_train, y_val = pooled.train_labels, pooled.val_labels
     initial = model.get_weights()
     t = time.perf_counter()
     rows, _ = fit_head(

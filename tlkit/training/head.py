@@ -70,6 +70,41 @@ def _feature_batches(
     return iter(data)
 
 
+def _compiled_steps(
+    dropout: Any, dense: Any, optimizer: Any, loss_fn: Any, batches: Any, classes: int
+) -> Any:
+    """`train(n)`: n Adam steps of dropout + dense on the next batches, in one graph; the
+    mean loss and the weighted accuracy over them."""
+    import tensorflow as tf
+
+    @tf.function
+    def train(n: Any) -> tuple[Any, Any]:
+        loss_sum, hits, seen = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(n):
+            x, y, w = next(batches)
+            with tf.GradientTape() as tape:
+                probs = tf.cast(dense(dropout(x, training=True)), tf.float32)
+                loss = loss_fn(tf.one_hot(y, classes), probs, sample_weight=w)
+            grads = tape.gradient(loss, dense.trainable_weights)
+            optimizer.apply_gradients(zip(grads, dense.trainable_weights, strict=True))
+            hit = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
+            loss_sum += loss
+            hits += tf.reduce_sum(hit * w)
+            seen += tf.reduce_sum(w)
+        return loss_sum / tf.cast(n, tf.float32), hits / seen
+
+    return train
+
+
+def _validate(dense: Any, features: Features) -> tuple[float, float]:
+    """(loss, accuracy) of the head on the validation features; NaN without any."""
+    if not len(features.val_labels):
+        return math.nan, math.nan
+    probs = np.asarray(dense(features.val), np.float64)
+    val = per_image_log_loss(probs, features.val_labels)
+    return float(val.mean()), float((probs.argmax(-1) == features.val_labels).mean())
+
+
 def fit_head(
     model: Any,
     features: Features,
@@ -93,41 +128,19 @@ def fit_head(
     optimizer = keras.optimizers.Adam(lr)
     optimizer.build(dense.trainable_weights)
     loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
-    classes = int(dense.units)
     # a "check" is max(one pass, CHECK_EVERY steps): validation (and the choice of the best
     # weights) every so many steps, not after every tiny pass over a small set
     per_check = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
     checks = max(1, math.ceil(steps / per_check))
     batches = _feature_batches(features, sample_weights, batch_size, seed)
-
-    @tf.function
-    def train(n: Any) -> tuple[Any, Any]:
-        loss_sum, hits, seen = tf.constant(0.0), tf.constant(0.0), tf.constant(0.0)
-        for _ in tf.range(n):
-            x, y, w = next(batches)
-            with tf.GradientTape() as tape:
-                probs = tf.cast(dense(dropout(x, training=True)), tf.float32)
-                loss = loss_fn(tf.one_hot(y, classes), probs, sample_weight=w)
-            grads = tape.gradient(loss, dense.trainable_weights)
-            optimizer.apply_gradients(zip(grads, dense.trainable_weights, strict=True))
-            hit = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
-            loss_sum += loss
-            hits += tf.reduce_sum(hit * w)
-            seen += tf.reduce_sum(w)
-        return loss_sum / tf.cast(n, tf.float32), hits / seen
-
+    train = _compiled_steps(dropout, dense, optimizer, loss_fn, batches, int(dense.units))
     rows: list[dict[str, Any]] = []
     best, kept = math.inf, None
     n = tf.constant(per_check)
     for check in range(checks):
         start = time.perf_counter()
         loss, accuracy = (float(v) for v in train(n))
-        probs = np.asarray(dense(features.val), np.float64)
-        val = per_image_log_loss(probs, features.val_labels)
-        val_loss = float(val.mean()) if len(val) else math.nan
-        val_accuracy = (
-            float((probs.argmax(-1) == features.val_labels).mean()) if len(val) else math.nan
-        )
+        val_loss, val_accuracy = _validate(dense, features)
         rows.append(
             {
                 "phase": "head",
@@ -197,6 +210,95 @@ AUTO_CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
+def _probe(
+    model: Any,
+    extractor: Any,
+    initial: list[np.ndarray],
+    train: Sequence[Example],
+    val: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    config: Any,
+    augment: Any,
+    views: int,
+    sample_weights: Sequence[float] | None,
+    on_first_batch: Any,
+) -> tuple[Features, list[dict[str, Any]]]:
+    """One candidate's features and its head probe's rows, from the initial head."""
+    from tlkit.data.pipeline import build_train_transform
+
+    transform = build_train_transform(
+        augment, train, size, crop_fraction, max_pixels=config.audit.max_pixels
+    )
+    c = config
+    features = extract(
+        extractor,
+        train,
+        val,
+        transform,
+        crop_fraction,
+        c.seed,
+        views,
+        c.batch_size,
+        c.workers,
+        c.audit.max_pixels,
+        on_first_batch,
+    )
+    model.get_layer("predictions").set_weights(initial)
+    steps = head_steps(len(train), c.batch_size, c.head_epochs)
+    rows, _ = fit_head(
+        model, features, c.lr, c.batch_size, steps, c.seed, sample_weights, c.label_smoothing
+    )
+    return features, rows
+
+
+def _score(name: str, views: int, rows: list[dict[str, Any]], features: Features) -> dict[str, Any]:
+    """A candidate's best check, logged."""
+    top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+    seconds = round(features.seconds + sum(r["seconds"] for r in rows), 1)
+    log.info(
+        "--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
+        name,
+        top["val_loss"],
+        top["val_accuracy"],
+        views,
+        seconds,
+    )
+    return {
+        "augment": name,
+        "views": views,
+        "val_loss": top["val_loss"],
+        "val_accuracy": top["val_accuracy"],
+        "seconds": seconds,
+    }
+
+
+def _choose(
+    scores: list[dict[str, Any]],
+    chosen: list[tuple[Any, str, Features | None]],
+    losses: list[np.ndarray],
+    head_views_of: tuple[int, int, int],
+) -> tuple[Any, list[dict[str, Any]], Features | None]:
+    """The one-standard-error pick among the candidates, its scores marked, and the features
+    the head phase trains on when they were computed (`head_views_of`: --head-views, training
+    images, feature size)."""
+    index, excess = one_se_choice(losses)
+    augment, name, features = chosen[index]
+    log.info(
+        "--augment auto: chose %s (the simplest within one standard error of the lowest "
+        "validation loss)",
+        name,
+    )
+    for score, e in zip(scores, excess, strict=True):
+        score["chosen"] = score["augment"] == name
+        score["se_above_best"] = round(e, 2) if math.isfinite(e) else None
+    views = feature_views(augment.random, *head_views_of)
+    if views == 1:  # the head phase trains on the eval view: the `none` candidate's features
+        plain = [c[2] for c in chosen if not c[0].random]
+        return augment, scores, plain[0] if plain else None
+    return augment, scores, features if features is not None and features.views == views else None
+
+
 def search_augment(
     model: Any,
     train: Sequence[Example],
@@ -215,7 +317,6 @@ def search_augment(
     trains on when they were computed here (the eval view's when --head-views is 1), else None.
     The head is left as it was."""
     from tlkit.data.augment import resolve_augment
-    from tlkit.data.pipeline import build_train_transform
 
     dim = int(model.get_layer("pool").output.shape[-1])
     extractor = pooled_extractor(model)
@@ -223,53 +324,23 @@ def search_augment(
     scores, chosen, losses = [], [], []
     for name, preset, overrides in AUTO_CANDIDATES:
         augment = resolve_augment(preset, **overrides)
-        transform = build_train_transform(
-            augment, train, size, crop_fraction, max_pixels=config.audit.max_pixels
-        )
         views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train), dim)
-        features = extract(
+        features, rows = _probe(
+            model,
             extractor,
+            initial,
             train,
             val,
-            transform,
+            size,
             crop_fraction,
-            config.seed,
+            config,
+            augment,
             views,
-            config.batch_size,
-            config.workers,
-            config.audit.max_pixels,
+            sample_weights,
             on_first_batch if not scores else None,
         )
-        model.get_layer("predictions").set_weights(initial)
-        rows, _ = fit_head(
-            model,
-            features,
-            config.lr,
-            config.batch_size,
-            head_steps(len(train), config.batch_size, config.head_epochs),
-            config.seed,
-            sample_weights,
-            config.label_smoothing,
-        )
-        top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
         losses.append(head_val_losses(model, features))
-        scores.append(
-            {
-                "augment": name,
-                "views": views,
-                "val_loss": top["val_loss"],
-                "val_accuracy": top["val_accuracy"],
-                "seconds": round(features.seconds + sum(r["seconds"] for r in rows), 1),
-            }
-        )
-        log.info(
-            "--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",
-            name,
-            top["val_loss"],
-            top["val_accuracy"],
-            views,
-            scores[-1]["seconds"],
-        )
+        scores.append(_score(name, views, rows, features))
         # kept only where the head phase could train on them (below): memory holds one or two
         # candidates' features, not every one's
         reusable = (
@@ -279,18 +350,4 @@ def search_augment(
         chosen.append((augment, name, features if reusable else None))
         del features
     model.get_layer("predictions").set_weights(initial)
-    index, excess = one_se_choice(losses)
-    augment, name, features = chosen[index]
-    log.info(
-        "--augment auto: chose %s (the simplest within one standard error of the lowest "
-        "validation loss)",
-        name,
-    )
-    for score, e in zip(scores, excess, strict=True):
-        score["chosen"] = score["augment"] == name
-        score["se_above_best"] = round(e, 2) if math.isfinite(e) else None
-    wanted = feature_views(augment.random, config.head_views, len(train), dim)
-    if wanted == 1:  # the head phase trains on the eval view: the `none` candidate's features
-        plain = [c[2] for c in chosen if not c[0].random]
-        return augment, scores, plain[0] if plain else None
-    return augment, scores, features if features is not None and features.views == wanted else None
+    return _choose(scores, chosen, losses, (config.head_views, len(train), dim))

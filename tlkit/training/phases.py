@@ -39,6 +39,17 @@ class Diverged(RunError):
     """The loss became NaN or infinite: more epochs would only spread it."""
 
 
+def _not_finite(logs: dict[str, Any]) -> str | None:
+    bad = [k for k in ("loss", "val_loss") if not math.isfinite(logs.get(k, 0.0))]
+    return f"{bad[0]} became {logs[bad[0]]}" if bad else None
+
+
+def _number(variable: Any) -> float:
+    import keras
+
+    return float(keras.ops.convert_to_numpy(variable))
+
+
 def make_recorder(
     ckpt_dir: Path | None,
     history_path: Path | None,
@@ -75,22 +86,17 @@ def make_recorder(
             from tlkit.training.optim import plain_val_loss
 
             logs = plain_val_loss(logs or {})
-            if self.diverged is None:
-                bad = [k for k in ("loss", "val_loss") if not math.isfinite(logs.get(k, 0.0))]
-                if bad:
-                    self.diverged = f"{bad[0]} became {logs[bad[0]]}"
+            self.diverged = self.diverged or _not_finite(logs)
             if self.diverged is not None:
                 self.diverged = f"phase {self.phase}, epoch {epoch + 1}: {self.diverged}"
                 self.model.stop_training = True
                 return  # nothing from this epoch is kept: the last checkpoint is the good one
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            row = {
-                "phase": self.phase,
-                "epoch": epoch + 1,
-                "lr": lr,
-                "seconds": round(time.perf_counter() - self._start, 3),
-            }
-            row.update({k: float(logs[k]) for k in HISTORY_FIELDS if k in logs})
+            optimizer = self.model.optimizer
+            seconds = round(time.perf_counter() - self._start, 3)
+            row = {"phase": self.phase, "epoch": epoch + 1, "lr": _number(optimizer.learning_rate)}
+            row.update(
+                {"seconds": seconds, **{k: float(logs[k]) for k in HISTORY_FIELDS if k in logs}}
+            )
             stop, improved = state.advance(row, patience)
             self.model.stop_training = stop
             if improved and self.phase == "head":
@@ -98,11 +104,9 @@ def make_recorder(
             state.phase, state.phase_index, state.epoch = self.phase, self.phase_index, epoch + 1
             state.phase_done = stop or epoch + 1 == self.params["epochs"]
             state.progress = len(state.rows)
-            state.phase_steps[self.phase] = int(
-                keras.ops.convert_to_numpy(self.model.optimizer.iterations)
-            )
+            state.phase_steps[self.phase] = int(_number(optimizer.iterations))
             if ckpt_dir is not None and history_path is not None:
-                save_epoch(ckpt_dir, model, self.model.optimizer, state.as_dict(), improved)
+                save_epoch(ckpt_dir, model, optimizer, state.as_dict(), improved)
                 write_history(history_path, state.rows)
 
     return EpochRecorder()

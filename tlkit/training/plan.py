@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from tlkit.features.cache import FeatureCache
     from tlkit.features.rows import Features
     from tlkit.models.backbones import BackboneSpec
+    from tlkit.models.cut import Cut
 
 log = logging.getLogger("tlkit")
 
@@ -123,8 +124,7 @@ def make_plan(
 ) -> Plan:
     """Weights, the data check, the model, freeze point, `auto` choices, augmentation and the
     cache decision (the data's listing was checked before TensorFlow loaded)."""
-    from tlkit.data.pipeline import build_train_transform
-    from tlkit.models.model import backbone_of, build_model
+    from tlkit.models.model import build_model
 
     spec, size = checked.spec, checked.size
     weights = resolve_weights(spec, config.weights)
@@ -140,15 +140,43 @@ def make_plan(
     }
     check_unchanged(saved, identity, tmp_dir, force_resume)
     seed_everything(config.seed)
+    n_classes = len(folder.classes)
     model = build_model(
-        spec,
-        weights,
-        size,
-        len(folder.classes),
-        config.seed,
-        config.dropout,
-        config.mixed_precision,
+        spec, weights, size, n_classes, config.seed, config.dropout, config.mixed_precision
     )
+    return _plan_training(
+        config,
+        placement,
+        saved,
+        spec,
+        size,
+        weights,
+        folder,
+        report,
+        skipped,
+        identity,
+        model,
+        verbose,
+    )
+
+
+def _plan_training(
+    config: FinetuneConfig,
+    placement: Placement,
+    saved: dict[str, Any] | None,
+    spec: BackboneSpec,
+    size: int,
+    weights: ResolvedWeights,
+    folder: ImageFolder,
+    report: DataReport,
+    skipped: list[dict[str, Any]],
+    identity: dict[str, Any],
+    model: keras.Model,
+    verbose: int,
+) -> Plan:
+    """With the model built: the `auto` choices, the augmentation and the cache decision."""
+    from tlkit.models.model import backbone_of
+
     base = backbone_of(model)
     by_class, sample_weights = _weights_of(config, folder)
     requested = config.as_dict()
@@ -158,19 +186,7 @@ def make_plan(
     idle = nothing_to_train(base, freeze, config.train_bn) if config.epochs else None
     if idle is not None:
         log.warning("%s", idle)
-    transform = build_train_transform(
-        config.augment,
-        folder.splits["train"],
-        size,
-        spec.crop_fraction,
-        max_pixels=config.audit.max_pixels,
-    )
-    if transform.pca is not None:
-        log.info(
-            "PCA colour: eigenvalues %s from %d images",
-            ", ".join(f"{v:.4f}" for v in transform.pca.eigvals),
-            transform.pca.n_images,
-        )
+    transform = _train_transform(config, folder, size, spec)
     cache, fit_model, note = _select_cache(
         config, spec, weights, model, base, freeze, size, folder, transform.pca, verbose, placement
     )
@@ -202,6 +218,24 @@ def make_plan(
         fit_model,
         note,
     )
+
+
+def _train_transform(
+    config: FinetuneConfig, folder: ImageFolder, size: int, spec: BackboneSpec
+) -> TrainTransform:
+    from tlkit.data.pipeline import build_train_transform
+
+    transform = build_train_transform(
+        config.augment,
+        folder.splits["train"],
+        size,
+        spec.crop_fraction,
+        max_pixels=config.audit.max_pixels,
+    )
+    if transform.pca is not None:
+        eigenvalues = ", ".join(f"{v:.4f}" for v in transform.pca.eigvals)
+        log.info("PCA colour: eigenvalues %s from %d images", eigenvalues, transform.pca.n_images)
+    return transform
 
 
 def _load_data(
@@ -263,14 +297,12 @@ def _resolve_auto(
     """--augment auto, then --freeze auto: (config with the chosen augmentation, the freeze
     plan, {setting: {chosen, scores}}, features the head phase can reuse or None). A resumed
     run reuses the choices its first start recorded."""
-    from tlkit.data.augment import AugmentConfig
     from tlkit.models.model import backbone_of
-    from tlkit.training.freeze_search import search_freeze
-    from tlkit.training.head import feature_views, search_augment
+    from tlkit.training.head import feature_views
 
-    train, val = folder.splits["train"], folder.splits["val"]
+    train = folder.splits["train"]
     searched: dict[str, Any] = dict((identity or {}).get("searched") or {})
-    wanted = [
+    auto = [
         flag
         for flag, on in (
             ("--augment auto", config.augment.preset == AUTO),
@@ -278,63 +310,83 @@ def _resolve_auto(
         )
         if on
     ]
-    if wanted and placement.replicas > 1:
+    if auto and placement.replicas > 1:
         raise ConfigError(
-            f"{wanted[0]} runs on one device; name a value (--augment light, "
+            f"{auto[0]} runs on one device; name a value (--augment light, "
             "--freeze all, ...) under --strategy mirrored or multiworker"
         )
-    estimates = [lambda per_image, total: log_estimate(per_image, total, len(train), config.epochs)]
+    # the first search to run times the forward pass and says how long the head phase takes
+    timed = [lambda per_image, total: log_estimate(per_image, total, len(train), config.epochs)]
+    search = _Search(model, spec, folder, size, sample_weights, searched, timed)
     head_features = None
     if config.augment.preset == AUTO:
-        if "augment" in searched:
-            chosen = AugmentConfig.from_dict(searched["augment"]["chosen"])
-            log.info("--augment auto: %s, as chosen when the run started", chosen.preset)
-        else:
-            chosen, scores, head_features = search_augment(
-                model,
-                train,
-                val,
-                size,
-                spec.crop_fraction,
-                config,
-                sample_weights,
-                on_first_batch=estimates.pop(),
-            )
-            searched["augment"] = {"chosen": chosen.as_dict(), "scores": scores}
-        config = dataclasses.replace(config, augment=chosen)
+        config, head_features = search.augment(config)
     if config.freeze.count != AUTO:
-        base = backbone_of(model)
-        return (
-            config,
-            resolve_freeze(config.freeze, spec, [x.name for x in base.layers]),
-            searched,
-            head_features,
-        )
-    if "freeze" in searched:
-        plan = FreezePlan(**searched["freeze"]["chosen"])
-        log.info("%s, as chosen when the run started", plan.request)
-        return config, plan, searched, head_features
-    plan, scores, pooled = search_freeze(
-        model,
-        spec,
-        train,
-        val,
-        size,
-        spec.crop_fraction,
-        config,
-        sample_weights,
-        on_first_batch=estimates.pop() if estimates else None,
-    )
-    searched["freeze"] = {"chosen": plan.as_dict(), "scores": scores}
-    if (
-        head_features is None
-        and feature_views(
+        names = [x.name for x in backbone_of(model).layers]
+        return config, resolve_freeze(config.freeze, spec, names), searched, head_features
+    plan, pooled = search.freeze(config)
+    if head_features is None and pooled is not None:
+        views = feature_views(
             config.augment.random, config.head_views, len(train), pooled.train.shape[1]
         )
-        == 1
-    ):
-        head_features = pooled
+        head_features = pooled if views == 1 else None
     return config, plan, searched, head_features
+
+
+@dataclasses.dataclass
+class _Search:
+    """--augment auto and --freeze auto on one model: each records its choice and scores in
+    `searched`, or takes the choice a resumed run's first start recorded there."""
+
+    model: keras.Model
+    spec: BackboneSpec
+    folder: ImageFolder
+    size: int
+    sample_weights: list[float] | None
+    searched: dict[str, Any]
+    timed: list[Any]  # the forward-pass timer, taken by the first search that runs
+
+    def augment(self, config: FinetuneConfig) -> tuple[FinetuneConfig, Features | None]:
+        from tlkit.data.augment import AugmentConfig
+        from tlkit.training.head import search_augment
+
+        if "augment" in self.searched:
+            chosen = AugmentConfig.from_dict(self.searched["augment"]["chosen"])
+            log.info("--augment auto: %s, as chosen when the run started", chosen.preset)
+            return dataclasses.replace(config, augment=chosen), None
+        chosen, scores, features = search_augment(
+            self.model,
+            self.folder.splits["train"],
+            self.folder.splits["val"],
+            self.size,
+            self.spec.crop_fraction,
+            config,
+            self.sample_weights,
+            on_first_batch=self.timed.pop(),
+        )
+        self.searched["augment"] = {"chosen": chosen.as_dict(), "scores": scores}
+        return dataclasses.replace(config, augment=chosen), features
+
+    def freeze(self, config: FinetuneConfig) -> tuple[FreezePlan, Features | None]:
+        from tlkit.training.freeze_search import search_freeze
+
+        if "freeze" in self.searched:
+            plan = FreezePlan(**self.searched["freeze"]["chosen"])
+            log.info("%s, as chosen when the run started", plan.request)
+            return plan, None
+        plan, scores, pooled = search_freeze(
+            self.model,
+            self.spec,
+            self.folder.splits["train"],
+            self.folder.splits["val"],
+            self.size,
+            self.spec.crop_fraction,
+            config,
+            self.sample_weights,
+            on_first_batch=self.timed.pop() if self.timed else None,
+        )
+        self.searched["freeze"] = {"chosen": plan.as_dict(), "scores": scores}
+        return plan, pooled
 
 
 def _select_cache(
@@ -352,8 +404,7 @@ def _select_cache(
 ) -> tuple[FeatureCache | None, keras.Model, str]:
     """(cache or None, the model to fit, why): train the tail from cached activations when a
     cache matches these exact settings (or --cache builds one)."""
-    from tlkit.features.cache import cache_root, open_cache, touch
-    from tlkit.features.precompute import BuildSettings, build_with_progress, prepare_cache
+    from tlkit.features.cache import touch
     from tlkit.models.cut import build_tail, resolve_cut
 
     if config.cache == "off":
@@ -362,79 +413,74 @@ def _select_cache(
     if cut is None:
         return None, model, "not used (nothing is frozen)"
     if config.views == 1 and config.augment.random:
-        return (
-            None,
-            model,
-            (
-                f"not used: --augment {config.augment.preset} is random and a "
-                "one-view cache holds no augmentation; use --views K (K > 1) or "
-                "--augment none to train from a cache"
-            ),
+        why = (
+            f"not used: --augment {config.augment.preset} is random and a one-view cache holds "
+            "no augmentation; use --views K (K > 1) or --augment none to train from a cache"
         )
-    trunk, key, inputs, transform = prepare_cache(
-        spec,
-        weights,
-        model,
-        cut,
-        size,
-        config.views,
-        config.augment,
-        config.seed,
-        folder,
-        config.cache_dtype,
-        pca,
-        config.audit.max_pixels,
+        return None, model, why
+    cache, note = _open_or_build(
+        config, spec, weights, model, cut, size, folder, pca, verbose, placement
     )
-    root = cache_root(config.cache_dir)
-    cache = open_cache(root, key)
-    moved = (
-        ""
-        if cut.k == plan.n_frozen
-        else (
+    if cache is None:
+        return None, model, note
+    if cut.k != plan.n_frozen:
+        note += (
             f"; freeze point {plan.n_frozen} is inside a block, cached at the single-tensor cut "
             f"after layer {cut.k - 1} ({cut.layer}), the frozen layers after it run live"
         )
-    )
-    if cache is None and config.cache == "build":
-        if placement.workers > 1:
-            raise ConfigError(
-                "--cache build under --strategy multiworker: build the cache "
-                "first with `tlkit precompute-features --strategy multiworker` "
-                "(each worker computes a shard), then train from it"
-            )
-        settings = BuildSettings(
-            config.views,
-            config.seed,
-            config.cache_dtype,
-            config.batch_size,
-            config.workers,
-            config.audit.max_pixels,
-            verbose,
-        )
-        cache = build_with_progress(
-            root,
-            key,
-            inputs,
-            trunk,
-            folder,
-            transform,
-            spec.crop_fraction,
-            settings,
-            placement.predictor(trunk),
-        )
-        note = f"built and used {root / key}{moved}"
-    elif cache is None:
-        return (
-            None,
-            model,
-            (
-                f"not used: no cache for these settings ({root / key}); "
-                "`tlkit precompute-features` with the same options, or --cache, "
-                "builds it"
-            ),
-        )
-    else:
-        note = f"using {root / key}{moved}"
     cache.verify()
     touch(cache)
     return cache, build_tail(model, cut), note
+
+
+def _open_or_build(
+    config: FinetuneConfig,
+    spec: BackboneSpec,
+    weights: ResolvedWeights,
+    model: keras.Model,
+    cut: Cut,
+    size: int,
+    folder: ImageFolder,
+    pca: ColorPCA | None,
+    verbose: int,
+    placement: Placement,
+) -> tuple[FeatureCache | None, str]:
+    """The cache for these settings, built first under --cache; None and why when there is
+    none."""
+    from tlkit.features.cache import cache_root, open_cache
+    from tlkit.features.precompute import BuildSettings, build_with_progress, prepare_cache
+
+    c = config
+    settings = BuildSettings(
+        c.views, c.seed, c.cache_dtype, c.batch_size, c.workers, c.audit.max_pixels, verbose
+    )
+    trunk, key, inputs, transform = prepare_cache(
+        spec, weights, model, cut, size, folder, c.augment, settings, pca
+    )
+    root = cache_root(c.cache_dir)
+    cache = open_cache(root, key)
+    if cache is not None:
+        return cache, f"using {root / key}"
+    if c.cache != "build":
+        return None, (
+            f"not used: no cache for these settings ({root / key}); `tlkit precompute-features` "
+            "with the same options, or --cache, builds it"
+        )
+    if placement.workers > 1:
+        raise ConfigError(
+            "--cache build under --strategy multiworker: build the cache first with `tlkit "
+            "precompute-features --strategy multiworker` (each worker computes a shard), then "
+            "train from it"
+        )
+    cache = build_with_progress(
+        root,
+        key,
+        inputs,
+        trunk,
+        folder,
+        transform,
+        spec.crop_fraction,
+        settings,
+        placement.predictor(trunk),
+    )
+    return cache, f"built and used {root / key}"

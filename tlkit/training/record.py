@@ -126,6 +126,30 @@ def calibrate(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _data_record(plan: Plan) -> dict[str, Any]:
+    """run.json `data`: where the images came from, how many, and which were left out."""
+    folder = plan.folder
+    return {
+        "source": plan.config.data,
+        "root": str(Path(folder.root).resolve()),
+        "layout": folder.layout,
+        "val_source": folder.val_source,
+        "counts": folder.counts(),
+        "fingerprint": plan.fingerprint,
+        "ignored": list(folder.ignored),
+        "skipped": plan.skipped,
+    }
+
+
+def _distribution(placement: Placement, batch_size: int) -> dict[str, Any]:
+    return {
+        "strategy": placement.name,
+        "replicas": placement.replicas,
+        "workers": placement.workers,
+        "per_replica_batch": -(-batch_size // placement.replicas),
+    }
+
+
 def run_record(
     plan: Plan,
     placement: Placement,
@@ -163,28 +187,14 @@ def run_record(
         ),
         calibration=calibration,
         views_seen=views_seen_by(plan, state).as_dict(),
-        data={
-            "source": c.data,
-            "root": str(Path(folder.root).resolve()),
-            "layout": folder.layout,
-            "val_source": folder.val_source,
-            "counts": folder.counts(),
-            "fingerprint": plan.fingerprint,
-            "ignored": list(folder.ignored),
-            "skipped": plan.skipped,
-        },
+        data=_data_record(plan),
         feature_cache={
             "used": plan.cache is not None,
             "key": plan.cache.key if plan.cache else None,
             "note": plan.cache_note,
         },
         seed=c.seed,
-        distribution={
-            "strategy": placement.name,
-            "replicas": placement.replicas,
-            "workers": placement.workers,
-            "per_replica_batch": -(-c.batch_size // placement.replicas),
-        },
+        distribution=_distribution(placement, c.batch_size),
         lr_used={phase: lr for phase, _, lr in schedule},
         phase=rows[-1]["phase"] if rows else None,
         epoch=rows[-1]["epoch"] if rows else None,

@@ -44,6 +44,44 @@ def log_estimate(per_image: float, head_images: int, n_train: int, epochs: int) 
     )
 
 
+def _say(
+    phase: str,
+    step: float,
+    count: int,
+    steps: int,
+    val_seconds: float | None,
+    epoch: float,
+    total: float,
+    epochs: int,
+) -> None:
+    """The fine-tune phase's estimate, with what makes a long one shorter."""
+    advice = ""
+    if total > 1800:
+        advice = (
+            " That is long: --freeze all (head only) or a higher --freeze, a "
+            "smaller --input-size, fewer --epochs or a GPU make it shorter."
+        )
+    val = (
+        f" and a validation pass of about {duration(val_seconds)}"
+        if val_seconds is not None
+        else ", plus validation"
+    )
+    log.info(
+        "phase %s: %.0f ms per training step (timed over %d step(s)): %d steps%s "
+        "an epoch, about %s; up to about %s for %d epoch(s), early stopping may "
+        "end it sooner.%s",
+        phase,
+        1000 * step,
+        count,
+        steps,
+        val,
+        duration(epoch),
+        duration(total),
+        epochs,
+        advice,
+    )
+
+
 def step_timer(
     phase: str,
     epochs: int,
@@ -85,30 +123,6 @@ def step_timer(
                 "phase_seconds": round(total, 2),
                 "validation_included": val_seconds is not None,
             }
-            advice = ""
-            if total > 1800:
-                advice = (
-                    " That is long: --freeze all (head only) or a higher --freeze, a "
-                    "smaller --input-size, fewer --epochs or a GPU make it shorter."
-                )
-            val = (
-                f" and a validation pass of about {duration(val_seconds)}"
-                if val_seconds is not None
-                else ", plus validation"
-            )
-            log.info(
-                "phase %s: %.0f ms per training step (timed over %d step(s)): %d steps%s "
-                "an epoch, about %s; up to about %s for %d epoch(s), early stopping may "
-                "end it sooner.%s",
-                phase,
-                1000 * step,
-                count,
-                steps,
-                val,
-                duration(epoch),
-                duration(total),
-                epochs - initial,
-                advice,
-            )
+            _say(phase, step, count, steps, val_seconds, epoch, total, epochs - initial)
 
     return StepTimer()
