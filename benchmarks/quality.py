@@ -52,6 +52,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, tlkit
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -72,10 +74,6 @@ COMMON = ["--input-size", str(SIZE), "--workers", "2"]
 ALL_K = (5, 10, 20)
 HEAD = ["--freeze", "all", "--epochs", "0"]
 VIEWS = ["--head-views", "5"]
-# the fine-tune phase as timm runs it, the candidate the defaults were measured against (a row
-# of both protocols); the table did not support it, so it is not the default
-CANDIDATE = "timm-style fine-tune (--fine-tune-lr 1e-4 --schedule cosine --warmup-epochs 1)"
-CANDIDATE_FLAGS = ["--fine-tune-lr", "1e-4", "--schedule", "cosine", "--warmup-epochs", "1"]
 CORE: dict[str, tuple[list[str], tuple[int, ...], str]] = {
     "defaults": ([], (10,), "all"),
     CANDIDATE: (CANDIDATE_FLAGS, (10,), "all"),
@@ -103,29 +101,6 @@ ENSEMBLE = (
     "head only (--freeze all --epochs 0)",
     "recipe small-data",
 )
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def tlkit(*args: str) -> dict[str, Any]:
-    """Run a tlkit command in this process, as typed on a command line; its --json result."""
-    from click.testing import CliRunner
-
-    from tlkit.cli import cli
-
-    result = CliRunner().invoke(cli, ["-q", *args, "--json"], catch_exceptions=False)
-    if result.exit_code != 0:
-        raise RuntimeError(f"tlkit {' '.join(args)} exited {result.exit_code}: {result.output}")
-    out = result.stdout
-    return json.loads(out[out.index("{") :])
-
-
-def clear() -> None:
-    import keras
-
-    keras.backend.clear_session()
 
 
 def digits(split: str, label: str, root: Path = DATA) -> list[Path]:
@@ -278,25 +253,6 @@ def keras_reference(feats: dict[str, tuple[Any, Any]], seed: int) -> float:
     acc = float((model.predict(xt, verbose=0).argmax(1) == yt).mean())
     clear()
     return acc
-
-
-def logreg_probe(feats: dict[str, tuple[Any, Any]]) -> float:
-    """L-BFGS logistic regression to convergence, C picked by validation log loss."""
-    import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    (x, y), (xv, yv), (xt, yt) = feats["train"], feats["val"], feats["test"]
-    best = None
-    for c in (0.001, 0.01, 0.1, 1.0, 10.0):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-        clf.fit(x, y)
-        loss = log_loss(yv, clf.predict_proba(xv), labels=np.unique(y))
-        if best is None or loss < best[0]:
-            best = (loss, clf)
-    return float((best[1].predict(xt) == yt).mean())
 
 
 def run_task(

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from quality import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, tlkit
+from common import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, tlkit
 
 CLASSES = (
     "animals_birds",
