@@ -18,23 +18,26 @@ differ). The overview, conventions and exit codes are in [cli.md](cli.md).
 
 def command_reference() -> str:
     parts = [HEADER]
-    for path, command in _walk(cli, ["tlkit"]):
-        with click.Context(
-            command, info_name=" ".join(path), terminal_width=100, max_content_width=100
-        ) as ctx:
-            text = command.get_help(ctx)
-        parts.append(f"\n## `{' '.join(path)}`\n\n```\n{text}\n```\n")
+    root = cli.make_context(
+        "tlkit", [], resilient_parsing=True, terminal_width=100, max_content_width=100
+    )
+    for ctx in _walk(root):
+        name = ctx.command_path
+        parts.append(f"\n## `{name}`\n\n```\n{ctx.command.get_help(ctx)}\n```\n")
     return "".join(parts)
 
 
-def _walk(group: click.Group, path: list[str]) -> list[tuple[list[str], click.Command]]:
-    out: list[tuple[list[str], click.Command]] = [(path, group)]
-    for name in group.list_commands(click.Context(group)):
-        command = group.get_command(click.Context(group), name)
-        if isinstance(command, click.Group):
-            out += _walk(command, [*path, name])
-        elif command is not None:
-            out.append(([*path, name], command))
+def _walk(ctx: click.Context) -> list[click.Context]:
+    """The context of every command under `ctx`'s, as the command line makes them (so each
+    inherits the group's settings: -h, the width)."""
+    out = [ctx]
+    group = ctx.command
+    if isinstance(group, click.Group):
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            if command is not None:
+                sub = command.make_context(name, [], parent=ctx, resilient_parsing=True)
+                out += _walk(sub)
     return out
 
 

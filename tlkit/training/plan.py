@@ -13,7 +13,7 @@ from tlkit.core.errors import ConfigError
 from tlkit.data.audit import DataReport, audit_and_filter
 from tlkit.data.datasets import Example, ImageFolder, fingerprint
 from tlkit.data.preflight import Checked
-from tlkit.models.distribute import Placement
+from tlkit.models.distribute import WHOLE, Placement, Share
 from tlkit.models.freezing import FreezePlan, nothing_to_train, resolve_freeze
 from tlkit.models.weights import ResolvedWeights, resolve_weights
 from tlkit.training.config import FinetuneConfig
@@ -64,6 +64,22 @@ class Plan:
     def split(self, name: str) -> list[Example]:
         return self.folder.splits[name]
 
+    def eval_dataset(self, name: str, share: Share = WHOLE) -> Any:
+        """A split's eval views in batches, as the run's settings say (one pass)."""
+        from tlkit.data.pipeline import eval_dataset
+
+        c = self.config
+        return eval_dataset(
+            self.split(name),
+            self.size,
+            self.spec.crop_fraction,
+            c.batch_size,
+            c.workers,
+            c.prefetch,
+            c.audit.max_pixels,
+            share,
+        )
+
     def schedule(self) -> list[tuple[str, int, float]]:
         """(phase, epochs, learning rate) of the head and fine-tune phases."""
         config, scale = self.config, self.config.lr_scale()
@@ -113,6 +129,24 @@ def class_weights(examples: list[Example], n_classes: int) -> dict[int, float]:
     return {i: total / (n_classes * c) for i, c in enumerate(counts) if c}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Start:
+    """What a run starts from, before any choice: the backbone, its weights, the checked data
+    and the model built on them."""
+
+    spec: BackboneSpec
+    size: int
+    weights: ResolvedWeights
+    folder: ImageFolder
+    report: DataReport
+    skipped: list[dict[str, Any]]
+    identity: dict[str, Any]
+    model: keras.Model
+
+    def fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 def make_plan(
     config: FinetuneConfig,
     checked: Checked,
@@ -144,39 +178,21 @@ def make_plan(
     model = build_model(
         spec, weights, size, n_classes, config.seed, config.dropout, config.mixed_precision
     )
-    return _plan_training(
-        config,
-        placement,
-        saved,
-        spec,
-        size,
-        weights,
-        folder,
-        report,
-        skipped,
-        identity,
-        model,
-        verbose,
-    )
+    start = _Start(spec, size, weights, folder, report, skipped, identity, model)
+    return _plan_training(config, placement, saved, start, verbose)
 
 
 def _plan_training(
     config: FinetuneConfig,
     placement: Placement,
     saved: dict[str, Any] | None,
-    spec: BackboneSpec,
-    size: int,
-    weights: ResolvedWeights,
-    folder: ImageFolder,
-    report: DataReport,
-    skipped: list[dict[str, Any]],
-    identity: dict[str, Any],
-    model: keras.Model,
+    start: _Start,
     verbose: int,
 ) -> Plan:
     """With the model built: the `auto` choices, the augmentation and the cache decision."""
     from tlkit.models.model import backbone_of
 
+    spec, size, folder, model = start.spec, start.size, start.folder, start.model
     base = backbone_of(model)
     by_class, sample_weights = _weights_of(config, folder)
     requested = config.as_dict()
@@ -188,7 +204,17 @@ def _plan_training(
         log.warning("%s", idle)
     transform = _train_transform(config, folder, size, spec)
     cache, fit_model, note = _select_cache(
-        config, spec, weights, model, base, freeze, size, folder, transform.pca, verbose, placement
+        config,
+        spec,
+        start.weights,
+        model,
+        base,
+        freeze,
+        size,
+        folder,
+        transform.pca,
+        verbose,
+        placement,
     )
     log.info("feature cache: %s", note)
     placement.check_same(
@@ -197,26 +223,19 @@ def _plan_training(
         "build the cache on every worker (`tlkit precompute-features`), or train with --no-cache",
     )
     return Plan(
-        config,
-        requested,
-        spec,
-        size,
-        weights,
-        folder,
-        report,
-        skipped,
-        identity,
-        model,
-        base,
-        freeze,
-        searched,
-        head_features,
-        by_class,
-        sample_weights,
-        transform,
-        cache,
-        fit_model,
-        note,
+        config=config,
+        requested=requested,
+        **start.fields(),
+        base=base,
+        freeze=freeze,
+        searched=searched,
+        head_features=head_features,
+        weights_by_class=by_class,
+        sample_weights=sample_weights,
+        transform=transform,
+        cache=cache,
+        fit_model=fit_model,
+        cache_note=note,
     )
 
 

@@ -60,25 +60,8 @@ def inference_model(model: keras.Model) -> keras.Model:
 
 def _predict_split(plan: Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) of the model being saved on a split's eval view."""
-    from tlkit.data.pipeline import eval_dataset
-
-    c, examples = plan.config, plan.split(split)
-    probs = np.asarray(
-        plan.model.predict(
-            eval_dataset(
-                examples,
-                plan.size,
-                plan.spec.crop_fraction,
-                c.batch_size,
-                c.workers,
-                c.prefetch,
-                c.audit.max_pixels,
-            ),
-            verbose=0,
-        ),
-        np.float64,
-    )
-    return probs, np.array([e.label for e in examples])
+    probs = np.asarray(plan.model.predict(plan.eval_dataset(split), verbose=0), np.float64)
+    return probs, np.array([e.label for e in plan.split(split)])
 
 
 def score_on_test(plan: Plan) -> dict[str, Any] | None:

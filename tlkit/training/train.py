@@ -312,10 +312,9 @@ def _val_dataset(plan: Plan, placement: Placement) -> Any:
     distributed dataset (whose length it cannot see). Keras resets the validation iterator
     before every pass; a repeated one would keep decoding batches in the background during
     training only to discard them, then wait for them (measured: 1.8 to 3.8 s an epoch on
-    the README's cache example, a third of its epoch). Repeated only under a strategy, where
-    Keras takes one batch from the previous pass's iterator before it resets it."""
-    from tlkit.data.pipeline import eval_dataset
-
+    the feature-cache example of docs/training.md, a third of its epoch). Repeated only under
+    a strategy, where Keras takes one batch from the previous pass's iterator before it resets
+    it."""
     c = plan.config
     if plan.cache is not None:
         build = lambda share: cache_dataset(  # noqa: E731
@@ -329,16 +328,7 @@ def _val_dataset(plan: Plan, placement: Placement) -> Any:
             share=share,
         )
     else:
-        build = lambda share: eval_dataset(  # noqa: E731
-            plan.split("val"),
-            plan.size,
-            plan.spec.crop_fraction,
-            c.batch_size,
-            c.workers,
-            c.prefetch,
-            c.audit.max_pixels,
-            share,
-        )
+        build = lambda share: plan.eval_dataset("val", share)  # noqa: E731
     if placement.name == "default":
         return placement.dataset(build)
     return placement.dataset(lambda share: build(share).repeat())
