@@ -1,5 +1,5 @@
 """A newcomer's first hour: what a new user met on a fresh clone, one test a finding (the
-README's Quickstart and Troubleshooting describe the behaviour these pin down)."""
+README's Quickstart and docs/training.md, "Checks first", describe the behaviour these pin down)."""
 
 from __future__ import annotations
 
