@@ -25,6 +25,7 @@ import numpy as np
 
 from tlkit.core.choices import AUTO, CROP_STYLES, check
 from tlkit.core.errors import ConfigError, did_you_mean
+from tlkit.data.decode import Need
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,22 @@ class TrainTransform:
             steps.append(_pca_transform_class()(self.pca, c.pca_sigma))
         return A.Compose(steps)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    @property
+    def need(self) -> Need:
+        """What the crop is resized from: the eval scale, the largest scale jitter, or the
+        smallest region a random-resized crop may take."""
+        c = self.config
+        if c.crop == "center":
+            return eval_need(self.size, self.crop_fraction)
+        if c.crop == "crop":
+            return Need(shorter=max(self.size, round(self.size * c.scale_range[1])))
+        return Need(region=c.area[0] * min(c.ratio[0], 1 / c.ratio[1]), region_side=self.size)
+
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator, full: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """`full`: the (width, height) of the whole image when `image` is a reduced decode of
+        it, so that a random-resized crop draws the same region at any reduction."""
         compose = getattr(self._local, "compose", None)
         if compose is None:
             compose = self._local.compose = self._build()
@@ -314,7 +330,7 @@ class TrainTransform:
         elif c.crop == "crop":
             image = random_crop(image, self.size, c.scale_range, rng)
         else:
-            image = random_resized_crop(image, self.size, c.area, c.ratio, rng)
+            image = random_resized_crop(image, self.size, c.area, c.ratio, rng, full)
         compose.set_random_state(rng, random.Random(int(rng.integers(2**63))))
         return compose(image=image)["image"]
 
@@ -367,6 +383,10 @@ def eval_protocol(size: int, crop_fraction: float) -> dict[str, object]:
     }
 
 
+def eval_need(size: int, crop_fraction: float) -> Need:
+    return Need(shorter=max(size, round(size / crop_fraction)))
+
+
 def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
     """Resize the shorter side to round(size / crop_fraction), then take the centre size x size.
 
@@ -397,10 +417,12 @@ def random_resized_crop(
     area: tuple[float, float],
     ratio: tuple[float, float],
     rng: np.random.Generator,
+    full: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Inception: a region of random area and aspect ratio, resized to size x size; after 10
-    misses, the largest centred region within the ratio range (torchvision's rule)."""
-    h, w = image.shape[:2]
+    misses, the largest centred region within the ratio range (torchvision's rule). The region
+    is drawn in the coordinates of the `full` (width, height) image and scaled onto `image`."""
+    w, h = full or image.shape[1::-1]
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target = h * w * rng.uniform(*area)
@@ -414,4 +436,6 @@ def random_resized_crop(
         cw, ch = (w, round(w / aspect)) if w / h <= aspect else (round(h * aspect), h)
         cw, ch = min(cw, w), min(ch, h)
         top, left = (h - ch) // 2, (w - cw) // 2
-    return resize(image, size, size, box=(left, top, left + cw, top + ch))
+    sx, sy = image.shape[1] / w, image.shape[0] / h
+    box = (round(left * sx), round(top * sy), round((left + cw) * sx), round((top + ch) * sy))
+    return resize(image, size, size, box=box)

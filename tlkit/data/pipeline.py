@@ -27,12 +27,13 @@ from tlkit.data.augment import (
     AugmentConfig,
     ColorPCA,
     TrainTransform,
+    eval_need,
     eval_transform,
     fit_color_pca,
     sample_rng,
 )
 from tlkit.data.datasets import Example
-from tlkit.data.decode import DEFAULT_MAX_PIXELS, decode_image
+from tlkit.data.decode import DEFAULT_MAX_PIXELS, Need, decode_for
 from tlkit.models.distribute import WHOLE, Share
 
 PCA_MAX_IMAGES = 256
@@ -52,8 +53,8 @@ def _checked(image: np.ndarray, path: str, size: int) -> np.ndarray:
 def load_eval_image(
     path: str, size: int, crop_fraction: float, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
-    image = eval_transform(decode_image(path, max_pixels), size, crop_fraction)
-    return _checked(image, path, size)
+    decoded = decode_for(path, eval_need(size, crop_fraction), max_pixels)
+    return _checked(eval_transform(decoded.image, size, crop_fraction), path, size)
 
 
 def load_train_image(
@@ -64,7 +65,8 @@ def load_train_image(
     index: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
-    image = transform(decode_image(path, max_pixels), sample_rng(seed, epoch, index))
+    decoded = decode_for(path, transform.need, max_pixels)
+    image = transform(decoded.image, sample_rng(seed, epoch, index), decoded.full)
     return _checked(image, path, transform.size)
 
 
@@ -88,15 +90,16 @@ class TrainSampleLoader:
 
 
 def dataset_color_pca(
-    examples: Sequence[Example], max_pixels: int = DEFAULT_MAX_PIXELS
+    examples: Sequence[Example], max_pixels: int = DEFAULT_MAX_PIXELS, need: Need | None = None
 ) -> ColorPCA:
     """AlexNet's RGB PCA from a deterministic sample: up to 256 images evenly spaced in path
-    order, 1024 pixels each (seed 0). Same files, same numbers."""
+    order, 1024 pixels each (seed 0). Same files, same numbers. `need`: the scale the network
+    sees (AlexNet's PCA was over its 256 px images), which spares decoding big JPEGs in full."""
     ordered = sorted(examples, key=lambda e: e.relpath)
     step = max(1, len(ordered) // PCA_MAX_IMAGES)
     chosen = ordered[::step][:PCA_MAX_IMAGES]
     return fit_color_pca(
-        (decode_image(e.path, max_pixels) for e in chosen),  # one at a time
+        (decode_for(e.path, need, max_pixels).image for e in chosen),  # one at a time
         PCA_PIXELS_PER_IMAGE,
         seed=0,
     )
@@ -113,7 +116,7 @@ def build_train_transform(
     """The train transform, with the dataset PCA if needed, tried once on a real image now so a
     bad recipe fails before training rather than mid-epoch."""
     if augment.pca_sigma > 0 and pca is None:
-        pca = dataset_color_pca(examples, max_pixels)
+        pca = dataset_color_pca(examples, max_pixels, eval_need(size, crop_fraction))
     transform = TrainTransform(augment, size, crop_fraction, pca)
     try:
         load_train_image(examples[0].path, transform, 0, 0, 0, max_pixels)

@@ -35,7 +35,7 @@ from tlkit.core.errors import ConfigError, DataError
 from tlkit.core.progress import progress
 from tlkit.core.runs import Run, load_run
 from tlkit.data.datasets import Example, load_class_folders, load_dataset, split_folders
-from tlkit.data.decode import decode_image
+from tlkit.data.decode import Need, decode_for
 from tlkit.data.views_seen import views_seen
 from tlkit.evaluation.views import (
     AUTO_ORDER,
@@ -47,6 +47,7 @@ from tlkit.evaluation.views import (
     dense_input,
     subset,
     unseen,
+    views_need,
 )
 
 log = logging.getLogger("tlkit")
@@ -269,9 +270,12 @@ class ViewRunner:
         if not keys and not dense:
             return [None] * len(members)  # nothing asked: no image is decoded
         out: list[list[np.ndarray]] = [[] for _ in members]
+        needs = [views_need(*key) for key in keys]
+        needs += [views_need(members[i].size, members[i].crop, "dense") for i in dense]
+        need = Need(shorter=max(n.shorter for n in needs))
 
         def prepare(chunk: Sequence[str]) -> tuple[dict[Any, np.ndarray], dict[int, list]]:
-            images = list(pool.map(lambda path: decode_image(path, max_pixels), chunk))
+            images = list(pool.map(lambda path: decode_for(path, need, max_pixels).image, chunk))
             views = {
                 key: np.stack(list(pool.map(lambda im, k=key: crop_views(im, *k), images)))
                 for key in keys

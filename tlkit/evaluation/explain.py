@@ -80,12 +80,9 @@ def explain_paths(
     max_pixels: int,
 ) -> list[np.ndarray]:
     """Overlays for image files, on the same eval view the model classified."""
-    from tlkit.data.augment import eval_transform
-    from tlkit.data.decode import decode_image
+    from tlkit.data.pipeline import load_eval_image
 
     if not paths:
         return []
-    views = np.stack(
-        [eval_transform(decode_image(p, max_pixels), size, crop_fraction) for p in paths]
-    )
+    views = np.stack([load_eval_image(p, size, crop_fraction, max_pixels) for p in paths])
     return explain_images(model, views, classes)

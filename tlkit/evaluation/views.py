@@ -26,6 +26,7 @@ import numpy as np
 
 from tlkit.core.choices import check
 from tlkit.data.augment import resize_shorter
+from tlkit.data.decode import Need
 from tlkit.data.views_seen import ViewsSeen
 
 # the shorter side / input size of each scale: the first crop sets use the eval scale (index 1)
@@ -93,6 +94,13 @@ def crop_views(image: np.ndarray, size: int, crop_fraction: float, mode: str) ->
         crop = img[top : top + size, left : left + size]
         out.append(crop[:, ::-1] if mirrored else crop)
     return np.ascontiguousarray(np.stack(out))
+
+
+def views_need(size: int, crop_fraction: float, mode: str) -> Need:
+    """The pixels a view set is cut from: its largest scale (dense: the eval scale)."""
+    factors = scale_factors(crop_fraction)
+    scales = {1} if mode == "dense" else {s for s, _, _ in CROP_SETS[mode]}
+    return Need(shorter=max(max(size, round(size * factors[s])) for s in scales))
 
 
 def dense_input(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
