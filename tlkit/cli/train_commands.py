@@ -125,6 +125,13 @@ from tlkit.core import choices
     "--cache-dtype", type=click.Choice(choices.CACHE_DTYPES), default="float16", show_default=True
 )
 @click.option(
+    "--resized-cache",
+    is_flag=True,
+    help="Decode every image once into a store of PNGs at the size the views need (under "
+    "--cache-dir), so that later epochs decode small images: for big photos, when "
+    "`tlkit bench-input` says training waits for its input.",
+)
+@click.option(
     "--class-weight",
     type=click.Choice(choices.CLASS_WEIGHTS),
     default="none",

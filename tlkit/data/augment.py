@@ -313,7 +313,8 @@ class TrainTransform:
         if c.crop == "center":
             return eval_need(self.size, self.crop_fraction)
         if c.crop == "crop":
-            return Need(shorter=max(self.size, round(self.size * c.scale_range[1])))
+            low, high = (max(self.size, round(self.size * x)) for x in c.scale_range)
+            return Need(shorter=high, fixed_scale=low == high)
         return Need(region=c.area[0] * min(c.ratio[0], 1 / c.ratio[1]), region_side=self.size)
 
     def __call__(
@@ -384,7 +385,7 @@ def eval_protocol(size: int, crop_fraction: float) -> dict[str, object]:
 
 
 def eval_need(size: int, crop_fraction: float) -> Need:
-    return Need(shorter=max(size, round(size / crop_fraction)))
+    return Need(shorter=max(size, round(size / crop_fraction)), fixed_scale=True)
 
 
 def eval_transform(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:

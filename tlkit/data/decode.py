@@ -50,6 +50,9 @@ BACKGROUND = (255, 255, 255)
 # A reduced JPEG decode keeps at least this many times the pixels per side a view needs.
 REDUCED_MARGIN = 2
 REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at (1/8, 1/4, 1/2 of each side)
+# A PNG text field holding "WxH": the file is a resized copy of a WxH image (tlkit.data.store).
+FULL_SIZE_KEY = "tlkit-full-size"
+TURNING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,14 @@ class Need:
     """The fewest pixels a view is made from, in the decoded image: its shorter side at least
     `shorter`, and, for a random-resized crop, the smallest region a crop may take (`region`,
     a share of the image's area folded with its most extreme aspect ratio, so that
-    sqrt(region x width x height) is that region's shorter side) at least `region_side`."""
+    sqrt(region x width x height) is that region's shorter side) at least `region_side`.
+    `fixed_scale`: every view resizes the whole image's shorter side to exactly `shorter` (the
+    eval view, crops without scale jitter)."""
 
     shorter: int = 0
     region: float = 1.0
     region_side: int = 0
+    fixed_scale: bool = False
 
     def fraction(self, width: int, height: int) -> float:
         """The share of each side of a width x height image that the view needs."""
@@ -127,9 +133,9 @@ def decode_protocol() -> dict[str, object]:
 
 def _open_rgb(
     source: io.BytesIO, path: Path, max_pixels: int | None, need: Need | None = None
-) -> tuple[np.ndarray, str, str, tuple[int, int]]:
-    """(RGB array, format, original mode, original size as stored); DataError names `path`.
-    With a `need`, a JPEG may come out reduced (see Need.reduction)."""
+) -> tuple[np.ndarray, str, str, tuple[int, int], tuple[int, int]]:
+    """(RGB array, format, original mode, size as stored, size of the whole image as shown);
+    DataError names `path`. With a `need`, a JPEG may come out reduced (see Need.reduction)."""
     try:
         with Image.open(source) as im:
             if im.format not in FORMATS:
@@ -139,12 +145,13 @@ def _open_rgb(
                 )
             check_pixels(path, im.size, max_pixels)
             fmt, mode, size = im.format, im.mode, im.size
+            full = _shown_size(im)
             im.seek(0)  # first frame of a GIF / multi-page TIFF
             if need is not None and fmt in ("JPEG", "MPO"):
                 k = need.reduction(*size)
                 if k > 1:  # Pillow picks scale min(side // requested) = k exactly
                     im.draft(im.mode, (size[0] // k, size[1] // k))
-            return to_rgb(ImageOps.exif_transpose(im)), fmt, mode, size
+            return to_rgb(ImageOps.exif_transpose(im)), fmt, mode, size, full
     except DataError:
         raise
     except UnidentifiedImageError:
@@ -156,6 +163,20 @@ def _open_rgb(
         raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image ({e}); re-export or remove it") from None
+
+
+def _shown_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of the whole image as a viewer shows it: turned by its EXIF orientation,
+    or the original's size recorded in a resized copy (FULL_SIZE_KEY)."""
+    recorded = im.info.get(FULL_SIZE_KEY) if im.format == "PNG" else None
+    if isinstance(recorded, str):
+        width, _, height = recorded.partition("x")
+        if width.isdigit() and height.isdigit():
+            return int(width), int(height)
+    width, height = im.size
+    if im.getexif().get(0x0112) in TURNING_ORIENTATIONS:
+        return height, width
+    return width, height
 
 
 def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -185,18 +206,8 @@ def decode_for(
     """Decode one file for a view that needs `need`: a JPEG at the largest reduction that keeps
     it; other formats, or `need=None`, in full."""
     path = Path(path)
-    image, _, _, (width, height) = _open_rgb(io.BytesIO(_read(path)), path, max_pixels, need)
-    if _turned(image, width, height):
-        return Decoded(image, (height, width))  # EXIF turned it a quarter
-    return Decoded(image, (width, height))
-
-
-def _turned(image: np.ndarray, width: int, height: int) -> bool:
-    """Whether the decoded image is the stored one turned by 90 degrees: its sides compare the
-    other way round (a reduction rounds both sides up, so it never flips a comparison; sides
-    it makes equal differ by less than k pixels, too few to matter)."""
-    h, w = image.shape[:2]
-    return (w > h and width < height) or (w < h and width > height)
+    image, _, _, _, full = _open_rgb(io.BytesIO(_read(path)), path, max_pixels, need)
+    return Decoded(image, full)
 
 
 def _read(path: Path) -> bytes:
@@ -214,7 +225,7 @@ def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PI
     """Decode one file exactly as training will, and report what a data audit needs."""
     path = Path(path)
     data = _read(path)
-    _, fmt, mode, (width, height) = _open_rgb(io.BytesIO(data), path, max_pixels)
+    _, fmt, mode, (width, height), _ = _open_rgb(io.BytesIO(data), path, max_pixels)
     notes = []
     expected = EXTENSION_FORMATS.get(path.suffix.lower())
     if expected is None:

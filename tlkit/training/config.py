@@ -60,6 +60,8 @@ class FinetuneConfig:
     views: int = 1  # augmented views per training image in the feature cache
     cache_dir: str | None = None  # None: cache/
     cache_dtype: str = "float16"
+    # decode every image once into the resized-image store (tlkit.data.store) under cache_dir
+    resized_cache: bool = False
     audit: AuditConfig = field(default_factory=AuditConfig)
     class_weight: str = "none"  # "balanced": weight each class by n / (classes * count)
     recipe: str | None = None  # the recipe these settings came from, for the record

@@ -23,6 +23,8 @@ from tlkit.core.errors import RunError
 from tlkit.features.cache import cache_dataset
 from tlkit.models.distribute import Placement
 from tlkit.models.freezing import apply_freeze, freeze_all
+from tlkit.training.input_wait import InputClock
+from tlkit.training.input_wait import describe as describe_wait
 from tlkit.training.state import HISTORY_FIELDS, TrainingState, write_history
 from tlkit.training.timing import log_estimate, step_timer
 
@@ -50,16 +52,37 @@ def _number(variable: Any) -> float:
     return float(keras.ops.convert_to_numpy(variable))
 
 
+def _history_row(
+    phase: str,
+    epoch: int,
+    optimizer: Any,
+    logs: dict[str, Any],
+    start: float,
+    clock: InputClock | None,
+) -> dict[str, Any]:
+    """One epoch's row of history.csv; its input wait goes to the log too."""
+    row = {"phase": phase, "epoch": epoch + 1, "lr": _number(optimizer.learning_rate)}
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    row.update({k: float(logs[k]) for k in HISTORY_FIELDS if k in logs})
+    if clock is not None:
+        figures = clock.epoch_figures()
+        row.update(figures)
+        log.info("phase %s, epoch %d: %s", phase, epoch + 1, describe_wait(figures))
+    return row
+
+
 def make_recorder(
     ckpt_dir: Path | None,
     history_path: Path | None,
     model: keras.Model,
     patience: int,
     state: TrainingState,
+    clock: InputClock | None = None,
 ) -> keras.callbacks.Callback:
     """`model` is the whole classifier, also when training runs on its tail from the cache;
     `state` is updated in place and saved with every checkpoint. Workers other than the chief
-    pass no `ckpt_dir`: they keep the same state and write nothing."""
+    pass no `ckpt_dir`: they keep the same state and write nothing. `clock` times the input
+    wait of each epoch's steps."""
     import keras
 
     class EpochRecorder(keras.callbacks.Callback):
@@ -92,11 +115,7 @@ def make_recorder(
                 self.model.stop_training = True
                 return  # nothing from this epoch is kept: the last checkpoint is the good one
             optimizer = self.model.optimizer
-            seconds = round(time.perf_counter() - self._start, 3)
-            row = {"phase": self.phase, "epoch": epoch + 1, "lr": _number(optimizer.learning_rate)}
-            row.update(
-                {"seconds": seconds, **{k: float(logs[k]) for k in HISTORY_FIELDS if k in logs}}
-            )
+            row = _history_row(self.phase, epoch, optimizer, logs, self._start, clock)
             stop, improved = state.advance(row, patience)
             self.model.stop_training = stop
             if improved and self.phase == "head":
@@ -126,6 +145,7 @@ class PhaseRunner:
     verbose: int
     head_features: Features | None = None  # from a search: the head phase's features
     forward_per_image: float | None = None  # seconds, measured by the head phase's features
+    clock: InputClock = dataclasses.field(default_factory=InputClock)  # the input wait
 
     @property
     def val_steps(self) -> int:
@@ -157,7 +177,7 @@ class PhaseRunner:
             initial_epoch=initial,
             steps_per_epoch=steps,
             validation_steps=self.val_steps,
-            callbacks=[timer, self.recorder, *self._tensorboard()],
+            callbacks=[self.clock.callback(), timer, self.recorder, *self._tensorboard()],
             verbose=self.verbose,
             shuffle=False,
         )  # the dataset shuffles, seeded
@@ -226,19 +246,23 @@ class PhaseRunner:
         }
         if plan.cache is not None:
             return self.placement.dataset(
-                lambda share: cache_dataset(
-                    plan.cache, "train", config.batch_size, config.seed, **window, share=share
+                lambda share: self.clock.stamped(
+                    cache_dataset(
+                        plan.cache, "train", config.batch_size, config.seed, **window, share=share
+                    )
                 )
             )
         return self.placement.dataset(
-            lambda share: train_dataset(
-                plan.split("train"),
-                plan.transform,
-                config.batch_size,
-                config.seed,
-                **window,
-                max_pixels=config.audit.max_pixels,
-                share=share,
+            lambda share: self.clock.stamped(
+                train_dataset(
+                    plan.inputs("train"),
+                    plan.transform,
+                    config.batch_size,
+                    config.seed,
+                    **window,
+                    max_pixels=config.audit.max_pixels,
+                    share=share,
+                )
             )
         )
 

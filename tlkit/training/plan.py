@@ -56,6 +56,11 @@ class Plan:
     cache: FeatureCache | None
     fit_model: keras.Model  # the classifier, or its tail over the feature cache
     cache_note: str
+    stored: dict[str, list[Example]]  # splits read from the resized-image store, if any
+
+    def inputs(self, name: str) -> list[Example]:
+        """What the pipeline decodes for a split: its files, or their stored resized copies."""
+        return self.stored.get(name) or self.split(name)
 
     @property
     def fingerprint(self) -> str:
@@ -70,7 +75,7 @@ class Plan:
 
         c = self.config
         return eval_dataset(
-            self.split(name),
+            self.inputs(name),
             self.size,
             self.spec.crop_fraction,
             c.batch_size,
@@ -236,7 +241,43 @@ def _plan_training(
         cache=cache,
         fit_model=fit_model,
         cache_note=note,
+        stored=_store(config, start, transform, decoded=cache is None),
     )
+
+
+def _store(
+    config: FinetuneConfig, start: _Start, transform: TrainTransform, decoded: bool
+) -> dict[str, list[Example]]:
+    """--resized-cache: each split's images in the store at the size its views need (the
+    training split only when training decodes images, not cached features)."""
+    if not config.resized_cache:
+        return {}
+    from tlkit.data.augment import eval_need
+    from tlkit.data.store import store_images
+    from tlkit.features.cache import cache_root
+
+    view = eval_need(start.size, start.spec.crop_fraction)
+    needs = {
+        name: transform.need if name == "train" else view
+        for name in start.folder.splits
+        if decoded or name != "train"
+    }
+    stored: dict[str, list[Example]] = {}
+    for need in dict.fromkeys(needs.values()):  # one store per need: the log says it once
+        names = [name for name in needs if needs[name] == need]
+        examples = [e for name in names for e in start.folder.splits[name]]
+        entries = store_images(
+            examples,
+            start.report.folder.digests or {},
+            need,
+            cache_root(config.cache_dir),
+            config.audit.max_pixels,
+            config.workers,
+        )
+        for name in names:
+            n = len(start.folder.splits[name])
+            stored[name], entries = entries[:n], entries[n:]
+    return stored
 
 
 def _train_transform(

@@ -14,7 +14,20 @@ from typing import Any
 from tlkit.core.fsutil import atomic_write
 from tlkit.training.timing import duration
 
-HISTORY_FIELDS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+HISTORY_FIELDS = (
+    "phase",
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "seconds",
+    # the training steps' time waiting for input and in the model (tlkit.training.input_wait)
+    "input_seconds",
+    "model_seconds",
+    "input_share",
+)
 SCHEMA = 1
 # (phase, epochs, learning rate) of the head and fine-tune phases
 Schedule = list[tuple[str, int, float]]

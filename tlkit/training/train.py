@@ -46,6 +46,7 @@ from tlkit.data.preflight import Checked, check_inputs, is_chief
 from tlkit.features.cache import cache_dataset
 from tlkit.models.distribute import Placement
 from tlkit.training.config import FinetuneConfig
+from tlkit.training.input_wait import InputClock
 from tlkit.training.phases import PhaseRunner, make_recorder
 from tlkit.training.plan import Plan, make_plan
 from tlkit.training.record import (
@@ -346,12 +347,14 @@ def _train(
 ) -> None:
     """Both phases, skipping what a resumed run had finished."""
     writes = ckpt_dir if placement.is_chief else None
+    clock = InputClock()
     recorder = make_recorder(
         writes,
         tmp_dir / "history.csv" if writes and tmp_dir else None,
         plan.model,
         plan.config.patience,
         state,
+        clock,
     )
     phases = PhaseRunner(
         plan,
@@ -363,6 +366,7 @@ def _train(
         _val_dataset(plan, placement),
         verbose,
         plan.head_features,
+        clock=clock,
     )
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
     try:

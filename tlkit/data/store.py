@@ -1,0 +1,123 @@
+"""The resized-image store: every image decoded once, kept at the size its views need.
+
+A 12-megapixel photo costs its full decode every epoch although training uses a few hundred
+pixels a side of it. The store decodes each file once (at a reduced JPEG scale where the views
+allow it) and keeps it as a lossless PNG just big enough for every view of the run: its shorter
+side at the view's resize target, or for random-resized crops at the size that gives the
+smallest allowed region its `size` pixels. Epochs then decode small PNGs.
+
+Fixed-scale views (the eval view, the `light` and `alexnet` crops) are resized from the stored
+image exactly as from the decoded file: the same pixels, bit for bit. Scale-jittered and
+random-resized crops resize twice (once into the store, once from it), within a grey level of
+the direct path on average (tests/test_store.py, benchmarks/run.py `store_parity_*`).
+
+Entries are named by the sha256 of the file's bytes under a folder named by the hash of what
+makes the pixels (the views' needs, the decode protocol, the pixel libraries), so a replaced
+file or a new library is decoded again and an entry can never be stale; each is written to a
+temporary name and renamed, so it is never half-written. The original image's size travels in
+the PNG (`FULL_SIZE_KEY`), so crops drawn in its coordinates land on the same content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from tlkit.core.fsutil import atomic_path, atomic_write_json, folder_bytes
+from tlkit.core.progress import progress
+from tlkit.data.augment import pixel_libraries, resize_shorter
+from tlkit.data.datasets import Example
+from tlkit.data.decode import FULL_SIZE_KEY, REDUCED_MARGIN, Need, decode_for, decode_protocol
+
+log = logging.getLogger("tlkit")
+
+SCHEMA = 1
+STORE_DIR = "images"  # under the cache folder, beside the feature caches
+PNG_LEVEL = 1  # zlib's fastest: stored once, decoded every epoch
+
+
+def store_inputs(need: Need) -> dict[str, object]:
+    """Everything that changes a stored image; its hash names the store's folder."""
+    return {
+        "schema": SCHEMA,
+        "need": dataclasses.asdict(need),
+        "reduced_margin": REDUCED_MARGIN,
+        "decode": decode_protocol(),
+        "libraries": pixel_libraries(),
+        "format": f"PNG, zlib level {PNG_LEVEL}",
+    }
+
+
+def store_folder(cache_root: Path, need: Need) -> Path:
+    blob = json.dumps(store_inputs(need), sort_keys=True, separators=(",", ":")).encode()
+    return cache_root / STORE_DIR / hashlib.sha256(blob).hexdigest()[:20]
+
+
+def stored_size(need: Need, width: int, height: int) -> int | None:
+    """The stored image's shorter side, or None to keep the decoded image as it is (it is
+    already no bigger than the views need). Views that resize to exactly `need.shorter` are
+    cut from it as from the file; any other view resizes a second time, which stays close to
+    one resize only from REDUCED_MARGIN x the pixels (from 1x, scale-jittered crops were 3.1
+    grey levels off on average, random-resized crops 1.9: benchmarks/run.py `store_parity`)."""
+    margin = 1 if need.fixed_scale else REDUCED_MARGIN
+    fraction = margin * need.fraction(width, height)
+    if fraction >= 1:
+        return None
+    return math.ceil(fraction * min(width, height) - 1e-9)  # the eval scale exactly, not +1
+
+
+def store_images(
+    examples: Sequence[Example],
+    digests: dict[str, str],
+    need: Need,
+    cache_root: Path,
+    max_pixels: int | None,
+    workers: int | None = None,
+) -> list[Example]:
+    """`examples` with each path pointing at its stored image, decoding the files not stored
+    yet (in parallel). `digests`: each file's sha256, from the data check."""
+    folder = store_folder(cache_root, need)
+    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    entries = {e.path: folder / f"{digests[e.path]}.png" for e in examples}
+    todo = {entries[e.path]: e.path for e in examples if entries[e.path].name not in present}
+    if todo:
+        log.info(
+            "resized-image store: decoding %d of %d images once into %s",
+            len(todo),
+            len(examples),
+            folder,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "store.json", store_inputs(need))
+        with (
+            ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
+            progress(len(todo), "storing resized images") as advance,
+        ):
+            jobs = [pool.submit(_store_one, s, d, need, max_pixels) for d, s in todo.items()]
+            for job in jobs:
+                job.result()
+                advance(1)
+        log.info("resized-image store: %.1f MB in %s", folder_bytes(folder) / 1e6, folder)
+    return [dataclasses.replace(e, path=str(entries[e.path])) for e in examples]
+
+
+def _store_one(source: str, entry: Path, need: Need, max_pixels: int | None) -> None:
+    decoded = decode_for(source, need, max_pixels)
+    short = stored_size(need, *decoded.full)
+    image = decoded.image if short is None else resize_shorter(decoded.image, short)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(FULL_SIZE_KEY, "{}x{}".format(*decoded.full))
+    with atomic_path(entry) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(
+            tmp, format="PNG", pnginfo=info, compress_level=PNG_LEVEL
+        )
