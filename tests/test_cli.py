@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import click
 import numpy as np
@@ -443,6 +445,12 @@ def test_bench_input_measures_both_sides_and_says_what_to_do(make_folder):
     assert plan["verdict"].startswith(
         f"the input keeps up: {enough[0]} worker(s)" if enough else "input-bound"
     )
+    images = plan["images"]  # 24 x 24 PNGs: no reduced decode
+    assert list(images["formats"]) == ["PNG"] and images["jpeg_reduction"] is None
+    assert images["median_megapixels"] == round(24 * 24 / 1e6, 3)
+    store = plan["store"]
+    assert store["workers"] == 2 and store["images_per_s"] > 0 and store["bytes_per_image"] > 0
+    assert not list(pathlib.Path(tempfile.gettempdir()).glob("tlkit-bench-store-*"))  # nothing left
 
 
 def test_input_verdict_on_known_figures():
@@ -455,6 +463,12 @@ def test_input_verdict_on_known_figures():
     needed, verdict = input_verdict(rows, 16.0)  # 19 < 1.2 x 16
     assert needed is None and verdict.startswith("input-bound: the model trains at 16.0")
     assert "at most 19.0 with 2 worker(s)" in verdict and "precompute" in verdict
+    needed, verdict = input_verdict(rows, 16.0, store_ips=40.0)  # the store would do it
+    assert needed is None and verdict.endswith(
+        "From the resized-image store it gives 40.0 (>= 1.2x): train with --resized-cache"
+    )
+    _, verdict = input_verdict(rows, 16.0, store_ips=17.0)  # it would not
+    assert "the resized-image store gives 17.0. Freeze more" in verdict
 
 
 def test_quiet_json_tensorboard_curves_and_runs(make_folder, tmp_path):

@@ -368,7 +368,8 @@ def bench_input(
     as_json: bool,
     **options: Any,
 ) -> None:
-    """Does the augmentation pipeline keep up with training on this machine? Measures both."""
+    """Does the augmentation pipeline keep up with training on this machine? Measures both,
+    and the pipeline fed from the resized-image store."""
     from tlkit.data.datasets import load_dataset
     from tlkit.data.pipeline import build_train_transform
     from tlkit.models.backbones import get_backbone
@@ -385,9 +386,22 @@ def bench_input(
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return
+    images = plan["images"]
+    formats = ", ".join(f"{n} {fmt}" for fmt, n in images["formats"].items())
+    reduced = images["jpeg_reduction"]
+    click.echo(
+        f"images sampled: {formats}; median {images['median_megapixels']:g} megapixels"
+        + (f"; JPEGs decoded at 1/{reduced}" if reduced and reduced > 1 else "")
+    )
     click.echo(f"input pipeline ({size} px, --augment {transform.config.preset}):")
     for row in plan["pipeline"]:
         click.echo(f"  {row['workers']:>3} worker(s) {row['images_per_s']:>9.1f} images/s")
+    store = plan["store"]
+    click.echo(
+        f"  {store['workers']:>3} worker(s) {store['images_per_s']:>9.1f} images/s from the "
+        f"resized-image store (--resized-cache; made once at {store['build_images_per_s']:.1f} "
+        f"images/s, {store['bytes_per_image'] / 1e3:.0f} kB an image)"
+    )
     click.echo(
         f"model training ({backbone}, --freeze {freeze}, batch {batch_size}): "
         f"{plan['model_images_per_s']:.1f} images/s"

@@ -83,15 +83,18 @@ def store_images(
     cache_root: Path,
     max_pixels: int | None,
     workers: int | None = None,
+    announce: bool = True,
 ) -> list[Example]:
     """`examples` with each path pointing at its stored image, decoding the files not stored
-    yet (in parallel). `digests`: each file's sha256, from the data check."""
+    yet (in parallel). `digests`: each file's sha256, from the data check. `announce`: log
+    what is decoded and the store's size."""
     folder = store_folder(cache_root, need)
     present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     entries = {e.path: folder / f"{digests[e.path]}.png" for e in examples}
     todo = {entries[e.path]: e.path for e in examples if entries[e.path].name not in present}
+    say = log.info if announce else log.debug
     if todo:
-        log.info(
+        say(
             "resized-image store: decoding %d of %d images once into %s",
             len(todo),
             len(examples),
@@ -107,7 +110,7 @@ def store_images(
             for job in jobs:
                 job.result()
                 advance(1)
-        log.info("resized-image store: %.1f MB in %s", folder_bytes(folder) / 1e6, folder)
+        say("resized-image store: %.1f MB in %s", folder_bytes(folder) / 1e6, folder)
     return [dataclasses.replace(e, path=str(entries[e.path])) for e in examples]
 
 

@@ -1,15 +1,19 @@
 """Throughput measurements shared by `tlkit bench-input` and benchmarks/run.py.
 
 `bench-input` answers the planning question: with this machine's cores, does the augmentation
-pipeline feed the model as fast as it trains, how many workers does that take, or is the model
-so fast (frozen trunk, accelerator) that precomputed features are the way?
+pipeline feed the model as fast as it trains, how many workers does that take, would the
+resized-image store (`--resized-cache`) close the gap, or is the model so fast (frozen trunk,
+accelerator) that precomputed features are the way?
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,8 +108,11 @@ def plan_input(
     batches: int = 8,
     model_steps: int = 5,
 ) -> dict[str, Any]:
-    """Pipeline images/s for 1..N workers against the model's training images/s."""
+    """Pipeline images/s for 1..N workers, and from the resized-image store with N, against
+    the model's training images/s."""
     max_workers = max_workers or os.cpu_count() or 1
+    needed = (batches + 1) * batch_size
+    sample = [examples[i % len(examples)] for i in range(min(needed, len(examples)))]
     rows = [
         {
             "workers": w,
@@ -113,19 +120,72 @@ def plan_input(
         }
         for w in range(1, max_workers + 1)
     ]
+    store = store_images_per_s(sample, transform, batch_size, max_workers, batches)
     model_ips = model_images_per_s(backbone, transform.size, freeze, batch_size, steps=model_steps)
-    needed, verdict = input_verdict(rows, model_ips)
+    workers, verdict = input_verdict(rows, model_ips, store["images_per_s"])
     best = max(r["images_per_s"] for r in rows)
     return {
+        "images": image_sizes(sample, transform),
         "pipeline": rows,
+        "store": store,
         "model_images_per_s": model_ips,
         "headroom": best / model_ips,
-        "workers_needed": needed,
+        "workers_needed": workers,
         "verdict": verdict,
     }
 
 
-def input_verdict(rows: Sequence[dict[str, Any]], model_ips: float) -> tuple[int | None, str]:
+def image_sizes(examples: Sequence[Example], transform: TrainTransform) -> dict[str, Any]:
+    """What the sampled files are: formats, median megapixels, the JPEG reduction their views
+    allow (read from the headers only)."""
+    from PIL import Image
+
+    formats: dict[str, int] = {}
+    pixels, reductions = [], []
+    for e in examples:
+        with Image.open(e.path) as im:
+            formats[im.format] = formats.get(im.format, 0) + 1
+            pixels.append(im.size[0] * im.size[1])
+            if im.format in ("JPEG", "MPO"):
+                reductions.append(transform.need.reduction(*im.size))
+    return {
+        "formats": formats,
+        "median_megapixels": round(statistics.median(pixels) / 1e6, 3),
+        "jpeg_reduction": int(statistics.median(reductions)) if reductions else None,
+    }
+
+
+def store_images_per_s(
+    examples: Sequence[Example],
+    transform: TrainTransform,
+    batch_size: int,
+    workers: int,
+    batches: int,
+) -> dict[str, float]:
+    """The pipeline fed from a resized-image store of `examples`, made in a temporary folder
+    (bench-input leaves nothing behind): the store's images/s, what making it costs, and its
+    size per image."""
+    from tlkit.core.fsutil import file_hash, folder_bytes
+    from tlkit.data.store import store_images
+
+    digests = {e.path: file_hash(e.path) for e in examples}
+    with tempfile.TemporaryDirectory(prefix="tlkit-bench-store-") as tmp:
+        start = time.perf_counter()
+        stored = store_images(examples, digests, transform.need, Path(tmp), None, workers, False)
+        build = len(examples) / (time.perf_counter() - start)
+        size = folder_bytes(tmp) / len(set(digests.values()))
+        rate = pipeline_images_per_s(stored, transform, batch_size, workers, batches)
+    return {
+        "workers": workers,
+        "images_per_s": rate,
+        "build_images_per_s": build,
+        "bytes_per_image": round(size),
+    }
+
+
+def input_verdict(
+    rows: Sequence[dict[str, Any]], model_ips: float, store_ips: float | None = None
+) -> tuple[int | None, str]:
     """(the fewest workers whose pipeline outruns the model by HEADROOM_GOAL, or None; what to
     do about it)."""
     best = max(rows, key=lambda r: r["images_per_s"])
@@ -136,9 +196,17 @@ def input_verdict(rows: Sequence[dict[str, Any]], model_ips: float) -> tuple[int
             f"the model's {model_ips:.1f} images/s; train with --workers "
             f"{enough[0]} or more"
         )
-    return None, (
+    bound = (
         f"input-bound: the model trains at {model_ips:.1f} images/s but the pipeline "
-        f"gives at most {best['images_per_s']:.1f} with {best['workers']} worker(s). "
-        "Freeze more of the backbone and precompute the frozen part's features once, "
-        "use a lighter augmentation, or more CPU cores"
+        f"gives at most {best['images_per_s']:.1f} with {best['workers']} worker(s)"
+    )
+    if store_ips is not None and store_ips >= HEADROOM_GOAL * model_ips:
+        return None, (
+            f"{bound}. From the resized-image store it gives {store_ips:.1f} "
+            f"(>= {HEADROOM_GOAL}x): train with --resized-cache"
+        )
+    store = f"; the resized-image store gives {store_ips:.1f}" if store_ips is not None else ""
+    return None, (
+        f"{bound}{store}. Freeze more of the backbone and precompute the frozen part's features "
+        "once, use a lighter augmentation, or more CPU cores"
     )
