@@ -34,6 +34,12 @@ Input pipeline, on 256 generated 500x375 JPEG photos (smooth random scenes), ale
 - input_headroom: pipeline images/s (N workers) / train_images_per_s_resnet50_224_unfrozen.
   Goal on an accelerator >= 1.2; on a CPU-only machine it only says the CPU trains slowly.
 
+Big photos (`--only photos`): reduced JPEG decode and the resized-image store, figures
+described in benchmarks/photos.py (decode_eval_images_per_s_*, reduced_decode_speedup_*,
+reduced_decode_parity_*, store_parity_*, epoch_images_per_s_jpeg_*, store_epoch_speedup_jpeg,
+store_build_images_per_s, store_kb_per_image, pipeline_peak_rss_mb_4_workers,
+pipeline_rss_growth_4_workers).
+
 Feature cache (ResNet50, 224 px, --freeze all, weights none, 512 generated JPEGs, no
 augmentation, batch 32; epoch times are the second epoch, after graph tracing):
 - cache_epoch_speedup: live epoch (frozen trunk computed every step) / epoch from the cache.
@@ -1069,7 +1075,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     parser.add_argument(
         "--only",
-        choices=["train", "augment", "cache", "eval", "reliability", "distribute"],
+        choices=["train", "augment", "photos", "cache", "eval", "reliability", "distribute"],
         help="run one group of figures",
     )
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
@@ -1106,6 +1112,10 @@ def main() -> None:
             examples += list(load_folder(Path(tmp) / "photos").splits["val"])
             pca_speedup(examples, args.quick)
             pipeline_figures(examples, model["unfrozen"])
+    if args.only in (None, "photos"):
+        from benchmarks.photos import photo_figures
+
+        photo_figures(emit, args.smoke, os.cpu_count() or 1)
     if args.only in (None, "cache"):
         cache_figures()
     if args.only in (None, "eval"):

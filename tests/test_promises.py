@@ -4,6 +4,7 @@ line, shared folders survive two processes, and memory does not grow with views 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -566,14 +567,15 @@ def test_the_colour_pca_decodes_one_image_at_a_time(tmp_path, monkeypatch):
         def __del__(self):
             live[0] -= 1
 
-    real = pipeline.decode_image
+    real = pipeline.decode_for
 
-    def decode(path, max_pixels):
+    def decode(path, need, max_pixels):
         live[0] += 1
         peak[0] = max(peak[0], live[0])
-        return real(path, max_pixels).view(Tracked)
+        decoded = real(path, need, max_pixels)
+        return dataclasses.replace(decoded, image=decoded.image.view(Tracked))
 
-    monkeypatch.setattr(pipeline, "decode_image", decode)
+    monkeypatch.setattr(pipeline, "decode_for", decode)
     examples = load_dataset(data).splits["train"]
     pca = pipeline.dataset_color_pca(examples, 10**8)
     assert pca.n_images == len(examples) and peak[0] <= 2
