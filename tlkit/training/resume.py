@@ -34,6 +34,8 @@ RESUME_FREE = (
     "recipe",
     "tensorboard",
     "strategy",
+    # the same pixels for fixed-scale views, within about a grey level for jittered ones
+    "resized_cache",
 )
 
 
