@@ -151,3 +151,8 @@ def test_finetune_with_the_store_trains_the_same_model(tmp_path, monkeypatch):
         assert 0 <= float(r["input_share"]) <= 1 and float(r["model_seconds"]) > 0
     config = json.loads(Path("runs/stored/run.json").read_text())["config"]
     assert config["resized_cache"] is True
+    (key,) = [p.name for p in Path("cache/images").iterdir()]  # train and val share one need
+    listing = runner.invoke(cli, ["cache", "ls"])
+    assert f"resized-image store {key}: 12 images" in listing.output
+    removed = runner.invoke(cli, ["cache", "rm", key])
+    assert removed.exit_code == 0 and not Path("cache/images", key).exists()

@@ -251,7 +251,7 @@ def cache() -> None:
 @cache.command("ls")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
 def cache_ls(cache_dir: str | None) -> None:
-    """List caches: key, backbone, freeze, views, size, last use."""
+    """List caches: key, backbone, freeze, views, size, last use; and resized-image stores."""
     from tlkit.features.cache import cache_root, list_caches, list_unfinished
 
     root = cache_root(cache_dir)
@@ -267,6 +267,13 @@ def cache_ls(cache_dir: str | None) -> None:
             f"{r['last_written']}): the same precompute-features resumes it; "
             f"`tlkit cache rm {r['key']}` removes it"
         )
+    from tlkit.data.store import list_stores
+
+    for r in list_stores(root):
+        click.echo(
+            f"resized-image store {r['key']}: {r['images']} images, {r['size_mb']:.1f} MB "
+            f"(--resized-cache; `tlkit cache rm {r['key']}` removes it)"
+        )
 
 
 @cache.command("rm")
@@ -274,12 +281,16 @@ def cache_ls(cache_dir: str | None) -> None:
 @click.option("--all", "all_", is_flag=True, help="Remove every cache.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
 def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
-    """Remove cache KEY, or all with --all."""
+    """Remove cache or resized-image store KEY, or all with --all."""
     from tlkit.core.errors import ConfigError
+    from tlkit.data.store import remove_store
     from tlkit.features.cache import cache_root, remove_caches
 
     if bool(key) == all_:
         raise ConfigError("give one cache KEY or --all")
+    if key and remove_store(cache_root(cache_dir), key):
+        click.echo(f"removed resized-image store {key}")
+        return
     for name in remove_caches(cache_root(cache_dir), None if all_ else key):
         click.echo(f"removed {name}")
 

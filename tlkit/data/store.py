@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -124,3 +125,29 @@ def _store_one(source: str, entry: Path, need: Need, max_pixels: int | None) -> 
         Image.fromarray(np.ascontiguousarray(image)).save(
             tmp, format="PNG", pnginfo=info, compress_level=PNG_LEVEL
         )
+
+
+def list_stores(cache_root: Path) -> list[dict[str, object]]:
+    """The resized-image stores under a cache folder, for `tlkit cache ls`."""
+    rows = []
+    for record in sorted((cache_root / STORE_DIR).glob("*/store.json")):
+        folder = record.parent
+        need = json.loads(record.read_text()).get("need", {})
+        rows.append(
+            {
+                "key": folder.name,
+                "images": sum(1 for _ in folder.glob("*.png")),
+                "size_mb": round(folder_bytes(folder) / 1e6, 1),
+                "need": need,
+            }
+        )
+    return rows
+
+
+def remove_store(cache_root: Path, key: str) -> bool:
+    """Remove store `key`; False if there is none."""
+    folder = cache_root / STORE_DIR / key
+    if not (folder / "store.json").is_file():
+        return False
+    shutil.rmtree(folder)
+    return True
