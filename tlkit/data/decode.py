@@ -11,7 +11,7 @@ decoding stays). The reduced image is a box average of the full one, so a furthe
 lands close to full decode + one area resize, provided the reduced image keeps at least
 REDUCED_MARGIN times the pixels per side the view needs: with a margin of 1, the 224 px eval view
 of a textured 4000x3000 photo decoded at 1/8 was 1.63 grey levels off on average; with 2, 0.89
-(tests/test_decode.py holds the limit of 1).
+(tests/test_reduced_decode.py holds the limit of 1).
 """
 
 from __future__ import annotations
