@@ -2,14 +2,14 @@
 
 A 12-megapixel photo costs its full decode every epoch although training uses a few hundred
 pixels a side of it. The store decodes each file once (at a reduced JPEG scale where the views
-allow it) and keeps it as a lossless PNG just big enough for every view of the run: its shorter
-side at the view's resize target, or for random-resized crops at the size that gives the
-smallest allowed region its `size` pixels. Epochs then decode small PNGs.
+allow it) and keeps it as a lossless PNG just big enough for the run's views (`stored_size`).
+Epochs then decode small PNGs.
 
-Fixed-scale views (the eval view, the `light` and `alexnet` crops) are resized from the stored
-image exactly as from the decoded file: the same pixels, bit for bit. Scale-jittered and
-random-resized crops resize twice (once into the store, once from it), within a grey level of
-the direct path on average (tests/test_store.py, benchmarks/run.py `store_parity_*`).
+Fixed-scale views (the eval view, the `light` and `alexnet` crops) are kept at exactly their
+resize target and cut from the stored image as from the decoded file: the same pixels, bit for
+bit. Scale-jittered and random-resized crops resize twice (once into the store, once from it),
+so they are kept at twice what they need; on the hardest texture they land about a grey level
+from full decode (tests/test_store.py; benchmarks/photos.py `store_parity_*`).
 
 Entries are named by the sha256 of the file's bytes under a folder named by the hash of what
 makes the pixels (the views' needs, the decode protocol, the pixel libraries), so a replaced
