@@ -156,3 +156,18 @@ def test_finetune_with_the_store_trains_the_same_model(tmp_path, monkeypatch):
     assert f"resized-image store {key}: 12 images" in listing.output
     removed = runner.invoke(cli, ["cache", "rm", key])
     assert removed.exit_code == 0 and not Path("cache/images", key).exists()
+
+
+def test_a_store_that_cannot_be_written_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jpeg_folder(tmp_path / "data", per_class=3)
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "images").write_text("a file where the store's folder should be")
+    args = ["finetune", "data", "--backbone", TINY, "--weights", "none", "--input-size", "32"]
+    args += ["--epochs", "0", "--head-epochs", "1", "--resized-cache", "--cache-dir", "blocked"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 6, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+    assert line.startswith("Error: blocked/images/") and "cannot write the resized-image" in line
+    assert "choose another --cache-dir" in line
+    assert "Traceback" not in result.output and not list(Path("runs").glob("*"))

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from tlkit.core.errors import CacheError
 from tlkit.core.fsutil import atomic_path, atomic_write_json, folder_bytes
 from tlkit.core.progress import progress
 from tlkit.data.augment import pixel_libraries, resize_shorter
@@ -101,8 +102,11 @@ def store_images(
             len(examples),
             folder,
         )
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "store.json", store_inputs(need))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / "store.json", store_inputs(need))
+        except OSError as e:
+            raise _unwritable(folder, e) from None
         with (
             ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
             progress(len(todo), "storing resized images") as advance,
@@ -121,10 +125,20 @@ def _store_one(source: str, entry: Path, need: Need, max_pixels: int | None) -> 
     image = decoded.image if short is None else resize_shorter(decoded.image, short)
     info = PngImagePlugin.PngInfo()
     info.add_text(FULL_SIZE_KEY, "{}x{}".format(*decoded.full))
-    with atomic_path(entry) as tmp:
-        Image.fromarray(np.ascontiguousarray(image)).save(
-            tmp, format="PNG", pnginfo=info, compress_level=PNG_LEVEL
-        )
+    try:
+        with atomic_path(entry) as tmp:
+            Image.fromarray(np.ascontiguousarray(image)).save(
+                tmp, format="PNG", pnginfo=info, compress_level=PNG_LEVEL
+            )
+    except OSError as e:
+        raise _unwritable(entry.parent, e) from None
+
+
+def _unwritable(folder: Path, e: OSError) -> CacheError:
+    return CacheError(
+        f"{folder}: cannot write the resized-image store ({e.strerror or e}); free some "
+        "space, choose another --cache-dir, or train without --resized-cache"
+    )
 
 
 def list_stores(cache_root: Path) -> list[dict[str, object]]:
