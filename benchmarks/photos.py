@@ -26,7 +26,6 @@ ratios hold on a noisy machine:
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import tempfile
@@ -214,11 +213,19 @@ def rss_child(folder: str, batches: int) -> None:
     t = TrainTransform(resolve_augment("light"), SIZE, 0.875)
     epochs = -(-batches * 8 // len(examples))
     ds = train_dataset(examples, t, 8, 0, 0, epochs, workers=4)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = vm_hwm_mb()
     for _ in zip(range(batches), ds, strict=False):
         pass
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(before / 1024, after / 1024)
+    print(before, vm_hwm_mb())
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident memory (ru_maxrss would include the parent's, which a
+    child inherits across exec on Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def photo_figures(emit: Callable[..., None], smoke: bool, workers: int) -> None:
