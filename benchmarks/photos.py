@@ -213,19 +213,12 @@ def rss_child(folder: str, batches: int) -> None:
     t = TrainTransform(resolve_augment("light"), SIZE, 0.875)
     epochs = -(-batches * 8 // len(examples))
     ds = train_dataset(examples, t, 8, 0, 0, epochs, workers=4)
-    before = vm_hwm_mb()
+    from benchmarks.common import vm_hwm_kb
+
+    before = vm_hwm_kb() / 1024
     for _ in zip(range(batches), ds, strict=False):
         pass
-    print(before, vm_hwm_mb())
-
-
-def vm_hwm_mb() -> float:
-    """This process's peak resident memory (ru_maxrss would include the parent's, which a
-    child inherits across exec on Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    print(before, vm_hwm_kb() / 1024)
 
 
 def photo_figures(emit: Callable[..., None], smoke: bool, workers: int) -> None:

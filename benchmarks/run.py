@@ -788,8 +788,9 @@ def eval_rss_child(run: str, data: str) -> None:
     evaluate(
         EvalConfig(runs=[run], data=data, multicrop="multiscale", name=Path(data).name, workers=1)
     )
-    status = Path("/proc/self/status").read_text().splitlines()
-    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+    from benchmarks.common import vm_hwm_kb
+
+    print(vm_hwm_kb())
 
 
 def rss_child_peak(n_images: int) -> int:
@@ -851,9 +852,9 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
         verbose=0,
         steps_per_epoch=-(-n_images // 32),
     )
-    # VmHWM is this process's own peak; ru_maxrss would carry the parent's over fork + exec
-    status = Path("/proc/self/status").read_text().splitlines()
-    print(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+    from benchmarks.common import vm_hwm_kb
+
+    print(vm_hwm_kb())
 
 
 def dist_child(strategy: str, backbone: str, size: int, batch: int, steps: int) -> None:
