@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.photos import textured_photo
 from tlkit.core.errors import ConfigError
 from tlkit.data.augment import (
     PRESETS,
@@ -122,15 +123,6 @@ def test_good_extra_transform_is_recorded():
         {"name": "Rotate", "args": {"limit": 15}},
         {"name": "ToGray", "args": {}},
     ]
-
-
-def textured_photo(width: int, height: int) -> np.ndarray:
-    """Fine texture (what separates resampling filters) over a smooth scene."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width]
-    scene = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], -1)
-    noise = rng.integers(-60, 61, (height, width, 3))
-    return np.clip(scene + noise, 0, 255).astype(np.uint8)
 
 
 def test_training_crops_and_eval_resample_the_same_way_on_a_large_photo():

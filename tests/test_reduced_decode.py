@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_augment import textured_photo
+from benchmarks.photos import textured_photo
 from tlkit.data.augment import (
     TrainTransform,
     eval_need,

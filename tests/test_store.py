@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from benchmarks.photos import textured_photo
 from tests.conftest import TINY, class_image
-from tests.test_augment import textured_photo
 from tlkit.cli import cli
 from tlkit.data.audit import audit_folder
 from tlkit.data.augment import TrainTransform, eval_need, resolve_augment
