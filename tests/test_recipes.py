@@ -154,6 +154,52 @@ def test_bad_recipes_are_one_clear_line(tmp_path, text, message):
     assert not Path("runs").exists()
 
 
+# a few hundred bytes that stand for 2**31 list items through doubling aliases; before aliases
+# were refused, the message quoting the section ran out of memory
+ALIAS_BOMB = (
+    "description: x\neval:\n  a0: &a0 [1, 1]\n"
+    + "".join(f"  a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 31))
+    + "finetune: *a30\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (ALIAS_BOMB, "uses a YAML alias at line 4, column 12; recipes do not take aliases"),
+        ("description: x\nfinetune: &s {epochs: 1}\nlr-find: *s\n", "uses a YAML alias"),
+        ("description: x\nfinetune: !!python/object:os.system {}\n", "not valid YAML"),
+        ("description: x\nfinetune:\n  head-epochs: " + "9" * 5000, "ValueError: Exceeds"),
+        ("description: " + "[" * 100_000, "RecursionError"),
+    ],
+)
+def test_recipes_refuse_aliases_and_tags_before_building_anything(tmp_path, text, message):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    result = invoke("finetune", str(tmp_path), "--recipe", str(path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "section, shown",
+    [
+        ("  head-epochs: [" + "9" * 100 + "]", "Received: [<an int of 333 bits>]"),
+        (
+            "  head-epochs: [" + ", ".join(["many"] * 20000) + "]",
+            "['many', 'many', 'many', 'many', ...]",
+        ),
+        ("  " + "x" * 1000 + ": 1", "has no option 'xxxxxxxx"),
+    ],
+)
+def test_recipe_messages_quote_values_to_a_bounded_length(tmp_path, section, shown):
+    path = tmp_path / "big.yaml"
+    path.write_text(f"description: x\nfinetune:\n{section}\n")
+    result = invoke("finetune", str(tmp_path), "--recipe", str(path))
+    assert result.exit_code == 2, result.output
+    assert shown in result.output and len(result.output) < 1000
+
+
 def test_unknown_recipe_name_suggests_the_closest():
     result = invoke("finetune", "--recipe", "smal-data")
     assert result.exit_code == 2

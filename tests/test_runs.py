@@ -41,3 +41,56 @@ def test_a_written_record_round_trips_and_an_older_leaner_one_still_loads(tiny_r
         RunRecord.from_dict({k: v for k, v in lean.items() if k not in ("classes", "config")})
     with pytest.raises(RunError, match="run schema 2 is not supported"):
         RunRecord.from_dict({**lean, "schema": 2})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"classes": 5}, "classes is int 5, not a list of strings"),
+        ({"classes": ["a", 7]}, r"classes is list \['a', 7\], not a list of strings"),
+        ({"classes": []}, "classes is empty"),
+        ({"input_size": "224"}, "input_size is str '224', not an integer"),
+        ({"results": [1, 2]}, r"results is list \[1, 2\], not an object"),
+        ({"seed": True}, "seed is bool True, not an integer"),
+    ],
+)
+def test_a_run_record_of_the_wrong_types_is_one_line(tiny_runs, change, message):
+    _data, runs = tiny_runs
+    written = json.loads((runs[0] / "run.json").read_text())
+    with pytest.raises(RunError, match=message):
+        RunRecord.from_dict({**written, **change})
+
+
+def test_a_damaged_run_is_one_line_and_runs_lists_it_with_the_others(tiny_runs, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from tlkit.cli import cli
+
+    _data, runs = tiny_runs
+    folder = tmp_path / "runs"
+    for name, damage in (("ok", None), ("bad-utf8", b'{"schema": 1, "\xff": 1}'), ("five", 5)):
+        shutil.copytree(runs[0], folder / name)
+        if damage == 5:
+            record = json.loads((folder / name / "run.json").read_text())
+            (folder / name / "run.json").write_text(json.dumps({**record, "classes": 5}))
+        elif damage is not None:
+            (folder / name / "run.json").write_bytes(damage)
+    result = CliRunner().invoke(cli, ["eval", str(folder / "bad-utf8")])
+    assert result.exit_code == 5 and "run.json: not valid JSON" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    listed = CliRunner().invoke(cli, ["runs", "--runs-dir", str(folder)])
+    assert listed.exit_code == 0, listed.output
+    lines = {line.split()[0]: line for line in listed.output.splitlines()[1:]}
+    assert set(lines) == {"ok", "bad-utf8", "five"}
+    assert "unreadable: " in lines["bad-utf8"] and "not valid JSON" in lines["bad-utf8"]
+    assert "classes is int 5" in lines["five"] and "unreadable" not in lines["ok"]
+    as_json = json.loads(
+        CliRunner().invoke(cli, ["runs", "--runs-dir", str(folder), "--json"]).stdout
+    )
+    assert {r["run"]: r["status"] for r in as_json} == {
+        "ok": "finished",
+        "bad-utf8": "unreadable",
+        "five": "unreadable",
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -87,7 +88,7 @@ def test_a_split_column_sets_the_splits(tmp_path):
         (["images/class1/nope.png,class1"], r"labels\.csv:2: no such file .*nope\.png"),
         (
             ["images/class1/img0.png,class1", "images/class1/img0.png,class2"],
-            r"labels\.csv:3: images/class1/img0\.png is already listed on line 2",
+            r"labels\.csv:3: 'images/class1/img0\.png' is already listed on line 2",
         ),
         (["images/class1/img0.png,"], r"labels\.csv:2: empty path or label"),
     ],
@@ -155,3 +156,89 @@ def test_tfds_source_is_written_once_and_trains_and_evaluates(tmp_path):
 def test_a_bad_tfds_spec_is_one_line():
     result = CliRunner().invoke(cli, ["check-data", "tfds:"])
     assert result.exit_code == 3 and "not a tfds source; write tfds:NAME" in result.output
+
+
+def test_tfds_unlabelled_examples_are_refused_not_read_as_the_last_class(tmp_path):
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    def with_unlabelled(*_args, **_kwargs):
+        images = np.zeros((4, 28, 28, 1), np.uint8)
+        labels = np.array([3, 1, -1, 2], np.int64)
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+    with tfds.testing.mock_data(as_dataset_fn=with_unlabelled):
+        result = CliRunner().invoke(cli, ["check-data", "tfds:mnist/train"])
+    assert result.exit_code == 3, result.output
+    error = result.output.strip().splitlines()[-1]  # after the "writing ..." log line
+    assert error.startswith("Error: tfds:mnist/train: example 3 of split 'train' is unlabelled")
+    written = tmp_path / "xdg_cache" / "tlkit" / "tfds" / "mnist"
+    assert not [p for p in written.rglob("*") if p.suffix == ".png"]  # nothing half-written kept
+
+
+def test_tfds_class_names_that_make_one_folder_are_refused():
+    from types import SimpleNamespace
+
+    import tensorflow_datasets as tfds
+
+    from tlkit.core.errors import DataError
+    from tlkit.data.tfds_source import _features
+
+    label = tfds.features.ClassLabel(names=["a/b", "c", "a b", "a_b"])
+    info = SimpleNamespace(features={"image": tfds.features.Image(), "label": label})
+    with pytest.raises(DataError, match="classes 'a/b' and 'a b' both become the folder 'a_b'"):
+        _features(info, "tfds:x")
+    ok = tfds.features.ClassLabel(names=["a/b", "c"])
+    assert _features(SimpleNamespace(features={"i": tfds.features.Image(), "l": ok}), "t")[2] == [
+        "a_b",
+        "c",
+    ]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b"path,label\nimages/class1/img\0.png,class1\n",
+            r"labels\.csv:2: path 'images/class1/img\\x00\.png' has a control character",
+        ),
+        (b"path,label\nimages/class1/img0.png,class1\nimages/\xff.png,class1\n", "not UTF-8 text"),
+        (
+            b"path,label\nimages/class1/" + b"x" * 200_000 + b".png,class1\n",
+            r"labels\.csv:2: not a readable CSV row \(field larger than field limit",
+        ),
+        (
+            b"path,label\nimages/class1/" + b"y" * 100_000 + b".png,class1\n",
+            r"labels\.csv:2: path 'images/class1/yyy.*\.\.\.yyy.*: File name too long",
+        ),
+    ],
+)
+def test_damaged_manifests_are_one_line_through_the_cli(tmp_path, content, message):
+    import re
+
+    path = manifest(tmp_path, [])
+    Path(path).write_bytes(content)
+    result = CliRunner().invoke(cli, ["check-data", path])
+    assert result.exit_code == 3, result.output
+    assert re.search(message, result.output) and len(result.output) < 1000, result.output[:300]
+
+
+def test_a_folder_and_a_manifest_follow_the_same_links(tmp_path):
+    """One rule for links: followed in both layouts, out of the root too; a loop is read once."""
+    outside = write_folder(tmp_path / "elsewhere", ["class2", "class10"], 3, seed=1)
+    data = write_folder(tmp_path / "data", ["class1", "class2"], 3)
+    (data / "class2" / "more").symlink_to(outside / "class2")  # a linked folder
+    (data / "class10").symlink_to(outside / "class10")  # a linked class
+    write_folder(tmp_path / "loose", ["x"], 1, seed=2)
+    (data / "class1" / "linked.png").symlink_to(tmp_path / "loose" / "x" / "img0.png")  # a file
+    (data / "class1" / "loop").symlink_to(data / "class1")  # back to itself
+    folder = load_folder(data)
+    rows = sorted(e.relpath for s in ("train", "val") for e in folder.splits[s])
+    assert len(rows) == 3 + 1 + 3 + 3 + 3 and "class2/more/img2.png" in rows
+    assert "class1/loop" in folder.ignored
+    csv = data / "labels.csv"
+    csv.write_text("path,label\n" + "".join(f"{r},{r.split('/')[0]}\n" for r in rows))
+    from_csv = load_dataset(csv)
+    assert sorted(e.relpath for s in ("train", "val") for e in from_csv.splits[s]) == rows
+    assert from_csv.classes == folder.classes == ("class1", "class2", "class10")

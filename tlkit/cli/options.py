@@ -123,7 +123,7 @@ def _apply_recipe(ctx: click.Context, param: click.Parameter, value: str | None)
     if value is None:
         return None
     from tlkit.cli.recipes import load_recipe
-    from tlkit.core.errors import ConfigError, did_you_mean
+    from tlkit.core.errors import ConfigError, did_you_mean, shown
 
     recipe = load_recipe(value, recipe_commands())
     options = {}  # a setting as a recipe names it (`head-epochs`, `weights`) -> its parameter
@@ -137,14 +137,16 @@ def _apply_recipe(ctx: click.Context, param: click.Parameter, value: str | None)
         if p is None:
             names = sorted(options)
             raise ConfigError(
-                f"{recipe.path}: `tlkit {ctx.info_name}` has no option {key!r}."
-                f"{did_you_mean(key, names)} Its options: {', '.join(names)}"
+                f"{recipe.path}: `tlkit {ctx.info_name}` has no option {shown(key)}."
+                f"{did_you_mean(key[:80], names)} Its options: {', '.join(names)}"
             )
         try:
             p.type_cast_value(ctx, raw)
-        except click.BadParameter as e:
+        except (click.BadParameter, TypeError, ValueError) as e:  # a list where one value goes
+            text = e.message if isinstance(e, click.BadParameter) else f"not a {p.type.name}"
+            problem = text.splitlines()[0][:200].rstrip(".")
             raise ConfigError(
-                f"{recipe.path}: {ctx.info_name}.{key}: {e.message.rstrip('.')}. Received: {raw!r}"
+                f"{recipe.path}: {ctx.info_name}.{key}: {problem}. Received: {shown(raw)}"
             ) from None
         defaults[p.name] = raw
     ctx.default_map = {**(ctx.default_map or {}), **defaults}

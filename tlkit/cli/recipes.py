@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.core.errors import ConfigError, did_you_mean
+from tlkit.core.errors import ConfigError, did_you_mean, shown
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "recipes"  # tlkit/recipes/
 PROJECT_DIR = Path("recipes")
@@ -58,20 +58,43 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     return known[text]
 
 
-def load_recipe(name_or_path: str | os.PathLike, commands: set[str]) -> Recipe:
-    """Read and check a recipe's shape; `commands` are the command names a section may have.
-    Option names and values are checked against the command that uses the section."""
+def _parse(path: Path, raw: bytes) -> Any:
+    """The YAML document, read safely and without aliases: `*ref` can make a few hundred bytes
+    stand for a structure of billions of items, and a recipe never needs one."""
     import yaml
 
-    path = find_recipe(name_or_path)
-    raw = path.read_bytes()
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(
+                    f"{path}: uses a YAML alias at line {mark.line + 1}, column "
+                    f"{mark.column + 1}; recipes do not take aliases (*name): write the value out"
+                )
+            return super().compose_node(parent, index)
+
+    loader = NoAliases(raw)  # what yaml.safe_load does, with the alias check
     try:
-        data = yaml.safe_load(raw)
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{where}: {str(problem)[:200]}") from None
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, 100,000 nested lists
+        raise ConfigError(
+            f"{path}: not a recipe PyYAML can read ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
+    finally:
+        loader.dispose()
+
+
+def load_recipe(name_or_path: str | os.PathLike, commands: set[str]) -> Recipe:
+    """Read and check a recipe's shape; `commands` are the command names a section may have.
+    Option names and values are checked against the command that uses the section."""
+    path = find_recipe(name_or_path)
+    raw = path.read_bytes()
+    data = _parse(path, raw)
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: a recipe is a mapping with 'description' and one section "
@@ -84,14 +107,14 @@ def load_recipe(name_or_path: str | os.PathLike, commands: set[str]) -> Recipe:
     for command, options in data.items():
         if command not in commands:
             raise ConfigError(
-                f"{path}: unknown command {command!r}."
-                f"{did_you_mean(str(command), commands)} Sections are named after "
+                f"{path}: unknown command {shown(command)}."
+                f"{did_you_mean(str(command)[:80], commands)} Sections are named after "
                 f"commands: {', '.join(sorted(commands))}"
             )
         if not isinstance(options, dict):
             raise ConfigError(
                 f"{path}: section {command!r} must map option names to values. "
-                f"Received: {options!r}"
+                f"Received: {type(options).__name__} {shown(options)}"
             )
         sections[command] = {str(k): v for k, v in options.items()}
     return Recipe(path.stem, path, description.strip(), sections, hashlib.sha256(raw).hexdigest())

@@ -212,6 +212,9 @@ def runs(runs_dir: str, as_json: bool) -> None:
     )
     for r in rows:
         head = f"{r['run']:<{width}}{r['backbone'] or '?':<20}{r['size_mb']:>8.1f}  "
+        if r["status"] == "unreadable":
+            click.echo(f"{head}unreadable: {r['error']}")
+            continue
         if r["status"] in ("interrupted", "training"):
             click.echo(
                 head

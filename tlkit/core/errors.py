@@ -8,6 +8,7 @@ Anything that is not a TlkitError is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Iterable
 
 
@@ -17,6 +18,25 @@ def did_you_mean(value: str, choices: Iterable[str]) -> str:
 
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class _Bounded(reprlib.Repr):
+    """reprlib's bounded repr, with huge ints named by size: Python refuses to print them."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 2, limit, limit
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 4
+
+    def repr_int(self, x: int, level: int) -> str:
+        bits = x.bit_length()
+        return super().repr_int(x, level) if bits <= 128 else f"<an int of {bits} bits>"
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`value` as an error message quotes it: a bounded repr (a few items, a few levels, long
+    strings cut), so a hostile or huge input cannot make the message itself huge or slow."""
+    return _Bounded(limit).repr(value)
 
 
 class TlkitError(Exception):

@@ -7,14 +7,15 @@ under runs/ with a plain name is always a finished run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tlkit.core.choices import DEFAULT_MAX_PIXELS
-from tlkit.core.errors import RunError, TlkitError, did_you_mean
+from tlkit.core.errors import RunError, TlkitError, did_you_mean, shown
 from tlkit.core.fsutil import (
     final_path,
     find_incomplete,
@@ -112,18 +113,62 @@ class RunRecord:
                 "finetune, or it was edited"
             )
         known = {k: v for k, v in d.items() if k in fields}
+        hints = typing.get_type_hints(cls)
+        for name, value in known.items():
+            if not _has_type(value, hints[name]):
+                raise RunError(
+                    f"{where}: {name} is {type(value).__name__} {shown(value, 60)}, not "
+                    f"{_type_name(hints[name])}; it was not written by tlkit finetune, or it "
+                    "was edited"
+                )
+        if not known["classes"]:
+            raise RunError(f"{where}: classes is empty; it was edited or damaged")
         known["classes"] = tuple(known["classes"])
         return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
 
 
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a RunRecord field's annotation (tuples arrive as lists)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_has_type(value, h) for h in args)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _has_type(v, args[1]) for k, v in value.items()
+        )
+    if isinstance(value, bool) and hint is not bool:  # JSON true is no number
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _type_name(hint: Any) -> str:
+    """A field's annotation as JSON words: `list[str] | None` is "a list of strings or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(h) for h in args)
+    if origin in (list, tuple):
+        return "a list of strings" if args[0] is str else "a list"
+    if origin is dict:
+        return "an object"
+    return "null" if hint is type(None) else _JSON_NAMES.get(hint, str(hint))
+
+
 def read_record(run_path: Path) -> RunRecord:
+    path = run_path / RUN_FILE
     try:
-        info = json.loads((run_path / RUN_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{run_path / 'run.json'}: not valid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise RunError(f"{run_path / 'run.json'}: not a tlkit run record")
-    return RunRecord.from_dict(info, run_path / RUN_FILE)
+        info = read_json_record(path, RunError, "the run folder is damaged")
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+    return RunRecord.from_dict(info, path)
 
 
 @dataclass(frozen=True)
@@ -258,6 +303,19 @@ def load_run(path: str | os.PathLike | None = None) -> Run:
     return Run(run_path, read_record(run_path))
 
 
+def _unreadable_row(path: Path, why: str) -> dict[str, Any]:
+    empty = dict.fromkeys(("backbone", "freeze", "best_val_accuracy", "test_accuracy", "created"))
+    size = round(folder_bytes(path) / 1e6, 1)
+    return {
+        "run": path.name,
+        "status": "unreadable",
+        **empty,
+        "size_mb": size,
+        "path": str(path),
+        "error": why,
+    }
+
+
 def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
     """Finished runs and interrupted ones (resumable), newest first, for `tlkit runs`."""
     runs_dir = Path(runs_dir)
@@ -268,8 +326,9 @@ def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
         if is_finished_run(path):
             try:
                 record = read_record(path)
-            except RunError:
-                continue  # load_run names the damage when the run is used
+            except RunError as e:  # listed, so that one damaged folder hides no other run
+                rows.append(_unreadable_row(path, str(e)))
+                continue
             best = record.results.get("best") or {}
             rows.append(
                 {

@@ -17,7 +17,7 @@ from pathlib import Path
 from natsort import natsorted
 
 from tlkit.core.choices import SPLIT_NAMES
-from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.errors import ConfigError, DataError, shown
 from tlkit.core.fsutil import tlkit_output
 
 # Files operating systems drop into folders; never data.
@@ -57,8 +57,18 @@ def _visible(name: str) -> bool:
 
 
 def _list_class_files(class_dir: Path, root: Path, ignored: list[str]) -> list[Path]:
+    """Every visible file under a class folder. Symbolic links are followed, to files and to
+    folders, as a CSV manifest's are (the one rule for both: the user's links are the user's
+    data); a link back to a folder already read is listed as ignored, never walked twice."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a link loop (a folder linked into itself)
+            ignored.append(str(Path(dirpath).relative_to(root)))
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         keep = sorted(d for d in dirnames if _visible(d))
         ignored.extend(str(Path(dirpath, d).relative_to(root)) for d in dirnames if d not in keep)
         dirnames[:] = keep
@@ -86,7 +96,7 @@ def check_class_name(name: str, where: str) -> str:
     )
     if bad:
         raise DataError(
-            f"{where}: class name {name!r} has {bad}; rename it (letters, digits, "
+            f"{where}: class name {shown(name)} has {bad}; rename it (letters, digits, "
             "spaces inside, '-', '_', '.')"
         )
     return name
@@ -242,63 +252,85 @@ def _assemble(
 
 def _csv_row(row: dict[str, str], where: str, base: Path) -> tuple[Path, str, str]:
     """(file, label, split name) of one manifest row, each checked; `where` is file:line."""
-    from tlkit.core.fsutil import is_inside
-
     rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
     split_name = (row.get("split") or "train").strip().lower()
     if not rel or not label:
         raise DataError(f"{where}: empty path or label; every row needs both")
     check_class_name(label, where)
+    if any(unicodedata.category(c) == "Cc" for c in rel):  # a NUL byte, a line break
+        raise DataError(f"{where}: path {shown(rel)} has a control character; fix the row")
     if split_name not in SPLIT_NAMES:
-        raise DataError(f"{where}: split {split_name!r} is not train, val or test")
-    if Path(rel).is_absolute() or not is_inside(base, rel):
+        raise DataError(f"{where}: split {shown(split_name)} is not train, val or test")
+    # the path as written stays inside; links on disk are followed, as in a folder dataset
+    if Path(rel).is_absolute() or os.path.normpath(rel).split(os.sep)[0] == "..":
         raise DataError(
-            f"{where}: path {rel!r} is outside the CSV's folder {base}; "
+            f"{where}: path {shown(rel)} is outside the CSV's folder {base}; "
             "paths must be relative to it and stay inside"
         )
     file = base / rel
-    if not file.is_file():
-        raise DataError(f"{where}: no such file {file}")
+    try:
+        found = file.is_file()
+    except OSError as e:  # a name too long for the file system
+        raise DataError(f"{where}: path {shown(rel)}: {e.strerror}; fix the row") from None
+    if not found:
+        raise DataError(f"{where}: no such file {shown(str(file), 200)}")
     return file, label, split_name
+
+
+def _read_manifest(csv_path: Path, base: Path) -> dict[str, dict[str, list[Path]]]:
+    """The manifest's rows as split -> class -> files; a file that is not CSV text (NUL bytes,
+    not UTF-8, a field past the csv module's limit) is one line naming where it broke."""
+    import csv
+
+    first_line: dict[Path, int] = {}
+    by_split: dict[str, dict[str, list[Path]]] = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        try:
+            columns = reader.fieldnames or []
+            missing = [c for c in ("path", "label") if c not in columns]
+            if missing:
+                raise DataError(
+                    f"{csv_path}: needs the columns path and label (and optionally "
+                    f"split); it has {shown(', '.join(columns) or 'none', 200)}"
+                )
+            for line, row in enumerate(reader, start=2):
+                file, label, split_name = _csv_row(row, f"{csv_path}:{line}", base)
+                if file.resolve() in first_line:
+                    raise DataError(
+                        f"{csv_path}:{line}: {shown(row['path'].strip())} is already listed "
+                        f"on line {first_line[file.resolve()]}; list each image once"
+                    )
+                first_line[file.resolve()] = line
+                by_split.setdefault(SPLIT_NAMES[split_name], {}).setdefault(label, []).append(file)
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{csv_path}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} after "
+                f"line {reader.line_num}); save the manifest as UTF-8 CSV"
+            ) from None
+        except csv.Error as e:
+            raise DataError(
+                f"{csv_path}:{reader.line_num + 1}: not a readable CSV row ({str(e)[:120]}); "
+                "a manifest is plain text, one `path,label` row per image"
+            ) from None
+    return by_split
 
 
 def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
     """A CSV manifest: `path,label` columns (an optional `split` column: train/val/test), paths
     relative to the CSV's folder and never outside it. Every row is checked; the first bad one
     is named by its line number."""
-    import csv
-
     csv_path = Path(path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such CSV manifest")
     check_val_fraction(val_fraction)
-    first_line: dict[Path, int] = {}
     base = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        missing = [c for c in ("path", "label") if c not in columns]
-        if missing:
-            raise DataError(
-                f"{csv_path}: needs the columns path and label (and optionally "
-                f"split); it has {', '.join(columns) or 'none'}"
-            )
-        by_split: dict[str, dict[str, list[Path]]] = {}
-        for line, row in enumerate(reader, start=2):
-            file, label, split_name = _csv_row(row, f"{csv_path}:{line}", base)
-            if file.resolve() in first_line:
-                raise DataError(
-                    f"{csv_path}:{line}: {row['path'].strip()} is already listed on line "
-                    f"{first_line[file.resolve()]}; list each image once"
-                )
-            first_line[file.resolve()] = line
-            split = SPLIT_NAMES[split_name]
-            by_split.setdefault(split, {}).setdefault(label, []).append(file)
+    by_split = _read_manifest(csv_path, base)
     train = by_split.get("train", {})
     if len(train) < 2:
         raise DataError(
             f"{csv_path}: the training rows have {len(train)} class(es) "
-            f"({', '.join(train) or 'none'}); a classifier needs at least two"
+            f"({shown(', '.join(train) or 'none', 200)}); a classifier needs at least two"
         )
     return _assemble(
         csv_path,

@@ -63,7 +63,16 @@ def _features(info: Any, spec: str) -> tuple[str, str, list[str]]:
     image = "image" if "image" in images else images[0]
     label = "label" if "label" in labels else labels[0]
     names = list(feats[label].names or [str(i) for i in range(feats[label].num_classes)])
-    return image, label, [safe_name(n) for n in names]
+    folders: dict[str, str] = {}
+    for n in names:  # a class is a folder: two names that make one folder would merge classes
+        if (folder := safe_name(n)) in folders:
+            raise DataError(
+                f"{spec}: classes {folders[folder]!r} and {n!r} both become the folder "
+                f"{folder!r}, which would merge them; tlkit cannot read this dataset's "
+                "labels as folders"
+            )
+        folders[folder] = n
+    return image, label, list(folders)
 
 
 def materialize(spec: str) -> Path:
@@ -155,10 +164,22 @@ def _write_split(
     with progress(total, f"writing {s}") as advance:
         for n, example in enumerate(tfds.as_numpy(ds), start=1):
             pixels = np.asarray(example[image_key])
-            cls = class_names[int(example[label_key])]
+            cls = _class_of(int(example[label_key]), class_names, spec, s, n)
             (folder / cls).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
                 folder / cls / f"{n - 1:07d}.png"
             )
             advance(1)
     return n
+
+
+def _class_of(label: int, class_names: list[str], spec: str, split: str, n: int) -> str:
+    """The folder of a label; -1 (tfds' "no label") or an id beyond the classes is refused,
+    never read as the last class from the end."""
+    if not 0 <= label < len(class_names):
+        what = "unlabelled (label -1)" if label == -1 else f"labelled {label}"
+        raise DataError(
+            f"{spec}: example {n} of split {split!r} is {what}, not one of the "
+            f"{len(class_names)} classes; train on a labelled split (e.g. tfds:NAME/train)"
+        )
+    return class_names[label]
