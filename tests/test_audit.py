@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import class_image, replace_keeping_size_and_mtime, write_folder
 from PIL import Image
+from test_decode import rational_strip_tiff
 
 from tlkit.cli import cli
 from tlkit.core.errors import DataError
-from tlkit.data.audit import AuditConfig, apply_policy, audit_folder
+from tlkit.data.audit import AuditConfig, apply_policy, audit_and_filter, audit_folder
 from tlkit.data.datasets import load_folder
 from tlkit.data.decode import decode_image
 
@@ -202,3 +203,21 @@ def test_memo_lives_in_the_user_cache(tmp_path):
     audit_folder(load_folder(root, 0.5))
     memos = list((Path(os.environ["XDG_CACHE_HOME"]) / "tlkit" / "audit").glob("*.json"))
     assert len(memos) == 1 and len(json.loads(memos[0].read_text())) == 6
+
+
+def test_a_file_pillow_raises_typeerror_on_is_counted_bad_and_skip_skips_it(tmp_path):
+    """A TIFF whose directory makes Pillow raise TypeError inside exif_transpose ended check-data
+    with a traceback, and --on-bad-image skip could not skip it."""
+    root = write_folder(tmp_path / "data", ["a", "b"], 6)
+    rational_strip_tiff(root / "a" / "odd.tif")
+    result = CliRunner().invoke(cli, ["check-data", str(root), "-o", "report.json"])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and "13 files, 12 ok, 1 bad" in result.output
+    assert "odd.tif: cannot decode image (TypeError: " in result.output
+    (bad,) = json.loads((tmp_path / "report.json").read_text())["bad"]
+    assert bad["path"] == "a/odd.tif" and bad["problem"].startswith("cannot decode image")
+    kept, _, skipped = audit_and_filter(
+        load_folder(root), AuditConfig(on_bad_image="skip"), None, 2
+    )
+    assert [s["path"] for s in skipped] == ["a/odd.tif"]
+    assert len([e for x in kept.splits.values() for e in x]) == 12

@@ -1,14 +1,24 @@
 from __future__ import annotations
 
 import io
+import struct
+import threading
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from click.testing import CliRunner
+from PIL import Image, PngImagePlugin
 
+from tlkit.cli import cli
 from tlkit.core.errors import DataError
-from tlkit.data.decode import decode_image
+from tlkit.data import decode
+from tlkit.data.augment import TrainTransform, resolve_augment
+from tlkit.data.decode import Need, decode_for, decode_image
+from tlkit.data.pipeline import load_train_image
 
 RGB = np.array([[[10, 200, 30], [40, 50, 60]], [[70, 80, 90], [250, 5, 128]]], dtype=np.uint8)
 
@@ -145,3 +155,181 @@ def test_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
     with pytest.raises(DataError, match=r"cut\.jpg: cannot decode image"):
         decode_image(path)
+
+
+def rational_strip_tiff(path: Path) -> Path:
+    """A turned TIFF whose StripOffsets entry is typed RATIONAL: loading it, inside
+    ImageOps.exif_transpose, Pillow raises TypeError ('IFDRational' object cannot be interpreted
+    as an integer), which check-data let through (issue 38, item 5)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(np.full((6, 8, 3), 7, np.uint8)).save(buf, "TIFF", exif=exif.tobytes())
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for at in range(ifd + 2, ifd + 2 + 12 * struct.unpack_from("<H", data, ifd)[0], 12):
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, at + 2, 5)  # RATIONAL
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_whatever_pillow_raises_on_a_file_is_one_line_naming_it(tmp_path):
+    path = rational_strip_tiff(tmp_path / "odd.tif")
+    with pytest.raises(DataError) as caught:
+        decode_for(path, None)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: cannot decode image (TypeError: ") and "\n" not in text
+    assert "IFDRational" in text and text.endswith("re-export or remove it")
+
+
+def test_tlkit_bugs_and_memory_errors_are_not_called_bad_images(tmp_path, monkeypatch):
+    """Only the image library's calls are guarded: a bug in tlkit's conversion keeps its
+    traceback, and running out of memory is not the file's fault."""
+    path = save(tmp_path / "a.png", Image.fromarray(RGB), "PNG")
+
+    def buggy(raw, kind, peak):
+        raise ZeroDivisionError("a bug in tlkit")
+
+    monkeypatch.setattr(decode, "_as_rgb", buggy)
+    with pytest.raises(ZeroDivisionError):
+        decode_image(path)
+    monkeypatch.undo()
+
+    def exhausted(im, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(decode.ImageOps, "exif_transpose", exhausted)
+    with pytest.raises(MemoryError):
+        decode_image(path)
+
+
+@pytest.mark.parametrize("recorded", ["0x0", "40000x1"])
+def test_a_users_png_claiming_a_full_size_is_the_image_it_is(tmp_path, recorded):
+    """The store's size field is honoured in a store's entries only: a user's PNG carrying
+    '0x0' passed check-data, then divided by zero in training; '40000x1' ended in a cv2 error."""
+    root = tmp_path / "data"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("tlkit-full-size", recorded)
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            image = Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8))
+            image.save(root / name / f"{i}.png", pnginfo=info)
+    path = root / "cat" / "0.png"
+    assert Image.open(path).info["tlkit-full-size"] == recorded
+    checked = CliRunner().invoke(cli, ["check-data", str(root)])
+    assert checked.exit_code == 0 and "6 files, 6 ok, 0 bad" in checked.output, checked.output
+    standard = TrainTransform(resolve_augment("standard"), 16, 0.875)
+    assert decode_for(path, standard.need).full == (40, 30)
+    for index in range(4):
+        assert load_train_image(str(path), standard, 0, 0, index).shape == (16, 16, 3)
+
+
+def test_a_turned_tiff_has_its_shown_size(tmp_path):
+    """Pillow's TIFF header already has the turned size; it used to be turned twice."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = save(tmp_path / "t.tif", Image.fromarray(np.zeros((30, 40, 3), np.uint8)), "TIFF")
+    Image.open(path).save(path, "TIFF", exif=exif.tobytes())
+    decoded = decode_for(path, Need(shorter=4))
+    assert decoded.image.shape == (40, 30, 3) and decoded.full == (30, 40)
+
+
+def deep(mode: str, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A 37x23 image of `mode` with values over its whole range, and a format that keeps it."""
+    shape = (23, 37)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, shape).astype(np.uint16)), "PNG"
+    if mode in ("I", "I small"):
+        top = 70000 if mode == "I" else 256
+        return Image.fromarray(rng.integers(-50, top, shape).astype(np.int32)), "TIFF"
+    if mode in ("F", "F unit"):
+        top = 300.0 if mode == "F" else 1.0
+        return Image.fromarray(rng.uniform(-0.1, top, shape).astype(np.float32)), "TIFF"
+    rgba = Image.fromarray(rng.integers(0, 256, (*shape, 4), np.uint8), "RGBA")
+    if mode == "P":
+        image = rgba.convert("RGB").convert("P")
+        image.info["transparency"] = 3
+        return image, "PNG"
+    return rgba.convert(mode), "TIFF" if mode == "CMYK" else "PNG"
+
+
+MODES = ("RGB", "L", "1", "LA", "RGBA", "P", "CMYK", "I;16", "I", "I small", "F", "F unit")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_converts_the_same_a_strip_at_a_time(tmp_path, monkeypatch, mode):
+    """Converted a row at a time (a partial last strip too) or whole: the same pixels, and for
+    deep greys, the values the old int64 / float64 formula gave."""
+    image, fmt = deep(mode, np.random.default_rng(1))
+    options = {"transparency": 3} if mode == "P" else {}
+    path = save(tmp_path / f"x.{fmt.lower()}", image, fmt, **options)
+    whole = decode_image(path)
+    monkeypatch.setattr(decode, "STRIP_PIXELS", 37 * 2)  # two rows a strip, 23 rows
+    np.testing.assert_array_equal(decode_image(path), whole)
+    stored = Image.open(path)
+    if stored.mode in ("I;16", "I", "F"):
+        values = np.asarray(stored, dtype=np.float64)
+        peak = {"I;16": 65535.0, "I": 65535.0 if values.max() > 255 else 255.0}.get(
+            stored.mode, 1.0 if values.max() <= 1 else 255.0
+        )
+        expected = np.clip(values * 255.0 / peak + 0.5, 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(whole[..., 1], expected)
+
+
+def test_a_16_bit_png_is_converted_at_8_bits(tmp_path):
+    """A 36 kB 16-bit 4000x4000 PNG made 386 MB of numpy temporaries through int64 and float64
+    (2.4 GB at the 100-megapixel limit); now 53 MB, 48 of them the result."""
+    deep16 = np.zeros((4000, 4000), np.uint16)
+    deep16[::7, ::5] = 40000
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep16).save(path)
+    tracemalloc.start()
+    try:
+        out = decode_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (4000, 4000, 3) and out[0, 0, 0] == 156 and out[1, 1, 2] == 0
+    assert peak < out.nbytes + 16e6, f"{peak / 1e6:.0f} MB"
+
+
+def test_threads_decode_within_the_pixel_budget_and_a_bigger_image_alone(tmp_path, monkeypatch):
+    """Decodes running at once hold at most the budget's pixels between them; an image above
+    the whole budget waits for the others, decodes alone, and does not deadlock."""
+    small = [save(tmp_path / f"s{i}.png", Image.new("RGB", (30, 20)), "PNG") for i in range(6)]
+    big = save(tmp_path / "big.png", Image.new("RGB", (50, 40)), "PNG")  # 2000 pixels
+    live, seen, lock = [0], [], threading.Lock()
+    convert = decode._rgb
+
+    def slow(im, library):  # what each decode holds while it converts, as it starts
+        pixels = im.size[0] * im.size[1]
+        with lock:
+            live[0] += pixels
+            seen.append((pixels, live[0]))
+        time.sleep(0.1)
+        try:
+            return convert(im, library)
+        finally:
+            with lock:
+                live[0] -= pixels
+
+    monkeypatch.setattr(decode, "_rgb", slow)
+
+    def run(budget: int) -> list[tuple[int, int]]:
+        monkeypatch.setattr(decode, "BUDGET", decode.PixelBudget(budget))
+        seen.clear()
+        pool = ThreadPoolExecutor(4)
+        try:
+            jobs = [pool.submit(decode_image, p) for p in [*small[:3], big, *small[3:]]]
+            assert all(job.result(timeout=30).shape[2] == 3 for job in jobs)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return list(seen)
+
+    assert max(held for _, held in run(10**9)) > 1000  # unbounded, the threads overlap
+    bounded = run(1000)
+    assert (2000, 2000) in bounded  # the big image, alone
+    assert all(held <= 1000 for pixels, held in bounded if pixels < 2000), bounded

@@ -12,22 +12,35 @@ lands close to full decode + one area resize, provided the reduced image keeps a
 REDUCED_MARGIN times the pixels per side the view needs: with a margin of 1, the 224 px eval view
 of a textured 4000x3000 photo decoded at 1/8 was 1.63 grey levels off on average; with 2, 0.89
 (tests/test_reduced_decode.py holds the limit of 1).
+
+Whatever the image library raises on a user's file makes it a bad file, named in one line (a
+malformed TIFF tag made Pillow raise TypeError; tests/test_decode_fuzz.py mutates thousands of
+files); only the library's calls are guarded, so tlkit's own bugs keep their tracebacks. Pixels
+are converted a strip at a time at 8 bits a channel, and the threads of a process decode at most
+DECODE_BUDGET_PIXELS at once, so a 16-bit 100-megapixel PNG per core cannot exhaust memory.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import io
 import math
 import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tlkit.core.choices import DEFAULT_MAX_PIXELS
-from tlkit.core.errors import DataError
+from tlkit.core.errors import DataError, shown
 
 # Formats a folder of training photos can hold; anything else is refused by name.
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO")
@@ -50,9 +63,21 @@ BACKGROUND = (255, 255, 255)
 # A reduced JPEG decode keeps at least this many times the pixels per side a view needs.
 REDUCED_MARGIN = 2
 REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at (1/8, 1/4, 1/2 of each side)
-# A PNG text field holding "WxH": the file is a resized copy of a WxH image (tlkit.data.store).
+# A PNG text field holding "WxH": the file is a resized copy of a WxH image (tlkit.data.store),
+# trusted only in a store's entries (`in_store`): STORE_DIR/<key>/ beside its STORE_RECORD.
 FULL_SIZE_KEY = "tlkit-full-size"
+STORE_DIR = "images"  # under the cache folder, beside the feature caches
+STORE_RECORD = "store.json"
 TURNING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+# Pixels converted to RGB at a time: bounds a conversion's temporaries (a few MB). Smaller strips
+# were also faster (a 4000x3000 JPEG: 19 ms at 2**18, 25 ms at 2**20, 65 ms in one piece).
+STRIP_PIXELS = 1 << 18
+# Pixels decoded at once by all of a process's threads together (PixelBudget). A decode holds
+# about 7 bytes a pixel at its peak (Pillow's image, the RGB result, a strip's temporaries), so
+# 16 workers on files at the 100-megapixel limit would need 11 GB; the budget keeps it near
+# 1.4 GB. A file above the budget is decoded alone.
+DECODE_BUDGET_PIXELS = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -131,53 +156,138 @@ def decode_protocol() -> dict[str, object]:
     }
 
 
-def _open_rgb(
-    source: io.BytesIO, path: Path, max_pixels: int | None, need: Need | None = None
-) -> tuple[np.ndarray, str, str, tuple[int, int], tuple[int, int]]:
-    """(RGB array, format, original mode, size as stored, size of the whole image as shown);
-    DataError names `path`. With a `need`, a JPEG may come out reduced (see Need.reduction)."""
+class _Opened(NamedTuple):
+    image: np.ndarray  # uint8 RGB (H, W, 3)
+    format: str
+    mode: str  # as stored in the file
+    size: tuple[int, int]  # as stored in the file's header
+    full: tuple[int, int]  # the whole image as shown (see Decoded)
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _library(path: Path, data: bytes) -> Iterator[None]:
+    """Around the image library's calls on a user's file: whatever it raises is the file's fault
+    (a malformed TIFF tag made Pillow raise TypeError, an offset OverflowError), so it becomes one
+    line naming the file. MemoryError is the machine's, not the file's. tlkit's own code runs
+    outside these blocks, so its bugs keep their tracebacks."""
     try:
-        with Image.open(source) as im:
-            if im.format not in FORMATS:
-                raise DataError(
-                    f"{path}: unsupported image format {im.format}; convert it to JPEG or "
-                    "PNG, or move it out of the dataset"
-                )
-            check_pixels(path, im.size, max_pixels)
-            fmt, mode, size = im.format, im.mode, im.size
-            full = _shown_size(im)
-            im.seek(0)  # first frame of a GIF / multi-page TIFF
-            if need is not None and fmt in ("JPEG", "MPO"):
-                k = need.reduction(*size)
-                if k > 1:  # Pillow picks scale min(side // requested) = k exactly
-                    im.draft(im.mode, (size[0] // k, size[1] // k))
-            ImageOps.exif_transpose(im, in_place=True)  # a copy otherwise: 36 MB at 12 MP
-            return to_rgb(im), fmt, mode, size, full
-    except DataError:
+        yield
+    except MemoryError:
         raise
     except UnidentifiedImageError:
         raise DataError(
-            f"{path}: not an image ({_sniff(source.getvalue())}); remove it or "
-            "move it out of the dataset"
+            f"{path}: not an image ({_sniff(data)}); remove it or move it out of the dataset"
         ) from None
     except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image ({e}); re-export or remove it") from None
+        raise DataError(
+            f"{path}: refused as a possible decompression bomb ({_one_line(e)})"
+        ) from None
+    except Exception as e:
+        raise DataError(
+            f"{path}: cannot decode image ({type(e).__name__}: {_one_line(e)}); re-export or "
+            "remove it"
+        ) from None
 
 
-def _shown_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) of the whole image as a viewer shows it: turned by its EXIF orientation,
-    or the original's size recorded in a resized copy (FULL_SIZE_KEY)."""
-    recorded = im.info.get(FULL_SIZE_KEY) if im.format == "PNG" else None
-    if isinstance(recorded, str):
-        width, _, height = recorded.partition("x")
-        if width.isdigit() and height.isdigit():
-            return int(width), int(height)
-    width, height = im.size
-    if im.getexif().get(0x0112) in TURNING_ORIENTATIONS:
-        return height, width
-    return width, height
+class PixelBudget:
+    """A semaphore counted in pixels, first come first served: threads decoding at once hold at
+    most `total` pixels between them; an image above the whole budget waits until it can be
+    decoded alone."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.in_use = 0
+        self._changed = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        want = min(max(pixels, 1), self.total)
+        ticket = object()
+        with self._changed:
+            self._queue.append(ticket)
+            try:
+                self._changed.wait_for(
+                    lambda: self._queue[0] is ticket and self.in_use + want <= self.total
+                )
+            finally:
+                self._queue.remove(ticket)
+                self._changed.notify_all()  # the next in line may fit as well
+            self.in_use += want
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= want
+                self._changed.notify_all()
+
+
+BUDGET = PixelBudget(DECODE_BUDGET_PIXELS)
+
+
+def _open_rgb(data: bytes, path: Path, max_pixels: int | None, need: Need | None = None) -> _Opened:
+    """Decode the bytes of `path`; DataError names it. With a `need`, a JPEG may come out
+    reduced (see Need.reduction)."""
+    with _library(path, data):
+        im = Image.open(io.BytesIO(data))
+    with im:
+        if im.format not in FORMATS:
+            raise DataError(
+                f"{path}: unsupported image format {im.format}; convert it to JPEG or "
+                "PNG, or move it out of the dataset"
+            )
+        check_pixels(path, im.size, max_pixels)
+        fmt, mode, size = im.format, im.mode, im.size
+        with _library(path, data):
+            turned = im.getexif().get(0x0112) in TURNING_ORIENTATIONS
+            recorded = im.info.get(FULL_SIZE_KEY) if fmt == "PNG" else None
+            im.seek(0)  # first frame of a GIF / multi-page TIFF
+        k = need.reduction(*size) if need is not None and fmt in ("JPEG", "MPO") else 1
+        if k > 1:  # Pillow picks scale min(side // requested) = k exactly
+            with _library(path, data):
+                im.draft(im.mode, (size[0] // k, size[1] // k))
+        with BUDGET.hold(im.size[0] * im.size[1]):
+            with _library(path, data):
+                ImageOps.exif_transpose(im, in_place=True)  # a copy otherwise: 36 MB at 12 MP
+            image = _rgb(im, lambda: _library(path, data))
+    # A reduced JPEG: its header's size, turned as shown (libjpeg rounds the reduced one up);
+    # anything else: what was decoded (a TIFF's header already has the turned size).
+    shown = (size[1], size[0]) if turned else size
+    full = shown if k > 1 else (image.shape[1], image.shape[0])
+    if recorded is not None and in_store(path):
+        full = _recorded_size(path, recorded, full)
+    return _Opened(image, fmt, mode, size, full)
+
+
+def in_store(path: Path) -> bool:
+    """Whether `path` is an entry of a resized-image store (tlkit.data.store): only there is the
+    FULL_SIZE_KEY field tlkit's. A user's PNG may carry it too (copied from a store, or made
+    up), and is decoded as the image it is."""
+    folder = path.parent
+    return folder.parent.name == STORE_DIR and (folder / STORE_RECORD).is_file()
+
+
+def _recorded_size(path: Path, recorded: object, stored: tuple[int, int]) -> tuple[int, int]:
+    """The whole image's size a store entry records, checked against the entry's own (a
+    downscale of the whole image: no bigger, the same shape within a pixel's rounding per
+    side); a store entry that fails is damaged, and said so."""
+    width, height = stored
+    text = recorded if isinstance(recorded, str) else ""
+    match = re.fullmatch(r"([0-9]{1,9})x([0-9]{1,9})", text)
+    if match:
+        fw, fh = int(match[1]), int(match[2])
+        if width <= fw and height <= fh and abs(width * fh - height * fw) <= fw + fh:
+            return fw, fh
+    raise DataError(
+        f"{path}: damaged resized-image store entry (it records the whole image as "
+        f"{shown(recorded, 40)}, for a {width}x{height} image); remove it, or the store with "
+        f"`tlkit cache rm {path.parent.name}`, and run again"
+    )
 
 
 def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -198,7 +308,7 @@ def decode_image(
     `max_pixels=None` skips tlkit's limit (for files check-data already passed).
     """
     path = Path(path)
-    return _open_rgb(io.BytesIO(_read(path)), path, max_pixels)[0]
+    return _open_rgb(_read(path), path, max_pixels).image
 
 
 def decode_for(
@@ -207,8 +317,8 @@ def decode_for(
     """Decode one file for a view that needs `need`: a JPEG at the largest reduction that keeps
     it; other formats, or `need=None`, in full."""
     path = Path(path)
-    image, _, _, _, full = _open_rgb(io.BytesIO(_read(path)), path, max_pixels, need)
-    return Decoded(image, full)
+    opened = _open_rgb(_read(path), path, max_pixels, need)
+    return Decoded(opened.image, opened.full)
 
 
 def _read(path: Path) -> bytes:
@@ -226,7 +336,7 @@ def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PI
     """Decode one file exactly as training will, and report what a data audit needs."""
     path = Path(path)
     data = _read(path)
-    _, fmt, mode, (width, height), _ = _open_rgb(io.BytesIO(data), path, max_pixels)
+    _, fmt, mode, (width, height), _ = _open_rgb(data, path, max_pixels)
     notes = []
     expected = EXTENSION_FORMATS.get(path.suffix.lower())
     if expected is None:
@@ -243,31 +353,61 @@ def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PI
     return ImageProbe(fmt, mode, width, height, hashlib.sha256(data).hexdigest(), tuple(notes))
 
 
-def to_rgb(im: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> uint8 RGB array."""
+def _rgb(im: Image.Image, library: Callable[[], ContextManager[None]]) -> np.ndarray:
+    """Any Pillow mode -> uint8 RGB (H, W, 3), STRIP_PIXELS at a time: nothing the size of the
+    image is made but the result (16-bit pixels through int64 and float64 cost 386 MB for a
+    4000x4000 PNG). `library()` guards the image library's calls."""
+    with library():
+        kind, peak = _kind(im)
+    width, height = im.size
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    if rows >= height:
+        with library():
+            raw = _raw(im, kind)
+        return _as_rgb(raw, kind, peak)
+    out = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, rows):
+        with library():
+            raw = _raw(im.crop((0, top, width, min(height, top + rows))), kind)
+        out[top : top + rows] = _as_rgb(raw, kind, peak)
+    return out
+
+
+def _kind(im: Image.Image) -> tuple[str, int | float]:
+    """How the mode becomes 8-bit RGB, and the value that becomes 255 for deep greys."""
     mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im, dtype=np.int64)
-        peak = 65535 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
-        gray = np.clip(arr * 255.0 / peak + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in SIXTEEN_BIT:
+        return "grey", 65535
+    if mode == "I":  # 32-bit integers: 16-bit data unless every value fits 8 bits
+        return "grey", 65535 if im.getextrema()[1] > 255 else 255
     if mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        gray = np.clip(arr * 255.0 / peak + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if mode == "P":
-        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
-        mode = im.mode
-    if mode in ("LA", "La", "PA", "RGBa"):
-        im = im.convert("RGBA")
-        mode = "RGBA"
-    if mode == "RGBA":
-        background = Image.new("RGBA", im.size, (*BACKGROUND, 255))
-        im = Image.alpha_composite(background, im)
-    if im.mode != "RGB":
-        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
-    arr = np.asarray(im, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"decoder produced shape {arr.shape} from mode {mode}")  # a bug
-    return arr
+        return "float", 1.0 if im.getextrema()[1] <= 1.0 else 255.0
+    if mode in ("LA", "La", "PA", "RGBa", "RGBA") or (mode == "P" and "transparency" in im.info):
+        return "alpha", 255
+    return "rgb", 255
+
+
+def _raw(strip: Image.Image, kind: str) -> np.ndarray:
+    """The image library's part: a strip as an array, colour already 8-bit RGB for 'alpha'
+    (composited over BACKGROUND) and 'rgb' (L, 1, CMYK, YCbCr, palettes...)."""
+    if kind in ("grey", "float"):
+        return np.asarray(strip)
+    if kind == "alpha":
+        rgba = strip if strip.mode == "RGBA" else strip.convert("RGBA")
+        background = Image.new("RGBA", strip.size, (*BACKGROUND, 255))
+        strip = Image.alpha_composite(background, rgba)
+    return np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"))
+
+
+def _as_rgb(raw: np.ndarray, kind: str, peak: int | float) -> np.ndarray:
+    """tlkit's part: deep greys to 0..255, rounded half up, then repeated into 3 channels."""
+    if kind == "grey":
+        wide = np.clip(raw, 0, peak).astype(np.uint32)  # 65535 / 257 = 255: no float needed
+        grey = (wide if peak == 255 else (wide + 128) // 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if kind == "float":
+        scaled = np.clip(raw.astype(np.float64) * 255.0 / peak + 0.5, 0, 255)
+        return np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=2)
+    if raw.ndim != 3 or raw.shape[2] != 3 or raw.dtype != np.uint8:
+        raise ValueError(f"decoder produced {raw.dtype} {raw.shape} for {kind}")  # a bug
+    return raw
