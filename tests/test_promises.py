@@ -431,11 +431,16 @@ def test_a_batch_size_of_zero_is_one_line(tiny_runs, run_copy, command):
 def test_a_damaged_manifest_or_identity_is_one_line(tmp_path):
     (tmp_path / "cache" / "abc").mkdir(parents=True)
     (tmp_path / "cache" / "abc" / "manifest.json").write_text("{ half")
-    result = invoke("cache", "ls")
-    assert result.exit_code == 6 and "manifest.json: not valid JSON" in one_line(result)
+    result = invoke("cache", "ls")  # listed as what it is, and left alone by `cache rm`
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    assert "not a tlkit cache: abc (not tlkit's: its manifest.json is not valid JSON)" in (
+        result.output
+    )
     from tlkit.core.errors import CacheError
     from tlkit.features.cache import open_cache
 
+    with pytest.raises(CacheError, match=r"manifest\.json: not valid JSON"):
+        open_cache(tmp_path / "cache", "abc")  # what finetune and precompute-features meet
     (tmp_path / "cache" / "abc" / "manifest.json").write_text('{"splits": 3}')
     with pytest.raises(CacheError, match="not a tlkit cache manifest"):
         open_cache(tmp_path / "cache", "abc")
@@ -523,6 +528,8 @@ def test_cache_rm_all_keeps_the_lock_a_running_build_holds(tmp_path):
 
     root = tmp_path / "cache"
     (root / "done").mkdir(parents=True)
+    manifest = {"schema": 1, "key": "done", "dtype": "float16", "inputs": {}, "splits": {}}
+    (root / "done" / "manifest.json").write_text(json.dumps(manifest))  # a cache, if empty
     with build_lock(root, "building"):
         remove_caches(root, None)
         assert (root / "building.lock").is_file()  # a third process must still wait on it

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from benchmarks.photos import textured_photo
 from tests.conftest import TINY, class_image
 from tlkit.cli import cli
+from tlkit.core.errors import DataError
+from tlkit.data import store
 from tlkit.data.audit import audit_folder
 from tlkit.data.augment import TrainTransform, eval_need, resolve_augment
 from tlkit.data.datasets import load_dataset
+from tlkit.data.decode import decode_for
 from tlkit.data.pipeline import load_eval_image, load_train_image
 from tlkit.data.store import store_folder, store_images
 
@@ -171,3 +177,63 @@ def test_a_store_that_cannot_be_written_is_one_clear_line(tmp_path, monkeypatch)
     assert line.startswith("Error: blocked/images/") and "cannot write the resized-image" in line
     assert "choose another --cache-dir" in line
     assert "Traceback" not in result.output and not list(Path("runs").glob("*"))
+
+
+def test_a_store_entry_is_trusted_only_as_a_plausible_downscale(tmp_path):
+    """A user's PNG claiming a full size is stored at its real size; a store entry whose
+    recorded size cannot be its original's is refused in one line, never divided by."""
+    root = jpeg_folder(tmp_path / "data", per_class=2)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("tlkit-full-size", "40000x1")
+    Image.fromarray(textured_photo(300, 200)).save(root / "cat" / "claims.png", pnginfo=info)
+    standard = TrainTransform(resolve_augment("standard"), 32, 0.875)
+    examples, entries = stored(root, tmp_path / "cache", standard.need)
+    i = next(i for i, e in enumerate(examples) if e.path.endswith("claims.png"))
+    entry = Path(entries[i].path)
+    assert Image.open(entry).info["tlkit-full-size"] == "300x200"
+    assert decode_for(entry, standard.need).full == (300, 200)  # honoured in the store
+    pixels = Image.open(entry)
+    for recorded in ("0x0", "40000x1", "300x100", "junk"):
+        damaged = PngImagePlugin.PngInfo()
+        damaged.add_text("tlkit-full-size", recorded)
+        pixels.save(entry, pnginfo=damaged)
+        with pytest.raises(DataError, match=r"damaged resized-image store entry") as caught:
+            load_train_image(str(entry), standard, 0, 0, 0)
+        assert str(caught.value).startswith(f"{entry}: ") and "\n" not in str(caught.value)
+
+
+def test_ctrl_c_while_storing_returns_at_once_and_keeps_the_finished_entries(tmp_path, monkeypatch):
+    """Ctrl-C during the build waited for every submitted image (40 of 40 decoded, 10 s); now
+    the images not started are cancelled, the running ones finish, and every entry is whole."""
+    root = jpeg_folder(tmp_path / "data", per_class=20, size=(64, 48))
+    need = eval_need(32, 0.875)
+    folder = audit_folder(load_dataset(root)).folder
+    examples = [e for split in folder.splits.values() for e in split]
+    main, lock = threading.main_thread().ident, threading.Lock()
+    started, done, interrupted = [], [], []
+    real = store._store_one
+
+    def slow(source, entry, need, max_pixels):
+        with lock:
+            started.append(source)
+            if len(started) == 5:  # Ctrl-C, as the terminal sends it
+                interrupted.append(time.monotonic())
+                signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.25)
+        real(source, entry, need, max_pixels)
+        done.append(entry)
+
+    monkeypatch.setattr(store, "_store_one", slow)
+    with pytest.raises(KeyboardInterrupt):
+        store_images(examples, folder.digests, need, tmp_path / "cache", None, workers=2)
+    returned = time.monotonic() - interrupted[0]
+    assert returned < 1.0, f"{returned:.1f} s after Ctrl-C"
+    assert len(started) < 10 and len(done) == len(started), (started, done)  # none left running
+    entries = sorted(store_folder(tmp_path / "cache", need).iterdir())
+    assert sorted(p.name for p in entries if p.suffix == ".png") == sorted(p.name for p in done)
+    assert {p.suffix for p in entries} == {".png", ".json"}  # no temporary left
+    for entry in done:
+        assert Image.open(entry).size[1] == 37  # whole, at the eval scale
+    monkeypatch.setattr(store, "_store_one", real)
+    _, stored_all = stored(root, tmp_path / "cache", need)
+    assert len({e.path for e in stored_all}) == 40  # and the next run makes the rest

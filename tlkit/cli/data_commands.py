@@ -252,7 +252,7 @@ def cache() -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
 def cache_ls(cache_dir: str | None) -> None:
     """List caches: key, backbone, freeze, views, size, last use; and resized-image stores."""
-    from tlkit.features.cache import cache_root, list_caches, list_unfinished
+    from tlkit.features.cache import cache_root, list_caches, list_foreign, list_unfinished
 
     root = cache_root(cache_dir)
     click.echo(f"{'key':<22}{'backbone':<22}{'freeze':>7}{'views':>6}{'MB':>10}  last used")
@@ -262,11 +262,17 @@ def cache_ls(cache_dir: str | None) -> None:
             f"{r['size_mb']:>10.1f}  {r['last_used']}"
         )
     for r in list_unfinished(root):
+        then = (
+            "`tlkit cache rm` leaves it alone while it runs"
+            if r["live"]
+            else f"the same precompute-features resumes it; `tlkit cache rm {r['key']}` removes it"
+        )
         click.echo(
             f"unfinished: {r['folder']} ({r['kind']}, {r['size_mb']:.1f} MB, last written "
-            f"{r['last_written']}): the same precompute-features resumes it; "
-            f"`tlkit cache rm {r['key']}` removes it"
+            f"{r['last_written']}): {then}"
         )
+    for f in list_foreign(root):
+        click.echo(f"not a tlkit cache: {f.name} ({f.why}); `tlkit cache rm` leaves it alone")
     from tlkit.data.store import list_stores
 
     for r in list_stores(root):
@@ -283,16 +289,18 @@ def cache_ls(cache_dir: str | None) -> None:
 def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
     """Remove cache or resized-image store KEY, or all with --all."""
     from tlkit.core.errors import ConfigError
-    from tlkit.data.store import remove_store
     from tlkit.features.cache import cache_root, remove_caches
 
     if bool(key) == all_:
         raise ConfigError("give one cache KEY or --all")
-    if key and remove_store(cache_root(cache_dir), key):
-        click.echo(f"removed resized-image store {key}")
-        return
-    for name in remove_caches(cache_root(cache_dir), None if all_ else key):
+    root = cache_root(cache_dir)
+    result = remove_caches(root, None if all_ else key)
+    for name in result.removed:
         click.echo(f"removed {name}")
+    for name, why in result.left:
+        click.echo(f"left alone: {name} ({why})")
+    if not result.removed and not result.left:
+        click.echo(f"{root}: nothing to remove")
 
 
 @cache.command("merge")

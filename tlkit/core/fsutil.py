@@ -7,11 +7,14 @@ what lets a user kill a run at any moment without losing what was already on dis
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,11 +85,79 @@ RECORDS = {
     "cache part": "part.json",
 }
 RESUMABLE = ("run", "cache", "cache part")  # interrupted ones are listed, never cleaned
+FILE, FOLDER = "file", "folder"
+# what tlkit writes in a finished artifact of each kind that --overwrite may replace: a name is
+# a FILE, a FOLDER a library fills for tlkit (TensorBoard's events, a SavedModel), a folder of
+# only the entries named (a dict), or a folder of earlier artifacts of the kind named (a run's
+# evaluations). Anything else in the folder is the user's, so the folder is never replaced.
+CONTENTS: dict[str, dict[str, Any]] = {
+    "run": {
+        "run.json": FILE,
+        "model.keras": FILE,
+        "history.csv": FILE,
+        "training_curves.png": FILE,
+        "data_report.json": FILE,
+        "search.csv": FILE,
+        "checkpoints": dict.fromkeys(
+            ("incoming.h5", "last.h5", "previous.h5", "best.h5", "identity.json"), FILE
+        ),
+        "tensorboard": FOLDER,
+        "eval": "evaluation",
+        "diagnose": "diagnose",
+        "export": "export",
+    },
+    "export": {
+        "export.json": FILE,
+        "labels.txt": FILE,
+        "model.keras": FILE,
+        "model.tflite": FILE,
+        "model.onnx": FILE,
+        "saved_model": FOLDER,
+    },
+    "evaluation": dict.fromkeys(
+        (
+            "metrics.json",
+            "predictions.csv",
+            "confusion_matrix.png",
+            "reliability_diagram.png",
+            "report.html",
+        ),
+        FILE,
+    ),
+    "diagnose": dict.fromkeys(("diagnose.json", "relabel.csv", "report.html"), FILE),
+}
+# the fields each kind's writer always puts in its record: what tells tlkit's record from any
+# file of that name (a run's are RunRecord's required fields; a test holds the two together)
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "run": (
+        "schema",
+        "backbone",
+        "weights",
+        "freeze",
+        "input_size",
+        "preprocessing",
+        "crop_fraction",
+        "classes",
+        "config",
+        "data",
+    ),
+    "export": ("format", "model", "labels", "input", "output"),
+    "evaluation": ("images", "top1", "per_class", "confusion_matrix"),
+    "diagnose": ("schema", "run", "images", "folds"),
+    "cache": ("schema", "key", "dtype", "inputs", "splits"),
+    "cache part": ("schema", "key", "index", "count", "pieces", "splits"),
+}
+RECORD_BYTES = 1 << 28  # no record tlkit writes comes near; a bigger file is not one
+TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp(.*)")  # atomic_path's: .<stem>.<id>.tmp<suffix>
 _HELD: dict[str, int] = {}  # folder -> descriptor of its locked writer file, while we write it
 
 
 class FolderBusy(Exception):
     """Another live process holds the folder's writer lock."""
+
+
+class NotTlkit(Exception):
+    """A path that does not prove to be what tlkit wrote; the message says why, in words."""
 
 
 def incomplete_dir(final: str | os.PathLike, kind: str, clean: bool = False) -> Path:
@@ -140,10 +211,49 @@ def discard(folder: str | os.PathLike) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def writer_kind(folder: Path) -> str | None:
-    """The kind recorded in an incomplete folder; None for one without a readable marker."""
+def read_regular(path: str | os.PathLike, limit: int = RECORD_BYTES) -> bytes:
+    """The bytes of the regular file `path`, never read through a symlink (OSError ELOOP) nor
+    from a pipe or device (OSError EINVAL), and never more than `limit` of them."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        kind = json.loads((folder / WRITER).read_text()).get("kind")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise OSError(errno.EINVAL, "not a regular file of a record's size", str(path))
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def load_record(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+    """The record at `path` of an artifact of `kind`, taken as tlkit's only when it is a regular
+    file (a symlink is not) holding a JSON object with every field that kind's writer puts
+    there; NotTlkit says why not. A file's name proves nothing."""
+    name = Path(path).name
+    try:
+        data = json.loads(read_regular(path))
+    except FileNotFoundError:
+        raise NotTlkit(f"holds no {name}") from None
+    except OSError as e:
+        what = "a symlink" if e.errno == errno.ELOOP else "not a readable file"
+        raise NotTlkit(f"its {name} is {what}") from None
+    except ValueError:  # UnicodeDecodeError among them
+        raise NotTlkit(f"its {name} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise NotTlkit(f"its {name} is not a tlkit {kind} record (a JSON {type(data).__name__})")
+    missing = [f for f in RECORD_FIELDS[kind] if f not in data]
+    if missing:
+        raise NotTlkit(f"its {name} is not a tlkit {kind} record (no {missing[0]!r})")
+    return data
+
+
+def writer_kind(folder: Path) -> str | None:
+    """The kind recorded in an incomplete folder; None for one without a readable marker (a
+    symlinked one is not read)."""
+    try:
+        kind = json.loads(read_regular(Path(folder) / WRITER, 4096)).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
     return kind if isinstance(kind, str) else None
@@ -153,9 +263,10 @@ def is_live(folder: Path) -> bool:
     """Whether a process (this one included) holds `folder`'s writer lock right now."""
     if str(folder) in _HELD:
         return True
-    if not (folder / WRITER).is_file():
+    writer = Path(folder) / WRITER
+    if writer.is_symlink() or not writer.is_file():
         return False
-    with hold_lock(folder / WRITER, wait=False) as held:
+    with hold_lock(writer, wait=False) as held:
         return not held
 
 
@@ -217,17 +328,86 @@ def tlkit_output(path: Path) -> str | None:
     return None
 
 
-def _holds(path: Path) -> str:
-    """What stands at `path`, in words, for the message that refuses to replace it."""
-    if path.is_symlink() or not path.is_dir():
-        return "is a file" if path.is_file() else "is not a folder"
-    for kind, record in RECORDS.items():
-        if record and (path / record).is_file():
-            return f"holds a tlkit {kind} ({record})"
-    entries = sorted(p.name for p in path.iterdir())
-    if not entries:
-        return "is an empty folder not made by tlkit"
-    return f"holds {len(entries)} entries not made by tlkit (e.g. {entries[0]})"
+def artifact_problem(path: str | os.PathLike, kind: str) -> str | None:
+    """Why the folder `path` is not a finished artifact of `kind` that tlkit wrote, in words;
+    None when it is one: every entry is one tlkit writes there (`CONTENTS`), none a symlink,
+    and its record is that kind's. Entries are checked first: they are what a user would lose."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    if stat.S_ISLNK(mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(mode):
+        return "is a file" if stat.S_ISREG(mode) else "is not a folder"
+    if kind not in CONTENTS:
+        return f"is not a kind of folder --overwrite replaces ({kind})"
+    try:
+        foreign = _foreign(path, CONTENTS[kind])
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if foreign:
+        n = len(foreign)
+        return f"holds {n} {'entry' if n == 1 else 'entries'} not made by tlkit (e.g. {foreign[0]})"
+    try:
+        load_record(path / RECORDS[kind], kind)
+    except NotTlkit as e:
+        return str(e)
+    return None
+
+
+def _foreign(folder: Path, allowed: dict[str, Any]) -> list[str]:
+    """The entries of `folder` that tlkit does not write there, inner ones as `a/b`."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        misfit = _misfit(folder / name, _spec(name, allowed))
+        if misfit is not None:
+            out.append(misfit)
+    return out
+
+
+def _spec(name: str, allowed: dict[str, Any]) -> Any:
+    """What `allowed` says an entry called `name` is: its writer file and the temporaries
+    atomic_path leaves when killed (`.<stem>.<id>.tmp<suffix>`) count as files."""
+    temporary = TEMPORARY.fullmatch(name)
+    if name == WRITER or (temporary and allowed.get(temporary[1] + temporary[2]) == FILE):
+        return FILE
+    return allowed.get(name)
+
+
+def _misfit(entry: Path, spec: Any) -> str | None:
+    """`entry`'s name (or an inner entry's, `a/b`) when it is not what `spec` says; None when
+    it is. Nothing is followed through a symlink."""
+    try:
+        mode = os.lstat(entry).st_mode
+    except FileNotFoundError:
+        return None  # gone while we looked: nothing of the user's to lose there
+    if stat.S_ISLNK(mode):
+        return f"{entry.name} (a symlink)"
+    if spec == FILE:
+        return None if stat.S_ISREG(mode) else entry.name
+    if spec is None or not stat.S_ISDIR(mode):
+        return entry.name
+    if isinstance(spec, dict):
+        inner = _foreign(entry, spec)
+        return f"{entry.name}/{inner[0]}" if inner else None
+    if spec == FOLDER:
+        return None
+    for child in sorted(os.listdir(entry)):  # earlier artifacts of kind `spec`, or being built
+        p = entry / child
+        building = is_incomplete(child) and p.is_dir() and not p.is_symlink()
+        if not (building and writer_kind(p) == spec) and artifact_problem(p, spec) is not None:
+            return f"{entry.name}/{child}"
+    return None
+
+
+def _holds(path: Path, kind: str) -> str:
+    """What stands at `path` instead of an earlier `kind`, in words, for the refusal."""
+    for other in CONTENTS:
+        if other != kind and artifact_problem(path, other) is None:
+            return f"holds a tlkit {other} ({RECORDS[other]})"
+    return artifact_problem(path, kind) or f"holds a tlkit {kind}"
 
 
 def refuse_overwrite(
@@ -238,8 +418,9 @@ def refuse_overwrite(
     inputs: tuple[str | os.PathLike, ...] = (),
 ) -> None:
     """The one check before writing a user-visible output: `path` is replaced only when asked,
-    and only when it is an earlier artifact of the same `kind` (recognised by its record file)
-    that holds none of the `inputs`; never the data, a run under an export, or anything else."""
+    and only when it proves to be an earlier artifact of the same `kind` (`artifact_problem`:
+    its record parses as that kind's, it holds nothing tlkit does not write, no symlink) that
+    holds none of the `inputs`; never the data, a run under an export, or anything else."""
     path = Path(path)
     here = path.resolve()
     for given in inputs:
@@ -253,12 +434,9 @@ def refuse_overwrite(
         return
     if not overwrite:
         raise OutputExistsError(f"{path}: already exists; {hint}")
-    record = RECORDS.get(kind) if kind is not None else None
-    if kind is not None and not (
-        record and path.is_dir() and not path.is_symlink() and (path / record).is_file()
-    ):
+    if kind is not None and artifact_problem(path, kind) is not None:
         raise OutputExistsError(
-            f"{path}: {_holds(path)}, not an earlier {kind}; --overwrite "
+            f"{path}: {_holds(path, kind)}, not an earlier {kind}; --overwrite "
             f"replaces only a tlkit {kind}: choose another folder"
         )
 

@@ -14,8 +14,10 @@ from full decode (tests/test_store.py; benchmarks/photos.py `store_parity_*`).
 Entries are named by the sha256 of the file's bytes under a folder named by the hash of what
 makes the pixels (the views' needs, the decode protocol, the pixel libraries), so a replaced
 file or a new library is decoded again and an entry can never be stale; each is written to a
-temporary name and renamed, so it is never half-written. The original image's size travels in
-the PNG (`FULL_SIZE_KEY`), so crops drawn in its coordinates land on the same content.
+temporary name and renamed, so it is never half-written; Ctrl-C cancels the images not started
+and keeps the finished entries. The original image's size travels in the PNG (`FULL_SIZE_KEY`),
+so crops drawn in its coordinates land on the same content; the decoder trusts it only in a
+store's entries, and only as a plausible downscale of the entry (`decode.in_store`).
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ from tlkit.core.fsutil import atomic_path, atomic_write_json, folder_bytes
 from tlkit.core.progress import progress
 from tlkit.data.augment import pixel_libraries, resize_shorter
 from tlkit.data.datasets import Example
-from tlkit.data.decode import FULL_SIZE_KEY, REDUCED_MARGIN, Need, decode_for, decode_protocol
+from tlkit.data.decode import (
+    FULL_SIZE_KEY,
+    REDUCED_MARGIN,
+    STORE_DIR,
+    STORE_RECORD,
+    Need,
+    decode_for,
+    decode_protocol,
+)
 
 log = logging.getLogger("tlkit")
 
 SCHEMA = 1
-STORE_DIR = "images"  # under the cache folder, beside the feature caches
 PNG_LEVEL = 1  # zlib's fastest: stored once, decoded every epoch
 
 
@@ -104,19 +113,32 @@ def store_images(
         )
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(folder / "store.json", store_inputs(need))
+            atomic_write_json(folder / STORE_RECORD, store_inputs(need))
         except OSError as e:
             raise _unwritable(folder, e) from None
-        with (
-            ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
-            progress(len(todo), "storing resized images") as advance,
-        ):
-            jobs = [pool.submit(_store_one, s, d, need, max_pixels) for d, s in todo.items()]
+        _store_all(todo, need, max_pixels, workers)
+        say("resized-image store: %.1f MB in %s", folder_bytes(folder) / 1e6, folder)
+    return [dataclasses.replace(e, path=str(entries[e.path])) for e in examples]
+
+
+def _store_all(
+    todo: dict[Path, str], need: Need, max_pixels: int | None, workers: int | None
+) -> None:
+    """Decode `todo` (entry -> source) in parallel. On Ctrl-C or a failed entry the images not
+    started are cancelled, as in the data check: control returns once the running ones have
+    written their entry (each whole), and the finished entries stay for the next run."""
+    with (
+        ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
+        progress(len(todo), "storing resized images") as advance,
+    ):
+        jobs = [pool.submit(_store_one, s, d, need, max_pixels) for d, s in todo.items()]
+        try:
             for job in jobs:
                 job.result()
                 advance(1)
-        say("resized-image store: %.1f MB in %s", folder_bytes(folder) / 1e6, folder)
-    return [dataclasses.replace(e, path=str(entries[e.path])) for e in examples]
+        finally:
+            for job in jobs:
+                job.cancel()  # a no-op for those done or running
 
 
 def _store_one(source: str, entry: Path, need: Need, max_pixels: int | None) -> None:
@@ -144,7 +166,7 @@ def _unwritable(folder: Path, e: OSError) -> CacheError:
 def list_stores(cache_root: Path) -> list[dict[str, object]]:
     """The resized-image stores under a cache folder, for `tlkit cache ls`."""
     rows = []
-    for record in sorted((cache_root / STORE_DIR).glob("*/store.json")):
+    for record in sorted((cache_root / STORE_DIR).glob(f"*/{STORE_RECORD}")):
         folder = record.parent
         need = json.loads(record.read_text()).get("need", {})
         rows.append(
@@ -158,10 +180,36 @@ def list_stores(cache_root: Path) -> list[dict[str, object]]:
     return rows
 
 
-def remove_store(cache_root: Path, key: str) -> bool:
-    """Remove store `key`; False if there is none."""
+def remove_store(cache_root: Path, key: str) -> str | None:
+    """Remove store `key` when it proves to be one tlkit wrote: a real folder (not a symlink)
+    whose record (store.json) hashes to its name, as `store_folder` names it, holding only stored
+    images. None when removed; else why it is left alone, in words."""
+    import re
+    import stat
+
+    from tlkit.core.fsutil import TEMPORARY, read_regular
+
     folder = cache_root / STORE_DIR / key
-    if not (folder / "store.json").is_file():
-        return False
-    shutil.rmtree(folder)
-    return True
+    try:
+        mode = os.lstat(folder).st_mode
+        if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+            return "a symlink: never followed" if stat.S_ISLNK(mode) else "a file, not a store"
+        blob = json.dumps(
+            json.loads(read_regular(folder / STORE_RECORD)), sort_keys=True, separators=(",", ":")
+        )
+        if hashlib.sha256(blob.encode()).hexdigest()[:20] != key:
+            return f"not tlkit's: its {STORE_RECORD} is not the record of this store"
+        entry = re.compile(rf"[0-9a-f]{{64}}\.png|{re.escape(STORE_RECORD)}")
+        for name in sorted(os.listdir(folder)):
+            temporary = TEMPORARY.fullmatch(name)
+            made = entry.fullmatch(temporary[1] + temporary[2] if temporary else name)
+            if not made or not stat.S_ISREG(os.lstat(folder / name).st_mode):
+                return f"holds {name}, which a store never holds"
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        return f"not tlkit's: holds no {STORE_RECORD}"
+    except ValueError:
+        return f"not tlkit's: its {STORE_RECORD} is not valid JSON"
+    except OSError as e:
+        return f"cannot be read or removed: {e.strerror or e}"
+    return None

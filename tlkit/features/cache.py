@@ -18,12 +18,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ import numpy as np
 from tlkit.core.choices import CACHE_DTYPES, check
 from tlkit.core.errors import CacheError
 from tlkit.core.fsutil import (
+    TEMPORARY,
+    WRITER,
+    FolderBusy,
+    NotTlkit,
     atomic_path,
     atomic_write_json,
     claim,
@@ -43,8 +49,12 @@ from tlkit.core.fsutil import (
     incomplete_dir,
     is_incomplete,
     is_inside,
+    is_live,
+    load_record,
     publish_dir,
     read_json_record,
+    release,
+    writer_kind,
 )
 from tlkit.data.datasets import Example
 
@@ -212,7 +222,10 @@ def open_cache(root: Path, key: str) -> FeatureCache | None:
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return None
-    fix = f"remove the cache with `tlkit cache rm {key}` and build it again"
+    fix = (
+        f"`tlkit cache rm` removes only a folder its manifest proves tlkit's: move {path} "
+        "out of the cache folder and build the cache again"
+    )
     info = read_json_record(manifest, CacheError, fix)
     try:
         return FeatureCache(path, info)
@@ -384,33 +397,64 @@ def build_cache(
         previous = find_incomplete(root / key)  # resumed: its finished shards are kept
         work = previous[-1] if previous else incomplete_dir(root / key, "cache")
         claim(work, "cache")  # under the build lock, so no live process holds it
-        progress_file = work / "progress.json"
-        finished = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-        layout = _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype)
-        shards: dict[str, list[dict[str, Any]]] = {}
-        for split, files in layout.items():
-            k, examples = views[split], splits[split]
-            shards[split] = []
-            for name, start, stop in files:
-                record = finished.get(name)
-                if not _intact(work / name, record):
-                    batches = [
-                        (b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)
-                    ]
-                    out = _compute_batches(
-                        predict, make_rows, split, k, examples, batches, shape, dtype, progress
-                    )
-                    with atomic_path(work / name) as tmp:
-                        np.save(tmp, out, allow_pickle=False)
-                    record = _record(work / name, rows=stop - start)
-                    finished[name] = record
-                    atomic_write_json(progress_file, finished)
-                elif progress is not None:
-                    progress((stop - start) * k)
-                shards[split].append(record)
-        progress_file.unlink()
-        labels, paths = _labels_and_paths(splits)
-        return _publish(work, root, key, inputs, dtype, shape, views, labels, paths, shards)
+        with _released_if_failed(work):
+            layout = _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype)
+            shards = _compute_shards(
+                work, layout, splits, views, make_rows, predict, shape, dtype, batch_size, progress
+            )
+            labels, paths = _labels_and_paths(splits)
+            return _publish(work, root, key, inputs, dtype, shape, views, labels, paths, shards)
+
+
+@contextmanager
+def _released_if_failed(work: Path) -> Iterator[None]:
+    """A build that stops (an error, Ctrl-C in a notebook) drops its writer lock as a dying
+    process would, so `cache ls` and `cache rm` see it interrupted, not running; a finished
+    one is released by `publish_dir`."""
+    try:
+        yield
+    except BaseException:
+        release(work)
+        raise
+
+
+def _compute_shards(
+    work: Path,
+    layout: dict[str, list[tuple[str, int, int]]],
+    splits: dict[str, Sequence[Example]],
+    views: dict[str, int],
+    make_rows: Any,
+    predict: Any,
+    shape: Sequence[int],
+    dtype: str,
+    batch_size: int,
+    progress: Any,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every shard file of `layout` in `work`, those an interrupted build finished kept (each
+    recorded with its checksum in progress.json as it is done); their records, per split."""
+    progress_file = work / "progress.json"
+    finished = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    shards: dict[str, list[dict[str, Any]]] = {}
+    for split, files in layout.items():
+        k, examples = views[split], splits[split]
+        shards[split] = []
+        for name, start, stop in files:
+            record = finished.get(name)
+            if not _intact(work / name, record):
+                batches = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+                out = _compute_batches(
+                    predict, make_rows, split, k, examples, batches, shape, dtype, progress
+                )
+                with atomic_path(work / name) as tmp:
+                    np.save(tmp, out, allow_pickle=False)
+                record = _record(work / name, rows=stop - start)
+                finished[name] = record
+                atomic_write_json(progress_file, finished)
+            elif progress is not None:
+                progress((stop - start) * k)
+            shards[split].append(record)
+    progress_file.unlink()
+    return shards
 
 
 PART_FILE = "part.json"
@@ -436,7 +480,10 @@ def build_part(
     predict: Any = None,
 ) -> Path:
     """Compute shard `index` of `count`: a contiguous run of the cache's batches, published
-    whole as `<key>.part-<index>-of-<count>/` for `merge_parts`. A finished part is kept."""
+    whole as `<key>.part-<index>-of-<count>/` for `merge_parts`. A finished part is kept.
+    Parts of one key are built side by side, so none takes the key's build lock: each holds
+    the writer lock of its `.incomplete-` folder from its creation to its publication, and
+    `cache rm` leaves a folder whose writer lock a live process holds alone."""
     predict = predict or trunk.predict_on_batch
     shape = tuple(int(d) for d in trunk.output.shape[1:])
     final = part_path(root, key, index, count)
@@ -448,6 +495,45 @@ def build_part(
     mine = units[index * len(units) // count : (index + 1) * len(units) // count]
     root.mkdir(parents=True, exist_ok=True)
     work = incomplete_dir(final, "cache part")
+    with _released_if_failed(work):
+        pieces = _compute_pieces(
+            work, mine, splits, views, make_rows, predict, shape, dtype, progress
+        )
+        labels, paths = _labels_and_paths(splits)
+        record = {
+            "schema": SCHEMA,
+            "key": key,
+            "index": index,
+            "count": count,
+            "dtype": dtype,
+            "shape": list(shape),
+            "inputs": inputs,
+            "pieces": pieces,
+            "splits": {
+                s: {"views": views[s], "labels": labels[s], "paths": paths[s]} for s in splits
+            },
+        }
+        atomic_write_json(work / PART_FILE, record)
+    try:
+        publish_dir(work, final)
+    except OSError:  # the same part finished elsewhere first: keep that one
+        discard(work)
+    return final
+
+
+def _compute_pieces(
+    work: Path,
+    mine: list[tuple[str, str, int, int]],
+    splits: dict[str, Sequence[Example]],
+    views: dict[str, int],
+    make_rows: Any,
+    predict: Any,
+    shape: Sequence[int],
+    dtype: str,
+    progress: Any,
+) -> list[dict[str, Any]]:
+    """A part's batches in `work`, one piece file per run of consecutive batches of one shard
+    file; their records."""
     pieces: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for split, name, start, stop in mine:  # consecutive batches of one shard file: one piece
@@ -461,24 +547,7 @@ def build_part(
         with atomic_path(path) as tmp:
             np.save(tmp, out, allow_pickle=False)
         pieces.append(_record(path, split=split, shard=name, start=first, stop=end))
-    labels, paths = _labels_and_paths(splits)
-    record = {
-        "schema": SCHEMA,
-        "key": key,
-        "index": index,
-        "count": count,
-        "dtype": dtype,
-        "shape": list(shape),
-        "inputs": inputs,
-        "pieces": pieces,
-        "splits": {s: {"views": views[s], "labels": labels[s], "paths": paths[s]} for s in splits},
-    }
-    atomic_write_json(work / PART_FILE, record)
-    try:
-        publish_dir(work, final)
-    except OSError:  # the same part finished elsewhere first: keep that one
-        discard(work)
-    return final
+    return pieces
 
 
 def read_parts(root: Path, key: str) -> tuple[int, dict[int, dict[str, Any]]]:
@@ -603,26 +672,133 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
         return cache
 
 
-def list_caches(root: Path) -> list[dict[str, Any]]:
-    rows = []
-    for manifest in sorted(root.glob("*/manifest.json")):
-        path = manifest.parent
-        if is_incomplete(path):
+# the files a cache, a build or a shard part holds: shards, labels, paths, its records
+CACHE_ENTRY = re.compile(
+    r"(train|val|test)-(\d{5,}(\.rows-\d+-\d+)?\.npy|labels\.npy|paths\.json)"
+    r"|manifest\.json|part\.json|progress\.json"
+)
+BEING_BUILT = "being built by a live process"
+
+
+@dataclass(frozen=True)
+class Found:
+    """An entry of the cache root and what it proves to be: `kind` is "cache", "interrupted
+    build" or "shard part", or None for anything not tlkit's, with `why` in words."""
+
+    name: str
+    kind: str | None
+    why: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name.split(".", 1)[0]
+
+
+def survey(root: Path) -> list[Found]:
+    """Every entry of the cache root but the store folder and the lock files, each with what
+    it proves to be. Nothing is taken from a name alone and no symlink is followed."""
+    from tlkit.data.store import STORE_DIR
+
+    found = []
+    for name in sorted(os.listdir(root)) if root.is_dir() else []:
+        path = root / name
+        real_dir = path.is_dir() and not path.is_symlink()
+        if (name == STORE_DIR and real_dir) or _lock_file(path):
             continue
-        info = read_json_record(
-            manifest, CacheError, f"remove it with `tlkit cache rm {path.name}`"
+        found.append(_classify(path))
+    return found
+
+
+def _lock_file(path: Path) -> bool:
+    """A build lock tlkit made: `<key>.lock`, an empty regular file (never written to)."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        return path.suffix == ".lock" and stat.S_ISREG(st.st_mode) and st.st_size == 0
+    return False
+
+
+def _classify(path: Path) -> Found:
+    """What the entry `path` proves to be, by the record tlkit wrote in it: a manifest whose key
+    is the folder's name, a part record naming the part, or the writer file of a cache build;
+    and it holds only files a cache holds."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return Found(path.name, None, "gone while we looked")
+    if stat.S_ISLNK(mode):
+        return Found(path.name, None, "a symlink: never followed")
+    if not stat.S_ISDIR(mode):
+        return Found(path.name, None, "a file, not a cache folder")
+    try:
+        kind = _proven_kind(path)
+        foreign = [n for n in sorted(os.listdir(path)) if not _cache_file(path / n)]
+    except NotTlkit as e:
+        return Found(path.name, None, f"not tlkit's: {e}")
+    except OSError as e:
+        return Found(path.name, None, f"cannot be read: {e.strerror or e}")
+    if foreign:
+        n = len(foreign)
+        return Found(
+            path.name,
+            None,
+            f"holds {n} {'entry' if n == 1 else 'entries'} a cache never holds (e.g. {foreign[0]})",
         )
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        last = max(f.stat().st_atime for f in path.iterdir())
-        inputs = info["inputs"]
+    return Found(path.name, kind)
+
+
+def _proven_kind(path: Path) -> str:
+    """The kind `path` proves to be by its record; NotTlkit says why it proves none."""
+    name = path.name
+    if is_incomplete(name):
+        if writer_kind(path) not in ("cache", "cache part"):
+            raise NotTlkit("no writer file of a cache build in it")
+        return "interrupted build"
+    if ".part-" in name:
+        info = load_record(path / PART_FILE, "cache part")
+        if name != part_path(path.parent, info["key"], info["index"], info["count"]).name:
+            raise NotTlkit(f"its {PART_FILE} is the record of another part")
+        return "shard part"
+    info = load_record(path / "manifest.json", "cache")
+    if info["key"] != name:
+        raise NotTlkit(f"its manifest.json is the record of key {str(info['key'])[:40]!r}")
+    return "cache"
+
+
+def _cache_file(path: Path) -> bool:
+    """A regular file a cache, a build or a part holds (or atomic_path's temporary of one)."""
+    name, temporary = path.name, TEMPORARY.fullmatch(path.name)
+    named = (
+        name == WRITER
+        or CACHE_ENTRY.fullmatch(name) is not None
+        or (temporary is not None and CACHE_ENTRY.fullmatch(temporary[1] + temporary[2]))
+    )
+    return bool(named) and stat.S_ISREG(os.lstat(path).st_mode)
+
+
+def list_caches(root: Path) -> list[dict[str, Any]]:
+    """The finished caches under `root`, for `cache ls`: only folders that prove to be one."""
+    rows = []
+    for found in survey(root):
+        if found.kind != "cache":
+            continue
+        path = root / found.name
+        try:
+            inputs = load_record(path / "manifest.json", "cache")["inputs"]
+        except NotTlkit:
+            continue  # changed since the survey
+        inputs = inputs if isinstance(inputs, dict) else {}
+        cut, views = inputs.get("cut"), inputs.get("views")
+        files = [f.stat() for f in path.iterdir()]
         rows.append(
             {
                 "key": path.name,
-                "backbone": inputs["backbone"],
-                "freeze": inputs["cut"]["k"],
-                "views": inputs["views"]["train"],
-                "size_mb": round(size / 1e6, 1),
-                "last_used": datetime.fromtimestamp(last).strftime("%Y-%m-%d %H:%M"),
+                "backbone": str(inputs.get("backbone", "?")),
+                "freeze": cut.get("k", "?") if isinstance(cut, dict) else "?",
+                "views": views.get("train", "?") if isinstance(views, dict) else "?",
+                "size_mb": round(sum(f.st_size for f in files) / 1e6, 1),
+                "last_used": datetime.fromtimestamp(max(f.st_atime for f in files)).strftime(
+                    "%Y-%m-%d %H:%M"
+                ),
             }
         )
     return rows
@@ -630,23 +806,31 @@ def list_caches(root: Path) -> list[dict[str, Any]]:
 
 def list_unfinished(root: Path) -> list[dict[str, Any]]:
     """Interrupted builds and unmerged shard parts: kept, since they resume, but listed by
-    `cache ls` so they do not pile up unseen."""
+    `cache ls` so they do not pile up unseen; one a live process is writing says so."""
     rows = []
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if path.is_dir() and (is_incomplete(path) or ".part-" in path.name):
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            rows.append(
-                {
-                    "folder": path.name,
-                    "key": path.name.split(".", 1)[0],
-                    "size_mb": round(size / 1e6, 1),
-                    "kind": "interrupted build" if is_incomplete(path) else "shard part",
-                    "last_written": datetime.fromtimestamp(path.stat().st_mtime).strftime(
-                        "%Y-%m-%d %H:%M"
-                    ),
-                }
-            )
+    for found in survey(root):
+        if found.kind not in ("interrupted build", "shard part"):
+            continue
+        path = root / found.name
+        live = found.kind == "interrupted build" and is_live(path)
+        rows.append(
+            {
+                "folder": found.name,
+                "key": found.key,
+                "size_mb": round(sum(f.stat().st_size for f in path.iterdir()) / 1e6, 1),
+                "kind": BEING_BUILT if live else found.kind,
+                "live": live,
+                "last_written": datetime.fromtimestamp(path.stat().st_mtime).strftime(
+                    "%Y-%m-%d %H:%M"
+                ),
+            }
+        )
     return rows
+
+
+def list_foreign(root: Path) -> list[Found]:
+    """What `cache rm` leaves alone under `root` because it is not tlkit's, with why."""
+    return [f for f in survey(root) if f.kind is None]
 
 
 def touch(cache: FeatureCache) -> None:
@@ -655,23 +839,95 @@ def touch(cache: FeatureCache) -> None:
     os.utime(cache.path / "manifest.json", (now, os.stat(cache.path / "manifest.json").st_mtime))
 
 
-def remove_caches(root: Path, key: str | None) -> list[str]:
-    """Remove one cache (or all, key None) with any incomplete build or shard of it."""
-    targets = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
-    if key is not None:
-        targets = [p for p in targets if p.name.split(".", 1)[0] == key]
-        if not targets:
+@dataclass
+class Removal:
+    """What `cache rm` removed, and what it left alone with why (names under the root)."""
+
+    removed: list[str] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+
+
+def remove_caches(root: Path, key: str | None) -> Removal:
+    """Remove one cache (or all, key None) with its interrupted builds and shard parts, and the
+    resized-image store of that key: only what proves to be tlkit's (`survey`) and no live
+    process is writing. The rest is left alone and named with why; a KEY of which nothing is
+    removed is an error line."""
+    found = [f for f in survey(root) if key is None or f.key == key]
+    out = Removal(left=[(f.name, f.why) for f in found if f.kind is None])
+    for k in sorted({f.key for f in found if f.kind is not None}):
+        _remove_key(root, k, [f for f in found if f.kind is not None and f.key == k], out)
+    _remove_stores(root, key, out)
+    for lock in [root / f"{key}.lock"] if key is not None else sorted(root.glob("*.lock")):
+        if _lock_file(lock):
+            with hold_lock(lock, wait=False) as held:
+                if held:  # one a running build holds stays: a third process must wait on it
+                    lock.unlink()
+    if key is not None and not out.removed:
+        if not out.left:
             raise CacheError(f"{root / key}: no such cache; `tlkit cache ls` lists them")
-    removed = []
-    for p in targets:
-        with build_lock(root, p.name.split(".", 1)[0], wait=False):
-            shutil.rmtree(p)
-        removed.append(p.name)
-    for lock in root.glob("*.lock") if key is None else []:
-        with hold_lock(lock, wait=False) as held:
-            if held:  # one a running build holds stays
-                lock.unlink()
-    return removed
+        name, why = out.left[0]
+        more = f" (and {len(out.left) - 1} more)" if len(out.left) > 1 else ""
+        raise CacheError(f"{root / key}: nothing removed: {name} is left alone, {why}{more}")
+    return out
+
+
+def _remove_key(root: Path, key: str, found: list[Found], out: Removal) -> None:
+    """Remove `found`, the folders of `key`, under its build lock: a build or merge running
+    holds it, and then all of them stay."""
+    try:
+        with hold_lock(root / f"{key}.lock", wait=False) as held:
+            for f in found:
+                why = _remove_one(root / f.name) if held else BEING_BUILT
+                if why:
+                    out.left.append((f.name, why))
+                else:
+                    out.removed.append(f.name)
+    except OSError as e:  # the lock file cannot be made or opened
+        out.left += [(f.name, f"its lock cannot be taken: {e.strerror or e}") for f in found]
+
+
+def _remove_one(path: Path) -> str | None:
+    """Remove the folder `path`; why not, in words, when a live process is writing it (its
+    writer lock, held by us while we remove; a part just published keeps it until its writer
+    file is gone) or it cannot be removed."""
+    claimed = False
+    try:
+        if os.path.lexists(path / WRITER):
+            if is_live(path):  # this process's own builds too
+                return BEING_BUILT
+            claim(path)
+            claimed = True
+        shutil.rmtree(path)
+    except FolderBusy:
+        return BEING_BUILT
+    except OSError as e:
+        return f"cannot be removed: {e.strerror or e}"
+    finally:
+        if claimed:
+            release(path)
+    return None
+
+
+def _remove_stores(root: Path, key: str | None, out: Removal) -> None:
+    """The resized-image stores: one KEY, or every one and then their folder if left empty."""
+    from tlkit.data.store import STORE_DIR, remove_store
+
+    base = root / STORE_DIR
+    if base.is_symlink() or not base.is_dir():
+        return  # `survey` names a symlink or a file there
+    plain = key is not None and Path(key).name == key and key not in (".", "..")
+    names = sorted(os.listdir(base)) if key is None else [key] if plain else []
+    for name in names:
+        if os.path.lexists(base / name):
+            why = remove_store(root, name)
+            label = f"{STORE_DIR}/{name}"
+            if why:
+                out.left.append((label, why))
+            else:
+                out.removed.append(label)
+    if key is None:
+        with contextlib.suppress(OSError):
+            base.rmdir()  # only when empty
 
 
 def cache_dataset(

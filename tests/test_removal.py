@@ -1,0 +1,322 @@
+"""What `cache rm` and `--overwrite` may remove: only what proves to be tlkit's (a record that
+parses as its kind's, naming the folder), nothing a live process is writing, nothing through a
+symlink, and never a folder that holds the user's files (issue 38)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY, write_folder
+
+from tlkit.cli import cli
+from tlkit.core.errors import OutputExistsError
+from tlkit.core.fsutil import refuse_overwrite
+from tlkit.data.datasets import Example
+from tlkit.features.cache import build_cache, key_of
+
+FAST = ["--backbone", TINY, "--weights", "none", "--input-size", "32", "--batch-size", "8"]
+FAST += ["--head-epochs", "1", "--epochs", "0", "--freeze", "all", "--no-cache"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    assert "Traceback" not in result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+    return line
+
+
+def digest(root: Path) -> str:
+    """Every entry under `root`, links as links (never followed), files with their bytes."""
+    h = hashlib.sha256()
+    for top, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            p = Path(top, name)
+            h.update(str(p.relative_to(root)).encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def examples(n: int) -> list[Example]:
+    return [Example(f"/x/{i}.png", f"ab/{i}.png", i % 2, "ab"[i % 2]) for i in range(n)]
+
+
+def real_cache(root: Path, tag: str):
+    """A cache the real builder publishes; the trunk's numbers are made up (no model needed)."""
+    inputs = {"test": tag}
+    trunk = SimpleNamespace(output=SimpleNamespace(shape=(None, 2)))
+    return build_cache(
+        root,
+        key_of(inputs),
+        inputs,
+        trunk,
+        {"train": examples(4)},
+        {"train": 1},
+        lambda split, view, start, e: np.zeros((len(e), 1), np.uint8),
+        "float16",
+        2,
+        predict=lambda x: np.ones((len(x), 2)),
+    )
+
+
+def real_store(root: Path, data: Path) -> Path:
+    from tlkit.data.audit import audit_folder
+    from tlkit.data.augment import eval_need
+    from tlkit.data.datasets import load_dataset
+    from tlkit.data.store import store_folder, store_images
+
+    folder = audit_folder(load_dataset(data)).folder
+    every = [e for split in folder.splits.values() for e in split]
+    need = eval_need(32, 0.875)
+    store_images(every, folder.digests, need, root, None, workers=1, announce=False)
+    return store_folder(root, need)
+
+
+# 1. `cache rm` removes only what proves to be tlkit's
+
+
+def test_cache_rm_all_removes_only_what_proves_to_be_tlkits(tmp_path):
+    root = tmp_path / "C"
+    cache = real_cache(root, "a")
+    store = real_store(root, write_folder(tmp_path / "data", ["a", "b"], 2))
+    (root / "thesis").mkdir()
+    (root / "thesis" / "main.tex").write_text("years of work")
+    (root / "photos" / "cat").mkdir(parents=True)
+    (root / "photos" / "cat" / "1.jpg").write_bytes(b"a photo")
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "sub" / "keep.txt").write_text("keep")
+    (root / "linked").symlink_to(mine, target_is_directory=True)
+    shutil.copytree(cache.path, root / f"{cache.key}-backup")  # a manifest of another key
+    (root / "fake").mkdir()
+    (root / "fake" / "manifest.json").write_text("not even json")
+    stuffed = real_cache(root, "b").path
+    (stuffed / "notes.txt").write_text("mine")  # a real cache the user put a file in
+    odd_store = root / "images" / ("0" * 20)
+    odd_store.mkdir()
+    (odd_store / "store.json").write_text("{}")  # its record does not name this folder
+    kept = {p.name: digest(p) for p in [root / "thesis", root / "photos", mine, stuffed]}
+
+    result = invoke("cache", "rm", "--all", "--cache-dir", str(root))
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert not cache.path.exists() and not store.exists()
+    assert f"removed {cache.key}" in result.output
+    assert f"removed images/{store.name}" in result.output
+    for name, why in [
+        ("thesis", "not tlkit's: holds no manifest.json"),
+        ("photos", "not tlkit's: holds no manifest.json"),
+        ("linked", "a symlink: never followed"),
+        (f"{cache.key}-backup", f"is the record of key '{cache.key}'"),
+        ("fake", "its manifest.json is not valid JSON"),
+        (stuffed.name, "a cache never holds (e.g. notes.txt)"),
+        (f"images/{odd_store.name}", "store.json is not the record of this store"),
+    ]:
+        line = next(x for x in result.output.splitlines() if x.startswith(f"left alone: {name} ("))
+        assert why in line, line
+    assert {p.name: digest(p) for p in [root / "thesis", root / "photos", mine, stuffed]} == kept
+    assert (root / "linked").is_symlink()
+    listing = invoke("cache", "ls", "--cache-dir", str(root))
+    assert "not a tlkit cache: thesis (not tlkit's: holds no manifest.json)" in listing.output
+
+
+def test_cache_rm_key_leaves_a_users_folder_named_after_the_key(tmp_path):
+    root = tmp_path / "cache"
+    cache = real_cache(root, "a")
+    backup = root / f"{cache.key}.backup"  # `rm KEY` took every `KEY.*`
+    shutil.copytree(cache.path, backup)
+    (backup / "why.txt").write_text("the cache of my thesis' figures")
+    before = digest(backup)
+    result = invoke("cache", "rm", cache.key, "--cache-dir", str(root))
+    assert result.exit_code == 0, result.output
+    assert f"removed {cache.key}\n" in result.output and not cache.path.exists()
+    assert f"left alone: {backup.name} (not tlkit's: its manifest.json is the record of key" in (
+        result.output
+    )
+    assert digest(backup) == before
+    again = invoke("cache", "rm", cache.key, "--cache-dir", str(root))
+    assert again.exit_code == 6  # nothing removable under that key: one error line
+    assert f"{backup.name} is left alone" in error_line(again)
+
+
+# 2. a folder a live process is writing is never removed
+
+BUILDER = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import numpy as np
+from tlkit.data.datasets import Example
+from tlkit.features.cache import build_part
+
+root, key, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+
+def predict(x):
+    print("BUILDING", flush=True)
+    while not go.exists():
+        time.sleep(0.02)
+    return np.ones((len(x), 2))
+
+ex = [Example(f"/x/{i}.png", f"ab/{i}.png", i % 2, "ab"[i % 2]) for i in range(4)]
+trunk = SimpleNamespace(output=SimpleNamespace(shape=(None, 2)))
+rows = lambda split, view, start, e: np.zeros((len(e), 1), np.uint8)
+part = build_part(root, key, {}, trunk, {"train": ex}, {"train": 1}, rows, "float16", 2, 0, 2,
+                  predict=predict)
+print("DONE", part.name, flush=True)
+"""
+
+
+def test_cache_rm_never_removes_a_shard_another_process_is_building(tmp_path):
+    root, key, go = tmp_path / "cache", "a" * 20, tmp_path / "go"
+    builder = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(root), key, str(go)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert builder.stdout.readline().strip() == "BUILDING", builder.stderr.read()[-2000:]
+        (building,) = root.glob(f"{key}.part-0-of-2.incomplete-*")
+        result = invoke("cache", "rm", key, "--cache-dir", str(root))
+        assert result.exit_code == 6 and building.is_dir()
+        assert f"{building.name} is left alone, being built by a live process" in error_line(result)
+        every = invoke("cache", "rm", "--all", "--cache-dir", str(root))
+        assert every.exit_code == 0 and building.is_dir()
+        assert f"left alone: {building.name} (being built by a live process)" in every.output
+        listing = invoke("cache", "ls", "--cache-dir", str(root)).output
+        assert f"unfinished: {building.name} (being built by a live process" in listing
+        assert "`tlkit cache rm` leaves it alone while it runs" in listing
+    finally:
+        go.touch()
+        out, err = builder.communicate(timeout=120)
+    assert builder.returncode == 0 and out.split()[-1] == f"{key}.part-0-of-2", err[-2000:]
+    done = invoke("cache", "rm", key, "--cache-dir", str(root))  # finished: it may go now
+    assert done.exit_code == 0 and f"removed {key}.part-0-of-2" in done.output
+    assert not list(root.iterdir())
+
+
+def test_cache_rm_leaves_a_key_another_process_builds_and_goes_on(tmp_path):
+    """A running build holds its key's lock: its folders stay, the others go, no traceback."""
+    root = tmp_path / "cache"
+    busy, idle = real_cache(root, "busy"), real_cache(root, "idle")
+    code = (
+        "import sys, time; from pathlib import Path; from tlkit.features.cache import build_lock\n"
+        "with build_lock(Path(sys.argv[1]), sys.argv[2]):\n"
+        "    print('HELD', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(root), busy.key],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "HELD"
+        result = invoke("cache", "rm", "--all", "--cache-dir", str(root))
+    finally:
+        holder.communicate("", timeout=60)
+    assert result.exit_code == 0, result.output
+    assert f"left alone: {busy.key} (being built by a live process)" in result.output
+    assert busy.path.is_dir() and not idle.path.exists()
+
+
+# 3. --overwrite replaces only a record that parses as its kind's, beside nothing of the user's
+
+
+def test_overwrite_refuses_a_fake_record_beside_the_users_files(tmp_path):
+    data = write_folder(tmp_path / "data", ["a", "b"], 6)
+    out = tmp_path / "out"
+    (out / "photos").mkdir(parents=True)
+    (out / "photos" / "cat.jpg").write_bytes(b"a photo")
+    (out / "run.json").write_text("not even json")
+    (out / "thesis.tex").write_text("years of work")
+    before = digest(out)
+    result = invoke("finetune", str(data), "-o", str(out), "--overwrite", *FAST)
+    assert result.exit_code == 7
+    assert "holds 2 entries not made by tlkit (e.g. photos), not an earlier run" in error_line(
+        result
+    )
+    assert digest(out) == before
+    only = tmp_path / "only"
+    only.mkdir()
+    for text, why in [
+        ("not even json", "its run.json is not valid JSON"),
+        ('{"schema": 1}', "its run.json is not a tlkit run record (no 'backbone')"),
+        ("[1, 2]", "its run.json is not a tlkit run record (a JSON list)"),
+    ]:
+        (only / "run.json").write_text(text)
+        result = invoke("finetune", str(data), "-o", str(only), "--overwrite", *FAST)
+        assert result.exit_code == 7 and f"{why}, not an earlier run" in error_line(result)
+        assert (only / "run.json").read_text() == text
+
+
+def test_overwrite_refuses_a_symlinked_record_or_folder(tmp_path):
+    system = tmp_path / "etc" / "metrics.json"  # what a link may point at: not tlkit's to touch
+    system.parent.mkdir()
+    record = {"images": 9, "top1": 1.0, "per_class": {}, "confusion_matrix": [], "calibration": {}}
+    system.write_text(json.dumps(record))  # every field an evaluation's record has
+    linked = tmp_path / "eval" / "linked"
+    linked.mkdir(parents=True)
+    (linked / "metrics.json").symlink_to(system)
+    with pytest.raises(OutputExistsError, match=r"e\.g\. metrics\.json \(a symlink\)"):
+        refuse_overwrite(linked, True, "", kind="evaluation")
+    real = tmp_path / "eval" / "real"
+    real.mkdir()
+    shutil.copyfile(system, real / "metrics.json")
+    refuse_overwrite(real, True, "", kind="evaluation")  # the same record, not linked: replaced
+    (tmp_path / "eval" / "alias").symlink_to(real, target_is_directory=True)
+    with pytest.raises(OutputExistsError, match="alias: is a symlink, not an earlier"):
+        refuse_overwrite(tmp_path / "eval" / "alias", True, "", kind="evaluation")
+    (real / "export.json").write_text(json.dumps({"format": "keras"}))
+    with pytest.raises(OutputExistsError, match=r"e\.g\. export\.json\), not an earlier"):
+        refuse_overwrite(real, True, "", kind="evaluation")  # a file an evaluation never holds
+    assert system.read_text() and (linked / "metrics.json").is_symlink()
+
+
+def test_a_run_evaluated_diagnosed_and_exported_is_still_replaced(tiny_runs, tmp_path):
+    """What tlkit writes into a run later (eval/, diagnose/, export/, a killed write's
+    temporary) keeps it replaceable; one file of the user's among them does not."""
+    data, runs = tiny_runs
+    run = Path(shutil.copytree(runs[0], tmp_path / "runs" / "r"))
+    for args in (["eval", str(run)], ["diagnose", str(run)], ["export", str(run)]):
+        assert invoke(*args).exit_code == 0
+    (run / "checkpoints" / ".last.0123456789ab.tmp.h5").write_bytes(b"killed mid-write")
+    (evaluation,) = (run / "eval").iterdir()
+    (evaluation / "notes.txt").write_text("mine")
+    args = ["finetune", str(data), "-o", str(run), "--overwrite", *FAST]
+    refused = invoke(*args)
+    assert refused.exit_code == 7
+    assert f"(e.g. eval/{evaluation.name}), not an earlier run" in error_line(refused)
+    (evaluation / "notes.txt").unlink()
+    replaced = invoke(*args)
+    assert replaced.exit_code == 0, replaced.output
+    assert not (run / "eval").exists() and (run / "run.json").is_file()
+
+
+def test_a_run_record_proves_itself_by_what_run_record_requires():
+    """fsutil (below core/runs.py) keeps its own list of a run record's fields; it must be
+    what RunRecord requires, or a genuine run would be refused (or a stranger taken)."""
+    from tlkit.core.fsutil import RECORD_FIELDS
+    from tlkit.core.runs import RunRecord
+
+    required = {
+        f.name
+        for f in dataclasses.fields(RunRecord)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    assert set(RECORD_FIELDS["run"]) == required | {"schema"}
