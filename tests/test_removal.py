@@ -303,6 +303,9 @@ def test_a_run_evaluated_diagnosed_and_exported_is_still_replaced(tiny_runs, tmp
     assert refused.exit_code == 7
     assert f"(e.g. eval/{evaluation.name}), not an earlier run" in error_line(refused)
     (evaluation / "notes.txt").unlink()
+    for browsed in (run, run / "eval", evaluation):  # a desktop's files are not the user's work
+        (browsed / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (run / "Thumbs.db").write_bytes(b"\xd0\xcf")
     replaced = invoke(*args)
     assert replaced.exit_code == 0, replaced.output
     assert not (run / "eval").exists() and (run / "run.json").is_file()
@@ -320,3 +323,37 @@ def test_a_run_record_proves_itself_by_what_run_record_requires():
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
     assert set(RECORD_FIELDS["run"]) == required | {"schema"}
+
+
+USER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from test_removal import real_store
+real_store(Path(sys.argv[1]), Path(sys.argv[2]))
+print("USING", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_cache_rm_leaves_a_store_a_live_run_uses(tmp_path):
+    """A process that builds or reads a resized-image store holds it until it ends: a run
+    training from the store never has its images removed under it."""
+    root, data = tmp_path / "cache", write_folder(tmp_path / "data", ["a", "b"], 2)
+    user = subprocess.Popen(
+        [sys.executable, "-c", USER, str(root), str(data), str(Path(__file__).parent)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert user.stdout.readline().strip() == "USING", user.stderr.read()[-2000:]
+        (store,) = (root / "images").iterdir()
+        result = invoke("cache", "rm", "--all", "--cache-dir", str(root))
+        assert result.exit_code == 0 and store.is_dir(), result.output
+        assert f"left alone: images/{store.name} (in use by a live process" in result.output
+    finally:
+        user.communicate("", timeout=60)
+    assert invoke("cache", "rm", "--all", "--cache-dir", str(root)).exit_code == 0
+    assert not store.exists()  # the process ended: its lock went with it

@@ -147,6 +147,9 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "cache": ("schema", "key", "dtype", "inputs", "splits"),
     "cache part": ("schema", "key", "index", "count", "pieces", "splits"),
 }
+# files a desktop drops into a folder a person browses (lower case); never data, never a reason
+# to refuse --overwrite
+OS_FILES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", ".directory"}
 RECORD_BYTES = 1 << 28  # no record tlkit writes comes near; a bigger file is not one
 TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp(.*)")  # atomic_path's: .<stem>.<id>.tmp<suffix>
 _HELD: dict[str, int] = {}  # folder -> descriptor of its locked writer file, while we write it
@@ -368,10 +371,13 @@ def _foreign(folder: Path, allowed: dict[str, Any]) -> list[str]:
 
 
 def _spec(name: str, allowed: dict[str, Any]) -> Any:
-    """What `allowed` says an entry called `name` is: its writer file and the temporaries
-    atomic_path leaves when killed (`.<stem>.<id>.tmp<suffix>`) count as files."""
+    """What `allowed` says an entry called `name` is: its writer file, the temporaries
+    atomic_path leaves when killed (`.<stem>.<id>.tmp<suffix>`) and a desktop's files
+    (`.DS_Store`) count as files."""
     temporary = TEMPORARY.fullmatch(name)
     if name == WRITER or (temporary and allowed.get(temporary[1] + temporary[2]) == FILE):
+        return FILE
+    if name.lower() in OS_FILES:
         return FILE
     return allowed.get(name)
 
@@ -396,6 +402,8 @@ def _misfit(entry: Path, spec: Any) -> str | None:
         return None
     for child in sorted(os.listdir(entry)):  # earlier artifacts of kind `spec`, or being built
         p = entry / child
+        if child.lower() in OS_FILES and stat.S_ISREG(os.lstat(p).st_mode):
+            continue
         building = is_incomplete(child) and p.is_dir() and not p.is_symlink()
         if not (building and writer_kind(p) == spec) and artifact_problem(p, spec) is not None:
             return f"{entry.name}/{child}"

@@ -18,10 +18,7 @@ from natsort import natsorted
 
 from tlkit.core.choices import SPLIT_NAMES
 from tlkit.core.errors import ConfigError, DataError, shown
-from tlkit.core.fsutil import tlkit_output
-
-# Files operating systems drop into folders; never data.
-JUNK_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
+from tlkit.core.fsutil import OS_FILES, tlkit_output
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ def _list_class_files(class_dir: Path, root: Path, ignored: list[str]) -> list[P
         ignored.extend(str(Path(dirpath, d).relative_to(root)) for d in dirnames if d not in keep)
         dirnames[:] = keep
         for name in sorted(filenames):
-            if not _visible(name) or name.lower() in JUNK_FILES:
+            if not _visible(name) or name.lower() in OS_FILES:
                 ignored.append(str(Path(dirpath, name).relative_to(root)))
                 continue
             files.append(Path(dirpath, name))

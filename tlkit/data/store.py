@@ -23,6 +23,7 @@ store's entries, and only as a plausible downscale of the entry (`decode.in_stor
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -55,6 +56,10 @@ log = logging.getLogger("tlkit")
 
 SCHEMA = 1
 PNG_LEVEL = 1  # zlib's fastest: stored once, decoded every epoch
+# in a store: a shared flock held by each process that writes or reads the store, until it
+# exits; `cache rm` removes a store only when it can lock it exclusively
+USERS = ".tlkit-users"
+_USING: dict[str, int] = {}  # store folder -> descriptor of its locked USERS file
 
 
 def store_inputs(need: Need) -> dict[str, object]:
@@ -100,6 +105,8 @@ def store_images(
     yet (in parallel). `digests`: each file's sha256, from the data check. `announce`: log
     what is decoded and the store's size."""
     folder = store_folder(cache_root, need)
+    if folder.is_dir():
+        _use(folder)  # training reads it for the rest of the run: never removed under it
     present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     entries = {e.path: folder / f"{digests[e.path]}.png" for e in examples}
     todo = {entries[e.path]: e.path for e in examples if entries[e.path].name not in present}
@@ -113,12 +120,41 @@ def store_images(
         )
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            _use(folder)
             atomic_write_json(folder / STORE_RECORD, store_inputs(need))
         except OSError as e:
             raise _unwritable(folder, e) from None
         _store_all(todo, need, max_pixels, workers)
         say("resized-image store: %.1f MB in %s", folder_bytes(folder) / 1e6, folder)
     return [dataclasses.replace(e, path=str(entries[e.path])) for e in examples]
+
+
+def _use(folder: Path) -> None:
+    """Hold a shared lock on the store for the rest of this process (the OS drops it when the
+    process ends): many processes may use a store at once, and `cache rm` waits for none."""
+    if str(folder) in _USING:
+        return
+    fd = os.open(folder / USERS, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _USING[str(folder)] = fd
+
+
+def _lock_out(folder: Path) -> int | None:
+    """An exclusive lock on the store's users file, so that nobody starts using the store while
+    it is removed (a process that wants it waits in `_use`); None when another live process
+    uses it, -1 when no process ever did."""
+    if (mine := _USING.pop(str(folder), None)) is not None:
+        os.close(mine)  # this process asked for the removal itself
+    try:
+        fd = os.open(folder / USERS, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _store_all(
@@ -199,13 +235,20 @@ def remove_store(cache_root: Path, key: str) -> str | None:
         )
         if hashlib.sha256(blob.encode()).hexdigest()[:20] != key:
             return f"not tlkit's: its {STORE_RECORD} is not the record of this store"
-        entry = re.compile(rf"[0-9a-f]{{64}}\.png|{re.escape(STORE_RECORD)}")
+        entry = re.compile(rf"[0-9a-f]{{64}}\.png|{re.escape(STORE_RECORD)}|{re.escape(USERS)}")
         for name in sorted(os.listdir(folder)):
             temporary = TEMPORARY.fullmatch(name)
             made = entry.fullmatch(temporary[1] + temporary[2] if temporary else name)
             if not made or not stat.S_ISREG(os.lstat(folder / name).st_mode):
                 return f"holds {name}, which a store never holds"
-        shutil.rmtree(folder)
+        lock = _lock_out(folder)
+        if lock is None:
+            return "in use by a live process (a run training from it); try when it has ended"
+        try:
+            shutil.rmtree(folder)
+        finally:
+            if lock >= 0:
+                os.close(lock)
     except FileNotFoundError:
         return f"not tlkit's: holds no {STORE_RECORD}"
     except ValueError:
