@@ -122,10 +122,16 @@ def convert_packaged(spec: BackboneSpec, source: Path) -> Path:
     """Convert a package's checkpoint into the Keras cache once; checked against the pin."""
     if spec.packaged is None:
         raise ValueError(f"{spec.name} has no packaged weights")  # callers check: a bug
+    from tlkit.models.torch_checkpoint import pinned_sha256
+
     target = keras_cache_dir() / spec.weights_file
     log.info("converting %s into %s (once)", source, target)
+    remedy = f"run again, or reinstall {spec.packaged.package}"
     with atomic_path(target, suffix=".weights.h5") as tmp:
-        spec.packaged.convert(source, tmp)
+        # the callers checked the file's sha256; the reader checks it again on the very bytes
+        # it parses, which a file swapped since cannot pass
+        with pinned_sha256(source, spec.packaged.sha256, remedy):
+            spec.packaged.convert(source, tmp)
         try:
             verify_pinned(spec, tmp)
         except WeightsError:
