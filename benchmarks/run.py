@@ -40,6 +40,13 @@ reduced_decode_parity_*, store_parity_*, epoch_images_per_s_jpeg_*, store_epoch_
 store_build_images_per_s, store_kb_per_image, pipeline_peak_rss_mb_4_workers,
 pipeline_rss_growth_4_workers).
 
+Evaluation's memory (`--only eval_memory`): peak RSS of fresh `tlkit eval` processes against plain
+Keras loading model.keras and predicting, on the quickstart's run (EfficientNet-Lite0) and data/,
+figures described in benchmarks/eval_memory.py: eval_memory_keras_peak_mb,
+eval_memory_{single,multicrop}_peak_mb, eval_memory_single_over_keras (goal <= 1.3),
+eval_memory_multicrop_over_keras (goal <= 1.6) and eval_memory_{single,multicrop}_growth_4x
+(at 4x the images, goal <= 1.1).
+
 Feature cache (ResNet50, 224 px, --freeze all, weights none, 512 generated JPEGs, no
 augmentation, batch 32; epoch times are the second epoch, after graph tracing):
 - cache_epoch_speedup: live epoch (frozen trunk computed every step) / epoch from the cache.
@@ -1076,7 +1083,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
     parser.add_argument(
         "--only",
-        choices=["train", "augment", "photos", "cache", "eval", "reliability", "distribute"],
+        choices=[
+            "train",
+            "augment",
+            "photos",
+            "cache",
+            "eval",
+            "eval_memory",
+            "reliability",
+            "distribute",
+        ],
         help="run one group of figures",
     )
     parser.add_argument("--rss-child", nargs=3, help=argparse.SUPPRESS)
@@ -1122,6 +1138,10 @@ def main() -> None:
     if args.only in (None, "eval"):
         eval_figures()
         eval_rss_figures()
+    if args.only in (None, "eval_memory"):
+        from benchmarks.eval_memory import eval_memory_figures
+
+        eval_memory_figures(emit, args.smoke)
     if args.only in (None, "reliability"):
         reliability_figures()
     if args.only in (None, "distribute"):

@@ -92,6 +92,37 @@ def test_shared_trunk_runs_once_and_gives_the_same_probabilities(trained):
     assert not np.allclose(shared[0], shared[1])  # the heads differ: two real members
 
 
+def test_no_forward_pass_takes_more_than_batch_size_views_and_the_probabilities_stay(trained):
+    """A pass holds the activations of every row it is given: 32 images x 10 crops of Lite0
+    took 4 GB. Crop sets go through batch_size views at a time, dense through at most the
+    pixels of batch_size crops, and the probabilities are those of one big pass."""
+    from tlkit.models.distribute import traced_predictor
+
+    data, runs = trained
+    members = [Member(__import__("tlkit").load_run(r)) for r in runs]  # a shared trunk
+    seen = []  # (rows, pixels of raw images) of every call
+
+    def predictor(model):
+        traced = traced_predictor(model)
+
+        def predict(x):
+            seen.append((len(x), x[0, :, :, 0].size if x.dtype == np.uint8 else 0))
+            return traced(x)
+
+        return predict
+
+    paths = [str(p) for p in sorted((data / "test").rglob("*.png"))]  # 24 px: dense 37 x 37
+    bounded = ViewRunner(members, predictor)
+    for mode in ("10", "multiscale", "dense"):
+        small = bounded.probs(paths, [mode, "1" if mode == "dense" else mode], 4)
+        assert max(rows for rows, _ in seen) <= 4, (mode, seen)
+        assert max(rows * pixels for rows, pixels in seen) <= 4 * 32 * 32, (mode, seen)
+        big = ViewRunner(members).probs(paths, [mode, "1" if mode == "dense" else mode], 512)
+        for s, b in zip(small, big, strict=True):
+            np.testing.assert_allclose(s, b, atol=1e-6)
+        seen.clear()
+
+
 def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     _data, runs = trained
     monkeypatch.chdir(runs[0].parent)
@@ -341,3 +372,30 @@ def test_leftovers_of_a_crashed_evaluation_are_cleared_whatever_their_age(traine
     assert not crashed.exists() and live.exists() and stranger.exists()
     assert (out / "metrics.json").is_file()
     release(live)
+    shutil.rmtree(stranger)  # the shared run stays one that --overwrite may replace
+    shutil.rmtree(live)
+
+
+def test_eval_names_its_output_after_the_data_so_two_datasets_never_collide(trained, tmp_path):
+    import hashlib
+
+    data, runs = trained
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run, ignore=shutil.ignore_patterns("eval"))
+    shelf, other = tmp_path / "shelf", tmp_path / "b" / "shelf"  # the same folder name twice
+    write_folder(shelf / "test", ["a", "b"], 2, seed=7)
+    write_folder(other / "test", ["b", "c"], 2, seed=8)
+
+    def score(*data_args: str):
+        return CliRunner().invoke(cli, ["eval", str(run), *data_args, "--json"])
+
+    for args in ((), (str(shelf),), (str(other),)):
+        result = score(*args)
+        assert result.exit_code == 0, result.output
+    digest = {p: hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:6] for p in (shelf, other)}
+    assert sorted(p.name for p in (run / "eval").iterdir()) == sorted(
+        ["test-crops1", f"shelf-{digest[shelf]}-test-crops1", f"shelf-{digest[other]}-test-crops1"]
+    )
+    for args in ((str(shelf),), (str(data),), ()):  # the same data again, named or not
+        again = score(*args)
+        assert again.exit_code == 7 and "already exists; pass --name or --overwrite" in again.output

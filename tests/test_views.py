@@ -22,10 +22,12 @@ from tlkit.evaluation.views import (
     candidates,
     center_index,
     choose,
+    choose_by,
     crop_views,
     dense_input,
     subset,
     unseen,
+    val_scorer,
 )
 
 CENTRE_ONLY = ViewsSeen("center", (1.0, 1.0), (1.0, 1.0), False, "eval view")
@@ -105,6 +107,21 @@ def test_choose_never_takes_a_lower_top1_for_a_lower_loss_and_takes_a_clear_gain
     assert chosen == "10"
 
 
+def test_the_choice_from_per_image_scores_is_the_choice_from_the_probabilities():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 50)
+    views = rng.dirichlet(np.ones(4), (50, 10)) * 0.5 + 0.5 * np.eye(4)[labels][:, None]
+    views[:7] = views[:7, :, ::-1]  # some wrong, so that the candidates differ in top-1
+    named = [(m, subset("10", m)) for m in ("1", "2", "5", "10")]
+    reduce = val_scorer(labels, [named])
+    kept = np.concatenate([reduce(0, views[s : s + 8]) for s in range(0, 50, 8)])  # in batches
+    assert kept.shape == (50, 2 * len(named))  # not 50 x 10 views x 4 classes
+    losses = {m: kept[:, 2 * n] for n, (m, _) in enumerate(named)}
+    hits = {m: kept[:, 2 * n + 1] > 0 for n, (m, _) in enumerate(named)}
+    expected = choose({m: views[:, v].mean(axis=1) for m, v in named}, labels)
+    assert choose_by(losses, hits) == expected
+
+
 @pytest.fixture(scope="module")
 def crop_trained(tmp_path_factory):
     """A run whose head trained on 3 random crops of each image, never mirrored."""
@@ -161,6 +178,30 @@ def test_a_run_trained_without_mirroring_gets_no_mirrored_views_by_default(crop_
     assert views["candidates"][0]["val_loss"] == pytest.approx(
         json.loads(val.output[val.output.index("{") :])["log_loss"], rel=1e-5
     )
+
+
+def test_auto_keeps_each_candidates_per_image_scores_not_every_views_probabilities(
+    crop_trained, monkeypatch
+):
+    """--multicrop auto kept (validation images x views x classes) float64 per member; what
+    the rule reads is each candidate's per-image loss and top-1 hit."""
+    from tlkit.evaluation import evaluate
+
+    _data, run = crop_trained
+    kept = []
+    real = evaluate.ViewRunner.probs
+
+    def spy(self, paths, modes, batch_size, **reduce):
+        out = real(self, paths, modes, batch_size, **reduce)
+        kept.append([p.shape for p in out if p is not None])
+        return out
+
+    monkeypatch.setattr(evaluate.ViewRunner, "probs", spy)
+    config = evaluate.EvalConfig(runs=(str(run),), multicrop="auto", name="auto-kept")
+    views = evaluate.evaluate(config)["views"][0]
+    assert [c["views"] for c in views["candidates"]] == ["1", "dense", "5"]
+    n = 9  # validation images
+    assert kept[:2] == [[(n, 2 * 2)], [(n, 2)]]  # "1" and "5" from the 5 crops; dense
 
 
 def test_explicit_ten_crop_on_a_run_that_never_mirrored_warns_and_does_the_classic_ten(

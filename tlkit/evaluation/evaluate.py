@@ -11,6 +11,7 @@ that prefix once per batch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from tlkit.core.choices import (
     check_folder_name,
 )
 from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.fsutil import safe_name
 from tlkit.core.progress import progress
 from tlkit.core.runs import Run, load_run
 from tlkit.data.datasets import Example, load_class_folders, load_dataset, split_folders
@@ -42,11 +44,12 @@ from tlkit.evaluation.views import (
     CROP_SETS,
     candidates,
     center_index,
-    choose,
+    choose_by,
     crop_views,
     dense_input,
     subset,
     unseen,
+    val_scorer,
     views_need,
 )
 
@@ -98,6 +101,22 @@ def _local(root: str) -> str:
 
         return str(materialize(root))
     return root
+
+
+def default_name(run: Run, data: str | None, split: str, multicrop: str, members: int) -> str:
+    """RUN/eval/<name> without --name: the split and the crops, and for DATA other than the
+    run's own also its name and a hash of where it is, so that scoring two datasets never
+    collides while scoring the same one again still asks for --overwrite."""
+    name = f"{split}-crops{multicrop}" + (f"-ensemble{members}" if members else "")
+    own = str(run.record.data["root"])
+    if data is None or _where(data) == _where(own):
+        return name
+    label = safe_name(data.removeprefix("tfds:") if data.startswith("tfds:") else Path(data).name)
+    return f"{label[:40]}-{hashlib.sha256(_where(data).encode()).hexdigest()[:6]}-{name}"
+
+
+def _where(data: str) -> str:
+    return data if data.startswith("tfds:") else str(Path(data).resolve())
 
 
 def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
@@ -223,6 +242,13 @@ def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int
     return out
 
 
+def _batches(paths: Sequence[str], modes: list[str | None], batch_size: int) -> list[Sequence[str]]:
+    """The images of each batch: as many as make batch_size views of the largest crop set."""
+    most = max((len(CROP_SETS[m]) for m in modes if m not in (None, "dense")), default=1)
+    per = max(1, batch_size // most)
+    return [paths[s : s + per] for s in range(0, len(paths), per)]
+
+
 class ViewRunner:
     """The members' forward passes over test-time views. Built once per evaluation: shared
     trunks are cut once, and every model (trunk, tail, dense variant) has one traced function,
@@ -256,8 +282,11 @@ class ViewRunner:
         """Per member, (N, K, C) probabilities of its K views of every image (None where its
         mode is None): a crop set's views in CROP_SETS order, or dense: the whole image, and
         its mirror when training mirrored. The next batch is decoded and cut into views while
-        the models run on this one. `reduce(member, (B, K, C))` shrinks each batch as it comes
-        (the mean over views...), so what is kept need not grow with K."""
+        the models run on this one. A batch holds batch_size views, not images (10-crop: 3
+        images of 10), and no forward pass takes more rows (or dense: more pixels) than
+        batch_size crops: its activations, not the views per image, set the peak memory.
+        `reduce(member, (B, K, C))` shrinks each batch as it comes (the mean over views...),
+        called for each member's batches in order, so what is kept need not grow with K."""
         members = self.members
         modes = [modes] * len(members) if isinstance(modes, str) else list(modes)
         max_pixels = max(m.run.max_pixels for m in members)  # the limit they were trained under
@@ -286,7 +315,7 @@ class ViewRunner:
             }
             return views, wholes
 
-        chunks = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
+        chunks = _batches(paths, modes, batch_size)
         with (
             ThreadPoolExecutor(max_workers=self.workers) as pool,
             ThreadPoolExecutor(max_workers=1) as ahead,
@@ -297,9 +326,9 @@ class ViewRunner:
                 views, wholes = pending.result()
                 if n + 1 < len(chunks):
                     pending = ahead.submit(prepare, chunks[n + 1])
-                self._crops(views, modes, out, reduce)
+                self._crops(views, modes, out, reduce, batch_size)
                 for i in dense:
-                    p = self._dense_probs(i, wholes[i])
+                    p = self._dense_probs(i, wholes[i], batch_size)
                     out[i].append(reduce(i, p) if reduce else p)
                 advance(len(chunk))
         return [np.concatenate(parts) if parts else None for parts in out]
@@ -310,7 +339,9 @@ class ViewRunner:
         modes: list[str | None],
         out: list[list[np.ndarray]],
         reduce: Callable[[int, np.ndarray], np.ndarray] | None,
+        rows: int,
     ) -> None:
+        """Each group's views through its models, `rows` at a time (a shared trunk once)."""
         for trunk, models, idx in self.groups:
             by_mode: dict[str, list[int]] = {}
             for j, i in enumerate(idx):
@@ -321,9 +352,13 @@ class ViewRunner:
                 v = views[(m.size, m.crop, mode)]
                 b, k = v.shape[:2]
                 flat = v.reshape(b * k, *v.shape[2:])
-                x = trunk(flat) if trunk is not None else flat
-                for j in js:
-                    p = np.asarray(models[j](x), dtype=np.float64).reshape(b, k, -1)
+                parts: list[list[np.ndarray]] = [[] for _ in js]
+                for s in range(0, b * k, rows):
+                    x = trunk(flat[s : s + rows]) if trunk is not None else flat[s : s + rows]
+                    for part, j in zip(parts, js, strict=True):
+                        part.append(np.asarray(models[j](x), dtype=np.float64))
+                for part, j in zip(parts, js, strict=True):
+                    p = np.concatenate(part).reshape(b, k, -1)
                     out[idx[j]].append(reduce(idx[j], p) if reduce else p)
 
     def view_count(self, i: int, mode: str) -> int:
@@ -332,20 +367,23 @@ class ViewRunner:
             return 2 if self.members[i].seen.mirror else 1
         return len(CROP_SETS[mode])
 
-    def _dense_probs(self, i: int, inputs: list[np.ndarray]) -> np.ndarray:
-        """(B, K, C): images of one shape go through together (one trace serves every shape)."""
+    def _dense_probs(self, i: int, inputs: list[np.ndarray], rows: int) -> np.ndarray:
+        """(B, K, C): images of one shape go through together (one trace serves every shape),
+        at most the pixels of `rows` crops per pass."""
         m = self.members[i]
         passes = [False, True] if m.seen.mirror else [False]
         probs = np.empty((len(inputs), len(passes), len(m.run.classes)))
         shapes: dict[tuple[int, ...], list[int]] = {}
         for j, x in enumerate(inputs):
             shapes.setdefault(x.shape, []).append(j)
-        for js in shapes.values():
-            batch = np.stack([inputs[j] for j in js])
-            for k, mirrored in enumerate(passes):
-                probs[js, k] = np.asarray(
-                    self.dense(i)(batch[:, :, ::-1] if mirrored else batch), dtype=np.float64
-                )
+        for shape, js in shapes.items():
+            per = max(1, rows * m.size * m.size // (shape[0] * shape[1]))
+            for s in range(0, len(js), per):
+                batch = np.stack([inputs[j] for j in js[s : s + per]])
+                for k, mirrored in enumerate(passes):
+                    probs[js[s : s + per], k] = np.asarray(
+                        self.dense(i)(batch[:, :, ::-1] if mirrored else batch), dtype=np.float64
+                    )
         return probs
 
 
@@ -435,21 +473,24 @@ def _choose_on(
         ", ".join(o for o in AUTO_ORDER if o in scored),
         len(paths),
     )
-    crop_probs = runner.probs(paths, crops, batch_size)
+    sets = [
+        [(o, subset(c, o)) for o in opts if o != "dense"] if c else []
+        for c, opts in zip(crops, options, strict=True)
+    ]
+    crop_kept = runner.probs(paths, crops, batch_size, reduce=val_scorer(labels, sets))
     dense = ["dense" if opts and "dense" in opts else None for opts in options]
-    dense_probs = runner.probs(paths, dense, batch_size)
+    dense_sets = [[("dense", None)] if d else [] for d in dense]
+    dense_kept = runner.probs(paths, dense, batch_size, reduce=val_scorer(labels, dense_sets))
     out = []
     for i, (m, opts) in enumerate(zip(runner.members, options, strict=True)):
         if not opts:
             out.append(chosen[i])
             continue
-        scores = {
-            o: dense_probs[i].mean(axis=1)
-            if o == "dense"
-            else crop_probs[i][:, subset(crops[i], o)].mean(axis=1)
-            for o in opts
-        }
-        best, rows = choose(scores, labels)
+        losses, hits = {}, {}
+        for kept, named in ((crop_kept[i], sets[i]), (dense_kept[i], dense_sets[i])):
+            for n, (o, _) in enumerate(named):
+                losses[o], hits[o] = kept[:, 2 * n], kept[:, 2 * n + 1] > 0
+        best, rows = choose_by({o: losses[o] for o in opts}, {o: hits[o] for o in opts})
         why = (
             f"chosen on the validation split ({len(paths)} images) among the views training "
             f"showed ({m.seen.why})"
@@ -692,9 +733,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     ensemble_of = len(runs) if len(runs) > 1 else 0
     fitted = config.ensemble_weights == "val" and ensemble_of
     fit_on = weights_split(runs, examples, source) if fitted else None
-    name = config.name or f"{split}-crops{config.multicrop}" + (
-        f"-ensemble{ensemble_of}" if ensemble_of else ""
-    )
+    name = config.name or default_name(runs[0], config.data, split, config.multicrop, ensemble_of)
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
         refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite", kind="evaluation")

@@ -19,7 +19,7 @@ subset of a larger one and one forward pass over the larger set scores them all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,14 +138,26 @@ def candidates(seen: ViewsSeen, crop_fraction: float) -> list[str]:
 
 def choose(scores: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str, list[dict[str, Any]]]:
     """The view set to use, from each candidate's (N, C) validation probabilities (cheapest
-    first, "1" among them): the cheapest within one standard error of the lowest log loss among
-    those whose top-1 is at least single-crop's. Returns it and every candidate's scores."""
+    first, "1" among them): `choose_by` on their per-image losses and top-1 hits."""
     from tlkit.core.calibration import per_image_log_loss
+
+    return choose_by(
+        {m: per_image_log_loss(p, labels) for m, p in scores.items()},
+        {m: p.argmax(1) == labels for m, p in scores.items()},
+    )
+
+
+def choose_by(
+    losses: dict[str, np.ndarray], hits: dict[str, np.ndarray]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The cheapest candidate within one standard error of the lowest log loss among those
+    whose top-1 is at least single-crop's, from what that rule reads: each candidate's (N,)
+    per-image validation losses and top-1 hits (cheapest first, "1" among them). Returns it
+    and every candidate's scores."""
     from tlkit.core.selection import one_se_choice
 
-    top1 = {m: float((p.argmax(1) == labels).mean()) for m, p in scores.items()}
-    losses = {m: per_image_log_loss(p, labels) for m, p in scores.items()}
-    eligible = [m for m in scores if top1[m] >= top1["1"]]
+    top1 = {m: float(np.mean(h)) for m, h in hits.items()}
+    eligible = [m for m in losses if top1[m] >= top1["1"]]
     chosen, se_above = one_se_choice([losses[m] for m in eligible])
     rows = [
         {
@@ -155,9 +167,32 @@ def choose(scores: dict[str, np.ndarray], labels: np.ndarray) -> tuple[str, list
             "below_single_crop": m not in eligible,
             "se_above_best": _finite(se_above[eligible.index(m)]) if m in eligible else None,
         }
-        for m in scores
+        for m in losses
     ]
     return eligible[chosen], rows
+
+
+def val_scorer(
+    labels: np.ndarray, scored: Sequence[Sequence[tuple[str, list[int] | None]]]
+) -> Callable[[int, np.ndarray], np.ndarray]:
+    """A `reduce` for ViewRunner.probs that keeps only what `choose_by` reads: member i's
+    batch (B, K, C) of views -> (B, 2 x its candidates), per image each candidate's log loss
+    and top-1 hit, a candidate being `scored[i]`'s (name, its views' indices, None: all).
+    Kept: N x candidates, not N x K x C. Batches come in order, so a count finds the labels."""
+    from tlkit.core.calibration import per_image_log_loss
+
+    done = [0] * len(scored)
+
+    def reduce(i: int, p: np.ndarray) -> np.ndarray:
+        y = labels[done[i] : done[i] + len(p)]
+        done[i] += len(p)
+        cols = []
+        for _, views in scored[i]:
+            mean = p.mean(axis=1) if views is None else p[:, views].mean(axis=1)
+            cols += [per_image_log_loss(mean, y), mean.argmax(1) == y]
+        return np.stack(cols, axis=1)
+
+    return reduce
 
 
 def _finite(x: float) -> float | None:
