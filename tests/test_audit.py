@@ -221,3 +221,21 @@ def test_a_file_pillow_raises_typeerror_on_is_counted_bad_and_skip_skips_it(tmp_
     )
     assert [s["path"] for s in skipped] == ["a/odd.tif"]
     assert len([e for x in kept.splits.values() for e in x]) == 12
+
+
+def test_a_strip_no_view_can_be_cut_from_is_a_bad_image_not_a_huge_resize(tmp_path):
+    """A 200000x1 PNG (667 bytes) passed the pixel limit, then resizing its shorter side to the
+    view's scale asked cv2 for 39 GB in training; one a view can be cut from still passes."""
+    root = write_folder(tmp_path / "data", ["a", "b"], 6)
+    Image.new("RGB", (200_000, 1)).save(root / "a" / "strip.png")
+    Image.new("RGB", (1000, 10), (9, 9, 9)).save(root / "b" / "banner.png")  # 100:1 is fine
+    result = CliRunner().invoke(cli, ["check-data", str(root), "-o", "report.json"])
+    assert result.exit_code == 3, result.output
+    assert "14 files, 13 ok, 1 bad" in result.output
+    assert "strip.png: 200000x1 is not an image a view can be cut from (sides beyond 100:1)" in (
+        result.output
+    )
+    kept, _, skipped = audit_and_filter(
+        load_folder(root), AuditConfig(on_bad_image="skip"), None, 2
+    )
+    assert [s["path"] for s in skipped] == ["a/strip.png"]

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from conftest import REPO, TINY, write_folder
 
 from tlkit.cli import cli
-from tlkit.core.errors import WeightsError
+from tlkit.core.errors import WeightsError, shown
 
 FAST = [
     "--backbone",
@@ -231,7 +231,7 @@ def test_a_weights_download_is_never_visible_half_written(tmp_path, monkeypatch)
 # 5. names stay in their folder
 
 
-@pytest.mark.parametrize("name", ["../..", "/tmp/elsewhere", "a/b", "..", "x\ny"])
+@pytest.mark.parametrize("name", ["../..", "/tmp/elsewhere", "a/b", "..", "x\ny", "n" * 300])
 def test_eval_and_diagnose_names_are_one_folder_inside_the_run(run_copy, name):
     for command in ("eval", "diagnose"):
         result = invoke(command, str(run_copy), "--name", name)
@@ -246,6 +246,8 @@ def test_eval_and_diagnose_names_are_one_folder_inside_the_run(run_copy, name):
         ("x/../../../../tmp/pwn", "a path separator"),
         ("two\nlines", "a control character"),
         ("..", "only dots"),
+        ("cat\u202egpj", "a control character"),
+        ("c" * 300, "more than 200 bytes"),
     ],
 )
 def test_class_names_that_would_escape_or_break_a_file_are_refused(tmp_path, label, what):
@@ -259,7 +261,7 @@ def test_class_names_that_would_escape_or_break_a_file_are_refused(tmp_path, lab
     result = invoke("check-data", str(tmp_path / "labels.csv"))
     assert result.exit_code == 3, result.output
     line = one_line(result)
-    assert f"labels.csv:2: class name {label!r} has {what}" in line
+    assert f"labels.csv:2: class name {shown(label)} has {what}" in line and len(line) < 500
     assert data.is_dir()
 
 

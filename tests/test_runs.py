@@ -52,6 +52,11 @@ def test_a_written_record_round_trips_and_an_older_leaner_one_still_loads(tiny_r
         ({"input_size": "224"}, "input_size is str '224', not an integer"),
         ({"results": [1, 2]}, r"results is list \[1, 2\], not an object"),
         ({"seed": True}, "seed is bool True, not an integer"),
+        ({"results": {"best": 5}}, "results.best is int 5, not an object"),
+        ({"results": {"test": {"accuracy": [1]}}}, r"results.test.accuracy is list \[1\], not a"),
+        ({"freeze": {"request": [], "n_frozen": 0}}, r"freeze.request is list \[\], not a string"),
+        ({"input_size": -5}, "input_size -5 is not a size a model takes"),
+        ({"input_size": 10**400}, "input_size <an int of 1329 bits> is not a size"),
     ],
 )
 def test_a_run_record_of_the_wrong_types_is_one_line(tiny_runs, change, message):

@@ -156,6 +156,8 @@ def test_tfds_source_is_written_once_and_trains_and_evaluates(tmp_path):
 def test_a_bad_tfds_spec_is_one_line():
     result = CliRunner().invoke(cli, ["check-data", "tfds:"])
     assert result.exit_code == 3 and "not a tfds source; write tfds:NAME" in result.output
+    long = CliRunner().invoke(cli, ["check-data", "tfds:" + "x/" * 2500])
+    assert long.exit_code == 3 and "not a tfds source" in long.output and len(long.output) < 400
 
 
 def test_tfds_unlabelled_examples_are_refused_not_read_as_the_last_class(tmp_path):

@@ -141,8 +141,9 @@ def _apply_recipe(ctx: click.Context, param: click.Parameter, value: str | None)
                 f"{did_you_mean(key[:80], names)} Its options: {', '.join(names)}"
             )
         try:
+            _exact(p, raw)
             p.type_cast_value(ctx, raw)
-        except (click.BadParameter, TypeError, ValueError) as e:  # a list where one value goes
+        except (click.BadParameter, TypeError, ValueError, OverflowError) as e:  # a list, .inf
             text = e.message if isinstance(e, click.BadParameter) else f"not a {p.type.name}"
             problem = text.splitlines()[0][:200].rstrip(".")
             raise ConfigError(
@@ -152,6 +153,14 @@ def _apply_recipe(ctx: click.Context, param: click.Parameter, value: str | None)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["tlkit.recipe"] = recipe
     return value
+
+
+def _exact(p: click.Parameter, raw: object) -> None:
+    """click turns 1.7 and `true` into the integer 1; a recipe's number is taken as written."""
+    if isinstance(p.type, click.types.IntParamType) and (
+        isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer())
+    ):
+        raise click.BadParameter(f"{raw!r} is not a whole number")
 
 
 def recipe_commands() -> set[str]:

@@ -73,6 +73,16 @@ def _parse(path: Path, raw: bytes) -> Any:
                 )
             return super().compose_node(parent, index)
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+            for n, (key, (key_node, _)) in enumerate(zip(keys, node.value, strict=True)):
+                if isinstance(key, str) and key in keys[:n]:  # PyYAML keeps the last silently
+                    raise ConfigError(
+                        f"{path}: {shown(key)} is set twice (line "
+                        f"{key_node.start_mark.line + 1}); keep one"
+                    )
+            return super().construct_mapping(node, deep)
+
     loader = NoAliases(raw)  # what yaml.safe_load does, with the alias check
     try:
         return loader.get_single_data()

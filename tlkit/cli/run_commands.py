@@ -205,7 +205,7 @@ def runs(runs_dir: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"{runs_dir}: no runs yet; `tlkit finetune DATA` makes one")
         return
-    width = max(len(r["run"]) for r in rows) + 2
+    width = max(3, *(len(r["run"]) for r in rows)) + 2
     click.echo(
         f"{'run':<{width}}{'backbone':<20}{'MB':>8}  {'freeze':<26}{'best val acc':>13}"
         f"{'test acc':>10}  created"

@@ -43,6 +43,9 @@ def check(flag: str, value: object, choices: Sequence[str]) -> None:
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
+MAX_NAME_BYTES = 200  # a file system takes 255, and a folder is built as <name>.incomplete-<id>
+
+
 def check_folder_name(flag: str, value: str) -> str:
     """A name that becomes one folder inside a run (`--name`): never a path that leaves it."""
     if (
@@ -51,9 +54,11 @@ def check_folder_name(flag: str, value: str) -> str:
         or "/" in value
         or "\\" in value
         or any(ord(c) < 32 or ord(c) == 127 for c in value)
+        or len(value.encode()) > MAX_NAME_BYTES
     ):
         raise ConfigError(
-            f"{flag} must be a plain folder name (no '/', '..' or control "
-            f"characters), the output goes inside the run. Received: {value!r}"
+            f"{flag} must be a plain folder name (no '/', '..' or control characters, at most "
+            f"{MAX_NAME_BYTES} bytes), the output goes inside the run. Received: "
+            f"{value[:80]!r}{'...' if len(value) > 80 else ''}"
         )
     return value

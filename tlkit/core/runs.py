@@ -28,6 +28,21 @@ from tlkit.core.fsutil import (
 RUNS_DIR = "runs"
 RUN_SCHEMA = 1
 RUN_FILE = "run.json"  # the RunRecord
+MAX_INPUT_SIZE = 8192
+# inner fields of run.json that readers take apart (tlkit runs, load_run), with their types;
+# checked where present, so a record edited into another shape is one line, never a traceback
+NESTED: dict[tuple[str, ...], Any] = {
+    ("weights", "source"): str,
+    ("freeze", "request"): str,
+    ("freeze", "n_frozen"): int,
+    ("results", "best"): dict[str, Any],
+    ("results", "best", "val_accuracy"): float,
+    ("results", "test"): dict[str, Any],
+    ("results", "test", "accuracy"): float,
+    ("data", "root"): str,
+    ("data", "fingerprint"): str,
+    ("data", "val_source"): str,
+}
 
 
 @dataclass(frozen=True)
@@ -114,17 +129,30 @@ class RunRecord:
             )
         known = {k: v for k, v in d.items() if k in fields}
         hints = typing.get_type_hints(cls)
-        for name, value in known.items():
-            if not _has_type(value, hints[name]):
-                raise RunError(
-                    f"{where}: {name} is {type(value).__name__} {shown(value, 60)}, not "
-                    f"{_type_name(hints[name])}; it was not written by tlkit finetune, or it "
-                    "was edited"
-                )
-        if not known["classes"]:
-            raise RunError(f"{where}: classes is empty; it was edited or damaged")
+        _check_shape(d, {(name,): hints[name] for name in known} | NESTED, where)
         known["classes"] = tuple(known["classes"])
         return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
+
+
+def _check_shape(d: dict[str, Any], schema: dict[tuple[str, ...], Any], where: Any) -> None:
+    """Every field of `schema` present in `d` has its type, and the values readers rely on are
+    in range: a record edited into another shape is one line, never a traceback later."""
+    for keys, hint in schema.items():
+        value: Any = d
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if (value is not None or len(keys) == 1) and not _has_type(value, hint):
+            raise RunError(
+                f"{where}: {'.'.join(keys)} is {type(value).__name__} {shown(value, 60)}, not "
+                f"{_type_name(hint)}; it was not written by tlkit finetune, or it was edited"
+            )
+    if not d["classes"]:
+        raise RunError(f"{where}: classes is empty; it was edited or damaged")
+    if not 1 <= d["input_size"] <= MAX_INPUT_SIZE:
+        raise RunError(
+            f"{where}: input_size {shown(d['input_size'], 40)} is not a size a model takes "
+            f"(1 to {MAX_INPUT_SIZE}); it was edited or damaged"
+        )
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -16,9 +16,13 @@ from pathlib import Path
 
 from natsort import natsorted
 
-from tlkit.core.choices import SPLIT_NAMES
+from tlkit.core.choices import MAX_NAME_BYTES, SPLIT_NAMES
 from tlkit.core.errors import ConfigError, DataError, shown
 from tlkit.core.fsutil import OS_FILES, tlkit_output
+
+# characters that reorder the text around them when printed (after U+202E the rest of a name
+# prints backwards): a class name holding one would read differently in every report
+BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,9 @@ def check_class_name(name: str, where: str) -> str:
         "a path separator"
         if "/" in name or "\\" in name
         else "a control character"
-        if any(unicodedata.category(c) == "Cc" for c in name)
+        if any(unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS for c in name)
+        else f"more than {MAX_NAME_BYTES} bytes"
+        if len(name.encode()) > MAX_NAME_BYTES
         else "only dots"
         if set(name) <= {"."}
         else "spaces at an end"

@@ -62,6 +62,9 @@ EXTENSION_FORMATS = {
 BACKGROUND = (255, 255, 255)
 # A reduced JPEG decode keeps at least this many times the pixels per side a view needs.
 REDUCED_MARGIN = 2
+# The most one side may exceed the other: the view's resize makes the shorter side its scale
+# (512 px for vgg), so 100:1 keeps a view's pixels near DEFAULT_MAX_PIXELS; no photo is longer.
+MAX_ASPECT = 100
 REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at (1/8, 1/4, 1/2 of each side)
 # A PNG text field holding "WxH": the file is a resized copy of a WxH image (tlkit.data.store),
 # trusted only in a store's entries (`in_store`): STORE_DIR/<key>/ beside its STORE_RECORD.
@@ -291,7 +294,15 @@ def _recorded_size(path: Path, recorded: object, stored: tuple[int, int]) -> tup
 
 
 def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse a size no view can be made from in bounded memory: above `max_pixels`, or
+    longer than MAX_ASPECT times its width (views resize the shorter side up to the view's
+    scale: a 200000x1 strip of 667 bytes would become 51 million pixels wide at 256)."""
     width, height = size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise DataError(
+            f"{path}: {width}x{height} is not an image a view can be cut from (sides beyond "
+            f"{MAX_ASPECT}:1); crop it, or move it out of the dataset"
+        )
     if max_pixels is not None and width * height > max_pixels:
         raise DataError(
             f"{path}: {width}x{height} is {width * height / 1e6:.1f} megapixels, above the limit "
