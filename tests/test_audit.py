@@ -239,3 +239,20 @@ def test_a_strip_no_view_can_be_cut_from_is_a_bad_image_not_a_huge_resize(tmp_pa
         load_folder(root), AuditConfig(on_bad_image="skip"), None, 2
     )
     assert [s["path"] for s in skipped] == ["a/strip.png"]
+    assert len([e for x in kept.splits.values() for e in x]) == 13  # the banner stays
+
+
+@pytest.mark.parametrize(
+    "damage", [b"\xff\xfe not utf-8", b"[" * 100_000, b"{ records renamed }", b"[1, 2]"]
+)
+def test_a_damaged_memo_means_checking_again(tmp_path, damage):
+    """The memo is a shortcut: bytes that are not UTF-8, JSON nested past Python's recursion
+    limit, or records of the wrong shape mean decoding again, never a traceback."""
+    root = write_folder(tmp_path / "data", ["a", "b"], 3)
+    assert CliRunner().invoke(cli, ["check-data", str(root)]).exit_code == 0
+    (memo,) = (Path(os.environ["XDG_CACHE_HOME"]) / "tlkit" / "audit").glob("*.json")
+    text = memo.read_text()
+    memo.write_bytes(damage if damage[:1] != b"{" else text.replace('"record"', '"r"').encode())
+    again = CliRunner().invoke(cli, ["check-data", str(root)])
+    assert again.exit_code == 0, again.output
+    assert "6 files, 6 ok, 0 bad, 0 warnings (0 unchanged since the last check)" in again.output

@@ -528,13 +528,13 @@ def test_two_processes_building_one_cache_and_one_tfds_folder_at_once(tmp_path):
 def test_cache_rm_all_keeps_the_lock_a_running_build_holds(tmp_path):
     from tlkit.features.cache import build_lock, remove_caches
 
-    root = tmp_path / "cache"
-    (root / "done").mkdir(parents=True)
-    manifest = {"schema": 1, "key": "done", "dtype": "float16", "inputs": {}, "splits": {}}
-    (root / "done" / "manifest.json").write_text(json.dumps(manifest))  # a cache, if empty
-    with build_lock(root, "building"):
+    root, done, building = tmp_path / "cache", "d" * 20, "b" * 20  # keys as key_of makes them
+    (root / done).mkdir(parents=True)
+    manifest = {"schema": 1, "key": done, "dtype": "float16", "inputs": {}, "splits": {}}
+    (root / done / "manifest.json").write_text(json.dumps(manifest))  # a cache, if empty
+    with build_lock(root, building):
         remove_caches(root, None)
-        assert (root / "building.lock").is_file()  # a third process must still wait on it
+        assert (root / f"{building}.lock").is_file()  # a third process must still wait on it
     remove_caches(root, None)
     assert list(root.iterdir()) == []
 

@@ -139,7 +139,7 @@ def test_a_project_recipe_replaces_a_shipped_one_of_the_same_name(tmp_path):
             "finetune.head-epochs: 'many' is not a valid integer range. Received: 'many'",
         ),
         ("description: x\nfinetune:\n  augment: fancy\n", "unknown --augment preset 'fancy'"),
-        ("description: x\nfinetune:\n  head-epochs: .inf\n", "head-epochs: inf is not a whole number"),
+        ("description: x\nfinetune:\n  head-epochs: .inf\n", "inf is not a whole number"),
         ("description: x\nfinetune:\n  head-epochs: 1.7\n", "1.7 is not a whole number"),
         ("description: x\nfinetune:\n  head-epochs: true\n", "True is not a whole number"),
         (

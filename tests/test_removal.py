@@ -198,6 +198,7 @@ def test_cache_rm_never_removes_a_shard_another_process_is_building(tmp_path):
         every = invoke("cache", "rm", "--all", "--cache-dir", str(root))
         assert every.exit_code == 0 and building.is_dir()
         assert f"left alone: {building.name} (being built by a live process)" in every.output
+        assert (root / f"{key}.lock").is_file()  # the lock of a key with a folder left stays
         listing = invoke("cache", "ls", "--cache-dir", str(root)).output
         assert f"unfinished: {building.name} (being built by a live process" in listing
         assert "`tlkit cache rm` leaves it alone while it runs" in listing
@@ -358,3 +359,180 @@ def test_cache_rm_leaves_a_store_a_live_run_uses(tmp_path):
         user.communicate("", timeout=60)
     assert invoke("cache", "rm", "--all", "--cache-dir", str(root)).exit_code == 0
     assert not store.exists()  # the process ended: its lock went with it
+
+
+# 4. what a library fills for tlkit (TensorBoard's logs, a SavedModel) is described, not trusted
+
+
+def test_overwrite_refuses_a_users_file_among_tensorboards_logs(tmp_path):
+    data = write_folder(tmp_path / "data", ["a", "b"], 6)
+    run = tmp_path / "run"
+    args = ["finetune", str(data), "-o", str(run), *FAST[:-5], "--epochs", "1", "--no-cache"]
+    assert invoke(*args, "--tensorboard").exit_code == 0  # the logs Keras' callback writes
+    assert list((run / "tensorboard" / "validation").glob("events.out.tfevents.*"))
+    for mine in ("thesis.tex", "train/thesis.tex", "notes/a.txt"):
+        path = run / "tensorboard" / mine
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("years of work")
+        before = digest(run)
+        refused = invoke(*args, "--overwrite")
+        assert refused.exit_code == 7, refused.output
+        named = "tensorboard/notes" if mine.startswith("notes") else f"tensorboard/{mine}"
+        assert f"(e.g. {named}), not an earlier run" in error_line(refused)
+        assert digest(run) == before
+        shutil.rmtree(path.parent) if mine.startswith("notes") else path.unlink()
+    replaced = invoke(*args, "--overwrite")  # the logs alone: tlkit's to replace
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_overwrite_refuses_a_users_file_in_a_saved_model(tiny_runs, tmp_path):
+    _, runs = tiny_runs
+    later = shutil.ignore_patterns("eval", "diagnose", "export")
+    run = Path(shutil.copytree(runs[0], tmp_path / "r", ignore=later))
+    assert invoke("export", str(run), "--format", "savedmodel").exit_code == 0
+    saved = run / "export" / "savedmodel" / "saved_model"
+    assert (saved / "variables" / "variables.index").is_file()  # what a real export holds
+    assert invoke("export", str(run), "--format", "keras").exit_code == 0
+    (run / "export" / "keras" / "saved_model").mkdir()  # a keras export holds no SavedModel
+    for where, fmt in ((saved, "savedmodel"), (saved / "variables", "savedmodel")):
+        (where / "thesis.tex").write_text("years of work")
+        refused = invoke("export", str(run), "--format", fmt, "--overwrite")
+        assert refused.exit_code == 7 and (where / "thesis.tex").is_file()
+        inner = where.relative_to(saved.parent) / "thesis.tex"
+        assert f"(e.g. {inner}), not an earlier export" in error_line(refused)
+        (where / "thesis.tex").unlink()
+    (run / "export" / "keras" / "saved_model" / "thesis.tex").write_text("years of work")
+    refused = invoke("export", str(run), "--format", "keras", "--overwrite")
+    assert refused.exit_code == 7
+    assert "(e.g. saved_model/thesis.tex), not an earlier export" in error_line(refused)
+    again = invoke("export", str(run), "--format", "savedmodel", "--overwrite")
+    assert again.exit_code == 0, again.output  # a genuine SavedModel is still replaced
+
+
+# 5. an evaluation being built is looked into, and left alone while its writer lives
+
+WRITER_ALIVE = """
+import sys
+from pathlib import Path
+from tlkit.core.fsutil import incomplete_dir
+print(incomplete_dir(Path(sys.argv[1]), "evaluation"), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_overwrite_looks_inside_an_evaluation_being_built(tiny_runs, tmp_path):
+    from tlkit.core.fsutil import discard, incomplete_dir
+
+    data, runs = tiny_runs
+    later = shutil.ignore_patterns("eval", "diagnose", "export")
+    run = Path(shutil.copytree(runs[0], tmp_path / "r", ignore=later))
+    mine = run / "eval" / "mine.incomplete-x"
+    mine.mkdir(parents=True)
+    (mine / ".tlkit-writer").write_text('{"kind": "evaluation"}')  # says so; proves nothing
+    (mine / "thesis.tex").write_text("years of work")
+    args = ["finetune", str(data), "-o", str(run), "--overwrite", *FAST]
+    refused = invoke(*args)
+    assert refused.exit_code == 7 and (mine / "thesis.tex").is_file()
+    assert "(e.g. eval/mine.incomplete-x), not an earlier run" in error_line(refused)
+    discard(incomplete_dir(run / "eval" / "mine", "evaluation", clean=True))  # eval --name mine
+    assert (mine / "thesis.tex").is_file()
+    shutil.rmtree(mine)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", WRITER_ALIVE, str(run / "eval" / "live")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        live = Path(holder.stdout.readline().strip())
+        (live / "metrics.json").write_text("{}")  # partly written, by its live writer
+        refused = invoke(*args)
+        assert refused.exit_code == 7 and live.is_dir(), refused.output
+        assert f"eval/{live.name} (being written by a live process)" in error_line(refused)
+    finally:
+        holder.communicate("", timeout=60)
+    (live / ".predictions.0123456789ab.tmp.csv").write_text("killed mid-write")
+    replaced = invoke(*args)  # its writer died: a leftover of tlkit's, partial or not
+    assert replaced.exit_code == 0, replaced.output
+    assert not (run / "eval").exists()
+
+
+# 6. a record nested past Python's recursion limit is a damaged record, not a traceback
+
+
+def test_deeply_nested_records_are_damaged_records(tiny_runs, tmp_path):
+    data, runs = tiny_runs
+    nested = "[" * 5000 + "]" * 5000
+    later = shutil.ignore_patterns("eval", "diagnose", "export")
+    run = Path(shutil.copytree(runs[0], tmp_path / "runs" / "r", ignore=later))
+    (run / "run.json").write_text(nested)
+    listing = invoke("runs", "--runs-dir", str(run.parent))
+    assert listing.exit_code == 0 and "Traceback" not in listing.output
+    assert "unreadable" in listing.output
+    assert invoke("eval", str(run)).exit_code == 5
+    assert "run.json: not valid JSON" in error_line(invoke("eval", str(run)))
+    refused = invoke("finetune", str(data), "-o", str(run), "--overwrite", *FAST)
+    assert refused.exit_code == 7 and "its run.json is not valid JSON" in error_line(refused)
+    root = tmp_path / "cache"
+    cache = real_cache(root, "a")
+    (cache.path / "manifest.json").write_text(nested)
+    building = root / f"{'b' * 20}.incomplete-1"
+    building.mkdir()
+    (building / ".tlkit-writer").write_text(nested[:4000])
+    listed = invoke("cache", "ls", "--cache-dir", str(root))
+    assert listed.exit_code == 0 and "Traceback" not in listed.output
+    assert f"not a tlkit cache: {cache.key} (not tlkit's: its manifest.json is not valid" in (
+        listed.output
+    )
+    removed = invoke("cache", "rm", "--all", "--cache-dir", str(root))
+    assert removed.exit_code == 0 and "Traceback" not in removed.output
+    assert cache.path.is_dir() and building.is_dir()
+
+
+# 7. `cache rm` touches nothing outside the cache folder, and no lock file of the user's
+
+
+def test_cache_rm_key_is_a_name_and_user_lock_files_stay(tmp_path):
+    root = tmp_path / "cache"
+    cache = real_cache(root, "a")
+    assert (root / f"{cache.key}.lock").is_file()  # its build lock
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "important.lock").touch()  # empty, as many lock files are
+    for key in ("../outside/important", str(outside / "important"), "..", "a/b"):
+        refused = invoke("cache", "rm", key, "--cache-dir", str(root))
+        assert refused.exit_code == 2, refused.output
+        assert "not a cache key" in error_line(refused)
+    assert (outside / "important.lock").is_file() and cache.path.is_dir()
+    (root / "notes.lock").touch()
+    (root / f"{'c' * 20}.lock").touch()  # a lock of a key built and removed earlier
+    listed = invoke("cache", "ls", "--cache-dir", str(root))
+    assert "not a tlkit cache: notes.lock (a file, not a cache folder)" in listed.output
+    removed = invoke("cache", "rm", "--all", "--cache-dir", str(root))
+    assert removed.exit_code == 0, removed.output
+    assert "left alone: notes.lock (a file, not a cache folder)" in removed.output
+    assert sorted(p.name for p in root.iterdir()) == ["notes.lock"]
+    assert invoke("cache", "rm", "notes", "--cache-dir", str(root)).exit_code == 6
+    assert (root / "notes.lock").is_file()
+
+
+# 8. a damaged store record is listed, never a traceback
+
+
+def test_cache_ls_lists_a_damaged_store(tmp_path):
+    root = tmp_path / "cache"
+    store = real_store(root, write_folder(tmp_path / "data", ["a", "b"], 2))
+    for name, text, why in [
+        ("0" * 20, "not json", "its store.json is not valid JSON"),
+        ("1" * 20, "[1]", "its store.json is not the record of this store"),
+        ("2" * 20, "[" * 5000 + "]" * 5000, "its store.json is not valid JSON"),
+    ]:
+        (root / "images" / name).mkdir()
+        (root / "images" / name / "store.json").write_text(text)
+        listed = invoke("cache", "ls", "--cache-dir", str(root))
+        assert listed.exit_code == 0 and "Traceback" not in listed.output, listed.output
+        assert f"not a tlkit cache: images/{name} (not tlkit's: {why})" in listed.output
+        assert f"resized-image store {store.name}: " in listed.output
+    removed = invoke("cache", "rm", "--all", "--cache-dir", str(root))
+    assert removed.exit_code == 0 and not store.exists()
+    assert removed.output.count(f"left alone: images/{'0' * 20} (") == 1

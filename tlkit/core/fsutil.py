@@ -64,7 +64,7 @@ def read_json_record(path: str | os.PathLike, error: type[Exception], fix: str) 
     `error` in one line that names the file and says `fix`, never a traceback."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise error(f"{path}: not valid JSON ({str(e)[:120]}); {fix}") from None
     if not isinstance(data, dict):
         raise error(f"{path}: not a tlkit record (a JSON {type(data).__name__}); {fix}")
@@ -85,9 +85,20 @@ RECORDS = {
     "cache part": "part.json",
 }
 RESUMABLE = ("run", "cache", "cache part")  # interrupted ones are listed, never cleaned
-FILE, FOLDER = "file", "folder"
+FILE = "file"
+# what a library writes for tlkit, as the path of each entry inside the folder (a folder's
+# with a trailing /): Keras' TensorBoard callback (as tlkit sets it: no profiler, no
+# embeddings) writes one events file per process and phase in train/ and validation/; a
+# SavedModel of a Keras model (no asset files) its graph, fingerprint and variables, which
+# TensorFlow writes in variables_temp/ first
+TENSORBOARD = re.compile(r"(train|validation)/(events\.out\.tfevents\.[^/]+)?")
+SAVED_MODEL = re.compile(
+    r"saved_model\.pb|fingerprint\.pb|assets/"
+    r"|variables/((variables|variables_temp/part-\d+-of-\d+)\.(index|data-\d+-of-\d+))?"
+    r"|variables/variables_temp/"
+)
 # what tlkit writes in a finished artifact of each kind that --overwrite may replace: a name is
-# a FILE, a FOLDER a library fills for tlkit (TensorBoard's events, a SavedModel), a folder of
+# a FILE, a folder a library fills for tlkit (a pattern its every entry matches), a folder of
 # only the entries named (a dict), or a folder of earlier artifacts of the kind named (a run's
 # evaluations). Anything else in the folder is the user's, so the folder is never replaced.
 CONTENTS: dict[str, dict[str, Any]] = {
@@ -101,7 +112,7 @@ CONTENTS: dict[str, dict[str, Any]] = {
         "checkpoints": dict.fromkeys(
             ("incoming.h5", "last.h5", "previous.h5", "best.h5", "identity.json"), FILE
         ),
-        "tensorboard": FOLDER,
+        "tensorboard": TENSORBOARD,
         "eval": "evaluation",
         "diagnose": "diagnose",
         "export": "export",
@@ -112,7 +123,7 @@ CONTENTS: dict[str, dict[str, Any]] = {
         "model.keras": FILE,
         "model.tflite": FILE,
         "model.onnx": FILE,
-        "saved_model": FOLDER,
+        "saved_model": SAVED_MODEL,
     },
     "evaluation": dict.fromkeys(
         (
@@ -155,6 +166,9 @@ TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp(.*)")  # atomic_path's: .<ste
 _HELD: dict[str, int] = {}  # folder -> descriptor of its locked writer file, while we write it
 
 
+BEING_WRITTEN = "being written by a live process"
+
+
 class FolderBusy(Exception):
     """Another live process holds the folder's writer lock."""
 
@@ -167,15 +181,20 @@ def incomplete_dir(final: str | os.PathLike, kind: str, clean: bool = False) -> 
     """A fresh `<final>.incomplete-<id>/` beside `final`, where a multi-file artifact of `kind`
     is built, locked by this process until `publish_dir` (or its end: the OS releases a lock
     when its holder dies). `clean` removes earlier attempts at `final` of the same kind that
-    no live process holds: for kinds that cannot be resumed, whose leftovers are only clutter.
+    no live process holds and that hold only what the kind writes (`leftover_problem`): for
+    kinds that cannot be resumed, whose leftovers are only clutter.
     Liveness is the lock, never the age: a build running for days is not a leftover."""
     if kind not in RECORDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if clean and kind not in RESUMABLE:
-        for old in find_incomplete(final):
-            if writer_kind(old) == kind and not is_live(old):
+        for old in find_incomplete(final):  # a tfds copy's, in tlkit's own cache folder
+            if (
+                leftover_problem(old, kind) is None
+                if kind in CONTENTS
+                else writer_kind(old) == kind and not is_live(old)
+            ):
                 shutil.rmtree(old, ignore_errors=True)
     tmp = final.parent / f"{final.name}{INCOMPLETE}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -242,7 +261,7 @@ def load_record(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     except OSError as e:
         what = "a symlink" if e.errno == errno.ELOOP else "not a readable file"
         raise NotTlkit(f"its {name} is {what}") from None
-    except ValueError:  # UnicodeDecodeError among them
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise NotTlkit(f"its {name} is not valid JSON") from None
     if not isinstance(data, dict):
         raise NotTlkit(f"its {name} is not a tlkit {kind} record (a JSON {type(data).__name__})")
@@ -257,7 +276,7 @@ def writer_kind(folder: Path) -> str | None:
     symlinked one is not read)."""
     try:
         kind = json.loads(read_regular(Path(folder) / WRITER, 4096)).get("kind")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return kind if isinstance(kind, str) else None
 
@@ -398,16 +417,66 @@ def _misfit(entry: Path, spec: Any) -> str | None:
     if isinstance(spec, dict):
         inner = _foreign(entry, spec)
         return f"{entry.name}/{inner[0]}" if inner else None
-    if spec == FOLDER:
-        return None
+    if isinstance(spec, re.Pattern):
+        inner = _unlike(entry, spec)
+        return f"{entry.name}/{inner}" if inner else None
     for child in sorted(os.listdir(entry)):  # earlier artifacts of kind `spec`, or being built
         p = entry / child
         if child.lower() in OS_FILES and stat.S_ISREG(os.lstat(p).st_mode):
             continue
-        building = is_incomplete(child) and p.is_dir() and not p.is_symlink()
-        if not (building and writer_kind(p) == spec) and artifact_problem(p, spec) is not None:
+        if is_incomplete(child):
+            why = leftover_problem(p, spec)
+            if why == BEING_WRITTEN:
+                return f"{entry.name}/{child} ({why})"
+        else:
+            why = artifact_problem(p, spec)
+        if why is not None:
             return f"{entry.name}/{child}"
     return None
+
+
+def _unlike(folder: Path, pattern: re.Pattern[str], inside: str = "") -> str | None:
+    """The first entry under `folder`, a library's output, whose path from it (`inside` the
+    folders above) `pattern` does not describe: a folder's path is matched with a trailing
+    /, so the walk goes only as deep as the pattern allows. None when every entry fits."""
+    for name in sorted(os.listdir(folder)):
+        path, rel = folder / name, inside + name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(mode) and pattern.fullmatch(rel + "/"):
+            inner = _unlike(path, pattern, rel + "/")
+            if inner:
+                return inner
+        elif not stat.S_ISREG(mode) or not (pattern.fullmatch(rel) or name.lower() in OS_FILES):
+            return f"{rel} (a symlink)" if stat.S_ISLNK(mode) else rel
+    return None
+
+
+def leftover_problem(path: str | os.PathLike, kind: str) -> str | None:
+    """Why the `.incomplete-` folder `path` is not an unfinished artifact of `kind` that tlkit
+    may remove, in words; None when it is one: a real folder whose writer file says `kind`,
+    whose writer no live process is, holding only entries that kind writes (some may be
+    missing: it was cut short), its writer file and temporaries. Its writer file proves
+    nothing alone: anyone can write one."""
+    path = Path(path)
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return "is a symlink" if path.is_symlink() else "is not a folder"
+    except FileNotFoundError:
+        return "does not exist"
+    if writer_kind(path) != kind:
+        return f"holds no writer file of a tlkit {kind}"
+    if is_live(path):
+        return BEING_WRITTEN
+    if kind not in CONTENTS:
+        return f"is not a kind of folder tlkit checks ({kind})"
+    try:
+        foreign = _foreign(path, CONTENTS[kind])
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return f"holds {foreign[0]}, which a tlkit {kind} never holds" if foreign else None
 
 
 def _holds(path: Path, kind: str) -> str:

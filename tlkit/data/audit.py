@@ -192,7 +192,7 @@ def _memo_path(root: str, max_pixels: int) -> Path:
 def _load_memo(path: Path) -> dict[str, Any]:
     try:
         memo = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
         return {}  # a memo is only a shortcut; a missing or damaged one means decode again
     return memo if isinstance(memo, dict) else {}
 
@@ -213,7 +213,11 @@ def audit_folder(
     for e in examples:
         signatures[e.path] = file_signature(e.path)
         cached = memo.get(e.path)
-        if isinstance(cached, dict) and cached.get("stat") == signatures[e.path]:
+        if (
+            isinstance(cached, dict)
+            and cached.get("stat") == signatures[e.path]
+            and isinstance(cached.get("record"), dict)
+        ):
             files[e.path] = cached["record"]
         else:
             todo.append(e.path)
@@ -354,7 +358,7 @@ def check_report_path(path: str | os.PathLike, overwrite: bool) -> Path:
         try:
             earlier = json.loads(path.read_text())
             ours = isinstance(earlier, dict) and "totals" in earlier and "schema" in earlier
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             ours = False
         if not ours:
             raise OutputExistsError(

@@ -29,7 +29,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +40,13 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from tlkit.core.errors import CacheError
-from tlkit.core.fsutil import atomic_path, atomic_write_json, folder_bytes
+from tlkit.core.fsutil import (
+    TEMPORARY,
+    atomic_path,
+    atomic_write_json,
+    folder_bytes,
+    read_regular,
+)
 from tlkit.core.progress import progress
 from tlkit.data.augment import pixel_libraries, resize_shorter
 from tlkit.data.datasets import Example
@@ -75,8 +83,7 @@ def store_inputs(need: Need) -> dict[str, object]:
 
 
 def store_folder(cache_root: Path, need: Need) -> Path:
-    blob = json.dumps(store_inputs(need), sort_keys=True, separators=(",", ":")).encode()
-    return cache_root / STORE_DIR / hashlib.sha256(blob).hexdigest()[:20]
+    return cache_root / STORE_DIR / _name_of(store_inputs(need))
 
 
 def stored_size(need: Need, width: int, height: int) -> int | None:
@@ -200,40 +207,51 @@ def _unwritable(folder: Path, e: OSError) -> CacheError:
 
 
 def list_stores(cache_root: Path) -> list[dict[str, object]]:
-    """The resized-image stores under a cache folder, for `tlkit cache ls`."""
+    """The resized-image stores under a cache folder, for `tlkit cache ls`: only folders that
+    prove to be one (`store_problem`; `foreign_stores` lists the others)."""
     rows = []
-    for record in sorted((cache_root / STORE_DIR).glob(f"*/{STORE_RECORD}")):
-        folder = record.parent
-        need = json.loads(record.read_text()).get("need", {})
-        rows.append(
-            {
-                "key": folder.name,
-                "images": sum(1 for _ in folder.glob("*.png")),
-                "size_mb": round(folder_bytes(folder) / 1e6, 1),
-                "need": need,
-            }
-        )
+    for key, why in _survey(cache_root):
+        folder = cache_root / STORE_DIR / key
+        if why is None:
+            rows.append(
+                {
+                    "key": key,
+                    "images": sum(1 for _ in folder.glob("*.png")),
+                    "size_mb": round(folder_bytes(folder) / 1e6, 1),
+                }
+            )
     return rows
 
 
-def remove_store(cache_root: Path, key: str) -> str | None:
-    """Remove store `key` when it proves to be one tlkit wrote: a real folder (not a symlink)
-    whose record (store.json) hashes to its name, as `store_folder` names it, holding only stored
-    images. None when removed; else why it is left alone, in words."""
-    import re
-    import stat
+def foreign_stores(cache_root: Path) -> list[tuple[str, str]]:
+    """The entries of the stores' folder that are not a store tlkit wrote, each with why."""
+    return [(key, why) for key, why in _survey(cache_root) if why is not None]
 
-    from tlkit.core.fsutil import TEMPORARY, read_regular
 
+def _survey(cache_root: Path) -> list[tuple[str, str | None]]:
+    base = cache_root / STORE_DIR
+    if base.is_symlink() or not base.is_dir():
+        return []  # the feature cache's survey names a symlink or a file there
+    return [(key, store_problem(cache_root, key)) for key in sorted(os.listdir(base))]
+
+
+def _name_of(record: object) -> str:
+    """A store's folder name: the hash of its record, what makes its pixels."""
+    blob = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def store_problem(cache_root: Path, key: str) -> str | None:
+    """Why `images/<key>` is not a store tlkit wrote, in words; None when it is one: a real
+    folder (not a symlink) whose record (store.json) is a JSON object that hashes to its name,
+    as `store_folder` names it, holding only stored images."""
     folder = cache_root / STORE_DIR / key
     try:
         mode = os.lstat(folder).st_mode
         if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
             return "a symlink: never followed" if stat.S_ISLNK(mode) else "a file, not a store"
-        blob = json.dumps(
-            json.loads(read_regular(folder / STORE_RECORD)), sort_keys=True, separators=(",", ":")
-        )
-        if hashlib.sha256(blob.encode()).hexdigest()[:20] != key:
+        record = json.loads(read_regular(folder / STORE_RECORD))
+        if not isinstance(record, dict) or _name_of(record) != key:
             return f"not tlkit's: its {STORE_RECORD} is not the record of this store"
         entry = re.compile(rf"[0-9a-f]{{64}}\.png|{re.escape(STORE_RECORD)}|{re.escape(USERS)}")
         for name in sorted(os.listdir(folder)):
@@ -241,18 +259,30 @@ def remove_store(cache_root: Path, key: str) -> str | None:
             made = entry.fullmatch(temporary[1] + temporary[2] if temporary else name)
             if not made or not stat.S_ISREG(os.lstat(folder / name).st_mode):
                 return f"holds {name}, which a store never holds"
-        lock = _lock_out(folder)
-        if lock is None:
-            return "in use by a live process (a run training from it); try when it has ended"
-        try:
-            shutil.rmtree(folder)
-        finally:
-            if lock >= 0:
-                os.close(lock)
     except FileNotFoundError:
         return f"not tlkit's: holds no {STORE_RECORD}"
-    except ValueError:
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return f"not tlkit's: its {STORE_RECORD} is not valid JSON"
     except OSError as e:
-        return f"cannot be read or removed: {e.strerror or e}"
+        return f"cannot be read: {e.strerror or e}"
+    return None
+
+
+def remove_store(cache_root: Path, key: str) -> str | None:
+    """Remove store `key` when it proves to be one tlkit wrote (`store_problem`) and no live
+    process uses it. None when removed; else why it is left alone, in words."""
+    why = store_problem(cache_root, key)
+    if why is not None:
+        return why
+    folder = cache_root / STORE_DIR / key
+    lock = _lock_out(folder)
+    if lock is None:
+        return "in use by a live process (a run training from it); try when it has ended"
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        return f"cannot be removed: {e.strerror or e}"
+    finally:
+        if lock >= 0:
+            os.close(lock)
     return None

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from tlkit.core.choices import CACHE_DTYPES, check
-from tlkit.core.errors import CacheError
+from tlkit.core.errors import CacheError, ConfigError, shown
 from tlkit.core.fsutil import (
     TEMPORARY,
     WRITER,
@@ -103,6 +103,9 @@ def cache_inputs(
         "libraries": pixel_libraries(),
         "decode": decode_protocol(),  # the alpha background among it
     }
+
+
+KEY = re.compile(r"[0-9a-f]{20}")  # what key_of makes: every cache folder's name starts so
 
 
 def key_of(inputs: dict[str, Any]) -> str:
@@ -364,7 +367,7 @@ def _publish(
 
 def _intact(path: Path, record: dict[str, Any] | None) -> bool:
     """A shard an interrupted build finished: on disk with the checksum it recorded."""
-    return record is not None and path.is_file() and file_hash(path) == record["sha256"]
+    return isinstance(record, dict) and path.is_file() and file_hash(path) == record.get("sha256")
 
 
 def build_cache(
@@ -418,6 +421,16 @@ def _released_if_failed(work: Path) -> Iterator[None]:
         raise
 
 
+def _progress(path: Path) -> dict[str, Any]:
+    """The shards an interrupted build finished; a damaged record only means computing them
+    again (each shard's checksum is verified before it is kept anyway)."""
+    try:
+        finished = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return finished if isinstance(finished, dict) else {}
+
+
 def _compute_shards(
     work: Path,
     layout: dict[str, list[tuple[str, int, int]]],
@@ -433,7 +446,7 @@ def _compute_shards(
     """Every shard file of `layout` in `work`, those an interrupted build finished kept (each
     recorded with its checksum in progress.json as it is done); their records, per split."""
     progress_file = work / "progress.json"
-    finished = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    finished = _progress(progress_file)
     shards: dict[str, list[dict[str, Any]]] = {}
     for split, files in layout.items():
         k, examples = views[split], splits[split]
@@ -710,10 +723,13 @@ def survey(root: Path) -> list[Found]:
 
 
 def _lock_file(path: Path) -> bool:
-    """A build lock tlkit made: `<key>.lock`, an empty regular file (never written to)."""
+    """A build lock tlkit made: `<key>.lock` of a key as key_of makes it, an empty regular file
+    (never written to). Any other `.lock` is not tlkit's."""
+    if path.suffix != ".lock" or not KEY.fullmatch(path.stem):
+        return False
     with contextlib.suppress(OSError):
         st = os.lstat(path)
-        return path.suffix == ".lock" and stat.S_ISREG(st.st_mode) and st.st_size == 0
+        return stat.S_ISREG(st.st_mode) and st.st_size == 0
     return False
 
 
@@ -747,21 +763,26 @@ def _classify(path: Path) -> Found:
 
 
 def _proven_kind(path: Path) -> str:
-    """The kind `path` proves to be by its record; NotTlkit says why it proves none."""
+    """The kind `path` proves to be by its record; NotTlkit says why it proves none. Every
+    folder tlkit makes there is named after a key as key_of makes it."""
     name = path.name
     if is_incomplete(name):
         if writer_kind(path) not in ("cache", "cache part"):
             raise NotTlkit("no writer file of a cache build in it")
-        return "interrupted build"
-    if ".part-" in name:
+        kind = "interrupted build"
+    elif ".part-" in name:
         info = load_record(path / PART_FILE, "cache part")
         if name != part_path(path.parent, info["key"], info["index"], info["count"]).name:
             raise NotTlkit(f"its {PART_FILE} is the record of another part")
-        return "shard part"
-    info = load_record(path / "manifest.json", "cache")
-    if info["key"] != name:
-        raise NotTlkit(f"its manifest.json is the record of key {str(info['key'])[:40]!r}")
-    return "cache"
+        kind = "shard part"
+    else:
+        info = load_record(path / "manifest.json", "cache")
+        if info["key"] != name:
+            raise NotTlkit(f"its manifest.json is the record of key {str(info['key'])[:40]!r}")
+        kind = "cache"
+    if not KEY.fullmatch(name.split(".", 1)[0]):
+        raise NotTlkit("its name does not start with a cache key (20 hex digits)")
+    return kind
 
 
 def _cache_file(path: Path) -> bool:
@@ -829,8 +850,12 @@ def list_unfinished(root: Path) -> list[dict[str, Any]]:
 
 
 def list_foreign(root: Path) -> list[Found]:
-    """What `cache rm` leaves alone under `root` because it is not tlkit's, with why."""
-    return [f for f in survey(root) if f.kind is None]
+    """What `cache rm` leaves alone under `root` because it is not tlkit's, with why: entries of
+    the root, and of the resized-image stores' folder (`images/NAME`)."""
+    from tlkit.data.store import STORE_DIR, foreign_stores
+
+    stores = [Found(f"{STORE_DIR}/{name}", None, why) for name, why in foreign_stores(root)]
+    return [f for f in survey(root) if f.kind is None] + stores
 
 
 def touch(cache: FeatureCache) -> None:
@@ -851,17 +876,18 @@ def remove_caches(root: Path, key: str | None) -> Removal:
     """Remove one cache (or all, key None) with its interrupted builds and shard parts, and the
     resized-image store of that key: only what proves to be tlkit's (`survey`) and no live
     process is writing. The rest is left alone and named with why; a KEY of which nothing is
-    removed is an error line."""
+    removed is an error line, and a KEY that is not a name (a path) one before anything."""
+    if key is not None and (Path(key).name != key or key in (".", "..") or "\0" in key):
+        raise ConfigError(
+            f"{shown(key)}: not a cache key, which names a folder in {root} and is never a "
+            "path; `tlkit cache ls` lists the keys"
+        )
     found = [f for f in survey(root) if key is None or f.key == key]
     out = Removal(left=[(f.name, f.why) for f in found if f.kind is None])
     for k in sorted({f.key for f in found if f.kind is not None}):
         _remove_key(root, k, [f for f in found if f.kind is not None and f.key == k], out)
     _remove_stores(root, key, out)
-    for lock in [root / f"{key}.lock"] if key is not None else sorted(root.glob("*.lock")):
-        if _lock_file(lock):
-            with hold_lock(lock, wait=False) as held:
-                if held:  # one a running build holds stays: a third process must wait on it
-                    lock.unlink()
+    _remove_locks(root, key)
     if key is not None and not out.removed:
         if not out.left:
             raise CacheError(f"{root / key}: no such cache; `tlkit cache ls` lists them")
@@ -869,6 +895,18 @@ def remove_caches(root: Path, key: str | None) -> Removal:
         more = f" (and {len(out.left) - 1} more)" if len(out.left) > 1 else ""
         raise CacheError(f"{root / key}: nothing removed: {name} is left alone, {why}{more}")
     return out
+
+
+def _remove_locks(root: Path, key: str | None) -> None:
+    """The build locks (`_lock_file`) of KEY, or of every key, that has nothing of tlkit's left;
+    one a running build holds stays: a third process must wait on it."""
+    left = {f.key for f in survey(root) if f.kind is not None}
+    every = sorted(os.listdir(root)) if root.is_dir() else []
+    for lock in (root / name for name in ([f"{key}.lock"] if key is not None else every)):
+        if _lock_file(lock) and lock.stem not in left:
+            with hold_lock(lock, wait=False) as held:
+                if held:
+                    lock.unlink()
 
 
 def _remove_key(root: Path, key: str, found: list[Found], out: Removal) -> None:
@@ -915,8 +953,7 @@ def _remove_stores(root: Path, key: str | None, out: Removal) -> None:
     base = root / STORE_DIR
     if base.is_symlink() or not base.is_dir():
         return  # `survey` names a symlink or a file there
-    plain = key is not None and Path(key).name == key and key not in (".", "..")
-    names = sorted(os.listdir(base)) if key is None else [key] if plain else []
+    names = sorted(os.listdir(base)) if key is None else [key]  # a KEY is a name
     for name in names:
         if os.path.lexists(base / name):
             why = remove_store(root, name)

@@ -44,7 +44,9 @@ def backbone_table() -> list[dict[str, Any]]:
     if cache.is_file():
         try:
             known = json.loads(cache.read_text())
-        except json.JSONDecodeError:
+        except (OSError, ValueError, RecursionError):  # a memo: damaged means measure again
+            known = {}
+        if not isinstance(known, dict):
             known = {}
     rows, changed = [], False
     for spec in REGISTRY.values():
