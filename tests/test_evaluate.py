@@ -157,9 +157,8 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     ensemble = runner.invoke(cli, ["eval", *map(str, runs), "--ensemble-weights", "val"])
     assert ensemble.exit_code == 0, ensemble.output
     assert "ensemble" in ensemble.output and "members disagree on" in ensemble.output
-    weights = json.loads((runs[0] / "eval/test-crops1-ensemble2/metrics.json").read_text())[
-        "member_weights"
-    ]
+    (out,) = (runs[0] / "eval").glob("test-crops1-ensemble2-*")
+    weights = json.loads((out / "metrics.json").read_text())["member_weights"]
     assert sum(weights) == pytest.approx(1.0)
 
 
@@ -399,3 +398,9 @@ def test_eval_names_its_output_after_the_data_so_two_datasets_never_collide(trai
     for args in ((str(shelf),), (str(data),), ()):  # the same data again, named or not
         again = score(*args)
         assert again.exit_code == 7 and "already exists; pass --name or --overwrite" in again.output
+    twin = tmp_path / "twin"  # two ensembles of the same size on the same data: two folders
+    shutil.copytree(run, twin, ignore=shutil.ignore_patterns("eval"))
+    for other in (runs[1], twin):
+        both = CliRunner().invoke(cli, ["eval", str(run), str(other), "--json"])
+        assert both.exit_code == 0, both.output
+    assert len(list((run / "eval").glob("test-crops1-ensemble2-*"))) == 2

@@ -351,6 +351,37 @@ HOSTILE_PICKLES = {
         ),
         r"the pickle nests containers more than 16 deep",
     ),
+    # a dict of 1000 keys copied 1000 times by OrderedDict(d): 6 bytes a copy, 1M entries
+    "a dict copied by OrderedDict": (
+        checkpoint(
+            info=pickled(
+                pickle.EMPTY_LIST + pickle.MARK,
+                pickle.EMPTY_DICT + MEMO_PUT[0] + pickle.MARK,
+                *(unicode(f"k{i}") + pickle.NONE for i in range(1000)),
+                pickle.SETITEMS + pickle.GLOBAL + b"collections\nOrderedDict\n" + MEMO_PUT[1],
+                (MEMO_GET[1] + MEMO_GET[0] + pickle.TUPLE1 + pickle.REDUCE) * 1000,
+                pickle.APPENDS,
+            )
+        ),
+        r"the pickle builds an ordered dict from arguments",
+    ),
+    # int keys that share one hash: each insertion compares with all before it (quadratic)
+    "int keys of one hash": (
+        checkpoint(
+            info=pickled(
+                pickle.EMPTY_DICT + pickle.MARK,
+                *(
+                    pickle.LONG1
+                    + bytes([9])
+                    + (i * (2**61 - 1)).to_bytes(9, "little")
+                    + pickle.NONE
+                    for i in range(1, 2000)
+                ),
+                pickle.SETITEMS,
+            )
+        ),
+        r"the pickle uses a dict key that is not text \(byte \d+\)",
+    ),
     # a 5000-digit int as the version: printing it raised ValueError
     "5000-digit int": (
         checkpoint(version=pickled(pickle.LONG4 + struct.pack("<i", 2100) + b"\x01" * 2100)),

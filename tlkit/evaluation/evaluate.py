@@ -103,11 +103,16 @@ def _local(root: str) -> str:
     return root
 
 
-def default_name(run: Run, data: str | None, split: str, multicrop: str, members: int) -> str:
-    """RUN/eval/<name> without --name: the split and the crops, and for DATA other than the
-    run's own also its name and a hash of where it is, so that scoring two datasets never
-    collides while scoring the same one again still asks for --overwrite."""
-    name = f"{split}-crops{multicrop}" + (f"-ensemble{members}" if members else "")
+def default_name(runs: Sequence[Run], data: str | None, split: str, multicrop: str) -> str:
+    """RUN/eval/<name> without --name: the split and the crops, for an ensemble the number of
+    members and a hash of which runs they are, and for DATA other than the first run's own
+    its name and a hash of where it is: scoring two datasets or two ensembles never collides,
+    while scoring the same again still asks for --overwrite."""
+    name = f"{split}-crops{multicrop}"
+    if len(runs) > 1:
+        members = "\n".join(str(r.path.resolve()) for r in runs)
+        name += f"-ensemble{len(runs)}-{hashlib.sha256(members.encode()).hexdigest()[:6]}"
+    run = runs[0]
     own = str(run.record.data["root"])
     if data is None or _where(data) == _where(own):
         return name
@@ -733,7 +738,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
     ensemble_of = len(runs) if len(runs) > 1 else 0
     fitted = config.ensemble_weights == "val" and ensemble_of
     fit_on = weights_split(runs, examples, source) if fitted else None
-    name = config.name or default_name(runs[0], config.data, split, config.multicrop, ensemble_of)
+    name = config.name or default_name(runs, config.data, split, config.multicrop)
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
         refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite", kind="evaluation")

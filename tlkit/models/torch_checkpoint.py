@@ -60,9 +60,10 @@ MAX_GROWTH = 4  # the arrays returned hold at most 4 times the storages' bytes (
 
 # The opcodes of torch.save's protocol-2 pickles (and Python 2's byte strings). Everything else
 # is refused: INST, OBJ, NEWOBJ, EXT*, STACK_GLOBAL, the text opcodes, big ints, sets, bytes.
-_SCALARS = frozenset(
-    {"BININT", "BININT1", "BININT2", "LONG1", "NONE", "NEWTRUE", "NEWFALSE", "GLOBAL"}
-    | {"BINUNICODE", "SHORT_BINSTRING", "BINSTRING"}
+_TEXT = frozenset({"BINUNICODE", "SHORT_BINSTRING", "BINSTRING"})  # a state dict's keys
+_SCALARS = (
+    frozenset({"BININT", "BININT1", "BININT2", "LONG1", "NONE", "NEWTRUE", "NEWFALSE", "GLOBAL"})
+    | _TEXT
 )
 _EMPTY = frozenset({"EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT"})
 _TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
@@ -138,6 +139,13 @@ class _OrderedDict(collections.OrderedDict):
     """collections.OrderedDict as the pickle gets it: the state BUILD may set is torch's
     `_metadata` (ignored), and its repr stays short in a message."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args or kwargs:  # torch.save writes OrderedDict() and fills it with SETITEMS
+            raise _Refused(
+                "the pickle builds an ordered dict from arguments (a copy of another object)"
+            )
+        super().__init__()
+
     def __setstate__(self, state: Any) -> None:
         if not (isinstance(state, dict) and set(state) <= {"_metadata"}):
             raise _Refused(
@@ -199,6 +207,7 @@ def _resolve(module: str, name: str) -> Any:
 class _Item:
     depth: int  # how many containers deep it nests (0: a scalar)
     fetched: bool = False  # a copy from the memo
+    text: bool = False  # a string: the only kind of dict key a state dict has
 
 
 class _Scan:
@@ -229,7 +238,7 @@ class _Scan:
                 _resolve(*arg.split(" ", 1))  # genops gives "module name"
             elif name == "LONG1" and arg.bit_length() > MAX_INT_BITS:
                 self.refuse(f"holds an int of {arg.bit_length()} bits")
-            self.push(0)
+            self.push(0, text=name in _TEXT)
         elif name in _EMPTY:
             self.push(1)
         elif name == "MARK":
@@ -240,7 +249,10 @@ class _Scan:
             items = self.pop_mark() if name == "TUPLE" else self.pop(_TUPLES[name])
             self.push(1 + _deepest(items))
         elif name in _INTO or name in _INTO_MARKED:
-            self.add(self.pop_mark() if name in _INTO_MARKED else self.pop(_INTO[name]))
+            items = self.pop_mark() if name in _INTO_MARKED else self.pop(_INTO[name])
+            if name.startswith("SETITEM") and not all(key.text for key in items[::2]):
+                self.refuse("uses a dict key that is not text")  # ints can share one hash
+            self.add(items)
         elif name == "REDUCE":
             self.push(self.pop(2)[1].depth)  # what the call returns nests no deeper than its args
         elif name == "BINPERSID":
@@ -257,12 +269,12 @@ class _Scan:
     def refuse(self, what: str) -> None:
         raise _Refused(f"the pickle {what} (byte {self.pos}), which a saved state dict never needs")
 
-    def push(self, depth: int, fetched: bool = False) -> None:
+    def push(self, depth: int, fetched: bool = False, text: bool = False) -> None:
         if depth > MAX_NESTING:
             self.refuse(f"nests containers more than {MAX_NESTING} deep")
         if len(self.stack) >= MAX_STACK:
             self.refuse(f"holds more than {MAX_STACK} items on its stack")
-        self.stack.append(_Item(depth, fetched))
+        self.stack.append(_Item(depth, fetched, text))
 
     def pop(self, n: int) -> list[_Item]:
         if len(self.stack) - n < (self.marks[-1] if self.marks else 0):
@@ -294,7 +306,7 @@ class _Scan:
         if not put:
             if index not in self.memo:
                 raise _Malformed(f"memo index {index} read before written at byte {self.pos}")
-            self.push(self.memo[index].depth, fetched=True)
+            self.push(self.memo[index].depth, fetched=True, text=self.memo[index].text)
         elif len(self.stack) <= (self.marks[-1] if self.marks else 0):
             raise _Malformed(f"the pickle's stack runs out at byte {self.pos}")
         elif index > self.puts:
