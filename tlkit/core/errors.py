@@ -33,6 +33,13 @@ class _Bounded(reprlib.Repr):
         return super().repr_int(x, level) if bits <= 128 else f"<an int of {bits} bits>"
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """A library's exception in a one-line message: its first line, cut (tfds and Keras list
+    pages of detail), or its type when it says nothing."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
 def shown(value: object, limit: int = 80) -> str:
     """`value` as an error message quotes it: a bounded repr (a few items, a few levels, long
     strings cut), so a hostile or huge input cannot make the message itself huge or slow."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tlkit.core.choices import DEFAULT_MAX_PIXELS
-from tlkit.core.errors import RunError, TlkitError, did_you_mean, shown
+from tlkit.core.errors import RunError, TlkitError, did_you_mean, first_line, shown
 from tlkit.core.fsutil import (
     final_path,
     find_incomplete,
@@ -230,11 +230,9 @@ def load_keras_file(path: Path, error: type[TlkitError] = RunError) -> Any:
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # Keras raises many kinds for a refused or damaged archive
-        text = str(e).strip()
-        first = text.splitlines()[0][:300] if text else type(e).__name__
         raise error(
-            f"{path}: Keras refused to load it ({first}); tlkit loads only models made "
-            "of Keras layers, never code from a file: use a model trained by tlkit"
+            f"{path}: Keras refused to load it ({first_line(e, 300)}); tlkit loads only models "
+            "made of Keras layers, never code from a file: use a model trained by tlkit"
         ) from None
 
 

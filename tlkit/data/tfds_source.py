@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tlkit.core.choices import SPLIT_NAMES
-from tlkit.core.errors import DataError, shown
+from tlkit.core.errors import DataError, first_line, shown
 from tlkit.core.fsutil import (
     atomic_write_json,
     discard,
@@ -48,12 +48,6 @@ def parse(spec: str) -> tuple[str, str | None, str | None]:
     if "/" in name and version is None and split is None:
         name, split = name.split("/", 1)
     return name, version, split
-
-
-def _first_line(e: Exception) -> str:
-    """tfds' messages run to several lines (a listing of what it looked for): the first."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def _features(info: Any, spec: str) -> tuple[str, str, list[str]]:
@@ -91,7 +85,7 @@ def materialize(spec: str) -> Path:
     try:
         builder = tfds.builder(name, version=version)
     except Exception as e:  # tfds raises many kinds for an unknown name or version
-        raise DataError(f"{spec}: tensorflow-datasets cannot open it ({_first_line(e)})") from None
+        raise DataError(f"{spec}: tensorflow-datasets cannot open it ({first_line(e)})") from None
     info = builder.info
     splits = [split] if split else [s for s in info.splits if s.lower() in SPLIT_NAMES]
     if not splits:
@@ -161,7 +155,7 @@ def _write_split(
         ds = builder.as_dataset(split=s, shuffle_files=False)
     except Exception as e:  # not prepared, unknown split, ...
         raise DataError(
-            f"{spec}: cannot read split {s!r} from {builder.data_dir} ({_first_line(e)}); "
+            f"{spec}: cannot read split {s!r} from {builder.data_dir} ({first_line(e)}); "
             "prepare the dataset there (tfds build) or set TFDS_DATA_DIR"
         ) from None
     log.info("writing %s split %s as image files in %s", builder.info.name, s, folder)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.core.errors import RunError, WeightsError
+from tlkit.core.errors import RunError, WeightsError, first_line
 from tlkit.core.fsutil import atomic_path, file_hash, hold_lock
 from tlkit.models.backbones import REGISTRY, BackboneSpec, keras_cache_dir
 
@@ -186,7 +186,7 @@ def _download(spec: BackboneSpec, target: Path) -> Path:
                     file_hash=spec.weights_hash,
                 )
             except Exception as e:  # network errors come in many types; all mean the same here
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                reason = first_line(e)
                 raise WeightsError(_missing_message(spec, f"download failed: {reason}")) from None
             os.replace(fetched, target)
     return target
