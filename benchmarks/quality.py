@@ -34,7 +34,9 @@ References, written here independently of tlkit:
   extraction" recipe, trained with Adam to early stopping on validation loss (best weights).
 - logreg-probe: scikit-learn LogisticRegression (L-BFGS to convergence) on the same frozen,
   pooled features, C chosen on the validation images: the sharpest yardstick for a head.
-- scratch: ResNet50 from random weights on the k images per class, same epochs as the defaults.
+- scratch: ResNet50 from random weights on the k images per class, every layer (BatchNorm too),
+  trained to convergence: early stopping on validation, the rate chosen on validation from
+  common.SCRATCH_LRS.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, tlkit
+from common import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, scratch, tlkit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -66,6 +68,7 @@ SIZE = 32
 BACKBONE = "resnet50"  # --smoke: tlkit's test backbone, so that the smoke test takes a minute
 REFERENCE_EPOCHS = 1000  # the plain-Keras reference stops early long before; --smoke: 20
 COMMON = ["--input-size", str(SIZE), "--workers", "2"]
+SCRATCH_BUDGET = [100, 20]  # epochs, patience: converged; --smoke: 2, 1
 
 # name -> (finetune flags, k values, seeds: "all" or only the first). The budget decides: on
 # 2 cores ResNet50 trains at about 14 images/s at 32 px, so a configuration that fine-tunes
@@ -314,39 +317,21 @@ def run_task(
         keras_reference(feats, seed),
         seconds=time.perf_counter() - start,
     )
-    record("logreg-probe (sklearn, frozen)", k, seed, logreg_probe(feats))
+    probe = logreg_probe(feats)
+    record("logreg-probe (sklearn, frozen)", k, seed, probe.test, val=probe.val)
     if k == 10:
-        out = work / "runs" / f"scratch-k{k}-s{seed}"
-        start = time.perf_counter()
-        tlkit(
-            "finetune",
-            str(task),
-            "--weights",
-            "none",
-            *COMMON,
-            "--seed",
-            str(seed),
-            "--head-epochs",
-            "0",
-            "--epochs",
-            "10",
-            "--lr",
-            "1e-3",
-            "--fine-tune-lr",
-            "1e-3",
-            "--patience",
-            "10",
-            "-o",
-            str(out),
-        )
-        train_s = time.perf_counter() - start
-        clear()
+        r = scratch(task, work / "runs", [*COMMON, "--seed", str(seed)], *SCRATCH_BUDGET)
         record(
-            "scratch (ResNet50, random init)",
+            "scratch (ResNet50, random init, converged, rate chosen on val)",
             k,
             seed,
-            evaluate(out, task)["comparison"][0]["single_crop_top1"],
-            seconds=train_s,
+            r["test"],
+            seconds=r["seconds"],
+            val=r["val"],
+            lr=r["lr"],
+            epochs_run=r["epochs_run"],
+            classes_hit=r["classes_hit"],
+            budget=r["budget"],
         )
     shutil.rmtree(work / "runs", ignore_errors=True)
     shutil.rmtree(task, ignore_errors=True)
@@ -488,7 +473,7 @@ def run_quickstart(
             f"logreg-probe on the features of {name.split(', head')[0]}",
             0,
             seeds[0],
-            logreg_probe(quickstart_features(probed)),
+            logreg_probe(quickstart_features(probed)).test,
             protocol="quickstart",
         )
 
@@ -632,7 +617,7 @@ def run_pictures(
             split[members[k : k + PICTURES_VAL]] = "val"
         for name, x in features.items():
             feats = {s: (x[split == s], labels[split == s]) for s in ("train", "val", "test")}
-            top1 = logreg_probe(feats)
+            top1 = logreg_probe(feats).test
             record(f"logreg-probe on {name}", k, seed, top1, protocol="pictures")
             log(f"pictures seed={seed} k={k} {name}: {top1:.4f}")
 
@@ -765,11 +750,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "this folder of class folders: its core (every goal, k = 10); "
         "with --sweep its sweep instead (k = 5 and 20, recipes, depths)",
     )
+    parser.add_argument(
+        "--icons",
+        type=Path,
+        help="only the icons protocol (benchmarks/icons.py) on this folder "
+        "(scripts/fetch_icons.py OUT makes OUT/icons): its core (k = 200); with "
+        "--sweep k = 10 and 50",
+    )
     args = parser.parse_args(argv)
-    if args.real and args.k:
+    if (args.real or args.icons) and args.k:
         parser.error(
-            f"--k {' '.join(map(str, args.k))} does not apply to --real: its core "
-            "runs k = 10 and --sweep k = 5 and 20 (benchmarks/real_pictures.py PLANS)"
+            f"--k {' '.join(map(str, args.k))} does not apply to --real or --icons: their "
+            "plans set k (PLANS in benchmarks/real_pictures.py and benchmarks/icons.py)"
         )
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
@@ -797,6 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": None if seconds is None else round(seconds, 1),
             **extra,
         }
+        if row.get("val") is not None:  # the validation top-1 that chooses
+            row["val"] = round(row["val"], 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -821,6 +815,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.smoke,
             )
             args.quickstart = args.quickstart or bool(args.real)
+        if args.icons or args.smoke:
+            from icons import run_icons
+
+            seeds = [0] if args.smoke else args.seeds
+            run_icons(args.icons, work, seeds, args.sweep, args.only, record, args.smoke)
+            args.quickstart = args.quickstart or bool(args.icons)
         if args.smoke:
             run_pictures(
                 smoke_pictures(work / "pictures"),
@@ -862,8 +862,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if real_rows or any(r.get("protocol") == "real-views" for r in rows):
         from real_pictures import real_table, views_cost_table
 
-        print(real_table(real_rows, sorted({r["k"] for r in real_rows})))
+        ks = sorted({r["k"] for r in real_rows})
+        print(real_table(real_rows, ks))
+        print(real_table(real_rows, ks, "val", "real pictures, VALIDATION top-1 (what chooses)"))
         print(views_cost_table([r for r in rows if r.get("protocol") == "real-views"]))
+    icon_rows = [r for r in rows if r.get("protocol") == "icons"]
+    if icon_rows:
+        from real_pictures import real_table
+
+        ks = sorted({r["k"] for r in icon_rows})
+        print(real_table(icon_rows, ks, title="icons, unseen themes"))
+        print(real_table(icon_rows, ks, "val", "icons, VALIDATION top-1 (what chooses)"))
     for protocol, title in (
         ("quickstart", "data/ as shipped (drawings), 224 px"),
         ("pictures", f"drawings, {PICTURES_SIZE} px, probes"),

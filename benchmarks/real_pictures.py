@@ -36,10 +36,11 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, tlkit
+from common import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, scratch, tlkit
 
 CLASSES = (
     "animals_birds",
@@ -69,22 +70,37 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "recipe alexnet-augment": ["--recipe", "alexnet-augment"],
     HEAD_ONLY: ["--freeze", "all", "--epochs", "0"],
     LAST_STAGES: ["--freeze-blocks", "6"],
+    "--freeze-blocks 4": ["--freeze-blocks", "4"],
+    "--freeze-blocks 2": ["--freeze-blocks", "2"],
     CANDIDATE: CANDIDATE_FLAGS,
     "defaults + label smoothing 0.1": ["--label-smoothing", "0.1"],
     "defaults + stage rate decay 0.5": ["--stage-lr-decay", "0.5"],
     "defaults + AdamW weight decay 0.05": ["--weight-decay", "0.05"],
+    # the fine-tune rate around the default 1e-5, chosen again on validation
+    "defaults, --fine-tune-lr 1e-4": ["--fine-tune-lr", "1e-4"],
+    "defaults, --fine-tune-lr 3e-5": ["--fine-tune-lr", "3e-5"],
+    "defaults, --fine-tune-lr 3e-6": ["--fine-tune-lr", "3e-6"],
 }
 OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options left off
+RATES = [n for n in CONFIGS if n.startswith("defaults, --fine-tune-lr")]
 # what runs: tier -> k -> (configurations, extras). The core holds every goal (k = MAIN_K);
 # --sweep holds the rest and does not re-run the core. Extras: "views" (--multicrop modes on
 # the defaults' run), "ensemble", "reference" (keras-reference frozen + logreg probe),
-# "background" (the probe over mid-grey), "fine-tuned reference", "scratch".
+# "background" (the probe over mid-grey), "fine-tuned reference", "timm reference" (these
+# three run inside the reference), "scratch" (converged, its rate chosen on validation).
 MAIN_K = 10
 PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
     "core": {
         MAIN_K: (
             ["defaults", "--freeze auto", "--augment auto", HEAD_ONLY],
-            {"views", "ensemble", "reference", "background", "fine-tuned reference", "scratch"},
+            {
+                "views",
+                "ensemble",
+                "reference",
+                "background",
+                "fine-tuned reference",
+                "timm reference",
+            },
         )
     },
     "sweep": {
@@ -98,8 +114,9 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 LAST_STAGES,
                 CANDIDATE,
                 *OPTIONS,
+                *RATES,
             ],
-            set(),
+            {"scratch"},
         ),
         20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"}),
     },
@@ -107,7 +124,11 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
 SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
 VIEW_MODES = ("1", "auto", "10", "dense")  # `tlkit eval --multicrop` on the defaults' run
 ENSEMBLE_SEEDS = (1000, 2000)  # two more defaults runs: seed + these
-SCRATCH_EPOCHS = 10
+REFERENCE_EXTRAS = {"background", "fine-tuned reference", "timm reference"}
+SCRATCH_BUDGET = (100, 15)  # epochs, patience: converged, well past the best epoch
+SCRATCH_ROW = "scratch (random init, every layer, converged, rate chosen on val)"
+TIMM_EPOCHS = 20  # per rate of the timm-style reference's grid; --smoke: 3
+TIMM_ROW = "timm-style reference (AdamW, warmup + cosine, smoothing, layer decay)"
 REFERENCE_EPOCHS = 1000  # the head's early stopping ends it long before; --smoke: 20
 FINE_TUNE_EPOCHS, FINE_TUNE_PATIENCE = 10, 3  # the guide's stage 2; --smoke: 2
 
@@ -163,12 +184,27 @@ def make_task(root: Path, drawings: dict[str, list[Path]], k: int, seed: int) ->
     return root
 
 
-def split_files(task: Path, split: str) -> tuple[list[Path], Any]:
+@dataclass(frozen=True)
+class Task:
+    """One seed's task folder (train/val/test class folders) and how it is run."""
+
+    root: Path
+    k: int
+    seed: int
+    size: int = SIZE
+    protocol: str = "real"
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "train").iterdir() if p.is_dir())
+
+
+def split_files(task: Task, split: str) -> tuple[list[Path], Any]:
     import numpy as np
 
     files, labels = [], []
-    for i, c in enumerate(CLASSES):
-        these = sorted((task / split / c).glob("*.png"))
+    for i, c in enumerate(task.classes):
+        these = sorted((task.root / split / c).glob("*.png"))
         files += these
         labels += [i] * len(these)
     return files, np.array(labels)
@@ -177,9 +213,9 @@ def split_files(task: Path, split: str) -> tuple[list[Path], Any]:
 GREY = (128, 128, 128)  # the background check's other choice
 
 
-def pixels(files: Sequence[Path], background: tuple[int, int, int] | None = None) -> Any:
+def pixels(files: Sequence[Path], size: int, background: tuple[int, int, int] | None = None) -> Any:
     """What a hand-written script does: PIL, alpha over `background` (default tlkit's decode
-    choice, white), shorter side 256, centre 224."""
+    choice, white), shorter side size / 0.875, centre size."""
     import numpy as np
     from PIL import Image
 
@@ -192,13 +228,13 @@ def pixels(files: Sequence[Path], background: tuple[int, int, int] | None = None
             rgba = im.convert("RGBA")
         under = Image.new("RGBA", rgba.size, (*background, 255))
         im = Image.alpha_composite(under, rgba).convert("RGB")
-        scale = SIZE * 8 / 7 / min(im.size)  # 256 for 224: the eval view's 0.875
+        scale = size * 8 / 7 / min(im.size)  # 256 for 224: the eval view's 0.875
         im = im.resize(
-            (max(SIZE, round(im.width * scale)), max(SIZE, round(im.height * scale))),
+            (max(size, round(im.width * scale)), max(size, round(im.height * scale))),
             Image.Resampling.BILINEAR,
         )
-        left, top = (im.width - SIZE) // 2, (im.height - SIZE) // 2
-        out.append(np.asarray(im.crop((left, top, left + SIZE, top + SIZE))))
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        out.append(np.asarray(im.crop((left, top, left + size, top + size))))
     return np.stack(out).astype(np.float32)
 
 
@@ -225,119 +261,184 @@ class KeepBest:
         return _KeepBest()
 
 
-def keras_reference(
-    task: Path, backbone: str, seed: int, extras: set[str], record: Callable[..., None], k: int
-) -> None:
-    """The Keras guide's two stages (the second if "fine-tuned reference" is in `extras`), the
-    probe on the stage-1 features, and the probe over mid-grey if "background" is."""
-    import keras
-
+def build_base(backbone: str, size: int) -> Any:
+    """The backbone with its ImageNet weights (random for the smoke's test backbone)."""
     from tlkit.models.backbones import get_backbone
     from tlkit.models.weights import ensure_imagenet
 
-    keras.utils.set_random_seed(seed)
+    spec = get_backbone(backbone)
+    return spec.build(size, weights=str(ensure_imagenet(spec)) if spec.weights_file else None)
+
+
+def preprocess() -> Any:
+    import keras
+
+    return keras.layers.Rescaling(1 / 128, offset=-127 / 128)  # Lite0's (x - 127) / 128
+
+
+def bn_statistics(base: Any) -> list[Any]:
+    import keras
+
+    return [
+        w.numpy().copy()
+        for layer in base.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for w in (layer.moving_mean, layer.moving_variance)
+    ]
+
+
+def unfreeze_but_batch_norm(base: Any) -> None:
+    """The Keras guide's fine-tune: the backbone trainable, each BatchNorm layer not. Calling
+    the base with training=False is not enough in Keras 3: fit() passes training=True into
+    nested models, and BatchNorm runs in inference mode only when it is not trainable."""
+    import keras
+
+    base.trainable = True
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def accuracy(model: Any, x: Any, y: Any) -> float:
+    return float((model.predict(x, batch_size=32, verbose=0).argmax(1) == y).mean())
+
+
+def keras_reference(
+    task: Task, backbone: str, extras: set[str], record: Callable[..., None]
+) -> None:
+    """The Keras guide's two stages (the second if "fine-tuned reference" is in `extras`), the
+    probe on the stage-1 features, the probe over mid-grey if "background" is, the timm-style
+    reference if "timm reference" is. Seconds count each reference's own work: decoding its
+    training and validation pictures, then training; decoding the test split is not counted."""
+    import keras
+
+    keras.utils.set_random_seed(task.seed)
     start = time.perf_counter()
     (ftr, y), (fva, yv) = split_files(task, "train"), split_files(task, "val")
-    x, xv = pixels(ftr), pixels(fva)
-    spec = get_backbone(backbone)
-    base = spec.build(SIZE, weights=str(ensure_imagenet(spec)) if spec.weights_file else None)
-    base.trainable = False
-    inputs = keras.Input((SIZE, SIZE, 3))
-    flipped = keras.layers.RandomFlip("horizontal")(inputs)
-    scaled = keras.layers.Rescaling(1 / 128, offset=-127 / 128)(flipped)  # Lite0's (x-127)/128
-    pooled = keras.layers.GlobalAveragePooling2D()(base(scaled, training=False))
-    dropout = keras.layers.Dropout(0.2)
-    dense = keras.layers.Dense(len(CLASSES), activation="softmax")
-    model = keras.Model(inputs, dense(dropout(pooled)))
-    features = keras.Model(inputs, pooled)
-    f, fv = (features.predict(a, batch_size=32, verbose=0) for a in (x, xv))
-    head = keras.Sequential([keras.Input(f.shape[1:]), dropout, dense])
-    head.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
-    stop = keras.callbacks.EarlyStopping(patience=20, restore_best_weights=True)
-    history = head.fit(
-        f,
-        y,
-        batch_size=32,
-        epochs=REFERENCE_EPOCHS,
-        validation_data=(fv, yv),
-        callbacks=[stop],
-        verbose=0,
-    )
-    head_loss = min(history.history["val_loss"])
+    x, xv = pixels(ftr, task.size), pixels(fva, task.size)
+    decode_s = time.perf_counter() - start
+    guide = GuideModel(build_base(backbone, task.size), len(task.classes), task.size)
+    f, fv = (guide.features.predict(a, batch_size=32, verbose=0) for a in (x, xv))
+    head_loss = guide.fit_head(f, y, fv, yv)
     frozen_s = time.perf_counter() - start
     test_files, yt = split_files(task, "test")
-    xt = pixels(test_files)
-    ft = features.predict(xt, batch_size=32, verbose=0)
-    record(
-        "keras-reference, frozen (head on features)",
-        k,
-        seed,
-        float((head.predict(ft, verbose=0).argmax(1) == yt).mean()),
-        seconds=frozen_s,
-    )
-    record(
-        "logreg-probe (sklearn, same features)",
-        k,
-        seed,
-        logreg_probe({"train": (f, y), "val": (fv, yv), "test": (ft, yt)}),
-    )
+    xt = pixels(test_files, task.size)
+    ft = guide.features.predict(xt, batch_size=32, verbose=0)
+    val, test = accuracy(guide.head, fv, yv), accuracy(guide.head, ft, yt)
+    record("keras-reference, frozen (head on features)", test, val=val, seconds=frozen_s)
+    probe = logreg_probe({"train": (f, y), "val": (fv, yv), "test": (ft, yt)})
+    record("logreg-probe (sklearn, same features)", probe.test, val=probe.val)
     if "background" in extras:  # the same probe on drawings composited over mid-grey
         grey = {
-            split: (features.predict(pixels(files, GREY), batch_size=32, verbose=0), labels)
+            split: (
+                guide.features.predict(pixels(files, task.size, GREY), batch_size=32, verbose=0),
+                labels,
+            )
             for split, files, labels in (
                 ("train", ftr, y),
                 ("val", fva, yv),
                 ("test", test_files, yt),
             )
         }
-        record("logreg-probe, alpha over mid-grey instead of white", k, seed, logreg_probe(grey))
+        probe = logreg_probe(grey)
+        record("logreg-probe, alpha over mid-grey instead of white", probe.test, val=probe.val)
     if "fine-tuned reference" in extras:
-        base.trainable = True  # the guide: unfreeze, BatchNorm stays in inference mode
-        model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy")
-        stop = keras.callbacks.EarlyStopping(patience=FINE_TUNE_PATIENCE)
-        model.fit(
-            x,
-            y,
-            batch_size=32,
-            epochs=FINE_TUNE_EPOCHS,
-            validation_data=(xv, yv),
-            callbacks=[stop, KeepBest(head_loss)],
-            verbose=0,
-        )
-        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        moved = guide.fine_tune(x, y, xv, yv, head_loss)
         record(
             "keras-reference, fine-tuned (the guide's 2 stages)",
-            k,
-            seed,
-            float((model.predict(xt, batch_size=32, verbose=0).argmax(1) == yt).mean()),
-            seconds=seconds,
+            accuracy(guide.model, xt, yt),
+            val=accuracy(guide.model, xv, yv),
+            seconds=frozen_s + time.perf_counter() - start,
+            bn_moved=moved,
         )
     clear()
+    if "timm reference" in extras:
+        from timm_reference import timm_reference
+
+        data = {"train": (x, y), "val": (xv, yv), "test": (xt, yt)}
+        r = timm_reference(
+            data,
+            lambda: build_base(backbone, task.size),
+            preprocess(),
+            len(task.classes),
+            task.seed,
+            epochs=TIMM_EPOCHS,
+            log=log,
+        )
+        record(
+            TIMM_ROW, r["test_top1"], val=r["val_top1"], seconds=decode_s + r["seconds"],
+            lr=r["lr"], epoch=r["epoch"],
+        )  # fmt: skip
+        clear()
 
 
-def finetune(task: Path, out: Path, flags: Sequence[str]) -> float:
+class GuideModel:
+    """The Keras transfer-learning guide's network: flips, the frozen base, GAP, Dropout 0.2,
+    Dense; `head` shares the Dropout and Dense layers and trains on cached features."""
+
+    def __init__(self, base: Any, classes: int, size: int) -> None:
+        import keras
+
+        self.base = base
+        base.trainable = False
+        inputs = keras.Input((size, size, 3))
+        flipped = keras.layers.RandomFlip("horizontal")(inputs)
+        pooled = keras.layers.GlobalAveragePooling2D()(base(preprocess()(flipped), training=False))
+        dropout = keras.layers.Dropout(0.2)
+        dense = keras.layers.Dense(classes, activation="softmax")
+        self.model = keras.Model(inputs, dense(dropout(pooled)))
+        self.features = keras.Model(inputs, pooled)
+        self.head = keras.Sequential([keras.Input(pooled.shape[1:]), dropout, dense])
+
+    def fit_head(self, f: Any, y: Any, fv: Any, yv: Any) -> float:
+        """Stage 1: Adam 1e-3 to early stopping, best weights; its best validation loss."""
+        import keras
+
+        self.head.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+        stop = keras.callbacks.EarlyStopping(patience=20, restore_best_weights=True)
+        history = self.head.fit(
+            f, y, batch_size=32, epochs=REFERENCE_EPOCHS, validation_data=(fv, yv),
+            callbacks=[stop], verbose=0,
+        )  # fmt: skip
+        return min(history.history["val_loss"])
+
+    def fine_tune(self, x: Any, y: Any, xv: Any, yv: Any, head_loss: float) -> bool:
+        """Stage 2: the whole network at Adam 1e-5, BatchNorm in inference mode, an epoch kept
+        only if it beats the head's validation loss; whether BatchNorm's statistics moved."""
+        import keras
+        import numpy as np
+
+        before = bn_statistics(self.base)
+        unfreeze_but_batch_norm(self.base)
+        self.model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy")
+        stop = keras.callbacks.EarlyStopping(patience=FINE_TUNE_PATIENCE)
+        self.model.fit(
+            x, y, batch_size=32, epochs=FINE_TUNE_EPOCHS, validation_data=(xv, yv),
+            callbacks=[stop, KeepBest(head_loss)], verbose=0,
+        )  # fmt: skip
+        after = bn_statistics(self.base)
+        return any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def finetune(task: Task, out: Path, flags: Sequence[str]) -> tuple[float, float]:
+    """`tlkit finetune` as typed: its seconds (decoding and training, TensorFlow's start-up
+    when it is the process's first) and its validation top-1 at the kept epoch."""
     start = time.perf_counter()
-    tlkit("finetune", str(task), "--workers", "2", *flags, "-o", str(out))
+    result = tlkit("finetune", str(task.root), "--workers", "2", *flags, "-o", str(out))
     seconds = time.perf_counter() - start
     clear()
-    return seconds
+    return seconds, result["best"]["val_accuracy"]
 
 
 def evaluate(
-    runs: Sequence[Path], task: Path, multicrop: str = "1", name: str = "test"
+    runs: Sequence[Path], task: Task, multicrop: str = "1", name: str = "test"
 ) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     m = tlkit(
-        "eval",
-        *map(str, runs),
-        str(task),
-        "--split",
-        "test",
-        "--multicrop",
-        multicrop,
-        "--name",
-        name,
-    )
+        "eval", *map(str, runs), str(task.root), "--split", "test", "--multicrop", multicrop,
+        "--name", name,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     clear()
     return m, seconds
@@ -345,132 +446,86 @@ def evaluate(
 
 def run_seed(
     work: Path,
-    drawings: dict[str, list[Path]],
-    k: int,
-    seed: int,
+    task: Task,
     names: Sequence[str],
     extras: set[str],
     record: Callable[..., None],
     smoke: bool = False,
 ) -> None:
-    """One seed's task at k: each named configuration trained and tested, then `extras`."""
-    task = make_task(work / f"real-k{k}-s{seed}", drawings, k, seed)
-    base_flags = (
-        ["--backbone", "test_resnet", "--weights", "none", "--input-size", "32"] if smoke else []
-    )
+    """One seed's task: each named configuration trained and tested, then `extras`."""
+
+    def rec(name: str, top1: float, **kw: Any) -> None:
+        record(name, task.k, task.seed, top1, protocol=task.protocol, **kw)
+
     configs = SMOKE_CONFIGS if smoke else CONFIGS
+    size = SMOKE_FLAGS if smoke else ["--input-size", str(task.size)]
+    base = [*size, "--seed", str(task.seed)]
     runs: dict[str, Path] = {}
-    one = 0.0  # seconds of the defaults' one-crop eval
     for name in names:
-        out = work / "runs" / f"real-k{k}-s{seed}-{len(runs)}"
-        seconds = finetune(task, out, [*base_flags, "--seed", str(seed), *configs[name]])
+        out = work / "runs" / f"{task.root.name}-{len(runs)}"
+        seconds, val = finetune(task, out, [*base, *configs[name]])
         runs[name] = out
         m, eval_s = evaluate([out], task)
-        record(name, k, seed, m["top1"], seconds=seconds, protocol="real")
-        log(f"real k={k} seed={seed} {name}: {m['top1']:.4f} ({seconds:.0f} s)")
+        rec(name, m["top1"], val=val, seconds=seconds)
+        log(f"{task.root.name} {name}: {m['top1']:.4f} (val {val:.4f}, {seconds:.0f} s)")
         if name == "defaults" and "views" in extras:  # that eval is --multicrop 1
-            one = eval_s
-            views_row(k, seed, "1", m, eval_s, one, record)
-    if "defaults" not in runs:  # --only left it out: nothing to view or ensemble
-        extras = extras - {"views", "ensemble"}
-    if "views" in extras:
-        for mode in VIEW_MODES[1:]:
-            m, eval_s = evaluate([runs["defaults"]], task, mode, f"views-{mode}")
-            views_row(k, seed, mode, m, eval_s, one, record)
-    if "ensemble" in extras:
-        members = [runs["defaults"]]
-        for extra in ENSEMBLE_SEEDS:
-            out = work / "runs" / f"real-k{k}-s{seed}-member{extra}"
-            finetune(task, out, [*base_flags, "--seed", str(seed + extra), *configs["defaults"]])
-            members.append(out)
-        m, _ = evaluate(members, task, "1", "ensemble")
-        record(
-            "ensemble of 3 defaults runs (seeds s, s+1000, s+2000)",
-            k,
-            seed,
-            m["top1"],
-            protocol="real",
-        )
-        record(
-            "its best member",
-            k,
-            seed,
-            max(r["single_crop_top1"] for r in m["comparison"][:3]),
-            protocol="real",
-        )
+            views_rows(work, task, runs["defaults"], (m, eval_s), record)
+    if "defaults" in runs and "ensemble" in extras:
+        ensemble_rows(work, task, runs["defaults"], [*size, *configs["defaults"]], rec)
     if "reference" in extras:
-        keras_reference(
-            task,
-            "test_resnet" if smoke else "efficientnet_lite0",
-            seed,
-            extras,
-            lambda *a, **kw: record(*a, **kw, protocol="real"),
-            k,
-        )
+        backbone = "test_resnet" if smoke else "efficientnet_lite0"
+        keras_reference(task, backbone, extras, rec)
     if "scratch" in extras:
-        out = work / "runs" / f"real-scratch-k{k}-s{seed}"
-        epochs = "2" if smoke else str(SCRATCH_EPOCHS)
-        seconds = finetune(
-            task,
-            out,
-            [
-                *base_flags,
-                "--seed",
-                str(seed),
-                "--weights",
-                "none",
-                "--freeze",
-                "0",
-                "--head-epochs",
-                "0",
-                "--epochs",
-                epochs,
-                "--lr",
-                "1e-3",
-                "--fine-tune-lr",
-                "1e-3",
-                "--patience",
-                epochs,
-            ],
-        )
-        m, _ = evaluate([out], task)
-        record(
-            f"scratch (random init, every layer, {epochs} epochs)",
-            k,
-            seed,
-            m["top1"],
-            seconds=seconds,
-            protocol="real",
-        )
+        epochs, patience = (2, 1) if smoke else SCRATCH_BUDGET
+        r = scratch(task.root, work / "runs", base, epochs, patience)
+        rec(
+            SCRATCH_ROW, r["test"], val=r["val"], seconds=r["seconds"], lr=r["lr"],
+            epochs_run=r["epochs_run"], classes_hit=r["classes_hit"], budget=r["budget"],
+        )  # fmt: skip
     shutil.rmtree(work / "runs", ignore_errors=True)
-    shutil.rmtree(task, ignore_errors=True)
+    shutil.rmtree(task.root, ignore_errors=True)
 
 
-def views_row(
-    k: int,
-    seed: int,
-    mode: str,
-    m: dict[str, Any],
-    seconds: float,
-    one: float,
+def ensemble_rows(
+    work: Path, task: Task, defaults: Path, flags: list[str], rec: Callable[..., None]
+) -> None:
+    """Two more defaults runs (seeds s + ENSEMBLE_SEEDS) and the ensemble of the three."""
+    members = [defaults]
+    for extra in ENSEMBLE_SEEDS:
+        out = work / "runs" / f"{task.root.name}-member{extra}"
+        finetune(task, out, [*flags, "--seed", str(task.seed + extra)])
+        members.append(out)
+    m, _ = evaluate(members, task, "1", "ensemble")
+    rec("ensemble of 3 defaults runs (seeds s, s+1000, s+2000)", m["top1"])
+    rec("its best member", max(r["single_crop_top1"] for r in m["comparison"][:3]))
+
+
+def views_rows(
+    work: Path,
+    task: Task,
+    run: Path,
+    one: tuple[dict[str, Any], float],
     record: Callable[..., None],
 ) -> None:
-    views = m["views"][0]
-    record(
-        f"defaults, --multicrop {mode}",
-        k,
-        seed,
-        m["top1"],
-        seconds=seconds,
-        protocol="real-views",
-        chosen=views["views"],
-        count=views["count"],
-        cost=round(seconds / one, 2),
-    )
-    log(
-        f"real seed={seed} --multicrop {mode}: {m['top1']:.4f} ({views['views']}, "
-        f"{views['count']} views, {seconds:.1f} s)"
-    )
+    """The defaults' run under each --multicrop mode, its cost over the one-crop eval."""
+    for mode in VIEW_MODES:
+        m, seconds = one if mode == "1" else evaluate([run], task, mode, f"views-{mode}")
+        views = m["views"][0]
+        record(
+            f"defaults, --multicrop {mode}",
+            task.k,
+            task.seed,
+            m["top1"],
+            seconds=seconds,
+            protocol=f"{task.protocol}-views",
+            chosen=views["views"],
+            count=views["count"],
+            cost=round(seconds / one[1], 2),
+        )
+        log(
+            f"{task.root.name} --multicrop {mode}: {m['top1']:.4f} ({views['views']}, "
+            f"{views['count']} views, {seconds:.1f} s)"
+        )
 
 
 def smoke_drawings(root: Path) -> dict[str, list[Path]]:
@@ -495,6 +550,29 @@ def smoke_drawings(root: Path) -> dict[str, list[Path]]:
 
 
 SMOKE_CONFIGS = {"defaults": ["--epochs", "1"], HEAD_ONLY: CONFIGS[HEAD_ONLY]}
+SMOKE_FLAGS = ["--backbone", "test_resnet", "--weights", "none", "--input-size", "32"]
+
+
+def plan_for(
+    plans: dict[str, dict[int, tuple[list[str], set[str]]]],
+    sweep: bool,
+    only: Sequence[str] | None,
+) -> dict[int, tuple[list[str], set[str]]]:
+    """The core or sweep plan; `only` keeps the configurations and extras whose names hold one
+    of its substrings (`--only recipe`: the recipes' rows; `--only scratch`; `--only
+    reference`: the Keras guide's frozen stage and the probe). A k left empty is skipped."""
+    plan = plans["sweep" if sweep else "core"]
+    if not only:
+        return plan
+    kept = {}
+    for k, (names, extras) in plan.items():
+        names = [n for n in names if any(o in n for o in only)]
+        chosen = {e for e in extras if any(o in e for o in only)}
+        if chosen & REFERENCE_EXTRAS:  # they run inside the reference
+            chosen.add("reference")
+        if names or chosen:
+            kept[k] = (names, chosen)
+    return kept
 
 
 def run_real(
@@ -506,44 +584,45 @@ def run_real(
     record: Callable[..., None],
     smoke: bool = False,
 ) -> None:
-    """The core plan, or with `sweep` the sweep's; `only`: configuration names (substrings),
-    as in `--only recipe` (the recipes' rows)."""
-    global VAL, SIZE, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS
-    plan = PLANS["sweep" if sweep else "core"]
+    """The core plan, or with `sweep` the sweep's, of the drawings' protocol."""
+    global VAL, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS, TIMM_EPOCHS
+    plan = plan_for(PLANS, sweep, only)
+    size = SIZE
     if smoke:
-        VAL, SIZE, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS = 2, 32, 20, 2
+        VAL, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS, TIMM_EPOCHS, size = 2, 20, 2, 3, 32
         drawings = smoke_drawings(work / "smoke-drawings")
-        plan = {4: (list(SMOKE_CONFIGS), PLANS["core"][MAIN_K][1])}
+        plan = {4: (list(SMOKE_CONFIGS), PLANS["core"][MAIN_K][1] | {"scratch"})}
     else:
         assert root is not None
         drawings = pool(root)
-    if only:  # a k left without a configuration is skipped, its extras too
-        plan = {
-            k: (kept, extras)
-            for k, (names, extras) in plan.items()
-            if (kept := [n for n in names if any(o in n for o in only)])
-        }
     for seed in seeds:
         for k, (names, extras) in sorted(plan.items()):
-            run_seed(work, drawings, k, seed, names, extras, record, smoke)
+            task = Task(make_task(work / f"real-k{k}-s{seed}", drawings, k, seed), k, seed, size)
+            run_seed(work, task, names, extras, record, smoke)
 
 
-def real_table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
-    """Configuration x k: test top-1 mean ± sd over seeds, seconds to train at MAIN_K (or the
-    smallest k, if it did not run)."""
+def real_table(
+    rows: list[dict[str, Any]], ks: Sequence[int], field: str = "top1", title: str = "real pictures"
+) -> str:
+    """Configuration x k: `field` (test top-1, or val: the validation top-1 that chooses) mean
+    ± sd over seeds, seconds to train at MAIN_K (or the smallest k, if it did not run)."""
     import statistics
 
     at = MAIN_K if MAIN_K in ks else min(ks)
     lines = [
-        "| real pictures: configuration | "
+        f"| {title}: configuration | "
         + " | ".join(f"k={k}" for k in ks)
         + f" | train s (k={at}) |",
         "| --- |" + " --- |" * (len(ks) + 1),
     ]
-    for name in dict.fromkeys(r["config"] for r in rows):
+    for name in dict.fromkeys(r["config"] for r in rows if r.get(field) is not None):
         cells = []
         for k in ks:
-            accs = [100 * r["top1"] for r in rows if r["config"] == name and r["k"] == k]
+            accs = [
+                100 * r[field]
+                for r in rows
+                if r["config"] == name and r["k"] == k and r.get(field) is not None
+            ]
             cells.append(
                 ""
                 if not accs
@@ -561,7 +640,7 @@ def real_table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def views_cost_table(rows: list[dict[str, Any]]) -> str:
+def views_cost_table(rows: list[dict[str, Any]], title: str = "real pictures") -> str:
     """The defaults' run under each `--multicrop` mode: top-1, eval seconds, cost over 1."""
     import statistics
 
@@ -569,7 +648,7 @@ def views_cost_table(rows: list[dict[str, Any]]) -> str:
         return ""
     k = rows[0]["k"]
     lines = [
-        f"| real pictures, k={k}: defaults evaluated with | test top-1 % | eval s | "
+        f"| {title}, k={k}: defaults evaluated with | test top-1 % | eval s | "
         "cost / one crop | views |",
         "| --- | --- | --- | --- | --- |",
     ]

@@ -20,7 +20,9 @@ SPEED_FIGURES = {
     "train_speedup_test_resnet_over_test_resnet_32_unfrozen",
     "pca_images_per_s_tlkit",
     "pca_images_per_s_fancypca",
-    "pca_speedup_vs_fancypca",
+    "pca_images_per_s_numpy_same_shift",
+    "pca_dataset_shift_speedup_vs_fancypca_per_image",
+    "pca_speedup_vs_numpy_same_shift",
     "pipeline_loop_images_per_s",
     "pipeline_tfdata_threads_1_images_per_s",
     "aug_overhead_ratio",
@@ -173,10 +175,22 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
         "logreg-probe (sklearn, same features)",
         "logreg-probe, alpha over mid-grey instead of white",
         "keras-reference, fine-tuned (the guide's 2 stages)",
-        "scratch (random init, every layer, 2 epochs)",
+        "timm-style reference (AdamW, warmup + cosine, smoothing, layer decay)",
+        "scratch (random init, every layer, converged, rate chosen on val)",
     ]
     assert all(0 <= r["top1"] <= 1 for r in real)
     assert all(r["seconds"] > 0 for r in real[:2])
+    # every row that chooses has its validation figure (the ensemble rows choose nothing)
+    assert all(
+        0 <= r["val"] <= 1
+        for r in real
+        if "ensemble" not in r["config"] and "member" not in r["config"]
+    )
+    by_name = {r["config"]: r for r in real}
+    # the Keras guide's fine-tune keeps BatchNorm in inference mode: its statistics never move
+    assert by_name["keras-reference, fine-tuned (the guide's 2 stages)"]["bn_moved"] is False
+    scratch = by_name["scratch (random init, every layer, converged, rate chosen on val)"]
+    assert scratch["lr"] in (3e-3, 1e-3, 3e-4) and scratch["classes_hit"] >= 1
     real_views = [r for r in rows if r.get("protocol") == "real-views"]
     assert [r["config"] for r in real_views] == [
         f"defaults, --multicrop {m}" for m in ("1", "auto", "10", "dense")
