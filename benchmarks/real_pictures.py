@@ -99,7 +99,6 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 "reference",
                 "background",
                 "fine-tuned reference",
-                "timm reference",
             },
         )
     },
@@ -116,7 +115,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 *OPTIONS,
                 *RATES,
             ],
-            {"scratch"},
+            {"scratch", "timm reference"},  # 3 rates each: 15 and 9 min a seed
         ),
         20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"}),
     },
@@ -472,7 +471,7 @@ def run_seed(
             views_rows(work, task, runs["defaults"], (m, eval_s), record)
     if "defaults" in runs and "ensemble" in extras:
         ensemble_rows(work, task, runs["defaults"], [*size, *configs["defaults"]], rec)
-    if "reference" in extras:
+    if extras & {"reference", *REFERENCE_EXTRAS}:  # the frozen stage and probe run first
         backbone = "test_resnet" if smoke else "efficientnet_lite0"
         keras_reference(task, backbone, extras, rec)
     if "scratch" in extras:
@@ -560,7 +559,7 @@ def plan_for(
 ) -> dict[int, tuple[list[str], set[str]]]:
     """The core or sweep plan; `only` keeps the configurations and extras whose names hold one
     of its substrings (`--only recipe`: the recipes' rows; `--only scratch`; `--only
-    reference`: the Keras guide's frozen stage and the probe). A k left empty is skipped."""
+    reference`: every reference, the probe too). A k left empty is skipped."""
     plan = plans["sweep" if sweep else "core"]
     if not only:
         return plan
@@ -568,8 +567,6 @@ def plan_for(
     for k, (names, extras) in plan.items():
         names = [n for n in names if any(o in n for o in only)]
         chosen = {e for e in extras if any(o in e for o in only)}
-        if chosen & REFERENCE_EXTRAS:  # they run inside the reference
-            chosen.add("reference")
         if names or chosen:
             kept[k] = (names, chosen)
     return kept
@@ -591,7 +588,7 @@ def run_real(
     if smoke:
         VAL, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS, TIMM_EPOCHS, size = 2, 20, 2, 3, 32
         drawings = smoke_drawings(work / "smoke-drawings")
-        plan = {4: (list(SMOKE_CONFIGS), PLANS["core"][MAIN_K][1] | {"scratch"})}
+        plan = {4: (list(SMOKE_CONFIGS), PLANS["core"][MAIN_K][1] | {"scratch", "timm reference"})}
     else:
         assert root is not None
         drawings = pool(root)

@@ -191,6 +191,9 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     assert by_name["keras-reference, fine-tuned (the guide's 2 stages)"]["bn_moved"] is False
     scratch = by_name["scratch (random init, every layer, converged, rate chosen on val)"]
     assert scratch["lr"] in (3e-3, 1e-3, 3e-4) and scratch["classes_hit"] >= 1
+    icons = [r for r in rows if r.get("protocol") == "icons"]  # the icons plan, head only
+    assert [r["config"] for r in icons] == ["frozen: head only (--freeze all --epochs 0)"]
+    assert "| icons, unseen themes: configuration | k=4 |" in quality_out
     real_views = [r for r in rows if r.get("protocol") == "real-views"]
     assert [r["config"] for r in real_views] == [
         f"defaults, --multicrop {m}" for m in ("1", "auto", "10", "dense")
@@ -212,3 +215,30 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     # the table printed for the README has a row per configuration
     for name in configs:
         assert f"| {name} |" in quality_out
+
+
+def test_icons_test_split_is_themes_never_seen_in_training(tmp_path, monkeypatch):
+    """The icons protocol's promise: train and val come from the training families, the test
+    split only from TEST_FAMILIES, and each seed draws another train/val."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import icons
+
+    root = icons.smoke_icons(tmp_path / "icons")
+    train, test = icons.pools(root)
+
+    def families(task, split):
+        return {f.resolve().relative_to(root).parts[0] for f in (task / split).rglob("*.png")}
+
+    a = icons.make_task(tmp_path / "a", train, test, 4, seed=0)
+    b = icons.make_task(tmp_path / "b", train, test, 4, seed=1)
+    assert families(a, "test") == set(icons.TEST_FAMILIES)
+    assert families(a, "train") | families(a, "val") == {"train-a", "train-b"}
+    for c in icons.CONTEXTS:
+        assert len(list((a / "train" / c).iterdir())) == 4
+        assert len(list((a / "val" / c).iterdir())) == icons.val_count(4)
+    assert sorted(p.name for p in (a / "test").rglob("*.png")) == sorted(
+        p.name for p in (b / "test").rglob("*.png")
+    )
+    assert sorted(p.name for p in (a / "train").rglob("*.png")) != sorted(
+        p.name for p in (b / "train").rglob("*.png")
+    )
