@@ -16,8 +16,6 @@ from tlkit.models.freezing import (
 )
 from tlkit.models.model import build_classifier
 
-TINY_FLAGS = ["--backbone", TINY, "--weights", "none", "--batch-size", "8", "--freeze", "0"]
-
 
 def trainable_layers(base) -> set[str]:
     return {layer.name for layer in base.layers if layer.trainable_weights}
@@ -163,29 +161,3 @@ def test_head_phase_freezes_every_backbone_weight():
     before = [w.copy() for w in base.get_weights()]
     _fit_on_shifted_data(model)
     assert all(np.array_equal(a, b) for a, b in zip(before, base.get_weights(), strict=True))
-
-
-@pytest.mark.parametrize(
-    ("flags", "trains"), [([], True), (["--no-train-bn"], False), (["--train-bn"], True)]
-)
-def test_random_weights_train_batch_norm_unless_told(make_folder, tmp_path, flags, trains):
-    """Frozen at random init (mean 0, variance 1) BatchNorm normalises nothing: a network
-    trained from scratch with it frozen predicted one class. So --weights none trains it by
-    default; the run records what was done and the saved statistics show it."""
-    import json
-
-    import keras
-    from click.testing import CliRunner
-
-    from tlkit.cli import cli
-
-    data, run = make_folder(per_class=6), tmp_path / "run"
-    args = [*TINY_FLAGS, "--head-epochs", "0", "--epochs", "1", "-o", str(run), *flags]
-    result = CliRunner().invoke(cli, ["finetune", str(data), *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert json.loads((run / "run.json").read_text())["train_bn"] is trains
-    model = keras.saving.load_model(run / "model.keras", safe_mode=True)
-    base = next(x for x in model.layers if isinstance(x, keras.Model))
-    bn = [x for x in base.layers if is_batch_norm(x)]
-    moved = [not np.allclose(x.moving_mean.numpy(), 0) for x in bn]
-    assert all(moved) if trains else not any(moved)

@@ -27,10 +27,9 @@ from tlkit.core import choices
 @recipe_option
 @model_options(freeze_default="0")
 @click.option(
-    "--train-bn/--no-train-bn",
-    default=None,
-    help="Let BatchNorm layers after the freeze point train and update their statistics. "
-    "Default: only with --weights none (random statistics mean nothing).",
+    "--train-bn",
+    is_flag=True,
+    help="Let BatchNorm layers after the freeze point update their statistics.",
 )
 @click.option("--batch-size", default=32, show_default=True)
 @click.option(

@@ -38,9 +38,7 @@ class FinetuneConfig:
     input_size: int | None = None  # None: the backbone's default
     # Keras guide default: after the head phase, fine-tune the whole backbone.
     freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))
-    # None: BatchNorm trains where the weights are random (--weights none), and stays frozen
-    # in inference mode where they are pretrained (its statistics are part of what transfers)
-    train_bn: bool | None = None
+    train_bn: bool = False
     augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
     batch_size: int = 32
     head_epochs: int = 5
@@ -139,11 +137,6 @@ class FinetuneConfig:
                 f"a high rate destroys what it learned). Received: --lr {self.lr}, "
                 f"--fine-tune-lr {self.fine_tune_lr}"
             )
-
-    def bn_trains(self) -> bool:
-        """Whether BatchNorm layers after the freeze point train: --train-bn / --no-train-bn,
-        else only under random weights, whose statistics (mean 0, variance 1) mean nothing."""
-        return self.weights == "none" if self.train_bn is None else self.train_bn
 
     def lr_scale(self) -> float:
         """What --lr and --fine-tune-lr are multiplied by: global batch / base batch under

@@ -89,7 +89,7 @@ def _train_tail(
     x_train, y_train, x_val, y_val = data
     t = time.perf_counter()
     base = backbone_of(model)
-    apply_freeze(base, plan, config.bn_trains())
+    apply_freeze(base, plan, config.train_bn)
     tail = build_tail(model, cut)
     steps = -(-len(x_train) // config.batch_size)
     tail.compile(

@@ -189,7 +189,7 @@ class PhaseRunner:
             frozen_bn = freeze_all(plan.base)
             what = "head only, backbone frozen"
         else:
-            frozen_bn = apply_freeze(plan.base, plan.freeze, config.bn_trains())
+            frozen_bn = apply_freeze(plan.base, plan.freeze, config.train_bn)
             freeze = plan.freeze
             what = (
                 f"{freeze.request}: layers 0..{freeze.n_frozen - 1} of {freeze.n_layers} frozen"
@@ -204,7 +204,7 @@ class PhaseRunner:
             f"{trainable:,}",
             f"{frozen:,}",
             frozen_bn,
-            "" if phase == "head" or not config.bn_trains() else bn_note(config.train_bn),
+            "" if phase == "head" or not config.train_bn else " (--train-bn)",
         )
 
     def _compile(self, phase: str, lr: float) -> int:
@@ -449,8 +449,3 @@ def param_counts(model: keras.Model) -> tuple[int, int]:
     from tlkit.models.model import count_params
 
     return count_params(model.trainable_weights), count_params(model.non_trainable_weights)
-
-
-def bn_note(train_bn: bool | None) -> str:
-    """Why BatchNorm trains in this phase, for the log: the flag, or the random weights."""
-    return " (--train-bn)" if train_bn else " (BatchNorm trains: random weights, --weights none)"

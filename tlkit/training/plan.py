@@ -204,7 +204,7 @@ def _plan_training(
     config, freeze, searched, head_features = _resolve_auto(
         config, placement, saved, model, spec, folder, size, sample_weights
     )
-    idle = nothing_to_train(base, freeze, config.bn_trains()) if config.epochs else None
+    idle = nothing_to_train(base, freeze, config.train_bn) if config.epochs else None
     if idle is not None:
         log.warning("%s", idle)
     transform = _train_transform(config, folder, size, spec)

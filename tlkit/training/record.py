@@ -152,7 +152,7 @@ def run_record(
         backbone=plan.spec.name,
         weights=plan.weights.as_dict(),
         freeze={**plan.freeze.as_dict(), "search": plan.searched.get("freeze", {}).get("scores")},
-        train_bn=c.bn_trains(),
+        train_bn=c.train_bn,
         input_size=plan.size,
         preprocessing=plan.spec.preprocessing,
         crop_fraction=plan.spec.crop_fraction,
