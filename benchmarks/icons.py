@@ -12,8 +12,8 @@ user meets it when the pictures to classify come from elsewhere than the trainin
 seed, k training and val(k) validation icons a class are drawn by the seed from the other
 families; the test split is the same for every seed (at most TEST_CAP icons a class, a fixed
 draw). Each row is a `tlkit finetune` as typed (default backbone, EfficientNet-Lite0 with its
-ImageNet weights, at SIZE px: the icons are drawn at 48 px, and 224 would spend five times the
-work on upsampling), then `tlkit eval --split test`; the references are real_pictures.py's.
+ImageNet weights, at SIZE px: the icons are drawn at 48 px, and 224 would spend three times
+the work on upsampling), then `tlkit eval --split test`; the references are real_pictures.py's.
 """
 
 from __future__ import annotations

@@ -40,7 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import CANDIDATE, CANDIDATE_FLAGS, clear, log, logreg_probe, scratch, tlkit
+from common import (
+    CANDIDATE,
+    CANDIDATE_FLAGS,
+    clear,
+    fit_folder,
+    log,
+    logreg_probe,
+    scratch,
+    tlkit,
+)
 
 CLASSES = (
     "animals_birds",
@@ -125,9 +134,9 @@ VIEW_MODES = ("1", "auto", "10", "dense")  # `tlkit eval --multicrop` on the def
 ENSEMBLE_SEEDS = (1000, 2000)  # two more defaults runs: seed + these
 REFERENCE_EXTRAS = {"background", "fine-tuned reference", "timm reference"}
 SCRATCH_BUDGET = (100, 15)  # epochs, patience: converged, well past the best epoch
-SCRATCH_ROW = "scratch (random init, every layer, converged, rate chosen on val)"
+SCRATCH_ROW = "scratch (random init, converged, rate chosen on val from 3)"
 TIMM_EPOCHS = 20  # per rate of the timm-style reference's grid; --smoke: 3
-TIMM_ROW = "timm-style reference (AdamW, warmup + cosine, smoothing, layer decay)"
+TIMM_ROW = "timm-style reference (AdamW, cosine, smoothing, layer decay; rate on val from 3)"
 REFERENCE_EPOCHS = 1000  # the head's early stopping ends it long before; --smoke: 20
 FINE_TUNE_EPOCHS, FINE_TUNE_PATIENCE = 10, 3  # the guide's stage 2; --smoke: 2
 
@@ -239,7 +248,8 @@ def pixels(files: Sequence[Path], size: int, background: tuple[int, int, int] | 
 
 class KeepBest:
     """Keras callback: keep the weights of the epoch with the lowest validation loss, starting
-    from a given loss (so that an epoch is kept only when it beats what came before)."""
+    from a given loss: an epoch is kept only when it beats what came before, and when none
+    does the weights training started from are restored (the guide's head, for stage 2)."""
 
     def __new__(cls, best: float) -> Any:
         import keras
@@ -249,13 +259,15 @@ class KeepBest:
                 super().__init__()
                 self.best, self.weights = best, None
 
+            def on_train_begin(self, logs: Any = None) -> None:
+                self.weights = self.model.get_weights()
+
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
                 if logs["val_loss"] < self.best:
                     self.best, self.weights = logs["val_loss"], self.model.get_weights()
 
             def on_train_end(self, logs: Any = None) -> None:
-                if self.weights is not None:
-                    self.model.set_weights(self.weights)
+                self.model.set_weights(self.weights)
 
         return _KeepBest()
 
@@ -344,11 +356,12 @@ def keras_reference(
     if "fine-tuned reference" in extras:
         start = time.perf_counter()
         moved = guide.fine_tune(x, y, xv, yv, head_loss)
+        seconds = frozen_s + time.perf_counter() - start
         record(
             "keras-reference, fine-tuned (the guide's 2 stages)",
             accuracy(guide.model, xt, yt),
             val=accuracy(guide.model, xv, yv),
-            seconds=frozen_s + time.perf_counter() - start,
+            seconds=seconds,
             bn_moved=moved,
         )
     clear()
@@ -421,10 +434,11 @@ class GuideModel:
 
 
 def finetune(task: Task, out: Path, flags: Sequence[str]) -> tuple[float, float]:
-    """`tlkit finetune` as typed: its seconds (decoding and training, TensorFlow's start-up
-    when it is the process's first) and its validation top-1 at the kept epoch."""
+    """`tlkit finetune` as typed, on the task's train and val splits only (so that, like the
+    references, it decodes no test picture): its seconds (decoding and training, TensorFlow's
+    start-up when it is the process's first) and its validation top-1 at the kept epoch."""
     start = time.perf_counter()
-    result = tlkit("finetune", str(task.root), "--workers", "2", *flags, "-o", str(out))
+    result = tlkit("finetune", str(fit_folder(task.root)), "--workers", "2", *flags, "-o", str(out))
     seconds = time.perf_counter() - start
     clear()
     return seconds, result["best"]["val_accuracy"]
@@ -459,16 +473,16 @@ def run_seed(
     configs = SMOKE_CONFIGS if smoke else CONFIGS
     size = SMOKE_FLAGS if smoke else ["--input-size", str(task.size)]
     base = [*size, "--seed", str(task.seed)]
-    runs: dict[str, Path] = {}
+    runs: dict[str, tuple[Path, float]] = {}
     for name in names:
         out = work / "runs" / f"{task.root.name}-{len(runs)}"
         seconds, val = finetune(task, out, [*base, *configs[name]])
-        runs[name] = out
+        runs[name] = (out, val)
         m, eval_s = evaluate([out], task)
         rec(name, m["top1"], val=val, seconds=seconds)
         log(f"{task.root.name} {name}: {m['top1']:.4f} (val {val:.4f}, {seconds:.0f} s)")
         if name == "defaults" and "views" in extras:  # that eval is --multicrop 1
-            views_rows(work, task, runs["defaults"], (m, eval_s), record)
+            views_rows(work, task, out, (m, eval_s), record)
     if "defaults" in runs and "ensemble" in extras:
         ensemble_rows(work, task, runs["defaults"], [*size, *configs["defaults"]], rec)
     if extras & {"reference", *REFERENCE_EXTRAS}:  # the frozen stage and probe run first
@@ -486,17 +500,23 @@ def run_seed(
 
 
 def ensemble_rows(
-    work: Path, task: Task, defaults: Path, flags: list[str], rec: Callable[..., None]
+    work: Path, task: Task, defaults: tuple[Path, float], flags: list[str], rec: Callable[..., None]
 ) -> None:
-    """Two more defaults runs (seeds s + ENSEMBLE_SEEDS) and the ensemble of the three."""
+    """Two more defaults runs (seeds s + ENSEMBLE_SEEDS) and the ensemble of the three, beside
+    the member a user would keep alone: the best on validation."""
     members = [defaults]
     for extra in ENSEMBLE_SEEDS:
         out = work / "runs" / f"{task.root.name}-member{extra}"
-        finetune(task, out, [*flags, "--seed", str(task.seed + extra)])
-        members.append(out)
-    m, _ = evaluate(members, task, "1", "ensemble")
+        _, val = finetune(task, out, [*flags, "--seed", str(task.seed + extra)])
+        members.append((out, val))
+    m, _ = evaluate([run for run, _ in members], task, "1", "ensemble")
     rec("ensemble of 3 defaults runs (seeds s, s+1000, s+2000)", m["top1"])
-    rec("its best member", max(r["single_crop_top1"] for r in m["comparison"][:3]))
+    chosen = max(range(len(members)), key=lambda i: members[i][1])  # the first of equals
+    rec(
+        "its best member on validation",
+        m["comparison"][chosen]["single_crop_top1"],
+        val=members[chosen][1],
+    )
 
 
 def views_rows(
@@ -569,6 +589,8 @@ def plan_for(
         chosen = {e for e in extras if any(o in e for o in only)}
         if names or chosen:
             kept[k] = (names, chosen)
+    if not kept:
+        raise SystemExit(f"--only {' '.join(only)}: no configuration or extra of this plan")
     return kept
 
 

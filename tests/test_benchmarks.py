@@ -170,27 +170,23 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
         "defaults",
         "frozen: head only (--freeze all --epochs 0)",
         "ensemble of 3 defaults runs (seeds s, s+1000, s+2000)",
-        "its best member",
+        "its best member on validation",
         "keras-reference, frozen (head on features)",
         "logreg-probe (sklearn, same features)",
         "logreg-probe, alpha over mid-grey instead of white",
         "keras-reference, fine-tuned (the guide's 2 stages)",
-        "timm-style reference (AdamW, warmup + cosine, smoothing, layer decay)",
-        "scratch (random init, every layer, converged, rate chosen on val)",
+        "timm-style reference (AdamW, cosine, smoothing, layer decay; rate on val from 3)",
+        "scratch (random init, converged, rate chosen on val from 3)",
     ]
     assert all(0 <= r["top1"] <= 1 for r in real)
     assert all(r["seconds"] > 0 for r in real[:2])
-    # every row that chooses has its validation figure (the ensemble rows choose nothing)
-    assert all(
-        0 <= r["val"] <= 1
-        for r in real
-        if "ensemble" not in r["config"] and "member" not in r["config"]
-    )
+    # every row that chooses has its validation figure (the ensemble itself chooses nothing)
+    assert all(0 <= r["val"] <= 1 for r in real if "ensemble" not in r["config"])
     by_name = {r["config"]: r for r in real}
     # the Keras guide's fine-tune keeps BatchNorm in inference mode: its statistics never move
     assert by_name["keras-reference, fine-tuned (the guide's 2 stages)"]["bn_moved"] is False
-    scratch = by_name["scratch (random init, every layer, converged, rate chosen on val)"]
-    assert scratch["lr"] in (3e-3, 1e-3, 3e-4) and scratch["classes_hit"] >= 1
+    scratch = by_name["scratch (random init, converged, rate chosen on val from 3)"]
+    assert scratch["lr"] in (3e-3, 1e-3, 3e-4) and 1 <= scratch["classes_hit"] <= 12
     icons = [r for r in rows if r.get("protocol") == "icons"]  # the icons plan, head only
     assert [r["config"] for r in icons] == ["frozen: head only (--freeze all --epochs 0)"]
     assert "| icons, unseen themes: configuration | k=4 |" in quality_out
