@@ -20,12 +20,18 @@ References, written here independently of tlkit's training code:
 - keras-reference: the same backbone and ImageNet weights, GAP + Dropout + Dense, fitted as the
   Keras transfer-learning guide does: the head on the frozen backbone's features (Adam 1e-3,
   early stopping on validation loss, best weights), then the whole network at Adam 1e-5 with
-  BatchNorm in inference mode and horizontal flips, up to 10 epochs (stopped after 3 without
-  a better validation loss), keeping an epoch only when it lowers the validation loss below
-  the head's. Pixels come from PIL: alpha over white, shorter side 256, centre 224.
+  each BatchNorm layer non-trainable (inference mode; checked: `bn_moved`) and horizontal
+  flips, up to 10 epochs (stopped after 3 without a better validation loss), keeping an epoch
+  only when it lowers the validation loss below the head's, else the head. Pixels come from
+  PIL: alpha over white, shorter side size / 0.875, centre size.
 - logreg-probe: scikit-learn logistic regression (L-BFGS to convergence, C chosen on the
   validation split) on those pooled features.
-- scratch: the same network from random weights, every layer trained on the k images.
+- timm-style reference (timm_reference.py): the whole network fine-tuned as timm's train.py
+  users do, its rate chosen on validation.
+- scratch (common.scratch): the same network from random weights, converged, its rate chosen
+  on validation.
+Every row records its validation top-1 (`val`): choices are made on it, test is reported.
+Seconds count decoding the training and validation pictures and training, on both sides.
 """
 
 from __future__ import annotations
