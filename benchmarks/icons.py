@@ -22,7 +22,6 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from real_pictures import (
     HEAD_ONLY,
@@ -174,7 +173,3 @@ def smoke_icons(root: Path) -> Path:
                 Image.fromarray(img, "RGBA").save(folder / f"icon{n}.png")
     (root / "themes.json").write_text(json.dumps({"families": families}))
     return root
-
-
-def icons_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r.get("protocol") == "icons"]

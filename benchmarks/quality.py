@@ -34,9 +34,9 @@ References, written here independently of tlkit:
   extraction" recipe, trained with Adam to early stopping on validation loss (best weights).
 - logreg-probe: scikit-learn LogisticRegression (L-BFGS to convergence) on the same frozen,
   pooled features, C chosen on the validation images: the sharpest yardstick for a head.
-- scratch: ResNet50 from random weights on the k images per class, every layer (BatchNorm too),
-  trained to convergence: early stopping on validation, the rate chosen on validation from
-  common.SCRATCH_LRS.
+- scratch: ResNet50 from random weights on the k images per class, every layer (BatchNorm kept
+  at its initial identity, tlkit's --weights none), trained to convergence: early stopping on
+  validation, the rate chosen on validation from common.SCRATCH_LRS.
 """
 
 from __future__ import annotations
