@@ -64,6 +64,8 @@ def test_every_registered_backbone_is_tested():
 def test_builds_at_minimum_size_with_finite_output_and_known_stages(name):
     spec = get_backbone(name)
     base = spec.build(spec.min_size)
+    # the registry knows each backbone's depth without building it (`tlkit backbones`)
+    assert len(base.layers) == spec.n_layers, (name, len(base.layers))
     x = np.random.default_rng(0).uniform(-1, 1, (2, spec.min_size, spec.min_size, 3))
     out = np.asarray(base.predict(x.astype("float32"), verbose=0))
     assert out.shape[0] == 2 and np.isfinite(out).all()

@@ -308,21 +308,6 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 
 
-# -- the registry knows each backbone's depth without building it --------------------------------
-
-
-@pytest.mark.slow  # builds every architecture in the registry (about a minute)
-def test_every_backbones_layer_count_is_its_built_models():
-    import keras
-
-    from tlkit.models.backbones import REGISTRY
-
-    for name, spec in REGISTRY.items():
-        base = spec.build(input_size=spec.min_size)
-        assert len(base.layers) == spec.n_layers, (name, len(base.layers))
-        keras.backend.clear_session()
-
-
 # -- the quickstart data shows transfer -----------------------------------------------------------
 
 

@@ -80,7 +80,8 @@ def kill_after(
         time.sleep(0.05)
     proc.send_signal(sig)
     proc.wait(timeout=120)
-    assert not (tmp_path / "runs" / name).exists()  # stopped before it finished
+    # stopped before it finished
+    assert not (tmp_path / "runs" / name).exists(), (proc.returncode, proc.stderr.read()[-2000:])
     return proc
 
 
@@ -164,24 +165,29 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.subprocess
 def test_ctrl_c_says_how_to_resume_and_force_resume_continues_despite_a_change(tmp_path):
     data = write_folder(tmp_path / "data", ["a", "b"], 16)
-    # 20 epochs: the run is still training when the signal lands, however fast the machine
+    # 200 epochs with a patience as long: the run cannot be finishing when the signal lands
+    # right after the head phase, however fast the machine; the resume shortens it
     proc = kill_after(
         tmp_path,
         "r",
         data,
         epochs_done=HEAD_ROWS,
         sig=signal.SIGINT,
-        args=[*ARGS, "--epochs", "20"],
+        args=[*ARGS, "--epochs", "200", "--patience", "200"],
     )
     stderr = proc.stderr.read()
     assert proc.returncode == 130, stderr
     assert "Error: interrupted; the checkpoints in" in stderr
     assert "`tlkit finetune --resume runs/r` continues from the last finished epoch" in stderr
     assert "Traceback" not in stderr
-    result = invoke("finetune", "--resume", "runs/r", "--force-resume", "--patience", "2")
+    result = invoke(
+        "finetune", "--resume", "runs/r", "--force-resume", "--epochs", "12", "--patience", "2"
+    )
     assert result.exit_code == 0, result.output
-    assert "resuming despite a change (--force-resume): config.patience: 10 -> 2" in result.output
-    assert json.loads((tmp_path / "runs/r/run.json").read_text())["config"]["patience"] == 2
+    assert "resuming despite a change (--force-resume): config.epochs: 200 -> 12" in result.output
+    assert "config.patience: 200 -> 2" in result.output
+    config = json.loads((tmp_path / "runs/r/run.json").read_text())["config"]
+    assert (config["epochs"], config["patience"]) == (12, 2)
 
 
 def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):

@@ -224,8 +224,14 @@ def test_ctrl_c_while_storing_returns_at_once_and_keeps_the_finished_entries(tmp
         done.append(entry)
 
     monkeypatch.setattr(store, "_store_one", slow)
-    with pytest.raises(KeyboardInterrupt):
-        store_images(examples, folder.digests, need, tmp_path / "cache", None, workers=2)
+    # Python's own Ctrl-C handler, whoever started pytest: a shell that starts it in the
+    # background leaves SIGINT ignored, and the signal would then do nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store_images(examples, folder.digests, need, tmp_path / "cache", None, workers=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     returned = time.monotonic() - interrupted[0]
     assert returned < 1.0, f"{returned:.1f} s after Ctrl-C"
     assert len(started) < 10 and len(done) == len(started), (started, done)  # none left running
