@@ -26,6 +26,7 @@ from pathlib import Path
 from real_pictures import (
     HEAD_ONLY,
     LAST_STAGES,
+    RATES,
     Task,
     plan_for,
     run_seed,
@@ -52,6 +53,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
             ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto"],
             {"fine-tuned reference", "timm reference"},
         ),
+        200: (RATES, set()),  # does the best fine-tune rate move with k? (the defaults: 1e-5)
     },
 }
 

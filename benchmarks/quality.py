@@ -761,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="only the icons protocol (benchmarks/icons.py) on this folder "
         "(scripts/fetch_icons.py OUT makes OUT/icons): its core (k = 200); with "
-        "--sweep k = 10 and 50",
+        "--sweep k = 10 and 50, and the fine-tune rates at k = 200",
     )
     args = parser.parse_args(argv)
     if (args.real or args.icons) and args.k:
