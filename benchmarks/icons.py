@@ -50,7 +50,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
     "sweep": {
         10: (["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto"], {"fine-tuned reference"}),
         50: (
-            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto"],
+            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES],
             {"fine-tuned reference", "timm reference"},
         ),
         200: (RATES, set()),  # does the best fine-tune rate move with k? (the defaults: 1e-5)
@@ -140,10 +140,12 @@ def run_icons(
     only: Sequence[str] | None,
     record: Callable[..., None],
     smoke: bool = False,
+    ks: Sequence[int] | None = None,
 ) -> None:
-    """The core plan, or with `sweep` the sweep's, of the icons' protocol; `smoke`: head only
-    at k = 4 on generated icons, the test backbone (checks the split by family)."""
-    plan = {4: ([HEAD_ONLY], set())} if smoke else plan_for(PLANS, sweep, only)
+    """The core plan, or with `sweep` the sweep's, of the icons' protocol (`ks`: only these of
+    its k); `smoke`: head only at k = 4 on generated icons, the test backbone (checks the split
+    by family)."""
+    plan = {4: ([HEAD_ONLY], set())} if smoke else plan_for(PLANS, sweep, only, ks)
     size = 32 if smoke else SIZE
     if smoke:
         root = smoke_icons(work / "smoke-icons")

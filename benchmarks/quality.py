@@ -711,7 +711,12 @@ def table(rows: list[dict[str, Any]], ks: Sequence[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--k", type=int, nargs="+", help="default 10; with --sweep 5 10 20")
+    parser.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        help="default 10; with --sweep 5 10 20; with --real or --icons, which of their plan's k",
+    )
     parser.add_argument("--trunk-epochs", type=int, default=6)
     parser.add_argument(
         "--trunk", type=Path, help="the trunk run: reused if it exists, else trained there and kept"
@@ -761,14 +766,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="only the icons protocol (benchmarks/icons.py) on this folder "
         "(scripts/fetch_icons.py OUT makes OUT/icons): its core (k = 200); with "
-        "--sweep k = 10 and 50, and the fine-tune rates at k = 200",
+        "--sweep k = 10 and 50, and the fine-tune rates at 50 and 200",
     )
     args = parser.parse_args(argv)
-    if (args.real or args.icons) and args.k:
-        parser.error(
-            f"--k {' '.join(map(str, args.k))} does not apply to --real or --icons: their "
-            "plans set k (PLANS in benchmarks/real_pictures.py and benchmarks/icons.py)"
-        )
+    plan_ks = args.k  # --real, --icons: which of their plan's k (PLANS in their modules)
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
     if args.only:
@@ -819,13 +820,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.only,
                 record,
                 args.smoke,
+                plan_ks,
             )
             args.quickstart = args.quickstart or bool(args.real)
         if args.icons or args.smoke:
             from icons import run_icons
 
             seeds = [0] if args.smoke else args.seeds
-            run_icons(args.icons, work, seeds, args.sweep, args.only, record, args.smoke)
+            run_icons(args.icons, work, seeds, args.sweep, args.only, record, args.smoke, plan_ks)
             args.quickstart = args.quickstart or bool(args.icons)
         if args.smoke:
             run_pictures(

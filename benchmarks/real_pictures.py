@@ -92,6 +92,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "defaults + stage rate decay 0.5": ["--stage-lr-decay", "0.5"],
     "defaults + AdamW weight decay 0.05": ["--weight-decay", "0.05"],
     # the fine-tune rate around the default 1e-5, chosen again on validation
+    "defaults, --fine-tune-lr 3e-4": ["--fine-tune-lr", "3e-4"],
     "defaults, --fine-tune-lr 1e-4": ["--fine-tune-lr", "1e-4"],
     "defaults, --fine-tune-lr 3e-5": ["--fine-tune-lr", "3e-5"],
     "defaults, --fine-tune-lr 3e-6": ["--fine-tune-lr", "3e-6"],
@@ -582,11 +583,17 @@ def plan_for(
     plans: dict[str, dict[int, tuple[list[str], set[str]]]],
     sweep: bool,
     only: Sequence[str] | None,
+    ks: Sequence[int] | None = None,
 ) -> dict[int, tuple[list[str], set[str]]]:
     """The core or sweep plan; `only` keeps the configurations and extras whose names hold one
     of its substrings (`--only recipe`: the recipes' rows; `--only scratch`; `--only
-    reference`: every reference, the probe too). A k left empty is skipped."""
+    reference`: every reference, the probe too), `ks` the plan's k among these. A k left empty
+    is skipped."""
     plan = plans["sweep" if sweep else "core"]
+    if ks:
+        if missing := sorted(set(ks) - set(plan)):
+            raise SystemExit(f"--k {' '.join(map(str, missing))}: this plan has k = {sorted(plan)}")
+        plan = {k: v for k, v in plan.items() if k in ks}
     if not only:
         return plan
     kept = {}
@@ -608,10 +615,12 @@ def run_real(
     only: Sequence[str] | None,
     record: Callable[..., None],
     smoke: bool = False,
+    ks: Sequence[int] | None = None,
 ) -> None:
-    """The core plan, or with `sweep` the sweep's, of the drawings' protocol."""
+    """The core plan, or with `sweep` the sweep's, of the drawings' protocol (`ks`: only
+    these of its k)."""
     global VAL, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS, TIMM_EPOCHS
-    plan = plan_for(PLANS, sweep, only)
+    plan = plan_for(PLANS, sweep, only, ks)
     size = SIZE
     if smoke:
         VAL, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS, TIMM_EPOCHS, size = 2, 20, 2, 3, 32

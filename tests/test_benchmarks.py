@@ -238,3 +238,16 @@ def test_icons_test_split_is_themes_never_seen_in_training(tmp_path, monkeypatch
     assert sorted(p.name for p in (a / "train").rglob("*.png")) != sorted(
         p.name for p in (b / "train").rglob("*.png")
     )
+
+
+def test_a_plan_runs_only_the_k_and_names_asked_for(monkeypatch):
+    """`quality.py --icons P --sweep --k 50 --only fine-tune-lr`: the rate rows at k = 50 and
+    nothing else; a k the plan lacks is one line naming the plan's k."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import icons
+    from real_pictures import RATES, plan_for
+
+    assert plan_for(icons.PLANS, True, ["fine-tune-lr"], [50]) == {50: (RATES, set())}
+    assert sorted(plan_for(icons.PLANS, True, None, None)) == [10, 50, 200]
+    with pytest.raises(SystemExit, match=r"--k 20: this plan has k = \[10, 50, 200\]"):
+        plan_for(icons.PLANS, True, None, [20])
