@@ -53,7 +53,9 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
             ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES],
             {"fine-tuned reference", "timm reference"},
         ),
-        200: (RATES, set()),  # does the best fine-tune rate move with k? (the defaults: 1e-5)
+        # does the best fine-tune rate move with k, and where does it start to?
+        100: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "3e-5", "1e-4")))], set()),
+        200: (RATES, set()),
     },
 }
 

@@ -91,10 +91,11 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "defaults + label smoothing 0.1": ["--label-smoothing", "0.1"],
     "defaults + stage rate decay 0.5": ["--stage-lr-decay", "0.5"],
     "defaults + AdamW weight decay 0.05": ["--weight-decay", "0.05"],
-    # the fine-tune rate around the default 1e-5, chosen again on validation
+    # the fine-tune rate, chosen on validation at each k (the rule in tlkit.training.config)
     "defaults, --fine-tune-lr 3e-4": ["--fine-tune-lr", "3e-4"],
     "defaults, --fine-tune-lr 1e-4": ["--fine-tune-lr", "1e-4"],
     "defaults, --fine-tune-lr 3e-5": ["--fine-tune-lr", "3e-5"],
+    "defaults, --fine-tune-lr 1e-5": ["--fine-tune-lr", "1e-5"],
     "defaults, --fine-tune-lr 3e-6": ["--fine-tune-lr", "3e-6"],
 }
 OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options left off
