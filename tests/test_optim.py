@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import keras
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from tlkit.cli import cli
 from tlkit.models.backbones import get_backbone
+from tlkit.training.config import FinetuneConfig
 from tlkit.training.optim import (
     SmoothedCrossentropy,
     StagedAdam,
@@ -159,9 +161,60 @@ def test_finetune_options_from_the_cli_and_a_recipe(make_folder, tmp_path):
     rows = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
     rates = [float(r[6]) for r in rows if r[0] == "fine-tune"]
     assert rates[0] == pytest.approx(1e-4, rel=1e-3)  # the warmup's end: the peak
+    assert json.loads((out / "run.json").read_text())["lr_used"]["fine-tune"] == 1e-4
     assert rates[-1] == pytest.approx(0.0, abs=1e-9)  # the cosine's end
     model = keras.saving.load_model(out / "model.keras", safe_mode=True)
     assert model.output.shape[-1] == 2
+
+
+@pytest.mark.parametrize(
+    "n_train,set_rate,lr,rate,why",
+    [
+        (1200, None, 1e-3, 1e-4, "the default for this much data"),  # 200 a class
+        (1199, None, 1e-3, 1e-5, "the default for this much data"),  # 199 a class
+        (60, None, 1e-3, 1e-5, "the default for this much data"),
+        (1200, 3e-5, 1e-3, 3e-5, "(--fine-tune-lr)"),  # the user's rate wins
+        (60, 1e-4, 1e-3, 1e-4, "(--fine-tune-lr)"),
+        (1200, None, 5e-5, 5e-5, "capped at --lr"),  # never above the head's rate
+    ],
+)
+def test_the_fine_tune_rate_follows_the_data(n_train, set_rate, lr, rate, why):
+    """FINE_TUNE_LR_BY_DATA: 1e-4 from 200 training images a class, 1e-5 below, measured on
+    the icons benchmark (docs/accuracy.md); the log line says which and why."""
+    config = FinetuneConfig(fine_tune_lr=set_rate, lr=lr)
+    resolved, note = config.with_data_defaults(n_train, 6)
+    assert resolved.fine_tune_lr == rate and resolved.tune_lr == rate
+    assert note.startswith(f"{n_train} training images, {n_train // 6} a class: fine-tune rate")
+    assert why in note
+    assert dataclasses.replace(resolved, fine_tune_lr=None) == dataclasses.replace(
+        config, fine_tune_lr=None
+    )  # nothing else changes
+    with pytest.raises(RuntimeError, match="with_data_defaults"):
+        _ = FinetuneConfig().tune_lr
+
+
+def test_the_data_decides_the_rate_a_run_trains_at(make_folder, tmp_path, monkeypatch):
+    """Through the CLI: run.json keeps the rate unset (a resume decides it again from the same
+    data, and its identity holds the rate, so a changed rule shows), lr_used and history.csv
+    hold the rate the data chose. The table is lowered so that tiny data takes its top row."""
+    table = ((8, 3e-4), (0, 1e-5))
+    monkeypatch.setattr("tlkit.training.config.FINE_TUNE_LR_BY_DATA", table)
+    monkeypatch.setattr("tlkit.core.choices.FINE_TUNE_LR_BY_DATA", table)
+    data = make_folder(per_class=12)  # the stable hash split: 19 of 24 train
+    out = tmp_path / "run"
+    args = ["finetune", str(data), "--backbone", "test_resnet", "--weights", "none"]
+    args += ["--input-size", "32", "--head-epochs", "1", "--epochs", "1", "-o", str(out)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (
+        "19 training images, 9 a class: fine-tune rate 3e-4 (the default for this much data: "
+        "3e-4 from 8 training images a class, 1e-5 below)"
+    ) in result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["fine_tune_lr"] is None
+    assert record["lr_used"]["fine-tune"] == 3e-4
+    rows = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
+    assert [float(r[6]) for r in rows if r[0] == "fine-tune"] == [pytest.approx(3e-4)]
 
 
 @pytest.mark.parametrize(

@@ -219,6 +219,13 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     (folder,) = (tmp_path / "runs").glob("n.incomplete-*")
     assert read_state(folder / "checkpoints" / "last.h5")["progress"] == HEAD_ROWS
     assert not (tmp_path / "runs" / "n").exists()
+    # the rate the data chose is part of the run's identity: a rule changed since (by an
+    # upgrade; here a lowered table) cannot change a resumed run's rate unseen
+    monkeypatch.setattr("tlkit.training.config.FINE_TUNE_LR_BY_DATA", ((1, 3e-4), (0, 1e-5)))
+    result = invoke("finetune", "--resume", "runs/n")
+    assert result.exit_code == 5, result.output
+    assert "cannot resume, the run started with different settings" in result.output
+    assert "fine_tune_lr: 1e-05 -> 0.0003" in result.output
 
 
 def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):

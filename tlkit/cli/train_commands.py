@@ -53,7 +53,11 @@ from tlkit.core import choices
     help="Phase 2: epochs training everything after the freeze point.",
 )
 @click.option("--lr", default=1e-3, show_default=True, help="Phase 1 learning rate (Adam).")
-@click.option("--fine-tune-lr", default=1e-5, show_default=True, help="Phase 2 learning rate.")
+@click.option(
+    "--fine-tune-lr",
+    type=float,
+    help=f"Phase 2 learning rate. Default: from the data, {choices.fine_tune_lr_rule()}.",
+)
 @click.option(
     "--schedule",
     type=click.Choice(choices.SCHEDULES),

@@ -27,6 +27,24 @@ BAD_IMAGE_POLICIES = ("error", "skip")
 LR_FIND_PHASES = ("head", "fine-tune")
 AUGMENT_PRESETS = ("none", "light", "standard", "alexnet", "vgg")  # tlkit.data.augment.PRESETS
 AUTO = "auto"  # --augment auto, --freeze auto: chosen on the validation split
+# --fine-tune-lr's default follows the amount of data, as measured on the icons benchmark
+# (docs/accuracy.md, "The fine-tune rate along the curve"): (training images a class, on
+# average, at least; rate), the first row that holds. A user's --fine-tune-lr always wins.
+FINE_TUNE_LR_BY_DATA: tuple[tuple[int, float], ...] = ((200, 1e-4), (0, 1e-5))
+
+
+def fine_tune_lr_rule() -> str:
+    """FINE_TUNE_LR_BY_DATA in words, for --help and the log."""
+    return ", ".join(
+        f"{rate_text(r)} from {n} training images a class" if n else f"{rate_text(r)} below"
+        for n, r in FINE_TUNE_LR_BY_DATA
+    )
+
+
+def rate_text(x: float) -> str:
+    """1e-4 and 2.5e-5, not 0.0001 and 2.5e-05: a learning rate as it is typed."""
+    mantissa, exponent = f"{x:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def check(flag: str, value: object, choices: Sequence[str]) -> None:

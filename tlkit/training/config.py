@@ -17,9 +17,12 @@ from tlkit.core.choices import (
     CACHE_MODES,
     CLASS_WEIGHTS,
     DEFAULT_BACKBONE,
+    FINE_TUNE_LR_BY_DATA,
     SCHEDULES,
     STRATEGIES,
     check,
+    fine_tune_lr_rule,
+    rate_text,
 )
 from tlkit.core.errors import ConfigError, did_you_mean
 from tlkit.data.audit import AuditConfig
@@ -46,7 +49,7 @@ class FinetuneConfig:
     head_views: int = 1
     epochs: int = 10
     lr: float = 1e-3
-    fine_tune_lr: float = 1e-5
+    fine_tune_lr: float | None = None  # None: from the data (FINE_TUNE_LR_BY_DATA)
     dropout: float = 0.2
     patience: int = 3
     val_fraction: float = 0.2
@@ -91,7 +94,11 @@ class FinetuneConfig:
                 self.epochs,
             ),
             (self.lr > 0, "--lr must be positive", self.lr),
-            (self.fine_tune_lr > 0, "--fine-tune-lr must be positive", self.fine_tune_lr),
+            (
+                self.fine_tune_lr is None or self.fine_tune_lr > 0,
+                "--fine-tune-lr must be positive",
+                self.fine_tune_lr,
+            ),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)", self.dropout),
             (self.patience >= 1, "--patience must be at least 1", self.patience),
             (
@@ -131,12 +138,33 @@ class FinetuneConfig:
             ("--schedule", self.schedule, SCHEDULES),
         ):
             check(flag, value, choices)
-        if self.fine_tune_lr > self.lr:
+        if self.fine_tune_lr is not None and self.fine_tune_lr > self.lr:
             raise ConfigError(
                 f"--fine-tune-lr should be lower than --lr (fine-tuning a pretrained backbone at "
                 f"a high rate destroys what it learned). Received: --lr {self.lr}, "
                 f"--fine-tune-lr {self.fine_tune_lr}"
             )
+
+    @property
+    def tune_lr(self) -> float:
+        """The fine-tune phase's rate, once `with_data_defaults` has set it."""
+        if self.fine_tune_lr is None:
+            raise RuntimeError("fine_tune_lr is unset: call with_data_defaults first")
+        return self.fine_tune_lr
+
+    def with_data_defaults(self, n_train: int, n_classes: int) -> tuple[FinetuneConfig, str]:
+        """These settings with the defaults that follow the data set (the fine-tune rate,
+        FINE_TUNE_LR_BY_DATA, never above --lr), and the log line that says why."""
+        per_class = n_train // max(n_classes, 1)
+        head = f"{n_train} training images, {per_class} a class"
+        if self.fine_tune_lr is not None:
+            return self, f"{head}: fine-tune rate {rate_text(self.fine_tune_lr)} (--fine-tune-lr)"
+        rate = next(r for n, r in FINE_TUNE_LR_BY_DATA if per_class >= n)
+        rule = "the default for this much data: " + fine_tune_lr_rule()
+        if rate > self.lr:
+            rate, rule = self.lr, f"{rule}; capped at --lr"
+        note = f"{head}: fine-tune rate {rate_text(rate)} ({rule})"
+        return dataclasses.replace(self, fine_tune_lr=rate), note
 
     def lr_scale(self) -> float:
         """What --lr and --fine-tune-lr are multiplied by: global batch / base batch under

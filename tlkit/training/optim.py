@@ -72,7 +72,7 @@ def phase_optimizer(model: Any, base: Any, spec: Any, config: Any, steps_per_epo
         names = [layer.name for layer in base.layers]
         ends = [spec.stage_end_index(names, k) for k in range(1, len(spec.stages) + 1)]
         factors = stage_factors(base, ends, config.stage_lr_decay)
-    lr = config.fine_tune_lr * config.lr_scale()
+    lr = config.tune_lr * config.lr_scale()
     built = fine_tune_optimizer(
         lr,
         steps_per_epoch * config.epochs,

@@ -37,7 +37,7 @@ class Plan:
     """What `finetune` trains, then records."""
 
     config: FinetuneConfig  # with --augment auto resolved
-    requested: dict[str, Any]  # the settings as asked for: run.json keeps `auto`
+    requested: dict[str, Any]  # the settings as asked for: run.json keeps `auto` and unset rates
     spec: BackboneSpec
     size: int
     weights: ResolvedWeights
@@ -101,7 +101,7 @@ class Plan:
             tune_epochs = 0
         schedule = [
             ("head", config.head_epochs, config.lr * scale),
-            ("fine-tune", tune_epochs, config.fine_tune_lr * scale),
+            ("fine-tune", tune_epochs, config.tune_lr * scale),
         ]
         if config.scale_lr:
             log.info(
@@ -177,6 +177,9 @@ def make_plan(
         "classes": list(folder.classes),
         "data_fingerprint": data_fingerprint,
     }
+    config, note = config.with_data_defaults(len(folder.splits["train"]), len(folder.classes))
+    log.info("%s", note)
+    identity["fine_tune_lr"] = config.fine_tune_lr  # a rule changed by an upgrade shows here
     check_unchanged(saved, identity, tmp_dir, force_resume)
     seed_everything(config.seed)
     n_classes = len(folder.classes)
@@ -200,7 +203,7 @@ def _plan_training(
     spec, size, folder, model = start.spec, start.size, start.folder, start.model
     base = backbone_of(model)
     by_class, sample_weights = _weights_of(config, folder)
-    requested = config.as_dict()
+    requested = start.identity["config"]
     config, freeze, searched, head_features = _resolve_auto(
         config, placement, saved, model, spec, folder, size, sample_weights
     )
