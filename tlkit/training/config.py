@@ -94,11 +94,6 @@ class FinetuneConfig:
                 self.epochs,
             ),
             (self.lr > 0, "--lr must be positive", self.lr),
-            (
-                self.fine_tune_lr is None or self.fine_tune_lr > 0,
-                "--fine-tune-lr must be positive",
-                self.fine_tune_lr,
-            ),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)", self.dropout),
             (self.patience >= 1, "--patience must be at least 1", self.patience),
             (
@@ -138,7 +133,15 @@ class FinetuneConfig:
             ("--schedule", self.schedule, SCHEDULES),
         ):
             check(flag, value, choices)
-        if self.fine_tune_lr is not None and self.fine_tune_lr > self.lr:
+        self._check_fine_tune_lr()
+
+    def _check_fine_tune_lr(self) -> None:
+        """Unset (the data decides) or positive, and not above --lr."""
+        if self.fine_tune_lr is None:
+            return
+        if self.fine_tune_lr <= 0:
+            raise ConfigError(f"--fine-tune-lr must be positive. Received: {self.fine_tune_lr}")
+        if self.fine_tune_lr > self.lr:
             raise ConfigError(
                 f"--fine-tune-lr should be lower than --lr (fine-tuning a pretrained backbone at "
                 f"a high rate destroys what it learned). Received: --lr {self.lr}, "
