@@ -173,8 +173,8 @@ def test_finetune_options_from_the_cli_and_a_recipe(make_folder, tmp_path):
         (1200, None, 1e-3, 1e-4, "the default for this much data"),  # 200 a class
         (1199, None, 1e-3, 1e-5, "the default for this much data"),  # 199 a class
         (60, None, 1e-3, 1e-5, "the default for this much data"),
-        (1200, 3e-5, 1e-3, 3e-5, "(--fine-tune-lr)"),  # the user's rate wins
-        (60, 1e-4, 1e-3, 1e-4, "(--fine-tune-lr)"),
+        (1200, 3e-5, 1e-3, 3e-5, "(given: --fine-tune-lr or a recipe)"),  # the user's rate wins
+        (60, 1e-4, 1e-3, 1e-4, "(given: --fine-tune-lr or a recipe)"),
         (1200, None, 5e-5, 5e-5, "capped at --lr"),  # never above the head's rate
     ],
 )

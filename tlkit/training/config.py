@@ -161,7 +161,8 @@ class FinetuneConfig:
         per_class = n_train // max(n_classes, 1)
         head = f"{n_train} training images, {per_class} a class"
         if self.fine_tune_lr is not None:
-            return self, f"{head}: fine-tune rate {rate_text(self.fine_tune_lr)} (--fine-tune-lr)"
+            given = "given: --fine-tune-lr or a recipe"
+            return self, f"{head}: fine-tune rate {rate_text(self.fine_tune_lr)} ({given})"
         rate = next(r for n, r in FINE_TUNE_LR_BY_DATA if per_class >= n)
         rule = "the default for this much data: " + fine_tune_lr_rule()
         if rate > self.lr:
