@@ -91,7 +91,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "defaults + label smoothing 0.1": ["--label-smoothing", "0.1"],
     "defaults + stage rate decay 0.5": ["--stage-lr-decay", "0.5"],
     "defaults + AdamW weight decay 0.05": ["--weight-decay", "0.05"],
-    # the fine-tune rate, chosen on validation at each k (the rule in tlkit.training.config)
+    # the fine-tune rate, chosen on validation at each k (the rule: tlkit/core/choices.py)
     "defaults, --fine-tune-lr 3e-4": ["--fine-tune-lr", "3e-4"],
     "defaults, --fine-tune-lr 1e-4": ["--fine-tune-lr", "1e-4"],
     "defaults, --fine-tune-lr 3e-5": ["--fine-tune-lr", "3e-5"],

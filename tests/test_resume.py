@@ -226,6 +226,17 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert result.exit_code == 5, result.output
     assert "cannot resume, the run started with different settings" in result.output
     assert "fine_tune_lr: 1e-05 -> 0.0003" in result.output
+    # a run interrupted before the rule existed holds no chosen rate, only its config's: it
+    # resumes on that (here: the fault injection again, so it stops at once)
+    identity = folder / "checkpoints" / "identity.json"
+    saved = json.loads(identity.read_text())
+    del saved["fine_tune_lr"]
+    saved["config"]["fine_tune_lr"] = 1e-5
+    identity.write_text(json.dumps(saved))
+    result = invoke("finetune", "--resume", "runs/n")
+    assert "cannot resume" not in result.output
+    assert "fine-tune rate 1e-5 (given" in result.output
+    assert "the training loss became nan" in result.output  # it trained again
 
 
 def test_bad_images_stop_finetune_or_are_skipped_and_recorded(tmp_path):

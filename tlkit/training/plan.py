@@ -179,7 +179,10 @@ def make_plan(
     }
     config, note = config.with_data_defaults(len(folder.splits["train"]), len(folder.classes))
     log.info("%s", note)
-    identity["fine_tune_lr"] = config.fine_tune_lr  # a rule changed by an upgrade shows here
+    # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
+    # before the rule has its rate in its config, and nothing here to compare)
+    if saved is None or "fine_tune_lr" in saved:
+        identity["fine_tune_lr"] = config.fine_tune_lr
     check_unchanged(saved, identity, tmp_dir, force_resume)
     seed_everything(config.seed)
     n_classes = len(folder.classes)
