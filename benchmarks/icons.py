@@ -58,6 +58,8 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
         ),
         # does the best fine-tune rate move with k, and where does it start to?
         100: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "3e-5", "1e-4")))], set()),
+        # where between 100 and 200 a class the rule's two rates change places
+        150: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "1e-4")))], set()),
         200: (
             [*DEPTHS[:1], *RATES],
             {"timm reference"},  # the reference: about 40 min a seed on 2 cores
