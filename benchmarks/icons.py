@@ -51,10 +51,13 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
         ),
     },
     "sweep": {
-        10: (["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto"], {"fine-tuned reference"}),
+        10: (
+            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto"],
+            {"fine-tuned reference", "scratch"},
+        ),
         50: (
             ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES],
-            {"fine-tuned reference", "timm reference"},
+            {"fine-tuned reference", "timm reference", "scratch"},
         ),
         # does the best fine-tune rate move with k, and where does it start to?
         100: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "3e-5", "1e-4")))], set()),
@@ -62,7 +65,8 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
         150: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "1e-4")))], set()),
         200: (
             [*DEPTHS[:1], *RATES],
-            {"timm reference"},  # the reference: about 40 min a seed on 2 cores
+            # each about 40 min a seed on 2 cores (scratch: its three rates)
+            {"timm reference", "scratch"},
         ),
     },
 }
