@@ -248,7 +248,9 @@ def test_a_plan_runs_only_the_k_and_names_asked_for(monkeypatch):
     from real_pictures import RATES, plan_for
 
     assert plan_for(icons.PLANS, True, ["fine-tune-lr"], [50]) == {50: (RATES, set())}
-    assert sorted(plan_for(icons.PLANS, True, None, None)) == [10, 50, 100, 200]
+    assert sorted(plan_for(icons.PLANS, True, None, None)) == [10, 50, 100, 150, 200]
     assert plan_for(icons.PLANS, True, ["timm"], [200]) == {200: ([], {"timm reference"})}
-    with pytest.raises(SystemExit, match=r"--k 20: this plan has k = \[10, 50, 100, 200\]"):
+    scratch = {k: ([], {"scratch"}) for k in (10, 50, 200)}
+    assert plan_for(icons.PLANS, True, ["scratch"], None) == scratch
+    with pytest.raises(SystemExit, match=r"--k 20: this plan has k = \[10, 50, 100, 150, 200\]"):
         plan_for(icons.PLANS, True, None, [20])
