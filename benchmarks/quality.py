@@ -430,16 +430,20 @@ def quickstart_features(run: Path) -> dict[str, tuple[Any, Any]]:
     for split in ("train", "val", "test"):
         files = [f for c in classes for f in digits(split, c, QUICKSTART_DATA)]
         labels = np.array([classes.index(f.parent.name) for f in files])
-        x = pixels(files) if size == 224 else load_images(files)
+        x = pixels(files, size) if size == 224 else load_images(files)
         out[split] = (pooled.predict(x.astype(np.uint8), batch_size=32, verbose=0), labels)
     clear()
     return out
 
 
 def run_quickstart(
-    work: Path, seeds: Sequence[int], smoke: bool, record: Callable[..., None]
+    work: Path,
+    seeds: Sequence[int],
+    smoke: bool,
+    record: Callable[..., None],
+    only: Sequence[str] | None = None,
 ) -> None:
-    configs = QUICKSTART
+    configs = {n: c for n, c in QUICKSTART.items() if not only or any(o in n for o in only)}
     size: list[str] = []
     if smoke:  # the mechanics at 32 px: the test backbone's head
         configs = {"test_resnet, random weights, head only": ("test_resnet", "none", HEAD)}
@@ -805,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tlkit-quality-") as tmp:
         work = Path(tmp)
         if args.quickstart or args.smoke:
-            run_quickstart(work, [0] if args.smoke else args.seeds, args.smoke, record)
+            run_quickstart(work, [0] if args.smoke else args.seeds, args.smoke, record, args.only)
         if args.pictures:
             run_pictures(args.pictures, args.seeds, (args.k or [10])[0], record)
             args.quickstart = True  # nothing else to run

@@ -276,7 +276,8 @@ def test_a_tampered_part_is_refused(make_folder):
     )
     part = Path(precompute_features(PrecomputeConfig(**config, shard_index=0))["part"])
     piece = next(part.glob("*.npy"))
-    piece.write_bytes(piece.read_bytes()[:-1] + b"\x00")
+    blob = piece.read_bytes()
+    piece.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0xFF]))  # the last byte, surely changed
     result = CliRunner().invoke(
         cli,
         [

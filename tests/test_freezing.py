@@ -161,3 +161,106 @@ def test_head_phase_freezes_every_backbone_weight():
     before = [w.copy() for w in base.get_weights()]
     _fit_on_shifted_data(model)
     assert all(np.array_equal(a, b) for a, b in zip(before, base.get_weights(), strict=True))
+
+
+def test_calibrated_batch_norm_normalizes_in_inference_mode_as_a_training_batch_does():
+    """After calibration on one batch, inference mode on that batch gives what a training-mode
+    pass gives (its own statistics), and the layers' momentum and trainable flags are back."""
+    import keras
+
+    from tlkit.models.freezing import recompute_bn_statistics
+
+    keras.utils.set_random_seed(2)
+    _, base, plan = plan_for(TINY, 32, count="all")
+    apply_freeze(base, plan)  # every BatchNorm frozen, as a run leaves them
+    flags = [(x.momentum, x.trainable) for x in base.layers if is_batch_norm(x)]
+    x = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)
+    assert recompute_bn_statistics(base, [x]) == 5
+    assert [(x.momentum, x.trainable) for x in base.layers if is_batch_norm(x)] == flags
+    for layer in base.layers:
+        layer.trainable = True  # training mode reads the batch's own statistics
+    np.testing.assert_allclose(
+        np.asarray(base(x, training=False)), np.asarray(base(x, training=True)), atol=1e-3
+    )
+
+
+@pytest.mark.slow  # the real architecture is the point: its signal at initialization
+def test_random_lite0_keeps_its_signal_only_with_calibrated_batch_norm():
+    """With BatchNorm at its initial identity, random EfficientNet-Lite0 fades the signal to
+    ~1e-12 (nothing can train, docs/training.md); calibrated, its last stage stays near 1."""
+    import keras
+
+    from tlkit.models.freezing import recompute_bn_statistics
+
+    keras.utils.set_random_seed(0)
+    base = get_backbone("efficientnet_lite0").build(64)
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 64, 64, 3)).astype(np.float32)
+    assert np.asarray(base(x, training=False)).std() < 1e-6
+    recompute_bn_statistics(base, [x])
+    assert np.asarray(base(x, training=False)).std() > 1e-2
+
+
+def test_random_weights_keep_a_live_networks_batch_norm_unless_asked_and_recompute_it_if_so(
+    make_folder, tmp_path
+):
+    """The tiny ResNet keeps its signal at initialization, so under --weights none its
+    BatchNorm stays an identity; with --train-bn its statistics come from the training images
+    and are recomputed before each validation, so the saved (best) model holds the statistics
+    of its own weights over those images."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tlkit.cli import cli
+    from tlkit.core.runs import load_run
+    from tlkit.data.datasets import load_dataset
+    from tlkit.features.rows import bn_batches, pooled_extractor
+    from tlkit.models.freezing import leaf_layers, recompute_bn_statistics
+
+    data = make_folder(per_class=12)
+    args = ["finetune", str(data), "--backbone", TINY, "--weights", "none", "--input-size", "32"]
+    args += ["--head-epochs", "1", "--epochs", "2", "--freeze", "0"]
+    runs = {}
+    for name, extra in (("default", []), ("train-bn", ["--train-bn"])):
+        result = CliRunner().invoke(cli, [*args, *extra, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        runs[name] = result.output
+        record = json.loads((tmp_path / name / "run.json").read_text())
+        assert record["train_bn"] is (name == "train-bn")  # what ran; the config: the ask
+        assert record["config"]["train_bn"] is (True if extra else None)
+    # the saved model is a fine-tune epoch's, so its statistics are the callback's
+    assert record["results"]["best"]["phase"] == "fine-tune"
+    assert "BatchNorm stays frozen at its identity" in runs["default"]
+    assert "before each validation" not in runs["default"]
+    assert "take their statistics from 19 training images" in runs["train-bn"]
+    assert "recomputed from 19 training images before each validation" in runs["train-bn"]
+
+    model = load_run(tmp_path / "train-bn").load_model()
+    bns = [x for x in leaf_layers(model) if is_batch_norm(x)]
+    saved = [np.array(w) for x in bns for w in (x.moving_mean, x.moving_variance)]
+    train = load_dataset(data).splits["train"]
+    assert len(train) == 19
+    recompute_bn_statistics(pooled_extractor(model), bn_batches(train, 32, 0.875, 10**9))
+    again = [np.array(w) for x in bns for w in (x.moving_mean, x.moving_variance)]
+    assert any(not np.allclose(w, 1.0) and not np.allclose(w, 0.0) for w in saved)
+    for a, b in zip(saved, again, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # the real architecture is the point: its signal fades at initialization
+def test_random_lite0_is_found_faded_and_gets_batch_norm_from_the_data(make_folder):
+    from tlkit.data.datasets import load_dataset
+    from tlkit.features.rows import pooled_extractor, resolve_random_bn
+    from tlkit.models.model import build_model
+    from tlkit.models.weights import resolve_weights
+
+    spec = get_backbone("efficientnet_lite0")
+    model = build_model(spec, resolve_weights(spec, "none"), 64, 2, 0)
+    train = load_dataset(make_folder(per_class=8)).splits["train"]
+    assert resolve_random_bn(model, "none", train, 64, spec.crop_fraction, 10**9, None)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    assert np.asarray(pooled_extractor(model)([x], training=False)).std() > 1e-2
+    # the user's word stands: --no-train-bn keeps the identity, --train-bn trains anywhere
+    other = build_model(spec, resolve_weights(spec, "none"), 64, 2, 0)
+    assert not resolve_random_bn(other, "none", train, 64, spec.crop_fraction, 10**9, False)
+    assert np.asarray(pooled_extractor(other)([x], training=False)).std() < 1e-6

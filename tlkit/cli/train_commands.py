@@ -27,9 +27,10 @@ from tlkit.core import choices
 @recipe_option
 @model_options(freeze_default="0")
 @click.option(
-    "--train-bn",
-    is_flag=True,
-    help="Let BatchNorm layers after the freeze point update their statistics.",
+    "--train-bn/--no-train-bn",
+    default=None,
+    help="Let BatchNorm layers after the freeze point update their statistics [default: only "
+    "under --weights none, and there only where the random network's signal fades without it].",
 )
 @click.option("--batch-size", default=32, show_default=True)
 @click.option(

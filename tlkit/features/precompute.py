@@ -43,7 +43,7 @@ from tlkit.features.cache import (
     open_cache,
     read_parts,
 )
-from tlkit.features.rows import RowMaker
+from tlkit.features.rows import RowMaker, resolve_random_bn
 from tlkit.models.backbones import BackboneSpec
 from tlkit.models.cut import Cut, build_trunk, resolve_cut
 from tlkit.models.distribute import (
@@ -324,6 +324,24 @@ def _cut_of(config: PrecomputeConfig, spec: BackboneSpec, base: Any) -> Cut:
     return cut
 
 
+def _model_of(
+    config: PrecomputeConfig,
+    spec: BackboneSpec,
+    size: int,
+    weights: ResolvedWeights,
+    folder: ImageFolder,
+) -> Any:
+    """The classifier whose trunk is cached; random weights' BatchNorm is resolved as
+    `finetune` resolves it by default (so a cache made here is its cache)."""
+    from tlkit.models.model import build_model
+
+    n, seed, half = len(folder.classes), config.seed, config.mixed_precision
+    model = build_model(spec, weights, size, n, seed, mixed_precision=half)
+    train, max_pixels = folder.splits["train"], config.audit.max_pixels
+    resolve_random_bn(model, weights.source, train, size, spec.crop_fraction, max_pixels, None)
+    return model
+
+
 def _precompute(
     config: PrecomputeConfig,
     checked: Checked,
@@ -331,7 +349,7 @@ def _precompute(
     predictor: Any,
     verbose: int,
 ) -> FeatureCache | dict[str, Any]:
-    from tlkit.models.model import backbone_of, build_model
+    from tlkit.models.model import backbone_of
 
     spec, size = checked.spec, checked.size
     if config.dry_run:
@@ -340,14 +358,7 @@ def _precompute(
         weights, missing = resolve_weights(spec, config.weights), None
     scanned = checked.dataset()
     folder, _, _ = audit_and_filter(scanned, config.audit, spec.min_size, config.workers)
-    model = build_model(
-        spec,
-        weights,
-        size,
-        len(folder.classes),
-        config.seed,
-        mixed_precision=config.mixed_precision,
-    )
+    model = _model_of(config, spec, size, weights, folder)
     cut = _cut_of(config, spec, backbone_of(model))
     settings = config.build_settings(verbose)
     trunk, key, inputs, transform = prepare_cache(

@@ -9,6 +9,7 @@ model's work on this one.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ import numpy as np
 
 from tlkit.data.augment import TrainTransform, resolve_augment
 from tlkit.data.datasets import Example
+
+log = logging.getLogger("tlkit")
 
 
 class RowMaker:
@@ -174,3 +177,67 @@ def pooled_features(
     with RowMaker(plain, crop_fraction, 0, workers, max_pixels) as make_rows:
         out = forward(pooled_extractor(model), make_rows, list(examples), [], 1, batch_size)
     return np.asarray(out["train"][0], np.float32)
+
+
+BN_IMAGES, BN_BATCH = 256, 32  # random weights' BatchNorm statistics: images, batch size
+FADED = 1e-6  # features that spread less at initialization: the signal is lost (float32)
+
+
+def bn_batches(
+    examples: Sequence[Example], size: int, crop_fraction: float, max_pixels: int
+) -> list[np.ndarray]:
+    """The eval view of up to BN_IMAGES training images spread over the split, in whole batches
+    of BN_BATCH (fixed, so that a cache's trunk does not change with --batch-size)."""
+    from tlkit.data.pipeline import load_eval_image
+
+    chosen = list(examples)[:: max(1, len(examples) // BN_IMAGES)][:BN_IMAGES]
+    n = min(BN_BATCH, len(chosen))
+    return [
+        np.stack([load_eval_image(e.path, size, crop_fraction, max_pixels) for e in part])
+        for part in (chosen[i : i + n] for i in range(0, len(chosen) - n + 1, n))
+    ]
+
+
+def resolve_random_bn(
+    model: Any,
+    source: str,
+    examples: Sequence[Example],
+    size: int,
+    crop_fraction: float,
+    max_pixels: int,
+    train_bn: bool | None,
+) -> bool:
+    """Whether BatchNorm trains (`train_bn`; None: decided here), and under random weights
+    (`source` "none") where it trains, its statistics set from `bn_batches` first.
+
+    Random weights' BatchNorm starts as an identity (mean 0, variance 1). Where the signal
+    survives it at initialization (ResNet50), it stays so, frozen: measured better than
+    training it on the digits (docs/training.md). Where the signal fades to nothing
+    (EfficientNet-Lite0: outputs of about 4e-12), nothing trains unless BatchNorm normalizes,
+    so it trains, from statistics of the data (models/freezing.py, recompute_bn_statistics).
+    """
+    from tlkit.models.freezing import recompute_bn_statistics
+
+    if source != "none" or train_bn is False:
+        return bool(train_bn)
+    batches = bn_batches(examples, size, crop_fraction, max_pixels)
+    extractor = pooled_extractor(model)
+    if train_bn is None:
+        spread = float(np.std(np.asarray(extractor([batches[0]], training=False))))
+        train_bn = not spread >= FADED  # a NaN spread (overflow) is no signal either
+        log.info(
+            "random weights: features' spread at initialization %.2g, %s",
+            spread,
+            "faded: BatchNorm trains" if train_bn else "BatchNorm stays frozen at its identity",
+        )
+    if train_bn:
+        start = time.perf_counter()
+        layers = recompute_bn_statistics(extractor, batches)
+        log.info(
+            "random weights: %d BatchNorm layers take their statistics from %d training "
+            "images (%.1f s), so that inference mode normalizes",
+            layers,
+            sum(len(b) for b in batches),
+            time.perf_counter() - start,
+        )
+    return train_bn

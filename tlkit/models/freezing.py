@@ -8,8 +8,11 @@ resolves to that same N, which is what the run records.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from tlkit.core.choices import AUTO  # --freeze auto: finetune picks the freeze point on val
 from tlkit.core.errors import ConfigError, did_you_mean
@@ -128,6 +131,39 @@ def is_batch_norm(layer: Any) -> bool:
     import keras
 
     return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def recompute_bn_statistics(model: Any, batches: Iterable[np.ndarray]) -> int:
+    """Set every BatchNorm layer's moving statistics to those of its inputs over `batches` (one
+    training-mode pass, the batches' statistics averaged); return how many layers were set.
+
+    For random weights: their BatchNorm starts at mean 0, variance 1, an identity that
+    normalizes nothing, and inference mode (tlkit's default, docs/training.md) then lets the
+    signal fade through a deep network: EfficientNet-Lite0's last stage gives outputs of about
+    4e-12 at initialization, so the loss starts flat at ln(classes) and nothing trains. With
+    the statistics of the data, inference mode normalizes each layer as a training batch would.
+    """
+    layers = [x for x in leaf_layers(model) if is_batch_norm(x)]
+    saved = [(x.momentum, x.trainable) for x in layers]
+    n = 0
+    try:
+        for n, batch in enumerate(batches, start=1):
+            for x in layers:  # a running mean of the batches' statistics
+                x.momentum, x.trainable = (n - 1) / n, True
+            model([batch], training=True)
+    finally:
+        for x, (momentum, trainable) in zip(layers, saved, strict=True):
+            x.momentum, x.trainable = momentum, trainable
+    return len(layers) if n else 0
+
+
+def leaf_layers(model: Any) -> Iterator[Any]:
+    """Every layer that is not itself a model, nested backbones included."""
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            yield from leaf_layers(layer)
+        else:
+            yield layer
 
 
 def apply_freeze(base: Any, plan: FreezePlan, train_bn: bool = False) -> int:

@@ -6,7 +6,6 @@ Preprocessing is built from stock Keras layers, so `model.keras` loads with plai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from tlkit.core.errors import WeightsError
 from tlkit.models.backbones import BackboneSpec
+from tlkit.models.freezing import leaf_layers
 from tlkit.models.weights import ResolvedWeights
 
 # keras.applications.imagenet_utils constants, RGB order.
@@ -158,15 +158,6 @@ def build_model(
         return build_classifier(spec, base, num_classes, size, dropout)
     finally:
         keras.config.set_dtype_policy(previous)
-
-
-def leaf_layers(model: Any) -> Iterator[Any]:
-    """Every layer that is not itself a model, nested backbones included."""
-    for layer in model.layers:
-        if hasattr(layer, "layers"):
-            yield from leaf_layers(layer)
-        else:
-            yield layer
 
 
 def compute_dtypes(model: Any) -> list[str]:

@@ -41,7 +41,8 @@ class FinetuneConfig:
     input_size: int | None = None  # None: the backbone's default
     # Keras guide default: after the head phase, fine-tune the whole backbone.
     freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))
-    train_bn: bool = False
+    # None: frozen, except under random weights whose signal fades without it (features/rows.py)
+    train_bn: bool | None = None
     augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
     batch_size: int = 32
     head_epochs: int = 5

@@ -171,7 +171,7 @@ def lr_find(config: LrFindConfig) -> dict[str, Any]:
 
 def _run(config: LrFindConfig) -> dict[str, Any]:
     from tlkit.data.preflight import check_inputs
-    from tlkit.features.rows import Features, pooled_features
+    from tlkit.features.rows import Features, pooled_features, resolve_random_bn
     from tlkit.models.model import backbone_of, build_model
     from tlkit.models.weights import resolve_weights
 
@@ -183,6 +183,7 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     folder = checked.dataset()
     train = list(folder.splits["train"])
     model = build_model(spec, weights, size, len(folder.classes), config.seed)
+    resolve_random_bn(model, weights.source, train, size, spec.crop_fraction, 10**9, None)
     labels = np.array([e.label for e in train], np.int32)
     feats = pooled_features(
         model, train, size, spec.crop_fraction, config.batch_size, config.workers, 10**9

@@ -177,11 +177,36 @@ class PhaseRunner:
             initial_epoch=initial,
             steps_per_epoch=steps,
             validation_steps=self.val_steps,
-            callbacks=[self.clock.callback(), timer, self.recorder, *self._tensorboard()],
+            callbacks=[
+                self.clock.callback(),
+                timer,
+                *self._precise_bn(phase),
+                self.recorder,
+                *self._tensorboard(),
+            ],
             verbose=self.verbose,
             shuffle=False,
         )  # the dataset shuffles, seeded
         self._after(phase, epochs)
+
+    def _precise_bn(self, phase: str) -> list[Any]:
+        """Random weights with BatchNorm training: its statistics recomputed before each
+        validation (precise_bn.py says why)."""
+        plan, c = self.plan, self.plan.config
+        if phase == "head" or not c.train_bn or plan.weights.source != "none":
+            return []
+        from tlkit.features.rows import bn_batches, pooled_extractor
+        from tlkit.training.precise_bn import PreciseBatchNorm
+
+        train, crop = plan.split("train"), plan.spec.crop_fraction
+        batches = bn_batches(train, plan.size, crop, c.audit.max_pixels)
+        log.info(
+            "phase %s: BatchNorm statistics recomputed from %d training images before each "
+            "validation (random weights)",
+            phase,
+            sum(len(b) for b in batches),
+        )
+        return [PreciseBatchNorm(pooled_extractor(plan.model), batches)]
 
     def _freeze(self, phase: str) -> None:
         plan, config = self.plan, self.plan.config
@@ -204,7 +229,7 @@ class PhaseRunner:
             f"{trainable:,}",
             f"{frozen:,}",
             frozen_bn,
-            "" if phase == "head" or not config.train_bn else " (--train-bn)",
+            "" if phase == "head" or not config.train_bn else " (BatchNorm trains)",
         )
 
     def _compile(self, phase: str, lr: float) -> int:

@@ -163,6 +163,7 @@ def make_plan(
 ) -> Plan:
     """Weights, the data check, the model, freeze point, `auto` choices, augmentation and the
     cache decision (the data's listing was checked before TensorFlow loaded)."""
+    from tlkit.features.rows import resolve_random_bn
     from tlkit.models.model import build_model
 
     spec, size = checked.spec, checked.size
@@ -189,6 +190,9 @@ def make_plan(
     model = build_model(
         spec, weights, size, n_classes, config.seed, config.dropout, config.mixed_precision
     )
+    train, crop, max_pixels = folder.splits["train"], spec.crop_fraction, config.audit.max_pixels
+    bn = resolve_random_bn(model, weights.source, train, size, crop, max_pixels, config.train_bn)
+    config = dataclasses.replace(config, train_bn=bn)
     start = _Start(spec, size, weights, folder, report, skipped, identity, model)
     return _plan_training(config, placement, saved, start, verbose)
 
