@@ -90,18 +90,32 @@ def logreg_probe(feats: dict[str, tuple[Any, Any]]) -> Scores:
 # --weights none sets it (kept at its initial identity where the network's signal survives it,
 # as ResNet50's does; trained, with its statistics recomputed before each validation, where the
 # signal fades, as EfficientNet-Lite0's does: docs/training.md), tlkit's default augmentation,
-# early stopping on the validation loss with generous patience, the rate chosen on validation
-# from a grid around Adam's usual 1e-3.
-SCRATCH_LRS = (3e-3, 1e-3, 3e-4)
+# early stopping on the validation loss with generous patience, the rate chosen on validation:
+# three around Adam's usual 1e-3 first, then one step further along the ladder while the best
+# is an edge of those tried, so that a grid never caps it.
+SCRATCH_LADDER = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+SCRATCH_FIRST = (3e-3, 1e-3, 3e-4)
+
+
+def next_scratch_rate(ranks: dict[float, tuple[float, float]], widen: bool) -> float | None:
+    """The next rate to try given each tried rate's rank (higher is better): SCRATCH_FIRST in
+    turn, then (when `widen`) the untried neighbour on the ladder of the best; None: done."""
+    untried = [lr for lr in SCRATCH_FIRST if lr not in ranks]
+    if untried or not widen:
+        return untried[0] if untried else None
+    i = SCRATCH_LADDER.index(max(ranks, key=lambda lr: ranks[lr]))
+    edge = [SCRATCH_LADDER[j] for j in (i - 1, i + 1) if 0 <= j < len(SCRATCH_LADDER)]
+    return next((lr for lr in edge if lr not in ranks), None)
 
 
 def scratch(
-    task: Path, runs: Path, flags: Sequence[str], epochs: int, patience: int
+    task: Path, runs: Path, flags: Sequence[str], epochs: int, patience: int, widen: bool = True
 ) -> dict[str, Any]:
-    """One `tlkit finetune --weights none` per rate of SCRATCH_LRS; the one with the best
-    validation top-1 (then loss) is tested. Seconds: every rate's command, the whole budget."""
-    tried = []
-    for lr in SCRATCH_LRS:
+    """One `tlkit finetune --weights none` per rate next_scratch_rate gives; the one with the
+    best validation top-1 (then loss) is tested. Seconds: every rate's command, the whole
+    budget."""
+    tried: list[dict[str, Any]] = []
+    while (lr := next_scratch_rate({t["lr"]: t["rank"] for t in tried}, widen)) is not None:
         out, start = runs / f"scratch-lr{lr:g}", time.perf_counter()
         result = tlkit(
             "finetune", str(fit_folder(task)), *flags, "--weights", "none", "--freeze", "0",
@@ -130,5 +144,6 @@ def scratch(
         "epochs_run": chosen["epochs_run"],
         "classes_hit": sum(v["recall"] > 0 for v in m["per_class"].values()),
         "seconds": sum(t["seconds"] for t in tried),
-        "budget": f"{len(SCRATCH_LRS)} rates x up to {epochs} epochs (patience {patience})",
+        "rates": [t["lr"] for t in tried],
+        "budget": f"{len(tried)} rates x up to {epochs} epochs (patience {patience})",
     }

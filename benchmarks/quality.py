@@ -36,7 +36,7 @@ References, written here independently of tlkit:
   pooled features, C chosen on the validation images: the sharpest yardstick for a head.
 - scratch: ResNet50 from random weights on the k images per class, every layer (BatchNorm kept
   at its initial identity, tlkit's --weights none), trained to convergence: early stopping on
-  validation, the rate chosen on validation from common.SCRATCH_LRS.
+  validation, the rate chosen on validation (common.next_scratch_rate).
 """
 
 from __future__ import annotations
@@ -297,7 +297,10 @@ def run_task(
         m = evaluate(out, task, mode)
         row = m["comparison"][0]
         val = vals[name] = result["best"]["val_accuracy"]
-        record(name, k, seed, row["single_crop_top1"], seconds=train_s, val=val)
+        record(
+            name, k, seed, row["single_crop_top1"], seconds=train_s, val=val,
+            kept=result["best"]["phase"],
+        )  # fmt: skip
         if mode == "10":
             record("defaults, 10-crop eval", k, seed, row["multicrop_top1"])
         log(f"k={k} seed={seed} {name}: {row['single_crop_top1']:.4f} ({train_s:.0f} s)")
@@ -328,7 +331,7 @@ def run_task(
     if k == 10:
         r = scratch(task, work / "runs", [*COMMON, "--seed", str(seed)], *SCRATCH_BUDGET)
         record(
-            "scratch (ResNet50, random init, converged, rate chosen on val from 3)",
+            "scratch (ResNet50, random init, converged, rate chosen on val)",
             k,
             seed,
             r["test"],
@@ -338,6 +341,7 @@ def run_task(
             epochs_run=r["epochs_run"],
             classes_hit=r["classes_hit"],
             budget=r["budget"],
+            rates=r["rates"],
         )
     shutil.rmtree(work / "runs", ignore_errors=True)
     shutil.rmtree(task, ignore_errors=True)

@@ -142,7 +142,7 @@ VIEW_MODES = ("1", "auto", "10", "dense")  # `tlkit eval --multicrop` on the def
 ENSEMBLE_SEEDS = (1000, 2000)  # two more defaults runs: seed + these
 REFERENCE_EXTRAS = {"background", "fine-tuned reference", "timm reference"}
 SCRATCH_BUDGET = (100, 15)  # epochs, patience: converged, well past the best epoch
-SCRATCH_ROW = "scratch (random init, converged, rate chosen on val from 3)"
+SCRATCH_ROW = "scratch (random init, converged, rate chosen on val)"
 TIMM_EPOCHS = 20  # per rate of the timm-style reference's grid; --smoke: 3
 TIMM_ROW = "timm-style reference (AdamW, cosine, smoothing, layer decay; rate on val from 3)"
 REFERENCE_EPOCHS = 1000  # the head's early stopping ends it long before; --smoke: 20
@@ -441,15 +441,16 @@ class GuideModel:
         return any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def finetune(task: Task, out: Path, flags: Sequence[str]) -> tuple[float, float]:
+def finetune(task: Task, out: Path, flags: Sequence[str]) -> tuple[float, dict[str, Any]]:
     """`tlkit finetune` as typed, on the task's train and val splits only (so that, like the
     references, it decodes no test picture): its seconds (decoding and training, TensorFlow's
-    start-up when it is the process's first) and its validation top-1 at the kept epoch."""
+    start-up when it is the process's first) and the kept model's record (`best`: its phase,
+    validation top-1 and loss)."""
     start = time.perf_counter()
     result = tlkit("finetune", str(fit_folder(task.root)), "--workers", "2", *flags, "-o", str(out))
     seconds = time.perf_counter() - start
     clear()
-    return seconds, result["best"]["val_accuracy"]
+    return seconds, result["best"]
 
 
 def evaluate(
@@ -484,10 +485,11 @@ def run_seed(
     runs: dict[str, tuple[Path, float]] = {}
     for name in names:
         out = work / "runs" / f"{task.root.name}-{len(runs)}"
-        seconds, val = finetune(task, out, [*base, *configs[name]])
+        seconds, best = finetune(task, out, [*base, *configs[name]])
+        val = best["val_accuracy"]
         runs[name] = (out, val)
         m, eval_s = evaluate([out], task)
-        rec(name, m["top1"], val=val, seconds=seconds)
+        rec(name, m["top1"], val=val, seconds=seconds, kept=best["phase"])
         log(f"{task.root.name} {name}: {m['top1']:.4f} (val {val:.4f}, {seconds:.0f} s)")
         if name == "defaults" and "views" in extras:  # that eval is --multicrop 1
             views_rows(work, task, out, (m, eval_s), record)
@@ -498,10 +500,11 @@ def run_seed(
         keras_reference(task, backbone, extras, rec)
     if "scratch" in extras:
         epochs, patience = (2, 1) if smoke else SCRATCH_BUDGET
-        r = scratch(task.root, work / "runs", base, epochs, patience)
+        r = scratch(task.root, work / "runs", base, epochs, patience, widen=not smoke)
         rec(
             SCRATCH_ROW, r["test"], val=r["val"], seconds=r["seconds"], lr=r["lr"],
             epochs_run=r["epochs_run"], classes_hit=r["classes_hit"], budget=r["budget"],
+            rates=r["rates"],
         )  # fmt: skip
     shutil.rmtree(work / "runs", ignore_errors=True)
     shutil.rmtree(task.root, ignore_errors=True)
@@ -515,7 +518,7 @@ def ensemble_rows(
     members = [defaults]
     for extra in ENSEMBLE_SEEDS:
         out = work / "runs" / f"{task.root.name}-member{extra}"
-        _, val = finetune(task, out, [*flags, "--seed", str(task.seed + extra)])
+        val = finetune(task, out, [*flags, "--seed", str(task.seed + extra)])[1]["val_accuracy"]
         members.append((out, val))
     m, _ = evaluate([run for run, _ in members], task, "1", "ensemble")
     rec("ensemble of 3 defaults runs (seeds s, s+1000, s+2000)", m["top1"])

@@ -176,7 +176,7 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
         "logreg-probe, alpha over mid-grey instead of white",
         "keras-reference, fine-tuned (the guide's 2 stages)",
         "timm-style reference (AdamW, cosine, smoothing, layer decay; rate on val from 3)",
-        "scratch (random init, converged, rate chosen on val from 3)",
+        "scratch (random init, converged, rate chosen on val)",
     ]
     assert all(0 <= r["top1"] <= 1 for r in real)
     assert all(r["seconds"] > 0 for r in real[:2])
@@ -185,8 +185,9 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
     by_name = {r["config"]: r for r in real}
     # the Keras guide's fine-tune keeps BatchNorm in inference mode: its statistics never move
     assert by_name["keras-reference, fine-tuned (the guide's 2 stages)"]["bn_moved"] is False
-    scratch = by_name["scratch (random init, converged, rate chosen on val from 3)"]
+    scratch = by_name["scratch (random init, converged, rate chosen on val)"]
     assert scratch["lr"] in (3e-3, 1e-3, 3e-4) and 1 <= scratch["classes_hit"] <= 12
+    assert sorted(scratch["rates"]) == [3e-4, 1e-3, 3e-3]  # the smoke does not widen
     icons = [r for r in rows if r.get("protocol") == "icons"]  # the icons plan, head only
     assert [r["config"] for r in icons] == ["frozen: head only (--freeze all --epochs 0)"]
     assert "| icons, unseen themes: configuration | k=4 |" in quality_out
@@ -254,3 +255,22 @@ def test_a_plan_runs_only_the_k_and_names_asked_for(monkeypatch):
     assert plan_for(icons.PLANS, True, ["scratch"], None) == scratch
     with pytest.raises(SystemExit, match=r"--k 20: this plan has k = \[10, 50, 100, 150, 200\]"):
         plan_for(icons.PLANS, True, None, [20])
+
+
+def test_the_scratch_rate_grid_widens_while_its_edge_wins(monkeypatch):
+    """Three rates first; then one step past whichever edge is best, until the best has both
+    neighbours tried (or the ladder ends): a grid's edge never decides the rate."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from common import next_scratch_rate
+
+    def tried(scores):
+        ranks = {}
+        while (lr := next_scratch_rate(ranks, True)) is not None:
+            ranks[lr] = (scores(lr), 0.0)
+        return sorted(ranks)
+
+    assert tried(lambda lr: -abs(lr - 1e-3)) == [3e-4, 1e-3, 3e-3]
+    assert tried(lambda lr: -abs(lr - 1e-2)) == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    assert tried(lambda lr: lr) == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # the ladder's top ends it
+    assert tried(lambda lr: -lr) == [3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
+    assert next_scratch_rate({3e-3: (1.0, 0), 1e-3: (0.0, 0), 3e-4: (0.0, 0)}, False) is None

@@ -184,6 +184,37 @@ def test_calibrated_batch_norm_normalizes_in_inference_mode_as_a_training_batch_
     )
 
 
+def test_statistics_batches_are_weighted_by_their_images():
+    """A short last batch counts for its images, not as much as a whole one: the moving mean
+    is the mean over every image."""
+    import keras
+
+    from tlkit.models.freezing import recompute_bn_statistics
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.BatchNormalization()(inputs))
+    x = np.random.default_rng(0).normal(size=(37, 3)).astype(np.float32)
+    x[32:] += 10.0  # the short batch differs, so equal weights would miss the mean
+    recompute_bn_statistics(model, [x[:32], x[32:]])
+    np.testing.assert_allclose(model.layers[1].moving_mean, x.mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [19, 120, 300, 5000])
+def test_statistics_images_cover_a_class_sorted_split_in_mixed_batches(n):
+    """A split is sorted by class: the chosen rows span it (every class of 12 seen), no row
+    twice, the last short batch kept, and each batch mixes classes."""
+    from tlkit.features.rows import BN_BATCH, BN_IMAGES, bn_indices
+
+    labels = np.arange(n) * 12 // n  # 12 classes in order, as a split lists them
+    parts = bn_indices(n)
+    chosen = np.concatenate(parts)
+    assert len(chosen) == len(set(chosen)) == min(n, BN_IMAGES)
+    assert set(labels[chosen]) == set(range(12))
+    assert all(len(p) == BN_BATCH for p in parts[:-1]) and 0 < len(parts[-1]) <= BN_BATCH
+    assert all(len(set(labels[p])) > 3 for p in parts if len(p) >= 16)
+    assert bn_indices(n)[0].tolist() == parts[0].tolist()  # fixed: a cache's trunk repeats
+
+
 @pytest.mark.slow  # the real architecture is the point: its signal at initialization
 def test_random_lite0_keeps_its_signal_only_with_calibrated_batch_norm():
     """With BatchNorm at its initial identity, random EfficientNet-Lite0 fades the signal to

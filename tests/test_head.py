@@ -286,22 +286,26 @@ def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
     np.testing.assert_allclose(two.val, one.val)  # validation: always the eval view
 
 
-@pytest.mark.slow  # about 12 s: two candidate tails and the fine-tune each trace a graph
-def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_path):
+@pytest.mark.slow  # about 20 s: two runs, each with two candidate tails and a fine-tune
+@pytest.mark.parametrize("grey", [False, True])
+def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_path, grey):
     """A trunk whose last stage outputs a constant: head only cannot learn, training that
-    stage can. auto must see it on the validation split and fine-tune from its choice."""
+    stage can. auto must see it on the validation split; a tail having beaten the head, the
+    fine-tune phase trains the whole network, and the run saves whichever of the search's tail
+    and the run's best epoch has the lower validation loss. Trained on greyed views (colour is
+    the class), the fine-tune phase cannot learn, and the search's tail (the eval view) is
+    saved."""
     import keras
 
+    from tlkit.core.fsutil import artifact_problem
+    from tlkit.data.datasets import load_dataset
+    from tlkit.data.pipeline import eval_dataset
     from tlkit.models.backbones import get_backbone
     from tlkit.training.train import finetune
 
+    trunk = _constant_last_stage(tmp_path / "trunk.weights.h5")
     base = get_backbone(TINY).build(32)
-    conv, bn = base.get_layer("block3_conv"), base.get_layer("block3_bn")
-    conv.set_weights([np.zeros_like(w) for w in conv.get_weights()])
-    gamma, beta, mean, var = bn.get_weights()
-    bn.set_weights([gamma, np.ones_like(beta), mean, var])  # relu(0 + 1): constant, not dead
-    trunk = tmp_path / "trunk.weights.h5"
-    base.save_weights(trunk)
+    base.load_weights(trunk)
     data = tmp_path / "data"
     tinted_folder(data / "train", 12, 0)
     tinted_folder(data / "val", 6, 1)
@@ -314,7 +318,7 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
             epochs=4,
             lr=0.05,
             fine_tune_lr=0.02,
-            augment=resolve_augment("none"),
+            augment=resolve_augment("none", ['ToGray:{"p": 1.0}'] if grey else []),
         )
     )
     search = run.record.freeze["search"]
@@ -328,25 +332,97 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     chosen = [s for s in search if s["chosen"]]
     assert len(chosen) == 1 and chosen[0]["candidate"] != "head only"
     assert chosen[0]["val_loss"] < head_only["val_loss"] / 2
-    assert run.record.freeze["n_frozen"] == chosen[0]["n_frozen"]
-    assert run.record.freeze["request"].startswith("--freeze auto (--freeze-blocks")
+    # the fine-tune phase trained the whole network
+    assert run.record.freeze["n_frozen"] == 0
+    assert run.record.freeze["request"] == (
+        f"--freeze auto (the whole network, against {chosen[0]['candidate']})"
+    )
     assert run.record.config["freeze"]["count"] == "auto"  # what was asked for
-    assert run.record.results["best"]["val_accuracy"] == 1.0
-    # the fine-tune phase trained exactly the chosen stages
+    best = run.record.results["best"]
+    with open(run.path / "history.csv") as f:
+        trained = [float(r["val_loss"]) for r in csv.DictReader(f) if r["phase"] == "fine-tune"]
+    assert len(trained) >= 1
+    assert best["val_loss"] == pytest.approx(min(chosen[0]["val_loss"], *trained), rel=1e-6)
+    assert best["phase"] == ("freeze-search" if grey else "fine-tune")
+    # the model saved is the one that scored best: its validation loss is best's
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
-    trained = model.get_layer("backbone")
-    np.testing.assert_array_equal(
-        trained.get_layer("stem_conv").get_weights()[0],
-        base.get_layer("stem_conv").get_weights()[0],
+    val = load_dataset(data).splits["val"]
+    probs = np.concatenate(
+        [model.predict(x, verbose=0) for x, _ in eval_dataset(val, 32, 0.875, 8)]
     )
-    assert not np.array_equal(
-        trained.get_layer("block3_conv").get_weights()[0], conv.get_weights()[0]
-    )
+    labels = np.array([e.label for e in val])
+    loss = -np.mean(np.log(np.clip(probs[np.arange(len(val)), labels], 1e-7, 1)))
+    assert loss == pytest.approx(best["val_loss"], rel=1e-3, abs=1e-4)
+    if best["phase"] == "freeze-search":  # the tail alone trained: the stem is the trunk's
+        np.testing.assert_array_equal(
+            model.get_layer("backbone").get_layer("stem_conv").get_weights()[0],
+            base.get_layer("stem_conv").get_weights()[0],
+        )
     with open(run.path / "search.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["setting"], r["candidate"], r["chosen"]) for r in rows] == [
         ("freeze", s["candidate"], str(int(s["chosen"]))) for s in search
     ]
+    # compared, so dropped from the finished run; a run published with it is still tlkit's
+    assert not (run.path / "checkpoints" / "search.h5").exists()
+    (run.path / "checkpoints" / "search.h5").write_bytes(b"")
+    assert artifact_problem(run.path, "run") is None
+
+
+@pytest.mark.slow  # about 10 s: a search and a fine-tune, interrupted and resumed
+def test_freeze_auto_keeps_the_searchs_tail_across_a_resume(tmp_path, monkeypatch):
+    """The search's trained tail is on disk from the run's start: a run interrupted in its
+    fine-tune phase and resumed still compares it, and saves it when it scores best."""
+    import tlkit.training.phases
+    from tlkit.core.errors import Interrupted
+    from tlkit.training.train import finetune
+
+    base = _constant_last_stage(tmp_path / "trunk.weights.h5")
+    data = tmp_path / "data"
+    tinted_folder(data / "train", 12, 0)
+    tinted_folder(data / "val", 6, 1)
+    real = tlkit.training.phases.save_epoch
+
+    def dies_in_the_fine_tune(directory, model, optimizer, state, improved):
+        real(directory, model, optimizer, state, improved)
+        if state["phase"] == "fine-tune":
+            raise KeyboardInterrupt  # as Ctrl-C right after the first fine-tune epoch
+
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", dies_in_the_fine_tune)
+    config = quick_config(
+        data,
+        tmp_path / "run",
+        weights=str(base),
+        freeze=FreezeRequest(count="auto"),
+        epochs=3,
+        lr=0.05,
+        fine_tune_lr=0.02,
+        augment=resolve_augment("none", ['ToGray:{"p": 1.0}']),
+    )
+    with pytest.raises(Interrupted):
+        finetune(config)
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", real)
+    run = finetune(resume=tmp_path / "run")
+    chosen = [s for s in run.record.freeze["search"] if s["chosen"]]
+    assert chosen[0]["candidate"] != "head only"
+    assert run.record.resumed
+    best = run.record.results["best"]
+    assert best["phase"] == "freeze-search"
+    assert best["val_loss"] == pytest.approx(chosen[0]["val_loss"], rel=1e-9)
+
+
+def _constant_last_stage(path: Path) -> Path:
+    """The tiny backbone's weights with its last stage outputting a constant: a frozen trunk
+    carries no signal to the head, training that stage brings it back."""
+    from tlkit.models.backbones import get_backbone
+
+    base = get_backbone(TINY).build(32)
+    conv, bn = base.get_layer("block3_conv"), base.get_layer("block3_bn")
+    conv.set_weights([np.zeros_like(w) for w in conv.get_weights()])
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([gamma, np.ones_like(beta), mean, var])  # relu(0 + 1): constant, not dead
+    base.save_weights(path)
+    return path
 
 
 def test_freeze_auto_is_refused_outside_finetune(make_folder):

@@ -209,8 +209,9 @@ def model_options(freeze_default: str) -> Any:
             "--freeze",
             callback=freeze_option,
             help="Freeze backbone layers [:N] ('all'; negative N keeps the last |N| "
-            "trainable; finetune: 'auto' picks head only or the last 1-2 stages "
-            f"on the validation split). Default {freeze_default}.",
+            "trainable; finetune: 'auto' scores head only and the last 1-2 stages on the "
+            "validation split, and where a stage beats the head also the whole network, "
+            f"keeping the best). Default {freeze_default}.",
         ),
         click.option("--freeze-to", help="Freeze up to and including this layer name."),
         click.option("--freeze-blocks", type=int, help="Freeze the first K stages."),

@@ -26,6 +26,7 @@ from tlkit.core.fsutil import atomic_path, fsync_dir
 
 CHECKPOINT_SCHEMA = 1
 INCOMING, LAST, PREVIOUS, BEST = "incoming.h5", "last.h5", "previous.h5", "best.h5"
+SEARCH = "search.h5"  # --freeze auto: the search's trained candidate, with its scores
 
 
 def _numpy(variable: Any) -> np.ndarray:

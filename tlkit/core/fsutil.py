@@ -110,7 +110,7 @@ CONTENTS: dict[str, dict[str, Any]] = {
         "data_report.json": FILE,
         "search.csv": FILE,
         "checkpoints": dict.fromkeys(
-            ("incoming.h5", "last.h5", "previous.h5", "best.h5", "identity.json"), FILE
+            ("incoming.h5", "last.h5", "previous.h5", "best.h5", "search.h5", "identity.json"), FILE
         ),
         "tensorboard": TENSORBOARD,
         "eval": "evaluation",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -185,17 +185,26 @@ FADED = 1e-6  # features that spread less at initialization: the signal is lost 
 
 def bn_batches(
     examples: Sequence[Example], size: int, crop_fraction: float, max_pixels: int
-) -> list[np.ndarray]:
-    """The eval view of up to BN_IMAGES training images spread over the split, in whole batches
-    of BN_BATCH (fixed, so that a cache's trunk does not change with --batch-size)."""
+) -> Iterator[np.ndarray]:
+    """The eval view of up to BN_IMAGES training images, evenly spaced over the split and
+    shuffled (a fixed seed), in batches of BN_BATCH and a last shorter one, decoded as they are
+    asked for. The split is sorted by class: spaced, every class is seen; shuffled, each batch
+    holds several. The batch size is fixed, so that a cache's trunk does not move with
+    --batch-size."""
     from tlkit.data.pipeline import load_eval_image
 
-    chosen = list(examples)[:: max(1, len(examples) // BN_IMAGES)][:BN_IMAGES]
-    n = min(BN_BATCH, len(chosen))
-    return [
-        np.stack([load_eval_image(e.path, size, crop_fraction, max_pixels) for e in part])
-        for part in (chosen[i : i + n] for i in range(0, len(chosen) - n + 1, n))
-    ]
+    for part in bn_indices(len(examples)):
+        yield np.stack(
+            [load_eval_image(examples[j].path, size, crop_fraction, max_pixels) for j in part]
+        )
+
+
+def bn_indices(n: int) -> list[np.ndarray]:
+    """bn_batches' choice among n rows: up to BN_IMAGES evenly spaced, shuffled (seed 0), in
+    batches of BN_BATCH."""
+    chosen = np.unique(np.linspace(0, n - 1, min(n, BN_IMAGES)).round().astype(int))
+    np.random.default_rng(0).shuffle(chosen)
+    return [chosen[i : i + BN_BATCH] for i in range(0, len(chosen), BN_BATCH)]
 
 
 def resolve_random_bn(
@@ -221,9 +230,10 @@ def resolve_random_bn(
     if source != "none" or train_bn is False:
         return bool(train_bn)
     batches = bn_batches(examples, size, crop_fraction, max_pixels)
+    first = next(batches)  # decides; the rest is decoded only if BatchNorm trains
     extractor = pooled_extractor(model)
     if train_bn is None:
-        spread = float(np.std(np.asarray(extractor([batches[0]], training=False))))
+        spread = float(np.std(np.asarray(extractor([first], training=False))))
         train_bn = not spread >= FADED  # a NaN spread (overflow) is no signal either
         log.info(
             "random weights: features' spread at initialization %.2g, %s",
@@ -232,12 +242,13 @@ def resolve_random_bn(
         )
     if train_bn:
         start = time.perf_counter()
-        layers = recompute_bn_statistics(extractor, batches)
+        seen = [first, *batches]
+        layers = recompute_bn_statistics(extractor, seen)
         log.info(
             "random weights: %d BatchNorm layers take their statistics from %d training "
             "images (%.1f s), so that inference mode normalizes",
             layers,
-            sum(len(b) for b in batches),
+            sum(len(b) for b in seen),
             time.perf_counter() - start,
         )
     return train_bn

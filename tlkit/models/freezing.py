@@ -135,7 +135,8 @@ def is_batch_norm(layer: Any) -> bool:
 
 def recompute_bn_statistics(model: Any, batches: Iterable[np.ndarray]) -> int:
     """Set every BatchNorm layer's moving statistics to those of its inputs over `batches` (one
-    training-mode pass, the batches' statistics averaged); return how many layers were set.
+    training-mode pass, the batches' statistics averaged, each weighted by its images); return
+    how many layers were set.
 
     For random weights: their BatchNorm starts at mean 0, variance 1, an identity that
     normalizes nothing, and inference mode (tlkit's default, docs/training.md) then lets the
@@ -145,16 +146,17 @@ def recompute_bn_statistics(model: Any, batches: Iterable[np.ndarray]) -> int:
     """
     layers = [x for x in leaf_layers(model) if is_batch_norm(x)]
     saved = [(x.momentum, x.trainable) for x in layers]
-    n = 0
+    seen = 0
     try:
-        for n, batch in enumerate(batches, start=1):
-            for x in layers:  # a running mean of the batches' statistics
-                x.momentum, x.trainable = (n - 1) / n, True
+        for batch in batches:
+            for x in layers:  # a running mean of the batches' statistics, by images
+                x.momentum, x.trainable = seen / (seen + len(batch)), True
             model([batch], training=True)
+            seen += len(batch)
     finally:
         for x, (momentum, trainable) in zip(layers, saved, strict=True):
             x.momentum, x.trainable = momentum, trainable
-    return len(layers) if n else 0
+    return len(layers) if seen else 0
 
 
 def leaf_layers(model: Any) -> Iterator[Any]:

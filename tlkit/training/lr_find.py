@@ -183,7 +183,9 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     folder = checked.dataset()
     train = list(folder.splits["train"])
     model = build_model(spec, weights, size, len(folder.classes), config.seed)
-    resolve_random_bn(model, weights.source, train, size, spec.crop_fraction, 10**9, None)
+    train_bn = resolve_random_bn(
+        model, weights.source, train, size, spec.crop_fraction, 10**9, None
+    )
     labels = np.array([e.label for e in train], np.int32)
     feats = pooled_features(
         model, train, size, spec.crop_fraction, config.batch_size, config.workers, 10**9
@@ -212,7 +214,7 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
         0.0,
     )
     return _fine_tune_range_test(
-        config, model, backbone_of(model), spec, train, head_features, size, start, end
+        config, model, backbone_of(model), spec, train, head_features, size, (start, end), train_bn
     )
 
 
@@ -224,11 +226,12 @@ def _fine_tune_range_test(
     train: list[Any],
     head_features: Any,
     size: int,
-    start: float,
-    end: float,
+    rates: tuple[float, float],
+    train_bn: bool,
 ) -> dict[str, Any]:
     """The head trained first on the features (500 steps at 1e-3, as finetune's default head
-    phase), then the range test on everything the freeze plan leaves trainable."""
+    phase), then the range test on everything the freeze plan leaves trainable, BatchNorm
+    included where the run would train it (random weights whose signal fades)."""
     import keras
     import tensorflow as tf
 
@@ -246,10 +249,10 @@ def _fine_tune_range_test(
         config.seed,
     )
     apply_freeze(
-        base, resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]), False
+        base, resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]), train_bn
     )
-    rates = schedule(start, end, config.steps)
-    optimizer = keras.optimizers.Adam(start)
+    tried = schedule(*rates, config.steps)
+    optimizer = keras.optimizers.Adam(rates[0])
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
     weights = model.trainable_weights
 
@@ -263,13 +266,13 @@ def _fine_tune_range_test(
     data = eval_dataset(train, size, spec.crop_fraction, config.batch_size, config.workers)
     batches = iter(data.shuffle(8, seed=config.seed).repeat())
     losses: list[float] = []
-    for lr in rates:
+    for lr in tried:
         optimizer.learning_rate.assign(lr)
         x, y = next(batches)
         losses.append(float(step(x, y)))
         if not math.isfinite(losses[-1]):
             break
-    return suggest(rates, np.array(losses))
+    return suggest(tried, np.array(losses))
 
 
 def lr_find_png(found: dict[str, Any]) -> bytes:

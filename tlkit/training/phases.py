@@ -199,7 +199,7 @@ class PhaseRunner:
         from tlkit.training.precise_bn import PreciseBatchNorm
 
         train, crop = plan.split("train"), plan.spec.crop_fraction
-        batches = bn_batches(train, plan.size, crop, c.audit.max_pixels)
+        batches = list(bn_batches(train, plan.size, crop, c.audit.max_pixels))
         log.info(
             "phase %s: BatchNorm statistics recomputed from %d training images before each "
             "validation (random weights)",

@@ -22,6 +22,7 @@ from tlkit.training.timing import log_estimate
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
     from tlkit.data.augment import ColorPCA, TrainTransform
     from tlkit.features.cache import FeatureCache
@@ -57,6 +58,8 @@ class Plan:
     fit_model: keras.Model  # the classifier, or its tail over the feature cache
     cache_note: str
     stored: dict[str, list[Example]]  # splits read from the resized-image store, if any
+    # --freeze auto: the search's chosen tail, trained; the run's end keeps it if it scores best
+    search_model: list[np.ndarray] | None = None
 
     def inputs(self, name: str) -> list[Example]:
         """What the pipeline decodes for a split: its files, or their stored resized copies."""
@@ -211,7 +214,7 @@ def _plan_training(
     base = backbone_of(model)
     by_class, sample_weights = _weights_of(config, folder)
     requested = start.identity["config"]
-    config, freeze, searched, head_features = _resolve_auto(
+    config, freeze, searched, head_features, search_model = _resolve_auto(
         config, placement, saved, model, spec, folder, size, sample_weights
     )
     idle = nothing_to_train(base, freeze, config.train_bn) if config.epochs else None
@@ -252,6 +255,7 @@ def _plan_training(
         fit_model=fit_model,
         cache_note=note,
         stored=_store(config, start, transform, decoded=cache is None),
+        search_model=search_model,
     )
 
 
@@ -363,10 +367,11 @@ def _resolve_auto(
     folder: ImageFolder,
     size: int,
     sample_weights: list[float] | None,
-) -> tuple[FinetuneConfig, FreezePlan, dict[str, Any], Features | None]:
+) -> tuple[FinetuneConfig, FreezePlan, dict[str, Any], Features | None, list[np.ndarray] | None]:
     """--augment auto, then --freeze auto: (config with the chosen augmentation, the freeze
-    plan, {setting: {chosen, scores}}, features the head phase can reuse or None). A resumed
-    run reuses the choices its first start recorded."""
+    plan, {setting: {chosen, scores}}, features the head phase can reuse or None, the freeze
+    search's trained model or None). A resumed run reuses the choices its first start
+    recorded."""
     from tlkit.models.model import backbone_of
     from tlkit.training.head import feature_views
 
@@ -393,14 +398,14 @@ def _resolve_auto(
         config, head_features = search.augment(config)
     if config.freeze.count != AUTO:
         names = [x.name for x in backbone_of(model).layers]
-        return config, resolve_freeze(config.freeze, spec, names), searched, head_features
-    plan, pooled = search.freeze(config)
+        return config, resolve_freeze(config.freeze, spec, names), searched, head_features, None
+    plan, pooled, search_model = search.freeze(config)
     if head_features is None and pooled is not None:
         views = feature_views(
             config.augment.random, config.head_views, len(train), pooled.train.shape[1]
         )
         head_features = pooled if views == 1 else None
-    return config, plan, searched, head_features
+    return config, plan, searched, head_features, search_model
 
 
 @dataclasses.dataclass
@@ -437,14 +442,23 @@ class _Search:
         self.searched["augment"] = {"chosen": chosen.as_dict(), "scores": scores}
         return dataclasses.replace(config, augment=chosen), features
 
-    def freeze(self, config: FinetuneConfig) -> tuple[FreezePlan, Features | None]:
+    def freeze(
+        self, config: FinetuneConfig
+    ) -> tuple[FreezePlan, Features | None, list[np.ndarray] | None]:
+        """(the fine-tune phase's plan, the search's pooled features, the chosen tail's trained
+        model). Where a tail beat the head, fine-tuning pays on this data: the fine-tune phase
+        then trains the whole network, which nothing cached can stand in for, and the run keeps
+        whichever of the head, the tail and the whole network scores best on validation."""
+        from tlkit.models.freezing import FreezeRequest
+        from tlkit.models.model import backbone_of
         from tlkit.training.freeze_search import search_freeze
 
         if "freeze" in self.searched:
-            plan = FreezePlan(**self.searched["freeze"]["chosen"])
+            found = self.searched["freeze"]
+            plan = FreezePlan(**found.get("fine_tune", found["chosen"]))
             log.info("%s, as chosen when the run started", plan.request)
-            return plan, None
-        plan, scores, pooled = search_freeze(
+            return plan, None, None
+        chosen, scores, pooled, trained = search_freeze(
             self.model,
             self.spec,
             self.folder.splits["train"],
@@ -455,8 +469,22 @@ class _Search:
             self.sample_weights,
             on_first_batch=self.timed.pop() if self.timed else None,
         )
-        self.searched["freeze"] = {"chosen": plan.as_dict(), "scores": scores}
-        return plan, pooled
+        plan = dataclasses.replace(chosen, request=f"--freeze auto ({chosen.request})")
+        found = {"chosen": plan.as_dict(), "scores": scores}
+        if trained is not None:
+            names = [x.name for x in backbone_of(self.model).layers]
+            whole = resolve_freeze(FreezeRequest(count="0"), self.spec, names)
+            plan = dataclasses.replace(
+                whole, request=f"--freeze auto (the whole network, against {chosen.request})"
+            )
+            found["fine_tune"] = plan.as_dict()
+            log.info(
+                "--freeze auto: %s beat the head, so the fine-tune phase trains the whole "
+                "network, and the run keeps the lowest validation loss of the three",
+                chosen.request,
+            )
+        self.searched["freeze"] = found
+        return plan, pooled, trained
 
 
 def _select_cache(

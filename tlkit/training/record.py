@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlkit import _version
+from tlkit.core.choices import AUTO
 from tlkit.core.fsutil import atomic_write
 from tlkit.core.runs import RunRecord
 from tlkit.data.views_seen import ViewsSeen, views_trained_on
@@ -62,6 +64,39 @@ def _predict_split(plan: Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) of the model being saved on a split's eval view."""
     probs = np.asarray(plan.model.predict(plan.eval_dataset(split), verbose=0), np.float64)
     return probs, np.array([e.label for e in plan.split(split)])
+
+
+def saved_checkpoint(plan: Plan, state: TrainingState, ckpt_dir: Path) -> Path:
+    """The checkpoint that becomes model.keras: the best epoch's, or the --freeze auto search's
+    trained stage(s) where it scores a lower loss on the run's own validation images (state.best
+    then says so). Scored here, not taken from the search, so that a resumed run whose data
+    changed (--force-resume) compares like with like."""
+    from tlkit.core.calibration import log_loss
+    from tlkit.core.checkpoints import BEST, SEARCH, load_checkpoint
+
+    path, best = ckpt_dir / SEARCH, state.best or {}
+    if not path.is_file() or plan.config.freeze.count != AUTO:
+        return ckpt_dir / BEST
+    found = load_checkpoint(path, plan.model)
+    probs, labels = _predict_split(plan, "val")
+    loss = log_loss(probs, labels)
+    if not loss < best.get("val_loss", math.inf):
+        return ckpt_dir / BEST
+    log.info(
+        "--freeze auto: the search's %s (val_loss %.4f) beat the run's best (phase %s, "
+        "val_loss %.4f): it is the model saved",
+        found["candidate"],
+        loss,
+        best.get("phase"),
+        best.get("val_loss", math.nan),
+    )
+    state.best = {
+        "val_loss": loss,
+        "val_accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+        "phase": "freeze-search",
+        "epoch": found["best_epoch"],
+    }
+    return path
 
 
 def score_on_test(plan: Plan) -> dict[str, Any] | None:
@@ -199,6 +234,8 @@ def views_seen_by(plan: Plan, state: TrainingState) -> ViewsSeen:
     probe = state.head_probe
     if phase == "head" and probe:
         augmented, source = probe["views"] > 1, f"{probe['views']} view(s) of each image"
+    elif phase == "freeze-search":
+        augmented, source = False, "the eval view of each image, as --freeze auto's search"
     elif plan.cache is not None:
         views = plan.cache.manifest["splits"]["train"]["views"]
         augmented, source = views > 1, f"a feature cache of {views} view(s) of each image"

@@ -105,12 +105,18 @@ class TrainingState:
         return out
 
     def fine_tune_wasted(self) -> str | None:
-        """A warning when fine-tuning ran yet never beat the head: the saved model is the
-        head's, so its time bought nothing."""
+        """A warning when fine-tuning ran yet never beat the head (or --freeze auto's searched
+        stages): the saved model is that one, so its time bought nothing."""
         rows = self.rows_of("fine-tune")
-        if not rows or self.best is None or self.best["phase"] != "head":
+        if not rows or self.best is None or self.best["phase"] == "fine-tune":
             return None
         seconds = sum(r["seconds"] for r in rows)
+        if self.best["phase"] == "freeze-search":
+            return (
+                f"the whole network's fine-tune phase never beat the stage(s) --freeze auto's "
+                f"search trained: {len(rows)} epochs, {duration(seconds)}; the model saved is "
+                "the search's"
+            )
         return (
             f"the fine-tune phase never beat the head: {len(rows)} epochs, "
             f"{duration(seconds)}, and the best val_loss stayed head epoch "

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from tlkit.core.checkpoints import (
-    BEST,
     PREVIOUS,
+    SEARCH,
     load_checkpoint,
     remove_stale_temporaries,
     restore,
+    write_checkpoint,
 )
 from tlkit.core.errors import ConfigError, Interrupted, RunError
 from tlkit.core.fsutil import (
@@ -54,6 +55,7 @@ from tlkit.training.record import (
     calibrate,
     inference_model,
     run_record,
+    saved_checkpoint,
     score_on_test,
     write_search_table,
 )
@@ -208,7 +210,7 @@ def _write_run(
     test score, when there is a test split."""
     from tlkit.training.curves import training_curves_png
 
-    load_checkpoint(ckpt_dir / BEST, plan.model)
+    load_checkpoint(saved_checkpoint(plan, state, ckpt_dir), plan.model)
     calibration = calibrate(plan) if plan.config.calibrate else None
     test = score_on_test(plan)
     with atomic_path(tmp_dir / "model.keras") as tmp:
@@ -220,9 +222,22 @@ def _write_run(
     )
     if plan.searched:
         write_search_table(tmp_dir / SEARCH_TABLE, plan.searched)
-    with contextlib.suppress(FileNotFoundError):
-        (ckpt_dir / PREVIOUS).unlink()  # only needed while a crash could damage `last`
+    for name in (PREVIOUS, SEARCH):  # needed only while a crash could damage `last` / to compare
+        with contextlib.suppress(FileNotFoundError):
+            (ckpt_dir / name).unlink()
     return test
+
+
+def _write_search_model(plan: Plan, ckpt_dir: Path) -> None:
+    """The search's trained tail, beside the checkpoints from the run's start, so that a
+    resumed run still has it to compare at its end."""
+    if plan.search_model is None:
+        return
+    score = next(s for s in plan.searched["freeze"]["scores"] if s["chosen"])
+    start = plan.model.get_weights()
+    plan.model.set_weights(plan.search_model)
+    write_checkpoint(ckpt_dir / SEARCH, plan.model, None, score)
+    plan.model.set_weights(start)
 
 
 def _report(run_dir: Path, state: TrainingState, test: dict[str, Any] | None) -> None:
@@ -260,7 +275,8 @@ def _open_run_dir(
     if tmp_dir is None:
         tmp_dir = incomplete_dir(run_dir, "run") if chief else None
         ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
-        if ckpt_dir is not None:
+        if ckpt_dir is not None:  # the search's model first: the identity makes it resumable
+            _write_search_model(plan, ckpt_dir)
             atomic_write_json(
                 ckpt_dir / IDENTITY_FILE, {**plan.identity, "searched": plan.searched}
             )
