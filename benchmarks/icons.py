@@ -65,7 +65,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
         150: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "1e-4")))], set()),
         200: (
             [*DEPTHS[:1], *RATES],
-            # each about 40 min a seed on 2 cores (scratch: its three rates)
+            # each about 40 min a seed on 2 cores (scratch: its three to five rates, more)
             {"timm reference", "scratch"},
         ),
     },
