@@ -188,8 +188,8 @@ def bn_batches(
 ) -> Iterator[np.ndarray]:
     """The eval view of up to BN_IMAGES training images, evenly spaced over the split and
     shuffled (a fixed seed), in batches of BN_BATCH and a last shorter one, decoded as they are
-    asked for. The split is sorted by class: spaced, every class is seen; shuffled, each batch
-    holds several. The batch size is fixed, so that a cache's trunk does not move with
+    asked for. The split is sorted by class: spaced, each class is in by its share; shuffled,
+    each batch holds several. The batch size is fixed, so that a cache's trunk does not move with
     --batch-size."""
     from tlkit.data.pipeline import load_eval_image
 
