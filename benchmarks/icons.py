@@ -27,6 +27,7 @@ from real_pictures import (
     HEAD_ONLY,
     LAST_STAGES,
     RATES,
+    RECIPES,
     Task,
     plan_for,
     run_seed,
@@ -56,7 +57,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
             {"fine-tuned reference", "scratch"},
         ),
         50: (
-            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES],
+            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES, *RECIPES],
             {"fine-tuned reference", "timm reference", "scratch"},
         ),
         # does the best fine-tune rate move with k, and where does it start to?
@@ -64,7 +65,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
         # where between 100 and 200 a class the rule's two rates change places
         150: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "1e-4")))], set()),
         200: (
-            [*DEPTHS[:1], *RATES],
+            [*DEPTHS[:1], *RATES, *RECIPES],
             # each about 40 min a seed on 2 cores (scratch: its three to five rates, more)
             {"timm reference", "scratch"},
         ),

@@ -100,6 +100,7 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
 }
 OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options left off
 RATES = [n for n in CONFIGS if n.startswith("defaults, --fine-tune-lr")]
+RECIPES = [n for n in CONFIGS if n.startswith("recipe ")]
 # what runs: tier -> k -> (configurations, extras). The core holds every goal (k = MAIN_K);
 # --sweep holds the rest and does not re-run the core. Extras: "views" (--multicrop modes on
 # the defaults' run), "ensemble", "reference" (keras-reference frozen + logreg probe),
@@ -123,10 +124,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
         5: (["defaults", HEAD_ONLY], {"reference"}),
         MAIN_K: (
             [
-                "recipe small-data",
-                "recipe medium-data",
-                "recipe large-data",
-                "recipe alexnet-augment",
+                *RECIPES,
                 LAST_STAGES,
                 CANDIDATE,
                 *OPTIONS,
