@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.core import selection
 from tlkit.core.errors import RunError
 from tlkit.core.fsutil import atomic_path, fsync_dir
 
@@ -156,7 +157,7 @@ def restore(directory: Path, model: Any) -> tuple[Path, dict[str, Any]] | None:
     path = found[0]
     state = load_checkpoint(path, model)
     on_disk = (read_state(directory / BEST) or {}).get("best")
-    if on_disk and (state["best"] is None or on_disk["val_loss"] < state["best"]["val_loss"]):
+    if on_disk and (state["best"] is None or selection.CRITERION.improves(on_disk, state["best"])):
         state["best"] = on_disk
     return path, state
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.core import selection
 from tlkit.core.figures import new_figure, png_bytes
 
 
@@ -50,7 +51,7 @@ def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
             fontsize=8,
             color="gray",
         )
-    best = min(range(len(rows)), key=lambda i: rows[i].get("val_loss", np.inf))
+    best = selection.CRITERION.best_index(rows)
     axes[0].plot(
         [best + 1],
         [rows[best].get("val_loss", np.nan)],

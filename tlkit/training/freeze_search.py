@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.core import selection
 from tlkit.data.datasets import Example
 from tlkit.models.backbones import BackboneSpec
 from tlkit.models.freezing import FreezePlan, FreezeRequest, apply_freeze, resolve_freeze
@@ -87,7 +88,7 @@ def _train_tail(
     from tlkit.core.calibration import per_image_log_loss
     from tlkit.models.cut import build_tail
     from tlkit.models.model import backbone_of
-    from tlkit.training.optim import CROSS_ENTROPY, compile_args, phase_optimizer
+    from tlkit.training.optim import compile_args, phase_optimizer, plain_val_loss
 
     x_train, y_train, x_val, y_val = data
     t = time.perf_counter()
@@ -99,7 +100,6 @@ def _train_tail(
         optimizer=phase_optimizer(tail, base, spec, config, steps),
         **compile_args(config.label_smoothing),
     )
-    monitor = f"val_{CROSS_ENTROPY}" if config.label_smoothing else "val_loss"
     history = tail.fit(
         x_train,
         y_train,
@@ -108,32 +108,33 @@ def _train_tail(
         epochs=config.epochs,
         validation_data=(x_val, y_val),
         verbose=0,
-        callbacks=_tail_callbacks(tail, x_train, config, monitor),
+        callbacks=_tail_callbacks(tail, x_train, config),
     ).history
-    history["val_loss"] = history.get(monitor, history["val_loss"])
-    trained = per_image_log_loss(
-        np.asarray(tail.predict(x_val, verbose=0), np.float64), y_val
-    )  # the best epoch's weights, restored
-    # where each tail starts is the head probe: it stays the score unless training beat it
-    if not np.mean(trained) < np.mean(start_losses):
-        trained = start_losses
-    accs = [start["val_accuracy"], *history["val_accuracy"]]
-    vals = [start["val_loss"], *history["val_loss"]]
-    best = min(range(len(vals)), key=lambda j: vals[j] if math.isfinite(vals[j]) else math.inf)
+    history = plain_val_loss(history)
+    # the best epoch's weights, restored; where each tail starts is the head probe, which
+    # stays its score unless training beat it
+    per_epoch = zip(*history.values(), strict=True)
+    epochs = [start, *(dict(zip(history, v, strict=True)) for v in per_epoch)]
+    best = selection.CRITERION.best_index(epochs)
+    trained = start_losses
+    if best > 0:
+        trained = per_image_log_loss(np.asarray(tail.predict(x_val, verbose=0), np.float64), y_val)
     score = _score(
-        plan, float(np.mean(trained)), accs[best], len(history["val_loss"]), time.perf_counter() - t
+        plan,
+        float(np.mean(trained)),
+        epochs[best]["val_accuracy"],
+        len(epochs) - 1,
+        time.perf_counter() - t,
     )
     return trained, {**score, "best_epoch": best}  # 0: its start, the head probe
 
 
-def _tail_callbacks(tail: Any, x_train: np.ndarray, config: Any, monitor: str) -> list[Any]:
+def _tail_callbacks(tail: Any, x_train: np.ndarray, config: Any) -> list[Any]:
     """The best epoch kept, early stopping, and under random weights whose BatchNorm trains,
     its statistics recomputed before each validation, as the fine-tune phase does (phases.py)."""
-    import keras
-
     from tlkit.training.head import best_keeper
 
-    callbacks = [best_keeper(), keras.callbacks.EarlyStopping(monitor, patience=config.patience)]
+    callbacks = [best_keeper(config.patience)]
     if config.train_bn and config.weights == "none":
         from tlkit.features.rows import bn_indices
         from tlkit.training.precise_bn import PreciseBatchNorm
@@ -259,7 +260,7 @@ def _head_only(
         sample_weights,
         config.label_smoothing,
     )
-    top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+    top = selection.CRITERION.best(rows) or rows[0]
     score = _score(plan, top["val_loss"], top["val_accuracy"], 0, time.perf_counter() - t)
     return [score], [head_val_losses(model, pooled)]
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.core import selection
 from tlkit.core.calibration import per_image_log_loss
-from tlkit.core.selection import one_se_choice
+from tlkit.core.selection import Keeper, one_se_choice
 from tlkit.data.datasets import Example
 from tlkit.features.rows import Features, extract, pooled_extractor
 
@@ -116,8 +117,9 @@ def fit_head(
     label_smoothing: float = 0.0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
-    keep the weights with the lowest validation loss (checked every CHECK_EVERY steps or every
-    pass, whichever is longer); (one history row per check, optimizer steps taken).
+    keep the weights of the best check (by the selection criterion; a check every CHECK_EVERY
+    steps or every pass, whichever is longer); (one history row per check, optimizer steps
+    taken).
 
     A compiled loop of its own rather than Keras fit(): with a check every few steps, fit's
     per-epoch machinery cost more than the training itself (seconds per probe on small data)."""
@@ -135,7 +137,7 @@ def fit_head(
     batches = _feature_batches(features, sample_weights, batch_size, seed)
     train = _compiled_steps(dropout, dense, optimizer, loss_fn, batches, int(dense.units))
     rows: list[dict[str, Any]] = []
-    best, kept = math.inf, None
+    keeper: Keeper[list[np.ndarray]] = Keeper()
     n = tf.constant(per_check)
     for check in range(checks):
         start = time.perf_counter()
@@ -155,10 +157,9 @@ def fit_head(
         )
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
             break  # the rows show it; nothing after a NaN is worth keeping
-        if val_loss < best:
-            best, kept = val_loss, dense.get_weights()
-    if kept is not None:
-        dense.set_weights(kept)
+        keeper.offer(rows[-1], dense.get_weights)
+    if keeper.kept is not None:
+        dense.set_weights(keeper.kept)
     return rows, int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
@@ -168,33 +169,31 @@ def head_val_losses(model: Any, features: Features) -> np.ndarray:
     return per_image_log_loss(probs, features.val_labels)
 
 
-def best_keeper() -> Any:
+def best_keeper(patience: int | None = None) -> Any:
+    """A Keras callback around a `Keeper`: keeps the weights of the best epoch (the selection
+    criterion, on plain cross-entropy under label smoothing), restores them at the end, stops
+    after `patience` epochs without a better one, and at a NaN loss (the rows then show it)."""
     import keras
 
     class BestKeeper(keras.callbacks.Callback):
-        """Keeps the weights of the epoch with the lowest finite validation loss, restores them
-        at the end, and stops at a NaN loss (the rows then show it)."""
-
         def on_train_begin(self, logs: Any = None) -> None:
-            self.best, self.weights, self.seconds = math.inf, None, []
-
-        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-            self._start = time.perf_counter()
+            self.keeper: Keeper[list[np.ndarray]] = Keeper()
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             from tlkit.training.optim import plain_val_loss
 
             logs = plain_val_loss(logs or {})
-            self.seconds.append(round(time.perf_counter() - self._start, 3))
             loss, val_loss = logs.get("loss", math.nan), logs.get("val_loss", math.nan)
             if not (math.isfinite(loss) and math.isfinite(val_loss)):
                 self.model.stop_training = True
-            elif val_loss < self.best:
-                self.best, self.weights = val_loss, self.model.get_weights()
+                return
+            self.keeper.offer(logs, self.model.get_weights)
+            if patience is not None and self.keeper.wait >= patience:
+                self.model.stop_training = True
 
         def on_train_end(self, logs: Any = None) -> None:
-            if self.weights is not None:
-                self.model.set_weights(self.weights)
+            if self.keeper.kept is not None:
+                self.model.set_weights(self.keeper.kept)
 
     return BestKeeper()
 
@@ -254,7 +253,7 @@ def _probe(
 
 def _score(name: str, views: int, rows: list[dict[str, Any]], features: Features) -> dict[str, Any]:
     """A candidate's best check, logged."""
-    top = min(rows, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+    top = selection.CRITERION.best(rows) or rows[0]
     seconds = round(features.seconds + sum(r["seconds"] for r in rows), 1)
     log.info(
         "--augment auto: %-17s val_loss %.4f, val_accuracy %.4f (%d view(s), %.1f s)",

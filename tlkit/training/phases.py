@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tlkit.core import selection
 from tlkit.core.checkpoints import (
     BEST,
     latest_checkpoint,
@@ -313,7 +314,7 @@ class PhaseRunner:
                 "rate, or start again"
             )
         phase_rows = state.rows_of(phase)
-        top = min(phase_rows, key=lambda r: r.get("val_loss", math.inf))
+        top = selection.CRITERION.best(phase_rows) or phase_rows[0]
         log.info(
             "phase %s: %d epochs%s, best val_loss %.4f, val_accuracy %.4f (epoch %d)",
             phase,
@@ -417,7 +418,7 @@ class PhaseRunner:
     ) -> None:
         """The probe's checks become the head phase's rows, its best the run's best so far."""
         state = self.state
-        top = min(rows, key=lambda r: r["val_loss"])
+        top = selection.CRITERION.best(rows) or rows[0]
         rows[-1]["seconds"] = round(rows[-1]["seconds"] + features.seconds, 3)
         state.rows.extend(rows)
         state.best = {

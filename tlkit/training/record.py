@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlkit import _version
+from tlkit.core import selection
 from tlkit.core.choices import AUTO
 from tlkit.core.fsutil import atomic_write
 from tlkit.core.runs import RunRecord
@@ -68,9 +69,9 @@ def _predict_split(plan: Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def saved_checkpoint(plan: Plan, state: TrainingState, ckpt_dir: Path) -> Path:
     """The checkpoint that becomes model.keras: the best epoch's, or the --freeze auto search's
-    trained stage(s) where it scores a lower loss on the run's own validation images (state.best
-    then says so). Scored here, not taken from the search, so that a resumed run whose data
-    changed (--force-resume) compares like with like."""
+    trained stage(s) where it scores better (the selection criterion) on the run's own
+    validation images (state.best then says so). Scored here, not taken from the search, so
+    that a resumed run whose data changed (--force-resume) compares like with like."""
     from tlkit.core.calibration import log_loss
     from tlkit.core.checkpoints import BEST, SEARCH, load_checkpoint
 
@@ -79,23 +80,24 @@ def saved_checkpoint(plan: Plan, state: TrainingState, ckpt_dir: Path) -> Path:
         return ckpt_dir / BEST
     found = load_checkpoint(path, plan.model)
     probs, labels = _predict_split(plan, "val")
-    loss = log_loss(probs, labels)
-    if not loss < best.get("val_loss", math.inf):
-        return ckpt_dir / BEST
-    log.info(
-        "--freeze auto: the search's %s (val_loss %.4f) beat the run's best (phase %s, "
-        "val_loss %.4f): it is the model saved",
-        found["candidate"],
-        loss,
-        best.get("phase"),
-        best.get("val_loss", math.nan),
-    )
-    state.best = {
-        "val_loss": loss,
+    row = {
+        "val_loss": log_loss(probs, labels),
         "val_accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
         "phase": "freeze-search",
         "epoch": found["best_epoch"],
     }
+    if not selection.CRITERION.improves(row, state.best):
+        return ckpt_dir / BEST
+    log.info(
+        "--freeze auto: the search's %s (val_loss %.4f) beat the run's best (phase %s, "
+        "val_loss %.4f) by %s: it is the model saved",
+        found["candidate"],
+        row["val_loss"],
+        best.get("phase"),
+        best.get("val_loss", math.nan),
+        selection.CRITERION.describe(),
+    )
+    state.best = row
     return path
 
 

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tlkit.core import selection
 from tlkit.core.fsutil import atomic_write
 from tlkit.training.timing import duration
 
@@ -60,16 +61,18 @@ class TrainingState:
         return cls(**{k: v for k, v in saved.items() if k in names})
 
     def advance(self, row: dict[str, Any], patience: int) -> tuple[bool, bool]:
-        """Add an epoch's row: (stop early, best so far)."""
-        val_loss = row.get("val_loss", math.inf)
-        if val_loss < self.phase_best:
-            self.phase_best, self.wait = val_loss, 0
+        """Add an epoch's row: (stop early, best so far), by the selection criterion.
+        `phase_best` is the phase's best rank (`Criterion.rank`), a number, so that the
+        checkpoint stays plain JSON."""
+        rank = selection.CRITERION.rank(row)
+        if rank < self.phase_best:
+            self.phase_best, self.wait = rank, 0
         else:
             self.wait += 1
-        improved = self.best is None or val_loss < self.best["val_loss"]
+        improved = self.best is None or selection.CRITERION.improves(row, self.best)
         if improved:
             self.best = {
-                "val_loss": val_loss,
+                "val_loss": row.get("val_loss", math.inf),
                 "val_accuracy": row.get("val_accuracy"),
                 "phase": row["phase"],
                 "epoch": row["epoch"],
@@ -88,7 +91,7 @@ class TrainingState:
             rows = self.rows_of(phase)
             if not rows:
                 continue
-            top = min(rows, key=lambda r: r.get("val_loss", math.inf))
+            top = selection.CRITERION.best(rows) or rows[0]
             out.append(
                 {
                     "phase": phase,
@@ -119,8 +122,8 @@ class TrainingState:
             )
         return (
             f"the fine-tune phase never beat the head: {len(rows)} epochs, "
-            f"{duration(seconds)}, and the best val_loss stayed head epoch "
-            f"{self.best['epoch']}'s, the model saved. --epochs 0 skips the phase; "
+            f"{duration(seconds)}, and the best ({selection.CRITERION.describe()}) stayed "
+            f"head epoch {self.best['epoch']}'s, the model saved. --epochs 0 skips the phase; "
             "--freeze auto tries it on validation first and skips it when it does not pay"
         )
 
