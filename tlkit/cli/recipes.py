@@ -42,7 +42,7 @@ def recipe_paths() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def find_recipe(name_or_path: str | os.PathLike) -> Path:
+def find_recipe(name_or_path: str | os.PathLike[str]) -> Path:
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")) or os.sep in text:
         path = Path(text)
@@ -99,7 +99,7 @@ def _parse(path: Path, raw: bytes) -> Any:
         loader.dispose()
 
 
-def load_recipe(name_or_path: str | os.PathLike, commands: set[str]) -> Recipe:
+def load_recipe(name_or_path: str | os.PathLike[str], commands: set[str]) -> Recipe:
     """Read and check a recipe's shape; `commands` are the command names a section may have.
     Option names and values are checked against the command that uses the section."""
     path = find_recipe(name_or_path)

@@ -64,7 +64,8 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     logits = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 # Keras's epsilon: the floor its cross-entropy clips probabilities at, so that the losses tlkit
@@ -75,7 +76,8 @@ EPSILON = 1e-7
 def per_image_log_loss(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """-log p(true class) of each image: the one per-image loss that training checks, the
     `auto` choices and the reports all use."""
-    return -np.log(np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0))
+    out: np.ndarray = -np.log(np.clip(probs[np.arange(len(labels)), labels], EPSILON, 1.0))
+    return out
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -71,7 +71,8 @@ def read_state(path: Path) -> dict[str, Any] | None:
         with h5py.File(path, "r") as f:
             if f.attrs.get("tlkit_checkpoint") != CHECKPOINT_SCHEMA:
                 return None
-            return json.loads(f.attrs["state"])
+            state: dict[str, Any] = json.loads(f.attrs["state"])
+            return state
     except (OSError, KeyError, ValueError):
         return None
 
@@ -98,7 +99,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any = None) -> dict[str, 
     import h5py
 
     with h5py.File(path, "r") as f:
-        state = json.loads(f.attrs["state"])
+        state: dict[str, Any] = json.loads(f.attrs["state"])
         _assign(path, "model", model.weights, _arrays(f, "model"))
         if "random" in f:  # checkpoints written before tlkit kept it have none
             _assign(path, "random state", random_state(model), _arrays(f, "random"))

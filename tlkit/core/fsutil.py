@@ -24,7 +24,7 @@ from tlkit.core.errors import OutputExistsError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it over `path` only if the block succeeds.
 
     `suffix` keeps the extension for writers that check it (Keras insists on `.keras`). The
@@ -47,7 +47,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write text or bytes to `path` atomically."""
     with atomic_path(path) as tmp:
         mode = "wb" if isinstance(data, bytes) else "w"
@@ -55,11 +55,13 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             f.write(data)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json_record(path: str | os.PathLike, error: type[Exception], fix: str) -> dict[str, Any]:
+def read_json_record(
+    path: str | os.PathLike[str], error: type[Exception], fix: str
+) -> dict[str, Any]:
     """A JSON object tlkit wrote (a manifest, an identity): a damaged or foreign one is the
     `error` in one line that names the file and says `fix`, never a traceback."""
     try:
@@ -177,7 +179,7 @@ class NotTlkit(Exception):
     """A path that does not prove to be what tlkit wrote; the message says why, in words."""
 
 
-def incomplete_dir(final: str | os.PathLike, kind: str, clean: bool = False) -> Path:
+def incomplete_dir(final: str | os.PathLike[str], kind: str, clean: bool = False) -> Path:
     """A fresh `<final>.incomplete-<id>/` beside `final`, where a multi-file artifact of `kind`
     is built, locked by this process until `publish_dir` (or its end: the OS releases a lock
     when its holder dies). `clean` removes earlier attempts at `final` of the same kind that
@@ -202,7 +204,7 @@ def incomplete_dir(final: str | os.PathLike, kind: str, clean: bool = False) -> 
     return tmp
 
 
-def claim(folder: str | os.PathLike, kind: str | None = None) -> None:
+def claim(folder: str | os.PathLike[str], kind: str | None = None) -> None:
     """Take `folder`'s writer lock for this process (FolderBusy if a live one holds it);
     `kind` is recorded in it for a new folder, an existing one keeps its own."""
     folder = Path(folder)
@@ -220,20 +222,20 @@ def claim(folder: str | os.PathLike, kind: str | None = None) -> None:
     _HELD[str(folder)] = fd
 
 
-def release(folder: str | os.PathLike) -> None:
+def release(folder: str | os.PathLike[str]) -> None:
     """Drop the writer lock this process took on `folder`, if it took one."""
     fd = _HELD.pop(str(Path(folder)), None)
     if fd is not None:
         os.close(fd)
 
 
-def discard(folder: str | os.PathLike) -> None:
+def discard(folder: str | os.PathLike[str]) -> None:
     """Give up an artifact being built: its lock, then its folder."""
     release(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def read_regular(path: str | os.PathLike, limit: int = RECORD_BYTES) -> bytes:
+def read_regular(path: str | os.PathLike[str], limit: int = RECORD_BYTES) -> bytes:
     """The bytes of the regular file `path`, never read through a symlink (OSError ELOOP) nor
     from a pipe or device (OSError EINVAL), and never more than `limit` of them."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -249,7 +251,7 @@ def read_regular(path: str | os.PathLike, limit: int = RECORD_BYTES) -> bytes:
         os.close(fd)
 
 
-def load_record(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+def load_record(path: str | os.PathLike[str], kind: str) -> dict[str, Any]:
     """The record at `path` of an artifact of `kind`, taken as tlkit's only when it is a regular
     file (a symlink is not) holding a JSON object with every field that kind's writer puts
     there; NotTlkit says why not. A file's name proves nothing."""
@@ -293,7 +295,7 @@ def is_live(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def hold_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
+def hold_lock(path: str | os.PathLike[str], wait: bool = True) -> Iterator[bool]:
     """An exclusive `flock` on the file `path` for the block; yields False (without the lock)
     when `wait` is False and another process holds it. The OS releases it if the holder dies,
     so a stale lock cannot exist. A lock file may be removed by whoever holds it (`cache rm`):
@@ -322,17 +324,17 @@ def hold_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
         os.close(fd)
 
 
-def is_incomplete(path: str | os.PathLike) -> bool:
+def is_incomplete(path: str | os.PathLike[str]) -> bool:
     return INCOMPLETE in Path(path).name
 
 
-def final_path(path: str | os.PathLike) -> Path:
+def final_path(path: str | os.PathLike[str]) -> Path:
     """runs/x for runs/x.incomplete-<id>; any other path as it is."""
     path = Path(path)
     return path.parent / path.name.split(INCOMPLETE)[0]
 
 
-def find_incomplete(final: str | os.PathLike) -> list[Path]:
+def find_incomplete(final: str | os.PathLike[str]) -> list[Path]:
     """The incomplete attempts at `final`, oldest first."""
     final = Path(final)
     found = final.parent.glob(f"{final.name}{INCOMPLETE}*") if final.parent.is_dir() else []
@@ -350,7 +352,7 @@ def tlkit_output(path: Path) -> str | None:
     return None
 
 
-def artifact_problem(path: str | os.PathLike, kind: str) -> str | None:
+def artifact_problem(path: str | os.PathLike[str], kind: str) -> str | None:
     """Why the folder `path` is not a finished artifact of `kind` that tlkit wrote, in words;
     None when it is one: every entry is one tlkit writes there (`CONTENTS`), none a symlink,
     and its record is that kind's. Entries are checked first: they are what a user would lose."""
@@ -372,8 +374,11 @@ def artifact_problem(path: str | os.PathLike, kind: str) -> str | None:
     if foreign:
         n = len(foreign)
         return f"holds {n} {'entry' if n == 1 else 'entries'} not made by tlkit (e.g. {foreign[0]})"
+    record = RECORDS[kind]
+    if record is None:  # a kind without a record file: its contents said all there is
+        return None
     try:
-        load_record(path / RECORDS[kind], kind)
+        load_record(path / record, kind)
     except NotTlkit as e:
         return str(e)
     return None
@@ -381,7 +386,7 @@ def artifact_problem(path: str | os.PathLike, kind: str) -> str | None:
 
 def _foreign(folder: Path, allowed: dict[str, Any]) -> list[str]:
     """The entries of `folder` that tlkit does not write there, inner ones as `a/b`."""
-    out = []
+    out: list[str] = []
     for name in sorted(os.listdir(folder)):
         misfit = _misfit(folder / name, _spec(name, allowed))
         if misfit is not None:
@@ -418,8 +423,8 @@ def _misfit(entry: Path, spec: Any) -> str | None:
         inner = _foreign(entry, spec)
         return f"{entry.name}/{inner[0]}" if inner else None
     if isinstance(spec, re.Pattern):
-        inner = _unlike(entry, spec)
-        return f"{entry.name}/{inner}" if inner else None
+        unlike = _unlike(entry, spec)
+        return f"{entry.name}/{unlike}" if unlike else None
     for child in sorted(os.listdir(entry)):  # earlier artifacts of kind `spec`, or being built
         p = entry / child
         if child.lower() in OS_FILES and stat.S_ISREG(os.lstat(p).st_mode):
@@ -454,7 +459,7 @@ def _unlike(folder: Path, pattern: re.Pattern[str], inside: str = "") -> str | N
     return None
 
 
-def leftover_problem(path: str | os.PathLike, kind: str) -> str | None:
+def leftover_problem(path: str | os.PathLike[str], kind: str) -> str | None:
     """Why the `.incomplete-` folder `path` is not an unfinished artifact of `kind` that tlkit
     may remove, in words; None when it is one: a real folder whose writer file says `kind`,
     whose writer no live process is, holding only entries that kind writes (some may be
@@ -488,11 +493,11 @@ def _holds(path: Path, kind: str) -> str:
 
 
 def refuse_overwrite(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     overwrite: bool,
     hint: str,
     kind: str | None = None,
-    inputs: tuple[str | os.PathLike, ...] = (),
+    inputs: tuple[str | os.PathLike[str], ...] = (),
 ) -> None:
     """The one check before writing a user-visible output: `path` is replaced only when asked,
     and only when it proves to be an earlier artifact of the same `kind` (`artifact_problem`:
@@ -518,7 +523,9 @@ def refuse_overwrite(
         )
 
 
-def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: bool = False) -> None:
+def publish_dir(
+    tmp: str | os.PathLike[str], final: str | os.PathLike[str], overwrite: bool = False
+) -> None:
     """Rename a finished directory into place; an old one is removed only after the swap, and
     only if it is an artifact of the same kind (`refuse_overwrite` said why before the work)."""
     tmp, final = Path(tmp), Path(final)
@@ -538,7 +545,7 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, overwrite: boo
         shutil.rmtree(old, ignore_errors=True)
 
 
-def is_inside(root: str | os.PathLike, relative: str) -> bool:
+def is_inside(root: str | os.PathLike[str], relative: str) -> bool:
     """Whether `root / relative` stays under `root`: a name read from a manifest must not
     reach other files with `..`, an absolute path or a symlink."""
     root = Path(root).resolve()
@@ -558,14 +565,14 @@ def user_cache_dir() -> Path:
     return Path(base) / "tlkit"
 
 
-def file_hash(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+def file_hash(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
     """A file's hex digest, read in chunks: sha256 for tlkit's own pins, or the algorithm a
     pin uses (Keras pins md5 or sha256 digests)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algorithm).hexdigest()
 
 
-def folder_bytes(path: str | os.PathLike) -> int:
+def folder_bytes(path: str | os.PathLike[str]) -> int:
     """The bytes of every file under `path` (a hard link counted once)."""
     seen, total = set(), 0
     for root, _, files in os.walk(path):

@@ -100,7 +100,7 @@ class RunRecord:
         return sig
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"schema": self.schema}  # first, as readers check it first
+        out: dict[str, Any] = {"schema": self.schema}  # first, as readers check it first
         out.update(
             (f.name, getattr(self, f.name))
             for f in dataclasses.fields(self)
@@ -110,7 +110,7 @@ class RunRecord:
         return {**out, **self.extra}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str | os.PathLike = "run.json") -> RunRecord:
+    def from_dict(cls, d: dict[str, Any], where: str | os.PathLike[str] = "run.json") -> RunRecord:
         if d.get("schema") != RUN_SCHEMA:
             raise RunError(
                 f"{where}: run schema {d.get('schema')!r} is not supported by this "
@@ -240,7 +240,7 @@ def is_finished_run(path: Path) -> bool:
     return (path / RUN_FILE).is_file() and (path / "model.keras").is_file()
 
 
-def newest_run(runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
+def newest_run(runs_dir: str | os.PathLike[str] = RUNS_DIR) -> Path:
     runs_dir = Path(runs_dir)
     runs = (
         [p for p in runs_dir.iterdir() if p.is_dir() and is_finished_run(p)]
@@ -262,7 +262,7 @@ def _interrupted_run(path: Path) -> Path | None:
     return runs[-1] if runs else None
 
 
-def unfinished_run(path: str | os.PathLike) -> RunError | None:
+def unfinished_run(path: str | os.PathLike[str]) -> RunError | None:
     """The error for a path that names a run not finished yet (interrupted, or training in
     another process), saying what to do; None when `path` names no such run."""
     from tlkit.core.checkpoints import latest_checkpoint
@@ -313,7 +313,7 @@ def split_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]
     return runs, rest
 
 
-def load_run(path: str | os.PathLike | None = None) -> Run:
+def load_run(path: str | os.PathLike[str] | None = None) -> Run:
     """A finished run; `None` means the newest under runs/."""
     run_path = newest_run() if path is None else Path(path)
     error = unfinished_run(run_path)
@@ -342,7 +342,7 @@ def _unreadable_row(path: Path, why: str) -> dict[str, Any]:
     }
 
 
-def list_runs(runs_dir: str | os.PathLike = RUNS_DIR) -> list[dict[str, Any]]:
+def list_runs(runs_dir: str | os.PathLike[str] = RUNS_DIR) -> list[dict[str, Any]]:
     """Finished runs and interrupted ones (resumable), newest first, for `tlkit runs`."""
     runs_dir = Path(runs_dir)
     rows = []

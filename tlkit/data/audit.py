@@ -17,17 +17,18 @@ import json
 import logging
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.core.choices import BAD_IMAGE_POLICIES, DEFAULT_BACKBONE, check
+from tlkit.core.choices import BAD_IMAGE_POLICIES, DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS, check
 from tlkit.core.errors import ConfigError, DataError, OutputExistsError
 from tlkit.core.fsutil import atomic_write_json, file_hash, user_cache_dir
 from tlkit.core.progress import progress
 from tlkit.data.datasets import Example, ImageFolder, file_signature
-from tlkit.data.decode import DEFAULT_MAX_PIXELS, probe_image
+from tlkit.data.decode import probe_image
 
 log = logging.getLogger("tlkit")
 REPORT_SCHEMA = 1
@@ -74,9 +75,9 @@ class DataReport:
             for e in examples
         ]
 
-    def _split_counts(self, examples: list[Example]) -> dict[str, Any]:
+    def _split_counts(self, examples: Sequence[Example]) -> dict[str, Any]:
         """A split's usable and bad files per class, missing classes, imbalance."""
-        per_class: dict[str, Counter] = {}
+        per_class: dict[str, Counter[str]] = {}
         for e in examples:
             counts = per_class.setdefault(e.class_name, Counter())
             counts["ok" if self.files[e.path]["ok"] else "bad"] += 1
@@ -247,7 +248,9 @@ def audit_folder(
     )
 
 
-def apply_policy(report: DataReport, config: AuditConfig) -> tuple[ImageFolder, list[dict]]:
+def apply_policy(
+    report: DataReport, config: AuditConfig
+) -> tuple[ImageFolder, list[dict[str, Any]]]:
     """The folder to train on and the files left out: stop on any bad file ('error'), or drop
     them and record each with its reason ('skip'), unless too much of the data is bad."""
     bad = report.bad
@@ -286,7 +289,7 @@ def apply_policy(report: DataReport, config: AuditConfig) -> tuple[ImageFolder, 
 
 def audit_and_filter(
     folder: ImageFolder, config: AuditConfig, min_size: int | None, workers: int | None
-) -> tuple[ImageFolder, DataReport, list[dict]]:
+) -> tuple[ImageFolder, DataReport, list[dict[str, Any]]]:
     """What finetune and precompute-features run first: audit, log the headlines, apply the
     bad-image policy."""
     report = audit_folder(folder, min_size, config.max_pixels, workers)
@@ -329,7 +332,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def check_data(
-    data: str | os.PathLike = "data",
+    data: str | os.PathLike[str] = "data",
     backbone: str = DEFAULT_BACKBONE,
     val_fraction: float = 0.2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -344,14 +347,14 @@ def check_data(
     return audit_folder(load_dataset(data, val_fraction), spec.min_size, max_pixels, workers)
 
 
-def write_report(summary: dict[str, Any], path: str | os.PathLike, overwrite: bool) -> Path:
+def write_report(summary: dict[str, Any], path: str | os.PathLike[str], overwrite: bool) -> Path:
     """data_report.json; a file there that is not an earlier report is never replaced."""
     path = check_report_path(path, overwrite)
     atomic_write_json(path, summary)
     return path
 
 
-def check_report_path(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_report_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
     """Before the audit starts: a file at `path` that is not an earlier report is refused."""
     path = Path(path)
     if path.exists() and not overwrite:

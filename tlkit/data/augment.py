@@ -32,7 +32,7 @@ from tlkit.data.decode import Need
 class ColorPCA:
     """Eigen-decomposition of the training set's RGB covariance, pixel values in [0, 1]."""
 
-    eigvals: tuple[float, float, float]  # descending
+    eigvals: tuple[float, ...]  # descending, one a channel
     eigvecs: tuple[tuple[float, ...], ...]  # 3x3, column i is the i-th component
     n_images: int
     n_pixels: int
@@ -94,7 +94,7 @@ def _albumentations() -> Any:
 def _pca_transform_class() -> Any:
     A = _albumentations()
 
-    class PCAColor(A.ImageOnlyTransform):
+    class PCAColor(A.ImageOnlyTransform):  # type: ignore[name-defined,misc]
         """AlexNet PCA colour shift with a fixed, dataset-wide PCA (FancyPCA refits per image)."""
 
         def __init__(self, pca: ColorPCA, sigma: float = 0.1, p: float = 1.0):
@@ -112,7 +112,8 @@ def _pca_transform_class() -> Any:
             shift = np.clip(np.rint(self._basis @ alpha), -255, 255).astype(int).tolist()
             up = (*(max(s, 0) for s in shift), 0)
             down = (*(max(-s, 0) for s in shift), 0)
-            return cv2.subtract(cv2.add(img, up), down)
+            out: np.ndarray = cv2.subtract(cv2.add(img, up), down)  # type: ignore[call-overload]
+            return out
 
     return PCAColor
 
@@ -171,7 +172,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AugmentConfig:
         """The inverse of `as_dict` (a run's record); the values are validated again."""
-        values = {
+        values: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v
             for k, v in d.items()
             if k not in ("extra", "pca")
@@ -255,7 +256,7 @@ def build_extra(name: str, args_json: str) -> Any:
 
     accepted = [
         p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
+        for p in inspect.signature(cls).parameters.values()
         if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"
     ]
     for arg in args:
@@ -333,7 +334,8 @@ class TrainTransform:
         else:
             image = random_resized_crop(image, self.size, c.area, c.ratio, rng, full)
         compose.set_random_state(rng, random.Random(int(rng.integers(2**63))))
-        return compose(image=image)["image"]
+        out: np.ndarray = compose(image=image)["image"]
+        return out
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

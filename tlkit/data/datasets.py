@@ -134,7 +134,7 @@ def check_val_fraction(val_fraction: float) -> None:
         )
 
 
-def load_folder(root: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
+def load_folder(root: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFolder:
     """Scan `root`; raise DataError naming the folder when it cannot be used."""
     root = Path(root)
     if not root.is_dir():
@@ -319,7 +319,7 @@ def _read_manifest(csv_path: Path, base: Path) -> dict[str, dict[str, list[Path]
     return by_split
 
 
-def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
+def load_csv(path: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFolder:
     """A CSV manifest: `path,label` columns (an optional `split` column: train/val/test), paths
     relative to the CSV's folder and never outside it. Every row is checked; the first bad one
     is named by its line number."""
@@ -350,7 +350,7 @@ def load_csv(path: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
     )
 
 
-def load_dataset(source: str | os.PathLike, val_fraction: float = 0.2) -> ImageFolder:
+def load_dataset(source: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFolder:
     """DATA as the user names it: a folder, a CSV manifest (`*.csv`), or a tensorflow-datasets
     dataset (`tfds:NAME[:VERSION][/SPLIT]`, written out once as image files)."""
     text = str(source)
@@ -363,7 +363,7 @@ def load_dataset(source: str | os.PathLike, val_fraction: float = 0.2) -> ImageF
     return load_folder(text, val_fraction)
 
 
-def split_folders(root: str | os.PathLike) -> dict[str, Path]:
+def split_folders(root: str | os.PathLike[str]) -> dict[str, Path]:
     """{'train'|'val'|'test': folder} for the split folders directly under `root`."""
     root = Path(root)
     if not root.is_dir():
@@ -375,7 +375,7 @@ def split_folders(root: str | os.PathLike) -> dict[str, Path]:
     }
 
 
-def load_class_folders(root: str | os.PathLike) -> list[Example]:
+def load_class_folders(root: str | os.PathLike[str]) -> list[Example]:
     """Every image of a one-folder-per-class tree, labelled in natural class order (the caller
     maps them through its own class map): the evaluation set when DATA has no splits."""
     root = Path(root)
@@ -395,7 +395,7 @@ def load_class_folders(root: str | os.PathLike) -> list[Example]:
     )
 
 
-def file_signature(path: str | os.PathLike) -> str:
+def file_signature(path: str | os.PathLike[str]) -> str:
     """What says a file is unchanged without reading it: size and mtime, which `cp -p` and
     `rsync -a` copy over, plus inode and ctime, which no user call can set back (git's index
     uses the same four). Any change or replacement of the file changes one of them."""

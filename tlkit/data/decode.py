@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -293,7 +293,9 @@ def _recorded_size(path: Path, recorded: object, stored: tuple[int, int]) -> tup
     )
 
 
-def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None) -> None:
+def check_pixels(
+    path: str | os.PathLike[str], size: tuple[int, int], max_pixels: int | None
+) -> None:
     """Refuse a size no view can be made from in bounded memory: above `max_pixels`, or
     longer than MAX_ASPECT times its width (views resize the shorter side up to the view's
     scale: a 200000x1 strip of 667 bytes would become 51 million pixels wide at 256)."""
@@ -312,7 +314,7 @@ def check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int
 
 
 def decode_image(
-    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Decode one file to uint8 RGB (H, W, 3); a DataError names the file if it is not an image.
 
@@ -323,7 +325,7 @@ def decode_image(
 
 
 def decode_for(
-    path: str | os.PathLike, need: Need | None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    path: str | os.PathLike[str], need: Need | None, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> Decoded:
     """Decode one file for a view that needs `need`: a JPEG at the largest reduction that keeps
     it; other formats, or `need=None`, in full."""
@@ -343,7 +345,9 @@ def _read(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def probe_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageProbe:
+def probe_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> ImageProbe:
     """Decode one file exactly as training will, and report what a data audit needs."""
     path = Path(path)
     data = _read(path)
@@ -389,10 +393,11 @@ def _kind(im: Image.Image) -> tuple[str, int | float]:
     mode = im.mode
     if mode in SIXTEEN_BIT:
         return "grey", 65535
-    if mode == "I":  # 32-bit integers: 16-bit data unless every value fits 8 bits
-        return "grey", 65535 if im.getextrema()[1] > 255 else 255
-    if mode == "F":
-        return "float", 1.0 if im.getextrema()[1] <= 1.0 else 255.0
+    if mode in ("I", "F"):  # a single band: its extrema are (low, high)
+        high = float(cast(tuple[float, float], im.getextrema())[1])
+        if mode == "I":  # 32-bit integers: 16-bit data unless every value fits 8 bits
+            return "grey", 65535 if high > 255 else 255
+        return "float", 1.0 if high <= 1.0 else 255.0
     if mode in ("LA", "La", "PA", "RGBa", "RGBA") or (mode == "P" and "transparency" in im.info):
         return "alpha", 255
     return "rgb", 255

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.core.choices import DEFAULT_MAX_PIXELS
 from tlkit.core.errors import ConfigError, DataError
 from tlkit.data.augment import (
     AugmentConfig,
@@ -33,7 +34,7 @@ from tlkit.data.augment import (
     sample_rng,
 )
 from tlkit.data.datasets import Example
-from tlkit.data.decode import DEFAULT_MAX_PIXELS, Need, decode_for
+from tlkit.data.decode import Need, decode_for
 from tlkit.models.distribute import WHOLE, Share
 
 PCA_MAX_IMAGES = 256
@@ -261,7 +262,8 @@ def run_jobs(
     def make(epoch: Any, indices: np.ndarray) -> np.ndarray:
         if len(indices) == 0:  # this replica's part of a last batch smaller than the replicas
             return np.zeros((0, *shape), dtype)
-        return make_batch(epoch, indices)
+        batch: np.ndarray = make_batch(epoch, indices)
+        return batch
 
     def tf_make(epoch: Any, indices: Any) -> tuple[Any, ...]:
         inputs = tf.numpy_function(make, [epoch, indices], tf.as_dtype(dtype), stateful=False)

@@ -19,9 +19,9 @@ GAP = 4
 
 
 def augment_preview(
-    data: str | os.PathLike,
+    data: str | os.PathLike[str],
     augment: AugmentConfig,
-    output: str | os.PathLike,
+    output: str | os.PathLike[str],
     n: int = 16,
     draws: int = 6,
     backbone: str = DEFAULT_BACKBONE,

@@ -421,7 +421,7 @@ def summary_lines(found: dict[str, Any]) -> list[str]:
     return lines
 
 
-def relabel_hint(output: str | os.PathLike) -> str:
+def relabel_hint(output: str | os.PathLike[str]) -> str:
     return (
         f"{Path(output) / 'relabel.csv'}: every image with its label and any suggestion; "
         "copy it into DATA/, edit `label` where you agree, then `tlkit finetune "

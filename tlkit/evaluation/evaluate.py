@@ -79,7 +79,7 @@ class EvalConfig:
             check_folder_name("--name", self.name)
 
 
-def load_members(paths: Sequence[str | os.PathLike]) -> list[Run]:
+def load_members(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
     runs = [load_run(p) for p in paths] if paths else [load_run(None)]
     first = runs[0].classes
     for run in runs[1:]:

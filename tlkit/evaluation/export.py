@@ -69,9 +69,9 @@ def _onnx(model: Any, path: Path) -> None:
 
 
 def export_run(
-    run: str | os.PathLike | None,
+    run: str | os.PathLike[str] | None,
     fmt: str,
-    output: str | os.PathLike | None = None,
+    output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Export `run` (None: the newest) to `output` (default RUN/export/<format>/)."""

@@ -13,12 +13,12 @@ from tlkit.core.runs import Run
 
 
 def predict(
-    runs: Run | str | os.PathLike | Sequence[Run | str | os.PathLike] | None,
-    images: Sequence[str | os.PathLike],
+    runs: Run | str | os.PathLike[str] | Sequence[Run | str | os.PathLike[str]] | None,
+    images: Sequence[str | os.PathLike[str]],
     top_k: int = 5,
     multicrop: str = "1",
     batch_size: int = 32,
-    explain: str | os.PathLike | None = None,
+    explain: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One dict per image: path and the top-k (label, probability), highest first; with
     `explain`, a folder of class-activation overlays for each image's top-1 class (from the
@@ -29,7 +29,7 @@ def predict(
         raise ConfigError(f"--top-k must be at least 1. Received: {top_k}")
     if runs is None:
         runs = []
-    elif isinstance(runs, (Run, str, os.PathLike)):
+    elif isinstance(runs, (Run, str, os.PathLike[str])):
         runs = [runs]
     paths = [r.path if isinstance(r, Run) else r for r in runs]
     classes, probs = predict_images(paths, [str(p) for p in images], multicrop, batch_size)
@@ -50,10 +50,10 @@ def predict(
 
 def _write_overlays(
     run_paths: Sequence[Any],
-    images: Sequence[str | os.PathLike],
+    images: Sequence[str | os.PathLike[str]],
     top: np.ndarray,
     classes: Sequence[str],
-    folder: str | os.PathLike,
+    folder: str | os.PathLike[str],
     out: list[dict[str, Any]],
 ) -> None:
     from pathlib import Path

@@ -216,7 +216,7 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(cache_dir or CACHE_DIR)
 
 

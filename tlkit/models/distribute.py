@@ -195,7 +195,7 @@ class Placement:
 
         strategy, replicas = self.strategy, self.replicas
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
         def step(values: Any) -> Any:
             out = strategy.run(lambda x: model(x, training=False), args=(values,))
             return strategy.gather(out, axis=0)

@@ -141,7 +141,9 @@ BN_PARTS = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, be
 TO_KERAS = {"conv": (2, 3, 1, 0), "dwconv": (2, 3, 0, 1)}
 
 
-def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[str, list]:
+def keras_weights(
+    state: dict[str, np.ndarray], path: Path, base: Any
+) -> dict[str, list[np.ndarray]]:
     """Each weighted layer's Keras weights from the state dict: OIHW -> HWIO, depthwise
     (C, 1, H, W) -> (H, W, C, 1). Every tensor must be used, every shape must match."""
     names, used, out = _torch_names(), set(), {}
@@ -188,7 +190,7 @@ def keras_weights(state: dict[str, np.ndarray], path: Path, base: Any) -> dict[s
     return out
 
 
-def convert(source: str | os.PathLike, target: str | os.PathLike) -> None:
+def convert(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
     """The checkpoint as a Keras `.weights.h5` of the headless backbone, written atomically."""
     from tlkit.core.fsutil import atomic_path
 
@@ -201,7 +203,7 @@ def convert(source: str | os.PathLike, target: str | os.PathLike) -> None:
         base.save_weights(tmp)
 
 
-def imagenet_head(source: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def imagenet_head(source: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """The checkpoint's 1000-class classifier as a Keras Dense kernel and bias."""
     state = read_state_dict(source)
     return state["_fc.weight"].T.copy(), state["_fc.bias"].copy()

@@ -135,7 +135,7 @@ class _TensorRef(_Sealed):
     stride: tuple[int, ...]
 
 
-class _OrderedDict(collections.OrderedDict):
+class _OrderedDict(collections.OrderedDict[Any, Any]):
     """collections.OrderedDict as the pickle gets it: the state BUILD may set is torch's
     `_metadata` (ignored), and its repr stays short in a message."""
 
@@ -228,7 +228,7 @@ class _Scan:
         for op, arg, pos in pickletools.genops(f):
             if last == "BUILD" and op.name != "STOP":
                 self.refuse("uses BUILD on other than the state dict itself")
-            self.pos, last = pos, op.name
+            self.pos, last = self.pos if pos is None else pos, op.name
             self.step(op.name, arg)
         return f.tell()
 
@@ -453,7 +453,7 @@ def _materialise(ref: _TensorRef, data: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def pinned_sha256(path: str | os.PathLike, sha256: str, remedy: str) -> Iterator[None]:
+def pinned_sha256(path: str | os.PathLike[str], sha256: str, remedy: str) -> Iterator[None]:
     """While open, `read_state_dict(path)` parses the file only if the bytes it read have this
     sha256: a caller that checked the file hands the check to the one read that is parsed, so
     a file swapped in between never reaches the parser. `remedy` ends the error's line."""
@@ -505,7 +505,7 @@ def _parse(path: Path, raw: bytes) -> tuple[_Reader, dict[str, _TensorRef], list
     return r, dict(state), keys
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """The checkpoint's tensors by name, as numpy arrays in native byte order. The file is
     read once, and a pin set by `pinned_sha256` is checked on the very bytes parsed."""
     path = Path(path)

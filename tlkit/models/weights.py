@@ -48,7 +48,7 @@ def _missing_message(spec: BackboneSpec, reason: str) -> str:
     )
 
 
-def weights_digest(path: str | os.PathLike) -> str:
+def weights_digest(path: str | os.PathLike[str]) -> str:
     """sha256 over a Keras weights file's arrays (layer, variable index, dtype, shape, bytes,
     in name order). Pinned instead of the file's bytes: HDF5 files differ between h5py
     versions, and the folders above `<layer>/vars/<i>` between Keras versions; the arrays
@@ -252,7 +252,9 @@ def cached_weights() -> list[dict[str, Any]]:
     return rows
 
 
-def import_weights(file: str | os.PathLike, overwrite: bool = False) -> tuple[BackboneSpec, Path]:
+def import_weights(
+    file: str | os.PathLike[str], overwrite: bool = False
+) -> tuple[BackboneSpec, Path]:
     """Verify a downloaded ImageNet file against the pins and place it in the Keras cache."""
     file = Path(file)
     if not file.is_file():

@@ -39,7 +39,7 @@ RESUME_FREE = (
 )
 
 
-def find_resumable(path: str | os.PathLike) -> tuple[Path, Path]:
+def find_resumable(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     """(folder being built, final run folder) for `--resume PATH`: PATH is the run's name
     (runs/x) or its `runs/x.incomplete-<id>` folder."""
     path = Path(path)
@@ -81,7 +81,7 @@ def read_identity(tmp_dir: Path) -> dict[str, Any]:
     )
 
 
-def resume_config(path: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
+def resume_config(path: str | os.PathLike[str], **overrides: Any) -> FinetuneConfig:
     """The settings an interrupted run started with, with `overrides` on top."""
     tmp_dir, _ = find_resumable(path)
     saved = read_identity(tmp_dir)

@@ -72,7 +72,7 @@ def default_run_dir(backbone: str) -> Path:
 def finetune(
     config: FinetuneConfig | None = None,
     verbose: int | str = "auto",
-    resume: str | os.PathLike | None = None,
+    resume: str | os.PathLike[str] | None = None,
     force_resume: bool = False,
 ) -> Run | None:
     """Train a classifier on `config.data`; return the finished run.
@@ -123,7 +123,7 @@ def finetune(
 
 
 def _start(
-    config: FinetuneConfig | None, resume: str | os.PathLike | None
+    config: FinetuneConfig | None, resume: str | os.PathLike[str] | None
 ) -> tuple[FinetuneConfig, Path, Path | None, dict[str, Any] | None]:
     """(settings, run folder, the interrupted run's folder, what it started with): a new run's,
     or a resumed one's."""
