@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -124,7 +124,20 @@ def _where(data: str) -> str:
     return data if data.startswith("tfds:") else str(Path(data).resolve())
 
 
-def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[Example], str]:
+class EvalSet(NamedTuple):
+    """The images to evaluate, labelled through a run's class map, and where they come from."""
+
+    examples: list[Example]
+    root: str
+    split: str  # "train", "val", "test", or "all" for a plain folder of classes
+
+    @property
+    def source(self) -> str:
+        """What the records and messages show: `root (split)`."""
+        return f"{self.root} ({self.split})"
+
+
+def eval_examples(run: Run, data: str | None, split: str | None) -> EvalSet:
     """The images to evaluate, labelled through the run's class map."""
     root = _local(data or run.record.data["root"])
     is_folder = data is not None and not root.lower().endswith(".csv")
@@ -154,7 +167,7 @@ def eval_examples(run: Run, data: str | None, split: str | None) -> tuple[list[E
         out.append(Example(e.path, e.relpath, index[e.class_name], e.class_name))
     if not out:
         raise DataError(f"{root}: the {split} split has no images")
-    return out, f"{root} ({split})"
+    return EvalSet(out, root, split)
 
 
 def check_same_split(runs: Sequence[Run]) -> None:
@@ -424,7 +437,7 @@ def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[V
     if all(chosen):
         return chosen  # type: ignore[return-value]
     try:
-        val, _ = eval_examples(members[0].run, None, "val")
+        val = eval_examples(members[0].run, None, "val").examples
     except DataError as e:
         log.warning(
             "--multicrop auto chooses on the run's validation split, which could not be "
@@ -599,17 +612,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         return _evaluate(config, placement)
 
 
-def weights_split(
-    runs: Sequence[Run], scored: Sequence[Example], source: str
-) -> tuple[list[Example], str]:
+def weights_split(runs: Sequence[Run], scored: EvalSet) -> EvalSet:
     """The images --ensemble-weights val fits on: the members' own validation split, never
     any of the images being scored (the figure would then be fitted, not measured)."""
     fit_on = eval_examples(runs[0], None, "val")
-    paths = {os.path.realpath(e.path) for e in scored}
-    if n := sum(os.path.realpath(e.path) in paths for e in fit_on[0]):
+    paths = {os.path.realpath(e.path) for e in scored.examples}
+    if n := sum(os.path.realpath(e.path) in paths for e in fit_on.examples):
         raise ConfigError(
-            f"{source}: --ensemble-weights val fits the member weights on "
-            f"{fit_on[1]}, and {n} of the images scored are among them; score a "
+            f"{scored.source}: --ensemble-weights val fits the member weights on "
+            f"{fit_on.source}, and {n} of the images scored are among them; score a "
             "test split or another folder, or use --ensemble-weights equal"
         )
     return fit_on
@@ -647,7 +658,7 @@ def _member_probs(
     paths: list[str],
     modes: list[str],
     batch_size: int,
-    fit_on: tuple[list[Example], str] | None,
+    fit_on: EvalSet | None,
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """(each member's single-crop probabilities, its probabilities averaged over its views,
     the members' weights: equal, or fitted on `fit_on`'s images)."""
@@ -669,10 +680,10 @@ def _member_probs(
     weights = np.full(len(modes), 1.0 / len(modes))
     if fit_on is not None:
         val_probs = runner.probs(
-            [e.path for e in fit_on[0]], modes, batch_size, reduce=mean_and_centre
+            [e.path for e in fit_on.examples], modes, batch_size, reduce=mean_and_centre
         )
         weights = fit_member_weights(
-            [p[:, 0] for p in val_probs], np.array([e.label for e in fit_on[0]])
+            [p[:, 0] for p in val_probs], np.array([e.label for e in fit_on.examples])
         )
     return single, multi, weights
 
@@ -733,11 +744,11 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
 
     runs = load_members(config.runs)
     check_same_split(runs)
-    examples, source = eval_examples(runs[0], config.data, config.split)
-    split = source.rsplit("(", 1)[1].rstrip(")")
+    scored = eval_examples(runs[0], config.data, config.split)
+    examples, source, split = scored.examples, scored.source, scored.split
     ensemble_of = len(runs) if len(runs) > 1 else 0
     fitted = config.ensemble_weights == "val" and ensemble_of
-    fit_on = weights_split(runs, examples, source) if fitted else None
+    fit_on = weights_split(runs, scored) if fitted else None
     name = config.name or default_name(runs, config.data, split, config.multicrop)
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
@@ -769,7 +780,7 @@ def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
             "views_rule": "each member on its own",  # auto: its own val scores
             "members": [str(r.path) for r in runs],
             "member_weights": [float(w) for w in weights],
-            "member_weights_fitted_on": fit_on[1] if fit_on else None,
+            "member_weights_fitted_on": fit_on.source if fit_on else None,
             "comparison": comparison,
         }
     )
