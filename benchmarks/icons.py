@@ -28,6 +28,7 @@ from real_pictures import (
     LAST_STAGES,
     RATES,
     RECIPES,
+    TIMM_LIKE,
     Task,
     plan_for,
     run_seed,
@@ -57,7 +58,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
             {"fine-tuned reference", "scratch"},
         ),
         50: (
-            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES, *RECIPES],
+            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES, *RECIPES, TIMM_LIKE],
             {"fine-tuned reference", "timm reference", "scratch"},
         ),
         # does the best fine-tune rate move with k, and where does it start to?

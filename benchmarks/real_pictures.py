@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import shutil
 import time
 import warnings
@@ -75,6 +76,7 @@ CAP, VAL, SIZE = 50, 5, 224
 MAX_PIXELS = 100_000_000  # tlkit's default --max-pixels
 HEAD_ONLY = "frozen: head only (--freeze all --epochs 0)"
 LAST_STAGES = "fine-tune the last 3 stages (--freeze-blocks 6)"
+TIMM_LIKE = "tlkit with the timm reference's settings"
 CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "defaults": [],
     "--freeze auto": ["--freeze", "auto"],
@@ -89,6 +91,12 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "--freeze-blocks 2": ["--freeze-blocks", "2"],
     CANDIDATE: CANDIDATE_FLAGS,
     "defaults + label smoothing 0.1": ["--label-smoothing", "0.1"],
+    # the timm-style reference's recipe as tlkit's flags, at one rate (the epoch kept by loss)
+    TIMM_LIKE: shlex.split(
+        "--fine-tune-lr 3e-4 --epochs 20 --patience 20 --schedule cosine --warmup-epochs 2 "
+        "--weight-decay 0.05 --stage-lr-decay 0.75 --label-smoothing 0.1 --train-bn "
+        "--augment standard"
+    ),
     "defaults + stage rate decay 0.5": ["--stage-lr-decay", "0.5"],
     "defaults + AdamW weight decay 0.05": ["--weight-decay", "0.05"],
     # the fine-tune rate, chosen on validation at each k (the rule: tlkit/core/choices.py)

@@ -29,7 +29,7 @@ def predict(
         raise ConfigError(f"--top-k must be at least 1. Received: {top_k}")
     if runs is None:
         runs = []
-    elif isinstance(runs, (Run, str, os.PathLike[str])):
+    elif isinstance(runs, (Run, str, os.PathLike)):
         runs = [runs]
     paths = [r.path if isinstance(r, Run) else r for r in runs]
     classes, probs = predict_images(paths, [str(p) for p in images], multicrop, batch_size)
