@@ -18,6 +18,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+# what every history row and the run's stored best carry (tlkit.training.state)
+MONITORS = ("val_loss", "val_accuracy")
 Row = Mapping[str, Any]  # a history row or Keras logs: {"val_loss": ..., "val_accuracy": ...}
 T = TypeVar("T")
 R = TypeVar("R", bound=Row)
@@ -25,13 +27,15 @@ R = TypeVar("R", bound=Row)
 
 @dataclass(frozen=True)
 class Criterion:
-    """A validation metric (`monitor`, a history column) and whether lower or higher is better
+    """A validation metric (`monitor`, one of MONITORS) and whether lower or higher is better
     (`mode`). A row without a finite value of it ranks below every row that has one."""
 
     monitor: str = "val_loss"
     mode: str = "min"  # "min" | "max"
 
     def __post_init__(self) -> None:
+        if self.monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {MONITORS}. Received: {self.monitor!r}")
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max'. Received: {self.mode!r}")
 

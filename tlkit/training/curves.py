@@ -13,7 +13,8 @@ from tlkit.core.figures import new_figure, png_bytes
 
 def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
     """Loss and accuracy per epoch, train and validation, over both phases; a dashed line
-    marks where fine-tuning starts, the best epoch (lowest validation loss) is circled."""
+    marks where fine-tuning starts, the best epoch (by the selection criterion,
+    tlkit/core/selection.py) is circled."""
     x = list(range(1, len(rows) + 1))
     fig = new_figure(11, 4)
     axes = fig.subplots(1, 2)

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from tlkit.core import selection
 from tlkit.core.choices import AUTO
 from tlkit.core.errors import ConfigError
 from tlkit.data.audit import DataReport, audit_and_filter
@@ -480,8 +481,9 @@ class _Search:
             found["fine_tune"] = plan.as_dict()
             log.info(
                 "--freeze auto: %s beat the head, so the fine-tune phase trains the whole "
-                "network, and the run keeps the lowest validation loss of the three",
+                "network, and the run keeps the best of the three (%s)",
                 chosen.request,
+                selection.CRITERION.describe(),
             )
         self.searched["freeze"] = found
         return plan, pooled, trained

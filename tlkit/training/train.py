@@ -2,7 +2,8 @@
 
 Phase 1 trains only the new head with the whole backbone frozen, so large random gradients never
 reach pretrained weights. Phase 2 unfreezes everything after the freeze point and trains it at a
-much lower rate. The model with the lowest validation loss over both phases is the one saved.
+much lower rate. The model with the best validation score over both phases (the selection
+criterion, tlkit/core/selection.py: the lowest validation loss) is the one saved.
 
 The plan (plan.py), the phases (phases.py), the state they carry (state.py), resuming
 (resume.py) and what the run records (record.py) live beside this module, which opens the run
