@@ -286,6 +286,21 @@ def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
     np.testing.assert_allclose(two.val, one.val)  # validation: always the eval view
 
 
+def auto_config(data: Path, out: Path, trunk: Path, epochs: int, grey: bool) -> FinetuneConfig:
+    """--freeze auto on a trunk whose head alone cannot learn; `grey`: training views in grey,
+    so that only the search's tail (trained on the eval view) can tell the colours apart."""
+    return quick_config(
+        data,
+        out,
+        weights=str(trunk),
+        freeze=FreezeRequest(count="auto"),
+        epochs=epochs,
+        lr=0.05,
+        fine_tune_lr=0.02,
+        augment=resolve_augment("none", ['ToGray:{"p": 1.0}'] if grey else []),
+    )
+
+
 @pytest.mark.slow  # about 20 s: two runs, each with two candidate tails and a fine-tune
 @pytest.mark.parametrize("grey", [False, True])
 def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_path, grey):
@@ -309,18 +324,7 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     data = tmp_path / "data"
     tinted_folder(data / "train", 12, 0)
     tinted_folder(data / "val", 6, 1)
-    run = finetune(
-        quick_config(
-            data,
-            tmp_path / "run",
-            weights=str(trunk),
-            freeze=FreezeRequest(count="auto"),
-            epochs=4,
-            lr=0.05,
-            fine_tune_lr=0.02,
-            augment=resolve_augment("none", ['ToGray:{"p": 1.0}'] if grey else []),
-        )
-    )
+    run = finetune(auto_config(data, tmp_path / "run", trunk, epochs=4, grey=grey))
     search = run.record.freeze["search"]
     assert [s["candidate"] for s in search] == [
         "head only",
@@ -389,16 +393,7 @@ def test_freeze_auto_keeps_the_searchs_tail_across_a_resume(tmp_path, monkeypatc
             raise KeyboardInterrupt  # as Ctrl-C right after the first fine-tune epoch
 
     monkeypatch.setattr(tlkit.training.phases, "save_epoch", dies_in_the_fine_tune)
-    config = quick_config(
-        data,
-        tmp_path / "run",
-        weights=str(base),
-        freeze=FreezeRequest(count="auto"),
-        epochs=3,
-        lr=0.05,
-        fine_tune_lr=0.02,
-        augment=resolve_augment("none", ['ToGray:{"p": 1.0}']),
-    )
+    config = auto_config(data, tmp_path / "run", base, epochs=3, grey=True)
     with pytest.raises(Interrupted):
         finetune(config)
     monkeypatch.setattr(tlkit.training.phases, "save_epoch", real)

@@ -121,7 +121,8 @@ def build_backbone(spec: BackboneSpec, resolved: ResolvedWeights, input_size: in
         if resolved.source == "run":
             from tlkit.core.runs import load_keras_file
 
-            assert resolved.path is not None  # a run's weights come with its path
+            if resolved.path is None:  # resolve_weights always gives a run's weights a path
+                raise RuntimeError("weights from a run without the run's path")
             old = load_keras_file(Path(resolved.path), WeightsError)
             try:
                 base.set_weights(backbone_of(old).get_weights())
