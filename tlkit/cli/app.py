@@ -19,8 +19,6 @@ import click
 
 from tlkit.core.errors import TlkitError
 
-BACKBONE_HELP = "Backbone name (`tlkit backbones` lists them)."
-
 
 class TlkitGroup(click.Group):
     """Turns a TlkitError into one line on stderr and its exit code; bugs keep tracebacks."""

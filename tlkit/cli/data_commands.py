@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tlkit.cli.app import BACKBONE_HELP, JSON_OPTION, TlkitGroup, cli, verbosity
+from tlkit.cli.app import JSON_OPTION, TlkitGroup, cli, verbosity
 from tlkit.cli.options import (
     MAX_PIXELS_OPTION,
     MIXED_PRECISION_OPTION,
@@ -20,28 +20,20 @@ from tlkit.cli.options import (
     freeze_option,
     freeze_request,
     model_options,
+    option,
     recipe_option,
 )
-from tlkit.core import choices
+
+CACHE_DIR_OPTION = option("cache_dir", type=click.Path(file_okay=False))
 
 
 @cli.command("check-data")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
-@click.option(
-    "--backbone",
-    default=choices.DEFAULT_BACKBONE,
-    show_default=True,
-    help="Backbone whose minimum input size flags small images.",
-)
-@click.option(
-    "--val-fraction",
-    default=0.2,
-    show_default=True,
-    help="Validation share when DATA has no val/ folder (as in finetune).",
-)
+@option("backbone")
+@option("val_fraction")
 @MAX_PIXELS_OPTION
-@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@option("workers")
 @click.option(
     "-o",
     "--output",
@@ -56,7 +48,7 @@ def check_data(
     data: str,
     backbone: str,
     val_fraction: float,
-    max_pixels: int | None,
+    max_pixels: int,
     workers: int | None,
     output: str,
     overwrite: bool,
@@ -71,9 +63,9 @@ def check_data(
     from tlkit.data.audit import check_data as run_check
     from tlkit.data.audit import check_report_path, write_report
 
-    limit = {"max_pixels": max_pixels} if max_pixels is not None else {}
     check_report_path(output, overwrite)  # before the work, not after it
-    summary = run_check(data, backbone, val_fraction, workers=workers, **limit).as_dict()
+    report = run_check(data, backbone, val_fraction, workers=workers, max_pixels=max_pixels)
+    summary = report.as_dict()
     path = write_report(summary, output, overwrite)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -141,42 +133,23 @@ def _print_report(summary: dict[str, Any], path: Any) -> None:
 @cli.command("precompute-features")
 @recipe_option
 @model_options(freeze_default="all")
-@click.option(
-    "--views",
-    default=1,
-    show_default=True,
-    help="Augmented views per training image (1: the eval transform, no augmentation).",
-)
+@option("views")
 @augment_options
-@click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--dtype", type=click.Choice(choices.CACHE_DTYPES), default="float16", show_default=True
-)
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
-@click.option("--val-fraction", default=0.2, show_default=True)
-@click.option("--dry-run", is_flag=True, help="Print size and time estimates; write nothing.")
+@option("seed")
+@option("dtype")
+@CACHE_DIR_OPTION
+@option("batch_size")
+@option("workers")
+@option("val_fraction")
+@option("dry_run")
 @MIXED_PRECISION_OPTION
 @audit_options
 @STRATEGY_OPTION
-@click.option(
-    "--num-shards",
-    type=int,
-    metavar="N",
-    help="Split the work into N shards (N machines or jobs) ...",
-)
-@click.option(
-    "--shard-index",
-    type=int,
-    metavar="I",
-    help="... and compute shard I (0..N-1). The last shard to finish, or `tlkit cache "
-    "merge`, publishes the cache.",
-)
+@option("num_shards", metavar="N")
+@option("shard_index", metavar="I")
 @JSON_OPTION
 def precompute_features(
     data: str,
-    weights_: str,
     freeze: str | None,
     freeze_to: str | None,
     freeze_blocks: int | None,
@@ -190,7 +163,6 @@ def precompute_features(
     augment = augment_config(options)
     config = PrecomputeConfig(
         data=data,
-        weights=weights_,
         augment=augment,
         audit=audit_config(options),
         freeze=freeze_request(click.get_current_context(), "all"),
@@ -249,7 +221,7 @@ def cache() -> None:
 
 
 @cache.command("ls")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+@CACHE_DIR_OPTION
 def cache_ls(cache_dir: str | None) -> None:
     """List caches: key, backbone, freeze, views, size, last use; and resized-image stores."""
     from tlkit.features.cache import cache_root, list_caches, list_foreign, list_unfinished
@@ -285,7 +257,7 @@ def cache_ls(cache_dir: str | None) -> None:
 @cache.command("rm")
 @click.argument("key", required=False)
 @click.option("--all", "all_", is_flag=True, help="Remove every cache.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+@CACHE_DIR_OPTION
 def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
     """Remove cache or resized-image store KEY, or all with --all."""
     from tlkit.core.errors import ConfigError
@@ -305,7 +277,7 @@ def cache_rm(key: str | None, all_: bool, cache_dir: str | None) -> None:
 
 @cache.command("merge")
 @click.argument("key", required=False)
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
+@CACHE_DIR_OPTION
 def cache_merge(key: str | None, cache_dir: str | None) -> None:
     """Check the shards of cache KEY (default: every cache with shards) and publish it."""
     from tlkit.features.cache import cache_root, merge_parts, pending_parts
@@ -323,13 +295,13 @@ def cache_merge(key: str | None, cache_dir: str | None) -> None:
 @cli.command("augment-preview")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
-@click.option("-n", "count", default=16, show_default=True, help="Training images to show.")
-@click.option("--draws", default=6, show_default=True, help="Augmented versions per image.")
+@option("count")
+@option("draws")
 @click.option("-o", "--output", default="preview.png", show_default=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
-@click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
-@click.option("--seed", default=0, show_default=True)
+@option("backbone")
+@option("input_size")
+@option("seed")
 @augment_options
 def augment_preview(
     data: str,
@@ -362,18 +334,12 @@ def augment_preview(
 @cli.command("bench-input")
 @recipe_option
 @click.argument("data", default="data", type=click.Path())
-@click.option("--backbone", default=choices.DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP)
-@click.option("--input-size", type=int, help="Square input size (default: the backbone's).")
-@click.option(
-    "--freeze",
-    callback=freeze_option,
-    default="0",
-    show_default=True,
-    help="Freeze plan of the model being fed (as in finetune).",
-)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--max-workers", type=int, help="Measure 1..N workers (default: all cores).")
-@click.option("--batches", default=8, show_default=True, help="Timed batches per measurement.")
+@option("backbone")
+@option("input_size")
+@option("freeze", callback=freeze_option, default="0", show_default=True)
+@option("batch_size")
+@option("max_workers")
+@option("batches")
 @JSON_OPTION
 @augment_options
 def bench_input(

@@ -7,6 +7,7 @@ import json
 import click
 
 from tlkit.cli.app import JSON_OPTION, TlkitGroup, cli
+from tlkit.cli.options import option
 
 
 @cli.command()
@@ -30,9 +31,7 @@ def backbones(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option(
-    "--input-size", type=int, help="Input size for the output shapes (default: the backbone's)."
-)
+@option("input_size")
 @JSON_OPTION
 def inspect(name: str, input_size: int | None, as_json: bool) -> None:
     """Print every layer of backbone NAME with the index that --freeze counts."""

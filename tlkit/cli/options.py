@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from tlkit.cli.app import BACKBONE_HELP, cli
-from tlkit.core import choices
+from tlkit.cli.app import cli
 from tlkit.core.errors import TlkitError
+from tlkit.core.settings import SETTINGS
 
 
 def option_group(*options: Any) -> Any:
@@ -23,81 +23,69 @@ def option_group(*options: Any) -> Any:
     return apply
 
 
-STRATEGY_OPTION = click.option(
-    "--strategy",
-    type=click.Choice(choices.STRATEGIES),
-    default="auto",
-    show_default=True,
-    help="tf.distribute: mirrored = every GPU of this machine; multiworker = the machines in "
-    "TF_CONFIG; auto = multiworker if TF_CONFIG names several workers, else mirrored if "
-    "several GPUs, else default (one device).",
-)
+def option(name: str, *short: str, **extra: Any) -> Any:
+    """The click option of setting `name`, made from its one entry in tlkit.core.settings: its
+    flag, default, help, and its range or choices as click's type (so click refuses a bad
+    value in one line before any work). `short` adds flags such as -k; `extra` what only the
+    CLI knows (a callback, a path type, a metavar)."""
+    s = SETTINGS[name]
+    kwargs: dict[str, Any] = {"help": s.help}
+    flag = s.flag
+    if s.switch is not None:  # three states: the callback maps unset, --x, --no-x
+        flag = f"{flag}/--no-{flag[2:]}"
+        kwargs.update(callback=_switch, default=None)
+    elif s.type is bool and s.default is None:  # unset, on or off
+        flag = f"{flag}/--no-{flag[2:]}"
+        kwargs["default"] = None
+    elif s.type is bool:
+        kwargs["is_flag"] = True
+    elif s.choices:
+        kwargs["type"] = click.Choice(s.choices)
+    elif s.type is int:
+        lo, hi = (None if x is None else int(x) for x in (s.low, s.high))
+        kwargs["type"] = click.IntRange(lo, hi, s.low_open, s.high_open)
+    elif s.type is float:
+        kwargs["type"] = click.FloatRange(s.low, s.high, s.low_open, s.high_open)
+    if isinstance(s.default, tuple):
+        kwargs["multiple"] = True
+    elif s.default is not None and s.switch is None:
+        kwargs.update(default=s.default, show_default=s.type is not bool)
+    if s.bare is not None:
+        kwargs.update(is_flag=False, flag_value=s.bare)
+    return click.option(*short, flag, name, **{**kwargs, **extra})
+
+
+def _switch(ctx: click.Context, param: click.Parameter, value: bool | None) -> str:
+    """A --x/--no-x switch's three states as the setting's values: unset, --x, --no-x."""
+    unset, on, off = SETTINGS[str(param.name)].switch or ("", "", "")
+    return unset if value is None else on if value else off
+
+
+STRATEGY_OPTION = option("strategy")
 
 
 # The augmentation flags shared by finetune, precompute-features, augment-preview, bench-input.
 augment_options = option_group(
-    click.option(
-        "--augment",
-        "augment_preset",
-        default="light",
-        show_default=True,
-        help="Preset: none, light (random crop at the eval scale + mirror), standard "
-        "(Inception's random resized crop + mirror), alexnet (crop + mirror + PCA "
-        "colour), vgg (alexnet with scale jitter). finetune also takes auto: the "
-        "preset whose head probe scores best on the validation split.",
-    ),
-    click.option(
-        "--crop", type=click.Choice(choices.CROP_STYLES), help="Override the preset's crop style."
-    ),
-    click.option("--flip-p", type=float, help="Override the mirroring probability."),
-    click.option(
-        "--pca-sigma", type=float, help="Override the PCA colour strength (0 turns it off)."
-    ),
-    click.option(
-        "--extra-transform",
-        multiple=True,
-        metavar="NAME[:JSON]",
-        help="An albumentations transform after crop and flip, e.g. "
-        "'Rotate:{\"limit\": 15}'. Repeatable.",
-    ),
+    option("augment"),
+    option("crop"),
+    option("flip_p"),
+    option("pca_sigma"),
+    option("extra_transform", metavar="NAME[:JSON]"),
 )
 
 
-MAX_PIXELS_OPTION = click.option(
-    "--max-pixels",
-    type=int,
-    help="Refuse images larger than this many pixels, a defence "
-    "against decompression bombs. Default: 100 million.",
-)
+MAX_PIXELS_OPTION = option("max_pixels")
 
 
 # How finetune and precompute-features treat files that cannot be used.
-audit_options = option_group(
-    click.option(
-        "--on-bad-image",
-        type=click.Choice(choices.BAD_IMAGE_POLICIES),
-        default="error",
-        show_default=True,
-        help="error: list every unusable file and start nothing; skip: leave them "
-        "out and record each in the run.",
-    ),
-    click.option(
-        "--max-bad-fraction",
-        type=float,
-        default=0.1,
-        show_default=True,
-        help="With --on-bad-image skip, still stop when more than this share of the "
-        "files is unusable.",
-    ),
-    MAX_PIXELS_OPTION,
-)
+audit_options = option_group(option("on_bad_image"), option("max_bad_fraction"), MAX_PIXELS_OPTION)
 
 
 def augment_config(options: dict[str, Any], allow_auto: bool = False) -> Any:
     from tlkit.data.augment import resolve_augment
 
     return resolve_augment(
-        options.pop("augment_preset"),
+        options.pop("augment"),
         options.pop("extra_transform"),
         allow_auto,
         crop=options.pop("crop"),
@@ -109,11 +97,8 @@ def augment_config(options: dict[str, Any], allow_auto: bool = False) -> Any:
 def audit_config(options: dict[str, Any]) -> Any:
     from tlkit.data.audit import AuditConfig
 
-    max_pixels = options.pop("max_pixels")
     return AuditConfig(
-        options.pop("on_bad_image"),
-        options.pop("max_bad_fraction"),
-        **({"max_pixels": max_pixels} if max_pixels is not None else {}),
+        options.pop("on_bad_image"), options.pop("max_bad_fraction"), options.pop("max_pixels")
     )
 
 
@@ -126,13 +111,14 @@ def _apply_recipe(ctx: click.Context, param: click.Parameter, value: str | None)
     from tlkit.core.errors import ConfigError, did_you_mean, shown
 
     recipe = load_recipe(value, recipe_commands())
-    options = {}  # a setting as a recipe names it (`head-epochs`, `weights`) -> its parameter
-    for p in ctx.command.params:
-        for name in p.opts:  # --long flags and argument names; not -o, not --no-cache
-            if p.name != "recipe" and (name.startswith("--") or not name.startswith("-")):
-                options[name.lstrip("-")] = p
+    # a setting as a recipe names it (`head-epochs`, `weights`) -> its parameter
+    options: dict[str, click.Parameter] = {}
+    for known in ctx.command.params:
+        for name in known.opts:  # --long flags and argument names; not -o, not --no-cache
+            if known.name != "recipe" and (name.startswith("--") or not name.startswith("-")):
+                options[name.lstrip("-")] = known
     defaults = {}
-    for key, raw in recipe.sections.get(ctx.info_name, {}).items():
+    for key, raw in recipe.sections.get(str(ctx.info_name), {}).items():
         p = options.get(key.replace("_", "-"))
         if p is None:
             names = sorted(options)
@@ -182,39 +168,20 @@ recipe_option = click.option(
 )
 
 
-MIXED_PRECISION_OPTION = click.option(
-    "--mixed-precision",
-    is_flag=True,
-    help="float16 compute (GPUs); part of the feature-cache key, so finetune and "
-    "precompute-features must agree on it.",
-)
+MIXED_PRECISION_OPTION = option("mixed_precision")
 
 
 def model_options(freeze_default: str) -> Any:
     """DATA and the model flags finetune and precompute-features share."""
+    freeze = SETTINGS["freeze"]
     return option_group(
         click.argument("data", default="data", type=click.Path()),
-        click.option(
-            "--backbone", default=choices.DEFAULT_BACKBONE, show_default=True, help=BACKBONE_HELP
-        ),
-        click.option(
-            "--weights",
-            "weights_",
-            default="imagenet",
-            show_default=True,
-            help="'imagenet', 'none', a weights file, or a tlkit run folder to transfer from.",
-        ),
-        click.option("--input-size", type=int, help="Square input size (default: the backbone's)."),
-        click.option(
-            "--freeze",
-            callback=freeze_option,
-            help="Freeze backbone layers [:N] ('all'; negative N keeps the last |N| "
-            "trainable; finetune: 'auto' scores head only and the last 1-2 stages on the "
-            "validation split, and where a stage beats the head also the whole network, "
-            f"keeping the best). Default {freeze_default}.",
-        ),
-        click.option("--freeze-to", help="Freeze up to and including this layer name."),
-        click.option("--freeze-blocks", type=int, help="Freeze the first K stages."),
+        option("backbone"),
+        option("weights"),
+        option("input_size"),
+        option("freeze", callback=freeze_option, help=f"{freeze.help} Default {freeze_default}."),
+        option("freeze_to"),
+        option("freeze_blocks"),
     )
 
 
@@ -248,31 +215,4 @@ def freeze_option(ctx: click.Context, param: click.Parameter, value: str | None)
         raise click.BadParameter(str(e)) from None
 
 
-# finetune flags -> the FinetuneConfig field each one sets
-PARAM_FIELDS = {
-    "weights_": "weights",
-    "freeze_to": "freeze",
-    "freeze_blocks": "freeze",
-    "augment_preset": "augment",
-    "crop": "augment",
-    "flip_p": "augment",
-    "pca_sigma": "augment",
-    "extra_transform": "augment",
-    "on_bad_image": "audit",
-    "max_bad_fraction": "audit",
-    "max_pixels": "audit",
-}
-
-
-MULTICROP_OPTION = click.option(
-    "--multicrop",
-    type=click.Choice(choices.MULTICROP_MODES),
-    default="1",
-    is_flag=False,
-    flag_value="auto",
-    show_default=True,
-    help="Test-time views averaged per image: 1 (the centre crop), 2 (and its mirror), 5 "
-    "(corners and centre), 10 (and their mirrors), multiscale (10 at 3 scales), dense "
-    "(the whole image, fully convolutional), auto (the bare flag: the views the model "
-    "saw in training, chosen on its validation split, never below single-crop there).",
-)
+MULTICROP_OPTION = option("multicrop")

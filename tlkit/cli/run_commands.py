@@ -12,31 +12,24 @@ from tlkit.cli.app import JSON_OPTION, cli
 from tlkit.cli.options import (
     MULTICROP_OPTION,
     STRATEGY_OPTION,
+    option,
     recipe_commands,
     recipe_option,
 )
-from tlkit.core import choices
 
 
 @cli.command()
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())
-@click.option(
-    "--folds", default=5, show_default=True, help="Out-of-fold heads for the label-error search."
-)
-@click.option(
-    "--duplicate-similarity",
-    default=0.97,
-    show_default=True,
-    help="Cosine of the centred pooled features at or above which two images are near-duplicates.",
-)
-@click.option("--top", default=50, show_default=True, help="Rows of each list in the report.")
+@option("folds")
+@option("duplicate_similarity")
+@option("top")
 @click.option(
     "--name", default="diagnose", show_default=True, help="Output folder under RUN/diagnose/."
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing diagnose folder.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@option("batch_size")
+@option("workers")
 @JSON_OPTION
 def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     """Likely label errors, near-duplicates and top losses in [DATA] (default: the run's own
@@ -64,21 +57,11 @@ def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())
 @MULTICROP_OPTION
-@click.option(
-    "--ensemble-weights",
-    type=click.Choice(choices.ENSEMBLE_WEIGHTS),
-    default="equal",
-    show_default=True,
-    help="Member weights; 'val' fits them on the validation split.",
-)
-@click.option(
-    "--split",
-    type=click.Choice(choices.EVAL_SPLITS),
-    help="Split to evaluate (default: test, else val).",
-)
+@option("ensemble_weights")
+@option("split")
 @click.option("--name", help="Output folder under RUN/eval/ (default: from split and crops).")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@option("batch_size")
+@option("workers")
 @click.option("--overwrite", is_flag=True, help="Replace an existing evaluation folder.")
 @STRATEGY_OPTION
 @JSON_OPTION
@@ -141,7 +124,7 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
 @cli.command()
 @recipe_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("-k", "--top-k", default=5, show_default=True)
+@option("top_k", "-k")
 @MULTICROP_OPTION
 @click.option(
     "--explain",
@@ -173,21 +156,15 @@ def predict(
 
 @cli.command()
 @click.argument("run", required=False, type=click.Path())
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(choices.EXPORT_FORMATS),
-    default="savedmodel",
-    show_default=True,
-)
+@option("format")
 @click.option("-o", "--output", type=click.Path(), help="Default: RUN/export/FORMAT/.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
-def export(run: str | None, fmt: str, output: str | None, overwrite: bool) -> None:
+def export(run: str | None, format: str, output: str | None, overwrite: bool) -> None:
     """Export RUN (default: the newest) for deployment, preprocessing and class names included."""
     from tlkit.evaluation.export import export_run
 
-    out = export_run(run, fmt, output, overwrite)
-    click.echo(f"exported {run or 'the newest run'} as {fmt} to {out}")
+    out = export_run(run, format, output, overwrite)
+    click.echo(f"exported {run or 'the newest run'} as {format} to {out}")
 
 
 @cli.command()

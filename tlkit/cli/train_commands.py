@@ -10,7 +10,6 @@ import click
 from tlkit.cli.app import JSON_OPTION, cli, verbosity
 from tlkit.cli.options import (
     MIXED_PRECISION_OPTION,
-    PARAM_FIELDS,
     STRATEGY_OPTION,
     audit_config,
     audit_options,
@@ -18,131 +17,43 @@ from tlkit.cli.options import (
     augment_options,
     freeze_request,
     model_options,
+    option,
     recipe_option,
 )
-from tlkit.core import choices
+from tlkit.core.settings import SETTINGS
 
 
 @cli.command()
 @recipe_option
 @model_options(freeze_default="0")
-@click.option(
-    "--train-bn/--no-train-bn",
-    default=None,
-    help="Let BatchNorm layers after the freeze point update their statistics [default: only "
-    "under --weights none, and there only where the random network's signal fades without it].",
-)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option(
-    "--head-epochs",
-    default=5,
-    show_default=True,
-    help="Phase 1, the head alone: it trains max(500, this many epochs) optimizer "
-    "steps on the backbone's cached features.",
-)
-@click.option(
-    "--head-views",
-    default=1,
-    show_default=True,
-    help="Phase 1 trains on the features of this many views of each training "
-    "image: 1 = the eval view (a linear probe), K = K augmented views.",
-)
-@click.option(
-    "--epochs",
-    default=10,
-    show_default=True,
-    help="Phase 2: epochs training everything after the freeze point.",
-)
-@click.option("--lr", default=1e-3, show_default=True, help="Phase 1 learning rate (Adam).")
-@click.option(
-    "--fine-tune-lr",
-    type=float,
-    help=f"Phase 2 learning rate. Default: from the data, {choices.fine_tune_lr_rule()}.",
-)
-@click.option(
-    "--schedule",
-    type=click.Choice(choices.SCHEDULES),
-    default="constant",
-    show_default=True,
-    help="Phase 2's rate: constant, or a cosine decay to 0 over --epochs.",
-)
-@click.option(
-    "--warmup-epochs",
-    default=0,
-    show_default=True,
-    help="Phase 2 raises its rate linearly to --fine-tune-lr over this many epochs.",
-)
-@click.option(
-    "--weight-decay",
-    default=0.0,
-    show_default=True,
-    help="Phase 2: decoupled weight decay on kernels (AdamW); 0 = plain Adam.",
-)
-@click.option(
-    "--stage-lr-decay",
-    default=1.0,
-    show_default=True,
-    help="Phase 2: discriminative rates. The backbone's last stage trains at this "
-    "fraction of --fine-tune-lr, each earlier stage at this fraction of the next.",
-)
-@click.option(
-    "--label-smoothing",
-    default=0.0,
-    show_default=True,
-    help="Both phases train on labels smoothed by this much (validation losses stay "
-    "plain cross-entropy).",
-)
-@click.option("--dropout", default=0.2, show_default=True)
-@click.option(
-    "--patience",
-    default=3,
-    show_default=True,
-    help="Early stopping: epochs without a better validation loss.",
-)
-@click.option(
-    "--val-fraction",
-    default=0.2,
-    show_default=True,
-    help="Validation share when DATA has no val/ folder (stable hash split).",
-)
-@click.option("--seed", default=0, show_default=True)
+@option("train_bn")
+@option("batch_size")
+@option("head_epochs")
+@option("head_views")
+@option("epochs")
+@option("lr")
+@option("fine_tune_lr")
+@option("schedule")
+@option("warmup_epochs")
+@option("weight_decay")
+@option("stage_lr_decay")
+@option("label_smoothing")
+@option("dropout")
+@option("patience")
+@option("val_fraction")
+@option("seed")
 @click.option("-o", "--output", type=click.Path(), help="Run folder (default runs/BACKBONE-TIME).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @MIXED_PRECISION_OPTION
 @augment_options
-@click.option("--workers", type=int, help="CPU threads decoding and augmenting (default: all).")
-@click.option("--prefetch", type=int, help="Batches kept ready ahead of training (default: auto).")
-@click.option(
-    "--cache/--no-cache",
-    "cache",
-    default=None,
-    help="--cache: train from the feature cache, building it first if needed. "
-    "--no-cache: never. Default: use a matching cache if there is one.",
-)
-@click.option(
-    "--views",
-    default=1,
-    show_default=True,
-    help="Augmented views per training image in the feature cache.",
-)
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Default: cache/.")
-@click.option(
-    "--cache-dtype", type=click.Choice(choices.CACHE_DTYPES), default="float16", show_default=True
-)
-@click.option(
-    "--resized-cache",
-    is_flag=True,
-    help="Decode every image once into a store of PNGs at the size the views need (under "
-    "--cache-dir), so that later epochs decode small images: for big photos, when "
-    "`tlkit bench-input` says training waits for its input.",
-)
-@click.option(
-    "--class-weight",
-    type=click.Choice(choices.CLASS_WEIGHTS),
-    default="none",
-    show_default=True,
-    help="balanced: weight classes by n / (classes x count).",
-)
+@option("workers")
+@option("prefetch")
+@option("cache")
+@option("views")
+@option("cache_dir", type=click.Path(file_okay=False))
+@option("cache_dtype")
+@option("resized_cache")
+@option("class_weight")
 @audit_options
 @click.option(
     "--resume",
@@ -156,30 +67,14 @@ from tlkit.core import choices
     is_flag=True,
     help="Resume even though settings, classes or data changed since the run began.",
 )
-@click.option("--tensorboard", is_flag=True, help="Write TensorBoard logs to RUN/tensorboard/.")
-@click.option(
-    "--calibrate",
-    is_flag=True,
-    help="Fit temperature scaling on the validation split after training, so the "
-    "saved model's probabilities match its accuracy (accuracy is unchanged).",
-)
+@option("tensorboard")
+@option("calibrate")
 @STRATEGY_OPTION
-@click.option(
-    "--scale-lr",
-    is_flag=True,
-    help="Linear scaling rule: multiply --lr and --fine-tune-lr by BATCH_SIZE / "
-    "LR_BASE_BATCH (the global batch over the batch the rates were chosen for).",
-)
-@click.option(
-    "--lr-base-batch",
-    default=32,
-    show_default=True,
-    help="The batch size --lr and --fine-tune-lr were chosen for (with --scale-lr).",
-)
+@option("scale_lr")
+@option("lr_base_batch")
 @JSON_OPTION
 def finetune(
     data: str,
-    weights_: str,
     freeze: str | None,
     freeze_to: str | None,
     freeze_blocks: int | None,
@@ -198,20 +93,17 @@ def finetune(
     recipe = ctx.meta.get("tlkit.recipe")
     augment = augment_config(options, allow_auto=True)
     audit = audit_config(options)
-    cache = options.pop("cache")
     config = FinetuneConfig(
         data=data,
-        weights=weights_,
         freeze=request,
         augment=augment,
         audit=audit,
-        cache={None: "auto", True: "build", False: "off"}[cache],
         recipe=recipe.name if recipe else None,
         **options,
     )
     if resume is not None:  # the saved settings, changed only where a flag was typed
         typed = {
-            PARAM_FIELDS.get(name, name)
+            SETTINGS[name].field if name in SETTINGS else name
             for name in ctx.params
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
             and name not in ("resume", "force_resume")
@@ -244,21 +136,14 @@ def _echo_run(run: Any, as_json: bool) -> None:
 @cli.command("lr-find")
 @recipe_option
 @model_options(freeze_default="0")
-@click.option(
-    "--phase",
-    type=click.Choice(choices.LR_FIND_PHASES),
-    default="head",
-    show_default=True,
-    help="head: suggests --lr; fine-tune: suggests --fine-tune-lr "
-    "(after a head trained first, as finetune does).",
-)
-@click.option("--start-lr", type=float, help="Default: 1e-6 (head), 1e-8 (fine-tune).")
-@click.option("--end-lr", type=float, help="Default: 10 (head), 0.1 (fine-tune).")
-@click.option("--steps", default=100, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--val-fraction", default=0.2, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--workers", type=int, help="CPU threads decoding (default: all).")
+@option("phase")
+@option("start_lr")
+@option("end_lr")
+@option("steps")
+@option("batch_size")
+@option("val_fraction")
+@option("seed")
+@option("workers")
 @click.option(
     "-o",
     "--output",
@@ -271,7 +156,6 @@ def _echo_run(run: Any, as_json: bool) -> None:
 @JSON_OPTION
 def lr_find(
     data: str,
-    weights_: str,
     freeze: str | None,
     freeze_to: str | None,
     freeze_blocks: int | None,
@@ -284,7 +168,6 @@ def lr_find(
 
     config = LrFindConfig(
         data=data,
-        weights=weights_,
         freeze=freeze_request(click.get_current_context(), "0"),
         **options,
     )

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.core.choices import BAD_IMAGE_POLICIES, DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS, check
-from tlkit.core.errors import ConfigError, DataError, OutputExistsError
+from tlkit.core.choices import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
+from tlkit.core.errors import DataError, OutputExistsError
 from tlkit.core.fsutil import atomic_write_json, file_hash, user_cache_dir
 from tlkit.core.progress import progress
+from tlkit.core.settings import check_fields, setting
 from tlkit.data.datasets import Example, ImageFolder, file_signature
 from tlkit.data.decode import probe_image
 
@@ -40,18 +41,12 @@ IMBALANCE_WARNING = 10.0  # largest / smallest class above this is worth a line
 class AuditConfig:
     """How bad files are treated when a command audits its data before working."""
 
-    on_bad_image: str = "error"  # "error": list every bad file and stop; "skip": train without
-    max_bad_fraction: float = 0.1  # skip mode still stops when more than this share is bad
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    on_bad_image: str = setting("on_bad_image")  # "error": list bad files and stop; "skip"
+    max_bad_fraction: float = setting("max_bad_fraction")  # skip still stops above this share
+    max_pixels: int = setting("max_pixels")
 
     def __post_init__(self) -> None:
-        check("--on-bad-image", self.on_bad_image, BAD_IMAGE_POLICIES)
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError(
-                f"--max-bad-fraction must be in [0, 1]. Received: {self.max_bad_fraction}"
-            )
-        if self.max_pixels < 1:
-            raise ConfigError(f"--max-pixels must be positive. Received: {self.max_pixels}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)

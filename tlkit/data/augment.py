@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.core.choices import AUTO, CROP_STYLES, check
+from tlkit.core.choices import AUTO
 from tlkit.core.errors import ConfigError, did_you_mean
+from tlkit.core.settings import AUGMENT_PRESETS, check_fields, setting
 from tlkit.data.decode import Need
 
 
@@ -123,18 +124,18 @@ class AugmentConfig:
     """A resolved train-time augmentation; `as_dict` is what the run records."""
 
     preset: str = "none"
-    crop: str = "center"  # "center" | "crop" | "resized-crop"
+    crop: str = setting("crop", "center")  # "center" | "crop" | "resized-crop"
     # crop: shorter side S / input size, drawn uniformly from this range (VGG: 256/224..512/224)
     scale_range: tuple[float, float] = (256 / 224, 256 / 224)
     # resized-crop: fraction of the area and aspect ratio range (Inception)
     area: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.0
-    pca_sigma: float = 0.0  # 0: no PCA colour
+    flip_p: float = setting("flip_p", 0.0)
+    pca_sigma: float = setting("pca_sigma", 0.0)  # 0: no PCA colour
     extra: tuple[tuple[str, str], ...] = field(default=())  # (albumentations name, JSON args)
 
     def __post_init__(self) -> None:
-        check("--crop", self.crop, CROP_STYLES)
+        check_fields(self)
         lo, hi = self.scale_range
         if not 1.0 <= lo <= hi:
             raise ConfigError(
@@ -146,10 +147,6 @@ class AugmentConfig:
                 f"resized-crop area must be in (0, 1] and ratio positive. "
                 f"Received: area={self.area}, ratio={self.ratio}"
             )
-        if not 0 <= self.flip_p <= 1:
-            raise ConfigError(f"flip probability must be in [0, 1]. Received: {self.flip_p}")
-        if self.pca_sigma < 0:
-            raise ConfigError(f"--pca-sigma must be >= 0. Received: {self.pca_sigma}")
         for name, args in self.extra:
             build_extra(name, args)  # fail now, not mid-training
 
@@ -181,19 +178,8 @@ class AugmentConfig:
         return cls(**values, extra=extra)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "none": {},
-    # fine-tuning default: the eval view's scale (shorter side size / 0.875), a random
-    # size x size window of it (up to 12.5% shift), mirror. Milder than ImageNet-from-scratch
-    # crops, which cut small or low-resolution images down to fragments.
-    "light": {"crop": "crop", "flip_p": 0.5},
-    # timm / Inception default: random area and aspect ratio, then resize; mirror.
-    "standard": {"crop": "resized-crop", "flip_p": 0.5},
-    # AlexNet: shorter side 256 (for 224), random 224 crop, mirror, PCA colour.
-    "alexnet": {"crop": "crop", "flip_p": 0.5, "pca_sigma": 0.1},
-    # VGG scale jittering: shorter side drawn from [256, 512] (for 224), crop, mirror, PCA colour.
-    "vgg": {"crop": "crop", "scale_range": (256 / 224, 512 / 224), "flip_p": 0.5, "pca_sigma": 0.1},
-}
+# name -> the AugmentConfig fields it sets: tlkit.core.settings.AUGMENT_PRESETS, written there
+PRESETS: dict[str, dict[str, Any]] = {name: fields for name, (_, fields) in AUGMENT_PRESETS.items()}
 
 
 # --augment auto (finetune only): the preset is chosen on the validation split (tlkit.training.head)

@@ -17,8 +17,9 @@ from pathlib import Path
 from natsort import natsorted
 
 from tlkit.core.choices import MAX_NAME_BYTES, SPLIT_NAMES
-from tlkit.core.errors import ConfigError, DataError, shown
+from tlkit.core.errors import DataError, shown
 from tlkit.core.fsutil import OS_FILES, tlkit_output
+from tlkit.core.settings import SETTINGS
 
 # characters that reorder the text around them when printed (after U+202E the rest of a name
 # prints backwards): a class name holding one would read differently in every report
@@ -127,11 +128,8 @@ def hash_fraction(key: str) -> float:
 
 
 def check_val_fraction(val_fraction: float) -> None:
-    """The one check of --val-fraction, for every command that splits data."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(
-            f"--val-fraction must be between 0 and 1 (exclusive). Received: {val_fraction}"
-        )
+    """--val-fraction's check where a folder is split without a config (the Python API)."""
+    SETTINGS["val_fraction"].check(val_fraction)
 
 
 def load_folder(root: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFolder:

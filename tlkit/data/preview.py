@@ -11,6 +11,7 @@ from PIL import Image
 from tlkit.core.choices import DEFAULT_BACKBONE
 from tlkit.core.errors import ConfigError
 from tlkit.core.fsutil import atomic_path, refuse_overwrite
+from tlkit.core.settings import SETTINGS
 from tlkit.data.augment import AugmentConfig
 from tlkit.data.datasets import load_dataset
 from tlkit.models.backbones import get_backbone
@@ -37,8 +38,8 @@ def augment_preview(
     if output.suffix.lower() != ".png":
         raise ConfigError(f"-o/--output must end in .png. Received: {output}")
     refuse_overwrite(output, overwrite, "choose another -o/--output or pass --overwrite")
-    if n < 1 or draws < 1:
-        raise ConfigError(f"-n and --draws must be at least 1. Received: -n {n}, --draws {draws}")
+    SETTINGS["count"].check(n)
+    SETTINGS["draws"].check(draws)
     spec = get_backbone(backbone)
     size = spec.resolve_input_size(input_size)
     train = load_dataset(data).splits["train"]

@@ -29,8 +29,8 @@ import numpy as np
 
 from tlkit.core.calibration import per_image_log_loss
 from tlkit.core.choices import check_folder_name
-from tlkit.core.errors import ConfigError
 from tlkit.core.runs import Run
+from tlkit.core.settings import check_fields, setting
 from tlkit.data.datasets import Example
 from tlkit.features.rows import pooled_features
 
@@ -42,25 +42,18 @@ DIAGNOSE_SCHEMA = 1
 class DiagnoseConfig:
     run: str | None = None  # None: the newest run
     data: str | None = None  # None: the run's own data
-    folds: int = 5
-    duplicate_similarity: float = 0.97  # cosine of the centred pooled features
-    top: int = 50  # rows of each list in the report
+    folds: int = setting("folds")
+    duplicate_similarity: float = setting("duplicate_similarity")  # cosine, centred features
+    top: int = setting("top")  # rows of each list in the report
     name: str = "diagnose"
     overwrite: bool = False
-    batch_size: int = 32
-    workers: int | None = None
-    seed: int = 0
+    batch_size: int = setting("batch_size")
+    workers: int | None = setting("workers")
+    seed: int = setting("seed")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_folder_name("--name", self.name)
-        if self.folds < 2:
-            raise ConfigError(f"--folds must be at least 2. Received: {self.folds}")
-        if not 0 < self.duplicate_similarity <= 1:
-            raise ConfigError(
-                f"--duplicate-similarity must be in (0, 1]. Received: {self.duplicate_similarity}"
-            )
-        if self.top < 1:
-            raise ConfigError(f"--top must be at least 1. Received: {self.top}")
 
 
 def fit_softmax(

@@ -25,17 +25,13 @@ import numpy as np
 from tlkit.core.calibration import ECE_BINS, expected_calibration_error, log_loss, reliability_bins
 from tlkit.core.choices import (
     AUTO,
-    ENSEMBLE_WEIGHTS,
-    EVAL_SPLITS,
-    MULTICROP_MODES,
-    STRATEGIES,
-    check,
     check_folder_name,
 )
 from tlkit.core.errors import ConfigError, DataError
 from tlkit.core.fsutil import safe_name
 from tlkit.core.progress import progress
 from tlkit.core.runs import Run, load_run
+from tlkit.core.settings import check_fields, setting
 from tlkit.data.datasets import Example, load_class_folders, load_dataset, split_folders
 from tlkit.data.decode import Need, decode_for
 from tlkit.data.views_seen import views_seen
@@ -60,21 +56,17 @@ log = logging.getLogger("tlkit")
 class EvalConfig:
     runs: tuple[str, ...] = ()  # empty: the newest run under runs/
     data: str | None = None  # None: the first run's own data folder
-    split: str | None = None  # None: test, else val
-    multicrop: str = "1"
-    ensemble_weights: str = "equal"  # or "val"
+    split: str | None = setting("split")  # None: test, else val
+    multicrop: str = setting("multicrop")
+    ensemble_weights: str = setting("ensemble_weights")  # "equal" or "val"
     name: str | None = None
-    batch_size: int = 32
-    workers: int | None = None
+    batch_size: int = setting("batch_size")
+    workers: int | None = setting("workers")
     overwrite: bool = False
-    strategy: str = "auto"
+    strategy: str = setting("strategy")
 
     def __post_init__(self) -> None:
-        check("--strategy", self.strategy, STRATEGIES)
-        check("--multicrop", self.multicrop, MULTICROP_MODES)
-        check("--ensemble-weights", self.ensemble_weights, ENSEMBLE_WEIGHTS)
-        if self.split is not None:
-            check("--split", self.split, EVAL_SPLITS)
+        check_fields(self)
         if self.name is not None:
             check_folder_name("--name", self.name)
 

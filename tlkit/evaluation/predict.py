@@ -10,6 +10,7 @@ import numpy as np
 
 from tlkit.core.errors import ConfigError
 from tlkit.core.runs import Run
+from tlkit.core.settings import SETTINGS
 
 
 def predict(
@@ -25,8 +26,7 @@ def predict(
     first run of an ensemble), each named in its dict."""
     if not images:
         raise ConfigError("no images given; pass one or more image files")
-    if top_k < 1:
-        raise ConfigError(f"--top-k must be at least 1. Received: {top_k}")
+    SETTINGS["top_k"].check(top_k)
     if runs is None:
         runs = []
     elif isinstance(runs, (Run, str, os.PathLike)):

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from tlkit.core.choices import CACHE_DTYPES, DEFAULT_BACKBONE, STRATEGIES, check
 from tlkit.core.errors import CacheError, ConfigError, WeightsError
+from tlkit.core.settings import SETTINGS, check_fields, setting
 from tlkit.data.audit import AuditConfig, audit_and_filter
 from tlkit.data.augment import (
     AugmentConfig,
@@ -28,7 +28,7 @@ from tlkit.data.augment import (
     TrainTransform,
     resolve_augment,
 )
-from tlkit.data.datasets import ImageFolder, check_val_fraction
+from tlkit.data.datasets import ImageFolder
 from tlkit.data.decode import DEFAULT_MAX_PIXELS
 from tlkit.data.preflight import Checked, check_inputs
 from tlkit.features.cache import (
@@ -63,48 +63,39 @@ class PrecomputeConfig:
     """Settings of `tlkit precompute-features`; the defaults freeze the whole backbone."""
 
     data: str = "data"
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    input_size: int | None = None
-    freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="all"))
-    views: int = 1
-    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
-    seed: int = 0
-    dtype: str = "float16"
-    cache_dir: str | None = None
-    batch_size: int = 32
-    workers: int | None = None
-    val_fraction: float = 0.2
-    dry_run: bool = False
-    mixed_precision: bool = False  # compute in float16, as `finetune --mixed-precision` does
+    backbone: str = setting("backbone")
+    weights: str = setting("weights")
+    input_size: int | None = setting("input_size")
+    freeze: FreezeRequest = setting("freeze", factory=lambda: FreezeRequest(count="all"))
+    views: int = setting("views")
+    augment: AugmentConfig = setting(
+        "augment", factory=lambda: resolve_augment(SETTINGS["augment"].default)
+    )
+    seed: int = setting("seed")
+    dtype: str = setting("dtype")
+    cache_dir: str | None = setting("cache_dir")
+    batch_size: int = setting("batch_size")
+    workers: int | None = setting("workers")
+    val_fraction: float = setting("val_fraction")
+    dry_run: bool = setting("dry_run")
+    mixed_precision: bool = setting("mixed_precision")  # float16, as `finetune` may compute
     audit: AuditConfig = field(default_factory=AuditConfig)
-    strategy: str = "auto"  # multiworker: shards from TF_CONFIG; mirrored: batches split
-    num_shards: int | None = None  # compute one part of the cache: shard_index of num_shards
-    shard_index: int | None = None
+    strategy: str = setting("strategy")  # multiworker: shards from TF_CONFIG; mirrored: batches
+    num_shards: int | None = setting("num_shards")  # one part of the cache: shard_index of these
+    shard_index: int | None = setting("shard_index")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if (self.num_shards is None) != (self.shard_index is None):
             raise ConfigError(
                 "--num-shards and --shard-index go together. Received: "
                 f"--num-shards {self.num_shards}, --shard-index {self.shard_index}"
             )
-        if (
-            self.num_shards is not None
-            and self.shard_index is not None
-            and not (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards)
-        ):
+        if self.num_shards is not None and (self.shard_index or 0) >= self.num_shards:
             raise ConfigError(
-                "--shard-index must be in 0..num-shards-1 (and --num-shards at "
-                f"least 1). Received: --num-shards {self.num_shards}, "
-                f"--shard-index {self.shard_index}"
+                "--shard-index must be in 0..num-shards-1. Received: --num-shards "
+                f"{self.num_shards}, --shard-index {self.shard_index}"
             )
-        check("--strategy", self.strategy, STRATEGIES)
-        check("--dtype", self.dtype, CACHE_DTYPES)
-        check_val_fraction(self.val_fraction)
-        if self.views < 1:
-            raise ConfigError(f"--views must be at least 1. Received: {self.views}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1. Received: {self.batch_size}")
 
     def build_settings(self, verbose: int = 1) -> BuildSettings:
         return BuildSettings(

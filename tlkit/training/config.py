@@ -1,9 +1,10 @@
 """`finetune`'s settings as a frozen dataclass, validated when it is made, before any work.
 
-Each command's settings live beside the code that uses them, all frozen dataclasses checked in
-`__post_init__`: FinetuneConfig here; PrecomputeConfig in precompute.py; EvalConfig in
-evaluate.py; AuditConfig (bad-image policy, pixel limit) in audit.py; AugmentConfig in
-augment.py. The values a flag may take are in choices.py.
+Each command's config lives beside the code that uses it (PrecomputeConfig in precompute.py,
+EvalConfig in evaluate.py, AuditConfig in audit.py, AugmentConfig in augment.py, ...); every
+field that is a setting is declared with `setting(name)`, so its default, range and choices are
+tlkit.core.settings' and `check_fields` checks them. `__post_init__` adds only the checks that
+join two settings.
 """
 
 from __future__ import annotations
@@ -12,137 +13,80 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlkit.core.choices import (
-    CACHE_DTYPES,
-    CACHE_MODES,
-    CLASS_WEIGHTS,
-    DEFAULT_BACKBONE,
-    FINE_TUNE_LR_BY_DATA,
-    SCHEDULES,
-    STRATEGIES,
-    check,
-    fine_tune_lr_rule,
-    rate_text,
-)
+from tlkit.core.choices import FINE_TUNE_LR_BY_DATA, fine_tune_lr_rule, rate_text
 from tlkit.core.errors import ConfigError, did_you_mean
+from tlkit.core.settings import SETTINGS, check_fields, setting
 from tlkit.data.audit import AuditConfig
 from tlkit.data.augment import AugmentConfig, resolve_augment
-from tlkit.data.datasets import check_val_fraction
 from tlkit.models.freezing import FreezeRequest
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Settings of `tlkit finetune`; defaults are the CLI's defaults."""
+    """Settings of `tlkit finetune`. Each field that is a setting takes its default, range and
+    choices from tlkit.core.settings, as the CLI's flags do."""
 
     data: str = "data"
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    input_size: int | None = None  # None: the backbone's default
+    backbone: str = setting("backbone")
+    weights: str = setting("weights")
+    input_size: int | None = setting("input_size")  # None: the backbone's default
     # Keras guide default: after the head phase, fine-tune the whole backbone.
-    freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))
+    freeze: FreezeRequest = setting("freeze", factory=lambda: FreezeRequest(count="0"))
     # None: frozen, except under random weights whose signal fades without it (features/rows.py)
-    train_bn: bool | None = None
-    augment: AugmentConfig = field(default_factory=lambda: resolve_augment("light"))
-    batch_size: int = 32
-    head_epochs: int = 5
+    train_bn: bool | None = setting("train_bn")
+    augment: AugmentConfig = setting(
+        "augment", factory=lambda: resolve_augment(SETTINGS["augment"].default)
+    )
+    batch_size: int = setting("batch_size")
+    head_epochs: int = setting("head_epochs")
     # the head phase's features: 1 = the eval view (a linear probe), K = K augmented views
-    head_views: int = 1
-    epochs: int = 10
-    lr: float = 1e-3
-    fine_tune_lr: float | None = None  # None: from the data (FINE_TUNE_LR_BY_DATA)
-    dropout: float = 0.2
-    patience: int = 3
-    val_fraction: float = 0.2
-    seed: int = 0
+    head_views: int = setting("head_views")
+    epochs: int = setting("epochs")
+    lr: float = setting("lr")
+    fine_tune_lr: float | None = setting("fine_tune_lr")  # None: from the data
+    dropout: float = setting("dropout")
+    patience: int = setting("patience")
+    val_fraction: float = setting("val_fraction")
+    seed: int = setting("seed")
     output: str | None = None  # None: runs/<backbone>-<time>
     overwrite: bool = False
-    mixed_precision: bool = False
-    workers: int | None = None  # None: all cores
-    prefetch: int | None = None  # batches kept ready; None: tf.data autotunes
-    cache: str = "auto"  # "auto": use a matching feature cache; "build": make it; "off"
-    views: int = 1  # augmented views per training image in the feature cache
-    cache_dir: str | None = None  # None: cache/
-    cache_dtype: str = "float16"
+    mixed_precision: bool = setting("mixed_precision")
+    workers: int | None = setting("workers")  # None: all cores
+    prefetch: int | None = setting("prefetch")  # batches kept ready; None: tf.data autotunes
+    cache: str = setting("cache")  # "auto": use a matching feature cache; "build": make it; "off"
+    views: int = setting("views")  # augmented views per training image in the feature cache
+    cache_dir: str | None = setting("cache_dir")  # None: cache/
+    cache_dtype: str = setting("cache_dtype")
     # decode every image once into the resized-image store (tlkit.data.store) under cache_dir
-    resized_cache: bool = False
+    resized_cache: bool = setting("resized_cache")
     audit: AuditConfig = field(default_factory=AuditConfig)
-    class_weight: str = "none"  # "balanced": weight each class by n / (classes * count)
+    class_weight: str = setting("class_weight")
     recipe: str | None = None  # the recipe these settings came from, for the record
-    tensorboard: bool = False  # TensorBoard logs in RUN/tensorboard/
-    calibrate: bool = False  # temperature scaling fitted on val, folded into the softmax
-    strategy: str = "auto"  # tf.distribute: auto | default | mirrored | multiworker
+    tensorboard: bool = setting("tensorboard")  # TensorBoard logs in RUN/tensorboard/
+    calibrate: bool = setting("calibrate")  # temperature scaling on val, folded into the softmax
+    strategy: str = setting("strategy")  # tf.distribute: auto | default | mirrored | multiworker
     # linear scaling rule: --lr and --fine-tune-lr are for a batch of lr_base_batch images
-    scale_lr: bool = False
-    lr_base_batch: int = 32
+    scale_lr: bool = setting("scale_lr")
+    lr_base_batch: int = setting("lr_base_batch")
     # the fine-tune phase as timm and fastai run it (tlkit.training.optim): rate schedule, warmup,
     # decoupled weight decay, a lower rate for each earlier stage; label smoothing (both phases)
-    schedule: str = "constant"
-    warmup_epochs: int = 0
-    weight_decay: float = 0.0
-    stage_lr_decay: float = 1.0
-    label_smoothing: float = 0.0
+    schedule: str = setting("schedule")
+    warmup_epochs: int = setting("warmup_epochs")
+    weight_decay: float = setting("weight_decay")
+    stage_lr_decay: float = setting("stage_lr_decay")
+    label_smoothing: float = setting("label_smoothing")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.batch_size >= 1, "--batch-size must be at least 1", self.batch_size),
-            (self.head_epochs >= 0, "--head-epochs must be 0 or more", self.head_epochs),
-            (self.epochs >= 0, "--epochs must be 0 or more", self.epochs),
-            (self.head_views >= 1, "--head-views must be at least 1", self.head_views),
-            (
-                self.head_epochs + self.epochs > 0,
-                "nothing to train: --head-epochs and --epochs are both 0",
-                self.epochs,
-            ),
-            (self.lr > 0, "--lr must be positive", self.lr),
-            (0 <= self.dropout < 1, "--dropout must be in [0, 1)", self.dropout),
-            (self.patience >= 1, "--patience must be at least 1", self.patience),
-            (
-                self.workers is None or self.workers >= 1,
-                "--workers must be at least 1",
-                self.workers,
-            ),
-            (
-                self.prefetch is None or self.prefetch >= 1,
-                "--prefetch must be at least 1",
-                self.prefetch,
-            ),
-            (self.views >= 1, "--views must be at least 1", self.views),
-            (self.lr_base_batch >= 1, "--lr-base-batch must be at least 1", self.lr_base_batch),
-            (self.warmup_epochs >= 0, "--warmup-epochs must be 0 or more", self.warmup_epochs),
-            (self.weight_decay >= 0, "--weight-decay must be 0 or more", self.weight_decay),
-            (
-                0 < self.stage_lr_decay <= 1,
-                "--stage-lr-decay must be in (0, 1]",
-                self.stage_lr_decay,
-            ),
-            (
-                0 <= self.label_smoothing < 1,
-                "--label-smoothing must be in [0, 1)",
-                self.label_smoothing,
-            ),
-        ]
-        for ok, message, value in checks:
-            if not ok:
-                raise ConfigError(f"{message}. Received: {value}")
-        check_val_fraction(self.val_fraction)
-        for flag, value, choices in (
-            ("--cache", self.cache, CACHE_MODES),
-            ("--cache-dtype", self.cache_dtype, CACHE_DTYPES),
-            ("--class-weight", self.class_weight, CLASS_WEIGHTS),
-            ("--strategy", self.strategy, STRATEGIES),
-            ("--schedule", self.schedule, SCHEDULES),
-        ):
-            check(flag, value, choices)
+        check_fields(self)
+        if self.head_epochs + self.epochs == 0:
+            raise ConfigError(
+                "nothing to train: --head-epochs and --epochs are both 0. Received: 0, 0"
+            )
         self._check_fine_tune_lr()
 
     def _check_fine_tune_lr(self) -> None:
-        """Unset (the data decides) or positive, and not above --lr."""
-        if self.fine_tune_lr is None:
-            return
-        if self.fine_tune_lr <= 0:
-            raise ConfigError(f"--fine-tune-lr must be positive. Received: {self.fine_tune_lr}")
-        if self.fine_tune_lr > self.lr:
+        """Unset (the data decides) or not above --lr."""
+        if self.fine_tune_lr is not None and self.fine_tune_lr > self.lr:
             raise ConfigError(
                 f"--fine-tune-lr should be lower than --lr (fine-tuning a pretrained backbone at "
                 f"a high rate destroys what it learned). Received: --lr {self.lr}, "

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tlkit.core.choices import DEFAULT_BACKBONE
 from tlkit.core.errors import ConfigError
 from tlkit.core.figures import new_figure, png_bytes
+from tlkit.core.settings import check_fields, setting
 from tlkit.models.freezing import FreezeRequest
 
 log = logging.getLogger("tlkit")
@@ -29,34 +29,26 @@ MIN_DROP = 0.1  # a curve that never falls this far below its start suggests not
 @dataclass(frozen=True)
 class LrFindConfig:
     data: str = "data"
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    input_size: int | None = None
-    freeze: FreezeRequest = field(default_factory=lambda: FreezeRequest(count="0"))
-    phase: str = "head"
-    start_lr: float | None = None  # None: 1e-6 for the head, 1e-8 for fine-tuning
-    end_lr: float | None = None  # None: 10 for the head, 1e-1 for fine-tuning
-    steps: int = 100
-    batch_size: int = 32
-    val_fraction: float = 0.2
-    seed: int = 0
-    workers: int | None = None
+    backbone: str = setting("backbone")
+    weights: str = setting("weights")
+    input_size: int | None = setting("input_size")
+    freeze: FreezeRequest = setting("freeze", factory=lambda: FreezeRequest(count="0"))
+    phase: str = setting("phase")
+    start_lr: float | None = setting("start_lr")  # None: 1e-6 for the head, 1e-8 fine-tuning
+    end_lr: float | None = setting("end_lr")  # None: 10 for the head, 1e-1 for fine-tuning
+    steps: int = setting("steps")
+    batch_size: int = setting("batch_size")
+    val_fraction: float = setting("val_fraction")
+    seed: int = setting("seed")
+    workers: int | None = setting("workers")
     output: str = "lr_find.png"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        from tlkit.core.choices import LR_FIND_PHASES, check
-        from tlkit.data.datasets import check_val_fraction
-
-        check("--phase", self.phase, LR_FIND_PHASES)
-        check_val_fraction(self.val_fraction)
-        if self.steps < 10:
-            raise ConfigError(f"--steps must be at least 10. Received: {self.steps}")
+        check_fields(self)
         lo, hi = self.rates()
-        if not 0 < lo < hi:
-            raise ConfigError(
-                f"--start-lr must be positive and below --end-lr. Received: {lo}, {hi}"
-            )
+        if not lo < hi:
+            raise ConfigError(f"--start-lr must be below --end-lr. Received: {lo}, {hi}")
 
     def rates(self) -> tuple[float, float]:
         head = self.phase == "head"
