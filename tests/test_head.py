@@ -447,3 +447,32 @@ def test_freeze_auto_is_refused_outside_finetune(make_folder):
         "--freeze-blocks. Received: auto"
     )
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow  # about 9 s: a tiny run with a fine-tune phase
+def test_keras_callbacks_from_python_join_the_fine_tune_phase(make_folder, tmp_path):
+    """`finetune(callbacks=...)`: a user's callback sees each fine-tune epoch's logs after tlkit
+    recorded it, and stopping training from it ends the phase (the run is still written)."""
+    import keras
+
+    from tlkit.training.train import finetune
+
+    class StopAfterTwo(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[int, float]] = []
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self.seen.append((epoch, float((logs or {})["val_loss"])))
+            self.model.stop_training = len(self.seen) == 2
+
+    data = make_folder(per_class=10, layout="splits", classes=("cat", "dog", "cow"))
+    spy = StopAfterTwo()
+    config = quick_config(
+        data, tmp_path / "run", freeze=FreezeRequest(count="0"), epochs=4, patience=4
+    )
+    run = finetune(config, verbose=0, callbacks=[spy])
+    with open(run.path / "history.csv") as f:
+        tuned = [r for r in csv.DictReader(f) if r["phase"] == "fine-tune"]
+    assert [e for e, _ in spy.seen] == [0, 1] and len(tuned) == 2
+    assert [float(r["val_loss"]) for r in tuned] == pytest.approx([v for _, v in spy.seen])

@@ -147,6 +147,7 @@ class PhaseRunner:
     head_features: Features | None = None  # from a search: the head phase's features
     forward_per_image: float | None = None  # seconds, measured by the head phase's features
     clock: InputClock = dataclasses.field(default_factory=InputClock)  # the input wait
+    callbacks: tuple[Any, ...] = ()  # the user's Keras callbacks (finetune's `callbacks`)
 
     @property
     def val_steps(self) -> int:
@@ -184,6 +185,7 @@ class PhaseRunner:
                 *self._precise_bn(phase),
                 self.recorder,
                 *self._tensorboard(),
+                *self.callbacks,
             ],
             verbose=self.verbose,
             shuffle=False,

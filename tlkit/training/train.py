@@ -17,6 +17,8 @@ import importlib.util
 import logging
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from tlkit.core.fsutil import (
     release,
 )
 from tlkit.core.runs import RUN_FILE, RUNS_DIR, Run, load_run
-from tlkit.data.preflight import Checked, check_inputs, is_chief
+from tlkit.data.preflight import check_inputs, is_chief
 from tlkit.features.cache import cache_dataset
 from tlkit.models.distribute import Placement
 from tlkit.training.config import FinetuneConfig
@@ -70,18 +72,48 @@ def default_run_dir(backbone: str) -> Path:
     return Path(RUNS_DIR) / f"{backbone}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+@dataclass(frozen=True)
+class Call:
+    """What one finetune() call brings beside its settings (none of it is recorded)."""
+
+    verbose: int
+    force_resume: bool = False
+    callbacks: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Folders:
+    """A run's folders: where it is published, where the chief builds it (None on the other
+    workers), and its checkpoints (which every worker reads when resuming)."""
+
+    run: Path
+    building: Path | None
+    checkpoints: Path | None
+
+
 def finetune(
     config: FinetuneConfig | None = None,
     verbose: int | str = "auto",
     resume: str | os.PathLike[str] | None = None,
     force_resume: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> Run | None:
     """Train a classifier on `config.data`; return the finished run.
 
-    `resume` continues an interrupted run from its last checkpoint; `config` then defaults to
-    the settings it started with, and any difference that changes what is learned (settings,
-    class map, preprocessing, data) is refused unless `force_resume`. Under a multi-worker
-    strategy every worker calls this; the chief writes and returns the run, the others None.
+    Args:
+        config: the settings (FinetuneConfig); with `resume`, None means the settings the
+            interrupted run started with.
+        verbose: Keras' verbosity, 0, 1 or 2; "auto": 1 on a terminal, else 2.
+        resume: an interrupted run (its folder) to continue from its last checkpoint.
+        force_resume: resume even though something that changes what is learned (settings,
+            class map, preprocessing, data) differs from what the run started with.
+        callbacks: Keras callbacks added to every phase trained with `fit()`: the fine-tune
+            phase, and the head phase where it runs live (the head probe on cached features is
+            a loop of its own and calls none). tlkit's own come first: a callback sees the
+            epoch's logs after tlkit has recorded and checkpointed it.
+
+    Under a multi-worker strategy every worker calls this; the chief writes and returns the
+    run, the others None.
     """
     config, run_dir, tmp_dir, identity = _start(config, resume)
     checked = check_inputs(
@@ -114,9 +146,13 @@ def finetune(
     try:
         with contextlib.ExitStack() as scope:
             scope.enter_context(placement.strategy.scope())
-            return _finetune(
-                config, checked, placement, run_dir, tmp_dir, identity, verbose, force_resume, scope
+            if verbose == "auto":
+                verbose = 1 if os.isatty(1) else 2
+            call = Call(int(verbose), force_resume, tuple(callbacks))
+            plan = make_plan(
+                config, checked, placement, identity, tmp_dir, force_resume, call.verbose
             )
+            return _finetune(plan, placement, run_dir, tmp_dir, call, scope)
     except BaseException:
         for folder in find_incomplete(run_dir):  # interrupted: resumable, by anyone, now
             release(folder)
@@ -160,24 +196,20 @@ def _check_outside_data(config: FinetuneConfig, run_dir: Path) -> None:
 
 
 def _finetune(
-    config: FinetuneConfig,
-    checked: Checked,
+    plan: Plan,
     placement: Placement,
     run_dir: Path,
     tmp_dir: Path | None,
-    identity: dict[str, Any] | None,
-    verbose: int | str,
-    force_resume: bool,
+    call: Call,
     scope: contextlib.ExitStack,
 ) -> Run | None:
-    """finetune() in the strategy's `scope`: plan, train, record. Every worker trains; only the
-    chief writes."""
-    if verbose == "auto":
-        verbose = 1 if os.isatty(1) else 2
-    plan = make_plan(config, checked, placement, identity, tmp_dir, force_resume, int(verbose))
-    state, tmp_dir, ckpt_dir = _open_run_dir(plan, placement, run_dir, tmp_dir)
+    """finetune() in the strategy's `scope`, planned: train, record. Every worker trains; only
+    the chief writes."""
+    config = plan.config
+    state, folders = _open_run_dir(plan, placement, run_dir, tmp_dir)
+    tmp_dir, ckpt_dir = folders.building, folders.checkpoints
     schedule = plan.schedule()
-    _train(plan, placement, state, tmp_dir, ckpt_dir, run_dir, schedule, int(verbose))
+    _train(plan, placement, state, folders, schedule, call)
     scope.close()  # saving inside it would start collective ops the other workers never join
     if not placement.is_chief:
         log.info("worker %d: done; the chief writes %s", placement.worker, run_dir)
@@ -268,9 +300,9 @@ def _report(run_dir: Path, state: TrainingState, test: dict[str, Any] | None) ->
 
 def _open_run_dir(
     plan: Plan, placement: Placement, run_dir: Path, tmp_dir: Path | None
-) -> tuple[TrainingState, Path | None, Path | None]:
-    """(training state, the folder the run is built in, its checkpoints/): a new one, or the
-    interrupted one restored from its last checkpoint (by every worker)."""
+) -> tuple[TrainingState, Folders]:
+    """(training state, the run's folders): a new one, or the interrupted one restored from its
+    last checkpoint (by every worker)."""
     chief = placement.is_chief
     state = TrainingState()
     if tmp_dir is None:
@@ -296,7 +328,7 @@ def _open_run_dir(
         log.info(
             "worker %d: training in step with the chief, which writes the run", placement.worker
         )
-    return state, tmp_dir, ckpt_dir
+    return state, Folders(run_dir, tmp_dir, ckpt_dir)
 
 
 def _restore(plan: Plan, tmp_dir: Path, ckpt_dir: Path, chief: bool) -> TrainingState:
@@ -356,13 +388,12 @@ def _train(
     plan: Plan,
     placement: Placement,
     state: TrainingState,
-    tmp_dir: Path | None,
-    ckpt_dir: Path | None,
-    run_dir: Path,
+    folders: Folders,
     schedule: Schedule,
-    verbose: int,
+    call: Call,
 ) -> None:
     """Both phases, skipping what a resumed run had finished."""
+    tmp_dir, ckpt_dir, run_dir = folders.building, folders.checkpoints, folders.run
     writes = ckpt_dir if placement.is_chief else None
     clock = InputClock()
     recorder = make_recorder(
@@ -381,9 +412,10 @@ def _train(
         ckpt_dir,
         writes is not None,
         _val_dataset(plan, placement),
-        verbose,
+        call.verbose,
         plan.head_features,
         clock=clock,
+        callbacks=call.callbacks,
     )
     first_epoch = 0  # global epoch counter: every epoch of both phases draws new augmentations
     try:
