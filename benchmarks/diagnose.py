@@ -262,7 +262,7 @@ def lr_find_ratio(seeds: list[int], rates: np.ndarray = SWEEP) -> None:
         rng = np.random.default_rng(seed)
         labels = rng.integers(0, 4, 800)
         x = (rng.normal(0, 1, (4, 32))[labels] + rng.normal(0, 1, (800, 32))).astype(np.float32)
-        found = head_range_test(x, labels, 4, 1e-6, 10.0, 100, 32, 0)
+        found = head_range_test(x, labels, 4, (1e-6, 10.0), 100, 32, 0)
         sweep = {}
         for lr in rates:
             keras.utils.set_random_seed(0)

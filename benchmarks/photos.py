@@ -204,6 +204,7 @@ def rss_figures(emit: Callable[..., None], folder: Path, batches: int) -> None:
 
 def rss_child(folder: str, batches: int) -> None:
     """Print this process's peak RSS in MB before the pipeline ran and after."""
+    from tlkit.core.settings import Loader
     from tlkit.data.augment import TrainTransform, resolve_augment
     from tlkit.data.datasets import Example
     from tlkit.data.pipeline import train_dataset
@@ -212,7 +213,7 @@ def rss_child(folder: str, batches: int) -> None:
     examples = [Example(str(p), p.name, i % 2, "x") for i, p in enumerate(paths)]
     t = TrainTransform(resolve_augment("light"), SIZE, 0.875)
     epochs = -(-batches * 8 // len(examples))
-    ds = train_dataset(examples, t, 8, 0, 0, epochs, workers=4)
+    ds = train_dataset(examples, t, Loader(8, workers=4, seed=0), range(epochs))
     from benchmarks.common import vm_hwm_kb
 
     before = vm_hwm_kb() / 1024

@@ -449,11 +449,12 @@ def cache_figures() -> None:
 
     import keras
 
+    from tlkit.core.settings import Loader
     from tlkit.data.augment import resolve_augment
     from tlkit.data.datasets import load_folder
     from tlkit.data.decode import DEFAULT_MAX_PIXELS
     from tlkit.data.pipeline import build_train_transform, steps_per_epoch, train_dataset
-    from tlkit.features.cache import build_cache, cache_dataset
+    from tlkit.features.cache import CacheJob, build_cache, cache_dataset, trunk_shape
     from tlkit.features.rows import RowMaker
     from tlkit.models.backbones import get_backbone
     from tlkit.models.cut import Cut, build_tail, build_trunk
@@ -481,25 +482,28 @@ def cache_figures() -> None:
             fit_model.fit(make_ds(1), steps_per_epoch=steps, epochs=1, verbose=0)
             return time.perf_counter() - start
 
-        live = epoch_seconds(model, lambda e: train_dataset(examples, transform, 32, 0, e, 1))
+        live = epoch_seconds(
+            model, lambda e: train_dataset(examples, transform, Loader(32), range(e, e + 1))
+        )
         cut = Cut(len(base.layers), base.layers[-1].name, len(base.layers))
         trunk = build_trunk(model, cut)
         start = time.perf_counter()
         with RowMaker(transform, 0.875, 0, None, DEFAULT_MAX_PIXELS) as make_rows:
-            cache = build_cache(
-                Path(tmp) / "cache",
-                "bench",
-                {"backbone": S.backbone, "cut": {"k": cut.k}, "views": {"train": 1}},
-                trunk,
+            job = CacheJob(
                 {"train": examples},
                 {"train": 1},
                 make_rows,
+                trunk.predict_on_batch,
+                trunk_shape(trunk),
                 "float16",
                 32,
             )
+            inputs = {"backbone": S.backbone, "cut": {"k": cut.k}, "views": {"train": 1}}
+            cache = build_cache(Path(tmp) / "cache", "bench", inputs, job)
         build = time.perf_counter() - start
         cached = epoch_seconds(
-            build_tail(model, cut), lambda e: cache_dataset(cache, "train", 32, 0, e, 1)
+            build_tail(model, cut),
+            lambda e: cache_dataset(cache, "train", Loader(32), range(e, e + 1)),
         )
     emit("cache_live_epoch_seconds", live, "s", images=len(examples))
     emit("cache_epoch_seconds", cached, "s", images=len(examples))
@@ -840,8 +844,9 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     import keras
     import numpy as np
 
+    from tlkit.core.settings import Loader
     from tlkit.data.datasets import Example
-    from tlkit.features.cache import build_cache, cache_dataset, open_cache
+    from tlkit.features.cache import CacheJob, build_cache, cache_dataset, open_cache, trunk_shape
 
     examples = [
         Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4)) for i in range(n_images)
@@ -856,17 +861,16 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
         return rng.integers(0, 256, (len(batch), 32, 32, 3), dtype=np.uint8)
 
     if step == "build":
-        build_cache(
-            Path(folder),
-            "rss",
-            {"n": n_images},
-            trunk,
+        job = CacheJob(
             {"train": examples},
             {"train": 1},
             rows,
+            trunk.predict_on_batch,
+            trunk_shape(trunk),
             "float16",
             64,
         )
+        build_cache(Path(folder), "rss", {"n": n_images}, job)
         return
     cache = open_cache(Path(folder), "rss")
     cache.verify()
@@ -875,7 +879,7 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     tail = keras.Model(features, keras.layers.Dense(4, activation="softmax")(pooled))
     tail.compile("adam", "sparse_categorical_crossentropy")
     tail.fit(
-        cache_dataset(cache, "train", 32, 0),
+        cache_dataset(cache, "train", Loader(32)),
         epochs=1,
         verbose=0,
         steps_per_epoch=-(-n_images // 32),
@@ -893,7 +897,8 @@ def dist_child(strategy: str, backbone: str, size: int, batch: int, steps: int) 
     import keras
     import numpy as np
 
-    from tlkit.data.pipeline import epoch_jobs, run_jobs
+    from tlkit.core.settings import Loader
+    from tlkit.data.pipeline import BatchMaker, epoch_jobs, run_jobs
     from tlkit.models.backbones import get_backbone
     from tlkit.models.model import build_classifier
 
@@ -905,13 +910,10 @@ def dist_child(strategy: str, backbone: str, size: int, batch: int, steps: int) 
     def data(first_epoch: int, epochs: int) -> object:
         return placement.dataset(
             lambda share: run_jobs(
-                epoch_jobs(n, batch, 0, first_epoch, epochs, share.replicas),
-                lambda _, i: x[i],
+                epoch_jobs(n, batch, 0, range(first_epoch, first_epoch + epochs), share.replicas),
+                BatchMaker(lambda _, i: x[i], x.shape[1:], "uint8"),
                 labels,
-                x.shape[1:],
-                "uint8",
-                None,
-                None,
+                Loader(batch),
                 share,
             )
         )
@@ -1056,7 +1058,7 @@ def merge_figure(n_images: int) -> None:
     import numpy as np
 
     from tlkit.data.datasets import Example
-    from tlkit.features.cache import build_part, merge_parts
+    from tlkit.features.cache import CacheJob, build_part, merge_parts, trunk_shape
 
     examples = [
         Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4)) for i in range(n_images)
@@ -1070,20 +1072,17 @@ def merge_figure(n_images: int) -> None:
         return rng.integers(0, 256, (len(batch), 32, 32, 3), dtype=np.uint8)
 
     with tempfile.TemporaryDirectory() as tmp:
+        job = CacheJob(
+            {"train": examples},
+            {"train": 1},
+            rows,
+            trunk.predict_on_batch,
+            trunk_shape(trunk),
+            "float16",
+            64,
+        )
         for i in range(2):
-            build_part(
-                Path(tmp),
-                "merge",
-                {"n": n_images},
-                trunk,
-                {"train": examples},
-                {"train": 1},
-                rows,
-                "float16",
-                64,
-                i,
-                2,
-            )
+            build_part(Path(tmp), "merge", {"n": n_images}, job, i, 2)
         start = time.perf_counter()
         cache = merge_parts(Path(tmp), "merge")
         seconds = time.perf_counter() - start

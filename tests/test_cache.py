@@ -12,6 +12,7 @@ from conftest import TINY, replace_keeping_size_and_mtime
 
 from tlkit.cli import cli
 from tlkit.core.errors import CacheError
+from tlkit.core.settings import Loader
 from tlkit.data.augment import resolve_augment
 from tlkit.features.cache import build_lock, cache_dataset, open_cache
 from tlkit.features.precompute import PrecomputeConfig, precompute_features
@@ -139,7 +140,7 @@ def test_views_hold_distinct_augmentations_and_training_reads_one(make_folder):
     assert reader.views == 3
     v = [reader.read(0, i) for i in range(3)]
     assert not np.array_equal(v[0], v[1]) and not np.array_equal(v[1], v[2])
-    ds = cache_dataset(cache, "train", 4, seed=0, epochs=2)
+    ds = cache_dataset(cache, "train", Loader(4, seed=0), range(2))
     batches = [np.asarray(x) for x, _ in ds]
     assert sum(len(b) for b in batches) == 2 * reader.count
     assert batches[0].dtype == np.float32 and batches[0].shape[1:] == (4, 4, 32)

@@ -172,6 +172,7 @@ def test_the_multiworker_patch_matches_the_installed_keras(monkeypatch):
 
 
 def test_replicas_share_every_batch_and_see_the_same_augmentation(make_folder):
+    from tlkit.core.settings import Loader
     from tlkit.data.augment import resolve_augment
     from tlkit.data.datasets import load_dataset
     from tlkit.data.pipeline import build_train_transform, steps_per_epoch, train_dataset
@@ -181,7 +182,7 @@ def test_replicas_share_every_batch_and_see_the_same_augmentation(make_folder):
     n = len(examples)
     transform = build_train_transform(resolve_augment("standard"), examples, 32, 0.875)
     whole = list(
-        train_dataset(examples, transform, 4, seed=3, first_epoch=0, epochs=2)
+        train_dataset(examples, transform, Loader(4, seed=3), range(2))
         .take(2 * steps_per_epoch(n, 4))
         .as_numpy_iterator()
     )
@@ -189,14 +190,7 @@ def test_replicas_share_every_batch_and_see_the_same_augmentation(make_folder):
     parts = [
         list(
             train_dataset(
-                examples,
-                transform,
-                4,
-                seed=3,
-                first_epoch=0,
-                epochs=2,
-                share=Share(2, (r,)),
-                sample_weights=weights,
+                examples, transform, Loader(4, seed=3), range(2), Share(2, (r,)), weights
             ).as_numpy_iterator()
         )
         for r in (0, 1)

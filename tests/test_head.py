@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY
 from PIL import Image
 
+from tlkit.core.settings import Loader
 from tlkit.data.augment import resolve_augment
 from tlkit.models.freezing import FreezeRequest
 from tlkit.training.config import FinetuneConfig
@@ -275,12 +276,13 @@ def test_one_view_is_the_eval_view_whatever_the_augmentation(make_folder):
         ]
     )
     light = TrainTransform(resolve_augment("light"), 32, 0.875)
-    one = extract(mean_colour, train, val, light, 0.875, 0, 1, 4, 1, 10**8)
+    loader = Loader(4, workers=1, max_pixels=10**8, seed=0)
+    one = extract(mean_colour, train, val, light, 1, loader)
     expected = np.stack(
         [eval_transform(decode_image(e.path), 32, 0.875).mean(axis=(0, 1)) for e in train]
     )
     np.testing.assert_allclose(one.train, expected, rtol=1e-5)
-    two = extract(mean_colour, train, val, light, 0.875, 0, 2, 4, 1, 10**8)
+    two = extract(mean_colour, train, val, light, 2, loader)
     assert two.train.shape == (2 * len(train), 3) and two.views == 2
     assert not np.allclose(two.train[: len(train)], expected)  # augmented: crops and mirrors
     np.testing.assert_allclose(two.val, one.val)  # validation: always the eval view
@@ -352,7 +354,7 @@ def test_freeze_auto_trains_a_stage_when_the_frozen_features_carry_nothing(tmp_p
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     val = load_dataset(data).splits["val"]
     probs = np.concatenate(
-        [model.predict(x, verbose=0) for x, _ in eval_dataset(val, 32, 0.875, 8)]
+        [model.predict(x, verbose=0) for x, _ in eval_dataset(val, 32, 0.875, Loader(8))]
     )
     labels = np.array([e.label for e in val])
     loss = -np.mean(np.log(np.clip(probs[np.arange(len(val)), labels], 1e-7, 1)))

@@ -142,3 +142,31 @@ def test_no_function_in_the_package_is_longer_than_a_screen():
         and (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES
     ]
     assert long == []
+
+
+MAX_PARAMETERS = 7
+
+
+def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Named parameters a caller may pass (self and cls left out; *args and **kwargs too)."""
+    a = node.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    return len([n for n in names if n not in ("self", "cls")])
+
+
+def test_no_function_in_the_package_takes_more_than_seven_parameters():
+    """Context travels in records (a config, a Loader, a CacheJob, ...), not threaded by hand
+    through long signatures."""
+    wide = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} parameters)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and (n := parameter_count(node)) > MAX_PARAMETERS
+    ]
+    assert wide == []
+
+
+def test_the_parameter_count_sees_a_wide_signature():
+    tree = ast.parse("def f(self, a, b, /, c, *args, d, e=1, **kw): pass")
+    assert parameter_count(tree.body[0]) == 5  # type: ignore[arg-type]

@@ -50,7 +50,7 @@ def final_loss(features: np.ndarray, labels: np.ndarray, lr: float, steps: int =
 @pytest.mark.slow  # about 8 s: a sweep of 9 fixed rates, each a traced training loop
 def test_the_suggestion_is_within_10x_of_the_best_fixed_rate():
     features, labels = clusters()
-    found = head_range_test(features, labels, 4, 1e-6, 10.0, 100, 32, 0)
+    found = head_range_test(features, labels, 4, (1e-6, 10.0), 100, 32, 0)
     sweep = {lr: final_loss(features, labels, lr) for lr in 10.0 ** np.arange(-4, 1.0, 0.5)}
     best = min(sweep, key=sweep.get)
     assert found["suggestion"] is not None
@@ -60,7 +60,7 @@ def test_the_suggestion_is_within_10x_of_the_best_fixed_rate():
 def test_a_flat_curve_suggests_nothing():
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(400, 8)).astype(np.float32)
-    found = head_range_test(noise, rng.integers(0, 4, 400), 4, 1e-7, 1e-4, 50, 32, 0)
+    found = head_range_test(noise, rng.integers(0, 4, 400), 4, (1e-7, 1e-4), 50, 32, 0)
     assert found["suggestion"] is None and "never fell" in found["note"]
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tlkit.core.errors import ConfigError
+from tlkit.core.settings import Loader
 from tlkit.data.augment import resolve_augment
 from tlkit.data.datasets import load_folder
 from tlkit.data.pipeline import (
@@ -32,14 +33,7 @@ def test_output_does_not_depend_on_the_number_of_workers(train_examples):
     runs = []
     for workers in (1, 3):
         ds = train_dataset(
-            train_examples,
-            transform,
-            4,
-            seed=5,
-            first_epoch=0,
-            epochs=2,
-            workers=workers,
-            prefetch=1,
+            train_examples, transform, Loader(4, workers, prefetch=1, seed=5), range(2)
         )
         runs.append([(np.asarray(x), np.asarray(y)) for x, y in ds])
     assert len(runs[0]) == len(runs[1]) == 2 * steps_per_epoch(len(train_examples), 4)
@@ -51,7 +45,7 @@ def test_output_does_not_depend_on_the_number_of_workers(train_examples):
 def test_each_epoch_sees_every_image_once_with_new_augmentations(train_examples):
     n = len(train_examples)
     transform = build_train_transform(resolve_augment("alexnet"), train_examples, 32, 0.875)
-    ds = train_dataset(train_examples, transform, 4, seed=0, first_epoch=0, epochs=2, workers=2)
+    ds = train_dataset(train_examples, transform, Loader(4, workers=2, seed=0), range(2))
     e0, e1 = epochs_of(ds, steps_per_epoch(n, 4))
     for epoch in (e0, e1):
         labels = np.concatenate([y for _, y in epoch])
@@ -86,7 +80,7 @@ def test_eval_dataset_keeps_file_order(train_examples):
 
     from tlkit.data.augment import eval_transform
 
-    ds = eval_dataset(train_examples, 32, 0.875, 5, workers=3)
+    ds = eval_dataset(train_examples, 32, 0.875, Loader(5, workers=3))
     batches = [(np.asarray(x), np.asarray(y)) for x, y in ds]
     images = np.concatenate([x for x, _ in batches])
     labels = np.concatenate([y for _, y in batches])

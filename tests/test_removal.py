@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from tlkit.cli import cli
 from tlkit.core.errors import OutputExistsError
 from tlkit.core.fsutil import refuse_overwrite
 from tlkit.data.datasets import Example
-from tlkit.features.cache import build_cache, key_of
+from tlkit.features.cache import CacheJob, build_cache, key_of
 
 FAST = ["--backbone", TINY, "--weights", "none", "--input-size", "32", "--batch-size", "8"]
 FAST += ["--head-epochs", "1", "--epochs", "0", "--freeze", "all", "--no-cache"]
@@ -60,19 +59,16 @@ def examples(n: int) -> list[Example]:
 def real_cache(root: Path, tag: str):
     """A cache the real builder publishes; the trunk's numbers are made up (no model needed)."""
     inputs = {"test": tag}
-    trunk = SimpleNamespace(output=SimpleNamespace(shape=(None, 2)))
-    return build_cache(
-        root,
-        key_of(inputs),
-        inputs,
-        trunk,
+    job = CacheJob(
         {"train": examples(4)},
         {"train": 1},
         lambda split, view, start, e: np.zeros((len(e), 1), np.uint8),
+        lambda x: np.ones((len(x), 2)),
+        (2,),
         "float16",
         2,
-        predict=lambda x: np.ones((len(x), 2)),
     )
+    return build_cache(root, key_of(inputs), inputs, job)
 
 
 def real_store(root: Path, data: Path) -> Path:
@@ -159,10 +155,9 @@ def test_cache_rm_key_leaves_a_users_folder_named_after_the_key(tmp_path):
 BUILDER = """
 import sys, time
 from pathlib import Path
-from types import SimpleNamespace
 import numpy as np
 from tlkit.data.datasets import Example
-from tlkit.features.cache import build_part
+from tlkit.features.cache import CacheJob, build_part
 
 root, key, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 
@@ -173,10 +168,9 @@ def predict(x):
     return np.ones((len(x), 2))
 
 ex = [Example(f"/x/{i}.png", f"ab/{i}.png", i % 2, "ab"[i % 2]) for i in range(4)]
-trunk = SimpleNamespace(output=SimpleNamespace(shape=(None, 2)))
 rows = lambda split, view, start, e: np.zeros((len(e), 1), np.uint8)
-part = build_part(root, key, {}, trunk, {"train": ex}, {"train": 1}, rows, "float16", 2, 0, 2,
-                  predict=predict)
+job = CacheJob({"train": ex}, {"train": 1}, rows, predict, (2,), "float16", 2)
+part = build_part(root, key, {}, job, 0, 2)
 print("DONE", part.name, flush=True)
 """
 

@@ -13,8 +13,9 @@ import pytest
 
 from tlkit.cli import commands
 from tlkit.core.errors import ConfigError
-from tlkit.core.settings import SETTINGS, Setting
+from tlkit.core.settings import SETTINGS, Loader, Setting
 from tlkit.data.audit import AuditConfig
+from tlkit.data.preview import PreviewConfig
 from tlkit.evaluation.diagnose import DiagnoseConfig
 from tlkit.evaluation.evaluate import EvalConfig
 from tlkit.features.precompute import PrecomputeConfig
@@ -22,7 +23,16 @@ from tlkit.training.config import FinetuneConfig
 from tlkit.training.lr_find import LrFindConfig
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tlkit"
-CONFIGS = (FinetuneConfig, PrecomputeConfig, LrFindConfig, EvalConfig, DiagnoseConfig, AuditConfig)
+CONFIGS = (
+    FinetuneConfig,
+    PrecomputeConfig,
+    LrFindConfig,
+    EvalConfig,
+    DiagnoseConfig,
+    AuditConfig,
+    PreviewConfig,
+    Loader,
+)
 # what a command needs on its command line before it parses at all
 REQUIRED = {"predict": ["x.png"], "inspect": ["resnet50"], "import": ["weights.h5"]}
 # freeze's default is the command's own (finetune 0, precompute-features all): its help says so

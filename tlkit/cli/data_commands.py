@@ -44,16 +44,7 @@ CACHE_DIR_OPTION = option("cache_dir", type=click.Path(file_okay=False))
 )
 @click.option("--overwrite", is_flag=True, help="Replace an output file that is not a report.")
 @JSON_OPTION
-def check_data(
-    data: str,
-    backbone: str,
-    val_fraction: float,
-    max_pixels: int,
-    workers: int | None,
-    output: str,
-    overwrite: bool,
-    as_json: bool,
-) -> None:
+def check_data(data: str, output: str, overwrite: bool, as_json: bool, **options: Any) -> None:
     """Decode every image of DATA once and report what is wrong; exit 3 if any file is unusable.
 
     finetune and precompute-features run the same check first. Results are remembered per file
@@ -64,7 +55,7 @@ def check_data(
     from tlkit.data.audit import check_report_path, write_report
 
     check_report_path(output, overwrite)  # before the work, not after it
-    report = run_check(data, backbone, val_fraction, workers=workers, max_pixels=max_pixels)
+    report = run_check(data, **options)
     summary = report.as_dict()
     path = write_report(summary, output, overwrite)
     if as_json:
@@ -303,31 +294,13 @@ def cache_merge(key: str | None, cache_dir: str | None) -> None:
 @option("input_size")
 @option("seed")
 @augment_options
-def augment_preview(
-    data: str,
-    count: int,
-    draws: int,
-    output: str,
-    overwrite: bool,
-    backbone: str,
-    input_size: int | None,
-    seed: int,
-    **options: Any,
-) -> None:
+def augment_preview(data: str, **options: Any) -> None:
     """Save a grid: each training image's eval crop, then augmented draws (epochs 0, 1, ...)."""
+    from tlkit.data.preview import PreviewConfig
     from tlkit.data.preview import augment_preview as run_preview
 
-    path = run_preview(
-        data,
-        augment_config(options),
-        output,
-        n=count,
-        draws=draws,
-        backbone=backbone,
-        input_size=input_size,
-        seed=seed,
-        overwrite=overwrite,
-    )
+    augment = augment_config(options)
+    path = run_preview(PreviewConfig(data, augment, **options))
     click.echo(f"wrote {path}")
 
 
@@ -342,17 +315,7 @@ def augment_preview(
 @option("batches")
 @JSON_OPTION
 @augment_options
-def bench_input(
-    data: str,
-    backbone: str,
-    input_size: int | None,
-    freeze: str,
-    batch_size: int,
-    max_workers: int | None,
-    batches: int,
-    as_json: bool,
-    **options: Any,
-) -> None:
+def bench_input(data: str, freeze: str, as_json: bool, **options: Any) -> None:
     """Does the augmentation pipeline keep up with training on this machine? Measures both,
     and the pipeline fed from the resized-image store."""
     from tlkit.data.datasets import load_dataset
@@ -361,13 +324,13 @@ def bench_input(
     from tlkit.models.freezing import FreezeRequest
     from tlkit.training.throughput import plan_input
 
+    backbone, batch_size = options.pop("backbone"), options.pop("batch_size")
     spec = get_backbone(backbone)
-    size = spec.resolve_input_size(input_size)
+    size = spec.resolve_input_size(options.pop("input_size"))
     train = load_dataset(data).splits["train"]
     transform = build_train_transform(augment_config(options), train, size, spec.crop_fraction)
-    plan = plan_input(
-        train, transform, backbone, FreezeRequest(count=freeze), batch_size, max_workers, batches
-    )
+    request = FreezeRequest(count=freeze)
+    plan = plan_input(train, transform, backbone, request, batch_size, **options)
     if as_json:
         click.echo(json.dumps(plan, indent=2))
         return

@@ -314,7 +314,11 @@ def split_runs(paths: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]
 
 
 def load_run(path: str | os.PathLike[str] | None = None) -> Run:
-    """A finished run; `None` means the newest under runs/."""
+    """A finished run, its record read and checked.
+
+    Args:
+        path: the run's folder; None: the newest under runs/.
+    """
     run_path = newest_run() if path is None else Path(path)
     error = unfinished_run(run_path)
     if error is not None:

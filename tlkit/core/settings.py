@@ -455,3 +455,19 @@ def check_fields(config: Any) -> None:
         known = f.metadata.get("setting")
         if known is not None:
             known.check(getattr(config, f.name))
+
+
+@dataclass(frozen=True)
+class Loader:
+    """How a command reads and batches images, the settings every reader of images shares:
+    images a batch, decoding threads, batches kept ready, the pixel limit, and the seed of the
+    shuffle and of every augmentation draw."""
+
+    batch_size: int = setting("batch_size")
+    workers: int | None = setting("workers")
+    prefetch: int | None = setting("prefetch")
+    max_pixels: int = setting("max_pixels")
+    seed: int = setting("seed")
+
+    def __post_init__(self) -> None:
+        check_fields(self)

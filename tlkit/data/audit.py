@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlkit.core.choices import DEFAULT_BACKBONE, DEFAULT_MAX_PIXELS
+from tlkit.core.choices import DEFAULT_MAX_PIXELS
 from tlkit.core.errors import DataError, OutputExistsError
 from tlkit.core.fsutil import atomic_write_json, file_hash, user_cache_dir
 from tlkit.core.progress import progress
-from tlkit.core.settings import check_fields, setting
+from tlkit.core.settings import SETTINGS, check_fields, setting
 from tlkit.data.datasets import Example, ImageFolder, file_signature
 from tlkit.data.decode import probe_image
 
@@ -328,12 +328,20 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 def check_data(
     data: str | os.PathLike[str] = "data",
-    backbone: str = DEFAULT_BACKBONE,
-    val_fraction: float = 0.2,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    backbone: str = SETTINGS["backbone"].default,
+    val_fraction: float = SETTINGS["val_fraction"].default,
+    max_pixels: int = SETTINGS["max_pixels"].default,
     workers: int | None = None,
 ) -> DataReport:
-    """`tlkit check-data`: the audit alone, without training."""
+    """`tlkit check-data`: every image decoded once, what is wrong reported, nothing trained.
+
+    Args:
+        data: a folder of class folders (or train/val/test), a CSV manifest, or `tfds:NAME`.
+        backbone: whose minimum input size flags images too small.
+        val_fraction: the validation share where DATA has no val/ folder.
+        max_pixels: images larger than this are refused (decompression bombs).
+        workers: decoding threads (None: all cores).
+    """
     from tlkit.data.datasets import load_dataset
     from tlkit.models.backbones import get_backbone
 

@@ -132,7 +132,9 @@ def check_val_fraction(val_fraction: float) -> None:
     SETTINGS["val_fraction"].check(val_fraction)
 
 
-def load_folder(root: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFolder:
+def load_folder(
+    root: str | os.PathLike[str], val_fraction: float = SETTINGS["val_fraction"].default
+) -> ImageFolder:
     """Scan `root`; raise DataError naming the folder when it cannot be used."""
     root = Path(root)
     if not root.is_dir():
@@ -317,7 +319,9 @@ def _read_manifest(csv_path: Path, base: Path) -> dict[str, dict[str, list[Path]
     return by_split
 
 
-def load_csv(path: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFolder:
+def load_csv(
+    path: str | os.PathLike[str], val_fraction: float = SETTINGS["val_fraction"].default
+) -> ImageFolder:
     """A CSV manifest: `path,label` columns (an optional `split` column: train/val/test), paths
     relative to the CSV's folder and never outside it. Every row is checked; the first bad one
     is named by its line number."""
@@ -348,9 +352,17 @@ def load_csv(path: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFo
     )
 
 
-def load_dataset(source: str | os.PathLike[str], val_fraction: float = 0.2) -> ImageFolder:
-    """DATA as the user names it: a folder, a CSV manifest (`*.csv`), or a tensorflow-datasets
-    dataset (`tfds:NAME[:VERSION][/SPLIT]`, written out once as image files)."""
+def load_dataset(
+    source: str | os.PathLike[str], val_fraction: float = SETTINGS["val_fraction"].default
+) -> ImageFolder:
+    """DATA as the user names it, its splits and class map.
+
+    Args:
+        source: a folder, a CSV manifest (`*.csv`), or a tensorflow-datasets dataset
+            (`tfds:NAME[:VERSION][/SPLIT]`, written out once as image files).
+        val_fraction: the validation share where the data has no val split (a stable hash of
+            each file's path decides).
+    """
     text = str(source)
     if text.startswith("tfds:"):
         from tlkit.data.tfds_source import materialize

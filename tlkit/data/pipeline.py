@@ -17,13 +17,15 @@ replica r of R takes its rows r, r+R, ..., and each process decodes only its own
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tlkit.core.choices import DEFAULT_MAX_PIXELS
 from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.settings import Loader
 from tlkit.data.augment import (
     AugmentConfig,
     ColorPCA,
@@ -137,41 +139,26 @@ def steps_per_epoch(n: int, batch_size: int, replicas: int = 1) -> int:
 def train_dataset(
     examples: Sequence[Example],
     transform: TrainTransform,
-    batch_size: int,
-    seed: int,
-    first_epoch: int,
-    epochs: int,
-    workers: int | None = None,
-    prefetch: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    loader: Loader,
+    epochs: range,
     share: Share = WHOLE,
     sample_weights: Sequence[float] | None = None,
 ) -> Any:
-    """`epochs` epochs of shuffled, augmented batches; pass steps_per_epoch(n, b, replicas) to
-    fit. Each epoch ends with its own (possibly smaller) last batch."""
+    """The epochs `epochs` (numbers: each draws its own shuffle and augmentations) of shuffled,
+    augmented batches; pass steps_per_epoch(n, b, replicas) to fit. Each epoch ends with its
+    own (possibly smaller) last batch."""
+    samples = TrainSampleLoader(examples, transform, loader.seed, loader.max_pixels)
 
-    loader = TrainSampleLoader(examples, transform, seed, max_pixels)
+    def make(epoch: Any, indices: np.ndarray) -> np.ndarray:
+        return np.stack([samples(int(epoch), int(i)) for i in indices])
 
-    def make_batch(epoch: Any, indices: np.ndarray) -> np.ndarray:
-        return np.stack([loader(int(epoch), int(i)) for i in indices])
-
-    jobs = epoch_jobs(len(examples), batch_size, seed, first_epoch, epochs, share.replicas)
-    return run_jobs(
-        jobs,
-        make_batch,
-        [e.label for e in examples],
-        (transform.size, transform.size, 3),
-        "uint8",
-        workers,
-        prefetch,
-        share,
-        sample_weights,
-    )
+    jobs = epoch_jobs(len(examples), loader.batch_size, loader.seed, epochs, share.replicas)
+    size = transform.size
+    maker = BatchMaker(make, (size, size, 3), "uint8")
+    return run_jobs(jobs, maker, [e.label for e in examples], loader, share, sample_weights)
 
 
-def epoch_jobs(
-    n: int, batch_size: int, seed: int, first_epoch: int, epochs: int, replicas: int = 1
-) -> Any:
+def epoch_jobs(n: int, batch_size: int, seed: int, epochs: range, replicas: int = 1) -> Any:
     """(epoch, indices) for each batch; the order of an epoch depends on (seed, epoch) only.
     A last batch smaller than `replicas` is left out (see steps_per_epoch)."""
     import tensorflow as tf
@@ -186,7 +173,7 @@ def epoch_jobs(
             .map(lambda indices: (epoch, indices))
         )
 
-    jobs = tf.data.Dataset.range(first_epoch, first_epoch + epochs).flat_map(batches_of)
+    jobs = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(batches_of)
     return jobs.filter(lambda _, indices: tf.size(indices) >= replicas) if replicas > 1 else jobs
 
 
@@ -194,32 +181,21 @@ def eval_dataset(
     examples: Sequence[Example],
     size: int,
     crop_fraction: float,
-    batch_size: int,
-    workers: int | None = None,
-    prefetch: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    loader: Loader,
     share: Share = WHOLE,
 ) -> Any:
     """Batches in file order with the deterministic eval transform; none is left out (a
     replica may get an empty part of the last batch)."""
+    paths, max_pixels = [e.path for e in examples], loader.max_pixels
 
-    paths = [e.path for e in examples]
-
-    def make_batch(_: Any, indices: np.ndarray) -> np.ndarray:
+    def make(_: Any, indices: np.ndarray) -> np.ndarray:
         return np.stack(
             [load_eval_image(paths[int(i)], size, crop_fraction, max_pixels) for i in indices]
         )
 
-    return run_jobs(
-        ordered_jobs(len(examples), batch_size),
-        make_batch,
-        [e.label for e in examples],
-        (size, size, 3),
-        "uint8",
-        workers,
-        prefetch,
-        share,
-    )
+    jobs = ordered_jobs(len(examples), loader.batch_size)
+    maker = BatchMaker(make, (size, size, 3), "uint8")
+    return run_jobs(jobs, maker, [e.label for e in examples], loader, share)
 
 
 def ordered_jobs(n: int, batch_size: int) -> Any:
@@ -228,19 +204,26 @@ def ordered_jobs(n: int, batch_size: int) -> Any:
     return tf.data.Dataset.range(n).batch(batch_size).map(lambda i: (tf.constant(0, tf.int64), i))
 
 
+@dataclass(frozen=True)
+class BatchMaker:
+    """`make(epoch, indices)` -> the batch of those samples, each of `shape` and `dtype`."""
+
+    make: Callable[[Any, np.ndarray], np.ndarray]
+    shape: tuple[int, ...]
+    dtype: str
+
+
 def run_jobs(
     jobs: Any,
-    make_batch: Any,
+    maker: BatchMaker,
     labels: Sequence[int],
-    shape: tuple[int, ...],
-    dtype: str,
-    workers: int | None,
-    prefetch: int | None,
+    loader: Loader,
     share: Share = WHOLE,
     sample_weights: Sequence[float] | None = None,
 ) -> Any:
-    """(epoch, indices) jobs -> (inputs, labels[, sample weights]) batches built by `workers`
-    threads; under a `share`, this process's replicas' parts of each batch, one after another.
+    """(epoch, indices) jobs -> (inputs, labels[, sample weights]) batches built by
+    `loader.workers` threads; under a `share`, this process's replicas' parts of each batch,
+    one after another.
 
     One Python call per batch, not per image: tf.data's per-element overhead would otherwise
     cost more than the augmentation (measured: 290 vs 460 images/s on one worker).
@@ -259,11 +242,12 @@ def run_jobs(
             )
         )
 
+    shape, dtype = maker.shape, maker.dtype
+
     def make(epoch: Any, indices: np.ndarray) -> np.ndarray:
         if len(indices) == 0:  # this replica's part of a last batch smaller than the replicas
             return np.zeros((0, *shape), dtype)
-        batch: np.ndarray = make_batch(epoch, indices)
-        return batch
+        return maker.make(epoch, indices)
 
     def tf_make(epoch: Any, indices: Any) -> tuple[Any, ...]:
         inputs = tf.numpy_function(make, [epoch, indices], tf.as_dtype(dtype), stateful=False)
@@ -272,5 +256,6 @@ def run_jobs(
             return inputs, tf.gather(label_tensor, indices)
         return inputs, tf.gather(label_tensor, indices), tf.gather(weight_tensor, indices)
 
-    ds = jobs.map(tf_make, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(prefetch or tf.data.AUTOTUNE)
+    parallel = loader.workers or tf.data.AUTOTUNE
+    ds = jobs.map(tf_make, num_parallel_calls=parallel, deterministic=True)
+    return ds.prefetch(loader.prefetch or tf.data.AUTOTUNE)

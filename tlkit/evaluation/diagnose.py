@@ -248,8 +248,13 @@ def _explain_worst(
 
 
 def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
-    """Write RUN/diagnose/<name>/ (diagnose.json, report.html, relabel.csv); return the
-    findings."""
+    """Likely label errors, near-duplicates and top losses; written to RUN/diagnose/<name>/
+    (diagnose.json, report.html, relabel.csv) and returned.
+
+    Args:
+        config: the settings (DiagnoseConfig): the run whose features are used, the data (its
+            own by default), folds, the near-duplicate threshold, rows per list.
+    """
     from tlkit.core.fsutil import incomplete_dir, publish_dir, refuse_overwrite
     from tlkit.core.runs import load_run
     from tlkit.evaluation.evaluate import classification_metrics
@@ -270,16 +275,14 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
         config.workers,
         run.max_pixels,
     )
-    train_idx = np.array([i for i, s in enumerate(split_of) if s == "train"])
-    labels = np.array([e.label for e in every])
+    images = _Images(every, split_of, np.array([e.label for e in every]))
+    train_idx, labels = images.train_indices, images.labels
     oof, issues, review = _label_review(config, feats, labels, train_idx, len(run.classes))
     dups, n_dups = near_duplicates(feats, config.duplicate_similarity)
     head = model.get_layer("predictions")
     probs = np.asarray(head(feats), np.float64)  # the run's own head on the same features
-    held = [i for i, s in enumerate(split_of) if s != "train"]
-    found = _findings(
-        config, run, every, split_of, labels, oof, train_idx, issues, dups, probs, held
-    )
+    held = images.held_out
+    found = _findings(config, run, images, oof, issues, dups, probs)
     found["near_duplicates_total"] = n_dups  # all pairs over the threshold; the list is capped
     found["review_next"] = [
         {
@@ -299,26 +302,40 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
         }
     looks = _explain_worst(model, run, every, held, probs, found)
     tmp = incomplete_dir(out_dir, "diagnose", clean=True)
-    _write(tmp, found, every, split_of, labels, issues, run.classes, looks)
+    _write(tmp, found, images, issues, run.classes, looks)
     publish_dir(tmp, out_dir, overwrite=config.overwrite)
     found["output"] = str(out_dir)
     return found
 
 
+@dataclass(frozen=True)
+class _Images:
+    """The images diagnose looks at, in one order: each example, its split and its label."""
+
+    every: list[Example]
+    split_of: list[str]
+    labels: np.ndarray
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.split_of) if s == "train"])
+
+    @property
+    def held_out(self) -> list[int]:
+        return [i for i, s in enumerate(self.split_of) if s != "train"]
+
+
 def _findings(
     config: DiagnoseConfig,
     run: Any,
-    every: list[Example],
-    split_of: list[str],
-    labels: np.ndarray,
+    images: _Images,
     oof: np.ndarray,
-    train_idx: np.ndarray,
     issues: list[tuple[int, int, float]],
     dups: list[tuple[int, int, float]],
     probs: np.ndarray,
-    held: list[int],
 ) -> dict[str, Any]:
-    classes = run.classes
+    classes, every, split_of, labels = run.classes, images.every, images.split_of, images.labels
+    train_idx, held = images.train_indices, images.held_out
 
     def item(i: int) -> dict[str, Any]:
         return {"path": every[i].relpath, "split": split_of[i], "label": classes[labels[i]]}
@@ -354,13 +371,12 @@ def _findings(
 def _write(
     out: Path,
     found: dict[str, Any],
-    every: list[Example],
-    split_of: list[str],
-    labels: np.ndarray,
+    images: _Images,
     issues: list[tuple[int, int, float]],
     classes: Sequence[str],
     looks: dict[str, np.ndarray],
 ) -> None:
+    every, split_of, labels = images.every, images.split_of, images.labels
     from tlkit.core.fsutil import atomic_write, atomic_write_json
     from tlkit.evaluation.report import diagnose_html
 

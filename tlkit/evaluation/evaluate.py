@@ -593,8 +593,14 @@ def classification_metrics(
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Evaluate one run or an ensemble; write RUN/eval/<name>/ and return the metrics. Under a
-    multi-worker strategy every worker calls this and gets the metrics; the chief writes."""
+    """Evaluate one run or an ensemble; write RUN/eval/<name>/ and return the metrics.
+
+    Args:
+        config: the settings (EvalConfig): the runs (several: an ensemble, their probabilities
+            averaged), the data and split, the test-time views, the member weights.
+
+    Under a multi-worker strategy every worker calls this and gets the metrics; the chief
+    writes."""
     from tlkit.models.distribute import make_placement
 
     placement = make_placement(config.strategy)  # before any other TensorFlow work

@@ -74,7 +74,14 @@ def export_run(
     output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Export `run` (None: the newest) to `output` (default RUN/export/<format>/)."""
+    """Export a run for deployment, its preprocessing and class names included.
+
+    Args:
+        run: the run's folder (None: the newest under runs/).
+        fmt: keras, savedmodel, tflite or onnx.
+        output: a new folder (default RUN/export/<format>/).
+        overwrite: replace an existing export folder.
+    """
     check("--format", fmt, EXPORT_FORMATS)
     loaded: Run = load_run(run)
     out = Path(output) if output else loaded.path / "export" / fmt

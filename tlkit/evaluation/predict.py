@@ -16,14 +16,23 @@ from tlkit.core.settings import SETTINGS
 def predict(
     runs: Run | str | os.PathLike[str] | Sequence[Run | str | os.PathLike[str]] | None,
     images: Sequence[str | os.PathLike[str]],
-    top_k: int = 5,
-    multicrop: str = "1",
-    batch_size: int = 32,
+    top_k: int = SETTINGS["top_k"].default,
+    multicrop: str = SETTINGS["multicrop"].default,
+    batch_size: int = SETTINGS["batch_size"].default,
     explain: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per image: path and the top-k (label, probability), highest first; with
-    `explain`, a folder of class-activation overlays for each image's top-1 class (from the
-    first run of an ensemble), each named in its dict."""
+    """One dict per image: its path and the top-k (label, probability), highest first.
+
+    Args:
+        runs: a run (or its folder), several (an ensemble: probabilities averaged), or None
+            for the newest under runs/.
+        images: image files.
+        top_k: labels listed per image.
+        multicrop: test-time views averaged per image (`tlkit eval --multicrop`'s choices).
+        batch_size: images a batch.
+        explain: a new folder for a class-activation overlay of each image's top-1 class (from
+            the first run of an ensemble), each named in its dict.
+    """
     if not images:
         raise ConfigError("no images given; pass one or more image files")
     SETTINGS["top_k"].check(top_k)
@@ -90,7 +99,10 @@ def _write_overlays(
 
 
 def predict_images(
-    run_paths: Sequence[str], images: Sequence[str], multicrop: str = "1", batch_size: int = 32
+    run_paths: Sequence[str],
+    images: Sequence[str],
+    multicrop: str = SETTINGS["multicrop"].default,
+    batch_size: int = SETTINGS["batch_size"].default,
 ) -> tuple[list[str], np.ndarray]:
     """(classes, ensemble probabilities (N, C)) for image files."""
     from tlkit.evaluation.evaluate import Member, ViewRunner, load_members, resolve_views

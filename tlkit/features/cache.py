@@ -23,7 +23,7 @@ import shutil
 import stat
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +56,7 @@ from tlkit.core.fsutil import (
     release,
     writer_kind,
 )
+from tlkit.core.settings import Loader
 from tlkit.data.datasets import Example
 
 SCHEMA = 1
@@ -63,18 +64,25 @@ CACHE_DIR = "cache"
 SHARD_BYTES = 256 << 20
 
 
+@dataclass(frozen=True)
+class TrunkSource:
+    """The model a cache's activations come from: its backbone (a BackboneSpec), weights (a
+    ResolvedWeights), the built Keras model, where it is cut (a Cut) and the input size."""
+
+    spec: Any
+    weights: Any
+    model: Any
+    cut: Any
+    size: int
+
+
 def cache_inputs(
-    spec: Any,
-    weights: Any,
+    source: TrunkSource,
     trunk: Any,
-    cut: Any,
-    size: int,
-    views: int,
+    folder: Any,
     augment: Any,
     pca: dict[str, Any] | None,
-    seed: int,
-    folder: Any,
-    dtype: str,
+    build: tuple[int, int, str],
 ) -> dict[str, Any]:
     """Everything that changes the cached numbers, gathered here and nowhere else; its hash
     (`key_of`) is the cache key."""
@@ -83,6 +91,8 @@ def cache_inputs(
     from tlkit.data.decode import decode_protocol
     from tlkit.models.model import compute_dtypes
 
+    spec, weights, cut, size = source.spec, source.weights, source.cut, source.size
+    views, seed, dtype = build
     return {
         "schema": SCHEMA,
         "backbone": spec.name,
@@ -273,49 +283,61 @@ def _batches(
     ]
 
 
-def _compute_batches(
-    predict: Any,
-    make_rows: Any,
-    split: str,
-    views: int,
-    examples: Sequence[Example],
-    batches: list[tuple[int, int]],
-    shape: Sequence[int],
-    dtype: str,
-    progress: Any,
-) -> np.ndarray:
-    """The rows of consecutive (start, stop) batches of a split, one array."""
-    first = batches[0][0] if batches else 0
-    out = np.empty(((batches[-1][1] if batches else 0) - first, views, *shape), dtype)
-    for start, stop in batches:
-        out[start - first : stop - first] = _compute(
-            predict, make_rows, split, views, start, examples[start:stop], shape, dtype
+@dataclass(frozen=True)
+class CacheJob:
+    """What a cache build computes: each split's examples and its views of each, how a batch
+    of them becomes images (`make_rows(split, view, first_index, examples)`: the eval transform,
+    or augmented view `view`) and activations (`predict`, images -> rows of `shape`), computed
+    `batch_size` images at a time and stored as `dtype`; `progress(n_images)` hears of it."""
+
+    splits: dict[str, Sequence[Example]]
+    views: dict[str, int]
+    make_rows: Callable[[str, int, int, Sequence[Example]], Any]
+    predict: Callable[[Any], Any]
+    shape: tuple[int, ...]
+    dtype: str
+    batch_size: int
+    progress: Callable[[int], None] | None = None
+
+    def contents(self) -> Contents:
+        return Contents(
+            self.views,
+            {s: [e.label for e in x] for s, x in self.splits.items()},
+            {s: [e.relpath for e in x] for s, x in self.splits.items()},
+            self.shape,
+            self.dtype,
         )
-        if progress is not None:
-            progress((stop - start) * views)
-    return out
 
 
-def _labels_and_paths(
-    splits: dict[str, Sequence[Example]],
-) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
-    labels = {s: [e.label for e in x] for s, x in splits.items()}
-    return labels, {s: [e.relpath for e in x] for s, x in splits.items()}
+@dataclass(frozen=True)
+class Contents:
+    """What a finished cache's rows are: per split, the views of each image, the labels and
+    the paths; one view's activation shape and the stored dtype."""
+
+    views: dict[str, int]
+    labels: dict[str, list[int]]
+    paths: dict[str, list[str]]
+    shape: tuple[int, ...]
+    dtype: str
 
 
-def _compute(
-    predict: Any,
-    make_rows: Any,
-    split: str,
-    views: int,
-    start: int,
-    examples: Sequence[Example],
-    shape: Sequence[int],
-    dtype: str,
-) -> np.ndarray:
-    out = np.empty((len(examples), views, *shape), dtype)
-    for v in range(views):
-        out[:, v] = np.asarray(predict(make_rows(split, v, start, examples))).astype(dtype)
+def trunk_shape(trunk: Any) -> tuple[int, ...]:
+    """One image's activations out of `trunk` (a Keras model), the batch axis left out."""
+    return tuple(int(d) for d in trunk.output.shape[1:])
+
+
+def _compute_batches(job: CacheJob, split: str, batches: list[tuple[int, int]]) -> np.ndarray:
+    """The rows of consecutive (start, stop) batches of a split, one array."""
+    views, examples = job.views[split], job.splits[split]
+    first = batches[0][0] if batches else 0
+    out = np.empty(((batches[-1][1] if batches else 0) - first, views, *job.shape), job.dtype)
+    for start, stop in batches:
+        block = out[start - first : stop - first]
+        for v in range(views):
+            images = job.make_rows(split, v, start, examples[start:stop])
+            block[:, v] = np.asarray(job.predict(images)).astype(job.dtype)
+        if job.progress is not None:
+            job.progress((stop - start) * views)
     return out
 
 
@@ -328,25 +350,22 @@ def _publish(
     root: Path,
     key: str,
     inputs: dict[str, Any],
-    dtype: str,
-    shape: Sequence[int],
-    views: dict[str, int],
-    labels: dict[str, Sequence[int]],
-    paths: dict[str, Sequence[str]],
+    contents: Contents,
     shards: dict[str, list[dict[str, Any]]],
 ) -> FeatureCache:
     """Labels, paths and the manifest next to finished shards in `work`; then rename it to
     `root/key` whole."""
+    c = contents
     manifest_splits = {}
     for split in shards:
         labels_file = work / f"{split}-labels.npy"
         with atomic_path(labels_file) as tmp:
-            np.save(tmp, np.asarray(labels[split], np.int32), allow_pickle=False)
-        atomic_write_json(work / f"{split}-paths.json", list(paths[split]))
+            np.save(tmp, np.asarray(c.labels[split], np.int32), allow_pickle=False)
+        atomic_write_json(work / f"{split}-paths.json", list(c.paths[split]))
         manifest_splits[split] = {
-            "count": len(labels[split]),
-            "views": views[split],
-            "shape": list(shape),
+            "count": len(c.labels[split]),
+            "views": c.views[split],
+            "shape": list(c.shape),
             "shards": shards[split],
             "labels": _record(labels_file),
             "paths": f"{split}-paths.json",
@@ -354,7 +373,7 @@ def _publish(
     manifest = {
         "schema": SCHEMA,
         "key": key,
-        "dtype": dtype,
+        "dtype": c.dtype,
         "inputs": inputs,
         "splits": manifest_splits,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -371,28 +390,10 @@ def _intact(path: Path, record: dict[str, Any] | None) -> bool:
 
 
 def build_cache(
-    root: Path,
-    key: str,
-    inputs: dict[str, Any],
-    trunk: Any,
-    splits: dict[str, Sequence[Example]],
-    views: dict[str, int],
-    make_rows: Any,
-    dtype: str,
-    batch_size: int,
-    progress: Any = None,
-    wait: bool = True,
-    predict: Any = None,
+    root: Path, key: str, inputs: dict[str, Any], job: CacheJob, wait: bool = True
 ) -> FeatureCache:
-    """Compute and publish the cache for `key` (or return it if another process just did).
-
-    make_rows(split, view, first_index, examples) -> uint8 images of those examples (whose
-    indices in the split start at first_index): the eval transform, or augmented view `view`.
-    `predict` (images -> activations) defaults to the trunk's predict_on_batch.
-    """
-    check("--dtype", dtype, CACHE_DTYPES)
-    predict = predict or trunk.predict_on_batch
-    shape = tuple(int(d) for d in trunk.output.shape[1:])
+    """Compute and publish the cache for `key` (or return it if another process just did)."""
+    check("--dtype", job.dtype, CACHE_DTYPES)
     with build_lock(root, key, wait):
         done = open_cache(root, key)
         if done is not None:
@@ -401,12 +402,13 @@ def build_cache(
         work = previous[-1] if previous else incomplete_dir(root / key, "cache")
         claim(work, "cache")  # under the build lock, so no live process holds it
         with _released_if_failed(work):
-            layout = _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype)
-            shards = _compute_shards(
-                work, layout, splits, views, make_rows, predict, shape, dtype, batch_size, progress
-            )
-            labels, paths = _labels_and_paths(splits)
-            return _publish(work, root, key, inputs, dtype, shape, views, labels, paths, shards)
+            shards = _compute_shards(work, _job_layout(job), job)
+            return _publish(work, root, key, inputs, job.contents(), shards)
+
+
+def _job_layout(job: CacheJob) -> dict[str, list[tuple[str, int, int]]]:
+    counts = {s: len(x) for s, x in job.splits.items()}
+    return _layout(counts, job.views, job.shape, job.dtype)
 
 
 @contextmanager
@@ -432,39 +434,28 @@ def _progress(path: Path) -> dict[str, Any]:
 
 
 def _compute_shards(
-    work: Path,
-    layout: dict[str, list[tuple[str, int, int]]],
-    splits: dict[str, Sequence[Example]],
-    views: dict[str, int],
-    make_rows: Any,
-    predict: Any,
-    shape: Sequence[int],
-    dtype: str,
-    batch_size: int,
-    progress: Any,
+    work: Path, layout: dict[str, list[tuple[str, int, int]]], job: CacheJob
 ) -> dict[str, list[dict[str, Any]]]:
     """Every shard file of `layout` in `work`, those an interrupted build finished kept (each
     recorded with its checksum in progress.json as it is done); their records, per split."""
     progress_file = work / "progress.json"
     finished = _progress(progress_file)
     shards: dict[str, list[dict[str, Any]]] = {}
+    size = job.batch_size
     for split, files in layout.items():
-        k, examples = views[split], splits[split]
         shards[split] = []
         for name, start, stop in files:
             record = finished.get(name)
             if not _intact(work / name, record):
-                batches = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
-                out = _compute_batches(
-                    predict, make_rows, split, k, examples, batches, shape, dtype, progress
-                )
+                batches = [(b, min(b + size, stop)) for b in range(start, stop, size)]
+                out = _compute_batches(job, split, batches)
                 with atomic_path(work / name) as tmp:
                     np.save(tmp, out, allow_pickle=False)
                 record = _record(work / name, rows=stop - start)
                 finished[name] = record
                 atomic_write_json(progress_file, finished)
-            elif progress is not None:
-                progress((stop - start) * k)
+            elif job.progress is not None:
+                job.progress((stop - start) * job.views[split])
             shards[split].append(record)
     progress_file.unlink()
     return shards
@@ -478,52 +469,35 @@ def part_path(root: Path, key: str, index: int, count: int) -> Path:
 
 
 def build_part(
-    root: Path,
-    key: str,
-    inputs: dict[str, Any],
-    trunk: Any,
-    splits: dict[str, Sequence[Example]],
-    views: dict[str, int],
-    make_rows: Any,
-    dtype: str,
-    batch_size: int,
-    index: int,
-    count: int,
-    progress: Any = None,
-    predict: Any = None,
+    root: Path, key: str, inputs: dict[str, Any], job: CacheJob, index: int, count: int
 ) -> Path:
     """Compute shard `index` of `count`: a contiguous run of the cache's batches, published
     whole as `<key>.part-<index>-of-<count>/` for `merge_parts`. A finished part is kept.
     Parts of one key are built side by side, so none takes the key's build lock: each holds
     the writer lock of its `.incomplete-` folder from its creation to its publication, and
     `cache rm` leaves a folder whose writer lock a live process holds alone."""
-    predict = predict or trunk.predict_on_batch
-    shape = tuple(int(d) for d in trunk.output.shape[1:])
     final = part_path(root, key, index, count)
     if (final / PART_FILE).is_file():
         return final
-    units = _batches(
-        _layout({s: len(x) for s, x in splits.items()}, views, shape, dtype), batch_size
-    )
+    units = _batches(_job_layout(job), job.batch_size)
     mine = units[index * len(units) // count : (index + 1) * len(units) // count]
     root.mkdir(parents=True, exist_ok=True)
     work = incomplete_dir(final, "cache part")
     with _released_if_failed(work):
-        pieces = _compute_pieces(
-            work, mine, splits, views, make_rows, predict, shape, dtype, progress
-        )
-        labels, paths = _labels_and_paths(splits)
+        pieces = _compute_pieces(work, mine, job)
+        c = job.contents()
         record = {
             "schema": SCHEMA,
             "key": key,
             "index": index,
             "count": count,
-            "dtype": dtype,
-            "shape": list(shape),
+            "dtype": c.dtype,
+            "shape": list(c.shape),
             "inputs": inputs,
             "pieces": pieces,
             "splits": {
-                s: {"views": views[s], "labels": labels[s], "paths": paths[s]} for s in splits
+                s: {"views": c.views[s], "labels": c.labels[s], "paths": c.paths[s]}
+                for s in c.views
             },
         }
         atomic_write_json(work / PART_FILE, record)
@@ -535,15 +509,7 @@ def build_part(
 
 
 def _compute_pieces(
-    work: Path,
-    mine: list[tuple[str, str, int, int]],
-    splits: dict[str, Sequence[Example]],
-    views: dict[str, int],
-    make_rows: Any,
-    predict: Any,
-    shape: Sequence[int],
-    dtype: str,
-    progress: Any,
+    work: Path, mine: list[tuple[str, str, int, int]], job: CacheJob
 ) -> list[dict[str, Any]]:
     """A part's batches in `work`, one piece file per run of consecutive batches of one shard
     file; their records."""
@@ -553,9 +519,7 @@ def _compute_pieces(
         groups.setdefault((split, name), []).append((start, stop))
     for (split, name), batches in groups.items():
         first, end = batches[0][0], batches[-1][1]
-        out = _compute_batches(
-            predict, make_rows, split, views[split], splits[split], batches, shape, dtype, progress
-        )
+        out = _compute_batches(job, split, batches)
         path = work / f"{name[:-4]}.rows-{first}-{end}.npy"
         with atomic_path(path) as tmp:
             np.save(tmp, out, allow_pickle=False)
@@ -677,9 +641,8 @@ def merge_parts(root: Path, key: str) -> FeatureCache:
                 shards[split].append(_record(work / name, rows=stop - start))
         labels = {s: v["labels"] for s, v in splits.items()}
         paths = {s: v["paths"] for s, v in splits.items()}
-        cache = _publish(
-            work, root, key, first["inputs"], dtype, shape, views, labels, paths, shards
-        )
+        contents = Contents(views, labels, paths, tuple(shape), dtype)
+        cache = _publish(work, root, key, first["inputs"], contents, shards)
         for p in parts.values():
             shutil.rmtree(p["path"])
         return cache
@@ -970,23 +933,20 @@ def _remove_stores(root: Path, key: str | None, out: Removal) -> None:
 def cache_dataset(
     cache: FeatureCache,
     split: str,
-    batch_size: int,
-    seed: int,
-    first_epoch: int = 0,
-    epochs: int = 1,
-    shuffle: bool = True,
-    workers: int | None = None,
-    prefetch: int | None = None,
+    loader: Loader,
+    epochs: range | None = range(1),
     share: Any = None,
     sample_weights: Sequence[float] | None = None,
 ) -> Any:
-    """(features, labels) batches from the cache; shuffled and shared between replicas exactly
-    like the image pipeline."""
+    """(features, labels) batches from the cache, shared between replicas exactly like the
+    image pipeline: the epochs `epochs` shuffled as it shuffles them, or (None) one pass in
+    order."""
     from tlkit.data.augment import sample_rng
-    from tlkit.data.pipeline import WHOLE, epoch_jobs, ordered_jobs, run_jobs
+    from tlkit.data.pipeline import WHOLE, BatchMaker, epoch_jobs, ordered_jobs, run_jobs
 
     share = share or WHOLE
     reader = cache.reader(split)
+    seed = loader.seed
 
     def make_batch(epoch: Any, indices: np.ndarray) -> np.ndarray:
         rows = []
@@ -1000,18 +960,9 @@ def cache_dataset(
         return np.stack(rows).astype(np.float32)
 
     jobs = (
-        epoch_jobs(reader.count, batch_size, seed, first_epoch, epochs, share.replicas)
-        if shuffle
-        else ordered_jobs(reader.count, batch_size)
+        epoch_jobs(reader.count, loader.batch_size, seed, epochs, share.replicas)
+        if epochs is not None
+        else ordered_jobs(reader.count, loader.batch_size)
     )
-    return run_jobs(
-        jobs,
-        make_batch,
-        reader.labels.tolist(),
-        reader.shape,
-        "float32",
-        workers,
-        prefetch,
-        share,
-        sample_weights,
-    )
+    maker = BatchMaker(make_batch, tuple(reader.shape), "float32")
+    return run_jobs(jobs, maker, reader.labels.tolist(), loader, share, sample_weights)

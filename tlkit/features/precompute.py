@@ -32,7 +32,9 @@ from tlkit.data.datasets import ImageFolder
 from tlkit.data.decode import DEFAULT_MAX_PIXELS
 from tlkit.data.preflight import Checked, check_inputs
 from tlkit.features.cache import (
+    CacheJob,
     FeatureCache,
+    TrunkSource,
     build_cache,
     build_part,
     cache_inputs,
@@ -42,6 +44,7 @@ from tlkit.features.cache import (
     merge_parts,
     open_cache,
     read_parts,
+    trunk_shape,
 )
 from tlkit.features.rows import RowMaker, resolve_random_bn
 from tlkit.models.backbones import BackboneSpec
@@ -127,46 +130,42 @@ class BuildSettings:
     verbose: int = 1
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A cache made ready to open or build: the trunk that computes it, its key and the inputs
+    the key hashes, and the transform of its training views."""
+
+    trunk: Any
+    key: str
+    inputs: dict[str, Any]
+    transform: TrainTransform
+
+
 def prepare_cache(
-    spec: BackboneSpec,
-    weights: ResolvedWeights,
-    model: Any,
-    cut: Cut,
-    size: int,
+    source: TrunkSource,
     folder: ImageFolder,
     augment: AugmentConfig,
     settings: BuildSettings,
     pca: ColorPCA | None = None,
-) -> tuple[Any, str, dict[str, Any], Any]:
-    """(trunk, key, key inputs, train transform) for a model cut at `cut`; `pca`, when the
-    caller has it already, saves computing the dataset PCA twice."""
+) -> Prepared:
+    """The trunk, key and transform of the cache of `source` cut where it says; `pca`, when
+    the caller has it already, saves computing the dataset PCA twice."""
     from tlkit.data.pipeline import build_train_transform
 
-    trunk = build_trunk(model, cut)
+    trunk = build_trunk(source.model, source.cut)
     aug = view_augment(settings.views, augment)
     transform = build_train_transform(
         aug,
         folder.splits["train"],
-        size,
-        spec.crop_fraction,
+        source.size,
+        source.spec.crop_fraction,
         pca if aug.pca_sigma > 0 else None,
         settings.max_pixels,
     )
     pca_dict = transform.pca.as_dict() if transform.pca is not None else None
-    inputs = cache_inputs(
-        spec,
-        weights,
-        trunk,
-        cut,
-        size,
-        settings.views,
-        aug,
-        pca_dict,
-        settings.seed,
-        folder,
-        settings.dtype,
-    )
-    return trunk, key_of(inputs), inputs, transform
+    build = (settings.views, settings.seed, settings.dtype)
+    inputs = cache_inputs(source, trunk, folder, aug, pca_dict, build)
+    return Prepared(trunk, key_of(inputs), inputs, transform)
 
 
 def _progress_bar(total: int, verbose: int) -> Callable[[int], None]:
@@ -188,56 +187,35 @@ def _progress_bar(total: int, verbose: int) -> Callable[[int], None]:
 
 def build_with_progress(
     root: Any,
-    key: str,
-    inputs: dict[str, Any],
-    trunk: Any,
+    prepared: Prepared,
     folder: ImageFolder,
-    transform: TrainTransform,
-    crop_fraction: float,
     settings: BuildSettings,
     predict: Any = None,
     shard: tuple[int, int] | None = None,
 ) -> Any:
     """The cache (or, given `shard` (index, count), that part of it: its folder), with a
     progress bar; `predict` runs the trunk (default: predict_on_batch)."""
-    views, dtype, batch_size = settings.views, settings.dtype, settings.batch_size
-    view_counts = {s: (views if s == "train" else 1) for s in folder.splits}
-    total = sum(len(x) * view_counts[s] for s, x in folder.splits.items())
+    views = {s: (settings.views if s == "train" else 1) for s in folder.splits}
+    total = sum(len(x) * views[s] for s, x in folder.splits.items())
     if shard is not None:
         total = -(-total // shard[1])  # about: parts are whole batches
-    progress = _progress_bar(total, settings.verbose)
+    t = prepared.transform
     with RowMaker(
-        transform, crop_fraction, settings.seed, settings.workers, settings.max_pixels
+        t, t.crop_fraction, settings.seed, settings.workers, settings.max_pixels
     ) as make_rows:
-        if shard is not None:
-            return build_part(
-                root,
-                key,
-                inputs,
-                trunk,
-                folder.splits,
-                view_counts,
-                make_rows,
-                dtype,
-                batch_size,
-                shard[0],
-                shard[1],
-                progress,
-                predict,
-            )
-        return build_cache(
-            root,
-            key,
-            inputs,
-            trunk,
+        job = CacheJob(
             folder.splits,
-            view_counts,
+            views,
             make_rows,
-            dtype,
-            batch_size,
-            progress=progress,
-            predict=predict,
+            predict or prepared.trunk.predict_on_batch,
+            trunk_shape(prepared.trunk),
+            settings.dtype,
+            settings.batch_size,
+            _progress_bar(total, settings.verbose),
         )
+        if shard is not None:
+            return build_part(root, prepared.key, prepared.inputs, job, *shard)
+        return build_cache(root, prepared.key, prepared.inputs, job)
 
 
 def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | None, str]:
@@ -262,9 +240,15 @@ def _shard_and_strategy(config: PrecomputeConfig) -> tuple[tuple[int, int] | Non
 def precompute_features(
     config: PrecomputeConfig, verbose: int = 1
 ) -> FeatureCache | dict[str, Any]:
-    """Build (or find) the cache; with dry_run, return the plan without writing anything.
-    `verbose` 0 hides the progress bar. With a shard, compute that part; the last part to
-    finish publishes the cache, the others return what is still missing."""
+    """Build (or find) the feature cache of `config`'s settings.
+
+    Args:
+        config: the settings (PrecomputeConfig). With `dry_run`, the plan is returned and
+            nothing is written; with a shard (`num_shards`, `shard_index`), only that part is
+            computed: the last part to finish publishes the cache, the others return what is
+            still missing.
+        verbose: 0 hides the progress bar.
+    """
     checked = check_inputs(
         config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
     )
@@ -352,22 +336,31 @@ def _precompute(
     model = _model_of(config, spec, size, weights, folder)
     cut = _cut_of(config, spec, backbone_of(model))
     settings = config.build_settings(verbose)
-    trunk, key, inputs, transform = prepare_cache(
-        spec, weights, model, cut, size, folder, config.augment, settings
+    prepared = prepare_cache(
+        TrunkSource(spec, weights, model, cut, size), folder, config.augment, settings
     )
+    trunk, key = prepared.trunk, prepared.key
     predict = predictor(trunk)
     root = cache_root(config.cache_dir)
     existing = open_cache(root, key)
     counts = {s: len(x) for s, x in folder.splits.items()}
     views = {s: (config.views if s == "train" else 1) for s in folder.splits}
-    shape = tuple(int(d) for d in trunk.output.shape[1:])
+    shape = trunk_shape(trunk)
     needed = estimate_bytes(counts, views, shape, config.dtype)
     if config.dry_run:
         images = sum(counts[s] * views[s] for s in counts)
         seconds = _seconds_per_image(predict, config.batch_size, size) * images
         if missing is not None:  # the key names the weights' hash: unknown without them
             key, existing = None, None
-        return _dry_run(config, root, key, existing, needed, missing, images, shape, seconds, cut)
+        estimate = {"bytes": needed, "images": images, "estimated_seconds": round(seconds, 1)}
+        return {
+            **_place(root, key, existing),
+            **estimate,
+            "weights_missing": missing,
+            "shape": list(shape),
+            "dtype": config.dtype,
+            "cut": cut.as_dict(),
+        }
     if existing is not None:
         log.info("feature cache %s already complete (%s)", key, root / key)
         return existing
@@ -382,36 +375,17 @@ def _precompute(
         config.dtype,
         needed / 1e6,
     )
-    built = build_with_progress(
-        root, key, inputs, trunk, folder, transform, spec.crop_fraction, settings, predict, shard
-    )
+    built = build_with_progress(root, prepared, folder, settings, predict, shard)
     return built if shard is None else _after_part(root, key, shard, built)
 
 
-def _dry_run(
-    config: PrecomputeConfig,
-    root: Path,
-    key: str | None,
-    existing: FeatureCache | None,
-    needed: int,
-    missing: str | None,
-    images: int,
-    shape: tuple[int, ...],
-    seconds: float,
-    cut: Cut,
-) -> dict[str, Any]:
-    """What --dry-run prints: the cache's size, time and place, written nowhere."""
+def _place(root: Path, key: str | None, existing: FeatureCache | None) -> dict[str, Any]:
+    """Where --dry-run's cache would go (written nowhere): its key and folder, whether it is
+    there already, and the space free there."""
     free_on = root if root.exists() else root.parent.resolve()
     return {
         "key": key,
         "exists": existing is not None,
-        "bytes": needed,
-        "weights_missing": missing,
-        "images": images,
-        "shape": list(shape),
-        "dtype": config.dtype,
-        "estimated_seconds": round(seconds, 1),
-        "cut": cut.as_dict(),
         "path": str(root / key) if key else None,
         "free_bytes": shutil.disk_usage(free_on).free,
     }

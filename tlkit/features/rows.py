@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.core.settings import Loader
 from tlkit.data.augment import TrainTransform, resolve_augment
 from tlkit.data.datasets import Example
 
@@ -93,21 +94,19 @@ def extract(
     train: Sequence[Example],
     val: Sequence[Example],
     transform: Any,
-    crop_fraction: float,
-    seed: int,
     views: int,
-    batch_size: int,
-    workers: int | None,
-    max_pixels: int,
+    loader: Loader,
     on_first_batch: Any = None,
 ) -> Features:
     """Features of the val images (eval crop) and of every training image: its eval view when
     `views` is 1 (whatever the augmentation), else `views` augmented views."""
     start = time.perf_counter()
+    crop_fraction = transform.crop_fraction
     if views == 1 and transform.config.random:
         transform = TrainTransform(resolve_augment("none"), transform.size, crop_fraction)
-    with RowMaker(transform, crop_fraction, seed, workers, max_pixels) as make_rows:
-        out = forward(extractor, make_rows, train, val, views, batch_size, on_first_batch)
+    rows = RowMaker(transform, crop_fraction, loader.seed, loader.workers, loader.max_pixels)
+    with rows as make_rows:
+        out = forward(extractor, make_rows, train, val, views, loader.batch_size, on_first_batch)
     labels = np.array([e.label for e in train], np.int32)
     return Features(
         out["train"][0],

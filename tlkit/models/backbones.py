@@ -196,13 +196,13 @@ def _keras_family(
     ctor: str,
     default_size: int,
     stages: Stages,
-    weights_file: str,
-    subdir: str,
-    weights_hash: str,
+    weights: tuple[str, str, str],
     n_layers: int,
 ) -> BackboneSpec:
     """A newer keras.applications family: it preprocesses 0..255 RGB itself, as its ImageNet
-    weights expect (include_preprocessing, the Keras default)."""
+    weights expect (include_preprocessing, the Keras default). `weights`: the file, its
+    sub-folder of the download site, its hash."""
+    weights_file, subdir, weights_hash = weights
     return BackboneSpec(
         name=name,
         constructor=ctor,
@@ -327,9 +327,7 @@ REGISTRY: dict[str, BackboneSpec] = {
                     "block6h_add",
                 )
             ),
-            "efficientnetv2-b0_notop.h5",
-            "efficientnet_v2",
-            "893217f2bb855e2983157299931e43ff",
+            ("efficientnetv2-b0_notop.h5", "efficientnet_v2", "893217f2bb855e2983157299931e43ff"),
             270,
         ),
         _keras_family(
@@ -346,9 +344,7 @@ REGISTRY: dict[str, BackboneSpec] = {
                     "block6o_add",
                 )
             ),
-            "efficientnetv2-s_notop.h5",
-            "efficientnet_v2",
-            "af0682fb74e8c54910f2d4393339c070",
+            ("efficientnetv2-s_notop.h5", "efficientnet_v2", "af0682fb74e8c54910f2d4393339c070"),
             513,
         ),
         _keras_family(
@@ -362,9 +358,11 @@ REGISTRY: dict[str, BackboneSpec] = {
                 ("stage3", "convnext_tiny_stage_2_block_8_identity"),
                 ("stage4", OUTPUT),
             ),  # its final LayerNormalization is numbered per session
-            "convnext_tiny_notop.h5",
-            "convnext",
-            "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1",
+            (
+                "convnext_tiny_notop.h5",
+                "convnext",
+                "d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1",
+            ),
             133,
         ),
         _keras_family(
@@ -379,9 +377,11 @@ REGISTRY: dict[str, BackboneSpec] = {
                 ("7", "expanded_conv_14_add"),
                 ("top", OUTPUT),
             ),  # its last activation: numbered
-            "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
-            "mobilenet_v3",
-            "07fb09a5933dd0c8eaafa16978110389",
+            (
+                "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+                "mobilenet_v3",
+                "07fb09a5933dd0c8eaafa16978110389",
+            ),
             187,
         ),
         BackboneSpec(

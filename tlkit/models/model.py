@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tlkit.core.errors import WeightsError
+from tlkit.core.settings import SETTINGS
 from tlkit.models.backbones import BackboneSpec
 from tlkit.models.freezing import leaf_layers
 from tlkit.models.weights import ResolvedWeights
@@ -65,7 +66,11 @@ def preprocessing_layers(mode: str) -> list[Any]:
 
 
 def build_classifier(
-    spec: BackboneSpec, base: Any, num_classes: int, input_size: int, dropout: float = 0.2
+    spec: BackboneSpec,
+    base: Any,
+    num_classes: int,
+    input_size: int,
+    dropout: float = SETTINGS["dropout"].default,
 ) -> Any:
     """Wrap a backbone (a keras Model, no top) into the full uint8-in, softmax-out classifier."""
     import keras
@@ -143,7 +148,7 @@ def build_model(
     size: int,
     num_classes: int,
     seed: int,
-    dropout: float = 0.2,
+    dropout: float = SETTINGS["dropout"].default,
     mixed_precision: bool = False,
 ) -> Any:
     """The classifier exactly as `finetune` builds it: seeded, under its dtype policy. One

@@ -15,7 +15,7 @@ from typing import Any
 
 from tlkit.core.choices import FINE_TUNE_LR_BY_DATA, fine_tune_lr_rule, rate_text
 from tlkit.core.errors import ConfigError, did_you_mean
-from tlkit.core.settings import SETTINGS, check_fields, setting
+from tlkit.core.settings import SETTINGS, Loader, check_fields, setting
 from tlkit.data.audit import AuditConfig
 from tlkit.data.augment import AugmentConfig, resolve_augment
 from tlkit.models.freezing import FreezeRequest
@@ -114,6 +114,13 @@ class FinetuneConfig:
             rate, rule = self.lr, f"{rule}; capped at --lr"
         note = f"{head}: fine-tune rate {rate_text(rate)} ({rule})"
         return dataclasses.replace(self, fine_tune_lr=rate), note
+
+    @property
+    def loader(self) -> Loader:
+        """How this run reads and batches its images."""
+        return Loader(
+            self.batch_size, self.workers, self.prefetch, self.audit.max_pixels, self.seed
+        )
 
     def lr_scale(self) -> float:
         """What --lr and --fine-tune-lr are multiplied by: global batch / base batch under

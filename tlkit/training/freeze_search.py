@@ -27,14 +27,16 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlkit.core import selection
-from tlkit.data.datasets import Example
 from tlkit.models.backbones import BackboneSpec
 from tlkit.models.freezing import FreezePlan, FreezeRequest, apply_freeze, resolve_freeze
+
+if TYPE_CHECKING:
+    from tlkit.training.head import ProbeData
 
 log = logging.getLogger("tlkit")
 
@@ -75,22 +77,22 @@ def _affordable(base: Any, plans: Sequence[FreezePlan], n_images: int) -> list[t
 def _train_tail(
     model: Any,
     spec: BackboneSpec,
-    plan: FreezePlan,
-    cut: Any,
-    data: tuple[np.ndarray, ...],
+    candidate: tuple[FreezePlan, Any],
+    data: tuple[Any, ...],
     config: Any,
-    weights: np.ndarray | None,
-    start: dict[str, Any],
-    start_losses: np.ndarray,
+    head_only: tuple[dict[str, Any], np.ndarray],
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(per-image val losses, score) of one deeper candidate: its tail trained from the cached
-    activations, starting from the head probe, for --epochs with patience."""
+    """(per-image val losses, score) of one deeper candidate (its plan and cut): its tail
+    trained from the cached activations (`data`: x and y of train and val, the sample weights
+    or None), starting from the head probe (`head_only`: its score and per-image val losses),
+    for --epochs with patience."""
     from tlkit.core.calibration import per_image_log_loss
     from tlkit.models.cut import build_tail
     from tlkit.models.model import backbone_of
     from tlkit.training.optim import compile_args, phase_optimizer, plain_val_loss
 
-    x_train, y_train, x_val, y_val = data
+    (plan, cut), (start, start_losses) = candidate, head_only
+    x_train, y_train, x_val, y_val, weights = data
     t = time.perf_counter()
     base = backbone_of(model)
     apply_freeze(base, plan, config.train_bn)
@@ -145,14 +147,7 @@ def _tail_callbacks(tail: Any, x_train: np.ndarray, config: Any) -> list[Any]:
 
 
 def _activations(
-    model: Any,
-    deeper: list[tuple[FreezePlan, Any]],
-    train: Sequence[Example],
-    val: Sequence[Example],
-    size: int,
-    crop_fraction: float,
-    config: Any,
-    on_first_batch: Any,
+    data: ProbeData, deeper: list[tuple[FreezePlan, Any]], config: Any
 ) -> tuple[dict[str, list[np.ndarray]], Any]:
     """One pass over the eval view of every image: the activations at each deeper candidate's
     cut, and the pooled Features the head probe trains on."""
@@ -161,13 +156,14 @@ def _activations(
     from tlkit.models.cut import trunk_outputs
 
     start = time.perf_counter()
+    train, val, crop_fraction = data.train, data.val, data.crop_fraction
     extractor = trunk_outputs(
-        model, [cut.layer for _, cut in deeper], pooled=True, name="freeze_search"
+        data.model, [cut.layer for _, cut in deeper], pooled=True, name="freeze_search"
     )
-    plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
+    plain = TrainTransform(resolve_augment("none"), data.size, crop_fraction)
     c = config
     with RowMaker(plain, crop_fraction, c.seed, c.workers, c.audit.max_pixels) as make_rows:
-        out = forward(extractor, make_rows, train, val, 1, c.batch_size, on_first_batch)
+        out = forward(extractor, make_rows, train, val, 1, c.batch_size, data.on_first_batch)
     y_train = np.array([e.label for e in train], np.int32)
     y_val = np.array([e.label for e in val], np.int32)
     seconds = time.perf_counter() - start
@@ -183,15 +179,7 @@ def _activations(
 
 
 def search_freeze(
-    model: Any,
-    spec: BackboneSpec,
-    train: Sequence[Example],
-    val: Sequence[Example],
-    size: int,
-    crop_fraction: float,
-    config: Any,
-    sample_weights: Sequence[float] | None,
-    on_first_batch: Any = None,
+    data: ProbeData, spec: BackboneSpec, config: Any
 ) -> tuple[FreezePlan, list[dict[str, Any]], Any, list[np.ndarray] | None]:
     """(the chosen plan, every candidate's scores, the pooled eval-view Features, the chosen
     candidate's trained model when it is deeper than head only).
@@ -199,12 +187,11 @@ def search_freeze(
     The model's weights are left as they were."""
     from tlkit.models.model import backbone_of
 
+    model, sample_weights = data.model, data.sample_weights
     base = backbone_of(model)
     plans = freeze_candidates(spec, [layer.name for layer in base.layers])
-    deeper = _affordable(base, plans[1:], len(train) + len(val))
-    out, pooled = _activations(
-        model, deeper, train, val, size, crop_fraction, config, on_first_batch
-    )
+    deeper = _affordable(base, plans[1:], len(data.train) + len(data.val))
+    out, pooled = _activations(data, deeper, config)
     y_train, y_val = pooled.train_labels, pooled.val_labels
     initial = model.get_weights()
     scores, losses = _head_only(model, plans[0], pooled, config, sample_weights)
@@ -213,17 +200,9 @@ def search_freeze(
     weights = np.asarray(sample_weights, np.float32) if sample_weights is not None else None
     for i, (plan, cut) in enumerate(deeper):
         model.set_weights(probed)
-        trained, score = _train_tail(
-            model,
-            spec,
-            plan,
-            cut,
-            (out["train"][i], y_train, out["val"][i], y_val),
-            config,
-            weights,
-            scores[0],
-            losses[0],
-        )
+        cached = (out["train"][i], y_train, out["val"][i], y_val, weights)
+        head_only = (scores[0], losses[0])
+        trained, score = _train_tail(model, spec, (plan, cut), cached, config, head_only)
         kept.append(model.get_weights() if trained is not losses[0] else probed)
         losses.append(trained)
         scores.append(score)
@@ -247,19 +226,11 @@ def _head_only(
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """([score], [per-image val losses]) of head only: a head probe on the pooled features, as
     the head phase trains it; the model keeps the probe's head."""
-    from tlkit.training.head import fit_head, head_steps, head_val_losses
+    from tlkit.training.head import HeadFit, fit_head, head_val_losses
 
     t = time.perf_counter()
-    rows, _ = fit_head(
-        model,
-        pooled,
-        config.lr * config.lr_scale(),
-        config.batch_size,
-        head_steps(len(pooled.train_labels), config.batch_size, config.head_epochs),
-        config.seed,
-        sample_weights,
-        config.label_smoothing,
-    )
+    fit = HeadFit.of(config, len(pooled.train_labels))
+    rows, _ = fit_head(model, pooled, fit, sample_weights)
     top = selection.CRITERION.best(rows) or rows[0]
     score = _score(plan, top["val_loss"], top["val_accuracy"], 0, time.perf_counter() - t)
     return [score], [head_val_losses(model, pooled)]

@@ -13,10 +13,12 @@ K epochs of the old head phase.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -106,15 +108,30 @@ def _validate(dense: Any, features: Features) -> tuple[float, float]:
     return float(val.mean()), float((probs.argmax(-1) == features.val_labels).mean())
 
 
+@dataclass(frozen=True)
+class HeadFit:
+    """How the head is trained on features: Adam's rate, the batch size, the optimizer steps,
+    the seed of the batches' order, and the label smoothing."""
+
+    lr: float
+    batch_size: int
+    steps: int
+    seed: int
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def of(cls, config: Any, n_train: int) -> HeadFit:
+        """The head phase's, as a run's settings say (the rate scaled under --scale-lr)."""
+        b = config.batch_size
+        steps = head_steps(n_train, b, config.head_epochs)
+        return cls(config.lr * config.lr_scale(), b, steps, config.seed, config.label_smoothing)
+
+
 def fit_head(
     model: Any,
     features: Features,
-    lr: float,
-    batch_size: int,
-    steps: int,
-    seed: int,
+    fit: HeadFit,
     sample_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
     keep the weights of the best check (by the selection criterion; a check every CHECK_EVERY
@@ -126,15 +143,16 @@ def fit_head(
     import keras
     import tensorflow as tf
 
+    lr, batch_size, steps = fit.lr, fit.batch_size, fit.steps
     dropout, dense = model.get_layer("dropout"), model.get_layer("predictions")
     optimizer = keras.optimizers.Adam(lr)
     optimizer.build(dense.trainable_weights)
-    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=fit.label_smoothing)
     # a "check" is max(one pass, CHECK_EVERY steps): validation (and the choice of the best
     # weights) every so many steps, not after every tiny pass over a small set
     per_check = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
     checks = max(1, math.ceil(steps / per_check))
-    batches = _feature_batches(features, sample_weights, batch_size, seed)
+    batches = _feature_batches(features, sample_weights, batch_size, fit.seed)
     train = _compiled_steps(dropout, dense, optimizer, loss_fn, batches, int(dense.units))
     rows: list[dict[str, Any]] = []
     keeper: Keeper[list[np.ndarray]] = Keeper()
@@ -209,45 +227,39 @@ AUTO_CANDIDATES: tuple[tuple[str, str, dict[str, Any]], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class ProbeData:
+    """What a search (`--augment auto`, `--freeze auto`) probes on: the model, the training
+    and validation images at `size` with the backbone's eval `crop_fraction`, their sample
+    weights, and who is told the time of the first forward pass."""
+
+    model: Any
+    train: Sequence[Example]
+    val: Sequence[Example]
+    size: int
+    crop_fraction: float
+    sample_weights: Sequence[float] | None = None
+    on_first_batch: Any = None
+
+
 def _probe(
-    model: Any,
+    data: ProbeData,
     extractor: Any,
     initial: list[np.ndarray],
-    train: Sequence[Example],
-    val: Sequence[Example],
-    size: int,
-    crop_fraction: float,
     config: Any,
     augment: Any,
     views: int,
-    sample_weights: Sequence[float] | None,
-    on_first_batch: Any,
 ) -> tuple[Features, list[dict[str, Any]]]:
     """One candidate's features and its head probe's rows, from the initial head."""
     from tlkit.data.pipeline import build_train_transform
 
+    c, train = config, data.train
     transform = build_train_transform(
-        augment, train, size, crop_fraction, max_pixels=config.audit.max_pixels
+        augment, train, data.size, data.crop_fraction, max_pixels=c.audit.max_pixels
     )
-    c = config
-    features = extract(
-        extractor,
-        train,
-        val,
-        transform,
-        crop_fraction,
-        c.seed,
-        views,
-        c.batch_size,
-        c.workers,
-        c.audit.max_pixels,
-        on_first_batch,
-    )
-    model.get_layer("predictions").set_weights(initial)
-    steps = head_steps(len(train), c.batch_size, c.head_epochs)
-    rows, _ = fit_head(
-        model, features, c.lr, c.batch_size, steps, c.seed, sample_weights, c.label_smoothing
-    )
+    features = extract(extractor, train, data.val, transform, views, c.loader, data.on_first_batch)
+    data.model.get_layer("predictions").set_weights(initial)
+    rows, _ = fit_head(data.model, features, HeadFit.of(c, len(train)), data.sample_weights)
     return features, rows
 
 
@@ -299,14 +311,7 @@ def _choose(
 
 
 def search_augment(
-    model: Any,
-    train: Sequence[Example],
-    val: Sequence[Example],
-    size: int,
-    crop_fraction: float,
-    config: Any,
-    sample_weights: Sequence[float] | None,
-    on_first_batch: Any = None,
+    data: ProbeData, config: Any
 ) -> tuple[Any, list[dict[str, Any]], Features | None]:
     """`--augment auto`: a head probe per candidate augmentation (max(--head-views, AUTO_VIEWS)
     views of the random ones), from the same initial head, scored by validation loss and
@@ -317,6 +322,7 @@ def search_augment(
     The head is left as it was."""
     from tlkit.data.augment import resolve_augment
 
+    model, train = data.model, data.train
     dim = int(model.get_layer("pool").output.shape[-1])
     extractor = pooled_extractor(model)
     initial = model.get_layer("predictions").get_weights()
@@ -324,20 +330,8 @@ def search_augment(
     for name, preset, overrides in AUTO_CANDIDATES:
         augment = resolve_augment(preset, **overrides)
         views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train), dim)
-        features, rows = _probe(
-            model,
-            extractor,
-            initial,
-            train,
-            val,
-            size,
-            crop_fraction,
-            config,
-            augment,
-            views,
-            sample_weights,
-            on_first_batch if not scores else None,
-        )
+        first = data if not scores else dataclasses.replace(data, on_first_batch=None)
+        features, rows = _probe(first, extractor, initial, config, augment, views)
         losses.append(head_val_losses(model, features))
         scores.append(_score(name, views, rows, features))
         # kept only where the head phase could train on them (below): memory holds one or two

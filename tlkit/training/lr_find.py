@@ -18,7 +18,7 @@ import numpy as np
 
 from tlkit.core.errors import ConfigError
 from tlkit.core.figures import new_figure, png_bytes
-from tlkit.core.settings import check_fields, setting
+from tlkit.core.settings import SETTINGS, Loader, check_fields, setting
 from tlkit.models.freezing import FreezeRequest
 
 log = logging.getLogger("tlkit")
@@ -99,13 +99,14 @@ def head_range_test(
     features: np.ndarray,
     labels: np.ndarray,
     n_classes: int,
-    start: float,
-    end: float,
+    rates: tuple[float, float],
     steps: int,
-    batch_size: int,
-    seed: int,
+    batch_size: int = SETTINGS["batch_size"].default,
+    seed: int = SETTINGS["seed"].default,
 ) -> dict[str, Any]:
-    """The range test of a fresh softmax head on fixed features (Adam, as the head phase)."""
+    """The range test of a fresh softmax head on fixed features (Adam, as the head phase),
+    over `steps` rates from rates[0] to rates[1]."""
+    start, end = rates
     import keras
     import tensorflow as tf
 
@@ -136,7 +137,13 @@ def head_range_test(
 
 
 def lr_find(config: LrFindConfig) -> dict[str, Any]:
-    """Run the range test; write the plot; return the curve and the suggested rate."""
+    """The learning-rate range test: the plot written, the curve and the suggested rate
+    returned.
+
+    Args:
+        config: the settings (LrFindConfig): the data and model as finetune takes them, the
+            phase whose rate is wanted (head or fine-tune), the rates swept and the steps.
+    """
     from tlkit.core.fsutil import atomic_path, refuse_overwrite
 
     refuse_overwrite(config.output, config.overwrite, "pass -o with another name or --overwrite")
@@ -164,7 +171,7 @@ def lr_find(config: LrFindConfig) -> dict[str, Any]:
 def _run(config: LrFindConfig) -> dict[str, Any]:
     from tlkit.data.preflight import check_inputs
     from tlkit.features.rows import Features, pooled_features, resolve_random_bn
-    from tlkit.models.model import backbone_of, build_model
+    from tlkit.models.model import build_model
     from tlkit.models.weights import resolve_weights
 
     checked = check_inputs(
@@ -184,16 +191,8 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     )
     start, end = config.rates()
     if config.phase == "head":
-        return head_range_test(
-            feats,
-            labels,
-            len(folder.classes),
-            start,
-            end,
-            config.steps,
-            config.batch_size,
-            config.seed,
-        )
+        n_classes, b = len(folder.classes), config.batch_size
+        return head_range_test(feats, labels, n_classes, (start, end), config.steps, b, config.seed)
     val = list(folder.splits["val"])
     head_features = Features(
         feats,
@@ -205,20 +204,16 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
         1,
         0.0,
     )
-    return _fine_tune_range_test(
-        config, model, backbone_of(model), spec, train, head_features, size, (start, end), train_bn
-    )
+    return _fine_tune_range_test(config, model, spec, train, head_features, size, train_bn)
 
 
 def _fine_tune_range_test(
     config: LrFindConfig,
     model: Any,
-    base: Any,
     spec: Any,
     train: list[Any],
     head_features: Any,
     size: int,
-    rates: tuple[float, float],
     train_bn: bool,
 ) -> dict[str, Any]:
     """The head trained first on the features (500 steps at 1e-3, as finetune's default head
@@ -229,17 +224,13 @@ def _fine_tune_range_test(
 
     from tlkit.data.pipeline import eval_dataset
     from tlkit.models.freezing import apply_freeze, freeze_all, resolve_freeze
-    from tlkit.training.head import fit_head, head_steps
+    from tlkit.models.model import backbone_of
+    from tlkit.training.head import HeadFit, fit_head, head_steps
 
+    base, rates = backbone_of(model), config.rates()
     freeze_all(base)
-    fit_head(
-        model,
-        head_features,
-        1e-3,
-        config.batch_size,
-        head_steps(len(train), config.batch_size, 5),
-        config.seed,
-    )
+    b = config.batch_size
+    fit_head(model, head_features, HeadFit(1e-3, b, head_steps(len(train), b, 5), config.seed))
     apply_freeze(
         base, resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]), train_bn
     )
@@ -255,7 +246,8 @@ def _fine_tune_range_test(
         optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=True))
         return loss
 
-    data = eval_dataset(train, size, spec.crop_fraction, config.batch_size, config.workers)
+    loader = Loader(config.batch_size, config.workers, seed=config.seed)
+    data = eval_dataset(train, size, spec.crop_fraction, loader)
     batches = iter(data.shuffle(8, seed=config.seed).repeat())
     losses: list[float] = []
     for lr in tried:

@@ -265,32 +265,19 @@ class PhaseRunner:
         from tlkit.data.pipeline import train_dataset
 
         plan, config = self.plan, self.plan.config
-        window = {
-            "first_epoch": first_epoch,
-            "epochs": epochs,
-            "workers": config.workers,
-            "prefetch": config.prefetch,
-            "sample_weights": plan.sample_weights,
-        }
+        loader, window = config.loader, range(first_epoch, first_epoch + epochs)
+        weights = plan.sample_weights
         if plan.cache is not None:
+            cache = plan.cache
             return self.placement.dataset(
                 lambda share: self.clock.stamped(
-                    cache_dataset(
-                        plan.cache, "train", config.batch_size, config.seed, **window, share=share
-                    )
+                    cache_dataset(cache, "train", loader, window, share, weights)
                 )
             )
+        inputs, transform = plan.inputs("train"), plan.transform
         return self.placement.dataset(
             lambda share: self.clock.stamped(
-                train_dataset(
-                    plan.inputs("train"),
-                    plan.transform,
-                    config.batch_size,
-                    config.seed,
-                    **window,
-                    max_pixels=config.audit.max_pixels,
-                    share=share,
-                )
+                train_dataset(inputs, transform, loader, window, share, weights)
             )
         )
 
@@ -341,7 +328,7 @@ class PhaseRunner:
     def _probe(self) -> bool:
         """The head phase on pooled features (head.py); False when it must run live: under
         a multi-device strategy, or when one view's features would not fit in memory."""
-        from tlkit.training.head import MAX_FEATURE_BYTES, fit_head, head_steps
+        from tlkit.training.head import MAX_FEATURE_BYTES, HeadFit, fit_head
 
         plan, config = self.plan, self.plan.config
         n, dim = len(plan.split("train")), int(plan.model.get_layer("pool").output.shape[-1])
@@ -354,16 +341,8 @@ class PhaseRunner:
             )
             return False
         features = self._head_features(n, dim, freeze_all(plan.base))
-        rows, steps_done = fit_head(
-            plan.model,
-            features,
-            config.lr * config.lr_scale(),
-            config.batch_size,
-            head_steps(n, config.batch_size, config.head_epochs),
-            config.seed,
-            plan.sample_weights,
-            config.label_smoothing,
-        )
+        fit = HeadFit.of(config, n)
+        rows, steps_done = fit_head(plan.model, features, fit, plan.sample_weights)
         bad = [r for r in rows if not (math.isfinite(r["loss"]) and math.isfinite(r["val_loss"]))]
         if bad:
             raise Diverged(
@@ -404,12 +383,8 @@ class PhaseRunner:
             plan.split("train"),
             plan.split("val"),
             plan.transform,
-            plan.spec.crop_fraction,
-            config.seed,
             views,
-            config.batch_size,
-            config.workers,
-            config.audit.max_pixels,
+            config.loader,
             on_first_batch=self._forward_timed,
         )
         self.head_features = None  # memory

@@ -26,10 +26,10 @@ if TYPE_CHECKING:
     import numpy as np
 
     from tlkit.data.augment import ColorPCA, TrainTransform
-    from tlkit.features.cache import FeatureCache
+    from tlkit.features.cache import FeatureCache, TrunkSource
     from tlkit.features.rows import Features
     from tlkit.models.backbones import BackboneSpec
-    from tlkit.models.cut import Cut
+    from tlkit.training.head import ProbeData
 
 log = logging.getLogger("tlkit")
 
@@ -77,17 +77,8 @@ class Plan:
         """A split's eval views in batches, as the run's settings say (one pass)."""
         from tlkit.data.pipeline import eval_dataset
 
-        c = self.config
-        return eval_dataset(
-            self.inputs(name),
-            self.size,
-            self.spec.crop_fraction,
-            c.batch_size,
-            c.workers,
-            c.prefetch,
-            c.audit.max_pixels,
-            share,
-        )
+        loader = self.config.loader
+        return eval_dataset(self.inputs(name), self.size, self.spec.crop_fraction, loader, share)
 
     def schedule(self) -> list[tuple[str, int, float]]:
         """(phase, epochs, learning rate) of the head and fine-tune phases."""
@@ -216,24 +207,14 @@ def _plan_training(
     by_class, sample_weights = _weights_of(config, folder)
     requested = start.identity["config"]
     config, freeze, searched, head_features, search_model = _resolve_auto(
-        config, placement, saved, model, spec, folder, size, sample_weights
+        config, placement, saved, start, sample_weights
     )
     idle = nothing_to_train(base, freeze, config.train_bn) if config.epochs else None
     if idle is not None:
         log.warning("%s", idle)
     transform = _train_transform(config, folder, size, spec)
     cache, fit_model, note = _select_cache(
-        config,
-        spec,
-        start.weights,
-        model,
-        base,
-        freeze,
-        size,
-        folder,
-        transform.pca,
-        verbose,
-        placement,
+        config, start, base, freeze, transform.pca, verbose, placement
     )
     log.info("feature cache: %s", note)
     placement.check_same(
@@ -363,10 +344,7 @@ def _resolve_auto(
     config: FinetuneConfig,
     placement: Placement,
     identity: dict[str, Any] | None,
-    model: keras.Model,
-    spec: BackboneSpec,
-    folder: ImageFolder,
-    size: int,
+    start: _Start,
     sample_weights: list[float] | None,
 ) -> tuple[FinetuneConfig, FreezePlan, dict[str, Any], Features | None, list[np.ndarray] | None]:
     """--augment auto, then --freeze auto: (config with the chosen augmentation, the freeze
@@ -376,6 +354,7 @@ def _resolve_auto(
     from tlkit.models.model import backbone_of
     from tlkit.training.head import feature_views
 
+    model, spec, folder, size = start.model, start.spec, start.folder, start.size
     train = folder.splits["train"]
     searched: dict[str, Any] = dict((identity or {}).get("searched") or {})
     auto = [
@@ -422,6 +401,20 @@ class _Search:
     searched: dict[str, Any]
     timed: list[Any]  # the forward-pass timer, taken by the first search that runs
 
+    def _data(self, on_first_batch: Any) -> ProbeData:
+        from tlkit.training.head import ProbeData
+
+        splits = self.folder.splits
+        return ProbeData(
+            self.model,
+            splits["train"],
+            splits["val"],
+            self.size,
+            self.spec.crop_fraction,
+            self.sample_weights,
+            on_first_batch,
+        )
+
     def augment(self, config: FinetuneConfig) -> tuple[FinetuneConfig, Features | None]:
         from tlkit.data.augment import AugmentConfig
         from tlkit.training.head import search_augment
@@ -430,16 +423,7 @@ class _Search:
             chosen = AugmentConfig.from_dict(self.searched["augment"]["chosen"])
             log.info("--augment auto: %s, as chosen when the run started", chosen.preset)
             return dataclasses.replace(config, augment=chosen), None
-        chosen, scores, features = search_augment(
-            self.model,
-            self.folder.splits["train"],
-            self.folder.splits["val"],
-            self.size,
-            self.spec.crop_fraction,
-            config,
-            self.sample_weights,
-            on_first_batch=self.timed.pop(),
-        )
+        chosen, scores, features = search_augment(self._data(self.timed.pop()), config)
         self.searched["augment"] = {"chosen": chosen.as_dict(), "scores": scores}
         return dataclasses.replace(config, augment=chosen), features
 
@@ -459,17 +443,8 @@ class _Search:
             plan = FreezePlan(**found.get("fine_tune", found["chosen"]))
             log.info("%s, as chosen when the run started", plan.request)
             return plan, None, None
-        chosen, scores, pooled, trained = search_freeze(
-            self.model,
-            self.spec,
-            self.folder.splits["train"],
-            self.folder.splits["val"],
-            self.size,
-            self.spec.crop_fraction,
-            config,
-            self.sample_weights,
-            on_first_batch=self.timed.pop() if self.timed else None,
-        )
+        data = self._data(self.timed.pop() if self.timed else None)
+        chosen, scores, pooled, trained = search_freeze(data, self.spec, config)
         plan = dataclasses.replace(chosen, request=f"--freeze auto ({chosen.request})")
         found = {"chosen": plan.as_dict(), "scores": scores}
         if trained is not None:
@@ -491,22 +466,19 @@ class _Search:
 
 def _select_cache(
     config: FinetuneConfig,
-    spec: BackboneSpec,
-    weights: ResolvedWeights,
-    model: keras.Model,
+    start: _Start,
     base: keras.Model,
     plan: FreezePlan,
-    size: int,
-    folder: ImageFolder,
     pca: ColorPCA | None,
     verbose: int,
     placement: Placement,
 ) -> tuple[FeatureCache | None, keras.Model, str]:
     """(cache or None, the model to fit, why): train the tail from cached activations when a
     cache matches these exact settings (or --cache builds one)."""
-    from tlkit.features.cache import touch
+    from tlkit.features.cache import TrunkSource, touch
     from tlkit.models.cut import build_tail, resolve_cut
 
+    model = start.model
     if config.cache == "off":
         return None, model, "not used (--no-cache)"
     cut = resolve_cut(base, plan.n_frozen)
@@ -518,9 +490,8 @@ def _select_cache(
             "no augmentation; use --views K (K > 1) or --augment none to train from a cache"
         )
         return None, model, why
-    cache, note = _open_or_build(
-        config, spec, weights, model, cut, size, folder, pca, verbose, placement
-    )
+    source = TrunkSource(start.spec, start.weights, model, cut, start.size)
+    cache, note = _open_or_build(config, source, start.folder, pca, verbose, placement)
     if cache is None:
         return None, model, note
     if cut.k != plan.n_frozen:
@@ -535,11 +506,7 @@ def _select_cache(
 
 def _open_or_build(
     config: FinetuneConfig,
-    spec: BackboneSpec,
-    weights: ResolvedWeights,
-    model: keras.Model,
-    cut: Cut,
-    size: int,
+    source: TrunkSource,
     folder: ImageFolder,
     pca: ColorPCA | None,
     verbose: int,
@@ -554,9 +521,8 @@ def _open_or_build(
     settings = BuildSettings(
         c.views, c.seed, c.cache_dtype, c.batch_size, c.workers, c.audit.max_pixels, verbose
     )
-    trunk, key, inputs, transform = prepare_cache(
-        spec, weights, model, cut, size, folder, c.augment, settings, pca
-    )
+    prepared = prepare_cache(source, folder, c.augment, settings, pca)
+    key = prepared.key
     root = cache_root(c.cache_dir)
     cache = open_cache(root, key)
     if cache is not None:
@@ -573,14 +539,6 @@ def _open_or_build(
             "train from it"
         )
     cache = build_with_progress(
-        root,
-        key,
-        inputs,
-        trunk,
-        folder,
-        transform,
-        spec.crop_fraction,
-        settings,
-        placement.predictor(trunk),
+        root, prepared, folder, settings, placement.predictor(prepared.trunk)
     )
     return cache, f"built and used {root / key}"

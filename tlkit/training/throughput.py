@@ -34,20 +34,13 @@ def pipeline_images_per_s(
     prefetch: int | None = None,
 ) -> float:
     """Images/s of the training pipeline (decode + augment + batch) with `workers` threads."""
+    from tlkit.core.settings import Loader
     from tlkit.data.pipeline import train_dataset
 
     needed = (batches + 1) * batch_size
     pool = list(examples) * max(1, -(-needed // len(examples)))
-    ds = train_dataset(
-        pool[:needed],
-        transform,
-        batch_size,
-        seed=0,
-        first_epoch=0,
-        epochs=1,
-        workers=workers,
-        prefetch=prefetch,
-    )
+    loader = Loader(batch_size, workers, prefetch, seed=0)
+    ds = train_dataset(pool[:needed], transform, loader, range(1))
     it = iter(ds)
     next(it)  # warm-up: thread pool, first albumentations build
     start = time.perf_counter()
@@ -106,7 +99,6 @@ def plan_input(
     batch_size: int,
     max_workers: int | None = None,
     batches: int = 8,
-    model_steps: int = 5,
 ) -> dict[str, Any]:
     """Pipeline images/s for 1..N workers, and from the resized-image store with N, against
     the model's training images/s."""
@@ -121,7 +113,7 @@ def plan_input(
         for w in range(1, max_workers + 1)
     ]
     store = store_images_per_s(sample, transform, batch_size, max_workers, batches)
-    model_ips = model_images_per_s(backbone, transform.size, freeze, batch_size, steps=model_steps)
+    model_ips = model_images_per_s(backbone, transform.size, freeze, batch_size)
     workers, verdict = input_verdict(rows, model_ips, store["images_per_s"])
     best = max(r["images_per_s"] for r in rows)
     return {

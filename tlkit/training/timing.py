@@ -46,15 +46,16 @@ def log_estimate(per_image: float, head_images: int, n_train: int, epochs: int) 
 
 def _say(
     phase: str,
-    step: float,
+    estimate: dict[str, Any],
     count: int,
     steps: int,
     val_seconds: float | None,
-    epoch: float,
-    total: float,
     epochs: int,
 ) -> None:
-    """The fine-tune phase's estimate, with what makes a long one shorter."""
+    """The fine-tune phase's estimate (`step_timer`'s record of it), with what makes a long one
+    shorter."""
+    step, epoch = estimate["step_seconds"], estimate["epoch_seconds"]
+    total = estimate["phase_seconds"]
     advice = ""
     if total > 1800:
         advice = (
@@ -123,6 +124,6 @@ def step_timer(
                 "phase_seconds": round(total, 2),
                 "validation_included": val_seconds is not None,
             }
-            _say(phase, step, count, steps, val_seconds, epoch, total, epochs - initial)
+            _say(phase, estimates[phase], count, steps, val_seconds, epochs - initial)
 
     return StepTimer()

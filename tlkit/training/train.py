@@ -46,7 +46,7 @@ from tlkit.core.fsutil import (
     release,
 )
 from tlkit.core.runs import RUN_FILE, RUNS_DIR, Run, load_run
-from tlkit.data.preflight import check_inputs, is_chief
+from tlkit.data.preflight import Checked, check_inputs, is_chief
 from tlkit.features.cache import cache_dataset
 from tlkit.models.distribute import Placement
 from tlkit.training.config import FinetuneConfig
@@ -116,20 +116,7 @@ def finetune(
     run, the others None.
     """
     config, run_dir, tmp_dir, identity = _start(config, resume)
-    checked = check_inputs(
-        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
-    )
-    if identity is None and is_chief():
-        refuse_overwrite(
-            run_dir,
-            config.overwrite,
-            "choose another -o/--output or pass --overwrite",
-            kind="run",
-            inputs=_local_inputs(config),
-        )
-        _check_outside_data(config, run_dir)
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
+    checked = _check(config, run_dir, new=identity is None)
     from tlkit.models.distribute import make_placement
 
     placement = make_placement(config.strategy)  # before any other TensorFlow work
@@ -172,6 +159,26 @@ def _start(
         raise TypeError("finetune() needs a config, or resume= to continue a run")
     run_dir = Path(config.output) if config.output else default_run_dir(config.backbone)
     return config, run_dir, None, None
+
+
+def _check(config: FinetuneConfig, run_dir: Path, new: bool) -> Checked:
+    """Everything that can be refused before TensorFlow loads: the data's listing, the
+    backbone and freeze request, a run folder in the way (a new run's), TensorBoard missing."""
+    checked = check_inputs(
+        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
+    )
+    if new and is_chief():
+        refuse_overwrite(
+            run_dir,
+            config.overwrite,
+            "choose another -o/--output or pass --overwrite",
+            kind="run",
+            inputs=_local_inputs(config),
+        )
+        _check_outside_data(config, run_dir)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
+    return checked
 
 
 def _local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
@@ -367,16 +374,7 @@ def _val_dataset(plan: Plan, placement: Placement) -> Any:
     it."""
     c = plan.config
     if plan.cache is not None:
-        build = lambda share: cache_dataset(  # noqa: E731
-            plan.cache,
-            "val",
-            c.batch_size,
-            c.seed,
-            shuffle=False,
-            workers=c.workers,
-            prefetch=c.prefetch,
-            share=share,
-        )
+        build = lambda share: cache_dataset(plan.cache, "val", c.loader, None, share)  # noqa: E731
     else:
         build = lambda share: plan.eval_dataset("val", share)  # noqa: E731
     if placement.name == "default":
