@@ -4,7 +4,7 @@ the data and what is computed from it before training."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,9 @@ from tlkit.cli.options import (
     option,
     recipe_option,
 )
+
+if TYPE_CHECKING:
+    from tlkit.features.cache import FeatureCache
 
 CACHE_DIR_OPTION = option("cache_dir", type=click.Path(file_okay=False))
 
@@ -176,7 +179,7 @@ def precompute_features(
         click.echo(f"cache: {result.path}")
 
 
-def _cache_json(cache: Any) -> dict[str, Any]:
+def _cache_json(cache: FeatureCache) -> dict[str, Any]:
     splits = cache.manifest["splits"].items()
     return {
         "key": cache.key,

@@ -3,7 +3,8 @@ recipes as click defaults: CLI flag > recipe > default."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -11,11 +12,13 @@ from tlkit.cli.app import cli
 from tlkit.core.errors import TlkitError
 from tlkit.core.settings import SETTINGS
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def option_group(*options: Any) -> Any:
+
+def option_group(*options: Callable[[Any], Any]) -> Callable[[F], F]:
     """One decorator for flags that several commands share."""
 
-    def apply(command: Any) -> Any:
+    def apply(command: F) -> F:
         for option in reversed(options):
             command = option(command)
         return command
@@ -23,7 +26,7 @@ def option_group(*options: Any) -> Any:
     return apply
 
 
-def option(name: str, *short: str, **extra: Any) -> Any:
+def option(name: str, *short: str, **extra: Any) -> Callable[[F], F]:
     """The click option of setting `name`, made from its one entry in tlkit.core.settings: its
     flag, default, help, and its range or choices as click's type (so click refuses a bad
     value in one line before any work). `short` adds flags such as -k; `extra` what only the
@@ -171,7 +174,7 @@ recipe_option = click.option(
 MIXED_PRECISION_OPTION = option("mixed_precision")
 
 
-def model_options(freeze_default: str) -> Any:
+def model_options(freeze_default: str) -> Callable[[F], F]:
     """DATA and the model flags finetune and precompute-features share."""
     freeze = SETTINGS["freeze"]
     return option_group(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +21,9 @@ from tlkit.cli.options import (
     recipe_option,
 )
 from tlkit.core.settings import SETTINGS
+
+if TYPE_CHECKING:
+    from tlkit.core.runs import Run
 
 
 @cli.command()
@@ -113,7 +116,7 @@ def finetune(
     _echo_run(run, as_json)
 
 
-def _echo_run(run: Any, as_json: bool) -> None:
+def _echo_run(run: Run | None, as_json: bool) -> None:
     if run is None:  # a worker other than the chief: it trained, the chief wrote the run
         click.echo(
             json.dumps({"run": None, "chief_writes": True})

@@ -5,9 +5,12 @@ read it, since a view set helps only with views like those training showed."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlkit.data.augment import AugmentConfig
+
+if TYPE_CHECKING:
+    from tlkit.core.runs import RunRecord
 
 
 @dataclass(frozen=True)
@@ -45,16 +48,17 @@ class ViewsSeen:
         return False
 
 
-def views_trained_on(augment: Any, augmented: bool, why: str) -> ViewsSeen:
+def views_trained_on(augment: AugmentConfig, augmented: bool, why: str) -> ViewsSeen:
     """What training showed the saved weights: the augmentation's geometry when they were
     trained on augmented images, else the eval view alone."""
     if not augmented:
         return ViewsSeen("center", (1.0, 1.0), (1.0, 1.0), False, why)
     mirror = augment.flip_p > 0 or any(name == "HorizontalFlip" for name, _ in augment.extra)
-    return ViewsSeen(augment.crop, tuple(augment.scale_range), tuple(augment.area), mirror, why)
+    (s0, s1), (a0, a1) = augment.scale_range, augment.area
+    return ViewsSeen(augment.crop, (s0, s1), (a0, a1), mirror, why)
 
 
-def views_seen(record: Any) -> ViewsSeen:
+def views_seen(record: RunRecord) -> ViewsSeen:
     """From run.json; a run recorded before tlkit wrote `views_seen` is taken to have seen
     its augmentation."""
     if record.views_seen is not None:

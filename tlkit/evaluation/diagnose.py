@@ -175,7 +175,7 @@ def near_duplicates(
     return [(-i, -j, s) for s, i, j in pairs], total
 
 
-def _examples(run: Any, data: str | None) -> dict[str, list[Example]]:
+def _examples(run: Run, data: str | None) -> dict[str, list[Example]]:
     """Every split of the data, labelled through the run's class map."""
     from tlkit.core.errors import DataError
     from tlkit.data.datasets import load_dataset
@@ -327,7 +327,7 @@ class _Images:
 
 def _findings(
     config: DiagnoseConfig,
-    run: Any,
+    run: Run,
     images: _Images,
     oof: np.ndarray,
     issues: list[tuple[int, int, float]],

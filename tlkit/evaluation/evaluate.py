@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from tlkit.evaluation.views import (
     val_scorer,
     views_need,
 )
+
+if TYPE_CHECKING:
+    from tlkit.models.distribute import Placement
 
 log = logging.getLogger("tlkit")
 
@@ -737,7 +740,7 @@ def _write(
     publish_dir(tmp, out_dir, overwrite=overwrite)
 
 
-def _evaluate(config: EvalConfig, placement: Any) -> dict[str, Any]:
+def _evaluate(config: EvalConfig, placement: Placement) -> dict[str, Any]:
     from tlkit.core.fsutil import refuse_overwrite
 
     runs = load_members(config.runs)

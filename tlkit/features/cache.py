@@ -23,12 +23,12 @@ import shutil
 import stat
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +59,14 @@ from tlkit.core.fsutil import (
 from tlkit.core.settings import Loader
 from tlkit.data.datasets import Example
 
+if TYPE_CHECKING:
+    from tlkit.data.augment import AugmentConfig
+    from tlkit.data.datasets import ImageFolder
+    from tlkit.models.backbones import BackboneSpec
+    from tlkit.models.cut import Cut
+    from tlkit.models.distribute import Share
+    from tlkit.models.weights import ResolvedWeights
+
 SCHEMA = 1
 CACHE_DIR = "cache"
 SHARD_BYTES = 256 << 20
@@ -69,18 +77,18 @@ class TrunkSource:
     """The model a cache's activations come from: its backbone (a BackboneSpec), weights (a
     ResolvedWeights), the built Keras model, where it is cut (a Cut) and the input size."""
 
-    spec: Any
-    weights: Any
+    spec: BackboneSpec
+    weights: ResolvedWeights
     model: Any
-    cut: Any
+    cut: Cut
     size: int
 
 
 def cache_inputs(
     source: TrunkSource,
     trunk: Any,
-    folder: Any,
-    augment: Any,
+    folder: ImageFolder,
+    augment: AugmentConfig,
     pca: dict[str, Any] | None,
     build: tuple[int, int, str],
 ) -> dict[str, Any]:
@@ -290,7 +298,7 @@ class CacheJob:
     or augmented view `view`) and activations (`predict`, images -> rows of `shape`), computed
     `batch_size` images at a time and stored as `dtype`; `progress(n_images)` hears of it."""
 
-    splits: dict[str, Sequence[Example]]
+    splits: Mapping[str, Sequence[Example]]
     views: dict[str, int]
     make_rows: Callable[[str, int, int, Sequence[Example]], Any]
     predict: Callable[[Any], Any]
@@ -445,7 +453,7 @@ def _compute_shards(
     for split, files in layout.items():
         shards[split] = []
         for name, start, stop in files:
-            record = finished.get(name)
+            record: dict[str, Any] = finished.get(name) or {}
             if not _intact(work / name, record):
                 batches = [(b, min(b + size, stop)) for b in range(start, stop, size)]
                 out = _compute_batches(job, split, batches)
@@ -673,7 +681,7 @@ class Found:
 def survey(root: Path) -> list[Found]:
     """Every entry of the cache root but the store folder and the lock files, each with what
     it proves to be. Nothing is taken from a name alone and no symlink is followed."""
-    from tlkit.data.store import STORE_DIR
+    from tlkit.data.decode import STORE_DIR
 
     found = []
     for name in sorted(os.listdir(root)) if root.is_dir() else []:
@@ -815,7 +823,8 @@ def list_unfinished(root: Path) -> list[dict[str, Any]]:
 def list_foreign(root: Path) -> list[Found]:
     """What `cache rm` leaves alone under `root` because it is not tlkit's, with why: entries of
     the root, and of the resized-image stores' folder (`images/NAME`)."""
-    from tlkit.data.store import STORE_DIR, foreign_stores
+    from tlkit.data.decode import STORE_DIR
+    from tlkit.data.store import foreign_stores
 
     stores = [Found(f"{STORE_DIR}/{name}", None, why) for name, why in foreign_stores(root)]
     return [f for f in survey(root) if f.kind is None] + stores
@@ -911,7 +920,8 @@ def _remove_one(path: Path) -> str | None:
 
 def _remove_stores(root: Path, key: str | None, out: Removal) -> None:
     """The resized-image stores: one KEY, or every one and then their folder if left empty."""
-    from tlkit.data.store import STORE_DIR, remove_store
+    from tlkit.data.decode import STORE_DIR
+    from tlkit.data.store import remove_store
 
     base = root / STORE_DIR
     if base.is_symlink() or not base.is_dir():
@@ -935,14 +945,15 @@ def cache_dataset(
     split: str,
     loader: Loader,
     epochs: range | None = range(1),
-    share: Any = None,
+    share: Share | None = None,
     sample_weights: Sequence[float] | None = None,
 ) -> Any:
     """(features, labels) batches from the cache, shared between replicas exactly like the
     image pipeline: the epochs `epochs` shuffled as it shuffles them, or (None) one pass in
     order."""
     from tlkit.data.augment import sample_rng
-    from tlkit.data.pipeline import WHOLE, BatchMaker, epoch_jobs, ordered_jobs, run_jobs
+    from tlkit.data.pipeline import BatchMaker, epoch_jobs, ordered_jobs, run_jobs
+    from tlkit.models.distribute import WHOLE
 
     share = share or WHOLE
     reader = cache.reader(split)

@@ -29,7 +29,6 @@ from tlkit.data.augment import (
     resolve_augment,
 )
 from tlkit.data.datasets import ImageFolder
-from tlkit.data.decode import DEFAULT_MAX_PIXELS
 from tlkit.data.preflight import Checked, check_inputs
 from tlkit.features.cache import (
     CacheJob,
@@ -126,7 +125,7 @@ class BuildSettings:
     dtype: str
     batch_size: int
     workers: int | None
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = SETTINGS["max_pixels"].default
     verbose: int = 1
 
 
@@ -186,13 +185,13 @@ def _progress_bar(total: int, verbose: int) -> Callable[[int], None]:
 
 
 def build_with_progress(
-    root: Any,
+    root: Path,
     prepared: Prepared,
     folder: ImageFolder,
     settings: BuildSettings,
     predict: Any = None,
     shard: tuple[int, int] | None = None,
-) -> Any:
+) -> FeatureCache | Path:
     """The cache (or, given `shard` (index, count), that part of it: its folder), with a
     progress bar; `predict` runs the trunk (default: predict_on_batch)."""
     views = {s: (settings.views if s == "train" else 1) for s in folder.splits}
@@ -269,7 +268,7 @@ def _seconds_per_image(predict: Any, batch_size: int, size: int) -> float:
     return (time.perf_counter() - t0) / batch_size
 
 
-def _dry_run_weights(spec: Any, requested: str) -> tuple[ResolvedWeights, str | None]:
+def _dry_run_weights(spec: BackboneSpec, requested: str) -> tuple[ResolvedWeights, str | None]:
     """A dry run needs only the architecture: without the weights it measures on random ones
     and says that the cache key waits for them."""
     try:
@@ -350,11 +349,11 @@ def _precompute(
     if config.dry_run:
         images = sum(counts[s] * views[s] for s in counts)
         seconds = _seconds_per_image(predict, config.batch_size, size) * images
-        if missing is not None:  # the key names the weights' hash: unknown without them
-            key, existing = None, None
+        # the key names the weights' hash: unknown without them
+        place = _place(root, None, None) if missing is not None else _place(root, key, existing)
         estimate = {"bytes": needed, "images": images, "estimated_seconds": round(seconds, 1)}
         return {
-            **_place(root, key, existing),
+            **place,
             **estimate,
             "weights_missing": missing,
             "shape": list(shape),
@@ -376,7 +375,11 @@ def _precompute(
         needed / 1e6,
     )
     built = build_with_progress(root, prepared, folder, settings, predict, shard)
-    return built if shard is None else _after_part(root, key, shard, built)
+    if shard is not None:
+        return _after_part(root, key, shard, built)
+    if not isinstance(built, FeatureCache):
+        raise RuntimeError(f"{built}: a whole build gave a part")  # a bug, not bad input
+    return built
 
 
 def _place(root: Path, key: str | None, existing: FeatureCache | None) -> dict[str, Any]:
@@ -402,7 +405,7 @@ def _check_space(root: Path, needed: int) -> None:
 
 
 def _after_part(
-    root: Any, key: str, shard: tuple[int, int], built: Any
+    root: Path, key: str, shard: tuple[int, int], built: FeatureCache | Path
 ) -> FeatureCache | dict[str, Any]:
     """The last part to finish publishes the cache; the others say what is still missing."""
     count, parts = read_parts(root, key)

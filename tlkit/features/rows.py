@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,16 +50,15 @@ class RowMaker:
         from tlkit.data.pipeline import load_eval_image, load_train_image
 
         t = self.transform
+        jobs: list[Callable[[], np.ndarray]]
         if split == "train" and t.config.random:
             jobs = [
-                lambda e=e, i=first + j: load_train_image(
-                    e.path, t, self.seed, view, i, self.max_pixels
-                )
+                partial(load_train_image, e.path, t, self.seed, view, first + j, self.max_pixels)
                 for j, e in enumerate(examples)
             ]
         else:
             jobs = [
-                lambda e=e: load_eval_image(e.path, t.size, self.crop_fraction, self.max_pixels)
+                partial(load_eval_image, e.path, t.size, self.crop_fraction, self.max_pixels)
                 for e in examples
             ]
         return np.stack(list(self._pool.map(lambda f: f(), jobs)))
@@ -93,7 +93,7 @@ def extract(
     extractor: Any,
     train: Sequence[Example],
     val: Sequence[Example],
-    transform: Any,
+    transform: TrainTransform,
     views: int,
     loader: Loader,
     on_first_batch: Any = None,
@@ -137,12 +137,16 @@ def forward(
     ]
     jobs += [("val", 0, i, list(val[i : i + batch_size])) for i in range(0, len(val), batch_size)]
     out: dict[str, list[list[np.ndarray]]] = {"train": [], "val": []}
+
+    def rows_of(job: tuple[str, int, int, list[Example]]) -> np.ndarray:
+        return np.asarray(make_rows(*job))
+
     with ThreadPoolExecutor(1) as ahead:
-        pending = ahead.submit(make_rows, *jobs[0])
+        pending = ahead.submit(rows_of, jobs[0])
         for n, (split, _, _, _) in enumerate(jobs):
             rows = pending.result()
             if n + 1 < len(jobs):
-                pending = ahead.submit(make_rows, *jobs[n + 1])
+                pending = ahead.submit(rows_of, jobs[n + 1])
             t = time.perf_counter()
             padded = (
                 np.concatenate(

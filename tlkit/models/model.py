@@ -144,7 +144,7 @@ def build_backbone(spec: BackboneSpec, resolved: ResolvedWeights, input_size: in
 
 def build_model(
     spec: BackboneSpec,
-    weights: Any,
+    weights: ResolvedWeights,
     size: int,
     num_classes: int,
     seed: int,

@@ -36,6 +36,9 @@ from tlkit.models.backbones import BackboneSpec
 from tlkit.models.freezing import FreezePlan, FreezeRequest, apply_freeze, resolve_freeze
 
 if TYPE_CHECKING:
+    from tlkit.features.rows import Features
+    from tlkit.models.cut import Cut
+    from tlkit.training.config import FinetuneConfig
     from tlkit.training.head import ProbeData
 
 log = logging.getLogger("tlkit")
@@ -79,7 +82,7 @@ def _train_tail(
     spec: BackboneSpec,
     candidate: tuple[FreezePlan, Any],
     data: tuple[Any, ...],
-    config: Any,
+    config: FinetuneConfig,
     head_only: tuple[dict[str, Any], np.ndarray],
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """(per-image val losses, score) of one deeper candidate (its plan and cut): its tail
@@ -131,7 +134,7 @@ def _train_tail(
     return trained, {**score, "best_epoch": best}  # 0: its start, the head probe
 
 
-def _tail_callbacks(tail: Any, x_train: np.ndarray, config: Any) -> list[Any]:
+def _tail_callbacks(tail: Any, x_train: np.ndarray, config: FinetuneConfig) -> list[Any]:
     """The best epoch kept, early stopping, and under random weights whose BatchNorm trains,
     its statistics recomputed before each validation, as the fine-tune phase does (phases.py)."""
     from tlkit.training.head import best_keeper
@@ -147,7 +150,7 @@ def _tail_callbacks(tail: Any, x_train: np.ndarray, config: Any) -> list[Any]:
 
 
 def _activations(
-    data: ProbeData, deeper: list[tuple[FreezePlan, Any]], config: Any
+    data: ProbeData, deeper: list[tuple[FreezePlan, Cut]], config: FinetuneConfig
 ) -> tuple[dict[str, list[np.ndarray]], Any]:
     """One pass over the eval view of every image: the activations at each deeper candidate's
     cut, and the pooled Features the head probe trains on."""
@@ -179,7 +182,7 @@ def _activations(
 
 
 def search_freeze(
-    data: ProbeData, spec: BackboneSpec, config: Any
+    data: ProbeData, spec: BackboneSpec, config: FinetuneConfig
 ) -> tuple[FreezePlan, list[dict[str, Any]], Any, list[np.ndarray] | None]:
     """(the chosen plan, every candidate's scores, the pooled eval-view Features, the chosen
     candidate's trained model when it is deeper than head only).
@@ -220,8 +223,8 @@ def search_freeze(
 def _head_only(
     model: Any,
     plan: FreezePlan,
-    pooled: Any,
-    config: Any,
+    pooled: Features,
+    config: FinetuneConfig,
     sample_weights: Sequence[float] | None,
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """([score], [per-image val losses]) of head only: a head probe on the pooled features, as

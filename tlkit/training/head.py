@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,10 @@ from tlkit.core.calibration import per_image_log_loss
 from tlkit.core.selection import Keeper, one_se_choice
 from tlkit.data.datasets import Example
 from tlkit.features.rows import Features, extract, pooled_extractor
+
+if TYPE_CHECKING:
+    from tlkit.data.augment import AugmentConfig
+    from tlkit.training.config import FinetuneConfig
 
 log = logging.getLogger("tlkit")
 
@@ -120,7 +124,7 @@ class HeadFit:
     label_smoothing: float = 0.0
 
     @classmethod
-    def of(cls, config: Any, n_train: int) -> HeadFit:
+    def of(cls, config: FinetuneConfig, n_train: int) -> HeadFit:
         """The head phase's, as a run's settings say (the rate scaled under --scale-lr)."""
         b = config.batch_size
         steps = head_steps(n_train, b, config.head_epochs)
@@ -246,8 +250,8 @@ def _probe(
     data: ProbeData,
     extractor: Any,
     initial: list[np.ndarray],
-    config: Any,
-    augment: Any,
+    config: FinetuneConfig,
+    augment: AugmentConfig,
     views: int,
 ) -> tuple[Features, list[dict[str, Any]]]:
     """One candidate's features and its head probe's rows, from the initial head."""
@@ -311,7 +315,7 @@ def _choose(
 
 
 def search_augment(
-    data: ProbeData, config: Any
+    data: ProbeData, config: FinetuneConfig
 ) -> tuple[Any, list[dict[str, Any]], Features | None]:
     """`--augment auto`: a head probe per candidate augmentation (max(--head-views, AUTO_VIEWS)
     views of the random ones), from the same initial head, scored by validation loss and

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from tlkit.core.errors import ConfigError
 from tlkit.core.figures import new_figure, png_bytes
 from tlkit.core.settings import SETTINGS, Loader, check_fields, setting
 from tlkit.models.freezing import FreezeRequest
+
+if TYPE_CHECKING:
+    from tlkit.features.rows import Features
+    from tlkit.models.backbones import BackboneSpec
 
 log = logging.getLogger("tlkit")
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
@@ -210,9 +214,9 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
 def _fine_tune_range_test(
     config: LrFindConfig,
     model: Any,
-    spec: Any,
+    spec: BackboneSpec,
     train: list[Any],
-    head_features: Any,
+    head_features: Features,
     size: int,
     train_bn: bool,
 ) -> dict[str, Any]:

@@ -18,10 +18,14 @@ Imported only while training (it imports Keras).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 from keras import ops
+
+if TYPE_CHECKING:
+    from tlkit.models.backbones import BackboneSpec
+    from tlkit.training.config import FinetuneConfig
 
 CROSS_ENTROPY = "cross_entropy"  # the metric that stands in for val_loss under smoothing
 
@@ -62,7 +66,9 @@ def stage_factors(base: Any, stage_ends: list[int], decay: float) -> dict[str, f
     return factors
 
 
-def phase_optimizer(model: Any, base: Any, spec: Any, config: Any, steps_per_epoch: int) -> Any:
+def phase_optimizer(
+    model: Any, base: Any, spec: BackboneSpec, config: FinetuneConfig, steps_per_epoch: int
+) -> Any:
     """The fine-tune phase's optimizer for `model` (the classifier or its tail), from the
     FinetuneConfig's rate, schedule, warmup, weight decay and stage decay."""
     from tlkit.models.model import optimizer_for
@@ -160,7 +166,7 @@ def plain_val_loss(logs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def describe(config: Any) -> str:
+def describe(config: FinetuneConfig) -> str:
     """The fine-tune options in use, for the log; '' when none is."""
     parts = []
     if config.schedule != "constant":
