@@ -1,0 +1,76 @@
+"""Run folders written by an earlier tlkit (tests/fixtures/runs-2c26047, made at commit 2c26047
+before the settings schema) still load, evaluate, predict, transfer and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tlkit.cli import cli
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "runs-2c26047"
+
+
+@pytest.fixture
+def old_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the fixture as the working folder: its runs name their data as `data`."""
+    work = tmp_path / "old"
+    shutil.copytree(FIXTURE, work)
+    monkeypatch.chdir(work)
+    return work
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_an_old_finished_run_loads_evaluates_and_predicts(old_runs):
+    from tlkit.core.runs import load_run
+
+    run = load_run("finished")
+    assert list(run.classes) == ["blue", "red"] and run.record.input_size == 32
+    recorded = run.record.results["best"]
+    metrics = json.loads(invoke("eval", "finished", "--json").output)
+    assert metrics["images"] == 6 and 0.0 <= metrics["top1"] <= 1.0
+    # the model scores the validation split as the run recorded it did
+    val = json.loads(invoke("eval", "finished", "--split", "val", "--json").output)
+    assert val["top1"] == pytest.approx(recorded["val_accuracy"])
+    found = json.loads(invoke("predict", "finished", "data/test/red/red0.png", "--json").output)
+    top = found[0]["top"]
+    assert sorted(p["label"] for p in top) == ["blue", "red"]
+    assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.slow  # about 15 s: two tiny trainings
+def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
+    from tlkit.core.runs import load_run
+
+    invoke("finetune", "--resume", "interrupted")
+    run = load_run("interrupted")
+    tuned = [p for p in run.record.results["phases"] if p["phase"] == "fine-tune"]
+    assert tuned[0]["epochs_run"] == 3 and run.record.resumed  # the third ran after the kill
+    invoke(
+        "finetune",
+        "data",
+        "--weights",
+        "finished",
+        "--backbone",
+        "test_resnet",
+        "--input-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--head-epochs",
+        "1",
+        "--epochs",
+        "0",
+        "-o",
+        "transferred",
+    )
+    assert load_run("transferred").record.weights["source"] == "run"
