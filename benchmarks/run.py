@@ -840,37 +840,41 @@ def rss_child_peak(n_images: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def rss_child(n_images: int, folder: str, step: str) -> None:
+def stand_in_job(n_images: int) -> object:
+    """A cache build of n_images (files that need not exist) through a cheap stand-in trunk
+    whose rows are 7x7x2048, ResNet50's at 224, from random images: only the cache's own work
+    is measured."""
     import keras
     import numpy as np
 
-    from tlkit.core.settings import Loader
     from tlkit.data.datasets import Example
-    from tlkit.features.cache import CacheJob, build_cache, cache_dataset, open_cache, trunk_shape
+    from tlkit.features.cache import CacheJob, trunk_shape
 
     examples = [
         Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4)) for i in range(n_images)
     ]
     inputs = keras.Input((32, 32, 3), dtype="uint8")
-    x = keras.layers.Rescaling(1 / 255)(inputs)
-    x = keras.layers.AveragePooling2D(4)(x)
+    x = keras.layers.AveragePooling2D(4)(keras.layers.Rescaling(1 / 255)(inputs))
     trunk = keras.Model(inputs, keras.layers.Conv2D(2048, 2)(x))  # -> 7x7x2048
     rng = np.random.default_rng(0)
 
     def rows(split: str, view: int, first: int, batch: list) -> object:
         return rng.integers(0, 256, (len(batch), 32, 32, 3), dtype=np.uint8)
 
+    shape = trunk_shape(trunk)
+    return CacheJob(
+        {"train": examples}, {"train": 1}, rows, trunk.predict_on_batch, shape, "float16", 64
+    )
+
+
+def rss_child(n_images: int, folder: str, step: str) -> None:
+    import keras
+
+    from tlkit.core.settings import Loader
+    from tlkit.features.cache import build_cache, cache_dataset, open_cache
+
     if step == "build":
-        job = CacheJob(
-            {"train": examples},
-            {"train": 1},
-            rows,
-            trunk.predict_on_batch,
-            trunk_shape(trunk),
-            "float16",
-            64,
-        )
-        build_cache(Path(folder), "rss", {"n": n_images}, job)
+        build_cache(Path(folder), "rss", {"n": n_images}, stand_in_job(n_images))
         return
     cache = open_cache(Path(folder), "rss")
     cache.verify()
@@ -1053,34 +1057,10 @@ def distribute_figures() -> None:
 def merge_figure(n_images: int) -> None:
     """`merge_parts` alone, on two parts of 7x7x2048 float16 rows (ResNet50 at 224) written by
     build_part with a cheap stand-in trunk: only the merge is timed."""
+    from tlkit.features.cache import build_part, merge_parts
 
-    import keras
-    import numpy as np
-
-    from tlkit.data.datasets import Example
-    from tlkit.features.cache import CacheJob, build_part, merge_parts, trunk_shape
-
-    examples = [
-        Example(f"/nonexistent/{i}.jpg", f"{i}.jpg", i % 4, str(i % 4)) for i in range(n_images)
-    ]
-    inputs = keras.Input((32, 32, 3), dtype="uint8")
-    x = keras.layers.AveragePooling2D(4)(keras.layers.Rescaling(1 / 255)(inputs))
-    trunk = keras.Model(inputs, keras.layers.Conv2D(2048, 2)(x))
-    rng = np.random.default_rng(0)
-
-    def rows(split: str, view: int, first: int, batch: list) -> object:
-        return rng.integers(0, 256, (len(batch), 32, 32, 3), dtype=np.uint8)
-
+    job = stand_in_job(n_images)
     with tempfile.TemporaryDirectory() as tmp:
-        job = CacheJob(
-            {"train": examples},
-            {"train": 1},
-            rows,
-            trunk.predict_on_batch,
-            trunk_shape(trunk),
-            "float16",
-            64,
-        )
         for i in range(2):
             build_part(Path(tmp), "merge", {"n": n_images}, job, i, 2)
         start = time.perf_counter()
