@@ -873,8 +873,9 @@ def rss_child(n_images: int, folder: str, step: str) -> None:
     from tlkit.core.settings import Loader
     from tlkit.features.cache import build_cache, cache_dataset, open_cache
 
+    job = stand_in_job(n_images)  # made by both steps, so both hold the same before they work
     if step == "build":
-        build_cache(Path(folder), "rss", {"n": n_images}, stand_in_job(n_images))
+        build_cache(Path(folder), "rss", {"n": n_images}, job)
         return
     cache = open_cache(Path(folder), "rss")
     cache.verify()

@@ -51,8 +51,9 @@ def test_an_old_finished_run_loads_evaluates_and_predicts(old_runs):
 def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
     from tlkit.core.runs import load_run
 
-    invoke("finetune", "--resume", "interrupted")
+    found = json.loads(invoke("finetune", "--resume", "interrupted", "--json").stdout)
     run = load_run("interrupted")
+    assert found["run"] == str(run.path)
     tuned = [p for p in run.record.results["phases"] if p["phase"] == "fine-tune"]
     assert tuned[0]["epochs_run"] == 3 and run.record.resumed  # the third ran after the kill
     invoke(

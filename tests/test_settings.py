@@ -115,6 +115,21 @@ def test_the_python_api_refuses_what_the_cli_refuses():
             FinetuneConfig(**{name: value})
 
 
+def test_a_number_of_another_type_is_checked_and_a_string_refused():
+    """numpy's integers are numbers (checked by the range); a string is not a number."""
+    import numpy as np
+
+    with pytest.raises(
+        ConfigError, match=re.escape("--batch-size must be at least 1. Received: 0")
+    ):
+        FinetuneConfig(batch_size=np.int64(0))
+    with pytest.raises(
+        ConfigError, match=re.escape("--batch-size must be a number. Received: '32'")
+    ):
+        FinetuneConfig(batch_size="32")  # type: ignore[arg-type]
+    assert FinetuneConfig(batch_size=np.int64(8)).batch_size == 8
+
+
 def _post_init_comparisons() -> list[str]:
     """Comparisons of a ranged setting with a number inside a config's `__post_init__`."""
     ranged = {n for n, s in SETTINGS.items() if s.low is not None or s.high is not None}

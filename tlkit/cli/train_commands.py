@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -105,12 +106,12 @@ def finetune(
         **options,
     )
     if resume is not None:  # the saved settings, changed only where a flag was typed
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         typed = {
             SETTINGS[name].field if name in SETTINGS else name
             for name in ctx.params
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-            and name not in ("resume", "force_resume")
-        }
+        } & fields  # not --resume, --force-resume or --json: how to run, not what
         config = resume_config(resume, **{f: getattr(config, f) for f in typed})
     run = run_finetune(config, verbose=verbosity(ctx), resume=resume, force_resume=force_resume)
     _echo_run(run, as_json)

@@ -12,6 +12,7 @@ is one entry below and a line in docs/training.md.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,9 @@ class Setting:
             return
         if self.choices:
             choices.check(self.flag, value, self.choices)
-        elif isinstance(value, (int, float)) and not self.within(value):
+        elif self.type in (int, float) and not isinstance(value, numbers.Real):
+            raise ConfigError(f"{self.flag} must be a number. Received: {value!r}")
+        elif isinstance(value, numbers.Real) and not self.within(float(value)):
             raise ConfigError(f"{self.flag} must be {self.bounds_text()}. Received: {value}")
 
 
