@@ -75,3 +75,27 @@ def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
         "transferred",
     )
     assert load_run("transferred").record.weights["source"] == "run"
+    written = json.loads(Path("transferred/checkpoints/identity.json").read_text())
+    assert written["schema"] == 2 and written["backbone"] == "test_resnet"  # today's schema
+
+
+def test_identities_of_every_schema_read_and_a_foreign_one_is_one_line(old_runs):
+    """identity.json (what a resume must match): schema 1 (no `schema` key, the fixture's) and
+    2 read alike; a record that is not an identity, or one from a newer tlkit, is refused in
+    one line naming the file."""
+    from tlkit.training.resume import IDENTITY_SCHEMA, Identity, read_identity
+
+    folder = next(old_runs.glob("interrupted.incomplete-*"))
+    old = read_identity(folder)
+    assert old.schema == 1 and old.backbone == "test_resnet" and old.fine_tune_lr == 1e-5
+    path = folder / "checkpoints" / "identity.json"
+    again = Identity.from_dict(json.loads(json.dumps(old.as_dict())), path)
+    assert again.compared() == old.compared() and again.as_dict()["schema"] == 1
+    for text, complaint in (
+        ("{}", "not a tlkit identity (missing backbone, classes, config"),
+        (json.dumps({**old.as_dict(), "schema": IDENTITY_SCHEMA + 1}), "newer than this tlkit"),
+    ):
+        path.write_text(text)
+        result = CliRunner().invoke(cli, ["finetune", "--resume", "interrupted"])
+        assert result.exit_code == 5 and complaint in result.output, result.output
+        assert "Traceback" not in result.output

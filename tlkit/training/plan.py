@@ -18,7 +18,7 @@ from tlkit.models.distribute import WHOLE, Placement, Share
 from tlkit.models.freezing import FreezePlan, nothing_to_train, resolve_freeze
 from tlkit.models.weights import ResolvedWeights, resolve_weights
 from tlkit.training.config import FinetuneConfig
-from tlkit.training.resume import check_unchanged
+from tlkit.training.resume import Identity, check_unchanged
 from tlkit.training.timing import log_estimate
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Plan:
     folder: ImageFolder  # the data to train on (bad files left out under --on-bad-image skip)
     report: DataReport  # the data check of every file
     skipped: list[dict[str, Any]]
-    identity: dict[str, Any]  # what a resumed run must still match
+    identity: Identity  # what a resumed run must still match
     model: keras.Model
     base: keras.Model
     freeze: FreezePlan
@@ -68,7 +68,7 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
-        return self.identity["data_fingerprint"]
+        return self.identity.data_fingerprint
 
     def split(self, name: str) -> list[Example]:
         return self.folder.splits[name]
@@ -140,7 +140,7 @@ class _Start:
     folder: ImageFolder
     report: DataReport
     skipped: list[dict[str, Any]]
-    identity: dict[str, Any]
+    identity: Identity
     model: keras.Model
 
     def fields(self) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def make_plan(
     config: FinetuneConfig,
     checked: Checked,
     placement: Placement,
-    saved: dict[str, Any] | None,
+    saved: Identity | None,
     tmp_dir: Any,
     force_resume: bool,
     verbose: int,
@@ -164,21 +164,22 @@ def make_plan(
     spec, size = checked.spec, checked.size
     weights = resolve_weights(spec, config.weights)
     folder, report, skipped, data_fingerprint = _load_data(config, checked, placement)
-    identity = {
-        "config": config.as_dict(),
-        "backbone": spec.name,
-        "weights_sha256": weights.as_dict().get("sha256"),
-        "input_size": size,
-        "preprocessing": spec.preprocessing,
-        "classes": list(folder.classes),
-        "data_fingerprint": data_fingerprint,
-    }
+    requested = config.as_dict()
     config, note = config.with_data_defaults(len(folder.splits["train"]), len(folder.classes))
     log.info("%s", note)
     # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
     # before the rule has its rate in its config, and nothing here to compare)
-    if saved is None or "fine_tune_lr" in saved:
-        identity["fine_tune_lr"] = config.fine_tune_lr
+    chosen = config.fine_tune_lr if saved is None or saved.fine_tune_lr is not None else None
+    identity = Identity(
+        requested,
+        spec.name,
+        weights.as_dict().get("sha256"),
+        size,
+        spec.preprocessing,
+        list(folder.classes),
+        data_fingerprint,
+        chosen,
+    )
     check_unchanged(saved, identity, tmp_dir, force_resume)
     seed_everything(config.seed)
     n_classes = len(folder.classes)
@@ -195,7 +196,7 @@ def make_plan(
 def _plan_training(
     config: FinetuneConfig,
     placement: Placement,
-    saved: dict[str, Any] | None,
+    saved: Identity | None,
     start: _Start,
     verbose: int,
 ) -> Plan:
@@ -205,7 +206,7 @@ def _plan_training(
     spec, size, folder, model = start.spec, start.size, start.folder, start.model
     base = backbone_of(model)
     by_class, sample_weights = _weights_of(config, folder)
-    requested = start.identity["config"]
+    requested = start.identity.config
     config, freeze, searched, head_features, search_model = _resolve_auto(
         config, placement, saved, start, sample_weights
     )
@@ -343,7 +344,7 @@ def _weights_of(
 def _resolve_auto(
     config: FinetuneConfig,
     placement: Placement,
-    identity: dict[str, Any] | None,
+    identity: Identity | None,
     start: _Start,
     sample_weights: list[float] | None,
 ) -> tuple[FinetuneConfig, FreezePlan, dict[str, Any], Features | None, list[np.ndarray] | None]:
@@ -356,7 +357,7 @@ def _resolve_auto(
 
     model, spec, folder, size = start.model, start.spec, start.folder, start.size
     train = folder.splits["train"]
-    searched: dict[str, Any] = dict((identity or {}).get("searched") or {})
+    searched: dict[str, Any] = dict(identity.searched) if identity is not None else {}
     auto = [
         flag
         for flag, on in (

@@ -24,6 +24,8 @@ from tlkit.training.config import FinetuneConfig
 log = logging.getLogger("tlkit")
 
 IDENTITY_FILE = "identity.json"  # in checkpoints/: what a resumed run must still match
+# 2: the record carries its schema; 1: identity.json without one (tlkit up to 2026-12-06)
+IDENTITY_SCHEMA = 2
 # Settings a resumed run may change freely: they decide where and how fast, not what is learned.
 RESUME_FREE = (
     "output",
@@ -72,20 +74,66 @@ def find_resumable(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     return chosen, final
 
 
-def read_identity(tmp_dir: Path) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What a run started with, and what a resume must still match (checkpoints/identity.json):
+    the settings as asked for (FinetuneConfig.as_dict), the backbone, its weights, the input
+    and its preprocessing, the class map, the data, the fine-tune rate the data chose (None in
+    runs started before that rule: nothing to compare), and the `auto` searches' choices and
+    scores (kept, not compared: a resume reuses them)."""
+
+    config: dict[str, Any]
+    backbone: str
+    weights_sha256: str | None
+    input_size: int
+    preprocessing: str
+    classes: list[str]
+    data_fingerprint: str
+    fine_tune_lr: float | None = None
+    searched: dict[str, Any] = dataclasses.field(default_factory=dict)
+    schema: int = IDENTITY_SCHEMA
+
+    def compared(self) -> dict[str, Any]:
+        """What a resume compares: everything but the schema and the searches' results."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("schema", "searched")}
+        if self.fine_tune_lr is None:
+            del out["fine_tune_lr"]
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema, **{k: v for k, v in dataclasses.asdict(self).items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: Path) -> Identity:
+        """identity.json of any schema so far (1 had none); what is missing or foreign is one
+        RunError naming the file."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - (set(d) & required))
+        fix = f"the run cannot be resumed; remove {path.parent.parent} and train again"
+        if missing or not isinstance(d.get("config"), dict):
+            raise RunError(f"{path}: not a tlkit identity (missing {', '.join(missing)}); {fix}")
+        schema = d.get("schema", 1)
+        if not isinstance(schema, int) or schema > IDENTITY_SCHEMA:
+            raise RunError(
+                f"{path}: an identity of schema {schema!r}, newer than this tlkit reads "
+                f"({IDENTITY_SCHEMA}); upgrade tlkit, or {fix}"
+            )
+        return cls(**{k: v for k, v in d.items() if k in names and k != "schema"}, schema=schema)
+
+
+def read_identity(tmp_dir: Path) -> Identity:
     """What an interrupted run started with (checkpoints/identity.json)."""
-    return read_json_record(
-        tmp_dir / "checkpoints" / IDENTITY_FILE,
-        RunError,
-        f"the run cannot be resumed; remove {tmp_dir} and train again",
-    )
+    path = tmp_dir / "checkpoints" / IDENTITY_FILE
+    fix = f"the run cannot be resumed; remove {tmp_dir} and train again"
+    return Identity.from_dict(read_json_record(path, RunError, fix), path)
 
 
 def resume_config(path: str | os.PathLike[str], **overrides: Any) -> FinetuneConfig:
     """The settings an interrupted run started with, with `overrides` on top."""
     tmp_dir, _ = find_resumable(path)
     saved = read_identity(tmp_dir)
-    return dataclasses.replace(FinetuneConfig.from_dict(saved["config"]), **overrides)
+    return dataclasses.replace(FinetuneConfig.from_dict(saved.config), **overrides)
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -100,12 +148,13 @@ def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
 
 
 def check_unchanged(
-    saved: dict[str, Any] | None, now: dict[str, Any], tmp_dir: Path | None, force_resume: bool
+    saved: Identity | None, now: Identity, tmp_dir: Path | None, force_resume: bool
 ) -> None:
     """A resumed run continues only on the settings, classes and data it started with."""
     if saved is None:
         return
-    changed = differences({k: saved.get(k) for k in now}, now)
+    was, current = saved.compared(), now.compared()
+    changed = differences({k: was.get(k) for k in current}, current)
     if changed and not force_resume:
         raise RunError(
             f"{tmp_dir}: cannot resume, the run started with different settings or "

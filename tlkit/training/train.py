@@ -13,6 +13,7 @@ folder, trains, and publishes it whole.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -62,7 +63,7 @@ from tlkit.training.record import (
     score_on_test,
     write_search_table,
 )
-from tlkit.training.resume import IDENTITY_FILE, find_resumable, read_identity
+from tlkit.training.resume import IDENTITY_FILE, Identity, find_resumable, read_identity
 from tlkit.training.state import Schedule, TrainingState, write_history
 
 log = logging.getLogger("tlkit")
@@ -148,13 +149,13 @@ def finetune(
 
 def _start(
     config: FinetuneConfig | None, resume: str | os.PathLike[str] | None
-) -> tuple[FinetuneConfig, Path, Path | None, dict[str, Any] | None]:
+) -> tuple[FinetuneConfig, Path, Path | None, Identity | None]:
     """(settings, run folder, the interrupted run's folder, what it started with): a new run's,
     or a resumed one's."""
     if resume is not None:
         tmp_dir, run_dir = find_resumable(resume)
         identity = read_identity(tmp_dir)
-        return (config or FinetuneConfig.from_dict(identity["config"])), run_dir, tmp_dir, identity
+        return (config or FinetuneConfig.from_dict(identity.config)), run_dir, tmp_dir, identity
     if config is None:
         raise TypeError("finetune() needs a config, or resume= to continue a run")
     run_dir = Path(config.output) if config.output else default_run_dir(config.backbone)
@@ -317,9 +318,8 @@ def _open_run_dir(
         ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
         if ckpt_dir is not None:  # the search's model first: the identity makes it resumable
             _write_search_model(plan, ckpt_dir)
-            atomic_write_json(
-                ckpt_dir / IDENTITY_FILE, {**plan.identity, "searched": plan.searched}
-            )
+            found = dataclasses.replace(plan.identity, searched=plan.searched)
+            atomic_write_json(ckpt_dir / IDENTITY_FILE, found.as_dict())
     else:  # every worker restores from the run's folder (under multiworker: a shared one)
         ckpt_dir = tmp_dir / "checkpoints"
         state = _restore(plan, tmp_dir, ckpt_dir, chief)
