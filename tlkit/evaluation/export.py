@@ -68,6 +68,35 @@ def _onnx(model: Any, path: Path) -> None:
         model.export(str(path), format="onnx", verbose=False)
 
 
+def _export_record(loaded: Run, fmt: str) -> dict[str, Any]:
+    """export.json: the model file, its labels, and what its input and output are."""
+    size = loaded.input_size
+    return {
+        "format": fmt,
+        "model": MODEL_FILES[fmt],
+        "labels": "labels.txt",
+        "input": {
+            "shape": [None, size, size, 3],
+            "dtype": "uint8",
+            "channels": "RGB",
+            "preprocessing": "inside the model",
+            # what turns a file into that input, as tlkit's eval does it
+            "from_a_file": {
+                **decode_protocol(),
+                **eval_protocol(size, float(loaded.record.crop_fraction)),
+            },
+        },
+        "output": {
+            "shape": [None, len(loaded.classes)],
+            "meaning": "class probabilities",
+            "classes": loaded.classes,
+        },
+        "run": str(loaded.path.resolve()),
+        "backbone": loaded.record.backbone,
+        "tlkit_version": _version.__version__,
+    }
+
+
 def export_run(
     run: str | os.PathLike[str] | None,
     fmt: str,
@@ -101,34 +130,7 @@ def export_run(
             model = loaded.load_model()
             {"savedmodel": _savedmodel, "tflite": _tflite, "onnx": _onnx}[fmt](model, target)
         atomic_write(tmp / "labels.txt", "".join(f"{c}\n" for c in loaded.classes))
-        size = loaded.input_size
-        atomic_write_json(
-            tmp / "export.json",
-            {
-                "format": fmt,
-                "model": MODEL_FILES[fmt],
-                "labels": "labels.txt",
-                "input": {
-                    "shape": [None, size, size, 3],
-                    "dtype": "uint8",
-                    "channels": "RGB",
-                    "preprocessing": "inside the model",
-                    # what turns a file into that input, as tlkit's eval does it
-                    "from_a_file": {
-                        **decode_protocol(),
-                        **eval_protocol(size, float(loaded.record.crop_fraction)),
-                    },
-                },
-                "output": {
-                    "shape": [None, len(loaded.classes)],
-                    "meaning": "class probabilities",
-                    "classes": loaded.classes,
-                },
-                "run": str(loaded.path.resolve()),
-                "backbone": loaded.record.backbone,
-                "tlkit_version": _version.__version__,
-            },
-        )
+        atomic_write_json(tmp / "export.json", _export_record(loaded, fmt))
     except BaseException:
         discard(tmp)
         raise

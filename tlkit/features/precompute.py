@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -365,21 +365,15 @@ def _precompute(
         return existing
     _check_space(root, needed if shard is None else 2 * -(-needed // shard[1]))  # part + merge
     what = "feature cache" if shard is None else f"shard {shard[0]} of {shard[1]} of cache"
+    mb = needed / 1e6
     log.info(
         "building %s %s: %s images x views, %s %s per image, %.1f MB in all",
-        what,
-        key,
-        counts,
-        shape,
-        config.dtype,
-        needed / 1e6,
+        *(what, key, counts, shape, config.dtype, mb),
     )
     built = build_with_progress(root, prepared, folder, settings, predict, shard)
     if shard is not None:
         return _after_part(root, key, shard, built)
-    if not isinstance(built, FeatureCache):
-        raise RuntimeError(f"{built}: a whole build gave a part")  # a bug, not bad input
-    return built
+    return cast(FeatureCache, built)  # a whole build gives the cache, a part its folder
 
 
 def _place(root: Path, key: str | None, existing: FeatureCache | None) -> dict[str, Any]:
