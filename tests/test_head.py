@@ -478,3 +478,76 @@ def test_keras_callbacks_from_python_join_the_fine_tune_phase(make_folder, tmp_p
         tuned = [r for r in csv.DictReader(f) if r["phase"] == "fine-tune"]
     assert [e for e, _ in spy.seen] == [0, 1] and len(tuned) == 2
     assert [float(r["val_loss"]) for r in tuned] == pytest.approx([v for _, v in spy.seen])
+
+
+def mlp_head(pooled: Any, num_classes: int) -> Any:
+    """A user's head: a hidden layer before the softmax."""
+    import keras
+
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(pooled)
+    return keras.layers.Dense(num_classes, activation="softmax", name="classes")(x)
+
+
+@pytest.mark.slow  # about 10 s: a tiny run with a fine-tune phase, evaluated and resumed
+def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, monkeypatch):
+    """`finetune(head=...)`: the user's head is what the probe trains (its validation loss
+    falls), it is in model.keras as saved, named in run.json and identity.json; a resume
+    without it, the activation maps and --calibrate refuse it in one line."""
+    import keras
+
+    from tlkit.core.errors import RunError
+    from tlkit.evaluation.explain import class_maps
+    from tlkit.training.train import finetune
+
+    data = make_folder(per_class=10, layout="splits", classes=("cat", "dog", "cow"))
+    config = quick_config(data, tmp_path / "run", freeze=FreezeRequest(count="0"), epochs=1)
+    run = finetune(config, verbose=0, head=mlp_head)
+    assert run.record.head == "test_head.mlp_head"
+    assert json.loads((run.path / "run.json").read_text())["head"] == "test_head.mlp_head"
+    model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
+    assert [la.name for la in model.layers[-3:]] == ["pool", "hidden", "classes"]
+    with open(run.path / "history.csv") as f:
+        head_rows = [float(r["val_loss"]) for r in csv.DictReader(f) if r["phase"] == "head"]
+    assert min(head_rows) < head_rows[0]  # the probe trained the user's head
+    with pytest.raises(RunError, match="activation maps needs a head that is a softmax Dense"):
+        class_maps(model, np.zeros((1, 32, 32, 3), np.uint8), [0])
+
+    # mlp_head ends in a softmax Dense, which --calibrate scales; a Softmax layer it cannot
+    def softmax_layer_head(pooled: Any, num_classes: int) -> Any:
+        return keras.layers.Softmax()(keras.layers.Dense(num_classes)(pooled))
+
+    with pytest.raises(RunError, match="--calibrate needs a head that is a softmax Dense"):
+        cal = quick_config(data, tmp_path / "cal", calibrate=True)
+        finetune(cal, verbose=0, head=softmax_layer_head)
+    assert not (tmp_path / "cal").exists()
+
+    # an interrupted run of this head resumes only with it
+    import tlkit.training.phases
+    from tlkit.core.errors import Interrupted
+
+    real = tlkit.training.phases.save_epoch
+
+    def dies_in_the_fine_tune(directory, model, optimizer, state, improved):
+        real(directory, model, optimizer, state, improved)
+        if state["phase"] == "fine-tune":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", dies_in_the_fine_tune)
+    cut = quick_config(data, tmp_path / "cut", freeze=FreezeRequest(count="0"), epochs=2)
+    with pytest.raises(Interrupted):
+        finetune(cut, verbose=0, head=mlp_head)
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", real)
+    with pytest.raises(RunError, match="cannot resume with head linear; the run started with head"):
+        finetune(verbose=0, resume=tmp_path / "cut")
+    resumed = finetune(verbose=0, resume=tmp_path / "cut", head=mlp_head)
+    assert resumed.record.head == "test_head.mlp_head" and resumed.record.resumed
+
+
+def test_a_head_of_the_wrong_shape_is_one_line(tmp_path):
+    from tlkit.core.errors import ConfigError
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.model import build_classifier
+
+    spec = get_backbone(TINY)
+    with pytest.raises(ConfigError, match=r"head: must return \(batch, 3\) class probabilities"):
+        build_classifier(spec, spec.build(32), 3, 32, head=lambda pooled, n: pooled)

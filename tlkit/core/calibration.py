@@ -107,9 +107,9 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return math.exp((lo + hi) / 2)
 
 
-def fold_temperature(model: Any, temperature: float) -> None:
-    """Divide the classifier's softmax layer's kernel and bias by T, in place."""
-    dense = model.get_layer("predictions")
+def fold_temperature(dense: Any, temperature: float) -> None:
+    """Divide a softmax Dense layer's kernel and bias by T, in place: its softmax is then
+    the temperature-scaled one."""
     dense.set_weights([w / temperature for w in dense.get_weights()])
 
 

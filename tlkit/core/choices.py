@@ -25,6 +25,7 @@ EVAL_SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 BAD_IMAGE_POLICIES = ("error", "skip")
 LR_FIND_PHASES = ("head", "fine-tune")
+LINEAR_HEAD = "linear"  # the head's name in a run when it is tlkit's own (models/model.py)
 AUTO = "auto"  # --augment auto, --freeze auto: chosen on the validation split
 # --fine-tune-lr's default follows the amount of data, as measured on the icons benchmark
 # (docs/accuracy.md, "The fine-tune rate along the curve"): (training images a class, on

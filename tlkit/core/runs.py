@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlkit.core.choices import DEFAULT_MAX_PIXELS
+from tlkit.core.choices import DEFAULT_MAX_PIXELS, LINEAR_HEAD
 from tlkit.core.errors import RunError, TlkitError, did_you_mean, first_line, shown
 from tlkit.core.fsutil import (
     final_path,
@@ -78,6 +78,7 @@ class RunRecord:
     epoch: int | None = None
     optimizer_steps: int | None = None
     resumed: list[str] = field(default_factory=list)
+    head: str = LINEAR_HEAD  # tlkit's own, or the Python function's name (finetune(head=...))
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -33,6 +33,7 @@ from tlkit.core.runs import Run
 from tlkit.core.settings import check_fields, setting
 from tlkit.data.datasets import Example
 from tlkit.features.rows import pooled_features
+from tlkit.models.model import head_of
 
 log = logging.getLogger("tlkit")
 DIAGNOSE_SCHEMA = 1
@@ -279,8 +280,7 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     train_idx, labels = images.train_indices, images.labels
     oof, issues, review = _label_review(config, feats, labels, train_idx, len(run.classes))
     dups, n_dups = near_duplicates(feats, config.duplicate_similarity)
-    head = model.get_layer("predictions")
-    probs = np.asarray(head(feats), np.float64)  # the run's own head on the same features
+    probs = np.asarray(head_of(model)(feats), np.float64)  # the run's head, same features
     held = images.held_out
     found = _findings(config, run, images, oof, issues, dups, probs)
     found["near_duplicates_total"] = n_dups  # all pairs over the threshold; the list is capped

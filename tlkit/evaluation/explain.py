@@ -1,12 +1,13 @@
 """Where the model looks: class activation maps (CAM, Zhou et al. 2016).
 
-Every tlkit classifier ends in global average pooling, dropout (identity at inference) and one
-dense softmax layer, so a class's logit is exactly the mean over positions of
+A classifier with tlkit's own head ends in global average pooling, dropout (identity at
+inference) and one dense softmax layer, so a class's logit is exactly the mean over positions of
 sum_k w_k,c * A_k(x, y) plus a bias, where A is the backbone's last feature map. That per-position
 sum is the class activation map: an exact decomposition of the logit, with no gradients and no
 approximation. Grad-CAM (Selvaraju et al. 2017) reduces to it for this architecture (its
 gradient weights are w_k,c / (h * w) at every position) and costs a backward pass more; it is
-needed only when a network has layers after its last convolution, which tlkit's never do.
+needed only when a network has layers after its last convolution, which tlkit's own head
+never has; a head passed from Python (`finetune(head=...)`) is refused with one line.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.models.model import POOL_LAYER
+
 
 def feature_map_model(model: Any) -> Any:
     """Raw images -> the backbone's last feature map (what the pooling layer averages)."""
     import keras
 
-    return keras.Model(model.input, model.get_layer("pool").input)
+    return keras.Model(model.input, model.get_layer(POOL_LAYER).input)
 
 
 def class_maps(
@@ -30,9 +33,10 @@ def class_maps(
     """(N, h, w) float32: the logit contribution of each position for the given class of each
     image (its mean plus the bias is the logit)."""
     from tlkit.models.distribute import traced_predictor
+    from tlkit.models.model import softmax_layer
 
     maps = traced_predictor(maps_model or feature_map_model(model))
-    kernel, _ = model.get_layer("predictions").get_weights()
+    kernel, _ = softmax_layer(model, "activation maps", linear=True).get_weights()
     # one traced function: called eagerly, Keras keeps every layer's output until the call
     # ends (2.3 GB more than traced for 32 EfficientNet-Lite0 images); not predict(): under a
     # multi-worker strategy it would start collective ops that the other workers, done with

@@ -23,6 +23,7 @@ import numpy as np
 from tlkit.core.settings import Loader
 from tlkit.data.augment import TrainTransform, resolve_augment
 from tlkit.data.datasets import Example
+from tlkit.models.model import POOL_LAYER
 
 log = logging.getLogger("tlkit")
 
@@ -86,7 +87,7 @@ def pooled_extractor(model: Any) -> Any:
     """The classifier up to its pooling layer: raw images in, the head's input out."""
     import keras
 
-    return keras.Model(model.inputs, model.get_layer("pool").output)
+    return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output)
 
 
 def extract(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tlkit.models.model import BACKBONE_LAYER
+from tlkit.models.model import BACKBONE_LAYER, POOL_LAYER, head_of
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -93,9 +93,9 @@ def trunk_outputs(model: Any, layers: list[str], pooled: bool = False, name: str
     outs = inner(x)
     if pooled:
         outs = (
-            [*outs[:-1], model.get_layer("pool")(outs[-1])]
+            [*outs[:-1], model.get_layer(POOL_LAYER)(outs[-1])]
             if len(wanted) > 1
-            else model.get_layer("pool")(outs)
+            else model.get_layer(POOL_LAYER)(outs)
         )
     return keras.Model(model.input, outs, name=name)
 
@@ -110,6 +110,5 @@ def build_tail(model: Any, cut: Cut) -> Any:
     x = inputs
     if cut.k < len(base.layers):
         x = keras.Model(crossing, base.output, name="tail_backbone")(x)
-    for layer in model.layers[model.layers.index(base) + 1 :]:  # pool, dropout, predictions
-        x = layer(x)
+    x = head_of(model)(model.get_layer(POOL_LAYER)(x))
     return keras.Model(inputs, x, name="tail")

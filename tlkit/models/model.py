@@ -6,12 +6,14 @@ Preprocessing is built from stock Keras layers, so `model.keras` loads with plai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tlkit.core.errors import WeightsError
+from tlkit.core.choices import LINEAR_HEAD
+from tlkit.core.errors import ConfigError, RunError, WeightsError
 from tlkit.core.settings import SETTINGS
 from tlkit.models.backbones import BackboneSpec
 from tlkit.models.freezing import leaf_layers
@@ -22,6 +24,10 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
 BACKBONE_LAYER = "backbone"
+POOL_LAYER = "pool"
+# (pooled features, number of classes) -> class probabilities: the layers on top of the pooled
+# backbone, replaceable from Python (`tlkit.finetune(config, head=...)`)
+Head = Callable[[Any, int], Any]
 
 
 def preprocessing_layers(mode: str) -> list[Any]:
@@ -65,14 +71,45 @@ def preprocessing_layers(mode: str) -> list[Any]:
     raise ValueError(f"unknown preprocessing mode {mode!r}")  # the registry is wrong: a bug
 
 
+def linear_head(dropout: float = SETTINGS["dropout"].default) -> Head:
+    """tlkit's head: dropout, then one softmax Dense layer: a linear classifier on the pooled
+    features, what the head probe trains, `--calibrate` folds its temperature into and the
+    activation maps read."""
+
+    def head(pooled: Any, num_classes: int) -> Any:
+        import keras
+
+        x = keras.layers.Dropout(dropout, name="dropout")(pooled)
+        return keras.layers.Dense(
+            num_classes, activation="softmax", dtype="float32", name="predictions"
+        )(x)
+
+    return head
+
+
+def head_name(head: Head | None) -> str:
+    """How a run records its head: LINEAR_HEAD for tlkit's own, else the function's
+    `module.name` (a resume must be given the same)."""
+    if head is None:
+        return LINEAR_HEAD
+    name = getattr(head, "__qualname__", type(head).__qualname__)
+    return f"{getattr(head, '__module__', None) or '?'}.{name}"
+
+
 def build_classifier(
-    spec: BackboneSpec,
-    base: Any,
-    num_classes: int,
-    input_size: int,
-    dropout: float = SETTINGS["dropout"].default,
+    spec: BackboneSpec, base: Any, num_classes: int, input_size: int, head: Head | None = None
 ) -> Any:
-    """Wrap a backbone (a keras Model, no top) into the full uint8-in, softmax-out classifier."""
+    """Wrap a backbone (a keras Model, no top) into the full uint8-in, softmax-out classifier:
+    preprocessing, the backbone, global average pooling, then `head` (default: `linear_head`).
+
+    Args:
+        spec: the backbone's registry entry (its preprocessing).
+        base: the backbone, a Keras model without its top.
+        num_classes: the classes the head predicts.
+        input_size: the square input's side, in pixels.
+        head: `head(pooled, num_classes)` -> class probabilities, built from Keras layers
+            (so `model.keras` loads in safe mode); its output must sum to one.
+    """
     import keras
 
     base.name = BACKBONE_LAYER
@@ -81,25 +118,61 @@ def build_classifier(
     for layer in preprocessing_layers(spec.preprocessing):
         x = layer(x)
     x = base(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(
-        num_classes, activation="softmax", dtype="float32", name="predictions"
-    )(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    outputs = (head or linear_head())(pooled, num_classes)
+    shape = tuple(getattr(outputs, "shape", ()))
+    if len(shape) != 2 or shape[-1] != num_classes:
+        raise ConfigError(
+            f"head: must return (batch, {num_classes}) class probabilities. Received a tensor "
+            f"of shape {shape}"
+        )
+    if outputs.dtype != "float32":  # a mixed-precision head: probabilities in float32
+        outputs = keras.layers.Activation("linear", dtype="float32", name="probabilities")(outputs)
     return keras.Model(inputs, outputs, name=f"tlkit_{spec.name}")
+
+
+def head_of(model: Any) -> Any:
+    """Pooled features -> class probabilities: the classifier's head as a model of its own,
+    its layers (and so its weights) shared with the classifier."""
+    import keras
+
+    return keras.Model(model.get_layer(POOL_LAYER).output, model.output, name="head")
+
+
+def softmax_layer(model: Any, purpose: str, linear: bool = False) -> Any:
+    """The Dense layer whose softmax the classifier returns (with `linear`: applied straight
+    to the pooled features, dropout aside), for what needs it; one line when the head is
+    another."""
+    import keras
+
+    head = model.layers[model.layers.index(model.get_layer(POOL_LAYER)) + 1 :]
+    last = head[-1] if head else None
+    between = head[:-1]
+    dense = (
+        isinstance(last, keras.layers.Dense)
+        and getattr(last.activation, "__name__", "") == "softmax"
+        and (not linear or all(isinstance(la, keras.layers.Dropout) for la in between))
+    )
+    if not dense:
+        shown = ", ".join(type(la).__name__ for la in head)
+        wanted = "a softmax Dense layer on the pooled features" if linear else "a softmax Dense"
+        raise RunError(
+            f"{purpose} needs a head that is {wanted}; this model's head is {shown}. "
+            "Train with tlkit's own head (the default) to use it"
+        )
+    return last
 
 
 def dense_model(model: Any) -> Any:
     """The classifier's own layers (weights shared) behind an input of any height and width:
-    the VGG paper's dense evaluation. Its head is linear after the average pooling, so the
-    class scores of the whole feature map averaged (the class-score map of the Dense layer
-    applied at every location, then its spatial mean) equal the Dense layer applied to the
-    pooled map, and the softmax of that is what this model returns."""
+    the VGG paper's dense evaluation, the head applied to the whole feature map's average.
+    With tlkit's linear head that equals the class-score map of the Dense layer applied at
+    every location, averaged, and the softmax of that is what this model returns."""
     import keras
 
-    head = [layer.name for layer in model.layers[model.layers.index(backbone_of(model)) + 1 :]]
-    if head != ["pool", "dropout", "predictions"]:
-        raise ValueError(f"dense evaluation expects the tlkit head, found {head}")  # a bug
+    after = model.layers[model.layers.index(backbone_of(model)) + 1]
+    if after.name != POOL_LAYER:
+        raise ValueError(f"dense evaluation expects the pooled backbone, found {after.name}")
 
     def reuse(layer: Any) -> Any:  # nested models get a variable-size input, layers are kept
         if isinstance(layer, keras.Model):
@@ -148,12 +221,12 @@ def build_model(
     size: int,
     num_classes: int,
     seed: int,
-    dropout: float = SETTINGS["dropout"].default,
+    head: Head | None = None,
     mixed_precision: bool = False,
 ) -> Any:
     """The classifier exactly as `finetune` builds it: seeded, under its dtype policy. One
     sequence for training and `precompute-features`, so that the same settings give the same
-    trunk weights and the same cache key."""
+    trunk weights and the same cache key. `head`: as `build_classifier`'s."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -162,7 +235,7 @@ def build_model(
         keras.config.set_dtype_policy("mixed_float16")
     try:
         base = build_backbone(spec, weights, size)
-        return build_classifier(spec, base, num_classes, size, dropout)
+        return build_classifier(spec, base, num_classes, size, head)
     finally:
         keras.config.set_dtype_policy(previous)
 

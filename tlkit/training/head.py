@@ -28,6 +28,7 @@ from tlkit.core.calibration import per_image_log_loss
 from tlkit.core.selection import Keeper, one_se_choice
 from tlkit.data.datasets import Example
 from tlkit.features.rows import Features, extract, pooled_extractor
+from tlkit.models.model import POOL_LAYER, head_of
 
 if TYPE_CHECKING:
     from tlkit.data.augment import AugmentConfig
@@ -77,11 +78,9 @@ def _feature_batches(
     return iter(data)
 
 
-def _compiled_steps(
-    dropout: Any, dense: Any, optimizer: Any, loss_fn: Any, batches: Any, classes: int
-) -> Any:
-    """`train(n)`: n Adam steps of dropout + dense on the next batches, in one graph; the
-    mean loss and the weighted accuracy over them."""
+def _compiled_steps(head: Any, optimizer: Any, loss_fn: Any, batches: Any, classes: int) -> Any:
+    """`train(n)`: n Adam steps of the head on the next batches, in one graph; the mean loss
+    and the weighted accuracy over them."""
     import tensorflow as tf
 
     @tf.function
@@ -90,10 +89,10 @@ def _compiled_steps(
         for _ in tf.range(n):
             x, y, w = next(batches)
             with tf.GradientTape() as tape:
-                probs = tf.cast(dense(dropout(x, training=True)), tf.float32)
+                probs = tf.cast(head(x, training=True), tf.float32)
                 loss = loss_fn(tf.one_hot(y, classes), probs, sample_weight=w)
-            grads = tape.gradient(loss, dense.trainable_weights)
-            optimizer.apply_gradients(zip(grads, dense.trainable_weights, strict=True))
+            grads = tape.gradient(loss, head.trainable_weights)
+            optimizer.apply_gradients(zip(grads, head.trainable_weights, strict=True))
             hit = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), y), tf.float32)
             loss_sum += loss
             hits += tf.reduce_sum(hit * w)
@@ -103,11 +102,11 @@ def _compiled_steps(
     return train
 
 
-def _validate(dense: Any, features: Features) -> tuple[float, float]:
+def _validate(head: Any, features: Features) -> tuple[float, float]:
     """(loss, accuracy) of the head on the validation features; NaN without any."""
     if not len(features.val_labels):
         return math.nan, math.nan
-    probs = np.asarray(dense(features.val), np.float64)
+    probs = np.asarray(head(features.val), np.float64)
     val = per_image_log_loss(probs, features.val_labels)
     return float(val.mean()), float((probs.argmax(-1) == features.val_labels).mean())
 
@@ -137,7 +136,7 @@ def fit_head(
     fit: HeadFit,
     sample_weights: Sequence[float] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Train the classifier's own dropout + dense layers on the features for `steps` Adam steps,
+    """Train the classifier's own head (`head_of`) on the features for `steps` Adam steps,
     keep the weights of the best check (by the selection criterion; a check every CHECK_EVERY
     steps or every pass, whichever is longer); (one history row per check, optimizer steps
     taken).
@@ -148,23 +147,23 @@ def fit_head(
     import tensorflow as tf
 
     lr, batch_size, steps = fit.lr, fit.batch_size, fit.steps
-    dropout, dense = model.get_layer("dropout"), model.get_layer("predictions")
+    head = head_of(model)
     optimizer = keras.optimizers.Adam(lr)
-    optimizer.build(dense.trainable_weights)
+    optimizer.build(head.trainable_weights)
     loss_fn = keras.losses.CategoricalCrossentropy(label_smoothing=fit.label_smoothing)
     # a "check" is max(one pass, CHECK_EVERY steps): validation (and the choice of the best
     # weights) every so many steps, not after every tiny pass over a small set
     per_check = max(math.ceil(len(features.train) / batch_size), CHECK_EVERY)
     checks = max(1, math.ceil(steps / per_check))
     batches = _feature_batches(features, sample_weights, batch_size, fit.seed)
-    train = _compiled_steps(dropout, dense, optimizer, loss_fn, batches, int(dense.units))
+    train = _compiled_steps(head, optimizer, loss_fn, batches, int(model.output.shape[-1]))
     rows: list[dict[str, Any]] = []
     keeper: Keeper[list[np.ndarray]] = Keeper()
     n = tf.constant(per_check)
     for check in range(checks):
         start = time.perf_counter()
         loss, accuracy = (float(v) for v in train(n))
-        val_loss, val_accuracy = _validate(dense, features)
+        val_loss, val_accuracy = _validate(head, features)
         rows.append(
             {
                 "phase": "head",
@@ -179,15 +178,15 @@ def fit_head(
         )
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
             break  # the rows show it; nothing after a NaN is worth keeping
-        keeper.offer(rows[-1], dense.get_weights)
+        keeper.offer(rows[-1], head.get_weights)
     if keeper.kept is not None:
-        dense.set_weights(keeper.kept)
+        head.set_weights(keeper.kept)
     return rows, int(keras.ops.convert_to_numpy(optimizer.iterations))
 
 
 def head_val_losses(model: Any, features: Features) -> np.ndarray:
     """Per-image validation losses of the classifier's head on `features` (dropout is off)."""
-    probs = np.asarray(model.get_layer("predictions")(features.val), np.float64)
+    probs = np.asarray(head_of(model)(features.val), np.float64)
     return per_image_log_loss(probs, features.val_labels)
 
 
@@ -262,7 +261,7 @@ def _probe(
         augment, train, data.size, data.crop_fraction, max_pixels=c.audit.max_pixels
     )
     features = extract(extractor, train, data.val, transform, views, c.loader, data.on_first_batch)
-    data.model.get_layer("predictions").set_weights(initial)
+    head_of(data.model).set_weights(initial)
     rows, _ = fit_head(data.model, features, HeadFit.of(c, len(train)), data.sample_weights)
     return features, rows
 
@@ -327,9 +326,9 @@ def search_augment(
     from tlkit.data.augment import resolve_augment
 
     model, train = data.model, data.train
-    dim = int(model.get_layer("pool").output.shape[-1])
+    dim = int(model.get_layer(POOL_LAYER).output.shape[-1])
     extractor = pooled_extractor(model)
-    initial = model.get_layer("predictions").get_weights()
+    initial = head_of(model).get_weights()
     scores, chosen, losses = [], [], []
     for name, preset, overrides in AUTO_CANDIDATES:
         augment = resolve_augment(preset, **overrides)
@@ -346,5 +345,5 @@ def search_augment(
         )
         chosen.append((augment, name, features if reusable else None))
         del features
-    model.get_layer("predictions").set_weights(initial)
+    head_of(model).set_weights(initial)
     return _choose(scores, chosen, losses, (config.head_views, len(train), dim))

@@ -24,6 +24,7 @@ from tlkit.core.errors import RunError
 from tlkit.features.cache import cache_dataset
 from tlkit.models.distribute import Placement
 from tlkit.models.freezing import apply_freeze, freeze_all
+from tlkit.models.model import POOL_LAYER
 from tlkit.training.input_wait import InputClock
 from tlkit.training.input_wait import describe as describe_wait
 from tlkit.training.state import HISTORY_FIELDS, TrainingState, write_history
@@ -331,7 +332,7 @@ class PhaseRunner:
         from tlkit.training.head import MAX_FEATURE_BYTES, HeadFit, fit_head
 
         plan, config = self.plan, self.plan.config
-        n, dim = len(plan.split("train")), int(plan.model.get_layer("pool").output.shape[-1])
+        n, dim = len(plan.split("train")), int(plan.model.get_layer(POOL_LAYER).output.shape[-1])
         if self.placement.replicas > 1 or n * dim * 4 > MAX_FEATURE_BYTES:
             log.info(
                 "phase head: trained live, epoch by epoch (%s)",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from tlkit.core import selection
 from tlkit.core.choices import AUTO
 from tlkit.core.errors import ConfigError
+from tlkit.core.settings import SETTINGS
 from tlkit.data.audit import DataReport, audit_and_filter
 from tlkit.data.datasets import Example, ImageFolder, fingerprint
 from tlkit.data.preflight import Checked
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from tlkit.features.cache import FeatureCache, TrunkSource
     from tlkit.features.rows import Features
     from tlkit.models.backbones import BackboneSpec
+    from tlkit.models.model import Head
     from tlkit.training.head import ProbeData
 
 log = logging.getLogger("tlkit")
@@ -147,19 +149,29 @@ class _Start:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """What one finetune() call brings beside its settings (none of it is a setting): Keras'
+    verbosity, a forced resume, the user's Keras callbacks and head."""
+
+    verbose: int
+    force_resume: bool = False
+    callbacks: tuple[Any, ...] = ()
+    head: Head | None = None
+
+
 def make_plan(
     config: FinetuneConfig,
     checked: Checked,
     placement: Placement,
     saved: Identity | None,
     tmp_dir: Any,
-    force_resume: bool,
-    verbose: int,
+    call: Call,
 ) -> Plan:
     """Weights, the data check, the model, freeze point, `auto` choices, augmentation and the
     cache decision (the data's listing was checked before TensorFlow loaded)."""
     from tlkit.features.rows import resolve_random_bn
-    from tlkit.models.model import build_model
+    from tlkit.models.model import build_model, head_name, linear_head, softmax_layer
 
     spec, size = checked.spec, checked.size
     weights = resolve_weights(spec, config.weights)
@@ -179,18 +191,23 @@ def make_plan(
         list(folder.classes),
         data_fingerprint,
         chosen,
+        head=head_name(call.head),
     )
-    check_unchanged(saved, identity, tmp_dir, force_resume)
+    check_unchanged(saved, identity, tmp_dir, call.force_resume)
+    if call.head is not None and config.dropout != SETTINGS["dropout"].default:
+        log.warning("--dropout %g: unused, the head is %s", config.dropout, identity.head)
     seed_everything(config.seed)
-    n_classes = len(folder.classes)
+    head = call.head or linear_head(config.dropout)
     model = build_model(
-        spec, weights, size, n_classes, config.seed, config.dropout, config.mixed_precision
+        spec, weights, size, len(folder.classes), config.seed, head, config.mixed_precision
     )
+    if config.calibrate:  # refused now, not after the training
+        softmax_layer(model, "--calibrate")
     train, crop, max_pixels = folder.splits["train"], spec.crop_fraction, config.audit.max_pixels
     bn = resolve_random_bn(model, weights.source, train, size, crop, max_pixels, config.train_bn)
     config = dataclasses.replace(config, train_bn=bn)
     start = _Start(spec, size, weights, folder, report, skipped, identity, model)
-    return _plan_training(config, placement, saved, start, verbose)
+    return _plan_training(config, placement, saved, start, call.verbose)
 
 
 def _plan_training(

@@ -121,12 +121,13 @@ def calibrate(plan: Plan) -> dict[str, Any]:
     """--calibrate: temperature scaling fitted on the validation split's eval view, folded into
     the softmax layer of the model about to be saved."""
     from tlkit.core.calibration import apply_temperature, fit_temperature, fold_temperature, summary
+    from tlkit.models.model import softmax_layer
 
     val = plan.split("val")
     probs, labels = _predict_split(plan, "val")
     temperature = fit_temperature(probs, labels)
     before, after = summary(probs, labels), summary(apply_temperature(probs, temperature), labels)
-    fold_temperature(plan.model, temperature)
+    fold_temperature(softmax_layer(plan.model, "--calibrate"), temperature)
     log.info(
         "--calibrate: temperature %.3f fitted on %d validation images; ECE %.4f -> %.4f, "
         "log loss %.4f -> %.4f there (an eval on a test split gives the unbiased ECE)",
@@ -190,6 +191,7 @@ def run_record(
         weights=plan.weights.as_dict(),
         freeze={**plan.freeze.as_dict(), "search": plan.searched.get("freeze", {}).get("scores")},
         train_bn=c.train_bn,
+        head=plan.identity.head,
         input_size=plan.size,
         preprocessing=plan.spec.preprocessing,
         crop_fraction=plan.spec.crop_fraction,

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tlkit.core.choices import LINEAR_HEAD
 from tlkit.core.errors import RunError
 from tlkit.core.fsutil import (
     INCOMPLETE,
@@ -80,7 +81,8 @@ class Identity:
     the settings as asked for (FinetuneConfig.as_dict), the backbone, its weights, the input
     and its preprocessing, the class map, the data, the fine-tune rate the data chose (None in
     runs started before that rule: nothing to compare), and the `auto` searches' choices and
-    scores (kept, not compared: a resume reuses them)."""
+    scores (kept, not compared: a resume reuses them), and the classifier head's name
+    ("linear": tlkit's; a Python function's `module.name`: a resume must pass it again)."""
 
     config: dict[str, Any]
     backbone: str
@@ -91,11 +93,14 @@ class Identity:
     data_fingerprint: str
     fine_tune_lr: float | None = None
     searched: dict[str, Any] = dataclasses.field(default_factory=dict)
+    head: str = LINEAR_HEAD
     schema: int = IDENTITY_SCHEMA
 
     def compared(self) -> dict[str, Any]:
-        """What a resume compares: everything but the schema and the searches' results."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("schema", "searched")}
+        """What a resume compares (the head is checked on its own: no force resumes another
+        head's weights): everything but the schema, the head and the searches' results."""
+        skip = ("schema", "searched", "head")
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         if self.fine_tune_lr is None:
             del out["fine_tune_lr"]
         return out
@@ -153,6 +158,13 @@ def check_unchanged(
     """A resumed run continues only on the settings, classes and data it started with."""
     if saved is None:
         return
+    if saved.head != now.head:
+        how = (
+            "tlkit's own head: resume without head="
+            if saved.head == LINEAR_HEAD
+            else f"head {saved.head}: resume from Python, tlkit.finetune(resume=..., head=...)"
+        )
+        raise RunError(f"{tmp_dir}: cannot resume with head {now.head}; the run started with {how}")
     was, current = saved.compared(), now.compared()
     changed = differences({k: was.get(k) for k in current}, current)
     if changed and not force_resume:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlkit.core.checkpoints import (
     PREVIOUS,
@@ -53,7 +53,7 @@ from tlkit.models.distribute import Placement
 from tlkit.training.config import FinetuneConfig
 from tlkit.training.input_wait import InputClock
 from tlkit.training.phases import PhaseRunner, make_recorder
-from tlkit.training.plan import Plan, make_plan
+from tlkit.training.plan import Call, Plan, make_plan
 from tlkit.training.record import (
     SEARCH_TABLE,
     calibrate,
@@ -66,20 +66,14 @@ from tlkit.training.record import (
 from tlkit.training.resume import IDENTITY_FILE, Identity, find_resumable, read_identity
 from tlkit.training.state import Schedule, TrainingState, write_history
 
+if TYPE_CHECKING:
+    from tlkit.models.model import Head
+
 log = logging.getLogger("tlkit")
 
 
 def default_run_dir(backbone: str) -> Path:
     return Path(RUNS_DIR) / f"{backbone}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-@dataclass(frozen=True)
-class Call:
-    """What one finetune() call brings beside its settings (none of it is recorded)."""
-
-    verbose: int
-    force_resume: bool = False
-    callbacks: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +92,7 @@ def finetune(
     resume: str | os.PathLike[str] | None = None,
     force_resume: bool = False,
     callbacks: Sequence[Any] = (),
+    head: Head | None = None,
 ) -> Run | None:
     """Train a classifier on `config.data`; return the finished run.
 
@@ -112,6 +107,12 @@ def finetune(
             phase, and the head phase where it runs live (the head probe on cached features is
             a loop of its own and calls none). tlkit's own come first: a callback sees the
             epoch's logs after tlkit has recorded and checkpointed it.
+        head: `head(pooled, num_classes)` -> class probabilities, Keras layers on the pooled
+            backbone features in place of tlkit's dropout + softmax Dense (`--dropout` is
+            then unused). Its output must sum to one; it is trained like tlkit's (the head
+            probe, then with the backbone), saved in model.keras, and recorded by its name
+            (a resume must pass it again). `--calibrate` and the activation maps need
+            tlkit's linear head.
 
     Under a multi-worker strategy every worker calls this; the chief writes and returns the
     run, the others None.
@@ -136,10 +137,8 @@ def finetune(
             scope.enter_context(placement.strategy.scope())
             if verbose == "auto":
                 verbose = 1 if os.isatty(1) else 2
-            call = Call(int(verbose), force_resume, tuple(callbacks))
-            plan = make_plan(
-                config, checked, placement, identity, tmp_dir, force_resume, call.verbose
-            )
+            call = Call(int(verbose), force_resume, tuple(callbacks), head)
+            plan = make_plan(config, checked, placement, identity, tmp_dir, call)
             return _finetune(plan, placement, run_dir, tmp_dir, call, scope)
     except BaseException:
         for folder in find_incomplete(run_dir):  # interrupted: resumable, by anyone, now
