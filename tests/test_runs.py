@@ -55,6 +55,14 @@ def test_a_written_record_round_trips_and_an_older_leaner_one_still_loads(tiny_r
         ({"results": {"best": 5}}, "results.best is int 5, not an object"),
         ({"results": {"test": {"accuracy": [1]}}}, r"results.test.accuracy is list \[1\], not a"),
         ({"freeze": {"request": [], "n_frozen": 0}}, r"freeze.request is list \[\], not a string"),
+        # the typed records' keys, named by their whole path (tlkit/core/records.py)
+        (
+            {"results": {"best": {"val_loss": 0.5, "phase": "head", "epoch": "3"}}},
+            "results.best.epoch is str '3', not an integer",
+        ),
+        ({"results": {"phases": [{"seconds": "9"}]}}, "results.phases is list"),
+        ({"weights": {"source": "none", "sha256": 7}}, "weights.sha256 is int 7, not a string"),
+        ({"head": 1}, "head is int 1, not a string"),
         ({"input_size": -5}, "input_size -5 is not a size a model takes"),
         ({"input_size": 10**400}, "input_size <an int of 1329 bits> is not a size"),
     ],

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,16 @@ from tlkit.core.fsutil import (
     is_live,
     read_json_record,
 )
+from tlkit.core.records import FreezeRecord, Results, WeightsRecord
 
 RUNS_DIR = "runs"
 RUN_SCHEMA = 1
 RUN_FILE = "run.json"  # the RunRecord
 MAX_INPUT_SIZE = 8192
-# inner fields of run.json that readers take apart (tlkit runs, load_run), with their types;
-# checked where present, so a record edited into another shape is one line, never a traceback
+# inner fields of run.json outside its typed records that readers take apart (tlkit runs,
+# load_run), with their types; checked where present, so a record edited into another shape is
+# one line, never a traceback (the typed records' keys are checked by their annotations)
 NESTED: dict[tuple[str, ...], Any] = {
-    ("weights", "source"): str,
-    ("freeze", "request"): str,
-    ("freeze", "n_frozen"): int,
-    ("results", "best"): dict[str, Any],
-    ("results", "best", "val_accuracy"): float,
-    ("results", "test"): dict[str, Any],
     ("results", "test", "accuracy"): float,
     ("data", "root"): str,
     ("data", "fingerprint"): str,
@@ -48,12 +45,12 @@ NESTED: dict[tuple[str, ...], Any] = {
 @dataclass(frozen=True)
 class RunRecord:
     """run.json: written once by `finetune` (train.py), read by every other command through
-    this class only. Nested parts stay plain dicts; the properties below are what readers
-    need from them. A key this version does not know is kept (`extra`), so nothing is lost."""
+    this class only. Its parts are typed records (core/records.py), checked for shape when
+    read. A key this version does not know is kept (`extra`), so nothing is lost."""
 
     backbone: str
-    weights: dict[str, Any]  # source, path, sha256
-    freeze: dict[str, Any]  # the FreezePlan (request, n_frozen, n_layers, ...) and its search
+    weights: WeightsRecord
+    freeze: FreezeRecord
     input_size: int
     preprocessing: str
     crop_fraction: float
@@ -61,7 +58,7 @@ class RunRecord:
     config: dict[str, Any]  # the settings as asked for (FinetuneConfig.as_dict)
     data: dict[str, Any]  # source, root, layout, val_source, counts, fingerprint, ...
     augment: dict[str, Any] = field(default_factory=dict)  # the augmentation used, its search
-    results: dict[str, Any] = field(default_factory=dict)  # best, phases, head_probe
+    results: Results = field(default_factory=lambda: Results())
     seed: int = 0
     schema: int = RUN_SCHEMA
     tlkit_version: str | None = None
@@ -135,10 +132,36 @@ class RunRecord:
         return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
 
 
+def _typed_keys(
+    d: dict[str, Any], schema: dict[tuple[str, ...], Any]
+) -> dict[tuple[str, ...], Any]:
+    """`schema` with each typed record's keys that `d` holds added as fields of their own, so
+    that a wrong value is named by its whole path (`results.best.epoch`)."""
+    out = dict(schema)
+    todo = [k for k, h in schema.items() if typing.is_typeddict(h)]
+    while todo:
+        keys = todo.pop()
+        value: Any = d
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            continue
+        for name, hint in typing.get_type_hints(out[keys]).items():
+            union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+            inner = typing.get_args(hint) if union else (hint,)  # a record, or one or None
+            record = next((h for h in inner if typing.is_typeddict(h)), None)
+            if name in value:
+                out[(*keys, name)] = hint
+                if record is not None:
+                    out[(*keys, name)] = record if value[name] is not None else hint
+                    todo.append((*keys, name))
+    return out
+
+
 def _check_shape(d: dict[str, Any], schema: dict[tuple[str, ...], Any], where: Any) -> None:
     """Every field of `schema` present in `d` has its type, and the values readers rely on are
     in range: a record edited into another shape is one line, never a traceback later."""
-    for keys, hint in schema.items():
+    for keys, hint in sorted(_typed_keys(d, schema).items(), key=lambda kv: -len(kv[0])):
         value: Any = d
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
@@ -157,7 +180,13 @@ def _check_shape(d: dict[str, Any], schema: dict[tuple[str, ...], Any], where: A
 
 
 def _has_type(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a RunRecord field's annotation (tuples arrive as lists)."""
+    """Whether a JSON value fits a RunRecord field's annotation (tuples arrive as lists; a
+    typed record's keys that are present fit theirs, and keys it does not name are kept)."""
+    if typing.is_typeddict(hint):
+        keys = typing.get_type_hints(hint)
+        return isinstance(value, dict) and all(
+            _has_type(v, keys[k]) for k, v in value.items() if k in keys
+        )
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):
         return any(_has_type(value, h) for h in args)
@@ -186,7 +215,7 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(h) for h in args)
     if origin in (list, tuple):
         return "a list of strings" if args[0] is str else "a list"
-    if origin is dict:
+    if origin is dict or typing.is_typeddict(hint):
         return "an object"
     return "null" if hint is type(None) else _JSON_NAMES.get(hint, str(hint))
 
@@ -360,7 +389,7 @@ def list_runs(runs_dir: str | os.PathLike[str] = RUNS_DIR) -> list[dict[str, Any
             except RunError as e:  # listed, so that one damaged folder hides no other run
                 rows.append(_unreadable_row(path, str(e)))
                 continue
-            best = record.results.get("best") or {}
+            best: Mapping[str, Any] = record.results.get("best") or {}
             rows.append(
                 {
                     "run": path.name,

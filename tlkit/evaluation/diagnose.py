@@ -88,10 +88,10 @@ def fit_softmax(
 
 
 def softmax_probs(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    z = x @ kernel + bias
+    z = np.asarray(x @ kernel + bias)
     z -= z.max(axis=1, keepdims=True)
     p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
+    return np.asarray(p / p.sum(axis=1, keepdims=True))
 
 
 def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:

@@ -229,7 +229,7 @@ def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int
     from tlkit.models.cut import build_tail, build_trunk, resolve_cut
     from tlkit.models.model import backbone_of, compute_dtypes
 
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for i, m in enumerate(members):
         r = m.run.record
         sig = (
@@ -245,8 +245,8 @@ def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int
         if len(idx) > 1:
             first = members[idx[0]]
             n = min(members[i].run.record.n_frozen for i in idx)
-            cut = resolve_cut(backbone_of(first.model), n)
-            trunks = [build_trunk(members[i].model, cut) for i in idx]
+            cut = resolve_cut(backbone_of(first.model), n)  # n >= 1: a cut
+            trunks = [build_trunk(members[i].model, cut) for i in idx] if cut else []
             digests = {weights_digest(t.get_weights()) for t in trunks}
             if cut is not None and len(digests) == 1:
                 out.append((trunks[0], [build_tail(members[i].model, cut) for i in idx], idx))
@@ -316,7 +316,9 @@ class ViewRunner:
         needs += [views_need(members[i].size, members[i].crop, "dense") for i in dense]
         need = Need(shorter=max(n.shorter for n in needs))
 
-        def prepare(chunk: Sequence[str]) -> tuple[dict[Any, np.ndarray], dict[int, list]]:
+        Decoded = tuple[dict[Any, np.ndarray], dict[int, list[np.ndarray]]]
+
+        def prepare(chunk: Sequence[str]) -> Decoded:
             images = list(pool.map(lambda path: decode_for(path, need, max_pixels).image, chunk))
             views = {
                 key: np.stack(list(pool.map(lambda im, k=key: crop_views(im, *k), images)))
@@ -336,6 +338,8 @@ class ViewRunner:
         ):
             pending = ahead.submit(prepare, chunks[0]) if chunks else None
             for n, chunk in enumerate(chunks):
+                if pending is None:  # chunks is not empty here
+                    raise RuntimeError("no batch decoded ahead")  # a bug
                 views, wholes = pending.result()
                 if n + 1 < len(chunks):
                     pending = ahead.submit(prepare, chunks[n + 1])
@@ -358,8 +362,9 @@ class ViewRunner:
         for trunk, models, idx in self.groups:
             by_mode: dict[str, list[int]] = {}
             for j, i in enumerate(idx):
-                if modes[i] not in (None, "dense"):
-                    by_mode.setdefault(modes[i], []).append(j)
+                mode = modes[i]
+                if mode is not None and mode != "dense":
+                    by_mode.setdefault(mode, []).append(j)
             for mode, js in by_mode.items():
                 m = self.members[idx[js[0]]]
                 v = views[(m.size, m.crop, mode)]
@@ -466,6 +471,20 @@ def _asked_for(member: Member, requested: str) -> ViewChoice:
     return ViewChoice(requested, "asked for", outside)
 
 
+def _chosen(choice: ViewChoice | None) -> ViewChoice:
+    if choice is None:
+        raise RuntimeError("a member with neither views chosen nor views to choose")  # a bug
+    return choice
+
+
+def _every(probs: list[np.ndarray | None]) -> list[np.ndarray]:
+    """`ViewRunner.probs` where every member had a mode: none is None."""
+    out = [p for p in probs if p is not None]
+    if len(out) != len(probs):
+        raise RuntimeError("a member without a view mode")  # a bug
+    return out
+
+
 def _choose_on(
     runner: ViewRunner,
     val: list[Example],
@@ -487,7 +506,7 @@ def _choose_on(
         len(paths),
     )
     sets = [
-        [(o, subset(c, o)) for o in opts if o != "dense"] if c else []
+        [(o, subset(c, o)) for o in opts if o != "dense"] if c and opts else []
         for c, opts in zip(crops, options, strict=True)
     ]
     crop_kept = runner.probs(paths, crops, batch_size, reduce=val_scorer(labels, sets))
@@ -497,10 +516,12 @@ def _choose_on(
     out = []
     for i, (m, opts) in enumerate(zip(runner.members, options, strict=True)):
         if not opts:
-            out.append(chosen[i])
+            out.append(_chosen(chosen[i]))
             continue
         losses, hits = {}, {}
         for kept, named in ((crop_kept[i], sets[i]), (dense_kept[i], dense_sets[i])):
+            if kept is None:  # its member had no such views: `named` is empty
+                continue
             for n, (o, _) in enumerate(named):
                 losses[o], hits[o] = kept[:, 2 * n], kept[:, 2 * n + 1] > 0
         best, rows = choose_by({o: losses[o] for o in opts}, {o: hits[o] for o in opts})
@@ -670,18 +691,21 @@ def _member_probs(
         """(B, K, C) -> (B, 2, C): kept memory is N x C per member, whatever the views."""
         return np.stack([p.mean(axis=1), p[:, centres[i]]], axis=1)
 
-    view_probs = runner.probs(paths, modes, batch_size, reduce=mean_and_centre)
+    view_probs = _every(runner.probs(paths, modes, batch_size, reduce=mean_and_centre))
     multi = [p[:, 0] for p in view_probs]
     extra = (
         runner.probs(paths, ["1" if d else None for d in dense], batch_size)
         if any(dense)
         else [None] * len(modes)
     )  # dense has no crop: single-crop runs too
-    single = [e[:, 0] if d else p[:, 1] for p, e, d in zip(view_probs, extra, dense, strict=True)]
+    # a dense member's single crop is its extra pass (the only one not None)
+    single = [p[:, 1] if e is None else e[:, 0] for p, e in zip(view_probs, extra, strict=True)]
     weights = np.full(len(modes), 1.0 / len(modes))
     if fit_on is not None:
-        val_probs = runner.probs(
-            [e.path for e in fit_on.examples], modes, batch_size, reduce=mean_and_centre
+        val_probs = _every(
+            runner.probs(
+                [e.path for e in fit_on.examples], modes, batch_size, reduce=mean_and_centre
+            )
         )
         weights = fit_member_weights(
             [p[:, 0] for p in val_probs], np.array([e.label for e in fit_on.examples])

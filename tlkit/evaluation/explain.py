@@ -44,16 +44,18 @@ def class_maps(
     feats = np.concatenate(
         [np.asarray(maps(images[i : i + 32]), np.float32) for i in range(0, len(images), 32)]
     )
-    weights = kernel[:, np.asarray(classes)].T  # (N, K)
-    return np.einsum("nhwk,nk->nhw", feats, weights)
+    weights = np.asarray(kernel)[:, np.asarray(classes)].T  # (N, K)
+    return np.asarray(np.einsum("nhwk,nk->nhw", feats, weights), np.float32)
 
 
 def upsample(cam: np.ndarray, size: int) -> np.ndarray:
     """A map brought to the input's size (bilinear), positive evidence only, scaled to 0..1."""
     import cv2
 
-    up = cv2.resize(
-        np.maximum(cam, 0).astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR
+    up = np.asarray(
+        cv2.resize(
+            np.maximum(cam, 0).astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR
+        )
     )
     top = float(up.max())
     return up / top if top > 0 else up
@@ -63,7 +65,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
     """The input view with the 0..1 map drawn over it in a colour scale (uint8 RGB)."""
     import matplotlib
 
-    colours = (matplotlib.colormaps["jet"](heat)[..., :3] * 255).astype(np.float32)
+    colours = (np.asarray(matplotlib.colormaps["jet"](heat))[..., :3] * 255).astype(np.float32)
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * colours, 0, 255).astype(
         np.uint8
     )

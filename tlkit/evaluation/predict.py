@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -99,7 +100,7 @@ def _write_overlays(
 
 
 def predict_images(
-    run_paths: Sequence[str],
+    run_paths: Sequence[str | os.PathLike[str]],
     images: Sequence[str],
     multicrop: str = SETTINGS["multicrop"].default,
     batch_size: int = SETTINGS["batch_size"].default,
@@ -113,4 +114,5 @@ def predict_images(
     probs = runner.probs(
         list(images), modes, batch_size, reduce=lambda i, p: p.mean(axis=1)
     )  # N x C kept, whatever the views
-    return runs[0].classes, sum(probs) / len(probs)
+    every = [p for p in probs if p is not None]  # every member has a mode
+    return runs[0].classes, functools.reduce(np.add, every) / len(every)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import numpy as np
 
@@ -182,6 +182,28 @@ def _progress_bar(total: int, verbose: int) -> Callable[[int], None]:
         bar.update(min(done[0], total), values=[("images/s", rate)])
 
     return progress
+
+
+@overload
+def build_with_progress(
+    root: Path,
+    prepared: Prepared,
+    folder: ImageFolder,
+    settings: BuildSettings,
+    predict: Any = None,
+    shard: None = None,
+) -> FeatureCache: ...
+
+
+@overload
+def build_with_progress(
+    root: Path,
+    prepared: Prepared,
+    folder: ImageFolder,
+    settings: BuildSettings,
+    predict: Any,
+    shard: tuple[int, int],
+) -> Path: ...
 
 
 def build_with_progress(

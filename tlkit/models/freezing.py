@@ -16,6 +16,7 @@ import numpy as np
 
 from tlkit.core.choices import AUTO  # --freeze auto: finetune picks the freeze point on val
 from tlkit.core.errors import ConfigError, did_you_mean
+from tlkit.core.records import FreezeRecord
 from tlkit.models.backbones import BackboneSpec
 
 
@@ -44,7 +45,7 @@ class FreezePlan:
     last_frozen: str | None  # name of the last frozen layer, None if nothing is frozen
     request: str
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> FreezeRecord:
         return {
             "request": self.request,
             "n_frozen": self.n_frozen,

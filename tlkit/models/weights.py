@@ -18,6 +18,7 @@ from typing import Any
 
 from tlkit.core.errors import RunError, WeightsError, first_line
 from tlkit.core.fsutil import atomic_path, file_hash, hold_lock
+from tlkit.core.records import WeightsRecord
 from tlkit.models.backbones import REGISTRY, BackboneSpec, keras_cache_dir
 
 WEIGHT_SUFFIXES = (".h5", ".weights.h5", ".keras")
@@ -30,7 +31,7 @@ class ResolvedWeights:
     path: str | None  # the file that will be loaded
     sha256: str | None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> WeightsRecord:
         return {"source": self.source, "path": self.path, "sha256": self.sha256}
 
 

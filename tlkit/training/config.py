@@ -122,6 +122,13 @@ class FinetuneConfig:
             self.batch_size, self.workers, self.prefetch, self.audit.max_pixels, self.seed
         )
 
+    @property
+    def bn_trains(self) -> bool:
+        """--train-bn once the plan has resolved it (None: as the weights say, make_plan)."""
+        if self.train_bn is None:
+            raise RuntimeError("--train-bn read before the plan resolved it")  # a bug
+        return self.train_bn
+
     def lr_scale(self) -> float:
         """What --lr and --fine-tune-lr are multiplied by: global batch / base batch under
         --scale-lr (Goyal et al. 2017, linear scaling rule), else 1."""

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from tlkit.core import selection
 from tlkit.core.figures import new_figure, png_bytes
+from tlkit.core.records import HistoryRow
 
 
-def training_curves_png(rows: Sequence[dict[str, Any]]) -> bytes:
+def training_curves_png(rows: Sequence[HistoryRow]) -> bytes:
     """Loss and accuracy per epoch, train and validation, over both phases; a dashed line
     marks where fine-tuning starts, the best epoch (by the selection criterion,
     tlkit/core/selection.py) is circled."""

@@ -65,6 +65,8 @@ def _affordable(base: Any, plans: Sequence[FreezePlan], n_images: int) -> list[t
     out = []
     for plan in plans:
         cut = resolve_cut(base, plan.n_frozen)
+        if cut is None:  # the candidates freeze at least one layer
+            raise RuntimeError(f"no cut for a search candidate freezing {plan.n_frozen}")
         need = n_images * int(np.prod(base.get_layer(cut.layer).output.shape[1:])) * 4
         if need > MAX_ACTIVATION_BYTES:
             log.info(
@@ -98,7 +100,7 @@ def _train_tail(
     x_train, y_train, x_val, y_val, weights = data
     t = time.perf_counter()
     base = backbone_of(model)
-    apply_freeze(base, plan, config.train_bn)
+    apply_freeze(base, plan, config.bn_trains)
     tail = build_tail(model, cut)
     steps = -(-len(x_train) // config.batch_size)
     tail.compile(

@@ -25,6 +25,7 @@ import numpy as np
 
 from tlkit.core import selection
 from tlkit.core.calibration import per_image_log_loss
+from tlkit.core.records import HistoryRow
 from tlkit.core.selection import Keeper, one_se_choice
 from tlkit.data.datasets import Example
 from tlkit.features.rows import Features, extract, pooled_extractor
@@ -135,7 +136,7 @@ def fit_head(
     features: Features,
     fit: HeadFit,
     sample_weights: Sequence[float] | None = None,
-) -> tuple[list[dict[str, Any]], int]:
+) -> tuple[list[HistoryRow], int]:
     """Train the classifier's own head (`head_of`) on the features for `steps` Adam steps,
     keep the weights of the best check (by the selection criterion; a check every CHECK_EVERY
     steps or every pass, whichever is longer); (one history row per check, optimizer steps
@@ -157,7 +158,7 @@ def fit_head(
     checks = max(1, math.ceil(steps / per_check))
     batches = _feature_batches(features, sample_weights, batch_size, fit.seed)
     train = _compiled_steps(head, optimizer, loss_fn, batches, int(model.output.shape[-1]))
-    rows: list[dict[str, Any]] = []
+    rows: list[HistoryRow] = []
     keeper: Keeper[list[np.ndarray]] = Keeper()
     n = tf.constant(per_check)
     for check in range(checks):
@@ -252,7 +253,7 @@ def _probe(
     config: FinetuneConfig,
     augment: AugmentConfig,
     views: int,
-) -> tuple[Features, list[dict[str, Any]]]:
+) -> tuple[Features, list[HistoryRow]]:
     """One candidate's features and its head probe's rows, from the initial head."""
     from tlkit.data.pipeline import build_train_transform
 
@@ -266,7 +267,7 @@ def _probe(
     return features, rows
 
 
-def _score(name: str, views: int, rows: list[dict[str, Any]], features: Features) -> dict[str, Any]:
+def _score(name: str, views: int, rows: list[HistoryRow], features: Features) -> dict[str, Any]:
     """A candidate's best check, logged."""
     top = selection.CRITERION.best(rows) or rows[0]
     seconds = round(features.seconds + sum(r["seconds"] for r in rows), 1)
@@ -329,7 +330,9 @@ def search_augment(
     dim = int(model.get_layer(POOL_LAYER).output.shape[-1])
     extractor = pooled_extractor(model)
     initial = head_of(model).get_weights()
-    scores, chosen, losses = [], [], []
+    scores: list[dict[str, Any]] = []
+    chosen: list[tuple[Any, str, Features | None]] = []
+    losses: list[np.ndarray] = []
     for name, preset, overrides in AUTO_CANDIDATES:
         augment = resolve_augment(preset, **overrides)
         views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train), dim)

@@ -119,7 +119,7 @@ def head_range_test(
     dense.build((None, features.shape[1]))
     optimizer = keras.optimizers.Adam(start)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    rates = schedule(start, end, steps)
+    curve = schedule(start, end, steps)
     order = np.random.default_rng(seed).permutation(len(labels))
 
     @tf.function
@@ -132,12 +132,12 @@ def head_range_test(
         return loss
 
     losses = []
-    for i, lr in enumerate(rates):
+    for i, lr in enumerate(curve):
         idx = order[np.arange(i * batch_size, (i + 1) * batch_size) % len(order)]
         losses.append(float(step(features[idx], labels[idx].astype(np.int32), np.float32(lr))))
         if not math.isfinite(losses[-1]):
             break
-    return suggest(rates, np.array(losses))
+    return suggest(curve, np.array(losses))
 
 
 def lr_find(config: LrFindConfig) -> dict[str, Any]:

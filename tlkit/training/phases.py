@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tlkit.core import selection
 from tlkit.core.checkpoints import (
@@ -21,6 +21,7 @@ from tlkit.core.checkpoints import (
     save_epoch,
 )
 from tlkit.core.errors import RunError
+from tlkit.core.records import HistoryRow
 from tlkit.features.cache import cache_dataset
 from tlkit.models.distribute import Placement
 from tlkit.models.freezing import apply_freeze, freeze_all
@@ -61,16 +62,18 @@ def _history_row(
     logs: dict[str, Any],
     start: float,
     clock: InputClock | None,
-) -> dict[str, Any]:
-    """One epoch's row of history.csv; its input wait goes to the log too."""
-    row = {"phase": phase, "epoch": epoch + 1, "lr": _number(optimizer.learning_rate)}
+) -> HistoryRow:
+    """One epoch's row of history.csv, from Keras' logs (untyped: the one place a row is cast
+    to its record); its input wait goes to the log too."""
+    row: dict[str, Any] = {"phase": phase, "epoch": epoch + 1}
+    row["lr"] = _number(optimizer.learning_rate)
     row["seconds"] = round(time.perf_counter() - start, 3)
     row.update({k: float(logs[k]) for k in HISTORY_FIELDS if k in logs})
     if clock is not None:
         figures = clock.epoch_figures()
         row.update(figures)
         log.info("phase %s, epoch %d: %s", phase, epoch + 1, describe_wait(figures))
-    return row
+    return cast(HistoryRow, row)
 
 
 def make_recorder(
@@ -168,8 +171,10 @@ class PhaseRunner:
         fit_model = self.plan.fit_model
         if initial > 0 and self.ckpt_dir is not None:  # mid-phase: moments, step count, rate
             fit_model.optimizer.build(fit_model.trainable_variables)
-            path, _ = latest_checkpoint(self.ckpt_dir)
-            load_checkpoint(path, self.plan.model, fit_model.optimizer)
+            found = latest_checkpoint(self.ckpt_dir)
+            if found is None:
+                raise RunError(f"{self.ckpt_dir}: no readable checkpoint to continue from")
+            load_checkpoint(found[0], self.plan.model, fit_model.optimizer)
             log.info("phase %s: continuing at epoch %d of %d", phase, initial + 1, epochs)
         self.recorder.phase, self.recorder.phase_index = phase, index
         timer = step_timer(phase, epochs, initial, steps, self._val_seconds(), self.state.estimates)
@@ -218,7 +223,7 @@ class PhaseRunner:
             frozen_bn = freeze_all(plan.base)
             what = "head only, backbone frozen"
         else:
-            frozen_bn = apply_freeze(plan.base, plan.freeze, config.train_bn)
+            frozen_bn = apply_freeze(plan.base, plan.freeze, config.bn_trains)
             freeze = plan.freeze
             what = (
                 f"{freeze.request}: layers 0..{freeze.n_frozen - 1} of {freeze.n_layers} frozen"
@@ -391,9 +396,7 @@ class PhaseRunner:
         self.head_features = None  # memory
         return features
 
-    def _record_probe(
-        self, rows: list[dict[str, Any]], steps_done: int, features: Features
-    ) -> None:
+    def _record_probe(self, rows: list[HistoryRow], steps_done: int, features: Features) -> None:
         """The probe's checks become the head phase's rows, its best the run's best so far."""
         state = self.state
         top = selection.CRITERION.best(rows) or rows[0]
@@ -436,13 +439,14 @@ class PhaseRunner:
     def _best_head(self) -> None:
         """Fine-tuning starts from the best head, not the last: the one a live head phase kept
         in memory, or after a restart its checkpoint (best.h5, while the head holds the best)."""
-        best = self.state.best or {}
+        best = self.state.best
         if self.recorder.best_head is not None:
             self.plan.model.set_weights(self.recorder.best_head)
             self.recorder.best_head = None
         elif (
             self.state.head_probe is None
-            and best.get("phase") == "head"
+            and best is not None
+            and best["phase"] == "head"
             and self.ckpt_dir is not None
             and (self.ckpt_dir / BEST).is_file()
         ):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tlkit.core import selection
 from tlkit.core.choices import AUTO
 from tlkit.core.errors import ConfigError
+from tlkit.core.records import Found, Searched
 from tlkit.core.settings import SETTINGS
 from tlkit.data.audit import DataReport, audit_and_filter
 from tlkit.data.datasets import Example, ImageFolder, fingerprint
@@ -52,7 +54,7 @@ class Plan:
     model: keras.Model
     base: keras.Model
     freeze: FreezePlan
-    searched: dict[str, Any]  # --augment auto / --freeze auto: choices and scores
+    searched: Searched  # --augment auto / --freeze auto: choices and scores
     head_features: Features | None  # computed by a search; the head phase can reuse them
     weights_by_class: dict[int, float] | None
     sample_weights: list[float] | None
@@ -64,7 +66,7 @@ class Plan:
     # --freeze auto: the search's chosen tail, trained; the run's end keeps it if it scores best
     search_model: list[np.ndarray] | None = None
 
-    def inputs(self, name: str) -> list[Example]:
+    def inputs(self, name: str) -> Sequence[Example]:
         """What the pipeline decodes for a split: its files, or their stored resized copies."""
         return self.stored.get(name) or self.split(name)
 
@@ -72,7 +74,7 @@ class Plan:
     def fingerprint(self) -> str:
         return self.identity.data_fingerprint
 
-    def split(self, name: str) -> list[Example]:
+    def split(self, name: str) -> Sequence[Example]:
         return self.folder.splits[name]
 
     def eval_dataset(self, name: str, share: Share = WHOLE) -> Any:
@@ -122,7 +124,7 @@ def seed_everything(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def class_weights(examples: list[Example], n_classes: int) -> dict[int, float]:
+def class_weights(examples: Sequence[Example], n_classes: int) -> dict[int, float]:
     """'balanced' (scikit-learn's rule): n / (classes * count), so every class weighs the same."""
     counts = [0] * n_classes
     for e in examples:
@@ -227,7 +229,7 @@ def _plan_training(
     config, freeze, searched, head_features, search_model = _resolve_auto(
         config, placement, saved, start, sample_weights
     )
-    idle = nothing_to_train(base, freeze, config.train_bn) if config.epochs else None
+    idle = nothing_to_train(base, freeze, config.bn_trains) if config.epochs else None
     if idle is not None:
         log.warning("%s", idle)
     transform = _train_transform(config, folder, size, spec)
@@ -364,7 +366,7 @@ def _resolve_auto(
     identity: Identity | None,
     start: _Start,
     sample_weights: list[float] | None,
-) -> tuple[FinetuneConfig, FreezePlan, dict[str, Any], Features | None, list[np.ndarray] | None]:
+) -> tuple[FinetuneConfig, FreezePlan, Searched, Features | None, list[np.ndarray] | None]:
     """--augment auto, then --freeze auto: (config with the chosen augmentation, the freeze
     plan, {setting: {chosen, scores}}, features the head phase can reuse or None, the freeze
     search's trained model or None). A resumed run reuses the choices its first start
@@ -374,7 +376,7 @@ def _resolve_auto(
 
     model, spec, folder, size = start.model, start.spec, start.folder, start.size
     train = folder.splits["train"]
-    searched: dict[str, Any] = dict(identity.searched) if identity is not None else {}
+    searched: Searched = Searched(**identity.searched) if identity is not None else {}
     auto = [
         flag
         for flag, on in (
@@ -416,7 +418,7 @@ class _Search:
     folder: ImageFolder
     size: int
     sample_weights: list[float] | None
-    searched: dict[str, Any]
+    searched: Searched
     timed: list[Any]  # the forward-pass timer, taken by the first search that runs
 
     def _data(self, on_first_batch: Any) -> ProbeData:
@@ -457,21 +459,21 @@ class _Search:
         from tlkit.training.freeze_search import search_freeze
 
         if "freeze" in self.searched:
-            found = self.searched["freeze"]
-            plan = FreezePlan(**found.get("fine_tune", found["chosen"]))
+            earlier = self.searched["freeze"]
+            plan = FreezePlan(**earlier.get("fine_tune", earlier["chosen"]))
             log.info("%s, as chosen when the run started", plan.request)
             return plan, None, None
         data = self._data(self.timed.pop() if self.timed else None)
         chosen, scores, pooled, trained = search_freeze(data, self.spec, config)
         plan = dataclasses.replace(chosen, request=f"--freeze auto ({chosen.request})")
-        found = {"chosen": plan.as_dict(), "scores": scores}
+        found: Found = {"chosen": dict(plan.as_dict()), "scores": scores}
         if trained is not None:
             names = [x.name for x in backbone_of(self.model).layers]
             whole = resolve_freeze(FreezeRequest(count="0"), self.spec, names)
             plan = dataclasses.replace(
                 whole, request=f"--freeze auto (the whole network, against {chosen.request})"
             )
-            found["fine_tune"] = plan.as_dict()
+            found["fine_tune"] = dict(plan.as_dict())
             log.info(
                 "--freeze auto: %s beat the head, so the fine-tune phase trains the whole "
                 "network, and the run keeps the best of the three (%s)",

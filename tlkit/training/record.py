@@ -17,6 +17,7 @@ from tlkit import _version
 from tlkit.core import selection
 from tlkit.core.choices import AUTO
 from tlkit.core.fsutil import atomic_write
+from tlkit.core.records import Best, Searched
 from tlkit.core.runs import RunRecord
 from tlkit.data.views_seen import ViewsSeen, views_trained_on
 from tlkit.models.distribute import Placement
@@ -32,13 +33,16 @@ log = logging.getLogger("tlkit")
 SEARCH_TABLE = "search.csv"
 
 
-def write_search_table(path: Path, searched: dict[str, Any]) -> None:
+def write_search_table(path: Path, searched: Searched) -> None:
     """Every candidate of --augment auto / --freeze auto, one row each, beside run.json."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("setting", "candidate", "val_loss", "val_accuracy", "seconds", "chosen"))
-    for setting, found in searched.items():
-        for s in found["scores"]:
+    for setting, found in (
+        ("augment", searched.get("augment")),
+        ("freeze", searched.get("freeze")),
+    ):
+        for s in found["scores"] if found else ():
             writer.writerow(
                 (
                     setting,
@@ -75,12 +79,12 @@ def saved_checkpoint(plan: Plan, state: TrainingState, ckpt_dir: Path) -> Path:
     from tlkit.core.calibration import log_loss
     from tlkit.core.checkpoints import BEST, SEARCH, load_checkpoint
 
-    path, best = ckpt_dir / SEARCH, state.best or {}
+    path, best = ckpt_dir / SEARCH, state.best
     if not path.is_file() or plan.config.freeze.count != AUTO:
         return ckpt_dir / BEST
     found = load_checkpoint(path, plan.model)
     probs, labels = _predict_split(plan, "val")
-    row = {
+    row: Best = {
         "val_loss": log_loss(probs, labels),
         "val_accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
         "phase": "freeze-search",
@@ -93,8 +97,8 @@ def saved_checkpoint(plan: Plan, state: TrainingState, ckpt_dir: Path) -> Path:
         "val_loss %.4f) by %s: it is the model saved",
         found["candidate"],
         row["val_loss"],
-        best.get("phase"),
-        best.get("val_loss", math.nan),
+        best["phase"] if best else None,
+        best["val_loss"] if best else math.nan,
         selection.CRITERION.describe(),
     )
     state.best = row
@@ -190,7 +194,7 @@ def run_record(
         backbone=plan.spec.name,
         weights=plan.weights.as_dict(),
         freeze={**plan.freeze.as_dict(), "search": plan.searched.get("freeze", {}).get("scores")},
-        train_bn=c.train_bn,
+        train_bn=c.bn_trains,
         head=plan.identity.head,
         input_size=plan.size,
         preprocessing=plan.spec.preprocessing,
@@ -234,7 +238,7 @@ def run_record(
 def views_seen_by(plan: Plan, state: TrainingState) -> ViewsSeen:
     """What the saved weights were trained on: the views of the phase they come from (the
     head phase trains on the eval view unless --head-views K). Test-time views follow it."""
-    augment, phase = plan.config.augment, (state.best or {}).get("phase")
+    augment, phase = plan.config.augment, state.best["phase"] if state.best else None
     probe = state.head_probe
     if phase == "head" and probe:
         augmented, source = probe["views"] > 1, f"{probe['views']} view(s) of each image"

@@ -19,6 +19,7 @@ from tlkit.core.fsutil import (
     is_incomplete,
     read_json_record,
 )
+from tlkit.core.records import Searched
 from tlkit.core.runs import RUN_FILE
 from tlkit.training.config import FinetuneConfig
 
@@ -92,7 +93,7 @@ class Identity:
     classes: list[str]
     data_fingerprint: str
     fine_tune_lr: float | None = None
-    searched: dict[str, Any] = dataclasses.field(default_factory=dict)
+    searched: Searched = dataclasses.field(default_factory=lambda: Searched())
     head: str = LINEAR_HEAD
     schema: int = IDENTITY_SCHEMA
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from tlkit.core import selection
 from tlkit.core.fsutil import atomic_write
+from tlkit.core.records import Best, HeadProbe, HistoryRow, PhaseSummary
 from tlkit.training.timing import duration
 
 HISTORY_FIELDS = (
@@ -38,8 +39,8 @@ Schedule = list[tuple[str, int, float]]
 class TrainingState:
     """Updated in place by the epoch recorder and the head probe, saved with every epoch."""
 
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # HISTORY_FIELDS
-    best: dict[str, Any] | None = None  # val_loss, val_accuracy, phase, epoch of the best
+    rows: list[HistoryRow] = dataclasses.field(default_factory=list)  # HISTORY_FIELDS
+    best: Best | None = None
     phase_steps: dict[str, int] = dataclasses.field(default_factory=dict)  # optimizer steps
     progress: int = 0  # epochs finished over both phases: what a resumed run skips
     phase: str | None = None
@@ -49,7 +50,7 @@ class TrainingState:
     wait: int = 0  # epochs since the phase's best (early stopping)
     phase_best: float = math.inf
     resumed: list[str] = dataclasses.field(default_factory=list)  # when, ISO times
-    head_probe: dict[str, Any] | None = None  # how the head phase trained, when a probe
+    head_probe: HeadProbe | None = None  # how the head phase trained, when a probe
     estimates: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -60,7 +61,7 @@ class TrainingState:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names})
 
-    def advance(self, row: dict[str, Any], patience: int) -> tuple[bool, bool]:
+    def advance(self, row: HistoryRow, patience: int) -> tuple[bool, bool]:
         """Add an epoch's row: (stop early, best so far), by the selection criterion.
         `phase_best` is the phase's best rank (`Criterion.rank`), a number, so that the
         checkpoint stays plain JSON."""
@@ -80,13 +81,13 @@ class TrainingState:
         self.rows.append(row)
         return self.wait >= patience, improved
 
-    def rows_of(self, phase: str) -> list[dict[str, Any]]:
+    def rows_of(self, phase: str) -> list[HistoryRow]:
         return [r for r in self.rows if r["phase"] == phase]
 
-    def phase_summaries(self, schedule: Schedule) -> list[dict[str, Any]]:
+    def phase_summaries(self, schedule: Schedule) -> list[PhaseSummary]:
         """Per phase, from the checkpointed history: the same whether or not the run was
         resumed."""
-        out = []
+        out: list[PhaseSummary] = []
         for phase, epochs, _ in schedule:
             rows = self.rows_of(phase)
             if not rows:
@@ -128,7 +129,7 @@ class TrainingState:
         )
 
 
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_history(path: Path, rows: list[HistoryRow]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()

@@ -136,7 +136,8 @@ def image_sizes(examples: Sequence[Example], transform: TrainTransform) -> dict[
     pixels, reductions = [], []
     for e in examples:
         with Image.open(e.path) as im:
-            formats[im.format] = formats.get(im.format, 0) + 1
+            kind = im.format or "unknown"
+            formats[kind] = formats.get(kind, 0) + 1
             pixels.append(im.size[0] * im.size[1])
             if im.format in ("JPEG", "MPO"):
                 reductions.append(transform.need.reduction(*im.size))

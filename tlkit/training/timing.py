@@ -116,7 +116,8 @@ def step_timer(
             self.done = True
             step = (time.perf_counter() - self.start) / count
             epoch = step * steps + (val_seconds or 0.0)
-            tracing = max(0.0, (self.start - self.first) - warm * step)
+            first = self.start if self.first is None else self.first  # set by then
+            tracing = max(0.0, (self.start - first) - warm * step)
             total = epoch * (epochs - initial) + tracing
             estimates[phase] = {
                 "step_seconds": round(step, 4),

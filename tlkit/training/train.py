@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +49,7 @@ from tlkit.core.fsutil import (
 from tlkit.core.runs import RUN_FILE, RUNS_DIR, Run, load_run
 from tlkit.data.preflight import Checked, check_inputs, is_chief
 from tlkit.features.cache import cache_dataset
-from tlkit.models.distribute import Placement
+from tlkit.models.distribute import Placement, Share
 from tlkit.training.config import FinetuneConfig
 from tlkit.training.input_wait import InputClock
 from tlkit.training.phases import PhaseRunner, make_recorder
@@ -283,7 +283,7 @@ def _write_search_model(plan: Plan, ckpt_dir: Path) -> None:
 def _report(run_dir: Path, state: TrainingState, test: dict[str, Any] | None) -> None:
     """The run's last lines: where it is and its size, its test score, and a fine-tune phase
     that bought nothing."""
-    best = state.best or {}
+    best: Mapping[str, Any] = state.best or {}
     log.info(
         "saved %s (%.1f MB; best val_accuracy %.4f, %s epoch %s)",
         run_dir,
@@ -353,7 +353,7 @@ def _restore(plan: Plan, tmp_dir: Path, ckpt_dir: Path, chief: bool) -> Training
             path.name,
             state.phase,
             state.epoch,
-            state.phase_steps[state.phase],
+            state.phase_steps.get(state.phase or "", 0),
         )
     else:
         log.info("resuming %s: it had no checkpoint yet; starting from the first epoch", tmp_dir)
@@ -371,11 +371,13 @@ def _val_dataset(plan: Plan, placement: Placement) -> Any:
     the feature-cache example of docs/training.md, a third of its epoch). Repeated only under
     a strategy, where Keras takes one batch from the previous pass's iterator before it resets
     it."""
-    c = plan.config
-    if plan.cache is not None:
-        build = lambda share: cache_dataset(plan.cache, "val", c.loader, None, share)  # noqa: E731
-    else:
-        build = lambda share: plan.eval_dataset("val", share)  # noqa: E731
+    c, cache = plan.config, plan.cache
+
+    def build(share: Share) -> Any:
+        if cache is not None:
+            return cache_dataset(cache, "val", c.loader, None, share)
+        return plan.eval_dataset("val", share)
+
     if placement.name == "default":
         return placement.dataset(build)
     return placement.dataset(lambda share: build(share).repeat())
