@@ -6,7 +6,10 @@ Imports inside functions count: a lazy import is still a dependency."""
 from __future__ import annotations
 
 import ast
+import inspect
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO
@@ -170,3 +173,37 @@ def test_no_function_in_the_package_takes_more_than_seven_parameters():
 def test_the_parameter_count_sees_a_wide_signature():
     tree = ast.parse("def f(self, a, b, /, c, *args, d, e=1, **kw): pass")
     assert parameter_count(tree.body[0]) == 5  # type: ignore[arg-type]
+
+
+def undocumented_arguments(function: Any) -> list[str]:
+    """The parameters a function's docstring does not describe under "Args:" (Keras' style)."""
+    doc = inspect.getdoc(function) or ""
+    described = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    return [
+        p
+        for p in inspect.signature(function).parameters
+        if not re.search(rf"^\s+\*{{0,2}}{p}:", described, re.MULTILINE)
+    ]
+
+
+def test_every_public_function_says_what_each_argument_means():
+    import tlkit
+
+    missing = {
+        name: gaps
+        for name in tlkit.__all__
+        if inspect.isfunction(getattr(tlkit, name))
+        and (gaps := undocumented_arguments(getattr(tlkit, name)))
+    }
+    assert missing == {}
+
+
+def test_the_argument_check_sees_an_undocumented_one():
+    def f(a: int, b: int) -> None:
+        """Does f.
+
+        Args:
+            a: the first.
+        """
+
+    assert undocumented_arguments(f) == ["b"]

@@ -6,7 +6,7 @@ derived from SETTINGS, so a default or a range cannot differ between the CLI and
 Dependency-free (no numpy, no click), like choices.py: `tlkit --help` imports it.
 
 The augmentation presets live here too (AUGMENT_PRESETS): a preset made of existing settings
-is one entry below and a line in docs/training.md.
+is one entry below and a line in docs/augmentation.md.
 """
 
 from __future__ import annotations

@@ -223,6 +223,10 @@ class Member:
         self.seen = views_seen(run.record)
 
 
+# a batch decoded ahead: the crop sets' views by (size, crop, mode); dense members' whole images
+_Decoded = tuple[dict[Any, np.ndarray], dict[int, list[np.ndarray]]]
+
+
 def _shared_groups(members: list[Member]) -> list[tuple[Any, list[Any], list[int]]]:
     """[(trunk or None, per-member models or tails, member indices)]: sharing where possible."""
     from tlkit.features.cache import weights_digest
@@ -316,9 +320,7 @@ class ViewRunner:
         needs += [views_need(members[i].size, members[i].crop, "dense") for i in dense]
         need = Need(shorter=max(n.shorter for n in needs))
 
-        Decoded = tuple[dict[Any, np.ndarray], dict[int, list[np.ndarray]]]
-
-        def prepare(chunk: Sequence[str]) -> Decoded:
+        def prepare(chunk: Sequence[str]) -> _Decoded:
             images = list(pool.map(lambda path: decode_for(path, need, max_pixels).image, chunk))
             views = {
                 key: np.stack(list(pool.map(lambda im, k=key: crop_views(im, *k), images)))
@@ -336,13 +338,11 @@ class ViewRunner:
             ThreadPoolExecutor(max_workers=1) as ahead,
             progress(len(paths), "evaluating") as advance,
         ):
-            pending = ahead.submit(prepare, chunks[0]) if chunks else None
+            pending = [ahead.submit(prepare, chunk) for chunk in chunks[:1]]
             for n, chunk in enumerate(chunks):
-                if pending is None:  # chunks is not empty here
-                    raise RuntimeError("no batch decoded ahead")  # a bug
-                views, wholes = pending.result()
+                views, wholes = pending.pop().result()
                 if n + 1 < len(chunks):
-                    pending = ahead.submit(prepare, chunks[n + 1])
+                    pending.append(ahead.submit(prepare, chunks[n + 1]))
                 self._crops(views, modes, out, reduce, batch_size)
                 for i in dense:
                     p = self._dense_probs(i, wholes[i], batch_size)

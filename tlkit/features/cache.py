@@ -609,7 +609,12 @@ def _finished_parts(root: Path, key: str) -> dict[int, dict[str, Any]]:
 
 def merge_parts(root: Path, key: str) -> FeatureCache:
     """Check every part of `key` (all present, same inputs, checksums, rows covered exactly
-    once) and publish the cache they make, the same bytes a one-process build writes."""
+    once) and publish the cache they make, the same bytes a one-process build writes.
+
+    Args:
+        root: the cache folder (`--cache-dir`; `cache_root(None)` is the default, ./cache).
+        key: the cache's key, the name of its folder (what `precompute-features --shard` names).
+    """
     with build_lock(root, key):
         done = open_cache(root, key)
         if done is not None:
