@@ -25,6 +25,9 @@ from tlkit.data.augment import TrainTransform, resolve_augment
 from tlkit.data.datasets import Example
 from tlkit.models.model import POOL_LAYER
 
+# told (seconds an image, images in all) once the first batch is through: the time of the rest
+FirstBatch = Callable[[float, int], None]
+
 log = logging.getLogger("tlkit")
 
 
@@ -97,7 +100,7 @@ def extract(
     transform: TrainTransform,
     views: int,
     loader: Loader,
-    on_first_batch: Any = None,
+    on_first_batch: FirstBatch | None = None,
 ) -> Features:
     """Features of the val images (eval crop) and of every training image: its eval view when
     `views` is 1 (whatever the augmentation), else `views` augmented views."""
@@ -121,12 +124,12 @@ def extract(
 
 def forward(
     extractor: Any,
-    make_rows: Any,
+    make_rows: RowMaker,
     train: Sequence[Example],
     val: Sequence[Example],
     views: int,
     batch_size: int,
-    on_first_batch: Any = None,
+    on_first_batch: FirstBatch | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """Each output of `extractor` (one model, or several outputs) over `views` views of the
     training images and one of the val images, per split. Decoding the next batch overlaps with

@@ -28,7 +28,7 @@ from tlkit.core.calibration import per_image_log_loss
 from tlkit.core.records import HistoryRow
 from tlkit.core.selection import Keeper, one_se_choice
 from tlkit.data.datasets import Example
-from tlkit.features.rows import Features, extract, pooled_extractor
+from tlkit.features.rows import Features, FirstBatch, extract, pooled_extractor
 from tlkit.models.model import POOL_LAYER, head_of
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ class ProbeData:
     size: int
     crop_fraction: float
     sample_weights: Sequence[float] | None = None
-    on_first_batch: Any = None
+    on_first_batch: FirstBatch | None = None
 
 
 def _probe(

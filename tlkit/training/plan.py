@@ -25,12 +25,14 @@ from tlkit.training.resume import Identity, check_unchanged
 from tlkit.training.timing import log_estimate
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import keras
     import numpy as np
 
     from tlkit.data.augment import ColorPCA, TrainTransform
     from tlkit.features.cache import FeatureCache, TrunkSource
-    from tlkit.features.rows import Features
+    from tlkit.features.rows import Features, FirstBatch
     from tlkit.models.backbones import BackboneSpec
     from tlkit.models.model import Head
     from tlkit.training.head import ProbeData
@@ -167,7 +169,7 @@ def make_plan(
     checked: Checked,
     placement: Placement,
     saved: Identity | None,
-    tmp_dir: Any,
+    tmp_dir: Path | None,
     call: Call,
 ) -> Plan:
     """Weights, the data check, the model, freeze point, `auto` choices, augmentation and the
@@ -421,7 +423,7 @@ class _Search:
     searched: Searched
     timed: list[Any]  # the forward-pass timer, taken by the first search that runs
 
-    def _data(self, on_first_batch: Any) -> ProbeData:
+    def _data(self, on_first_batch: FirstBatch | None) -> ProbeData:
         from tlkit.training.head import ProbeData
 
         splits = self.folder.splits
