@@ -511,6 +511,12 @@ def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, 
     assert min(head_rows) < head_rows[0]  # the probe trained the user's head
     with pytest.raises(RunError, match="activation maps needs a head that is a softmax Dense"):
         class_maps(model, np.zeros((1, 32, 32, 3), np.uint8), [0])
+    # eval takes it as any run, its dense view too (the head on the whole map's average)
+    from tlkit.evaluation.evaluate import EvalConfig, evaluate
+
+    for views in ("1", "dense"):
+        scored = evaluate(EvalConfig(runs=(str(run.path),), split="val", multicrop=views))
+        assert 0.0 <= scored["top1"] <= 1.0
 
     # mlp_head ends in a softmax Dense, which --calibrate scales; a Softmax layer it cannot
     def softmax_layer_head(pooled: Any, num_classes: int) -> Any:
