@@ -105,7 +105,12 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     "defaults, --fine-tune-lr 3e-5": ["--fine-tune-lr", "3e-5"],
     "defaults, --fine-tune-lr 1e-5": ["--fine-tune-lr", "1e-5"],
     "defaults, --fine-tune-lr 3e-6": ["--fine-tune-lr", "3e-6"],
+    # the other installed backbones, each at its own size (what the default backbone is chosen
+    # against: accuracy and the time a user waits)
+    "defaults, Lite1 at 240 px": ["--backbone", "efficientnet_lite1", "--input-size", "240"],
+    "defaults, Lite2 at 260 px": ["--backbone", "efficientnet_lite2", "--input-size", "260"],
 }
+BACKBONES = [n for n in CONFIGS if n.startswith("defaults, Lite")]
 OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options left off
 RATES = [n for n in CONFIGS if n.startswith("defaults, --fine-tune-lr")]
 RECIPES = [n for n in CONFIGS if n.startswith("recipe ")]
@@ -137,8 +142,10 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 CANDIDATE,
                 *OPTIONS,
                 *RATES,
+                *BACKBONES,
             ],
-            {"scratch", "timm reference"},  # 3 rates each: 15 and 9 min a seed
+            # 3 rates each: 15 and 9 min a seed; the three Lites' ensemble
+            {"scratch", "timm reference", "backbones"},
         ),
         20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"}),
     },
@@ -460,12 +467,16 @@ def finetune(task: Task, out: Path, flags: Sequence[str]) -> tuple[float, dict[s
 
 
 def evaluate(
-    runs: Sequence[Path], task: Task, multicrop: str = "1", name: str = "test"
+    runs: Sequence[Path],
+    task: Task,
+    multicrop: str = "1",
+    name: str = "test",
+    weights: str = "equal",
 ) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     m = tlkit(
         "eval", *map(str, runs), str(task.root), "--split", "test", "--multicrop", multicrop,
-        "--name", name,
+        "--name", name, "--ensemble-weights", weights,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     clear()
@@ -501,6 +512,8 @@ def run_seed(
             views_rows(work, task, out, (m, eval_s), record)
     if "defaults" in runs and "ensemble" in extras:
         ensemble_rows(work, task, runs["defaults"], [*size, *configs["defaults"]], rec)
+    if "backbones" in extras and all(n in runs for n in BACKBONES):
+        backbone_ensemble_rows(work, task, runs, base, rec)
     if extras & {"reference", *REFERENCE_EXTRAS}:  # the frozen stage and probe run first
         backbone = "test_resnet" if smoke else "efficientnet_lite0"
         keras_reference(task, backbone, extras, rec)
@@ -534,6 +547,33 @@ def ensemble_rows(
         m["comparison"][chosen]["single_crop_top1"],
         val=members[chosen][1],
     )
+
+
+def backbone_ensemble_rows(
+    work: Path,
+    task: Task,
+    runs: dict[str, tuple[Path, float]],
+    flags: list[str],
+    rec: Callable[..., None],
+) -> None:
+    """The three installed backbones' defaults runs (Lite0's trained here when this tier did
+    not), their ensemble with equal weights and with Caruana's greedy selection on validation,
+    beside the member a user would keep alone: the best on validation."""
+    if "defaults" not in runs:
+        out = work / "runs" / f"{task.root.name}-lite0"
+        runs = {**runs, "defaults": (out, finetune(task, out, flags)[1]["val_accuracy"])}
+    members = [runs[n] for n in ("defaults", *BACKBONES)]
+    paths = [run for run, _ in members]
+    for weights in ("equal", "greedy"):
+        m, _ = evaluate(paths, task, "1", f"lites-{weights}", weights)
+        rec(
+            f"ensemble of the three Lites, {weights} weights",
+            m["top1"],
+            weights=m["member_weights"],
+        )
+    chosen = max(range(len(members)), key=lambda i: members[i][1])  # the first of equals
+    best = m["comparison"][chosen]["single_crop_top1"]
+    rec("the three Lites' best member on validation", best, val=members[chosen][1])
 
 
 def views_rows(

@@ -20,6 +20,7 @@ from tlkit.evaluation.evaluate import (
     classification_metrics,
     evaluate,
     fit_member_weights,
+    greedy_member_weights,
 )
 from tlkit.evaluation.predict import predict_images
 from tlkit.evaluation.views import crop_views
@@ -160,6 +161,16 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     (out,) = (runs[0] / "eval").glob("test-crops1-ensemble2-*")
     weights = json.loads((out / "metrics.json").read_text())["member_weights"]
     assert sum(weights) == pytest.approx(1.0)
+    greedy = runner.invoke(
+        cli, ["eval", *map(str, runs), "--ensemble-weights", "greedy", "--name", "greedy"]
+    )
+    assert greedy.exit_code == 0, greedy.output
+    chosen = json.loads((runs[0] / "eval/greedy/metrics.json").read_text())
+    assert chosen["member_weights_rule"] == "greedy" and sum(chosen["member_weights"]) == 1.0
+    assert all(
+        w * 25 == pytest.approx(round(w * 25)) or w in (0, 1) for w in chosen["member_weights"]
+    )
+    assert "member weights (greedy on " in greedy.output
 
 
 def test_unknown_class_in_eval_data_is_an_error(trained, tmp_path):
@@ -232,6 +243,32 @@ def test_fitted_weights_prefer_the_better_member():
     noise = rng.dirichlet(np.ones(3), 200)
     w = fit_member_weights([good, noise], labels)
     assert w[0] > 0.9 and w.sum() == pytest.approx(1.0)
+
+
+def test_greedy_selection_keeps_members_that_add_and_drops_those_that_do_not():
+    """Caruana's selection with replacement: two members right on different halves of the
+    images share the weight (their average beats either); a copy of a member, or noise,
+    gets none; and the ensemble's log loss is never above the best member's."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    halves = np.arange(200) < 100
+
+    def right_on(mask: np.ndarray) -> np.ndarray:
+        p = np.full((200, 3), 0.2)
+        p[np.arange(200), labels] = np.where(mask, 0.6, 0.2)
+        return p / p.sum(1, keepdims=True)
+
+    first, second = right_on(halves), right_on(~halves)
+    noise = rng.dirichlet(np.ones(3), 200)
+    w = greedy_member_weights([first, first.copy(), second, noise], labels)
+    assert w[1] == 0 and w[3] == 0 and w[0] == pytest.approx(0.5) and w[2] == pytest.approx(0.5)
+
+    def loss(p: np.ndarray) -> float:
+        return float(-np.log(p[np.arange(200), labels]).mean())
+
+    mix = sum(wi * p for wi, p in zip(w, [first, first, second, noise], strict=True))
+    assert loss(mix) < min(loss(first), loss(second))
+    assert list(greedy_member_weights([first, first.copy()], labels)) == [1.0, 0.0]
 
 
 def test_val_weights_are_never_fitted_on_the_images_they_score(trained):

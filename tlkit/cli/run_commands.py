@@ -104,6 +104,14 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
             )
     for note in metrics["notes"]:
         click.echo(f"  note: {note}")
+    if len(metrics["members"]) > 1:
+        fitted = metrics["member_weights_fitted_on"]
+        rule = f"{metrics['member_weights_rule']} on {fitted}" if fitted else "equal"
+        shares = ", ".join(
+            f"{m} {w:.2f}"
+            for m, w in zip(metrics["members"], metrics["member_weights"], strict=True)
+        )
+        click.echo(f"  member weights ({rule}): {shares}")
     chosen = [v["views"] for v in metrics["views"]]
     for row, views in zip(metrics["comparison"], [*chosen, "per member"], strict=False):
         click.echo(

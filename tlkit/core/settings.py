@@ -409,7 +409,10 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting(
             "ensemble_weights",
-            "Member weights; 'val' fits them on the validation split.",
+            "Member weights: 'val' fits them on the validation split (the lowest log loss), "
+            "'greedy' selects members with replacement there (Caruana et al. 2004: each round "
+            "adds the member that lowers the ensemble's log loss most; weights are the "
+            "counts).",
             "equal",
             choices=choices.ENSEMBLE_WEIGHTS,
         ),

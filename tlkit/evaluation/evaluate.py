@@ -61,7 +61,7 @@ class EvalConfig:
     data: str | None = None  # None: the first run's own data folder
     split: str | None = setting("split")  # None: test, else val
     multicrop: str = setting("multicrop")
-    ensemble_weights: str = setting("ensemble_weights")  # "equal" or "val"
+    ensemble_weights: str = setting("ensemble_weights")  # "equal", "val" or "greedy"
     name: str | None = None
     batch_size: int = setting("batch_size")
     workers: int | None = setting("workers")
@@ -546,6 +546,30 @@ def fit_member_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int =
     return w
 
 
+GREEDY_ROUNDS = 25  # Caruana et al.'s selection rounds (AutoGluon's default ensemble size)
+
+
+def greedy_member_weights(
+    probs: list[np.ndarray], labels: np.ndarray, rounds: int = GREEDY_ROUNDS
+) -> np.ndarray:
+    """Ensemble selection with replacement (Caruana et al., ICML 2004): start empty, each round
+    add the member whose addition gives the lowest log loss on these images (the first of
+    equals), and keep the rounds' prefix that scored lowest; weights are each member's share of
+    the picks. Rounds that lower nothing are dropped, so an ensemble of copies is its first
+    member alone."""
+    p_true = np.stack([p[np.arange(len(labels)), labels] for p in probs], axis=1)  # (N, M)
+    counts, total = np.zeros(len(probs), int), np.zeros(len(labels))
+    best_loss, best_counts = np.inf, counts.copy()
+    for n in range(1, rounds + 1):
+        losses = -np.log(np.clip((total[:, None] + p_true) / n, 1e-12, None)).mean(axis=0)
+        pick = int(np.argmin(losses))
+        counts[pick] += 1
+        total += p_true[:, pick]
+        if losses[pick] < best_loss - 1e-12:
+            best_loss, best_counts = float(losses[pick]), counts.copy()
+    return np.asarray(best_counts / best_counts.sum(), np.float64)
+
+
 def _missing_class_notes(cm: np.ndarray, classes: Sequence[str], empty: list[int]) -> list[str]:
     """A folder may lack classes the model knows: left out of the averages, unless predicted
     (then scored 0, as in scikit-learn)."""
@@ -634,14 +658,14 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         return _evaluate(config, placement)
 
 
-def weights_split(runs: Sequence[Run], scored: EvalSet) -> EvalSet:
-    """The images --ensemble-weights val fits on: the members' own validation split, never
-    any of the images being scored (the figure would then be fitted, not measured)."""
+def weights_split(runs: Sequence[Run], scored: EvalSet, how: str = "val") -> EvalSet:
+    """The images --ensemble-weights val / greedy fits on: the members' own validation split,
+    never any of the images being scored (the figure would then be fitted, not measured)."""
     fit_on = eval_examples(runs[0], None, "val")
     paths = {os.path.realpath(e.path) for e in scored.examples}
     if n := sum(os.path.realpath(e.path) in paths for e in fit_on.examples):
         raise ConfigError(
-            f"{scored.source}: --ensemble-weights val fits the member weights on "
+            f"{scored.source}: --ensemble-weights {how} fits the member weights on "
             f"{fit_on.source}, and {n} of the images scored are among them; score a "
             "test split or another folder, or use --ensemble-weights equal"
         )
@@ -681,9 +705,10 @@ def _member_probs(
     modes: list[str],
     batch_size: int,
     fit_on: EvalSet | None,
+    how: str = "val",
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """(each member's single-crop probabilities, its probabilities averaged over its views,
-    the members' weights: equal, or fitted on `fit_on`'s images)."""
+    the members' weights: equal, or fitted on `fit_on`'s images as `how` says: val, greedy)."""
     dense = [m == "dense" for m in modes]
     centres = [0 if d else center_index(m) for m, d in zip(modes, dense, strict=True)]
 
@@ -707,9 +732,8 @@ def _member_probs(
                 [e.path for e in fit_on.examples], modes, batch_size, reduce=mean_and_centre
             )
         )
-        weights = fit_member_weights(
-            [p[:, 0] for p in val_probs], np.array([e.label for e in fit_on.examples])
-        )
+        fit = greedy_member_weights if how == "greedy" else fit_member_weights
+        weights = fit([p[:, 0] for p in val_probs], np.array([e.label for e in fit_on.examples]))
     return single, multi, weights
 
 
@@ -772,8 +796,8 @@ def _evaluate(config: EvalConfig, placement: Placement) -> dict[str, Any]:
     scored = eval_examples(runs[0], config.data, config.split)
     examples, source, split = scored.examples, scored.source, scored.split
     ensemble_of = len(runs) if len(runs) > 1 else 0
-    fitted = config.ensemble_weights == "val" and ensemble_of
-    fit_on = weights_split(runs, scored) if fitted else None
+    how = config.ensemble_weights
+    fit_on = weights_split(runs, scored, how) if how != "equal" and ensemble_of else None
     name = config.name or default_name(runs, config.data, split, config.multicrop)
     out_dir = runs[0].path / "eval" / name
     if placement.is_chief:
@@ -784,7 +808,7 @@ def _evaluate(config: EvalConfig, placement: Placement) -> dict[str, Any]:
     runner = ViewRunner(members, placement.predictor, config.workers)
     choices = resolve_views(runner, config.multicrop, config.batch_size)
     single, multi, weights = _member_probs(
-        runner, paths, [c.views for c in choices], config.batch_size, fit_on
+        runner, paths, [c.views for c in choices], config.batch_size, fit_on, how
     )
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
     classes = runs[0].classes
@@ -806,6 +830,7 @@ def _evaluate(config: EvalConfig, placement: Placement) -> dict[str, Any]:
             "members": [str(r.path) for r in runs],
             "member_weights": [float(w) for w in weights],
             "member_weights_fitted_on": fit_on.source if fit_on else None,
+            "member_weights_rule": how if fit_on else "equal",
             "comparison": comparison,
         }
     )
