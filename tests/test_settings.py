@@ -40,9 +40,17 @@ PER_COMMAND = {"freeze"}
 
 
 def _parsed(command: click.Command) -> dict[str, object]:
-    """What the command's function receives when nothing is typed, callbacks applied."""
-    with command.make_context(command.name, list(REQUIRED.get(str(command.name), []))) as ctx:
+    """What the command's function receives when nothing is typed, callbacks applied (under
+    the group's context, as `tlkit` runs it: click keeps the help option a context makes)."""
+    typed = list(REQUIRED.get(str(command.name), []))
+    with command.make_context(command.name, typed, parent=_group()) as ctx:
         return dict(ctx.params)
+
+
+def _group() -> click.Context:
+    from tlkit.cli import cli
+
+    return cli.make_context("tlkit", ["--help"], resilient_parsing=True)
 
 
 def _bounds(setting: Setting) -> tuple[object, ...]:
@@ -191,5 +199,5 @@ def test_every_finetune_flag_resumes_into_a_config_field():
 def test_a_switch_gives_the_settings_three_values(tmp_path):
     finetune = next(c for c in commands() if c.name == "finetune")
     for typed, value in (([], "auto"), (["--cache"], "build"), (["--no-cache"], "off")):
-        with finetune.make_context("finetune", typed) as ctx:
+        with finetune.make_context("finetune", typed, parent=_group()) as ctx:
             assert ctx.params["cache"] == value
