@@ -59,7 +59,9 @@ def photo(name: str) -> Path:
     raise FileNotFoundError(name)
 
 
-LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+from tlkit.models.efficientnet_lite import VARIANTS  # noqa: E402  (numpy only, after the path)
+
+LITES = tuple(VARIANTS)  # the installed pretrained backbones
 
 
 def top5(

@@ -50,6 +50,7 @@ def test_an_old_finished_run_loads_evaluates_and_predicts(old_runs):
 @pytest.mark.slow  # about 15 s: two tiny trainings
 def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
     from tlkit.core.runs import load_run
+    from tlkit.training.resume import IDENTITY_SCHEMA
 
     found = json.loads(invoke("finetune", "--resume", "interrupted", "--json").stdout)
     run = load_run("interrupted")
@@ -76,7 +77,7 @@ def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
     )
     assert load_run("transferred").record.weights["source"] == "run"
     written = json.loads(Path("transferred/checkpoints/identity.json").read_text())
-    assert written["schema"] == 2 and written["backbone"] == "test_resnet"  # today's schema
+    assert written["schema"] == IDENTITY_SCHEMA and written["backbone"] == "test_resnet"
 
 
 def test_identities_of_every_schema_read_and_a_foreign_one_is_one_line(old_runs):

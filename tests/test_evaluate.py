@@ -11,7 +11,7 @@ from conftest import TINY, write_folder
 from PIL import Image
 
 from tlkit.cli import cli
-from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.errors import ConfigError, DataError, RunError
 from tlkit.evaluation.evaluate import (
     EvalConfig,
     Member,
@@ -166,7 +166,8 @@ def test_eval_cli_defaults_outputs_and_errors(trained, tmp_path, monkeypatch):
     )
     assert greedy.exit_code == 0, greedy.output
     chosen = json.loads((runs[0] / "eval/greedy/metrics.json").read_text())
-    assert chosen["member_weights_rule"] == "greedy" and sum(chosen["member_weights"]) == 1.0
+    assert chosen["member_weights_rule"] == "greedy"
+    assert sum(chosen["member_weights"]) == pytest.approx(1.0)
     assert all(
         w * 25 == pytest.approx(round(w * 25)) or w in (0, 1) for w in chosen["member_weights"]
     )
@@ -269,6 +270,11 @@ def test_greedy_selection_keeps_members_that_add_and_drops_those_that_do_not():
     mix = sum(wi * p for wi, p in zip(w, [first, first, second, noise], strict=True))
     assert loss(mix) < min(loss(first), loss(second))
     assert list(greedy_member_weights([first, first.copy()], labels)) == [1.0, 0.0]
+    broken = first.copy()
+    broken[5] = np.nan
+    for fit in (greedy_member_weights, fit_member_weights):
+        with pytest.raises(RunError, match="ensemble member 2: its probabilities on the valid"):
+            fit([first, broken], labels)
 
 
 def test_val_weights_are_never_fitted_on_the_images_they_score(trained):

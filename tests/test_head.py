@@ -488,6 +488,18 @@ def mlp_head(pooled: Any, num_classes: int) -> Any:
     return keras.layers.Dense(num_classes, activation="softmax", name="classes")(x)
 
 
+def make_head(width: int) -> Any:
+    """Heads from one factory: the same function name, other layers."""
+
+    def head(pooled: Any, num_classes: int) -> Any:
+        import keras
+
+        x = keras.layers.Dense(width, activation="relu")(pooled)
+        return keras.layers.Dense(num_classes, activation="softmax")(x)
+
+    return head
+
+
 @pytest.mark.slow  # about 10 s: a tiny run with a fine-tune phase, evaluated and resumed
 def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, monkeypatch):
     """`finetune(head=...)`: the user's head is what the probe trains (its validation loss
@@ -502,8 +514,8 @@ def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, 
     data = make_folder(per_class=10, layout="splits", classes=("cat", "dog", "cow"))
     config = quick_config(data, tmp_path / "run", freeze=FreezeRequest(count="0"), epochs=1)
     run = finetune(config, verbose=0, head=mlp_head)
-    assert run.record.head == "test_head.mlp_head"
-    assert json.loads((run.path / "run.json").read_text())["head"] == "test_head.mlp_head"
+    assert run.record.head.startswith("test_head.mlp_head (layers ")
+    assert json.loads((run.path / "run.json").read_text())["head"] == run.record.head
     model = keras.saving.load_model(run.path / "model.keras", safe_mode=True)
     assert [la.name for la in model.layers[-3:]] == ["pool", "hidden", "classes"]
     with open(run.path / "history.csv") as f:
@@ -511,12 +523,22 @@ def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, 
     assert min(head_rows) < head_rows[0]  # the probe trained the user's head
     with pytest.raises(RunError, match="activation maps needs a head that is a softmax Dense"):
         class_maps(model, np.zeros((1, 32, 32, 3), np.uint8), [0])
-    # eval takes it as any run, its dense view too (the head on the whole map's average)
+    # eval and diagnose take it as any run (the dense view too: the head on the whole map's
+    # average), their reports without the maps, said; predict --explain refuses it up front
+    from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
     from tlkit.evaluation.evaluate import EvalConfig, evaluate
+    from tlkit.evaluation.explain import NO_MAPS
+    from tlkit.evaluation.predict import predict
 
     for views in ("1", "dense"):
         scored = evaluate(EvalConfig(runs=(str(run.path),), split="val", multicrop=views))
-        assert 0.0 <= scored["top1"] <= 1.0
+        assert 0.0 <= scored["top1"] <= 1.0 and NO_MAPS in scored["notes"]
+    assert diagnose(DiagnoseConfig(run=str(run.path)))["activation_maps"] == NO_MAPS
+    picture = next((data / "val").rglob("*.png"))
+    with pytest.raises(RunError, match="--explain draws activation maps, which read tlkit's"):
+        predict(run, [picture], explain=tmp_path / "maps")
+    assert not (tmp_path / "maps").exists()
+    assert predict(run, [picture])[0]["path"] == str(picture)
 
     # mlp_head ends in a softmax Dense, which --calibrate scales; a Softmax layer it cannot
     def softmax_layer_head(pooled: Any, num_classes: int) -> Any:
@@ -541,12 +563,15 @@ def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, 
     monkeypatch.setattr(tlkit.training.phases, "save_epoch", dies_in_the_fine_tune)
     cut = quick_config(data, tmp_path / "cut", freeze=FreezeRequest(count="0"), epochs=2)
     with pytest.raises(Interrupted):
-        finetune(cut, verbose=0, head=mlp_head)
+        finetune(cut, verbose=0, head=make_head(16))
     monkeypatch.setattr(tlkit.training.phases, "save_epoch", real)
     with pytest.raises(RunError, match="cannot resume with head linear; the run started with head"):
         finetune(verbose=0, resume=tmp_path / "cut")
-    resumed = finetune(verbose=0, resume=tmp_path / "cut", head=mlp_head)
-    assert resumed.record.head == "test_head.mlp_head" and resumed.record.resumed
+    with pytest.raises(RunError, match=r"cannot resume with head test_head.make_head.<locals>"):
+        finetune(verbose=0, resume=tmp_path / "cut", head=make_head(32))  # same name, wider
+    resumed = finetune(verbose=0, resume=tmp_path / "cut", head=make_head(16))
+    assert resumed.record.head.startswith("test_head.make_head.<locals>.head (layers ")
+    assert resumed.record.resumed
 
 
 def test_a_head_of_the_wrong_shape_is_one_line(tmp_path):
@@ -557,3 +582,23 @@ def test_a_head_of_the_wrong_shape_is_one_line(tmp_path):
     spec = get_backbone(TINY)
     with pytest.raises(ConfigError, match=r"head: must return \(batch, 3\) class probabilities"):
         build_classifier(spec, spec.build(32), 3, 32, head=lambda pooled, n: pooled)
+    with pytest.raises(ConfigError, match=r"head: must be a function .* Received: 'dense'"):
+        build_classifier(spec, spec.build(32), 3, 32, head="dense")  # type: ignore[arg-type]
+
+
+def test_a_head_that_safe_mode_cannot_load_is_refused_before_training():
+    """A Lambda layer would train and save, then no command could open model.keras."""
+    import keras
+
+    from tlkit.core.errors import ConfigError
+    from tlkit.models.backbones import get_backbone
+    from tlkit.models.model import build_classifier, check_user_head
+
+    def lambda_head(pooled: Any, num_classes: int) -> Any:
+        x = keras.layers.Lambda(lambda t: t * 2.0)(pooled)
+        return keras.layers.Dense(num_classes, activation="softmax")(x)
+
+    spec = get_backbone(TINY)
+    with pytest.raises(ConfigError, match="head: its layers cannot be loaded back in Keras' safe"):
+        check_user_head(build_classifier(spec, spec.build(32), 3, 32, head=lambda_head))
+    check_user_head(build_classifier(spec, spec.build(32), 3, 32, head=mlp_head))  # loads

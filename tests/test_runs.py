@@ -60,7 +60,12 @@ def test_a_written_record_round_trips_and_an_older_leaner_one_still_loads(tiny_r
             {"results": {"best": {"val_loss": 0.5, "phase": "head", "epoch": "3"}}},
             "results.best.epoch is str '3', not an integer",
         ),
-        ({"results": {"phases": [{"seconds": "9"}]}}, "results.phases is list"),
+        ({"results": {"phases": [{"seconds": "9"}]}}, r"results.phases\[0\].seconds is str '9'"),
+        (
+            {"results": {"best": {"val_loss": None, "phase": "head", "epoch": 3}}},
+            "results.best.val_loss is null, not a number",
+        ),
+        ({"freeze": {"request": "x", "n_frozen": None}}, "freeze.n_frozen is null, not an int"),
         ({"weights": {"source": "none", "sha256": 7}}, "weights.sha256 is int 7, not a string"),
         ({"head": 1}, "head is int 1, not a string"),
         ({"input_size": -5}, "input_size -5 is not a size a model takes"),

@@ -53,6 +53,14 @@ def diagnose(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     click.echo(f"report: {found['output']}/report.html")
 
 
+def _weights_line(metrics: dict[str, Any]) -> str:
+    """An ensemble's member weights and how they were set: `(greedy on DATA): run 0.60, ...`."""
+    fitted = metrics["member_weights_fitted_on"]
+    rule = f"{metrics['member_weights_rule']} on {fitted}" if fitted else "equal"
+    shares = zip(metrics["members"], metrics["member_weights"], strict=True)
+    return f"({rule}): " + ", ".join(f"{m} {w:.2f}" for m, w in shares)
+
+
 @cli.command("eval")
 @recipe_option
 @click.argument("paths", nargs=-1, type=click.Path())
@@ -105,13 +113,7 @@ def eval_(paths: tuple[str, ...], as_json: bool, **options: Any) -> None:
     for note in metrics["notes"]:
         click.echo(f"  note: {note}")
     if len(metrics["members"]) > 1:
-        fitted = metrics["member_weights_fitted_on"]
-        rule = f"{metrics['member_weights_rule']} on {fitted}" if fitted else "equal"
-        shares = ", ".join(
-            f"{m} {w:.2f}"
-            for m, w in zip(metrics["members"], metrics["member_weights"], strict=True)
-        )
-        click.echo(f"  member weights ({rule}): {shares}")
+        click.echo(f"  member weights {_weights_line(metrics)}")
     chosen = [v["views"] for v in metrics["views"]]
     for row, views in zip(metrics["comparison"], [*chosen, "per member"], strict=False):
         click.echo(

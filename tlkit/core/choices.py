@@ -56,8 +56,9 @@ def check(flag: str, value: object, choices: Sequence[str]) -> None:
         )
 
 
-# The one backbone whose ImageNet weights every install has (a package ships them): so the
-# quickstart does real transfer learning offline. resnet50 and the others are one flag away.
+# The smallest of the three backbones whose ImageNet weights every install has (packages ship
+# EfficientNet-Lite0, -Lite1 and -Lite2): the quickstart does real transfer learning offline.
+# resnet50 and the others are one flag away.
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 

@@ -132,43 +132,67 @@ class RunRecord:
         return cls(**known, extra={k: v for k, v in d.items() if k not in fields})
 
 
-def _typed_keys(
-    d: dict[str, Any], schema: dict[tuple[str, ...], Any]
-) -> dict[tuple[str, ...], Any]:
-    """`schema` with each typed record's keys that `d` holds added as fields of their own, so
-    that a wrong value is named by its whole path (`results.best.epoch`)."""
-    out = dict(schema)
-    todo = [k for k, h in schema.items() if typing.is_typeddict(h)]
-    while todo:
-        keys = todo.pop()
-        value: Any = d
-        for key in keys:
+Path_ = tuple[str | int, ...]  # a place in run.json: keys, and indices into lists
+
+
+def _at(d: dict[str, Any], path: Path_) -> Any:
+    value: Any = d
+    for key in path:
+        if isinstance(key, int):
+            value = value[key] if isinstance(value, list) and key < len(value) else None
+        else:
             value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _record_of(hint: Any) -> Any:
+    """The typed record a hint holds (itself, or in `X | None`), else None."""
+    union = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    return next(
+        (h for h in (typing.get_args(hint) if union else (hint,)) if typing.is_typeddict(h)), None
+    )
+
+
+def _places(d: dict[str, Any], schema: dict[tuple[str, ...], Any]) -> list[tuple[Path_, Any, bool]]:
+    """(place, its type, checked when null) for every field of `schema`, and every key that `d`
+    holds of a typed record, items of lists of records too: a wrong value is named by its whole
+    place (`results.best.epoch`, `results.phases[0].seconds`)."""
+    out: list[tuple[Path_, Any, bool]] = [(k, h, len(k) == 1) for k, h in schema.items()]
+    todo: list[tuple[Path_, Any]] = [(k, r) for k, h in schema.items() if (r := _record_of(h))]
+    while todo:
+        path, record = todo.pop()
+        value = _at(d, path)
         if not isinstance(value, dict):
             continue
-        for name, hint in typing.get_type_hints(out[keys]).items():
-            union = typing.get_origin(hint) in (types.UnionType, typing.Union)
-            inner = typing.get_args(hint) if union else (hint,)  # a record, or one or None
-            record = next((h for h in inner if typing.is_typeddict(h)), None)
-            if name in value:
-                out[(*keys, name)] = hint
-                if record is not None:
-                    out[(*keys, name)] = record if value[name] is not None else hint
-                    todo.append((*keys, name))
+        for name, hint in typing.get_type_hints(record).items():
+            if name not in value:
+                continue
+            out.append(((*path, name), hint, True))  # a key written null is checked too
+            if (inner := _record_of(hint)) is not None:
+                todo.append(((*path, name), inner))
+            elif typing.get_origin(hint) is list and typing.is_typeddict(typing.get_args(hint)[0]):
+                items = value[name] if isinstance(value[name], list) else []
+                todo += [((*path, name, i), typing.get_args(hint)[0]) for i in range(len(items))]
+                out += [
+                    ((*path, name, i), typing.get_args(hint)[0], True) for i in range(len(items))
+                ]
     return out
+
+
+def _shown_place(path: Path_) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
 
 
 def _check_shape(d: dict[str, Any], schema: dict[tuple[str, ...], Any], where: Any) -> None:
     """Every field of `schema` present in `d` has its type, and the values readers rely on are
     in range: a record edited into another shape is one line, never a traceback later."""
-    for keys, hint in sorted(_typed_keys(d, schema).items(), key=lambda kv: -len(kv[0])):
-        value: Any = d
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        if (value is not None or len(keys) == 1) and not _has_type(value, hint):
+    for path, hint, nullable_checked in sorted(_places(d, schema), key=lambda p: -len(p[0])):
+        value = _at(d, path)
+        if (value is not None or nullable_checked) and not _has_type(value, hint):
+            got = "null" if value is None else f"{type(value).__name__} {shown(value, 60)}"
             raise RunError(
-                f"{where}: {'.'.join(keys)} is {type(value).__name__} {shown(value, 60)}, not "
-                f"{_type_name(hint)}; it was not written by tlkit finetune, or it was edited"
+                f"{where}: {_shown_place(path)} is {got}, not {_type_name(hint)}; it was not "
+                "written by tlkit finetune, or it was edited"
             )
     if not d["classes"]:
         raise RunError(f"{where}: classes is empty; it was edited or damaged")

@@ -232,9 +232,14 @@ def _explain_worst(
     probs: np.ndarray,
     found: dict[str, Any],
 ) -> dict[str, Any]:
-    """Where the model looked on the top losses the report shows, by relative path."""
-    from tlkit.evaluation.explain import explain_paths
+    """Where the model looked on the top losses the report shows, by relative path (none,
+    said once, when the run's head is not one the maps can read)."""
+    from tlkit.evaluation.explain import NO_MAPS, explain_paths, explainable
 
+    if not explainable(model):
+        log.warning("%s", NO_MAPS)  # the report shows the top losses without them
+        found["activation_maps"] = NO_MAPS
+        return {}
     shown = {r["path"] for r in found["top_losses"]}
     worst = [i for i in held if every[i].relpath in shown]
     overlays = explain_paths(

@@ -27,7 +27,7 @@ from tlkit.core.choices import (
     AUTO,
     check_folder_name,
 )
-from tlkit.core.errors import ConfigError, DataError
+from tlkit.core.errors import ConfigError, DataError, RunError
 from tlkit.core.fsutil import safe_name
 from tlkit.core.progress import progress
 from tlkit.core.runs import Run, load_run
@@ -537,13 +537,26 @@ def fit_member_weights(probs: list[np.ndarray], labels: np.ndarray, steps: int =
     """Weights on the simplex minimising the ensemble's log loss (exponentiated gradient)."""
     m = len(probs)
     w = np.full(m, 1.0 / m)
-    p_true = np.stack([p[np.arange(len(labels)), labels] for p in probs], axis=1)  # (N, M)
+    p_true = _true_class_probs(probs, labels)
     for _ in range(steps):
         mix = np.clip(p_true @ w, 1e-12, None)
         grad = -(p_true / mix[:, None]).mean(axis=0)
         w = w * np.exp(-0.5 * grad)
         w /= w.sum()
     return w
+
+
+def _true_class_probs(probs: list[np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """(N, M): each member's probability of each image's true class, what member weights are
+    fitted on; a member whose probabilities are not finite is one line (its run is damaged)."""
+    p_true = np.stack([p[np.arange(len(labels)), labels] for p in probs], axis=1)
+    if bad := [i for i in range(p_true.shape[1]) if not np.isfinite(p_true[:, i]).all()]:
+        raise RunError(
+            f"ensemble member {bad[0] + 1}: its probabilities on the validation split are not "
+            "finite (NaN or infinite), so no weights can be fitted; its run is damaged: "
+            "evaluate without it, or train it again"
+        )
+    return p_true
 
 
 GREEDY_ROUNDS = 25  # Caruana et al.'s selection rounds (AutoGluon's default ensemble size)
@@ -557,7 +570,7 @@ def greedy_member_weights(
     equals), and keep the rounds' prefix that scored lowest; weights are each member's share of
     the picks. Rounds that lower nothing are dropped, so an ensemble of copies is its first
     member alone."""
-    p_true = np.stack([p[np.arange(len(labels)), labels] for p in probs], axis=1)  # (N, M)
+    p_true = _true_class_probs(probs, labels)
     counts, total = np.zeros(len(probs), int), np.zeros(len(labels))
     best_loss, best_counts = np.inf, counts.copy()
     for n in range(1, rounds + 1):
@@ -771,19 +784,18 @@ def _write(
 ) -> None:
     """metrics.json, predictions.csv, the figures and report.html, published whole."""
     from tlkit.core.fsutil import incomplete_dir, publish_dir
-    from tlkit.evaluation.explain import explain_paths
+    from tlkit.evaluation.explain import NO_MAPS, explain_paths, explainable
     from tlkit.evaluation.report import write_outputs
 
+    def explain(paths: Sequence[str], top: Sequence[int]) -> list[np.ndarray]:
+        return explain_paths(first.model, paths, top, first.size, first.crop, first.run.max_pixels)
+
+    maps = explainable(first.model)
+    if not maps:
+        metrics["notes"].append(NO_MAPS)
     tmp = incomplete_dir(out_dir, "evaluation", clean=True)
     write_outputs(
-        tmp,
-        metrics,
-        examples,
-        ensemble,
-        first.run.classes,
-        explain=lambda paths, top: explain_paths(
-            first.model, paths, top, first.size, first.crop, first.run.max_pixels
-        ),
+        tmp, metrics, examples, ensemble, first.run.classes, explain=explain if maps else None
     )
     publish_dir(tmp, out_dir, overwrite=overwrite)
 

@@ -19,6 +19,24 @@ import numpy as np
 
 from tlkit.models.model import POOL_LAYER
 
+MAPS = "activation maps"
+NO_MAPS = (
+    f"{MAPS} left out: they read the weights of tlkit's linear head (a softmax Dense on the "
+    "pooled features), and this run's head is another"
+)
+
+
+def explainable(model: Any) -> bool:
+    """Whether the model's head is one the activation maps can read (see `softmax_layer`)."""
+    from tlkit.core.errors import RunError
+    from tlkit.models.model import softmax_layer
+
+    try:
+        softmax_layer(model, MAPS, linear=True)
+    except RunError:
+        return False
+    return True
+
 
 def feature_map_model(model: Any) -> Any:
     """Raw images -> the backbone's last feature map (what the pooling layer averages)."""
@@ -36,7 +54,7 @@ def class_maps(
     from tlkit.models.model import softmax_layer
 
     maps = traced_predictor(maps_model or feature_map_model(model))
-    kernel, _ = softmax_layer(model, "activation maps", linear=True).get_weights()
+    kernel, _ = softmax_layer(model, MAPS, linear=True).get_weights()
     # one traced function: called eagerly, Keras keeps every layer's output until the call
     # ends (2.3 GB more than traced for 32 EfficientNet-Lite0 images); not predict(): under a
     # multi-worker strategy it would start collective ops that the other workers, done with

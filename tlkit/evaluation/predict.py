@@ -42,6 +42,8 @@ def predict(
     elif isinstance(runs, (Run, str, os.PathLike)):
         runs = [runs]
     paths = [r.path if isinstance(r, Run) else r for r in runs]
+    if explain is not None:  # refused before the work, not after
+        _check_explainable(paths)
     classes, probs = predict_images(paths, [str(p) for p in images], multicrop, batch_size)
     k = min(top_k, len(classes))
     out = []
@@ -56,6 +58,20 @@ def predict(
     if explain is not None:
         _write_overlays(paths, images, probs.argmax(axis=1), classes, explain, out)
     return out
+
+
+def _check_explainable(run_paths: Sequence[Any]) -> None:
+    from tlkit.core.errors import RunError
+    from tlkit.core.runs import load_run
+    from tlkit.evaluation.explain import MAPS, explainable
+
+    run = load_run(run_paths[0] if run_paths else None)
+    if not explainable(run.load_model()):
+        raise RunError(
+            f"{run.path}: --explain draws {MAPS}, which read tlkit's linear head (a softmax "
+            f"Dense on the pooled features); this run's head is {run.record.head}. Predict "
+            "without --explain"
+        )
 
 
 def _write_overlays(

@@ -12,9 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tlkit.core.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from tlkit.models.efficientnet_lite import Variant
 
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # The end of a backbone's last stage when that layer has no stable name (Keras numbers it per
@@ -206,13 +209,13 @@ def _lite(
     )
 
 
-def _build_lite(variant: Any, input_shape: tuple[int, int, int]) -> Any:
+def _build_lite(variant: Variant, input_shape: tuple[int, int, int]) -> Any:
     from tlkit.models.efficientnet_lite import build
 
     return build(input_shape, variant)
 
 
-def _convert_lite(variant: Any, source: Path, target: Path) -> None:
+def _convert_lite(variant: Variant, source: Path, target: Path) -> None:
     from tlkit.models.efficientnet_lite import convert
 
     convert(source, target, variant)

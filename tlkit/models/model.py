@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tlkit.core.choices import LINEAR_HEAD
-from tlkit.core.errors import ConfigError, RunError, WeightsError
+from tlkit.core.errors import ConfigError, RunError, WeightsError, first_line, shown
 from tlkit.core.settings import SETTINGS
 from tlkit.models.backbones import BackboneSpec
 from tlkit.models.freezing import leaf_layers
@@ -87,13 +87,23 @@ def linear_head(dropout: float = SETTINGS["dropout"].default) -> Head:
     return head
 
 
-def head_name(head: Head | None) -> str:
+def head_name(head: Head | None, model: Any) -> str:
     """How a run records its head: LINEAR_HEAD for tlkit's own, else the function's
-    `module.name` (a resume must be given the same)."""
+    `module.name` and a digest of the layers it built (their kinds and settings, not their
+    names), so that a resume given another head, or the same factory with other settings, is
+    told apart."""
     if head is None:
         return LINEAR_HEAD
+    import hashlib
+    import json
+
     name = getattr(head, "__qualname__", type(head).__qualname__)
-    return f"{getattr(head, '__module__', None) or '?'}.{name}"
+    layers = [
+        [type(layer).__name__, {k: v for k, v in layer.get_config().items() if k != "name"}]
+        for layer in head_of(model).layers[1:]  # past its input
+    ]
+    digest = hashlib.sha256(json.dumps(layers, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{getattr(head, '__module__', None) or '?'}.{name} (layers {digest[:12]})"
 
 
 def build_classifier(
@@ -112,6 +122,11 @@ def build_classifier(
     """
     import keras
 
+    if head is not None and not callable(head):
+        raise ConfigError(
+            f"head: must be a function (pooled features, number of classes) -> class "
+            f"probabilities. Received: {shown(head, 60)}"
+        )
     base.name = BACKBONE_LAYER
     inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="image")
     x = inputs
@@ -129,6 +144,24 @@ def build_classifier(
     if outputs.dtype != "float32":  # a mixed-precision head: probabilities in float32
         outputs = keras.layers.Activation("linear", dtype="float32", name="probabilities")(outputs)
     return keras.Model(inputs, outputs, name=f"tlkit_{spec.name}")
+
+
+def check_user_head(model: Any) -> None:
+    """A user's head must come back from `model.keras`: every reader loads it in Keras' safe
+    mode, which refuses a Lambda layer (it would run code). Checked before training, so that
+    hours of work never end in a model no command can open."""
+    import keras
+
+    head = head_of(model)
+    try:
+        keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(head), safe_mode=True
+        )
+    except Exception as e:  # whatever Keras raises for a layer it will not rebuild
+        raise ConfigError(
+            f"head: its layers cannot be loaded back in Keras' safe mode ({first_line(e)}); "
+            "build it from Keras' own layers, without Lambda"
+        ) from None
 
 
 def head_of(model: Any) -> Any:

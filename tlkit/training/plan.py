@@ -175,7 +175,13 @@ def make_plan(
     """Weights, the data check, the model, freeze point, `auto` choices, augmentation and the
     cache decision (the data's listing was checked before TensorFlow loaded)."""
     from tlkit.features.rows import resolve_random_bn
-    from tlkit.models.model import build_model, head_name, linear_head, softmax_layer
+    from tlkit.models.model import (
+        build_model,
+        check_user_head,
+        head_name,
+        linear_head,
+        softmax_layer,
+    )
 
     spec, size = checked.spec, checked.size
     weights = resolve_weights(spec, config.weights)
@@ -185,6 +191,11 @@ def make_plan(
     log.info("%s", note)
     # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
     # before the rule has its rate in its config, and nothing here to compare)
+    seed_everything(config.seed)
+    head = call.head or linear_head(config.dropout)
+    model = build_model(
+        spec, weights, size, len(folder.classes), config.seed, head, config.mixed_precision
+    )
     chosen = config.fine_tune_lr if saved is None or saved.fine_tune_lr is not None else None
     identity = Identity(
         requested,
@@ -195,17 +206,14 @@ def make_plan(
         list(folder.classes),
         data_fingerprint,
         chosen,
-        head=head_name(call.head),
+        head=head_name(call.head, model),
     )
     check_unchanged(saved, identity, tmp_dir, call.force_resume)
-    if call.head is not None and config.dropout != SETTINGS["dropout"].default:
-        log.warning("--dropout %g: unused, the head is %s", config.dropout, identity.head)
-    seed_everything(config.seed)
-    head = call.head or linear_head(config.dropout)
-    model = build_model(
-        spec, weights, size, len(folder.classes), config.seed, head, config.mixed_precision
-    )
-    if config.calibrate:  # refused now, not after the training
+    if call.head is not None:  # refused now, not after the training
+        check_user_head(model)
+        if config.dropout != SETTINGS["dropout"].default:
+            log.warning("--dropout %g: unused, the head is %s", config.dropout, identity.head)
+    if config.calibrate:
         softmax_layer(model, "--calibrate")
     train, crop, max_pixels = folder.splits["train"], spec.crop_fraction, config.audit.max_pixels
     bn = resolve_random_bn(model, weights.source, train, size, crop, max_pixels, config.train_bn)
@@ -378,7 +386,7 @@ def _resolve_auto(
 
     model, spec, folder, size = start.model, start.spec, start.folder, start.size
     train = folder.splits["train"]
-    searched: Searched = Searched(**identity.searched) if identity is not None else {}
+    searched: Searched = identity.searched.copy() if identity is not None else {}
     auto = [
         flag
         for flag, on in (

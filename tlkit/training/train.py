@@ -110,9 +110,10 @@ def finetune(
         head: `head(pooled, num_classes)` -> class probabilities, Keras layers on the pooled
             backbone features in place of tlkit's dropout + softmax Dense (`--dropout` is
             then unused). Its output must sum to one; it is trained like tlkit's (the head
-            probe, then with the backbone), saved in model.keras, and recorded by its name
-            (a resume must pass it again). `--calibrate` and the activation maps need
-            tlkit's linear head.
+            probe, then with the backbone), saved in model.keras (Keras' own layers: it must
+            load in safe mode), and recorded by its name and layers (a resume must pass the
+            same). `--calibrate` needs a last softmax Dense layer, the activation maps a
+            softmax Dense on the pooled features (tlkit's head).
 
     Under a multi-worker strategy every worker calls this; the chief writes and returns the
     run, the others None.
