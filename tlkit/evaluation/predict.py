@@ -42,8 +42,7 @@ def predict(
     elif isinstance(runs, (Run, str, os.PathLike)):
         runs = [runs]
     paths = [r.path if isinstance(r, Run) else r for r in runs]
-    if explain is not None:  # refused before the work, not after
-        _check_explainable(paths)
+    explained = _explained_run(paths) if explain is not None else None  # refused before the work
     classes, probs = predict_images(paths, [str(p) for p in images], multicrop, batch_size)
     k = min(top_k, len(classes))
     out = []
@@ -55,27 +54,31 @@ def predict(
                 "top": [{"label": classes[i], "probability": float(p[i])} for i in order],
             }
         )
-    if explain is not None:
-        _write_overlays(paths, images, probs.argmax(axis=1), classes, explain, out)
+    if explain is not None and explained is not None:
+        _write_overlays(explained, images, probs.argmax(axis=1), classes, explain, out)
     return out
 
 
-def _check_explainable(run_paths: Sequence[Any]) -> None:
+def _explained_run(run_paths: Sequence[Any]) -> tuple[Run, Any]:
+    """The run whose activation maps --explain draws (the first) and its model, loaded once;
+    refused when its head is not one the maps can read."""
     from tlkit.core.errors import RunError
     from tlkit.core.runs import load_run
     from tlkit.evaluation.explain import MAPS, explainable
 
     run = load_run(run_paths[0] if run_paths else None)
-    if not explainable(run.load_model()):
+    model = run.load_model()
+    if not explainable(model):
         raise RunError(
             f"{run.path}: --explain draws {MAPS}, which read tlkit's linear head (a softmax "
             f"Dense on the pooled features); this run's head is {run.record.head}. Predict "
             "without --explain"
         )
+    return run, model
 
 
 def _write_overlays(
-    run_paths: Sequence[Any],
+    explained: tuple[Run, Any],
     images: Sequence[str | os.PathLike[str]],
     top: np.ndarray,
     classes: Sequence[str],
@@ -93,13 +96,12 @@ def _write_overlays(
         refuse_overwrite,
         safe_name,
     )
-    from tlkit.core.runs import load_run
     from tlkit.evaluation.explain import explain_paths
 
     refuse_overwrite(folder, False, "choose another --explain folder")
-    run = load_run(run_paths[0] if run_paths else None)
+    run, model = explained
     overlays = explain_paths(
-        run.load_model(),
+        model,
         [str(p) for p in images],
         top.tolist(),
         run.input_size,
