@@ -189,13 +189,13 @@ def make_plan(
     requested = config.as_dict()
     config, note = config.with_data_defaults(len(folder.splits["train"]), len(folder.classes))
     log.info("%s", note)
-    # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
-    # before the rule has its rate in its config, and nothing here to compare)
     seed_everything(config.seed)
     head = call.head or linear_head(config.dropout)
     model = build_model(
         spec, weights, size, len(folder.classes), config.seed, head, config.mixed_precision
     )
+    # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
+    # before the rule has its rate in its config, and nothing here to compare)
     chosen = config.fine_tune_lr if saved is None or saved.fine_tune_lr is not None else None
     identity = Identity(
         requested,
