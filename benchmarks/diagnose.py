@@ -68,7 +68,7 @@ def label_noise(work: Path, rates: list[float], seeds: list[int], epochs: int) -
         cache="off",
     )
     trunk = finetune(
-        FinetuneConfig(
+        FinetuneConfig.of(
             data=str(_subset(work / "src", "01234")),
             weights="none",
             freeze=FreezeRequest(count="0" if epochs else "all"),
@@ -95,7 +95,7 @@ def label_noise(work: Path, rates: list[float], seeds: list[int], epochs: int) -
                 shutil.move(f, dest / f"flipped-{f.name}")
                 planted.add(str((dest / f"flipped-{f.name}").relative_to(target)))
             run = finetune(
-                FinetuneConfig(
+                FinetuneConfig.of(
                     data=str(target),
                     weights=str(trunk.path),
                     freeze=FreezeRequest(count="all"),
@@ -159,7 +159,7 @@ def near_duplicates(work: Path, photos: int, copies: int) -> None:
         new.save(dest, quality=90)
         pairs.add(frozenset((str(tests[i].relative_to(data)), str(dest.relative_to(data)))))
     run = finetune(
-        FinetuneConfig(
+        FinetuneConfig.of(
             data=str(data),
             backbone="test_resnet",
             weights="none",
@@ -212,7 +212,7 @@ def cam_hit_rate(work: Path, n_train: int, epochs: int) -> None:
             (work / "patches" / split / f"c{label}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(work / "patches" / split / f"c{label}" / f"{i}.png")
     run = finetune(
-        FinetuneConfig(
+        FinetuneConfig.of(
             data=str(work / "patches"),
             backbone="test_resnet",
             weights="none",
@@ -308,7 +308,7 @@ def diagnose_seconds(work: Path, backbone: str, run_path: Path | None = None) ->
 
     if run_path is None:
         run_path = finetune(
-            FinetuneConfig(
+            FinetuneConfig.of(
                 data=str(ROOT / "examples" / "digits"),
                 backbone=backbone,
                 weights="none",

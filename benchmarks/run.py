@@ -452,7 +452,6 @@ def cache_figures() -> None:
     from tlkit.core.settings import Loader
     from tlkit.data.augment import resolve_augment
     from tlkit.data.datasets import load_folder
-    from tlkit.data.decode import DEFAULT_MAX_PIXELS
     from tlkit.data.pipeline import build_train_transform, steps_per_epoch, train_dataset
     from tlkit.features.cache import CacheJob, build_cache, cache_dataset, trunk_shape
     from tlkit.features.rows import RowMaker
@@ -488,7 +487,7 @@ def cache_figures() -> None:
         cut = Cut(len(base.layers), base.layers[-1].name, len(base.layers))
         trunk = build_trunk(model, cut)
         start = time.perf_counter()
-        with RowMaker(transform, 0.875, 0, None, DEFAULT_MAX_PIXELS) as make_rows:
+        with RowMaker(transform, 0.875, Loader(seed=0)) as make_rows:
             job = CacheJob(
                 {"train": examples},
                 {"train": 1},
@@ -774,7 +773,7 @@ def eval_rss_figures() -> None:
         write(root / "data" / "train", classes, classes)
         write(root / "data" / "val", 8, 8)
         finetune(
-            FinetuneConfig(
+            FinetuneConfig.of(
                 data=str(root / "data"),
                 backbone="test_resnet",
                 weights="none",

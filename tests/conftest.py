@@ -293,7 +293,7 @@ def tiny_runs(tmp_path_factory):
     write_folder(data / "test", classes, 3, seed=2)
     runs = []
     for name, lr in (("r1", 1e-3), ("r2", 5e-4)):
-        cfg = FinetuneConfig(
+        cfg = FinetuneConfig.of(
             data=str(data),
             backbone=TINY,
             weights="none",

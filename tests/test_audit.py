@@ -16,6 +16,7 @@ from test_decode import rational_strip_tiff
 
 from tlkit.cli import cli
 from tlkit.core.errors import DataError
+from tlkit.core.settings import Loader
 from tlkit.data.audit import AuditConfig, apply_policy, audit_and_filter, audit_folder
 from tlkit.data.datasets import load_folder
 from tlkit.data.decode import decode_image
@@ -217,7 +218,7 @@ def test_a_file_pillow_raises_typeerror_on_is_counted_bad_and_skip_skips_it(tmp_
     (bad,) = json.loads((tmp_path / "report.json").read_text())["bad"]
     assert bad["path"] == "a/odd.tif" and bad["problem"].startswith("cannot decode image")
     kept, _, skipped = audit_and_filter(
-        load_folder(root), AuditConfig(on_bad_image="skip"), None, 2
+        load_folder(root), AuditConfig(on_bad_image="skip"), None, Loader(workers=2)
     )
     assert [s["path"] for s in skipped] == ["a/odd.tif"]
     assert len([e for x in kept.splits.values() for e in x]) == 12
@@ -236,7 +237,7 @@ def test_a_strip_no_view_can_be_cut_from_is_a_bad_image_not_a_huge_resize(tmp_pa
         result.output
     )
     kept, _, skipped = audit_and_filter(
-        load_folder(root), AuditConfig(on_bad_image="skip"), None, 2
+        load_folder(root), AuditConfig(on_bad_image="skip"), None, Loader(workers=2)
     )
     assert [s["path"] for s in skipped] == ["a/strip.png"]
     assert len([e for x in kept.splits.values() for e in x]) == 13  # the banner stays

@@ -27,7 +27,7 @@ def config(data, **kw):
         batch_size=8,
         cache_dir="cache",
     )
-    return PrecomputeConfig(**{**base, **kw})
+    return PrecomputeConfig.of(**{**base, **kw})
 
 
 def test_precompute_writes_a_verified_cache_with_manifest(make_folder):
@@ -262,7 +262,7 @@ def test_mixed_precision_on_the_cache_path_scales_the_loss_like_the_live_path(ma
     data = make_folder(per_class=6)
     counts, used = {}, {}
     for cache in ("off", "build"):
-        cfg = FinetuneConfig(
+        cfg = FinetuneConfig.of(
             data=str(data),
             backbone=TINY,
             weights="none",
@@ -312,7 +312,7 @@ def test_the_reader_holds_one_descriptor_per_shard_and_the_row_maker_its_threads
     val = list(load_dataset(str(data)).splits["val"])
     before_threads = set(threading.enumerate())
     transform = build_train_transform(resolve_augment("none"), val, 32, 0.875)
-    with RowMaker(transform, 0.875, 0, 2, 10**8) as make_rows:
+    with RowMaker(transform, 0.875, Loader(workers=2, max_pixels=10**8, seed=0)) as make_rows:
         assert len(make_rows("val", 0, 0, val)) == len(val)
         pool_threads = set(threading.enumerate()) - before_threads
         assert pool_threads

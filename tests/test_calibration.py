@@ -58,7 +58,7 @@ def test_a_calibrated_run_serves_tempered_probabilities_everywhere(tmp_path):
     write_folder(data / "test", ["a", "b", "c"], 4, seed=2)
     runs = {}
     for calibrate in (False, True):
-        cfg = FinetuneConfig(
+        cfg = FinetuneConfig.of(
             data=str(data),
             backbone=TINY,
             weights="none",

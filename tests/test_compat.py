@@ -1,5 +1,6 @@
-"""Run folders written by an earlier tlkit (tests/fixtures/runs-2c26047, made at commit 2c26047
-before the settings schema) still load, evaluate, predict, transfer and resume."""
+"""Run folders written by earlier tlkits still load, evaluate, predict, transfer and resume:
+tests/fixtures/runs-2c26047 (before the settings schema) and runs-a4b7965 (before the settings'
+parts)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from click.testing import CliRunner
 
 from tlkit.cli import cli
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "runs-2c26047"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+IDENTITY_SCHEMAS = {"2c26047": 1, "a4b7965": 3}  # the commit that wrote the runs -> its schema
 
 
-@pytest.fixture
-def old_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of the fixture as the working folder: its runs name their data as `data`."""
-    work = tmp_path / "old"
-    shutil.copytree(FIXTURE, work)
+@pytest.fixture(params=sorted(IDENTITY_SCHEMAS))
+def old_runs(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A copy of a fixture as the working folder: its runs name their data as `data`."""
+    work = tmp_path / request.param
+    shutil.copytree(FIXTURES / f"runs-{request.param}", work)
     monkeypatch.chdir(work)
     return work
 
@@ -56,7 +58,8 @@ def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
     run = load_run("interrupted")
     assert found["run"] == str(run.path)
     tuned = [p for p in run.record.results["phases"] if p["phase"] == "fine-tune"]
-    assert tuned[0]["epochs_run"] == 3 and run.record.resumed  # the third ran after the kill
+    # every epoch it was given ran, the last ones after the kill
+    assert tuned[0]["epochs_run"] == run.record.config["epochs"] and run.record.resumed
     invoke(
         "finetune",
         "data",
@@ -81,17 +84,18 @@ def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
 
 
 def test_identities_of_every_schema_read_and_a_foreign_one_is_one_line(old_runs):
-    """identity.json (what a resume must match): schema 1 (no `schema` key, the fixture's) and
-    2 read alike; a record that is not an identity, or one from a newer tlkit, is refused in
-    one line naming the file."""
+    """identity.json (what a resume must match): schema 1 (no `schema` key, 2c26047's), 2 and 3
+    (a4b7965's) read alike; a record that is not an identity, or one from a newer tlkit, is
+    refused in one line naming the file."""
     from tlkit.training.resume import IDENTITY_SCHEMA, Identity, read_identity
 
     folder = next(old_runs.glob("interrupted.incomplete-*"))
     old = read_identity(folder)
-    assert old.schema == 1 and old.backbone == "test_resnet" and old.fine_tune_lr == 1e-5
+    assert old.schema == IDENTITY_SCHEMAS[old_runs.name] and old.backbone == "test_resnet"
+    assert old.fine_tune_lr == 1e-5
     path = folder / "checkpoints" / "identity.json"
     again = Identity.from_dict(json.loads(json.dumps(old.as_dict())), path)
-    assert again.compared() == old.compared() and again.as_dict()["schema"] == 1
+    assert again.compared() == old.compared() and again.as_dict()["schema"] == old.schema
     for text, complaint in (
         ("{}", "not a tlkit identity (missing backbone, classes, config"),
         (json.dumps({**old.as_dict(), "schema": IDENTITY_SCHEMA + 1}), "newer than this tlkit"),

@@ -148,7 +148,7 @@ def test_planted_label_noise_in_the_digits_is_found(tmp_path):
         shutil.move(f, dest)
         planted.add(str(dest.relative_to(target)))
     run = finetune(
-        FinetuneConfig(
+        FinetuneConfig.of(
             data=str(target),
             backbone=TINY,
             weights="none",

@@ -216,7 +216,7 @@ def test_shards_merge_into_the_bytes_of_a_one_process_build(make_folder, monkeyp
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 3 * 4 * 4 * 32 * 2)  # 3 rows per shard file
 
     def config(cache_dir: str, **kw) -> PrecomputeConfig:
-        return PrecomputeConfig(
+        return PrecomputeConfig.of(
             data=str(data),
             backbone=TINY,
             weights="none",
@@ -268,7 +268,7 @@ def test_a_tampered_part_is_refused(make_folder):
     config = dict(
         data=str(data), backbone=TINY, weights="none", input_size=32, batch_size=2, num_shards=2
     )
-    part = Path(precompute_features(PrecomputeConfig(**config, shard_index=0))["part"])
+    part = Path(precompute_features(PrecomputeConfig.of(**config, shard_index=0))["part"])
     piece = next(part.glob("*.npy"))
     blob = piece.read_bytes()
     piece.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0xFF]))  # the last byte, surely changed
@@ -530,7 +530,7 @@ def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monke
     from tlkit.features.precompute import PrecomputeConfig, precompute_features
 
     data = make_folder(per_class=4)
-    config = PrecomputeConfig(
+    config = PrecomputeConfig.of(
         data=str(data),
         backbone=TINY,
         weights="none",
@@ -549,7 +549,7 @@ def test_multiworker_precompute_computes_one_shard_per_worker(make_folder, monke
     )
     with pytest.raises(ConfigError, match="use one or the other"):
         precompute_features(
-            PrecomputeConfig(
+            PrecomputeConfig.of(
                 data=str(data),
                 backbone=TINY,
                 weights="none",

@@ -379,7 +379,7 @@ def test_a_float16_member_does_not_share_a_float32_trunk(trained, tmp_path):
     from tlkit.training.train import finetune
 
     data, runs = trained
-    cfg = FinetuneConfig(
+    cfg = FinetuneConfig.of(
         data=str(data),
         backbone=TINY,
         weights="none",

@@ -95,7 +95,7 @@ def test_the_map_peaks_inside_the_patch_that_decides_the_class(tmp_path):
             (tmp_path / "data" / split / f"c{label}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(tmp_path / "data" / split / f"c{label}" / f"{i}.png")
     run = finetune(
-        FinetuneConfig(
+        FinetuneConfig.of(
             data=str(tmp_path / "data"),
             backbone=TINY,
             weights="none",

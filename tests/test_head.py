@@ -62,7 +62,7 @@ def quick_config(data: Path, out: Path, **kw) -> FinetuneConfig:
         "workers": 2,
         **kw,
     }
-    return FinetuneConfig(**values)
+    return FinetuneConfig.of(**values)
 
 
 def test_head_phase_trains_to_the_step_rule_and_keeps_its_best_weights(make_folder, tmp_path):
@@ -231,7 +231,7 @@ def test_the_fine_tune_estimate_holds_against_the_measured_phase(
     lines, close = _tlkit_lines()
     try:
         run = finetune(
-            FinetuneConfig(
+            FinetuneConfig.of(
                 data=str(data),
                 backbone=TINY,
                 weights="none",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import keras
@@ -181,16 +180,14 @@ def test_finetune_options_from_the_cli_and_a_recipe(make_folder, tmp_path):
 def test_the_fine_tune_rate_follows_the_data(n_train, set_rate, lr, rate, why):
     """FINE_TUNE_LR_BY_DATA: 1e-4 from 200 training images a class, 1e-5 below, measured on
     the icons benchmark (docs/accuracy.md); the log line says which and why."""
-    config = FinetuneConfig(fine_tune_lr=set_rate, lr=lr)
+    config = FinetuneConfig.of(fine_tune_lr=set_rate, lr=lr)
     resolved, note = config.with_data_defaults(n_train, 6)
-    assert resolved.fine_tune_lr == rate and resolved.tune_lr == rate
+    assert resolved.fit.fine_tune_lr == rate and resolved.fit.tune_lr == rate
     assert note.startswith(f"{n_train} training images, {n_train // 6} a class: fine-tune rate")
     assert why in note
-    assert dataclasses.replace(resolved, fine_tune_lr=None) == dataclasses.replace(
-        config, fine_tune_lr=None
-    )  # nothing else changes
+    assert resolved.replace(fine_tune_lr=None) == config.replace(fine_tune_lr=None)  # nothing else
     with pytest.raises(RuntimeError, match="with_data_defaults"):
-        _ = FinetuneConfig().tune_lr
+        _ = FinetuneConfig.of().fit.tune_lr
 
 
 def test_the_data_decides_the_rate_a_run_trains_at(make_folder, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -13,13 +14,14 @@ import pytest
 
 from tlkit.cli import commands
 from tlkit.core.errors import ConfigError
-from tlkit.core.settings import SETTINGS, Loader, Setting
+from tlkit.core.settings import SETTINGS, Loader, Setting, flat_settings, setting_names
 from tlkit.data.audit import AuditConfig
 from tlkit.data.preview import PreviewConfig
 from tlkit.evaluation.diagnose import DiagnoseConfig
 from tlkit.evaluation.evaluate import EvalConfig
 from tlkit.features.precompute import PrecomputeConfig
-from tlkit.training.config import FinetuneConfig
+from tlkit.models.freezing import ModelChoice
+from tlkit.training.config import FinetuneConfig, Fit, Storage
 from tlkit.training.lr_find import LrFindConfig
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tlkit"
@@ -32,6 +34,9 @@ CONFIGS = (
     AuditConfig,
     PreviewConfig,
     Loader,
+    ModelChoice,
+    Fit,
+    Storage,
 )
 # what a command needs on its command line before it parses at all
 REQUIRED = {"predict": ["x.png"], "inspect": ["resnet50"], "import": ["weights.h5"]}
@@ -110,9 +115,9 @@ def test_the_python_api_refuses_what_the_cli_refuses():
     """Each ranged finetune setting, one step outside its range, is one ConfigError naming the
     flag and the range in the schema's words."""
     ranged = [
-        f.name
-        for f in dataclasses.fields(FinetuneConfig)
-        if f.name in SETTINGS and _outside(SETTINGS[f.name]) is not None
+        name
+        for name in setting_names(FinetuneConfig)
+        if name in SETTINGS and _outside(SETTINGS[name]) is not None
     ]
     assert len(ranged) >= 15
     for name in ranged:
@@ -120,7 +125,7 @@ def test_the_python_api_refuses_what_the_cli_refuses():
         bad = _outside(s)
         value = int(bad) if s.type is int else bad
         with pytest.raises(ConfigError, match=re.escape(f"{s.flag} must be {s.bounds_text()}")):
-            FinetuneConfig(**{name: value})
+            FinetuneConfig.of(**{name: value})
 
 
 def test_a_number_of_another_type_is_checked_and_a_string_refused():
@@ -130,12 +135,12 @@ def test_a_number_of_another_type_is_checked_and_a_string_refused():
     with pytest.raises(
         ConfigError, match=re.escape("--batch-size must be at least 1. Received: 0")
     ):
-        FinetuneConfig(batch_size=np.int64(0))
+        FinetuneConfig.of(batch_size=np.int64(0))
     with pytest.raises(
         ConfigError, match=re.escape("--batch-size must be a number. Received: '32'")
     ):
-        FinetuneConfig(batch_size="32")  # type: ignore[arg-type]
-    assert FinetuneConfig(batch_size=np.int64(8)).batch_size == 8
+        FinetuneConfig.of(batch_size="32")  # type: ignore[arg-type]
+    assert FinetuneConfig.of(batch_size=np.int64(8)).loader.batch_size == 8
 
 
 def _post_init_comparisons() -> list[str]:
@@ -187,7 +192,7 @@ def test_the_guard_sees_a_hand_written_range(tmp_path, monkeypatch):
 def test_every_finetune_flag_resumes_into_a_config_field():
     """--resume keeps a run's settings except those typed: each flag names the field it feeds
     (--crop feeds `augment`), so a typed flag always replaces the right one."""
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    fields = set(setting_names(FinetuneConfig))
     finetune = next(c for c in commands() if c.name == "finetune")
     for p in finetune.params:
         if p.name in ("resume", "force_resume", "as_json", "recipe"):
@@ -201,3 +206,44 @@ def test_a_switch_gives_the_settings_three_values(tmp_path):
     for typed, value in (([], "auto"), (["--cache"], "build"), (["--no-cache"], "off")):
         with finetune.make_context("finetune", typed, parent=_group()) as ctx:
             assert ctx.params["cache"] == value
+
+
+@pytest.mark.parametrize("config", [FinetuneConfig, PrecomputeConfig, LrFindConfig])
+def test_a_config_is_composed_of_shared_parts_built_from_flat_settings(config):
+    """finetune, precompute-features and lr-find share the model and loader parts; a config
+    built from flat settings puts each in its part, gives them back flat, and refuses an
+    unknown name with the nearest known one."""
+    made = config.of(backbone="vgg16", batch_size=8, seed=3, max_pixels=1000, input_size=64)
+    assert isinstance(made.model, ModelChoice) and isinstance(made.loader, Loader)
+    assert (made.model.backbone, made.model.input_size) == ("vgg16", 64)
+    assert (made.loader.batch_size, made.loader.seed, made.loader.max_pixels) == (8, 3, 1000)
+    assert config.of(**flat_settings(made)) == made
+    with pytest.raises(ConfigError, match=r"unknown .* setting 'batch_sise'\. Did you mean"):
+        config.of(batch_sise=8)
+
+
+def test_a_command_keeps_its_own_default_in_a_shared_part():
+    """precompute-features freezes the whole backbone, finetune nothing: the same part, each
+    command's default, and a typed value still wins."""
+    assert PrecomputeConfig.of().model.freeze.count == "all"
+    assert FinetuneConfig.of().model.freeze.count == "0"
+    assert PrecomputeConfig.of(backbone="vgg16").model.freeze.count == "all"
+
+
+def test_run_json_settings_round_trip_and_old_runs_still_load():
+    """run.json keeps the settings flat, by name; one written before the parts (bad-file
+    settings under `audit`) loads into the same config."""
+    config = FinetuneConfig.of(epochs=2, lr=0.01, on_bad_image="skip", max_pixels=5000)
+    stored = json.loads(json.dumps(config.as_dict()))
+    assert FinetuneConfig.from_dict(stored) == config
+    old = {k: v for k, v in stored.items() if k not in ("on_bad_image", "max_bad_fraction")}
+    old["audit"] = {"on_bad_image": "skip", "max_bad_fraction": 0.1, "max_pixels": 5000}
+    del old["max_pixels"]
+    assert FinetuneConfig.from_dict(old) == config
+
+
+def test_no_two_parts_share_a_setting():
+    """A flat name must reach exactly one field, or `of` would set two from one value."""
+    for config in (FinetuneConfig, PrecomputeConfig, LrFindConfig):
+        names = setting_names(config)
+        assert len(names) == len(set(names))

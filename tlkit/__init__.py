@@ -14,9 +14,13 @@ __all__ = [
     "DiagnoseConfig",
     "EvalConfig",
     "FinetuneConfig",
+    "Fit",
     "FreezeRequest",
+    "Loader",
     "LrFindConfig",
+    "ModelChoice",
     "PrecomputeConfig",
+    "Storage",
     "__version__",
     "check_data",
     "diagnose",
@@ -41,6 +45,10 @@ _LAZY = {
     "load_run": "tlkit.core.runs",
     "FinetuneConfig": "tlkit.training.config",
     "FreezeRequest": "tlkit.models.freezing",
+    "ModelChoice": "tlkit.models.freezing",
+    "Fit": "tlkit.training.config",
+    "Storage": "tlkit.training.config",
+    "Loader": "tlkit.core.settings",
     "evaluate": "tlkit.evaluation.evaluate",
     "EvalConfig": "tlkit.evaluation.evaluate",
     "precompute_features": "tlkit.features.precompute",
@@ -54,6 +62,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from tlkit.core.runs import load_run
+    from tlkit.core.settings import Loader
     from tlkit.data.audit import AuditConfig, check_data
     from tlkit.data.datasets import load_dataset
     from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
@@ -62,8 +71,8 @@ if TYPE_CHECKING:
     from tlkit.evaluation.predict import predict
     from tlkit.features.cache import merge_parts
     from tlkit.features.precompute import PrecomputeConfig, precompute_features
-    from tlkit.models.freezing import FreezeRequest
-    from tlkit.training.config import FinetuneConfig
+    from tlkit.models.freezing import FreezeRequest, ModelChoice
+    from tlkit.training.config import FinetuneConfig, Fit, Storage
     from tlkit.training.lr_find import LrFindConfig, lr_find
     from tlkit.training.train import finetune
 

@@ -13,7 +13,6 @@ from tlkit.cli.options import (
     MAX_PIXELS_OPTION,
     MIXED_PRECISION_OPTION,
     STRATEGY_OPTION,
-    audit_config,
     audit_options,
     augment_config,
     augment_options,
@@ -155,13 +154,8 @@ def precompute_features(
     from tlkit.features.precompute import precompute_features as run_precompute
 
     augment = augment_config(options)
-    config = PrecomputeConfig(
-        data=data,
-        augment=augment,
-        audit=audit_config(options),
-        freeze=freeze_request(click.get_current_context(), "all"),
-        **options,
-    )
+    freeze = freeze_request(click.get_current_context(), "all")
+    config = PrecomputeConfig.of(data=data, augment=augment, freeze=freeze, **options)
     ctx = click.get_current_context()
     result = run_precompute(config, verbose=verbosity(ctx))
     if as_json:

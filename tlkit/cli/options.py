@@ -97,14 +97,6 @@ def augment_config(options: dict[str, Any], allow_auto: bool = False) -> Any:
     )
 
 
-def audit_config(options: dict[str, Any]) -> Any:
-    from tlkit.data.audit import AuditConfig
-
-    return AuditConfig(
-        options.pop("on_bad_image"), options.pop("max_bad_fraction"), options.pop("max_pixels")
-    )
-
-
 def _apply_recipe(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--recipe (eager): the recipe's section for this command becomes click's default_map, so
     typed flags still win. Option names and values are checked here, before anything runs."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,6 @@ from tlkit.cli.app import JSON_OPTION, cli, verbosity
 from tlkit.cli.options import (
     MIXED_PRECISION_OPTION,
     STRATEGY_OPTION,
-    audit_config,
     audit_options,
     augment_config,
     augment_options,
@@ -96,23 +94,21 @@ def finetune(
     request = freeze_request(ctx, default="0")
     recipe = ctx.meta.get("tlkit.recipe")
     augment = augment_config(options, allow_auto=True)
-    audit = audit_config(options)
-    config = FinetuneConfig(
+    config = FinetuneConfig.of(
         data=data,
         freeze=request,
         augment=augment,
-        audit=audit,
         recipe=recipe.name if recipe else None,
         **options,
     )
     if resume is not None:  # the saved settings, changed only where a flag was typed
-        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        given = config.settings()
         typed = {
             SETTINGS[name].field if name in SETTINGS else name
             for name in ctx.params
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        } & fields  # not --resume, --force-resume or --json: how to run, not what
-        config = resume_config(resume, **{f: getattr(config, f) for f in typed})
+        } & set(given)  # not --resume, --force-resume or --json: how to run, not what
+        config = resume_config(resume, **{f: given[f] for f in typed})
     run = run_finetune(config, verbose=verbosity(ctx), resume=resume, force_resume=force_resume)
     _echo_run(run, as_json)
 
@@ -170,11 +166,8 @@ def lr_find(
     from tlkit.training.lr_find import LrFindConfig
     from tlkit.training.lr_find import lr_find as run_lr_find
 
-    config = LrFindConfig(
-        data=data,
-        freeze=freeze_request(click.get_current_context(), "0"),
-        **options,
-    )
+    freeze = freeze_request(click.get_current_context(), "0")
+    config = LrFindConfig.of(data=data, freeze=freeze, **options)
     found = run_lr_find(config)
     if as_json:
         click.echo(json.dumps(found, indent=2))

@@ -84,7 +84,8 @@ class RunRecord:
 
     @property
     def max_pixels(self) -> int:
-        return int(self.config.get("audit", {}).get("max_pixels", DEFAULT_MAX_PIXELS))
+        old = self.config.get("audit", {})  # a run from before the settings' parts
+        return int(self.config.get("max_pixels", old.get("max_pixels", DEFAULT_MAX_PIXELS)))
 
     @property
     def n_frozen(self) -> int:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tlkit.core import choices
-from tlkit.core.errors import ConfigError
+from tlkit.core.errors import ConfigError, did_you_mean
+
+T = TypeVar("T")
 
 # name -> (what it does, for --help; the AugmentConfig fields it sets). `none` sets nothing.
 AUGMENT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -191,21 +194,18 @@ SETTINGS: dict[str, Setting] = {
             "each in the run.",
             "error",
             choices=choices.BAD_IMAGE_POLICIES,
-            part="audit",
         ),
         Setting(
             "max_bad_fraction",
             "With --on-bad-image skip, still stop when more than this share of the files is "
             "unusable.",
             0.1,
-            part="audit",
             **_FRACTION,
         ),
         Setting(
             "max_pixels",
             "Refuse images larger than this many pixels, a defence against decompression bombs.",
             choices.DEFAULT_MAX_PIXELS,
-            part="audit",
             **_AT_LEAST_1,
         ),
         Setting(
@@ -461,6 +461,61 @@ def check_fields(config: Any) -> None:
         known = f.metadata.get("setting")
         if known is not None:
             known.check(getattr(config, f.name))
+
+
+def part(cls: type[T], **defaults: Any) -> T:
+    """A config field that is itself a config of settings (a part: `Loader`, `ModelChoice`, ...),
+    shared by the commands that read it; `defaults` are this command's own (precompute freezes
+    `all`). `compose` fills it from the same flat settings as the rest."""
+    meta = {"part": (cls, defaults)}
+    made: T = dataclasses.field(default_factory=lambda: cls(**defaults), metadata=meta)
+    return made
+
+
+def _part_of(f: dataclasses.Field[Any]) -> tuple[type, dict[str, Any]] | None:
+    found: tuple[type, dict[str, Any]] | None = f.metadata.get("part")
+    return found
+
+
+def setting_names(cls: type) -> list[str]:
+    """The settings a config takes, by their flat names: its own fields and its parts'."""
+    names: list[str] = []
+    for f in dataclasses.fields(cls):
+        found = _part_of(f)
+        names += setting_names(found[0]) if found else [f.name]
+    if len(names) != len(set(names)):  # a bug: two parts may not share a name
+        raise RuntimeError(f"{cls.__name__}: a setting in two parts: {sorted(names)}")
+    return names
+
+
+def compose(cls: type[T], values: Mapping[str, Any], command: str) -> T:
+    """A config made from flat settings, as the CLI, recipes and run.json name them: each part
+    takes the names it declares. An unknown name is refused with the nearest known one."""
+    names = setting_names(cls)
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown {command} setting {key!r}.{did_you_mean(key, names)}")
+    return _build(cls, values)
+
+
+def _build(cls: type[T], values: Mapping[str, Any]) -> T:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        found = _part_of(f)
+        if found is not None:
+            kwargs[f.name] = _build(found[0], {**found[1], **values})
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def flat_settings(config: Any) -> dict[str, Any]:
+    """The inverse of `compose`: every setting of a config by its flat name, parts opened."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out.update(flat_settings(value) if _part_of(f) else {f.name: value})
+    return out
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from tlkit.core.choices import DEFAULT_MAX_PIXELS
 from tlkit.core.errors import DataError, OutputExistsError
 from tlkit.core.fsutil import atomic_write_json, file_hash, user_cache_dir
 from tlkit.core.progress import progress
-from tlkit.core.settings import SETTINGS, check_fields, setting
+from tlkit.core.settings import SETTINGS, Loader, check_fields, setting
 from tlkit.data.datasets import Example, ImageFolder, file_signature
 from tlkit.data.decode import probe_image
 
@@ -43,7 +43,6 @@ class AuditConfig:
 
     on_bad_image: str = setting("on_bad_image")  # "error": list bad files and stop; "skip"
     max_bad_fraction: float = setting("max_bad_fraction")  # skip still stops above this share
-    max_pixels: int = setting("max_pixels")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -283,11 +282,11 @@ def apply_policy(
 
 
 def audit_and_filter(
-    folder: ImageFolder, config: AuditConfig, min_size: int | None, workers: int | None
+    folder: ImageFolder, config: AuditConfig, min_size: int | None, loader: Loader
 ) -> tuple[ImageFolder, DataReport, list[dict[str, Any]]]:
-    """What finetune and precompute-features run first: audit, log the headlines, apply the
-    bad-image policy."""
-    report = audit_folder(folder, min_size, config.max_pixels, workers)
+    """What finetune and precompute-features run first: audit (under the loader's pixel limit,
+    with its threads), log the headlines, apply the bad-image policy."""
+    report = audit_folder(folder, min_size, loader.max_pixels, loader.workers)
     summary = report.as_dict()
     for line in summary_lines(summary):
         log.info("%s", line)
@@ -345,7 +344,7 @@ def check_data(
     from tlkit.data.datasets import load_dataset
     from tlkit.models.backbones import get_backbone
 
-    AuditConfig(max_pixels=max_pixels)  # validates the limit
+    SETTINGS["max_pixels"].check(max_pixels)
     spec = get_backbone(backbone)
     return audit_folder(load_dataset(data, val_fraction), spec.min_size, max_pixels, workers)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from tlkit.data.datasets import ImageFolder, load_dataset
 from tlkit.models.backbones import BackboneSpec, get_backbone
 from tlkit.models.distribute import read_tf_config
-from tlkit.models.freezing import FreezeRequest, check_freeze
+from tlkit.models.freezing import ModelChoice, check_freeze
 
 
 @dataclass(frozen=True)
@@ -29,18 +29,11 @@ class Checked:
         return self.scanned or load_dataset(self.data, self.val_fraction)
 
 
-def check_inputs(
-    data: str,
-    backbone: str,
-    input_size: int | None,
-    val_fraction: float,
-    freeze: FreezeRequest | None = None,
-) -> Checked:
+def check_inputs(data: str, model: ModelChoice, val_fraction: float) -> Checked:
     """The checks every command that builds a model from data shares, cheapest first."""
-    spec = get_backbone(backbone)
-    size = spec.resolve_input_size(input_size)
-    if freeze is not None:
-        check_freeze(freeze, spec, spec.n_layers)
+    spec = get_backbone(model.backbone)
+    size = spec.resolve_input_size(model.input_size)
+    check_freeze(model.freeze, spec, spec.n_layers)
     scanned = None if str(data).startswith("tfds:") else load_dataset(data, val_fraction)
     return Checked(spec, size, str(data), val_fraction, scanned)
 

@@ -13,14 +13,14 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast, overload
 
 import numpy as np
 
 from tlkit.core.errors import CacheError, ConfigError, WeightsError
-from tlkit.core.settings import SETTINGS, check_fields, setting
+from tlkit.core.settings import SETTINGS, Loader, check_fields, compose, part, setting
 from tlkit.data.audit import AuditConfig, audit_and_filter
 from tlkit.data.augment import (
     AugmentConfig,
@@ -54,7 +54,7 @@ from tlkit.models.distribute import (
     read_tf_config,
     resolve_strategy,
 )
-from tlkit.models.freezing import FreezeRequest, resolve_freeze
+from tlkit.models.freezing import FreezeRequest, ModelChoice, resolve_freeze
 from tlkit.models.weights import ResolvedWeights, resolve_weights
 
 log = logging.getLogger("tlkit")
@@ -65,23 +65,18 @@ class PrecomputeConfig:
     """Settings of `tlkit precompute-features`; the defaults freeze the whole backbone."""
 
     data: str = "data"
-    backbone: str = setting("backbone")
-    weights: str = setting("weights")
-    input_size: int | None = setting("input_size")
-    freeze: FreezeRequest = setting("freeze", factory=lambda: FreezeRequest(count="all"))
+    model: ModelChoice = part(ModelChoice, freeze=FreezeRequest(count="all"))
+    loader: Loader = part(Loader)
+    audit: AuditConfig = part(AuditConfig)
     views: int = setting("views")
     augment: AugmentConfig = setting(
         "augment", factory=lambda: resolve_augment(SETTINGS["augment"].default)
     )
-    seed: int = setting("seed")
     dtype: str = setting("dtype")
     cache_dir: str | None = setting("cache_dir")
-    batch_size: int = setting("batch_size")
-    workers: int | None = setting("workers")
     val_fraction: float = setting("val_fraction")
     dry_run: bool = setting("dry_run")
     mixed_precision: bool = setting("mixed_precision")  # float16, as `finetune` may compute
-    audit: AuditConfig = field(default_factory=AuditConfig)
     strategy: str = setting("strategy")  # multiworker: shards from TF_CONFIG; mirrored: batches
     num_shards: int | None = setting("num_shards")  # one part of the cache: shard_index of these
     shard_index: int | None = setting("shard_index")
@@ -99,16 +94,13 @@ class PrecomputeConfig:
                 f"{self.num_shards}, --shard-index {self.shard_index}"
             )
 
+    @classmethod
+    def of(cls, **settings: Any) -> PrecomputeConfig:
+        """Settings by their flat names, as the CLI and recipes name them."""
+        return compose(cls, settings, "precompute-features")
+
     def build_settings(self, verbose: int = 1) -> BuildSettings:
-        return BuildSettings(
-            self.views,
-            self.seed,
-            self.dtype,
-            self.batch_size,
-            self.workers,
-            self.audit.max_pixels,
-            verbose,
-        )
+        return BuildSettings(self.views, self.dtype, self.loader, verbose)
 
 
 def view_augment(views: int, augment: AugmentConfig) -> AugmentConfig:
@@ -121,11 +113,8 @@ class BuildSettings:
     """How a cache build runs: what `precompute-features` and `finetune --cache` both give."""
 
     views: int
-    seed: int
     dtype: str
-    batch_size: int
-    workers: int | None
-    max_pixels: int = SETTINGS["max_pixels"].default
+    loader: Loader  # batches, threads, pixel limit, and the seed of the augmented views
     verbose: int = 1
 
 
@@ -159,10 +148,10 @@ def prepare_cache(
         source.size,
         source.spec.crop_fraction,
         pca if aug.pca_sigma > 0 else None,
-        settings.max_pixels,
+        settings.loader.max_pixels,
     )
     pca_dict = transform.pca.as_dict() if transform.pca is not None else None
-    build = (settings.views, settings.seed, settings.dtype)
+    build = (settings.views, settings.loader.seed, settings.dtype)
     inputs = cache_inputs(source, trunk, folder, aug, pca_dict, build)
     return Prepared(trunk, key_of(inputs), inputs, transform)
 
@@ -221,9 +210,7 @@ def build_with_progress(
     if shard is not None:
         total = -(-total // shard[1])  # about: parts are whole batches
     t = prepared.transform
-    with RowMaker(
-        t, t.crop_fraction, settings.seed, settings.workers, settings.max_pixels
-    ) as make_rows:
+    with RowMaker(t, t.crop_fraction, settings.loader) as make_rows:
         job = CacheJob(
             folder.splits,
             views,
@@ -231,7 +218,7 @@ def build_with_progress(
             predict or prepared.trunk.predict_on_batch,
             trunk_shape(prepared.trunk),
             settings.dtype,
-            settings.batch_size,
+            settings.loader.batch_size,
             _progress_bar(total, settings.verbose),
         )
         if shard is not None:
@@ -270,9 +257,7 @@ def precompute_features(
             still missing.
         verbose: 0 hides the progress bar.
     """
-    checked = check_inputs(
-        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
-    )
+    checked = check_inputs(config.data, config.model, config.val_fraction)
     shard, strategy = _shard_and_strategy(config)
     placement = make_placement(strategy)
     if placement.replicas > 1:
@@ -302,7 +287,7 @@ def _dry_run_weights(spec: BackboneSpec, requested: str) -> tuple[ResolvedWeight
 def _cut_of(config: PrecomputeConfig, spec: BackboneSpec, base: Any) -> Cut:
     """Where the trunk whose outputs are cached ends: the freeze point, or the nearest
     single-tensor cut before it."""
-    plan = resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers])
+    plan = resolve_freeze(config.model.freeze, spec, [layer.name for layer in base.layers])
     cut = resolve_cut(base, plan.n_frozen)
     if cut is None:
         raise ConfigError(
@@ -331,9 +316,9 @@ def _model_of(
     `finetune` resolves it by default (so a cache made here is its cache)."""
     from tlkit.models.model import build_model
 
-    n, seed, half = len(folder.classes), config.seed, config.mixed_precision
+    n, seed, half = len(folder.classes), config.loader.seed, config.mixed_precision
     model = build_model(spec, weights, size, n, seed, mixed_precision=half)
-    train, max_pixels = folder.splits["train"], config.audit.max_pixels
+    train, max_pixels = folder.splits["train"], config.loader.max_pixels
     resolve_random_bn(model, weights.source, train, size, spec.crop_fraction, max_pixels, None)
     return model
 
@@ -349,11 +334,11 @@ def _precompute(
 
     spec, size = checked.spec, checked.size
     if config.dry_run:
-        weights, missing = _dry_run_weights(spec, config.weights)
+        weights, missing = _dry_run_weights(spec, config.model.weights)
     else:
-        weights, missing = resolve_weights(spec, config.weights), None
+        weights, missing = resolve_weights(spec, config.model.weights), None
     scanned = checked.dataset()
-    folder, _, _ = audit_and_filter(scanned, config.audit, spec.min_size, config.workers)
+    folder, _, _ = audit_and_filter(scanned, config.audit, spec.min_size, config.loader)
     model = _model_of(config, spec, size, weights, folder)
     cut = _cut_of(config, spec, backbone_of(model))
     settings = config.build_settings(verbose)
@@ -370,7 +355,7 @@ def _precompute(
     needed = estimate_bytes(counts, views, shape, config.dtype)
     if config.dry_run:
         images = sum(counts[s] * views[s] for s in counts)
-        seconds = _seconds_per_image(predict, config.batch_size, size) * images
+        seconds = _seconds_per_image(predict, config.loader.batch_size, size) * images
         # the key names the weights' hash: unknown without them
         place = _place(root, None, None) if missing is not None else _place(root, key, existing)
         estimate = {"bytes": needed, "images": images, "estimated_seconds": round(seconds, 1)}

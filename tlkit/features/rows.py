@@ -36,17 +36,11 @@ class RowMaker:
     the augmentation for training rows, the eval transform otherwise, decoded by a thread pool
     that leaving the `with` block ends (not whenever the garbage collector gets to it)."""
 
-    def __init__(
-        self,
-        transform: TrainTransform,
-        crop_fraction: float,
-        seed: int,
-        workers: int | None,
-        max_pixels: int,
-    ):
+    def __init__(self, transform: TrainTransform, crop_fraction: float, loader: Loader):
+        """`loader`: the augmentation's seed, the decoding threads and the pixel limit."""
         self.transform, self.crop_fraction = transform, crop_fraction
-        self.seed, self.max_pixels = seed, max_pixels
-        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        self.seed, self.max_pixels = loader.seed, loader.max_pixels
+        self._pool = ThreadPoolExecutor(max_workers=loader.workers or os.cpu_count() or 1)
 
     def __call__(
         self, split: str, view: int, first: int, examples: Sequence[Example]
@@ -108,7 +102,7 @@ def extract(
     crop_fraction = transform.crop_fraction
     if views == 1 and transform.config.random:
         transform = TrainTransform(resolve_augment("none"), transform.size, crop_fraction)
-    rows = RowMaker(transform, crop_fraction, loader.seed, loader.workers, loader.max_pixels)
+    rows = RowMaker(transform, crop_fraction, loader)
     with rows as make_rows:
         out = forward(extractor, make_rows, train, val, views, loader.batch_size, on_first_batch)
     labels = np.array([e.label for e in train], np.int32)
@@ -181,7 +175,9 @@ def pooled_features(
 ) -> np.ndarray:
     """(N, D) float32: each image's eval view through the model up to its pooling layer."""
     plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
-    with RowMaker(plain, crop_fraction, 0, workers, max_pixels) as make_rows:
+    with RowMaker(
+        plain, crop_fraction, Loader(workers=workers, max_pixels=max_pixels, seed=0)
+    ) as make_rows:
         out = forward(pooled_extractor(model), make_rows, list(examples), [], 1, batch_size)
     return np.asarray(out["train"][0], np.float32)
 

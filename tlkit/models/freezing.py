@@ -17,6 +17,7 @@ import numpy as np
 from tlkit.core.choices import AUTO  # --freeze auto: finetune picks the freeze point on val
 from tlkit.core.errors import ConfigError, did_you_mean
 from tlkit.core.records import FreezeRecord
+from tlkit.core.settings import check_fields, setting
 from tlkit.models.backbones import BackboneSpec
 
 
@@ -34,6 +35,21 @@ class FreezeRequest:
         if self.blocks is not None:
             return f"--freeze-blocks {self.blocks}"
         return f"--freeze {self.count if self.count is not None else 'all'}"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which pretrained network, at which size, frozen where: the settings every command that
+    builds a backbone shares (finetune, precompute-features, lr-find)."""
+
+    backbone: str = setting("backbone")
+    weights: str = setting("weights")
+    input_size: int | None = setting("input_size")  # None: the backbone's default
+    # the Keras guide's default: after the head phase, fine-tune the whole backbone
+    freeze: FreezeRequest = setting("freeze", factory=lambda: FreezeRequest(count="0"))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)

@@ -100,19 +100,19 @@ def _train_tail(
     x_train, y_train, x_val, y_val, weights = data
     t = time.perf_counter()
     base = backbone_of(model)
-    apply_freeze(base, plan, config.bn_trains)
+    apply_freeze(base, plan, config.fit.bn_trains)
     tail = build_tail(model, cut)
-    steps = -(-len(x_train) // config.batch_size)
+    steps = -(-len(x_train) // config.loader.batch_size)
     tail.compile(
         optimizer=phase_optimizer(tail, base, spec, config, steps),
-        **compile_args(config.label_smoothing),
+        **compile_args(config.fit.label_smoothing),
     )
     history = tail.fit(
         x_train,
         y_train,
         sample_weight=weights,
-        batch_size=config.batch_size,
-        epochs=config.epochs,
+        batch_size=config.loader.batch_size,
+        epochs=config.fit.epochs,
         validation_data=(x_val, y_val),
         verbose=0,
         callbacks=_tail_callbacks(tail, x_train, config),
@@ -141,8 +141,8 @@ def _tail_callbacks(tail: Any, x_train: np.ndarray, config: FinetuneConfig) -> l
     its statistics recomputed before each validation, as the fine-tune phase does (phases.py)."""
     from tlkit.training.head import best_keeper
 
-    callbacks = [best_keeper(config.patience)]
-    if config.train_bn and config.weights == "none":
+    callbacks = [best_keeper(config.fit.patience)]
+    if config.fit.train_bn and config.model.weights == "none":
         from tlkit.features.rows import bn_indices
         from tlkit.training.precise_bn import PreciseBatchNorm
 
@@ -167,8 +167,8 @@ def _activations(
     )
     plain = TrainTransform(resolve_augment("none"), data.size, crop_fraction)
     c = config
-    with RowMaker(plain, crop_fraction, c.seed, c.workers, c.audit.max_pixels) as make_rows:
-        out = forward(extractor, make_rows, train, val, 1, c.batch_size, data.on_first_batch)
+    with RowMaker(plain, crop_fraction, c.loader) as make_rows:
+        out = forward(extractor, make_rows, train, val, 1, c.loader.batch_size, data.on_first_batch)
     y_train = np.array([e.label for e in train], np.int32)
     y_val = np.array([e.label for e in val], np.int32)
     seconds = time.perf_counter() - start

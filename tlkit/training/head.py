@@ -126,9 +126,15 @@ class HeadFit:
     @classmethod
     def of(cls, config: FinetuneConfig, n_train: int) -> HeadFit:
         """The head phase's, as a run's settings say (the rate scaled under --scale-lr)."""
-        b = config.batch_size
-        steps = head_steps(n_train, b, config.head_epochs)
-        return cls(config.lr * config.lr_scale(), b, steps, config.seed, config.label_smoothing)
+        b = config.loader.batch_size
+        steps = head_steps(n_train, b, config.fit.head_epochs)
+        return cls(
+            config.fit.lr * config.lr_scale(),
+            b,
+            steps,
+            config.loader.seed,
+            config.fit.label_smoothing,
+        )
 
 
 def fit_head(
@@ -259,7 +265,7 @@ def _probe(
 
     c, train = config, data.train
     transform = build_train_transform(
-        augment, train, data.size, data.crop_fraction, max_pixels=c.audit.max_pixels
+        augment, train, data.size, data.crop_fraction, max_pixels=c.loader.max_pixels
     )
     features = extract(extractor, train, data.val, transform, views, c.loader, data.on_first_batch)
     head_of(data.model).set_weights(initial)
@@ -335,7 +341,9 @@ def search_augment(
     losses: list[np.ndarray] = []
     for name, preset, overrides in AUTO_CANDIDATES:
         augment = resolve_augment(preset, **overrides)
-        views = feature_views(augment.random, max(config.head_views, AUTO_VIEWS), len(train), dim)
+        views = feature_views(
+            augment.random, max(config.fit.head_views, AUTO_VIEWS), len(train), dim
+        )
         first = data if not scores else dataclasses.replace(data, on_first_batch=None)
         features, rows = _probe(first, extractor, initial, config, augment, views)
         losses.append(head_val_losses(model, features))
@@ -344,9 +352,9 @@ def search_augment(
         # candidates' features, not every one's
         reusable = (
             not augment.random
-            or feature_views(augment.random, config.head_views, len(train), dim) == views
+            or feature_views(augment.random, config.fit.head_views, len(train), dim) == views
         )
         chosen.append((augment, name, features if reusable else None))
         del features
     head_of(model).set_weights(initial)
-    return _choose(scores, chosen, losses, (config.head_views, len(train), dim))
+    return _choose(scores, chosen, losses, (config.fit.head_views, len(train), dim))

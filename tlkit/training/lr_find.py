@@ -18,8 +18,8 @@ import numpy as np
 
 from tlkit.core.errors import ConfigError
 from tlkit.core.figures import new_figure, png_bytes
-from tlkit.core.settings import SETTINGS, Loader, check_fields, setting
-from tlkit.models.freezing import FreezeRequest
+from tlkit.core.settings import SETTINGS, Loader, check_fields, compose, part, setting
+from tlkit.models.freezing import ModelChoice
 
 if TYPE_CHECKING:
     from tlkit.features.rows import Features
@@ -32,19 +32,16 @@ MIN_DROP = 0.1  # a curve that never falls this far below its start suggests not
 
 @dataclass(frozen=True)
 class LrFindConfig:
+    """Settings of `tlkit lr-find`."""
+
     data: str = "data"
-    backbone: str = setting("backbone")
-    weights: str = setting("weights")
-    input_size: int | None = setting("input_size")
-    freeze: FreezeRequest = setting("freeze", factory=lambda: FreezeRequest(count="0"))
+    model: ModelChoice = part(ModelChoice)
+    loader: Loader = part(Loader)
     phase: str = setting("phase")
     start_lr: float | None = setting("start_lr")  # None: 1e-6 for the head, 1e-8 fine-tuning
     end_lr: float | None = setting("end_lr")  # None: 10 for the head, 1e-1 for fine-tuning
     steps: int = setting("steps")
-    batch_size: int = setting("batch_size")
     val_fraction: float = setting("val_fraction")
-    seed: int = setting("seed")
-    workers: int | None = setting("workers")
     output: str = "lr_find.png"
     overwrite: bool = False
 
@@ -53,6 +50,11 @@ class LrFindConfig:
         lo, hi = self.rates()
         if not lo < hi:
             raise ConfigError(f"--start-lr must be below --end-lr. Received: {lo}, {hi}")
+
+    @classmethod
+    def of(cls, **settings: Any) -> LrFindConfig:
+        """Settings by their flat names, as the CLI and recipes name them."""
+        return compose(cls, settings, "lr-find")
 
     def rates(self) -> tuple[float, float]:
         head = self.phase == "head"
@@ -178,31 +180,43 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     from tlkit.models.model import build_model
     from tlkit.models.weights import resolve_weights
 
-    checked = check_inputs(
-        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
-    )
+    checked = check_inputs(config.data, config.model, config.val_fraction)
     spec, size = checked.spec, checked.size
-    weights = resolve_weights(spec, config.weights)
+    weights = resolve_weights(spec, config.model.weights)
     folder = checked.dataset()
     train = list(folder.splits["train"])
-    model = build_model(spec, weights, size, len(folder.classes), config.seed)
+    model = build_model(spec, weights, size, len(folder.classes), config.loader.seed)
     train_bn = resolve_random_bn(
         model, weights.source, train, size, spec.crop_fraction, 10**9, None
     )
     labels = np.array([e.label for e in train], np.int32)
     feats = pooled_features(
-        model, train, size, spec.crop_fraction, config.batch_size, config.workers, 10**9
+        model,
+        train,
+        size,
+        spec.crop_fraction,
+        config.loader.batch_size,
+        config.loader.workers,
+        10**9,
     )
     start, end = config.rates()
     if config.phase == "head":
-        n_classes, b = len(folder.classes), config.batch_size
-        return head_range_test(feats, labels, n_classes, (start, end), config.steps, b, config.seed)
+        n_classes, b = len(folder.classes), config.loader.batch_size
+        return head_range_test(
+            feats, labels, n_classes, (start, end), config.steps, b, config.loader.seed
+        )
     val = list(folder.splits["val"])
     head_features = Features(
         feats,
         labels,
         pooled_features(
-            model, val, size, spec.crop_fraction, config.batch_size, config.workers, 10**9
+            model,
+            val,
+            size,
+            spec.crop_fraction,
+            config.loader.batch_size,
+            config.loader.workers,
+            10**9,
         ),
         np.array([e.label for e in val], np.int32),
         1,
@@ -233,10 +247,14 @@ def _fine_tune_range_test(
 
     base, rates = backbone_of(model), config.rates()
     freeze_all(base)
-    b = config.batch_size
-    fit_head(model, head_features, HeadFit(1e-3, b, head_steps(len(train), b, 5), config.seed))
+    b = config.loader.batch_size
+    fit_head(
+        model, head_features, HeadFit(1e-3, b, head_steps(len(train), b, 5), config.loader.seed)
+    )
     apply_freeze(
-        base, resolve_freeze(config.freeze, spec, [layer.name for layer in base.layers]), train_bn
+        base,
+        resolve_freeze(config.model.freeze, spec, [layer.name for layer in base.layers]),
+        train_bn,
     )
     tried = schedule(*rates, config.steps)
     optimizer = keras.optimizers.Adam(rates[0])
@@ -250,9 +268,9 @@ def _fine_tune_range_test(
         optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=True))
         return loss
 
-    loader = Loader(config.batch_size, config.workers, seed=config.seed)
+    loader = Loader(config.loader.batch_size, config.loader.workers, seed=config.loader.seed)
     data = eval_dataset(train, size, spec.crop_fraction, loader)
-    batches = iter(data.shuffle(8, seed=config.seed).repeat())
+    batches = iter(data.shuffle(8, seed=config.loader.seed).repeat())
     losses: list[float] = []
     for lr in tried:
         optimizer.learning_rate.assign(lr)

@@ -74,17 +74,17 @@ def phase_optimizer(
     from tlkit.models.model import optimizer_for
 
     factors = {}
-    if config.stage_lr_decay < 1:
+    if config.fit.stage_lr_decay < 1:
         names = [layer.name for layer in base.layers]
         ends = [spec.stage_end_index(names, k) for k in range(1, len(spec.stages) + 1)]
-        factors = stage_factors(base, ends, config.stage_lr_decay)
-    lr = config.tune_lr * config.lr_scale()
+        factors = stage_factors(base, ends, config.fit.stage_lr_decay)
+    lr = config.fit.tune_lr * config.lr_scale()
     built = fine_tune_optimizer(
         lr,
-        steps_per_epoch * config.epochs,
-        steps_per_epoch * config.warmup_epochs,
-        config.schedule == "cosine",
-        config.weight_decay,
+        steps_per_epoch * config.fit.epochs,
+        steps_per_epoch * config.fit.warmup_epochs,
+        config.fit.schedule == "cosine",
+        config.fit.weight_decay,
         factors,
         model,
     )
@@ -169,14 +169,14 @@ def plain_val_loss(logs: dict[str, Any]) -> dict[str, Any]:
 def describe(config: FinetuneConfig) -> str:
     """The fine-tune options in use, for the log; '' when none is."""
     parts = []
-    if config.schedule != "constant":
-        parts.append(f"{config.schedule} schedule")
-    if config.warmup_epochs:
-        parts.append(f"{config.warmup_epochs} warmup epoch(s)")
-    if config.weight_decay:
-        parts.append(f"weight decay {config.weight_decay:g} (AdamW)")
-    if config.stage_lr_decay < 1:
-        parts.append(f"each earlier stage at x{config.stage_lr_decay:g} the rate")
-    if config.label_smoothing:
-        parts.append(f"label smoothing {config.label_smoothing:g}")
+    if config.fit.schedule != "constant":
+        parts.append(f"{config.fit.schedule} schedule")
+    if config.fit.warmup_epochs:
+        parts.append(f"{config.fit.warmup_epochs} warmup epoch(s)")
+    if config.fit.weight_decay:
+        parts.append(f"weight decay {config.fit.weight_decay:g} (AdamW)")
+    if config.fit.stage_lr_decay < 1:
+        parts.append(f"each earlier stage at x{config.fit.stage_lr_decay:g} the rate")
+    if config.fit.label_smoothing:
+        parts.append(f"label smoothing {config.fit.label_smoothing:g}")
     return ", ".join(parts)

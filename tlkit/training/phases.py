@@ -156,7 +156,7 @@ class PhaseRunner:
     @property
     def val_steps(self) -> int:
         """Batches in one pass over the validation split."""
-        return -(-len(self.plan.split("val")) // self.plan.config.batch_size)
+        return -(-len(self.plan.split("val")) // self.plan.config.loader.batch_size)
 
     def run(
         self, phase: str, index: int, epochs: int, lr: float, initial: int, phase_first: int
@@ -202,13 +202,13 @@ class PhaseRunner:
         """Random weights with BatchNorm training: its statistics recomputed before each
         validation (precise_bn.py says why)."""
         plan, c = self.plan, self.plan.config
-        if phase == "head" or not c.train_bn or plan.weights.source != "none":
+        if phase == "head" or not c.fit.train_bn or plan.weights.source != "none":
             return []
         from tlkit.features.rows import bn_batches, pooled_extractor
         from tlkit.training.precise_bn import PreciseBatchNorm
 
         train, crop = plan.split("train"), plan.spec.crop_fraction
-        batches = list(bn_batches(train, plan.size, crop, c.audit.max_pixels))
+        batches = list(bn_batches(train, plan.size, crop, c.loader.max_pixels))
         log.info(
             "phase %s: BatchNorm statistics recomputed from %d training images before each "
             "validation (random weights)",
@@ -223,7 +223,7 @@ class PhaseRunner:
             frozen_bn = freeze_all(plan.base)
             what = "head only, backbone frozen"
         else:
-            frozen_bn = apply_freeze(plan.base, plan.freeze, config.bn_trains)
+            frozen_bn = apply_freeze(plan.base, plan.freeze, config.fit.bn_trains)
             freeze = plan.freeze
             what = (
                 f"{freeze.request}: layers 0..{freeze.n_frozen - 1} of {freeze.n_layers} frozen"
@@ -238,7 +238,7 @@ class PhaseRunner:
             f"{trainable:,}",
             f"{frozen:,}",
             frozen_bn,
-            "" if phase == "head" or not config.train_bn else " (BatchNorm trains)",
+            "" if phase == "head" or not config.fit.train_bn else " (BatchNorm trains)",
         )
 
     def _compile(self, phase: str, lr: float) -> int:
@@ -249,21 +249,21 @@ class PhaseRunner:
 
         plan, config = self.plan, self.plan.config
         steps = steps_per_epoch(
-            len(plan.split("train")), config.batch_size, self.placement.replicas
+            len(plan.split("train")), config.loader.batch_size, self.placement.replicas
         )
         optimizer = (
             phase_optimizer(plan.fit_model, plan.base, plan.spec, config, steps)
             if phase == "fine-tune"
             else optimizer_for(plan.fit_model, lr)
         )
-        plan.fit_model.compile(optimizer=optimizer, **compile_args(config.label_smoothing))
+        plan.fit_model.compile(optimizer=optimizer, **compile_args(config.fit.label_smoothing))
         if describe(config):
             log.info(
                 "phase %s: %s",
                 phase,
                 describe(config)
                 if phase == "fine-tune"
-                else f"label smoothing {config.label_smoothing:g}",
+                else f"label smoothing {config.fit.label_smoothing:g}",
             )
         return steps
 
@@ -329,7 +329,7 @@ class PhaseRunner:
 
     def _forward_timed(self, per_image: float, total: int) -> None:
         self.forward_per_image = per_image
-        log_estimate(per_image, total, len(self.plan.split("train")), self.plan.config.epochs)
+        log_estimate(per_image, total, len(self.plan.split("train")), self.plan.config.fit.epochs)
 
     def _probe(self) -> bool:
         """The head phase on pooled features (head.py); False when it must run live: under
@@ -369,7 +369,7 @@ class PhaseRunner:
         views = (
             self.head_features.views
             if self.head_features is not None
-            else feature_views(plan.transform.config.random, config.head_views, n, dim)
+            else feature_views(plan.transform.config.random, config.fit.head_views, n, dim)
         )
         log.info(
             "phase head (head only, backbone frozen): %s trainable / %s frozen parameters, "
@@ -382,7 +382,7 @@ class PhaseRunner:
             views,
             n,
             len(plan.split("val")),
-            head_steps(n, config.batch_size, config.head_epochs),
+            head_steps(n, config.loader.batch_size, config.fit.head_epochs),
         )
         features = self.head_features or extract(
             pooled_extractor(plan.model),

@@ -89,7 +89,7 @@ class Plan:
     def schedule(self) -> list[tuple[str, int, float]]:
         """(phase, epochs, learning rate) of the head and fine-tune phases."""
         config, scale = self.config, self.config.lr_scale()
-        tune_epochs = config.epochs
+        tune_epochs = config.fit.epochs
         if (
             "freeze" in self.searched
             and self.freeze.n_frozen == self.freeze.n_layers
@@ -101,14 +101,14 @@ class Plan:
             )
             tune_epochs = 0
         schedule = [
-            ("head", config.head_epochs, config.lr * scale),
-            ("fine-tune", tune_epochs, config.tune_lr * scale),
+            ("head", config.fit.head_epochs, config.fit.lr * scale),
+            ("fine-tune", tune_epochs, config.fit.tune_lr * scale),
         ]
-        if config.scale_lr:
+        if config.fit.scale_lr:
             log.info(
                 "--scale-lr: batch %d / base batch %d = x%g: head lr %g, fine-tune lr %g",
-                config.batch_size,
-                config.lr_base_batch,
+                config.loader.batch_size,
+                config.fit.lr_base_batch,
                 scale,
                 schedule[0][2],
                 schedule[1][2],
@@ -184,19 +184,19 @@ def make_plan(
     )
 
     spec, size = checked.spec, checked.size
-    weights = resolve_weights(spec, config.weights)
+    weights = resolve_weights(spec, config.model.weights)
     folder, report, skipped, data_fingerprint = _load_data(config, checked, placement)
     requested = config.as_dict()
     config, note = config.with_data_defaults(len(folder.splits["train"]), len(folder.classes))
     log.info("%s", note)
-    seed_everything(config.seed)
-    head = call.head or linear_head(config.dropout)
+    seed_everything(config.loader.seed)
+    head = call.head or linear_head(config.fit.dropout)
     model = build_model(
-        spec, weights, size, len(folder.classes), config.seed, head, config.mixed_precision
+        spec, weights, size, len(folder.classes), config.loader.seed, head, config.mixed_precision
     )
     # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
     # before the rule has its rate in its config, and nothing here to compare)
-    chosen = config.fine_tune_lr if saved is None or saved.fine_tune_lr is not None else None
+    chosen = config.fit.fine_tune_lr if saved is None or saved.fine_tune_lr is not None else None
     identity = Identity(
         requested,
         spec.name,
@@ -211,13 +211,15 @@ def make_plan(
     check_unchanged(saved, identity, tmp_dir, call.force_resume)
     if call.head is not None:  # refused now, not after the training
         check_user_head(model)
-        if config.dropout != SETTINGS["dropout"].default:
-            log.warning("--dropout %g: unused, the head is %s", config.dropout, identity.head)
+        if config.fit.dropout != SETTINGS["dropout"].default:
+            log.warning("--dropout %g: unused, the head is %s", config.fit.dropout, identity.head)
     if config.calibrate:
         softmax_layer(model, "--calibrate")
-    train, crop, max_pixels = folder.splits["train"], spec.crop_fraction, config.audit.max_pixels
-    bn = resolve_random_bn(model, weights.source, train, size, crop, max_pixels, config.train_bn)
-    config = dataclasses.replace(config, train_bn=bn)
+    train, crop, max_pixels = folder.splits["train"], spec.crop_fraction, config.loader.max_pixels
+    bn = resolve_random_bn(
+        model, weights.source, train, size, crop, max_pixels, config.fit.train_bn
+    )
+    config = config.replace(train_bn=bn)
     start = _Start(spec, size, weights, folder, report, skipped, identity, model)
     return _plan_training(config, placement, saved, start, call.verbose)
 
@@ -239,7 +241,7 @@ def _plan_training(
     config, freeze, searched, head_features, search_model = _resolve_auto(
         config, placement, saved, start, sample_weights
     )
-    idle = nothing_to_train(base, freeze, config.bn_trains) if config.epochs else None
+    idle = nothing_to_train(base, freeze, config.fit.bn_trains) if config.fit.epochs else None
     if idle is not None:
         log.warning("%s", idle)
     transform = _train_transform(config, folder, size, spec)
@@ -276,7 +278,7 @@ def _store(
 ) -> dict[str, list[Example]]:
     """--resized-cache: each split's images in the store at the size its views need (the
     training split only when training decodes images, not cached features)."""
-    if not config.resized_cache:
+    if not config.storage.resized_cache:
         return {}
     from tlkit.data.augment import eval_need
     from tlkit.data.store import store_images
@@ -296,9 +298,9 @@ def _store(
             examples,
             start.report.folder.digests or {},
             need,
-            cache_root(config.cache_dir),
-            config.audit.max_pixels,
-            config.workers,
+            cache_root(config.storage.cache_dir),
+            config.loader.max_pixels,
+            config.loader.workers,
         )
         for name in names:
             n = len(start.folder.splits[name])
@@ -316,7 +318,7 @@ def _train_transform(
         folder.splits["train"],
         size,
         spec.crop_fraction,
-        max_pixels=config.audit.max_pixels,
+        max_pixels=config.loader.max_pixels,
     )
     if transform.pca is not None:
         eigenvalues = ", ".join(f"{v:.4f}" for v in transform.pca.eigvals)
@@ -344,7 +346,7 @@ def _load_data(
             scanned.ignored[0],
         )
     folder, report, skipped = audit_and_filter(
-        scanned, config.audit, checked.spec.min_size, config.workers
+        scanned, config.audit, checked.spec.min_size, config.loader
     )
     data_fingerprint = fingerprint(report.folder)
     placement.check_same(
@@ -359,7 +361,7 @@ def _weights_of(
     config: FinetuneConfig, folder: ImageFolder
 ) -> tuple[dict[int, float] | None, list[float] | None]:
     """--class-weight: (weight of each class, weight of each training image), or Nones."""
-    if config.class_weight != "balanced":
+    if config.fit.class_weight != "balanced":
         return None, None
     train = folder.splits["train"]
     by_class = class_weights(train, len(folder.classes))
@@ -391,7 +393,7 @@ def _resolve_auto(
         flag
         for flag, on in (
             ("--augment auto", config.augment.preset == AUTO),
-            ("--freeze auto", config.freeze.count == AUTO),
+            ("--freeze auto", config.model.freeze.count == AUTO),
         )
         if on
     ]
@@ -401,18 +403,24 @@ def _resolve_auto(
             "--freeze all, ...) under --strategy mirrored or multiworker"
         )
     # the first search to run times the forward pass and says how long the head phase takes
-    timed = [lambda per_image, total: log_estimate(per_image, total, len(train), config.epochs)]
+    timed = [lambda per_image, total: log_estimate(per_image, total, len(train), config.fit.epochs)]
     search = _Search(model, spec, folder, size, sample_weights, searched, timed)
     head_features = None
     if config.augment.preset == AUTO:
         config, head_features = search.augment(config)
-    if config.freeze.count != AUTO:
+    if config.model.freeze.count != AUTO:
         names = [x.name for x in backbone_of(model).layers]
-        return config, resolve_freeze(config.freeze, spec, names), searched, head_features, None
+        return (
+            config,
+            resolve_freeze(config.model.freeze, spec, names),
+            searched,
+            head_features,
+            None,
+        )
     plan, pooled, search_model = search.freeze(config)
     if head_features is None and pooled is not None:
         views = feature_views(
-            config.augment.random, config.head_views, len(train), pooled.train.shape[1]
+            config.augment.random, config.fit.head_views, len(train), pooled.train.shape[1]
         )
         head_features = pooled if views == 1 else None
     return config, plan, searched, head_features, search_model
@@ -509,12 +517,12 @@ def _select_cache(
     from tlkit.models.cut import build_tail, resolve_cut
 
     model = start.model
-    if config.cache == "off":
+    if config.storage.cache == "off":
         return None, model, "not used (--no-cache)"
     cut = resolve_cut(base, plan.n_frozen)
     if cut is None:
         return None, model, "not used (nothing is frozen)"
-    if config.views == 1 and config.augment.random:
+    if config.storage.views == 1 and config.augment.random:
         why = (
             f"not used: --augment {config.augment.preset} is random and a one-view cache holds "
             "no augmentation; use --views K (K > 1) or --augment none to train from a cache"
@@ -548,16 +556,14 @@ def _open_or_build(
     from tlkit.features.precompute import BuildSettings, build_with_progress, prepare_cache
 
     c = config
-    settings = BuildSettings(
-        c.views, c.seed, c.cache_dtype, c.batch_size, c.workers, c.audit.max_pixels, verbose
-    )
+    settings = BuildSettings(c.storage.views, c.storage.cache_dtype, c.loader, verbose)
     prepared = prepare_cache(source, folder, c.augment, settings, pca)
     key = prepared.key
-    root = cache_root(c.cache_dir)
+    root = cache_root(c.storage.cache_dir)
     cache = open_cache(root, key)
     if cache is not None:
         return cache, f"using {root / key}"
-    if c.cache != "build":
+    if c.storage.cache != "build":
         return None, (
             f"not used: no cache for these settings ({root / key}); `tlkit precompute-features` "
             "with the same options, or --cache, builds it"

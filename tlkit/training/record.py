@@ -80,7 +80,7 @@ def saved_checkpoint(plan: Plan, state: TrainingState, ckpt_dir: Path) -> Path:
     from tlkit.core.checkpoints import BEST, SEARCH, load_checkpoint
 
     path, best = ckpt_dir / SEARCH, state.best
-    if not path.is_file() or plan.config.freeze.count != AUTO:
+    if not path.is_file() or plan.config.model.freeze.count != AUTO:
         return ckpt_dir / BEST
     found = load_checkpoint(path, plan.model)
     probs, labels = _predict_split(plan, "val")
@@ -194,7 +194,7 @@ def run_record(
         backbone=plan.spec.name,
         weights=plan.weights.as_dict(),
         freeze={**plan.freeze.as_dict(), "search": plan.searched.get("freeze", {}).get("scores")},
-        train_bn=c.bn_trains,
+        train_bn=c.fit.bn_trains,
         head=plan.identity.head,
         input_size=plan.size,
         preprocessing=plan.spec.preprocessing,
@@ -219,8 +219,8 @@ def run_record(
             "key": plan.cache.key if plan.cache else None,
             "note": plan.cache_note,
         },
-        seed=c.seed,
-        distribution=_distribution(placement, c.batch_size),
+        seed=c.loader.seed,
+        distribution=_distribution(placement, c.loader.batch_size),
         lr_used={phase: lr for phase, _, lr in schedule},
         phase=rows[-1]["phase"] if rows else None,
         epoch=rows[-1]["epoch"] if rows else None,

@@ -104,6 +104,9 @@ class Identity:
         head's weights): everything but the schema, the head and the searches' results."""
         skip = ("schema", "searched", "head")
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if "audit" in self.config:  # a run from before the settings' parts: audit.max_pixels, ...
+            out["config"] = {k: v for k, v in self.config.items() if k != "audit"}
+            out["config"].update(self.config["audit"])
         if self.fine_tune_lr is None:
             del out["fine_tune_lr"]
         return out
@@ -141,7 +144,7 @@ def resume_config(path: str | os.PathLike[str], **overrides: Any) -> FinetuneCon
     """The settings an interrupted run started with, with `overrides` on top."""
     tmp_dir, _ = find_resumable(path)
     saved = read_identity(tmp_dir)
-    return dataclasses.replace(FinetuneConfig.from_dict(saved.config), **overrides)
+    return FinetuneConfig.from_dict(saved.config).replace(**overrides)
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

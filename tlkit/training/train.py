@@ -158,16 +158,14 @@ def _start(
         return (config or FinetuneConfig.from_dict(identity.config)), run_dir, tmp_dir, identity
     if config is None:
         raise TypeError("finetune() needs a config, or resume= to continue a run")
-    run_dir = Path(config.output) if config.output else default_run_dir(config.backbone)
+    run_dir = Path(config.output) if config.output else default_run_dir(config.model.backbone)
     return config, run_dir, None, None
 
 
 def _check(config: FinetuneConfig, run_dir: Path, new: bool) -> Checked:
     """Everything that can be refused before TensorFlow loads: the data's listing, the
     backbone and freeze request, a run folder in the way (a new run's), TensorBoard missing."""
-    checked = check_inputs(
-        config.data, config.backbone, config.input_size, config.val_fraction, config.freeze
-    )
+    checked = check_inputs(config.data, config.model, config.val_fraction)
     if new and is_chief():
         refuse_overwrite(
             run_dir,
@@ -189,7 +187,7 @@ def _local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
         return ()
     data = Path(config.data)
     data = data.parent if data.suffix.lower() == ".csv" else data
-    weights = () if config.weights in ("imagenet", "none") else (Path(config.weights),)
+    weights = () if config.model.weights in ("imagenet", "none") else (Path(config.model.weights),)
     return (data, *weights)
 
 
@@ -400,7 +398,7 @@ def _train(
         writes,
         tmp_dir / "history.csv" if writes and tmp_dir else None,
         plan.model,
-        plan.config.patience,
+        plan.config.fit.patience,
         state,
         clock,
     )
