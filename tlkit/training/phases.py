@@ -168,13 +168,13 @@ class PhaseRunner:
         if phase != "head" and initial == 0:
             self._best_head()
         steps = self._compile(phase, lr)
-        fit_model = self.plan.fit_model
+        fit_model = self.plan.feed.fit_model
         if initial > 0 and self.ckpt_dir is not None:  # mid-phase: moments, step count, rate
             fit_model.optimizer.build(fit_model.trainable_variables)
             found = latest_checkpoint(self.ckpt_dir)
             if found is None:
                 raise RunError(f"{self.ckpt_dir}: no readable checkpoint to continue from")
-            load_checkpoint(found[0], self.plan.model, fit_model.optimizer)
+            load_checkpoint(found[0], self.plan.start.model, fit_model.optimizer)
             log.info("phase %s: continuing at epoch %d of %d", phase, initial + 1, epochs)
         self.recorder.phase, self.recorder.phase_index = phase, index
         timer = step_timer(phase, epochs, initial, steps, self._val_seconds(), self.state.estimates)
@@ -202,35 +202,35 @@ class PhaseRunner:
         """Random weights with BatchNorm training: its statistics recomputed before each
         validation (precise_bn.py says why)."""
         plan, c = self.plan, self.plan.config
-        if phase == "head" or not c.fit.train_bn or plan.weights.source != "none":
+        if phase == "head" or not c.fit.train_bn or plan.start.weights.source != "none":
             return []
         from tlkit.features.rows import bn_batches, pooled_extractor
         from tlkit.training.precise_bn import PreciseBatchNorm
 
-        train, crop = plan.split("train"), plan.spec.crop_fraction
-        batches = list(bn_batches(train, plan.size, crop, c.loader.max_pixels))
+        train, crop = plan.split("train"), plan.start.spec.crop_fraction
+        batches = list(bn_batches(train, plan.start.size, crop, c.loader.max_pixels))
         log.info(
             "phase %s: BatchNorm statistics recomputed from %d training images before each "
             "validation (random weights)",
             phase,
             sum(len(b) for b in batches),
         )
-        return [PreciseBatchNorm(pooled_extractor(plan.model), batches)]
+        return [PreciseBatchNorm(pooled_extractor(plan.start.model), batches)]
 
     def _freeze(self, phase: str) -> None:
         plan, config = self.plan, self.plan.config
         if phase == "head":
-            frozen_bn = freeze_all(plan.base)
+            frozen_bn = freeze_all(plan.start.base)
             what = "head only, backbone frozen"
         else:
-            frozen_bn = apply_freeze(plan.base, plan.freeze, config.fit.bn_trains)
-            freeze = plan.freeze
+            frozen_bn = apply_freeze(plan.start.base, plan.chosen.freeze, config.fit.bn_trains)
+            freeze = plan.chosen.freeze
             what = (
                 f"{freeze.request}: layers 0..{freeze.n_frozen - 1} of {freeze.n_layers} frozen"
                 if freeze.n_frozen
                 else f"{freeze.request}: whole backbone trainable"
             )
-        trainable, frozen = param_counts(plan.model)  # the shared layers: same for the tail
+        trainable, frozen = param_counts(plan.start.model)  # the shared layers: same for the tail
         log.info(
             "phase %s (%s): %s trainable / %s frozen parameters, %d frozen BatchNorm layers%s",
             phase,
@@ -252,11 +252,11 @@ class PhaseRunner:
             len(plan.split("train")), config.loader.batch_size, self.placement.replicas
         )
         optimizer = (
-            phase_optimizer(plan.fit_model, plan.base, plan.spec, config, steps)
+            phase_optimizer(plan.feed.fit_model, plan.start.base, plan.start.spec, config, steps)
             if phase == "fine-tune"
-            else optimizer_for(plan.fit_model, lr)
+            else optimizer_for(plan.feed.fit_model, lr)
         )
-        plan.fit_model.compile(optimizer=optimizer, **compile_args(config.fit.label_smoothing))
+        plan.feed.fit_model.compile(optimizer=optimizer, **compile_args(config.fit.label_smoothing))
         if describe(config):
             log.info(
                 "phase %s: %s",
@@ -272,15 +272,15 @@ class PhaseRunner:
 
         plan, config = self.plan, self.plan.config
         loader, window = config.loader, range(first_epoch, first_epoch + epochs)
-        weights = plan.sample_weights
-        if plan.cache is not None:
-            cache = plan.cache
+        weights = plan.feed.sample_weights
+        if plan.feed.cache is not None:
+            cache = plan.feed.cache
             return self.placement.dataset(
                 lambda share: self.clock.stamped(
                     cache_dataset(cache, "train", loader, window, share, weights)
                 )
             )
-        inputs, transform = plan.inputs("train"), plan.transform
+        inputs, transform = plan.inputs("train"), plan.feed.transform
         return self.placement.dataset(
             lambda share: self.clock.stamped(
                 train_dataset(inputs, transform, loader, window, share, weights)
@@ -288,7 +288,7 @@ class PhaseRunner:
         )
 
     def _val_seconds(self) -> float | None:
-        if self.forward_per_image is None or self.plan.cache is not None:
+        if self.forward_per_image is None or self.plan.feed.cache is not None:
             return None
         return self.forward_per_image * len(self.plan.split("val"))
 
@@ -337,7 +337,10 @@ class PhaseRunner:
         from tlkit.training.head import MAX_FEATURE_BYTES, HeadFit, fit_head
 
         plan, config = self.plan, self.plan.config
-        n, dim = len(plan.split("train")), int(plan.model.get_layer(POOL_LAYER).output.shape[-1])
+        n, dim = (
+            len(plan.split("train")),
+            int(plan.start.model.get_layer(POOL_LAYER).output.shape[-1]),
+        )
         if self.placement.replicas > 1 or n * dim * 4 > MAX_FEATURE_BYTES:
             log.info(
                 "phase head: trained live, epoch by epoch (%s)",
@@ -346,9 +349,9 @@ class PhaseRunner:
                 else "the features would not fit in memory",
             )
             return False
-        features = self._head_features(n, dim, freeze_all(plan.base))
+        features = self._head_features(n, dim, freeze_all(plan.start.base))
         fit = HeadFit.of(config, n)
-        rows, steps_done = fit_head(plan.model, features, fit, plan.sample_weights)
+        rows, steps_done = fit_head(plan.start.model, features, fit, plan.feed.sample_weights)
         bad = [r for r in rows if not (math.isfinite(r["loss"]) and math.isfinite(r["val_loss"]))]
         if bad:
             raise Diverged(
@@ -365,11 +368,11 @@ class PhaseRunner:
         from tlkit.training.head import feature_views, head_steps
 
         plan, config = self.plan, self.plan.config
-        trainable, frozen = param_counts(plan.model)
+        trainable, frozen = param_counts(plan.start.model)
         views = (
             self.head_features.views
             if self.head_features is not None
-            else feature_views(plan.transform.config.random, config.fit.head_views, n, dim)
+            else feature_views(plan.feed.transform.config.random, config.fit.head_views, n, dim)
         )
         log.info(
             "phase head (head only, backbone frozen): %s trainable / %s frozen parameters, "
@@ -385,10 +388,10 @@ class PhaseRunner:
             head_steps(n, config.loader.batch_size, config.fit.head_epochs),
         )
         features = self.head_features or extract(
-            pooled_extractor(plan.model),
+            pooled_extractor(plan.start.model),
             plan.split("train"),
             plan.split("val"),
-            plan.transform,
+            plan.feed.transform,
             views,
             config.loader,
             on_first_batch=self._forward_timed,
@@ -414,14 +417,14 @@ class PhaseRunner:
         state.head_probe = {
             "views": features.views,
             "augment": (
-                self.plan.transform.config.preset if features.views > 1 else "none (eval view)"
+                self.plan.feed.transform.config.preset if features.views > 1 else "none (eval view)"
             ),
             "feature_rows": len(features.train),
             "steps": steps_done,
             "feature_seconds": round(features.seconds, 1),
         }
         if self.writes and self.ckpt_dir is not None:
-            save_epoch(self.ckpt_dir, self.plan.model, None, state.as_dict(), True)
+            save_epoch(self.ckpt_dir, self.plan.start.model, None, state.as_dict(), True)
             write_history(self.ckpt_dir.parent / "history.csv", state.rows)
         log.info(
             "phase head: %d validation checks, %d feature rows, %d steps in %.1f s after "
@@ -441,7 +444,7 @@ class PhaseRunner:
         in memory, or after a restart its checkpoint (best.h5, while the head holds the best)."""
         best = self.state.best
         if self.recorder.best_head is not None:
-            self.plan.model.set_weights(self.recorder.best_head)
+            self.plan.start.model.set_weights(self.recorder.best_head)
             self.recorder.best_head = None
         elif (
             self.state.head_probe is None
@@ -450,7 +453,7 @@ class PhaseRunner:
             and self.ckpt_dir is not None
             and (self.ckpt_dir / BEST).is_file()
         ):
-            load_weights(self.ckpt_dir / BEST, self.plan.model)  # a probe's last is its best
+            load_weights(self.ckpt_dir / BEST, self.plan.start.model)  # a probe's last is its best
 
 
 def param_counts(model: keras.Model) -> tuple[int, int]:

@@ -41,11 +41,10 @@ log = logging.getLogger("tlkit")
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """What `finetune` trains, then records."""
+class Start:
+    """What a run starts from, before any choice: the backbone, its weights, the checked data
+    and the model built on them."""
 
-    config: FinetuneConfig  # with --augment auto resolved
-    requested: dict[str, Any]  # the settings as asked for: run.json keeps `auto` and unset rates
     spec: BackboneSpec
     size: int
     weights: ResolvedWeights
@@ -54,45 +53,71 @@ class Plan:
     skipped: list[dict[str, Any]]
     identity: Identity  # what a resumed run must still match
     model: keras.Model
-    base: keras.Model
+    base: keras.Model  # the backbone inside `model`
+
+
+@dataclasses.dataclass(frozen=True)
+class Chosen:
+    """What the freeze request and the `auto` searches decided."""
+
     freeze: FreezePlan
     searched: Searched  # --augment auto / --freeze auto: choices and scores
     head_features: Features | None  # computed by a search; the head phase can reuse them
-    weights_by_class: dict[int, float] | None
-    sample_weights: list[float] | None
+    # --freeze auto: the search's chosen tail, trained; the run's end keeps it if it scores best
+    search_model: list[np.ndarray] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """How the training reaches its examples, and how much each one counts."""
+
     transform: TrainTransform
     cache: FeatureCache | None
     fit_model: keras.Model  # the classifier, or its tail over the feature cache
     cache_note: str
     stored: dict[str, list[Example]]  # splits read from the resized-image store, if any
-    # --freeze auto: the search's chosen tail, trained; the run's end keeps it if it scores best
-    search_model: list[np.ndarray] | None = None
+    weights_by_class: dict[int, float] | None
+    sample_weights: list[float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What `finetune` trains, then records: the settings, what the run starts from, what was
+    chosen, how training is fed."""
+
+    config: FinetuneConfig  # with --augment auto resolved
+    requested: dict[str, Any]  # the settings as asked for: run.json keeps `auto` and unset rates
+    start: Start
+    chosen: Chosen
+    feed: Feed
 
     def inputs(self, name: str) -> Sequence[Example]:
         """What the pipeline decodes for a split: its files, or their stored resized copies."""
-        return self.stored.get(name) or self.split(name)
+        return self.feed.stored.get(name) or self.split(name)
 
     @property
     def fingerprint(self) -> str:
-        return self.identity.data_fingerprint
+        return self.start.identity.data_fingerprint
 
     def split(self, name: str) -> Sequence[Example]:
-        return self.folder.splits[name]
+        return self.start.folder.splits[name]
 
     def eval_dataset(self, name: str, share: Share = WHOLE) -> Any:
         """A split's eval views in batches, as the run's settings say (one pass)."""
         from tlkit.data.pipeline import eval_dataset
 
         loader = self.config.loader
-        return eval_dataset(self.inputs(name), self.size, self.spec.crop_fraction, loader, share)
+        return eval_dataset(
+            self.inputs(name), self.start.size, self.start.spec.crop_fraction, loader, share
+        )
 
     def schedule(self) -> list[tuple[str, int, float]]:
         """(phase, epochs, learning rate) of the head and fine-tune phases."""
         config, scale = self.config, self.config.lr_scale()
         tune_epochs = config.fit.epochs
         if (
-            "freeze" in self.searched
-            and self.freeze.n_frozen == self.freeze.n_layers
+            "freeze" in self.chosen.searched
+            and self.chosen.freeze.n_frozen == self.chosen.freeze.n_layers
             and tune_epochs
         ):
             log.info(
@@ -136,24 +161,6 @@ def class_weights(examples: Sequence[Example], n_classes: int) -> dict[int, floa
 
 
 @dataclasses.dataclass(frozen=True)
-class _Start:
-    """What a run starts from, before any choice: the backbone, its weights, the checked data
-    and the model built on them."""
-
-    spec: BackboneSpec
-    size: int
-    weights: ResolvedWeights
-    folder: ImageFolder
-    report: DataReport
-    skipped: list[dict[str, Any]]
-    identity: Identity
-    model: keras.Model
-
-    def fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-@dataclasses.dataclass(frozen=True)
 class Call:
     """What one finetune() call brings beside its settings (none of it is a setting): Keras'
     verbosity, a forced resume, the user's Keras callbacks and head."""
@@ -176,6 +183,7 @@ def make_plan(
     cache decision (the data's listing was checked before TensorFlow loaded)."""
     from tlkit.features.rows import resolve_random_bn
     from tlkit.models.model import (
+        backbone_of,
         build_model,
         check_user_head,
         head_name,
@@ -220,7 +228,8 @@ def make_plan(
         model, weights.source, train, size, crop, max_pixels, config.fit.train_bn
     )
     config = config.replace(train_bn=bn)
-    start = _Start(spec, size, weights, folder, report, skipped, identity, model)
+    base = backbone_of(model)
+    start = Start(spec, size, weights, folder, report, skipped, identity, model, base)
     return _plan_training(config, placement, saved, start, call.verbose)
 
 
@@ -228,53 +237,33 @@ def _plan_training(
     config: FinetuneConfig,
     placement: Placement,
     saved: Identity | None,
-    start: _Start,
+    start: Start,
     verbose: int,
 ) -> Plan:
     """With the model built: the `auto` choices, the augmentation and the cache decision."""
-    from tlkit.models.model import backbone_of
-
-    spec, size, folder, model = start.spec, start.size, start.folder, start.model
-    base = backbone_of(model)
+    spec, size, folder = start.spec, start.size, start.folder
     by_class, sample_weights = _weights_of(config, folder)
     requested = start.identity.config
-    config, freeze, searched, head_features, search_model = _resolve_auto(
-        config, placement, saved, start, sample_weights
-    )
-    idle = nothing_to_train(base, freeze, config.fit.bn_trains) if config.fit.epochs else None
+    config, chosen = _resolve_auto(config, placement, saved, start, sample_weights)
+    freeze = chosen.freeze
+    idle = nothing_to_train(start.base, freeze, config.fit.bn_trains) if config.fit.epochs else None
     if idle is not None:
         log.warning("%s", idle)
     transform = _train_transform(config, folder, size, spec)
-    cache, fit_model, note = _select_cache(
-        config, start, base, freeze, transform.pca, verbose, placement
-    )
+    cache, fit_model, note = _select_cache(config, start, freeze, transform.pca, verbose, placement)
     log.info("feature cache: %s", note)
     placement.check_same(
         "feature caches",
         cache.key if cache else "000000",
         "build the cache on every worker (`tlkit precompute-features`), or train with --no-cache",
     )
-    return Plan(
-        config=config,
-        requested=requested,
-        **start.fields(),
-        base=base,
-        freeze=freeze,
-        searched=searched,
-        head_features=head_features,
-        weights_by_class=by_class,
-        sample_weights=sample_weights,
-        transform=transform,
-        cache=cache,
-        fit_model=fit_model,
-        cache_note=note,
-        stored=_store(config, start, transform, decoded=cache is None),
-        search_model=search_model,
-    )
+    stored = _store(config, start, transform, decoded=cache is None)
+    feed = Feed(transform, cache, fit_model, note, stored, by_class, sample_weights)
+    return Plan(config, requested, start, chosen, feed)
 
 
 def _store(
-    config: FinetuneConfig, start: _Start, transform: TrainTransform, decoded: bool
+    config: FinetuneConfig, start: Start, transform: TrainTransform, decoded: bool
 ) -> dict[str, list[Example]]:
     """--resized-cache: each split's images in the store at the size its views need (the
     training split only when training decodes images, not cached features)."""
@@ -376,14 +365,13 @@ def _resolve_auto(
     config: FinetuneConfig,
     placement: Placement,
     identity: Identity | None,
-    start: _Start,
+    start: Start,
     sample_weights: list[float] | None,
-) -> tuple[FinetuneConfig, FreezePlan, Searched, Features | None, list[np.ndarray] | None]:
-    """--augment auto, then --freeze auto: (config with the chosen augmentation, the freeze
-    plan, {setting: {chosen, scores}}, features the head phase can reuse or None, the freeze
-    search's trained model or None). A resumed run reuses the choices its first start
-    recorded."""
-    from tlkit.models.model import backbone_of
+) -> tuple[FinetuneConfig, Chosen]:
+    """--augment auto, then --freeze auto: the config with the chosen augmentation, and what
+    was chosen (the freeze plan, {setting: {chosen, scores}}, features the head phase can reuse
+    or None, the freeze search's trained model or None). A resumed run reuses the choices its
+    first start recorded."""
     from tlkit.training.head import feature_views
 
     model, spec, folder, size = start.model, start.spec, start.folder, start.size
@@ -409,21 +397,16 @@ def _resolve_auto(
     if config.augment.preset == AUTO:
         config, head_features = search.augment(config)
     if config.model.freeze.count != AUTO:
-        names = [x.name for x in backbone_of(model).layers]
-        return (
-            config,
-            resolve_freeze(config.model.freeze, spec, names),
-            searched,
-            head_features,
-            None,
-        )
+        names = [x.name for x in start.base.layers]
+        plan = resolve_freeze(config.model.freeze, spec, names)
+        return config, Chosen(plan, searched, head_features, None)
     plan, pooled, search_model = search.freeze(config)
     if head_features is None and pooled is not None:
         views = feature_views(
             config.augment.random, config.fit.head_views, len(train), pooled.train.shape[1]
         )
         head_features = pooled if views == 1 else None
-    return config, plan, searched, head_features, search_model
+    return config, Chosen(plan, searched, head_features, search_model)
 
 
 @dataclasses.dataclass
@@ -504,8 +487,7 @@ class _Search:
 
 def _select_cache(
     config: FinetuneConfig,
-    start: _Start,
-    base: keras.Model,
+    start: Start,
     plan: FreezePlan,
     pca: ColorPCA | None,
     verbose: int,
@@ -519,7 +501,7 @@ def _select_cache(
     model = start.model
     if config.storage.cache == "off":
         return None, model, "not used (--no-cache)"
-    cut = resolve_cut(base, plan.n_frozen)
+    cut = resolve_cut(start.base, plan.n_frozen)
     if cut is None:
         return None, model, "not used (nothing is frozen)"
     if config.storage.views == 1 and config.augment.random:

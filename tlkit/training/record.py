@@ -67,7 +67,7 @@ def inference_model(model: keras.Model) -> keras.Model:
 
 def _predict_split(plan: Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) of the model being saved on a split's eval view."""
-    probs = np.asarray(plan.model.predict(plan.eval_dataset(split), verbose=0), np.float64)
+    probs = np.asarray(plan.start.model.predict(plan.eval_dataset(split), verbose=0), np.float64)
     return probs, np.array([e.label for e in plan.split(split)])
 
 
@@ -82,7 +82,7 @@ def saved_checkpoint(plan: Plan, state: TrainingState, ckpt_dir: Path) -> Path:
     path, best = ckpt_dir / SEARCH, state.best
     if not path.is_file() or plan.config.model.freeze.count != AUTO:
         return ckpt_dir / BEST
-    found = load_checkpoint(path, plan.model)
+    found = load_checkpoint(path, plan.start.model)
     probs, labels = _predict_split(plan, "val")
     row: Best = {
         "val_loss": log_loss(probs, labels),
@@ -110,7 +110,7 @@ def score_on_test(plan: Plan) -> dict[str, Any] | None:
     figure a run ends on, since validation chose the model and flatters it."""
     from tlkit.core.calibration import log_loss
 
-    if not plan.folder.splits.get("test"):
+    if not plan.start.folder.splits.get("test"):
         return None
     probs, labels = _predict_split(plan, "test")
     return {
@@ -131,7 +131,7 @@ def calibrate(plan: Plan) -> dict[str, Any]:
     probs, labels = _predict_split(plan, "val")
     temperature = fit_temperature(probs, labels)
     before, after = summary(probs, labels), summary(apply_temperature(probs, temperature), labels)
-    fold_temperature(softmax_layer(plan.model, "--calibrate"), temperature)
+    fold_temperature(softmax_layer(plan.start.model, "--calibrate"), temperature)
     log.info(
         "--calibrate: temperature %.3f fitted on %d validation images; ECE %.4f -> %.4f, "
         "log loss %.4f -> %.4f there (an eval on a test split gives the unbiased ECE)",
@@ -153,7 +153,7 @@ def calibrate(plan: Plan) -> dict[str, Any]:
 
 def _data_record(plan: Plan) -> dict[str, Any]:
     """run.json `data`: where the images came from, how many, and which were left out."""
-    folder = plan.folder
+    folder = plan.start.folder
     return {
         "source": plan.config.data,
         "root": str(Path(folder.root).resolve()),
@@ -162,7 +162,7 @@ def _data_record(plan: Plan) -> dict[str, Any]:
         "counts": folder.counts(),
         "fingerprint": plan.fingerprint,
         "ignored": list(folder.ignored),
-        "skipped": plan.skipped,
+        "skipped": plan.start.skipped,
     }
 
 
@@ -185,39 +185,42 @@ def run_record(
 ) -> RunRecord:
     import keras
 
-    c, folder, pca = plan.config, plan.folder, plan.transform.pca
+    c, folder, pca = plan.config, plan.start.folder, plan.feed.transform.pca
     rows = state.rows
     return RunRecord(
         tlkit_version=_version.__version__,
         keras_version=keras.__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        backbone=plan.spec.name,
-        weights=plan.weights.as_dict(),
-        freeze={**plan.freeze.as_dict(), "search": plan.searched.get("freeze", {}).get("scores")},
+        backbone=plan.start.spec.name,
+        weights=plan.start.weights.as_dict(),
+        freeze={
+            **plan.chosen.freeze.as_dict(),
+            "search": plan.chosen.searched.get("freeze", {}).get("scores"),
+        },
         train_bn=c.fit.bn_trains,
-        head=plan.identity.head,
-        input_size=plan.size,
-        preprocessing=plan.spec.preprocessing,
-        crop_fraction=plan.spec.crop_fraction,
+        head=plan.start.identity.head,
+        input_size=plan.start.size,
+        preprocessing=plan.start.spec.preprocessing,
+        crop_fraction=plan.start.spec.crop_fraction,
         augment={
             **c.augment.as_dict(),
             "pca": pca.as_dict() if pca is not None else None,
-            "search": plan.searched.get("augment", {}).get("scores"),
+            "search": plan.chosen.searched.get("augment", {}).get("scores"),
         },
         classes=tuple(folder.classes),
         config=plan.requested,
         class_weight=(
-            {folder.classes[i]: w for i, w in plan.weights_by_class.items()}
-            if plan.weights_by_class
+            {folder.classes[i]: w for i, w in plan.feed.weights_by_class.items()}
+            if plan.feed.weights_by_class
             else None
         ),
         calibration=calibration,
         views_seen=views_seen_by(plan, state).as_dict(),
         data=_data_record(plan),
         feature_cache={
-            "used": plan.cache is not None,
-            "key": plan.cache.key if plan.cache else None,
-            "note": plan.cache_note,
+            "used": plan.feed.cache is not None,
+            "key": plan.feed.cache.key if plan.feed.cache else None,
+            "note": plan.feed.cache_note,
         },
         seed=c.loader.seed,
         distribution=_distribution(placement, c.loader.batch_size),
@@ -244,8 +247,8 @@ def views_seen_by(plan: Plan, state: TrainingState) -> ViewsSeen:
         augmented, source = probe["views"] > 1, f"{probe['views']} view(s) of each image"
     elif phase == "freeze-search":
         augmented, source = False, "the eval view of each image, as --freeze auto's search"
-    elif plan.cache is not None:
-        views = plan.cache.manifest["splits"]["train"]["views"]
+    elif plan.feed.cache is not None:
+        views = plan.feed.cache.manifest["splits"]["train"]["views"]
         augmented, source = views > 1, f"a feature cache of {views} view(s) of each image"
     else:
         augmented, source = augment.random, "the training images, live"

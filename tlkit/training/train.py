@@ -249,18 +249,18 @@ def _write_run(
     test score, when there is a test split."""
     from tlkit.training.curves import training_curves_png
 
-    load_checkpoint(saved_checkpoint(plan, state, ckpt_dir), plan.model)
+    load_checkpoint(saved_checkpoint(plan, state, ckpt_dir), plan.start.model)
     calibration = calibrate(plan) if plan.config.calibrate else None
     test = score_on_test(plan)
     with atomic_path(tmp_dir / "model.keras") as tmp:
-        inference_model(plan.model).save(tmp)
+        inference_model(plan.start.model).save(tmp)
     atomic_write(tmp_dir / "training_curves.png", training_curves_png(state.rows))
     atomic_write_json(
         tmp_dir / RUN_FILE,
         run_record(plan, placement, state, schedule, calibration, test).as_dict(),
     )
-    if plan.searched:
-        write_search_table(tmp_dir / SEARCH_TABLE, plan.searched)
+    if plan.chosen.searched:
+        write_search_table(tmp_dir / SEARCH_TABLE, plan.chosen.searched)
     for name in (PREVIOUS, SEARCH):  # needed only while a crash could damage `last` / to compare
         with contextlib.suppress(FileNotFoundError):
             (ckpt_dir / name).unlink()
@@ -270,13 +270,13 @@ def _write_run(
 def _write_search_model(plan: Plan, ckpt_dir: Path) -> None:
     """The search's trained tail, beside the checkpoints from the run's start, so that a
     resumed run still has it to compare at its end."""
-    if plan.search_model is None:
+    if plan.chosen.search_model is None:
         return
-    score = next(s for s in plan.searched["freeze"]["scores"] if s["chosen"])
-    start = plan.model.get_weights()
-    plan.model.set_weights(plan.search_model)
-    write_checkpoint(ckpt_dir / SEARCH, plan.model, None, score)
-    plan.model.set_weights(start)
+    score = next(s for s in plan.chosen.searched["freeze"]["scores"] if s["chosen"])
+    start = plan.start.model.get_weights()
+    plan.start.model.set_weights(plan.chosen.search_model)
+    write_checkpoint(ckpt_dir / SEARCH, plan.start.model, None, score)
+    plan.start.model.set_weights(start)
 
 
 def _report(run_dir: Path, state: TrainingState, test: dict[str, Any] | None) -> None:
@@ -316,13 +316,13 @@ def _open_run_dir(
         ckpt_dir = tmp_dir / "checkpoints" if tmp_dir is not None else None
         if ckpt_dir is not None:  # the search's model first: the identity makes it resumable
             _write_search_model(plan, ckpt_dir)
-            found = dataclasses.replace(plan.identity, searched=plan.searched)
+            found = dataclasses.replace(plan.start.identity, searched=plan.chosen.searched)
             atomic_write_json(ckpt_dir / IDENTITY_FILE, found.as_dict())
     else:  # every worker restores from the run's folder (under multiworker: a shared one)
         ckpt_dir = tmp_dir / "checkpoints"
         state = _restore(plan, tmp_dir, ckpt_dir, chief)
     if chief and tmp_dir is not None:
-        atomic_write_json(tmp_dir / "data_report.json", plan.report.as_dict())
+        atomic_write_json(tmp_dir / "data_report.json", plan.start.report.as_dict())
         log.info(
             "building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
             "continues it",
@@ -341,7 +341,7 @@ def _restore(plan: Plan, tmp_dir: Path, ckpt_dir: Path, chief: bool) -> Training
     once it is built)."""
     if chief:
         remove_stale_temporaries(ckpt_dir)
-    found = restore(ckpt_dir, plan.model)
+    found = restore(ckpt_dir, plan.start.model)
     state = TrainingState()
     if found is not None:
         path, saved = found
@@ -370,7 +370,7 @@ def _val_dataset(plan: Plan, placement: Placement) -> Any:
     the feature-cache example of docs/training.md, a third of its epoch). Repeated only under
     a strategy, where Keras takes one batch from the previous pass's iterator before it resets
     it."""
-    c, cache = plan.config, plan.cache
+    c, cache = plan.config, plan.feed.cache
 
     def build(share: Share) -> Any:
         if cache is not None:
@@ -397,7 +397,7 @@ def _train(
     recorder = make_recorder(
         writes,
         tmp_dir / "history.csv" if writes and tmp_dir else None,
-        plan.model,
+        plan.start.model,
         plan.config.fit.patience,
         state,
         clock,
@@ -411,7 +411,7 @@ def _train(
         writes is not None,
         _val_dataset(plan, placement),
         call.verbose,
-        plan.head_features,
+        plan.chosen.head_features,
         clock=clock,
         callbacks=call.callbacks,
     )
