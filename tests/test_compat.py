@@ -49,7 +49,7 @@ def test_an_old_finished_run_loads_evaluates_and_predicts(old_runs):
     assert sum(p["probability"] for p in top) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.slow  # about 15 s: two tiny trainings
+@pytest.mark.slow  # about 15 s a fixture: a resume and a tiny training
 def test_an_old_interrupted_run_resumes_and_an_old_run_transfers(old_runs):
     from tlkit.core.runs import load_run
     from tlkit.training.resume import IDENTITY_SCHEMA

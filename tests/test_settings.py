@@ -217,7 +217,9 @@ def test_a_config_is_composed_of_shared_parts_built_from_flat_settings(config):
     assert isinstance(made.model, ModelChoice) and isinstance(made.loader, Loader)
     assert (made.model.backbone, made.model.input_size) == ("vgg16", 64)
     assert (made.loader.batch_size, made.loader.seed, made.loader.max_pixels) == (8, 3, 1000)
-    assert config.of(**flat_settings(made)) == made
+    assert config.of(**made.settings()) == made and made.settings() == flat_settings(made)
+    changed = made.replace(seed=5)
+    assert changed.loader.seed == 5 and changed.model == made.model  # the rest as it was
     with pytest.raises(ConfigError, match=r"unknown .* setting 'batch_sise'\. Did you mean"):
         config.of(batch_sise=8)
 
@@ -228,6 +230,7 @@ def test_a_command_keeps_its_own_default_in_a_shared_part():
     assert PrecomputeConfig.of().model.freeze.count == "all"
     assert FinetuneConfig.of().model.freeze.count == "0"
     assert PrecomputeConfig.of(backbone="vgg16").model.freeze.count == "all"
+    assert PrecomputeConfig.of().replace(batch_size=4).model.freeze.count == "all"
 
 
 def test_run_json_settings_round_trip_and_old_runs_still_load():

@@ -1,7 +1,7 @@
 """Every setting a command takes, written once: its default, type, range or choices, and help.
 
 The click options (`tlkit.cli.options.option`), the configs' defaults and range checks
-(`setting` and `check_fields`), the resume mapping (`Setting.part`) and docs/commands.md are
+(`setting` and `check_fields`), the resume mapping (`Setting.feeds`) and docs/commands.md are
 derived from SETTINGS, so a default or a range cannot differ between the CLI and the Python API.
 Dependency-free (no numpy, no click), like choices.py: `tlkit --help` imports it.
 
@@ -15,7 +15,7 @@ import dataclasses
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from tlkit.core import choices
 from tlkit.core.errors import ConfigError, did_you_mean
@@ -51,8 +51,9 @@ AUGMENT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 class Setting:
     """One setting. `default` None means unset: the command decides (the help says how).
     `low`/`high` bound a number (`*_open`: the bound itself is refused); `choices` close a
-    string. `part` names the config field a flag feeds when it is not its own (--crop feeds
-    `augment`). `switch` makes a --x/--no-x flag whose three states are these values."""
+    string. `feeds` names the setting a flag feeds when it is not its own (--crop feeds
+    `augment`, --freeze-to `freeze`). `switch` makes a --x/--no-x flag whose three states are
+    these values."""
 
     name: str
     help: str
@@ -63,7 +64,7 @@ class Setting:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()
-    part: str | None = None
+    feeds: str | None = None
     switch: tuple[str, str, str] | None = None  # (unset, --x, --no-x)
     bare: str | None = None  # the value of the flag given without one (--multicrop)
     short: str | None = None  # the only flag, where a setting has no long one (-n)
@@ -74,8 +75,8 @@ class Setting:
 
     @property
     def field(self) -> str:
-        """The config field this setting's value goes to."""
-        return self.part or self.name
+        """The setting (by its flat name) this flag's value goes to."""
+        return self.feeds or self.name
 
     def bounds_text(self) -> str:
         """The range in words, as every error and --help says it."""
@@ -139,10 +140,10 @@ SETTINGS: dict[str, Setting] = {
             "Freeze backbone layers [:N] ('all'; negative N keeps the last |N| trainable; "
             "finetune: 'auto' scores head only and the last 1-2 stages on the validation split, "
             "and where a stage beats the head also the whole network, keeping the best).",
-            part="freeze",
+            feeds="freeze",
         ),
-        Setting("freeze_to", "Freeze up to and including this layer name.", part="freeze"),
-        Setting("freeze_blocks", "Freeze the first K stages.", type=int, low=0, part="freeze"),
+        Setting("freeze_to", "Freeze up to and including this layer name.", feeds="freeze"),
+        Setting("freeze_blocks", "Freeze the first K stages.", type=int, low=0, feeds="freeze"),
         Setting(
             "train_bn",
             "Let BatchNorm layers after the freeze point update their statistics [default: only "
@@ -215,24 +216,27 @@ SETTINGS: dict[str, Setting] = {
             choices=choices.CLASS_WEIGHTS,
         ),
         # augmentation
-        Setting("augment", _augment_help(), "light", part="augment"),
+        Setting("augment", _augment_help(), "light", feeds="augment"),
         Setting(
-            "crop", "Override the preset's crop style.", choices=choices.CROP_STYLES, part="augment"
+            "crop",
+            "Override the preset's crop style.",
+            choices=choices.CROP_STYLES,
+            feeds="augment",
         ),
-        Setting("flip_p", "Override the mirroring probability.", part="augment", **_FRACTION),
+        Setting("flip_p", "Override the mirroring probability.", feeds="augment", **_FRACTION),
         Setting(
             "pca_sigma",
             "Override the PCA colour strength (0 turns it off).",
             type=float,
             low=0,
-            part="augment",
+            feeds="augment",
         ),
         Setting(
             "extra_transform",
             "An albumentations transform after crop and flip, e.g. 'Rotate:{\"limit\": 15}'. "
             "Repeatable.",
             (),
-            part="augment",
+            feeds="augment",
         ),
         # training
         Setting(
@@ -516,6 +520,27 @@ def flat_settings(config: Any) -> dict[str, Any]:
         value = getattr(config, f.name)
         out.update(flat_settings(value) if _part_of(f) else {f.name: value})
     return out
+
+
+class Composed:
+    """A command's config made of parts: built from flat settings as the CLI, recipes and
+    run.json name them (`of`), changed by flat name (`replace`), given back flat (`settings`).
+    Build one with `of`: a part made by hand has the part's defaults, not the command's."""
+
+    command: ClassVar[str]  # as errors name it: "unknown finetune setting ..."
+
+    @classmethod
+    def of(cls, **settings: Any) -> Self:
+        """Settings by their flat names (`epochs=3`, `batch_size=16`); the rest keep their
+        defaults."""
+        return compose(cls, settings, cls.command)
+
+    def replace(self, **settings: Any) -> Self:
+        """These settings with some changed, by flat name."""
+        return compose(type(self), {**self.settings(), **settings}, self.command)
+
+    def settings(self) -> dict[str, Any]:
+        return flat_settings(self)
 
 
 @dataclass(frozen=True)

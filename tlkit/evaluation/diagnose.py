@@ -30,7 +30,7 @@ import numpy as np
 from tlkit.core.calibration import per_image_log_loss
 from tlkit.core.choices import check_folder_name
 from tlkit.core.runs import Run
-from tlkit.core.settings import check_fields, setting
+from tlkit.core.settings import Loader, check_fields, setting
 from tlkit.data.datasets import Example
 from tlkit.features.rows import pooled_features
 from tlkit.models.model import head_of
@@ -272,15 +272,9 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     every = [e for s in splits.values() for e in s]
     split_of = [s for s, x in splits.items() for _ in x]
     model = run.load_model()
-    feats = pooled_features(
-        model,
-        every,
-        run.input_size,
-        float(run.record.crop_fraction),
-        config.batch_size,
-        config.workers,
-        run.max_pixels,
-    )
+    loader = Loader(config.batch_size, config.workers, max_pixels=run.max_pixels)
+    crop = float(run.record.crop_fraction)
+    feats = pooled_features(model, every, run.input_size, crop, loader)
     images = _Images(every, split_of, np.array([e.label for e in every]))
     train_idx, labels = images.train_indices, images.labels
     oof, issues, review = _label_review(config, feats, labels, train_idx, len(run.classes))

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, ClassVar, cast, overload
 
 import numpy as np
 
 from tlkit.core.errors import CacheError, ConfigError, WeightsError
-from tlkit.core.settings import SETTINGS, Loader, check_fields, compose, part, setting
+from tlkit.core.settings import SETTINGS, Composed, Loader, check_fields, part, setting
 from tlkit.data.audit import AuditConfig, audit_and_filter
 from tlkit.data.augment import (
     AugmentConfig,
@@ -61,8 +61,10 @@ log = logging.getLogger("tlkit")
 
 
 @dataclass(frozen=True)
-class PrecomputeConfig:
+class PrecomputeConfig(Composed):
     """Settings of `tlkit precompute-features`; the defaults freeze the whole backbone."""
+
+    command: ClassVar[str] = "precompute-features"
 
     data: str = "data"
     model: ModelChoice = part(ModelChoice, freeze=FreezeRequest(count="all"))
@@ -93,11 +95,6 @@ class PrecomputeConfig:
                 "--shard-index must be in 0..num-shards-1. Received: --num-shards "
                 f"{self.num_shards}, --shard-index {self.shard_index}"
             )
-
-    @classmethod
-    def of(cls, **settings: Any) -> PrecomputeConfig:
-        """Settings by their flat names, as the CLI and recipes name them."""
-        return compose(cls, settings, "precompute-features")
 
     def build_settings(self, verbose: int = 1) -> BuildSettings:
         return BuildSettings(self.views, self.dtype, self.loader, verbose)

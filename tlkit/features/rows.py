@@ -165,20 +165,14 @@ def forward(
 
 
 def pooled_features(
-    model: Any,
-    examples: Sequence[Example],
-    size: int,
-    crop_fraction: float,
-    batch_size: int,
-    workers: int | None,
-    max_pixels: int,
+    model: Any, examples: Sequence[Example], size: int, crop_fraction: float, loader: Loader
 ) -> np.ndarray:
-    """(N, D) float32: each image's eval view through the model up to its pooling layer."""
+    """(N, D) float32: each image's eval view through the model up to its pooling layer,
+    `loader.batch_size` at a time."""
     plain = TrainTransform(resolve_augment("none"), size, crop_fraction)
-    with RowMaker(
-        plain, crop_fraction, Loader(workers=workers, max_pixels=max_pixels, seed=0)
-    ) as make_rows:
-        out = forward(pooled_extractor(model), make_rows, list(examples), [], 1, batch_size)
+    with RowMaker(plain, crop_fraction, loader) as make_rows:
+        batch = loader.batch_size
+        out = forward(pooled_extractor(model), make_rows, list(examples), [], 1, batch)
     return np.asarray(out["train"][0], np.float32)
 
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from tlkit.core.choices import FINE_TUNE_LR_BY_DATA, fine_tune_lr_rule, rate_text
 from tlkit.core.errors import ConfigError
 from tlkit.core.settings import (
     SETTINGS,
+    Composed,
     Loader,
     check_fields,
-    compose,
-    flat_settings,
     part,
     setting,
 )
@@ -107,9 +106,11 @@ class Storage:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Composed):
     """Settings of `tlkit finetune`, composed of parts (module docstring). Build one from flat
     settings with `FinetuneConfig.of(...)`."""
+
+    command: ClassVar[str] = "finetune"
 
     data: str = "data"
     model: ModelChoice = part(ModelChoice)
@@ -131,19 +132,6 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-
-    @classmethod
-    def of(cls, **settings: Any) -> FinetuneConfig:
-        """Settings by their flat names (`epochs=3`, `batch_size=16`, `freeze=FreezeRequest(...)`);
-        the rest keep their defaults."""
-        return compose(cls, settings, "finetune")
-
-    def replace(self, **settings: Any) -> FinetuneConfig:
-        """These settings with some changed, by flat name."""
-        return compose(type(self), {**self.settings(), **settings}, "finetune")
-
-    def settings(self) -> dict[str, Any]:
-        return flat_settings(self)
 
     def with_data_defaults(self, n_train: int, n_classes: int) -> tuple[FinetuneConfig, str]:
         """These settings with the defaults that follow the data set (the fine-tune rate,

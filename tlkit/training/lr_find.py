@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from tlkit.core.errors import ConfigError
 from tlkit.core.figures import new_figure, png_bytes
-from tlkit.core.settings import SETTINGS, Loader, check_fields, compose, part, setting
+from tlkit.core.settings import SETTINGS, Composed, Loader, check_fields, part, setting
 from tlkit.models.freezing import ModelChoice
 
 if TYPE_CHECKING:
@@ -31,8 +31,10 @@ MIN_DROP = 0.1  # a curve that never falls this far below its start suggests not
 
 
 @dataclass(frozen=True)
-class LrFindConfig:
+class LrFindConfig(Composed):
     """Settings of `tlkit lr-find`."""
+
+    command: ClassVar[str] = "lr-find"
 
     data: str = "data"
     model: ModelChoice = part(ModelChoice)
@@ -50,11 +52,6 @@ class LrFindConfig:
         lo, hi = self.rates()
         if not lo < hi:
             raise ConfigError(f"--start-lr must be below --end-lr. Received: {lo}, {hi}")
-
-    @classmethod
-    def of(cls, **settings: Any) -> LrFindConfig:
-        """Settings by their flat names, as the CLI and recipes name them."""
-        return compose(cls, settings, "lr-find")
 
     def rates(self) -> tuple[float, float]:
         head = self.phase == "head"
@@ -186,19 +183,10 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     folder = checked.dataset()
     train = list(folder.splits["train"])
     model = build_model(spec, weights, size, len(folder.classes), config.loader.seed)
-    train_bn = resolve_random_bn(
-        model, weights.source, train, size, spec.crop_fraction, 10**9, None
-    )
+    loader, crop = config.loader, spec.crop_fraction
+    train_bn = resolve_random_bn(model, weights.source, train, size, crop, loader.max_pixels, None)
     labels = np.array([e.label for e in train], np.int32)
-    feats = pooled_features(
-        model,
-        train,
-        size,
-        spec.crop_fraction,
-        config.loader.batch_size,
-        config.loader.workers,
-        10**9,
-    )
+    feats = pooled_features(model, train, size, crop, loader)
     start, end = config.rates()
     if config.phase == "head":
         n_classes, b = len(folder.classes), config.loader.batch_size
@@ -209,15 +197,7 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     head_features = Features(
         feats,
         labels,
-        pooled_features(
-            model,
-            val,
-            size,
-            spec.crop_fraction,
-            config.loader.batch_size,
-            config.loader.workers,
-            10**9,
-        ),
+        pooled_features(model, val, size, crop, loader),
         np.array([e.label for e in val], np.int32),
         1,
         0.0,
@@ -268,8 +248,7 @@ def _fine_tune_range_test(
         optimizer.apply_gradients(zip(tape.gradient(loss, weights), weights, strict=True))
         return loss
 
-    loader = Loader(config.loader.batch_size, config.loader.workers, seed=config.loader.seed)
-    data = eval_dataset(train, size, spec.crop_fraction, loader)
+    data = eval_dataset(train, size, spec.crop_fraction, config.loader)
     batches = iter(data.shuffle(8, seed=config.loader.seed).repeat())
     losses: list[float] = []
     for lr in tried:

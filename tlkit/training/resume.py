@@ -26,10 +26,12 @@ from tlkit.training.config import FinetuneConfig
 log = logging.getLogger("tlkit")
 
 IDENTITY_FILE = "identity.json"  # in checkpoints/: what a resumed run must still match
+# 4: `config` keeps every setting flat, by name (up to 3 the bad-file settings and the pixel
+# limit sat under `audit`), so an older tlkit refuses it in one line rather than misreading it;
 # 3: it names the classifier head (`head`), so a tlkit that knows no heads of the user's refuses
 # to resume one; 2: the record carries its schema; 1: identity.json without one (tlkit up to
 # 2026-12-06). Every earlier schema still resumes.
-IDENTITY_SCHEMA = 3
+IDENTITY_SCHEMA = 4
 # Settings a resumed run may change freely: they decide where and how fast, not what is learned.
 RESUME_FREE = (
     "output",
