@@ -186,7 +186,7 @@ def run_record(
     import keras
 
     c, folder, pca = plan.config, plan.start.folder, plan.feed.transform.pca
-    rows = state.rows
+    rows, by_class, cache = state.rows, plan.feed.weights_by_class, plan.feed.cache
     return RunRecord(
         tlkit_version=_version.__version__,
         keras_version=keras.__version__,
@@ -209,17 +209,13 @@ def run_record(
         },
         classes=tuple(folder.classes),
         config=plan.requested,
-        class_weight=(
-            {folder.classes[i]: w for i, w in plan.feed.weights_by_class.items()}
-            if plan.feed.weights_by_class
-            else None
-        ),
+        class_weight={folder.classes[i]: w for i, w in by_class.items()} if by_class else None,
         calibration=calibration,
         views_seen=views_seen_by(plan, state).as_dict(),
         data=_data_record(plan),
         feature_cache={
-            "used": plan.feed.cache is not None,
-            "key": plan.feed.cache.key if plan.feed.cache else None,
+            "used": cache is not None,
+            "key": cache.key if cache else None,
             "note": plan.feed.cache_note,
         },
         seed=c.loader.seed,
