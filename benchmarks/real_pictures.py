@@ -571,9 +571,43 @@ def backbone_ensemble_rows(
             m["top1"],
             weights=m["member_weights"],
         )
+    top1, check = exported_top1(paths, task, work / "exported" / task.root.name, "greedy")
+    rec("the greedy ensemble exported as one model", top1, **check)
     chosen = max(range(len(members)), key=lambda i: members[i][1])  # the first of equals
     best = m["comparison"][chosen]["single_crop_top1"]
     rec("the three Lites' best member on validation", best, val=members[chosen][1])
+
+
+def exported_top1(
+    runs: Sequence[Path], task: Task, out: Path, weights: str
+) -> tuple[float, dict[str, Any]]:
+    """`tlkit export RUN... --format keras`: the one model's test top-1, each file turned
+    into its input as export.json says (tlkit's eval view at the ensemble's size and crop),
+    and the export's own validation check."""
+    import json
+
+    import keras
+    import numpy as np
+
+    from tlkit.core.settings import Loader
+    from tlkit.data.datasets import load_dataset
+    from tlkit.data.pipeline import eval_dataset
+    from tlkit.evaluation.export import export_ensemble
+
+    folder = export_ensemble(runs, "keras", weights, out, overwrite=True)
+    record = json.loads((folder / "export.json").read_text())
+    size = record["input"]["shape"][1]
+    crop = record["input"]["from_a_file"]["crop_fraction"]
+    model = keras.saving.load_model(folder / "model.keras", safe_mode=True)
+    test = load_dataset(str(task.root)).splits["test"]
+    hits = [
+        np.asarray(model(x, training=False)).argmax(1) == np.asarray(y)
+        for x, y in eval_dataset(test, size, crop, Loader(32))
+    ]
+    clear()
+    ensemble = record["ensemble"]
+    check = {k: ensemble[k] for k in ensemble if k.startswith("val_")}
+    return float(np.concatenate(hits).mean()), {"input": size, **check}
 
 
 def views_rows(

@@ -1092,6 +1092,7 @@ def main() -> None:
             "eval_memory",
             "reliability",
             "distribute",
+            "export",
         ],
         help="run one group of figures",
     )
@@ -1146,6 +1147,10 @@ def main() -> None:
         reliability_figures()
     if args.only in (None, "distribute"):
         distribute_figures()
+    if args.only in (None, "export"):
+        from benchmarks.export_figures import export_figures
+
+        export_figures(emit, args.smoke)
 
 
 if __name__ == "__main__":

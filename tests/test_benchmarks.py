@@ -79,6 +79,12 @@ SPEED_FIGURES = {
     "dist_multiworker_2proc_speedup",
     "precompute_sharded_2proc_ratio",
     "cache_merge_mb_per_s",
+    "export_single_tflite_mb",
+    "export_single_tflite_ms",
+    "export_ensemble3_tflite_mb",
+    "export_ensemble3_tflite_ms",
+    "export_ensemble3_size_over_members",
+    "export_ensemble3_latency_over_members",
 }
 
 DIAGNOSE_FIGURES = {

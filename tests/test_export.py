@@ -126,3 +126,85 @@ def test_export_json_says_enough_to_reproduce_the_eval_input_by_hand(run_and_ima
         by_hand = model.predict(big[None, top : top + 32, left : left + 32], verbose=0)
         _, tlkit_probs = predict_images([str(run)], [str(tmp_path / f"{h}.png")])
         np.testing.assert_allclose(tlkit_probs, by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["keras", "tflite"])
+def test_an_ensemble_exports_as_one_model_that_averages_its_members(tiny_runs, fmt):
+    """Two runs at the same size: the one model's probabilities are the members' mean on the
+    same images, in Keras (safe mode) and in the TFLite interpreter; export.json and the CLI
+    say the weights and the validation check."""
+    _, (r1, r2) = tiny_runs
+    images = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    members = [load_run(r).load_model() for r in (r1, r2)]
+    expected = sum(0.5 * np.asarray(m.predict(images, verbose=0)) for m in members)
+    out = r1.parent / f"ensemble-{fmt}"
+    result = CliRunner().invoke(
+        cli, ["export", str(r1), str(r2), "--format", fmt, "-o", str(out)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert "member weights (equal): " in result.output and "validation top-1 (9 images)" in (
+        result.output
+    )
+    np.testing.assert_allclose(RUNTIMES[fmt](out, images), expected, atol=1e-5)
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["input"]["shape"] == [None, 32, 32, 3] and meta["run"] == [
+        str(r1.resolve()),
+        str(r2.resolve()),
+    ]
+    ensemble = meta["ensemble"]
+    assert ensemble["member_weights"] == [0.5, 0.5] and ensemble["val_images"] == 9
+    assert ensemble["val_same_top1"] == 1.0 and ensemble["val_max_probability_difference"] < 1e-5
+
+
+def test_an_ensemble_of_two_input_sizes_cuts_each_members_view_from_one_input(tiny_runs):
+    """A member at 40 px beside one at 32: the input is 40 px and the 32 px member's branch
+    shrinks it; on the validation split the one model stays close to the members run one by
+    one on their own eval views, and a member greedy selection leaves out is not in it."""
+    import keras
+
+    from tlkit.evaluation.export import export_ensemble
+    from tlkit.models.freezing import FreezeRequest
+    from tlkit.training.config import FinetuneConfig
+    from tlkit.training.train import finetune
+
+    data, (r1, _) = tiny_runs
+    config = FinetuneConfig.of(
+        data=str(data),
+        backbone="test_resnet",
+        weights="none",
+        input_size=40,
+        freeze=FreezeRequest(count="all"),
+        head_epochs=1,
+        epochs=0,
+        fine_tune_lr=1e-5,
+        batch_size=8,
+        output=str(r1.parent / "r40"),
+        cache="off",
+    )
+    r40 = finetune(config, verbose=0).path
+    out = export_ensemble([r1, r40], "keras", output=r1.parent / "mixed")
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["input"]["shape"] == [None, 40, 40, 3]
+    assert [(b["crop"], b["size"]) for b in meta["ensemble"]["branches"]] == [(40, 32), (40, 40)]
+    assert meta["ensemble"]["val_max_probability_difference"] < 0.05
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    probs = model.predict(np.zeros((2, 40, 40, 3), np.uint8), verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    greedy = export_ensemble([r1, r40, r1], "keras", "greedy", r1.parent / "greedy")
+    weights = json.loads((greedy / "export.json").read_text())["ensemble"]["member_weights"]
+    kept = keras.saving.load_model(greedy / "model.keras", safe_mode=True)
+    members = [layer for layer in kept.layers if layer.name.startswith("member_")]
+    assert len(members) == sum(w > 0 for w in weights) >= 1
+
+
+def test_an_ensemble_export_refuses_what_it_cannot_make(tiny_runs):
+    _, (r1, r2) = tiny_runs
+    runner = CliRunner()
+    one = runner.invoke(cli, ["export", str(r1), "--ensemble-weights", "greedy"])
+    assert one.exit_code != 0 and "name two runs or more. Received: one run" in one.output
+    assert "Traceback" not in one.output
+    (r1.parent / "taken").mkdir(exist_ok=True)
+    (r1.parent / "taken" / "mine.txt").write_text("the user's")
+    taken = runner.invoke(cli, ["export", str(r1), str(r2), "-o", str(r1.parent / "taken")])
+    assert taken.exit_code == 7 and "already exists" in taken.output
+    assert (r1.parent / "taken" / "mine.txt").read_text() == "the user's"

@@ -25,6 +25,7 @@ __all__ = [
     "check_data",
     "diagnose",
     "evaluate",
+    "export_ensemble",
     "export_run",
     "finetune",
     "load_dataset",
@@ -39,6 +40,7 @@ _LAZY = {
     "finetune": "tlkit.training.train",
     "check_data": "tlkit.data.audit",
     "export_run": "tlkit.evaluation.export",
+    "export_ensemble": "tlkit.evaluation.export",
     "load_dataset": "tlkit.data.datasets",
     "AuditConfig": "tlkit.data.audit",
     "predict": "tlkit.evaluation.predict",
@@ -67,7 +69,7 @@ if TYPE_CHECKING:
     from tlkit.data.datasets import load_dataset
     from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
     from tlkit.evaluation.evaluate import EvalConfig, evaluate
-    from tlkit.evaluation.export import export_run
+    from tlkit.evaluation.export import export_ensemble, export_run
     from tlkit.evaluation.predict import predict
     from tlkit.features.cache import merge_parts
     from tlkit.features.precompute import PrecomputeConfig, precompute_features

@@ -16,6 +16,7 @@ from tlkit.cli.options import (
     recipe_commands,
     recipe_option,
 )
+from tlkit.core.settings import SETTINGS
 
 
 @cli.command()
@@ -165,14 +166,41 @@ def predict(
 
 
 @cli.command()
-@click.argument("run", required=False, type=click.Path())
+@click.argument("runs", nargs=-1, type=click.Path())
 @option("format")
-@click.option("-o", "--output", type=click.Path(), help="Default: RUN/export/FORMAT/.")
+@option("ensemble_weights")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Default: RUN/export/FORMAT/ (several runs: FIRST_RUN/export/ensemble-FORMAT/).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
-def export(run: str | None, format: str, output: str | None, overwrite: bool) -> None:
-    """Export RUN (default: the newest) for deployment, preprocessing and class names included."""
-    from tlkit.evaluation.export import export_run
+def export(
+    runs: tuple[str, ...], format: str, ensemble_weights: str, output: str | None, overwrite: bool
+) -> None:
+    """Export RUN (default: the newest) for deployment, preprocessing and class names included.
+    Several RUNS: one model that averages them (their weights as --ensemble-weights says)."""
+    from tlkit.core.errors import ConfigError
+    from tlkit.evaluation.export import export_ensemble, export_run
 
+    if len(runs) > 1:
+        out = export_ensemble(runs, format, ensemble_weights, output, overwrite)
+        record = json.loads((out / "export.json").read_text())["ensemble"]
+        click.echo(f"exported an ensemble of {len(runs)} runs as {format} to {out}")
+        click.echo("member weights " + _weights_line(record))
+        click.echo(
+            f"validation top-1 ({record['val_images']} images): {record['val_top1_exported']:.2%} "
+            f"as one model, {record['val_top1_members_one_by_one']:.2%} with each member on "
+            f"its own view ({record['val_same_top1']:.2%} same top class)"
+        )
+        return
+    if ensemble_weights != SETTINGS["ensemble_weights"].default:
+        raise ConfigError(
+            f"--ensemble-weights {ensemble_weights} weighs the runs of an ensemble; name two "
+            "runs or more. Received: one run"
+        )
+    run = runs[0] if runs else None
     out = export_run(run, format, output, overwrite)
     click.echo(f"exported {run or 'the newest run'} as {format} to {out}")
 

@@ -13,11 +13,12 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tlkit import _version
-from tlkit.core.choices import EXPORT_FORMATS, check
+from tlkit.core.choices import ENSEMBLE_WEIGHTS, EXPORT_FORMATS, check
 from tlkit.core.errors import ConfigError
 from tlkit.core.fsutil import (
     atomic_write,
@@ -28,8 +29,10 @@ from tlkit.core.fsutil import (
     refuse_overwrite,
 )
 from tlkit.core.runs import Run, load_run
+from tlkit.core.settings import SETTINGS
 from tlkit.data.augment import eval_protocol
 from tlkit.data.decode import decode_protocol
+from tlkit.evaluation.evaluate import check_same_split, load_members
 
 log = logging.getLogger("tlkit")
 MODEL_FILES = {
@@ -68,9 +71,13 @@ def _onnx(model: Any, path: Path) -> None:
         model.export(str(path), format="onnx", verbose=False)
 
 
-def _export_record(loaded: Run, fmt: str) -> dict[str, Any]:
-    """export.json: the model file, its labels, and what its input and output are."""
-    size = loaded.input_size
+def _export_record(
+    loaded: Run, fmt: str, size: int | None = None, crop: float | None = None
+) -> dict[str, Any]:
+    """export.json: the model file, its labels, and what its input and output are (`size` and
+    `crop`: an ensemble's input view, else the run's)."""
+    size = size or loaded.input_size
+    crop = crop or float(loaded.record.crop_fraction)
     return {
         "format": fmt,
         "model": MODEL_FILES[fmt],
@@ -83,7 +90,7 @@ def _export_record(loaded: Run, fmt: str) -> dict[str, Any]:
             # what turns a file into that input, as tlkit's eval does it
             "from_a_file": {
                 **decode_protocol(),
-                **eval_protocol(size, float(loaded.record.crop_fraction)),
+                **eval_protocol(size, crop),
             },
         },
         "output": {
@@ -127,10 +134,69 @@ def export_run(
         if fmt == "keras":
             shutil.copyfile(loaded.path / "model.keras", target)
         else:
-            model = loaded.load_model()
-            {"savedmodel": _savedmodel, "tflite": _tflite, "onnx": _onnx}[fmt](model, target)
-        atomic_write(tmp / "labels.txt", "".join(f"{c}\n" for c in loaded.classes))
-        atomic_write_json(tmp / "export.json", _export_record(loaded, fmt))
+            _WRITERS[fmt](loaded.load_model(), target)
+        _write_labels_and_record(tmp, loaded.classes, _export_record(loaded, fmt))
+    except BaseException:
+        discard(tmp)
+        raise
+    publish_dir(tmp, out, overwrite=overwrite)
+    return out
+
+
+def _keras(model: Any, path: Path) -> None:
+    model.save(str(path))
+
+
+_WRITERS = {"keras": _keras, "savedmodel": _savedmodel, "tflite": _tflite, "onnx": _onnx}
+
+
+def _write_labels_and_record(tmp: Path, classes: Sequence[str], record: dict[str, Any]) -> None:
+    atomic_write(tmp / "labels.txt", "".join(f"{c}\n" for c in classes))
+    atomic_write_json(tmp / "export.json", record)
+
+
+def export_ensemble(
+    runs: Sequence[str | os.PathLike[str]],
+    fmt: str,
+    weights: str = SETTINGS["ensemble_weights"].default,
+    output: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export several runs as one model: each member's view cut from one input, their
+    probabilities averaged with the ensemble's weights (tlkit.evaluation.ensemble).
+
+    Args:
+        runs: two run folders or more, trained on the same classes and split.
+        fmt: keras, savedmodel, tflite or onnx.
+        weights: equal; val (fitted on the members' validation split, lowest log loss); or
+            greedy (Caruana et al.'s selection with replacement there), as `tlkit eval`'s
+            --ensemble-weights. A member greedy leaves out is not in the model.
+        output: a new folder (default FIRST_RUN/export/ensemble-<format>/).
+        overwrite: replace an existing export folder.
+    """
+    from tlkit.evaluation.ensemble import build_ensemble
+
+    check("--format", fmt, EXPORT_FORMATS)
+    check("--ensemble-weights", weights, ENSEMBLE_WEIGHTS)
+    if len(runs) < 2:
+        raise ConfigError(f"an ensemble export needs two runs or more. Received: {len(runs)}")
+    members = load_members(runs)
+    check_same_split(members)
+    first = members[0]
+    out = Path(output) if output else first.path / "export" / f"ensemble-{fmt}"
+    inputs = tuple(m.path for m in members)
+    refuse_overwrite(
+        out, overwrite, "pass --overwrite or choose another -o/--output", "export", inputs
+    )
+    model, geometry, ensemble = build_ensemble(members, weights)
+    tmp = incomplete_dir(out, "export", clean=True)
+    try:
+        _WRITERS[fmt](model, tmp / MODEL_FILES[fmt])
+        record = _export_record(first, fmt, geometry.size, geometry.crop_fraction)
+        record["backbone"] = [m.record.backbone for m in members]
+        record["run"] = [str(m.path.resolve()) for m in members]
+        record["ensemble"] = ensemble
+        _write_labels_and_record(tmp, first.classes, record)
     except BaseException:
         discard(tmp)
         raise
