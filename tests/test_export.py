@@ -142,9 +142,8 @@ def test_an_ensemble_exports_as_one_model_that_averages_its_members(tiny_runs, f
         cli, ["export", str(r1), str(r2), "--format", fmt, "-o", str(out)], catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
-    assert "member weights (equal): " in result.output and "validation top-1 (9 images)" in (
-        result.output
-    )
+    assert "an ensemble of 2 of 2 runs" in result.output and "weights (equal): " in result.output
+    assert "validation top-1 (9 images): " in result.output
     np.testing.assert_allclose(RUNTIMES[fmt](out, images), expected, atol=1e-5)
     meta = json.loads((out / "export.json").read_text())
     assert meta["input"]["shape"] == [None, 32, 32, 3] and meta["run"] == [
@@ -156,7 +155,7 @@ def test_an_ensemble_exports_as_one_model_that_averages_its_members(tiny_runs, f
     assert ensemble["val_same_top1"] == 1.0 and ensemble["val_max_probability_difference"] < 1e-5
 
 
-def test_an_ensemble_of_two_input_sizes_cuts_each_members_view_from_one_input(tiny_runs):
+def test_an_ensemble_of_two_input_sizes_cuts_each_members_view_from_one_input(tiny_runs, tmp_path):
     """A member at 40 px beside one at 32: the input is 40 px and the 32 px member's branch
     shrinks it; on the validation split the one model stays close to the members run one by
     one on their own eval views, and a member greedy selection leaves out is not in it."""
@@ -178,23 +177,27 @@ def test_an_ensemble_of_two_input_sizes_cuts_each_members_view_from_one_input(ti
         epochs=0,
         fine_tune_lr=1e-5,
         batch_size=8,
-        output=str(r1.parent / "r40"),
+        output=str(tmp_path / "r40"),
         cache="off",
     )
     r40 = finetune(config, verbose=0).path
-    out = export_ensemble([r1, r40], "keras", output=r1.parent / "mixed")
+    out = export_ensemble([r1, r40], "keras", output=tmp_path / "mixed")
     meta = json.loads((out / "export.json").read_text())
     assert meta["input"]["shape"] == [None, 40, 40, 3]
     assert [(b["crop"], b["size"]) for b in meta["ensemble"]["branches"]] == [(40, 32), (40, 40)]
     assert meta["ensemble"]["val_max_probability_difference"] < 0.05
     model = keras.saving.load_model(out / "model.keras", safe_mode=True)
-    probs = model.predict(np.zeros((2, 40, 40, 3), np.uint8), verbose=0)
+    images = np.random.default_rng(4).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    probs = model.predict(images, verbose=0)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    greedy = export_ensemble([r1, r40, r1], "keras", "greedy", r1.parent / "greedy")
+    # the resizing branch, its rounding and the member's uint8 input, in the TFLite runtime
+    lite = export_ensemble([r1, r40], "tflite", output=tmp_path / "mixed-tflite")
+    np.testing.assert_allclose(run_tflite(lite, images), probs, atol=1e-4)
+    greedy = export_ensemble([r1, r40], "keras", "greedy", tmp_path / "greedy")
     weights = json.loads((greedy / "export.json").read_text())["ensemble"]["member_weights"]
     kept = keras.saving.load_model(greedy / "model.keras", safe_mode=True)
-    members = [layer for layer in kept.layers if layer.name.startswith("member_")]
-    assert len(members) == sum(w > 0 for w in weights) >= 1
+    names = {layer.name for layer in kept.layers if layer.name.startswith("member_")}
+    assert names == {f"member_{i}" for i, w in enumerate(weights) if w > 0} != set()
 
 
 def test_an_ensemble_export_refuses_what_it_cannot_make(tiny_runs):
@@ -203,6 +206,8 @@ def test_an_ensemble_export_refuses_what_it_cannot_make(tiny_runs):
     one = runner.invoke(cli, ["export", str(r1), "--ensemble-weights", "greedy"])
     assert one.exit_code != 0 and "name two runs or more. Received: one run" in one.output
     assert "Traceback" not in one.output
+    twice = runner.invoke(cli, ["export", str(r1), str(r2), str(r1)])
+    assert twice.exit_code != 0 and "the same run as" in twice.output
     (r1.parent / "taken").mkdir(exist_ok=True)
     (r1.parent / "taken" / "mine.txt").write_text("the user's")
     taken = runner.invoke(cli, ["export", str(r1), str(r2), "-o", str(r1.parent / "taken")])

@@ -16,7 +16,6 @@ from tlkit.cli.options import (
     recipe_commands,
     recipe_option,
 )
-from tlkit.core.settings import SETTINGS
 
 
 @cli.command()
@@ -187,15 +186,19 @@ def export(
     if len(runs) > 1:
         out = export_ensemble(runs, format, ensemble_weights, output, overwrite)
         record = json.loads((out / "export.json").read_text())["ensemble"]
-        click.echo(f"exported an ensemble of {len(runs)} runs as {format} to {out}")
+        kept = sum(b["in_model"] for b in record["branches"])
+        click.echo(f"exported an ensemble of {kept} of {len(runs)} runs as {format} to {out}")
         click.echo("member weights " + _weights_line(record))
+        fitted = "" if ensemble_weights == "equal" else ", where the weights were fitted"
         click.echo(
-            f"validation top-1 ({record['val_images']} images): {record['val_top1_exported']:.2%} "
-            f"as one model, {record['val_top1_members_one_by_one']:.2%} with each member on "
-            f"its own view ({record['val_same_top1']:.2%} same top class)"
+            f"validation top-1 ({record['val_images']} images{fitted}): "
+            f"{record['val_top1_exported']:.2%} as one model, "
+            f"{record['val_top1_members_one_by_one']:.2%} with each member on its own view "
+            f"({record['val_same_top1']:.2%} same top class)"
         )
         return
-    if ensemble_weights != SETTINGS["ensemble_weights"].default:
+    typed = click.get_current_context().get_parameter_source("ensemble_weights")
+    if typed == click.core.ParameterSource.COMMANDLINE:
         raise ConfigError(
             f"--ensemble-weights {ensemble_weights} weighs the runs of an ensemble; name two "
             "runs or more. Received: one run"

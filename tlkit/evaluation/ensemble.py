@@ -12,6 +12,7 @@ SavedModel and TFLite like a single run.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from tlkit.evaluation.evaluate import Member
 
 BATCH = 32  # images a batch, for the validation passes of an export
+STEEP_SHRINK = 1.3  # a branch that shrinks more than this aliases under plain bilinear
+log = logging.getLogger("tlkit")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,17 @@ def ensemble_geometry(runs: Sequence[Run]) -> Geometry:
         Branch(min(size, round(size * c / widest)), r.input_size)
         for r, c in zip(runs, crops, strict=True)
     )
+    for r, b in zip(runs, branches, strict=True):
+        if b.crop > STEEP_SHRINK * b.size:
+            log.warning(
+                "%s: its branch shrinks %d px to %d (bilinear, no area filter: TFLite has "
+                "none), so it sees a coarser view than its own; the validation check in "
+                "export.json says how far that moves the ensemble. Members of similar input "
+                "sizes avoid it",
+                r.path,
+                b.crop,
+                b.size,
+            )
     return Geometry(size, widest, branches)
 
 
@@ -142,11 +156,18 @@ def val_check(
 def build_ensemble(runs: Sequence[Run], rule: str) -> tuple[Any, Geometry, dict[str, Any]]:
     """(the one model, its input geometry, export.json's `ensemble` record): the members'
     weights fitted by `rule` on their validation split, and the model checked there."""
+    from tlkit.core.errors import DataError
     from tlkit.evaluation.evaluate import Member, eval_examples
 
     geometry = ensemble_geometry(runs)
+    try:
+        val_set = eval_examples(runs[0], None, "val")
+    except DataError as e:
+        raise DataError(
+            f"{e} (an ensemble export reads the members' validation split, where they were "
+            "trained, for its weights and its check: export where that data is)"
+        ) from None
     loaded = [Member(r) for r in runs]
-    val_set = eval_examples(runs[0], None, "val")
     val = val_set.examples
     own = member_val_probs(loaded, val)
     weights = weights_for(own, np.array([e.label for e in val]), rule)
@@ -158,8 +179,8 @@ def build_ensemble(runs: Sequence[Run], rule: str) -> tuple[Any, Geometry, dict[
         "member_weights_rule": rule,
         "member_weights_fitted_on": val_set.source if rule != "equal" else None,
         "branches": [
-            {"run": str(r.path), "crop": b.crop, "size": b.size}
-            for r, b in zip(runs, geometry.branches, strict=True)
+            {"run": str(r.path), "crop": b.crop, "size": b.size, "in_model": bool(w > 0)}
+            for r, b, w in zip(runs, geometry.branches, weights, strict=True)
         ],
         **val_check(model, geometry, val, own, weights, max_pixels),
     }

@@ -83,7 +83,7 @@ def load_members(paths: Sequence[str | os.PathLike[str]]) -> list[Run]:
             extra = sorted(set(run.classes) - set(first))
             raise ConfigError(
                 f"{run.path}: its class map differs from {runs[0].path} (missing {missing}, "
-                f"extra {extra}, order {'same' if not missing and not extra else 'n/a'}); "
+                f"extra {extra}, order {'differs' if not missing and not extra else 'n/a'}); "
                 "ensemble members must be trained on the same classes"
             )
     return runs

@@ -181,6 +181,14 @@ def export_ensemble(
     if len(runs) < 2:
         raise ConfigError(f"an ensemble export needs two runs or more. Received: {len(runs)}")
     members = load_members(runs)
+    seen: dict[Path, str] = {}
+    for given, m in zip(runs, members, strict=True):
+        if (where := m.path.resolve()) in seen:
+            raise ConfigError(
+                f"{given}: the same run as {seen[where]}; an exported ensemble runs each "
+                "member once (name each run once)"
+            )
+        seen[where] = str(given)
     check_same_split(members)
     first = members[0]
     out = Path(output) if output else first.path / "export" / f"ensemble-{fmt}"
