@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from real_pictures import (
+    HEAD_FEATURES,
     HEAD_ONLY,
     LAST_STAGES,
     RATES,
@@ -58,7 +59,16 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
             {"fine-tuned reference", "scratch"},
         ),
         50: (
-            ["defaults", HEAD_ONLY, *DEPTHS, "--freeze auto", *RATES, *RECIPES, TIMM_LIKE],
+            [
+                "defaults",
+                HEAD_ONLY,
+                *DEPTHS,
+                "--freeze auto",
+                *RATES,
+                *RECIPES,
+                TIMM_LIKE,
+                *HEAD_FEATURES,
+            ],
             {"fine-tuned reference", "timm reference", "scratch"},
         ),
         # does the best fine-tune rate move with k, and where does it start to?

@@ -109,11 +109,32 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
     # against: accuracy and the time a user waits)
     "defaults, Lite1 at 240 px": ["--backbone", "efficientnet_lite1", "--input-size", "240"],
     "defaults, Lite2 at 260 px": ["--backbone", "efficientnet_lite2", "--input-size", "260"],
+    # what the head reads: the pooled ends of the 3 stages before the last beside it, always or
+    # where the head probe says so on validation
+    "defaults, --head-features stages": ["--head-features", "stages"],
+    "defaults, --head-features auto": ["--head-features", "auto"],
+    "head only, --head-features stages": [
+        "--freeze",
+        "all",
+        "--epochs",
+        "0",
+        "--head-features",
+        "stages",
+    ],
+    "head only, --head-features auto": [
+        "--freeze",
+        "all",
+        "--epochs",
+        "0",
+        "--head-features",
+        "auto",
+    ],
 }
 BACKBONES = [n for n in CONFIGS if n.startswith("defaults, Lite")]
 OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options left off
 RATES = [n for n in CONFIGS if n.startswith("defaults, --fine-tune-lr")]
 RECIPES = [n for n in CONFIGS if n.startswith("recipe ")]
+HEAD_FEATURES = [n for n in CONFIGS if "--head-features" in n]
 # what runs: tier -> k -> (configurations, extras). The core holds every goal (k = MAIN_K);
 # --sweep holds the rest and does not re-run the core. Extras: "views" (--multicrop modes on
 # the defaults' run), "ensemble", "reference" (keras-reference frozen + logreg probe),
@@ -143,6 +164,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 *OPTIONS,
                 *RATES,
                 *BACKBONES,
+                *HEAD_FEATURES,
             ],
             # 3 rates each: 15 and 9 min a seed; the three Lites' ensemble
             {"scratch", "timm reference", "backbones"},

@@ -527,15 +527,17 @@ def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, 
     # average), their reports without the maps, said; predict --explain refuses it up front
     from tlkit.evaluation.diagnose import DiagnoseConfig, diagnose
     from tlkit.evaluation.evaluate import EvalConfig, evaluate
-    from tlkit.evaluation.explain import NO_MAPS
+    from tlkit.evaluation.explain import no_maps
     from tlkit.evaluation.predict import predict
 
+    why = no_maps(model)
+    assert why is not None and "this run's head is another" in why
     for views in ("1", "dense"):
         scored = evaluate(EvalConfig(runs=(str(run.path),), split="val", multicrop=views))
-        assert 0.0 <= scored["top1"] <= 1.0 and NO_MAPS in scored["notes"]
-    assert diagnose(DiagnoseConfig(run=str(run.path)))["activation_maps"] == NO_MAPS
+        assert 0.0 <= scored["top1"] <= 1.0 and why in scored["notes"]
+    assert diagnose(DiagnoseConfig(run=str(run.path)))["activation_maps"] == why
     picture = next((data / "val").rglob("*.png"))
-    with pytest.raises(RunError, match="--explain draws activation maps, which read tlkit's"):
+    with pytest.raises(RunError, match="--explain: activation maps left out: they read tlkit's"):
         predict(run, [picture], explain=tmp_path / "maps")
     assert not (tmp_path / "maps").exists()
     assert predict(run, [picture])[0]["path"] == str(picture)

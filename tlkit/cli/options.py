@@ -177,6 +177,7 @@ def model_options(freeze_default: str) -> Callable[[F], F]:
         option("freeze", callback=freeze_option, help=f"{freeze.help} Default {freeze_default}."),
         option("freeze_to"),
         option("freeze_blocks"),
+        option("head_features"),
     )
 
 

@@ -24,6 +24,7 @@ ENSEMBLE_WEIGHTS = ("equal", "val", "greedy")
 EVAL_SPLITS = ("train", "val", "test")
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 BAD_IMAGE_POLICIES = ("error", "skip")
+HEAD_FEATURES = ("last", "stages", "auto")  # what the head reads (tlkit.models.model.stage_taps)
 LR_FIND_PHASES = ("head", "fine-tune")
 LINEAR_HEAD = "linear"  # the head's name in a run when it is tlkit's own (models/model.py)
 AUTO = "auto"  # --augment auto, --freeze auto: chosen on the validation split

@@ -86,6 +86,7 @@ class Searched(TypedDict, total=False):
     """What `--augment auto` / `--freeze auto` found (identity.json keeps it, so a resume reuses
     it rather than searching again)."""
 
+    head_features: Found
     augment: Found
     freeze: Found
 

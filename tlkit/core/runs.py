@@ -76,6 +76,9 @@ class RunRecord:
     optimizer_steps: int | None = None
     resumed: list[str] = field(default_factory=list)
     head: str = LINEAR_HEAD  # tlkit's own, or the Python function's name (finetune(head=...))
+    # what the head reads: {"used": "last" | "stages", "taps": [...], "search": scores}; {}
+    # in a run from before --head-features: the last layer
+    head_features: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

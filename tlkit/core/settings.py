@@ -152,6 +152,14 @@ SETTINGS: dict[str, Setting] = {
             type=bool,
         ),
         Setting(
+            "head_features",
+            "What the head reads: last (the last layer's pooled features), stages (those and "
+            "the pooled ends of the 3 stages before it, concatenated); finetune also takes auto: "
+            "whichever head probe scores better on the validation split.",
+            "last",
+            choices=choices.HEAD_FEATURES,
+        ),
+        Setting(
             "dropout",
             "Dropout before the classifier.",
             0.2,

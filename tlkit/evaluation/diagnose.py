@@ -234,11 +234,11 @@ def _explain_worst(
 ) -> dict[str, Any]:
     """Where the model looked on the top losses the report shows, by relative path (none,
     said once, when the run's head is not one the maps can read)."""
-    from tlkit.evaluation.explain import NO_MAPS, explain_paths, explainable
+    from tlkit.evaluation.explain import explain_paths, no_maps
 
-    if not explainable(model):
-        log.warning("%s", NO_MAPS)  # the report shows the top losses without them
-        found["activation_maps"] = NO_MAPS
+    if why := no_maps(model):
+        log.warning("%s", why)  # the report shows the top losses without them
+        found["activation_maps"] = why
         return {}
     shown = {r["path"] for r in found["top_losses"]}
     worst = [i for i in held if every[i].relpath in shown]

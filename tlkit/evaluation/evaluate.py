@@ -784,15 +784,16 @@ def _write(
 ) -> None:
     """metrics.json, predictions.csv, the figures and report.html, published whole."""
     from tlkit.core.fsutil import incomplete_dir, publish_dir
-    from tlkit.evaluation.explain import NO_MAPS, explain_paths, explainable
+    from tlkit.evaluation.explain import explain_paths, no_maps
     from tlkit.evaluation.report import write_outputs
 
     def explain(paths: Sequence[str], top: Sequence[int]) -> list[np.ndarray]:
         return explain_paths(first.model, paths, top, first.size, first.crop, first.run.max_pixels)
 
-    maps = explainable(first.model)
-    if not maps:
-        metrics["notes"].append(NO_MAPS)
+    why = no_maps(first.model)
+    maps = why is None
+    if why:
+        metrics["notes"].append(why)
     tmp = incomplete_dir(out_dir, "evaluation", clean=True)
     write_outputs(
         tmp, metrics, examples, ensemble, first.run.classes, explain=explain if maps else None

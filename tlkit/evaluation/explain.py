@@ -20,22 +20,28 @@ import numpy as np
 from tlkit.models.model import POOL_LAYER
 
 MAPS = "activation maps"
-NO_MAPS = (
-    f"{MAPS} left out: they read the weights of tlkit's linear head (a softmax Dense on the "
-    "pooled features), and this run's head is another"
-)
 
 
-def explainable(model: Any) -> bool:
-    """Whether the model's head is one the activation maps can read (see `softmax_layer`)."""
+def no_maps(model: Any) -> str | None:
+    """Why the activation maps cannot be drawn for this model, or None when they can: they
+    read the weights of tlkit's linear head on the last layer's pooled features (see
+    `softmax_layer`)."""
     from tlkit.core.errors import RunError
-    from tlkit.models.model import softmax_layer
+    from tlkit.models.model import softmax_layer, taps_of
 
     try:
         softmax_layer(model, MAPS, linear=True)
     except RunError:
-        return False
-    return True
+        other = (
+            "this run's head also reads earlier stages (--head-features stages)"
+            if taps_of(model)
+            else "this run's head is another"
+        )
+        return (
+            f"{MAPS} left out: they read the weights of tlkit's linear head on the last "
+            f"layer's pooled features, and {other}"
+        )
+    return None
 
 
 def feature_map_model(model: Any) -> Any:

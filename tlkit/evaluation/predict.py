@@ -64,16 +64,12 @@ def _explained_run(run_paths: Sequence[Any]) -> tuple[Run, Any]:
     refused when its head is not one the maps can read."""
     from tlkit.core.errors import RunError
     from tlkit.core.runs import load_run
-    from tlkit.evaluation.explain import MAPS, explainable
+    from tlkit.evaluation.explain import no_maps
 
     run = load_run(run_paths[0] if run_paths else None)
     model = run.load_model()
-    if not explainable(model):
-        raise RunError(
-            f"{run.path}: --explain draws {MAPS}, which read tlkit's linear head (a softmax "
-            f"Dense on the pooled features); this run's head is {run.record.head}. Predict "
-            "without --explain"
-        )
+    if why := no_maps(model):
+        raise RunError(f"{run.path}: --explain: {why}. Predict without --explain")
     return run, model
 
 

@@ -85,6 +85,7 @@ class PrecomputeConfig(Composed):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.model.chosen(self.command)
         if (self.num_shards is None) != (self.shard_index is None):
             raise ConfigError(
                 "--num-shards and --shard-index go together. Received: "
@@ -314,7 +315,8 @@ def _model_of(
     from tlkit.models.model import build_model
 
     n, seed, half = len(folder.classes), config.loader.seed, config.mixed_precision
-    model = build_model(spec, weights, size, n, seed, mixed_precision=half)
+    taps = config.model.taps(spec)
+    model = build_model(spec, weights, size, n, seed, mixed_precision=half, taps=taps)
     train, max_pixels = folder.splits["train"], config.loader.max_pixels
     resolve_random_bn(model, weights.source, train, size, spec.crop_fraction, max_pixels, None)
     return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tlkit.models.model import BACKBONE_LAYER, POOL_LAYER, head_of
+from tlkit.models.model import BACKBONE_LAYER, head_of, pool_maps
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -42,7 +42,8 @@ def crossing_producers(base: Any) -> list[list[int]]:
         for t in _as_list(layer.input):
             for i in _source_layers(t, producer):
                 last_use[i] = max(last_use[i], j)
-    last_use[-1] = len(layers)  # the backbone's output is used by the head
+    for t in base.outputs:  # the backbone's outputs (its last, and any tap) feed the head
+        last_use[producer[id(t)]] = len(layers)
     return [[i for i in range(k) if last_use[i] >= k] for k in range(len(layers) + 1)]
 
 
@@ -83,21 +84,21 @@ def trunk_outputs(model: Any, layers: list[str], pooled: bool = False, name: str
     import keras
 
     base = model.get_layer(BACKBONE_LAYER)
-    wanted = [base.get_layer(n).output for n in layers] + ([base.output] if pooled else [])
-    inner = keras.Model(
-        base.input, wanted[0] if len(wanted) == 1 else wanted, name=f"{name}_backbone"
-    )
+    maps = list(base.outputs) if pooled else []
+    wanted = [base.get_layer(n).output for n in layers] + maps
+    inner = keras.Model(base.input, _one(wanted), name=f"{name}_backbone")
     x = model.input
     for layer in model.layers[1 : model.layers.index(base)]:  # the preprocessing layers
         x = layer(x)
-    outs = inner(x)
-    if pooled:
-        outs = (
-            [*outs[:-1], model.get_layer(POOL_LAYER)(outs[-1])]
-            if len(wanted) > 1
-            else model.get_layer(POOL_LAYER)(outs)
-        )
-    return keras.Model(model.input, outs, name=name)
+    outs = _as_list(inner(x))
+    if pooled:  # the pooling block takes the backbone's maps: one, or the taps and the last
+        ends = outs[len(layers) :]
+        outs = [*outs[: len(layers)], pool_maps(model, _one(ends))]
+    return keras.Model(model.input, _one(outs), name=name)
+
+
+def _one(xs: list[Any]) -> Any:
+    return xs[0] if len(xs) == 1 else xs
 
 
 def build_tail(model: Any, cut: Cut) -> Any:
@@ -109,6 +110,10 @@ def build_tail(model: Any, cut: Cut) -> Any:
     inputs = keras.Input(crossing.shape[1:], name="features")
     x = inputs
     if cut.k < len(base.layers):
-        x = keras.Model(crossing, base.output, name="tail_backbone")(x)
-    x = head_of(model)(model.get_layer(POOL_LAYER)(x))
+        # a tap at the cut is the cached tensor itself: the tail's input, not an output of
+        # its backbone part (Keras cannot make a model whose output is its cloned input)
+        later = [t for t in base.outputs if t is not crossing]
+        computed = iter(_as_list(keras.Model(crossing, _one(later), name="tail_backbone")(x)))
+        x = _one([x if t is crossing else next(computed) for t in base.outputs])
+    x = head_of(model)(pool_maps(model, x))
     return keras.Model(inputs, x, name="tail")

@@ -47,6 +47,21 @@ class ModelChoice:
     input_size: int | None = setting("input_size")  # None: the backbone's default
     # the Keras guide's default: after the head phase, fine-tune the whole backbone
     freeze: FreezeRequest = setting("freeze", factory=lambda: FreezeRequest(count="0"))
+    head_features: str = setting("head_features")
+
+    def taps(self, spec: BackboneSpec) -> tuple[str, ...]:
+        """The layers --head-features taps (`stage_taps`); `auto` probes with the stages'."""
+        from tlkit.models.model import stage_taps
+
+        return stage_taps(spec, "stages" if self.head_features == AUTO else self.head_features)
+
+    def chosen(self, command: str) -> None:
+        """Refuses `auto` for a command that does not choose (only finetune scores them)."""
+        if self.head_features == AUTO:
+            raise ConfigError(
+                f"--head-features auto: only finetune chooses (on the validation split); give "
+                f"{command} the run's choice, last or stages. Received: {self.head_features}"
+            )
 
     def __post_init__(self) -> None:
         check_fields(self)

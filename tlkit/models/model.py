@@ -6,7 +6,9 @@ Preprocessing is built from stock Keras layers, so `model.keras` loads with plai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
 BACKBONE_LAYER = "backbone"
 POOL_LAYER = "pool"
+# --head-features stages: the ends of this many stages before the last join its pooled features
+STAGE_TAPS = 3
 # (pooled features, number of classes) -> class probabilities: the layers on top of the pooled
 # backbone, replaceable from Python (`tlkit.finetune(config, head=...)`)
 Head = Callable[[Any, int], Any]
@@ -106,8 +110,99 @@ def head_name(head: Head | None, model: Any) -> str:
     return f"{getattr(head, '__module__', None) or '?'}.{name} (layers {digest[:12]})"
 
 
+def stage_taps(spec: BackboneSpec, head_features: str) -> tuple[str, ...]:
+    """The layers whose pooled outputs join the last layer's in the head's input: none for
+    `last`; for `stages`, the ends of the STAGE_TAPS stages before the last (Head2Toe, Evci et
+    al. 2022: a linear head on intermediate features transfers further from ImageNet)."""
+    if head_features == "last":
+        return ()
+    return tuple(end for _, end in spec.stages[:-1])[-STAGE_TAPS:]
+
+
+def tapped(base: Any, taps: Sequence[str]) -> Any:
+    """The backbone named BACKBONE_LAYER: its own layers, in the same order (so freeze
+    indices keep their meaning), with the tapped layers' outputs before its last."""
+    import keras
+
+    outputs = [base.get_layer(name).output for name in taps] + [base.outputs[-1]]
+    if [id(t) for t in outputs] == [id(t) for t in base.outputs]:
+        return base
+    inner = keras.Model(base.input, outputs if taps else outputs[0], name=BACKBONE_LAYER)
+    if [la.name for la in inner.layers] != [la.name for la in base.layers]:  # Keras changed
+        raise RuntimeError("a tapped backbone reordered its layers; freeze indices would move")
+    return inner
+
+
+def taps_of(model: Any) -> tuple[str, ...]:
+    """The tapped layers of a classifier's backbone (empty: the head reads the last layer)."""
+    base = backbone_of(model)
+    return tuple(t._keras_history.operation.name for t in base.outputs[:-1])
+
+
+def head_features_of(model: Any) -> str:
+    return "stages" if taps_of(model) else "last"
+
+
+def pool_maps(model: Any, maps: Any) -> Any:
+    """The head's input from the backbone's maps, through the classifier's own pooling layers
+    (`_pooled` made them)."""
+    pool = model.get_layer(POOL_LAYER)
+    if not isinstance(maps, (list, tuple)):
+        return pool(maps)
+    last = len(maps) - 1
+    return pool(
+        [
+            model.get_layer(f"pool_{i}")(m)
+            if i == last
+            else model.get_layer(f"scale_{i}")(model.get_layer(f"pool_{i}")(m))
+            for i, m in enumerate(maps)
+        ]
+    )
+
+
+def _pooled(maps: Any, scales: Sequence[float] | None) -> Any:
+    """Global average pooling of the backbone's map; with taps, of each map (`pool_i`), each
+    tap's scaled (`scale_i`, by `scales`, default 1) and all concatenated (POOL_LAYER)."""
+    import keras
+
+    if not isinstance(maps, (list, tuple)):
+        return keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(maps)
+    scales = scales or [1.0] * (len(maps) - 1)
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"pool_{i}")(m) for i, m in enumerate(maps)]
+    scaled = [
+        keras.layers.Rescaling(float(s), name=f"scale_{i}")(x)
+        for i, (x, s) in enumerate(zip(pooled, scales, strict=False))
+    ]
+    return keras.layers.Concatenate(name=POOL_LAYER)([*scaled, pooled[-1]])
+
+
+def tap_scales(model: Any, pooled: np.ndarray) -> list[float]:
+    """Per tap, the factor that gives its pooled features the root mean square of the last
+    layer's over these rows (the training images): stage ends are on other scales (several
+    times the last layer's in EfficientNet-Lite), and the head's Adam steps, equal in every
+    weight, would otherwise follow the loudest stage."""
+    widths = [int(t.shape[-1]) for t in backbone_of(model).outputs]
+    ends = np.cumsum([0, *widths])
+    rms = [float(np.sqrt(np.mean(np.square(pooled[:, a:b])))) for a, b in itertools.pairwise(ends)]
+    return [rms[-1] / r if r > 0 else 1.0 for r in rms[:-1]]
+
+
+def rescaled(model: Any, pooled: np.ndarray, scales: Sequence[float]) -> np.ndarray:
+    """Pooled features of the model with unit scales as the model with `scales` gives them."""
+    widths = [int(t.shape[-1]) for t in backbone_of(model).outputs]
+    factors = np.concatenate([np.full(w, s) for w, s in zip(widths, [*scales, 1.0], strict=True)])
+    out: np.ndarray = (pooled * factors).astype(pooled.dtype)
+    return out
+
+
 def build_classifier(
-    spec: BackboneSpec, base: Any, num_classes: int, input_size: int, head: Head | None = None
+    spec: BackboneSpec,
+    base: Any,
+    num_classes: int,
+    input_size: int,
+    head: Head | None = None,
+    taps: Sequence[str] = (),
+    scales: Sequence[float] | None = None,
 ) -> Any:
     """Wrap a backbone (a keras Model, no top) into the full uint8-in, softmax-out classifier:
     preprocessing, the backbone, global average pooling, then `head` (default: `linear_head`).
@@ -119,6 +214,8 @@ def build_classifier(
         input_size: the square input's side, in pixels.
         head: `head(pooled, num_classes)` -> class probabilities, built from Keras layers
             (so `model.keras` loads in safe mode); its output must sum to one.
+        taps: layers whose pooled outputs join the last layer's (`stage_taps`).
+        scales: each tap's factor (`tap_scales`), default 1.
     """
     import keras
 
@@ -128,12 +225,12 @@ def build_classifier(
             f"probabilities. Received: {shown(head, 60)}"
         )
     base.name = BACKBONE_LAYER
+    base = tapped(base, taps)
     inputs = keras.Input((input_size, input_size, 3), dtype="uint8", name="image")
     x = inputs
     for layer in preprocessing_layers(spec.preprocessing):
         x = layer(x)
-    x = base(x)
-    pooled = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    pooled = _pooled(base(x), scales)
     outputs = (head or linear_head())(pooled, num_classes)
     shape = tuple(getattr(outputs, "shape", ()))
     if len(shape) != 2 or shape[-1] != num_classes:
@@ -193,6 +290,11 @@ def softmax_layer(model: Any, purpose: str, linear: bool = False) -> Any:
             f"{purpose} needs a head that is {wanted}; this model's head is {shown}. "
             "Train with tlkit's own head (the default) to use it"
         )
+    if linear and taps_of(model):
+        raise RunError(
+            f"{purpose} needs a head on the last layer's pooled features alone; this model's "
+            f"head also reads {', '.join(taps_of(model))} (--head-features stages)"
+        )
     return last
 
 
@@ -204,13 +306,15 @@ def dense_model(model: Any) -> Any:
     import keras
 
     after = model.layers[model.layers.index(backbone_of(model)) + 1]
-    if after.name != POOL_LAYER:
+    if after.name not in (POOL_LAYER, "pool_0"):  # pooled: its one map, or the first tap
         raise ValueError(f"dense evaluation expects the pooled backbone, found {after.name}")
 
-    def reuse(layer: Any) -> Any:  # nested models get a variable-size input, layers are kept
+    def reuse(layer: Any) -> Any:  # nested models get variable-size inputs, layers are kept
         if isinstance(layer, keras.Model):
-            inputs = keras.Input((None, None, layer.input.shape[-1]), dtype=layer.input.dtype)
-            return keras.models.clone_model(layer, input_tensors=inputs, clone_function=reuse)
+            inputs = [keras.Input((None, None, t.shape[-1]), dtype=t.dtype) for t in layer.inputs]
+            return keras.models.clone_model(
+                layer, input_tensors=inputs if len(inputs) > 1 else inputs[0], clone_function=reuse
+            )
         return layer
 
     inputs = keras.Input((None, None, 3), dtype=model.input.dtype, name="image")
@@ -256,19 +360,58 @@ def build_model(
     seed: int,
     head: Head | None = None,
     mixed_precision: bool = False,
+    taps: Sequence[str] = (),
+    scales: Sequence[float] | None = None,
 ) -> Any:
     """The classifier exactly as `finetune` builds it: seeded, under its dtype policy. One
     sequence for training and `precompute-features`, so that the same settings give the same
-    trunk weights and the same cache key. `head`: as `build_classifier`'s."""
+    trunk weights and the same cache key. `head`, `taps`, `scales`: as `build_classifier`'s."""
     import keras
 
     keras.utils.set_random_seed(seed)
+    with dtype_policy(mixed_precision):
+        base = build_backbone(spec, weights, size)
+        return build_classifier(spec, base, num_classes, size, head, taps, scales)
+
+
+def retapped(
+    model: Any,
+    spec: BackboneSpec,
+    taps: Sequence[str],
+    head: Head | None,
+    mixed_precision: bool,
+    seed: int,
+    scales: Sequence[float] | None = None,
+) -> Any:
+    """The classifier rebuilt around the same backbone layers (weights shared) with other taps
+    or scales and a new head, seeded: `--head-features` once it has measured the stages."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    base = backbone_of(model)
+    single = keras.Model(base.input, base.outputs[-1], name=BACKBONE_LAYER)
+    with dtype_policy(mixed_precision):
+        return build_classifier(
+            spec,
+            single,
+            int(model.output.shape[-1]),
+            int(model.input.shape[1]),
+            head,
+            taps,
+            scales,
+        )
+
+
+@contextmanager
+def dtype_policy(mixed_precision: bool) -> Iterator[None]:
+    """Layers built inside compute in float16 under `mixed_precision`."""
+    import keras
+
     previous = keras.config.dtype_policy()
     if mixed_precision:
         keras.config.set_dtype_policy("mixed_float16")
     try:
-        base = build_backbone(spec, weights, size)
-        return build_classifier(spec, base, num_classes, size, head)
+        yield
     finally:
         keras.config.set_dtype_policy(previous)
 

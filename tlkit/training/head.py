@@ -358,3 +358,68 @@ def search_augment(
         del features
     head_of(model).set_weights(initial)
     return _choose(scores, chosen, losses, (config.fit.head_views, len(train), dim))
+
+
+# --head-features auto, simplest first (the one-standard-error rule prefers the earlier)
+HEAD_FEATURE_CANDIDATES = ("last", "stages")
+
+
+def eval_view_features(data: ProbeData, config: FinetuneConfig) -> Features:
+    """The pooled features of the eval view of every training and validation image."""
+    from tlkit.data.augment import TrainTransform, resolve_augment
+
+    plain = TrainTransform(resolve_augment("none"), data.size, data.crop_fraction)
+    extractor = pooled_extractor(data.model)
+    return extract(extractor, data.train, data.val, plain, 1, config.loader, data.on_first_batch)
+
+
+def search_head_features(
+    data: ProbeData, last_model: Any, stages: Features, config: FinetuneConfig
+) -> tuple[str, list[dict[str, Any]], Features]:
+    """`--head-features auto`: `stages` are the eval view's pooled features of `data.model`;
+    the last layer's are their last columns, which `last_model` (the same backbone, untapped)
+    reads. A head probe on each from its initial head, scored by validation loss and chosen
+    by the one-standard-error rule (`last` when it is within).
+
+    Returns the choice, both candidates' scores and the chosen candidate's Features. Both
+    heads are left as they were."""
+    from tlkit.models.model import backbone_of
+
+    width = int(backbone_of(last_model).outputs[-1].shape[-1])
+    last = dataclasses.replace(stages, train=stages.train[:, -width:], val=stages.val[:, -width:])
+    fit = HeadFit.of(config, len(data.train))
+    scores, losses = [], []
+    for name, model, features in (("last", last_model, last), ("stages", data.model, stages)):
+        initial = head_of(model).get_weights()
+        start = time.perf_counter()
+        rows, _ = fit_head(model, features, fit, data.sample_weights)
+        losses.append(head_val_losses(model, features))
+        head_of(model).set_weights(initial)
+        top = selection.CRITERION.best(rows) or rows[0]
+        scores.append(
+            {
+                "head_features": name,
+                "features": int(features.train.shape[1]),
+                "val_loss": top["val_loss"],
+                "val_accuracy": top["val_accuracy"],
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+        log.info(
+            "--head-features auto: %-6s (%d features) val_loss %.4f, val_accuracy %.4f",
+            name,
+            features.train.shape[1],
+            top["val_loss"],
+            top["val_accuracy"],
+        )
+    index, excess = one_se_choice(losses)
+    for j, (score, e) in enumerate(zip(scores, excess, strict=True)):
+        score["chosen"] = j == index
+        score["se_above_best"] = round(e, 2) if math.isfinite(e) else None
+    chosen = HEAD_FEATURE_CANDIDATES[index]
+    log.info(
+        "--head-features auto: chose %s (the simplest within one standard error of the lowest "
+        "validation loss)",
+        chosen,
+    )
+    return chosen, scores, (last, stages)[index]

@@ -49,6 +49,7 @@ class LrFindConfig(Composed):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.model.chosen(self.command)
         lo, hi = self.rates()
         if not lo < hi:
             raise ConfigError(f"--start-lr must be below --end-lr. Received: {lo}, {hi}")
@@ -174,7 +175,7 @@ def lr_find(config: LrFindConfig) -> dict[str, Any]:
 def _run(config: LrFindConfig) -> dict[str, Any]:
     from tlkit.data.preflight import check_inputs
     from tlkit.features.rows import Features, pooled_features, resolve_random_bn
-    from tlkit.models.model import build_model
+    from tlkit.models.model import build_model, rescaled, retapped, tap_scales
     from tlkit.models.weights import resolve_weights
 
     checked = check_inputs(config.data, config.model, config.val_fraction)
@@ -182,11 +183,16 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     weights = resolve_weights(spec, config.model.weights)
     folder = checked.dataset()
     train = list(folder.splits["train"])
-    model = build_model(spec, weights, size, len(folder.classes), config.loader.seed)
+    taps = config.model.taps(spec)
+    model = build_model(spec, weights, size, len(folder.classes), config.loader.seed, taps=taps)
     loader, crop = config.loader, spec.crop_fraction
     train_bn = resolve_random_bn(model, weights.source, train, size, crop, loader.max_pixels, None)
     labels = np.array([e.label for e in train], np.int32)
     feats = pooled_features(model, train, size, crop, loader)
+    if taps:  # the stages at the last layer's size, as finetune scales them
+        scales = tap_scales(model, feats)
+        model = retapped(model, spec, taps, None, False, config.loader.seed, scales)
+        feats = rescaled(model, feats, scales)
     start, end = config.rates()
     if config.phase == "head":
         n_classes, b = len(folder.classes), config.loader.batch_size

@@ -54,6 +54,7 @@ class Start:
     identity: Identity  # what a resumed run must still match
     model: keras.Model
     base: keras.Model  # the backbone inside `model`
+    head: Head  # what builds the head (tlkit's linear one, or the user's function)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +200,17 @@ def make_plan(
     log.info("%s", note)
     seed_everything(config.loader.seed)
     head = call.head or linear_head(config.fit.dropout)
+    taps, scales = _taps(config, spec, saved)
     model = build_model(
-        spec, weights, size, len(folder.classes), config.loader.seed, head, config.mixed_precision
+        spec,
+        weights,
+        size,
+        len(folder.classes),
+        config.loader.seed,
+        head,
+        config.mixed_precision,
+        taps,
+        scales,
     )
     # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
     # before the rule has its rate in its config, and nothing here to compare)
@@ -229,8 +239,23 @@ def make_plan(
     )
     config = config.replace(train_bn=bn)
     base = backbone_of(model)
-    start = Start(spec, size, weights, folder, report, skipped, identity, model, base)
+    start = Start(spec, size, weights, folder, report, skipped, identity, model, base, head)
     return _plan_training(config, placement, saved, start, call.verbose)
+
+
+def _taps(
+    config: FinetuneConfig, spec: BackboneSpec, saved: Identity | None
+) -> tuple[tuple[str, ...], list[float] | None]:
+    """The layers the model's head reads besides the last, and their scales: what a resumed
+    run's first start chose and measured, else --head-features' (`auto` builds the stages'
+    for its search to probe both; their scales are measured before training)."""
+    from tlkit.models.model import stage_taps
+
+    earlier = saved.searched.get("head_features") if saved is not None else None
+    if earlier is not None:
+        chosen = earlier["chosen"]
+        return stage_taps(spec, chosen["head_features"]), chosen.get("scales") or None
+    return config.model.taps(spec), None
 
 
 def _plan_training(
@@ -244,7 +269,7 @@ def _plan_training(
     spec, size, folder = start.spec, start.size, start.folder
     by_class, sample_weights = _weights_of(config, folder)
     requested = start.identity.config
-    config, chosen = _resolve_auto(config, placement, saved, start, sample_weights)
+    config, chosen, start = _resolve_auto(config, placement, saved, start, sample_weights)
     freeze = chosen.freeze
     idle = nothing_to_train(start.base, freeze, config.fit.bn_trains) if config.fit.epochs else None
     if idle is not None:
@@ -367,19 +392,21 @@ def _resolve_auto(
     identity: Identity | None,
     start: Start,
     sample_weights: list[float] | None,
-) -> tuple[FinetuneConfig, Chosen]:
-    """--augment auto, then --freeze auto: the config with the chosen augmentation, and what
-    was chosen (the freeze plan, {setting: {chosen, scores}}, features the head phase can reuse
-    or None, the freeze search's trained model or None). A resumed run reuses the choices its
-    first start recorded."""
+) -> tuple[FinetuneConfig, Chosen, Start]:
+    """--head-features auto, --augment auto, then --freeze auto: the config with the chosen
+    head features and augmentation, what was chosen (the freeze plan, {setting: {chosen,
+    scores}}, features the head phase can reuse or None, the freeze search's trained model or
+    None), and the start (its model rebuilt when the head reads other features). A resumed
+    run reuses the choices its first start recorded."""
     from tlkit.training.head import feature_views
 
-    model, spec, folder, size = start.model, start.spec, start.folder, start.size
+    spec, folder, size = start.spec, start.folder, start.size
     train = folder.splits["train"]
     searched: Searched = identity.searched.copy() if identity is not None else {}
     auto = [
         flag
         for flag, on in (
+            ("--head-features auto", config.model.head_features == AUTO),
             ("--augment auto", config.augment.preset == AUTO),
             ("--freeze auto", config.model.freeze.count == AUTO),
         )
@@ -392,21 +419,28 @@ def _resolve_auto(
         )
     # the first search to run times the forward pass and says how long the head phase takes
     timed = [lambda per_image, total: log_estimate(per_image, total, len(train), config.fit.epochs)]
-    search = _Search(model, spec, folder, size, sample_weights, searched, timed)
+    search = _Search(start.model, spec, folder, size, sample_weights, searched, timed)
     head_features = None
+    if config.model.head_features != "last":
+        config, start, probed = search.head_features(config, start)
+        if config.augment.preset != AUTO and probed is not None:
+            views = feature_views(
+                config.augment.random, config.fit.head_views, len(train), probed.train.shape[1]
+            )
+            head_features = probed if views == 1 else None
     if config.augment.preset == AUTO:
         config, head_features = search.augment(config)
     if config.model.freeze.count != AUTO:
         names = [x.name for x in start.base.layers]
         plan = resolve_freeze(config.model.freeze, spec, names)
-        return config, Chosen(plan, searched, head_features, None)
+        return config, Chosen(plan, searched, head_features, None), start
     plan, pooled, search_model = search.freeze(config)
     if head_features is None and pooled is not None:
         views = feature_views(
             config.augment.random, config.fit.head_views, len(train), pooled.train.shape[1]
         )
         head_features = pooled if views == 1 else None
-    return config, Chosen(plan, searched, head_features, search_model)
+    return config, Chosen(plan, searched, head_features, search_model), start
 
 
 @dataclasses.dataclass
@@ -435,6 +469,51 @@ class _Search:
             self.sample_weights,
             on_first_batch,
         )
+
+    def head_features(
+        self, config: FinetuneConfig, start: Start
+    ) -> tuple[FinetuneConfig, Start, Features | None]:
+        """--head-features stages or auto: the stages measured on the eval view of the
+        training images (their scales, `tap_scales`), then under auto the head probes. The
+        config with the choice, the start with its model (rebuilt around the same backbone)
+        and the chosen candidate's eval-view features."""
+        from tlkit.models.model import backbone_of, rescaled, retapped, tap_scales, taps_of
+        from tlkit.training.head import eval_view_features, search_head_features
+
+        if "head_features" in self.searched:
+            chosen = self.searched["head_features"]["chosen"]["head_features"]
+            log.info("--head-features %s, as chosen when the run started", chosen)
+            return config.replace(head_features=chosen), start, None
+        c, taps = config, taps_of(start.model)
+        data = self._data(self.timed.pop() if self.timed else None)
+        measured = eval_view_features(data, config)
+        scales = tap_scales(start.model, measured.train)
+        log.info(
+            "--head-features: %s pooled beside the last layer, scaled by %s to its size",
+            ", ".join(taps),
+            ", ".join(f"{x:.3g}" for x in scales),
+        )
+        model = retapped(
+            start.model, start.spec, taps, start.head, c.mixed_precision, c.loader.seed, scales
+        )
+        features = dataclasses.replace(
+            measured,
+            train=rescaled(model, measured.train, scales),
+            val=rescaled(model, measured.val, scales),
+        )
+        chosen, scores = "stages", list[dict[str, Any]]()
+        if config.model.head_features == AUTO:
+            last = retapped(model, start.spec, (), start.head, c.mixed_precision, c.loader.seed)
+            data = dataclasses.replace(data, model=model, on_first_batch=None)
+            chosen, scores, features = search_head_features(data, last, features, config)
+            model = last if chosen == "last" else model
+        self.searched["head_features"] = {
+            "chosen": {"head_features": chosen, "scales": scales if chosen == "stages" else []},
+            "scores": scores,
+        }
+        self.model = model
+        start = dataclasses.replace(start, model=model, base=backbone_of(model))
+        return config.replace(head_features=chosen), start, features
 
     def augment(self, config: FinetuneConfig) -> tuple[FinetuneConfig, Features | None]:
         from tlkit.data.augment import AugmentConfig

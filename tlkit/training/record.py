@@ -21,6 +21,7 @@ from tlkit.core.records import Best, Searched
 from tlkit.core.runs import RunRecord
 from tlkit.data.views_seen import ViewsSeen, views_trained_on
 from tlkit.models.distribute import Placement
+from tlkit.models.model import taps_of
 from tlkit.training.state import Schedule, TrainingState
 
 if TYPE_CHECKING:
@@ -34,11 +35,13 @@ SEARCH_TABLE = "search.csv"
 
 
 def write_search_table(path: Path, searched: Searched) -> None:
-    """Every candidate of --augment auto / --freeze auto, one row each, beside run.json."""
+    """Every candidate of the `auto` searches (--head-features, --augment, --freeze), one row
+    each, beside run.json."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("setting", "candidate", "val_loss", "val_accuracy", "seconds", "chosen"))
     for setting, found in (
+        ("head_features", searched.get("head_features")),
         ("augment", searched.get("augment")),
         ("freeze", searched.get("freeze")),
     ):
@@ -46,7 +49,7 @@ def write_search_table(path: Path, searched: Searched) -> None:
             writer.writerow(
                 (
                     setting,
-                    s.get("augment") or s.get("candidate"),
+                    s.get("head_features") or s.get("augment") or s.get("candidate"),
                     f"{s['val_loss']:.5f}",
                     f"{s['val_accuracy']:.4f}",
                     s["seconds"],
@@ -199,6 +202,11 @@ def run_record(
         },
         train_bn=c.fit.bn_trains,
         head=plan.start.identity.head,
+        head_features={
+            "used": c.model.head_features,
+            "taps": list(taps_of(plan.start.model)),
+            "search": plan.chosen.searched.get("head_features", {}).get("scores"),
+        },
         input_size=plan.start.size,
         preprocessing=plan.start.spec.preprocessing,
         crop_fraction=plan.start.spec.crop_fraction,

@@ -1,0 +1,155 @@
+"""--head-features: the head reading the pooled ends of earlier stages beside the last layer's."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY
+
+from tlkit.cli import cli
+from tlkit.core.errors import RunError
+from tlkit.models.backbones import get_backbone
+from tlkit.models.cut import build_tail, build_trunk, resolve_cut, single_tensor_cuts
+from tlkit.models.model import (
+    backbone_of,
+    build_classifier,
+    dense_model,
+    head_of,
+    retapped,
+    softmax_layer,
+    stage_taps,
+    taps_of,
+)
+
+
+def _images(size: int, n: int = 3) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, size, size, 3)).astype("uint8")
+
+
+@pytest.mark.parametrize(
+    "name,size",
+    [pytest.param("efficientnet_lite0", 64, marks=pytest.mark.slow), (TINY, 32)],
+)
+def test_stages_pooled_beside_the_last_keep_freeze_indices_and_every_cut(name, size):
+    spec = get_backbone(name)
+    plain = spec.build(size)
+    names = [layer.name for layer in plain.layers]
+    taps = stage_taps(spec, "stages")
+    assert len(taps) == 3 and all(t in names for t in taps)
+    assert taps == tuple(end for _, end in spec.stages[-4:-1])  # the 3 stages before the last
+    model = build_classifier(spec, plain, 3, size, taps=taps)
+    base = backbone_of(model)
+    assert [layer.name for layer in base.layers] == names  # --freeze N means what it meant
+    assert taps_of(model) == taps
+    widths = [int(base.get_layer(t).output.shape[-1]) for t in taps]
+    assert head_of(model).input.shape[-1] == sum(widths) + int(plain.output.shape[-1])
+    x = _images(size)
+    expected = np.asarray(model(x))
+    # a cut at or past the first tap would drop a tapped map: it moves below, onto the tap
+    first = names.index(taps[0]) + 1
+    assert max(single_tensor_cuts(base)) == first
+    for requested in sorted({2, first - 1, first, len(names)}):
+        cut = resolve_cut(base, requested)
+        assert cut.k == min(requested, first) or cut.k < requested
+        out = np.asarray(build_tail(model, cut)(build_trunk(model, cut)(x)))
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+    # the dense view pools every map of a bigger image; at the eval size it is the model
+    np.testing.assert_allclose(np.asarray(dense_model(model)(x)), expected, atol=1e-5)
+
+
+def test_the_last_layer_alone_rebuilt_around_the_same_layers(tmp_path):
+    spec = get_backbone(TINY)
+    model = build_classifier(spec, spec.build(32), 2, 32, taps=stage_taps(spec, "stages"))
+    last = retapped(model, spec, (), None, False, seed=0)
+    assert taps_of(last) == () and head_of(last).input.shape[-1] == 32
+    assert backbone_of(last).layers[3] is backbone_of(model).layers[3]  # weights shared
+    assert softmax_layer(last, "maps", linear=True) is not None
+    with pytest.raises(RunError, match="also reads stem_relu, block1_out, block2_relu"):
+        softmax_layer(model, "maps", linear=True)
+    # model.keras: the taps come back in Keras' safe mode, with no tlkit
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert taps_of(again) == taps_of(model)
+    x = _images(32)
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), atol=1e-6)
+
+
+def _finetune(data, out, *flags):
+    return CliRunner().invoke(
+        cli,
+        [
+            "finetune",
+            str(data),
+            "--backbone",
+            TINY,
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "-o",
+            str(out),
+            *flags,
+        ],
+    )
+
+
+def test_auto_scores_both_on_val_and_the_run_records_and_keeps_its_choice(make_folder, tmp_path):
+    data = make_folder(layout="splits", per_class=12)
+    result = _finetune(data, tmp_path / "run", "--head-features", "auto", "--no-cache")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    found = record["head_features"]
+    assert [s["head_features"] for s in found["search"]] == ["last", "stages"]
+    assert sum(s["chosen"] for s in found["search"]) == 1
+    chosen = next(s["head_features"] for s in found["search"] if s["chosen"])
+    assert found["used"] == chosen and record["config"]["head_features"] == "auto"
+    spec = get_backbone(TINY)
+    assert found["taps"] == list(stage_taps(spec, chosen))
+    with open(tmp_path / "run" / "search.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["setting"] == "head_features"]
+    assert [r["candidate"] for r in rows] == ["last", "stages"]
+    # the saved model reads what was chosen, and eval takes it as any run
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
+    assert list(taps_of(model)) == found["taps"]
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--multicrop", "dense"])
+    assert result.exit_code == 0, result.output
+
+
+def test_stages_run_trains_from_a_cache_precomputed_for_it(make_folder, tmp_path):
+    data = make_folder(layout="splits", per_class=8)
+    runner = CliRunner()
+    flags = ["--backbone", TINY, "--weights", "none", "--head-features", "stages"]
+    result = runner.invoke(cli, ["precompute-features", str(data), *flags])
+    assert result.exit_code == 0, result.output
+    result = _finetune(
+        data, tmp_path / "run", "--head-features", "stages", "--freeze", "all", "--augment", "none"
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["head_features"]["used"] == "stages"
+    assert record["feature_cache"] is not None  # the tail trained from the stages' cache
+    # a stages model's head is not what the activation maps read: said, not drawn
+    picture = next((data / "val").rglob("*.png"))
+    result = runner.invoke(
+        cli, ["predict", str(tmp_path / "run"), str(picture), "--explain", str(tmp_path / "m")]
+    )
+    assert result.exit_code != 0 and "also reads earlier stages" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "m").exists()
+
+
+def test_only_finetune_takes_auto(make_folder):
+    data = make_folder(per_class=4)
+    result = CliRunner().invoke(
+        cli,
+        ["precompute-features", str(data), "--backbone", TINY, "--head-features", "auto"],
+    )
+    assert result.exit_code == 2  # a ConfigError, before any data or weights are read
+    assert "--head-features auto: only finetune chooses" in result.output
+    assert "Traceback" not in result.output
