@@ -101,6 +101,9 @@ SWEEP: dict[str, tuple[list[str], tuple[int, ...], str]] = {
     "recipe medium-data": (["--recipe", "medium-data"], (10,), "first"),
     "recipe large-data": (["--recipe", "large-data"], (10,), "first"),
     "recipe alexnet-augment": (["--recipe", "alexnet-augment"], (10,), "first"),
+    # what the head reads (docs/training.md): the stages beside the last layer, or the probe's pick
+    "defaults, --head-features stages": (["--head-features", "stages"], (10,), "all"),
+    "defaults, --head-features auto": (["--head-features", "auto"], (10,), "all"),
 }
 # Not run: they set another backbone and input size (VGG16 / InceptionV3 at 224 / 299 px), for
 # which there is no self-transfer trunk here, and which a 2-core CPU cannot train in budget.

@@ -153,3 +153,38 @@ def test_only_finetune_takes_auto(make_folder):
     assert result.exit_code == 2  # a ConfigError, before any data or weights are read
     assert "--head-features auto: only finetune chooses" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_resumed_auto_run_keeps_its_choice_and_scales_and_trains_as_one_run(
+    tmp_path, monkeypatch
+):
+    import tlkit.training.phases
+    from test_resume import HEAD_ROWS, assert_same_training, invoke
+
+    data = make_data(tmp_path)
+    common = ["--backbone", TINY, "--weights", "none", "--batch-size", "4", "--head-epochs", "2"]
+    common += ["--epochs", "2", "--patience", "10", "--head-features", "auto", "--no-cache"]
+    real = tlkit.training.phases.save_epoch
+
+    def dies_after_the_first_epoch(directory, model, optimizer, state, improved):
+        real(directory, model, optimizer, state, improved)
+        if state["progress"] == HEAD_ROWS + 1:  # the head phase, then fine-tune epoch 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", dies_after_the_first_epoch)
+    assert invoke("finetune", str(data), "-o", "runs/c", *common).exit_code == 130
+    monkeypatch.setattr(tlkit.training.phases, "save_epoch", real)
+    resumed = invoke("finetune", "--resume", "runs/c")
+    assert resumed.exit_code == 0, resumed.output
+    assert "as chosen when the run started" in resumed.output
+    assert "--head-features auto: last" not in resumed.output  # no second search
+    assert invoke("finetune", str(data), "-o", "runs/s", *common).exit_code == 0
+    a, b = (json.loads((tmp_path / f"runs/{n}/run.json").read_text()) for n in ("c", "s"))
+    assert a["head_features"] == b["head_features"]
+    assert_same_training(tmp_path / "runs/c", tmp_path / "runs/s")
+
+
+def make_data(tmp_path):
+    from conftest import write_folder
+
+    return write_folder(tmp_path / "data", ["a", "b"], 12)

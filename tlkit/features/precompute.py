@@ -285,6 +285,8 @@ def _dry_run_weights(spec: BackboneSpec, requested: str) -> tuple[ResolvedWeight
 def _cut_of(config: PrecomputeConfig, spec: BackboneSpec, base: Any) -> Cut:
     """Where the trunk whose outputs are cached ends: the freeze point, or the nearest
     single-tensor cut before it."""
+    from tlkit.models.model import backbone_taps
+
     plan = resolve_freeze(config.model.freeze, spec, [layer.name for layer in base.layers])
     cut = resolve_cut(base, plan.n_frozen)
     if cut is None:
@@ -293,10 +295,15 @@ def _cut_of(config: PrecomputeConfig, spec: BackboneSpec, base: Any) -> Cut:
             "freeze some layers (the default is --freeze all)"
         )
     if cut.k != plan.n_frozen:
+        why = (
+            "the head also reads the stages from there on (--head-features stages)"
+            if cut.layer in backbone_taps(base)[:1]
+            else "it ends inside a block (several tensors cross it)"
+        )
         log.info(
-            "cut: %s ends inside a block (several tensors cross it); caching at the "
-            "nearest single-tensor cut, after layer %d (%s)",
+            "cut: %s: %s; caching at the nearest single-tensor cut, after layer %d (%s)",
             plan.request,
+            why,
             cut.k - 1,
             cut.layer,
         )

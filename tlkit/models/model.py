@@ -135,7 +135,11 @@ def tapped(base: Any, taps: Sequence[str]) -> Any:
 
 def taps_of(model: Any) -> tuple[str, ...]:
     """The tapped layers of a classifier's backbone (empty: the head reads the last layer)."""
-    base = backbone_of(model)
+    return backbone_taps(backbone_of(model))
+
+
+def backbone_taps(base: Any) -> tuple[str, ...]:
+    """The tapped layers of a backbone (`tapped`): those making its outputs before the last."""
     return tuple(t._keras_history.operation.name for t in base.outputs[:-1])
 
 
