@@ -693,8 +693,8 @@ def plan_for(
 ) -> dict[int, tuple[list[str], set[str]]]:
     """The core or sweep plan; `only` keeps the configurations and extras whose names hold one
     of its substrings (`--only recipe`: the recipes' rows; `--only scratch`; `--only
-    reference`: every reference, the probe too), `ks` the plan's k among these. A k left empty
-    is skipped."""
+    reference`: every reference, the probe too) or is named whole (`--only =defaults`), `ks`
+    the plan's k among these. A k left empty is skipped."""
     plan = plans["sweep" if sweep else "core"]
     if ks:
         if missing := sorted(set(ks) - set(plan)):
@@ -704,13 +704,18 @@ def plan_for(
         return plan
     kept = {}
     for k, (names, extras) in plan.items():
-        names = [n for n in names if any(o in n for o in only)]
-        chosen = {e for e in extras if any(o in e for o in only)}
+        names = [n for n in names if any(_matches(o, n) for o in only)]
+        chosen = {e for e in extras if any(_matches(o, e) for o in only)}
         if names or chosen:
             kept[k] = (names, chosen)
     if not kept:
         raise SystemExit(f"--only {' '.join(only)}: no configuration or extra of this plan")
     return kept
+
+
+def _matches(only: str, name: str) -> bool:
+    """`--only` holds substrings of names, or a whole name after "=" (`=defaults`)."""
+    return only[1:] == name if only.startswith("=") else only in name
 
 
 def run_real(

@@ -537,7 +537,9 @@ def test_a_head_from_python_is_trained_saved_and_guarded(make_folder, tmp_path, 
         assert 0.0 <= scored["top1"] <= 1.0 and why in scored["notes"]
     assert diagnose(DiagnoseConfig(run=str(run.path)))["activation_maps"] == why
     picture = next((data / "val").rglob("*.png"))
-    with pytest.raises(RunError, match="--explain: activation maps left out: they read tlkit's"):
+    with pytest.raises(
+        RunError, match="--explain: activation maps left out: they read the weights of tlkit's"
+    ):
         predict(run, [picture], explain=tmp_path / "maps")
     assert not (tmp_path / "maps").exists()
     assert predict(run, [picture])[0]["path"] == str(picture)

@@ -24,52 +24,74 @@ MAPS = "activation maps"
 
 def no_maps(model: Any) -> str | None:
     """Why the activation maps cannot be drawn for this model, or None when they can: they
-    read the weights of tlkit's linear head on the last layer's pooled features (see
-    `softmax_layer`)."""
+    read the weights of tlkit's linear head (see `softmax_layer`)."""
     from tlkit.core.errors import RunError
-    from tlkit.models.model import softmax_layer, taps_of
+    from tlkit.models.model import softmax_layer
 
     try:
         softmax_layer(model, MAPS, linear=True)
     except RunError:
-        other = (
-            "this run's head also reads earlier stages (--head-features stages)"
-            if taps_of(model)
-            else "this run's head is another"
-        )
         return (
-            f"{MAPS} left out: they read the weights of tlkit's linear head on the last "
-            f"layer's pooled features, and {other}"
+            f"{MAPS} left out: they read the weights of tlkit's linear head (a softmax Dense "
+            "on the pooled features), and this run's head is another"
         )
     return None
 
 
 def feature_map_model(model: Any) -> Any:
-    """Raw images -> the backbone's last feature map (what the pooling layer averages)."""
+    """Raw images -> the maps the pooling averages: the backbone's last, and under
+    --head-features stages each tapped map before it."""
     import keras
 
-    return keras.Model(model.input, model.get_layer(POOL_LAYER).input)
+    from tlkit.models.model import taps_of
+
+    n = len(taps_of(model)) + 1
+    if n == 1:
+        return keras.Model(model.input, model.get_layer(POOL_LAYER).input)
+    return keras.Model(model.input, [model.get_layer(f"pool_{i}").input for i in range(n)])
 
 
 def class_maps(
     model: Any, images: np.ndarray, classes: Sequence[int], maps_model: Any = None
 ) -> np.ndarray:
     """(N, h, w) float32: the logit contribution of each position for the given class of each
-    image (its mean plus the bias is the logit)."""
-    from tlkit.models.distribute import traced_predictor
-    from tlkit.models.model import softmax_layer
+    image (its mean plus the bias is the logit). Under --head-features stages each map's
+    contribution (its slice of the head's weights, times its scale) is brought to the finest
+    map's grid by repeating cells, which keeps its mean, and the maps are summed."""
+    from tlkit.models.distribute import traced_outputs
+    from tlkit.models.model import softmax_layer, taps_of
 
-    maps = traced_predictor(maps_model or feature_map_model(model))
+    maps = traced_outputs(maps_model or feature_map_model(model))
     kernel, _ = softmax_layer(model, MAPS, linear=True).get_weights()
     # one traced function: called eagerly, Keras keeps every layer's output until the call
     # ends (2.3 GB more than traced for 32 EfficientNet-Lite0 images); not predict(): under a
     # multi-worker strategy it would start collective ops that the other workers, done with
     # the evaluation, never join
-    feats = np.concatenate(
-        [np.asarray(maps(images[i : i + 32]), np.float32) for i in range(0, len(images), 32)]
-    )
+    chunks = [maps(images[i : i + 32]) for i in range(0, len(images), 32)]
+    feats = [
+        np.concatenate([np.asarray(c[j], np.float32) for c in chunks])
+        for j in range(len(chunks[0]))
+    ]
+    scales = [float(model.get_layer(f"scale_{i}").scale) for i in range(len(taps_of(model)))]
     weights = np.asarray(kernel)[:, np.asarray(classes)].T  # (N, K)
-    return np.asarray(np.einsum("nhwk,nk->nhw", feats, weights), np.float32)
+    height, width = max(f.shape[1] for f in feats), max(f.shape[2] for f in feats)
+    total, start = np.zeros((len(images), height, width), np.float32), 0
+    for f, scale in zip(feats, [*scales, 1.0], strict=True):
+        part = np.einsum("nhwk,nk->nhw", f, weights[:, start : start + f.shape[-1]]) * scale
+        start += f.shape[-1]
+        total += _to_grid(part, height, width)
+    return total
+
+
+def _to_grid(part: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A coarser map on the finest map's grid: each cell repeated (its mean kept) where the
+    grids divide, as a stride-2 network's do; nearest-neighbour resizing where they do not."""
+    h, w = part.shape[1:]
+    if height % h == 0 and width % w == 0:
+        return np.repeat(np.repeat(part, height // h, axis=1), width // w, axis=2)
+    import cv2
+
+    return np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) for m in part])
 
 
 def upsample(cam: np.ndarray, size: int) -> np.ndarray:

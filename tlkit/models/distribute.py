@@ -218,11 +218,22 @@ class Placement:
 
 
 def traced_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """A batch -> the model's outputs through one tf.function traced once: the batch dimension
-    (and any dimension the model leaves open) is unknown in its signature, so a short last
-    batch, another view set or another split reuses the trace (`traces()` counts them).
-    Keras' predict_on_batch traces again for each new batch shape, and an ensemble's many
-    models then warn of retracing."""
+    """A batch -> the model's output through one tf.function traced once (`traced_outputs`)."""
+    outputs = traced_outputs(model)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return outputs(x)[0]
+
+    predict.traces = outputs.traces  # type: ignore[attr-defined]
+    return predict
+
+
+def traced_outputs(model: Any) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """A batch -> the model's outputs, as a list, through one tf.function traced once: the
+    batch dimension (and any dimension the model leaves open) is unknown in its signature, so
+    a short last batch, another view set or another split reuses the trace (`traces()` counts
+    them). Keras' predict_on_batch traces again for each new batch shape, and an ensemble's
+    many models then warn of retracing."""
     import tensorflow as tf
 
     spec = tf.TensorSpec((None, *model.input.shape[1:]), model.input.dtype)
@@ -230,8 +241,9 @@ def traced_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
     # by an ensemble's models would read as one function retraced and warn
     step = tf.function(functools.partial(model.__call__, training=False), input_signature=[spec])
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        return np.asarray(step(x))
+    def predict(x: np.ndarray) -> list[np.ndarray]:
+        out = step(x)
+        return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
     predict.traces = step.experimental_get_tracing_count  # type: ignore[attr-defined]
     return predict

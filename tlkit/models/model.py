@@ -294,11 +294,6 @@ def softmax_layer(model: Any, purpose: str, linear: bool = False) -> Any:
             f"{purpose} needs a head that is {wanted}; this model's head is {shown}. "
             "Train with tlkit's own head (the default) to use it"
         )
-    if linear and taps_of(model):
-        raise RunError(
-            f"{purpose} needs a head on the last layer's pooled features alone; this model's "
-            f"head also reads {', '.join(taps_of(model))} (--head-features stages)"
-        )
     return last
 
 
@@ -375,6 +370,8 @@ def build_model(
     keras.utils.set_random_seed(seed)
     with dtype_policy(mixed_precision):
         base = build_backbone(spec, weights, size)
+        # the head's draws from the seed alone, so that `retapped` builds the same head
+        keras.utils.set_random_seed(seed)
         return build_classifier(spec, base, num_classes, size, head, taps, scales)
 
 

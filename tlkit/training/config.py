@@ -165,9 +165,11 @@ class FinetuneConfig(Composed):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
         """The inverse of `as_dict`: how `--resume` gets back the settings a run started with
-        (a run.json from before the parts kept its bad-file settings under `audit`)."""
+        (a run.json from before the parts kept its bad-file settings under `audit`; one from
+        before --head-features read the last layer)."""
         values = {k: v for k, v in d.items() if k != "audit"}
         values.update(d.get("audit", {}))  # before the parts
+        values.setdefault("head_features", "last")  # before --head-features: the last layer
         values["freeze"] = FreezeRequest(**d["freeze"])
         values["augment"] = AugmentConfig.from_dict(d["augment"])
         return cls.of(**values)

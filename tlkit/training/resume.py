@@ -109,6 +109,7 @@ class Identity:
         if "audit" in self.config:  # a run from before the settings' parts: audit.max_pixels, ...
             out["config"] = {k: v for k, v in self.config.items() if k != "audit"}
             out["config"].update(self.config["audit"])
+        out["config"] = {"head_features": "last", **out["config"]}  # before --head-features
         if self.fine_tune_lr is None:
             del out["fine_tune_lr"]
         return out
