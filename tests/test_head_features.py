@@ -225,3 +225,15 @@ def test_auto_choosing_the_last_layer_builds_the_head_that_last_builds():
     again = retapped(staged, spec, (), None, False, seed=7)
     for a, b in zip(last.get_weights(), again.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_auto_run_trains_exactly_as_a_run_of_the_setting_it_chose(make_folder, tmp_path):
+    from test_resume import assert_same_training
+
+    data = make_folder(layout="splits", per_class=12)
+    auto = _finetune(data, tmp_path / "auto", "--head-features", "auto", "--no-cache")
+    assert auto.exit_code == 0, auto.output
+    record = json.loads((tmp_path / "auto" / "run.json").read_text())
+    chosen = record["head_features"]["used"]
+    assert _finetune(data, tmp_path / "set", "--head-features", chosen, "--no-cache").exit_code == 0
+    assert_same_training(tmp_path / "auto", tmp_path / "set")

@@ -25,6 +25,7 @@ import numpy as np
 
 from tlkit.core import selection
 from tlkit.core.calibration import per_image_log_loss
+from tlkit.core.checkpoints import random_state
 from tlkit.core.records import HistoryRow
 from tlkit.core.selection import Keeper, one_se_choice
 from tlkit.data.datasets import Example
@@ -390,11 +391,15 @@ def search_head_features(
     fit = HeadFit.of(config, len(data.train))
     scores, losses = [], []
     for name, model, features in (("last", last_model, last), ("stages", data.model, stages)):
-        initial = head_of(model).get_weights()
+        head = head_of(model)
+        # the weights and the dropout's random state: the run goes on as if never probed
+        initial = head.get_weights(), [np.array(v) for v in random_state(head)]
         start = time.perf_counter()
         rows, _ = fit_head(model, features, fit, data.sample_weights)
         losses.append(head_val_losses(model, features))
-        head_of(model).set_weights(initial)
+        head.set_weights(initial[0])
+        for variable, value in zip(random_state(head), initial[1], strict=True):
+            variable.assign(value)
         top = selection.CRITERION.best(rows) or rows[0]
         scores.append(
             {
