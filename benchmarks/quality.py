@@ -735,7 +735,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sweep", action="store_true", help="also k = 5 and 20, every preset and recipe (one seed)"
     )
-    parser.add_argument("--only", nargs="+", help="configuration names (substrings) to run")
+    parser.add_argument(
+        "--only", nargs="+", help="configurations to run: substrings of names, or =NAME alone"
+    )
     parser.add_argument(
         "--no-references",
         action="store_true",
@@ -784,7 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = {**CORE, **SWEEP} if args.sweep else dict(CORE)
     args.k = args.k or (list(ALL_K) if args.sweep else [10])
     if args.only:
-        configs = {n: c for n, c in configs.items() if any(o in n for o in args.only)}
+        from real_pictures import matches
+
+        configs = {n: c for n, c in configs.items() if any(matches(o, n) for o in args.only)}
     if args.smoke:
         global BACKBONE, REFERENCE_EPOCHS
         BACKBONE, REFERENCE_EPOCHS = "test_resnet", 20

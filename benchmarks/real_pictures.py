@@ -704,8 +704,8 @@ def plan_for(
         return plan
     kept = {}
     for k, (names, extras) in plan.items():
-        names = [n for n in names if any(_matches(o, n) for o in only)]
-        chosen = {e for e in extras if any(_matches(o, e) for o in only)}
+        names = [n for n in names if any(matches(o, n) for o in only)]
+        chosen = {e for e in extras if any(matches(o, e) for o in only)}
         if names or chosen:
             kept[k] = (names, chosen)
     if not kept:
@@ -713,7 +713,7 @@ def plan_for(
     return kept
 
 
-def _matches(only: str, name: str) -> bool:
+def matches(only: str, name: str) -> bool:
     """`--only` holds substrings of names, or a whole name after "=" (`=defaults`)."""
     return only[1:] == name if only.startswith("=") else only in name
 

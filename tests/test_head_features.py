@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import TINY
 
 from tlkit.cli import cli
-from tlkit.models.backbones import get_backbone
+from tlkit.models.backbones import get_backbone, stage_taps
 from tlkit.models.cut import build_tail, build_trunk, resolve_cut, single_tensor_cuts
 from tlkit.models.model import (
     backbone_of,
@@ -21,7 +21,6 @@ from tlkit.models.model import (
     head_of,
     retapped,
     softmax_layer,
-    stage_taps,
     taps_of,
 )
 
@@ -215,13 +214,13 @@ def make_data(tmp_path):
 
 def test_auto_choosing_the_last_layer_builds_the_head_that_last_builds():
     """Where `auto` keeps the last layer, its run starts where `--head-features last` starts."""
-    from tlkit.models.model import build_model
+    from tlkit.models.model import Top, build_model
     from tlkit.models.weights import resolve_weights
 
     spec = get_backbone(TINY)
     weights = resolve_weights(spec, "none")
     last = build_model(spec, weights, 32, 3, seed=7)
-    staged = build_model(spec, weights, 32, 3, seed=7, taps=stage_taps(spec, "stages"))
+    staged = build_model(spec, weights, 32, 3, seed=7, top=Top(taps=stage_taps(spec, "stages")))
     again = retapped(staged, spec, (), None, False, seed=7)
     for a, b in zip(last.get_weights(), again.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)

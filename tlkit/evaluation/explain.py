@@ -59,7 +59,7 @@ def class_maps(
     contribution (its slice of the head's weights, times its scale) is brought to the finest
     map's grid by repeating cells, which keeps its mean, and the maps are summed."""
     from tlkit.models.distribute import traced_outputs
-    from tlkit.models.model import softmax_layer, taps_of
+    from tlkit.models.model import scales_of, softmax_layer
 
     maps = traced_outputs(maps_model or feature_map_model(model))
     kernel, _ = softmax_layer(model, MAPS, linear=True).get_weights()
@@ -72,7 +72,7 @@ def class_maps(
         np.concatenate([np.asarray(c[j], np.float32) for c in chunks])
         for j in range(len(chunks[0]))
     ]
-    scales = [float(model.get_layer(f"scale_{i}").scale) for i in range(len(taps_of(model)))]
+    scales = scales_of(model)
     weights = np.asarray(kernel)[:, np.asarray(classes)].T  # (N, K)
     height, width = max(f.shape[1] for f in feats), max(f.shape[2] for f in feats)
     total, start = np.zeros((len(images), height, width), np.float32), 0

@@ -319,11 +319,11 @@ def _model_of(
 ) -> Any:
     """The classifier whose trunk is cached; random weights' BatchNorm is resolved as
     `finetune` resolves it by default (so a cache made here is its cache)."""
-    from tlkit.models.model import build_model
+    from tlkit.models.model import Top, build_model
 
     n, seed, half = len(folder.classes), config.loader.seed, config.mixed_precision
     taps = config.model.taps(spec)
-    model = build_model(spec, weights, size, n, seed, mixed_precision=half, taps=taps)
+    model = build_model(spec, weights, size, n, seed, half, Top(taps=taps))
     train, max_pixels = folder.splits["train"], config.loader.max_pixels
     resolve_random_bn(model, weights.source, train, size, spec.crop_fraction, max_pixels, None)
     return model

@@ -436,6 +436,19 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
+# --head-features stages: the ends of this many stages before the last join its pooled features
+STAGE_TAPS = 3
+
+
+def stage_taps(spec: BackboneSpec, head_features: str) -> tuple[str, ...]:
+    """The layers whose pooled outputs join the last layer's in the head's input: none for
+    `last`; for `stages`, the ends of the STAGE_TAPS stages before the last (Head2Toe, Evci et
+    al. 2022: a linear head on intermediate features transfers further from ImageNet)."""
+    if head_features == "last":
+        return ()
+    return tuple(end for _, end in spec.stages[:-1])[-STAGE_TAPS:]
+
+
 def get_backbone(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]

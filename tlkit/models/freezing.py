@@ -18,7 +18,7 @@ from tlkit.core.choices import AUTO  # --freeze auto: finetune picks the freeze 
 from tlkit.core.errors import ConfigError, did_you_mean
 from tlkit.core.records import FreezeRecord
 from tlkit.core.settings import check_fields, setting
-from tlkit.models.backbones import BackboneSpec
+from tlkit.models.backbones import BackboneSpec, stage_taps
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,6 @@ class ModelChoice:
 
     def taps(self, spec: BackboneSpec) -> tuple[str, ...]:
         """The layers --head-features taps (`stage_taps`); `auto` probes with the stages'."""
-        from tlkit.models.model import stage_taps
-
         return stage_taps(spec, "stages" if self.head_features == AUTO else self.head_features)
 
     def chosen(self, command: str) -> None:

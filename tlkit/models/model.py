@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,6 @@ TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
 BACKBONE_LAYER = "backbone"
 POOL_LAYER = "pool"
-# --head-features stages: the ends of this many stages before the last join its pooled features
-STAGE_TAPS = 3
 # (pooled features, number of classes) -> class probabilities: the layers on top of the pooled
 # backbone, replaceable from Python (`tlkit.finetune(config, head=...)`)
 Head = Callable[[Any, int], Any]
@@ -110,15 +109,6 @@ def head_name(head: Head | None, model: Any) -> str:
     return f"{getattr(head, '__module__', None) or '?'}.{name} (layers {digest[:12]})"
 
 
-def stage_taps(spec: BackboneSpec, head_features: str) -> tuple[str, ...]:
-    """The layers whose pooled outputs join the last layer's in the head's input: none for
-    `last`; for `stages`, the ends of the STAGE_TAPS stages before the last (Head2Toe, Evci et
-    al. 2022: a linear head on intermediate features transfers further from ImageNet)."""
-    if head_features == "last":
-        return ()
-    return tuple(end for _, end in spec.stages[:-1])[-STAGE_TAPS:]
-
-
 def tapped(base: Any, taps: Sequence[str]) -> Any:
     """The backbone named BACKBONE_LAYER: its own layers, in the same order (so freeze
     indices keep their meaning), with the tapped layers' outputs before its last."""
@@ -136,6 +126,11 @@ def tapped(base: Any, taps: Sequence[str]) -> Any:
 def taps_of(model: Any) -> tuple[str, ...]:
     """The tapped layers of a classifier's backbone (empty: the head reads the last layer)."""
     return backbone_taps(backbone_of(model))
+
+
+def scales_of(model: Any) -> list[float]:
+    """Each tap's scale (`scale_i`), as `tap_scales` measured it."""
+    return [float(model.get_layer(f"scale_{i}").scale) for i in range(len(taps_of(model)))]
 
 
 def backbone_taps(base: Any) -> tuple[str, ...]:
@@ -351,20 +346,28 @@ def build_backbone(spec: BackboneSpec, resolved: ResolvedWeights, input_size: in
         ) from None
 
 
+@dataclass(frozen=True)
+class Top:
+    """What sits on the backbone: the head function (None: `linear_head`), the stage ends it
+    reads beside the last layer (`stage_taps`) and their scales (`tap_scales`; None: 1)."""
+
+    head: Head | None = None
+    taps: tuple[str, ...] = ()
+    scales: tuple[float, ...] | None = None
+
+
 def build_model(
     spec: BackboneSpec,
     weights: ResolvedWeights,
     size: int,
     num_classes: int,
     seed: int,
-    head: Head | None = None,
     mixed_precision: bool = False,
-    taps: Sequence[str] = (),
-    scales: Sequence[float] | None = None,
+    top: Top = Top(),
 ) -> Any:
     """The classifier exactly as `finetune` builds it: seeded, under its dtype policy. One
     sequence for training and `precompute-features`, so that the same settings give the same
-    trunk weights and the same cache key. `head`, `taps`, `scales`: as `build_classifier`'s."""
+    trunk weights and the same cache key."""
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -372,7 +375,7 @@ def build_model(
         base = build_backbone(spec, weights, size)
         # the head's draws from the seed alone, so that `retapped` builds the same head
         keras.utils.set_random_seed(seed)
-        return build_classifier(spec, base, num_classes, size, head, taps, scales)
+        return build_classifier(spec, base, num_classes, size, top.head, top.taps, top.scales)
 
 
 def retapped(

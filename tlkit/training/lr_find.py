@@ -175,7 +175,7 @@ def lr_find(config: LrFindConfig) -> dict[str, Any]:
 def _run(config: LrFindConfig) -> dict[str, Any]:
     from tlkit.data.preflight import check_inputs
     from tlkit.features.rows import Features, pooled_features, resolve_random_bn
-    from tlkit.models.model import build_model, rescaled, retapped, tap_scales
+    from tlkit.models.model import Top, build_model, rescaled, retapped, tap_scales
     from tlkit.models.weights import resolve_weights
 
     checked = check_inputs(config.data, config.model, config.val_fraction)
@@ -184,7 +184,8 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     folder = checked.dataset()
     train = list(folder.splits["train"])
     taps = config.model.taps(spec)
-    model = build_model(spec, weights, size, len(folder.classes), config.loader.seed, taps=taps)
+    n, seed = len(folder.classes), config.loader.seed
+    model = build_model(spec, weights, size, n, seed, top=Top(taps=taps))
     loader, crop = config.loader, spec.crop_fraction
     train_bn = resolve_random_bn(model, weights.source, train, size, crop, loader.max_pixels, None)
     labels = np.array([e.label for e in train], np.int32)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tlkit.features.cache import FeatureCache, TrunkSource
     from tlkit.features.rows import Features, FirstBatch
     from tlkit.models.backbones import BackboneSpec
-    from tlkit.models.model import Head
+    from tlkit.models.model import Head, Top
     from tlkit.training.head import ProbeData
 
 log = logging.getLogger("tlkit")
@@ -200,18 +200,8 @@ def make_plan(
     log.info("%s", note)
     seed_everything(config.loader.seed)
     head = call.head or linear_head(config.fit.dropout)
-    taps, scales = _taps(config, spec, saved)
-    model = build_model(
-        spec,
-        weights,
-        size,
-        len(folder.classes),
-        config.loader.seed,
-        head,
-        config.mixed_precision,
-        taps,
-        scales,
-    )
+    n, seed, half = len(folder.classes), config.loader.seed, config.mixed_precision
+    model = build_model(spec, weights, size, n, seed, half, _top(config, spec, saved, head))
     # the rate the data chose: a rule changed by an upgrade shows on resume (a run started
     # before the rule has its rate in its config, and nothing here to compare)
     chosen = config.fit.fine_tune_lr if saved is None or saved.fine_tune_lr is not None else None
@@ -243,19 +233,18 @@ def make_plan(
     return _plan_training(config, placement, saved, start, call.verbose)
 
 
-def _taps(
-    config: FinetuneConfig, spec: BackboneSpec, saved: Identity | None
-) -> tuple[tuple[str, ...], list[float] | None]:
-    """The layers the model's head reads besides the last, and their scales: what a resumed
+def _top(config: FinetuneConfig, spec: BackboneSpec, saved: Identity | None, head: Head) -> Top:
+    """The head and what it reads besides the last layer, with their scales: what a resumed
     run's first start chose and measured, else --head-features' (`auto` builds the stages'
     for its search to probe both; their scales are measured before training)."""
-    from tlkit.models.model import stage_taps
+    from tlkit.models.backbones import stage_taps
+    from tlkit.models.model import Top
 
     earlier = saved.searched.get("head_features") if saved is not None else None
-    if earlier is not None:
-        chosen = earlier["chosen"]
-        return stage_taps(spec, chosen["head_features"]), chosen.get("scales") or None
-    return config.model.taps(spec), None
+    if earlier is None:
+        return Top(head, config.model.taps(spec))
+    chosen = earlier["chosen"]
+    return Top(head, stage_taps(spec, chosen["head_features"]), tuple(chosen["scales"]) or None)
 
 
 def _plan_training(
@@ -398,8 +387,6 @@ def _resolve_auto(
     scores}}, features the head phase can reuse or None, the freeze search's trained model or
     None), and the start (its model rebuilt when the head reads other features). A resumed
     run reuses the choices its first start recorded."""
-    from tlkit.training.head import feature_views
-
     spec, folder, size = start.spec, start.folder, start.size
     train = folder.splits["train"]
     searched: Searched = identity.searched.copy() if identity is not None else {}
@@ -423,11 +410,8 @@ def _resolve_auto(
     head_features = None
     if config.model.head_features != "last":
         config, start, probed = search.head_features(config, start)
-        if config.augment.preset != AUTO and probed is not None:
-            views = feature_views(
-                config.augment.random, config.fit.head_views, len(train), probed.train.shape[1]
-            )
-            head_features = probed if views == 1 else None
+        if config.augment.preset != AUTO:
+            head_features = _reusable(config, len(train), probed)
     if config.augment.preset == AUTO:
         config, head_features = search.augment(config)
     if config.model.freeze.count != AUTO:
@@ -435,12 +419,20 @@ def _resolve_auto(
         plan = resolve_freeze(config.model.freeze, spec, names)
         return config, Chosen(plan, searched, head_features, None), start
     plan, pooled, search_model = search.freeze(config)
-    if head_features is None and pooled is not None:
-        views = feature_views(
-            config.augment.random, config.fit.head_views, len(train), pooled.train.shape[1]
-        )
-        head_features = pooled if views == 1 else None
+    head_features = head_features or _reusable(config, len(train), pooled)
     return config, Chosen(plan, searched, head_features, search_model), start
+
+
+def _reusable(config: FinetuneConfig, n_train: int, found: Features | None) -> Features | None:
+    """A search's eval-view features, where the head phase trains on the eval view alone."""
+    from tlkit.training.head import feature_views
+
+    if found is None:
+        return None
+    views = feature_views(
+        config.augment.random, config.fit.head_views, n_train, found.train.shape[1]
+    )
+    return found if views == 1 else None
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from tlkit.core.records import Best, Searched
 from tlkit.core.runs import RunRecord
 from tlkit.data.views_seen import ViewsSeen, views_trained_on
 from tlkit.models.distribute import Placement
-from tlkit.models.model import taps_of
+from tlkit.models.model import scales_of, taps_of
 from tlkit.training.state import Schedule, TrainingState
 
 if TYPE_CHECKING:
@@ -178,6 +178,16 @@ def _distribution(placement: Placement, batch_size: int) -> dict[str, Any]:
     }
 
 
+def _head_features(plan: Plan) -> dict[str, Any]:
+    """run.json's `head_features`: what the head reads, and `auto`'s probes."""
+    return {
+        "used": plan.config.model.head_features,
+        "taps": list(taps_of(plan.start.model)),
+        "scales": scales_of(plan.start.model),
+        "search": plan.chosen.searched.get("head_features", {}).get("scores"),
+    }
+
+
 def run_record(
     plan: Plan,
     placement: Placement,
@@ -202,11 +212,7 @@ def run_record(
         },
         train_bn=c.fit.bn_trains,
         head=plan.start.identity.head,
-        head_features={
-            "used": c.model.head_features,
-            "taps": list(taps_of(plan.start.model)),
-            "search": plan.chosen.searched.get("head_features", {}).get("scores"),
-        },
+        head_features=_head_features(plan),
         input_size=plan.start.size,
         preprocessing=plan.start.spec.preprocessing,
         crop_fraction=plan.start.spec.crop_fraction,
