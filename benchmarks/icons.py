@@ -69,7 +69,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 TIMM_LIKE,
                 *HEAD_FEATURES,
             ],
-            {"fine-tuned reference", "timm reference", "scratch"},
+            {"fine-tuned reference", "timm reference", "scratch", "stages probe"},
         ),
         # does the best fine-tune rate move with k, and where does it start to?
         100: ([HEAD_ONLY, *(r for r in RATES if r.endswith(("1e-5", "3e-5", "1e-4")))], set()),

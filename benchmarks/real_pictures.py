@@ -167,7 +167,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 *HEAD_FEATURES,
             ],
             # 3 rates each: 15 and 9 min a seed; the three Lites' ensemble
-            {"scratch", "timm reference", "backbones"},
+            {"scratch", "timm reference", "backbones", "stages probe"},
         ),
         20: (["defaults", HEAD_ONLY, LAST_STAGES], {"reference"}),
     },
@@ -175,7 +175,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
 SKIPPED_RECIPES = ("vgg16", "inception_v3", "resnet50")
 VIEW_MODES = ("1", "auto", "10", "dense")  # `tlkit eval --multicrop` on the defaults' run
 ENSEMBLE_SEEDS = (1000, 2000)  # two more defaults runs: seed + these
-REFERENCE_EXTRAS = {"background", "fine-tuned reference", "timm reference"}
+REFERENCE_EXTRAS = {"background", "fine-tuned reference", "timm reference", "stages probe"}
 SCRATCH_BUDGET = (100, 15)  # epochs, patience: converged, well past the best epoch
 SCRATCH_ROW = "scratch (random init, converged, rate chosen on val)"
 TIMM_EPOCHS = 20  # per rate of the timm-style reference's grid; --smoke: 3
@@ -353,6 +353,24 @@ def unfreeze_but_batch_norm(base: Any) -> None:
             layer.trainable = False
 
 
+STAGES_PROBE_ROW = "logreg-probe on the last layer and the 3 stage ends before it, pooled"
+
+
+def stage_features(base: Any, backbone: str) -> Any:
+    """Pixels -> the last layer's pooled features and those of the ends of the three stages
+    before it (the registry's stage names), concatenated: what a Head2Toe-style probe reads."""
+    import keras
+
+    from tlkit.models.backbones import get_backbone
+
+    ends = [end for _, end in get_backbone(backbone).stages[:-1]][-3:]
+    inputs = keras.Input(base.input.shape[1:])
+    inner = keras.Model(base.input, [base.get_layer(e).output for e in ends] + [base.output])
+    maps = inner(preprocess()(inputs), training=False)
+    pooled = [keras.layers.GlobalAveragePooling2D()(m) for m in maps]
+    return keras.Model(inputs, keras.layers.Concatenate()(pooled))
+
+
 def accuracy(model: Any, x: Any, y: Any) -> float:
     return float((model.predict(x, batch_size=32, verbose=0).argmax(1) == y).mean())
 
@@ -382,6 +400,14 @@ def keras_reference(
     record("keras-reference, frozen (head on features)", test, val=val, seconds=frozen_s)
     probe = logreg_probe({"train": (f, y), "val": (fv, yv), "test": (ft, yt)})
     record("logreg-probe (sklearn, same features)", probe.test, val=probe.val)
+    if "stages probe" in extras:  # the same probe on what --head-features stages reads
+        stages = stage_features(guide.base, backbone)
+        data = {
+            split: (stages.predict(a, batch_size=32, verbose=0), labels)
+            for split, a, labels in (("train", x, y), ("val", xv, yv), ("test", xt, yt))
+        }
+        probe = logreg_probe(data)
+        record(STAGES_PROBE_ROW, probe.test, val=probe.val)
     if "background" in extras:  # the same probe on drawings composited over mid-grey
         grey = {
             split: (
@@ -736,7 +762,8 @@ def run_real(
     if smoke:
         VAL, REFERENCE_EPOCHS, FINE_TUNE_EPOCHS, TIMM_EPOCHS, size = 2, 20, 2, 3, 32
         drawings = smoke_drawings(work / "smoke-drawings")
-        plan = {4: (list(SMOKE_CONFIGS), PLANS["core"][MAIN_K][1] | {"scratch", "timm reference"})}
+        extras = {"scratch", "timm reference", "stages probe"}
+        plan = {4: (list(SMOKE_CONFIGS), PLANS["core"][MAIN_K][1] | extras)}
     else:
         assert root is not None
         drawings = pool(root)

@@ -179,6 +179,7 @@ def test_every_benchmark_smoke_produces_every_figure(tmp_path):
         "its best member on validation",
         "keras-reference, frozen (head on features)",
         "logreg-probe (sklearn, same features)",
+        "logreg-probe on the last layer and the 3 stage ends before it, pooled",
         "logreg-probe, alpha over mid-grey instead of white",
         "keras-reference, fine-tuned (the guide's 2 stages)",
         "timm-style reference (AdamW, cosine, smoothing, layer decay; rate on val from 3)",

@@ -60,12 +60,18 @@ def test_stages_pooled_beside_the_last_keep_freeze_indices_and_every_cut(name, s
     np.testing.assert_allclose(np.asarray(dense_model(model)(x)), expected, atol=1e-5)
 
 
-def test_the_last_layer_alone_rebuilt_around_the_same_layers(tmp_path):
+def test_the_last_layer_alone_rebuilt_with_the_backbone_as_it_is(tmp_path):
+    from tlkit.models.model import Top
+    from tlkit.models.weights import resolve_weights
+
     spec = get_backbone(TINY)
     model = build_classifier(spec, spec.build(32), 2, 32, taps=stage_taps(spec, "stages"))
-    last = retapped(model, spec, (), None, False, seed=0)
+    moved = backbone_of(model).layers[2]  # trained, as the search's model may have been
+    moved.set_weights([w + 1 for w in moved.get_weights()])
+    last = retapped(model, spec, resolve_weights(spec, "none"), Top(), False, seed=0)
     assert taps_of(last) == () and head_of(last).input.shape[-1] == 32
-    assert backbone_of(last).layers[3] is backbone_of(model).layers[3]  # weights shared
+    for a, b in zip(backbone_of(last).get_weights(), backbone_of(model).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # the backbone as the model has it now
     assert softmax_layer(last, "maps", linear=True) is not None
     # model.keras: the taps come back in Keras' safe mode, with no tlkit
     model.save(tmp_path / "m.keras")
@@ -221,7 +227,7 @@ def test_auto_choosing_the_last_layer_builds_the_head_that_last_builds():
     weights = resolve_weights(spec, "none")
     last = build_model(spec, weights, 32, 3, seed=7)
     staged = build_model(spec, weights, 32, 3, seed=7, top=Top(taps=stage_taps(spec, "stages")))
-    again = retapped(staged, spec, (), None, False, seed=7)
+    again = retapped(staged, spec, weights, Top(), False, seed=7)
     for a, b in zip(last.get_weights(), again.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

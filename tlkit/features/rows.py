@@ -23,7 +23,7 @@ import numpy as np
 from tlkit.core.settings import Loader
 from tlkit.data.augment import TrainTransform, resolve_augment
 from tlkit.data.datasets import Example
-from tlkit.models.model import POOL_LAYER
+from tlkit.models.model import POOL_LAYER, backbone_of
 
 # told (seconds an image, images in all) once the first batch is through: the time of the rest
 FirstBatch = Callable[[float, int], None]
@@ -229,8 +229,9 @@ def resolve_random_bn(
     batches = bn_batches(examples, size, crop_fraction, max_pixels)
     first = next(batches)  # decides; the rest is decoded only if BatchNorm trains
     extractor = pooled_extractor(model)
-    if train_bn is None:
-        spread = float(np.std(np.asarray(extractor([first], training=False))))
+    if train_bn is None:  # on the last layer's features, whatever else the head reads
+        width = int(backbone_of(model).outputs[-1].shape[-1])
+        spread = float(np.std(np.asarray(extractor([first], training=False))[:, -width:]))
         train_bn = not spread >= FADED  # a NaN spread (overflow) is no signal either
         log.info(
             "random weights: features' spread at initialization %.2g, %s",

@@ -373,37 +373,25 @@ def build_model(
     keras.utils.set_random_seed(seed)
     with dtype_policy(mixed_precision):
         base = build_backbone(spec, weights, size)
-        # the head's draws from the seed alone, so that `retapped` builds the same head
-        keras.utils.set_random_seed(seed)
         return build_classifier(spec, base, num_classes, size, top.head, top.taps, top.scales)
 
 
 def retapped(
     model: Any,
     spec: BackboneSpec,
-    taps: Sequence[str],
-    head: Head | None,
+    weights: ResolvedWeights,
+    top: Top,
     mixed_precision: bool,
     seed: int,
-    scales: Sequence[float] | None = None,
 ) -> Any:
-    """The classifier rebuilt around the same backbone layers (weights shared) with other taps
-    or scales and a new head, seeded: `--head-features` once it has measured the stages."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    base = backbone_of(model)
-    single = keras.Model(base.input, base.outputs[-1], name=BACKBONE_LAYER)
-    with dtype_policy(mixed_precision):
-        return build_classifier(
-            spec,
-            single,
-            int(model.output.shape[-1]),
-            int(model.input.shape[1]),
-            head,
-            taps,
-            scales,
-        )
+    """The classifier built again as `build_model` builds it, with another `top`, and the
+    backbone's weights as `model` has them now: what `--head-features` keeps once it has
+    measured the stages. Built whole, not around `model`'s layers, so that the same seed
+    gives the head that a run naming that setting starts from."""
+    size, n = int(model.input.shape[1]), int(model.output.shape[-1])
+    fresh = build_model(spec, weights, size, n, seed, mixed_precision, top)
+    backbone_of(fresh).set_weights(backbone_of(model).get_weights())
+    return fresh
 
 
 @contextmanager

@@ -192,7 +192,7 @@ def _run(config: LrFindConfig) -> dict[str, Any]:
     feats = pooled_features(model, train, size, crop, loader)
     if taps:  # the stages at the last layer's size, as finetune scales them
         scales = tap_scales(model, feats)
-        model = retapped(model, spec, taps, None, False, config.loader.seed, scales)
+        model = retapped(model, spec, weights, Top(None, taps, tuple(scales)), False, seed)
         feats = rescaled(model, feats, scales)
     start, end = config.rates()
     if config.phase == "head":

@@ -469,14 +469,14 @@ class _Search:
         training images (their scales, `tap_scales`), then under auto the head probes. The
         config with the choice, the start with its model (rebuilt around the same backbone)
         and the chosen candidate's eval-view features."""
-        from tlkit.models.model import backbone_of, rescaled, retapped, tap_scales, taps_of
+        from tlkit.models.model import Top, backbone_of, rescaled, retapped, tap_scales, taps_of
         from tlkit.training.head import eval_view_features, search_head_features
 
         if "head_features" in self.searched:
             chosen = self.searched["head_features"]["chosen"]["head_features"]
             log.info("--head-features %s, as chosen when the run started", chosen)
             return config.replace(head_features=chosen), start, None
-        c, taps = config, taps_of(start.model)
+        c, taps, spec, weights = config, taps_of(start.model), start.spec, start.weights
         data = self._data(self.timed.pop() if self.timed else None)
         measured = eval_view_features(data, config)
         scales = tap_scales(start.model, measured.train)
@@ -485,9 +485,8 @@ class _Search:
             ", ".join(taps),
             ", ".join(f"{x:.3g}" for x in scales),
         )
-        model = retapped(
-            start.model, start.spec, taps, start.head, c.mixed_precision, c.loader.seed, scales
-        )
+        top = Top(start.head, taps, tuple(scales))
+        model = retapped(start.model, spec, weights, top, c.mixed_precision, c.loader.seed)
         features = dataclasses.replace(
             measured,
             train=rescaled(model, measured.train, scales),
@@ -495,7 +494,8 @@ class _Search:
         )
         chosen, scores = "stages", list[dict[str, Any]]()
         if config.model.head_features == AUTO:
-            last = retapped(model, start.spec, (), start.head, c.mixed_precision, c.loader.seed)
+            top = Top(start.head)
+            last = retapped(model, spec, weights, top, c.mixed_precision, c.loader.seed)
             data = dataclasses.replace(data, model=model, on_first_batch=None)
             chosen, scores, features = search_head_features(data, last, features, config)
             model = last if chosen == "last" else model
