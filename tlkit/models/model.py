@@ -138,10 +138,6 @@ def backbone_taps(base: Any) -> tuple[str, ...]:
     return tuple(t._keras_history.operation.name for t in base.outputs[:-1])
 
 
-def head_features_of(model: Any) -> str:
-    return "stages" if taps_of(model) else "last"
-
-
 def pool_maps(model: Any, maps: Any) -> Any:
     """The head's input from the backbone's maps, through the classifier's own pooling layers
     (`_pooled` made them)."""
@@ -170,7 +166,7 @@ def _pooled(maps: Any, scales: Sequence[float] | None) -> Any:
     pooled = [keras.layers.GlobalAveragePooling2D(name=f"pool_{i}")(m) for i, m in enumerate(maps)]
     scaled = [
         keras.layers.Rescaling(float(s), name=f"scale_{i}")(x)
-        for i, (x, s) in enumerate(zip(pooled, scales, strict=False))
+        for i, (x, s) in enumerate(zip(pooled[:-1], scales, strict=True))
     ]
     return keras.layers.Concatenate(name=POOL_LAYER)([*scaled, pooled[-1]])
 

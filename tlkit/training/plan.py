@@ -437,8 +437,9 @@ def _reusable(config: FinetuneConfig, n_train: int, found: Features | None) -> F
 
 @dataclasses.dataclass
 class _Search:
-    """--augment auto and --freeze auto on one model: each records its choice and scores in
-    `searched`, or takes the choice a resumed run's first start recorded there."""
+    """--head-features, --augment auto and --freeze auto on one model: each records its
+    choice and scores in `searched`, or takes the choice a resumed run's first start recorded
+    there."""
 
     model: keras.Model
     spec: BackboneSpec
@@ -467,8 +468,9 @@ class _Search:
     ) -> tuple[FinetuneConfig, Start, Features | None]:
         """--head-features stages or auto: the stages measured on the eval view of the
         training images (their scales, `tap_scales`), then under auto the head probes. The
-        config with the choice, the start with its model (rebuilt around the same backbone)
-        and the chosen candidate's eval-view features."""
+        config with the choice, the start with its model (built again as the chosen setting
+        builds it, the backbone's weights kept) and the chosen candidate's eval-view
+        features."""
         from tlkit.models.model import Top, backbone_of, rescaled, retapped, tap_scales, taps_of
         from tlkit.training.head import eval_view_features, search_head_features
 
