@@ -124,6 +124,19 @@ def test_auto_scores_both_on_val_and_the_run_records_and_keeps_its_choice(make_f
     assert result.exit_code == 0, result.output
 
 
+def test_stages_beside_augment_auto_and_no_search_table_without_a_search(make_folder, tmp_path):
+    """Each search takes the forward-pass timer only if no search before it did."""
+    data = make_folder(layout="splits", per_class=6)
+    both = _finetune(data, tmp_path / "a", "--head-features", "auto", "--augment", "auto")
+    assert both.exit_code == 0, both.output
+    with open(tmp_path / "a" / "search.csv") as f:
+        settings = {r["setting"] for r in csv.DictReader(f)}
+    assert settings == {"head_features", "augment"}
+    stages = _finetune(data, tmp_path / "s", "--head-features", "stages", "--epochs", "0")
+    assert stages.exit_code == 0, stages.output
+    assert not (tmp_path / "s" / "search.csv").exists()  # measured, not searched
+
+
 def test_stages_run_trains_from_a_cache_precomputed_for_it(make_folder, tmp_path):
     data = make_folder(layout="splits", per_class=8)
     runner = CliRunner()
@@ -242,3 +255,19 @@ def test_an_auto_run_trains_exactly_as_a_run_of_the_setting_it_chose(make_folder
     chosen = record["head_features"]["used"]
     assert _finetune(data, tmp_path / "set", "--head-features", chosen, "--no-cache").exit_code == 0
     assert_same_training(tmp_path / "auto", tmp_path / "set")
+
+
+def test_stages_too_wide_to_hold_are_measured_and_probed_on_a_sample(
+    make_folder, tmp_path, monkeypatch
+):
+    import tlkit.training.head
+
+    data = make_folder(layout="splits", per_class=10)
+    # 64 features of 4 bytes: room for 16 of the 24 training and validation images' rows
+    monkeypatch.setattr(tlkit.training.head, "MAX_FEATURE_BYTES", 16 * 64 * 4)
+    flags = ["--head-features", "auto", "--class-weight", "balanced", "--no-cache"]
+    result = _finetune(data, tmp_path / "run", *flags)
+    assert result.exit_code == 0, result.output
+    assert "--head-features: measured on 13 training and 2 validation images" in result.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(record["head_features"]["search"]) == 2

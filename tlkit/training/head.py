@@ -365,13 +365,37 @@ def search_augment(
 HEAD_FEATURE_CANDIDATES = ("last", "stages")
 
 
-def eval_view_features(data: ProbeData, config: FinetuneConfig) -> Features:
-    """The pooled features of the eval view of every training and validation image."""
+def eval_view_features(data: ProbeData, config: FinetuneConfig) -> tuple[Features, ProbeData]:
+    """The pooled features of the eval view of the training and validation images, and the
+    data they are of: all of it, or where it would not fit in MAX_FEATURE_BYTES, a seeded
+    sample that does (what --head-features measures and probes on; the head phase then
+    computes its own)."""
     from tlkit.data.augment import TrainTransform, resolve_augment
 
     plain = TrainTransform(resolve_augment("none"), data.size, data.crop_fraction)
     extractor = pooled_extractor(data.model)
-    return extract(extractor, data.train, data.val, plain, 1, config.loader, data.on_first_batch)
+    dim = int(data.model.get_layer(POOL_LAYER).output.shape[-1])
+    fits = MAX_FEATURE_BYTES // (dim * 4)
+    n_train, n_val = len(data.train), len(data.val)
+    if n_train + n_val > fits:
+        rng, share = np.random.default_rng(config.loader.seed), fits / (n_train + n_val)
+        kept = sorted(rng.permutation(n_train)[: int(n_train * share)])
+        weights = data.sample_weights
+        data = dataclasses.replace(
+            data,
+            train=[data.train[i] for i in kept],
+            val=[data.val[i] for i in sorted(rng.permutation(n_val)[: int(n_val * share)])],
+            sample_weights=[weights[i] for i in kept] if weights is not None else None,
+        )
+        log.info(
+            "--head-features: measured on %d training and %d validation images, what fits in "
+            "%d MiB",
+            len(data.train),
+            len(data.val),
+            MAX_FEATURE_BYTES // 2**20,
+        )
+    loader, first = config.loader, data.on_first_batch
+    return extract(extractor, data.train, data.val, plain, 1, loader, first), data
 
 
 def search_head_features(

@@ -480,7 +480,8 @@ class _Search:
             return config.replace(head_features=chosen), start, None
         c, taps, spec, weights = config, taps_of(start.model), start.spec, start.weights
         data = self._data(self.timed.pop() if self.timed else None)
-        measured = eval_view_features(data, config)
+        measured, measured_on = eval_view_features(data, config)
+        whole = len(measured_on.train) == len(data.train)
         scales = tap_scales(start.model, measured.train)
         log.info(
             "--head-features: %s pooled beside the last layer, scaled by %s to its size",
@@ -498,7 +499,7 @@ class _Search:
         if config.model.head_features == AUTO:
             top = Top(start.head)
             last = retapped(model, spec, weights, top, c.mixed_precision, c.loader.seed)
-            data = dataclasses.replace(data, model=model, on_first_batch=None)
+            data = dataclasses.replace(measured_on, model=model, on_first_batch=None)
             chosen, scores, features = search_head_features(data, last, features, config)
             model = last if chosen == "last" else model
         self.searched["head_features"] = {
@@ -507,7 +508,7 @@ class _Search:
         }
         self.model = model
         start = dataclasses.replace(start, model=model, base=backbone_of(model))
-        return config.replace(head_features=chosen), start, features
+        return config.replace(head_features=chosen), start, features if whole else None
 
     def augment(self, config: FinetuneConfig) -> tuple[FinetuneConfig, Features | None]:
         from tlkit.data.augment import AugmentConfig
@@ -517,7 +518,8 @@ class _Search:
             chosen = AugmentConfig.from_dict(self.searched["augment"]["chosen"])
             log.info("--augment auto: %s, as chosen when the run started", chosen.preset)
             return dataclasses.replace(config, augment=chosen), None
-        chosen, scores, features = search_augment(self._data(self.timed.pop()), config)
+        data = self._data(self.timed.pop() if self.timed else None)  # the first search's
+        chosen, scores, features = search_augment(data, config)
         self.searched["augment"] = {"chosen": chosen.as_dict(), "scores": scores}
         return dataclasses.replace(config, augment=chosen), features
 

@@ -36,10 +36,11 @@ SEARCH_TABLE = "search.csv"
 
 def write_search_table(path: Path, searched: Searched) -> None:
     """Every candidate of the `auto` searches (--head-features, --augment, --freeze), one row
-    each, beside run.json."""
+    each, beside run.json; no file when nothing was searched."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("setting", "candidate", "val_loss", "val_accuracy", "seconds", "chosen"))
+    header = buf.tell()
     for setting, found in (
         ("head_features", searched.get("head_features")),
         ("augment", searched.get("augment")),
@@ -56,7 +57,8 @@ def write_search_table(path: Path, searched: Searched) -> None:
                     int(bool(s.get("chosen"))),
                 )
             )
-    atomic_write(path, buf.getvalue())
+    if buf.tell() > header:  # --head-features stages measures and records, it searches nothing
+        atomic_write(path, buf.getvalue())
 
 
 def inference_model(model: keras.Model) -> keras.Model:
