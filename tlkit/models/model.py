@@ -178,7 +178,7 @@ def tap_scales(model: Any, pooled: np.ndarray) -> list[float]:
     weight, would otherwise follow the loudest stage."""
     widths = [int(t.shape[-1]) for t in backbone_of(model).outputs]
     ends = np.cumsum([0, *widths])
-    wide = np.asarray(pooled, np.float64)  # float16 features (mixed precision) would overflow
+    wide = np.asarray(pooled, np.float32)  # float16 features (mixed precision) would overflow
     rms = [float(np.sqrt(np.mean(np.square(wide[:, a:b])))) for a, b in itertools.pairwise(ends)]
     return [rms[-1] / r if r > 0 else 1.0 for r in rms[:-1]]
 
