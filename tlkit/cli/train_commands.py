@@ -74,6 +74,8 @@ if TYPE_CHECKING:
 @STRATEGY_OPTION
 @option("scale_lr")
 @option("lr_base_batch")
+@option("preset")
+@option("time_limit")
 @JSON_OPTION
 def finetune(
     data: str,
@@ -91,6 +93,9 @@ def finetune(
     from tlkit.training.train import finetune as run_finetune
 
     ctx = click.get_current_context()
+    preset, time_limit = options.pop("preset"), options.pop("time_limit")
+    typed = {n for n in ctx.params if ctx.get_parameter_source(n) == _COMMANDLINE}
+    _check_preset(preset, typed)
     request = freeze_request(ctx, default="0")
     recipe = ctx.meta.get("tlkit.recipe")
     augment = augment_config(options, allow_auto=True)
@@ -101,6 +106,9 @@ def finetune(
         recipe=recipe.name if recipe else None,
         **options,
     )
+    if preset is not None or (resume is not None and _preset_run(resume)):
+        _finetune_best(config, time_limit, resume, verbosity(ctx), as_json)
+        return
     if resume is not None:  # the saved settings, changed only where a flag was typed
         given = config.settings()
         typed = {
@@ -111,6 +119,53 @@ def finetune(
         config = resume_config(resume, **{f: given[f] for f in typed})
     run = run_finetune(config, verbose=verbosity(ctx), resume=resume, force_resume=force_resume)
     _echo_run(run, as_json)
+
+
+_COMMANDLINE = click.core.ParameterSource.COMMANDLINE
+# settings --preset best decides for each candidate (typed with it: refused)
+_PRESET_OWN = ("backbone", "weights", "input_size", "freeze", "freeze_to", "freeze_blocks")
+
+
+def _check_preset(preset: str | None, typed: set[str]) -> None:
+    from tlkit.core.errors import ConfigError
+
+    if preset is None and "time_limit" in typed:
+        raise ConfigError(
+            "--time-limit is the budget of --preset best; add --preset best, or leave it out"
+        )
+    clash = [SETTINGS[n].flag for n in (*_PRESET_OWN, "head_features") if n in typed]
+    if preset is not None and clash:
+        raise ConfigError(
+            f"--preset best chooses {', '.join(clash)} for each candidate itself; leave "
+            f"{'it' if len(clash) == 1 else 'them'} out, or train one model without --preset"
+        )
+
+
+def _preset_run(resume: str) -> bool:
+    from tlkit.preset.best import find_preset
+
+    return find_preset(resume) is not None
+
+
+def _finetune_best(
+    config: Any, time_limit: str, resume: str | None, verbose: int | str, as_json: bool
+) -> None:
+    """--preset best: the candidates, the leaderboard, the ensemble as one run."""
+    from tlkit.preset.best import BestConfig, best, leaderboard_lines
+
+    if resume is not None:
+        run = best(None, verbose, resume=resume)
+    else:
+        run = best(BestConfig(config, time_limit), verbose)
+    ensemble = run.record.extra["ensemble"]
+    if as_json:
+        found = {"run": str(run.path), "leaderboard": ensemble["candidates"]}
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"leaderboard (validation split; {run.path / 'leaderboard.csv'}):")
+    for line in leaderboard_lines(run):
+        click.echo("  " + line)
+    click.echo(f"run: {run.path}")
 
 
 def _echo_run(run: Run | None, as_json: bool) -> None:

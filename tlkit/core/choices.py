@@ -26,6 +26,9 @@ EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 BAD_IMAGE_POLICIES = ("error", "skip")
 HEAD_FEATURES = ("last", "stages", "auto")  # what the head reads (tlkit.models.model.stage_taps)
 LR_FIND_PHASES = ("head", "fine-tune")
+RUN_PRESETS = ("best",)  # finetune --preset (tlkit.preset)
+# --preset best's candidates: the three backbones whose ImageNet weights every install has
+BEST_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 LINEAR_HEAD = "linear"  # the head's name in a run when it is tlkit's own (models/model.py)
 AUTO = "auto"  # --augment auto, --freeze auto: chosen on the validation split
 # --fine-tune-lr's default follows the amount of data, as measured on the icons benchmark

@@ -118,6 +118,10 @@ CONTENTS: dict[str, dict[str, Any]] = {
         "eval": "evaluation",
         "diagnose": "diagnose",
         "export": "export",
+        # --preset best (tlkit.preset): its candidates, each a run, its leaderboard and plan
+        "members": "run",
+        "leaderboard.csv": FILE,
+        "preset.json": FILE,
     },
     "export": {
         "export.json": FILE,

@@ -269,6 +269,20 @@ class Run:
     def max_pixels(self) -> int:
         return self.record.max_pixels
 
+    @property
+    def members(self) -> list[str]:
+        """An ensemble run's members (`--preset best`: folders inside it); [] for one model."""
+        ensemble = self.record.extra.get("ensemble")
+        return list(ensemble["members"]) if isinstance(ensemble, dict) else []
+
+    def one_model(self, what: str) -> None:
+        """One line when `what` needs one backbone's model and this run is an ensemble."""
+        if self.members:
+            raise RunError(
+                f"{self.path}: an ensemble of {len(self.members)} runs (--preset best); {what} "
+                f"needs one backbone's model: name one of its members ({self.path}/members/...)"
+            )
+
     def load_model(self) -> Any:
         """The saved classifier, loaded with Keras safe_mode (no arbitrary code)."""
         return load_keras_file(self.path / "model.keras")

@@ -334,6 +334,21 @@ SETTINGS: dict[str, Setting] = {
             32,
             **_AT_LEAST_1,
         ),
+        Setting(
+            "preset",
+            "best: within --time-limit, train the candidates that fit (EfficientNet-Lite0, -1 "
+            "and -2, each with its head alone, then fine-tuned; head features chosen on the "
+            "validation split), save their leaderboard, and keep their greedy ensemble as one "
+            "model. --backbone, --weights, --input-size, --freeze and --head-features are the "
+            "preset's.",
+            choices=choices.RUN_PRESETS,
+        ),
+        Setting(
+            "time_limit",
+            "--preset best's budget for the whole command (measuring, training, ensembling), "
+            "e.g. 20m, 1h30m, 90s.",
+            "20m",
+        ),
         Setting("tensorboard", "Write TensorBoard logs to RUN/tensorboard/.", False, type=bool),
         Setting(
             "calibrate",

@@ -266,6 +266,7 @@ def diagnose(config: DiagnoseConfig) -> dict[str, Any]:
     from tlkit.evaluation.evaluate import classification_metrics
 
     run = load_run(config.run)
+    run.one_model("diagnose")
     out_dir = run.path / "diagnose" / config.name
     refuse_overwrite(out_dir, config.overwrite, "pass --name or --overwrite", kind="diagnose")
     splits = _examples(run, config.data)

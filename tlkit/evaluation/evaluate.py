@@ -222,6 +222,14 @@ class Member:
         self.size, self.crop = run.input_size, float(run.record.crop_fraction)
         self.seen = views_seen(run.record)
 
+    @property
+    def runs_dense(self) -> bool:
+        """Whether it can see the whole image (one backbone run fully convolutional); an
+        ensemble of several (`--preset best`) cannot."""
+        from tlkit.models.model import BACKBONE_LAYER
+
+        return any(layer.name == BACKBONE_LAYER for layer in self.model.layers)
+
 
 # a batch decoded ahead: the crop sets' views by (size, crop, mode); dense members' whole images
 _Decoded = tuple[dict[Any, np.ndarray], dict[int, list[np.ndarray]]]
@@ -429,7 +437,9 @@ def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[V
     members = runner.members
     if requested != AUTO:
         return [_asked_for(m, requested) for m in members]
-    options = [candidates(m.seen, m.crop) for m in members]
+    options = [
+        [o for o in candidates(m.seen, m.crop) if o != "dense" or m.runs_dense] for m in members
+    ]
     chosen: list[ViewChoice | None] = [
         ViewChoice("1", f"the only views training showed ({m.seen.why})") if opts == ["1"] else None
         for m, opts in zip(members, options, strict=True)
@@ -458,6 +468,11 @@ def resolve_views(runner: ViewRunner, requested: str, batch_size: int) -> list[V
 
 def _asked_for(member: Member, requested: str) -> ViewChoice:
     """The view set asked for, with a warning when it holds views training never showed."""
+    if requested == "dense" and not member.runs_dense:
+        raise ConfigError(
+            f"{member.run.path}: --multicrop dense runs one backbone over the whole image, and "
+            "this run is an ensemble of several; use a crop set (1, 2, 5, 10, multiscale)"
+        )
     outside = unseen(requested, member.seen, member.crop)
     if outside:
         log.warning(

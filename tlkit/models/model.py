@@ -271,6 +271,11 @@ def softmax_layer(model: Any, purpose: str, linear: bool = False) -> Any:
     another."""
     import keras
 
+    if not any(layer.name == POOL_LAYER for layer in model.layers):
+        raise RunError(
+            f"{purpose} needs one backbone's pooled features, and this model is an ensemble "
+            "of several (--preset best); use one of its members (RUN/members/)"
+        )
     head = model.layers[model.layers.index(model.get_layer(POOL_LAYER)) + 1 :]
     last = head[-1] if head else None
     between = head[:-1]

@@ -201,7 +201,7 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
         return ResolvedWeights("imagenet", str(path), file_hash(path))
     path = Path(weights)
     if path.is_dir():
-        from tlkit.core.runs import is_finished_run, read_record
+        from tlkit.core.runs import Run, is_finished_run, read_record
 
         if not is_finished_run(path):
             raise WeightsError(
@@ -210,9 +210,11 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> ResolvedWeights:
             )
         model_file = path / "model.keras"
         try:
-            trained = read_record(path).backbone
+            record = read_record(path)
+            Run(path, record).one_model("--weights")
         except RunError as e:
             raise WeightsError(f"--weights {path}: {e}") from None
+        trained = record.backbone
         if trained != spec.name:
             raise WeightsError(
                 f"--weights {path}: that run trained {trained}, not {spec.name}; "

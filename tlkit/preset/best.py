@@ -1,0 +1,553 @@
+"""`tlkit finetune --preset best --time-limit 20m DATA`: the candidates that fit the budget,
+scored on the validation split, and the greedy ensemble of them as one run.
+
+The candidates, in priority order: each backbone of the family with its head alone (cheap, and
+already a strong classifier on little data), then each fine-tuned (the Keras guide's recipe,
+tlkit's defaults); every one chooses what its head reads (`--head-features auto`). Before
+anything trains, each backbone's rates are measured here (budget.py), and the plan says which
+candidates fit and about how long they take. While they run, the estimates are corrected by
+what the finished ones took; a candidate that no longer fits is skipped, and a fine-tune stops
+before an epoch that would run past its share of the budget.
+
+The result is one run folder that `eval`, `predict` and `export` take as any run:
+- `model.keras`: the members chosen by greedy selection with replacement on the validation
+  split (Caruana et al., 2004), under one averaging model (tlkit.evaluation.ensemble);
+- `members/<candidate>/`: every candidate trained, each a full tlkit run;
+- `leaderboard.csv`: each candidate's validation figures, seconds and ensemble weight;
+- `preset.json`: the plan and the budget spent, which `finetune --resume` continues from.
+The test-time views of the ensemble are chosen on the validation split among those every
+member trained on (`eval --multicrop` makes the same choice) and recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlkit import _version
+from tlkit.core.choices import AUTO, BEST_BACKBONES
+from tlkit.core.errors import ConfigError, DataError, RunError
+from tlkit.core.fsutil import (
+    FolderBusy,
+    atomic_path,
+    atomic_write,
+    atomic_write_json,
+    claim,
+    file_hash,
+    find_incomplete,
+    incomplete_dir,
+    is_incomplete,
+    publish_dir,
+    read_json_record,
+    refuse_overwrite,
+    release,
+)
+from tlkit.core.runs import RUN_FILE, RUNS_DIR, Run, RunRecord, is_finished_run, load_run
+from tlkit.core.settings import check_fields, setting
+from tlkit.models.freezing import FreezeRequest
+from tlkit.preset.budget import (
+    Clock,
+    Images,
+    Rates,
+    ensemble_seconds,
+    fine_tune_seconds,
+    fits,
+    head_seconds,
+    measure,
+    minutes,
+    parse_duration,
+)
+from tlkit.training.config import FinetuneConfig
+
+log = logging.getLogger("tlkit")
+PRESET_FILE = "preset.json"
+PRESET_SCHEMA = 1
+LEADERBOARD = "leaderboard.csv"
+MEMBERS = "members"
+TRAINED = "trained"
+KINDS = ("head", "fine-tune")  # priority: every backbone's head first, then the fine-tunes
+SHARE = 1.5  # a fine-tune may run this far past its estimate, budget permitting
+LEADERBOARD_COLUMNS = (
+    "candidate",
+    "status",
+    "val_loss",
+    "val_top1",
+    "head_features",
+    "ensemble_weight",
+    "seconds",
+    "estimated_seconds",
+    "note",
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One run the preset may train: a backbone, with its head alone or fine-tuned."""
+
+    backbone: str
+    kind: str  # "head" | "fine-tune"
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}-{self.kind}"
+
+    def config(self, base: FinetuneConfig, members: Path) -> FinetuneConfig:
+        """The user's settings with what this candidate is: its backbone at its own size,
+        frozen whole (head) or not at all (fine-tune), its head features chosen on val."""
+        head = self.kind == "head"
+        return base.replace(
+            backbone=self.backbone,
+            input_size=None,
+            freeze=FreezeRequest(count="all" if head else "0"),
+            head_features=AUTO,
+            output=str(members / self.name),
+            overwrite=False,
+            **({"epochs": 0} if head else {}),
+        )
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """`--preset best`: the settings every candidate shares (`base`: its backbone, freeze and
+    head features are the preset's), the budget, and the backbones to choose among."""
+
+    base: FinetuneConfig
+    time_limit: str = setting("time_limit")
+    backbones: tuple[str, ...] = BEST_BACKBONES
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        parse_duration(self.time_limit)
+        from tlkit.models.backbones import get_backbone
+
+        for name in self.backbones:
+            get_backbone(name)  # an unknown one is one line, before any work
+        if self.base.model.weights not in ("imagenet", "none"):  # a file fits one backbone
+            raise ConfigError(
+                "--preset best starts every candidate from its backbone's ImageNet weights "
+                f"(or none). Received: --weights {self.base.model.weights}"
+            )
+
+    @property
+    def limit_s(self) -> float:
+        return parse_duration(self.time_limit)
+
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(b, k) for k in KINDS for b in self.backbones]
+
+
+def default_run_dir() -> Path:
+    return Path(RUNS_DIR) / f"best-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def best(
+    config: BestConfig | None = None,
+    verbose: int | str = "auto",
+    resume: str | os.PathLike[str] | None = None,
+) -> Run:
+    """Train the candidates that fit `config.time_limit`, and keep their greedy ensemble.
+
+    Args:
+        config: the preset's settings (BestConfig); None with `resume`.
+        verbose: Keras' verbosity for each candidate's training.
+        resume: an interrupted `--preset best` run: its finished candidates are kept, an
+            interrupted one continues from its checkpoint, and the budget left is what the
+            earlier attempts did not spend.
+    """
+    clock_start = time.monotonic()
+    if resume is not None:
+        tmp, run_dir, state = _reopen(Path(resume))
+        config = config_of(state)
+    elif config is None:
+        raise TypeError("best() needs a config, or resume= to continue a run")
+    else:
+        run_dir, tmp, state = _open(config)
+    clock = Clock(config.limit_s, state["spent_s"], state["ratios"])
+    clock.started = clock_start
+    try:
+        if "plan" not in state:
+            _plan(config, state, clock)
+            _save(tmp, state, clock)
+        for candidate in config.candidates():
+            _train(candidate, config, tmp, state, clock, verbose)
+        return _finish(config, tmp, run_dir, state, clock)
+    except BaseException:
+        if tmp.is_dir():
+            _save(tmp, state, clock)  # what was spent counts against the budget on resume
+            release(tmp)
+        raise
+
+
+def _open(config: BestConfig) -> tuple[Path, Path, dict[str, Any]]:
+    """A new run: its folder checked and opened, the data checked, the preset's state begun."""
+    from tlkit.data.preflight import check_inputs
+
+    base = config.base
+    run_dir = Path(base.output) if base.output else default_run_dir()
+    inputs = () if base.data.startswith("tfds:") else (Path(base.data),)
+    refuse_overwrite(
+        run_dir, base.overwrite, "choose another -o/--output or pass --overwrite", "run", inputs
+    )
+    check_inputs(base.data, base.model, base.val_fraction)  # bad data: one line, now
+    tmp = incomplete_dir(run_dir, "run")
+    state: dict[str, Any] = {
+        "schema": PRESET_SCHEMA,
+        "preset": "best",
+        "time_limit": config.time_limit,
+        "backbones": list(config.backbones),
+        "base": base.as_dict(),
+        "spent_s": 0.0,
+        "ratios": [],
+        "done": {},
+    }
+    return run_dir, tmp, state
+
+
+def config_of(state: dict[str, Any]) -> BestConfig:
+    """The preset's settings as the run started with them (preset.json)."""
+    base = FinetuneConfig.from_dict(state["base"])
+    return BestConfig(base, state["time_limit"], tuple(state["backbones"]))
+
+
+def find_preset(path: str | os.PathLike[str]) -> Path | None:
+    """The interrupted `--preset best` run `path` names (its folder, or the `.incomplete-`
+    folder being built for it); None when it names no such run."""
+    path = Path(path)
+    found = [path] if is_incomplete(path) else find_incomplete(path)
+    found = [p for p in found if (p / PRESET_FILE).is_file()]
+    return found[-1] if found else None
+
+
+def _reopen(path: Path) -> tuple[Path, Path, dict[str, Any]]:
+    from tlkit.core.fsutil import final_path
+
+    if is_finished_run(path):
+        raise RunError(f"{path}: this run finished; there is nothing to resume")
+    tmp = find_preset(path)
+    if tmp is None:
+        raise RunError(f"{path}: no interrupted --preset best run is there")
+    try:
+        claim(tmp)
+    except FolderBusy:
+        raise RunError(f"{tmp}: another process is training this run right now") from None
+    state = read_json_record(tmp / PRESET_FILE, RunError, "the run folder is damaged")
+    if state.get("schema") != PRESET_SCHEMA:
+        raise RunError(f"{tmp / PRESET_FILE}: not a preset record this tlkit reads")
+    log.info(
+        "resuming %s: %s of --time-limit %s spent before",
+        tmp,
+        minutes(state["spent_s"]),
+        state["time_limit"],
+    )
+    return tmp, final_path(tmp), state
+
+
+def _save(tmp: Path, state: dict[str, Any], clock: Clock) -> None:
+    state["spent_s"] = clock.spent
+    state["ratios"] = clock.ratios
+    atomic_write_json(tmp / PRESET_FILE, state)
+
+
+def _images(config: BestConfig) -> tuple[Images, int]:
+    """How many images each split holds, and how many classes."""
+    from tlkit.data.preflight import check_inputs
+
+    base = config.base
+    folder = check_inputs(base.data, base.model, base.val_fraction).dataset()
+    counts = (len(folder.splits.get(s, [])) for s in ("train", "val", "test"))
+    return Images(*counts), len(folder.classes)
+
+
+def _plan(config: BestConfig, state: dict[str, Any], clock: Clock) -> None:
+    """Each backbone's rates measured here, each candidate priced, those that fit chosen."""
+    from tlkit.models.backbones import get_backbone
+
+    images, classes = _images(config)
+    rates = {}
+    for name in config.backbones:
+        spec = get_backbone(name)
+        rates[name] = measure(name, spec.resolve_input_size(None), classes)
+    epochs = config.base.fit.epochs
+    priced = []
+    for c in config.candidates():
+        r = rates[c.backbone]
+        cost = head_seconds(r, images) if c.kind == "head" else fine_tune_seconds(r, images, epochs)
+        priced.append((c.name, cost))
+    reserve = ensemble_seconds(list(rates.values()), images)
+    kept, left = fits(priced, clock.left - reserve)
+    if not kept:
+        cheapest = min(priced, key=lambda p: p[1])
+        raise ConfigError(
+            f"--time-limit {config.time_limit}: the cheapest candidate ({cheapest[0]}) needs "
+            f"about {minutes(cheapest[1] + reserve)} here with the ensemble step; give more "
+            "time"
+        )
+    state.update(
+        images=dataclasses.asdict(images),
+        rates={k: v.as_dict() for k, v in rates.items()},
+        reserve_s=reserve,
+        plan=[{"candidate": n, "estimated_s": s} for n, s in priced if n in kept],
+        left_out=[{"candidate": n, "estimated_s": s} for n, s in left],
+    )
+    total = clock.spent + sum(s for n, s in priced if n in kept) + reserve
+    log.info(
+        "--preset best: fits %s (about %s of %s)%s",
+        ", ".join(kept),
+        minutes(total),
+        config.time_limit,
+        "; left out: " + ", ".join(f"{n} (about {minutes(s)})" for n, s in left) if left else "",
+    )
+
+
+def deadline_callback(deadline: float) -> Any:
+    """A Keras callback that ends training before an epoch that would finish after
+    `deadline` (time.monotonic()), judged by the epoch before; `stopped` says it did."""
+    import keras
+
+    class Deadline(keras.callbacks.Callback):  # type: ignore[misc]
+        stopped = False
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._began = time.monotonic()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            took = time.monotonic() - self._began
+            if time.monotonic() + took > deadline and self.model is not None:
+                self.model.stop_training = True
+                self.stopped = True
+
+    return Deadline()
+
+
+def _train(
+    candidate: Candidate,
+    config: BestConfig,
+    tmp: Path,
+    state: dict[str, Any],
+    clock: Clock,
+    verbose: int | str,
+) -> None:
+    """Train one planned candidate, or skip it when what is left no longer holds it."""
+    from tlkit.training.train import finetune
+
+    done, name = state["done"], candidate.name
+    planned = {p["candidate"]: p["estimated_s"] for p in state["plan"]}
+    if name in done or name not in planned:
+        return
+    members = tmp / MEMBERS
+    estimate = planned[name] * clock.correction()
+    left = clock.left - state["reserve_s"]
+    interrupted = [p for p in find_incomplete(members / name) if (p / "checkpoints").is_dir()]
+    if estimate > left and not is_finished_run(members / name):
+        note = f"about {minutes(estimate)}; {minutes(left)} left"
+        done[name] = {"status": "skipped", "note": note}
+        log.info("--preset best: %s skipped (%s)", name, done[name]["note"])
+        _save(tmp, state, clock)
+        return
+    tail = _tail_seconds(state, candidate)
+    deadline = time.monotonic() + min(SHARE * estimate, left) - tail
+    stop = deadline_callback(deadline)
+    log.info("--preset best: training %s (about %s)", name, minutes(estimate))
+    began = time.monotonic()
+    if not is_finished_run(members / name):
+        if interrupted:
+            finetune(None, verbose, resume=interrupted[-1], callbacks=[stop])
+        else:
+            finetune(candidate.config(config.base, members), verbose, callbacks=[stop])
+    took = time.monotonic() - began
+    clock.record(planned[name], took)
+    note = "fine-tune stopped by the budget" if stop.stopped else ""
+    done[name] = {"status": TRAINED, "seconds": took, "note": note}
+    _save(tmp, state, clock)
+
+
+def _tail_seconds(state: dict[str, Any], candidate: Candidate) -> float:
+    """What a run does after its last epoch: the saved model's val and test scores, records."""
+    rates = Rates(**state["rates"][candidate.backbone])
+    images = Images(**state["images"])
+    return (images.val + images.test) * rates.forward_s + rates.build_s
+
+
+def _finish(
+    config: BestConfig, tmp: Path, run_dir: Path, state: dict[str, Any], clock: Clock
+) -> Run:
+    """The greedy ensemble of the trained candidates as one model, its views chosen on
+    val, the leaderboard and the run record; the folder published whole."""
+    from tlkit.evaluation.ensemble import build_ensemble
+
+    done = state["done"]
+    trained = [c.name for c in config.candidates() if done.get(c.name, {}).get("status") == TRAINED]
+    if not trained:
+        raise RunError(
+            f"{tmp}: no candidate finished within --time-limit {config.time_limit}; give more "
+            "time (preset.json has each one's estimate)"
+        )
+    began = time.monotonic()
+    runs = [load_run(tmp / MEMBERS / n) for n in trained]
+    model, geometry, ensemble = build_ensemble(runs, "greedy")
+    ensemble["members"] = [f"{MEMBERS}/{n}" for n in trained]
+    for branch, n in zip(ensemble["branches"], trained, strict=True):
+        branch["run"] = f"{MEMBERS}/{n}"
+    with atomic_path(tmp / "model.keras") as path:
+        model.save(path)
+    record = _record(config, runs, geometry, ensemble, tmp)
+    scores = _scores(Run(tmp, record), config.base.loader.batch_size)
+    ensemble.update(views=scores.pop("views"), seconds=time.monotonic() - began)
+    ensemble["candidates"] = _leaderboard(state, runs, trained, ensemble, scores)
+    record = dataclasses.replace(
+        record,
+        results={"best": scores["best"], "test": scores["test"]},
+        extra={"ensemble": ensemble, "preset": "best"},
+    )
+    _save(tmp, state, clock)
+    atomic_write(tmp / LEADERBOARD, _csv(ensemble["candidates"]))
+    atomic_write_json(tmp / RUN_FILE, record.as_dict())
+    publish_dir(tmp, run_dir, overwrite=config.base.overwrite)
+    log.info("--preset best: %s in all (--time-limit %s)", minutes(clock.spent), config.time_limit)
+    return load_run(run_dir)
+
+
+def _record(
+    config: BestConfig, runs: list[Run], geometry: Any, ensemble: dict[str, Any], tmp: Path
+) -> RunRecord:
+    """run.json of the one model: what eval, predict and export read (its input view, the
+    classes, the data and split its members trained on)."""
+    import keras
+
+    first = runs[0].record
+    return RunRecord(
+        backbone="ensemble",
+        weights={"source": "ensemble", "path": None, "sha256": file_hash(tmp / "model.keras")},
+        freeze={"request": "--preset best", "n_frozen": 0, "n_layers": 0, "last_frozen": None},
+        input_size=geometry.size,
+        preprocessing="inside each member",
+        crop_fraction=geometry.crop_fraction,
+        classes=first.classes,
+        config={**config.base.as_dict(), "preset": "best", "time_limit": config.time_limit},
+        data=first.data,
+        seed=config.base.loader.seed,
+        tlkit_version=_version.__version__,
+        keras_version=keras.__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        views_seen=_common_views([r.record for r in runs], ensemble["member_weights"]),
+        extra={"ensemble": ensemble, "preset": "best"},
+    )
+
+
+def _common_views(records: list[RunRecord], weights: list[float]) -> dict[str, Any]:
+    """The views every member in the model trained on: its own when they agree, else the eval
+    view (mirrored only if every one saw mirrors)."""
+    from tlkit.data.views_seen import ViewsSeen, views_seen
+
+    seen = [views_seen(r) for r, w in zip(records, weights, strict=True) if w > 0]
+    if all(s.as_dict() == seen[0].as_dict() for s in seen):
+        return seen[0].as_dict()
+    mirror = all(s.mirror for s in seen)
+    why = "its members trained on different views: the eval view" + (
+        " and its mirror" if mirror else ""
+    )
+    return ViewsSeen("center", (1.0, 1.0), (1.0, 1.0), mirror, why).as_dict()
+
+
+def _scores(run: Run, batch_size: int) -> dict[str, Any]:
+    """The one model's single-crop validation and test figures, and its test-time views
+    chosen on validation (as `eval --multicrop` chooses them)."""
+    from tlkit.core.calibration import log_loss
+    from tlkit.evaluation.evaluate import Member, ViewRunner, eval_examples, resolve_views
+
+    runner = ViewRunner([Member(run)])
+    choice = resolve_views(runner, AUTO, batch_size)[0]
+    out: dict[str, Any] = {"views": choice.as_dict(), "test": None}
+    for split in ("val", "test"):
+        try:
+            examples = eval_examples(run, None, split).examples
+        except DataError:  # no test split: nothing to report
+            continue
+        probs = runner.probs([e.path for e in examples], "1", batch_size)[0]
+        if probs is None:
+            raise RuntimeError("the one model gave no probabilities")  # a bug
+        labels = np.array([e.label for e in examples])
+        p = probs[:, 0]
+        top1, loss = float((p.argmax(1) == labels).mean()), log_loss(p, labels)
+        if split == "val":
+            out["best"] = {"val_loss": loss, "val_accuracy": top1, "phase": "ensemble", "epoch": 0}
+        else:
+            out["test"] = {"accuracy": top1, "loss": loss, "images": len(labels), "views": 1}
+    return out
+
+
+def _leaderboard(
+    state: dict[str, Any],
+    runs: list[Run],
+    trained: list[str],
+    ensemble: dict[str, Any],
+    scores: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Every candidate's row, best validation loss first, and the ensemble's."""
+    weights = dict(zip(trained, ensemble["member_weights"], strict=True))
+    by_name = dict(zip(trained, runs, strict=True))
+    estimates = {p["candidate"]: p["estimated_s"] for p in state["plan"] + state["left_out"]}
+    rows = []
+    for name, estimate in estimates.items():
+        done = state["done"].get(name, {"status": "left out", "note": "did not fit the plan"})
+        row: dict[str, Any] = dict.fromkeys(LEADERBOARD_COLUMNS)
+        row.update(candidate=name, status=done["status"], note=done.get("note") or None)
+        row["estimated_seconds"] = round(estimate, 1)
+        if name in by_name:
+            record = by_name[name].record
+            chosen: dict[str, Any] = dict(record.results.get("best") or {})
+            row.update(
+                val_loss=chosen.get("val_loss"),
+                val_top1=chosen.get("val_accuracy"),
+                head_features=record.head_features.get("used", "last"),
+                ensemble_weight=weights[name],
+                seconds=round(done.get("seconds", 0.0), 1),
+            )
+        rows.append(row)
+    best = scores["best"]
+    rows.append(
+        {
+            **dict.fromkeys(LEADERBOARD_COLUMNS),
+            "candidate": "ensemble",
+            "status": "kept",
+            "val_loss": best["val_loss"],
+            "val_top1": best["val_accuracy"],
+            "seconds": round(ensemble["seconds"], 1),
+            "note": f"greedy weights fitted on val; views {ensemble['views']['views']}",
+        }
+    )
+    scored = sorted((r for r in rows if r["val_loss"] is not None), key=lambda r: r["val_loss"])
+    return scored + [r for r in rows if r["val_loss"] is None]
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, LEADERBOARD_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def leaderboard_lines(run: Run) -> list[str]:
+    """The leaderboard as the CLI prints it."""
+    rows = run.record.extra["ensemble"]["candidates"]
+    head = f"{'candidate':34} {'val top-1':>9} {'val loss':>8} {'weight':>6} {'seconds':>7}  note"
+    lines = [head]
+    for r in rows:
+        top1 = f"{r['val_top1']:.1%}" if r["val_top1"] is not None else "-"
+        loss = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-"
+        weight = f"{r['ensemble_weight']:.2f}" if r["ensemble_weight"] is not None else "-"
+        seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else "-"
+        note = r["note"] or r["status"]
+        lines.append(f"{r['candidate']:34} {top1:>9} {loss:>8} {weight:>6} {seconds:>7}  {note}")
+    return lines
