@@ -130,6 +130,10 @@ CONFIGS: dict[str, list[str]] = {  # name -> `tlkit finetune` flags
         "auto",
     ],
 }
+# tlkit's budgeted search: the three Lites, head only and fine-tuned, each at its own size, and
+# the greedy ensemble of them as one model (so no --input-size: the preset takes none)
+PRESET = "preset best --time-limit 20m"
+CONFIGS[PRESET] = ["--preset", "best", "--time-limit", "20m"]
 BACKBONES = [n for n in CONFIGS if n.startswith("defaults, Lite")]
 OPTIONS = [n for n in CONFIGS if n.startswith("defaults + ")]  # the options left off
 RATES = [n for n in CONFIGS if n.startswith("defaults, --fine-tune-lr")]
@@ -165,6 +169,7 @@ PLANS: dict[str, dict[int, tuple[list[str], set[str]]]] = {
                 *RATES,
                 *BACKBONES,
                 *HEAD_FEATURES,
+                PRESET,
             ],
             # 3 rates each: 15 and 9 min a seed; the three Lites' ensemble
             {"scratch", "timm reference", "backbones", "stages probe"},
@@ -550,7 +555,9 @@ def run_seed(
     runs: dict[str, tuple[Path, float]] = {}
     for name in names:
         out = work / "runs" / f"{task.root.name}-{len(runs)}"
-        seconds, best = finetune(task, out, [*base, *configs[name]])
+        own_size = "--preset" in configs[name]  # each candidate at its backbone's size
+        flags = [*(base[-2:] if own_size else base), *configs[name]]
+        seconds, best = finetune(task, out, flags)
         val = best["val_accuracy"]
         runs[name] = (out, val)
         m, eval_s = evaluate([out], task)

@@ -159,7 +159,12 @@ def _finetune_best(
         run = best(BestConfig(config, time_limit), verbose)
     ensemble = run.record.extra["ensemble"]
     if as_json:
-        found = {"run": str(run.path), "leaderboard": ensemble["candidates"]}
+        results = run.record.results
+        found = {
+            "run": str(run.path),
+            "best": results["best"],
+            "leaderboard": ensemble["candidates"],
+        }
         click.echo(json.dumps(found, indent=2))
         return
     click.echo(f"leaderboard (validation split; {run.path / 'leaderboard.csv'}):")
