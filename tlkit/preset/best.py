@@ -76,7 +76,7 @@ LEADERBOARD = "leaderboard.csv"
 MEMBERS = "members"
 TRAINED = "trained"
 KINDS = ("head", "fine-tune")  # priority: every backbone's head first, then the fine-tunes
-SHARE = 1.5  # a fine-tune may run this far past its estimate, budget permitting
+SHARE = 1.5  # a fine-tune may run this far past its estimate, even when later ones then skip
 LEADERBOARD_COLUMNS = (
     "candidate",
     "status",
@@ -164,20 +164,26 @@ def best(
             interrupted one continues from its checkpoint, and the budget left is what the
             earlier attempts did not spend.
     """
-    clock_start = time.monotonic()
     if resume is not None:
         tmp, run_dir, state = _reopen(Path(resume))
         config = config_of(state)
+        clock = Clock(config.limit_s, state["spent_s"], state["ratios"])
     elif config is None:
         raise TypeError("best() needs a config, or resume= to continue a run")
     else:
-        run_dir, tmp, state = _open(config)
-    clock = Clock(config.limit_s, state["spent_s"], state["ratios"])
-    clock.started = clock_start
+        clock = Clock(config.limit_s)
+        run_dir, state = _open(config)
+        _plan(config, state, clock)  # a budget too small is refused before any folder exists
+        tmp = incomplete_dir(run_dir, "run")
+        _save(tmp, state, clock)
+        log.info(
+            "building the run in %s; if it is interrupted, `tlkit finetune --resume %s` "
+            "continues it within what is left of --time-limit %s",
+            tmp,
+            run_dir,
+            config.time_limit,
+        )
     try:
-        if "plan" not in state:
-            _plan(config, state, clock)
-            _save(tmp, state, clock)
         for candidate in config.candidates():
             _train(candidate, config, tmp, state, clock, verbose)
         return _finish(config, tmp, run_dir, state, clock)
@@ -188,8 +194,8 @@ def best(
         raise
 
 
-def _open(config: BestConfig) -> tuple[Path, Path, dict[str, Any]]:
-    """A new run: its folder checked and opened, the data checked, the preset's state begun."""
+def _open(config: BestConfig) -> tuple[Path, dict[str, Any]]:
+    """A new run: its folder and the data checked, the preset's state begun."""
     from tlkit.data.preflight import check_inputs
 
     base = config.base
@@ -199,7 +205,6 @@ def _open(config: BestConfig) -> tuple[Path, Path, dict[str, Any]]:
         run_dir, base.overwrite, "choose another -o/--output or pass --overwrite", "run", inputs
     )
     check_inputs(base.data, base.model, base.val_fraction)  # bad data: one line, now
-    tmp = incomplete_dir(run_dir, "run")
     state: dict[str, Any] = {
         "schema": PRESET_SCHEMA,
         "preset": "best",
@@ -210,7 +215,7 @@ def _open(config: BestConfig) -> tuple[Path, Path, dict[str, Any]]:
         "ratios": [],
         "done": {},
     }
-    return run_dir, tmp, state
+    return run_dir, state
 
 
 def config_of(state: dict[str, Any]) -> BestConfig:
@@ -354,8 +359,7 @@ def _train(
         log.info("--preset best: %s skipped (%s)", name, done[name]["note"])
         _save(tmp, state, clock)
         return
-    tail = _tail_seconds(state, candidate)
-    deadline = time.monotonic() + min(SHARE * estimate, left) - tail
+    deadline = time.monotonic() + _time_for(name, state, clock, left) - _tail(state, candidate)
     stop = deadline_callback(deadline)
     log.info("--preset best: training %s (about %s)", name, minutes(estimate))
     began = time.monotonic()
@@ -371,7 +375,18 @@ def _train(
     _save(tmp, state, clock)
 
 
-def _tail_seconds(state: dict[str, Any], candidate: Candidate) -> float:
+def _time_for(name: str, state: dict[str, Any], clock: Clock, left: float) -> float:
+    """The seconds candidate `name` may take: whatever the planned candidates after it do not
+    need (at their corrected estimates), and at least SHARE times its own estimate, never
+    more than is left. A fine-tune is never cut short while the budget has room for it."""
+    order = [p["candidate"] for p in state["plan"]]
+    estimates = {p["candidate"]: p["estimated_s"] * clock.correction() for p in state["plan"]}
+    later = order[order.index(name) + 1 :]
+    rest = sum(estimates[n] for n in later if n not in state["done"])
+    return float(min(left, max(SHARE * estimates[name], left - rest)))
+
+
+def _tail(state: dict[str, Any], candidate: Candidate) -> float:
     """What a run does after its last epoch: the saved model's val and test scores, records."""
     rates = Rates(**state["rates"][candidate.backbone])
     images = Images(**state["images"])
