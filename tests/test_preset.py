@@ -100,7 +100,7 @@ def test_the_deadline_ends_training_before_an_epoch_that_would_overrun():
 def test_a_preset_run_is_one_run_with_its_leaderboard_and_members(preset_run):
     import keras
 
-    data, run = preset_run
+    _, run = preset_run
     assert sorted(p.name for p in (run.path / "members").iterdir()) == sorted(CANDIDATES)
     with open(run.path / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
@@ -222,3 +222,16 @@ def test_an_interrupted_preset_run_resumes_keeping_its_finished_candidates(tmp_p
     assert (run.path / "members" / "test_resnet-head" / "model.keras").stat().st_mtime_ns == before
     spent = json.loads((run.path / PRESET_FILE).read_text())["spent_s"]
     assert spent > state["spent_s"]
+
+
+def test_auto_member_weights_take_greedy_only_where_it_beats_equal_weights_out_of_fold():
+    from tlkit.evaluation.evaluate import member_weights
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 60)
+    sharp = np.where(np.eye(2)[labels] == 1, 0.9, 0.1)
+    noise = [rng.dirichlet([1, 1], 60) for _ in range(2)]
+    weights, used = member_weights([sharp, *noise], labels, "auto")
+    assert used == "greedy" and weights[0] == 1.0  # the noise members only cost
+    weights, used = member_weights([sharp, sharp, sharp], labels, "auto")
+    assert used == "equal" and np.allclose(weights, 1 / 3)  # copies: nothing to select

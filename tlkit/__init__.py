@@ -11,6 +11,7 @@ from tlkit._version import __version__
 
 __all__ = [
     "AuditConfig",
+    "BestConfig",
     "DiagnoseConfig",
     "EvalConfig",
     "FinetuneConfig",
@@ -22,6 +23,7 @@ __all__ = [
     "PrecomputeConfig",
     "Storage",
     "__version__",
+    "best",
     "check_data",
     "diagnose",
     "evaluate",
@@ -60,6 +62,8 @@ _LAZY = {
     "DiagnoseConfig": "tlkit.evaluation.diagnose",
     "lr_find": "tlkit.training.lr_find",
     "LrFindConfig": "tlkit.training.lr_find",
+    "best": "tlkit.preset.best",
+    "BestConfig": "tlkit.preset.best",
 }
 
 if TYPE_CHECKING:
@@ -74,6 +78,7 @@ if TYPE_CHECKING:
     from tlkit.features.cache import merge_parts
     from tlkit.features.precompute import PrecomputeConfig, precompute_features
     from tlkit.models.freezing import FreezeRequest, ModelChoice
+    from tlkit.preset.best import BestConfig, best
     from tlkit.training.config import FinetuneConfig, Fit, Storage
     from tlkit.training.lr_find import LrFindConfig, lr_find
     from tlkit.training.train import finetune

@@ -87,6 +87,9 @@ class Keeper(Generic[T]):
         return True
 
 
+TIE = 1e-9  # mean per-image loss differences below this are float rounding, not a difference
+
+
 def one_se_choice(losses: Sequence[np.ndarray]) -> tuple[int, list[float]]:
     """Breiman's one-standard-error rule over candidates ordered simplest first: the first
     whose per-image validation losses are within one standard error of the best's (paired
@@ -100,6 +103,9 @@ def one_se_choice(losses: Sequence[np.ndarray]) -> tuple[int, list[float]]:
             excess.append(math.inf)
             continue
         d = x - losses[best]
+        if abs(float(np.mean(d))) <= TIE:  # the same losses but for rounding: a tie
+            excess.append(0.0)
+            continue
         se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
         excess.append(float(np.mean(d) / se) if se > 0 else (0.0 if np.mean(d) <= 0 else math.inf))
     chosen = next(i for i, e in enumerate(excess) if e <= 1.0)

@@ -439,7 +439,8 @@ SETTINGS: dict[str, Setting] = {
             "Member weights: 'val' fits them on the validation split (the lowest log loss), "
             "'greedy' selects members with replacement there (Caruana et al. 2004: each round "
             "adds the member that lowers the ensemble's log loss most; weights are the "
-            "counts).",
+            "counts); 'auto' takes greedy where its log loss out of fold (5 folds of the "
+            "validation split) beats equal weights' by more than one standard error, else equal.",
             "equal",
             choices=choices.ENSEMBLE_WEIGHTS,
         ),

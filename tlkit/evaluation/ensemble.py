@@ -114,17 +114,6 @@ def member_val_probs(members: Sequence[Member], val: Sequence[Example]) -> list[
     return [p[:, 0] for p in probs if p is not None]
 
 
-def weights_for(probs: list[np.ndarray], labels: np.ndarray, rule: str) -> np.ndarray:
-    """The members' weights: equal, or fitted on these probabilities as `tlkit eval` fits
-    them (val: the lowest log loss; greedy: Caruana et al.'s selection)."""
-    from tlkit.evaluation.evaluate import fit_member_weights, greedy_member_weights
-
-    if rule == "equal":
-        return np.full(len(probs), 1.0 / len(probs))
-    fit = greedy_member_weights if rule == "greedy" else fit_member_weights
-    return np.asarray(fit(probs, labels), np.float64)
-
-
 def val_check(
     model: Any,
     geometry: Geometry,
@@ -157,7 +146,7 @@ def build_ensemble(runs: Sequence[Run], rule: str) -> tuple[Any, Geometry, dict[
     """(the one model, its input geometry, export.json's `ensemble` record): the members'
     weights fitted by `rule` on their validation split, and the model checked there."""
     from tlkit.core.errors import DataError
-    from tlkit.evaluation.evaluate import Member, eval_examples
+    from tlkit.evaluation.evaluate import Member, eval_examples, member_weights
 
     geometry = ensemble_geometry(runs)
     try:
@@ -170,13 +159,13 @@ def build_ensemble(runs: Sequence[Run], rule: str) -> tuple[Any, Geometry, dict[
     loaded = [Member(r) for r in runs]
     val = val_set.examples
     own = member_val_probs(loaded, val)
-    weights = weights_for(own, np.array([e.label for e in val]), rule)
+    weights, used = member_weights(own, np.array([e.label for e in val]), rule)
     model = ensemble_model([m.model for m in loaded], geometry, weights)
     max_pixels = max(r.max_pixels for r in runs)
     record = {
         "members": [str(r.path) for r in runs],  # the keys `tlkit eval` writes
         "member_weights": [float(w) for w in weights],
-        "member_weights_rule": rule,
+        "member_weights_rule": rule if rule != "auto" else f"auto: {used}",
         "member_weights_fitted_on": val_set.source if rule != "equal" else None,
         "branches": [
             {"run": str(r.path), "crop": b.crop, "size": b.size, "in_model": bool(w > 0)}

@@ -61,7 +61,7 @@ class EvalConfig:
     data: str | None = None  # None: the first run's own data folder
     split: str | None = setting("split")  # None: test, else val
     multicrop: str = setting("multicrop")
-    ensemble_weights: str = setting("ensemble_weights")  # "equal", "val" or "greedy"
+    ensemble_weights: str = setting("ensemble_weights")  # equal, val, greedy or auto
     name: str | None = None
     batch_size: int = setting("batch_size")
     workers: int | None = setting("workers")
@@ -598,6 +598,58 @@ def greedy_member_weights(
     return np.asarray(best_counts / best_counts.sum(), np.float64)
 
 
+WEIGHT_FOLDS = 5  # --ensemble-weights auto: greedy scored out of fold, on 4/5 of val each time
+
+
+def out_of_fold_losses(
+    probs: list[np.ndarray], labels: np.ndarray, fit: Callable[..., np.ndarray]
+) -> np.ndarray:
+    """Each image's log loss under the member weights `fit` finds on the other folds: how the
+    fitted weights do on images they were not fitted on."""
+    from tlkit.core.calibration import per_image_log_loss
+
+    order = np.random.default_rng(0).permutation(len(labels))
+    out = np.empty(len(labels))
+    for k in range(min(WEIGHT_FOLDS, len(labels))):
+        held, rest = order[k::WEIGHT_FOLDS], np.sort(np.setdiff1d(order, order[k::WEIGHT_FOLDS]))
+        w = fit([p[rest] for p in probs], labels[rest])
+        mixed = sum(wi * p[held] for wi, p in zip(w, probs, strict=True))
+        out[held] = per_image_log_loss(np.asarray(mixed), labels[held])
+    return out
+
+
+def member_weights(
+    probs: list[np.ndarray], labels: np.ndarray, rule: str
+) -> tuple[np.ndarray, str]:
+    """(the members' weights, the rule that set them) from their probabilities on the
+    validation split: equal; val (the lowest log loss); greedy (Caruana's selection); auto:
+    greedy where its out-of-fold log loss beats equal weights' by more than one standard
+    error (the rule every `auto` uses), else equal, since selection on a small split follows
+    its noise."""
+    from tlkit.core.calibration import per_image_log_loss
+    from tlkit.core.selection import one_se_choice
+
+    equal = np.full(len(probs), 1.0 / len(probs))
+    if rule == "equal":
+        return equal, rule
+    if rule != AUTO:
+        fit = greedy_member_weights if rule == "greedy" else fit_member_weights
+        return fit(probs, labels), rule
+    mixed = np.asarray(sum(w * p for w, p in zip(equal, probs, strict=True)))
+    greedy = out_of_fold_losses(probs, labels, greedy_member_weights)
+    chosen, _ = one_se_choice([per_image_log_loss(mixed, labels), greedy])
+    log.info(
+        "--ensemble-weights auto: %s (validation log loss %.4f with equal weights, %.4f with "
+        "greedy selection out of fold)",
+        ("equal", "greedy")[chosen],
+        float(per_image_log_loss(mixed, labels).mean()),
+        float(greedy.mean()),
+    )
+    if chosen == 0:
+        return equal, "equal"
+    return greedy_member_weights(probs, labels), "greedy"
+
+
 def _missing_class_notes(cm: np.ndarray, classes: Sequence[str], empty: list[int]) -> list[str]:
     """A folder may lack classes the model knows: left out of the averages, unless predicted
     (then scored 0, as in scikit-learn)."""
@@ -760,8 +812,8 @@ def _member_probs(
                 [e.path for e in fit_on.examples], modes, batch_size, reduce=mean_and_centre
             )
         )
-        fit = greedy_member_weights if how == "greedy" else fit_member_weights
-        weights = fit([p[:, 0] for p in val_probs], np.array([e.label for e in fit_on.examples]))
+        labels = np.array([e.label for e in fit_on.examples])
+        weights, _ = member_weights([p[:, 0] for p in val_probs], labels, how)
     return single, multi, weights
 
 

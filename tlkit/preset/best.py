@@ -10,8 +10,9 @@ what the finished ones took; a candidate that no longer fits is skipped, and a f
 before an epoch that would run past its share of the budget.
 
 The result is one run folder that `eval`, `predict` and `export` take as any run:
-- `model.keras`: the members chosen by greedy selection with replacement on the validation
-  split (Caruana et al., 2004), under one averaging model (tlkit.evaluation.ensemble);
+- `model.keras`: the members under one averaging model (tlkit.evaluation.ensemble), weighted
+  as `--ensemble-weights auto` weighs them on the validation split: greedy selection with
+  replacement (Caruana et al., 2004) where it beats equal weights out of fold, else equal;
 - `members/<candidate>/`: every candidate trained, each a full tlkit run;
 - `leaderboard.csv`: each candidate's validation figures, seconds and ensemble weight;
 - `preset.json`: the plan and the budget spent, which `finetune --resume` continues from.
@@ -409,7 +410,7 @@ def _finish(
         )
     began = time.monotonic()
     runs = [load_run(tmp / MEMBERS / n) for n in trained]
-    model, geometry, ensemble = build_ensemble(runs, "greedy")
+    model, geometry, ensemble = build_ensemble(runs, AUTO)
     ensemble["members"] = [f"{MEMBERS}/{n}" for n in trained]
     for branch, n in zip(ensemble["branches"], trained, strict=True):
         branch["run"] = f"{MEMBERS}/{n}"
@@ -538,7 +539,8 @@ def _leaderboard(
             "val_loss": best["val_loss"],
             "val_top1": best["val_accuracy"],
             "seconds": round(ensemble["seconds"], 1),
-            "note": f"greedy weights fitted on val; views {ensemble['views']['views']}",
+            "note": f"{ensemble['member_weights_rule']} weights fitted on val; views "
+            f"{ensemble['views']['views']}",
         }
     )
     scored = sorted((r for r in rows if r["val_loss"] is not None), key=lambda r: r["val_loss"])
