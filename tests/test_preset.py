@@ -19,7 +19,7 @@ from tlkit.core.errors import ConfigError
 from tlkit.core.runs import load_run
 from tlkit.preset.budget import Clock, fits, parse_duration
 
-CANDIDATES = ["test_resnet-fine-tune", "test_resnet-head"]
+CANDIDATES = ["test_resnet-head", "test_resnet-fine-tune", "test_resnet-last-stages"]
 
 
 def preset_config(data, out, limit="10m", **settings):
@@ -42,7 +42,8 @@ def preset_config(data, out, limit="10m", **settings):
 
 @pytest.fixture(scope="module")
 def preset_run(tmp_path_factory):
-    """One --preset best run on the test backbone (its head alone, then fine-tuned), shared."""
+    """One --preset best run on the test backbone (its head alone, fine-tuned whole, its
+    last stages fine-tuned), shared."""
     from tlkit.preset.best import best
 
     root = tmp_path_factory.mktemp("preset")
@@ -115,7 +116,7 @@ def test_a_preset_run_is_one_run_with_its_leaderboard_and_members(preset_run):
     ensemble = run.record.extra["ensemble"]
     weights = ensemble["member_weights"]
     assert ensemble["member_weights_rule"] == "greedy" and abs(sum(weights) - 1) < 1e-9
-    assert ensemble["members"] == [f"members/{n}" for n in reversed(CANDIDATES)]
+    assert ensemble["members"] == [f"members/{n}" for n in CANDIDATES]  # in priority order
     # the one model is the members' weighted mean, and plain Keras loads it in safe mode
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     one = keras.saving.load_model(run.path / "model.keras", compile=False, safe_mode=True)
@@ -217,7 +218,7 @@ def test_an_interrupted_preset_run_resumes_keeping_its_finished_candidates(tmp_p
     monkeypatch.setattr(train, "finetune", real)
     result = CliRunner().invoke(cli, ["finetune", "--resume", str(tmp_path / "best")])
     assert result.exit_code == 0, result.output
-    assert "leaderboard" in result.output and "test_resnet-fine-tune" in result.output
+    assert "leaderboard" in result.output and "test_resnet-last-stages" in result.output
     run = load_run(tmp_path / "best")
     assert (run.path / "members" / "test_resnet-head" / "model.keras").stat().st_mtime_ns == before
     spent = json.loads((run.path / PRESET_FILE).read_text())["spent_s"]

@@ -76,7 +76,9 @@ PRESET_SCHEMA = 1
 LEADERBOARD = "leaderboard.csv"
 MEMBERS = "members"
 TRAINED = "trained"
-KINDS = ("head", "fine-tune")  # priority: every backbone's head first, then the fine-tunes
+# priority: every backbone's head first, then each fine-tuned whole, then its last 3 stages
+KINDS = ("head", "fine-tune", "last-stages")
+LAST = 3  # the stages (the head's included) a last-stages candidate trains
 SHARE = 1.5  # a fine-tune may run this far past its estimate, even when later ones then skip
 LEADERBOARD_COLUMNS = (
     "candidate",
@@ -105,11 +107,18 @@ class Candidate:
     def config(self, base: FinetuneConfig, members: Path) -> FinetuneConfig:
         """The user's settings with what this candidate is: its backbone at its own size,
         frozen whole (head) or not at all (fine-tune), its head features chosen on val."""
+        from tlkit.models.backbones import get_backbone
+
         head = self.kind == "head"
+        freeze = {
+            "head": FreezeRequest(count="all"),
+            "fine-tune": FreezeRequest(count="0"),
+            "last-stages": FreezeRequest(blocks=len(get_backbone(self.backbone).stages) - LAST),
+        }[self.kind]
         return base.replace(
             backbone=self.backbone,
             input_size=None,
-            freeze=FreezeRequest(count="all" if head else "0"),
+            freeze=freeze,
             head_features=AUTO,
             output=str(members / self.name),
             overwrite=False,
@@ -302,6 +311,7 @@ def _plan(config: BestConfig, state: dict[str, Any], clock: Clock) -> None:
         images=dataclasses.asdict(images),
         rates={k: v.as_dict() for k, v in rates.items()},
         reserve_s=reserve,
+        order=[n for n, _ in priced],
         plan=[{"candidate": n, "estimated_s": s} for n, s in priced if n in kept],
         left_out=[{"candidate": n, "estimated_s": s} for n, s in left],
     )
@@ -343,12 +353,13 @@ def _train(
     clock: Clock,
     verbose: int | str,
 ) -> None:
-    """Train one planned candidate, or skip it when what is left no longer holds it."""
+    """Train one candidate, or skip it when what is left no longer holds it. One the plan left
+    out is tried too, in its turn: earlier candidates may have taken less than estimated."""
     from tlkit.training.train import finetune
 
     done, name = state["done"], candidate.name
-    planned = {p["candidate"]: p["estimated_s"] for p in state["plan"]}
-    if name in done or name not in planned:
+    planned = {p["candidate"]: p["estimated_s"] for p in state["plan"] + state["left_out"]}
+    if name in done:
         return
     members = tmp / MEMBERS
     estimate = planned[name] * clock.correction()
@@ -379,12 +390,15 @@ def _train(
 def _time_for(name: str, state: dict[str, Any], clock: Clock, left: float) -> float:
     """The seconds candidate `name` may take: whatever the planned candidates after it do not
     need (at their corrected estimates), and at least SHARE times its own estimate, never
-    more than is left. A fine-tune is never cut short while the budget has room for it."""
-    order = [p["candidate"] for p in state["plan"]]
-    estimates = {p["candidate"]: p["estimated_s"] * clock.correction() for p in state["plan"]}
+    more than is left. A fine-tune is never cut short while the budget has room for it and
+    for the plan after it."""
+    order = state["order"]
+    planned = {p["candidate"]: p["estimated_s"] for p in state["plan"]}
+    every = {p["candidate"]: p["estimated_s"] for p in state["plan"] + state["left_out"]}
     later = order[order.index(name) + 1 :]
-    rest = sum(estimates[n] for n in later if n not in state["done"])
-    return float(min(left, max(SHARE * estimates[name], left - rest)))
+    rest = sum(planned[n] for n in later if n in planned and n not in state["done"])
+    fix = clock.correction()
+    return float(min(left, max(SHARE * every[name] * fix, left - rest * fix)))
 
 
 def _tail(state: dict[str, Any], candidate: Candidate) -> float:
