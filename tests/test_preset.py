@@ -117,13 +117,18 @@ def test_a_preset_run_is_one_run_with_its_leaderboard_and_members(preset_run):
     weights = ensemble["member_weights"]
     assert ensemble["member_weights_rule"] in ("auto: greedy", "auto: equal")
     assert abs(sum(weights) - 1) < 1e-9
-    assert ensemble["members"] == [f"members/{n}" for n in CANDIDATES]  # in priority order
+    members = ensemble["members"]
+    assert members == [f"members/{n}" for n in CANDIDATES if f"members/{n}" in members]
+    for r in rows:  # a candidate out of the model is its backbone's head-only model again
+        if r["candidate"] != "ensemble" and f"members/{r['candidate']}" not in members:
+            assert r["note"].startswith("the same model as test_resnet-head"), r
+            assert r["ensemble_weight"] == ""
     # the one model is the members' weighted mean, and plain Keras loads it in safe mode
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     one = keras.saving.load_model(run.path / "model.keras", compile=False, safe_mode=True)
     mixed = sum(
         w * load_run(run.path / m).load_model().predict(images, verbose=0)
-        for w, m in zip(weights, ensemble["members"], strict=True)
+        for w, m in zip(weights, members, strict=True)
     )
     np.testing.assert_allclose(one.predict(images, verbose=0), mixed, atol=1e-5)
     best = run.record.results["best"]
@@ -141,8 +146,11 @@ def test_eval_predict_and_export_take_a_preset_run_as_any_run(preset_run):
     assert metrics["images"] == 9
     assert abs(metrics["top1"] - run.record.results["test"]["accuracy"]) < 1e-9
     image = next((data / "test" / "a").iterdir())
-    predicted = runner.invoke(cli, ["predict", str(run.path), str(image)])
-    assert predicted.exit_code == 0 and "1." in predicted.output
+    predicted = runner.invoke(cli, ["predict", str(run.path), str(image), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    top = json.loads(predicted.output[predicted.output.index("[") :])[0]["top"]
+    assert {t["label"] for t in top} == {"a", "b", "c"}  # top 5 of 3 classes: all of them
+    assert abs(sum(t["probability"] for t in top) - 1) < 1e-4
     out = run.path.parent / "exported"
     exported = runner.invoke(cli, ["export", str(run.path), "--format", "keras", "-o", str(out)])
     assert exported.exit_code == 0, exported.output
@@ -217,13 +225,19 @@ def test_an_interrupted_preset_run_resumes_keeping_its_finished_candidates(tmp_p
     head_model = tmp / "members" / "test_resnet-head" / "model.keras"
     before = head_model.stat().st_mtime_ns
     monkeypatch.setattr(train, "finetune", real)
+    refused = CliRunner().invoke(
+        cli, ["finetune", "--resume", str(tmp_path / "best"), "--time-limit", "1h"]
+    )
+    assert refused.exit_code == 2 and "leave out --time-limit" in refused.output
+    began = time.monotonic()
     result = CliRunner().invoke(cli, ["finetune", "--resume", str(tmp_path / "best")])
+    took = time.monotonic() - began
     assert result.exit_code == 0, result.output
     assert "leaderboard" in result.output and "test_resnet-last-stages" in result.output
     run = load_run(tmp_path / "best")
     assert (run.path / "members" / "test_resnet-head" / "model.keras").stat().st_mtime_ns == before
     spent = json.loads((run.path / PRESET_FILE).read_text())["spent_s"]
-    assert spent > state["spent_s"]
+    assert state["spent_s"] + 0.5 * took < spent <= state["spent_s"] + took  # both attempts
 
 
 def test_auto_member_weights_take_greedy_only_where_it_beats_equal_weights_out_of_fold():
@@ -237,3 +251,42 @@ def test_auto_member_weights_take_greedy_only_where_it_beats_equal_weights_out_o
     assert used == "greedy" and weights[0] == 1.0  # the noise members only cost
     weights, used = member_weights([sharp, sharp, sharp], labels, "auto")
     assert used == "equal" and np.allclose(weights, 1 / 3)  # copies: nothing to select
+
+
+def test_a_candidate_that_fails_on_its_own_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
+    import tlkit.training.train as train
+    from tlkit.core.errors import RunError
+    from tlkit.preset.best import best
+
+    data = tmp_path / "data"
+    write_folder(data / "train", ["a", "b"], 6)
+    write_folder(data / "val", ["a", "b"], 2, seed=1)
+    real = train.finetune
+
+    def failing(config, *args, **kwargs):
+        if config is not None and config.model.freeze.count == "0":  # the whole fine-tune
+            raise RunError("no epoch finished with a finite validation loss; nothing to save")
+        return real(config, *args, **kwargs)
+
+    monkeypatch.setattr(train, "finetune", failing)
+    run = best(preset_config(data, tmp_path / "best"), verbose=0)
+    rows = {r["candidate"]: r for r in run.record.extra["ensemble"]["candidates"]}
+    failed = rows["test_resnet-fine-tune"]
+    assert failed["status"] == "failed" and "finite validation loss" in failed["note"]
+    assert rows["test_resnet-last-stages"]["status"] == "trained"
+    assert "members/test_resnet-fine-tune" not in run.record.extra["ensemble"]["members"]
+
+
+def test_a_fine_tune_that_kept_its_head_is_not_a_second_member():
+    from tlkit.preset.best import _distinct
+
+    def run(phase):
+        best = {"phase": phase, "val_loss": 1.0, "val_accuracy": 0.5, "epoch": 1}
+        return SimpleNamespace(record=SimpleNamespace(backbone="b", results={"best": best}))
+
+    runs = {"b-head": run("head"), "b-fine-tune": run("head"), "b-last-stages": run("fine-tune")}
+    state = {"done": {n: {"status": "trained", "note": ""} for n in runs}}
+    assert _distinct(list(runs), runs, state) == ["b-head", "b-last-stages"]
+    assert state["done"]["b-fine-tune"]["note"].startswith("the same model as b-head")
+    del runs["b-head"]  # without the head-only model, the fine-tune's head is a member
+    assert _distinct(list(runs), runs, state) == ["b-fine-tune", "b-last-stages"]

@@ -192,11 +192,13 @@ def test_the_guard_sees_a_hand_written_range(tmp_path, monkeypatch):
 def test_every_finetune_flag_resumes_into_a_config_field():
     """--resume keeps a run's settings except those typed: each flag names the field it feeds
     (--crop feeds `augment`), so a typed flag always replaces the right one."""
-    fields = set(setting_names(FinetuneConfig))
+    from tlkit.preset.best import BestConfig
+
+    fields = set(setting_names(FinetuneConfig)) | {f.name for f in dataclasses.fields(BestConfig)}
     finetune = next(c for c in commands() if c.name == "finetune")
     for p in finetune.params:
-        if p.name in ("resume", "force_resume", "as_json", "recipe"):
-            continue
+        if p.name in ("resume", "force_resume", "as_json", "recipe", "preset"):
+            continue  # how to run, and --preset: which config the others go to
         target = SETTINGS[p.name].field if p.name in SETTINGS else p.name
         assert target in fields, p.name
 

@@ -95,6 +95,9 @@ def finetune(
     ctx = click.get_current_context()
     preset, time_limit = options.pop("preset"), options.pop("time_limit")
     typed = {n for n in ctx.params if ctx.get_parameter_source(n) == _COMMANDLINE}
+    if resume is not None and _preset_run(resume, typed):
+        _finetune_best(None, time_limit, resume, (verbosity(ctx), force_resume), as_json)
+        return
     _check_preset(preset, typed)
     request = freeze_request(ctx, default="0")
     recipe = ctx.meta.get("tlkit.recipe")
@@ -106,8 +109,8 @@ def finetune(
         recipe=recipe.name if recipe else None,
         **options,
     )
-    if preset is not None or (resume is not None and _preset_run(resume)):
-        _finetune_best(config, time_limit, resume, verbosity(ctx), as_json)
+    if preset is not None:
+        _finetune_best(config, time_limit, None, (verbosity(ctx), False), as_json)
         return
     if resume is not None:  # the saved settings, changed only where a flag was typed
         given = config.settings()
@@ -122,6 +125,7 @@ def finetune(
 
 
 _COMMANDLINE = click.core.ParameterSource.COMMANDLINE
+_HOW_TO_RUN = {"resume", "force_resume", "as_json"}  # not what is learned
 # settings --preset best decides for each candidate (typed with it: refused)
 _PRESET_OWN = ("backbone", "weights", "input_size", "freeze", "freeze_to", "freeze_blocks")
 
@@ -141,20 +145,36 @@ def _check_preset(preset: str | None, typed: set[str]) -> None:
         )
 
 
-def _preset_run(resume: str) -> bool:
+def _preset_run(resume: str, typed: set[str]) -> bool:
+    """Whether --resume names an interrupted --preset best run; one that is refuses settings
+    typed beside it (it resumes with those it started with, its --time-limit too)."""
+    from tlkit.core.errors import ConfigError
     from tlkit.preset.best import find_preset
 
-    return find_preset(resume) is not None
+    if find_preset(resume) is None:
+        return False
+    flags = [SETTINGS[n].flag if n in SETTINGS else n for n in sorted(typed - _HOW_TO_RUN)]
+    if flags:
+        raise ConfigError(
+            f"--resume {resume}: a --preset best run resumes with the settings and the "
+            f"--time-limit it started with; leave out {', '.join(flags)}"
+        )
+    return True
 
 
 def _finetune_best(
-    config: Any, time_limit: str, resume: str | None, verbose: int | str, as_json: bool
+    config: Any,
+    time_limit: str,
+    resume: str | None,
+    how: tuple[int | str, bool],
+    as_json: bool,
 ) -> None:
     """--preset best: the candidates, the leaderboard, the ensemble as one run."""
     from tlkit.preset.best import BestConfig, best, leaderboard_lines
 
+    verbose, force_resume = how
     if resume is not None:
-        run = best(None, verbose, resume=resume)
+        run = best(None, verbose, resume, force_resume)
     else:
         run = best(BestConfig(config, time_limit), verbose)
     ensemble = run.record.extra["ensemble"]

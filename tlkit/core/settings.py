@@ -337,10 +337,10 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "preset",
             "best: within --time-limit, train the candidates that fit (EfficientNet-Lite0, -1 "
-            "and -2, each with its head alone, then fine-tuned; head features chosen on the "
-            "validation split), save their leaderboard, and keep their greedy ensemble as one "
-            "model. --backbone, --weights, --input-size, --freeze and --head-features are the "
-            "preset's.",
+            "and -2, each with its head alone, fine-tuned whole, its last stages fine-tuned; "
+            "head features chosen on the validation split), save their leaderboard, and keep "
+            "their ensemble (weighted on the validation split) as one model. --backbone, "
+            "--weights, --input-size, --freeze and --head-features are the preset's.",
             choices=choices.RUN_PRESETS,
         ),
         Setting(

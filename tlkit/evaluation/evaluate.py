@@ -786,9 +786,10 @@ def _member_probs(
     batch_size: int,
     fit_on: EvalSet | None,
     how: str = "val",
-) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, str]:
     """(each member's single-crop probabilities, its probabilities averaged over its views,
-    the members' weights: equal, or fitted on `fit_on`'s images as `how` says: val, greedy)."""
+    the members' weights: equal, or fitted on `fit_on`'s images as `how` says: val, greedy,
+    auto; the rule that set them)."""
     dense = [m == "dense" for m in modes]
     centres = [0 if d else center_index(m) for m, d in zip(modes, dense, strict=True)]
 
@@ -805,7 +806,7 @@ def _member_probs(
     )  # dense has no crop: single-crop runs too
     # a dense member's single crop is its extra pass (the only one not None)
     single = [p[:, 1] if e is None else e[:, 0] for p, e in zip(view_probs, extra, strict=True)]
-    weights = np.full(len(modes), 1.0 / len(modes))
+    weights, used = np.full(len(modes), 1.0 / len(modes)), "equal"
     if fit_on is not None:
         val_probs = _every(
             runner.probs(
@@ -813,8 +814,9 @@ def _member_probs(
             )
         )
         labels = np.array([e.label for e in fit_on.examples])
-        weights, _ = member_weights([p[:, 0] for p in val_probs], labels, how)
-    return single, multi, weights
+        weights, used = member_weights([p[:, 0] for p in val_probs], labels, how)
+        used = f"auto: {used}" if how == AUTO else used
+    return single, multi, weights, used
 
 
 def _notes(run: Run, examples: Sequence[Example], chose_views: bool) -> list[str]:
@@ -887,7 +889,7 @@ def _evaluate(config: EvalConfig, placement: Placement) -> dict[str, Any]:
     labels = np.array([e.label for e in examples])
     runner = ViewRunner(members, placement.predictor, config.workers)
     choices = resolve_views(runner, config.multicrop, config.batch_size)
-    single, multi, weights = _member_probs(
+    single, multi, weights, used = _member_probs(
         runner, paths, [c.views for c in choices], config.batch_size, fit_on, how
     )
     ensemble = sum(w * p for w, p in zip(weights, multi, strict=True))
@@ -910,7 +912,7 @@ def _evaluate(config: EvalConfig, placement: Placement) -> dict[str, Any]:
             "members": [str(r.path) for r in runs],
             "member_weights": [float(w) for w in weights],
             "member_weights_fitted_on": fit_on.source if fit_on else None,
-            "member_weights_rule": how if fit_on else "equal",
+            "member_weights_rule": used,
             "comparison": comparison,
         }
     )

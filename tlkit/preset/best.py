@@ -1,19 +1,21 @@
 """`tlkit finetune --preset best --time-limit 20m DATA`: the candidates that fit the budget,
-scored on the validation split, and the greedy ensemble of them as one run.
+scored on the validation split, and their ensemble as one run.
 
 The candidates, in priority order: each backbone of the family with its head alone (cheap, and
-already a strong classifier on little data), then each fine-tuned (the Keras guide's recipe,
-tlkit's defaults); every one chooses what its head reads (`--head-features auto`). Before
-anything trains, each backbone's rates are measured here (budget.py), and the plan says which
-candidates fit and about how long they take. While they run, the estimates are corrected by
-what the finished ones took; a candidate that no longer fits is skipped, and a fine-tune stops
-before an epoch that would run past its share of the budget.
+already a strong classifier on little data), then each fine-tuned whole (the Keras guide's
+recipe, tlkit's defaults), then each with its last stages fine-tuned; every one chooses what
+its head reads (`--head-features auto`). Before anything trains, each backbone's rates are
+measured here (budget.py), and the plan says which candidates fit and about how long they
+take. While they run, the estimates are corrected by what the finished ones took; a candidate
+that no longer fits is skipped, and a fine-tune stops before an epoch that would run past its
+share of the budget.
 
 The result is one run folder that `eval`, `predict` and `export` take as any run:
 - `model.keras`: the members under one averaging model (tlkit.evaluation.ensemble), weighted
   as `--ensemble-weights auto` weighs them on the validation split: greedy selection with
   replacement (Caruana et al., 2004) where it beats equal weights out of fold, else equal;
-- `members/<candidate>/`: every candidate trained, each a full tlkit run;
+- `members/<candidate>/`: every candidate trained, each a full tlkit run (one that fails on
+  its own is recorded as failed, and the rest go on);
 - `leaderboard.csv`: each candidate's validation figures, seconds and ensemble weight;
 - `preset.json`: the plan and the budget spent, which `finetune --resume` continues from.
 The test-time views of the ensemble are chosen on the validation split among those every
@@ -57,16 +59,18 @@ from tlkit.core.runs import RUN_FILE, RUNS_DIR, Run, RunRecord, is_finished_run,
 from tlkit.core.settings import check_fields, setting
 from tlkit.models.freezing import FreezeRequest
 from tlkit.preset.budget import (
+    RUN_OVERHEAD_S,
     Clock,
     Images,
     Rates,
-    ensemble_seconds,
     fine_tune_seconds,
     fits,
     head_seconds,
     measure,
     minutes,
     parse_duration,
+    share,
+    views_seconds,
 )
 from tlkit.training.config import FinetuneConfig
 
@@ -98,7 +102,7 @@ class Candidate:
     """One run the preset may train: a backbone, with its head alone or fine-tuned."""
 
     backbone: str
-    kind: str  # "head" | "fine-tune"
+    kind: str  # one of KINDS: "head" | "fine-tune" | "last-stages"
 
     @property
     def name(self) -> str:
@@ -147,13 +151,28 @@ class BestConfig:
                 "--preset best starts every candidate from its backbone's ImageNet weights "
                 f"(or none). Received: --weights {self.base.model.weights}"
             )
+        if self.base.strategy == "multiworker":
+            raise ConfigError(
+                "--preset best trains its candidates one after another on this machine; "
+                "--strategy multiworker is for one run. Received: --strategy multiworker"
+            )
+        for candidate in self.candidates():  # a setting no candidate can take: refused now
+            candidate.config(self.base, Path(MEMBERS))
 
     @property
     def limit_s(self) -> float:
         return parse_duration(self.time_limit)
 
     def candidates(self) -> list[Candidate]:
-        return [Candidate(b, k) for k in KINDS for b in self.backbones]
+        """In priority order; last-stages only where the backbone has more stages than that."""
+        from tlkit.models.backbones import get_backbone
+
+        return [
+            Candidate(b, k)
+            for k in KINDS
+            for b in self.backbones
+            if k != "last-stages" or len(get_backbone(b).stages) > LAST
+        ]
 
 
 def default_run_dir() -> Path:
@@ -164,6 +183,7 @@ def best(
     config: BestConfig | None = None,
     verbose: int | str = "auto",
     resume: str | os.PathLike[str] | None = None,
+    force_resume: bool = False,
 ) -> Run:
     """Train the candidates that fit `config.time_limit`, and keep their greedy ensemble.
 
@@ -173,6 +193,8 @@ def best(
         resume: an interrupted `--preset best` run: its finished candidates are kept, an
             interrupted one continues from its checkpoint, and the budget left is what the
             earlier attempts did not spend.
+        force_resume: resume an interrupted candidate even though its data or settings
+            changed since it began (finetune's `force_resume`).
     """
     if resume is not None:
         tmp, run_dir, state = _reopen(Path(resume))
@@ -194,8 +216,9 @@ def best(
             config.time_limit,
         )
     try:
-        for candidate in config.candidates():
-            _train(candidate, config, tmp, state, clock, verbose)
+        known = {c.name: c for c in config.candidates()}
+        for name in state["order"]:  # the plan's, as it started (a resume keeps it)
+            _train(known[name], config, (tmp, state), clock, verbose, force_resume)
         return _finish(config, tmp, run_dir, state, clock)
     except BaseException:
         if tmp.is_dir():
@@ -207,13 +230,18 @@ def best(
 def _open(config: BestConfig) -> tuple[Path, dict[str, Any]]:
     """A new run: its folder and the data checked, the preset's state begun."""
     from tlkit.data.preflight import check_inputs
+    from tlkit.training.train import check_outside_data, local_inputs
 
     base = config.base
     run_dir = Path(base.output) if base.output else default_run_dir()
-    inputs = () if base.data.startswith("tfds:") else (Path(base.data),)
     refuse_overwrite(
-        run_dir, base.overwrite, "choose another -o/--output or pass --overwrite", "run", inputs
+        run_dir,
+        base.overwrite,
+        "choose another -o/--output or pass --overwrite",
+        "run",
+        local_inputs(base),
     )
+    check_outside_data(base, run_dir)
     check_inputs(base.data, base.model, base.val_fraction)  # bad data: one line, now
     state: dict[str, Any] = {
         "schema": PRESET_SCHEMA,
@@ -284,7 +312,9 @@ def _images(config: BestConfig) -> tuple[Images, int]:
 
 
 def _plan(config: BestConfig, state: dict[str, Any], clock: Clock) -> None:
-    """Each backbone's rates measured here, each candidate priced, those that fit chosen."""
+    """Each backbone's rates measured here, each candidate priced (its training, and its share
+    of the ensemble step after: its validation and test passes there, its load), those that
+    fit chosen."""
     from tlkit.models.backbones import get_backbone
 
     images, classes = _images(config)
@@ -293,29 +323,32 @@ def _plan(config: BestConfig, state: dict[str, Any], clock: Clock) -> None:
         spec = get_backbone(name)
         rates[name] = measure(name, spec.resolve_input_size(None), classes)
     epochs = config.base.fit.epochs
-    priced = []
+    plan: list[dict[str, Any]] = []
     for c in config.candidates():
         r = rates[c.backbone]
         cost = head_seconds(r, images) if c.kind == "head" else fine_tune_seconds(r, images, epochs)
-        priced.append((c.name, cost))
-    reserve = ensemble_seconds(list(rates.values()), images)
-    kept, left = fits(priced, clock.left - reserve)
+        plan.append({"candidate": c.name, "estimated_s": cost, "ensemble_s": share(r, images)})
+    kept, left = fits(
+        [(p["candidate"], p["estimated_s"] + p["ensemble_s"]) for p in plan],
+        clock.left - RUN_OVERHEAD_S,
+    )
     if not kept:
-        cheapest = min(priced, key=lambda p: p[1])
+        cheapest = min(plan, key=lambda p: p["estimated_s"] + p["ensemble_s"])
+        need = cheapest["estimated_s"] + cheapest["ensemble_s"] + RUN_OVERHEAD_S
         raise ConfigError(
-            f"--time-limit {config.time_limit}: the cheapest candidate ({cheapest[0]}) needs "
-            f"about {minutes(cheapest[1] + reserve)} here with the ensemble step; give more "
-            "time"
+            f"--time-limit {config.time_limit}: the cheapest candidate "
+            f"({cheapest['candidate']}) needs about {minutes(need)} here with the ensemble "
+            "step; give more time"
         )
     state.update(
         images=dataclasses.asdict(images),
         rates={k: v.as_dict() for k, v in rates.items()},
-        reserve_s=reserve,
-        order=[n for n, _ in priced],
-        plan=[{"candidate": n, "estimated_s": s} for n, s in priced if n in kept],
-        left_out=[{"candidate": n, "estimated_s": s} for n, s in left],
+        order=[p["candidate"] for p in plan],
+        plan=[p for p in plan if p["candidate"] in kept],
+        left_out=[p for p in plan if p["candidate"] not in kept],
     )
-    total = clock.spent + sum(s for n, s in priced if n in kept) + reserve
+    kept_s = sum(p["estimated_s"] + p["ensemble_s"] for p in state["plan"])
+    total = clock.spent + RUN_OVERHEAD_S + kept_s
     log.info(
         "--preset best: fits %s (about %s of %s)%s",
         ", ".join(kept),
@@ -325,9 +358,10 @@ def _plan(config: BestConfig, state: dict[str, Any], clock: Clock) -> None:
     )
 
 
-def deadline_callback(deadline: float) -> Any:
+def deadline_callback(deadline: float, tick: Any = None) -> Any:
     """A Keras callback that ends training before an epoch that would finish after
-    `deadline` (time.monotonic()), judged by the epoch before; `stopped` says it did."""
+    `deadline` (time.monotonic()), judged by the epoch before; `stopped` says it did. `tick()`
+    runs after every epoch (the preset saves the time spent: a killed process loses none)."""
     import keras
 
     class Deadline(keras.callbacks.Callback):  # type: ignore[misc]
@@ -341,6 +375,8 @@ def deadline_callback(deadline: float) -> Any:
             if time.monotonic() + took > deadline and self.model is not None:
                 self.model.stop_training = True
                 self.stopped = True
+            if tick is not None:
+                tick()
 
     return Deadline()
 
@@ -348,57 +384,98 @@ def deadline_callback(deadline: float) -> Any:
 def _train(
     candidate: Candidate,
     config: BestConfig,
-    tmp: Path,
-    state: dict[str, Any],
+    where: tuple[Path, dict[str, Any]],
     clock: Clock,
     verbose: int | str,
+    force_resume: bool,
 ) -> None:
-    """Train one candidate, or skip it when what is left no longer holds it. One the plan left
-    out is tried too, in its turn: earlier candidates may have taken less than estimated."""
-    from tlkit.training.train import finetune
+    """Train one candidate, or skip it when what is left no longer holds it (its training and
+    its share of the ensemble step). One the plan left out is tried too, in its turn: earlier
+    candidates may have taken less than estimated. A candidate that fails on its own (a
+    user-facing error: no finite validation loss...) is recorded and the rest go on."""
+    from tlkit.core.errors import Interrupted, TlkitError, first_line
 
+    tmp, state = where  # the run being built and its state
     done, name = state["done"], candidate.name
-    planned = {p["candidate"]: p["estimated_s"] for p in state["plan"] + state["left_out"]}
     if name in done:
         return
-    members = tmp / MEMBERS
-    estimate = planned[name] * clock.correction()
-    left = clock.left - state["reserve_s"]
-    interrupted = [p for p in find_incomplete(members / name) if (p / "checkpoints").is_dir()]
-    if estimate > left and not is_finished_run(members / name):
-        note = f"about {minutes(estimate)}; {minutes(left)} left"
-        done[name] = {"status": "skipped", "note": note}
-        log.info("--preset best: %s skipped (%s)", name, done[name]["note"])
-        _save(tmp, state, clock)
+    priced = {p["candidate"]: p for p in state["plan"] + state["left_out"]}[name]
+    folder = tmp / MEMBERS / name
+    estimate = priced["estimated_s"] * clock.correction()
+    left = clock.left - _kept_share(state)
+    if not is_finished_run(folder) and estimate + priced["ensemble_s"] > left:
+        note = f"about {minutes(estimate)}; {minutes(max(0.0, left))} left"
+        _outcome(tmp, state, clock, name, {"status": "skipped", "note": note})
         return
-    deadline = time.monotonic() + _time_for(name, state, clock, left) - _tail(state, candidate)
-    stop = deadline_callback(deadline)
+    slot = _time_for(name, state, clock, left) - _tail(state, candidate)
+    stop = deadline_callback(time.monotonic() + slot, lambda: _save(tmp, state, clock))
     log.info("--preset best: training %s (about %s)", name, minutes(estimate))
     began = time.monotonic()
-    if not is_finished_run(members / name):
-        if interrupted:
-            finetune(None, verbose, resume=interrupted[-1], callbacks=[stop])
-        else:
-            finetune(candidate.config(config.base, members), verbose, callbacks=[stop])
+    try:
+        whole = _fit_member(candidate, config.base, folder, (verbose, force_resume), stop)
+    except Interrupted:
+        raise
+    except TlkitError as e:
+        _outcome(tmp, state, clock, name, {"status": "failed", "note": first_line(e, 200)})
+        return
     took = time.monotonic() - began
-    clock.record(planned[name], took)
-    note = "fine-tune stopped by the budget" if stop.stopped else ""
-    done[name] = {"status": TRAINED, "seconds": took, "note": note}
+    if whole:  # a resumed or found member took less here than it cost: no correction
+        clock.record(priced["estimated_s"], took)
+    note = "stopped by the budget" if stop.stopped else ""
+    _outcome(tmp, state, clock, name, {"status": TRAINED, "seconds": took, "note": note})
+
+
+def _outcome(
+    tmp: Path, state: dict[str, Any], clock: Clock, name: str, outcome: dict[str, Any]
+) -> None:
+    state["done"][name] = outcome
+    if outcome["status"] != TRAINED:
+        log.warning("--preset best: %s %s (%s)", name, outcome["status"], outcome["note"])
     _save(tmp, state, clock)
+
+
+def _fit_member(
+    candidate: Candidate,
+    base: FinetuneConfig,
+    folder: Path,
+    how: tuple[int | str, bool],
+    stop: Any,
+) -> bool:
+    """Train the candidate's run into `folder`, or finish its interrupted one; whether it
+    trained whole here (False: resumed, or found finished)."""
+    from tlkit.training.resume import IDENTITY_FILE
+    from tlkit.training.train import finetune
+
+    verbose, force_resume = how
+    if is_finished_run(folder):
+        return False
+    found = [p for p in find_incomplete(folder) if (p / "checkpoints" / IDENTITY_FILE).is_file()]
+    if found:
+        finetune(None, verbose, found[-1], force_resume, callbacks=[stop])
+        return False
+    finetune(candidate.config(base, folder.parent), verbose, callbacks=[stop])
+    return True
+
+
+def _kept_share(state: dict[str, Any]) -> float:
+    """What the ensemble step will need for the members trained so far, and its fixed part."""
+    shares = {p["candidate"]: p["ensemble_s"] for p in state["plan"] + state["left_out"]}
+    trained = [n for n, d in state["done"].items() if d["status"] == TRAINED]
+    return RUN_OVERHEAD_S + float(sum(shares[n] for n in trained))
 
 
 def _time_for(name: str, state: dict[str, Any], clock: Clock, left: float) -> float:
     """The seconds candidate `name` may take: whatever the planned candidates after it do not
-    need (at their corrected estimates), and at least SHARE times its own estimate, never
-    more than is left. A fine-tune is never cut short while the budget has room for it and
-    for the plan after it."""
-    order = state["order"]
-    planned = {p["candidate"]: p["estimated_s"] for p in state["plan"]}
-    every = {p["candidate"]: p["estimated_s"] for p in state["plan"] + state["left_out"]}
-    later = order[order.index(name) + 1 :]
-    rest = sum(planned[n] for n in later if n in planned and n not in state["done"])
-    fix = clock.correction()
-    return float(min(left, max(SHARE * every[name] * fix, left - rest * fix)))
+    need (at their corrected estimates, with their ensemble shares), and at least SHARE times
+    its own estimate, never more than is left. A fine-tune is never cut short while the
+    budget has room for it and for the plan after it."""
+    order, fix = state["order"], clock.correction()
+    priced = {p["candidate"]: p for p in state["plan"] + state["left_out"]}
+    planned = {p["candidate"] for p in state["plan"]}
+    later = [n for n in order[order.index(name) + 1 :] if n in planned and n not in state["done"]]
+    rest = sum(priced[n]["estimated_s"] * fix + priced[n]["ensemble_s"] for n in later)
+    mine = priced[name]["estimated_s"] * fix
+    return float(min(left - priced[name]["ensemble_s"], max(SHARE * mine, left - rest)))
 
 
 def _tail(state: dict[str, Any], candidate: Candidate) -> float:
@@ -411,19 +488,25 @@ def _tail(state: dict[str, Any], candidate: Candidate) -> float:
 def _finish(
     config: BestConfig, tmp: Path, run_dir: Path, state: dict[str, Any], clock: Clock
 ) -> Run:
-    """The greedy ensemble of the trained candidates as one model, its views chosen on
-    val, the leaderboard and the run record; the folder published whole."""
+    """The trained candidates as one model (weighted by `--ensemble-weights auto`), its
+    views chosen on val where the budget still holds that, the leaderboard and the run
+    record; the folder published whole."""
+    from tlkit.core.fsutil import discard
     from tlkit.evaluation.ensemble import build_ensemble
 
     done = state["done"]
-    trained = [c.name for c in config.candidates() if done.get(c.name, {}).get("status") == TRAINED]
+    trained = [n for n in state["order"] if done.get(n, {}).get("status") == TRAINED]
     if not trained:
+        discard(tmp)  # nothing to keep, and nothing a resume could add within this limit
+        notes = "; ".join(f"{n}: {d['status']} ({d['note']})" for n, d in done.items())
         raise RunError(
-            f"{tmp}: no candidate finished within --time-limit {config.time_limit}; give more "
-            "time (preset.json has each one's estimate)"
+            f"no candidate trained within --time-limit {config.time_limit} ({notes}); give "
+            "more time"
         )
     began = time.monotonic()
-    runs = [load_run(tmp / MEMBERS / n) for n in trained]
+    every = {n: load_run(tmp / MEMBERS / n) for n in trained}
+    trained = _distinct(trained, every, state)
+    runs = [every[n] for n in trained]
     model, geometry, ensemble = build_ensemble(runs, AUTO)
     ensemble["members"] = [f"{MEMBERS}/{n}" for n in trained]
     for branch, n in zip(ensemble["branches"], trained, strict=True):
@@ -431,9 +514,17 @@ def _finish(
     with atomic_path(tmp / "model.keras") as path:
         model.save(path)
     record = _record(config, runs, geometry, ensemble, tmp)
-    scores = _scores(Run(tmp, record), config.base.loader.batch_size)
+    weighted = [
+        state["rates"][r.record.backbone]
+        for r, w in zip(runs, ensemble["member_weights"], strict=True)
+        if w > 0
+    ]
+    views_s = views_seconds([Rates(**r) for r in weighted], Images(**state["images"]))
+    time_for_views = clock.left - views_s - _kept_share(state) / 2 > 0
+    scores = _scores(Run(tmp, record), config.base.loader.batch_size, time_for_views)
     ensemble.update(views=scores.pop("views"), seconds=time.monotonic() - began)
-    ensemble["candidates"] = _leaderboard(state, runs, trained, ensemble, scores)
+    weights = dict(zip(trained, ensemble["member_weights"], strict=True))
+    ensemble["candidates"] = _leaderboard(state, every, weights, ensemble, scores)
     record = dataclasses.replace(
         record,
         results={"best": scores["best"], "test": scores["test"]},
@@ -442,7 +533,12 @@ def _finish(
     _save(tmp, state, clock)
     atomic_write(tmp / LEADERBOARD, _csv(ensemble["candidates"]))
     atomic_write_json(tmp / RUN_FILE, record.as_dict())
-    publish_dir(tmp, run_dir, overwrite=config.base.overwrite)
+    try:
+        publish_dir(tmp, run_dir, overwrite=config.base.overwrite)
+    except FileExistsError:
+        raise RunError(
+            f"{run_dir}: appeared while training; the finished run is in {tmp}"
+        ) from None
     log.info("--preset best: %s in all (--time-limit %s)", minutes(clock.spent), config.time_limit)
     return load_run(run_dir)
 
@@ -489,14 +585,24 @@ def _common_views(records: list[RunRecord], weights: list[float]) -> dict[str, A
     return ViewsSeen("center", (1.0, 1.0), (1.0, 1.0), mirror, why).as_dict()
 
 
-def _scores(run: Run, batch_size: int) -> dict[str, Any]:
-    """The one model's single-crop validation and test figures, and its test-time views
-    chosen on validation (as `eval --multicrop` chooses them)."""
+def _scores(run: Run, batch_size: int, views: bool) -> dict[str, Any]:
+    """The one model's single-crop validation and test figures, and (`views`: the budget
+    holds it) its test-time views chosen on validation, as `eval --multicrop` chooses them."""
     from tlkit.core.calibration import log_loss
-    from tlkit.evaluation.evaluate import Member, ViewRunner, eval_examples, resolve_views
+    from tlkit.evaluation.evaluate import (
+        Member,
+        ViewChoice,
+        ViewRunner,
+        eval_examples,
+        resolve_views,
+    )
 
     runner = ViewRunner([Member(run)])
-    choice = resolve_views(runner, AUTO, batch_size)[0]
+    choice = (
+        resolve_views(runner, AUTO, batch_size)[0]
+        if views
+        else ViewChoice("1", "no time left in --time-limit to score views on validation")
+    )
     out: dict[str, Any] = {"views": choice.as_dict(), "test": None}
     for split in ("val", "test"):
         try:
@@ -516,20 +622,35 @@ def _scores(run: Run, batch_size: int) -> dict[str, Any]:
     return out
 
 
+def _distinct(trained: list[str], runs: dict[str, Run], state: dict[str, Any]) -> list[str]:
+    """The trained candidates that are models of their own. A fine-tune whose best check was
+    in its head phase saved the very head its backbone's head-only candidate saved (the same
+    seed, features and head training), so it is that model again: it stays on the
+    leaderboard, out of the ensemble, where it would double that model's weight."""
+    out = []
+    for name in trained:
+        backbone = runs[name].record.backbone
+        head = Candidate(backbone, "head").name
+        best: dict[str, Any] = dict(runs[name].record.results.get("best") or {})
+        if name != head and head in trained and best.get("phase") == "head":
+            state["done"][name]["note"] = f"the same model as {head}: no fine-tune epoch beat it"
+            continue
+        out.append(name)
+    return out
+
+
 def _leaderboard(
     state: dict[str, Any],
-    runs: list[Run],
-    trained: list[str],
+    by_name: dict[str, Run],
+    weights: dict[str, float],
     ensemble: dict[str, Any],
     scores: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Every candidate's row, best validation loss first, and the ensemble's."""
-    weights = dict(zip(trained, ensemble["member_weights"], strict=True))
-    by_name = dict(zip(trained, runs, strict=True))
     estimates = {p["candidate"]: p["estimated_s"] for p in state["plan"] + state["left_out"]}
     rows = []
     for name, estimate in estimates.items():
-        done = state["done"].get(name, {"status": "left out", "note": "did not fit the plan"})
+        done = state["done"].get(name, {"status": "not tried", "note": None})
         row: dict[str, Any] = dict.fromkeys(LEADERBOARD_COLUMNS)
         row.update(candidate=name, status=done["status"], note=done.get("note") or None)
         row["estimated_seconds"] = round(estimate, 1)
@@ -540,7 +661,7 @@ def _leaderboard(
                 val_loss=chosen.get("val_loss"),
                 val_top1=chosen.get("val_accuracy"),
                 head_features=record.head_features.get("used", "last"),
-                ensemble_weight=weights[name],
+                ensemble_weight=weights.get(name),
                 seconds=round(done.get("seconds", 0.0), 1),
             )
         rows.append(row)
@@ -553,7 +674,7 @@ def _leaderboard(
             "val_loss": best["val_loss"],
             "val_top1": best["val_accuracy"],
             "seconds": round(ensemble["seconds"], 1),
-            "note": f"{ensemble['member_weights_rule']} weights fitted on val; views "
+            "note": f"weights {ensemble['member_weights_rule']} (chosen on val); views "
             f"{ensemble['views']['views']}",
         }
     )

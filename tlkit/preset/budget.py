@@ -21,7 +21,7 @@ from tlkit.core.errors import ConfigError
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 MEASURE_BATCH = 8  # images a timed batch: enough to time, small enough for any machine
 RUN_OVERHEAD_S = 10.0  # a run's fixed seconds beyond two model builds: records, figures, save
-VIEWS_PASSES = 12  # the ensemble's validation passes: member scores, the one model, its views
+VIEWS = 10  # the largest crop set the one model's views may be chosen among
 
 
 def parse_duration(text: str, flag: str = "--time-limit") -> float:
@@ -107,11 +107,16 @@ def fine_tune_seconds(rates: Rates, images: Images, epochs: int) -> float:
     return head_seconds(rates, images) + epochs * epoch
 
 
-def ensemble_seconds(rates: list[Rates], images: Images) -> float:
-    """What follows the candidates: the members' validation scores, the one model built, its
-    views chosen there, its test score, saved."""
-    forward = sum(r.forward_s for r in rates)
-    return (VIEWS_PASSES * images.val + images.test) * forward + RUN_OVERHEAD_S
+def share(rates: Rates, images: Images) -> float:
+    """One member's part of the step after the candidates: loaded, its validation
+    probabilities, the one model's validation check and its single-crop validation and test
+    scores (three validation passes and a test pass through it)."""
+    return rates.build_s + (3 * images.val + images.test) * rates.forward_s
+
+
+def views_seconds(rates: list[Rates], images: Images) -> float:
+    """The one model's test-time views scored on the validation split: up to 10 crops each."""
+    return VIEWS * images.val * sum(r.forward_s for r in rates)
 
 
 def fits(

@@ -172,15 +172,15 @@ def _check(config: FinetuneConfig, run_dir: Path, new: bool) -> Checked:
             config.overwrite,
             "choose another -o/--output or pass --overwrite",
             kind="run",
-            inputs=_local_inputs(config),
+            inputs=local_inputs(config),
         )
-        _check_outside_data(config, run_dir)
+        check_outside_data(config, run_dir)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs TensorBoard: pip install 'tlkit[tensorboard]'")
     return checked
 
 
-def _local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
+def local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
     """The files a run is made from, which its folder must never replace or sit inside: the
     data (a CSV's folder) and a weights file or run."""
     if config.data.startswith("tfds:"):
@@ -191,7 +191,7 @@ def _local_inputs(config: FinetuneConfig) -> tuple[Path, ...]:
     return (data, *weights)
 
 
-def _check_outside_data(config: FinetuneConfig, run_dir: Path) -> None:
+def check_outside_data(config: FinetuneConfig, run_dir: Path) -> None:
     """A data folder reads every sub-folder as a class (a CSV lists its files: no such risk)."""
     data = Path(config.data)
     if data.is_dir() and run_dir.resolve().is_relative_to(data.resolve()):
