@@ -99,7 +99,8 @@ LEADERBOARD_COLUMNS = (
 
 @dataclass(frozen=True)
 class Candidate:
-    """One run the preset may train: a backbone, with its head alone or fine-tuned."""
+    """One run the preset may train: a backbone with its head alone, fine-tuned whole, or
+    with its last stages fine-tuned."""
 
     backbone: str
     kind: str  # one of KINDS: "head" | "fine-tune" | "last-stages"
@@ -110,7 +111,8 @@ class Candidate:
 
     def config(self, base: FinetuneConfig, members: Path) -> FinetuneConfig:
         """The user's settings with what this candidate is: its backbone at its own size,
-        frozen whole (head) or not at all (fine-tune), its head features chosen on val."""
+        frozen whole (head), not at all (fine-tune) or up to its last LAST stages, its head
+        features chosen on val."""
         from tlkit.models.backbones import get_backbone
 
         head = self.kind == "head"
@@ -418,6 +420,10 @@ def _train(
     except TlkitError as e:
         _outcome(tmp, state, clock, name, {"status": "failed", "note": first_line(e, 200)})
         return
+    finally:
+        import keras
+
+        keras.backend.clear_session()  # its model is on disk: nine in one process add up
     took = time.monotonic() - began
     if whole:  # a resumed or found member took less here than it cost: no correction
         clock.record(priced["estimated_s"], took)
