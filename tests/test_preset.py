@@ -200,6 +200,7 @@ def test_a_budget_too_small_for_any_candidate_is_refused_before_any_folder(tmp_p
     assert not list(tmp_path.glob("best*"))
 
 
+@pytest.mark.slow  # the whole preset twice (interrupted, then resumed): the flow is the point
 def test_an_interrupted_preset_run_resumes_keeping_its_finished_candidates(tmp_path, monkeypatch):
     """Interrupted in its second candidate: `finetune --resume` keeps the first (not trained
     again), trains the rest, and counts the time spent before against the budget."""
@@ -253,6 +254,7 @@ def test_auto_member_weights_take_greedy_only_where_it_beats_equal_weights_out_o
     assert used == "equal" and np.allclose(weights, 1 / 3)  # copies: nothing to select
 
 
+@pytest.mark.slow  # a whole preset of three candidates: the flow past a failure is the point
 def test_a_candidate_that_fails_on_its_own_is_recorded_and_the_rest_go_on(tmp_path, monkeypatch):
     import tlkit.training.train as train
     from tlkit.core.errors import RunError
