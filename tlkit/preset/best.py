@@ -187,7 +187,7 @@ def best(
     resume: str | os.PathLike[str] | None = None,
     force_resume: bool = False,
 ) -> Run:
-    """Train the candidates that fit `config.time_limit`, and keep their greedy ensemble.
+    """Train the candidates that fit `config.time_limit`, and keep their ensemble as one run.
 
     Args:
         config: the preset's settings (BestConfig); None with `resume`.
