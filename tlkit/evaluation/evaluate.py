@@ -226,9 +226,9 @@ class Member:
     def runs_dense(self) -> bool:
         """Whether it can see the whole image (one backbone run fully convolutional); an
         ensemble of several (`--preset best`) cannot."""
-        from tlkit.models.model import BACKBONE_LAYER
+        from tlkit.models.model import one_backbone
 
-        return any(layer.name == BACKBONE_LAYER for layer in self.model.layers)
+        return bool(one_backbone(self.model))
 
 
 # a batch decoded ahead: the crop sets' views by (size, crop, mode); dense members' whole images

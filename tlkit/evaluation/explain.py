@@ -26,9 +26,9 @@ def no_maps(model: Any) -> str | None:
     """Why the activation maps cannot be drawn for this model, or None when they can: they
     read the weights of tlkit's linear head (see `softmax_layer`)."""
     from tlkit.core.errors import RunError
-    from tlkit.models.model import POOL_LAYER, softmax_layer
+    from tlkit.models.model import one_backbone, softmax_layer
 
-    if not any(layer.name == POOL_LAYER for layer in model.layers):
+    if not one_backbone(model):
         return f"{MAPS} left out: an ensemble of several runs has no one backbone's maps"
     try:
         softmax_layer(model, MAPS, linear=True)

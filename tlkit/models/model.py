@@ -265,13 +265,19 @@ def head_of(model: Any) -> Any:
     return keras.Model(model.get_layer(POOL_LAYER).output, model.output, name="head")
 
 
+def one_backbone(model: Any) -> bool:
+    """Whether `model` is tlkit's classifier on one backbone (pooled features, a head), not an
+    ensemble of several (`--preset best`, `tlkit export RUN RUN`)."""
+    return any(layer.name == POOL_LAYER for layer in model.layers)
+
+
 def softmax_layer(model: Any, purpose: str, linear: bool = False) -> Any:
     """The Dense layer whose softmax the classifier returns (with `linear`: applied straight
     to the pooled features, dropout aside), for what needs it; one line when the head is
     another."""
     import keras
 
-    if not any(layer.name == POOL_LAYER for layer in model.layers):
+    if not one_backbone(model):
         raise RunError(
             f"{purpose} needs one backbone's pooled features, and this model is an ensemble "
             "of several (--preset best); use one of its members (RUN/members/)"

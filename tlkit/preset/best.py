@@ -57,6 +57,7 @@ from tlkit.core.fsutil import (
 )
 from tlkit.core.runs import RUN_FILE, RUNS_DIR, Run, RunRecord, is_finished_run, load_run
 from tlkit.core.settings import check_fields, setting
+from tlkit.data.datasets import ImageFolder
 from tlkit.models.freezing import FreezeRequest
 from tlkit.preset.budget import (
     RUN_OVERHEAD_S,
@@ -206,8 +207,10 @@ def best(
         raise TypeError("best() needs a config, or resume= to continue a run")
     else:
         clock = Clock(config.limit_s)
-        run_dir, state = _open(config)
-        _plan(config, state, clock)  # a budget too small is refused before any folder exists
+        run_dir, state, folder = _open(config)
+        _plan(
+            config, state, clock, folder
+        )  # a budget too small is refused before any folder exists
         tmp = incomplete_dir(run_dir, "run")
         _save(tmp, state, clock)
         log.info(
@@ -229,8 +232,9 @@ def best(
         raise
 
 
-def _open(config: BestConfig) -> tuple[Path, dict[str, Any]]:
-    """A new run: its folder and the data checked, the preset's state begun."""
+def _open(config: BestConfig) -> tuple[Path, dict[str, Any], ImageFolder]:
+    """A new run: its folder and the data checked, the preset's state begun, the data's
+    listing (read once)."""
     from tlkit.data.preflight import check_inputs
     from tlkit.training.train import check_outside_data, local_inputs
 
@@ -244,7 +248,7 @@ def _open(config: BestConfig) -> tuple[Path, dict[str, Any]]:
         local_inputs(base),
     )
     check_outside_data(base, run_dir)
-    check_inputs(base.data, base.model, base.val_fraction)  # bad data: one line, now
+    listing = check_inputs(base.data, base.model, base.val_fraction).dataset()  # bad: one line
     state: dict[str, Any] = {
         "schema": PRESET_SCHEMA,
         "preset": "best",
@@ -255,7 +259,7 @@ def _open(config: BestConfig) -> tuple[Path, dict[str, Any]]:
         "ratios": [],
         "done": {},
     }
-    return run_dir, state
+    return run_dir, state, listing
 
 
 def config_of(state: dict[str, Any]) -> BestConfig:
@@ -303,23 +307,14 @@ def _save(tmp: Path, state: dict[str, Any], clock: Clock) -> None:
     atomic_write_json(tmp / PRESET_FILE, state)
 
 
-def _images(config: BestConfig) -> tuple[Images, int]:
-    """How many images each split holds, and how many classes."""
-    from tlkit.data.preflight import check_inputs
-
-    base = config.base
-    folder = check_inputs(base.data, base.model, base.val_fraction).dataset()
-    counts = (len(folder.splits.get(s, [])) for s in ("train", "val", "test"))
-    return Images(*counts), len(folder.classes)
-
-
-def _plan(config: BestConfig, state: dict[str, Any], clock: Clock) -> None:
+def _plan(config: BestConfig, state: dict[str, Any], clock: Clock, listing: ImageFolder) -> None:
     """Each backbone's rates measured here, each candidate priced (its training, and its share
     of the ensemble step after: its validation and test passes there, its load), those that
     fit chosen."""
     from tlkit.models.backbones import get_backbone
 
-    images, classes = _images(config)
+    counts = (len(listing.splits.get(s, [])) for s in ("train", "val", "test"))
+    images, classes = Images(*counts), len(listing.classes)
     rates = {}
     for name in config.backbones:
         spec = get_backbone(name)
